@@ -1,0 +1,337 @@
+//! nvmux backends.
+//!
+//! * [`FileDevice`]: a regular file or a block device, driven through io_uring. O_DIRECT
+//!   where the filesystem accepts it (buffered I/O with a log line where it does not),
+//!   flush as `fdatasync`, FUA as `RWF_DSYNC`, deallocate as punch-hole and write zeroes
+//!   as zero-range (punch-hole where zero-range is unsupported, e.g. tmpfs).
+//! * [`NullDevice`]: completes every command at once and moves no data. It measures the
+//!   software path, like QEMU's `null-co` and SPDK's null bdev: reads leave the buffer
+//!   untouched (the reader's own memory, so nothing leaks between tenants).
+//! * [`MemoryDevice`]: RAM. A sealed-size memfd served by the io_uring file path, so it
+//!   shares all of that path's code; its contents vanish with the daemon.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Result, Status};
+
+mod uring;
+
+/// Largest transfer of one command the backends accept (bytes).
+pub const MAX_TRANSFER: u32 = 4 << 20;
+
+fn check_block_size(bs: u32) -> Result<()> {
+    if bs == 512 || bs == 4096 {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("block size {bs} is not supported (use 512 or 4096)"),
+        ))
+    }
+}
+
+fn check_size(size: u64, bs: u32, what: &str) -> Result<u64> {
+    if size == 0 || size % bs as u64 != 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{what}: size {size} is not a positive multiple of the block size {bs}"),
+        ));
+    }
+    Ok(size / bs as u64)
+}
+
+/// How to open a file backend.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    /// Logical block size; default 512 (or the device's own for a block device).
+    pub block_size: Option<u32>,
+    /// Size in bytes. A missing regular file is created with this size (sparse). An
+    /// existing file smaller than this is grown; a larger one is refused.
+    pub size: Option<u64>,
+    pub read_only: bool,
+    /// Try O_DIRECT first (default true).
+    pub direct: bool,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            block_size: None,
+            size: None,
+            read_only: false,
+            direct: true,
+        }
+    }
+}
+
+/// A file or block device served through io_uring.
+pub struct FileDevice {
+    file: Arc<File>,
+    path: PathBuf,
+    info: DeviceInfo,
+    direct: bool,
+    block_dev: bool,
+    /// Cleared when the filesystem rejects FALLOC_FL_ZERO_RANGE; then write zeroes punch.
+    zero_range: Arc<AtomicBool>,
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+impl FileDevice {
+    pub fn open(path: &Path, opts: &FileOptions) -> Result<Self> {
+        let ctx = |e: std::io::Error| Error::io(format!("file {}", path.display()), e);
+        let meta = std::fs::metadata(path);
+        let exists = meta.is_ok();
+        let block_dev = meta.as_ref().map(|m| m.file_type().is_block_device()).unwrap_or(false);
+        if !exists && opts.size.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("file {} does not exist; give a size to create it", path.display()),
+            ));
+        }
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!opts.read_only);
+            if !block_dev && !opts.read_only {
+                o.create(true);
+            }
+            o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | libc::O_CLOEXEC);
+            o.open(path)
+        };
+        let (file, direct) = match open(opts.direct) {
+            Ok(f) => (f, opts.direct),
+            Err(e) if opts.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "O_DIRECT refused by the filesystem; falling back to buffered I/O"
+                );
+                (open(false).map_err(ctx)?, false)
+            }
+            Err(e) => return Err(ctx(e)),
+        };
+        let (dev_bs, cur_size) = if block_dev {
+            let mut sz: u64 = 0;
+            let mut bs: libc::c_int = 0;
+            // SAFETY: the ioctls write a u64 / an int into the provided, valid locations.
+            unsafe {
+                if libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut sz) != 0 {
+                    return Err(ctx(std::io::Error::last_os_error()));
+                }
+                if libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut bs) != 0 {
+                    return Err(ctx(std::io::Error::last_os_error()));
+                }
+            }
+            (Some(bs as u32), sz)
+        } else {
+            (None, file.metadata().map_err(ctx)?.len())
+        };
+        let bs = opts.block_size.or(dev_bs).unwrap_or(512);
+        check_block_size(bs)?;
+        if let Some(d) = dev_bs {
+            if bs < d {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{}: block size {bs} is below the device's {d}", path.display()),
+                ));
+            }
+        }
+        let size = match opts.size {
+            None => cur_size,
+            Some(want) if want == cur_size => want,
+            Some(want) if block_dev || want < cur_size => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{} is {} bytes; refusing size {want} (omit the size to use the whole file)",
+                        path.display(),
+                        cur_size
+                    ),
+                ))
+            }
+            Some(want) => {
+                if opts.read_only {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("{} is smaller than {want} bytes and read-only", path.display()),
+                    ));
+                }
+                file.set_len(want).map_err(ctx)?;
+                want
+            }
+        };
+        let num_blocks = check_size(size - size % bs as u64, bs, &path.display().to_string())?;
+        let info = DeviceInfo {
+            block_size: bs,
+            num_blocks,
+            read_only: opts.read_only,
+            discard: !opts.read_only,
+            write_zeroes: !opts.read_only,
+            volatile_cache: true,
+            max_transfer: MAX_TRANSFER,
+        };
+        Ok(FileDevice {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            info,
+            direct,
+            block_dev,
+            zero_range: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        Ok(Box::new(uring::UringQueue::new(
+            self.file.clone(),
+            self.info.block_size,
+            self.direct,
+            self.zero_range.clone(),
+            depth,
+        )?))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} {} ({})",
+            if self.block_dev { "block device" } else { "file" },
+            self.path.display(),
+            if self.direct { "O_DIRECT" } else { "buffered" }
+        )
+    }
+}
+
+/// Completes every command at once; moves no data.
+pub struct NullDevice {
+    info: DeviceInfo,
+}
+
+impl NullDevice {
+    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+        check_block_size(block_size)?;
+        let num_blocks = check_size(size, block_size, "null device")?;
+        Ok(NullDevice {
+            info: DeviceInfo {
+                block_size,
+                num_blocks,
+                read_only: false,
+                discard: true,
+                write_zeroes: true,
+                volatile_cache: false,
+                max_transfer: MAX_TRANSFER,
+            },
+        })
+    }
+}
+
+struct NullQueue {
+    done: VecDeque<IoCommand>,
+}
+
+impl BlockQueue for NullQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        self.done.push_back(cmd);
+    }
+    fn kick(&mut self) {}
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let n = self.done.len();
+        while let Some(c) = self.done.pop_front() {
+            done(c, Status::SUCCESS);
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl BlockDevice for NullDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        Ok(Box::new(NullQueue {
+            done: VecDeque::with_capacity(depth as usize),
+        }))
+    }
+    fn describe(&self) -> String {
+        "null".into()
+    }
+}
+
+/// RAM-backed device: a memfd served by the io_uring file path.
+pub struct MemoryDevice {
+    inner: FileDevice,
+}
+
+impl MemoryDevice {
+    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+        check_block_size(block_size)?;
+        check_size(size, block_size, "memory device")?;
+        // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"nvmux-memory".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::io("memory device: memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(size)
+            .map_err(|e| Error::io("memory device: ftruncate", e))?;
+        Ok(MemoryDevice {
+            inner: FileDevice {
+                file: Arc::new(file),
+                path: PathBuf::from("memfd"),
+                info: DeviceInfo {
+                    block_size,
+                    num_blocks: size / block_size as u64,
+                    read_only: false,
+                    discard: true,
+                    write_zeroes: true,
+                    volatile_cache: false,
+                    max_transfer: MAX_TRANSFER,
+                },
+                direct: false,
+                block_dev: false,
+                zero_range: Arc::new(AtomicBool::new(false)),
+            },
+        })
+    }
+}
+
+impl BlockDevice for MemoryDevice {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        self.inner.open_queue(depth)
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// Whether this kernel's io_uring works at all (for a clear error at start-up).
+pub fn probe_io_uring() -> Result<()> {
+    io_uring::IoUring::new(2)
+        .map(|_| ())
+        .map_err(|e| Error::io("io_uring is not available", e))
+}
+
+#[cfg(test)]
+mod tests;

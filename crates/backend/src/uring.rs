@@ -1,0 +1,350 @@
+//! One io_uring per queue. Commands live in a slot table from `submit` until their
+//! completion is reaped, so the iovec arrays and buffers the kernel reads stay valid.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use nvmux_core::{BlockQueue, Error, IoCommand, Opcode, Result, Status};
+
+/// Alignment O_DIRECT needs for buffers we cannot prove aligned (a bounce buffer is used).
+const DIO_ALIGN: usize = 512;
+
+/// An aligned heap buffer for misaligned O_DIRECT transfers (rare: guest buffers are
+/// normally sector-aligned).
+struct Bounce {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Bounce {
+    fn new(len: usize) -> Option<Bounce> {
+        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc(layout) };
+        (!ptr.is_null()).then_some(Bounce { ptr, layout })
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points at layout.size() bytes we allocated and own.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with exactly this layout.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    cmd: Option<IoCommand>,
+    bounce: Option<Bounce>,
+    /// Bytes already transferred (a short read or write is resubmitted for the rest).
+    done: u64,
+    /// For write zeroes: using punch-hole because zero-range was refused.
+    punch: bool,
+}
+
+// SAFETY: the raw pointers in Bounce/IoCommand are owned by the slot and used only by the
+// thread that owns the queue.
+unsafe impl Send for Slot {}
+
+pub(crate) struct UringQueue {
+    ring: IoUring,
+    _file: Arc<File>,
+    bs: u32,
+    direct: bool,
+    zero_range: Arc<AtomicBool>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    backlog: VecDeque<IoCommand>,
+    failed: VecDeque<(IoCommand, Status)>,
+    unsubmitted: u32,
+    in_flight: usize,
+    efd: OwnedFd,
+}
+
+const FIXED: types::Fixed = types::Fixed(0);
+
+impl UringQueue {
+    pub(crate) fn new(
+        file: Arc<File>,
+        bs: u32,
+        direct: bool,
+            zero_range: Arc<AtomicBool>,
+        depth: u32,
+    ) -> Result<Self> {
+        let depth = depth.clamp(1, 4096);
+        let ring = IoUring::new(depth.next_power_of_two())
+            .map_err(|e| Error::io("io_uring setup", e))?;
+        ring.submitter()
+            .register_files(&[file.as_raw_fd()])
+            .map_err(|e| Error::io("io_uring register file", e))?;
+        // SAFETY: eventfd has no preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and ours.
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter()
+            .register_eventfd(efd.as_raw_fd())
+            .map_err(|e| Error::io("io_uring register eventfd", e))?;
+        let mut slots = Vec::with_capacity(depth as usize);
+        slots.resize_with(depth as usize, Slot::default);
+        Ok(UringQueue {
+            ring,
+            _file: file,
+            bs,
+            direct,
+            zero_range,
+            slots,
+            free: (0..depth).rev().collect(),
+            backlog: VecDeque::with_capacity(depth as usize * 2),
+            failed: VecDeque::with_capacity(16),
+            unsubmitted: 0,
+            in_flight: 0,
+            efd,
+        })
+    }
+
+    /// Build the SQE for slot `i` and push it.
+    fn push_slot(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        let Some(cmd) = slot.cmd.as_ref() else { return };
+        let off = cmd.byte_offset(self.bs) + slot.done;
+        let entry = match cmd.opcode {
+            Opcode::Read | Opcode::Write => {
+                let write = cmd.opcode == Opcode::Write;
+                let rw_flags = if write && cmd.fua { libc::RWF_DSYNC } else { 0 };
+                if let Some(b) = slot.bounce.as_mut() {
+                    let total = cmd.byte_len(self.bs) as usize;
+                    let done = slot.done as usize;
+                    let p = b.as_mut_slice()[done..total].as_mut_ptr();
+                    let n = (total - done) as u32;
+                    if write {
+                        opcode::Write::new(FIXED, p, n).offset(off).rw_flags(rw_flags).build()
+                    } else {
+                        opcode::Read::new(FIXED, p, n).offset(off).build()
+                    }
+                } else {
+                    let segs = cmd.sg.segments();
+                    if segs.len() == 1 {
+                        let p = segs[0].iov_base.cast::<u8>();
+                        let n = segs[0].iov_len as u32;
+                        if write {
+                            opcode::Write::new(FIXED, p, n).offset(off).rw_flags(rw_flags).build()
+                        } else {
+                            opcode::Read::new(FIXED, p, n).offset(off).build()
+                        }
+                    } else if write {
+                        opcode::Writev::new(FIXED, segs.as_ptr(), segs.len() as u32)
+                            .offset(off)
+                            .rw_flags(rw_flags)
+                            .build()
+                    } else {
+                        opcode::Readv::new(FIXED, segs.as_ptr(), segs.len() as u32)
+                            .offset(off)
+                            .build()
+                    }
+                }
+            }
+            Opcode::Flush => opcode::Fsync::new(FIXED)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Opcode::WriteZeroes | Opcode::Deallocate => {
+                let zero = cmd.opcode == Opcode::WriteZeroes && !slot.punch;
+                let mode = if zero {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                opcode::Fallocate::new(FIXED, cmd.byte_len(self.bs))
+                    .offset(off)
+                    .mode(mode)
+                    .build()
+            }
+        };
+        let entry = entry.user_data(i as u64);
+        // SAFETY: the SQE points at memory owned by slot `i` (iovec array, buffers kept
+        // alive by the command's keepalive, or the bounce buffer), which stays in place
+        // until its CQE is reaped in `poll`.
+        unsafe {
+            while self.ring.submission().push(&entry).is_err() {
+                // SQ full: hand what we have to the kernel and retry.
+                let _ = self.ring.submit();
+            }
+        }
+        self.unsubmitted += 1;
+    }
+
+    fn start(&mut self, cmd: IoCommand) {
+        let Some(i) = self.free.pop() else {
+            self.backlog.push_back(cmd);
+            return;
+        };
+        let mut bounce = None;
+        if cmd.opcode.has_data() && self.direct && !cmd.sg.is_aligned(DIO_ALIGN) {
+            let len = cmd.sg.len() as usize;
+            match Bounce::new(len) {
+                Some(mut b) => {
+                    if cmd.opcode == Opcode::Write {
+                        // SAFETY: the frontend built the SG list from validated, mapped
+                        // memory that stays mapped while the command is ours.
+                        unsafe { cmd.sg.copy_to(&mut b.as_mut_slice()[..len]) };
+                    }
+                    bounce = Some(b);
+                }
+                None => {
+                    self.free.push(i);
+                    self.failed.push_back((cmd, Status::INTERNAL_ERROR));
+                    return;
+                }
+            }
+        }
+        let punch = cmd.opcode == Opcode::WriteZeroes && !self.zero_range.load(Ordering::Relaxed);
+        self.slots[i as usize] = Slot {
+            cmd: Some(cmd),
+            bounce,
+            done: 0,
+            punch,
+        };
+        self.in_flight += 1;
+        self.push_slot(i);
+    }
+
+    /// Handle one CQE. Returns the finished command, or None if it was resubmitted.
+    fn complete(&mut self, i: u32, res: i32) -> Option<(IoCommand, Status)> {
+        let bs = self.bs;
+        let slot = &mut self.slots[i as usize];
+        let cmd = slot.cmd.as_mut()?;
+        let status = if res < 0 {
+            let errno = -res;
+            if errno == libc::EOPNOTSUPP && cmd.opcode == Opcode::WriteZeroes && !slot.punch {
+                // e.g. tmpfs: no ZERO_RANGE. Punching a hole also reads back as zeros.
+                self.zero_range.store(false, Ordering::Relaxed);
+                slot.punch = true;
+                self.push_slot(i);
+                return None;
+            }
+            if errno == libc::EINVAL && cmd.opcode.has_data() && self.direct && slot.bounce.is_none() {
+                // The filesystem wants stricter alignment than we assumed: bounce it.
+                if let Some(mut b) = Bounce::new(cmd.sg.len() as usize) {
+                    let len = cmd.sg.len() as usize;
+                    if cmd.opcode == Opcode::Write {
+                        // SAFETY: as in `start`: the SG list's memory is mapped and ours.
+                        unsafe { cmd.sg.copy_to(&mut b.as_mut_slice()[..len]) };
+                    }
+                    slot.bounce = Some(b);
+                    slot.done = 0;
+                    self.push_slot(i);
+                    return None;
+                }
+            }
+            Status::from_errno(errno, cmd.opcode)
+        } else if cmd.opcode.has_data() {
+            let total = cmd.byte_len(bs);
+            let n = res as u64;
+            if n == 0 {
+                if cmd.opcode == Opcode::Read {
+                    // Past the end of a file someone truncated: the rest reads as zeros.
+                    let done = slot.done as usize;
+                    let len = total as usize;
+                    if let Some(b) = slot.bounce.as_mut() {
+                        b.as_mut_slice()[done..len].fill(0);
+                    } else {
+                        let zeros = vec![0u8; len - done];
+                        // SAFETY: the remaining segments are mapped, writable guest memory.
+                        unsafe { cmd.sg.copy_from(&zeros) };
+                    }
+                    Status::SUCCESS
+                } else {
+                    Status::WRITE_FAULT
+                }
+            } else if slot.done + n < total {
+                slot.done += n;
+                if slot.bounce.is_none() {
+                    cmd.sg.advance(n as usize);
+                }
+                self.push_slot(i);
+                return None;
+            } else {
+                Status::SUCCESS
+            }
+        } else {
+            Status::SUCCESS
+        };
+        let mut slot = std::mem::take(&mut self.slots[i as usize]);
+        let cmd = slot.cmd.take()?;
+        if status.is_ok() && cmd.opcode == Opcode::Read {
+            if let Some(b) = slot.bounce.as_mut() {
+                let len = cmd.sg.len() as usize;
+                // SAFETY: the SG list's memory is mapped and writable (validated upstream).
+                unsafe { cmd.sg.copy_from(&b.as_mut_slice()[..len]) };
+            }
+        }
+        self.free.push(i);
+        self.in_flight -= 1;
+        Some((cmd, status))
+    }
+}
+
+impl BlockQueue for UringQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        self.start(cmd);
+    }
+
+    fn kick(&mut self) {
+        if self.unsubmitted > 0 {
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring submit: {e}");
+            }
+            self.unsubmitted = 0;
+        }
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let mut n = 0;
+        while let Some((c, s)) = self.failed.pop_front() {
+            done(c, s);
+            n += 1;
+        }
+        loop {
+            let mut batch = [(0u32, 0i32); 64];
+            let mut got = 0;
+            for cqe in self.ring.completion().take(batch.len()) {
+                batch[got] = (cqe.user_data() as u32, cqe.result());
+                got += 1;
+            }
+            if got == 0 {
+                break;
+            }
+            for &(i, res) in &batch[..got] {
+                if let Some((c, s)) = self.complete(i, res) {
+                    done(c, s);
+                    n += 1;
+                }
+            }
+        }
+        while !self.free.is_empty() {
+            let Some(c) = self.backlog.pop_front() else { break };
+            self.start(c);
+        }
+        self.kick();
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.backlog.len() + self.failed.len()
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.efd.as_raw_fd())
+    }
+}

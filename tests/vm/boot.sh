@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Boot one test guest under QEMU (TCG) and report the guest test's result.
+#
+# Usage:
+#   boot.sh --initrd BASE.cpio --script GUEST_TEST.sh --log LOG
+#           [--vhost-sock SOCK [--queues N]]...   (each --queues applies to the
+#                                                  preceding --vhost-sock; default 1)
+#           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
+#           [--timeout SECS]                       (default 300)
+#           [--smp N]                              (guest vCPUs, default 1)
+#           [--kernel VMLINUZ]                     (default: BASE.cpio.kernel, else
+#                                                   the newest /boot/vmlinuz-*-amd64)
+#
+# The script becomes /test.sh (mode 755) in a second cpio appended to a copy
+# of BASE (zero-padded to a multiple of 4 bytes first, or the kernel rejects
+# the second archive with "invalid magic").
+#
+# Exit status:
+#   0  guest printed "NVMUX-TEST-RESULT: PASS" and QEMU exited 0 by itself
+#   1  guest printed "NVMUX-TEST-RESULT: FAIL ..." and QEMU exited 0 by itself
+#      (the guest test failed, but the guest shut down cleanly)
+#   2  anything else: timeout, QEMU error, kernel panic, no marker, bad usage
+set -euo pipefail
+
+die() { echo "boot.sh: $*" >&2; exit 2; }
+
+initrd= script= log= kernel= timeout_s=300 smp=1
+socks=() queues=() envs=()
+while (($#)); do
+    case $1 in
+        --initrd) initrd=$2; shift 2 ;;
+        --script) script=$2; shift 2 ;;
+        --log) log=$2; shift 2 ;;
+        --kernel) kernel=$2; shift 2 ;;
+        --timeout) timeout_s=$2; shift 2 ;;
+        --smp) smp=$2; shift 2 ;;
+        --vhost-sock) socks+=("$2"); queues+=(1); shift 2 ;;
+        --queues)
+            ((${#socks[@]})) || die "--queues must follow --vhost-sock"
+            queues[${#queues[@]}-1]=$2; shift 2 ;;
+        --env) [[ $2 == *=* ]] || die "--env wants KEY=VAL"; envs+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+[[ -n $initrd && -n $script && -n $log ]] || die "--initrd, --script and --log are required"
+[[ -r $initrd ]] || die "no initrd $initrd"
+[[ -r $script ]] || die "no script $script"
+if [[ -z $kernel ]]; then
+    if [[ -s $initrd.kernel ]]; then kernel=$(cat "$initrd.kernel")
+    else kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1 || true); fi
+fi
+[[ -r $kernel ]] || die "no kernel ($kernel)"
+for s in "${socks[@]}"; do [[ -S $s ]] || die "vhost socket $s does not exist"; done
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/nvmux-boot.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+# --- initrd = BASE + zero padding to 4 bytes + cpio{test.sh, test.env} -----------
+mkdir -p "$tmp/extra"
+install -m 755 "$script" "$tmp/extra/test.sh"
+: > "$tmp/extra/test.env"
+for kv in "${envs[@]}"; do
+    # Values are single-quoted so they reach the guest verbatim.
+    printf "export %s='%s'\n" "${kv%%=*}" "$(printf %s "${kv#*=}" | sed "s/'/'\\\\''/g")" >> "$tmp/extra/test.env"
+done
+cp "$initrd" "$tmp/initrd.cpio"
+size=$(stat -c %s "$tmp/initrd.cpio")
+pad=$(( (4 - size % 4) % 4 ))
+((pad == 0)) || head -c "$pad" /dev/zero >> "$tmp/initrd.cpio"
+(cd "$tmp/extra" && printf '%s\n' test.sh test.env | cpio --quiet -o -H newc -R 0:0) >> "$tmp/initrd.cpio"
+
+# --- QEMU command line -----------------------------------------------------------------
+qemu=(qemu-system-x86_64 -accel tcg -cpu max -m 512M -smp "$smp"
+      -nographic -no-reboot -nodefaults -serial stdio
+      -kernel "$kernel" -initrd "$tmp/initrd.cpio"
+      -append "console=ttyS0 panic=-1 quiet")
+if ((${#socks[@]})); then
+    # vhost-user needs guest RAM in a shared memfd (without share=on the
+    # device silently fails to start and the guest hangs).
+    qemu+=(-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem)
+    for i in "${!socks[@]}"; do
+        qemu+=(-chardev "socket,id=c$i,path=${socks[$i]}"
+               -device "vhost-user-blk-pci,chardev=c$i,num-queues=${queues[$i]}")
+    done
+fi
+
+mkdir -p "$(dirname "$log")"
+{ echo "# $(date -Is) ${qemu[*]}"; } > "$log"
+start=$(date +%s.%N)
+set +e
+timeout -k 10 "$timeout_s" "${qemu[@]}" < /dev/null >> "$log" 2>&1
+qrc=$?
+set -e
+elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+# The serial console emits CRLF; normalise so grep/tail output stays clean.
+sed -i 's/\r$//' "$log"
+
+fail() {
+    echo "boot.sh: FAILED after ${elapsed}s: $1 (log: $log)" >&2
+    echo "----- last 40 lines of $log -----" >&2
+    tail -n 40 "$log" >&2
+    echo "-----" >&2
+    exit "$2"
+}
+
+if ((qrc == 124 || qrc == 137)); then
+    fail "timeout after ${timeout_s}s (guest hung?)" 2
+elif ((qrc != 0)); then
+    fail "qemu exited with status $qrc" 2
+elif grep -q 'Kernel panic' "$log"; then
+    fail "guest kernel panicked" 2
+elif grep -q '^NVMUX-TEST-RESULT: PASS' "$log"; then
+    echo "boot.sh: guest PASS, clean poweroff, ${elapsed}s"
+    exit 0
+elif marker=$(grep -m1 '^NVMUX-TEST-RESULT: FAIL' "$log"); then
+    fail "guest test failed (${marker#NVMUX-TEST-RESULT: }), clean poweroff" 1
+else
+    fail "no NVMUX-TEST-RESULT marker in the log" 2
+fi

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Build the base initramfs for the VM tests: an UNCOMPRESSED newc cpio holding
+#   - busybox-static with one symlink per applet,
+#   - kernel modules (virtio_pci, virtio_blk, virtio_net, nvme, nvme_tcp + deps)
+#     with depmod run for the guest kernel version,
+#   - fio, every library `ldd` lists for it, and the dynamic loader,
+#   - an /init that loads the modules, runs /test.sh (appended later as a
+#     second cpio by boot.sh) and prints a NVMUX-TEST-RESULT marker.
+#
+# Usage: build-initramfs.sh OUT.cpio
+#   The guest kernel is the newest /boot/vmlinuz-*-amd64 (override: KVER=...).
+#   OUT is reused when it is newer than this script (FORCE=1 rebuilds).
+#   OUT.kernel is written next to it with the matching vmlinuz path.
+set -euo pipefail
+
+out=${1:?usage: build-initramfs.sh OUT.cpio}
+self=$(readlink -f "$0")
+
+if [[ -z ${FORCE:-} && -s $out && -s $out.kernel && $out -nt $self ]]; then
+    echo "initramfs: $out is up to date (FORCE=1 to rebuild)"
+    exit 0
+fi
+
+# Newest Debian kernel, unless KVER is given.
+if [[ -z ${KVER:-} ]]; then
+    vmlinuz=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $vmlinuz ]] || { echo "initramfs: no /boot/vmlinuz-*-amd64 (install linux-image-amd64)" >&2; exit 1; }
+    KVER=${vmlinuz#/boot/vmlinuz-}
+fi
+vmlinuz=/boot/vmlinuz-$KVER
+[[ -r $vmlinuz && -d /lib/modules/$KVER ]] || { echo "initramfs: missing $vmlinuz or /lib/modules/$KVER" >&2; exit 1; }
+
+for tool in busybox fio cpio depmod modprobe ldd; do
+    command -v "$tool" >/dev/null || { echo "initramfs: '$tool' not found" >&2; exit 1; }
+done
+busybox=$(readlink -f "$(command -v busybox)")
+file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
+    ldd "$busybox" 2>&1 | grep -q 'not a dynamic executable' ||
+    { echo "initramfs: $busybox is not static (install busybox-static)" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/nvmux-initramfs.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,lib64,root}
+
+# --- busybox + applet symlinks ------------------------------------------------
+cp "$busybox" "$root/bin/busybox"
+for applet in $("$root/bin/busybox" --list-full); do
+    [[ $applet == bin/busybox ]] && continue
+    mkdir -p "$root/$(dirname "$applet")"
+    ln -sf /bin/busybox "$root/$applet"
+done
+
+# --- kernel modules -------------------------------------------------------------
+mods="virtio_pci virtio_blk virtio_net nvme nvme_tcp"
+for m in $mods; do
+    # Lines look like "insmod /lib/modules/<ver>/kernel/.../x.ko [params]";
+    # "builtin x" lines (module compiled in) need nothing.
+    modprobe -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
+done | sort -u | while read -r ko; do
+    mkdir -p "$root$(dirname "$ko")"
+    cp "$ko" "$root$ko"
+done
+for f in modules.order modules.builtin modules.builtin.modinfo; do
+    [[ -f /lib/modules/$KVER/$f ]] && cp "/lib/modules/$KVER/$f" "$root/lib/modules/$KVER/"
+done
+depmod -b "$root" "$KVER"
+
+# --- fio + its shared libraries + loader ------------------------------------------
+copy_with_libs() {
+    local bin=$1 lib
+    mkdir -p "$root$(dirname "$bin")"
+    cp -L "$bin" "$root$bin"
+    # "libx.so => /path (addr)" and "/lib64/ld-linux-x86-64.so.2 (addr)"
+    for lib in $(ldd "$bin" | awk '/=>/ { print $3; next } $1 ~ /^\// { print $1 }'); do
+        [[ -e $root$lib ]] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    if ldd "$bin" | grep -q 'not found'; then
+        echo "initramfs: unresolved libraries for $bin:" >&2
+        ldd "$bin" | grep 'not found' >&2
+        exit 1
+    fi
+}
+copy_with_libs "$(readlink -f "$(command -v fio)")"
+
+echo "$KVER" > "$root/etc/nvmux-kver"
+
+# --- /init --------------------------------------------------------------------------
+cat > "$root/init" <<'EOF'
+#!/bin/sh
+# nvmux VM test init: set up the system, run /test.sh, print the result marker.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec 0</dev/console 1>/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm && mount -t tmpfs tmpfs /dev/shm
+
+modprobe virtio_pci || echo "init: modprobe virtio_pci failed"
+modprobe virtio_blk || echo "init: modprobe virtio_blk failed"
+
+# KEY=VAL settings written by boot.sh --env
+[ -f /test.env ] && . /test.env
+
+if [ -x /test.sh ]; then
+    echo "init: running /test.sh"
+    /test.sh
+    rc=$?
+else
+    echo "init: /test.sh missing (was the test cpio appended?)"
+    rc=127
+fi
+if [ "$rc" -eq 0 ]; then
+    echo "NVMUX-TEST-RESULT: PASS"
+else
+    echo "NVMUX-TEST-RESULT: FAIL rc=$rc"
+fi
+sync
+poweroff -f
+# Not reached unless poweroff failed; panic=-1 + -no-reboot then ends QEMU.
+sleep 1
+exit 1
+EOF
+chmod 755 "$root/init"
+
+# --- pack -------------------------------------------------------------------------
+mkdir -p "$(dirname "$out")"
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/out.cpio"
+mv "$work/out.cpio" "$out"
+echo "$vmlinuz" > "$out.kernel"
+echo "initramfs: wrote $out ($(du -h "$out" | cut -f1), kernel $KVER)"
