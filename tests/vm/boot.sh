@@ -91,6 +91,7 @@ start=$(date +%s.%N)
 set +e
 timeout -k 10 "$timeout_s" "${qemu[@]}" < /dev/null >> "$log" 2>&1
 qrc=$?
+echo >> "$log"   # the last console line has no newline
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 # The serial console emits CRLF; normalise so grep/tail output stays clean.

@@ -1,0 +1,161 @@
+//! The HTTP/JSON API on a Unix socket. Routes are listed in docs/api.md.
+//!
+//! Errors are `{"error": "<what failed, on which object, what to do>", "kind": "<kind>"}`
+//! with a matching HTTP status (400 bad input, 404 not found, 409 conflict, 500 I/O).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nvmux_core::{Error, ErrorKind, Result};
+use serde::Serialize;
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::{Daemon, DiskCreate, ExportCreate};
+
+/// Largest request body accepted (bytes).
+const MAX_BODY: u64 = 1 << 20;
+
+pub struct ApiServer {
+    server: Arc<Server>,
+    threads: Vec<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    pub fn start(daemon: Arc<Daemon>, path: &Path) -> Result<ApiServer> {
+        crate::claim_socket(path)?;
+        let server = Server::http_unix(path).map_err(|e| {
+            Error::new(ErrorKind::Io, format!("API socket {}: {e}", path.display()))
+        })?;
+        let server = Arc::new(server);
+        let mut threads = Vec::new();
+        for i in 0..2 {
+            let (s, d) = (server.clone(), daemon.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("nvmux-api{i}"))
+                .spawn(move || {
+                    while let Ok(req) = s.recv() {
+                        handle(&d, req);
+                    }
+                })
+                .map_err(|e| Error::io("spawn API thread", e))?;
+            threads.push(t);
+        }
+        Ok(ApiServer {
+            server,
+            threads,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn stop(self) {
+        for _ in &self.threads {
+            self.server.unblock();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn json_header() -> Header {
+    Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header")
+}
+
+fn reply_json<T: Serialize>(req: Request, code: u16, v: &T) {
+    let body = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let _ = req.respond(
+        Response::from_string(body + "\n")
+            .with_status_code(code)
+            .with_header(json_header()),
+    );
+}
+
+fn kind_name(k: ErrorKind) -> &'static str {
+    match k {
+        ErrorKind::InvalidArgument => "invalid_argument",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::AlreadyExists => "already_exists",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::Busy => "busy",
+        _ => "io",
+    }
+}
+
+fn reply_err(req: Request, e: &Error) {
+    let code = match e.kind {
+        ErrorKind::InvalidArgument | ErrorKind::Unsupported => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::AlreadyExists | ErrorKind::Busy => 409,
+        _ => 500,
+    };
+    reply_json(
+        req,
+        code,
+        &serde_json::json!({ "error": e.msg, "kind": kind_name(e.kind) }),
+    );
+}
+
+fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T> {
+    let mut buf = Vec::new();
+    req.as_reader()
+        .take(MAX_BODY + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read request body", e))?;
+    if buf.len() as u64 > MAX_BODY {
+        return Err(Error::new(ErrorKind::InvalidArgument, "request body is too large"));
+    }
+    serde_json::from_slice(&buf)
+        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad request body: {e}")))
+}
+
+fn handle(d: &Daemon, mut req: Request) {
+    let url = req.url().split('?').next().unwrap_or("").to_string();
+    let parts: Vec<&str> = url.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, parts.as_slice()) {
+        (Method::Get, ["v1", "health"]) => reply_json(
+            req,
+            200,
+            &serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        ),
+        (Method::Get, ["v1", "disks"]) => reply_json(req, 200, &d.disks()),
+        (Method::Post, ["v1", "disks"]) => match body::<DiskCreate>(&mut req).and_then(|b| d.create_disk(b)) {
+            Ok(v) => reply_json(req, 201, &v),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Get, ["v1", "disks", name]) => match d.disk(name) {
+            Ok(v) => reply_json(req, 200, &v),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Delete, ["v1", "disks", name]) => match d.delete_disk(name) {
+            Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": name})),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Get, ["v1", "exports"]) => reply_json(req, 200, &d.exports()),
+        (Method::Post, ["v1", "exports"]) => {
+            match body::<ExportCreate>(&mut req).and_then(|b| d.create_export(b)) {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Delete, ["v1", "exports", name]) => match d.delete_export(name) {
+            Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": name})),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Get, ["v1", "stats"]) => reply_json(req, 200, &d.stats()),
+        (Method::Get, ["metrics"]) => {
+            let text = crate::metrics::render(d);
+            let h = Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4"[..])
+                .expect("static header");
+            let _ = req.respond(Response::from_string(text).with_header(h));
+        }
+        _ => reply_err(
+            req,
+            &Error::new(ErrorKind::NotFound, format!("no route {method} {url}; see docs/api.md")),
+        ),
+    }
+}

@@ -1,0 +1,725 @@
+//! The nvmux daemon: the only room that wires the others together.
+//!
+//! It holds the desired state (disks and exports), persists it to `state.json` in the
+//! data directory (written to a temporary file, fsynced and renamed, so a crash leaves
+//! either the old or the new state), serves the HTTP/JSON API on a Unix socket, runs the
+//! worker threads, and publishes metrics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use nvmux_backend::{FileDevice, FileOptions, MemoryDevice, NullDevice};
+use nvmux_core::stats::DiskStats;
+use nvmux_core::worker::{WorkerConfig, WorkerPool};
+use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
+use nvmux_vhost::{ExportConfig, VhostBlkExport};
+use serde::{Deserialize, Serialize};
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+
+pub use config::Config;
+
+/// Version of `state.json`.
+pub const STATE_VERSION: u32 = 1;
+
+/// Where a disk's blocks live.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum BackendSpec {
+    /// A regular file or a block device, through io_uring.
+    File {
+        path: PathBuf,
+        /// Try O_DIRECT (falls back to buffered I/O where refused).
+        #[serde(default = "yes")]
+        direct: bool,
+        /// nvmux created this file in its data directory and deletes it with the disk.
+        #[serde(default)]
+        owned: bool,
+    },
+    /// Completes everything at once; for measuring the software path.
+    Null,
+    /// RAM; contents are lost when the daemon stops.
+    Memory,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub backend: BackendSpec,
+    pub size: u64,
+    pub block_size: u32,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ExportKind {
+    VhostUserBlk {
+        socket: PathBuf,
+        #[serde(default = "one_queue")]
+        num_queues: u16,
+    },
+}
+
+fn one_queue() -> u16 {
+    1
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: String,
+    pub disk: String,
+    #[serde(flatten)]
+    pub kind: ExportKind,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    version: u32,
+    disks: Vec<DiskSpec>,
+    exports: Vec<ExportSpec>,
+}
+
+/// `POST /v1/disks` body.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCreate {
+    pub name: String,
+    /// `file` (default), `null` or `memory`.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// File or block device; default `<data_dir>/disks/<name>.img`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Bytes. Required unless an existing file gives it.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Default true.
+    #[serde(default)]
+    pub direct: Option<bool>,
+}
+
+/// `POST /v1/exports` body.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExportCreate {
+    /// Default: the disk's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub disk: String,
+    /// `vhost-user-blk` (default).
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub num_queues: Option<u16>,
+}
+
+/// A disk as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskView {
+    #[serde(flatten)]
+    pub spec: DiskSpec,
+    /// `ok`, or why the disk could not be opened.
+    pub status: String,
+    pub device: String,
+    pub exports: Vec<String>,
+}
+
+struct Disk {
+    spec: DiskSpec,
+    dev: std::result::Result<Arc<dyn BlockDevice>, String>,
+    stats: Arc<DiskStats>,
+}
+
+struct Export {
+    spec: ExportSpec,
+    handle: std::result::Result<VhostBlkExport, String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    disks: BTreeMap<String, Disk>,
+    exports: BTreeMap<String, Export>,
+}
+
+/// The running daemon.
+pub struct Daemon {
+    cfg: Config,
+    inner: Mutex<Inner>,
+    workers: WorkerPool,
+    started: Instant,
+}
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> Error {
+    Error::new(kind, msg)
+}
+
+/// Names: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn check_name(what: &str, n: &str) -> Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with(['.', '-'])
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            ErrorKind::InvalidArgument,
+            format!("{what} name {n:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"),
+        ))
+    }
+}
+
+fn open_device(spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
+    Ok(match &spec.backend {
+        BackendSpec::File { path, direct, .. } => Arc::new(FileDevice::open(
+            path,
+            &FileOptions {
+                block_size: Some(spec.block_size),
+                size: Some(spec.size),
+                read_only: spec.read_only,
+                direct: *direct,
+            },
+        )?),
+        BackendSpec::Null => Arc::new(NullDevice::new(spec.size, spec.block_size)?),
+        BackendSpec::Memory => Arc::new(MemoryDevice::new(spec.size, spec.block_size)?),
+    })
+}
+
+impl Daemon {
+    /// Start workers and restore the persisted state. Does not serve the API yet.
+    pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| Error::io(format!("data dir {}", cfg.data_dir.display()), e))?;
+        nvmux_backend::probe_io_uring()?;
+        let workers = WorkerPool::new(&WorkerConfig {
+            threads: cfg.workers.threads,
+            poll_idle: std::time::Duration::from_micros(cfg.workers.poll_idle_us),
+            cpus: cfg.workers.cpus.clone(),
+        })
+        .map_err(|e| Error::io("start worker threads", e))?;
+        let d = Arc::new(Daemon {
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            workers,
+            started: Instant::now(),
+        });
+        d.restore()?;
+        Ok(d)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.cfg.data_dir.join("state.json")
+    }
+
+    fn restore(&self) -> Result<()> {
+        let p = self.state_path();
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+        };
+        let st: State = serde_json::from_str(&text).map_err(|e| {
+            err(ErrorKind::InvalidArgument, format!("{} is corrupt: {e}; move it away to start empty", p.display()))
+        })?;
+        if st.version != STATE_VERSION {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!("{} has version {}, this nvmux reads version {STATE_VERSION}", p.display(), st.version),
+            ));
+        }
+        let mut g = self.lock();
+        for spec in st.disks {
+            let dev = open_device(&spec).map_err(|e| e.to_string());
+            match &dev {
+                Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
+                Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
+            }
+            g.disks.insert(
+                spec.name.clone(),
+                Disk {
+                    spec,
+                    dev,
+                    stats: Arc::new(DiskStats::default()),
+                },
+            );
+        }
+        for spec in st.exports {
+            let handle = self.start_export(&g, &spec).map_err(|e| e.to_string());
+            match &handle {
+                Ok(_) => tracing::info!(export = %spec.name, "export restored"),
+                Err(e) => tracing::error!(export = %spec.name, "export could not be started: {e}"),
+            }
+            g.exports.insert(spec.name.clone(), Export { spec, handle });
+        }
+        Ok(())
+    }
+
+    fn persist(&self, g: &Inner) -> Result<()> {
+        let st = State {
+            version: STATE_VERSION,
+            disks: g.disks.values().map(|d| d.spec.clone()).collect(),
+            exports: g.exports.values().map(|e| e.spec.clone()).collect(),
+        };
+        let p = self.state_path();
+        let tmp = p.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&st)
+            .map_err(|e| err(ErrorKind::Io, format!("serialize state: {e}")))?;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)?;
+            std::fs::File::open(&self.cfg.data_dir)?.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("write {}", p.display()), e))
+    }
+
+    fn view(g: &Inner, d: &Disk) -> DiskView {
+        DiskView {
+            spec: d.spec.clone(),
+            status: match &d.dev {
+                Ok(_) => "ok".into(),
+                Err(e) => format!("error: {e}"),
+            },
+            device: d.dev.as_ref().map(|d| d.describe()).unwrap_or_default(),
+            exports: g
+                .exports
+                .values()
+                .filter(|e| e.spec.disk == d.spec.name)
+                .map(|e| e.spec.name.clone())
+                .collect(),
+        }
+    }
+
+    pub fn disks(&self) -> Vec<DiskView> {
+        let g = self.lock();
+        g.disks.values().map(|d| Self::view(&g, d)).collect()
+    }
+
+    pub fn disk(&self, name: &str) -> Result<DiskView> {
+        let g = self.lock();
+        let d = g
+            .disks
+            .get(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {name:?} does not exist")))?;
+        Ok(Self::view(&g, d))
+    }
+
+    pub fn create_disk(&self, req: DiskCreate) -> Result<DiskView> {
+        check_name("disk", &req.name)?;
+        let mut g = self.lock();
+        if g.disks.contains_key(&req.name) {
+            return Err(err(ErrorKind::AlreadyExists, format!("disk {:?} already exists", req.name)));
+        }
+        let bs = req.block_size.unwrap_or(512);
+        let backend = match req.backend.as_deref().unwrap_or("file") {
+            "file" => {
+                let (path, owned) = match &req.path {
+                    Some(p) => (p.clone(), false),
+                    None => {
+                        let dir = self.cfg.data_dir.join("disks");
+                        std::fs::create_dir_all(&dir)
+                            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+                        (dir.join(format!("{}.img", req.name)), true)
+                    }
+                };
+                if owned && path.exists() {
+                    return Err(err(
+                        ErrorKind::AlreadyExists,
+                        format!("{} already exists; give --path to use it", path.display()),
+                    ));
+                }
+                if let Some(other) = g.disks.values().find(|d| {
+                    matches!(&d.spec.backend, BackendSpec::File { path: p, .. } if *p == path)
+                }) {
+                    return Err(err(
+                        ErrorKind::AlreadyExists,
+                        format!("{} is already disk {:?}", path.display(), other.spec.name),
+                    ));
+                }
+                BackendSpec::File {
+                    path,
+                    direct: req.direct.unwrap_or(true),
+                    owned,
+                }
+            }
+            "null" => BackendSpec::Null,
+            "memory" => BackendSpec::Memory,
+            other => {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("backend {other:?} is unknown (use file, null or memory)"),
+                ))
+            }
+        };
+        if !matches!(backend, BackendSpec::File { .. }) && req.size.is_none() {
+            return Err(err(ErrorKind::InvalidArgument, "a null or memory disk needs a size"));
+        }
+        // A file disk without a size takes the existing file's size.
+        let mut spec = DiskSpec {
+            name: req.name.clone(),
+            backend,
+            size: req.size.unwrap_or(0),
+            block_size: bs,
+            read_only: req.read_only,
+        };
+        let dev: Arc<dyn BlockDevice> = match &spec.backend {
+            BackendSpec::File { path, direct, .. } => Arc::new(FileDevice::open(
+                path,
+                &FileOptions {
+                    block_size: Some(bs),
+                    size: req.size,
+                    read_only: req.read_only,
+                    direct: *direct,
+                },
+            )?),
+            _ => open_device(&spec)?,
+        };
+        spec.size = dev.info().size_bytes();
+        tracing::info!(disk = %spec.name, device = %dev.describe(), size = spec.size, "disk created");
+        g.disks.insert(
+            spec.name.clone(),
+            Disk {
+                spec,
+                dev: Ok(dev),
+                stats: Arc::new(DiskStats::default()),
+            },
+        );
+        if let Err(e) = self.persist(&g) {
+            g.disks.remove(&req.name);
+            return Err(e);
+        }
+        let d = &g.disks[&req.name];
+        Ok(Self::view(&g, d))
+    }
+
+    pub fn delete_disk(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        let Some(d) = g.disks.get(name) else {
+            return Err(err(ErrorKind::NotFound, format!("disk {name:?} does not exist")));
+        };
+        let users: Vec<_> = g
+            .exports
+            .values()
+            .filter(|e| e.spec.disk == name)
+            .map(|e| e.spec.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(err(
+                ErrorKind::Busy,
+                format!("disk {name:?} is exported as {users:?}; remove the export first"),
+            ));
+        }
+        let owned_path = match &d.spec.backend {
+            BackendSpec::File { path, owned: true, .. } => Some(path.clone()),
+            _ => None,
+        };
+        let removed = g.disks.remove(name);
+        if let Err(e) = self.persist(&g) {
+            if let Some(r) = removed {
+                g.disks.insert(name.to_string(), r);
+            }
+            return Err(e);
+        }
+        drop(removed);
+        if let Some(p) = owned_path {
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(disk = name, "could not remove {}: {e}", p.display());
+            }
+        }
+        tracing::info!(disk = name, "disk deleted");
+        Ok(())
+    }
+
+    fn start_export(&self, g: &Inner, spec: &ExportSpec) -> Result<VhostBlkExport> {
+        let d = g
+            .disks
+            .get(&spec.disk)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {:?} does not exist", spec.disk)))?;
+        let dev = d
+            .dev
+            .as_ref()
+            .map_err(|e| err(ErrorKind::Io, format!("disk {:?} is unavailable: {e}", spec.disk)))?;
+        match &spec.kind {
+            ExportKind::VhostUserBlk { socket, num_queues } => VhostBlkExport::start(
+                dev.clone(),
+                ExportConfig {
+                    socket: socket.clone(),
+                    num_queues: *num_queues,
+                    serial: spec.disk.clone(),
+                },
+                self.workers.workers().to_vec(),
+                d.stats.clone(),
+            ),
+        }
+    }
+
+    pub fn exports(&self) -> Vec<ExportView> {
+        let g = self.lock();
+        g.exports.values().map(export_view).collect()
+    }
+
+    pub fn create_export(&self, req: ExportCreate) -> Result<ExportView> {
+        let name = req.name.clone().unwrap_or_else(|| req.disk.clone());
+        check_name("export", &name)?;
+        let mut g = self.lock();
+        if g.exports.contains_key(&name) {
+            return Err(err(ErrorKind::AlreadyExists, format!("export {name:?} already exists")));
+        }
+        let kind = match req.kind.as_deref().unwrap_or("vhost-user-blk") {
+            "vhost-user-blk" => ExportKind::VhostUserBlk {
+                socket: req.socket.clone(),
+                num_queues: req.num_queues.unwrap_or(1),
+            },
+            other => {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("export type {other:?} is unknown (use vhost-user-blk)"),
+                ))
+            }
+        };
+        if let Some(e) = g.exports.values().find(|e| match &e.spec.kind {
+            ExportKind::VhostUserBlk { socket, .. } => *socket == req.socket,
+        }) {
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!("socket {} is already used by export {:?}", req.socket.display(), e.spec.name),
+            ));
+        }
+        let spec = ExportSpec {
+            name: name.clone(),
+            disk: req.disk.clone(),
+            kind,
+        };
+        let handle = self.start_export(&g, &spec)?;
+        tracing::info!(export = %name, disk = %req.disk, socket = %req.socket.display(), "export added");
+        g.exports.insert(name.clone(), Export { spec, handle: Ok(handle) });
+        if let Err(e) = self.persist(&g) {
+            g.exports.remove(&name);
+            return Err(e);
+        }
+        Ok(export_view(&g.exports[&name]))
+    }
+
+    pub fn delete_export(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        let e = g
+            .exports
+            .remove(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("export {name:?} does not exist")))?;
+        if let Err(er) = self.persist(&g) {
+            g.exports.insert(name.to_string(), e);
+            return Err(er);
+        }
+        drop(g);
+        if let Ok(h) = e.handle {
+            h.stop();
+        }
+        tracing::info!(export = name, "export removed");
+        Ok(())
+    }
+
+    /// Per-disk statistics and per-worker counters.
+    pub fn stats(&self) -> StatsView {
+        let g = self.lock();
+        StatsView {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            disks: g
+                .disks
+                .values()
+                .map(|d| (d.spec.name.clone(), DiskStatsView::from(&d.stats.snapshot())))
+                .collect(),
+            workers: self.workers.workers().iter().map(WorkerView::from).collect(),
+        }
+    }
+
+    pub(crate) fn for_each_disk_stats(&self, mut f: impl FnMut(&str, &nvmux_core::stats::Snapshot)) {
+        let g = self.lock();
+        for d in g.disks.values() {
+            f(&d.spec.name, &d.stats.snapshot());
+        }
+    }
+
+    pub(crate) fn worker_handles(&self) -> &[nvmux_core::worker::WorkerHandle] {
+        self.workers.workers()
+    }
+
+    /// Stop every export (the state file keeps them for the next start).
+    pub fn shutdown(&self) {
+        let mut g = self.lock();
+        let exports = std::mem::take(&mut g.exports);
+        drop(g);
+        for (_, e) in exports {
+            if let Ok(h) = e.handle {
+                h.stop();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExportView {
+    #[serde(flatten)]
+    pub spec: ExportSpec,
+    pub status: String,
+    pub connected: bool,
+}
+
+fn export_view(e: &Export) -> ExportView {
+    ExportView {
+        spec: e.spec.clone(),
+        status: match &e.handle {
+            Ok(_) => "ok".into(),
+            Err(er) => format!("error: {er}"),
+        },
+        connected: e.handle.as_ref().map(|h| h.connected()).unwrap_or(false),
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClassView {
+    pub ops: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub mean_us: f64,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+impl From<&nvmux_core::stats::ClassSnapshot> for ClassView {
+    fn from(c: &nvmux_core::stats::ClassSnapshot) -> Self {
+        ClassView {
+            ops: c.ops,
+            bytes: c.bytes,
+            errors: c.errors,
+            mean_us: if c.ops == 0 { 0.0 } else { c.lat_sum_ns as f64 / c.ops as f64 / 1000.0 },
+            p50_us: c.percentile_us(0.5),
+            p99_us: c.percentile_us(0.99),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskStatsView {
+    pub read: ClassView,
+    pub write: ClassView,
+    pub other: ClassView,
+    pub in_flight: u64,
+}
+
+impl From<&nvmux_core::stats::Snapshot> for DiskStatsView {
+    fn from(s: &nvmux_core::stats::Snapshot) -> Self {
+        DiskStatsView {
+            read: (&s.read).into(),
+            write: (&s.write).into(),
+            other: (&s.other).into(),
+            in_flight: s.in_flight,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub busy_s: f64,
+    pub idle_poll_s: f64,
+    pub sleeps: u64,
+    pub sources: u64,
+}
+
+impl From<&nvmux_core::worker::WorkerHandle> for WorkerView {
+    fn from(w: &nvmux_core::worker::WorkerHandle) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = w.stats();
+        WorkerView {
+            busy_s: s.busy_ns.load(Relaxed) as f64 / 1e9,
+            idle_poll_s: s.idle_poll_ns.load(Relaxed) as f64 / 1e9,
+            sleeps: s.sleeps.load(Relaxed),
+            sources: s.sources.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsView {
+    pub uptime_s: f64,
+    pub disks: BTreeMap<String, DiskStatsView>,
+    pub workers: Vec<WorkerView>,
+}
+
+/// Run the daemon until SIGINT or SIGTERM: restore state, serve the API, shut down.
+pub fn serve(cfg: Config) -> Result<()> {
+    // Block the termination signals in every thread; one thread waits for them.
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread and
+    // the threads it spawns afterwards.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let sock = cfg.api_socket();
+    let daemon = Daemon::start(cfg)?;
+    let server = api::ApiServer::start(daemon.clone(), &sock)?;
+    tracing::info!(api = %sock.display(), "nvmux is serving");
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait reads our initialised set and writes the signal number to `sig`.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    tracing::info!(signal = sig, "shutting down");
+    server.stop();
+    daemon.shutdown();
+    Ok(())
+}
+
+/// Remove a stale socket file, or fail if a live server answers on it.
+pub fn claim_socket(path: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!("{} is in use: is another nvmux daemon running?", path.display()),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove stale socket {}", path.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("disk", "db-1.a_b").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name("disk", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! vhost-user-blk frontend.
+//!
+//! One [`VhostBlkExport`] serves one disk on one Unix socket. Its thread accepts a
+//! vhost-user connection and answers the control messages (the `vhost` crate parses
+//! them; [`BlkBackend`] implements the requests). When a virtqueue is ready it becomes a
+//! [`vring::VringSource`] on a worker thread. When the client goes away every queue is
+//! stopped and the socket listens again, so a VM can reboot or be restarted and attach
+//! once more.
+//!
+//! ```text
+//!  QEMU / libblkio ──unix socket──► connection thread (BlkBackend: features, memory
+//!        │                              table, vring setup, config space)
+//!        │ kick eventfd                      │ start / stop queue
+//!        ▼                                   ▼
+//!   guest memory ◄── zero-copy I/O ── worker thread: VringSource ─► BlockQueue
+//! ```
+//!
+//! Vring processing is ours (not `vhost-user-backend`'s), so inflight tracking
+//! (INFLIGHT_SHMFD) can be added later without a rewrite.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nvmux_core::stats::DiskStats;
+use nvmux_core::worker::WorkerHandle;
+use nvmux_core::{BlockDevice, DeviceInfo, Error, ErrorKind};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{BackendListener, Listener, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{Error as VuError, Result as VuResult};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    GuestRegionMmap,
+};
+
+pub mod blk;
+mod vring;
+
+use vring::{QueueCtl, VringParams, VringSource};
+
+/// Largest virtqueue size accepted.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+pub const MAX_MEM_SLOTS: u64 = 32;
+
+/// How a disk is exported.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    /// Serial returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+#[derive(Default)]
+struct VringCfg {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    base: u16,
+    kick: Option<File>,
+    /// Call eventfds; the last one is current. Older ones stay open while the queue runs.
+    calls: Vec<File>,
+    enabled: bool,
+    running: Option<Running>,
+}
+
+struct Running {
+    ctl: Arc<QueueCtl>,
+    rx: Receiver<u16>,
+    worker: WorkerHandle,
+}
+
+struct RegionInfo {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+}
+
+/// The vhost-user request handler of one connection.
+pub struct BlkBackend {
+    dev: Arc<dyn BlockDevice>,
+    info: DeviceInfo,
+    config: [u8; blk::CONFIG_SIZE],
+    serial: [u8; blk::ID_BYTES],
+    num_queues: u16,
+    acked_features: u64,
+    acked_protocol: u64,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    regions: Vec<RegionInfo>,
+    vrings: Vec<VringCfg>,
+    workers: Vec<WorkerHandle>,
+    stats: Arc<DiskStats>,
+    name: String,
+}
+
+fn invalid(what: &'static str) -> VuError {
+    VuError::InvalidOperation(what)
+}
+
+impl BlkBackend {
+    fn new(
+        dev: Arc<dyn BlockDevice>,
+        cfg: &ExportConfig,
+        workers: Vec<WorkerHandle>,
+        stats: Arc<DiskStats>,
+    ) -> Self {
+        let info = dev.info().clone();
+        let mut serial = [0u8; blk::ID_BYTES];
+        let sb = cfg.serial.as_bytes();
+        let n = sb.len().min(blk::ID_BYTES);
+        serial[..n].copy_from_slice(&sb[..n]);
+        let num_queues = cfg.num_queues.max(1);
+        BlkBackend {
+            config: blk::config_space(&info, num_queues, 256),
+            info,
+            dev,
+            serial,
+            num_queues,
+            acked_features: 0,
+            acked_protocol: 0,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            regions: Vec::new(),
+            vrings: (0..num_queues).map(|_| VringCfg::default()).collect(),
+            workers,
+            stats,
+            name: cfg.socket.display().to_string(),
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut VringCfg> {
+        self.vrings.get_mut(index as usize).ok_or(VuError::InvalidParam)
+    }
+
+    /// Translate a front-end virtual address (vring addresses) to a guest address.
+    fn uaddr_to_gpa(&self, uaddr: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| uaddr >= r.uaddr && uaddr - r.uaddr < r.size)
+            .map(|r| uaddr - r.uaddr + r.gpa)
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & blk::VHOST_USER_F_PROTOCOL_FEATURES != 0
+    }
+
+    /// Start queue `i` if everything it needs has arrived.
+    fn try_start(&mut self, i: usize) -> VuResult<()> {
+        let pf = self.protocol_features_acked();
+        let event_idx = self.acked_features & blk::VIRTIO_RING_F_EVENT_IDX != 0;
+        let mem = self.mem.clone();
+        let v = &mut self.vrings[i];
+        if v.running.is_some() || v.kick.is_none() || v.size == 0 || v.desc == 0 {
+            return Ok(());
+        }
+        // Without protocol features a ring starts when it gets its kick fd; with them it
+        // also needs SET_VRING_ENABLE.
+        if pf && !v.enabled {
+            return Ok(());
+        }
+        let mut q = Queue::new(v.size).map_err(|_| VuError::InvalidParam)?;
+        q.set_size(v.size);
+        q.set_desc_table_address(Some(v.desc as u32), Some((v.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(v.avail as u32), Some((v.avail >> 32) as u32));
+        q.set_used_ring_address(Some(v.used as u32), Some((v.used >> 32) as u32));
+        q.set_event_idx(event_idx);
+        q.set_next_avail(v.base);
+        let guard = mem.memory();
+        if !q.is_valid(&*guard) {
+            tracing::warn!(export = %self.name, queue = i, "virtqueue addresses are outside guest memory; queue not started");
+            return Err(VuError::InvalidParam);
+        }
+        // The used index in guest memory is authoritative (a reconnect keeps it).
+        let used = q
+            .used_idx(&*guard, Ordering::Acquire)
+            .map(|w| w.0)
+            .unwrap_or(v.base);
+        q.set_next_used(used);
+        q.set_ready(true);
+        drop(guard);
+        let kick = v
+            .kick
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
+            .ok_or(invalid("kick fd"))?;
+        let bq = self
+            .dev
+            .open_queue(v.size as u32)
+            .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(e.to_string())))?;
+        let ctl = Arc::new(QueueCtl {
+            stop: AtomicBool::new(false),
+            call_fd: AtomicI32::new(v.calls.last().map_or(-1, |f| f.as_raw_fd())),
+        });
+        let (tx, rx) = sync_channel(1);
+        let src = VringSource::new(VringParams {
+            queue: q,
+            mem,
+            kick,
+            info: self.info.clone(),
+            bq,
+            serial: self.serial,
+            ctl: ctl.clone(),
+            final_tx: tx,
+            disk_stats: self.stats.clone(),
+        });
+        let worker = self.workers[i % self.workers.len()].clone();
+        worker.attach(Box::new(src));
+        tracing::info!(export = %self.name, queue = i, size = v.size, worker = worker.index, event_idx, "virtqueue started");
+        v.running = Some(Running { ctl, rx, worker });
+        Ok(())
+    }
+
+    /// Stop queue `i`, wait for its in-flight requests, and remember where it stopped.
+    fn stop(&mut self, i: usize) {
+        let name = self.name.clone();
+        let v = &mut self.vrings[i];
+        if let Some(r) = v.running.take() {
+            r.ctl.stop.store(true, Ordering::Release);
+            r.worker.wake();
+            match r.rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(base) => v.base = base,
+                Err(_) => {
+                    tracing::error!(export = %name, queue = i, "queue did not drain within 30 s")
+                }
+            }
+            tracing::info!(export = %name, queue = i, base = v.base, "virtqueue stopped");
+            // Only the current call fd is still needed.
+            let keep = v.calls.pop();
+            v.calls.clear();
+            v.calls.extend(keep);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop(i);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_all();
+        self.vrings = (0..self.num_queues).map(|_| VringCfg::default()).collect();
+        self.acked_features = 0;
+        self.acked_protocol = 0;
+    }
+
+    fn map_region(region: &VhostUserMemoryRegion, file: File) -> VuResult<Arc<GuestRegionMmap>> {
+        let r = GuestRegionMmap::from_range(
+            GuestAddress(region.guest_phys_addr),
+            region.memory_size as usize,
+            Some(FileOffset::new(file, region.mmap_offset)),
+        )
+        .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(format!("mmap guest memory: {e}"))))?;
+        Ok(Arc::new(r))
+    }
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for BlkBackend {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(blk::device_features(&self.info))
+    }
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !blk::device_features(&self.info) != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<u64>>> {
+        let mut regions = Vec::new();
+        let mut infos = Vec::new();
+        for (r, f) in ctx.iter().zip(files) {
+            regions.push(Self::map_region(r, f)?);
+            infos.push(RegionInfo {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                uaddr: r.user_addr,
+            });
+        }
+        let m = GuestMemoryMmap::from_arc_regions(regions).map_err(|_| VuError::InvalidParam)?;
+        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.regions = infos;
+        Ok(None)
+    }
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        self.vring(index)?.size = num as u16;
+        Ok(())
+    }
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let desc = self.uaddr_to_gpa(descriptor).ok_or(VuError::InvalidParam)?;
+        let used = self.uaddr_to_gpa(used).ok_or(VuError::InvalidParam)?;
+        let avail = self.uaddr_to_gpa(available).ok_or(VuError::InvalidParam)?;
+        let v = self.vring(index)?;
+        v.desc = desc;
+        v.used = used;
+        v.avail = avail;
+        Ok(())
+    }
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.vring(index)?.base = base as u16;
+        Ok(())
+    }
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        self.stop(index as usize);
+        let v = &mut self.vrings[index as usize];
+        v.kick = None;
+        v.enabled = false;
+        Ok(VhostUserVringState::new(index, v.base as u32))
+    }
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let fd = fd.ok_or(invalid("polling mode (no kick fd) is not supported"))?;
+        self.vring(index as u32)?;
+        self.stop(index as usize);
+        self.vrings[index as usize].kick = Some(fd);
+        self.try_start(index as usize)
+    }
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(index as u32)?;
+        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        if let Some(f) = fd {
+            v.calls.push(f);
+        }
+        if let Some(r) = &v.running {
+            r.ctl.call_fd.store(raw, Ordering::Release);
+        } else {
+            let keep = v.calls.pop();
+            v.calls.clear();
+            v.calls.extend(keep.filter(|_| raw >= 0));
+        }
+        Ok(())
+    }
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
+        Ok(())
+    }
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE)
+    }
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.num_queues as u64)
+    }
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.try_start(index as usize)
+        } else {
+            self.stop(index as usize);
+            Ok(())
+        }
+    }
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        // Serve exactly the requested window; bytes past our struct read as zero.
+        if size > 256 || offset > 256 {
+            return Err(VuError::InvalidParam);
+        }
+        let mut out = vec![0u8; size as usize];
+        let off = offset as usize;
+        if off < self.config.len() {
+            let n = (self.config.len() - off).min(out.len());
+            out[..n].copy_from_slice(&self.config[off..off + n]);
+        }
+        Ok(out)
+    }
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        // Only `writeback` is writable in virtio-blk, and we do not offer CONFIG_WCE.
+        Err(invalid("config space is read-only"))
+    }
+    fn set_gpu_socket(&mut self, _b: vhost::vhost_user::GpuBackend) -> VuResult<()> {
+        Err(invalid("not a GPU"))
+    }
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        Err(invalid("inflight tracking is not supported yet"))
+    }
+    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _f: File) -> VuResult<()> {
+        Err(invalid("inflight tracking is not supported yet"))
+    }
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<u64>> {
+        if self.regions.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(VuError::InvalidParam);
+        }
+        let r = Self::map_region(region, fd)?;
+        let cur = self.mem.memory();
+        let m = cur.insert_region(r).map_err(|_| VuError::InvalidParam)?;
+        drop(cur);
+        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.regions.push(RegionInfo {
+            gpa: region.guest_phys_addr,
+            size: region.memory_size,
+            uaddr: region.user_addr,
+        });
+        Ok(None)
+    }
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let cur = self.mem.memory();
+        let (m, _) = cur
+            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
+            .map_err(|_| VuError::InvalidParam)?;
+        drop(cur);
+        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.regions.retain(|r| r.gpa != region.guest_phys_addr);
+        Ok(())
+    }
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _f: File,
+    ) -> VuResult<Option<File>> {
+        Err(invalid("migration state transfer is not supported"))
+    }
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(invalid("migration state transfer is not supported"))
+    }
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(invalid("no shared memory regions"))
+    }
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(invalid("dirty logging is not supported"))
+    }
+}
+
+/// A disk served on a vhost-user socket.
+pub struct VhostBlkExport {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<UnixStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VhostBlkExport {
+    /// Bind the socket and start serving. Returns once the socket is listening.
+    pub fn start(
+        dev: Arc<dyn BlockDevice>,
+        cfg: ExportConfig,
+        workers: Vec<WorkerHandle>,
+        stats: Arc<DiskStats>,
+    ) -> nvmux_core::Result<Self> {
+        if workers.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidArgument, "no worker threads"));
+        }
+        if cfg.num_queues == 0 || cfg.num_queues > 64 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("num-queues {} is out of range (1..=64)", cfg.num_queues),
+            ));
+        }
+        if let Some(dir) = cfg.socket.parent() {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("socket directory {} does not exist", dir.display()),
+                ));
+            }
+        }
+        let mut listener = Listener::new(&cfg.socket, true).map_err(|e| {
+            Error::new(ErrorKind::Io, format!("listen on {}: {e}", cfg.socket.display()))
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
+        let thread = std::thread::Builder::new()
+            .name("nvmux-vhost".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    let backend = Arc::new(Mutex::new(BlkBackend::new(
+                        dev.clone(),
+                        &cfg,
+                        workers.clone(),
+                        stats.clone(),
+                    )));
+                    let accepted = BackendListener::new(&mut listener, backend.clone())
+                        .and_then(|mut l| l.accept());
+                    let mut handler = match accepted {
+                        Ok(Some(h)) => h,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(socket = %cfg.socket.display(), "accept: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    if stop2.load(Ordering::Acquire) {
+                        break;
+                    }
+                    *conn2.lock().unwrap_or_else(|e| e.into_inner()) =
+                        handler.try_clone_connection().ok();
+                    tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
+                    // A panic while serving one client must not take the export down.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                        if let Err(e) = handler.handle_request() {
+                            return e;
+                        }
+                    }));
+                    match r {
+                        Ok(VuError::Disconnected) | Ok(VuError::PartialMessage) => {
+                            tracing::info!(socket = %cfg.socket.display(), "vhost-user client disconnected")
+                        }
+                        Ok(e) => tracing::warn!(socket = %cfg.socket.display(), "vhost-user connection closed: {e}"),
+                        Err(_) => tracing::error!(socket = %cfg.socket.display(), "vhost-user connection handler panicked; connection closed"),
+                    }
+                    *conn2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    drop(handler);
+                    // Stop every queue of this client before accepting the next one.
+                    backend.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+                }
+            })
+            .map_err(|e| Error::io("spawn vhost thread", e))?;
+        Ok(VhostBlkExport {
+            socket,
+            stop,
+            conn,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// True while a client is connected.
+    pub fn connected(&self) -> bool {
+        self.conn.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    /// Disconnect the client, stop listening and remove the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake a blocking accept.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for VhostBlkExport {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}

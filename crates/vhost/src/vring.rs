@@ -1,0 +1,320 @@
+//! A running virtqueue: a [`WorkSource`] that a worker thread polls.
+//!
+//! It pops descriptor chains, parses them into [`IoCommand`]s whose SG lists point
+//! straight into guest memory (zero copy), submits them to this worker's
+//! [`BlockQueue`], and on completion writes the status byte, fills the used ring and
+//! signals the guest when the event index says so.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nvmux_core::stats::{DiskStats, OpClass, QueueStats};
+use nvmux_core::worker::WorkSource;
+use nvmux_core::{BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use crate::blk::{self, GuestMem, Kind, Seg};
+
+/// Translate guest addresses through a vm-memory map.
+pub(crate) struct MemView<'a>(pub &'a GuestMemoryMmap);
+
+impl GuestMem for MemView<'_> {
+    fn host_ptr(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        let r = self.0.find_region(GuestAddress(gpa))?;
+        let off = gpa - r.start_addr().0;
+        if off.checked_add(len as u64)? > r.len() {
+            return None;
+        }
+        r.get_host_address(MemoryRegionAddress(off)).ok()
+    }
+}
+
+/// Control shared between the vhost-user connection thread and the worker.
+pub(crate) struct QueueCtl {
+    pub stop: AtomicBool,
+    /// The call eventfd (-1: none). QEMU may replace it while the queue runs; the
+    /// connection thread keeps every file it ever stored here open until the queue stops,
+    /// so a stale number is never a reused descriptor.
+    pub call_fd: AtomicI32,
+}
+
+/// Per-request bookkeeping, indexed by the command's tag.
+#[derive(Clone, Copy)]
+struct Slot {
+    head: u16,
+    status: *mut u8,
+    used_len: u32,
+    start: Instant,
+    class: OpClass,
+    /// Data bytes moved on success (reads and writes).
+    bytes: u64,
+}
+
+pub(crate) struct VringSource {
+    pub(crate) queue: Queue,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    kick: File,
+    info: DeviceInfo,
+    bq: Box<dyn BlockQueue>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    sg_pool: Vec<SgList>,
+    segs: Vec<Seg>,
+    done: Vec<(IoCommand, Status)>,
+    serial: [u8; blk::ID_BYTES],
+    ctl: Arc<QueueCtl>,
+    final_tx: Option<SyncSender<u16>>,
+    stats: Arc<QueueStats>,
+    disk_stats: Arc<DiskStats>,
+    in_flight: usize,
+    finished: bool,
+}
+
+// SAFETY: the raw status pointers in `slots` point into guest memory kept mapped by the
+// commands' keepalive; the source is used by one worker thread at a time.
+unsafe impl Send for VringSource {}
+
+pub(crate) struct VringParams {
+    pub queue: Queue,
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub kick: File,
+    pub info: DeviceInfo,
+    pub bq: Box<dyn BlockQueue>,
+    pub serial: [u8; blk::ID_BYTES],
+    pub ctl: Arc<QueueCtl>,
+    pub final_tx: SyncSender<u16>,
+    pub disk_stats: Arc<DiskStats>,
+}
+
+impl VringSource {
+    pub(crate) fn new(p: VringParams) -> Self {
+        let n = p.queue.size() as usize;
+        // Kick eventfd: the worker reads it to reset it, so it must not block.
+        // SAFETY: fcntl on a descriptor we hold; flags are plain integers.
+        unsafe {
+            let fd = p.kick.as_raw_fd();
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let stats = p.disk_stats.new_queue();
+        VringSource {
+            queue: p.queue,
+            mem: p.mem,
+            kick: p.kick,
+            info: p.info,
+            bq: p.bq,
+            slots: vec![
+                Slot {
+                    head: 0,
+                    status: std::ptr::null_mut(),
+                    used_len: 0,
+                    start: Instant::now(),
+                    class: OpClass::Other,
+                    bytes: 0,
+                };
+                n
+            ],
+            free: (0..n as u16).rev().collect(),
+            sg_pool: (0..n).map(|_| SgList::with_capacity(8)).collect(),
+            segs: Vec::with_capacity(64),
+            done: Vec::with_capacity(n),
+            serial: p.serial,
+            ctl: p.ctl,
+            final_tx: Some(p.final_tx),
+            stats,
+            disk_stats: p.disk_stats,
+            in_flight: 0,
+            finished: false,
+        }
+    }
+
+    fn signal(&mut self) {
+        let fd = self.ctl.call_fd.load(Ordering::Acquire);
+        if fd >= 0 {
+            let one = 1u64;
+            // SAFETY: writing 8 bytes from a u64 to an eventfd the connection keeps open.
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Put a finished request on the used ring.
+    fn finish(&mut self, mem: &GuestMemoryMmap, slot: u16, status: Status) -> bool {
+        let s = self.slots[slot as usize];
+        let byte = blk::virtio_status(status);
+        // SAFETY: `status` was checked to lie in guest memory when the request was parsed,
+        // and the memory map it belongs to is still referenced (`mem` or the keepalive).
+        unsafe { std::ptr::write_volatile(s.status, byte) };
+        let used = if status.is_ok() { s.used_len } else { 1 };
+        self.free.push(slot);
+        self.in_flight -= 1;
+        let bytes = if status.is_ok() { s.bytes } else { 0 };
+        self.stats.record(s.class, bytes, s.start.elapsed(), status.is_ok());
+        self.queue.add_used(mem, s.head, used).is_ok()
+    }
+
+    fn reap(&mut self, mem: &GuestMemoryMmap) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        let n = self.bq.poll(&mut |c, s| done.push((c, s)));
+        let mut signal = false;
+        for (mut cmd, status) in done.drain(..) {
+            let slot = cmd.tag as u16;
+            cmd.keepalive = None;
+            cmd.sg.clear();
+            self.sg_pool.push(std::mem::take(&mut cmd.sg));
+            signal |= self.finish(mem, slot, status);
+        }
+        self.done = done;
+        if signal {
+            self.notify(mem);
+        }
+        n
+    }
+
+    fn notify(&mut self, mem: &GuestMemoryMmap) {
+        if self.queue.needs_notification(mem).unwrap_or(true) {
+            self.signal();
+        }
+    }
+
+    /// Pop and start every available request.
+    fn start_requests(&mut self, mem: &Arc<GuestMemoryMmap>) -> usize {
+        let mut n = 0;
+        let mut completed_now = false;
+        while !self.free.is_empty() {
+            let Some(chain) = self.queue.pop_descriptor_chain(&**mem) else { break };
+            let head = chain.head_index();
+            self.segs.clear();
+            for d in chain {
+                self.segs.push(Seg {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                });
+            }
+            n += 1;
+            let Some(slot) = self.free.pop() else { break };
+            self.in_flight += 1;
+            let mut sg = self.sg_pool.pop().unwrap_or_default();
+            let view = MemView(mem);
+            let req = match blk::parse(&self.segs, &view, &self.info, &mut sg) {
+                Ok(r) => r,
+                Err(blk::ParseError::NoStatus) => {
+                    // Nowhere to put a status: hand the chain back with nothing written.
+                    tracing::debug!(head, "virtio-blk: chain without a usable status byte");
+                    self.sg_pool.push(sg);
+                    self.free.push(slot);
+                    self.in_flight -= 1;
+                    let _ = self.queue.add_used(&**mem, head, 0);
+                    completed_now = true;
+                    continue;
+                }
+            };
+            let class = match req.kind {
+                Kind::Io(Opcode::Read) => OpClass::Read,
+                Kind::Io(Opcode::Write) => OpClass::Write,
+                _ => OpClass::Other,
+            };
+            self.slots[slot as usize] = Slot {
+                head,
+                status: req.status,
+                used_len: req.used_len,
+                start: Instant::now(),
+                class,
+                bytes: if class == OpClass::Other { 0 } else { req.blocks as u64 * self.info.block_size as u64 },
+            };
+            let immediate = match (req.kind, req.error) {
+                (_, Some(e)) => Some(e),
+                (Kind::Unsupported(_), None) => Some(Status::INVALID_OPCODE),
+                (Kind::GetId, None) => {
+                    // SAFETY: the SG list holds validated, writable guest ranges.
+                    unsafe { sg.copy_from(&self.serial) };
+                    Some(Status::SUCCESS)
+                }
+                (Kind::Io(op), None) => {
+                    let mut cmd = IoCommand::new(op, req.lba, req.blocks, slot as u64, sg);
+                    match cmd.validate(&self.info) {
+                        Ok(()) => {
+                            let ka: KeepAlive = mem.clone();
+                            cmd.keepalive = Some(ka);
+                            self.bq.submit(cmd);
+                            sg = SgList::default();
+                            None
+                        }
+                        Err(e) => {
+                            sg = cmd.sg;
+                            Some(e)
+                        }
+                    }
+                }
+            };
+            if let Some(st) = immediate {
+                sg.clear();
+                self.sg_pool.push(sg);
+                completed_now |= self.finish(mem, slot, st);
+            }
+        }
+        if n > 0 {
+            self.bq.kick();
+        }
+        if completed_now {
+            self.notify(mem);
+        }
+        n
+    }
+}
+
+impl WorkSource for VringSource {
+    fn poll(&mut self) -> usize {
+        if self.finished {
+            return 0;
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut n = self.reap(&mem);
+        if self.ctl.stop.load(Ordering::Acquire) {
+            if self.in_flight == 0 && self.bq.in_flight() == 0 {
+                if let Some(tx) = self.final_tx.take() {
+                    let _ = tx.send(self.queue.next_avail());
+                }
+                self.disk_stats.retire(&self.stats);
+                self.finished = true;
+            }
+            return n.max(1);
+        }
+        n += self.start_requests(&mem);
+        n += self.reap(&mem);
+        self.stats.set_in_flight(self.in_flight as u64);
+        n
+    }
+
+    fn wait_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.kick.as_raw_fd()];
+        v.extend(self.bq.completion_fd());
+        v
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        if self.bq.completion_fd().is_none() && self.bq.in_flight() > 0 {
+            return false;
+        }
+        let mem = self.mem.memory();
+        // Ok(true): more chains arrived while notifications were off.
+        !matches!(self.queue.enable_notification(&*mem), Ok(true))
+    }
+
+    fn after_sleep(&mut self) {
+        let mem = self.mem.memory();
+        let _ = self.queue.disable_notification(&*mem);
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
+}

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# VM end-to-end stage: serve a 64 MiB file-backed disk over vhost-user-blk
+# (2 queues) and let a QEMU/TCG guest check it with fio.
+#
+# Usage: tests/vm/run.sh [--server nvmux|qsd] [--nvmux-bin PATH]
+#   --server nvmux   the server under test (default); binary from --nvmux-bin,
+#                    $NVMUX_BIN, or target/{release,debug}/nvmux
+#   --server qsd     qemu-storage-daemon, the reference (validates the harness)
+# Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
+#      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
+#      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
+#
+# Scenarios, each printing "PASS name" or "FAIL name":
+#   fio-verify           write + crc32c-verify 2x16 MiB with 2 jobs on 2 queues
+#   reconnect            a second VM against the same, still running server:
+#                        fio --verify_only of the data the first VM wrote
+#   corruption-detected  overwrite 4 KiB at 1 MiB of the image on the host;
+#                        verify_only must now fail (with a clean guest poweroff)
+# Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+server=nvmux
+while (($#)); do
+    case $1 in
+        --server) server=$2; shift 2 ;;
+        --nvmux-bin) NVMUX_BIN=$2; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+case $server in qsd|nvmux) ;; *) echo "run.sh: --server must be qsd or nvmux" >&2; exit 2 ;; esac
+
+work=${NVMUX_VM_WORKDIR:-$repo/target/vm/run-$server}
+smp=${VM_SMP:-2}
+boot_timeout=${VM_TIMEOUT:-300}
+queues=2
+initrd=$repo/target/vm/initramfs.cpio
+
+need() { command -v "$1" >/dev/null || { echo "run.sh: '$1' not found (${2:-})" >&2; exit 2; }; }
+need qemu-system-x86_64 "apt-get install qemu-system-x86"
+need fio "apt-get install fio"
+need busybox "apt-get install busybox-static"
+need cpio
+if [[ $server == qsd ]]; then
+    need qemu-storage-daemon "apt-get install qemu-utils"
+else
+    if [[ -z ${NVMUX_BIN:-} ]]; then
+        for b in "$repo/target/release/nvmux" "$repo/target/debug/nvmux"; do
+            [[ -x $b ]] && { NVMUX_BIN=$b; break; }
+        done
+    fi
+    [[ -x ${NVMUX_BIN:-} ]] || { echo "run.sh: no nvmux binary (set NVMUX_BIN or build it)" >&2; exit 2; }
+fi
+
+# Image and logs live in $work (kept for post-mortems); sockets in a short
+# /tmp path (sun_path is limited to 108 bytes).
+mkdir -p "$work"
+rm -f "$work"/disk.img "$work"/*.log "$work"/*.out   # results of an earlier run
+sockdir=$(mktemp -d /tmp/nvmux-vm.XXXXXX)
+img=$work/disk.img
+sock=$sockdir/vhost.sock
+SERVER_PID=
+
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
+
+# --- server control ------------------------------------------------------------------
+
+wait_for_socket() {   # PATH: wait up to 30 s while the server is alive
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ -S $1 ]] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "run.sh: server exited before creating $1" >&2; return 1; }
+        sleep 0.1
+    done
+    echo "run.sh: timed out waiting for $1" >&2
+    return 1
+}
+
+start_qsd_server() {   # IMG SOCK
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$1,cache.direct=on,aio=io_uring" \
+        --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$2,writable=on,num-queues=$queues" \
+        >> "$work/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for_socket "$2"
+}
+
+# ==== nvmux server: the CLI interface this stage is written against ====================
+#   nvmux serve --data-dir DIR                  (API socket appears at DIR/nvmux.sock)
+#   nvmux --api API disk create NAME --backend file --path IMG --size 64M
+#   nvmux --api API export add NAME --socket SOCK --queues N
+# Stopped with SIGTERM by stop_server.
+start_nvmux_server() {   # IMG SOCK
+    local img=$1 vsock=$2 dir=$sockdir/nvmux-data
+    local api=$dir/nvmux.sock
+    mkdir -p "$dir"
+    "$NVMUX_BIN" serve --data-dir "$dir" >> "$work/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for_socket "$api" || return 1
+    "$NVMUX_BIN" --api "$api" disk create vm1 --backend file --path "$img" --size 64M || return 1
+    "$NVMUX_BIN" --api "$api" export add vm1 --socket "$vsock" --queues "$queues" || return 1
+    wait_for_socket "$vsock"
+}
+# ========================================================================================
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    local pid=$SERVER_PID i rc=0
+    SERVER_PID=
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "run.sh: WARNING: server (pid $pid) still running 10 s after SIGTERM, killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    echo "run.sh: server stopped (exit status $rc; log: $work/server.log)"
+}
+
+cleanup() {
+    stop_server
+    rm -rf "$sockdir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- guest boots -------------------------------------------------------------------------
+
+# boot NAME GUEST_SCRIPT: boot one VM; returns boot.sh's status
+# (0 guest PASS, 1 guest FAIL with clean poweroff, 2 timeout/crash/no marker).
+boot() {
+    local name=$1 script=$2 rc=0
+    "$here/boot.sh" --initrd "$initrd" --script "$here/$script" --log "$work/$name.log" \
+        --vhost-sock "$sock" --queues "$queues" --env "EXPECT_QUEUES=$queues" \
+        --smp "$smp" --timeout "$boot_timeout" > "$work/$name.out" 2>&1 || rc=$?
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "run.sh: the server died during $name" >&2
+        rc=3
+    fi
+    return "$rc"
+}
+
+t0=$(date +%s)
+echo "== vm stage: server=$server smp=$smp queues=$queues work=$work"
+"$here/build-initramfs.sh" "$initrd"
+dd if=/dev/zero of="$img" bs=1M count=64 status=none
+
+if ! "start_${server}_server" "$img" "$sock"; then
+    fail server-start "see $work/server.log"
+    tail -n 20 "$work/server.log" 2>/dev/null || true
+    echo "vm: $passed passed, $failed failed"
+    exit 1
+fi
+echo "== server up (pid $SERVER_PID, socket $sock)"
+
+# a. fio-verify: write + verify through both queues.
+rc=0; boot fio-verify guest-fio-verify.sh || rc=$?
+cat "$work/fio-verify.out"
+grep '^test: ' "$work/fio-verify.log" || true
+if ((rc == 0)); then pass fio-verify; else fail fio-verify "boot status $rc, log $work/fio-verify.log"; fi
+written=$rc
+
+# c. reconnect: a new VM on the same server socket re-reads the first VM's data
+#    (verify_only on intact data: must pass, and is the baseline for b.).
+rc=0; boot reconnect guest-fio-verify-only.sh || rc=$?
+cat "$work/reconnect.out"
+if ((written != 0)); then
+    fail reconnect "skipped: fio-verify did not write the data"
+elif ((rc == 0)); then
+    pass reconnect
+else
+    fail reconnect "boot status $rc, log $work/reconnect.log"
+fi
+intact=$rc
+
+# b. corruption-detected: change 4 KiB on the host behind the server's back;
+#    the next verify_only must fail on exactly that block, and the guest must
+#    still shut down cleanly (boot status 1, not a timeout or crash).
+if ((written != 0 || intact != 0)); then
+    fail corruption-detected "skipped: needs fio-verify and an intact verify_only pass"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail corruption-detected "server is not running"
+else
+    dd if=/dev/urandom of="$img" bs=4k seek=256 count=1 conv=notrunc oflag=direct status=none
+    echo "== corrupted 4 KiB at offset 1 MiB of $img"
+    rc=0; boot corruption-detected guest-fio-verify-only.sh || rc=$?
+    # e.g. "verify: bad magic header 3943, wanted acca at file /dev/vda offset 1048576, length 4096 ..."
+    verr=$(grep -m1 -o 'verify: .* offset 1048576, length 4096.*' "$work/corruption-detected.log" || true)
+    if ((rc == 1)) && [[ -n $verr ]]; then
+        head -n1 "$work/corruption-detected.out"   # boot.sh's reason line
+        echo "   guest fio: $verr"
+        pass corruption-detected
+    else
+        cat "$work/corruption-detected.out"
+        case $rc in
+            0) fail corruption-detected "verify_only passed on corrupted data" ;;
+            1) fail corruption-detected "guest failed, but not with a verify error at offset 1048576" ;;
+            *) fail corruption-detected "boot status $rc (timeout, crash or server death)" ;;
+        esac
+    fi
+fi
+
+stop_server
+echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"
+echo "vm: $passed passed, $failed failed"
+((failed == 0))
