@@ -8,7 +8,8 @@
 #           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
 #           [--timeout SECS]                       (default 300)
 #           [--smp N]                              (guest vCPUs, default 1)
-#           [--kernel VMLINUZ]                     (default: BASE.cpio.kernel, else
+#           [--kernel KERNEL]                      (default: the image named in BASE.cpio.kernel,
+#                                                   an extracted PVH vmlinux; else
 #                                                   the newest /boot/vmlinuz-*-amd64)
 #
 # The script becomes /test.sh (mode 755) in a second cpio appended to a copy
@@ -39,7 +40,7 @@ while (($#)); do
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
             queues[${#queues[@]}-1]=$2; shift 2 ;;
         --env) [[ $2 == *=* ]] || die "--env wants KEY=VAL"; envs+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -106,7 +107,12 @@ fail() {
 }
 
 if ((qrc == 124 || qrc == 137)); then
-    fail "timeout after ${timeout_s}s (guest hung?)" 2
+    if grep -q SeaBIOS "$log"; then
+        fail "timeout after ${timeout_s}s (guest hung?)" 2
+    else
+        # QEMU connects to vhost-user backends before the firmware starts.
+        fail "timeout after ${timeout_s}s before the guest started (vhost-user handshake stuck?)" 2
+    fi
 elif ((qrc != 0)); then
     fail "qemu exited with status $qrc" 2
 elif grep -q 'Kernel panic' "$log"; then

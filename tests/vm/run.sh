@@ -27,7 +27,7 @@ while (($#)); do
     case $1 in
         --server) server=$2; shift 2 ;;
         --nvmux-bin) NVMUX_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -154,6 +154,7 @@ dd if=/dev/zero of="$img" bs=1M count=64 status=none
 
 if ! "start_${server}_server" "$img" "$sock"; then
     fail server-start "see $work/server.log"
+    stop_server
     tail -n 20 "$work/server.log" 2>/dev/null || true
     echo "vm: $passed passed, $failed failed"
     exit 1

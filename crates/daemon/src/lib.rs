@@ -18,6 +18,7 @@ use nvmux_vhost::{ExportConfig, VhostBlkExport};
 use serde::{Deserialize, Serialize};
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod metrics;
 

@@ -178,6 +178,7 @@ impl BlkBackend {
         q.set_used_ring_address(Some(v.used as u32), Some((v.used >> 32) as u32));
         q.set_event_idx(event_idx);
         q.set_next_avail(v.base);
+        q.set_ready(true);
         let guard = mem.memory();
         if !q.is_valid(&*guard) {
             tracing::warn!(export = %self.name, queue = i, "virtqueue addresses are outside guest memory; queue not started");
@@ -189,7 +190,6 @@ impl BlkBackend {
             .map(|w| w.0)
             .unwrap_or(v.base);
         q.set_next_used(used);
-        q.set_ready(true);
         drop(guard);
         let kick = v
             .kick

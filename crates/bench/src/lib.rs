@@ -1,0 +1,10 @@
+//! nvmux benchmark building blocks: a libblkio vhost-user-blk client, random-I/O
+//! workloads, baseline servers (qemu-storage-daemon, fio) and CPU accounting.
+//! The `nvmux bench` command (in the binary) composes them into runs and reports.
+
+pub mod client;
+pub mod procs;
+pub mod workload;
+
+pub use client::{BlkioClient, Op};
+pub use workload::{Measured, Workload};

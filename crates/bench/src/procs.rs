@@ -1,0 +1,180 @@
+//! Server processes for baselines (qemu-storage-daemon, fio) and CPU accounting.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::Result;
+
+/// CPU seconds (user + system, all threads) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / tck)
+}
+
+/// Pin the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data, set up locally and passed by pointer.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A child process that is killed when dropped.
+pub struct ServerProc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl ServerProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid()).unwrap_or(0.0)
+    }
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+    /// SIGTERM, then wait up to 10 s, then SIGKILL.
+    pub fn stop(mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Spawn `cmd` pinned to `cpu` (if given), with output to `log`.
+pub fn spawn_pinned(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path) -> Result<ServerProc> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+    if let Some(c) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only calls the
+        // async-signal-safe sched_setaffinity on a stack-local set.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(c, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
+    }
+    let child = cmd.spawn().map_err(|e| format!("start {name}: {e}"))?;
+    Ok(ServerProc { name: name.to_string(), child })
+}
+
+/// Wait until `path` exists (a server's socket), or the process dies, or 20 s pass.
+pub fn wait_for_socket(p: &mut ServerProc, path: &Path, log: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        if !p.alive() {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("{} exited before listening on {}:\n{tail}", p.name, path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("{} did not listen on {} within 20 s", p.name, path.display()))
+}
+
+/// What qemu-storage-daemon serves.
+#[derive(Clone, Debug)]
+pub enum QsdTarget {
+    /// `driver=file` with `cache.direct=on,aio=io_uring` (its best configuration).
+    File(PathBuf),
+    /// `driver=null-co`.
+    Null { size: u64 },
+}
+
+/// Start qemu-storage-daemon exporting `target` over vhost-user-blk on `sock`.
+pub fn start_qsd(target: &QsdTarget, sock: &Path, num_queues: u16, cpu: Option<usize>, log: &Path) -> Result<ServerProc> {
+    let _ = std::fs::remove_file(sock);
+    let blockdev = match target {
+        QsdTarget::File(p) => format!(
+            "driver=file,node-name=n0,filename={},cache.direct=on,aio=io_uring",
+            p.display()
+        ),
+        QsdTarget::Null { size } => format!("driver=null-co,node-name=n0,size={size}"),
+    };
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}",
+        sock.display()
+    ));
+    let mut p = spawn_pinned("qemu-storage-daemon", cmd, cpu, log)?;
+    wait_for_socket(&mut p, sock, log)?;
+    Ok(p)
+}
+
+/// Bare-metal bound: fio with io_uring and O_DIRECT on the file itself.
+pub fn run_fio(file: &Path, rw: &str, bs: usize, qd: usize, seconds: u64, cpu: Option<usize>) -> Result<crate::workload::Measured> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=bare",
+        &format!("--filename={}", file.display()),
+        &format!("--rw={rw}"),
+        &format!("--bs={bs}"),
+        &format!("--iodepth={qd}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--time_based",
+        &format!("--runtime={seconds}"),
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]);
+    if let Some(c) = cpu {
+        cmd.arg(format!("--cpus_allowed={c}"));
+    }
+    let out = cmd.output().map_err(|e| format!("run fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').ok_or("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let j = &v["jobs"][0][dir];
+    let pct = |k: &str| j["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    let iops = j["iops"].as_f64().unwrap_or(0.0);
+    let secs = v["jobs"][0]["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(crate::workload::Measured {
+        ios: j["total_ios"].as_u64().unwrap_or(0),
+        seconds: secs,
+        iops,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}

@@ -1,0 +1,273 @@
+//! `nvmux bench`: 4 KiB random read and write at QD1 and QD32 through libblkio against
+//! nvmux and qemu-storage-daemon on the same files, plus bare-metal fio, in one run.
+//! Prints a table and writes JSON under `target/bench/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Args;
+use nvmux_bench::client::BlkioClient;
+use nvmux_bench::procs::{self, QsdTarget, ServerProc};
+use nvmux_bench::{Measured, Op, Workload};
+use nvmux_daemon::client::ApiClient;
+use serde::Serialize;
+use serde_json::json;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// A `nvmux serve` child process.
+pub struct Daemon {
+    proc: ServerProc,
+    api: ApiClient,
+}
+
+impl Daemon {
+    /// Start `nvmux serve --data-dir DIR [--config CFG]`, pinned to `cpu`.
+    pub fn start(dir: &Path, config: Option<&str>, cpu: Option<usize>) -> Res<Daemon> {
+        let exe = std::env::current_exe()?;
+        let sock = dir.join("nvmux.sock");
+        let log = dir.join("daemon.log");
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve").arg("--data-dir").arg(dir);
+        if let Some(c) = config {
+            let p = dir.join("nvmux.toml");
+            std::fs::write(&p, c)?;
+            cmd.arg("--config").arg(p);
+        }
+        let mut proc = procs::spawn_pinned("nvmux serve", cmd, cpu, &log)?;
+        procs::wait_for_socket(&mut proc, &sock, &log)?;
+        Ok(Daemon { proc, api: ApiClient::new(&sock) })
+    }
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+    pub fn cpu_seconds(&self) -> f64 {
+        self.proc.cpu_seconds()
+    }
+    /// SIGTERM and wait; returns how it exited.
+    pub fn stop(self) -> String {
+        match self.proc.stop() {
+            Some(s) if s.success() => "exit 0".into(),
+            Some(s) => format!("{s}"),
+            None => "unknown".into(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// 2 seconds per measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Use a polled libblkio queue (the client busy-polls its completions).
+    #[arg(long)]
+    client_poll: bool,
+    /// Where JSON results go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Size of the test files.
+    #[arg(long, default_value = "1G")]
+    file_size: String,
+    /// Skip qemu-storage-daemon and fio.
+    #[arg(long)]
+    no_baselines: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    backing: String,
+    workload: String,
+    server: String,
+    #[serde(flatten)]
+    m: Measured,
+    server_cpu_s: Option<f64>,
+}
+
+const WORKLOADS: [(Op, usize, &str); 4] = [
+    (Op::Read, 1, "randread QD1"),
+    (Op::Read, 32, "randread QD32"),
+    (Op::Write, 1, "randwrite QD1"),
+    (Op::Write, 32, "randwrite QD32"),
+];
+
+/// Fill a file with data, so reads hit real blocks rather than holes.
+fn prepare_file(p: &Path, size: u64) -> Res<()> {
+    use std::io::Write;
+    if std::fs::metadata(p).map(|m| m.len() == size).unwrap_or(false) {
+        return Ok(());
+    }
+    let mut f = std::fs::File::create(p)?;
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i % 253) as u8).collect();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn measure(sock: &Path, poll: bool, secs: u64, server: Option<&dyn Fn() -> f64>, mut each: impl FnMut(&str, Measured, Option<f64>)) -> Res<()> {
+    let mut c = BlkioClient::connect(sock, 1, poll, 32 * 4096)?;
+    for (op, qd, name) in WORKLOADS {
+        let cpu0 = server.map(|f| f());
+        let m = nvmux_bench::workload::run(
+            &mut c,
+            &Workload { op, block_size: 4096, queue_depth: qd, duration: Duration::from_secs(secs), queue: 0 },
+        )?;
+        let cpu = server.zip(cpu0).map(|(f, c0)| f() - c0);
+        each(name, m, cpu);
+    }
+    Ok(())
+}
+
+pub fn run(a: BenchArgs) -> Res<()> {
+    let secs = if a.quick { 2 } else { a.seconds };
+    let size = nvmux_core::parse_size(&a.file_size)?;
+    let work = std::env::temp_dir().join(format!("nvmux-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let tmp_file = work.join("disk.img");
+    let shm_file = PathBuf::from(format!("/dev/shm/nvmux-bench-{}.img", std::process::id()));
+    eprintln!("preparing {} test files on /tmp and /dev/shm", nvmux_core::format_size(size));
+    prepare_file(&tmp_file, size)?;
+    prepare_file(&shm_file, size)?;
+    let backings: [(&str, Option<&Path>); 3] = [("/tmp file", Some(&tmp_file)), ("/dev/shm file", Some(&shm_file)), ("null", None)];
+    let servers = if a.no_baselines { 1 } else { 2 };
+    let total = backings.len() * servers * WORKLOADS.len() + if a.no_baselines { 0 } else { 2 * WORKLOADS.len() };
+    let mut done = 0usize;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut progress = |rows: &mut Vec<Row>, r: Row| {
+        done += 1;
+        eprintln!(
+            "[{done:>2}/{total}] {:<14} {:<8} {:<15} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs",
+            r.backing, r.server, r.workload, r.m.iops, r.m.p50_us, r.m.p99_us
+        );
+        rows.push(r);
+    };
+    // Server on CPU 0, client on CPU 1, as in the testbed's anchor measurements.
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (srv_cpu, cli_cpu) = if ncpu >= 2 { (Some(0), Some(1)) } else { (None, None) };
+    if let Some(c) = cli_cpu {
+        procs::pin_current_thread(c);
+    }
+
+    // nvmux: one daemon, three disks.
+    let ddir = work.join("nvmux");
+    std::fs::create_dir_all(&ddir)?;
+    let cfg = format!(
+        "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
+        ddir,
+        srv_cpu.unwrap_or(0)
+    );
+    let d = Daemon::start(&ddir, Some(&cfg), srv_cpu)?;
+    let mut idle_cpu_pct = None;
+    for (name, file) in backings {
+        let disk = name.trim_start_matches('/').replace([' ', '/'], "-");
+        let body = match file {
+            Some(f) => json!({"name": disk, "backend": "file", "path": f}),
+            None => json!({"name": disk, "backend": "null", "size": size}),
+        };
+        d.api().post("/v1/disks", &body)?;
+        let sock = ddir.join(format!("{disk}.sock"));
+        d.api().post("/v1/exports", &json!({"disk": disk, "socket": sock, "num_queues": 1}))?;
+        if idle_cpu_pct.is_none() {
+            // Idle cost with a client attached and its queue running.
+            let c = BlkioClient::connect(&sock, 1, false, 1 << 20)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let c0 = d.cpu_seconds();
+            std::thread::sleep(Duration::from_secs(3));
+            idle_cpu_pct = Some((d.cpu_seconds() - c0) / 3.0 * 100.0);
+            drop(c);
+        }
+        let cpu = || d.cpu_seconds();
+        measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
+            progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "nvmux".into(), m, server_cpu_s: c })
+        })?;
+    }
+    let _ = d.stop();
+
+    if !a.no_baselines {
+        for (name, file) in backings {
+            let sock = work.join("qsd.sock");
+            let target = match file {
+                Some(f) => QsdTarget::File(f.to_path_buf()),
+                None => QsdTarget::Null { size },
+            };
+            let q = procs::start_qsd(&target, &sock, 1, srv_cpu, &work.join("qsd.log"))?;
+            let cpu = || q.cpu_seconds();
+            measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
+                progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "qsd".into(), m, server_cpu_s: c })
+            })?;
+            drop(q);
+        }
+        for (name, file) in backings {
+            let Some(f) = file else { continue };
+            for (op, qd, w) in WORKLOADS {
+                let rw = if op == Op::Read { "randread" } else { "randwrite" };
+                let m = procs::run_fio(f, rw, 4096, qd, secs, cli_cpu)?;
+                progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "fio".into(), m, server_cpu_s: None });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&shm_file);
+    let _ = std::fs::remove_dir_all(&work);
+
+    print_table(&rows, idle_cpu_pct, secs, a.client_poll);
+    std::fs::create_dir_all(&a.out)?;
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let report = json!({
+        "kind": "vhost-user-blk 4k",
+        "seconds_per_run": secs,
+        "client_poll": a.client_poll,
+        "cpus": ncpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "idle_cpu_pct": idle_cpu_pct,
+        "rows": rows,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    let p = a.out.join(format!("vhost-{ts}.json"));
+    std::fs::write(&p, &text)?;
+    std::fs::write(a.out.join("vhost-latest.json"), &text)?;
+    println!("\nJSON: {}", p.display());
+    Ok(())
+}
+
+fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
+    let find = |b: &str, w: &str, s: &str| rows.iter().find(|r| r.backing == b && r.workload == w && r.server == s);
+    println!(
+        "\n4 KiB random I/O through libblkio virtio-blk-vhost-user ({} client), {secs} s per run; server on CPU 0, client on CPU 1",
+        if poll { "polled" } else { "interrupt-driven" }
+    );
+    println!(
+        "| backing | workload | nvmux IOPS | p50/p99 µs | nvmux CPU s | QSD IOPS | p50/p99 µs | QSD CPU s | nvmux/QSD | fio IOPS | nvmux/fio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut backs: Vec<&str> = rows.iter().map(|r| r.backing.as_str()).collect();
+    backs.dedup();
+    for b in backs {
+        for (_, _, w) in WORKLOADS {
+            let n = find(b, w, "nvmux");
+            let q = find(b, w, "qsd");
+            let f = find(b, w, "fio");
+            let iops = |r: Option<&Row>| r.map_or("-".into(), |r| format!("{:.0}", r.m.iops));
+            let lat = |r: Option<&Row>| r.map_or("-".into(), |r| format!("{:.1}/{:.1}", r.m.p50_us, r.m.p99_us));
+            let cpu = |r: Option<&Row>| r.and_then(|r| r.server_cpu_s).map_or("-".into(), |c| format!("{c:.2}"));
+            let ratio = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
+                (Some(a), Some(b)) if b.m.iops > 0.0 => format!("{:.2}x", a.m.iops / b.m.iops),
+                _ => "-".into(),
+            };
+            println!(
+                "| {b} | {w} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                iops(n), lat(n), cpu(n), iops(q), lat(q), cpu(q), ratio(n, q), iops(f), ratio(n, f)
+            );
+        }
+    }
+    if let Some(i) = idle {
+        println!("\nnvmux daemon CPU while idle with a client attached: {i:.2}% of one core");
+    }
+}
