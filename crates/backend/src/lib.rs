@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Result, Status};
+use nvmux_core::{
+    BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Result, Status,
+};
 
 mod uring;
 
@@ -89,11 +91,17 @@ impl FileDevice {
         let ctx = |e: std::io::Error| Error::io(format!("file {}", path.display()), e);
         let meta = std::fs::metadata(path);
         let exists = meta.is_ok();
-        let block_dev = meta.as_ref().map(|m| m.file_type().is_block_device()).unwrap_or(false);
+        let block_dev = meta
+            .as_ref()
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
         if !exists && opts.size.is_none() {
             return Err(Error::new(
                 ErrorKind::NotFound,
-                format!("file {} does not exist; give a size to create it", path.display()),
+                format!(
+                    "file {} does not exist; give a size to create it",
+                    path.display()
+                ),
             ));
         }
         let open = |direct: bool| {
@@ -138,28 +146,32 @@ impl FileDevice {
             if bs < d {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,
-                    format!("{}: block size {bs} is below the device's {d}", path.display()),
+                    format!(
+                        "{}: block size {bs} is below the device's {d}",
+                        path.display()
+                    ),
                 ));
             }
         }
         let size = match opts.size {
             None => cur_size,
             Some(want) if want == cur_size => want,
-            Some(want) if block_dev || want < cur_size => {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "{} is {} bytes; refusing size {want} (omit the size to use the whole file)",
-                        path.display(),
-                        cur_size
-                    ),
-                ))
-            }
+            Some(want) if block_dev || want < cur_size => return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} is {} bytes; refusing size {want} (omit the size to use the whole file)",
+                    path.display(),
+                    cur_size
+                ),
+            )),
             Some(want) => {
                 if opts.read_only {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
-                        format!("{} is smaller than {want} bytes and read-only", path.display()),
+                        format!(
+                            "{} is smaller than {want} bytes and read-only",
+                            path.display()
+                        ),
                     ));
                 }
                 file.set_len(want).map_err(ctx)?;
@@ -207,7 +219,11 @@ impl BlockDevice for FileDevice {
     fn describe(&self) -> String {
         format!(
             "{} {} ({})",
-            if self.block_dev { "block device" } else { "file" },
+            if self.block_dev {
+                "block device"
+            } else {
+                "file"
+            },
             self.path.display(),
             if self.direct { "O_DIRECT" } else { "buffered" }
         )
@@ -287,7 +303,10 @@ impl MemoryDevice {
         // SAFETY: the name is a valid NUL-terminated string; the result is checked.
         let fd = unsafe { libc::memfd_create(c"nvmux-memory".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::io("memory device: memfd_create", std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "memory device: memfd_create",
+                std::io::Error::last_os_error(),
+            ));
         }
         // SAFETY: fd is a fresh descriptor we own.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });

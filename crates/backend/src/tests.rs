@@ -42,7 +42,10 @@ fn exercise(dev: &dyn BlockDevice) {
     assert_eq!(s, Status::SUCCESS);
     let (_, s) = run(&mut *q, cmd(Opcode::Read, 3, 2, &mut r));
     assert_eq!(s, Status::SUCCESS);
-    assert!(r.iter().all(|&b| b == 0), "zeroed and deallocated blocks read as zeros");
+    assert!(
+        r.iter().all(|&b| b == 0),
+        "zeroed and deallocated blocks read as zeros"
+    );
     // Last block, misaligned buffer (bounce path under O_DIRECT).
     let last = info.num_blocks - 1;
     let mut big = vec![0x3cu8; bs + 1];
@@ -117,7 +120,13 @@ fn bad_options() {
 fn refuses_shrinking_a_file() {
     let p = std::env::temp_dir().join(format!("nvmux-shrink-{}.img", std::process::id()));
     std::fs::write(&p, vec![1u8; 8192]).unwrap();
-    let e = FileDevice::open(&p, &FileOptions { size: Some(4096), ..Default::default() });
+    let e = FileDevice::open(
+        &p,
+        &FileOptions {
+            size: Some(4096),
+            ..Default::default()
+        },
+    );
     assert!(e.is_err());
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192, "nothing lost");
     std::fs::remove_file(&p).unwrap();

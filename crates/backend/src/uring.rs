@@ -77,12 +77,12 @@ impl UringQueue {
         file: Arc<File>,
         bs: u32,
         direct: bool,
-            zero_range: Arc<AtomicBool>,
+        zero_range: Arc<AtomicBool>,
         depth: u32,
     ) -> Result<Self> {
         let depth = depth.clamp(1, 4096);
-        let ring = IoUring::new(depth.next_power_of_two())
-            .map_err(|e| Error::io("io_uring setup", e))?;
+        let ring =
+            IoUring::new(depth.next_power_of_two()).map_err(|e| Error::io("io_uring setup", e))?;
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| Error::io("io_uring register file", e))?;
@@ -129,7 +129,10 @@ impl UringQueue {
                     let p = b.as_mut_slice()[done..total].as_mut_ptr();
                     let n = (total - done) as u32;
                     if write {
-                        opcode::Write::new(FIXED, p, n).offset(off).rw_flags(rw_flags).build()
+                        opcode::Write::new(FIXED, p, n)
+                            .offset(off)
+                            .rw_flags(rw_flags)
+                            .build()
                     } else {
                         opcode::Read::new(FIXED, p, n).offset(off).build()
                     }
@@ -139,7 +142,10 @@ impl UringQueue {
                         let p = segs[0].iov_base.cast::<u8>();
                         let n = segs[0].iov_len as u32;
                         if write {
-                            opcode::Write::new(FIXED, p, n).offset(off).rw_flags(rw_flags).build()
+                            opcode::Write::new(FIXED, p, n)
+                                .offset(off)
+                                .rw_flags(rw_flags)
+                                .build()
                         } else {
                             opcode::Read::new(FIXED, p, n).offset(off).build()
                         }
@@ -233,7 +239,11 @@ impl UringQueue {
                 self.push_slot(i);
                 return None;
             }
-            if errno == libc::EINVAL && cmd.opcode.has_data() && self.direct && slot.bounce.is_none() {
+            if errno == libc::EINVAL
+                && cmd.opcode.has_data()
+                && self.direct
+                && slot.bounce.is_none()
+            {
                 // The filesystem wants stricter alignment than we assumed: bounce it.
                 if let Some(mut b) = Bounce::new(cmd.sg.len() as usize) {
                     let len = cmd.sg.len() as usize;
@@ -333,7 +343,9 @@ impl BlockQueue for UringQueue {
             }
         }
         while !self.free.is_empty() {
-            let Some(c) = self.backlog.pop_front() else { break };
+            let Some(c) = self.backlog.pop_front() else {
+                break;
+            };
             self.start(c);
         }
         self.kick();

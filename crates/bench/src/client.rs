@@ -41,20 +41,40 @@ impl BlkioClient {
     /// Connect with `num_queues` queues (`poll`: polled queues instead of interrupt-driven)
     /// and a buffer region of `buf_bytes` (rounded up to 2 MiB).
     pub fn connect(socket: &Path, num_queues: usize, poll: bool, buf_bytes: usize) -> Result<Self> {
+        Self::connect_opts(socket, num_queues, poll, buf_bytes, false)
+    }
+
+    /// [`connect`](Self::connect), optionally as a read-only client (libblkio refuses to
+    /// start on a read-only device otherwise).
+    pub fn connect_opts(
+        socket: &Path,
+        num_queues: usize,
+        poll: bool,
+        buf_bytes: usize,
+        read_only: bool,
+    ) -> Result<Self> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("libblkio"))?;
-        b.set_str("path", &socket.to_string_lossy()).map_err(e("set path"))?;
-        b.connect().map_err(|er| format!("connect to {}: {er}", socket.display()))?;
+        b.set_str("path", &socket.to_string_lossy())
+            .map_err(e("set path"))?;
+        if read_only {
+            b.set_bool("read-only", true).map_err(e("read-only"))?;
+        }
+        b.connect()
+            .map_err(|er| format!("connect to {}: {er}", socket.display()))?;
         let n = num_queues.max(1) as i32;
         if poll {
             b.set_i32("num-queues", 0).map_err(e("num-queues"))?;
-            b.set_i32("num-poll-queues", n).map_err(e("num-poll-queues"))?;
+            b.set_i32("num-poll-queues", n)
+                .map_err(e("num-poll-queues"))?;
         } else {
             b.set_i32("num-queues", n).map_err(e("num-queues"))?;
         }
         let out = b.start().map_err(e("start"))?;
         let queues = if poll { out.poll_queues } else { out.queues };
         let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
-        let align = b.get_u64("mem-region-alignment").map_err(e("mem-region-alignment"))? as usize;
+        let align = b
+            .get_u64("mem-region-alignment")
+            .map_err(e("mem-region-alignment"))? as usize;
         let unit = align.max(2 << 20);
         let len = buf_bytes.max(1).div_ceil(unit) * unit;
         let region = b.alloc_mem_region(len).map_err(e("alloc_mem_region"))?;
@@ -89,7 +109,16 @@ impl BlkioClient {
 
     /// Queue one request on queue `q` without waiting. `buf_off` is an offset into the
     /// buffer region.
-    pub fn enqueue(&mut self, q: usize, op: Op, offset: u64, len: usize, buf_off: usize, tag: usize, flags: ReqFlags) {
+    pub fn enqueue(
+        &mut self,
+        q: usize,
+        op: Op,
+        offset: u64,
+        len: usize,
+        buf_off: usize,
+        tag: usize,
+        flags: ReqFlags,
+    ) {
         let p = self.region.addr + buf_off;
         let queue = &mut self.queues[q];
         match op {
@@ -102,7 +131,13 @@ impl BlkioClient {
     }
 
     /// Submit queued requests and wait for at least `min` completions, up to `timeout`.
-    pub fn reap(&mut self, q: usize, out: &mut [MaybeUninit<Completion>], min: usize, timeout: Duration) -> Result<usize> {
+    pub fn reap(
+        &mut self,
+        q: usize,
+        out: &mut [MaybeUninit<Completion>],
+        min: usize,
+        timeout: Duration,
+    ) -> Result<usize> {
         let mut t = timeout;
         let poll = self.queues[q].get_completion_fd().is_none();
         let start = Instant::now();
@@ -115,19 +150,31 @@ impl BlkioClient {
             .map_err(e("do_io"))?;
             if n >= min || !poll {
                 if n < min {
-                    return Err(format!("timed out after {timeout:?} waiting for the server"));
+                    return Err(format!(
+                        "timed out after {timeout:?} waiting for the server"
+                    ));
                 }
                 return Ok(n);
             }
             if start.elapsed() > timeout {
-                return Err(format!("timed out after {timeout:?} waiting for the server"));
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for the server"
+                ));
             }
             std::hint::spin_loop();
         }
     }
 
     /// Issue one request and wait for it. Returns libblkio's `ret` (0 or -errno).
-    pub fn io(&mut self, q: usize, op: Op, offset: u64, len: usize, buf_off: usize, flags: ReqFlags) -> Result<i32> {
+    pub fn io(
+        &mut self,
+        q: usize,
+        op: Op,
+        offset: u64,
+        len: usize,
+        buf_off: usize,
+        flags: ReqFlags,
+    ) -> Result<i32> {
         self.enqueue(q, op, offset, len, buf_off, 1, flags);
         let mut c = [MaybeUninit::<Completion>::uninit()];
         self.reap(q, &mut c, 1, IO_TIMEOUT)?;
@@ -137,10 +184,21 @@ impl BlkioClient {
     }
 
     /// Like [`io`](Self::io) but an error status becomes `Err`.
-    pub fn io_ok(&mut self, q: usize, op: Op, offset: u64, len: usize, buf_off: usize, flags: ReqFlags) -> Result<()> {
+    pub fn io_ok(
+        &mut self,
+        q: usize,
+        op: Op,
+        offset: u64,
+        len: usize,
+        buf_off: usize,
+        flags: ReqFlags,
+    ) -> Result<()> {
         match self.io(q, op, offset, len, buf_off, flags)? {
             0 => Ok(()),
-            r => Err(format!("{op:?} at {offset} len {len}: {}", std::io::Error::from_raw_os_error(-r))),
+            r => Err(format!(
+                "{op:?} at {offset} len {len}: {}",
+                std::io::Error::from_raw_os_error(-r)
+            )),
         }
     }
 }

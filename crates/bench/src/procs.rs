@@ -72,10 +72,17 @@ impl Drop for ServerProc {
 }
 
 /// Spawn `cmd` pinned to `cpu` (if given), with output to `log`.
-pub fn spawn_pinned(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path) -> Result<ServerProc> {
+pub fn spawn_pinned(
+    name: &str,
+    mut cmd: Command,
+    cpu: Option<usize>,
+    log: &Path,
+) -> Result<ServerProc> {
     let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+    cmd.stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null());
     if let Some(c) = cpu {
         use std::os::unix::process::CommandExt;
         // SAFETY: the closure runs in the forked child before exec and only calls the
@@ -90,7 +97,10 @@ pub fn spawn_pinned(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path
         }
     }
     let child = cmd.spawn().map_err(|e| format!("start {name}: {e}"))?;
-    Ok(ServerProc { name: name.to_string(), child })
+    Ok(ServerProc {
+        name: name.to_string(),
+        child,
+    })
 }
 
 /// Wait until `path` exists (a server's socket), or the process dies, or 20 s pass.
@@ -102,11 +112,19 @@ pub fn wait_for_socket(p: &mut ServerProc, path: &Path, log: &Path) -> Result<()
         }
         if !p.alive() {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            return Err(format!("{} exited before listening on {}:\n{tail}", p.name, path.display()));
+            return Err(format!(
+                "{} exited before listening on {}:\n{tail}",
+                p.name,
+                path.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(format!("{} did not listen on {} within 20 s", p.name, path.display()))
+    Err(format!(
+        "{} did not listen on {} within 20 s",
+        p.name,
+        path.display()
+    ))
 }
 
 /// What qemu-storage-daemon serves.
@@ -119,7 +137,13 @@ pub enum QsdTarget {
 }
 
 /// Start qemu-storage-daemon exporting `target` over vhost-user-blk on `sock`.
-pub fn start_qsd(target: &QsdTarget, sock: &Path, num_queues: u16, cpu: Option<usize>, log: &Path) -> Result<ServerProc> {
+pub fn start_qsd(
+    target: &QsdTarget,
+    sock: &Path,
+    num_queues: u16,
+    cpu: Option<usize>,
+    log: &Path,
+) -> Result<ServerProc> {
     let _ = std::fs::remove_file(sock);
     let blockdev = match target {
         QsdTarget::File(p) => format!(
@@ -139,7 +163,14 @@ pub fn start_qsd(target: &QsdTarget, sock: &Path, num_queues: u16, cpu: Option<u
 }
 
 /// Bare-metal bound: fio with io_uring and O_DIRECT on the file itself.
-pub fn run_fio(file: &Path, rw: &str, bs: usize, qd: usize, seconds: u64, cpu: Option<usize>) -> Result<crate::workload::Measured> {
+pub fn run_fio(
+    file: &Path,
+    rw: &str,
+    bs: usize,
+    qd: usize,
+    seconds: u64,
+    cpu: Option<usize>,
+) -> Result<crate::workload::Measured> {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=bare",
@@ -160,11 +191,15 @@ pub fn run_fio(file: &Path, rw: &str, bs: usize, qd: usize, seconds: u64, cpu: O
     }
     let out = cmd.output().map_err(|e| format!("run fio: {e}"))?;
     if !out.status.success() {
-        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let start = text.find('{').ok_or("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
     let dir = if rw.contains("read") { "read" } else { "write" };
     let j = &v["jobs"][0][dir];
     let pct = |k: &str| j["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;

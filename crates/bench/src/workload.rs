@@ -39,7 +39,10 @@ pub struct LatHist {
 
 impl Default for LatHist {
     fn default() -> Self {
-        LatHist { b: vec![0; LAT_BUCKETS + 1], n: 0 }
+        LatHist {
+            b: vec![0; LAT_BUCKETS + 1],
+            n: 0,
+        }
     }
 }
 

@@ -219,7 +219,9 @@ impl SgList {
             }
             let n = v.iov_len.min(dst.len() - off);
             // SAFETY: caller guarantees the segment is readable; dst has n bytes at off.
-            unsafe { std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[off..].as_mut_ptr(), n) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[off..].as_mut_ptr(), n)
+            };
             off += n;
         }
     }

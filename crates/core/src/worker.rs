@@ -181,7 +181,11 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(cpu, "could not pin worker: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                cpu,
+                "could not pin worker: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -196,7 +200,12 @@ fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd) {
     // SAFETY: ep is our epoll fd; ev is a valid epoll_event for the call's duration.
     let r = unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
     if r != 0 {
-        tracing::warn!(fd, op, "epoll_ctl failed: {}", std::io::Error::last_os_error());
+        tracing::warn!(
+            fd,
+            op,
+            "epoll_ctl failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -218,7 +227,10 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     // SAFETY: epoll_create1 has no preconditions; checked below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
-        tracing::error!("worker: epoll_create1 failed: {}", std::io::Error::last_os_error());
+        tracing::error!(
+            "worker: epoll_create1 failed: {}",
+            std::io::Error::last_os_error()
+        );
         return;
     }
     // SAFETY: ep is a fresh descriptor we own.
@@ -238,7 +250,8 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     let mut iter_start = last_work;
     loop {
         if sh.pending.swap(false, Ordering::Acquire) {
-            let new: Vec<_> = std::mem::take(&mut *sh.incoming.lock().unwrap_or_else(|e| e.into_inner()));
+            let new: Vec<_> =
+                std::mem::take(&mut *sh.incoming.lock().unwrap_or_else(|e| e.into_inner()));
             for src in new {
                 let fds = src.wait_fds();
                 for &fd in &fds {
@@ -246,7 +259,9 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 }
                 sources.push(Attached { src, fds });
             }
-            sh.stats.sources.store(sources.len() as u64, Ordering::Relaxed);
+            sh.stats
+                .sources
+                .store(sources.len() as u64, Ordering::Relaxed);
         }
         if sh.stop.load(Ordering::Acquire) {
             break;
@@ -266,7 +281,9 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                     true
                 }
             });
-            sh.stats.sources.store(sources.len() as u64, Ordering::Relaxed);
+            sh.stats
+                .sources
+                .store(sources.len() as u64, Ordering::Relaxed);
         }
         let now = Instant::now();
         let spent = now.duration_since(iter_start).as_nanos() as u64;
@@ -289,12 +306,14 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         if can_sleep && !sh.pending.load(Ordering::Acquire) {
             sh.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             // SAFETY: events is a valid buffer of events.len() entries.
-            let r = unsafe {
-                libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1)
-            };
+            let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1) };
             for ev in events.iter().take(r.max(0) as usize) {
                 let tok = ev.u64;
-                drain(if tok == WAKE_TOKEN { wake_fd } else { tok as RawFd });
+                drain(if tok == WAKE_TOKEN {
+                    wake_fd
+                } else {
+                    tok as RawFd
+                });
             }
         }
         for a in sources.iter_mut() {

@@ -106,7 +106,10 @@ fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T> {
         .read_to_end(&mut buf)
         .map_err(|e| Error::io("read request body", e))?;
     if buf.len() as u64 > MAX_BODY {
-        return Err(Error::new(ErrorKind::InvalidArgument, "request body is too large"));
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "request body is too large",
+        ));
     }
     serde_json::from_slice(&buf)
         .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad request body: {e}")))
@@ -123,10 +126,12 @@ fn handle(d: &Daemon, mut req: Request) {
             &serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
         ),
         (Method::Get, ["v1", "disks"]) => reply_json(req, 200, &d.disks()),
-        (Method::Post, ["v1", "disks"]) => match body::<DiskCreate>(&mut req).and_then(|b| d.create_disk(b)) {
-            Ok(v) => reply_json(req, 201, &v),
-            Err(e) => reply_err(req, &e),
-        },
+        (Method::Post, ["v1", "disks"]) => {
+            match body::<DiskCreate>(&mut req).and_then(|b| d.create_disk(b)) {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Get, ["v1", "disks", name]) => match d.disk(name) {
             Ok(v) => reply_json(req, 200, &v),
             Err(e) => reply_err(req, &e),
@@ -155,7 +160,10 @@ fn handle(d: &Daemon, mut req: Request) {
         }
         _ => reply_err(
             req,
-            &Error::new(ErrorKind::NotFound, format!("no route {method} {url}; see docs/api.md")),
+            &Error::new(
+                ErrorKind::NotFound,
+                format!("no route {method} {url}; see docs/api.md"),
+            ),
         ),
     }
 }

@@ -28,20 +28,30 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn new(path: &Path) -> Self {
-        ApiClient { path: path.to_path_buf() }
+        ApiClient {
+            path: path.to_path_buf(),
+        }
     }
 
     /// Send one request; returns the body (JSON, or text for /metrics).
-    pub fn call_raw(&self, method: &str, route: &str, body: Option<&Value>) -> Result<(u16, String), ApiError> {
-        let conn_err = |e: std::io::Error| ApiError {
+    pub fn call_raw(
+        &self,
+        method: &str,
+        route: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), ApiError> {
+        let conn_err = |e: std::io::Error| {
+            ApiError {
             status: 0,
             message: format!(
                 "cannot reach the nvmux daemon at {}: {e} (is `nvmux serve` running? use --api to point elsewhere)",
                 self.path.display()
             ),
+        }
         };
         let mut s = UnixStream::connect(&self.path).map_err(conn_err)?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(conn_err)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(conn_err)?;
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {route} HTTP/1.1\r\nHost: nvmux\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
@@ -51,15 +61,24 @@ impl ApiClient {
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).map_err(conn_err)?;
         let text = String::from_utf8_lossy(&resp);
-        let bad = || ApiError { status: 0, message: "malformed response from the daemon".into() };
+        let bad = || ApiError {
+            status: 0,
+            message: "malformed response from the daemon".into(),
+        };
         let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
         let status: u16 = head
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(bad)?;
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        let body = if chunked { dechunk(rest) } else { rest.to_string() };
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        };
         Ok((status, body))
     }
 
@@ -70,7 +89,10 @@ impl ApiClient {
         if (200..300).contains(&status) {
             Ok(v)
         } else {
-            let message = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            let message = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
             Err(ApiError { status, message })
         }
     }
@@ -90,7 +112,9 @@ fn dechunk(s: &str) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some((len, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
         if n == 0 || tail.len() < n {
             break;
         }

@@ -174,7 +174,8 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
     let ok = !n.is_empty()
         && n.len() <= 64
         && !n.starts_with(['.', '-'])
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -243,12 +244,22 @@ impl Daemon {
             Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
         };
         let st: State = serde_json::from_str(&text).map_err(|e| {
-            err(ErrorKind::InvalidArgument, format!("{} is corrupt: {e}; move it away to start empty", p.display()))
+            err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} is corrupt: {e}; move it away to start empty",
+                    p.display()
+                ),
+            )
         })?;
         if st.version != STATE_VERSION {
             return Err(err(
                 ErrorKind::Unsupported,
-                format!("{} has version {}, this nvmux reads version {STATE_VERSION}", p.display(), st.version),
+                format!(
+                    "{} has version {}, this nvmux reads version {STATE_VERSION}",
+                    p.display(),
+                    st.version
+                ),
             ));
         }
         let mut g = self.lock();
@@ -334,7 +345,10 @@ impl Daemon {
         check_name("disk", &req.name)?;
         let mut g = self.lock();
         if g.disks.contains_key(&req.name) {
-            return Err(err(ErrorKind::AlreadyExists, format!("disk {:?} already exists", req.name)));
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!("disk {:?} already exists", req.name),
+            ));
         }
         let bs = req.block_size.unwrap_or(512);
         let backend = match req.backend.as_deref().unwrap_or("file") {
@@ -354,9 +368,9 @@ impl Daemon {
                         format!("{} already exists; give --path to use it", path.display()),
                     ));
                 }
-                if let Some(other) = g.disks.values().find(|d| {
-                    matches!(&d.spec.backend, BackendSpec::File { path: p, .. } if *p == path)
-                }) {
+                if let Some(other) = g.disks.values().find(
+                    |d| matches!(&d.spec.backend, BackendSpec::File { path: p, .. } if *p == path),
+                ) {
                     return Err(err(
                         ErrorKind::AlreadyExists,
                         format!("{} is already disk {:?}", path.display(), other.spec.name),
@@ -378,7 +392,10 @@ impl Daemon {
             }
         };
         if !matches!(backend, BackendSpec::File { .. }) && req.size.is_none() {
-            return Err(err(ErrorKind::InvalidArgument, "a null or memory disk needs a size"));
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a null or memory disk needs a size",
+            ));
         }
         // A file disk without a size takes the existing file's size.
         let mut spec = DiskSpec {
@@ -421,7 +438,10 @@ impl Daemon {
     pub fn delete_disk(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let Some(d) = g.disks.get(name) else {
-            return Err(err(ErrorKind::NotFound, format!("disk {name:?} does not exist")));
+            return Err(err(
+                ErrorKind::NotFound,
+                format!("disk {name:?} does not exist"),
+            ));
         };
         let users: Vec<_> = g
             .exports
@@ -436,7 +456,9 @@ impl Daemon {
             ));
         }
         let owned_path = match &d.spec.backend {
-            BackendSpec::File { path, owned: true, .. } => Some(path.clone()),
+            BackendSpec::File {
+                path, owned: true, ..
+            } => Some(path.clone()),
             _ => None,
         };
         let removed = g.disks.remove(name);
@@ -457,14 +479,18 @@ impl Daemon {
     }
 
     fn start_export(&self, g: &Inner, spec: &ExportSpec) -> Result<VhostBlkExport> {
-        let d = g
-            .disks
-            .get(&spec.disk)
-            .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {:?} does not exist", spec.disk)))?;
-        let dev = d
-            .dev
-            .as_ref()
-            .map_err(|e| err(ErrorKind::Io, format!("disk {:?} is unavailable: {e}", spec.disk)))?;
+        let d = g.disks.get(&spec.disk).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("disk {:?} does not exist", spec.disk),
+            )
+        })?;
+        let dev = d.dev.as_ref().map_err(|e| {
+            err(
+                ErrorKind::Io,
+                format!("disk {:?} is unavailable: {e}", spec.disk),
+            )
+        })?;
         match &spec.kind {
             ExportKind::VhostUserBlk { socket, num_queues } => VhostBlkExport::start(
                 dev.clone(),
@@ -489,7 +515,10 @@ impl Daemon {
         check_name("export", &name)?;
         let mut g = self.lock();
         if g.exports.contains_key(&name) {
-            return Err(err(ErrorKind::AlreadyExists, format!("export {name:?} already exists")));
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!("export {name:?} already exists"),
+            ));
         }
         let kind = match req.kind.as_deref().unwrap_or("vhost-user-blk") {
             "vhost-user-blk" => ExportKind::VhostUserBlk {
@@ -508,7 +537,11 @@ impl Daemon {
         }) {
             return Err(err(
                 ErrorKind::AlreadyExists,
-                format!("socket {} is already used by export {:?}", req.socket.display(), e.spec.name),
+                format!(
+                    "socket {} is already used by export {:?}",
+                    req.socket.display(),
+                    e.spec.name
+                ),
             ));
         }
         let spec = ExportSpec {
@@ -518,7 +551,13 @@ impl Daemon {
         };
         let handle = self.start_export(&g, &spec)?;
         tracing::info!(export = %name, disk = %req.disk, socket = %req.socket.display(), "export added");
-        g.exports.insert(name.clone(), Export { spec, handle: Ok(handle) });
+        g.exports.insert(
+            name.clone(),
+            Export {
+                spec,
+                handle: Ok(handle),
+            },
+        );
         if let Err(e) = self.persist(&g) {
             g.exports.remove(&name);
             return Err(e);
@@ -528,10 +567,12 @@ impl Daemon {
 
     pub fn delete_export(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
-        let e = g
-            .exports
-            .remove(name)
-            .ok_or_else(|| err(ErrorKind::NotFound, format!("export {name:?} does not exist")))?;
+        let e = g.exports.remove(name).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("export {name:?} does not exist"),
+            )
+        })?;
         if let Err(er) = self.persist(&g) {
             g.exports.insert(name.to_string(), e);
             return Err(er);
@@ -552,13 +593,26 @@ impl Daemon {
             disks: g
                 .disks
                 .values()
-                .map(|d| (d.spec.name.clone(), DiskStatsView::from(&d.stats.snapshot())))
+                .map(|d| {
+                    (
+                        d.spec.name.clone(),
+                        DiskStatsView::from(&d.stats.snapshot()),
+                    )
+                })
                 .collect(),
-            workers: self.workers.workers().iter().map(WorkerView::from).collect(),
+            workers: self
+                .workers
+                .workers()
+                .iter()
+                .map(WorkerView::from)
+                .collect(),
         }
     }
 
-    pub(crate) fn for_each_disk_stats(&self, mut f: impl FnMut(&str, &nvmux_core::stats::Snapshot)) {
+    pub(crate) fn for_each_disk_stats(
+        &self,
+        mut f: impl FnMut(&str, &nvmux_core::stats::Snapshot),
+    ) {
         let g = self.lock();
         for d in g.disks.values() {
             f(&d.spec.name, &d.stats.snapshot());
@@ -617,7 +671,11 @@ impl From<&nvmux_core::stats::ClassSnapshot> for ClassView {
             ops: c.ops,
             bytes: c.bytes,
             errors: c.errors,
-            mean_us: if c.ops == 0 { 0.0 } else { c.lat_sum_ns as f64 / c.ops as f64 / 1000.0 },
+            mean_us: if c.ops == 0 {
+                0.0
+            } else {
+                c.lat_sum_ns as f64 / c.ops as f64 / 1000.0
+            },
             p50_us: c.percentile_us(0.5),
             p99_us: c.percentile_us(0.99),
         }
@@ -702,13 +760,19 @@ pub fn claim_socket(path: &Path) -> Result<()> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(err(
             ErrorKind::AlreadyExists,
-            format!("{} is in use: is another nvmux daemon running?", path.display()),
+            format!(
+                "{} is in use: is another nvmux daemon running?",
+                path.display()
+            ),
         ));
     }
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("remove stale socket {}", path.display()), e)),
+        Err(e) => Err(Error::io(
+            format!("remove stale socket {}", path.display()),
+            e,
+        )),
     }
 }
 

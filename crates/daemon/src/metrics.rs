@@ -13,12 +13,28 @@ pub fn render(d: &Daemon) -> String {
     let mut disks = Vec::new();
     d.for_each_disk_stats(|name, s| disks.push((name.to_string(), s.clone())));
     let classes = |s: &nvmux_core::stats::Snapshot| -> [(&'static str, ClassSnapshot); 3] {
-        [("read", s.read.clone()), ("write", s.write.clone()), ("other", s.other.clone())]
+        [
+            ("read", s.read.clone()),
+            ("write", s.write.clone()),
+            ("other", s.other.clone()),
+        ]
     };
     for (metric, help, get) in [
-        ("nvmux_disk_ops_total", "Completed commands.", (|c: &ClassSnapshot| c.ops) as fn(&ClassSnapshot) -> u64),
-        ("nvmux_disk_bytes_total", "Bytes transferred by completed commands.", |c| c.bytes),
-        ("nvmux_disk_errors_total", "Commands completed with an error status.", |c| c.errors),
+        (
+            "nvmux_disk_ops_total",
+            "Completed commands.",
+            (|c: &ClassSnapshot| c.ops) as fn(&ClassSnapshot) -> u64,
+        ),
+        (
+            "nvmux_disk_bytes_total",
+            "Bytes transferred by completed commands.",
+            |c| c.bytes,
+        ),
+        (
+            "nvmux_disk_errors_total",
+            "Commands completed with an error status.",
+            |c| c.errors,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
         for (name, s) in &disks {
@@ -27,30 +43,64 @@ pub fn render(d: &Daemon) -> String {
             }
         }
     }
-    let _ = writeln!(o, "# HELP nvmux_disk_in_flight Commands in flight.\n# TYPE nvmux_disk_in_flight gauge");
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_disk_in_flight Commands in flight.\n# TYPE nvmux_disk_in_flight gauge"
+    );
     for (name, s) in &disks {
         let _ = writeln!(o, "nvmux_disk_in_flight{{disk=\"{name}\"}} {}", s.in_flight);
     }
     let m = "nvmux_disk_latency_seconds";
-    let _ = writeln!(o, "# HELP {m} Command latency, from request arrival to completion.\n# TYPE {m} histogram");
+    let _ = writeln!(
+        o,
+        "# HELP {m} Command latency, from request arrival to completion.\n# TYPE {m} histogram"
+    );
     for (name, s) in &disks {
         for (op, c) in classes(s) {
             let mut acc = 0;
             for i in 0..LAT_BUCKETS {
                 acc += c.lat[i];
-                let le = ClassSnapshot::bucket_le_seconds(i).map_or("+Inf".to_string(), |v| format!("{v}"));
-                let _ = writeln!(o, "{m}_bucket{{disk=\"{name}\",op=\"{op}\",le=\"{le}\"}} {acc}");
+                let le = ClassSnapshot::bucket_le_seconds(i)
+                    .map_or("+Inf".to_string(), |v| format!("{v}"));
+                let _ = writeln!(
+                    o,
+                    "{m}_bucket{{disk=\"{name}\",op=\"{op}\",le=\"{le}\"}} {acc}"
+                );
             }
-            let _ = writeln!(o, "{m}_sum{{disk=\"{name}\",op=\"{op}\"}} {}", c.lat_sum_ns as f64 / 1e9);
+            let _ = writeln!(
+                o,
+                "{m}_sum{{disk=\"{name}\",op=\"{op}\"}} {}",
+                c.lat_sum_ns as f64 / 1e9
+            );
             let _ = writeln!(o, "{m}_count{{disk=\"{name}\",op=\"{op}\"}} {acc}");
         }
     }
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
-        ("nvmux_worker_busy_seconds_total", "counter", "Time in loop iterations that found work.", (|w: &WorkerView| w.busy_s) as fn(&WorkerView) -> f64),
-        ("nvmux_worker_idle_poll_seconds_total", "counter", "Time polling without work before sleeping.", |w| w.idle_poll_s),
-        ("nvmux_worker_sleeps_total", "counter", "Times the worker went to sleep.", |w| w.sleeps as f64),
-        ("nvmux_worker_sources", "gauge", "Queues attached to the worker.", |w| w.sources as f64),
+        (
+            "nvmux_worker_busy_seconds_total",
+            "counter",
+            "Time in loop iterations that found work.",
+            (|w: &WorkerView| w.busy_s) as fn(&WorkerView) -> f64,
+        ),
+        (
+            "nvmux_worker_idle_poll_seconds_total",
+            "counter",
+            "Time polling without work before sleeping.",
+            |w| w.idle_poll_s,
+        ),
+        (
+            "nvmux_worker_sleeps_total",
+            "counter",
+            "Times the worker went to sleep.",
+            |w| w.sleeps as f64,
+        ),
+        (
+            "nvmux_worker_sources",
+            "gauge",
+            "Queues attached to the worker.",
+            |w| w.sources as f64,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
         for (i, w) in workers.iter().enumerate() {

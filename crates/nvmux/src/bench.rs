@@ -37,7 +37,10 @@ impl Daemon {
         }
         let mut proc = procs::spawn_pinned("nvmux serve", cmd, cpu, &log)?;
         procs::wait_for_socket(&mut proc, &sock, &log)?;
-        Ok(Daemon { proc, api: ApiClient::new(&sock) })
+        Ok(Daemon {
+            proc,
+            api: ApiClient::new(&sock),
+        })
     }
     pub fn api(&self) -> &ApiClient {
         &self.api
@@ -97,7 +100,10 @@ const WORKLOADS: [(Op, usize, &str); 4] = [
 /// Fill a file with data, so reads hit real blocks rather than holes.
 fn prepare_file(p: &Path, size: u64) -> Res<()> {
     use std::io::Write;
-    if std::fs::metadata(p).map(|m| m.len() == size).unwrap_or(false) {
+    if std::fs::metadata(p)
+        .map(|m| m.len() == size)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let mut f = std::fs::File::create(p)?;
@@ -112,13 +118,25 @@ fn prepare_file(p: &Path, size: u64) -> Res<()> {
     Ok(())
 }
 
-fn measure(sock: &Path, poll: bool, secs: u64, server: Option<&dyn Fn() -> f64>, mut each: impl FnMut(&str, Measured, Option<f64>)) -> Res<()> {
+fn measure(
+    sock: &Path,
+    poll: bool,
+    secs: u64,
+    server: Option<&dyn Fn() -> f64>,
+    mut each: impl FnMut(&str, Measured, Option<f64>),
+) -> Res<()> {
     let mut c = BlkioClient::connect(sock, 1, poll, 32 * 4096)?;
     for (op, qd, name) in WORKLOADS {
         let cpu0 = server.map(|f| f());
         let m = nvmux_bench::workload::run(
             &mut c,
-            &Workload { op, block_size: 4096, queue_depth: qd, duration: Duration::from_secs(secs), queue: 0 },
+            &Workload {
+                op,
+                block_size: 4096,
+                queue_depth: qd,
+                duration: Duration::from_secs(secs),
+                queue: 0,
+            },
         )?;
         let cpu = server.zip(cpu0).map(|(f, c0)| f() - c0);
         each(name, m, cpu);
@@ -133,12 +151,24 @@ pub fn run(a: BenchArgs) -> Res<()> {
     std::fs::create_dir_all(&work)?;
     let tmp_file = work.join("disk.img");
     let shm_file = PathBuf::from(format!("/dev/shm/nvmux-bench-{}.img", std::process::id()));
-    eprintln!("preparing {} test files on /tmp and /dev/shm", nvmux_core::format_size(size));
+    eprintln!(
+        "preparing {} test files on /tmp and /dev/shm",
+        nvmux_core::format_size(size)
+    );
     prepare_file(&tmp_file, size)?;
     prepare_file(&shm_file, size)?;
-    let backings: [(&str, Option<&Path>); 3] = [("/tmp file", Some(&tmp_file)), ("/dev/shm file", Some(&shm_file)), ("null", None)];
+    let backings: [(&str, Option<&Path>); 3] = [
+        ("/tmp file", Some(&tmp_file)),
+        ("/dev/shm file", Some(&shm_file)),
+        ("null", None),
+    ];
     let servers = if a.no_baselines { 1 } else { 2 };
-    let total = backings.len() * servers * WORKLOADS.len() + if a.no_baselines { 0 } else { 2 * WORKLOADS.len() };
+    let total = backings.len() * servers * WORKLOADS.len()
+        + if a.no_baselines {
+            0
+        } else {
+            2 * WORKLOADS.len()
+        };
     let mut done = 0usize;
     let mut rows: Vec<Row> = Vec::new();
     let mut progress = |rows: &mut Vec<Row>, r: Row| {
@@ -150,8 +180,14 @@ pub fn run(a: BenchArgs) -> Res<()> {
         rows.push(r);
     };
     // Server on CPU 0, client on CPU 1, as in the testbed's anchor measurements.
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let (srv_cpu, cli_cpu) = if ncpu >= 2 { (Some(0), Some(1)) } else { (None, None) };
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (srv_cpu, cli_cpu) = if ncpu >= 2 {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
     if let Some(c) = cli_cpu {
         procs::pin_current_thread(c);
     }
@@ -174,7 +210,10 @@ pub fn run(a: BenchArgs) -> Res<()> {
         };
         d.api().post("/v1/disks", &body)?;
         let sock = ddir.join(format!("{disk}.sock"));
-        d.api().post("/v1/exports", &json!({"disk": disk, "socket": sock, "num_queues": 1}))?;
+        d.api().post(
+            "/v1/exports",
+            &json!({"disk": disk, "socket": sock, "num_queues": 1}),
+        )?;
         if idle_cpu_pct.is_none() {
             // Idle cost with a client attached and its queue running.
             let c = BlkioClient::connect(&sock, 1, false, 1 << 20)?;
@@ -186,7 +225,16 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         let cpu = || d.cpu_seconds();
         measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
-            progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "nvmux".into(), m, server_cpu_s: c })
+            progress(
+                &mut rows,
+                Row {
+                    backing: name.into(),
+                    workload: w.into(),
+                    server: "nvmux".into(),
+                    m,
+                    server_cpu_s: c,
+                },
+            )
         })?;
     }
     let _ = d.stop();
@@ -201,16 +249,38 @@ pub fn run(a: BenchArgs) -> Res<()> {
             let q = procs::start_qsd(&target, &sock, 1, srv_cpu, &work.join("qsd.log"))?;
             let cpu = || q.cpu_seconds();
             measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
-                progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "qsd".into(), m, server_cpu_s: c })
+                progress(
+                    &mut rows,
+                    Row {
+                        backing: name.into(),
+                        workload: w.into(),
+                        server: "qsd".into(),
+                        m,
+                        server_cpu_s: c,
+                    },
+                )
             })?;
             drop(q);
         }
         for (name, file) in backings {
             let Some(f) = file else { continue };
             for (op, qd, w) in WORKLOADS {
-                let rw = if op == Op::Read { "randread" } else { "randwrite" };
+                let rw = if op == Op::Read {
+                    "randread"
+                } else {
+                    "randwrite"
+                };
                 let m = procs::run_fio(f, rw, 4096, qd, secs, cli_cpu)?;
-                progress(&mut rows, Row { backing: name.into(), workload: w.into(), server: "fio".into(), m, server_cpu_s: None });
+                progress(
+                    &mut rows,
+                    Row {
+                        backing: name.into(),
+                        workload: w.into(),
+                        server: "fio".into(),
+                        m,
+                        server_cpu_s: None,
+                    },
+                );
             }
         }
     }
@@ -219,7 +289,10 @@ pub fn run(a: BenchArgs) -> Res<()> {
 
     print_table(&rows, idle_cpu_pct, secs, a.client_poll);
     std::fs::create_dir_all(&a.out)?;
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let report = json!({
         "kind": "vhost-user-blk 4k",
         "seconds_per_run": secs,
@@ -238,7 +311,10 @@ pub fn run(a: BenchArgs) -> Res<()> {
 }
 
 fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
-    let find = |b: &str, w: &str, s: &str| rows.iter().find(|r| r.backing == b && r.workload == w && r.server == s);
+    let find = |b: &str, w: &str, s: &str| {
+        rows.iter()
+            .find(|r| r.backing == b && r.workload == w && r.server == s)
+    };
     println!(
         "\n4 KiB random I/O through libblkio virtio-blk-vhost-user ({} client), {secs} s per run; server on CPU 0, client on CPU 1",
         if poll { "polled" } else { "interrupt-driven" }
@@ -255,15 +331,30 @@ fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
             let q = find(b, w, "qsd");
             let f = find(b, w, "fio");
             let iops = |r: Option<&Row>| r.map_or("-".into(), |r| format!("{:.0}", r.m.iops));
-            let lat = |r: Option<&Row>| r.map_or("-".into(), |r| format!("{:.1}/{:.1}", r.m.p50_us, r.m.p99_us));
-            let cpu = |r: Option<&Row>| r.and_then(|r| r.server_cpu_s).map_or("-".into(), |c| format!("{c:.2}"));
+            let lat = |r: Option<&Row>| {
+                r.map_or("-".into(), |r| {
+                    format!("{:.1}/{:.1}", r.m.p50_us, r.m.p99_us)
+                })
+            };
+            let cpu = |r: Option<&Row>| {
+                r.and_then(|r| r.server_cpu_s)
+                    .map_or("-".into(), |c| format!("{c:.2}"))
+            };
             let ratio = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
                 (Some(a), Some(b)) if b.m.iops > 0.0 => format!("{:.2}x", a.m.iops / b.m.iops),
                 _ => "-".into(),
             };
             println!(
                 "| {b} | {w} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                iops(n), lat(n), cpu(n), iops(q), lat(q), cpu(q), ratio(n, q), iops(f), ratio(n, f)
+                iops(n),
+                lat(n),
+                cpu(n),
+                iops(q),
+                lat(q),
+                cpu(q),
+                ratio(n, q),
+                iops(f),
+                ratio(n, f)
             );
         }
     }

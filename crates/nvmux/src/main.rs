@@ -12,10 +12,19 @@ mod bench;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "nvmux", version, about = "Share NVMe drives and files among VMs as fast virtual disks")]
+#[command(
+    name = "nvmux",
+    version,
+    about = "Share NVMe drives and files among VMs as fast virtual disks"
+)]
 struct Cli {
     /// API socket of the daemon.
-    #[arg(long, global = true, env = "NVMUX_API", default_value = "./nvmux-data/nvmux.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "NVMUX_API",
+        default_value = "./nvmux-data/nvmux.sock"
+    )]
     api: PathBuf,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
@@ -159,18 +168,34 @@ fn run(cli: Cli) -> Res {
             }
             nvmux_daemon::serve(cfg)?;
         }
-        Cmd::Disk(DiskCmd::Create { name, backend, path, size, block_size, read_only, buffered }) => {
+        Cmd::Disk(DiskCmd::Create {
+            name,
+            backend,
+            path,
+            size,
+            block_size,
+            read_only,
+            buffered,
+        }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             let v = api.post(
                 "/v1/disks",
                 &json!({"name": name, "backend": backend, "path": path, "size": size,
                         "block_size": block_size, "read_only": read_only, "direct": !buffered}),
             )?;
-            show(&v, &|v| println!("created disk {} ({})", v["name"].as_str().unwrap_or(""), describe_disk(v)));
+            show(&v, &|v| {
+                println!(
+                    "created disk {} ({})",
+                    v["name"].as_str().unwrap_or(""),
+                    describe_disk(v)
+                )
+            });
         }
         Cmd::Disk(DiskCmd::List) => {
             let v = api.get("/v1/disks")?;
-            show(&v, &|v| disk_table(v.as_array().map(|a| a.as_slice()).unwrap_or(&[])));
+            show(&v, &|v| {
+                disk_table(v.as_array().map(|a| a.as_slice()).unwrap_or(&[]))
+            });
         }
         Cmd::Disk(DiskCmd::Show { name }) => {
             let v = api.get(&format!("/v1/disks/{name}"))?;
@@ -184,7 +209,13 @@ fn run(cli: Cli) -> Res {
             let v = api.delete(&format!("/v1/disks/{name}"))?;
             show(&v, &|_| println!("deleted disk {name}"));
         }
-        Cmd::Export(ExportCmd::Add { disk, socket, queues, name, kind }) => {
+        Cmd::Export(ExportCmd::Add {
+            disk,
+            socket,
+            queues,
+            name,
+            kind,
+        }) => {
             let socket = std::path::absolute(&socket).unwrap_or(socket);
             let v = api.post(
                 "/v1/exports",
@@ -203,7 +234,10 @@ fn run(cli: Cli) -> Res {
         Cmd::Export(ExportCmd::List) => {
             let v = api.get("/v1/exports")?;
             show(&v, &|v| {
-                println!("{:<16} {:<16} {:<16} {:>6} {:<9} SOCKET", "NAME", "DISK", "TYPE", "QUEUES", "CLIENT");
+                println!(
+                    "{:<16} {:<16} {:<16} {:>6} {:<9} SOCKET",
+                    "NAME", "DISK", "TYPE", "QUEUES", "CLIENT"
+                );
                 for e in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<16} {:<16} {:<16} {:>6} {:<9} {}",
@@ -211,7 +245,11 @@ fn run(cli: Cli) -> Res {
                         e["disk"].as_str().unwrap_or(""),
                         e["type"].as_str().unwrap_or(""),
                         e["num_queues"],
-                        if e["connected"].as_bool() == Some(true) { "connected" } else { "-" },
+                        if e["connected"].as_bool() == Some(true) {
+                            "connected"
+                        } else {
+                            "-"
+                        },
                         e["socket"].as_str().unwrap_or("")
                     );
                 }
@@ -246,21 +284,45 @@ fn compact(v: &Value) -> String {
 }
 
 fn describe_disk(v: &Value) -> String {
-    let size = v["size"].as_u64().map(nvmux_core::format_size).unwrap_or_default();
-    format!("{}, {size}, {}-byte blocks", v["device"].as_str().unwrap_or(""), v["block_size"])
+    let size = v["size"]
+        .as_u64()
+        .map(nvmux_core::format_size)
+        .unwrap_or_default();
+    format!(
+        "{}, {size}, {}-byte blocks",
+        v["device"].as_str().unwrap_or(""),
+        v["block_size"]
+    )
 }
 
 fn disk_table(disks: &[Value]) {
-    println!("{:<16} {:<8} {:>10} {:>6} {:<4} {:<12} DEVICE", "NAME", "BACKEND", "SIZE", "BS", "RO", "EXPORTS");
+    println!(
+        "{:<16} {:<8} {:>10} {:>6} {:<4} {:<12} DEVICE",
+        "NAME", "BACKEND", "SIZE", "BS", "RO", "EXPORTS"
+    );
     for d in disks {
         println!(
             "{:<16} {:<8} {:>10} {:>6} {:<4} {:<12} {}{}",
             d["name"].as_str().unwrap_or(""),
             d["backend"]["type"].as_str().unwrap_or(""),
-            d["size"].as_u64().map(nvmux_core::format_size).unwrap_or_default(),
+            d["size"]
+                .as_u64()
+                .map(nvmux_core::format_size)
+                .unwrap_or_default(),
             d["block_size"],
-            if d["read_only"].as_bool() == Some(true) { "yes" } else { "no" },
-            d["exports"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+            if d["read_only"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            d["exports"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
             d["device"].as_str().unwrap_or(""),
             match d["status"].as_str() {
                 Some("ok") | None => String::new(),
@@ -279,7 +341,10 @@ fn stats_table(v: &Value, only: Option<&str>) {
         if only.is_some_and(|o| o != name) {
             continue;
         }
-        let errors = ["read", "write", "other"].iter().map(|k| d[k]["errors"].as_u64().unwrap_or(0)).sum::<u64>();
+        let errors = ["read", "write", "other"]
+            .iter()
+            .map(|k| d[k]["errors"].as_u64().unwrap_or(0))
+            .sum::<u64>();
         println!(
             "{:<16} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8}",
             name,

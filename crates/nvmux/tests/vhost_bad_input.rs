@@ -74,7 +74,10 @@ impl Guest {
         self.kick.write(1).expect("kick");
         let t0 = Instant::now();
         while self.r::<u16>(USED + 2) != self.next_avail {
-            assert!(t0.elapsed() < Duration::from_secs(10), "device did not complete chain {head}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "device did not complete chain {head}"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
         let e = USED + 4 + ((self.next_avail.wrapping_sub(1)) % QSIZE) as u64 * 8;
@@ -92,17 +95,27 @@ fn setup(sock: &std::path::Path) -> Guest {
     fd.set_len(MEM as u64).expect("size guest memory");
     // SAFETY: mapping our own memfd shared, MEM bytes; result checked.
     let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), MEM, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        )
     };
     assert_ne!(ptr, libc::MAP_FAILED);
     let ptr = ptr as *mut u8;
     let mut f = Frontend::connect(sock, 1).expect("vhost-user connect");
     f.set_owner().expect("set_owner");
     let feats = f.get_features().expect("get_features");
-    f.set_features(feats & ((1 << 32) | (1 << 30))).expect("set_features");
+    f.set_features(feats & ((1 << 32) | (1 << 30)))
+        .expect("set_features");
     let pf = f.get_protocol_features().expect("get_protocol_features");
-    f.set_protocol_features(pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG))
-        .expect("set_protocol_features");
+    f.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG),
+    )
+    .expect("set_protocol_features");
     let ua = ptr as u64;
     f.set_mem_table(&[VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
@@ -132,7 +145,14 @@ fn setup(sock: &std::path::Path) -> Guest {
     f.set_vring_call(0, &call).expect("set_vring_call");
     f.set_vring_kick(0, &kick).expect("set_vring_kick");
     f.set_vring_enable(0, true).expect("set_vring_enable");
-    Guest { ptr, fd, next_avail: 0, kick, _call: call, _f: f }
+    Guest {
+        ptr,
+        fd,
+        next_avail: 0,
+        kick,
+        _call: call,
+        _f: f,
+    }
 }
 
 impl Drop for Guest {
@@ -175,7 +195,11 @@ fn malformed_requests_fail_only_themselves() {
 
     // Data buffer outside guest memory: IOERR for this request.
     assert_eq!(request(&mut g, 0, 0x4000_0000, 4096).1, 1);
-    assert_eq!(request(&mut g, 1, (MEM - 512) as u64, 4096).1, 1, "write buffer running off the end");
+    assert_eq!(
+        request(&mut g, 1, (MEM - 512) as u64, 4096).1,
+        1,
+        "write buffer running off the end"
+    );
     // Oversized request: IOERR.
     assert_eq!(request(&mut g, 0, DATA, 64 << 20).1, 1);
     // Data length not a multiple of the block size: IOERR.
@@ -209,6 +233,53 @@ fn malformed_requests_fail_only_themselves() {
 }
 
 #[test]
+fn the_daemon_itself_refuses_writes_to_a_read_only_disk() {
+    watchdog(120);
+    let d = TestDaemon::start("rawro");
+    let img = d.dir.join("ro.img");
+    std::fs::write(&img, pattern(8, 1 << 20)).expect("image");
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "ro", "path": img, "read_only": true}),
+        )
+        .expect("disk");
+    let sock = d.dir.join("ro.sock");
+    d.api
+        .post("/v1/exports", &json!({"disk": "ro", "socket": sock}))
+        .expect("export");
+    // This driver ignores VIRTIO_BLK_F_RO and writes anyway: the device must refuse.
+    let mut g = setup(&sock);
+    g.w(DATA, 0x55u8);
+    assert_eq!(
+        request(&mut g, 1, DATA, 4096).1,
+        1,
+        "write to a read-only disk"
+    );
+    g.header(HDR, 11, 0); // discard
+    g.w(HDR + 16, 0u64);
+    g.w(HDR + 24, 8u32);
+    g.w(HDR + 28, 0u32);
+    g.w(STATUS, 0xaau8);
+    g.desc(0, HDR, 32, F_NEXT, 1);
+    g.desc(1, STATUS, 1, F_WRITE, 0);
+    g.submit(0);
+    assert_eq!(g.r::<u8>(STATUS), 1, "discard on a read-only disk");
+    assert_eq!(
+        request(&mut g, 0, DATA, 4096),
+        (4097, 0),
+        "reads still work"
+    );
+    assert_eq!(
+        std::fs::read(&img).expect("image"),
+        pattern(8, 1 << 20),
+        "image unchanged"
+    );
+    drop(g);
+    d.stop();
+}
+
+#[test]
 fn garbage_on_the_vhost_socket_closes_only_that_connection() {
     watchdog(120);
     let mut d = TestDaemon::start("garbage");
@@ -216,25 +287,41 @@ fn garbage_on_the_vhost_socket_closes_only_that_connection() {
     let (_img2, sock2) = d.disk_and_export("h", 4 << 20, 1, json!({}));
     // A healthy client on another export keeps working throughout.
     let mut other = BlkioClient::connect(&sock2, 1, false, 1 << 20).expect("connect h");
-    for (i, garbage) in [pattern(1, 4096), vec![0xff; 64], vec![0u8; 12], b"GET / HTTP/1.1\r\n\r\n".to_vec()]
-        .into_iter()
-        .enumerate()
+    for (i, garbage) in [
+        pattern(1, 4096),
+        vec![0xff; 64],
+        vec![0u8; 12],
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let _ = s.write_all(&garbage);
         let mut buf = [0u8; 64];
         // The server must hang up (EOF or reset), not hang.
         match s.read(&mut buf) {
-            Ok(n) => assert!(n == 0 || i == 2, "garbage {i}: server answered {n} bytes instead of closing"),
-            Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "garbage {i}: server hung"),
+            Ok(n) => assert!(
+                n == 0 || i == 2,
+                "garbage {i}: server answered {n} bytes instead of closing"
+            ),
+            Err(e) => assert_ne!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "garbage {i}: server hung"
+            ),
         }
         drop(s);
-        other.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty()).expect("other export still serves");
+        other
+            .io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty())
+            .expect("other export still serves");
     }
     // The export that got garbage accepts a proper client afterwards.
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("connect after garbage");
-    c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty()).expect("read");
+    c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty())
+        .expect("read");
     assert!(d.healthy());
     drop(c);
     drop(other);

@@ -93,7 +93,7 @@ pub fn config_space(info: &DeviceInfo, num_queues: u16, queue_size: u16) -> [u8;
     c[0..8].copy_from_slice(&(info.size_bytes() / 512).to_le_bytes()); // capacity
     put32(&mut c, 8, 0); // size_max (feature not offered)
     put32(&mut c, 12, (queue_size as u32).saturating_sub(2).max(1)); // seg_max
-    // geometry (16..20) left zero
+                                                                     // geometry (16..20) left zero
     put32(&mut c, 20, info.block_size); // blk_size
     c[24] = (info.block_size / 512).trailing_zeros() as u8; // physical_block_exp
     c[25] = 0; // alignment_offset
@@ -183,7 +183,11 @@ pub fn parse(
         }
     }
     // The status byte: the last byte of the last writable descriptor.
-    let last_w = segs.iter().rev().find(|s| s.write && s.len > 0).ok_or(ParseError::NoStatus)?;
+    let last_w = segs
+        .iter()
+        .rev()
+        .find(|s| s.write && s.len > 0)
+        .ok_or(ParseError::NoStatus)?;
     if !order_ok || !segs.last().is_some_and(|s| s.write && s.len > 0) {
         return Err(ParseError::NoStatus);
     }
@@ -280,7 +284,11 @@ pub fn parse(
             let n = u32::from_le_bytes([r[8], r[9], r[10], r[11]]) as u64;
             let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
             // flags: bit 0 = unmap (write zeroes only); the rest are reserved.
-            let allowed = if req.kind == Kind::Io(Opcode::WriteZeroes) { 1 } else { 0 };
+            let allowed = if req.kind == Kind::Io(Opcode::WriteZeroes) {
+                1
+            } else {
+                0
+            };
             if flags & !allowed != 0 || n == 0 || n > MAX_DISCARD_SECTORS as u64 {
                 return fail(req, Status::INVALID_FIELD);
             }
@@ -325,7 +333,14 @@ fn copy_in(segs: &[Seg], mem: &dyn GuestMem, off: u64, out: &mut [u8]) -> bool {
 
 /// Push the host ranges of `len` bytes of the readable (`write == false`) or writable
 /// stream, starting at stream offset `off`, into `sg`.
-fn collect(segs: &[Seg], mem: &dyn GuestMem, write: bool, off: u64, len: u64, sg: &mut SgList) -> bool {
+fn collect(
+    segs: &[Seg],
+    mem: &dyn GuestMem,
+    write: bool,
+    off: u64,
+    len: u64,
+    sg: &mut SgList,
+) -> bool {
     let mut pos = 0u64;
     let mut need = len;
     let mut nseg = 0;
@@ -395,7 +410,11 @@ mod tests {
     fn read_three_descriptors() {
         let m = mem_with_header(VIRTIO_BLK_T_IN, 8);
         let mut sg = SgList::default();
-        let segs = [seg(BASE, 16, false), seg(BASE + 0x200, 1024, true), seg(BASE + 0x800, 1, true)];
+        let segs = [
+            seg(BASE, 16, false),
+            seg(BASE + 0x200, 1024, true),
+            seg(BASE + 0x800, 1, true),
+        ];
         let r = parse(&segs, &m, &info(), &mut sg).unwrap();
         assert_eq!(r.kind, Kind::Io(Opcode::Read));
         assert_eq!((r.lba, r.blocks, r.used_len, r.error), (8, 2, 1025, None));
@@ -408,8 +427,14 @@ mod tests {
         let mut sg = SgList::default();
         let segs = [seg(BASE, 16 + 512, false), seg(BASE + 0x800, 1, true)];
         let r = parse(&segs, &m, &info(), &mut sg).unwrap();
-        assert_eq!((r.kind, r.lba, r.blocks, r.error), (Kind::Io(Opcode::Write), 1, 1, None));
-        assert_eq!(sg.segments()[0].iov_base as usize, m.host_ptr(BASE + 16, 1).unwrap() as usize);
+        assert_eq!(
+            (r.kind, r.lba, r.blocks, r.error),
+            (Kind::Io(Opcode::Write), 1, 1, None)
+        );
+        assert_eq!(
+            sg.segments()[0].iov_base as usize,
+            m.host_ptr(BASE + 16, 1).unwrap() as usize
+        );
     }
 
     #[test]
@@ -419,7 +444,10 @@ mod tests {
         let segs = [seg(BASE, 16, false), seg(BASE + 0x200, 513, true)];
         let r = parse(&segs, &m, &info(), &mut sg).unwrap();
         assert_eq!((r.blocks, r.error), (1, None));
-        assert_eq!(r.status as usize, m.host_ptr(BASE + 0x200 + 512, 1).unwrap() as usize);
+        assert_eq!(
+            r.status as usize,
+            m.host_ptr(BASE + 0x200 + 512, 1).unwrap() as usize
+        );
     }
 
     #[test]
@@ -427,30 +455,60 @@ mod tests {
         let m = mem_with_header(VIRTIO_BLK_T_IN, 0);
         let mut sg = SgList::default();
         // no writable status
-        assert_eq!(parse(&[seg(BASE, 16, false)], &m, &info(), &mut sg), Err(ParseError::NoStatus));
+        assert_eq!(
+            parse(&[seg(BASE, 16, false)], &m, &info(), &mut sg),
+            Err(ParseError::NoStatus)
+        );
         // status outside guest memory
         let segs = [seg(BASE, 16, false), seg(0x10_0000, 1, true)];
-        assert_eq!(parse(&segs, &m, &info(), &mut sg), Err(ParseError::NoStatus));
+        assert_eq!(
+            parse(&segs, &m, &info(), &mut sg),
+            Err(ParseError::NoStatus)
+        );
         // data outside guest memory fails only the request
-        let segs = [seg(BASE, 16, false), seg(0x10_0000, 512, true), seg(BASE + 0x800, 1, true)];
+        let segs = [
+            seg(BASE, 16, false),
+            seg(0x10_0000, 512, true),
+            seg(BASE + 0x800, 1, true),
+        ];
         let r = parse(&segs, &m, &info(), &mut sg).unwrap();
         assert_eq!(r.error, Some(Status::DATA_TRANSFER_ERROR));
         // short header
         let segs = [seg(BASE, 8, false), seg(BASE + 0x800, 1, true)];
-        assert_eq!(parse(&segs, &m, &info(), &mut sg).unwrap().error, Some(Status::INVALID_FIELD));
+        assert_eq!(
+            parse(&segs, &m, &info(), &mut sg).unwrap().error,
+            Some(Status::INVALID_FIELD)
+        );
         // data not a multiple of the block size
-        let segs = [seg(BASE, 16, false), seg(BASE + 0x200, 100, true), seg(BASE + 0x800, 1, true)];
-        assert_eq!(parse(&segs, &m, &info(), &mut sg).unwrap().error, Some(Status::INVALID_FIELD));
+        let segs = [
+            seg(BASE, 16, false),
+            seg(BASE + 0x200, 100, true),
+            seg(BASE + 0x800, 1, true),
+        ];
+        assert_eq!(
+            parse(&segs, &m, &info(), &mut sg).unwrap().error,
+            Some(Status::INVALID_FIELD)
+        );
         // oversized
         let segs = [
             seg(BASE, 16, false),
             seg(BASE + 0x200, (MAX_REQUEST_BYTES + 512) as u32, true),
             seg(BASE + 0x800, 1, true),
         ];
-        assert_eq!(parse(&segs, &m, &info(), &mut sg).unwrap().error, Some(Status::INVALID_FIELD));
+        assert_eq!(
+            parse(&segs, &m, &info(), &mut sg).unwrap().error,
+            Some(Status::INVALID_FIELD)
+        );
         // readable after writable
-        let segs = [seg(BASE, 16, false), seg(BASE + 0x800, 1, true), seg(BASE, 16, false)];
-        assert_eq!(parse(&segs, &m, &info(), &mut sg), Err(ParseError::NoStatus));
+        let segs = [
+            seg(BASE, 16, false),
+            seg(BASE + 0x800, 1, true),
+            seg(BASE, 16, false),
+        ];
+        assert_eq!(
+            parse(&segs, &m, &info(), &mut sg),
+            Err(ParseError::NoStatus)
+        );
     }
 
     #[test]
@@ -462,9 +520,16 @@ mod tests {
             v[0x108..0x10c].copy_from_slice(&8u32.to_le_bytes());
         }
         let mut sg = SgList::default();
-        let segs = [seg(BASE, 16, false), seg(BASE + 0x100, 16, false), seg(BASE + 0x800, 1, true)];
+        let segs = [
+            seg(BASE, 16, false),
+            seg(BASE + 0x100, 16, false),
+            seg(BASE + 0x800, 1, true),
+        ];
         let r = parse(&segs, &m, &info(), &mut sg).unwrap();
-        assert_eq!((r.kind, r.lba, r.blocks, r.error), (Kind::Io(Opcode::Deallocate), 16, 8, None));
+        assert_eq!(
+            (r.kind, r.lba, r.blocks, r.error),
+            (Kind::Io(Opcode::Deallocate), 16, 8, None)
+        );
     }
 
     #[test]
@@ -473,8 +538,15 @@ mod tests {
         i.block_size = 4096;
         let m = mem_with_header(VIRTIO_BLK_T_IN, 3);
         let mut sg = SgList::default();
-        let segs = [seg(BASE, 16, false), seg(BASE + 0x1000, 4096, true), seg(BASE + 0x800, 1, true)];
-        assert_eq!(parse(&segs, &m, &i, &mut sg).unwrap().error, Some(Status::INVALID_FIELD));
+        let segs = [
+            seg(BASE, 16, false),
+            seg(BASE + 0x1000, 4096, true),
+            seg(BASE + 0x800, 1, true),
+        ];
+        assert_eq!(
+            parse(&segs, &m, &i, &mut sg).unwrap().error,
+            Some(Status::INVALID_FIELD)
+        );
     }
 
     #[test]

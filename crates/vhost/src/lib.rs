@@ -32,10 +32,9 @@ use nvmux_core::stats::DiskStats;
 use nvmux_core::worker::WorkerHandle;
 use nvmux_core::{BlockDevice, DeviceInfo, Error, ErrorKind};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{BackendListener, Listener, VhostUserBackendReqHandlerMut};
 use vhost::vhost_user::{Error as VuError, Result as VuResult};
@@ -67,9 +66,8 @@ pub struct ExportConfig {
 #[derive(Default)]
 struct VringCfg {
     size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
+    /// Guest addresses of the descriptor table, available ring and used ring.
+    addrs: Option<(u64, u64, u64)>,
     base: u16,
     kick: Option<File>,
     /// Call eventfds; the last one is current. Older ones stay open while the queue runs.
@@ -142,7 +140,9 @@ impl BlkBackend {
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut VringCfg> {
-        self.vrings.get_mut(index as usize).ok_or(VuError::InvalidParam)
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or(VuError::InvalidParam)
     }
 
     /// Translate a front-end virtual address (vring addresses) to a guest address.
@@ -163,7 +163,10 @@ impl BlkBackend {
         let event_idx = self.acked_features & blk::VIRTIO_RING_F_EVENT_IDX != 0;
         let mem = self.mem.clone();
         let v = &mut self.vrings[i];
-        if v.running.is_some() || v.kick.is_none() || v.size == 0 || v.desc == 0 {
+        let Some((desc, avail, used)) = v.addrs else {
+            return Ok(());
+        };
+        if v.running.is_some() || v.kick.is_none() || v.size == 0 {
             return Ok(());
         }
         // Without protocol features a ring starts when it gets its kick fd; with them it
@@ -173,9 +176,9 @@ impl BlkBackend {
         }
         let mut q = Queue::new(v.size).map_err(|_| VuError::InvalidParam)?;
         q.set_size(v.size);
-        q.set_desc_table_address(Some(v.desc as u32), Some((v.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(v.avail as u32), Some((v.avail >> 32) as u32));
-        q.set_used_ring_address(Some(v.used as u32), Some((v.used >> 32) as u32));
+        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
         q.set_event_idx(event_idx);
         q.set_next_avail(v.base);
         q.set_ready(true);
@@ -185,11 +188,11 @@ impl BlkBackend {
             return Err(VuError::InvalidParam);
         }
         // The used index in guest memory is authoritative (a reconnect keeps it).
-        let used = q
+        let used_idx = q
             .used_idx(&*guard, Ordering::Acquire)
             .map(|w| w.0)
             .unwrap_or(v.base);
-        q.set_next_used(used);
+        q.set_next_used(used_idx);
         drop(guard);
         let kick = v
             .kick
@@ -263,7 +266,9 @@ impl BlkBackend {
             region.memory_size as usize,
             Some(FileOffset::new(file, region.mmap_offset)),
         )
-        .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(format!("mmap guest memory: {e}"))))?;
+        .map_err(|e| {
+            VuError::ReqHandlerError(std::io::Error::other(format!("mmap guest memory: {e}")))
+        })?;
         Ok(Arc::new(r))
     }
 }
@@ -313,7 +318,10 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             });
         }
         let m = GuestMemoryMmap::from_arc_regions(regions).map_err(|_| VuError::InvalidParam)?;
-        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.mem
+            .lock()
+            .map_err(|_| invalid("memory lock"))?
+            .replace(m);
         self.regions = infos;
         Ok(None)
     }
@@ -336,10 +344,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         let desc = self.uaddr_to_gpa(descriptor).ok_or(VuError::InvalidParam)?;
         let used = self.uaddr_to_gpa(used).ok_or(VuError::InvalidParam)?;
         let avail = self.uaddr_to_gpa(available).ok_or(VuError::InvalidParam)?;
-        let v = self.vring(index)?;
-        v.desc = desc;
-        v.used = used;
-        v.avail = avail;
+        self.vring(index)?.addrs = Some((desc, avail, used));
         Ok(())
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
@@ -403,7 +408,12 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             Ok(())
         }
     }
-    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
         // Serve exactly the requested window; bytes past our struct read as zero.
         if size > 256 || offset > 256 {
             return Err(VuError::InvalidParam);
@@ -416,7 +426,12 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         }
         Ok(out)
     }
-    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
         // Only `writeback` is writable in virtio-blk, and we do not offer CONFIG_WCE.
         Err(invalid("config space is read-only"))
     }
@@ -448,7 +463,10 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         let cur = self.mem.memory();
         let m = cur.insert_region(r).map_err(|_| VuError::InvalidParam)?;
         drop(cur);
-        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.mem
+            .lock()
+            .map_err(|_| invalid("memory lock"))?
+            .replace(m);
         self.regions.push(RegionInfo {
             gpa: region.guest_phys_addr,
             size: region.memory_size,
@@ -462,7 +480,10 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(|_| VuError::InvalidParam)?;
         drop(cur);
-        self.mem.lock().map_err(|_| invalid("memory lock"))?.replace(m);
+        self.mem
+            .lock()
+            .map_err(|_| invalid("memory lock"))?
+            .replace(m);
         self.regions.retain(|r| r.gpa != region.guest_phys_addr);
         Ok(())
     }
@@ -519,7 +540,10 @@ impl VhostBlkExport {
             }
         }
         let mut listener = Listener::new(&cfg.socket, true).map_err(|e| {
-            Error::new(ErrorKind::Io, format!("listen on {}: {e}", cfg.socket.display()))
+            Error::new(
+                ErrorKind::Io,
+                format!("listen on {}: {e}", cfg.socket.display()),
+            )
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));

@@ -156,7 +156,8 @@ impl VringSource {
         self.free.push(slot);
         self.in_flight -= 1;
         let bytes = if status.is_ok() { s.bytes } else { 0 };
-        self.stats.record(s.class, bytes, s.start.elapsed(), status.is_ok());
+        self.stats
+            .record(s.class, bytes, s.start.elapsed(), status.is_ok());
         self.queue.add_used(mem, s.head, used).is_ok()
     }
 
@@ -189,7 +190,9 @@ impl VringSource {
         let mut n = 0;
         let mut completed_now = false;
         while !self.free.is_empty() {
-            let Some(chain) = self.queue.pop_descriptor_chain(&**mem) else { break };
+            let Some(chain) = self.queue.pop_descriptor_chain(&**mem) else {
+                break;
+            };
             let head = chain.head_index();
             self.segs.clear();
             for d in chain {
@@ -228,7 +231,11 @@ impl VringSource {
                 used_len: req.used_len,
                 start: Instant::now(),
                 class,
-                bytes: if class == OpClass::Other { 0 } else { req.blocks as u64 * self.info.block_size as u64 },
+                bytes: if class == OpClass::Other {
+                    0
+                } else {
+                    req.blocks as u64 * self.info.block_size as u64
+                },
             };
             let immediate = match (req.kind, req.error) {
                 (_, Some(e)) => Some(e),

@@ -60,10 +60,18 @@ impl TestDaemon {
         let sock = dir.join("nvmux.sock");
         let t0 = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not start: {}", Self::log_of(&dir));
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start: {}",
+                Self::log_of(&dir)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        TestDaemon { api: ApiClient::new(&sock), dir, child: Some(child) }
+        TestDaemon {
+            api: ApiClient::new(&sock),
+            dir,
+            child: Some(child),
+        }
     }
 
     fn log_of(dir: &Path) -> String {
@@ -81,7 +89,13 @@ impl TestDaemon {
     }
 
     /// Create a file disk and export it; returns (image path, vhost socket path).
-    pub fn disk_and_export(&self, name: &str, size: u64, queues: u16, extra: Value) -> (PathBuf, PathBuf) {
+    pub fn disk_and_export(
+        &self,
+        name: &str,
+        size: u64,
+        queues: u16,
+        extra: Value,
+    ) -> (PathBuf, PathBuf) {
         let img = self.dir.join(format!("{name}.img"));
         let mut body = json!({"name": name, "backend": "file", "path": img, "size": size});
         if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
@@ -92,7 +106,10 @@ impl TestDaemon {
         self.api.post("/v1/disks", &body).expect("create disk");
         let sock = self.dir.join(format!("{name}.sock"));
         self.api
-            .post("/v1/exports", &json!({"disk": name, "socket": sock, "num_queues": queues}))
+            .post(
+                "/v1/exports",
+                &json!({"disk": name, "socket": sock, "num_queues": queues}),
+            )
             .expect("export disk");
         (img, sock)
     }
@@ -108,7 +125,10 @@ impl TestDaemon {
                 assert!(st.success(), "daemon exited with {st}: {}", self.log());
                 return;
             }
-            assert!(t0.elapsed() < Duration::from_secs(15), "daemon did not stop on SIGTERM");
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "daemon did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
