@@ -39,7 +39,7 @@ fn check_block_size(bs: u32) -> Result<()> {
 }
 
 fn check_size(size: u64, bs: u32, what: &str) -> Result<u64> {
-    if size == 0 || size % bs as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(bs as u64) {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!("{what}: size {size} is not a positive multiple of the block size {bs}"),

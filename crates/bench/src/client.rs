@@ -27,6 +27,15 @@ pub struct BlkioClient {
     blkio: Blkio,
 }
 
+/// One request: what, where on the disk, how long, and where in the buffer region.
+#[derive(Clone, Copy, Debug)]
+pub struct Req {
+    pub op: Op,
+    pub offset: u64,
+    pub len: usize,
+    pub buf_off: usize,
+}
+
 /// Request kinds the client can issue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -107,26 +116,16 @@ impl BlkioClient {
         self.region.addr
     }
 
-    /// Queue one request on queue `q` without waiting. `buf_off` is an offset into the
-    /// buffer region.
-    pub fn enqueue(
-        &mut self,
-        q: usize,
-        op: Op,
-        offset: u64,
-        len: usize,
-        buf_off: usize,
-        tag: usize,
-        flags: ReqFlags,
-    ) {
-        let p = self.region.addr + buf_off;
+    /// Queue one request on queue `q` without waiting.
+    pub fn enqueue(&mut self, q: usize, r: Req, tag: usize, flags: ReqFlags) {
+        let p = self.region.addr + r.buf_off;
         let queue = &mut self.queues[q];
-        match op {
-            Op::Read => queue.read(offset, p as *mut u8, len, tag, flags),
-            Op::Write => queue.write(offset, p as *const u8, len, tag, flags),
+        match r.op {
+            Op::Read => queue.read(r.offset, p as *mut u8, r.len, tag, flags),
+            Op::Write => queue.write(r.offset, p as *const u8, r.len, tag, flags),
             Op::Flush => queue.flush(tag, flags),
-            Op::Discard => queue.discard(offset, len as u64, tag, flags),
-            Op::WriteZeroes => queue.write_zeroes(offset, len as u64, tag, flags),
+            Op::Discard => queue.discard(r.offset, r.len as u64, tag, flags),
+            Op::WriteZeroes => queue.write_zeroes(r.offset, r.len as u64, tag, flags),
         }
     }
 
@@ -175,7 +174,7 @@ impl BlkioClient {
         buf_off: usize,
         flags: ReqFlags,
     ) -> Result<i32> {
-        self.enqueue(q, op, offset, len, buf_off, 1, flags);
+        self.enqueue(q, Req { op, offset, len, buf_off }, 1, flags);
         let mut c = [MaybeUninit::<Completion>::uninit()];
         self.reap(q, &mut c, 1, IO_TIMEOUT)?;
         // SAFETY: reap returned 1, so libblkio initialised c[0].

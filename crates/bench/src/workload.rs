@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use blkio::{Completion, ReqFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{BlkioClient, Op, Result};
+use crate::client::{BlkioClient, Op, Req, Result};
 
 /// Latency histogram resolution and range: 100 ns buckets up to 20 ms.
 const LAT_RES_NS: u64 = 100;
@@ -75,7 +75,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -108,10 +108,10 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
     let mut comps: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let t0 = Instant::now();
     let end = t0 + w.duration;
-    for slot in 0..qd {
-        let off = (rng.next() % blocks) * bs as u64;
-        started[slot] = Instant::now();
-        c.enqueue(w.queue, w.op, off, bs, slot * bs, slot, ReqFlags::empty());
+    for (slot, t) in started.iter_mut().enumerate() {
+        let offset = (rng.next_u64() % blocks) * bs as u64;
+        *t = Instant::now();
+        c.enqueue(w.queue, Req { op: w.op, offset, len: bs, buf_off: slot * bs }, slot, ReqFlags::empty());
     }
     let mut outstanding = qd;
     let mut ios = 0u64;
@@ -133,9 +133,9 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
             hist.record(now - started[slot]);
             ios += 1;
             if more {
-                let off = (rng.next() % blocks) * bs as u64;
+                let offset = (rng.next_u64() % blocks) * bs as u64;
                 started[slot] = now;
-                c.enqueue(w.queue, w.op, off, bs, slot * bs, slot, ReqFlags::empty());
+                c.enqueue(w.queue, Req { op: w.op, offset, len: bs, buf_off: slot * bs }, slot, ReqFlags::empty());
             } else {
                 outstanding -= 1;
             }

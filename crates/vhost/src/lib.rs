@@ -45,6 +45,8 @@ use vm_memory::{
 };
 
 pub mod blk;
+#[doc(hidden)]
+pub mod fuzzing;
 mod vring;
 
 use vring::{QueueCtl, VringParams, VringSource};

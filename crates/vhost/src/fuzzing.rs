@@ -1,0 +1,111 @@
+//! Fuzz harness for request parsing (used by `fuzz/` and by the corpus replay test).
+//!
+//! The input becomes 64 KiB of guest memory at guest address 0 holding a virtqueue
+//! (descriptor table at 0x0, available ring at 0x1000, used ring at 0x2000, 16 entries)
+//! whose chains are walked by virtio-queue and parsed by [`blk::parse`]. Whatever the bytes,
+//! nothing may panic, and every accepted request must stay inside guest memory and match
+//! its block count.
+
+use nvmux_core::{DeviceInfo, Opcode, SgList};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::blk::{self, Kind, Seg};
+use crate::vring::MemView;
+
+const MEM: usize = 64 << 10;
+
+pub fn fuzz_one(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let info = DeviceInfo {
+        block_size: if data[0] & 1 == 0 { 512 } else { 4096 },
+        num_blocks: 1 << 20,
+        read_only: data[0] & 2 != 0,
+        discard: true,
+        write_zeroes: true,
+        volatile_cache: true,
+        max_transfer: 1 << 20,
+    };
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
+        return;
+    };
+    let bytes = &data[1..];
+    let n = bytes.len().min(MEM);
+    use vm_memory::Bytes;
+    if mem.write_slice(&bytes[..n], GuestAddress(0)).is_err() {
+        return;
+    }
+    let Ok(mut q) = Queue::new(16) else { return };
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(0x1000), Some(0));
+    q.set_used_ring_address(Some(0x2000), Some(0));
+    q.set_event_idx(data[0] & 4 != 0);
+    q.set_ready(true);
+    let view = MemView(&mem);
+    let base = mem_base(&mem);
+    let mut sg = SgList::default();
+    let mut segs = Vec::new();
+    for _ in 0..32 {
+        let Some(chain) = q.pop_descriptor_chain(&mem) else { break };
+        let head = chain.head_index();
+        segs.clear();
+        for d in chain {
+            segs.push(Seg { addr: d.addr().0, len: d.len(), write: d.is_write_only() });
+        }
+        if let Ok(r) = blk::parse(&segs, &view, &info, &mut sg) {
+            let inside = |p: usize, len: usize| p >= base && p + len <= base + MEM;
+            assert!(inside(r.status as usize, 1), "status byte outside guest memory");
+            for v in sg.segments() {
+                assert!(inside(v.iov_base as usize, v.iov_len), "data segment outside guest memory");
+            }
+            if r.error.is_none() {
+                if let Kind::Io(op @ (Opcode::Read | Opcode::Write)) = r.kind {
+                    assert_eq!(sg.len(), r.blocks as u64 * info.block_size as u64, "{op:?} length");
+                    assert!(sg.len() <= blk::MAX_REQUEST_BYTES);
+                }
+            }
+        }
+        let _ = q.add_used(&mem, head, 1);
+    }
+}
+
+fn mem_base(mem: &GuestMemoryMmap) -> usize {
+    use crate::blk::GuestMem;
+    MemView(mem).host_ptr(0, 1).map_or(0, |p| p as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Replay the checked-in fuzz corpus on stable Rust, so a target cannot rot.
+    #[test]
+    fn replay_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/virtio_blk_request");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus directory") {
+            let p = e.expect("entry").path();
+            super::fuzz_one(&std::fs::read(&p).expect("read seed"));
+            n += 1;
+        }
+        assert!(n > 0, "empty corpus in {}", dir.display());
+    }
+
+    #[test]
+    fn random_inputs() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for len in [2usize, 16, 300, 5000, 70000] {
+            for _ in 0..50 {
+                let v: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                super::fuzz_one(&v);
+            }
+        }
+    }
+}

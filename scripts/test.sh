@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Set up this machine and run the whole nvmux test suite:
+#   packages -> fmt -> clippy -> unit+integration tests -> fuzz build+corpus replay -> VM tests -> demo
+# Each stage prints one summary line ("<stage>: N passed, N failed"); the last line sums them.
+# .ci/run calls exactly this script. Runs as root on Debian 12 (see ../shared/TESTBED.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+total_pass=0
+total_fail=0
+record() { # stage passed failed
+    echo "$1: $2 passed, $3 failed"
+    total_pass=$((total_pass + $2))
+    total_fail=$((total_fail + $3))
+}
+run_stage() { # name command...  (a stage that is one check)
+    local name=$1; shift
+    local t0=$SECONDS
+    if "$@"; then record "$name" 1 0; else record "$name" 0 1; fi
+    echo "   ($name took $((SECONDS - t0)) s)"
+}
+
+install_packages() {
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm)
+    local missing=()
+    for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    # qemu-utils must match qemu-system-x86 (a newer backported qemu-utils blocks it).
+    local sysv utilv
+    sysv=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+    utilv=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [ ${#missing[@]} -eq 0 ] && [ -n "$sysv" ] && [ "$sysv" = "$utilv" ]; then
+        echo "packages: all present"; return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "packages missing (${missing[*]}) and cannot install (need root and apt-get)"; return 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || return 1
+    local cand
+    cand=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    apt-get install -y -qq --allow-downgrades "${pkgs[@]/qemu-utils/qemu-utils=$cand}" >/tmp/nvmux-apt.log 2>&1 \
+        || { tail -20 /tmp/nvmux-apt.log; return 1; }
+    echo "packages: installed"
+}
+
+cargo_tests() {
+    local log=target/test-output.txt
+    mkdir -p target
+    cargo test --release --workspace 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    local p f
+    read -r p f < <(grep -E '^test result:' "$log" \
+        | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/' \
+        | awk '{p += $1; f += $2} END {print p + 0, f + 0}')
+    if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi   # a build failure counts as a failure
+    record tests "$p" "$f"
+}
+
+fuzz_stage() {
+    if ! rustup toolchain list | grep -q nightly; then
+        echo "fuzz: no nightly toolchain; corpus replayed by the stable test replay_corpus only"
+        record fuzz 0 0; return
+    fi
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        cargo install --locked cargo-fuzz >/tmp/nvmux-cargo-fuzz.log 2>&1 || { tail -5 /tmp/nvmux-cargo-fuzz.log; record fuzz 0 1; return; }
+    fi
+    local p=0 f=0
+    for t in $(cd fuzz && cargo +nightly fuzz list); do
+        if (cd fuzz && cargo +nightly fuzz build "$t" && cargo +nightly fuzz run "$t" "corpus/$t" -- -runs=0) >"target/fuzz-$t.log" 2>&1; then
+            p=$((p + 1))
+        else
+            tail -20 "target/fuzz-$t.log"; f=$((f + 1))
+        fi
+    done
+    record fuzz "$p" "$f"
+}
+
+vm_stage() {
+    local log=target/vm-output.txt
+    NVMUX_BIN=target/release/nvmux tests/vm/run.sh --server nvmux 2>&1 | tee "$log"
+    local line
+    line=$(grep -E '^vm: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+    if [ -z "$line" ]; then record vm 0 1; return; fi
+    record vm "$(echo "$line" | awk '{print $2}')" "$(echo "$line" | awk '{print $4}')"
+}
+
+t_all=$SECONDS
+run_stage packages install_packages
+run_stage fmt cargo fmt --all --check
+run_stage clippy cargo clippy --all-targets --release -- -D warnings
+cargo_tests
+fuzz_stage
+vm_stage
+run_stage demo cargo run --release -- demo --seconds 1
+echo "suite took $((SECONDS - t_all)) s"
+echo "all: $total_pass passed, $total_fail failed"
+[ "$total_fail" = 0 ]
