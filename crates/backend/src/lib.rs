@@ -7,8 +7,12 @@
 //! * [`NullDevice`]: completes every command at once and moves no data. It measures the
 //!   software path, like QEMU's `null-co` and SPDK's null bdev: reads leave the buffer
 //!   untouched (the reader's own memory, so nothing leaks between tenants).
-//! * [`MemoryDevice`]: RAM. A sealed-size memfd served by the io_uring file path, so it
-//!   shares all of that path's code; its contents vanish with the daemon.
+//! * [`MemoryDevice`]: RAM. A memfd served by the file path; its contents vanish with the
+//!   daemon.
+//!
+//! Files on memory filesystems (tmpfs, ramfs, memfd) are served by synchronous copies in
+//! the worker thread instead of io_uring, which would hand each request to an io-wq
+//! kernel thread (see `sync.rs`).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -22,6 +26,7 @@ use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Result, Status,
 };
 
+mod sync;
 mod uring;
 
 /// Largest transfer of one command the backends accept (bytes).
@@ -81,6 +86,20 @@ pub struct FileDevice {
     block_dev: bool,
     /// Cleared when the filesystem rejects FALLOC_FL_ZERO_RANGE; then write zeroes punch.
     zero_range: Arc<AtomicBool>,
+    /// On a memory filesystem (tmpfs, ramfs, memfd): the worker copies synchronously.
+    memory_fs: bool,
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// True if `file` lives on tmpfs or ramfs (memfds are tmpfs files).
+fn on_memory_fs(file: &File) -> bool {
+    // SAFETY: statfs is plain data; fstatfs writes into it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid out pointer.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -156,14 +175,16 @@ impl FileDevice {
         let size = match opts.size {
             None => cur_size,
             Some(want) if want == cur_size => want,
-            Some(want) if block_dev || want < cur_size => return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!(
+            Some(want) if block_dev || want < cur_size => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
                     "{} is {} bytes; refusing size {want} (omit the size to use the whole file)",
                     path.display(),
                     cur_size
                 ),
-            )),
+                ))
+            }
             Some(want) => {
                 if opts.read_only {
                     return Err(Error::new(
@@ -188,6 +209,7 @@ impl FileDevice {
             volatile_cache: true,
             max_transfer: MAX_TRANSFER,
         };
+        let memory_fs = !block_dev && on_memory_fs(&file);
         Ok(FileDevice {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -195,6 +217,7 @@ impl FileDevice {
             direct,
             block_dev,
             zero_range: Arc::new(AtomicBool::new(true)),
+            memory_fs,
         })
     }
 
@@ -208,6 +231,13 @@ impl BlockDevice for FileDevice {
         &self.info
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        if self.memory_fs {
+            return Ok(Box::new(sync::SyncQueue::new(
+                self.file.clone(),
+                self.info.block_size,
+                depth,
+            )));
+        }
         Ok(Box::new(uring::UringQueue::new(
             self.file.clone(),
             self.info.block_size,
@@ -328,6 +358,7 @@ impl MemoryDevice {
                 direct: false,
                 block_dev: false,
                 zero_range: Arc::new(AtomicBool::new(false)),
+                memory_fs: true,
             },
         })
     }

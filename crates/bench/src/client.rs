@@ -174,7 +174,17 @@ impl BlkioClient {
         buf_off: usize,
         flags: ReqFlags,
     ) -> Result<i32> {
-        self.enqueue(q, Req { op, offset, len, buf_off }, 1, flags);
+        self.enqueue(
+            q,
+            Req {
+                op,
+                offset,
+                len,
+                buf_off,
+            },
+            1,
+            flags,
+        );
         let mut c = [MaybeUninit::<Completion>::uninit()];
         self.reap(q, &mut c, 1, IO_TIMEOUT)?;
         // SAFETY: reap returned 1, so libblkio initialised c[0].

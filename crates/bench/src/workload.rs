@@ -111,7 +111,17 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
     for (slot, t) in started.iter_mut().enumerate() {
         let offset = (rng.next_u64() % blocks) * bs as u64;
         *t = Instant::now();
-        c.enqueue(w.queue, Req { op: w.op, offset, len: bs, buf_off: slot * bs }, slot, ReqFlags::empty());
+        c.enqueue(
+            w.queue,
+            Req {
+                op: w.op,
+                offset,
+                len: bs,
+                buf_off: slot * bs,
+            },
+            slot,
+            ReqFlags::empty(),
+        );
     }
     let mut outstanding = qd;
     let mut ios = 0u64;
@@ -135,7 +145,17 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
             if more {
                 let offset = (rng.next_u64() % blocks) * bs as u64;
                 started[slot] = now;
-                c.enqueue(w.queue, Req { op: w.op, offset, len: bs, buf_off: slot * bs }, slot, ReqFlags::empty());
+                c.enqueue(
+                    w.queue,
+                    Req {
+                        op: w.op,
+                        offset,
+                        len: bs,
+                        buf_off: slot * bs,
+                    },
+                    slot,
+                    ReqFlags::empty(),
+                );
             } else {
                 outstanding -= 1;
             }

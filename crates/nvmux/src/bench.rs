@@ -78,6 +78,12 @@ pub struct BenchArgs {
     /// Skip qemu-storage-daemon and fio.
     #[arg(long)]
     no_baselines: bool,
+    /// Only drive this existing vhost-user-blk socket (any server) and print the results.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Only run workloads whose name contains this, e.g. "randread QD32".
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,11 +128,15 @@ fn measure(
     sock: &Path,
     poll: bool,
     secs: u64,
+    only: Option<&str>,
     server: Option<&dyn Fn() -> f64>,
     mut each: impl FnMut(&str, Measured, Option<f64>),
 ) -> Res<()> {
     let mut c = BlkioClient::connect(sock, 1, poll, 32 * 4096)?;
     for (op, qd, name) in WORKLOADS {
+        if only.is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let cpu0 = server.map(|f| f());
         let m = nvmux_bench::workload::run(
             &mut c,
@@ -146,6 +156,21 @@ fn measure(
 
 pub fn run(a: BenchArgs) -> Res<()> {
     let secs = if a.quick { 2 } else { a.seconds };
+    if let Some(sock) = &a.socket {
+        return measure(
+            sock,
+            a.client_poll,
+            secs,
+            a.only.as_deref(),
+            None,
+            |w, m, _| {
+                println!(
+                    "{w:<15} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs",
+                    m.iops, m.p50_us, m.p99_us
+                )
+            },
+        );
+    }
     let size = nvmux_core::parse_size(&a.file_size)?;
     let work = std::env::temp_dir().join(format!("nvmux-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -224,18 +249,25 @@ pub fn run(a: BenchArgs) -> Res<()> {
             drop(c);
         }
         let cpu = || d.cpu_seconds();
-        measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
-            progress(
-                &mut rows,
-                Row {
-                    backing: name.into(),
-                    workload: w.into(),
-                    server: "nvmux".into(),
-                    m,
-                    server_cpu_s: c,
-                },
-            )
-        })?;
+        measure(
+            &sock,
+            a.client_poll,
+            secs,
+            a.only.as_deref(),
+            Some(&cpu),
+            |w, m, c| {
+                progress(
+                    &mut rows,
+                    Row {
+                        backing: name.into(),
+                        workload: w.into(),
+                        server: "nvmux".into(),
+                        m,
+                        server_cpu_s: c,
+                    },
+                )
+            },
+        )?;
     }
     let _ = d.stop();
 
@@ -248,18 +280,25 @@ pub fn run(a: BenchArgs) -> Res<()> {
             };
             let q = procs::start_qsd(&target, &sock, 1, srv_cpu, &work.join("qsd.log"))?;
             let cpu = || q.cpu_seconds();
-            measure(&sock, a.client_poll, secs, Some(&cpu), |w, m, c| {
-                progress(
-                    &mut rows,
-                    Row {
-                        backing: name.into(),
-                        workload: w.into(),
-                        server: "qsd".into(),
-                        m,
-                        server_cpu_s: c,
-                    },
-                )
-            })?;
+            measure(
+                &sock,
+                a.client_poll,
+                secs,
+                a.only.as_deref(),
+                Some(&cpu),
+                |w, m, c| {
+                    progress(
+                        &mut rows,
+                        Row {
+                            backing: name.into(),
+                            workload: w.into(),
+                            server: "qsd".into(),
+                            m,
+                            server_cpu_s: c,
+                        },
+                    )
+                },
+            )?;
             drop(q);
         }
         for (name, file) in backings {
@@ -323,8 +362,12 @@ fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
         "| backing | workload | nvmux IOPS | p50/p99 µs | nvmux CPU s | QSD IOPS | p50/p99 µs | QSD CPU s | nvmux/QSD | fio IOPS | nvmux/fio |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut backs: Vec<&str> = rows.iter().map(|r| r.backing.as_str()).collect();
-    backs.dedup();
+    let mut backs: Vec<&str> = Vec::new();
+    for r in rows {
+        if !backs.contains(&r.backing.as_str()) {
+            backs.push(&r.backing);
+        }
+    }
     for b in backs {
         for (_, _, w) in WORKLOADS {
             let n = find(b, w, "nvmux");

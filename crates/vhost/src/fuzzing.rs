@@ -48,21 +48,37 @@ pub fn fuzz_one(data: &[u8]) {
     let mut sg = SgList::default();
     let mut segs = Vec::new();
     for _ in 0..32 {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else { break };
+        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+            break;
+        };
         let head = chain.head_index();
         segs.clear();
         for d in chain {
-            segs.push(Seg { addr: d.addr().0, len: d.len(), write: d.is_write_only() });
+            segs.push(Seg {
+                addr: d.addr().0,
+                len: d.len(),
+                write: d.is_write_only(),
+            });
         }
         if let Ok(r) = blk::parse(&segs, &view, &info, &mut sg) {
             let inside = |p: usize, len: usize| p >= base && p + len <= base + MEM;
-            assert!(inside(r.status as usize, 1), "status byte outside guest memory");
+            assert!(
+                inside(r.status as usize, 1),
+                "status byte outside guest memory"
+            );
             for v in sg.segments() {
-                assert!(inside(v.iov_base as usize, v.iov_len), "data segment outside guest memory");
+                assert!(
+                    inside(v.iov_base as usize, v.iov_len),
+                    "data segment outside guest memory"
+                );
             }
             if r.error.is_none() {
                 if let Kind::Io(op @ (Opcode::Read | Opcode::Write)) = r.kind {
-                    assert_eq!(sg.len(), r.blocks as u64 * info.block_size as u64, "{op:?} length");
+                    assert_eq!(
+                        sg.len(),
+                        r.blocks as u64 * info.block_size as u64,
+                        "{op:?} length"
+                    );
                     assert!(sg.len() <= blk::MAX_REQUEST_BYTES);
                 }
             }
@@ -81,7 +97,8 @@ mod tests {
     /// Replay the checked-in fuzz corpus on stable Rust, so a target cannot rot.
     #[test]
     fn replay_corpus() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/virtio_blk_request");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/virtio_blk_request");
         let mut n = 0;
         for e in std::fs::read_dir(&dir).expect("corpus directory") {
             let p = e.expect("entry").path();

@@ -165,18 +165,23 @@ impl VringSource {
         let mut done = std::mem::take(&mut self.done);
         let n = self.bq.poll(&mut |c, s| done.push((c, s)));
         let mut signal = false;
-        for (mut cmd, status) in done.drain(..) {
-            let slot = cmd.tag as u16;
-            cmd.keepalive = None;
-            cmd.sg.clear();
-            self.sg_pool.push(std::mem::take(&mut cmd.sg));
-            signal |= self.finish(mem, slot, status);
+        for (cmd, status) in done.drain(..) {
+            // Move the SG list back into the pool (no allocation: it keeps its capacity).
+            let IoCommand { tag, mut sg, .. } = cmd;
+            sg.clear();
+            self.sg_pool.push(sg);
+            signal |= self.finish(mem, tag as u16, status);
         }
         self.done = done;
         if signal {
             self.notify(mem);
         }
         n
+    }
+
+    fn recycle(&mut self, mut sg: SgList) {
+        sg.clear();
+        self.sg_pool.push(sg);
     }
 
     fn notify(&mut self, mem: &GuestMemoryMmap) {
@@ -205,14 +210,14 @@ impl VringSource {
             n += 1;
             let Some(slot) = self.free.pop() else { break };
             self.in_flight += 1;
-            let mut sg = self.sg_pool.pop().unwrap_or_default();
+            let mut sg = self.sg_pool.pop().unwrap_or_default(); // the pool holds one per slot
             let view = MemView(mem);
             let req = match blk::parse(&self.segs, &view, &self.info, &mut sg) {
                 Ok(r) => r,
                 Err(blk::ParseError::NoStatus) => {
                     // Nowhere to put a status: hand the chain back with nothing written.
                     tracing::debug!(head, "virtio-blk: chain without a usable status byte");
-                    self.sg_pool.push(sg);
+                    self.recycle(sg);
                     self.free.push(slot);
                     self.in_flight -= 1;
                     let _ = self.queue.add_used(&**mem, head, 0);
@@ -237,14 +242,9 @@ impl VringSource {
                     req.blocks as u64 * self.info.block_size as u64
                 },
             };
+            // Every arm either hands `sg` to the block queue inside a command or returns it
+            // to the pool, so no request allocates.
             let immediate = match (req.kind, req.error) {
-                (_, Some(e)) => Some(e),
-                (Kind::Unsupported(_), None) => Some(Status::INVALID_OPCODE),
-                (Kind::GetId, None) => {
-                    // SAFETY: the SG list holds validated, writable guest ranges.
-                    unsafe { sg.copy_from(&self.serial) };
-                    Some(Status::SUCCESS)
-                }
                 (Kind::Io(op), None) => {
                     let mut cmd = IoCommand::new(op, req.lba, req.blocks, slot as u64, sg);
                     match cmd.validate(&self.info) {
@@ -252,19 +252,29 @@ impl VringSource {
                             let ka: KeepAlive = mem.clone();
                             cmd.keepalive = Some(ka);
                             self.bq.submit(cmd);
-                            sg = SgList::default();
                             None
                         }
                         Err(e) => {
-                            sg = cmd.sg;
+                            self.recycle(cmd.sg);
                             Some(e)
                         }
                     }
                 }
+                (kind, err) => {
+                    let st = match (kind, err) {
+                        (_, Some(e)) => e,
+                        (Kind::GetId, None) => {
+                            // SAFETY: the SG list holds validated, writable guest ranges.
+                            unsafe { sg.copy_from(&self.serial) };
+                            Status::SUCCESS
+                        }
+                        _ => Status::INVALID_OPCODE,
+                    };
+                    self.recycle(sg);
+                    Some(st)
+                }
             };
             if let Some(st) = immediate {
-                sg.clear();
-                self.sg_pool.push(sg);
                 completed_now |= self.finish(mem, slot, st);
             }
         }
