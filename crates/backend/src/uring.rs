@@ -68,6 +68,8 @@ pub(crate) struct UringQueue {
     unsubmitted: u32,
     in_flight: usize,
     efd: OwnedFd,
+    /// Reaped CQEs (user data, result), reused across polls.
+    cqes: Vec<(u32, i32)>,
 }
 
 const FIXED: types::Fixed = types::Fixed(0);
@@ -111,6 +113,7 @@ impl UringQueue {
             unsubmitted: 0,
             in_flight: 0,
             efd,
+            cqes: Vec::with_capacity(depth as usize),
         })
     }
 
@@ -325,23 +328,25 @@ impl BlockQueue for UringQueue {
             done(c, s);
             n += 1;
         }
+        let mut cqes = std::mem::take(&mut self.cqes);
         loop {
-            let mut batch = [(0u32, 0i32); 64];
-            let mut got = 0;
-            for cqe in self.ring.completion().take(batch.len()) {
-                batch[got] = (cqe.user_data() as u32, cqe.result());
-                got += 1;
-            }
-            if got == 0 {
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data() as u32, c.result())),
+            );
+            if cqes.is_empty() {
                 break;
             }
-            for &(i, res) in &batch[..got] {
+            for &(i, res) in &cqes {
                 if let Some((c, s)) = self.complete(i, res) {
                     done(c, s);
                     n += 1;
                 }
             }
         }
+        self.cqes = cqes;
         while !self.free.is_empty() {
             let Some(c) = self.backlog.pop_front() else {
                 break;

@@ -246,8 +246,10 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     }
     let mut sources: Vec<Attached> = Vec::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
-    let mut last_work = Instant::now();
-    let mut iter_start = last_work;
+    // Clock reads happen only when a poll finds nothing: a loaded worker reads the clock
+    // once per busy period, not once per loop iteration.
+    let mut busy_since: Option<Instant> = None;
+    let mut idle_since: Option<Instant> = None;
     loop {
         if sh.pending.swap(false, Ordering::Acquire) {
             let new: Vec<_> =
@@ -285,19 +287,29 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 .sources
                 .store(sources.len() as u64, Ordering::Relaxed);
         }
-        let now = Instant::now();
-        let spent = now.duration_since(iter_start).as_nanos() as u64;
-        iter_start = now;
         if n > 0 {
-            sh.stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
-            last_work = now;
+            if busy_since.is_none() {
+                busy_since = Some(Instant::now());
+            }
+            idle_since = None;
             continue;
         }
-        sh.stats.idle_poll_ns.fetch_add(spent, Ordering::Relaxed);
-        if now.duration_since(last_work) < poll_idle {
+        let now = Instant::now();
+        if let Some(b) = busy_since.take() {
+            sh.stats
+                .busy_ns
+                .fetch_add(now.duration_since(b).as_nanos() as u64, Ordering::Relaxed);
+        }
+        let since = *idle_since.get_or_insert(now);
+        if now.duration_since(since) < poll_idle {
             std::hint::spin_loop();
             continue;
         }
+        sh.stats.idle_poll_ns.fetch_add(
+            now.duration_since(since).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        idle_since = None;
         // Go to sleep, unless a source has work after re-enabling notifications.
         let mut can_sleep = true;
         for a in sources.iter_mut() {
@@ -319,8 +331,6 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         for a in sources.iter_mut() {
             a.src.after_sleep();
         }
-        last_work = Instant::now();
-        iter_start = last_work;
     }
     drop(sources);
     drop(ep_owned);

@@ -146,7 +146,7 @@ impl VringSource {
     }
 
     /// Put a finished request on the used ring.
-    fn finish(&mut self, mem: &GuestMemoryMmap, slot: u16, status: Status) -> bool {
+    fn finish(&mut self, mem: &GuestMemoryMmap, slot: u16, status: Status, now: Instant) -> bool {
         let s = self.slots[slot as usize];
         let byte = blk::virtio_status(status);
         // SAFETY: `status` was checked to lie in guest memory when the request was parsed,
@@ -156,8 +156,12 @@ impl VringSource {
         self.free.push(slot);
         self.in_flight -= 1;
         let bytes = if status.is_ok() { s.bytes } else { 0 };
-        self.stats
-            .record(s.class, bytes, s.start.elapsed(), status.is_ok());
+        self.stats.record(
+            s.class,
+            bytes,
+            now.saturating_duration_since(s.start),
+            status.is_ok(),
+        );
         self.queue.add_used(mem, s.head, used).is_ok()
     }
 
@@ -165,12 +169,18 @@ impl VringSource {
         let mut done = std::mem::take(&mut self.done);
         let n = self.bq.poll(&mut |c, s| done.push((c, s)));
         let mut signal = false;
+        let now = if done.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
         for (cmd, status) in done.drain(..) {
+            let now = now.unwrap_or_else(Instant::now);
             // Move the SG list back into the pool (no allocation: it keeps its capacity).
             let IoCommand { tag, mut sg, .. } = cmd;
             sg.clear();
             self.sg_pool.push(sg);
-            signal |= self.finish(mem, tag as u16, status);
+            signal |= self.finish(mem, tag as u16, status, now);
         }
         self.done = done;
         if signal {
@@ -194,6 +204,8 @@ impl VringSource {
     fn start_requests(&mut self, mem: &Arc<GuestMemoryMmap>) -> usize {
         let mut n = 0;
         let mut completed_now = false;
+        // One timestamp for the whole batch: requests popped together arrived together.
+        let mut now: Option<Instant> = None;
         while !self.free.is_empty() {
             let Some(chain) = self.queue.pop_descriptor_chain(&**mem) else {
                 break;
@@ -234,7 +246,7 @@ impl VringSource {
                 head,
                 status: req.status,
                 used_len: req.used_len,
-                start: Instant::now(),
+                start: *now.get_or_insert_with(Instant::now),
                 class,
                 bytes: if class == OpClass::Other {
                     0
@@ -275,7 +287,8 @@ impl VringSource {
                 }
             };
             if let Some(st) = immediate {
-                completed_now |= self.finish(mem, slot, st);
+                let t = *now.get_or_insert_with(Instant::now);
+                completed_now |= self.finish(mem, slot, st, t);
             }
         }
         if n > 0 {
