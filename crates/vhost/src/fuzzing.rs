@@ -2,15 +2,15 @@
 //!
 //! The input becomes 64 KiB of guest memory at guest address 0 holding a virtqueue
 //! (descriptor table at 0x0, available ring at 0x1000, used ring at 0x2000, 16 entries)
-//! whose chains are walked by virtio-queue and parsed by [`blk::parse`]. Whatever the bytes,
+//! whose chains are walked by [`SplitQueue`] and parsed by [`blk::parse`]. Whatever the bytes,
 //! nothing may panic, and every accepted request must stay inside guest memory and match
 //! its block count.
 
 use nvmux_core::{DeviceInfo, Opcode, SgList};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::blk::{self, Kind, Seg};
+use crate::blk::{self, Kind};
+use crate::split::{RingAddrs, SplitQueue};
 use crate::vring::MemView;
 
 const MEM: usize = 64 << 10;
@@ -37,54 +37,52 @@ pub fn fuzz_one(data: &[u8]) {
     if mem.write_slice(&bytes[..n], GuestAddress(0)).is_err() {
         return;
     }
-    let Ok(mut q) = Queue::new(16) else { return };
-    q.set_desc_table_address(Some(0), Some(0));
-    q.set_avail_ring_address(Some(0x1000), Some(0));
-    q.set_used_ring_address(Some(0x2000), Some(0));
-    q.set_event_idx(data[0] & 4 != 0);
-    q.set_ready(true);
     let view = MemView(&mem);
+    let addrs = RingAddrs {
+        desc: 0,
+        avail: 0x1000,
+        used: 0x2000,
+    };
+    let Some(mut q) = SplitQueue::new(&view, 16, addrs, data[0] & 4 != 0) else {
+        return;
+    };
     let base = mem_base(&mem);
+    let inside = |p: usize, len: usize| p >= base && p + len <= base + MEM;
     let mut sg = SgList::default();
     let mut segs = Vec::new();
     for _ in 0..32 {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+        let Ok(Some((head, chain))) = q.pop(&view, &mut segs) else {
             break;
         };
-        let head = chain.head_index();
-        segs.clear();
-        for d in chain {
-            segs.push(Seg {
-                addr: d.addr().0,
-                len: d.len(),
-                write: d.is_write_only(),
-            });
-        }
-        if let Ok(r) = blk::parse(&segs, &view, &info, &mut sg) {
-            let inside = |p: usize, len: usize| p >= base && p + len <= base + MEM;
-            assert!(
-                inside(r.status as usize, 1),
-                "status byte outside guest memory"
-            );
-            for v in sg.segments() {
+        if chain.is_ok() {
+            if let Ok(r) = blk::parse(&segs, &view, &info, &mut sg) {
                 assert!(
-                    inside(v.iov_base as usize, v.iov_len),
-                    "data segment outside guest memory"
+                    inside(r.status as usize, 1),
+                    "status byte outside guest memory"
                 );
-            }
-            if r.error.is_none() {
-                if let Kind::Io(op @ (Opcode::Read | Opcode::Write)) = r.kind {
-                    assert_eq!(
-                        sg.len(),
-                        r.blocks as u64 * info.block_size as u64,
-                        "{op:?} length"
+                for v in sg.segments() {
+                    assert!(
+                        inside(v.iov_base as usize, v.iov_len),
+                        "data segment outside guest memory"
                     );
-                    assert!(sg.len() <= blk::MAX_REQUEST_BYTES);
+                }
+                if r.error.is_none() {
+                    if let Kind::Io(op @ (Opcode::Read | Opcode::Write)) = r.kind {
+                        assert_eq!(
+                            sg.len(),
+                            r.blocks as u64 * info.block_size as u64,
+                            "{op:?} length"
+                        );
+                        assert!(sg.len() <= blk::MAX_REQUEST_BYTES);
+                    }
                 }
             }
         }
-        let _ = q.add_used(&mem, head, 1);
+        q.add_used(head, 1);
     }
+    q.publish();
+    let _ = q.needs_notification();
+    let _ = q.enable_notification();
 }
 
 fn mem_base(mem: &GuestMemoryMmap) -> usize {

@@ -38,7 +38,6 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{BackendListener, Listener, VhostUserBackendReqHandlerMut};
 use vhost::vhost_user::{Error as VuError, Result as VuResult};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
     GuestRegionMmap,
@@ -47,9 +46,11 @@ use vm_memory::{
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod split;
 mod vring;
 
-use vring::{QueueCtl, VringParams, VringSource};
+use split::{RingAddrs, SplitQueue};
+use vring::{MemView, QueueCtl, VringParams, VringSource};
 
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -176,26 +177,15 @@ impl BlkBackend {
         if pf && !v.enabled {
             return Ok(());
         }
-        let mut q = Queue::new(v.size).map_err(|_| VuError::InvalidParam)?;
-        q.set_size(v.size);
-        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        q.set_event_idx(event_idx);
-        q.set_next_avail(v.base);
-        q.set_ready(true);
-        let guard = mem.memory();
-        if !q.is_valid(&*guard) {
-            tracing::warn!(export = %self.name, queue = i, "virtqueue addresses are outside guest memory; queue not started");
+        let guard = mem.memory().into_inner();
+        let addrs = RingAddrs { desc, avail, used };
+        let Some(mut q) = SplitQueue::new(&MemView(&guard), v.size, addrs, event_idx) else {
+            tracing::warn!(export = %self.name, queue = i, "virtqueue rings are misaligned or outside guest memory; queue not started");
             return Err(VuError::InvalidParam);
-        }
+        };
+        q.set_next_avail(v.base);
         // The used index in guest memory is authoritative (a reconnect keeps it).
-        let used_idx = q
-            .used_idx(&*guard, Ordering::Acquire)
-            .map(|w| w.0)
-            .unwrap_or(v.base);
-        q.set_next_used(used_idx);
-        drop(guard);
+        q.sync_used_from_ring();
         let kick = v
             .kick
             .as_ref()
@@ -212,6 +202,7 @@ impl BlkBackend {
         let (tx, rx) = sync_channel(1);
         let src = VringSource::new(VringParams {
             queue: q,
+            ring_mem: guard,
             mem,
             kick,
             info: self.info.clone(),

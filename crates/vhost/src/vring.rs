@@ -15,13 +15,13 @@ use std::time::Instant;
 use nvmux_core::stats::{DiskStats, OpClass, QueueStats};
 use nvmux_core::worker::WorkSource;
 use nvmux_core::{BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::blk::{self, GuestMem, Kind, Seg};
+use crate::split::SplitQueue;
 
 /// Translate guest addresses through a vm-memory map.
 pub(crate) struct MemView<'a>(pub &'a GuestMemoryMmap);
@@ -59,7 +59,11 @@ struct Slot {
 }
 
 pub(crate) struct VringSource {
-    pub(crate) queue: Queue,
+    queue: SplitQueue,
+    /// The memory map the ring pointers point into, kept mapped while the queue runs.
+    _ring_mem: Arc<GuestMemoryMmap>,
+    /// The driver corrupted the ring; the queue serves nothing until it is restarted.
+    broken: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     kick: File,
     info: DeviceInfo,
@@ -83,7 +87,8 @@ pub(crate) struct VringSource {
 unsafe impl Send for VringSource {}
 
 pub(crate) struct VringParams {
-    pub queue: Queue,
+    pub queue: SplitQueue,
+    pub ring_mem: Arc<GuestMemoryMmap>,
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub kick: File,
     pub info: DeviceInfo,
@@ -105,23 +110,23 @@ impl VringSource {
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
         let stats = p.disk_stats.new_queue();
+        let empty = Slot {
+            head: 0,
+            status: std::ptr::null_mut(),
+            used_len: 0,
+            start: Instant::now(),
+            class: OpClass::Other,
+            bytes: 0,
+        };
         VringSource {
             queue: p.queue,
+            _ring_mem: p.ring_mem,
+            broken: false,
             mem: p.mem,
             kick: p.kick,
             info: p.info,
             bq: p.bq,
-            slots: vec![
-                Slot {
-                    head: 0,
-                    status: std::ptr::null_mut(),
-                    used_len: 0,
-                    start: Instant::now(),
-                    class: OpClass::Other,
-                    bytes: 0,
-                };
-                n
-            ],
+            slots: vec![empty; n],
             free: (0..n as u16).rev().collect(),
             sg_pool: (0..n).map(|_| SgList::with_capacity(8)).collect(),
             segs: Vec::with_capacity(64),
@@ -145,48 +150,28 @@ impl VringSource {
         }
     }
 
-    /// Put a finished request on the used ring.
-    fn finish(&mut self, mem: &GuestMemoryMmap, slot: u16, status: Status, now: Instant) -> bool {
+    /// Write the status byte and put the request on the used ring (published later).
+    fn finish(&mut self, slot: u16, status: Status, now: Instant) {
         let s = self.slots[slot as usize];
         let byte = blk::virtio_status(status);
         // SAFETY: `status` was checked to lie in guest memory when the request was parsed,
-        // and the memory map it belongs to is still referenced (`mem` or the keepalive).
+        // and the memory map it belongs to is still referenced (the command's keepalive or
+        // the map the caller holds).
         unsafe { std::ptr::write_volatile(s.status, byte) };
         let used = if status.is_ok() { s.used_len } else { 1 };
         self.free.push(slot);
         self.in_flight -= 1;
         let bytes = if status.is_ok() { s.bytes } else { 0 };
-        self.stats.record(
-            s.class,
-            bytes,
-            now.saturating_duration_since(s.start),
-            status.is_ok(),
-        );
-        self.queue.add_used(mem, s.head, used).is_ok()
+        let lat = now.saturating_duration_since(s.start);
+        self.stats.record(s.class, bytes, lat, status.is_ok());
+        self.queue.add_used(s.head, used);
     }
 
-    fn reap(&mut self, mem: &GuestMemoryMmap) -> usize {
-        let mut done = std::mem::take(&mut self.done);
-        let n = self.bq.poll(&mut |c, s| done.push((c, s)));
-        let mut signal = false;
-        let now = if done.is_empty() {
-            None
-        } else {
-            Some(Instant::now())
-        };
-        for (cmd, status) in done.drain(..) {
-            let now = now.unwrap_or_else(Instant::now);
-            // Move the SG list back into the pool (no allocation: it keeps its capacity).
-            let IoCommand { tag, mut sg, .. } = cmd;
-            sg.clear();
-            self.sg_pool.push(sg);
-            signal |= self.finish(mem, tag as u16, status, now);
+    fn publish_and_notify(&mut self) {
+        self.queue.publish();
+        if self.queue.needs_notification() {
+            self.signal();
         }
-        self.done = done;
-        if signal {
-            self.notify(mem);
-        }
-        n
     }
 
     fn recycle(&mut self, mut sg: SgList) {
@@ -194,10 +179,23 @@ impl VringSource {
         self.sg_pool.push(sg);
     }
 
-    fn notify(&mut self, mem: &GuestMemoryMmap) {
-        if self.queue.needs_notification(mem).unwrap_or(true) {
-            self.signal();
+    /// Complete what the block queue finished.
+    fn reap(&mut self) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        let n = self.bq.poll(&mut |c, s| done.push((c, s)));
+        if !done.is_empty() {
+            // One timestamp for the batch.
+            let now = Instant::now();
+            for (cmd, status) in done.drain(..) {
+                // Move the SG list back into the pool (it keeps its capacity: no allocation).
+                let IoCommand { tag, sg, .. } = cmd;
+                self.recycle(sg);
+                self.finish(tag as u16, status, now);
+            }
+            self.publish_and_notify();
         }
+        self.done = done;
+        n
     }
 
     /// Pop and start every available request.
@@ -206,24 +204,27 @@ impl VringSource {
         let mut completed_now = false;
         // One timestamp for the whole batch: requests popped together arrived together.
         let mut now: Option<Instant> = None;
-        while !self.free.is_empty() {
-            let Some(chain) = self.queue.pop_descriptor_chain(&**mem) else {
-                break;
+        let view = MemView(mem);
+        while !self.free.is_empty() && !self.broken {
+            let (head, chain) = match self.queue.pop(&view, &mut self.segs) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::error!("virtqueue: the driver published more entries than the ring holds; queue stopped");
+                    self.broken = true;
+                    break;
+                }
             };
-            let head = chain.head_index();
-            self.segs.clear();
-            for d in chain {
-                self.segs.push(Seg {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write: d.is_write_only(),
-                });
-            }
             n += 1;
+            if let Err(e) = chain {
+                // Malformed chain: hand it back with nothing written.
+                tracing::debug!(head, ?e, "virtio-blk: malformed descriptor chain");
+                self.queue.add_used(head, 0);
+                completed_now = true;
+                continue;
+            }
             let Some(slot) = self.free.pop() else { break };
-            self.in_flight += 1;
             let mut sg = self.sg_pool.pop().unwrap_or_default(); // the pool holds one per slot
-            let view = MemView(mem);
             let req = match blk::parse(&self.segs, &view, &self.info, &mut sg) {
                 Ok(r) => r,
                 Err(blk::ParseError::NoStatus) => {
@@ -231,12 +232,12 @@ impl VringSource {
                     tracing::debug!(head, "virtio-blk: chain without a usable status byte");
                     self.recycle(sg);
                     self.free.push(slot);
-                    self.in_flight -= 1;
-                    let _ = self.queue.add_used(&**mem, head, 0);
+                    self.queue.add_used(head, 0);
                     completed_now = true;
                     continue;
                 }
             };
+            self.in_flight += 1;
             let class = match req.kind {
                 Kind::Io(Opcode::Read) => OpClass::Read,
                 Kind::Io(Opcode::Write) => OpClass::Write,
@@ -288,14 +289,15 @@ impl VringSource {
             };
             if let Some(st) = immediate {
                 let t = *now.get_or_insert_with(Instant::now);
-                completed_now |= self.finish(mem, slot, st, t);
+                self.finish(slot, st, t);
+                completed_now = true;
             }
         }
         if n > 0 {
             self.bq.kick();
         }
         if completed_now {
-            self.notify(mem);
+            self.publish_and_notify();
         }
         n
     }
@@ -306,8 +308,7 @@ impl WorkSource for VringSource {
         if self.finished {
             return 0;
         }
-        let mem = self.mem.memory().into_inner();
-        let mut n = self.reap(&mem);
+        let mut n = self.reap();
         if self.ctl.stop.load(Ordering::Acquire) {
             if self.in_flight == 0 && self.bq.in_flight() == 0 {
                 if let Some(tx) = self.final_tx.take() {
@@ -318,8 +319,10 @@ impl WorkSource for VringSource {
             }
             return n.max(1);
         }
+        // Data buffers are translated with the newest memory map (regions may be added).
+        let mem = self.mem.memory().into_inner();
         n += self.start_requests(&mem);
-        n += self.reap(&mem);
+        n += self.reap();
         self.stats.set_in_flight(self.in_flight as u64);
         n
     }
@@ -334,14 +337,12 @@ impl WorkSource for VringSource {
         if self.bq.completion_fd().is_none() && self.bq.in_flight() > 0 {
             return false;
         }
-        let mem = self.mem.memory();
-        // Ok(true): more chains arrived while notifications were off.
-        !matches!(self.queue.enable_notification(&*mem), Ok(true))
+        // Re-enabling reports whether chains arrived while notifications were off.
+        self.broken || !self.queue.enable_notification()
     }
 
     fn after_sleep(&mut self) {
-        let mem = self.mem.memory();
-        let _ = self.queue.disable_notification(&*mem);
+        self.queue.disable_notification();
     }
 
     fn finished(&self) -> bool {
