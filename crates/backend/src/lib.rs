@@ -30,7 +30,7 @@ mod sync;
 mod uring;
 
 /// Largest transfer of one command the backends accept (bytes).
-pub const MAX_TRANSFER: u32 = 4 << 20;
+pub const MAX_TRANSFER: u32 = 32 << 20;
 
 fn check_block_size(bs: u32) -> Result<()> {
     if bs == 512 || bs == 4096 {
@@ -114,6 +114,12 @@ impl FileDevice {
             .as_ref()
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
+        // Validate an explicit size before anything is created.
+        if let Some(sz) = opts.size {
+            let bs = opts.block_size.unwrap_or(512);
+            check_block_size(bs)?;
+            check_size(sz, bs, &path.display().to_string())?;
+        }
         if !exists && opts.size.is_none() {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -174,7 +180,9 @@ impl FileDevice {
         }
         let size = match opts.size {
             None => cur_size,
-            Some(want) if want == cur_size => want,
+            // Equal, or the whole file rounded down to the block size (how a file disk
+            // without an explicit size was recorded).
+            Some(want) if want == cur_size || want == cur_size - cur_size % bs as u64 => want,
             Some(want) if block_dev || want < cur_size => {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,
@@ -266,16 +274,16 @@ pub struct NullDevice {
 }
 
 impl NullDevice {
-    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+    pub fn new(size: u64, block_size: u32, read_only: bool) -> Result<Self> {
         check_block_size(block_size)?;
         let num_blocks = check_size(size, block_size, "null device")?;
         Ok(NullDevice {
             info: DeviceInfo {
                 block_size,
                 num_blocks,
-                read_only: false,
-                discard: true,
-                write_zeroes: true,
+                read_only,
+                discard: !read_only,
+                write_zeroes: !read_only,
                 volatile_cache: false,
                 max_transfer: MAX_TRANSFER,
             },
@@ -327,7 +335,7 @@ pub struct MemoryDevice {
 }
 
 impl MemoryDevice {
-    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+    pub fn new(size: u64, block_size: u32, read_only: bool) -> Result<Self> {
         check_block_size(block_size)?;
         check_size(size, block_size, "memory device")?;
         // SAFETY: the name is a valid NUL-terminated string; the result is checked.
@@ -349,9 +357,9 @@ impl MemoryDevice {
                 info: DeviceInfo {
                     block_size,
                     num_blocks: size / block_size as u64,
-                    read_only: false,
-                    discard: true,
-                    write_zeroes: true,
+                    read_only,
+                    discard: !read_only,
+                    write_zeroes: !read_only,
                     volatile_cache: false,
                     max_transfer: MAX_TRANSFER,
                 },

@@ -96,12 +96,12 @@ fn file_on_shm() {
 
 #[test]
 fn memory() {
-    exercise(&MemoryDevice::new(1 << 20, 512).unwrap());
+    exercise(&MemoryDevice::new(1 << 20, 512, false).unwrap());
 }
 
 #[test]
 fn null() {
-    let d = NullDevice::new(1 << 20, 4096).unwrap();
+    let d = NullDevice::new(1 << 20, 4096, false).unwrap();
     let mut q = d.open_queue(4).unwrap();
     let mut b = vec![0u8; 4096];
     let (_, s) = run(&mut *q, cmd(Opcode::Read, 0, 1, &mut b));
@@ -110,8 +110,10 @@ fn null() {
 
 #[test]
 fn bad_options() {
-    assert!(NullDevice::new(1000, 512).is_err());
-    assert!(NullDevice::new(4096, 1024).is_err());
+    assert!(NullDevice::new(1000, 512, false).is_err());
+    assert!(NullDevice::new(4096, 1024, false).is_err());
+    assert!(NullDevice::new(4096, 512, true).unwrap().info().read_only);
+    assert!(MemoryDevice::new(4096, 512, true).unwrap().info().read_only);
     let p = std::path::Path::new("/nonexistent-dir/x.img");
     assert!(FileDevice::open(p, &FileOptions::default()).is_err());
 }
@@ -130,4 +132,38 @@ fn refuses_shrinking_a_file() {
     assert!(e.is_err());
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192, "nothing lost");
     std::fs::remove_file(&p).unwrap();
+}
+
+#[test]
+fn odd_sized_file_rounds_down_and_reopens() {
+    let p = std::env::temp_dir().join(format!("nvmux-odd-{}.img", std::process::id()));
+    std::fs::write(&p, vec![1u8; 1000]).unwrap();
+    let d = FileDevice::open(&p, &FileOptions::default()).unwrap();
+    assert_eq!(d.info().size_bytes(), 512);
+    let again = FileDevice::open(
+        &p,
+        &FileOptions {
+            size: Some(512),
+            block_size: Some(512),
+            ..Default::default()
+        },
+    );
+    assert!(again.is_ok(), "a recorded rounded-down size reopens");
+    std::fs::remove_file(&p).unwrap();
+}
+
+#[test]
+fn bad_size_creates_nothing() {
+    let p = std::env::temp_dir().join(format!("nvmux-badsize-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    assert!(FileDevice::open(
+        &p,
+        &FileOptions {
+            size: Some(100),
+            block_size: Some(512),
+            ..Default::default()
+        }
+    )
+    .is_err());
+    assert!(!p.exists(), "no file left behind");
 }

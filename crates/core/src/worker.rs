@@ -289,9 +289,15 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         }
         if n > 0 {
             if busy_since.is_none() {
-                busy_since = Some(Instant::now());
+                let now = Instant::now();
+                if let Some(i) = idle_since.take() {
+                    // A short idle spell that ended in work: count it as polling.
+                    sh.stats
+                        .idle_poll_ns
+                        .fetch_add(now.duration_since(i).as_nanos() as u64, Ordering::Relaxed);
+                }
+                busy_since = Some(now);
             }
-            idle_since = None;
             continue;
         }
         let now = Instant::now();

@@ -65,13 +65,28 @@ fn fifty() -> u64 {
 impl Config {
     pub fn parse(text: &str) -> Result<Config, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        if c.workers.threads == 0 || c.workers.threads > 64 {
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Check ranges (also after command-line overrides).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers.threads == 0 || self.workers.threads > 64 {
             return Err(format!(
                 "workers.threads = {} is out of range (1..=64)",
-                c.workers.threads
+                self.workers.threads
             ));
         }
-        Ok(c)
+        if let Some(c) = self.workers.cpus.iter().find(|&&c| c >= 1024) {
+            return Err(format!("workers.cpus: CPU {c} is out of range (0..1024)"));
+        }
+        if self.workers.poll_idle_us > 1_000_000 {
+            return Err(format!(
+                "workers.poll_idle_us = {} is out of range (0..=1000000)",
+                self.workers.poll_idle_us
+            ));
+        }
+        Ok(())
     }
     pub fn load(path: Option<&Path>) -> Result<Config, String> {
         match path {

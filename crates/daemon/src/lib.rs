@@ -163,6 +163,31 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     workers: WorkerPool,
     started: Instant,
+    /// Exports spread their queues over the workers starting at a rotating offset, so
+    /// many single-queue VMs do not all land on worker 0.
+    next_worker: std::sync::atomic::AtomicUsize,
+    /// Held for the daemon's lifetime: one daemon per data directory.
+    _lock: std::fs::File,
+}
+
+/// Take an exclusive lock on `<data_dir>/nvmux.lock`, or fail if another daemon holds it.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("nvmux.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(err(
+            ErrorKind::Busy,
+            format!("{} is in use by another nvmux daemon", dir.display()),
+        ));
+    }
+    Ok(f)
 }
 
 fn err(kind: ErrorKind, msg: impl Into<String>) -> Error {
@@ -197,8 +222,12 @@ fn open_device(spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
                 direct: *direct,
             },
         )?),
-        BackendSpec::Null => Arc::new(NullDevice::new(spec.size, spec.block_size)?),
-        BackendSpec::Memory => Arc::new(MemoryDevice::new(spec.size, spec.block_size)?),
+        BackendSpec::Null => Arc::new(NullDevice::new(spec.size, spec.block_size, spec.read_only)?),
+        BackendSpec::Memory => Arc::new(MemoryDevice::new(
+            spec.size,
+            spec.block_size,
+            spec.read_only,
+        )?),
     })
 }
 
@@ -207,6 +236,8 @@ impl Daemon {
     pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| Error::io(format!("data dir {}", cfg.data_dir.display()), e))?;
+        // Before anything touches sockets or state: one daemon per data directory.
+        let lock = lock_data_dir(&cfg.data_dir)?;
         nvmux_backend::probe_io_uring()?;
         let workers = WorkerPool::new(&WorkerConfig {
             threads: cfg.workers.threads,
@@ -219,6 +250,8 @@ impl Daemon {
             inner: Mutex::new(Inner::default()),
             workers,
             started: Instant::now(),
+            next_worker: Default::default(),
+            _lock: lock,
         });
         d.restore()?;
         Ok(d)
@@ -351,6 +384,14 @@ impl Daemon {
             ));
         }
         let bs = req.block_size.unwrap_or(512);
+        if let Some(b) = req.block_size {
+            if b != 512 && b != 4096 {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("block size {b} is not supported (use 512 or 4096)"),
+                ));
+            }
+        }
         let backend = match req.backend.as_deref().unwrap_or("file") {
             "file" => {
                 let (path, owned) = match &req.path {
@@ -405,18 +446,33 @@ impl Daemon {
             block_size: bs,
             read_only: req.read_only,
         };
-        let dev: Arc<dyn BlockDevice> = match &spec.backend {
-            BackendSpec::File { path, direct, .. } => Arc::new(FileDevice::open(
+        let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
+            BackendSpec::File { path, direct, .. } => FileDevice::open(
                 path,
                 &FileOptions {
-                    block_size: Some(bs),
+                    block_size: req.block_size,
                     size: req.size,
                     read_only: req.read_only,
                     direct: *direct,
                 },
-            )?),
-            _ => open_device(&spec)?,
+            )
+            .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
+            _ => open_device(&spec),
         };
+        let dev = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                // Leave nothing behind: remove an image we were creating ourselves.
+                if let BackendSpec::File {
+                    path, owned: true, ..
+                } = &spec.backend
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
+        spec.block_size = dev.info().block_size;
         spec.size = dev.info().size_bytes();
         tracing::info!(disk = %spec.name, device = %dev.describe(), size = spec.size, "disk created");
         g.disks.insert(
@@ -492,16 +548,24 @@ impl Daemon {
             )
         })?;
         match &spec.kind {
-            ExportKind::VhostUserBlk { socket, num_queues } => VhostBlkExport::start(
-                dev.clone(),
-                ExportConfig {
-                    socket: socket.clone(),
-                    num_queues: *num_queues,
-                    serial: spec.disk.clone(),
-                },
-                self.workers.workers().to_vec(),
-                d.stats.clone(),
-            ),
+            ExportKind::VhostUserBlk { socket, num_queues } => {
+                let mut workers = self.workers.workers().to_vec();
+                let first = self
+                    .next_worker
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = workers.len();
+                workers.rotate_left(first % n);
+                VhostBlkExport::start(
+                    dev.clone(),
+                    ExportConfig {
+                        socket: socket.clone(),
+                        num_queues: *num_queues,
+                        serial: spec.disk.clone(),
+                    },
+                    workers,
+                    d.stats.clone(),
+                )
+            }
         }
     }
 
@@ -532,6 +596,27 @@ impl Daemon {
                 ))
             }
         };
+        if req.socket == self.cfg.api_socket() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} is the API socket; choose another path",
+                    req.socket.display()
+                ),
+            ));
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&req.socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(err(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; refusing to replace it",
+                        req.socket.display()
+                    ),
+                ));
+            }
+        }
         if let Some(e) = g.exports.values().find(|e| match &e.spec.kind {
             ExportKind::VhostUserBlk { socket, .. } => *socket == req.socket,
         }) {
@@ -731,6 +816,8 @@ pub struct StatsView {
 
 /// Run the daemon until SIGINT or SIGTERM: restore state, serve the API, shut down.
 pub fn serve(cfg: Config) -> Result<()> {
+    cfg.validate()
+        .map_err(|e| err(ErrorKind::InvalidArgument, e))?;
     // Block the termination signals in every thread; one thread waits for them.
     // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread and
     // the threads it spawns afterwards.

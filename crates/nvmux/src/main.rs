@@ -86,9 +86,9 @@ enum DiskCmd {
         /// Size, e.g. 10G. Required unless an existing file gives it.
         #[arg(long)]
         size: Option<String>,
-        /// Logical block size: 512 or 4096.
-        #[arg(long, default_value_t = 512)]
-        block_size: u32,
+        /// Logical block size: 512 or 4096 (default: the device's own, else 512).
+        #[arg(long)]
+        block_size: Option<u32>,
         #[arg(long)]
         read_only: bool,
         /// Use buffered I/O instead of O_DIRECT.
@@ -178,6 +178,8 @@ fn run(cli: Cli) -> Res {
             buffered,
         }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            // The daemon may run in another directory: send absolute paths.
+            let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
             let v = api.post(
                 "/v1/disks",
                 &json!({"name": name, "backend": backend, "path": path, "size": size,
@@ -244,7 +246,7 @@ fn run(cli: Cli) -> Res {
                         e["name"].as_str().unwrap_or(""),
                         e["disk"].as_str().unwrap_or(""),
                         e["type"].as_str().unwrap_or(""),
-                        e["num_queues"],
+                        compact(&e["num_queues"]),
                         if e["connected"].as_bool() == Some(true) {
                             "connected"
                         } else {
@@ -309,7 +311,7 @@ fn disk_table(disks: &[Value]) {
                 .as_u64()
                 .map(nvmux_core::format_size)
                 .unwrap_or_default(),
-            d["block_size"],
+            compact(&d["block_size"]),
             if d["read_only"].as_bool() == Some(true) {
                 "yes"
             } else {
@@ -348,9 +350,9 @@ fn stats_table(v: &Value, only: Option<&str>) {
         println!(
             "{:<16} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8}",
             name,
-            d["read"]["ops"],
+            compact(&d["read"]["ops"]),
             nvmux_core::format_size(d["read"]["bytes"].as_u64().unwrap_or(0)),
-            d["write"]["ops"],
+            compact(&d["write"]["ops"]),
             nvmux_core::format_size(d["write"]["bytes"].as_u64().unwrap_or(0)),
             compact(&d["read"]["p99_us"]),
             compact(&d["write"]["p99_us"]),

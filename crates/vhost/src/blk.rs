@@ -65,12 +65,15 @@ pub fn device_features(info: &DeviceInfo) -> u64 {
     let mut f = VIRTIO_BLK_F_SEG_MAX
         | VIRTIO_BLK_F_BLK_SIZE
         | VIRTIO_BLK_F_TOPOLOGY
-        | VIRTIO_BLK_F_FLUSH
         | VIRTIO_BLK_F_MQ
         | VIRTIO_RING_F_INDIRECT_DESC
         | VIRTIO_RING_F_EVENT_IDX
         | VHOST_USER_F_PROTOCOL_FEATURES
         | VIRTIO_F_VERSION_1;
+    if info.volatile_cache {
+        // Without a volatile cache (null, memory) every write is as durable as it gets.
+        f |= VIRTIO_BLK_F_FLUSH;
+    }
     if info.read_only {
         f |= VIRTIO_BLK_F_RO;
     } else {
@@ -192,7 +195,13 @@ pub fn parse(
         return Err(ParseError::NoStatus);
     }
     let status = mem
-        .host_ptr(last_w.addr + last_w.len as u64 - 1, 1)
+        .host_ptr(
+            last_w
+                .addr
+                .checked_add(last_w.len as u64 - 1)
+                .ok_or(ParseError::NoStatus)?,
+            1,
+        )
         .ok_or(ParseError::NoStatus)?;
     let mut req = Request {
         kind: Kind::Unsupported(u32::MAX),
@@ -254,7 +263,7 @@ pub fn parse(
             if len == 0 || len % bs != 0 {
                 return fail(req, Status::INVALID_FIELD);
             }
-            if len > MAX_REQUEST_BYTES {
+            if len > MAX_REQUEST_BYTES.min(info.max_transfer as u64) {
                 return fail(req, Status::INVALID_FIELD);
             }
             let Some(lba) = to_lba(sector) else {
@@ -319,7 +328,7 @@ fn copy_in(segs: &[Seg], mem: &dyn GuestMem, off: u64, out: &mut [u8]) -> bool {
             // Segments are visited in order, so `at >= pos` here.
             let skip = at - pos;
             let n = ((s.len as u64 - skip) as usize).min(out.len() - got);
-            let Some(p) = mem.host_ptr(s.addr + skip, n) else {
+            let Some(p) = s.addr.checked_add(skip).and_then(|a| mem.host_ptr(a, n)) else {
                 return false;
             };
             // SAFETY: host_ptr checked that n bytes at p lie in mapped guest memory.
@@ -353,7 +362,11 @@ fn collect(
         if end > at {
             let skip = at - pos;
             let n = (s.len as u64 - skip).min(need);
-            let Some(p) = mem.host_ptr(s.addr + skip, n as usize) else {
+            let Some(p) = s
+                .addr
+                .checked_add(skip)
+                .and_then(|a| mem.host_ptr(a, n as usize))
+            else {
                 return false;
             };
             nseg += 1;

@@ -126,7 +126,9 @@ impl BlkBackend {
         serial[..n].copy_from_slice(&sb[..n]);
         let num_queues = cfg.num_queues.max(1);
         BlkBackend {
-            config: blk::config_space(&info, num_queues, 256),
+            // seg_max = 126 fits the smallest common queue (128 entries) without indirect
+            // descriptors; guests with larger queues use indirect tables anyway.
+            config: blk::config_space(&info, num_queues, 128),
             info,
             dev,
             serial,
@@ -502,6 +504,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 /// A disk served on a vhost-user socket.
 pub struct VhostBlkExport {
     socket: PathBuf,
+    /// The listening socket, shut down to wake a blocked accept.
+    listen_fd: std::os::fd::RawFd,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
@@ -538,6 +542,7 @@ impl VhostBlkExport {
                 format!("listen on {}: {e}", cfg.socket.display()),
             )
         })?;
+        let listen_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
@@ -557,6 +562,9 @@ impl VhostBlkExport {
                         Ok(Some(h)) => h,
                         Ok(None) => continue,
                         Err(e) => {
+                            if stop2.load(Ordering::Acquire) {
+                                break;
+                            }
                             tracing::warn!(socket = %cfg.socket.display(), "accept: {e}");
                             std::thread::sleep(Duration::from_millis(100));
                             continue;
@@ -590,6 +598,7 @@ impl VhostBlkExport {
             .map_err(|e| Error::io("spawn vhost thread", e))?;
         Ok(VhostBlkExport {
             socket,
+            listen_fd,
             stop,
             conn,
             thread: Some(thread),
@@ -615,8 +624,10 @@ impl VhostBlkExport {
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        // Wake a blocking accept.
-        let _ = UnixStream::connect(&self.socket);
+        // Wake a blocking accept (works even if someone removed the socket file).
+        // SAFETY: the listener is owned by the thread we join below, so the descriptor is
+        // still open; shutdown only changes its state.
+        unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
