@@ -318,30 +318,53 @@ fn one_daemon_per_data_dir_and_safe_socket_paths() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another nvmux daemon"));
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("first daemon still serves");
-    c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty()).expect("read");
+    c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty())
+        .expect("read");
     drop(c);
     // An export never replaces a file that is not a socket, nor the API socket.
     let precious = d.dir.join("precious.txt");
     std::fs::write(&precious, b"keep me").expect("write");
-    let e = d.api.post("/v1/exports", &json!({"disk": "g", "name": "x", "socket": precious})).unwrap_err();
+    let e = d
+        .api
+        .post(
+            "/v1/exports",
+            &json!({"disk": "g", "name": "x", "socket": precious}),
+        )
+        .unwrap_err();
     assert!(e.message.contains("not a socket"), "{}", e.message);
     assert_eq!(std::fs::read(&precious).expect("read"), b"keep me");
     let e = d
         .api
-        .post("/v1/exports", &json!({"disk": "g", "name": "y", "socket": d.dir.join("nvmux.sock")}))
+        .post(
+            "/v1/exports",
+            &json!({"disk": "g", "name": "y", "socket": d.dir.join("nvmux.sock")}),
+        )
         .unwrap_err();
     assert!(e.message.contains("API socket"), "{}", e.message);
     // Read-only applies to every backend (here null): libblkio must ask for read-only.
     d.api
-        .post("/v1/disks", &json!({"name": "nro", "backend": "null", "size": MIB, "read_only": true}))
+        .post(
+            "/v1/disks",
+            &json!({"name": "nro", "backend": "null", "size": MIB, "read_only": true}),
+        )
         .expect("null disk");
     let s2 = d.dir.join("nro.sock");
-    d.api.post("/v1/exports", &json!({"disk": "nro", "socket": s2})).expect("export");
-    assert!(BlkioClient::connect(&s2, 1, false, 1 << 20).is_err(), "device must be read-only");
+    d.api
+        .post("/v1/exports", &json!({"disk": "nro", "socket": s2}))
+        .expect("export");
+    assert!(
+        BlkioClient::connect(&s2, 1, false, 1 << 20).is_err(),
+        "device must be read-only"
+    );
     // A bad size creates nothing, and the name stays free.
-    let e = d.api.post("/v1/disks", &json!({"name": "odd", "size": 1000})).unwrap_err();
+    let e = d
+        .api
+        .post("/v1/disks", &json!({"name": "odd", "size": 1000}))
+        .unwrap_err();
     assert_eq!(e.status, 400, "{}", e.message);
-    d.api.post("/v1/disks", &json!({"name": "odd", "size": MIB})).expect("same name works after a failure");
+    d.api
+        .post("/v1/disks", &json!({"name": "odd", "size": MIB}))
+        .expect("same name works after a failure");
     // Shutdown works even if someone removed an export's socket file.
     std::fs::remove_file(&sock).expect("remove socket file");
     d.stop();

@@ -67,7 +67,7 @@ impl SplitQueue {
         if size == 0 || !size.is_power_of_two() || size > 32768 {
             return None;
         }
-        if a.desc % 16 != 0 || a.avail % 2 != 0 || a.used % 4 != 0 {
+        if !a.desc.is_multiple_of(16) || !a.avail.is_multiple_of(2) || !a.used.is_multiple_of(4) {
             return None;
         }
         let n = size as usize;
