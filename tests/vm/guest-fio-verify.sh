@@ -1,11 +1,13 @@
 #!/bin/sh
 # Guest side (runs as /test.sh): write a crc32c-verified random pattern to
-# /dev/vda with fio, read it back and verify it. Exit status: fio's, or 10-13
-# when the device is missing or has fewer queues than expected.
+# /dev/vda with fio, read it back and verify it. With VERIFY_ONLY=1, only
+# re-read and verify what an earlier boot wrote (fio --verify_only issues no
+# writes), so any change of the data on the host in between must fail.
+# Exit status: fio's, or 10-13 when the device is missing or has fewer queues
+# than expected.
 # Env (from /test.env, see boot.sh --env): EXPECT_QUEUES (default 1): the disk
-# must expose, and fio must actually use, at least that many virtqueues.
-# KEEP THE FIO JOB IN SYNC with guest-fio-verify-only.sh, which re-reads and
-# verifies this data in a later boot (same offsets, sizes and seeds).
+# must expose, and fio must actually use, at least that many virtqueues;
+# VERIFY_ONLY (default 0).
 set -eu
 dev=/dev/vda
 blk=/sys/block/vda
@@ -35,11 +37,14 @@ irqs > /tmp/irq.before
 pin=""
 [ "$cpus" -lt 2 ] || pin="--cpus_allowed=0-$((cpus - 1)) --cpus_allowed_policy=split"
 
+only=""
+[ "${VERIFY_ONLY:-0}" != 1 ] || only="--verify_only"
+
 set +e
 # shellcheck disable=SC2086
 fio --name=verify --filename="$dev" --rw=randwrite --bs=4k --size=16M \
     --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 --offset_increment=16M \
-    --randrepeat=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --randrepeat=1 --verify=crc32c --do_verify=1 --verify_fatal=1 $only \
     --group_reporting --eta=never $pin
 rc=$?
 set -e

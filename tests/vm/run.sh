@@ -135,10 +135,11 @@ trap 'exit 130' INT TERM
 
 # boot NAME GUEST_SCRIPT: boot one VM; returns boot.sh's status
 # (0 guest PASS, 1 guest FAIL with clean poweroff, 2 timeout/crash/no marker).
-boot() {
-    local name=$1 script=$2 rc=0
-    "$here/boot.sh" --initrd "$initrd" --script "$here/$script" --log "$work/$name.log" \
+boot() { # name verify_only(0|1)
+    local name=$1 verify_only=$2 rc=0
+    "$here/boot.sh" --initrd "$initrd" --script "$here/guest-fio-verify.sh" --log "$work/$name.log" \
         --vhost-sock "$sock" --queues "$queues" --env "EXPECT_QUEUES=$queues" \
+        --env "VERIFY_ONLY=$verify_only" \
         --smp "$smp" --timeout "$boot_timeout" > "$work/$name.out" 2>&1 || rc=$?
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "run.sh: the server died during $name" >&2
@@ -162,7 +163,7 @@ fi
 echo "== server up (pid $SERVER_PID, socket $sock)"
 
 # a. fio-verify: write + verify through both queues.
-rc=0; boot fio-verify guest-fio-verify.sh || rc=$?
+rc=0; boot fio-verify 0 || rc=$?
 cat "$work/fio-verify.out"
 grep '^test: ' "$work/fio-verify.log" || true
 if ((rc == 0)); then pass fio-verify; else fail fio-verify "boot status $rc, log $work/fio-verify.log"; fi
@@ -170,7 +171,7 @@ written=$rc
 
 # c. reconnect: a new VM on the same server socket re-reads the first VM's data
 #    (verify_only on intact data: must pass, and is the baseline for b.).
-rc=0; boot reconnect guest-fio-verify-only.sh || rc=$?
+rc=0; boot reconnect 1 || rc=$?
 cat "$work/reconnect.out"
 if ((written != 0)); then
     fail reconnect "skipped: fio-verify did not write the data"
@@ -191,7 +192,7 @@ elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
 else
     dd if=/dev/urandom of="$img" bs=4k seek=256 count=1 conv=notrunc oflag=direct status=none
     echo "== corrupted 4 KiB at offset 1 MiB of $img"
-    rc=0; boot corruption-detected guest-fio-verify-only.sh || rc=$?
+    rc=0; boot corruption-detected 1 || rc=$?
     # e.g. "verify: bad magic header 3943, wanted acca at file /dev/vda offset 1048576, length 4096 ..."
     verr=$(grep -m1 -o 'verify: .* offset 1048576, length 4096.*' "$work/corruption-detected.log" || true)
     if ((rc == 1)) && [[ -n $verr ]]; then

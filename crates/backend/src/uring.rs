@@ -74,6 +74,18 @@ pub(crate) struct UringQueue {
 
 const FIXED: types::Fixed = types::Fixed(0);
 
+/// A read or write of one contiguous buffer.
+fn rw_entry(write: bool, p: *mut u8, n: u32, off: u64, rw_flags: i32) -> io_uring::squeue::Entry {
+    if write {
+        opcode::Write::new(FIXED, p, n)
+            .offset(off)
+            .rw_flags(rw_flags)
+            .build()
+    } else {
+        opcode::Read::new(FIXED, p, n).offset(off).build()
+    }
+}
+
 impl UringQueue {
     pub(crate) fn new(
         file: Arc<File>,
@@ -130,28 +142,12 @@ impl UringQueue {
                     let total = cmd.byte_len(self.bs) as usize;
                     let done = slot.done as usize;
                     let p = b.as_mut_slice()[done..total].as_mut_ptr();
-                    let n = (total - done) as u32;
-                    if write {
-                        opcode::Write::new(FIXED, p, n)
-                            .offset(off)
-                            .rw_flags(rw_flags)
-                            .build()
-                    } else {
-                        opcode::Read::new(FIXED, p, n).offset(off).build()
-                    }
+                    rw_entry(write, p, (total - done) as u32, off, rw_flags)
                 } else {
                     let segs = cmd.sg.segments();
                     if segs.len() == 1 {
                         let p = segs[0].iov_base.cast::<u8>();
-                        let n = segs[0].iov_len as u32;
-                        if write {
-                            opcode::Write::new(FIXED, p, n)
-                                .offset(off)
-                                .rw_flags(rw_flags)
-                                .build()
-                        } else {
-                            opcode::Read::new(FIXED, p, n).offset(off).build()
-                        }
+                        rw_entry(write, p, segs[0].iov_len as u32, off, rw_flags)
                     } else if write {
                         opcode::Writev::new(FIXED, segs.as_ptr(), segs.len() as u32)
                             .offset(off)

@@ -108,20 +108,19 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
     let mut comps: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let t0 = Instant::now();
     let end = t0 + w.duration;
-    for (slot, t) in started.iter_mut().enumerate() {
+    let issue = |c: &mut BlkioClient, rng: &mut Rng, slot: usize| {
         let offset = (rng.next_u64() % blocks) * bs as u64;
+        let r = Req {
+            op: w.op,
+            offset,
+            len: bs,
+            buf_off: slot * bs,
+        };
+        c.enqueue(w.queue, r, slot, ReqFlags::empty());
+    };
+    for (slot, t) in started.iter_mut().enumerate() {
         *t = Instant::now();
-        c.enqueue(
-            w.queue,
-            Req {
-                op: w.op,
-                offset,
-                len: bs,
-                buf_off: slot * bs,
-            },
-            slot,
-            ReqFlags::empty(),
-        );
+        issue(c, &mut rng, slot);
     }
     let mut outstanding = qd;
     let mut ios = 0u64;
@@ -143,19 +142,8 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
             hist.record(now - started[slot]);
             ios += 1;
             if more {
-                let offset = (rng.next_u64() % blocks) * bs as u64;
                 started[slot] = now;
-                c.enqueue(
-                    w.queue,
-                    Req {
-                        op: w.op,
-                        offset,
-                        len: bs,
-                        buf_off: slot * bs,
-                    },
-                    slot,
-                    ReqFlags::empty(),
-                );
+                issue(c, &mut rng, slot);
             } else {
                 outstanding -= 1;
             }

@@ -96,6 +96,24 @@ struct Row {
     server_cpu_s: Option<f64>,
 }
 
+impl Row {
+    fn new(
+        backing: &str,
+        server: &str,
+        workload: &str,
+        m: Measured,
+        server_cpu_s: Option<f64>,
+    ) -> Row {
+        Row {
+            backing: backing.into(),
+            workload: workload.into(),
+            server: server.into(),
+            m,
+            server_cpu_s,
+        }
+    }
+}
+
 const WORKLOADS: [(Op, usize, &str); 4] = [
     (Op::Read, 1, "randread QD1"),
     (Op::Read, 32, "randread QD32"),
@@ -255,18 +273,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
             secs,
             a.only.as_deref(),
             Some(&cpu),
-            |w, m, c| {
-                progress(
-                    &mut rows,
-                    Row {
-                        backing: name.into(),
-                        workload: w.into(),
-                        server: "nvmux".into(),
-                        m,
-                        server_cpu_s: c,
-                    },
-                )
-            },
+            |w, m, c| progress(&mut rows, Row::new(name, "nvmux", w, m, c)),
         )?;
     }
     let _ = d.stop();
@@ -286,18 +293,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
                 secs,
                 a.only.as_deref(),
                 Some(&cpu),
-                |w, m, c| {
-                    progress(
-                        &mut rows,
-                        Row {
-                            backing: name.into(),
-                            workload: w.into(),
-                            server: "qsd".into(),
-                            m,
-                            server_cpu_s: c,
-                        },
-                    )
-                },
+                |w, m, c| progress(&mut rows, Row::new(name, "qsd", w, m, c)),
             )?;
             drop(q);
         }
@@ -310,16 +306,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
                     "randwrite"
                 };
                 let m = procs::run_fio(f, rw, 4096, qd, secs, cli_cpu)?;
-                progress(
-                    &mut rows,
-                    Row {
-                        backing: name.into(),
-                        workload: w.into(),
-                        server: "fio".into(),
-                        m,
-                        server_cpu_s: None,
-                    },
-                );
+                progress(&mut rows, Row::new(name, "fio", w, m, None));
             }
         }
     }
