@@ -64,6 +64,9 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Try O_DIRECT first (default true).
     pub direct: bool,
+    /// Create a missing regular file (default true). Reopening a known disk passes
+    /// false, so a vanished image is an error, never a fresh empty disk.
+    pub create: bool,
 }
 
 impl Default for FileOptions {
@@ -73,6 +76,7 @@ impl Default for FileOptions {
             size: None,
             read_only: false,
             direct: true,
+            create: true,
         }
     }
 }
@@ -120,6 +124,15 @@ impl FileDevice {
             check_block_size(bs)?;
             check_size(sz, bs, &path.display().to_string())?;
         }
+        if !exists && !opts.create {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} does not exist (refusing to create an empty disk in its place)",
+                    path.display()
+                ),
+            ));
+        }
         if !exists && opts.size.is_none() {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -132,7 +145,7 @@ impl FileDevice {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(!opts.read_only);
-            if !block_dev && !opts.read_only {
+            if !block_dev && !opts.read_only && opts.create {
                 o.create(true);
             }
             o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | libc::O_CLOEXEC);

@@ -194,6 +194,42 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> Error {
     Error::new(kind, msg)
 }
 
+/// An export may only replace a stale socket: not another file, not the API socket
+/// (compared as files, whatever the spelling of the path), not a socket someone listens on.
+fn check_export_socket(path: &Path, api: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(()); // nothing there yet
+    };
+    if !m.file_type().is_socket() {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+        ));
+    }
+    let same_as_api =
+        std::fs::metadata(api).is_ok_and(|a| a.dev() == m.dev() && a.ino() == m.ino());
+    if same_as_api {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("{} is the API socket; choose another path", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} is in use by a running server; choose another path",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Names: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 pub fn check_name(what: &str, n: &str) -> Result<()> {
     let ok = !n.is_empty()
@@ -220,6 +256,7 @@ fn open_device(spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
                 size: Some(spec.size),
                 read_only: spec.read_only,
                 direct: *direct,
+                create: false,
             },
         )?),
         BackendSpec::Null => Arc::new(NullDevice::new(spec.size, spec.block_size, spec.read_only)?),
@@ -454,6 +491,7 @@ impl Daemon {
                     size: req.size,
                     read_only: req.read_only,
                     direct: *direct,
+                    create: true,
                 },
             )
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
@@ -484,7 +522,15 @@ impl Daemon {
             },
         );
         if let Err(e) = self.persist(&g) {
-            g.disks.remove(&req.name);
+            // Leave nothing behind: drop the disk and an image we created.
+            if let Some(d) = g.disks.remove(&req.name) {
+                if let BackendSpec::File {
+                    path, owned: true, ..
+                } = d.spec.backend
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             return Err(e);
         }
         let d = &g.disks[&req.name];
@@ -596,27 +642,7 @@ impl Daemon {
                 ))
             }
         };
-        if req.socket == self.cfg.api_socket() {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "{} is the API socket; choose another path",
-                    req.socket.display()
-                ),
-            ));
-        }
-        if let Ok(m) = std::fs::symlink_metadata(&req.socket) {
-            use std::os::unix::fs::FileTypeExt;
-            if !m.file_type().is_socket() {
-                return Err(err(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a socket; refusing to replace it",
-                        req.socket.display()
-                    ),
-                ));
-            }
-        }
+        check_export_socket(&req.socket, &self.cfg.api_socket())?;
         if let Some(e) = g.exports.values().find(|e| match &e.spec.kind {
             ExportKind::VhostUserBlk { socket, .. } => *socket == req.socket,
         }) {

@@ -337,10 +337,21 @@ fn one_daemon_per_data_dir_and_safe_socket_paths() {
         .api
         .post(
             "/v1/exports",
-            &json!({"disk": "g", "name": "y", "socket": d.dir.join("nvmux.sock")}),
+            &json!({"disk": "g", "name": "y", "socket": d.dir.join(".").join("nvmux.sock")}),
         )
         .unwrap_err();
     assert!(e.message.contains("API socket"), "{}", e.message);
+    // A socket another server listens on is not taken over.
+    let live = d.dir.join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).expect("bind");
+    let e = d
+        .api
+        .post(
+            "/v1/exports",
+            &json!({"disk": "g", "name": "z", "socket": live}),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("in use"), "{}", e.message);
     // Read-only applies to every backend (here null): libblkio must ask for read-only.
     d.api
         .post(
@@ -367,5 +378,32 @@ fn one_daemon_per_data_dir_and_safe_socket_paths() {
         .expect("same name works after a failure");
     // Shutdown works even if someone removed an export's socket file.
     std::fs::remove_file(&sock).expect("remove socket file");
+    d.stop();
+}
+
+#[test]
+fn a_vanished_image_is_reported_not_recreated() {
+    watchdog(120);
+    let d = TestDaemon::start("vanish");
+    let dir = d.dir.clone();
+    let (img, _sock) = d.disk_and_export("v", 4 * MIB, 1, json!({}));
+    d.stop();
+    std::fs::remove_file(&img).expect("remove image");
+    let d = TestDaemon::start_in(dir);
+    let disk = d.api.get("/v1/disks/v").expect("disk still listed");
+    let status = disk["status"].as_str().unwrap_or("");
+    assert!(
+        status.starts_with("error") && status.contains("does not exist"),
+        "{status}"
+    );
+    assert!(!img.exists(), "no empty image was created in its place");
+    let exports = d.api.get("/v1/exports").expect("exports");
+    assert!(
+        exports[0]["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("error"),
+        "{exports}"
+    );
     d.stop();
 }
