@@ -276,7 +276,13 @@ impl BlockDevice for FileDevice {
                 "file"
             },
             self.path.display(),
-            if self.direct { "O_DIRECT" } else { "buffered" }
+            if self.memory_fs {
+                "memory filesystem, synchronous copy"
+            } else if self.direct {
+                "O_DIRECT, io_uring"
+            } else {
+                "buffered, io_uring"
+            }
         )
     }
 }
