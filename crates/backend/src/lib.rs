@@ -242,9 +242,6 @@ impl FileDevice {
         })
     }
 
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
 }
 
 impl BlockDevice for FileDevice {
