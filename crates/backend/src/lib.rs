@@ -241,7 +241,6 @@ impl FileDevice {
             memory_fs,
         })
     }
-
 }
 
 impl BlockDevice for FileDevice {

@@ -112,7 +112,6 @@ impl BlkioClient {
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
     }
 
-
     /// Queue one request on queue `q` without waiting.
     pub fn enqueue(&mut self, q: usize, r: Req, tag: usize, flags: ReqFlags) {
         let p = self.region.addr + r.buf_off;
