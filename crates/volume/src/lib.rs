@@ -1,11 +1,16 @@
 //! nvmux pools and thin volumes.
 //!
-//! Today this room holds the pool format, version 1 (`format`): the encoding and
-//! validation of every metadata block, specified byte by byte in `docs/format.md`. The
-//! allocator, thin volumes, the journal's replay and `pool check` build on it.
+//! Today this room holds:
+//! * `format`: the pool format, version 1, i.e. the encoding and validation of every
+//!   metadata block, specified byte by byte in `docs/format.md`;
+//! * `journal`: the circular metadata journal, with commit (write + sync) and crash-safe
+//!   replay of whole transactions, over a `MetaIo` device.
+//!
+//! The allocator, thin volumes, checkpoints and `pool check` build on them.
 
 pub mod crc32c;
 pub mod format;
+pub mod journal;
 
 /// Fuzz entry point: decode arbitrary bytes as every kind of metadata block. Decoding must
 /// never panic, and whatever decodes must encode back to the same bytes.
