@@ -16,6 +16,7 @@ const CRC_AT: usize = BLOCK - 4;
 pub const SUPER_MAGIC: [u8; 8] = *b"NVMUXPL\0";
 pub const JOURNAL_MAGIC: [u8; 4] = *b"NVJB";
 pub const VOLTAB_MAGIC: [u8; 4] = *b"NVVT";
+pub const OWNER_MAGIC: [u8; 4] = *b"NVOT";
 pub const FORMAT_VERSION: u32 = 1;
 
 pub const MIN_CLUSTER: u32 = 4096;
@@ -32,6 +33,10 @@ const VOLTAB_HDR: usize = 16;
 pub const VOLUMES_PER_BLOCK: usize = (CRC_AT - VOLTAB_HDR) / VOLUME_BYTES;
 /// Longest volume name, in bytes.
 pub const NAME_BYTES: usize = 64;
+
+/// Owner table entries (u64) per owner table block.
+const OWNER_HDR: usize = 16;
+pub const OWNERS_PER_BLOCK: usize = (CRC_AT - OWNER_HDR) / 8;
 
 /// What is wrong with a metadata block.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,13 +115,12 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     pub generation: u64,
     pub cluster_size: u32,
+    /// Which copy of the tables (volume table + owner table) is current: 0 or 1.
+    pub active_tables: u32,
     /// Bytes of the device the pool uses.
     pub pool_bytes: u64,
     /// Data clusters (cluster 0 is the first data cluster, at `data_offset`).
     pub n_clusters: u64,
-    /// Byte offset and length of the refcount table (u16 per data cluster).
-    pub refcount_offset: u64,
-    pub refcount_bytes: u64,
     /// Byte offset and length of the circular journal.
     pub journal_offset: u64,
     pub journal_bytes: u64,
@@ -124,9 +128,11 @@ pub struct Superblock {
     /// (relative to `journal_offset`).
     pub journal_head_seq: u64,
     pub journal_head_offset: u64,
-    /// Byte offset and length of the volume table.
-    pub voltab_offset: u64,
+    /// Byte offset of table copy 0; copy 1 follows it. A copy is the volume table
+    /// (`voltab_bytes`) followed by the owner table (`owner_bytes`).
+    pub tables_offset: u64,
     pub voltab_bytes: u64,
+    pub owner_bytes: u64,
     /// Byte offset of data cluster 0.
     pub data_offset: u64,
 }
@@ -142,18 +148,17 @@ impl Superblock {
             |b: &mut [u8; BLOCK], o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_le_bytes());
         put(&mut b, 32, self.generation);
         b[40..44].copy_from_slice(&self.cluster_size.to_le_bytes());
-        // 44..48: flags, zero in version 1
+        b[44..48].copy_from_slice(&self.active_tables.to_le_bytes());
         put(&mut b, 48, self.pool_bytes);
         put(&mut b, 56, self.n_clusters);
-        put(&mut b, 64, self.refcount_offset);
-        put(&mut b, 72, self.refcount_bytes);
-        put(&mut b, 80, self.journal_offset);
-        put(&mut b, 88, self.journal_bytes);
-        put(&mut b, 96, self.journal_head_seq);
-        put(&mut b, 104, self.journal_head_offset);
-        put(&mut b, 112, self.voltab_offset);
-        put(&mut b, 120, self.voltab_bytes);
-        put(&mut b, 128, self.data_offset);
+        put(&mut b, 64, self.journal_offset);
+        put(&mut b, 72, self.journal_bytes);
+        put(&mut b, 80, self.journal_head_seq);
+        put(&mut b, 88, self.journal_head_offset);
+        put(&mut b, 96, self.tables_offset);
+        put(&mut b, 104, self.voltab_bytes);
+        put(&mut b, 112, self.owner_bytes);
+        put(&mut b, 120, self.data_offset);
         seal(&mut b);
         b
     }
@@ -189,19 +194,19 @@ impl Superblock {
                 format!("{} (must be {BLOCK})", u32_at(b, 12)),
             ));
         }
-        if u32_at(b, 44) != 0 {
+        if u32_at(b, 44) > 1 {
             return Err(field(
                 &name,
-                "flags",
+                "active_tables",
                 44,
-                format!("{:#x}: unknown flags", u32_at(b, 44)),
+                format!("{} (must be 0 or 1)", u32_at(b, 44)),
             ));
         }
-        if let Some(i) = b[136..CRC_AT].iter().position(|&c| c != 0) {
+        if let Some(i) = b[128..CRC_AT].iter().position(|&c| c != 0) {
             return Err(field(
                 &name,
                 "reserved",
-                136 + i,
+                128 + i,
                 "reserved bytes are not zero",
             ));
         }
@@ -211,17 +216,17 @@ impl Superblock {
             uuid,
             generation: u64_at(b, 32),
             cluster_size: u32_at(b, 40),
+            active_tables: u32_at(b, 44),
             pool_bytes: u64_at(b, 48),
             n_clusters: u64_at(b, 56),
-            refcount_offset: u64_at(b, 64),
-            refcount_bytes: u64_at(b, 72),
-            journal_offset: u64_at(b, 80),
-            journal_bytes: u64_at(b, 88),
-            journal_head_seq: u64_at(b, 96),
-            journal_head_offset: u64_at(b, 104),
-            voltab_offset: u64_at(b, 112),
-            voltab_bytes: u64_at(b, 120),
-            data_offset: u64_at(b, 128),
+            journal_offset: u64_at(b, 64),
+            journal_bytes: u64_at(b, 72),
+            journal_head_seq: u64_at(b, 80),
+            journal_head_offset: u64_at(b, 88),
+            tables_offset: u64_at(b, 96),
+            voltab_bytes: u64_at(b, 104),
+            owner_bytes: u64_at(b, 112),
+            data_offset: u64_at(b, 120),
         };
         s.validate(&name)?;
         Ok(s)
@@ -239,10 +244,16 @@ impl Superblock {
             ));
         }
         let blk = BLOCK as u64;
+        if self.voltab_bytes == 0 || self.owner_bytes == 0 {
+            return Err(field(name, "voltab_bytes", 104, "a table is empty"));
+        }
+        let copy = self
+            .voltab_bytes
+            .checked_add(self.owner_bytes)
+            .unwrap_or(u64::MAX);
         let regions = [
-            ("refcount", 64, self.refcount_offset, self.refcount_bytes),
-            ("journal", 80, self.journal_offset, self.journal_bytes),
-            ("volume table", 112, self.voltab_offset, self.voltab_bytes),
+            ("journal", 64, self.journal_offset, self.journal_bytes),
+            ("tables", 96, self.tables_offset, copy.saturating_mul(2)),
         ];
         let mut spans = vec![(0u64, 2 * blk, "superblocks")];
         for (what, off, start, len) in regions {
@@ -276,19 +287,19 @@ impl Superblock {
                 return Err(field(
                     name,
                     "layout",
-                    64,
+                    96,
                     format!("{} and {} overlap", w[0].2, w[1].2),
                 ));
             }
         }
-        if self.refcount_bytes < self.n_clusters.saturating_mul(2) {
+        if self.owner_bytes / blk < self.n_clusters.div_ceil(OWNERS_PER_BLOCK as u64) {
             return Err(field(
                 name,
-                "refcount_bytes",
-                72,
+                "owner_bytes",
+                112,
                 format!(
                     "{} bytes cannot hold {} clusters",
-                    self.refcount_bytes, self.n_clusters
+                    self.owner_bytes, self.n_clusters
                 ),
             ));
         }
@@ -296,7 +307,7 @@ impl Superblock {
             return Err(field(
                 name,
                 "data_offset",
-                128,
+                120,
                 format!("{} is not cluster-aligned", self.data_offset),
             ));
         }
@@ -321,7 +332,7 @@ impl Superblock {
             return Err(field(
                 name,
                 "journal_head_offset",
-                104,
+                88,
                 format!(
                     "{} is not a block inside the journal",
                     self.journal_head_offset
@@ -334,9 +345,8 @@ impl Superblock {
 
 fn what_field(what: &str) -> &'static str {
     match what {
-        "refcount" => "refcount_offset",
         "journal" => "journal_offset",
-        _ => "voltab_offset",
+        _ => "tables_offset",
     }
 }
 
@@ -361,18 +371,52 @@ pub fn current_superblock(
     }
 }
 
-/// Journal record kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Record {
-    /// Volume `vol`'s virtual cluster `index` maps to data cluster `value` (0: unmapped,
-    /// otherwise cluster `value - 1`).
-    MapSet { vol: u32, index: u64, value: u64 },
-    /// Data cluster `cluster` has reference count `count`.
-    RefcountSet { cluster: u64, count: u16 },
+/// Who owns a data cluster: the owner table's entry, and a journal record's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// Free, and its content is known to be zero: it may be handed out.
+    Free,
+    /// Free, but it may hold old data: it is zeroed before it is handed out.
+    Dirty,
+    /// Virtual cluster `index` of volume `vol`.
+    Vol { vol: u32, index: u32 },
 }
 
-const OP_MAP_SET: u8 = 1;
-const OP_REFCOUNT_SET: u8 = 2;
+const OWNER_DIRTY: u64 = u64::MAX;
+
+impl Owner {
+    /// The on-disk u64: 0 free, all ones dirty, else `vol << 32 | index`.
+    pub fn encode(self) -> u64 {
+        match self {
+            Owner::Free => 0,
+            Owner::Dirty => OWNER_DIRTY,
+            Owner::Vol { vol, index } => ((vol as u64) << 32) | index as u64,
+        }
+    }
+    pub fn decode(v: u64) -> Option<Owner> {
+        match v {
+            0 => Some(Owner::Free),
+            OWNER_DIRTY => Some(Owner::Dirty),
+            _ => {
+                let vol = (v >> 32) as u32;
+                (vol != 0 && vol != u32::MAX).then_some(Owner::Vol {
+                    vol,
+                    index: v as u32,
+                })
+            }
+        }
+    }
+}
+
+/// A journal record: data cluster `cluster` now has owner `owner`. Records are absolute
+/// values, so replaying one twice is harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub cluster: u64,
+    pub owner: Owner,
+}
+
+const OP_OWNER_SET: u8 = 1;
 
 /// One block of the journal: records of one sequence number. A transaction is one or more
 /// consecutive blocks; the last has `commit` set. Replay applies whole transactions only.
@@ -405,12 +449,12 @@ impl JournalBlock {
         b[16..32].copy_from_slice(&self.pool_uuid);
         for (i, r) in self.records.iter().enumerate() {
             let o = JOURNAL_HDR + i * RECORD_BYTES;
-            let (op, a, x, y) = match *r {
-                Record::MapSet { vol, index, value } => (OP_MAP_SET, vol, index, value),
-                Record::RefcountSet { cluster, count } => {
-                    (OP_REFCOUNT_SET, 0, cluster, count as u64)
-                }
+            let (a, y) = match r.owner {
+                Owner::Free => (0, 0),
+                Owner::Dirty => (0, 1),
+                Owner::Vol { vol, index } => (vol, index as u64),
             };
+            let (op, x) = (OP_OWNER_SET, r.cluster);
             b[o] = op;
             b[o + 4..o + 8].copy_from_slice(&a.to_le_bytes());
             b[o + 8..o + 16].copy_from_slice(&x.to_le_bytes());
@@ -468,25 +512,25 @@ impl JournalBlock {
                     format!("record {i}: reserved bytes are not zero"),
                 ));
             }
-            records.push(match op {
-                OP_MAP_SET => Record::MapSet {
-                    vol: a,
-                    index: x,
-                    value: y,
-                },
-                OP_REFCOUNT_SET if a == 0 && y <= u16::MAX as u64 => Record::RefcountSet {
-                    cluster: x,
-                    count: y as u16,
-                },
-                OP_REFCOUNT_SET => {
+            let owner = match (a, y) {
+                (0, 0) => Some(Owner::Free),
+                (0, 1) => Some(Owner::Dirty),
+                (vol, index) if vol != 0 && vol != u32::MAX => u32::try_from(index)
+                    .ok()
+                    .map(|index| Owner::Vol { vol, index }),
+                _ => None,
+            };
+            records.push(match (op, owner) {
+                (OP_OWNER_SET, Some(owner)) => Record { cluster: x, owner },
+                (OP_OWNER_SET, None) => {
                     return Err(field(
                         &name,
                         "record",
                         o,
-                        format!("record {i}: refcount {y} out of range"),
+                        format!("record {i}: owner (volume {a}, cluster {y}) is invalid"),
                     ))
                 }
-                other => {
+                (other, _) => {
                     return Err(field(
                         &name,
                         "record op",
@@ -514,17 +558,18 @@ pub struct VolumeEntry {
     pub flags: u32,
     /// Size in bytes (a multiple of 512).
     pub size: u64,
-    /// Id of the snapshot this volume was cloned from, 0 for none.
+    /// Id of the snapshot this volume reads through to, 0 for none.
     pub parent: u32,
-    /// Byte offset and entry count of the volume's L1 table (u64 entries, each 0 or the
-    /// data cluster + 1 of an L2 table cluster).
-    pub l1_offset: u64,
-    pub l1_entries: u32,
+    /// Bytes at the start of the volume where unmapped clusters read from `parent`; past
+    /// it they read as zeros (a shrink lowers it, so a later grow never exposes old data).
+    pub parent_limit: u64,
     pub name: String,
     pub uuid: [u8; 16],
 }
 
 pub const VOLUME_SNAPSHOT: u32 = 1;
+/// Deleted by the user but kept because clones still read through it.
+pub const VOLUME_HIDDEN: u32 = 2;
 
 /// One block of the volume table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -564,8 +609,7 @@ impl VolumeTableBlock {
             b[o + 4..o + 8].copy_from_slice(&e.flags.to_le_bytes());
             b[o + 8..o + 16].copy_from_slice(&e.size.to_le_bytes());
             b[o + 16..o + 20].copy_from_slice(&e.parent.to_le_bytes());
-            b[o + 20..o + 24].copy_from_slice(&e.l1_entries.to_le_bytes());
-            b[o + 24..o + 32].copy_from_slice(&e.l1_offset.to_le_bytes());
+            b[o + 24..o + 32].copy_from_slice(&e.parent_limit.to_le_bytes());
             b[o + 32..o + 48].copy_from_slice(&e.uuid);
             b[o + 48..o + 48 + e.name.len()].copy_from_slice(e.name.as_bytes());
         }
@@ -615,7 +659,7 @@ impl VolumeTableBlock {
                 entries.push(None);
                 continue;
             }
-            if b[o + 112..o + VOLUME_BYTES].iter().any(|&c| c != 0) {
+            if b[o + 112..o + VOLUME_BYTES].iter().any(|&c| c != 0) || u32_at(b, o + 20) != 0 {
                 return Err(field(
                     &name,
                     "volume reserved",
@@ -624,7 +668,7 @@ impl VolumeTableBlock {
                 ));
             }
             let flags = u32_at(b, o + 4);
-            if flags & !VOLUME_SNAPSHOT != 0 {
+            if flags & !(VOLUME_SNAPSHOT | VOLUME_HIDDEN) != 0 {
                 return Err(field(
                     &name,
                     "volume flags",
@@ -666,13 +710,102 @@ impl VolumeTableBlock {
                 flags,
                 size,
                 parent: u32_at(b, o + 16),
-                l1_entries: u32_at(b, o + 20),
-                l1_offset: u64_at(b, o + 24),
+                parent_limit: u64_at(b, o + 24),
                 name: vname.to_string(),
                 uuid,
             }));
         }
         Ok(VolumeTableBlock { index, entries })
+    }
+}
+
+/// One block of the owner table: who owns each of `OWNERS_PER_BLOCK` data clusters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerBlock {
+    pub index: u32,
+    pub owners: Vec<Owner>,
+}
+
+impl OwnerBlock {
+    /// Encode owners (at most `OWNERS_PER_BLOCK`; missing ones are free).
+    pub fn encode_raw(index: u32, owners: &[u64]) -> [u8; BLOCK] {
+        let mut b = [0u8; BLOCK];
+        b[0..4].copy_from_slice(&OWNER_MAGIC);
+        b[4..8].copy_from_slice(&index.to_le_bytes());
+        for (i, v) in owners.iter().take(OWNERS_PER_BLOCK).enumerate() {
+            let o = OWNER_HDR + i * 8;
+            b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        seal(&mut b);
+        b
+    }
+
+    pub fn encode(&self) -> [u8; BLOCK] {
+        let raw: Vec<u64> = self.owners.iter().map(|o| o.encode()).collect();
+        Self::encode_raw(self.index, &raw)
+    }
+
+    pub fn decode(b: &[u8], index: u32) -> Result<OwnerBlock, FormatError> {
+        let name = format!("owner table block {index}");
+        if b.len() != BLOCK {
+            return Err(FormatError::Size {
+                block: name,
+                got: b.len(),
+            });
+        }
+        if b[0..4] != OWNER_MAGIC {
+            return Err(FormatError::Magic {
+                block: name,
+                found: b[0..4].to_vec(),
+            });
+        }
+        check_block(b, &name)?;
+        if u32_at(b, 4) != index {
+            return Err(field(
+                &name,
+                "index",
+                4,
+                format!("block says it is number {}", u32_at(b, 4)),
+            ));
+        }
+        if u64_at(b, 8) != 0 || u32_at(b, CRC_AT - 4) != 0 {
+            return Err(field(&name, "reserved", 8, "reserved bytes are not zero"));
+        }
+        let mut owners = Vec::with_capacity(OWNERS_PER_BLOCK);
+        for i in 0..OWNERS_PER_BLOCK {
+            let o = OWNER_HDR + i * 8;
+            let v = u64_at(b, o);
+            owners.push(Owner::decode(v).ok_or_else(|| {
+                field(
+                    &name,
+                    "owner",
+                    o,
+                    format!(
+                        "entry {i} (cluster {}): {v:#x} names volume 0",
+                        index as usize * OWNERS_PER_BLOCK + i
+                    ),
+                )
+            })?);
+        }
+        Ok(OwnerBlock { index, owners })
+    }
+}
+
+impl Superblock {
+    pub fn voltab_blocks(&self) -> u64 {
+        self.voltab_bytes / BLOCK as u64
+    }
+    pub fn owner_blocks(&self) -> u64 {
+        self.owner_bytes / BLOCK as u64
+    }
+    /// Byte offset of table block `i` (volume table blocks first, then owner table
+    /// blocks) in table copy `copy`.
+    pub fn table_block_at(&self, copy: u32, i: u64) -> u64 {
+        self.tables_offset + copy as u64 * (self.voltab_bytes + self.owner_bytes) + i * BLOCK as u64
+    }
+    /// Byte offset of data cluster `c`.
+    pub fn cluster_at(&self, c: u64) -> u64 {
+        self.data_offset + c * self.cluster_size as u64
     }
 }
 
@@ -699,28 +832,28 @@ pub fn layout(
     let journal_bytes = round(journal_bytes.max(16 * blk), blk);
     let voltab_bytes = voltab_blocks.max(1) * blk;
     let journal_offset = 2 * blk;
-    let voltab_offset = journal_offset + journal_bytes;
-    let refcount_offset = voltab_offset + voltab_bytes;
-    // The refcount table must cover every data cluster; solve for the largest n that fits.
-    let fixed = refcount_offset;
-    let mut n = pool_bytes.saturating_sub(fixed) / (cs + 2);
+    let tables_offset = journal_offset + journal_bytes;
+    let owner_bytes_for = |n: u64| n.div_ceil(OWNERS_PER_BLOCK as u64).max(1) * blk;
+    // Two table copies must cover every data cluster; solve for the largest n that fits.
+    let mut n = pool_bytes.saturating_sub(tables_offset) / (cs + 16);
     loop {
-        let data_offset = round(refcount_offset + round(n * 2, blk), cs);
+        let owner_bytes = owner_bytes_for(n);
+        let data_offset = round(tables_offset + 2 * (voltab_bytes + owner_bytes), cs);
         if n == 0 || data_offset + n * cs <= pool_bytes {
             let sb = Superblock {
                 uuid,
                 generation: 1,
                 cluster_size,
+                active_tables: 0,
                 pool_bytes,
                 n_clusters: n,
-                refcount_offset,
-                refcount_bytes: round((n * 2).max(1), blk),
                 journal_offset,
                 journal_bytes,
                 journal_head_seq: 1,
                 journal_head_offset: 0,
-                voltab_offset,
+                tables_offset,
                 voltab_bytes,
+                owner_bytes,
                 data_offset,
             };
             if n == 0 {
@@ -751,7 +884,7 @@ mod tests {
         let s = sb();
         assert_eq!(Superblock::decode(&s.encode(), 0).unwrap(), s);
         assert!(s.data_offset + s.n_clusters * 65536 <= 1 << 30);
-        assert!(s.refcount_bytes >= s.n_clusters * 2);
+        assert!(s.owner_blocks() * OWNERS_PER_BLOCK as u64 >= s.n_clusters);
         assert!(
             s.n_clusters > 16000,
             "most of the pool is data: {}",
@@ -779,7 +912,7 @@ mod tests {
         let e = Superblock::decode(&s.encode(), 0).unwrap_err();
         assert!(e.to_string().contains("cluster_size"), "{e}");
         let mut s = sb();
-        s.journal_bytes = s.voltab_offset; // journal overlaps the volume table
+        s.journal_bytes = s.tables_offset; // journal overlaps the tables
         let e = Superblock::decode(&s.encode(), 0).unwrap_err();
         assert!(
             e.to_string().contains("overlap") || e.to_string().contains("past"),
@@ -811,14 +944,17 @@ mod tests {
             pool_uuid: [7; 16],
             commit: true,
             records: vec![
-                Record::MapSet {
-                    vol: 3,
-                    index: 9,
-                    value: 1001,
-                },
-                Record::RefcountSet {
+                Record {
                     cluster: 1000,
-                    count: 2,
+                    owner: Owner::Vol { vol: 3, index: 9 },
+                },
+                Record {
+                    cluster: 1,
+                    owner: Owner::Dirty,
+                },
+                Record {
+                    cluster: 2,
+                    owner: Owner::Free,
                 },
             ],
         };
@@ -826,9 +962,9 @@ mod tests {
         assert_eq!(JournalBlock::decode(&b, 8192).unwrap(), j);
         let full = JournalBlock {
             records: vec![
-                Record::RefcountSet {
+                Record {
                     cluster: 1,
-                    count: 1
+                    owner: Owner::Free
                 };
                 RECORDS_PER_BLOCK + 1
             ],
@@ -853,8 +989,7 @@ mod tests {
             flags: VOLUME_SNAPSHOT,
             size: 10 << 30,
             parent: 2,
-            l1_offset: 1 << 20,
-            l1_entries: 20,
+            parent_limit: 1 << 30,
             name: "db1@monday".into(),
             uuid: [1; 16],
         };
@@ -866,6 +1001,30 @@ mod tests {
         assert!(
             VolumeTableBlock::decode(&b, 1).is_err(),
             "block number is checked"
+        );
+    }
+
+    #[test]
+    fn owner_block_round_trip_and_corruption() {
+        let mut owners = vec![Owner::Free; OWNERS_PER_BLOCK];
+        owners[0] = Owner::Vol { vol: 1, index: 7 };
+        owners[5] = Owner::Dirty;
+        owners[OWNERS_PER_BLOCK - 1] = Owner::Vol {
+            vol: 9,
+            index: u32::MAX,
+        };
+        let t = OwnerBlock { index: 3, owners };
+        let b = t.encode();
+        assert_eq!(OwnerBlock::decode(&b, 3).unwrap(), t);
+        assert!(OwnerBlock::decode(&b, 4).is_err());
+        let mut bad = b;
+        bad[OWNER_HDR + 8 * 2] = 5; // volume 0, index 5
+        let c = crc32c(&bad[..CRC_AT]);
+        bad[CRC_AT..].copy_from_slice(&c.to_le_bytes());
+        let e = OwnerBlock::decode(&bad, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("owner table block 3") && e.contains("entry 2"),
+            "{e}"
         );
     }
 

@@ -258,10 +258,12 @@ pub(crate) mod tests {
     }
 
     fn map(i: u64) -> Record {
-        Record::MapSet {
-            vol: 1,
-            index: i,
-            value: i + 100,
+        Record {
+            cluster: i + 100,
+            owner: crate::format::Owner::Vol {
+                vol: 1,
+                index: i as u32,
+            },
         }
     }
 

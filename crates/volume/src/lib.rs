@@ -38,6 +38,9 @@ pub fn fuzz_metadata(data: &[u8]) {
         let again = t.encode().expect("a decoded volume table block encodes");
         assert_eq!(VolumeTableBlock::decode(&again, t.index).as_ref(), Ok(&t));
     }
+    if let Ok(o) = OwnerBlock::decode(&blk, u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]])) {
+        assert_eq!(OwnerBlock::decode(&o.encode(), o.index).as_ref(), Ok(&o));
+    }
     let _ = current_superblock(&blk, &blk);
 }
 
@@ -59,14 +62,13 @@ mod tests {
             pool_uuid: [9; 16],
             commit: true,
             records: vec![
-                Record::MapSet {
-                    vol: 1,
-                    index: 0,
-                    value: 5,
-                },
-                Record::RefcountSet {
+                Record {
                     cluster: 4,
-                    count: 1,
+                    owner: Owner::Vol { vol: 1, index: 0 },
+                },
+                Record {
+                    cluster: 5,
+                    owner: Owner::Dirty,
                 },
             ],
         };
@@ -76,8 +78,7 @@ mod tests {
             flags: 0,
             size: 1 << 30,
             parent: 0,
-            l1_offset: sb.data_offset,
-            l1_entries: 2,
+            parent_limit: 0,
             name: "vm1".into(),
             uuid: [3; 16],
         });
@@ -86,6 +87,15 @@ mod tests {
             ("superblock", sb.encode().to_vec()),
             ("journal", j.encode().expect("journal").to_vec()),
             ("voltab", t.encode().expect("voltab").to_vec()),
+            (
+                "owner",
+                OwnerBlock {
+                    index: 0,
+                    owners: vec![Owner::Vol { vol: 1, index: 2 }, Owner::Dirty, Owner::Free],
+                }
+                .encode()
+                .to_vec(),
+            ),
         ] {
             // The trailing 1 asks the harness to keep the checksum valid after mutation.
             let sealed: Vec<u8> = bytes.iter().copied().chain([1]).collect();
