@@ -225,6 +225,37 @@ impl SgList {
             off += n;
         }
     }
+    /// The `len` bytes starting `off` bytes into this list, as a list of their own
+    /// (clamped to the end).
+    pub fn slice(&self, mut off: u64, mut len: u64) -> SgList {
+        let mut out = SgList::with_capacity(2);
+        for v in &self.iov {
+            if len == 0 {
+                break;
+            }
+            let l = v.iov_len as u64;
+            if off >= l {
+                off -= l;
+                continue;
+            }
+            let n = (l - off).min(len);
+            // The pointer stays inside segment `v` (off + n <= its length).
+            out.push(v.iov_base.cast::<u8>().wrapping_add(off as usize), n as usize);
+            len -= n;
+            off = 0;
+        }
+        out
+    }
+    /// Fill the segments with zeroes.
+    ///
+    /// # Safety
+    /// Every segment must point at writable memory of its length.
+    pub unsafe fn zero(&self) {
+        for v in &self.iov {
+            // SAFETY: the caller guarantees the segment is writable.
+            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+        }
+    }
     /// Copy `src` into the segments.
     ///
     /// # Safety

@@ -115,6 +115,41 @@ pub fn replay(
     Ok(out)
 }
 
+/// After a replay stopped at `(seq, pos)`: is the block there damaged while the next one
+/// continues the sequence? Then committed transactions were lost to corruption, not to a
+/// torn tail, and the message says where.
+pub fn damage_after(io: &dyn MetaIo, ring: Ring, seq: u64, pos: u64) -> Option<String> {
+    let mut buf = vec![0u8; BLOCK];
+    let valid = |buf: &mut Vec<u8>, p: u64, s: u64| -> bool {
+        io.read_at(ring.at(p), buf).is_ok()
+            && JournalBlock::decode(buf, (p % ring.blocks) * BLOCK as u64)
+                .is_ok_and(|b| b.pool_uuid == ring.uuid && b.seq == s)
+    };
+    // Walk the (uncommitted) blocks that still carry the sequence, to the first that
+    // does not.
+    let mut s = seq;
+    let mut p = pos;
+    for _ in 0..ring.blocks {
+        if !valid(&mut buf, p, s) {
+            break;
+        }
+        s += 1;
+        p += 1;
+    }
+    if valid(&mut buf, p + 1, s + 1) {
+        io.read_at(ring.at(p), &mut buf).ok()?;
+        let why = match JournalBlock::decode(&buf, (p % ring.blocks) * BLOCK as u64) {
+            Err(e) => e.to_string(),
+            Ok(b) => format!("sequence {} where {s} was expected", b.seq),
+        };
+        return Some(format!(
+            "journal block at journal offset {} is damaged while later blocks are intact: {why}",
+            (p % ring.blocks) * BLOCK as u64
+        ));
+    }
+    None
+}
+
 /// Appends transactions to the ring.
 pub struct JournalWriter {
     ring: Ring,
@@ -180,6 +215,11 @@ impl JournalWriter {
         self.next_pos = (self.next_pos + n) % self.ring.blocks;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Drop records not yet written (a checkpoint about to write the tables holds them).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
     }
 
     /// A checkpoint made everything before ring position `pos` durable in the tables (and

@@ -11,6 +11,11 @@
 pub mod crc32c;
 pub mod format;
 pub mod journal;
+pub mod pool;
+pub mod thin;
+
+pub use pool::{check, CheckReport, Pool, PoolOptions, PoolUsage, VolumeInfo};
+pub use thin::ThinDevice;
 
 /// Fuzz entry point: decode arbitrary bytes as every kind of metadata block. Decoding must
 /// never panic, and whatever decodes must encode back to the same bytes.

@@ -1,0 +1,752 @@
+//! Thin volumes as block devices.
+//!
+//! A [`ThinQueue`] turns each guest command into I/O on the pool's data clusters through
+//! an io_uring queue of the pool file:
+//!
+//! * reads of mapped clusters go to their data cluster (the volume's own, or a snapshot's
+//!   it reads through to); unmapped ranges are filled with zeroes in guest memory;
+//! * a write to a cluster the volume owns goes in place; otherwise it takes a claimed
+//!   (zero) cluster, and when the volume reads that cluster through to a snapshot the
+//!   rest of it is copied (copy-on-write through a bounce buffer);
+//! * the new mapping is installed only when the data write has completed ("data before
+//!   metadata"), and reaches the journal at the next flush;
+//! * a command whose single piece needs no copy is passed down whole, without copying its
+//!   scatter list (the common case: any I/O inside one cluster).
+//!
+//! Two writes to the same unallocated cluster must not both allocate: the second waits
+//! (parked) until the first has installed its mapping, then runs again. Flushes and FUA
+//! writes wait for the pool's flusher to commit the journal. Parked commands come back
+//! through the queue's [`Mailbox`].
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use nvmux_core::{
+    BlockDevice, BlockQueue, DeviceInfo, Error, IoCommand, Opcode, Result, SgList, Status,
+};
+
+use crate::pool::{lock, Pool, State, VolHandle};
+
+/// Completions and retries posted to a queue from other threads.
+pub(crate) struct Mailbox {
+    items: Mutex<Vec<(u64, Status)>>,
+    /// The queue's completion eventfd, or a duplicate of it: a late post after the queue
+    /// is gone still writes to a valid eventfd, never to a reused descriptor number.
+    fd: OwnedFd,
+}
+
+impl Mailbox {
+    fn post(&self, token: u64, st: Status) {
+        lock(&self.items).push((token, st));
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a u64 to an eventfd this mailbox owns.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// A command waiting for something another thread does (an allocation, a claim, a
+/// journal commit). `wake` sends it back to its queue.
+pub(crate) struct Parked {
+    mb: Arc<Mailbox>,
+    token: u64,
+}
+
+impl Parked {
+    pub(crate) fn wake(self, st: Status) {
+        self.mb.post(self.token, st);
+    }
+}
+
+/// Retry every command waiting for claimed clusters.
+pub(crate) fn wake_claim_waiters(p: &Pool) {
+    let w = std::mem::take(&mut p.lock_state().claim_waiters);
+    for x in w {
+        x.wake(Status::SUCCESS);
+    }
+}
+
+/// Token kinds in a mailbox: run the command again, or complete it with the status.
+const RETRY: u64 = 0;
+const COMPLETE: u64 = 1;
+
+/// A device over one thin volume of a pool.
+pub struct ThinDevice {
+    pool: Arc<Pool>,
+    handle: Arc<VolHandle>,
+    info: DeviceInfo,
+    name: String,
+}
+
+impl ThinDevice {
+    pub fn open(pool: &Arc<Pool>, name: &str) -> Result<ThinDevice> {
+        let (handle, snapshot) = pool.handle(name)?;
+        let di = pool.data.info();
+        let bs = 512;
+        Ok(ThinDevice {
+            pool: pool.clone(),
+            info: DeviceInfo {
+                block_size: bs,
+                num_blocks: handle.size.load(Ordering::Acquire) / bs as u64,
+                read_only: snapshot,
+                discard: true,
+                write_zeroes: true,
+                volatile_cache: true,
+                max_transfer: di.max_transfer,
+            },
+            handle,
+            name: name.to_string(),
+        })
+    }
+
+    /// The volume's current size in bytes (it changes with resize).
+    pub fn size(&self) -> u64 {
+        self.handle.size.load(Ordering::Acquire)
+    }
+}
+
+impl BlockDevice for ThinDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        let inner = self.pool.data.open_queue(depth.saturating_mul(2).max(8))?;
+        let own = inner.completion_fd().is_none();
+        let fd = match inner.completion_fd() {
+            // SAFETY: dup of a descriptor the inner queue holds open; checked below.
+            Some(f) => unsafe { libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 0) },
+            // SAFETY: eventfd has no memory-safety preconditions; checked below.
+            None => unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
+        };
+        if fd < 0 {
+            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a new descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Box::new(ThinQueue {
+            pool: self.pool.clone(),
+            handle: self.handle.clone(),
+            ibs: self.pool.data.info().block_size as u64,
+            bs: self.info.block_size as u64,
+            read_only: self.info.read_only,
+            inner,
+            cmds: Vec::new(),
+            free_cmds: Vec::new(),
+            subs: Vec::new(),
+            free_subs: Vec::new(),
+            done: VecDeque::new(),
+            mb: Arc::new(Mailbox {
+                items: Mutex::new(Vec::new()),
+                fd,
+            }),
+            own,
+            in_flight: 0,
+            bounces: Vec::new(),
+            mail: Vec::new(),
+        }))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "thin volume {:?} in pool {} ({} KiB clusters)",
+            self.name,
+            self.pool.path().display(),
+            self.pool.cluster_size() >> 10
+        )
+    }
+}
+
+/// A cluster-sized, 4096-aligned buffer for copy-on-write.
+struct Bounce {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value.
+unsafe impl Send for Bounce {}
+
+impl Bounce {
+    fn new(len: usize) -> Bounce {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("cluster layout");
+        // SAFETY: layout has a non-zero size (a cluster is at least 4 KiB).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Bounce { ptr, len }
+    }
+    fn sg(&self, off: usize, len: usize) -> SgList {
+        let mut sg = SgList::with_capacity(1);
+        sg.push(self.ptr.wrapping_add(off), len.min(self.len - off));
+        sg
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("cluster layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+/// One piece of a command, planned under the pool lock and issued after it.
+enum Action {
+    /// Read or write `len` bytes at device byte `phys`, from `sg_off` in the command's data.
+    Data { phys: u64, sg_off: u64, len: u64 },
+    /// Fill `len` bytes of the command's buffer at `sg_off` with zeroes.
+    Fill { sg_off: u64, len: u64 },
+    /// Write zeroes to the device.
+    Zero { phys: u64, len: u64 },
+    /// Copy cluster `src` to `dst` with `len` bytes at `at` replaced by the command's data
+    /// from `sg_off` (or by zeroes).
+    Cow { src: u64, dst: u64, at: u64, sg_off: u64, len: u64, zero: bool },
+}
+
+enum Plan {
+    /// Parked: it comes back through the mailbox.
+    Wait,
+    Complete(Status),
+    Issue(Vec<Action>),
+}
+
+/// A guest command in flight.
+struct Cmd {
+    cmd: Option<IoCommand>,
+    slba: u64,
+    tag: u64,
+    fua: bool,
+    remaining: u32,
+    status: Status,
+    vol: u32,
+    /// Passed down whole: the inner command is the guest's own.
+    whole: bool,
+    pins: Vec<u64>,
+    /// (virtual cluster, new data cluster) to install on success.
+    installs: Vec<(u64, u64)>,
+    /// Virtual clusters to unmap on success.
+    unmaps: Vec<u64>,
+    /// Virtual clusters registered as allocating by this command.
+    allocs: Vec<u64>,
+}
+
+enum Phase {
+    Io,
+    CowRead { dst: u64, at: u64, sg_off: u64, len: u64, zero: bool },
+    CowWrite,
+}
+
+struct Sub {
+    cmd: usize,
+    phase: Phase,
+    bounce: Option<Bounce>,
+}
+
+pub struct ThinQueue {
+    pool: Arc<Pool>,
+    handle: Arc<VolHandle>,
+    inner: Box<dyn BlockQueue>,
+    ibs: u64,
+    bs: u64,
+    read_only: bool,
+    cmds: Vec<Option<Cmd>>,
+    free_cmds: Vec<usize>,
+    subs: Vec<Option<Sub>>,
+    free_subs: Vec<usize>,
+    done: VecDeque<(IoCommand, Status)>,
+    mb: Arc<Mailbox>,
+    /// The mailbox eventfd is our own (the inner queue has none).
+    own: bool,
+    in_flight: usize,
+    bounces: Vec<Bounce>,
+    mail: Vec<(u64, Status)>,
+}
+
+const WHOLE: u64 = 1 << 63;
+
+impl ThinQueue {
+    fn parked(&self, idx: usize, kind: u64) -> Parked {
+        Parked {
+            mb: self.mb.clone(),
+            token: ((idx as u64) << 1) | kind,
+        }
+    }
+
+    fn finish(&mut self, mut cmd: IoCommand, slba: u64, tag: u64, st: Status) {
+        cmd.slba = slba;
+        cmd.tag = tag;
+        self.in_flight -= 1;
+        self.done.push_back((cmd, st));
+    }
+
+    fn complete_idx(&mut self, idx: usize, st: Status) {
+        if let Some(c) = self.cmds[idx].take() {
+            self.free_cmds.push(idx);
+            if let Some(cmd) = c.cmd {
+                self.finish(cmd, c.slba, c.tag, st);
+            }
+        }
+    }
+
+    fn new_sub(&mut self, s: Sub) -> usize {
+        match self.free_subs.pop() {
+            Some(i) => {
+                self.subs[i] = Some(s);
+                i
+            }
+            None => {
+                self.subs.push(Some(s));
+                self.subs.len() - 1
+            }
+        }
+    }
+
+    fn bounce(&mut self) -> Bounce {
+        self.bounces
+            .pop()
+            .unwrap_or_else(|| Bounce::new(self.pool.cluster_size as usize))
+    }
+
+    /// Plan command `idx` under the pool lock and issue its pieces.
+    fn start(&mut self, idx: usize) {
+        let Some(mut c) = self.cmds[idx].take() else {
+            return;
+        };
+        let plan = self.plan(&mut c, idx);
+        self.cmds[idx] = Some(c);
+        match plan {
+            Plan::Wait => {}
+            Plan::Complete(st) => self.complete_idx(idx, st),
+            Plan::Issue(actions) => {
+                let Some(c) = self.cmds[idx].as_mut() else { return };
+                let len = c.cmd.as_ref().map_or(0, |m| m.sg.len());
+                // A single data piece covering the whole command: pass it down as is.
+                if let [Action::Data { phys, len: n, .. }] = actions[..] {
+                    if n == len {
+                        if let Some(mut cmd) = c.cmd.take() {
+                            c.whole = true;
+                            c.remaining = 1;
+                            cmd.slba = phys / self.ibs;
+                            cmd.tag = WHOLE | idx as u64;
+                            cmd.fua = false;
+                            self.inner.submit(cmd);
+                            return;
+                        }
+                    }
+                }
+                c.remaining = 1; // held while issuing, so nothing completes early
+                for a in actions {
+                    self.issue(idx, a);
+                }
+                self.put(idx, Status::SUCCESS);
+            }
+        }
+    }
+
+    fn plan(&self, c: &mut Cmd, idx: usize) -> Plan {
+        let Some(cmd) = c.cmd.as_ref() else {
+            return Plan::Wait;
+        };
+        let op = cmd.opcode;
+        if op == Opcode::Flush {
+            self.pool.flush_after_commit(self.parked(idx, COMPLETE));
+            return Plan::Wait;
+        }
+        let size = self.handle.size.load(Ordering::Acquire);
+        let off = c.slba * self.bs;
+        let len = cmd.nlb as u64 * self.bs;
+        if cmd.nlb == 0 {
+            return Plan::Complete(Status::INVALID_FIELD);
+        } else if off.checked_add(len).is_none_or(|e| e > size) {
+            return Plan::Complete(Status::LBA_OUT_OF_RANGE);
+        } else if op.has_data() && cmd.sg.len() != len {
+            return Plan::Complete(Status::DATA_TRANSFER_ERROR);
+        } else if op.is_write() && self.read_only {
+            return Plan::Complete(Status::WRITE_PROTECTED);
+        } else if op.is_write() && self.pool.failed.load(Ordering::Acquire) {
+            return Plan::Complete(Status::WRITE_FAULT);
+        } else if self.handle.deleted.load(Ordering::Acquire) {
+            return Plan::Complete(Status::INVALID_NAMESPACE);
+        }
+        let pool = &*self.pool;
+        let cs = pool.cluster_size;
+        let base = pool.data_offset;
+        let end = off + len;
+        let mut actions: Vec<Action> = Vec::new();
+        let mut guard = pool.lock_state();
+        let s: &mut State = &mut guard;
+        let vol = self.handle.id.load(Ordering::Acquire);
+        c.vol = vol;
+        if op.is_write() {
+            // A write where another command allocates: wait for it to install.
+            let (x0, x1) = (off / cs, (end - 1) / cs);
+            if let Some(x) = (x0..=x1).find(|x| s.allocating.contains_key(&(vol, *x))) {
+                if let Some(w) = s.allocating.get_mut(&(vol, x)) {
+                    w.push(self.parked(idx, RETRY));
+                }
+                return Plan::Wait;
+            }
+            // Count the new clusters it takes, so it never stops half-planned.
+            let mut need = 0;
+            let mut pos = off;
+            while pos < end {
+                let x = pos / cs;
+                let n = (cs - pos % cs).min(end - pos);
+                match s.lookup(vol, x, cs) {
+                    Some((_, true)) => {}
+                    Some((_, false)) => need += 1,
+                    None if op == Opcode::Write => need += 1,
+                    None => {}
+                }
+                pos += n;
+            }
+            if need > s.claimed.len() {
+                if s.free == 0 && s.claimed.is_empty() && !s.has_to_zero() {
+                    return Plan::Complete(Status::CAPACITY_EXCEEDED);
+                }
+                s.claim_waiters.push(self.parked(idx, RETRY));
+                drop(guard);
+                pool.ensure_claimed();
+                return Plan::Wait;
+            }
+        }
+        let mut pos = off;
+        while pos < end {
+            let x = pos / cs;
+            let at = pos % cs;
+            let n = (cs - at).min(end - pos);
+            let whole = at == 0 && n == cs;
+            let sg_off = pos - off;
+            let found = s.lookup(vol, x, cs);
+            let pin = |pc: u64, c: &mut Cmd| {
+                pool.pins[pc as usize].fetch_add(1, Ordering::AcqRel);
+                c.pins.push(pc);
+            };
+            match (op, found) {
+                (Opcode::Read, Some((pc, _))) | (Opcode::Write, Some((pc, true))) => {
+                    pin(pc, c);
+                    actions.push(Action::Data {
+                        phys: base + pc * cs + at,
+                        sg_off,
+                        len: n,
+                    });
+                }
+                (Opcode::Read, None) => actions.push(Action::Fill { sg_off, len: n }),
+                (_, Some((_, false))) | (Opcode::Write, None) => {
+                    let Some(nc) = s.claimed.pop() else {
+                        unreachable!("claimed clusters were counted above")
+                    };
+                    c.installs.push((x, nc));
+                    s.allocating.insert((vol, x), Vec::new());
+                    c.allocs.push(x);
+                    match found {
+                        // Zeroes over a whole cluster read from a snapshot: the fresh
+                        // (zero) cluster hides it, no I/O needed.
+                        Some(_) if op != Opcode::Write && whole => {}
+                        Some((pc, _)) if !whole => {
+                            pin(pc, c);
+                            actions.push(Action::Cow {
+                                src: base + pc * cs,
+                                dst: base + nc * cs,
+                                at,
+                                sg_off,
+                                len: n,
+                                zero: op != Opcode::Write,
+                            });
+                        }
+                        _ => actions.push(Action::Data {
+                            phys: base + nc * cs + at,
+                            sg_off,
+                            len: n,
+                        }),
+                    }
+                }
+                (_, Some((pc, true))) => {
+                    // Write zeroes or deallocate over our own cluster.
+                    if whole && !s.inherits(vol, x, cs) {
+                        c.unmaps.push(x);
+                    } else {
+                        pin(pc, c);
+                        actions.push(Action::Zero {
+                            phys: base + pc * cs + at,
+                            len: n,
+                        });
+                    }
+                }
+                (_, None) => {} // already reads as zeroes
+            }
+            pos += n;
+        }
+        if s.claimed.len() < 64 {
+            drop(guard);
+            pool.ensure_claimed();
+        }
+        Plan::Issue(actions)
+    }
+
+    fn issue(&mut self, idx: usize, a: Action) {
+        let ibs = self.ibs;
+        let Some(c) = self.cmds[idx].as_mut() else { return };
+        let Some(cmd) = c.cmd.as_ref() else { return };
+        match a {
+            Action::Fill { sg_off, len } => {
+                let sg = cmd.sg.slice(sg_off, len);
+                // SAFETY: a read command's buffers are writable guest memory of their
+                // length (the transport validated them).
+                unsafe { sg.zero() };
+            }
+            Action::Data { phys, sg_off, len } => {
+                let sg = cmd.sg.slice(sg_off, len);
+                let op = cmd.opcode;
+                c.remaining += 1;
+                let si = self.new_sub(Sub {
+                    cmd: idx,
+                    phase: Phase::Io,
+                    bounce: None,
+                });
+                self.inner.submit(IoCommand::new(op, phys / ibs, (len / ibs) as u32, si as u64, sg));
+            }
+            Action::Zero { phys, len } => {
+                c.remaining += 1;
+                let si = self.new_sub(Sub {
+                    cmd: idx,
+                    phase: Phase::Io,
+                    bounce: None,
+                });
+                self.inner.submit(IoCommand::new(
+                    Opcode::WriteZeroes,
+                    phys / ibs,
+                    (len / ibs) as u32,
+                    si as u64,
+                    SgList::default(),
+                ));
+            }
+            Action::Cow { src, dst, at, sg_off, len, zero } => {
+                c.remaining += 1;
+                let b = self.bounce();
+                let cs = self.pool.cluster_size;
+                let sg = b.sg(0, cs as usize);
+                let si = self.new_sub(Sub {
+                    cmd: idx,
+                    phase: Phase::CowRead { dst, at, sg_off, len, zero },
+                    bounce: Some(b),
+                });
+                self.inner.submit(IoCommand::new(Opcode::Read, src / ibs, (cs / ibs) as u32, si as u64, sg));
+            }
+        }
+    }
+
+    /// One piece of command `idx` is done.
+    fn put(&mut self, idx: usize, st: Status) {
+        let Some(c) = self.cmds[idx].as_mut() else { return };
+        if !st.is_ok() && c.status.is_ok() {
+            c.status = st;
+        }
+        c.remaining -= 1;
+        if c.remaining > 0 {
+            return;
+        }
+        let st = c.status;
+        let vol = c.vol;
+        let pins = std::mem::take(&mut c.pins);
+        let installs = std::mem::take(&mut c.installs);
+        let unmaps = std::mem::take(&mut c.unmaps);
+        let allocs = std::mem::take(&mut c.allocs);
+        let fua = c.fua && c.cmd.as_ref().is_some_and(|m| m.opcode.is_write());
+        let mut woken = Vec::new();
+        if !installs.is_empty() || !unmaps.is_empty() || !allocs.is_empty() {
+            let mut s = self.pool.lock_state();
+            for (x, nc) in installs {
+                if st.is_ok() {
+                    s.install(vol, x, nc);
+                } else {
+                    // It may hold part of the failed write: zero it before reuse.
+                    s.release(nc);
+                }
+            }
+            if st.is_ok() {
+                for x in unmaps {
+                    s.unmap(vol, x);
+                }
+            }
+            for x in allocs {
+                if let Some(w) = s.allocating.remove(&(vol, x)) {
+                    woken.extend(w);
+                }
+            }
+        }
+        for pc in pins {
+            self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+        }
+        for w in woken {
+            w.wake(Status::SUCCESS);
+        }
+        if fua && st.is_ok() {
+            let p = self.parked(idx, COMPLETE);
+            self.pool.flush_after_commit(p);
+            return;
+        }
+        self.complete_idx(idx, st);
+    }
+
+    fn inner_done(&mut self, mut cmd: IoCommand, st: Status) {
+        if cmd.tag & WHOLE != 0 {
+            let idx = (cmd.tag & !WHOLE) as usize;
+            if let Some(c) = self.cmds[idx].as_mut() {
+                cmd.fua = c.fua;
+                c.cmd = Some(cmd);
+            }
+            self.put(idx, st);
+            return;
+        }
+        let si = cmd.tag as usize;
+        let Some(sub) = self.subs.get_mut(si).and_then(|s| s.take()) else {
+            return;
+        };
+        self.free_subs.push(si);
+        match sub.phase {
+            Phase::CowRead { dst, at, sg_off, len, zero } if st.is_ok() => {
+                let Some(b) = sub.bounce else { return };
+                if let Some(src) = self.cmds[sub.cmd].as_ref().and_then(|c| c.cmd.as_ref()) {
+                    // SAFETY: the bounce buffer is ours and `at + len` lies inside the
+                    // cluster; the guest buffers are readable for their length.
+                    let dst_slice = unsafe { std::slice::from_raw_parts_mut(b.ptr.add(at as usize), len as usize) };
+                    if zero {
+                        dst_slice.fill(0);
+                    } else {
+                        let sg = src.sg.slice(sg_off, len);
+                        // SAFETY: as above.
+                        unsafe { sg.copy_to(dst_slice) };
+                    }
+                }
+                let cs = self.pool.cluster_size;
+                let sg = b.sg(0, cs as usize);
+                let ni = self.new_sub(Sub {
+                    cmd: sub.cmd,
+                    phase: Phase::CowWrite,
+                    bounce: Some(b),
+                });
+                self.inner.submit(IoCommand::new(Opcode::Write, dst / self.ibs, (cs / self.ibs) as u32, ni as u64, sg));
+            }
+            _ => {
+                if let Some(b) = sub.bounce {
+                    if self.bounces.len() < 8 {
+                        self.bounces.push(b);
+                    }
+                }
+                self.put(sub.cmd, st);
+            }
+        }
+    }
+}
+
+impl BlockQueue for ThinQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        self.in_flight += 1;
+        let c = Cmd {
+            slba: cmd.slba,
+            tag: cmd.tag,
+            fua: cmd.fua,
+            cmd: Some(cmd),
+            remaining: 0,
+            status: Status::SUCCESS,
+            vol: 0,
+            whole: false,
+            pins: Vec::new(),
+            installs: Vec::new(),
+            unmaps: Vec::new(),
+            allocs: Vec::new(),
+        };
+        let idx = match self.free_cmds.pop() {
+            Some(i) => {
+                self.cmds[i] = Some(c);
+                i
+            }
+            None => {
+                self.cmds.push(Some(c));
+                self.cmds.len() - 1
+            }
+        };
+        self.start(idx);
+    }
+
+    fn kick(&mut self) {
+        self.inner.kick();
+        self.wake_self();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let mut got: Vec<(IoCommand, Status)> = Vec::new();
+        self.inner.poll(&mut |c, s| got.push((c, s)));
+        for (c, s) in got {
+            self.inner_done(c, s);
+        }
+        std::mem::swap(&mut self.mail, &mut *lock(&self.mb.items));
+        let mail = std::mem::take(&mut self.mail);
+        for &(token, st) in &mail {
+            let idx = (token >> 1) as usize;
+            if token & 1 == COMPLETE {
+                self.complete_idx(idx, st);
+            } else if self.cmds.get(idx).is_some_and(|c| c.is_some()) {
+                self.start(idx);
+            }
+        }
+        self.mail = mail;
+        self.mail.clear();
+        self.inner.kick();
+        self.wake_self();
+        let n = self.done.len();
+        while let Some((c, s)) = self.done.pop_front() {
+            done(c, s);
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.done.len()
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.inner.completion_fd().or(Some(self.mb.fd.as_raw_fd()))
+    }
+}
+
+impl ThinQueue {
+    /// With an inner queue that completes on poll (memory filesystems), keep the worker
+    /// polling while it holds work.
+    fn wake_self(&self) {
+        if self.own && self.inner.in_flight() > 0 {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a u64 to our own eventfd.
+            unsafe { libc::write(self.mb.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+impl Drop for ThinQueue {
+    fn drop(&mut self) {
+        // Let the device finish what it holds (pins protect those clusters), then unpin
+        // and unregister whatever is left.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.inner.in_flight() > 0 && std::time::Instant::now() < deadline {
+            self.poll(&mut |_, _| {});
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let mut s = self.pool.lock_state();
+        for c in self.cmds.iter_mut().flatten() {
+            for pc in c.pins.drain(..) {
+                self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+            }
+            for (_, nc) in c.installs.drain(..) {
+                s.release(nc);
+            }
+            for x in c.allocs.drain(..) {
+                if let Some(w) = s.allocating.remove(&(c.vol, x)) {
+                    for p in w {
+                        p.wake(Status::SUCCESS);
+                    }
+                }
+            }
+        }
+    }
+}
