@@ -240,7 +240,10 @@ impl SgList {
             }
             let n = (l - off).min(len);
             // The pointer stays inside segment `v` (off + n <= its length).
-            out.push(v.iov_base.cast::<u8>().wrapping_add(off as usize), n as usize);
+            out.push(
+                v.iov_base.cast::<u8>().wrapping_add(off as usize),
+                n as usize,
+            );
             len -= n;
             off = 0;
         }

@@ -121,3 +121,6 @@ mod tests {
         assert!(n > 0, "empty corpus in {}", dir.display());
     }
 }
+
+#[cfg(test)]
+mod pool_tests;

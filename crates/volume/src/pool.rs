@@ -142,9 +142,10 @@ impl SparseMap {
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.chunks.iter().enumerate().flat_map(|(ci, c)| {
             c.iter().flat_map(move |c| {
-                c.iter().enumerate().filter(|(_, &v)| v != 0).map(move |(i, &v)| {
-                    ((ci * CHUNK + i) as u64, v as u64 - 1)
-                })
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v != 0)
+                    .map(move |(i, &v)| ((ci * CHUNK + i) as u64, v as u64 - 1))
             })
         })
     }
@@ -328,10 +329,7 @@ impl State {
         self.slots.iter().position(|s| s.is_none()).ok_or_else(|| {
             Error::new(
                 ErrorKind::Busy,
-                format!(
-                    "the volume table is full ({} volumes)",
-                    self.slots.len()
-                ),
+                format!("the volume table is full ({} volumes)", self.slots.len()),
             )
         })
     }
@@ -485,7 +483,11 @@ fn device_size(f: &File, path: &Path, block_dev: bool) -> Result<u64> {
         // SAFETY: BLKGETSIZE64 writes a u64 through the pointer we pass.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x8008_1272, &mut sz) };
         if r != 0 {
-            return Err(io_err(path, "BLKGETSIZE64", std::io::Error::last_os_error()));
+            return Err(io_err(
+                path,
+                "BLKGETSIZE64",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(sz)
     } else {
@@ -506,7 +508,10 @@ fn zero_range(f: &File, off: u64, len: u64) -> std::io::Result<()> {
             return Ok(());
         }
         let e = std::io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+        ) {
             return Err(e);
         }
     }
@@ -532,13 +537,21 @@ struct Loaded {
     inactive_errors: Vec<FormatError>,
 }
 
-fn read_tables(io: &File, sb: &Superblock, copy: u32) -> std::result::Result<(Vec<Option<VolumeEntry>>, Vec<u64>), Vec<FormatError>> {
+fn read_tables(
+    io: &File,
+    sb: &Superblock,
+    copy: u32,
+) -> std::result::Result<(Vec<Option<VolumeEntry>>, Vec<u64>), Vec<FormatError>> {
     let mut errs = Vec::new();
     let mut entries = Vec::new();
     let mut owner = Vec::with_capacity(sb.n_clusters as usize);
     let mut buf = vec![0u8; BLOCK];
     let note = |e: FormatError, copy: u32| match e {
-        FormatError::Checksum { block, stored, computed } => FormatError::Checksum {
+        FormatError::Checksum {
+            block,
+            stored,
+            computed,
+        } => FormatError::Checksum {
             block: format!("{block} (table copy {copy})"),
             stored,
             computed,
@@ -547,7 +560,12 @@ fn read_tables(io: &File, sb: &Superblock, copy: u32) -> std::result::Result<(Ve
             block: format!("{block} (table copy {copy})"),
             found,
         },
-        FormatError::Field { block, field, offset, why } => FormatError::Field {
+        FormatError::Field {
+            block,
+            field,
+            offset,
+            why,
+        } => FormatError::Field {
             block: format!("{block} (table copy {copy})"),
             field,
             offset,
@@ -558,7 +576,12 @@ fn read_tables(io: &File, sb: &Superblock, copy: u32) -> std::result::Result<(Ve
     for i in 0..sb.voltab_blocks() {
         let at = sb.table_block_at(copy, i);
         if let Err(e) = io.read_at(at, &mut buf) {
-            errs.push(FormatError::Field { block: format!("volume table block {i} (table copy {copy})"), field: "read", offset: 0, why: e.to_string() });
+            errs.push(FormatError::Field {
+                block: format!("volume table block {i} (table copy {copy})"),
+                field: "read",
+                offset: 0,
+                why: e.to_string(),
+            });
             continue;
         }
         match VolumeTableBlock::decode(&buf, i as u32) {
@@ -572,7 +595,12 @@ fn read_tables(io: &File, sb: &Superblock, copy: u32) -> std::result::Result<(Ve
     for i in 0..sb.owner_blocks() {
         let at = sb.table_block_at(copy, sb.voltab_blocks() + i);
         if let Err(e) = io.read_at(at, &mut buf) {
-            errs.push(FormatError::Field { block: format!("owner table block {i} (table copy {copy})"), field: "read", offset: 0, why: e.to_string() });
+            errs.push(FormatError::Field {
+                block: format!("owner table block {i} (table copy {copy})"),
+                field: "read",
+                offset: 0,
+                why: e.to_string(),
+            });
             continue;
         }
         match OwnerBlock::decode(&buf, i as u32) {
@@ -594,14 +622,19 @@ fn read_tables(io: &File, sb: &Superblock, copy: u32) -> std::result::Result<(Ve
 fn load(io: &File, path: &Path) -> Result<Loaded> {
     let mut b0 = vec![0u8; BLOCK];
     let mut b1 = vec![0u8; BLOCK];
-    io.read_at(0, &mut b0).map_err(|e| io_err(path, "read superblock", e))?;
-    io.read_at(BLOCK as u64, &mut b1).map_err(|e| io_err(path, "read superblock", e))?;
+    io.read_at(0, &mut b0)
+        .map_err(|e| io_err(path, "read superblock", e))?;
+    io.read_at(BLOCK as u64, &mut b1)
+        .map_err(|e| io_err(path, "read superblock", e))?;
     let (sb, sb_errors) = current_superblock(&b0, &b1).map_err(|errs| {
         fmt_err(
             path,
             format!(
                 "not a usable nvmux pool: {}",
-                errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                errs.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         )
     })?;
@@ -614,16 +647,29 @@ fn load(io: &File, path: &Path) -> Result<Loaded> {
             path,
             format!(
                 "metadata is damaged, refusing to open (run `nvmux pool check`): {}",
-                errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                errs.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         )
     })?;
-    let inactive_errors = read_tables(io, &sb, 1 - sb.active_tables).err().unwrap_or_default();
+    let inactive_errors = read_tables(io, &sb, 1 - sb.active_tables)
+        .err()
+        .unwrap_or_default();
     let ring = Ring::of(&sb);
-    let replay = journal::replay(io, ring, sb.journal_head_seq, sb.journal_head_offset / BLOCK as u64)
-        .map_err(|e| jerr(path, e))?;
+    let replay = journal::replay(
+        io,
+        ring,
+        sb.journal_head_seq,
+        sb.journal_head_offset / BLOCK as u64,
+    )
+    .map_err(|e| jerr(path, e))?;
     if let Some(e) = journal::damage_after(io, ring, replay.next_seq, replay.next_pos) {
-        return Err(fmt_err(path, format!("metadata is damaged, refusing to open (run `nvmux pool check`): {e}")));
+        return Err(fmt_err(
+            path,
+            format!("metadata is damaged, refusing to open (run `nvmux pool check`): {e}"),
+        ));
     }
     Ok(Loaded {
         sb,
@@ -652,7 +698,10 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         claimed: Vec::new(),
         to_zero: Vec::new(),
         pending: Vec::new(),
-        dirty: [BlockSet::new(table_blocks, false), BlockSet::new(table_blocks, false)],
+        dirty: [
+            BlockSet::new(table_blocks, false),
+            BlockSet::new(table_blocks, false),
+        ],
         voltab_blocks,
         allocating: HashMap::new(),
         claim_waiters: Vec::new(),
@@ -660,7 +709,10 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
     for (slot, e) in l.entries.iter().enumerate() {
         let Some(e) = e else { continue };
         if st.vols.contains_key(&e.id) {
-            errs.push(format!("volume table slot {slot}: volume id {} appears twice", e.id));
+            errs.push(format!(
+                "volume table slot {slot}: volume id {} appears twice",
+                e.id
+            ));
             continue;
         }
         st.slots[slot] = Some(e.id);
@@ -690,11 +742,15 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
     }
     for r in &l.replay.records {
         if r.cluster >= sb.n_clusters {
-            errs.push(format!("journal record for cluster {} past the last cluster {}", r.cluster, sb.n_clusters));
+            errs.push(format!(
+                "journal record for cluster {} past the last cluster {}",
+                r.cluster, sb.n_clusters
+            ));
             continue;
         }
         st.owner[r.cluster as usize] = r.owner.encode();
-        st.dirty[sb.active_tables as usize].set(voltab_blocks + r.cluster / OWNERS_PER_BLOCK as u64);
+        st.dirty[sb.active_tables as usize]
+            .set(voltab_blocks + r.cluster / OWNERS_PER_BLOCK as u64);
     }
     let cs = sb.cluster_size as u64;
     for c in 0..sb.n_clusters {
@@ -703,7 +759,9 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
             Some(Owner::Dirty) | None => st.to_zero.push(c),
             Some(Owner::Vol { vol, index }) => {
                 let Some(v) = st.vols.get_mut(&vol) else {
-                    errs.push(format!("cluster {c} is owned by volume {vol}, which does not exist (leaked)"));
+                    errs.push(format!(
+                        "cluster {c} is owned by volume {vol}, which does not exist (leaked)"
+                    ));
                     continue;
                 };
                 let x = index as u64;
@@ -761,11 +819,16 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     let mut b0 = vec![0u8; BLOCK];
     let mut b1 = vec![0u8; BLOCK];
-    f.read_at(0, &mut b0).map_err(|e| io_err(path, "read superblock", e))?;
-    f.read_at(BLOCK as u64, &mut b1).map_err(|e| io_err(path, "read superblock", e))?;
+    f.read_at(0, &mut b0)
+        .map_err(|e| io_err(path, "read superblock", e))?;
+    f.read_at(BLOCK as u64, &mut b1)
+        .map_err(|e| io_err(path, "read superblock", e))?;
     let sb = match current_superblock(&b0, &b1) {
         Ok((sb, errs)) => {
-            r.notes.extend(errs.iter().map(|e| format!("{e} (the other copy is current)")));
+            r.notes.extend(
+                errs.iter()
+                    .map(|e| format!("{e} (the other copy is current)")),
+            );
             sb
         }
         Err(errs) => {
@@ -778,10 +841,18 @@ pub fn check(path: &Path) -> Result<CheckReport> {
         r.errors.extend(errs.iter().map(|e| e.to_string()));
     }
     if let Err(errs) = read_tables(&f, &sb, 1 - sb.active_tables) {
-        r.notes.extend(errs.iter().map(|e| format!("{e} (inactive copy: rewritten at the next open)")));
+        r.notes.extend(
+            errs.iter()
+                .map(|e| format!("{e} (inactive copy: rewritten at the next open)")),
+        );
     }
     let ring = Ring::of(&sb);
-    let replay = match journal::replay(&f, ring, sb.journal_head_seq, sb.journal_head_offset / BLOCK as u64) {
+    let replay = match journal::replay(
+        &f,
+        ring,
+        sb.journal_head_seq,
+        sb.journal_head_offset / BLOCK as u64,
+    ) {
         Ok(rp) => rp,
         Err(e) => {
             r.errors.push(format!("journal: {e}"));
@@ -853,7 +924,10 @@ impl Pool {
                 if f.read_at(0, &mut magic).is_ok() && magic == format::SUPER_MAGIC {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
-                        format!("{} already holds an nvmux pool; delete it first", path.display()),
+                        format!(
+                            "{} already holds an nvmux pool; delete it first",
+                            path.display()
+                        ),
                     ));
                 }
             }
@@ -864,8 +938,9 @@ impl Pool {
             random_bytes(),
             size,
             opts.cluster_size,
-            opts.journal_bytes,
-            opts.voltab_blocks,
+            // Small pools (tests, demos) get a journal in proportion.
+            opts.journal_bytes.min((size / 32).max(64 << 10)),
+            opts.voltab_blocks.min((size / 4096 / 64).max(1)),
         )
         .map_err(|e| fmt_err(path, e))?;
         // Every data cluster starts zero; metadata regions start empty.
@@ -892,7 +967,8 @@ impl Pool {
             }
         }
         MetaIo::sync(&f).map_err(|e| io_err(path, "sync", e))?;
-        f.write_at(0, &sb.encode()).map_err(|e| io_err(path, "write superblock", e))?;
+        f.write_at(0, &sb.encode())
+            .map_err(|e| io_err(path, "write superblock", e))?;
         MetaIo::sync(&f).map_err(|e| io_err(path, "sync", e))?;
         Ok(())
     }
@@ -906,7 +982,10 @@ impl Pool {
             tracing::warn!("pool {}: {e} (using the other copy)", path.display());
         }
         for e in &l.inactive_errors {
-            tracing::warn!("pool {}: {e} (inactive table copy: rewritten now)", path.display());
+            tracing::warn!(
+                "pool {}: {e} (inactive table copy: rewritten now)",
+                path.display()
+            );
         }
         let st = build_state(&l).map_err(|errs| {
             fmt_err(
@@ -982,7 +1061,10 @@ impl Pool {
 
     fn fail(&self, e: &Error) {
         if !self.failed.swap(true, Ordering::AcqRel) {
-            tracing::error!("pool {}: metadata write failed, writes are refused from now on: {e}", self.path.display());
+            tracing::error!(
+                "pool {}: metadata write failed, writes are refused from now on: {e}",
+                self.path.display()
+            );
         }
     }
 
@@ -1035,7 +1117,9 @@ impl Pool {
                     let lo = i as usize * VOLUMES_PER_BLOCK;
                     let entries = (lo..lo + VOLUMES_PER_BLOCK)
                         .map(|slot| {
-                            s.slots[slot].and_then(|id| s.vols.get(&id)).map(|v| v.entry.clone())
+                            s.slots[slot]
+                                .and_then(|id| s.vols.get(&id))
+                                .map(|v| v.entry.clone())
                         })
                         .collect();
                     VolumeTableBlock {
@@ -1240,14 +1324,20 @@ impl Pool {
     }
 
     pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
-        self.usage().volumes.into_iter().find(|v| v.name == name && !v.hidden)
+        self.usage()
+            .volumes
+            .into_iter()
+            .find(|v| v.name == name && !v.hidden)
     }
 
     fn check_name(s: &State, name: &str) -> Result<()> {
         if name.is_empty() || name.len() > format::NAME_BYTES || name.contains('\0') {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("volume name {name:?} must be 1-{} bytes", format::NAME_BYTES),
+                format!(
+                    "volume name {name:?} must be 1-{} bytes",
+                    format::NAME_BYTES
+                ),
             ));
         }
         if s.by_name(name).is_some() {
@@ -1267,7 +1357,10 @@ impl Pool {
             ));
         }
         if size.div_ceil(DEFAULT_CLUSTER.min(format::MIN_CLUSTER) as u64) > u32::MAX as u64 * 16 {
-            return Err(Error::new(ErrorKind::InvalidArgument, "volume size is too large"));
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "volume size is too large",
+            ));
         }
         Ok(())
     }
@@ -1282,7 +1375,10 @@ impl Pool {
                 None => (0, 0),
                 Some(snap) => {
                     let id = s.by_name(snap).ok_or_else(|| {
-                        Error::new(ErrorKind::NotFound, format!("no snapshot {snap:?} in this pool"))
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!("no snapshot {snap:?} in this pool"),
+                        )
                     })?;
                     let v = &s.vols[&id];
                     if !v.is_snapshot() {
@@ -1298,12 +1394,18 @@ impl Pool {
                 (Some(s), _) => s,
                 (None, p) if p != 0 => psize,
                 (None, _) => {
-                    return Err(Error::new(ErrorKind::InvalidArgument, "a new volume needs a size"))
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "a new volume needs a size",
+                    ))
                 }
             };
             Self::check_size(size)?;
             if (size / self.cluster_size) > u32::MAX as u64 {
-                return Err(Error::new(ErrorKind::InvalidArgument, "volume size is too large for this cluster size"));
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "volume size is too large for this cluster size",
+                ));
             }
             let id = s.new_id();
             s.add_vol(
@@ -1328,7 +1430,10 @@ impl Pool {
         {
             let mut s = self.lock_state();
             let id = s.by_name(name).ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("no volume {name:?} in this pool"))
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no volume {name:?} in this pool"),
+                )
             })?;
             if s.vols[&id].is_snapshot() {
                 return Err(Error::new(
@@ -1339,7 +1444,10 @@ impl Pool {
             Self::check_name(&s, snap)?;
             s.new_slot()?;
             let new_id = s.new_id();
-            let v = s.vols.get_mut(&id).ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
+            let v = s
+                .vols
+                .get_mut(&id)
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
             // The clusters stay with `id`, which becomes the snapshot; the live volume
             // moves to `new_id` with an empty map reading through to it.
             let live = VolumeEntry {
@@ -1374,15 +1482,24 @@ impl Pool {
         {
             let mut s = self.lock_state();
             let id = s.by_name(name).ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("no volume {name:?} in this pool"))
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no volume {name:?} in this pool"),
+                )
             })?;
             let cs = self.cluster_size;
             let v = &s.vols[&id];
             if v.is_snapshot() {
-                return Err(Error::new(ErrorKind::InvalidArgument, format!("{name:?} is a snapshot; snapshots cannot be resized")));
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{name:?} is a snapshot; snapshots cannot be resized"),
+                ));
             }
             if size / cs > u32::MAX as u64 {
-                return Err(Error::new(ErrorKind::InvalidArgument, "volume size is too large for this cluster size"));
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "volume size is too large for this cluster size",
+                ));
             }
             let old = v.entry.size;
             if size < old {
@@ -1398,7 +1515,9 @@ impl Pool {
                 if data_past && !discard_data {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
-                        format!("{name:?} holds data past {size} bytes; add --discard-data to drop it"),
+                        format!(
+                            "{name:?} holds data past {size} bytes; add --discard-data to drop it"
+                        ),
                     ));
                 }
                 let partial = (size % cs != 0).then_some(first);
@@ -1413,11 +1532,15 @@ impl Pool {
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
                         let off = self.data_offset + c * cs + size % cs;
-                        zero_range(&self.file, off, cs - size % cs).map_err(|e| io_err(&self.path, "zero the tail", e))?;
+                        zero_range(&self.file, off, cs - size % cs)
+                            .map_err(|e| io_err(&self.path, "zero the tail", e))?;
                     }
                 }
             }
-            let v = s.vols.get_mut(&id).ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
+            let v = s
+                .vols
+                .get_mut(&id)
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
             v.entry.size = size;
             v.entry.parent_limit = v.entry.parent_limit.min(size);
             v.handle.size.store(size, Ordering::Release);
@@ -1431,11 +1554,19 @@ impl Pool {
     /// Delete a volume or snapshot. A snapshot that clones still read through is hidden
     /// and freed when its last clone goes. With `erase`, the released clusters are zeroed
     /// before this returns (`progress(done, total)`).
-    pub fn delete(&self, name: &str, erase: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    pub fn delete(
+        &self,
+        name: &str,
+        erase: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let erased = {
             let mut s = self.lock_state();
             let id = s.by_name(name).ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("no volume {name:?} in this pool"))
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no volume {name:?} in this pool"),
+                )
             })?;
             let kids = s.children(id);
             if kids.len() >= 2 {
@@ -1445,7 +1576,10 @@ impl Pool {
                         format!("{name:?} has {} clones that read its data: it cannot be erased until they are deleted", kids.len()),
                     ));
                 }
-                let v = s.vols.get_mut(&id).ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
+                let v = s
+                    .vols
+                    .get_mut(&id)
+                    .ok_or_else(|| Error::new(ErrorKind::NotFound, "volume vanished"))?;
                 v.entry.flags |= VOLUME_HIDDEN;
                 // Free the name for reuse: hidden entries keep an internal one.
                 v.entry.name = format!(".deleted-{id}");
@@ -1508,7 +1642,13 @@ impl Pool {
                     released.push(c);
                 } else if let Some(cv) = s.vols.get_mut(&child) {
                     cv.map.set(x, Some(c));
-                    s.set_owner(c, Owner::Vol { vol: child, index: x as u32 });
+                    s.set_owner(
+                        c,
+                        Owner::Vol {
+                            vol: child,
+                            index: x as u32,
+                        },
+                    );
                 }
             }
             if let Some(cv) = s.vols.get_mut(&child) {
@@ -1534,7 +1674,10 @@ impl Pool {
     pub(crate) fn handle(&self, name: &str) -> Result<(Arc<VolHandle>, bool)> {
         let s = self.lock_state();
         let id = s.by_name(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("no volume {name:?} in pool {}", self.path.display()))
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no volume {name:?} in pool {}", self.path.display()),
+            )
         })?;
         let v = &s.vols[&id];
         Ok((v.handle.clone(), v.is_snapshot()))

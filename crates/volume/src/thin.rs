@@ -200,7 +200,14 @@ enum Action {
     Zero { phys: u64, len: u64 },
     /// Copy cluster `src` to `dst` with `len` bytes at `at` replaced by the command's data
     /// from `sg_off` (or by zeroes).
-    Cow { src: u64, dst: u64, at: u64, sg_off: u64, len: u64, zero: bool },
+    Cow {
+        src: u64,
+        dst: u64,
+        at: u64,
+        sg_off: u64,
+        len: u64,
+        zero: bool,
+    },
 }
 
 enum Plan {
@@ -232,7 +239,13 @@ struct Cmd {
 
 enum Phase {
     Io,
-    CowRead { dst: u64, at: u64, sg_off: u64, len: u64, zero: bool },
+    CowRead {
+        dst: u64,
+        at: u64,
+        sg_off: u64,
+        len: u64,
+        zero: bool,
+    },
     CowWrite,
 }
 
@@ -318,7 +331,9 @@ impl ThinQueue {
             Plan::Wait => {}
             Plan::Complete(st) => self.complete_idx(idx, st),
             Plan::Issue(actions) => {
-                let Some(c) = self.cmds[idx].as_mut() else { return };
+                let Some(c) = self.cmds[idx].as_mut() else {
+                    return;
+                };
                 let len = c.cmd.as_ref().map_or(0, |m| m.sg.len());
                 // A single data piece covering the whole command: pass it down as is.
                 if let [Action::Data { phys, len: n, .. }] = actions[..] {
@@ -486,7 +501,9 @@ impl ThinQueue {
 
     fn issue(&mut self, idx: usize, a: Action) {
         let ibs = self.ibs;
-        let Some(c) = self.cmds[idx].as_mut() else { return };
+        let Some(c) = self.cmds[idx].as_mut() else {
+            return;
+        };
         let Some(cmd) = c.cmd.as_ref() else { return };
         match a {
             Action::Fill { sg_off, len } => {
@@ -504,7 +521,13 @@ impl ThinQueue {
                     phase: Phase::Io,
                     bounce: None,
                 });
-                self.inner.submit(IoCommand::new(op, phys / ibs, (len / ibs) as u32, si as u64, sg));
+                self.inner.submit(IoCommand::new(
+                    op,
+                    phys / ibs,
+                    (len / ibs) as u32,
+                    si as u64,
+                    sg,
+                ));
             }
             Action::Zero { phys, len } => {
                 c.remaining += 1;
@@ -521,24 +544,45 @@ impl ThinQueue {
                     SgList::default(),
                 ));
             }
-            Action::Cow { src, dst, at, sg_off, len, zero } => {
+            Action::Cow {
+                src,
+                dst,
+                at,
+                sg_off,
+                len,
+                zero,
+            } => {
                 c.remaining += 1;
                 let b = self.bounce();
                 let cs = self.pool.cluster_size;
                 let sg = b.sg(0, cs as usize);
                 let si = self.new_sub(Sub {
                     cmd: idx,
-                    phase: Phase::CowRead { dst, at, sg_off, len, zero },
+                    phase: Phase::CowRead {
+                        dst,
+                        at,
+                        sg_off,
+                        len,
+                        zero,
+                    },
                     bounce: Some(b),
                 });
-                self.inner.submit(IoCommand::new(Opcode::Read, src / ibs, (cs / ibs) as u32, si as u64, sg));
+                self.inner.submit(IoCommand::new(
+                    Opcode::Read,
+                    src / ibs,
+                    (cs / ibs) as u32,
+                    si as u64,
+                    sg,
+                ));
             }
         }
     }
 
     /// One piece of command `idx` is done.
     fn put(&mut self, idx: usize, st: Status) {
-        let Some(c) = self.cmds[idx].as_mut() else { return };
+        let Some(c) = self.cmds[idx].as_mut() else {
+            return;
+        };
         if !st.is_ok() && c.status.is_ok() {
             c.status = st;
         }
@@ -605,12 +649,20 @@ impl ThinQueue {
         };
         self.free_subs.push(si);
         match sub.phase {
-            Phase::CowRead { dst, at, sg_off, len, zero } if st.is_ok() => {
+            Phase::CowRead {
+                dst,
+                at,
+                sg_off,
+                len,
+                zero,
+            } if st.is_ok() => {
                 let Some(b) = sub.bounce else { return };
                 if let Some(src) = self.cmds[sub.cmd].as_ref().and_then(|c| c.cmd.as_ref()) {
                     // SAFETY: the bounce buffer is ours and `at + len` lies inside the
                     // cluster; the guest buffers are readable for their length.
-                    let dst_slice = unsafe { std::slice::from_raw_parts_mut(b.ptr.add(at as usize), len as usize) };
+                    let dst_slice = unsafe {
+                        std::slice::from_raw_parts_mut(b.ptr.add(at as usize), len as usize)
+                    };
                     if zero {
                         dst_slice.fill(0);
                     } else {
@@ -626,7 +678,13 @@ impl ThinQueue {
                     phase: Phase::CowWrite,
                     bounce: Some(b),
                 });
-                self.inner.submit(IoCommand::new(Opcode::Write, dst / self.ibs, (cs / self.ibs) as u32, ni as u64, sg));
+                self.inner.submit(IoCommand::new(
+                    Opcode::Write,
+                    dst / self.ibs,
+                    (cs / self.ibs) as u32,
+                    ni as u64,
+                    sg,
+                ));
             }
             _ => {
                 if let Some(b) = sub.bounce {

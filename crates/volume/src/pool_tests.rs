@@ -1,0 +1,354 @@
+//! Pool and thin volume tests on a real pool file (io_uring, O_DIRECT where the
+//! filesystem allows it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nvmux_core::{BlockDevice, BlockQueue, IoCommand, Opcode, SgList, Status};
+
+use crate::pool::{check, Pool, PoolOptions};
+use crate::thin::ThinDevice;
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> (Dir, PathBuf) {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let d = base.join(format!("nvmux-vol-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("pool.img");
+    (Dir(d), p)
+}
+
+fn new_pool(name: &str, size: u64) -> (Dir, PathBuf, Arc<Pool>) {
+    let (d, p) = tmp(name);
+    Pool::create(
+        &p,
+        &PoolOptions {
+            size: Some(size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pool = Pool::open(&p).unwrap();
+    (d, p, pool)
+}
+
+fn run(q: &mut dyn BlockQueue, cmd: IoCommand) -> Status {
+    q.submit(cmd);
+    q.kick();
+    for _ in 0..2_000_000 {
+        let mut out = None;
+        q.poll(&mut |_, s| out = Some(s));
+        if let Some(s) = out {
+            return s;
+        }
+        std::thread::yield_now();
+    }
+    panic!("command did not complete");
+}
+
+fn io(q: &mut dyn BlockQueue, op: Opcode, off: u64, buf: &mut [u8]) -> Status {
+    let mut sg = SgList::default();
+    if op.has_data() {
+        sg.push(buf.as_mut_ptr(), buf.len());
+    }
+    run(
+        q,
+        IoCommand::new(op, off / 512, (buf.len() / 512) as u32, 1, sg),
+    )
+}
+
+fn zeroes(q: &mut dyn BlockQueue, op: Opcode, off: u64, len: u64) -> Status {
+    run(
+        q,
+        IoCommand::new(op, off / 512, (len / 512) as u32, 1, SgList::default()),
+    )
+}
+
+fn write(q: &mut dyn BlockQueue, off: u64, len: usize, byte: u8) {
+    let mut b = vec![byte; len];
+    assert_eq!(io(q, Opcode::Write, off, &mut b), Status::SUCCESS);
+}
+
+fn read(q: &mut dyn BlockQueue, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0xeeu8; len];
+    assert_eq!(io(q, Opcode::Read, off, &mut b), Status::SUCCESS);
+    b
+}
+
+fn flush(q: &mut dyn BlockQueue) {
+    assert_eq!(
+        run(q, IoCommand::new(Opcode::Flush, 0, 0, 1, SgList::default())),
+        Status::SUCCESS
+    );
+}
+
+const MB: u64 = 1 << 20;
+
+#[test]
+fn thin_volume_reads_back_and_holes_read_zero() {
+    let (_d, _p, pool) = new_pool("basic", 64 * MB);
+    pool.create_volume("a", Some(16 * MB), None).unwrap();
+    let dev = ThinDevice::open(&pool, "a").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    let q = &mut *q;
+    assert!(read(q, 0, 8192).iter().all(|&b| b == 0));
+    write(q, 4096, 4096, 0x11);
+    // Across a cluster boundary (64 KiB), both halves new.
+    write(q, 65536 - 2048, 4096, 0x22);
+    let r = read(q, 0, 3 * 65536);
+    assert!(r[..4096].iter().all(|&b| b == 0));
+    assert!(r[4096..8192].iter().all(|&b| b == 0x11));
+    assert!(r[8192..65536 - 2048].iter().all(|&b| b == 0));
+    assert!(r[65536 - 2048..65536 + 2048].iter().all(|&b| b == 0x22));
+    assert!(r[65536 + 2048..].iter().all(|&b| b == 0));
+    // Out of range and past the end.
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        io(q, Opcode::Read, 16 * MB - 2048, &mut b),
+        Status::LBA_OUT_OF_RANGE
+    );
+    let u = pool.usage();
+    assert_eq!(u.volumes[0].allocated_bytes, 2 * 65536);
+    flush(q);
+    // Discard the first cluster, zero part of the second.
+    assert_eq!(zeroes(q, Opcode::Deallocate, 0, 65536), Status::SUCCESS);
+    assert_eq!(zeroes(q, Opcode::WriteZeroes, 65536, 1024), Status::SUCCESS);
+    let r = read(q, 0, 2 * 65536);
+    assert!(r[..65536 + 1024].iter().all(|&b| b == 0));
+    assert!(r[65536 + 1024..65536 + 2048].iter().all(|&b| b == 0x22));
+    assert_eq!(pool.usage().volumes[0].allocated_bytes, 65536);
+}
+
+#[test]
+fn data_survives_close_and_reopen_and_check_is_clean() {
+    let (_d, p, pool) = new_pool("reopen", 64 * MB);
+    pool.create_volume("a", Some(8 * MB), None).unwrap();
+    {
+        let dev = ThinDevice::open(&pool, "a").unwrap();
+        let mut q = dev.open_queue(8).unwrap();
+        for i in 0..20u64 {
+            write(&mut *q, i * 300 * 1024, 4096, i as u8 + 1);
+        }
+        flush(&mut *q);
+    }
+    pool.close().unwrap();
+    drop(pool);
+    let r = check(&p).unwrap();
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.volumes, 1);
+    let pool = Pool::open(&p).unwrap();
+    let dev = ThinDevice::open(&pool, "a").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    for i in 0..20u64 {
+        assert!(read(&mut *q, i * 300 * 1024, 4096)
+            .iter()
+            .all(|&b| b == i as u8 + 1));
+    }
+}
+
+#[test]
+fn flushed_writes_survive_without_close() {
+    // No close, no checkpoint: only the journal holds the mappings.
+    let (_d, p, pool) = new_pool("crash", 64 * MB);
+    pool.create_volume("a", Some(8 * MB), None).unwrap();
+    {
+        let dev = ThinDevice::open(&pool, "a").unwrap();
+        let mut q = dev.open_queue(8).unwrap();
+        for i in 0..50u64 {
+            write(&mut *q, i * 128 * 1024, 4096, 0x40 + i as u8);
+        }
+        flush(&mut *q);
+    }
+    // Simulate a crash: the process forgets the pool without closing it.
+    std::mem::forget(pool);
+    let r = check(&p).unwrap();
+    assert!(r.ok(), "{r:?}");
+    let pool = Pool::open(&p).unwrap();
+    let dev = ThinDevice::open(&pool, "a").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    for i in 0..50u64 {
+        assert!(read(&mut *q, i * 128 * 1024, 4096)
+            .iter()
+            .all(|&b| b == 0x40 + i as u8));
+    }
+}
+
+#[test]
+fn snapshots_keep_content_and_clones_diverge() {
+    let (_d, _p, pool) = new_pool("snap", 64 * MB);
+    pool.create_volume("vm", Some(4 * MB), None).unwrap();
+    let dev = ThinDevice::open(&pool, "vm").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    write(&mut *q, 0, 65536, 0xaa);
+    write(&mut *q, 65536, 4096, 0xbb);
+    pool.snapshot("vm", "vm@1").unwrap();
+    // The attached device goes on writing to the live volume.
+    write(&mut *q, 1024, 1024, 0xcc); // partial: copy-on-write
+    write(&mut *q, 65536, 65536, 0xdd); // whole cluster: no copy
+    assert_eq!(
+        zeroes(&mut *q, Opcode::Deallocate, 2 * 65536, 65536),
+        Status::SUCCESS
+    );
+    let live = read(&mut *q, 0, 3 * 65536);
+    assert!(live[..1024].iter().all(|&b| b == 0xaa));
+    assert!(live[1024..2048].iter().all(|&b| b == 0xcc));
+    assert!(live[2048..65536].iter().all(|&b| b == 0xaa));
+    assert!(live[65536..2 * 65536].iter().all(|&b| b == 0xdd));
+    let snap = ThinDevice::open(&pool, "vm@1").unwrap();
+    assert!(snap.info().read_only);
+    let mut sq = snap.open_queue(8).unwrap();
+    let s = read(&mut *sq, 0, 3 * 65536);
+    assert!(s[..65536].iter().all(|&b| b == 0xaa));
+    assert!(s[65536..65536 + 4096].iter().all(|&b| b == 0xbb));
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        io(&mut *sq, Opcode::Write, 0, &mut b),
+        Status::WRITE_PROTECTED
+    );
+    // A clone starts as the snapshot and diverges from it.
+    pool.create_volume("clone", None, Some("vm@1")).unwrap();
+    let cl = ThinDevice::open(&pool, "clone").unwrap();
+    let mut cq = cl.open_queue(8).unwrap();
+    assert_eq!(read(&mut *cq, 0, 65536), s[..65536].to_vec());
+    write(&mut *cq, 0, 4096, 0x77);
+    assert!(read(&mut *cq, 0, 4096).iter().all(|&b| b == 0x77));
+    assert!(read(&mut *sq, 0, 4096).iter().all(|&b| b == 0xaa));
+    assert!(read(&mut *q, 0, 1024).iter().all(|&b| b == 0xaa));
+    // Deleting the snapshot hides it while the volume and the clone read through it.
+    pool.delete("vm@1", false, &mut |_, _| {}).unwrap();
+    assert!(pool.volume("vm@1").is_none());
+    assert!(read(&mut *cq, 4096, 4096).iter().all(|&b| b == 0xaa));
+    drop(cq);
+    pool.delete("clone", false, &mut |_, _| {}).unwrap();
+    // With one child left, the hidden snapshot merged into the live volume.
+    assert_eq!(pool.usage().volumes.len(), 1);
+    let live2 = read(&mut *q, 0, 3 * 65536);
+    assert_eq!(live, live2);
+}
+
+#[test]
+fn a_new_volume_never_reads_a_deleted_ones_data() {
+    let (_d, _p, pool) = new_pool("iso", 16 * MB);
+    pool.create_volume("a", Some(8 * MB), None).unwrap();
+    {
+        let dev = ThinDevice::open(&pool, "a").unwrap();
+        let mut q = dev.open_queue(8).unwrap();
+        let mut off = 0;
+        while off < 8 * MB {
+            write(&mut *q, off, 65536, 0x5a);
+            off += 65536;
+        }
+        flush(&mut *q);
+    }
+    let before = pool.usage();
+    let mut calls = 0;
+    pool.delete("a", true, &mut |_, _| calls += 1).unwrap();
+    assert!(calls > 0, "erase reported progress");
+    // B takes the clusters A had (the pool is too small to avoid them).
+    pool.create_volume("b", Some(8 * MB), None).unwrap();
+    let dev = ThinDevice::open(&pool, "b").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    let mut off = 0;
+    while off < 8 * MB {
+        assert!(read(&mut *q, off, 65536).iter().all(|&b| b == 0));
+        // A partial write to a reused cluster: the rest must still read zero.
+        write(&mut *q, off + 512, 512, 0x01);
+        let r = read(&mut *q, off, 65536);
+        assert!(r[..512].iter().all(|&b| b == 0) && r[1024..].iter().all(|&b| b == 0));
+        off += 65536;
+    }
+    assert!(pool.usage().used_clusters >= before.used_clusters);
+}
+
+#[test]
+fn full_pool_reports_capacity_exceeded() {
+    let (_d, _p, pool) = new_pool("full", 4 * MB);
+    pool.create_volume("big", Some(64 * MB), None).unwrap();
+    let dev = ThinDevice::open(&pool, "big").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    let mut b = vec![1u8; 65536];
+    let mut st = Status::SUCCESS;
+    for i in 0..200u64 {
+        st = io(&mut *q, Opcode::Write, i * 65536, &mut b);
+        if !st.is_ok() {
+            break;
+        }
+    }
+    assert_eq!(st, Status::CAPACITY_EXCEEDED);
+}
+
+#[test]
+fn resize_grows_and_shrink_needs_force() {
+    let (_d, _p, pool) = new_pool("resize", 64 * MB);
+    pool.create_volume("a", Some(MB), None).unwrap();
+    let dev = ThinDevice::open(&pool, "a").unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    write(&mut *q, MB - 4096, 4096, 9);
+    pool.resize("a", 2 * MB, false, false).unwrap();
+    write(&mut *q, 2 * MB - 4096, 4096, 8);
+    assert!(
+        pool.resize("a", MB, false, false).is_err(),
+        "shrink without --force"
+    );
+    assert!(
+        pool.resize("a", MB, true, false).is_err(),
+        "data past the new end needs --discard-data"
+    );
+    pool.resize("a", MB, true, true).unwrap();
+    pool.resize("a", 2 * MB, false, false).unwrap();
+    assert!(read(&mut *q, 2 * MB - 4096, 4096).iter().all(|&b| b == 0));
+    assert!(read(&mut *q, MB - 4096, 4096).iter().all(|&b| b == 9));
+}
+
+#[test]
+fn check_finds_a_flipped_byte_and_open_refuses() {
+    let (_d, p, pool) = new_pool("corrupt", 64 * MB);
+    pool.create_volume("a", Some(MB), None).unwrap();
+    pool.close().unwrap();
+    drop(pool);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let mut sb = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut sb, 0).unwrap();
+    let s0 = crate::format::Superblock::decode(&sb, 0).ok();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut sb, 4096).unwrap();
+    let s1 = crate::format::Superblock::decode(&sb, 1).ok();
+    let sb = [s0, s1]
+        .into_iter()
+        .flatten()
+        .max_by_key(|s| s.generation)
+        .unwrap();
+    // Flip a byte in the active volume table block.
+    let at = sb.table_block_at(sb.active_tables, 0) + 100;
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    b[0] ^= 0x40;
+    std::os::unix::fs::FileExt::write_all_at(&f, &b, at).unwrap();
+    let r = check(&p).unwrap();
+    assert!(!r.ok());
+    let msg = r.errors.join("\n");
+    assert!(
+        msg.contains("volume table block 0") && msg.contains("checksum"),
+        "{msg}"
+    );
+    let e = Pool::open(&p)
+        .err()
+        .expect("a damaged pool is refused")
+        .to_string();
+    assert!(
+        e.contains("damaged") && e.contains("volume table block 0"),
+        "{e}"
+    );
+}
