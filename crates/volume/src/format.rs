@@ -247,10 +247,7 @@ impl Superblock {
         if self.voltab_bytes == 0 || self.owner_bytes == 0 {
             return Err(field(name, "voltab_bytes", 104, "a table is empty"));
         }
-        let copy = self
-            .voltab_bytes
-            .checked_add(self.owner_bytes)
-            .unwrap_or(u64::MAX);
+        let copy = self.voltab_bytes.saturating_add(self.owner_bytes);
         let regions = [
             ("journal", 64, self.journal_offset, self.journal_bytes),
             ("tables", 96, self.tables_offset, copy.saturating_mul(2)),

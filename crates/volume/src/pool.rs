@@ -120,9 +120,7 @@ impl SparseMap {
     pub(crate) fn set(&mut self, x: u64, pc: Option<u64>) -> Option<u64> {
         let ci = (x / CHUNK as u64) as usize;
         if ci >= self.chunks.len() {
-            if pc.is_none() {
-                return None;
-            }
+            pc?;
             self.chunks.resize_with(ci + 1, || None);
         }
         let chunk = self.chunks[ci].get_or_insert_with(|| Box::new([0; CHUNK]));
@@ -182,7 +180,7 @@ struct BlockSet(Vec<u64>);
 impl BlockSet {
     fn new(n: u64, all: bool) -> Self {
         let mut v = vec![if all { u64::MAX } else { 0 }; n.div_ceil(64) as usize];
-        if all && n % 64 != 0 {
+        if all && !n.is_multiple_of(64) {
             if let Some(l) = v.last_mut() {
                 *l = (1u64 << (n % 64)) - 1;
             }
@@ -537,11 +535,14 @@ struct Loaded {
     inactive_errors: Vec<FormatError>,
 }
 
+/// A table copy: volume entries by slot, and encoded owners.
+type Tables = (Vec<Option<VolumeEntry>>, Vec<u64>);
+
 fn read_tables(
     io: &File,
     sb: &Superblock,
     copy: u32,
-) -> std::result::Result<(Vec<Option<VolumeEntry>>, Vec<u64>), Vec<FormatError>> {
+) -> std::result::Result<Tables, Vec<FormatError>> {
     let mut errs = Vec::new();
     let mut entries = Vec::new();
     let mut owner = Vec::with_capacity(sb.n_clusters as usize);
@@ -1350,7 +1351,7 @@ impl Pool {
     }
 
     fn check_size(size: u64) -> Result<()> {
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("volume size {size} must be a non-zero multiple of 4096"),
@@ -1511,7 +1512,7 @@ impl Pool {
                 }
                 let first = size / cs; // the cluster holding the new end, if partial
                 let beyond: Vec<(u64, u64)> = v.map.iter().filter(|&(x, _)| x >= first).collect();
-                let data_past = beyond.iter().any(|&(x, _)| x > first || size % cs == 0);
+                let data_past = beyond.iter().any(|&(x, _)| x > first || size.is_multiple_of(cs));
                 if data_past && !discard_data {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
@@ -1520,7 +1521,7 @@ impl Pool {
                         ),
                     ));
                 }
-                let partial = (size % cs != 0).then_some(first);
+                let partial = (!size.is_multiple_of(cs)).then_some(first);
                 for (x, c) in beyond {
                     if Some(x) == partial {
                         // Keep the cluster holding the new end; zero its tail below.

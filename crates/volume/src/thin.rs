@@ -608,10 +608,11 @@ impl ThinQueue {
                     s.release(nc);
                 }
             }
-            if st.is_ok() {
+            if st.is_ok() && !unmaps.is_empty() {
                 for x in unmaps {
                     s.unmap(vol, x);
                 }
+                self.pool.kick();
             }
             for x in allocs {
                 if let Some(w) = s.allocating.remove(&(vol, x)) {
