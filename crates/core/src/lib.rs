@@ -416,6 +416,11 @@ pub trait BlockDevice: Send + Sync {
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>>;
     /// A short description for logs, e.g. `file /tmp/a.img (O_DIRECT)`.
     fn describe(&self) -> String;
+    /// Current size in bytes. A device that can be resized while open (a thin volume)
+    /// reports its live size here; `info()` holds the size at open.
+    fn capacity_bytes(&self) -> u64 {
+        self.info().size_bytes()
+    }
 }
 
 /// One queue of a device, driven by exactly one thread.

@@ -12,6 +12,7 @@ use nvmux_core::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
 
+use crate::pools::{PoolCreate, Resize, SnapshotCreate};
 use crate::{Daemon, DiskCreate, ExportCreate};
 
 /// Largest request body accepted (bytes).
@@ -115,7 +116,24 @@ fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T> {
         .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad request body: {e}")))
 }
 
+/// `POST /v1/pools/check` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckReq {
+    path: PathBuf,
+}
+
 fn handle(d: &Daemon, mut req: Request) {
+    let query = req
+        .url()
+        .split_once('?')
+        .map(|(_, q)| q.to_string())
+        .unwrap_or_default();
+    let flag = |name: &str| {
+        query
+            .split('&')
+            .any(|kv| kv == name || kv == format!("{name}=1") || kv == format!("{name}=true"))
+    };
     let url = req.url().split('?').next().unwrap_or("").to_string();
     let parts: Vec<&str> = url.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -136,10 +154,58 @@ fn handle(d: &Daemon, mut req: Request) {
             Ok(v) => reply_json(req, 200, &v),
             Err(e) => reply_err(req, &e),
         },
-        (Method::Delete, ["v1", "disks", name]) => match d.delete_disk(name) {
-            Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": name})),
+        (Method::Delete, ["v1", "disks", name]) => {
+            let erase = flag("erase");
+            let t = std::time::Instant::now();
+            match d.delete_disk(name, erase) {
+                Ok(bytes) => reply_json(
+                    req,
+                    200,
+                    &serde_json::json!({"deleted": name, "erased_bytes": if erase { Some(bytes) } else { None }, "seconds": t.elapsed().as_secs_f64()}),
+                ),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "disks", name, "snapshot"]) => {
+            match body::<SnapshotCreate>(&mut req).and_then(|b| d.snapshot_disk(name, &b.snapshot))
+            {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "disks", name, "resize"]) => {
+            match body::<Resize>(&mut req).and_then(|b| d.resize_disk(name, b)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Get, ["v1", "pools"]) => reply_json(req, 200, &d.pools()),
+        (Method::Post, ["v1", "pools"]) => {
+            match body::<PoolCreate>(&mut req).and_then(|b| d.create_pool(b)) {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "pools", "check"]) => {
+            match body::<CheckReq>(&mut req).and_then(|b| crate::pools::check_path(&b.path)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Get, ["v1", "pools", name]) => match d.pool(name) {
+            Ok(v) => reply_json(req, 200, &v),
             Err(e) => reply_err(req, &e),
         },
+        (Method::Delete, ["v1", "pools", name]) => match d.remove_pool(name) {
+            Ok(()) => reply_json(req, 200, &serde_json::json!({"removed": name})),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Delete, ["v1", "pools", pool, "volumes", vol]) => {
+            match d.delete_volume(pool, vol) {
+                Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": vol})),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Get, ["v1", "exports"]) => reply_json(req, 200, &d.exports()),
         (Method::Post, ["v1", "exports"]) => {
             match body::<ExportCreate>(&mut req).and_then(|b| d.create_export(b)) {

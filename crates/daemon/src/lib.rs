@@ -21,6 +21,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod pools;
 
 pub use config::Config;
 
@@ -45,6 +46,14 @@ pub enum BackendSpec {
     Null,
     /// RAM; contents are lost when the daemon stops.
     Memory,
+    /// A thin volume in a pool.
+    Thin {
+        pool: String,
+        volume: String,
+        /// The disk created the volume and deletes it with the disk.
+        #[serde(default)]
+        owned: bool,
+    },
 }
 
 fn yes() -> bool {
@@ -86,6 +95,8 @@ pub struct ExportSpec {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     version: u32,
+    #[serde(default)]
+    pools: Vec<pools::PoolSpec>,
     disks: Vec<DiskSpec>,
     exports: Vec<ExportSpec>,
 }
@@ -111,6 +122,15 @@ pub struct DiskCreate {
     /// Default true.
     #[serde(default)]
     pub direct: Option<bool>,
+    /// Make the disk a thin volume in this pool.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// With `pool`: clone this snapshot (the size defaults to the snapshot's).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    /// With `pool`: attach this existing volume or snapshot instead of creating one.
+    #[serde(default)]
+    pub volume: Option<String>,
 }
 
 /// `POST /v1/exports` body.
@@ -153,6 +173,7 @@ struct Export {
 
 #[derive(Default)]
 struct Inner {
+    pools: BTreeMap<String, pools::PoolEntry>,
     disks: BTreeMap<String, Disk>,
     exports: BTreeMap<String, Export>,
 }
@@ -247,8 +268,12 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
     }
 }
 
-fn open_device(spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
+fn open_device(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
     Ok(match &spec.backend {
+        BackendSpec::Thin { pool, volume, .. } => {
+            let p = pools::get_pool(g, pool)?;
+            Arc::new(nvmux_volume::ThinDevice::open(&p, volume)?)
+        }
         BackendSpec::File { path, direct, .. } => Arc::new(FileDevice::open(
             path,
             &FileOptions {
@@ -333,8 +358,17 @@ impl Daemon {
             ));
         }
         let mut g = self.lock();
+        for spec in st.pools {
+            let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            match &pool {
+                Ok(_) => tracing::info!(pool = %spec.name, "pool opened"),
+                Err(e) => tracing::error!(pool = %spec.name, "pool could not be opened: {e}"),
+            }
+            g.pools
+                .insert(spec.name.clone(), pools::PoolEntry { spec, pool });
+        }
         for spec in st.disks {
-            let dev = open_device(&spec).map_err(|e| e.to_string());
+            let dev = open_device(&g, &spec).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -362,6 +396,7 @@ impl Daemon {
     fn persist(&self, g: &Inner) -> Result<()> {
         let st = State {
             version: STATE_VERSION,
+            pools: g.pools.values().map(|p| p.spec.clone()).collect(),
             disks: g.disks.values().map(|d| d.spec.clone()).collect(),
             exports: g.exports.values().map(|e| e.spec.clone()).collect(),
         };
@@ -381,8 +416,13 @@ impl Daemon {
     }
 
     fn view(g: &Inner, d: &Disk) -> DiskView {
+        let mut spec = d.spec.clone();
+        if let Ok(dev) = &d.dev {
+            // A thin volume's size changes with resize.
+            spec.size = dev.capacity_bytes();
+        }
         DiskView {
-            spec: d.spec.clone(),
+            spec,
             status: match &d.dev {
                 Ok(_) => "ok".into(),
                 Err(e) => format!("error: {e}"),
@@ -418,6 +458,15 @@ impl Daemon {
             return Err(err(
                 ErrorKind::AlreadyExists,
                 format!("disk {:?} already exists", req.name),
+            ));
+        }
+        if req.pool.is_some() {
+            return self.create_thin_disk(g, req);
+        }
+        if req.from_snapshot.is_some() || req.volume.is_some() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "--from-snapshot and --volume need --pool",
             ));
         }
         let bs = req.block_size.unwrap_or(512);
@@ -495,7 +544,7 @@ impl Daemon {
                 },
             )
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
-            _ => open_device(&spec),
+            _ => open_device(&g, &spec),
         };
         let dev = match opened {
             Ok(d) => d,
@@ -537,7 +586,9 @@ impl Daemon {
         Ok(Self::view(&g, d))
     }
 
-    pub fn delete_disk(&self, name: &str) -> Result<()> {
+    /// Delete a disk. `erase` first overwrites (files) or zeroes (thin volumes) what it
+    /// owned; it returns the bytes erased.
+    pub fn delete_disk(&self, name: &str, erase: bool) -> Result<u64> {
         let mut g = self.lock();
         let Some(d) = g.disks.get(name) else {
             return Err(err(
@@ -563,6 +614,38 @@ impl Daemon {
             } => Some(path.clone()),
             _ => None,
         };
+        let mut erased = 0;
+        match &d.spec.backend {
+            BackendSpec::Thin {
+                pool,
+                volume,
+                owned,
+            } => {
+                if erase && !owned {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        format!("disk {name:?} attaches volume {volume:?}, which it did not create: delete without --erase, then delete the volume from the pool"),
+                    ));
+                }
+                if *owned {
+                    let p = pools::get_pool(&g, pool)?;
+                    erased = p.volume(volume).map_or(0, |v| v.allocated_bytes);
+                    p.delete(volume, erase, &mut |done, total| {
+                        tracing::info!(disk = name, "erase: {done}/{total} cluster runs");
+                    })?;
+                }
+            }
+            BackendSpec::File { path, .. } if erase => {
+                erased = pools::erase_file(path)?;
+            }
+            _ if erase => {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    "only file and pool disks can be erased",
+                ))
+            }
+            _ => {}
+        }
         let removed = g.disks.remove(name);
         if let Err(e) = self.persist(&g) {
             if let Some(r) = removed {
@@ -576,8 +659,8 @@ impl Daemon {
                 tracing::warn!(disk = name, "could not remove {}: {e}", p.display());
             }
         }
-        tracing::info!(disk = name, "disk deleted");
-        Ok(())
+        tracing::info!(disk = name, erase, "disk deleted");
+        Ok(erased)
     }
 
     fn start_export(&self, g: &Inner, spec: &ExportSpec) -> Result<VhostBlkExport> {
@@ -742,6 +825,16 @@ impl Daemon {
         for (_, e) in exports {
             if let Ok(h) = e.handle {
                 h.stop();
+            }
+        }
+        // Devices hold queues on the pools: drop them, then close the pools cleanly.
+        let mut g = self.lock();
+        g.disks.clear();
+        for (name, p) in std::mem::take(&mut g.pools) {
+            if let Ok(p) = p.pool {
+                if let Err(e) = p.close() {
+                    tracing::error!(pool = %name, "close: {e}");
+                }
             }
         }
     }

@@ -37,9 +37,12 @@ struct Cli {
 enum Cmd {
     /// Run the daemon (until SIGINT or SIGTERM).
     Serve(ServeArgs),
-    /// Create, list, show and delete disks.
+    /// Create, list, show and delete disks; snapshots, clones and resize of pool disks.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Pools: one file or block device carved into thin volumes.
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// Serve disks to VMs and tools.
     #[command(subcommand)]
     Export(ExportCmd),
@@ -94,13 +97,85 @@ enum DiskCmd {
         /// Use buffered I/O instead of O_DIRECT.
         #[arg(long)]
         buffered: bool,
+        /// Make the disk a thin volume in this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// With --pool: clone this snapshot (size defaults to the snapshot's).
+        #[arg(long, requires = "pool")]
+        from_snapshot: Option<String>,
+        /// With --pool: attach this existing volume or snapshot (a snapshot is read-only).
+        #[arg(long, requires = "pool", conflicts_with_all = ["size", "from_snapshot"])]
+        volume: Option<String>,
     },
     /// List disks.
     List,
     /// Show one disk.
     Show { name: String },
-    /// Delete a disk (it must not be exported). A file nvmux created is removed too.
-    Delete { name: String },
+    /// Delete a disk (it must not be exported). A file nvmux created is removed too; a
+    /// pool disk's volume is deleted (its clusters are zeroed before anyone reuses them).
+    Delete {
+        name: String,
+        /// Zero what the disk owned before returning (file: the whole image; pool disk:
+        /// its clusters), and report how long it took.
+        #[arg(long)]
+        erase: bool,
+    },
+    /// Take an instant read-only snapshot of a pool disk.
+    Snapshot { disk: String, snapshot: String },
+    /// Create a writable disk from a snapshot (copy-on-write).
+    Clone {
+        snapshot: String,
+        disk: String,
+        #[arg(long)]
+        pool: String,
+        /// Size (default: the snapshot's).
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Grow a pool disk (online), or shrink it with --force.
+    Resize {
+        disk: String,
+        size: String,
+        /// Allow shrinking.
+        #[arg(long)]
+        force: bool,
+        /// When shrinking, drop data stored past the new end.
+        #[arg(long, requires = "force")]
+        discard_data: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Format a file or block device as a pool (or --import an existing pool).
+    Create {
+        name: String,
+        /// File (created if missing) or block device.
+        #[arg(long)]
+        path: PathBuf,
+        /// Size of a new pool file, e.g. 100G.
+        #[arg(long)]
+        size: Option<String>,
+        /// Allocation unit: a power of two from 4K to 1M (default 64K).
+        #[arg(long)]
+        cluster_size: Option<String>,
+        /// Open an existing pool instead of formatting.
+        #[arg(long)]
+        import: bool,
+    },
+    /// List pools.
+    List,
+    /// Show a pool's usage and volumes (snapshots included).
+    Show { name: String },
+    /// Verify a pool offline, like fsck (the daemon must not have it open).
+    Check {
+        /// The pool's file or block device.
+        path: PathBuf,
+    },
+    /// Close a pool and forget it (its disks must be deleted first; the data stays).
+    Remove { name: String },
+    /// Delete a volume or snapshot that no disk attaches.
+    DeleteVolume { pool: String, volume: String },
 }
 
 #[derive(Subcommand)]
@@ -176,15 +251,21 @@ fn run(cli: Cli) -> Res {
             block_size,
             read_only,
             buffered,
+            pool,
+            from_snapshot,
+            volume,
         }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             // The daemon may run in another directory: send absolute paths.
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
-            let v = api.post(
-                "/v1/disks",
-                &json!({"name": name, "backend": backend, "path": path, "size": size,
-                        "block_size": block_size, "read_only": read_only, "direct": !buffered}),
-            )?;
+            let body = if pool.is_some() {
+                json!({"name": name, "pool": pool, "size": size, "from_snapshot": from_snapshot,
+                       "volume": volume, "block_size": block_size, "read_only": read_only})
+            } else {
+                json!({"name": name, "backend": backend, "path": path, "size": size,
+                       "block_size": block_size, "read_only": read_only, "direct": !buffered})
+            };
+            let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {
                 println!(
                     "created disk {} ({})",
@@ -207,9 +288,168 @@ fn run(cli: Cli) -> Res {
                 }
             });
         }
-        Cmd::Disk(DiskCmd::Delete { name }) => {
-            let v = api.delete(&format!("/v1/disks/{name}"))?;
-            show(&v, &|_| println!("deleted disk {name}"));
+        Cmd::Disk(DiskCmd::Delete { name, erase }) => {
+            let route = if erase {
+                eprintln!("erasing disk {name} ...");
+                format!("/v1/disks/{name}?erase=1")
+            } else {
+                format!("/v1/disks/{name}")
+            };
+            let v = api.delete(&route)?;
+            show(&v, &|v| {
+                if erase {
+                    println!(
+                        "erased {} and deleted disk {name} in {:.3} s",
+                        nvmux_core::format_size(v["erased_bytes"].as_u64().unwrap_or(0)),
+                        v["seconds"].as_f64().unwrap_or(0.0)
+                    )
+                } else {
+                    println!("deleted disk {name}")
+                }
+            });
+        }
+        Cmd::Disk(DiskCmd::Snapshot { disk, snapshot }) => {
+            let v = api.post(
+                &format!("/v1/disks/{disk}/snapshot"),
+                &json!({ "snapshot": snapshot }),
+            )?;
+            show(&v, &|_| {
+                println!("snapshot {snapshot} of disk {disk} taken")
+            });
+        }
+        Cmd::Disk(DiskCmd::Clone {
+            snapshot,
+            disk,
+            pool,
+            size,
+        }) => {
+            let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            let v = api.post(
+                "/v1/disks",
+                &json!({"name": disk, "pool": pool, "from_snapshot": snapshot, "size": size}),
+            )?;
+            show(&v, &|v| {
+                println!(
+                    "created disk {disk} from snapshot {snapshot} ({})",
+                    describe_disk(v)
+                )
+            });
+        }
+        Cmd::Disk(DiskCmd::Resize {
+            disk,
+            size,
+            force,
+            discard_data,
+        }) => {
+            let bytes = nvmux_core::parse_size(&size)?;
+            let v = api.post(
+                &format!("/v1/disks/{disk}/resize"),
+                &json!({"size": bytes, "force": force, "discard_data": discard_data}),
+            )?;
+            show(&v, &|v| println!("disk {disk} is now {}", describe_disk(v)));
+        }
+        Cmd::Pool(PoolCmd::Create {
+            name,
+            path,
+            size,
+            cluster_size,
+            import,
+        }) => {
+            let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            let cs = cluster_size
+                .map(|s| nvmux_core::parse_size(&s))
+                .transpose()?;
+            let path = std::path::absolute(&path).unwrap_or(path);
+            let v = api.post(
+                "/v1/pools",
+                &json!({"name": name, "path": path, "size": size, "cluster_size": cs, "import": import}),
+            )?;
+            show(&v, &|v| {
+                let u = &v["usage"];
+                println!(
+                    "{} pool {name} on {}: {} of data in {} clusters",
+                    if import { "imported" } else { "created" },
+                    path.display(),
+                    nvmux_core::format_size(u["capacity_bytes"].as_u64().unwrap_or(0)),
+                    nvmux_core::format_size(u["cluster_size"].as_u64().unwrap_or(0)),
+                )
+            });
+        }
+        Cmd::Pool(PoolCmd::List) => {
+            let v = api.get("/v1/pools")?;
+            show(&v, &|v| {
+                println!(
+                    "{:<16} {:>10} {:>10} {:>6} {:>8} PATH",
+                    "NAME", "CAPACITY", "USED", "USE%", "VOLUMES"
+                );
+                for p in v.as_array().into_iter().flatten() {
+                    let u = &p["usage"];
+                    let cap = u["capacity_bytes"].as_u64().unwrap_or(0);
+                    let used = u["used_bytes"].as_u64().unwrap_or(0);
+                    println!(
+                        "{:<16} {:>10} {:>10} {:>5.1}% {:>8} {}{}",
+                        p["name"].as_str().unwrap_or(""),
+                        nvmux_core::format_size(cap),
+                        nvmux_core::format_size(used),
+                        used as f64 * 100.0 / cap.max(1) as f64,
+                        u["volumes"].as_array().map_or(0, |a| a.len()),
+                        p["path"].as_str().unwrap_or(""),
+                        match p["status"].as_str() {
+                            Some("ok") | None => String::new(),
+                            Some(s) => format!("  [{s}]"),
+                        }
+                    );
+                }
+            });
+        }
+        Cmd::Pool(PoolCmd::Show { name }) => {
+            let v = api.get(&format!("/v1/pools/{name}"))?;
+            show(&v, &pool_table);
+        }
+        Cmd::Pool(PoolCmd::Check { path }) => {
+            let r = nvmux_daemon::pools::check_path(&path)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{}: {} volumes, {} clusters used, {} free, {} awaiting zeroing, {} journal transactions replayed",
+                    path.display(),
+                    r.volumes,
+                    r.used_clusters,
+                    r.free_clusters,
+                    r.dirty_clusters,
+                    r.journal_transactions
+                );
+                for n in &r.notes {
+                    println!("note: {n}");
+                }
+                for e in &r.errors {
+                    println!("ERROR: {e}");
+                }
+                println!(
+                    "{}",
+                    if r.ok() {
+                        "pool is consistent"
+                    } else {
+                        "pool is DAMAGED"
+                    }
+                );
+            }
+            if !r.ok() {
+                return Err(format!("pool {} failed the check", path.display()).into());
+            }
+        }
+        Cmd::Pool(PoolCmd::Remove { name }) => {
+            let v = api.delete(&format!("/v1/pools/{name}"))?;
+            show(&v, &|_| {
+                println!("removed pool {name} (its data is left as is)")
+            });
+        }
+        Cmd::Pool(PoolCmd::DeleteVolume { pool, volume }) => {
+            let v = api.delete(&format!("/v1/pools/{pool}/volumes/{volume}"))?;
+            show(&v, &|_| {
+                println!("deleted volume {volume} from pool {pool}")
+            });
         }
         Cmd::Export(ExportCmd::Add {
             disk,
@@ -276,6 +516,45 @@ fn run(cli: Cli) -> Res {
         Cmd::Demo(a) => demo::run(a)?,
     }
     Ok(())
+}
+
+fn pool_table(v: &Value) {
+    let u = &v["usage"];
+    let f = |k: &str| nvmux_core::format_size(u[k].as_u64().unwrap_or(0));
+    println!(
+        "pool {} on {} ({})",
+        v["name"].as_str().unwrap_or(""),
+        v["path"].as_str().unwrap_or(""),
+        v["status"].as_str().unwrap_or("")
+    );
+    println!(
+        "  capacity {}, used {}, cluster {}, uuid {}",
+        f("capacity_bytes"),
+        f("used_bytes"),
+        f("cluster_size"),
+        u["uuid"].as_str().unwrap_or("")
+    );
+    println!(
+        "  {:<24} {:<9} {:>10} {:>10} PARENT",
+        "VOLUME", "KIND", "SIZE", "ALLOCATED"
+    );
+    for vol in u["volumes"].as_array().into_iter().flatten() {
+        if vol["hidden"].as_bool() == Some(true) {
+            continue;
+        }
+        println!(
+            "  {:<24} {:<9} {:>10} {:>10} {}",
+            vol["name"].as_str().unwrap_or(""),
+            if vol["snapshot"].as_bool() == Some(true) {
+                "snapshot"
+            } else {
+                "volume"
+            },
+            nvmux_core::format_size(vol["size"].as_u64().unwrap_or(0)),
+            nvmux_core::format_size(vol["allocated_bytes"].as_u64().unwrap_or(0)),
+            vol["parent"].as_str().unwrap_or("-")
+        );
+    }
 }
 
 fn compact(v: &Value) -> String {

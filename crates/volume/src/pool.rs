@@ -463,6 +463,21 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
+/// Lock the pool file: one server at a time, and no offline check while it serves.
+fn flock(f: &File, path: &Path, mode: i32) -> Result<()> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "pool {} is in use by a running nvmux daemon",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn open_rw(path: &Path, create: bool) -> Result<(File, bool)> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -817,6 +832,7 @@ impl CheckReport {
 /// copies, the journal, and the cross-references (owners, maps, parents).
 pub fn check(path: &Path) -> Result<CheckReport> {
     let f = std::fs::File::open(path).map_err(|e| io_err(path, "open", e))?;
+    flock(&f, path, libc::LOCK_SH)?;
     let mut r = CheckReport::default();
     let mut b0 = vec![0u8; BLOCK];
     let mut b1 = vec![0u8; BLOCK];
@@ -978,6 +994,7 @@ impl Pool {
     /// checkpoint. A damaged pool is refused with where it is damaged.
     pub fn open(path: &Path) -> Result<Arc<Pool>> {
         let (file, block_dev) = open_rw(path, false)?;
+        flock(&file, path, libc::LOCK_EX)?;
         let l = load(&file, path)?;
         for e in &l.sb_errors {
             tracing::warn!("pool {}: {e} (using the other copy)", path.display());
@@ -1512,7 +1529,9 @@ impl Pool {
                 }
                 let first = size / cs; // the cluster holding the new end, if partial
                 let beyond: Vec<(u64, u64)> = v.map.iter().filter(|&(x, _)| x >= first).collect();
-                let data_past = beyond.iter().any(|&(x, _)| x > first || size.is_multiple_of(cs));
+                let data_past = beyond
+                    .iter()
+                    .any(|&(x, _)| x > first || size.is_multiple_of(cs));
                 if data_past && !discard_data {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,

@@ -146,6 +146,9 @@ impl BlockDevice for ThinDevice {
             mail: Vec::new(),
         }))
     }
+    fn capacity_bytes(&self) -> u64 {
+        self.size()
+    }
     fn describe(&self) -> String {
         format!(
             "thin volume {:?} in pool {} ({} KiB clusters)",

@@ -1,0 +1,396 @@
+//! Pools in the daemon: create, list, show, check and forget pools; thin disks,
+//! snapshots, clones, resize and volume deletion.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, MutexGuard};
+
+use nvmux_core::stats::DiskStats;
+use nvmux_core::{parse_size, Error, ErrorKind, Result};
+use nvmux_volume::{CheckReport, Pool, PoolOptions, PoolUsage, ThinDevice};
+use serde::{Deserialize, Serialize};
+
+use crate::{check_name, err, BackendSpec, Daemon, Disk, DiskCreate, DiskSpec, DiskView, Inner};
+
+/// A pool as `state.json` keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+pub(crate) struct PoolEntry {
+    pub(crate) spec: PoolSpec,
+    pub(crate) pool: std::result::Result<Arc<Pool>, String>,
+}
+
+/// `POST /v1/pools` body.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    pub name: String,
+    /// File (created if missing) or block device.
+    pub path: PathBuf,
+    /// Bytes, for a new file (e.g. "100G" is accepted as a string too).
+    #[serde(default)]
+    pub size: Option<SizeArg>,
+    /// Cluster size in bytes (power of two, 4 KiB to 1 MiB); default 64 KiB.
+    #[serde(default)]
+    pub cluster_size: Option<SizeArg>,
+    /// Open an existing pool instead of formatting.
+    #[serde(default)]
+    pub import: bool,
+}
+
+/// A size given as a number of bytes or a string with a unit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeArg {
+    pub fn bytes(&self) -> Result<u64> {
+        match self {
+            SizeArg::Bytes(b) => Ok(*b),
+            SizeArg::Text(t) => parse_size(t),
+        }
+    }
+}
+
+/// A pool as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolView {
+    pub name: String,
+    pub path: PathBuf,
+    /// `ok`, or why the pool could not be opened.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<PoolUsage>,
+}
+
+/// `POST /v1/disks/{name}/snapshot` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub snapshot: String,
+}
+
+/// `POST /v1/disks/{name}/resize` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resize {
+    pub size: SizeArg,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub discard_data: bool,
+}
+
+pub(crate) fn get_pool(g: &Inner, name: &str) -> Result<Arc<Pool>> {
+    let p = g
+        .pools
+        .get(name)
+        .ok_or_else(|| err(ErrorKind::NotFound, format!("pool {name:?} does not exist")))?;
+    p.pool
+        .clone()
+        .map_err(|e| err(ErrorKind::Io, format!("pool {name:?} is unavailable: {e}")))
+}
+
+/// Zero a file disk's image (punching holes where the filesystem can) and sync it.
+pub(crate) fn erase_file(path: &Path) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let ctx = |e| Error::io(format!("erase {}", path.display()), e);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(ctx)?;
+    let len = f.metadata().map_err(ctx)?.len();
+    // SAFETY: fallocate on our own descriptor; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len as i64,
+        )
+    };
+    if r != 0 {
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(zeros.len() as u64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(&f, &zeros[..n], off).map_err(ctx)?;
+            off += n as u64;
+        }
+    }
+    f.sync_all().map_err(ctx)?;
+    Ok(len)
+}
+
+/// Offline check of the pool at `path` (refused while a daemon serves it).
+pub fn check_path(path: &Path) -> Result<CheckReport> {
+    nvmux_volume::check(path)
+}
+
+impl Daemon {
+    pub fn create_pool(&self, req: PoolCreate) -> Result<PoolView> {
+        check_name("pool", &req.name)?;
+        let mut g = self.lock();
+        if g.pools.contains_key(&req.name) {
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!("pool {:?} already exists", req.name),
+            ));
+        }
+        if let Some(o) = g.pools.values().find(|p| p.spec.path == req.path) {
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!("{} is already pool {:?}", req.path.display(), o.spec.name),
+            ));
+        }
+        if !req.import {
+            let mut opts = PoolOptions::default();
+            if let Some(s) = &req.size {
+                opts.size = Some(s.bytes()?);
+            }
+            if let Some(c) = &req.cluster_size {
+                let c = c.bytes()?;
+                opts.cluster_size = u32::try_from(c).map_err(|_| {
+                    err(
+                        ErrorKind::InvalidArgument,
+                        format!("cluster size {c} is too large"),
+                    )
+                })?;
+            }
+            Pool::create(&req.path, &opts)?;
+        }
+        let pool = Pool::open(&req.path)?;
+        let spec = PoolSpec {
+            name: req.name.clone(),
+            path: req.path.clone(),
+        };
+        g.pools.insert(
+            req.name.clone(),
+            PoolEntry {
+                spec,
+                pool: Ok(pool),
+            },
+        );
+        if let Err(e) = self.persist(&g) {
+            if let Some(PoolEntry { pool: Ok(p), .. }) = g.pools.remove(&req.name) {
+                let _ = p.close();
+            }
+            return Err(e);
+        }
+        tracing::info!(pool = %req.name, path = %req.path.display(), "pool added");
+        Ok(pool_view(&g.pools[&req.name]))
+    }
+
+    pub fn pools(&self) -> Vec<PoolView> {
+        self.lock().pools.values().map(pool_view).collect()
+    }
+
+    pub fn pool(&self, name: &str) -> Result<PoolView> {
+        let g = self.lock();
+        g.pools
+            .get(name)
+            .map(pool_view)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("pool {name:?} does not exist")))
+    }
+
+    /// Close a pool and forget it (its file or device is left as is).
+    pub fn remove_pool(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        if !g.pools.contains_key(name) {
+            return Err(err(
+                ErrorKind::NotFound,
+                format!("pool {name:?} does not exist"),
+            ));
+        }
+        let users: Vec<String> = g
+            .disks
+            .values()
+            .filter(|d| matches!(&d.spec.backend, BackendSpec::Thin { pool, .. } if pool == name))
+            .map(|d| d.spec.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(err(
+                ErrorKind::Busy,
+                format!("pool {name:?} holds disks {users:?}; delete them first"),
+            ));
+        }
+        let e = g.pools.remove(name);
+        if let Err(er) = self.persist(&g) {
+            if let Some(e) = e {
+                g.pools.insert(name.to_string(), e);
+            }
+            return Err(er);
+        }
+        if let Some(PoolEntry { pool: Ok(p), .. }) = e {
+            p.close()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn create_thin_disk(
+        &self,
+        mut g: MutexGuard<'_, Inner>,
+        req: DiskCreate,
+    ) -> Result<DiskView> {
+        let pool_name = req.pool.clone().unwrap_or_default();
+        if req.path.is_some() || req.backend.as_deref().is_some_and(|b| b != "thin") {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a pool disk takes no --path or --backend",
+            ));
+        }
+        if req.block_size.is_some_and(|b| b != 512) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "pool disks have 512-byte blocks",
+            ));
+        }
+        let pool = get_pool(&g, &pool_name)?;
+        let (volume, owned) = match &req.volume {
+            Some(v) => {
+                if req.size.is_some() || req.from_snapshot.is_some() {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "--volume attaches an existing volume: no --size or --from-snapshot",
+                    ));
+                }
+                if g.disks.values().any(|d| matches!(&d.spec.backend, BackendSpec::Thin { pool, volume, .. } if *pool == pool_name && volume == v)) {
+                    return Err(err(ErrorKind::AlreadyExists, format!("volume {v:?} is already a disk")));
+                }
+                (v.clone(), false)
+            }
+            None => {
+                if req.size.is_none() && req.from_snapshot.is_none() {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "a pool disk needs --size (or --from-snapshot)",
+                    ));
+                }
+                pool.create_volume(&req.name, req.size, req.from_snapshot.as_deref())?;
+                (req.name.clone(), true)
+            }
+        };
+        let undo = |pool: &Pool| {
+            if owned {
+                let _ = pool.delete(&volume, false, &mut |_, _| {});
+            }
+        };
+        let dev = match ThinDevice::open(&pool, &volume) {
+            Ok(d) => d,
+            Err(e) => {
+                undo(&pool);
+                return Err(e);
+            }
+        };
+        let spec = DiskSpec {
+            name: req.name.clone(),
+            backend: BackendSpec::Thin {
+                pool: pool_name,
+                volume: volume.clone(),
+                owned,
+            },
+            size: dev.size(),
+            block_size: 512,
+            read_only: req.read_only || nvmux_core::BlockDevice::info(&dev).read_only,
+        };
+        g.disks.insert(
+            spec.name.clone(),
+            Disk {
+                spec,
+                dev: Ok(Arc::new(dev)),
+                stats: Arc::new(DiskStats::default()),
+            },
+        );
+        if let Err(e) = self.persist(&g) {
+            g.disks.remove(&req.name);
+            undo(&pool);
+            return Err(e);
+        }
+        tracing::info!(disk = %req.name, volume = %volume, "pool disk created");
+        Ok(Daemon::view(&g, &g.disks[&req.name]))
+    }
+
+    fn thin_of(&self, g: &Inner, disk: &str) -> Result<(Arc<Pool>, String)> {
+        let d = g
+            .disks
+            .get(disk)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {disk:?} does not exist")))?;
+        match &d.spec.backend {
+            BackendSpec::Thin { pool, volume, .. } => Ok((get_pool(g, pool)?, volume.clone())),
+            _ => Err(err(
+                ErrorKind::Unsupported,
+                format!("disk {disk:?} is not in a pool: snapshots and resize need a pool disk"),
+            )),
+        }
+    }
+
+    /// Snapshot a pool disk: `snapshot` becomes a read-only volume in the pool.
+    pub fn snapshot_disk(&self, disk: &str, snapshot: &str) -> Result<PoolView> {
+        check_name("snapshot", snapshot)?;
+        let g = self.lock();
+        let (pool, volume) = self.thin_of(&g, disk)?;
+        pool.snapshot(&volume, snapshot)?;
+        let name = g
+            .pools
+            .iter()
+            .find(|(_, p)| p.pool.as_ref().is_ok_and(|q| Arc::ptr_eq(q, &pool)))
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        tracing::info!(disk, snapshot, "snapshot taken");
+        Ok(pool_view(&g.pools[&name]))
+    }
+
+    /// Resize a pool disk (see docs/api.md for what attached guests see).
+    pub fn resize_disk(&self, disk: &str, req: Resize) -> Result<DiskView> {
+        let size = req.size.bytes()?;
+        let mut g = self.lock();
+        let (pool, volume) = self.thin_of(&g, disk)?;
+        pool.resize(&volume, size, req.force, req.discard_data)?;
+        // Running exports keep the device they started with (their queues accept the
+        // new range); an export added from now on, or re-added, reports the new size.
+        let dev = ThinDevice::open(&pool, &volume)?;
+        if let Some(d) = g.disks.get_mut(disk) {
+            d.spec.size = size;
+            d.dev = Ok(Arc::new(dev));
+        }
+        self.persist(&g)?;
+        tracing::info!(disk, size, "disk resized");
+        Ok(Daemon::view(&g, &g.disks[disk]))
+    }
+
+    /// Delete a volume or snapshot that no disk attaches.
+    pub fn delete_volume(&self, pool_name: &str, volume: &str) -> Result<()> {
+        let g = self.lock();
+        if let Some(d) = g.disks.values().find(|d| matches!(&d.spec.backend, BackendSpec::Thin { pool, volume: v, .. } if pool == pool_name && v == volume)) {
+            return Err(err(
+                ErrorKind::Busy,
+                format!("volume {volume:?} is disk {:?}; delete the disk instead", d.spec.name),
+            ));
+        }
+        let pool = get_pool(&g, pool_name)?;
+        pool.delete(volume, false, &mut |_, _| {})
+    }
+}
+
+fn pool_view(p: &PoolEntry) -> PoolView {
+    PoolView {
+        name: p.spec.name.clone(),
+        path: p.spec.path.clone(),
+        status: match &p.pool {
+            Ok(_) => "ok".into(),
+            Err(e) => format!("error: {e}"),
+        },
+        usage: p.pool.as_ref().ok().map(|p| p.usage()),
+    }
+}
+
+/// Parse a size argument for the CLI.
+pub fn size_arg(s: &str) -> Result<SizeArg> {
+    parse_size(s).map(SizeArg::Bytes)
+}
