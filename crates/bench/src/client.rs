@@ -23,6 +23,8 @@ pub struct BlkioClient {
     queues: Vec<Blkioq>,
     region: MemoryRegion,
     capacity: u64,
+    /// How long `io` waits for a completion.
+    pub timeout: Duration,
     // Keep the instance last so queues drop first.
     blkio: Blkio,
 }
@@ -92,6 +94,7 @@ impl BlkioClient {
             queues,
             region,
             capacity,
+            timeout: IO_TIMEOUT,
             blkio: b,
         })
     }
@@ -182,7 +185,7 @@ impl BlkioClient {
             flags,
         );
         let mut c = [MaybeUninit::<Completion>::uninit()];
-        self.reap(q, &mut c, 1, IO_TIMEOUT)?;
+        self.reap(q, &mut c, 1, self.timeout)?;
         // SAFETY: reap returned 1, so libblkio initialised c[0].
         let c = unsafe { c[0].assume_init_read() };
         Ok(c.ret)

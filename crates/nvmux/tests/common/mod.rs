@@ -114,6 +114,18 @@ impl TestDaemon {
         (img, sock)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Wait for a daemon someone killed (or kill it now) and reap it.
+    pub fn wait_killed(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait; panics if it does not exit 0 within 15 s.
     pub fn stop(mut self) {
         let mut c = self.child.take().expect("child");
