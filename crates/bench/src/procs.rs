@@ -134,6 +134,8 @@ pub enum QsdTarget {
     File(PathBuf),
     /// `driver=null-co`.
     Null { size: u64 },
+    /// `driver=qcow2` over `driver=file` with `cache.direct=on,aio=io_uring`.
+    Qcow2(PathBuf),
 }
 
 /// Start qemu-storage-daemon exporting `target` over vhost-user-blk on `sock`.
@@ -151,6 +153,10 @@ pub fn start_qsd(
             p.display()
         ),
         QsdTarget::Null { size } => format!("driver=null-co,node-name=n0,size={size}"),
+        QsdTarget::Qcow2(p) => format!(
+            "driver=qcow2,node-name=n0,file.driver=file,file.filename={},file.cache.direct=on,file.aio=io_uring",
+            p.display()
+        ),
     };
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(

@@ -14,7 +14,7 @@ use nvmux_daemon::client::ApiClient;
 use serde::Serialize;
 use serde_json::json;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// A `nvmux serve` child process.
 pub struct Daemon {
@@ -71,19 +71,22 @@ pub struct BenchArgs {
     client_poll: bool,
     /// Where JSON results go.
     #[arg(long, default_value = "target/bench")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Size of the test files.
     #[arg(long, default_value = "1G")]
     file_size: String,
     /// Skip qemu-storage-daemon and fio.
     #[arg(long)]
-    no_baselines: bool,
+    pub(crate) no_baselines: bool,
     /// Only drive this existing vhost-user-blk socket (any server) and print the results.
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Only run workloads whose name contains this, e.g. "randread QD32".
     #[arg(long)]
-    only: Option<String>,
+    pub(crate) only: Option<String>,
+    /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
+    #[arg(long)]
+    pool: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,7 +125,7 @@ const WORKLOADS: [(Op, usize, &str); 4] = [
 ];
 
 /// Fill a file with data, so reads hit real blocks rather than holes.
-fn prepare_file(p: &Path, size: u64) -> Res<()> {
+pub(crate) fn prepare_file(p: &Path, size: u64) -> Res<()> {
     use std::io::Write;
     if std::fs::metadata(p)
         .map(|m| m.len() == size)
@@ -188,6 +191,13 @@ pub fn run(a: BenchArgs) -> Res<()> {
                 )
             },
         );
+    }
+    if a.pool {
+        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        if two {
+            procs::pin_current_thread(1);
+        }
+        return crate::bench_pool::run(&a, secs, two.then_some(0));
     }
     let size = nvmux_core::parse_size(&a.file_size)?;
     let work = std::env::temp_dir().join(format!("nvmux-bench-{}", std::process::id()));

@@ -1,0 +1,213 @@
+//! `nvmux bench --pool`: thin volumes against qemu-storage-daemon's qcow2 and against a
+//! raw-file nvmux disk, all on the same filesystem, in one run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blkio::ReqFlags;
+use nvmux_bench::client::{BlkioClient, Op};
+use nvmux_bench::procs::{self, QsdTarget};
+use nvmux_bench::workload::{Measured, Workload};
+use serde_json::json;
+
+use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
+
+const GIB: u64 = 1 << 30;
+/// Virtual size of a fresh volume: large enough that random 4 KiB writes for the whole
+/// run keep landing on unallocated clusters.
+const FRESH: u64 = 16 * GIB;
+/// Size of the fully allocated volume.
+const FULL: u64 = GIB;
+
+fn run_one(sock: &Path, op: Op, qd: usize, secs: u64) -> Res<Measured> {
+    let mut c = BlkioClient::connect(sock, 1, false, 32 * 4096)?;
+    Ok(nvmux_bench::workload::run(
+        &mut c,
+        &Workload {
+            op,
+            block_size: 4096,
+            queue_depth: qd,
+            duration: Duration::from_secs(secs),
+            queue: 0,
+        },
+    )?)
+}
+
+/// Write every byte once (1 MiB sequential writes), then flush.
+fn fill(sock: &Path) -> Res<()> {
+    let mut c = BlkioClient::connect(sock, 1, false, 2 << 20)?;
+    for (i, b) in c.buf().iter_mut().enumerate() {
+        *b = (i % 253) as u8;
+    }
+    let cap = c.capacity();
+    let mut off = 0;
+    while off < cap {
+        let n = (cap - off).min(1 << 20) as usize;
+        c.io_ok(0, Op::Write, off, n, 0, ReqFlags::empty())?;
+        off += n as u64;
+    }
+    c.io_ok(0, Op::Flush, 0, 0, 0, ReqFlags::empty())?;
+    Ok(())
+}
+
+const RUNS: [(&str, Op, usize, bool); 6] = [
+    ("allocating randwrite QD1", Op::Write, 1, true),
+    ("allocating randwrite QD32", Op::Write, 32, true),
+    ("allocated randwrite QD1", Op::Write, 1, false),
+    ("allocated randwrite QD32", Op::Write, 32, false),
+    ("allocated randread QD1", Op::Read, 1, false),
+    ("allocated randread QD32", Op::Read, 32, false),
+];
+
+fn qemu_img(path: &Path, size: u64) -> Res<()> {
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .status()?;
+    if !st.success() {
+        return Err(format!("qemu-img create {} failed", path.display()).into());
+    }
+    Ok(())
+}
+
+pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
+    let work = std::env::temp_dir().join(format!("nvmux-bench-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let total = RUNS.len() * 2 + 4;
+    let mut done = 0;
+    let mut rows: Vec<(String, String, Measured)> = Vec::new();
+    let mut record = |server: &str, w: &str, m: Measured| {
+        done += 1;
+        eprintln!(
+            "[{done:>2}/{total}] {server:<12} {w:<26} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs",
+            m.iops, m.p50_us, m.p99_us
+        );
+        rows.push((server.into(), w.into(), m));
+    };
+
+    // nvmux: a pool on /tmp, fresh volumes for the allocating runs, one filled volume,
+    // and a raw-file disk.
+    let ddir = work.join("nvmux");
+    std::fs::create_dir_all(&ddir)?;
+    let cfg = format!(
+        "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
+        ddir,
+        srv_cpu.unwrap_or(0)
+    );
+    let d = Daemon::start(&ddir, Some(&cfg), srv_cpu)?;
+    d.api().post(
+        "/v1/pools",
+        &json!({"name": "p", "path": work.join("pool.img"), "size": 3 * FRESH + 2 * GIB}),
+    )?;
+    let disk = |name: &str, body: serde_json::Value| -> Res<PathBuf> {
+        d.api().post("/v1/disks", &body)?;
+        let sock = ddir.join(format!("{name}.sock"));
+        d.api().post(
+            "/v1/exports",
+            &json!({"disk": name, "socket": sock, "num_queues": 1}),
+        )?;
+        Ok(sock)
+    };
+    let full = disk("full", json!({"name": "full", "pool": "p", "size": FULL}))?;
+    eprintln!("filling a {} GiB thin volume", FULL / GIB);
+    fill(&full)?;
+    let raw_img = work.join("raw.img");
+    prepare_file(&raw_img, FULL)?;
+    let raw = disk(
+        "raw",
+        json!({"name": "raw", "backend": "file", "path": raw_img}),
+    )?;
+    for (i, (w, op, qd, fresh)) in RUNS.iter().enumerate() {
+        if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
+            continue;
+        }
+        let sock = if *fresh {
+            let n = format!("fresh{i}");
+            disk(&n, json!({"name": n, "pool": "p", "size": FRESH}))?
+        } else {
+            full.clone()
+        };
+        record("nvmux thin", w, run_one(&sock, *op, *qd, secs)?);
+        if !fresh {
+            record("nvmux raw", w, run_one(&raw, *op, *qd, secs)?);
+        }
+    }
+    let _ = d.stop();
+    let _ = std::fs::remove_file(work.join("pool.img"));
+
+    // qemu-storage-daemon with qcow2 on the same filesystem.
+    if !a.no_baselines {
+        let log = work.join("qsd.log");
+        let sock = work.join("qsd.sock");
+        let full_img = work.join("full.qcow2");
+        qemu_img(&full_img, FULL)?;
+        {
+            let _q =
+                procs::start_qsd(&QsdTarget::Qcow2(full_img.clone()), &sock, 1, srv_cpu, &log)?;
+            eprintln!("filling a {} GiB qcow2 image", FULL / GIB);
+            fill(&sock)?;
+        }
+        for (w, op, qd, fresh) in RUNS {
+            if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
+                continue;
+            }
+            let img = if fresh {
+                let p = work.join("fresh.qcow2");
+                let _ = std::fs::remove_file(&p);
+                qemu_img(&p, FRESH)?;
+                p
+            } else {
+                full_img.clone()
+            };
+            let q = procs::start_qsd(&QsdTarget::Qcow2(img), &sock, 1, srv_cpu, &log)?;
+            record("qsd qcow2", w, run_one(&sock, op, qd, secs)?);
+            drop(q);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    println!(
+        "\nThin volumes (64 KiB clusters) vs qemu-storage-daemon qcow2 (64 KiB clusters, cache.direct=on, aio=io_uring) vs a raw-file nvmux disk, all on {}; 4 KiB random I/O through libblkio, {secs} s per run, server on CPU 0",
+        std::env::temp_dir().display()
+    );
+    println!("| workload | nvmux thin IOPS | p50/p99 µs | QSD qcow2 IOPS | p50/p99 µs | thin/qcow2 | nvmux raw IOPS | thin/raw |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let find = |s: &str, w: &str| rows.iter().find(|r| r.0 == s && r.1 == w).map(|r| &r.2);
+    for (w, ..) in RUNS {
+        let (t, q, r) = (
+            find("nvmux thin", w),
+            find("qsd qcow2", w),
+            find("nvmux raw", w),
+        );
+        let iops = |m: Option<&Measured>| m.map_or("-".into(), |m| format!("{:.0}", m.iops));
+        let lat = |m: Option<&Measured>| {
+            m.map_or("-".into(), |m| format!("{:.1}/{:.1}", m.p50_us, m.p99_us))
+        };
+        let ratio = |a: Option<&Measured>, b: Option<&Measured>| match (a, b) {
+            (Some(a), Some(b)) if b.iops > 0.0 => format!("{:.2}x", a.iops / b.iops),
+            _ => "-".into(),
+        };
+        println!(
+            "| {w} | {} | {} | {} | {} | {} | {} | {} |",
+            iops(t),
+            lat(t),
+            iops(q),
+            lat(q),
+            ratio(t, q),
+            iops(r),
+            ratio(t, r)
+        );
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let report = json!({
+        "kind": "pool 4k",
+        "seconds_per_run": secs,
+        "rows": rows.iter().map(|(s, w, m)| json!({"server": s, "workload": w, "m": m})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        a.out.join("pool-latest.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(())
+}
