@@ -327,7 +327,7 @@ fn kill_9_during_allocating_writes_loses_nothing_flushed() {
             next_slot += 1;
             seed += 1;
             i += 1;
-            if i % 8 == 0 {
+            if i.is_multiple_of(8) {
                 match c.io(0, Op::Flush, 0, 0, 0, ReqFlags::empty()) {
                     Ok(0) => durable.append(&mut acked),
                     _ => break,

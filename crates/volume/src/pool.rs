@@ -216,6 +216,8 @@ pub(crate) struct State {
     pub(crate) free: u64,
     /// Claimed clusters: dirty on disk (committed), zero in fact, ready to hand out.
     pub(crate) claimed: Vec<u64>,
+    /// Clusters being claimed right now (taken from `free`, not yet in `claimed`).
+    pub(crate) claiming: u64,
     /// Released clusters waiting for their release to be durable, then zeroing.
     to_zero: Vec<u64>,
     /// Records not yet in the journal.
@@ -712,6 +714,7 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         cursor: 0,
         free: 0,
         claimed: Vec::new(),
+        claiming: 0,
         to_zero: Vec::new(),
         pending: Vec::new(),
         dirty: [
@@ -1232,6 +1235,8 @@ impl Pool {
             let mut s = self.lock_state();
             let mut got = Vec::new();
             let total = self.n_clusters;
+            // Leave some free space unclaimed in a nearly full pool.
+            let n = n.min(s.free.div_ceil(2));
             let mut scanned = 0;
             while (got.len() as u64) < n && scanned < total && s.free > 0 {
                 let c = s.cursor;
@@ -1243,6 +1248,7 @@ impl Pool {
                     got.push(c);
                 }
             }
+            s.claiming += got.len() as u64;
             got
         };
         if got.is_empty() {
@@ -1250,6 +1256,7 @@ impl Pool {
         }
         let r = self.commit();
         let mut s = self.lock_state();
+        s.claiming -= got.len() as u64;
         match r {
             Ok(()) => {
                 // Hand out low clusters first, so a volume's data stays roughly in order.

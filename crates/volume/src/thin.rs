@@ -419,7 +419,7 @@ impl ThinQueue {
                 pos += n;
             }
             if need > s.claimed.len() {
-                if s.free == 0 && s.claimed.is_empty() && !s.has_to_zero() {
+                if s.free == 0 && s.claimed.is_empty() && s.claiming == 0 && !s.has_to_zero() {
                     return Plan::Complete(Status::CAPACITY_EXCEEDED);
                 }
                 s.claim_waiters.push(self.parked(idx, RETRY));
