@@ -109,6 +109,50 @@ fn on_memory_fs(file: &File) -> bool {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
+/// Size in bytes of a regular file or a block device.
+pub fn device_bytes(file: &File) -> std::io::Result<u64> {
+    let m = file.metadata()?;
+    if !m.file_type().is_block_device() {
+        return Ok(m.len());
+    }
+    let mut sz: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes a u64 into the provided, valid location.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut sz) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sz)
+}
+
+/// Zero `len` bytes at `off` synchronously: punch a hole (files, and block devices that
+/// discard to zeroes), else zero the range, else write zeroes.
+pub fn zero_range(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    for mode in [
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_ZERO_RANGE,
+    ] {
+        // SAFETY: fallocate on the caller's descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+        ) {
+            return Err(e);
+        }
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 impl FileDevice {
     pub fn open(path: &Path, opts: &FileOptions) -> Result<Self> {
         let ctx = |e: std::io::Error| Error::io(format!("file {}", path.display()), e);
@@ -162,21 +206,16 @@ impl FileDevice {
             }
             Err(e) => return Err(ctx(e)),
         };
-        let (dev_bs, cur_size) = if block_dev {
-            let mut sz: u64 = 0;
+        let cur_size = device_bytes(&file).map_err(ctx)?;
+        let dev_bs = if block_dev {
             let mut bs: libc::c_int = 0;
-            // SAFETY: the ioctls write a u64 / an int into the provided, valid locations.
-            unsafe {
-                if libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut sz) != 0 {
-                    return Err(ctx(std::io::Error::last_os_error()));
-                }
-                if libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut bs) != 0 {
-                    return Err(ctx(std::io::Error::last_os_error()));
-                }
+            // SAFETY: the ioctl writes an int into the provided, valid location.
+            if unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut bs) } != 0 {
+                return Err(ctx(std::io::Error::last_os_error()));
             }
-            (Some(bs as u32), sz)
+            Some(bs as u32)
         } else {
-            (None, file.metadata().map_err(ctx)?.len())
+            None
         };
         let bs = opts.block_size.or(dev_bs).unwrap_or(512);
         check_block_size(bs)?;

@@ -99,31 +99,13 @@ pub(crate) fn get_pool(g: &Inner, name: &str) -> Result<Arc<Pool>> {
 
 /// Zero a file disk's image (punching holes where the filesystem can) and sync it.
 pub(crate) fn erase_file(path: &Path) -> Result<u64> {
-    use std::os::fd::AsRawFd;
     let ctx = |e| Error::io(format!("erase {}", path.display()), e);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(ctx)?;
-    let len = f.metadata().map_err(ctx)?.len();
-    // SAFETY: fallocate on our own descriptor; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            0,
-            len as i64,
-        )
-    };
-    if r != 0 {
-        let zeros = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < len {
-            let n = (len - off).min(zeros.len() as u64) as usize;
-            std::os::unix::fs::FileExt::write_all_at(&f, &zeros[..n], off).map_err(ctx)?;
-            off += n as u64;
-        }
-    }
+    let len = nvmux_backend::device_bytes(&f).map_err(ctx)?;
+    nvmux_backend::zero_range(&f, 0, len).map_err(ctx)?;
     f.sync_all().map_err(ctx)?;
     Ok(len)
 }
@@ -316,13 +298,16 @@ impl Daemon {
         Ok(Daemon::view(&g, &g.disks[&req.name]))
     }
 
-    fn thin_of(&self, g: &Inner, disk: &str) -> Result<(Arc<Pool>, String)> {
+    /// A pool disk's pool name, pool and volume.
+    fn thin_of(&self, g: &Inner, disk: &str) -> Result<(String, Arc<Pool>, String)> {
         let d = g
             .disks
             .get(disk)
             .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {disk:?} does not exist")))?;
         match &d.spec.backend {
-            BackendSpec::Thin { pool, volume, .. } => Ok((get_pool(g, pool)?, volume.clone())),
+            BackendSpec::Thin { pool, volume, .. } => {
+                Ok((pool.clone(), get_pool(g, pool)?, volume.clone()))
+            }
             _ => Err(err(
                 ErrorKind::Unsupported,
                 format!("disk {disk:?} is not in a pool: snapshots and resize need a pool disk"),
@@ -334,14 +319,8 @@ impl Daemon {
     pub fn snapshot_disk(&self, disk: &str, snapshot: &str) -> Result<PoolView> {
         check_name("snapshot", snapshot)?;
         let g = self.lock();
-        let (pool, volume) = self.thin_of(&g, disk)?;
+        let (name, pool, volume) = self.thin_of(&g, disk)?;
         pool.snapshot(&volume, snapshot)?;
-        let name = g
-            .pools
-            .iter()
-            .find(|(_, p)| p.pool.as_ref().is_ok_and(|q| Arc::ptr_eq(q, &pool)))
-            .map(|(n, _)| n.clone())
-            .unwrap_or_default();
         tracing::info!(disk, snapshot, "snapshot taken");
         Ok(pool_view(&g.pools[&name]))
     }
@@ -350,7 +329,7 @@ impl Daemon {
     pub fn resize_disk(&self, disk: &str, req: Resize) -> Result<DiskView> {
         let size = req.size.bytes()?;
         let mut g = self.lock();
-        let (pool, volume) = self.thin_of(&g, disk)?;
+        let (_, pool, volume) = self.thin_of(&g, disk)?;
         pool.resize(&volume, size, req.force, req.discard_data)?;
         // Running exports keep the device they started with (their queues accept the
         // new range); an export added from now on, or re-added, reports the new size.

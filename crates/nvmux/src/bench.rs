@@ -42,6 +42,18 @@ impl Daemon {
             api: ApiClient::new(&sock),
         })
     }
+    /// The daemon every bench run uses: `<work>/nvmux`, one worker thread on `cpu`.
+    pub fn start_bench(work: &Path, cpu: Option<usize>) -> Res<(PathBuf, Daemon)> {
+        let ddir = work.join("nvmux");
+        std::fs::create_dir_all(&ddir)?;
+        let cfg = format!(
+            "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
+            ddir,
+            cpu.unwrap_or(0)
+        );
+        let d = Daemon::start(&ddir, Some(&cfg), cpu)?;
+        Ok((ddir, d))
+    }
     pub fn api(&self) -> &ApiClient {
         &self.api
     }
@@ -246,14 +258,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
     }
 
     // nvmux: one daemon, three disks.
-    let ddir = work.join("nvmux");
-    std::fs::create_dir_all(&ddir)?;
-    let cfg = format!(
-        "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
-        ddir,
-        srv_cpu.unwrap_or(0)
-    );
-    let d = Daemon::start(&ddir, Some(&cfg), srv_cpu)?;
+    let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
     let mut idle_cpu_pct = None;
     for (name, file) in backings {
         let disk = name.trim_start_matches('/').replace([' ', '/'], "-");

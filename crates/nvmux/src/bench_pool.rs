@@ -88,14 +88,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
 
     // nvmux: a pool on /tmp, fresh volumes for the allocating runs, one filled volume,
     // and a raw-file disk.
-    let ddir = work.join("nvmux");
-    std::fs::create_dir_all(&ddir)?;
-    let cfg = format!(
-        "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
-        ddir,
-        srv_cpu.unwrap_or(0)
-    );
-    let d = Daemon::start(&ddir, Some(&cfg), srv_cpu)?;
+    let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
     d.api().post(
         "/v1/pools",
         &json!({"name": "p", "path": work.join("pool.img"), "size": 3 * FRESH + 2 * GIB}),

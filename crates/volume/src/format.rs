@@ -62,6 +62,19 @@ pub enum FormatError {
     },
 }
 
+impl FormatError {
+    /// Name the table copy the block was read from.
+    pub fn in_table_copy(mut self, copy: u32) -> Self {
+        let (FormatError::Size { block, .. }
+        | FormatError::Magic { block, .. }
+        | FormatError::Checksum { block, .. }
+        | FormatError::Version { block, .. }
+        | FormatError::Field { block, .. }) = &mut self;
+        block.push_str(&format!(" (table copy {copy})"));
+        self
+    }
+}
+
 fn field(block: &str, field: &'static str, offset: usize, why: impl Into<String>) -> FormatError {
     FormatError::Field {
         block: block.to_string(),
@@ -83,12 +96,18 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Check size and checksum of a block.
-fn check_block(b: &[u8], name: &str) -> Result<(), FormatError> {
+/// Check a block's size, magic and checksum.
+fn check_block(b: &[u8], name: &str, magic: &[u8]) -> Result<(), FormatError> {
     if b.len() != BLOCK {
         return Err(FormatError::Size {
             block: name.into(),
             got: b.len(),
+        });
+    }
+    if b[..magic.len()] != *magic {
+        return Err(FormatError::Magic {
+            block: name.into(),
+            found: b[..magic.len()].to_vec(),
         });
     }
     let stored = u32_at(b, CRC_AT);
@@ -99,6 +118,19 @@ fn check_block(b: &[u8], name: &str) -> Result<(), FormatError> {
             stored,
             computed,
         });
+    }
+    Ok(())
+}
+
+/// A table block's `index` field must match where it was read.
+fn check_index(b: &[u8], name: &str, index: u32) -> Result<(), FormatError> {
+    if u32_at(b, 4) != index {
+        return Err(field(
+            name,
+            "index",
+            4,
+            format!("block says it is number {}", u32_at(b, 4)),
+        ));
     }
     Ok(())
 }
@@ -166,19 +198,7 @@ impl Superblock {
     /// Decode and validate copy `copy` (0 or 1, for messages).
     pub fn decode(b: &[u8], copy: usize) -> Result<Superblock, FormatError> {
         let name = format!("superblock copy {copy} (byte {})", copy * BLOCK);
-        if b.len() != BLOCK {
-            return Err(FormatError::Size {
-                block: name,
-                got: b.len(),
-            });
-        }
-        if b[0..8] != SUPER_MAGIC {
-            return Err(FormatError::Magic {
-                block: name,
-                found: b[0..8].to_vec(),
-            });
-        }
-        check_block(b, &name)?;
+        check_block(b, &name, &SUPER_MAGIC)?;
         let version = u32_at(b, 8);
         if version != FORMAT_VERSION {
             return Err(FormatError::Version {
@@ -464,19 +484,7 @@ impl JournalBlock {
     /// Decode the journal block at `offset` (for messages).
     pub fn decode(b: &[u8], offset: u64) -> Result<JournalBlock, FormatError> {
         let name = format!("journal block at journal offset {offset}");
-        if b.len() != BLOCK {
-            return Err(FormatError::Size {
-                block: name,
-                got: b.len(),
-            });
-        }
-        if b[0..4] != JOURNAL_MAGIC {
-            return Err(FormatError::Magic {
-                block: name,
-                found: b[0..4].to_vec(),
-            });
-        }
-        check_block(b, &name)?;
+        check_block(b, &name, &JOURNAL_MAGIC)?;
         let n = u16_at(b, 4) as usize;
         if n > RECORDS_PER_BLOCK {
             return Err(field(
@@ -616,27 +624,8 @@ impl VolumeTableBlock {
 
     pub fn decode(b: &[u8], index: u32) -> Result<VolumeTableBlock, FormatError> {
         let name = format!("volume table block {index}");
-        if b.len() != BLOCK {
-            return Err(FormatError::Size {
-                block: name,
-                got: b.len(),
-            });
-        }
-        if b[0..4] != VOLTAB_MAGIC {
-            return Err(FormatError::Magic {
-                block: name,
-                found: b[0..4].to_vec(),
-            });
-        }
-        check_block(b, &name)?;
-        if u32_at(b, 4) != index {
-            return Err(field(
-                &name,
-                "index",
-                4,
-                format!("block says it is number {}", u32_at(b, 4)),
-            ));
-        }
+        check_block(b, &name, &VOLTAB_MAGIC)?;
+        check_index(b, &name, index)?;
         if u64_at(b, 8) != 0 {
             return Err(field(&name, "reserved", 8, "reserved bytes are not zero"));
         }
@@ -744,27 +733,8 @@ impl OwnerBlock {
 
     pub fn decode(b: &[u8], index: u32) -> Result<OwnerBlock, FormatError> {
         let name = format!("owner table block {index}");
-        if b.len() != BLOCK {
-            return Err(FormatError::Size {
-                block: name,
-                got: b.len(),
-            });
-        }
-        if b[0..4] != OWNER_MAGIC {
-            return Err(FormatError::Magic {
-                block: name,
-                found: b[0..4].to_vec(),
-            });
-        }
-        check_block(b, &name)?;
-        if u32_at(b, 4) != index {
-            return Err(field(
-                &name,
-                "index",
-                4,
-                format!("block says it is number {}", u32_at(b, 4)),
-            ));
-        }
+        check_block(b, &name, &OWNER_MAGIC)?;
+        check_index(b, &name, index)?;
         if u64_at(b, 8) != 0 || u32_at(b, CRC_AT - 4) != 0 {
             return Err(field(&name, "reserved", 8, "reserved bytes are not zero"));
         }

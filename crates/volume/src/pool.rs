@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use nvmux_backend::{FileDevice, FileOptions};
+use nvmux_backend::{zero_range, FileDevice, FileOptions};
 use nvmux_core::{Error, ErrorKind, Result};
 
 use crate::format::{
@@ -318,6 +318,14 @@ impl State {
             .find(|(_, v)| v.entry.name == name && !v.hidden())
             .map(|(&id, _)| id)
     }
+    fn id_of(&self, name: &str) -> Result<u32> {
+        self.by_name(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no volume {name:?} in this pool"),
+            )
+        })
+    }
     fn children(&self, id: u32) -> Vec<u32> {
         self.vols
             .iter()
@@ -492,52 +500,8 @@ fn open_rw(path: &Path, create: bool) -> Result<(File, bool)> {
     Ok((f, m.file_type().is_block_device()))
 }
 
-fn device_size(f: &File, path: &Path, block_dev: bool) -> Result<u64> {
-    if block_dev {
-        let mut sz: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes a u64 through the pointer we pass.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x8008_1272, &mut sz) };
-        if r != 0 {
-            return Err(io_err(
-                path,
-                "BLKGETSIZE64",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(sz)
-    } else {
-        Ok(f.metadata().map_err(|e| io_err(path, "stat", e))?.len())
-    }
-}
-
-/// Zero `len` bytes at `off`: punch a hole (files and block devices that discard to
-/// zeroes), else write zeroes.
-fn zero_range(f: &File, off: u64, len: u64) -> std::io::Result<()> {
-    for mode in [
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        libc::FALLOC_FL_ZERO_RANGE,
-    ] {
-        // SAFETY: fallocate on our own descriptor; no memory is passed.
-        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if !matches!(
-            e.raw_os_error(),
-            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-        ) {
-            return Err(e);
-        }
-    }
-    let zeros = vec![0u8; (1 << 20).min(len as usize)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        std::os::unix::fs::FileExt::write_all_at(f, &zeros[..n], off + done)?;
-        done += n as u64;
-    }
-    Ok(())
+fn device_size(f: &File, path: &Path) -> Result<u64> {
+    nvmux_backend::device_bytes(f).map_err(|e| io_err(path, "size", e))
 }
 
 /// Decoded metadata of a pool, as read from the device (for open and check).
@@ -564,67 +528,35 @@ fn read_tables(
     let mut entries = Vec::new();
     let mut owner = Vec::with_capacity(sb.n_clusters as usize);
     let mut buf = vec![0u8; BLOCK];
-    let note = |e: FormatError, copy: u32| match e {
-        FormatError::Checksum {
-            block,
-            stored,
-            computed,
-        } => FormatError::Checksum {
-            block: format!("{block} (table copy {copy})"),
-            stored,
-            computed,
-        },
-        FormatError::Magic { block, found } => FormatError::Magic {
-            block: format!("{block} (table copy {copy})"),
-            found,
-        },
-        FormatError::Field {
-            block,
-            field,
-            offset,
-            why,
-        } => FormatError::Field {
-            block: format!("{block} (table copy {copy})"),
-            field,
-            offset,
-            why,
-        },
-        other => other,
-    };
-    for i in 0..sb.voltab_blocks() {
-        let at = sb.table_block_at(copy, i);
-        if let Err(e) = io.read_at(at, &mut buf) {
-            errs.push(FormatError::Field {
-                block: format!("volume table block {i} (table copy {copy})"),
+    let nv = sb.voltab_blocks();
+    for i in 0..nv + sb.owner_blocks() {
+        let (what, idx) = if i < nv {
+            ("volume table", i)
+        } else {
+            ("owner table", i - nv)
+        };
+        let r = io
+            .read_at(sb.table_block_at(copy, i), &mut buf)
+            .map_err(|e| FormatError::Field {
+                block: format!("{what} block {idx}"),
                 field: "read",
                 offset: 0,
                 why: e.to_string(),
+            })
+            .and_then(|()| {
+                if i < nv {
+                    VolumeTableBlock::decode(&buf, idx as u32).map(|t| entries.extend(t.entries))
+                } else {
+                    OwnerBlock::decode(&buf, idx as u32)
+                        .map(|t| owner.extend(t.owners.iter().map(|o| o.encode())))
+                }
             });
-            continue;
-        }
-        match VolumeTableBlock::decode(&buf, i as u32) {
-            Ok(t) => entries.extend(t.entries),
-            Err(e) => {
-                errs.push(note(e, copy));
+        if let Err(e) = r {
+            errs.push(e.in_table_copy(copy));
+            // Keep later blocks at their positions.
+            if i < nv {
                 entries.extend(std::iter::repeat_n(None, VOLUMES_PER_BLOCK));
-            }
-        }
-    }
-    for i in 0..sb.owner_blocks() {
-        let at = sb.table_block_at(copy, sb.voltab_blocks() + i);
-        if let Err(e) = io.read_at(at, &mut buf) {
-            errs.push(FormatError::Field {
-                block: format!("owner table block {i} (table copy {copy})"),
-                field: "read",
-                offset: 0,
-                why: e.to_string(),
-            });
-            continue;
-        }
-        match OwnerBlock::decode(&buf, i as u32) {
-            Ok(t) => owner.extend(t.owners.iter().map(|o| o.encode())),
-            Err(e) => {
-                errs.push(note(e, copy));
+            } else {
                 owner.extend(std::iter::repeat_n(0, OWNERS_PER_BLOCK));
             }
         }
@@ -930,7 +862,7 @@ impl Pool {
         if !block_dev {
             let size = match (opts.size, exists) {
                 (Some(s), _) => s,
-                (None, true) => device_size(&f, path, false)?,
+                (None, true) => device_size(&f, path)?,
                 (None, false) => {
                     let _ = std::fs::remove_file(path);
                     return Err(Error::new(
@@ -939,7 +871,7 @@ impl Pool {
                     ));
                 }
             };
-            if exists && device_size(&f, path, false)? > 0 {
+            if exists && device_size(&f, path)? > 0 {
                 let mut magic = [0u8; 8];
                 if f.read_at(0, &mut magic).is_ok() && magic == format::SUPER_MAGIC {
                     return Err(Error::new(
@@ -953,7 +885,7 @@ impl Pool {
             }
             f.set_len(size).map_err(|e| io_err(path, "set size", e))?;
         }
-        let size = device_size(&f, path, block_dev)?;
+        let size = device_size(&f, path)?;
         let sb = format::layout(
             random_bytes(),
             size,
@@ -1454,12 +1386,7 @@ impl Pool {
     pub fn snapshot(&self, name: &str, snap: &str) -> Result<()> {
         {
             let mut s = self.lock_state();
-            let id = s.by_name(name).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no volume {name:?} in this pool"),
-                )
-            })?;
+            let id = s.id_of(name)?;
             if s.vols[&id].is_snapshot() {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,
@@ -1506,12 +1433,7 @@ impl Pool {
         Self::check_size(size)?;
         {
             let mut s = self.lock_state();
-            let id = s.by_name(name).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no volume {name:?} in this pool"),
-                )
-            })?;
+            let id = s.id_of(name)?;
             let cs = self.cluster_size;
             let v = &s.vols[&id];
             if v.is_snapshot() {
@@ -1548,13 +1470,9 @@ impl Pool {
                     ));
                 }
                 let partial = (!size.is_multiple_of(cs)).then_some(first);
-                for (x, c) in beyond {
-                    if Some(x) == partial {
-                        // Keep the cluster holding the new end; zero its tail below.
-                        continue;
-                    }
+                // Keep the cluster holding the new end; its tail is zeroed below.
+                for (x, _) in beyond.into_iter().filter(|&(x, _)| Some(x) != partial) {
                     s.unmap(id, x);
-                    let _ = c;
                 }
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
@@ -1589,12 +1507,7 @@ impl Pool {
     ) -> Result<()> {
         let erased = {
             let mut s = self.lock_state();
-            let id = s.by_name(name).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no volume {name:?} in this pool"),
-                )
-            })?;
+            let id = s.id_of(name)?;
             let kids = s.children(id);
             if kids.len() >= 2 {
                 if erase {
@@ -1700,12 +1613,9 @@ impl Pool {
     /// The handle a device of volume `name` follows.
     pub(crate) fn handle(&self, name: &str) -> Result<(Arc<VolHandle>, bool)> {
         let s = self.lock_state();
-        let id = s.by_name(name).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no volume {name:?} in pool {}", self.path.display()),
-            )
-        })?;
+        let id = s
+            .id_of(name)
+            .map_err(|e| Error::new(e.kind, format!("{} ({})", e.msg, self.path.display())))?;
         let v = &s.vols[&id];
         Ok((v.handle.clone(), v.is_snapshot()))
     }

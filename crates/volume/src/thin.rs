@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmux_core::{
@@ -32,6 +32,8 @@ use crate::pool::{lock, Pool, State, VolHandle};
 /// Completions and retries posted to a queue from other threads.
 pub(crate) struct Mailbox {
     items: Mutex<Vec<(u64, Status)>>,
+    /// Set after a post, so an empty mailbox costs the queue no lock.
+    posted: AtomicBool,
     /// The queue's completion eventfd, or a duplicate of it: a late post after the queue
     /// is gone still writes to a valid eventfd, never to a reused descriptor number.
     fd: OwnedFd,
@@ -40,6 +42,11 @@ pub(crate) struct Mailbox {
 impl Mailbox {
     fn post(&self, token: u64, st: Status) {
         lock(&self.items).push((token, st));
+        self.posted.store(true, Ordering::Release);
+        self.signal();
+    }
+
+    fn signal(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a u64 to an eventfd this mailbox owns.
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -138,12 +145,16 @@ impl BlockDevice for ThinDevice {
             done: VecDeque::new(),
             mb: Arc::new(Mailbox {
                 items: Mutex::new(Vec::new()),
+                posted: AtomicBool::new(false),
                 fd,
             }),
             own,
             in_flight: 0,
             bounces: Vec::new(),
             mail: Vec::new(),
+            got: Vec::new(),
+            actions: Vec::new(),
+            spare: Vec::new(),
         }))
     }
     fn capacity_bytes(&self) -> u64 {
@@ -217,7 +228,8 @@ enum Plan {
     /// Parked: it comes back through the mailbox.
     Wait,
     Complete(Status),
-    Issue(Vec<Action>),
+    /// Issue the planned actions.
+    Issue,
 }
 
 /// A guest command in flight.
@@ -275,7 +287,12 @@ pub struct ThinQueue {
     own: bool,
     in_flight: usize,
     bounces: Vec<Bounce>,
+    // Buffers kept across calls, so the I/O path does not allocate.
     mail: Vec<(u64, Status)>,
+    got: Vec<(IoCommand, Status)>,
+    actions: Vec<Action>,
+    /// Finished commands, their vectors' capacity kept for the next ones.
+    spare: Vec<Cmd>,
 }
 
 const WHOLE: u64 = 1 << 63;
@@ -296,11 +313,12 @@ impl ThinQueue {
     }
 
     fn complete_idx(&mut self, idx: usize, st: Status) {
-        if let Some(c) = self.cmds[idx].take() {
+        if let Some(mut c) = self.cmds[idx].take() {
             self.free_cmds.push(idx);
-            if let Some(cmd) = c.cmd {
+            if let Some(cmd) = c.cmd.take() {
                 self.finish(cmd, c.slba, c.tag, st);
             }
+            self.spare.push(c);
         }
     }
 
@@ -328,40 +346,45 @@ impl ThinQueue {
         let Some(mut c) = self.cmds[idx].take() else {
             return;
         };
-        let plan = self.plan(&mut c, idx);
+        let mut actions = std::mem::take(&mut self.actions);
+        actions.clear();
+        let plan = self.plan(&mut c, idx, &mut actions);
         self.cmds[idx] = Some(c);
         match plan {
             Plan::Wait => {}
             Plan::Complete(st) => self.complete_idx(idx, st),
-            Plan::Issue(actions) => {
-                let Some(c) = self.cmds[idx].as_mut() else {
-                    return;
-                };
-                let len = c.cmd.as_ref().map_or(0, |m| m.sg.len());
-                // A single data piece covering the whole command: pass it down as is.
-                if let [Action::Data { phys, len: n, .. }] = actions[..] {
-                    if n == len {
-                        if let Some(mut cmd) = c.cmd.take() {
-                            c.whole = true;
-                            c.remaining = 1;
-                            cmd.slba = phys / self.ibs;
-                            cmd.tag = WHOLE | idx as u64;
-                            cmd.fua = false;
-                            self.inner.submit(cmd);
-                            return;
-                        }
-                    }
-                }
-                c.remaining = 1; // held while issuing, so nothing completes early
-                for a in actions {
-                    self.issue(idx, a);
-                }
-                self.put(idx, Status::SUCCESS);
-            }
+            Plan::Issue => self.issue_all(idx, &mut actions),
         }
+        self.actions = actions;
     }
 
-    fn plan(&self, c: &mut Cmd, idx: usize) -> Plan {
+    fn issue_all(&mut self, idx: usize, actions: &mut Vec<Action>) {
+        let Some(c) = self.cmds[idx].as_mut() else {
+            return;
+        };
+        let len = c.cmd.as_ref().map_or(0, |m| m.sg.len());
+        // A single data piece covering the whole command: pass it down as is.
+        if let [Action::Data { phys, len: n, .. }] = actions[..] {
+            if n == len {
+                if let Some(mut cmd) = c.cmd.take() {
+                    c.whole = true;
+                    c.remaining = 1;
+                    cmd.slba = phys / self.ibs;
+                    cmd.tag = WHOLE | idx as u64;
+                    cmd.fua = false;
+                    self.inner.submit(cmd);
+                    return;
+                }
+            }
+        }
+        c.remaining = 1; // held while issuing, so nothing completes early
+        for a in actions.drain(..) {
+            self.issue(idx, a);
+        }
+        self.put(idx, Status::SUCCESS);
+    }
+
+    fn plan(&self, c: &mut Cmd, idx: usize, actions: &mut Vec<Action>) -> Plan {
         let Some(cmd) = c.cmd.as_ref() else {
             return Plan::Wait;
         };
@@ -390,7 +413,6 @@ impl ThinQueue {
         let cs = pool.cluster_size;
         let base = pool.data_offset;
         let end = off + len;
-        let mut actions: Vec<Action> = Vec::new();
         let mut guard = pool.lock_state();
         let s: &mut State = &mut guard;
         let vol = self.handle.id.load(Ordering::Acquire);
@@ -426,6 +448,9 @@ impl ThinQueue {
                 drop(guard);
                 pool.ensure_claimed();
                 return Plan::Wait;
+            }
+            if s.claimed.len() < 64 {
+                pool.ensure_claimed();
             }
         }
         let mut pos = off;
@@ -495,11 +520,7 @@ impl ThinQueue {
             }
             pos += n;
         }
-        if s.claimed.len() < 64 {
-            drop(guard);
-            pool.ensure_claimed();
-        }
-        Plan::Issue(actions)
+        Plan::Issue
     }
 
     fn issue(&mut self, idx: usize, a: Action) {
@@ -595,15 +616,12 @@ impl ThinQueue {
         }
         let st = c.status;
         let vol = c.vol;
-        let pins = std::mem::take(&mut c.pins);
-        let installs = std::mem::take(&mut c.installs);
-        let unmaps = std::mem::take(&mut c.unmaps);
-        let allocs = std::mem::take(&mut c.allocs);
         let fua = c.fua && c.cmd.as_ref().is_some_and(|m| m.opcode.is_write());
         let mut woken = Vec::new();
-        if !installs.is_empty() || !unmaps.is_empty() || !allocs.is_empty() {
+        let released = st.is_ok() && !c.unmaps.is_empty();
+        if !c.installs.is_empty() || !c.unmaps.is_empty() || !c.allocs.is_empty() {
             let mut s = self.pool.lock_state();
-            for (x, nc) in installs {
+            for (x, nc) in c.installs.drain(..) {
                 if st.is_ok() {
                     s.install(vol, x, nc);
                 } else {
@@ -611,20 +629,22 @@ impl ThinQueue {
                     s.release(nc);
                 }
             }
-            if st.is_ok() && !unmaps.is_empty() {
-                for x in unmaps {
+            for x in c.unmaps.drain(..) {
+                if st.is_ok() {
                     s.unmap(vol, x);
                 }
-                self.pool.kick();
             }
-            for x in allocs {
+            for x in c.allocs.drain(..) {
                 if let Some(w) = s.allocating.remove(&(vol, x)) {
                     woken.extend(w);
                 }
             }
         }
-        for pc in pins {
+        for pc in c.pins.drain(..) {
             self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+        }
+        if released {
+            self.pool.kick();
         }
         for w in woken {
             w.wake(Status::SUCCESS);
@@ -705,11 +725,11 @@ impl ThinQueue {
 impl BlockQueue for ThinQueue {
     fn submit(&mut self, cmd: IoCommand) {
         self.in_flight += 1;
-        let c = Cmd {
-            slba: cmd.slba,
-            tag: cmd.tag,
-            fua: cmd.fua,
-            cmd: Some(cmd),
+        let mut c = self.spare.pop().unwrap_or_else(|| Cmd {
+            cmd: None,
+            slba: 0,
+            tag: 0,
+            fua: false,
             remaining: 0,
             status: Status::SUCCESS,
             vol: 0,
@@ -718,7 +738,18 @@ impl BlockQueue for ThinQueue {
             installs: Vec::new(),
             unmaps: Vec::new(),
             allocs: Vec::new(),
-        };
+        });
+        c.slba = cmd.slba;
+        c.tag = cmd.tag;
+        c.fua = cmd.fua;
+        c.cmd = Some(cmd);
+        c.remaining = 0;
+        c.status = Status::SUCCESS;
+        c.whole = false;
+        c.pins.clear();
+        c.installs.clear();
+        c.unmaps.clear();
+        c.allocs.clear();
         let idx = match self.free_cmds.pop() {
             Some(i) => {
                 self.cmds[i] = Some(c);
@@ -738,23 +769,25 @@ impl BlockQueue for ThinQueue {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
-        let mut got: Vec<(IoCommand, Status)> = Vec::new();
+        let mut got = std::mem::take(&mut self.got);
         self.inner.poll(&mut |c, s| got.push((c, s)));
-        for (c, s) in got {
+        for (c, s) in got.drain(..) {
             self.inner_done(c, s);
         }
-        std::mem::swap(&mut self.mail, &mut *lock(&self.mb.items));
-        let mail = std::mem::take(&mut self.mail);
-        for &(token, st) in &mail {
-            let idx = (token >> 1) as usize;
-            if token & 1 == COMPLETE {
-                self.complete_idx(idx, st);
-            } else if self.cmds.get(idx).is_some_and(|c| c.is_some()) {
-                self.start(idx);
+        self.got = got;
+        if self.mb.posted.swap(false, Ordering::Acquire) {
+            let mut mail = std::mem::take(&mut self.mail);
+            mail.append(&mut lock(&self.mb.items));
+            for (token, st) in mail.drain(..) {
+                let idx = (token >> 1) as usize;
+                if token & 1 == COMPLETE {
+                    self.complete_idx(idx, st);
+                } else if self.cmds.get(idx).is_some_and(|c| c.is_some()) {
+                    self.start(idx);
+                }
             }
+            self.mail = mail;
         }
-        self.mail = mail;
-        self.mail.clear();
         self.inner.kick();
         self.wake_self();
         let n = self.done.len();
@@ -778,9 +811,7 @@ impl ThinQueue {
     /// polling while it holds work.
     fn wake_self(&self) {
         if self.own && self.inner.in_flight() > 0 {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes from a u64 to our own eventfd.
-            unsafe { libc::write(self.mb.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            self.mb.signal();
         }
     }
 }
