@@ -16,6 +16,9 @@
 #                        fio --verify_only of the data the first VM wrote
 #   corruption-detected  overwrite 4 KiB at 1 MiB of the image on the host;
 #                        verify_only must now fail (with a clean guest poweroff)
+#   thin-resize          (nvmux only) a thin disk in a pool: zeros when fresh, fio
+#                        write+verify, discard reads zeros, then the host grows the
+#                        disk while the guest runs and the guest sees the new size
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -206,6 +209,47 @@ else
             1) fail corruption-detected "guest failed, but not with a verify error at offset 1048576" ;;
             *) fail corruption-detected "boot status $rc (timeout, crash or server death)" ;;
         esac
+    fi
+fi
+
+# d. thin-resize (nvmux only): a thin disk in a pool. The guest checks zeros on a fresh
+#    disk, fio write+verify, discard; the host grows the disk while the guest runs, and
+#    the guest must see the new size (config-change interrupt), keep its data and use
+#    the new space.
+if [[ $server != nvmux ]]; then
+    echo "SKIP thin-resize (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail thin-resize "server is not running"
+else
+    api=$sockdir/nvmux-data/nvmux.sock tsock=$sockdir/thin.sock
+    rm -f "$work/pool.img"
+    if ! { "$NVMUX_BIN" --api "$api" pool create vmpool --path "$work/pool.img" --size 256M &&
+           "$NVMUX_BIN" --api "$api" disk create thin1 --pool vmpool --size 64M &&
+           "$NVMUX_BIN" --api "$api" export add thin1 --socket "$tsock" --queues 1; } > "$work/thin-setup.out" 2>&1; then
+        cat "$work/thin-setup.out"
+        fail thin-resize "could not create the pool disk"
+    else
+        rc=0
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-thin.sh" --log "$work/thin-resize.log" \
+            --vhost-sock "$tsock" --env SIZE_MIB=64 --env NEW_MIB=96 \
+            --smp "$smp" --timeout "$boot_timeout" > "$work/thin-resize.out" 2>&1 &
+        bpid=$!
+        resized=no
+        while kill -0 "$bpid" 2>/dev/null; do
+            if [[ $resized == no ]] && grep -q '^NVMUX-RESIZE-READY' "$work/thin-resize.log" 2>/dev/null; then
+                "$NVMUX_BIN" --api "$api" disk resize thin1 96M && resized=yes || resized=failed
+                echo "== host: nvmux disk resize thin1 96M: $resized"
+            fi
+            sleep 0.5
+        done
+        wait "$bpid" || rc=$?
+        cat "$work/thin-resize.out"
+        grep '^test: \|new size' "$work/thin-resize.log" || true
+        if ((rc == 0)) && [[ $resized == yes ]]; then
+            pass thin-resize
+        else
+            fail thin-resize "boot status $rc, resize $resized, log $work/thin-resize.log"
+        fi
     fi
 fi
 

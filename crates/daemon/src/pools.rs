@@ -331,8 +331,9 @@ impl Daemon {
         let mut g = self.lock();
         let (_, pool, volume) = self.thin_of(&g, disk)?;
         pool.resize(&volume, size, req.force, req.discard_data)?;
-        // Running exports keep the device they started with (their queues accept the
-        // new range); an export added from now on, or re-added, reports the new size.
+        // Running exports keep the device they started with: it shares the volume's live
+        // size, which their queues and config space read. The new handle gives `info()`
+        // the new size for exports added from now on.
         let dev = ThinDevice::open(&pool, &volume)?;
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
@@ -340,6 +341,20 @@ impl Daemon {
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");
+        // Attached VMs learn the new size through the config-change message.
+        for e in g.exports.values().filter(|e| e.spec.disk == disk) {
+            if let Ok(h) = &e.handle {
+                match h.notify_config_change() {
+                    Ok(true) => {
+                        tracing::info!(disk, export = %e.spec.name, "client notified of the new size")
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::warn!(disk, export = %e.spec.name, "config-change notification failed: {err}")
+                    }
+                }
+            }
+        }
         Ok(Daemon::view(&g, &g.disks[disk]))
     }
 

@@ -117,6 +117,62 @@ fn thin_disk_reads_back_and_unwritten_or_discarded_space_reads_zero() {
 }
 
 #[test]
+fn resize_grows_a_connected_disk_and_shrink_needs_force() {
+    watchdog(120);
+    let d = TestDaemon::start("resize");
+    pool(&d, "p", 256 * MIB);
+    let sock = thin(&d, "r", json!({"size": 16 * MIB}));
+    let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("connect");
+    assert_eq!(c.capacity(), 16 * MIB);
+    write(&mut c, 0, 16 * MIB - 4096, &pattern(1, 4096));
+    c.buf()[..4096].fill(1);
+    assert!(
+        c.io_ok(0, Op::Write, 16 * MIB, 4096, 0, ReqFlags::empty())
+            .is_err(),
+        "a write past the end fails before the resize"
+    );
+    d.api
+        .post("/v1/disks/r/resize", &json!({"size": 32 * MIB}))
+        .expect("grow");
+    // The same connection (the same queue) now accepts the grown range.
+    write(&mut c, 0, 24 * MIB, &pattern(2, 8192));
+    assert!(read(&mut c, 0, 24 * MIB, 8192) == pattern(2, 8192));
+    assert!(read(&mut c, 0, 16 * MIB, 4096).iter().all(|&b| b == 0));
+    drop(c);
+    // A new connection reads the new capacity from the config space.
+    let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("reconnect");
+    assert_eq!(c.capacity(), 32 * MIB);
+    assert!(read(&mut c, 0, 16 * MIB - 4096, 4096) == pattern(1, 4096));
+    drop(c);
+    // Shrinking over allocated data: refused without --force, and without
+    // --discard-data even with it; nothing is lost by a refused shrink.
+    let e = d
+        .api
+        .post("/v1/disks/r/resize", &json!({"size": 8 * MIB}))
+        .expect_err("shrink without force");
+    assert!(e.to_string().contains("force"), "{e}");
+    let e = d
+        .api
+        .post(
+            "/v1/disks/r/resize",
+            &json!({"size": 20 * MIB, "force": true}),
+        )
+        .expect_err("shrink over data");
+    assert!(e.to_string().contains("discard-data"), "{e}");
+    d.api
+        .post(
+            "/v1/disks/r/resize",
+            &json!({"size": 30 * MIB, "force": true}),
+        )
+        .expect("shrink over unallocated space");
+    let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("reconnect");
+    assert_eq!(c.capacity(), 30 * MIB);
+    assert!(read(&mut c, 0, 24 * MIB, 8192) == pattern(2, 8192));
+    drop(c);
+    d.stop();
+}
+
+#[test]
 fn snapshot_keeps_content_and_clone_diverges() {
     watchdog(120);
     let d = TestDaemon::start("snap");

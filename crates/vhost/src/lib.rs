@@ -43,6 +43,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
+mod backend_req;
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -208,6 +209,7 @@ impl BlkBackend {
             mem,
             kick,
             info: self.info.clone(),
+            dev: self.dev.clone(),
             bq,
             serial: self.serial,
             ctl: ctl.clone(),
@@ -385,7 +387,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
         self.acked_protocol = features;
@@ -413,6 +416,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         if size > 256 || offset > 256 {
             return Err(VuError::InvalidParam);
         }
+        // Capacity is read live: a thin volume can grow while the client is attached.
+        self.config[0..8].copy_from_slice(&(self.dev.capacity_bytes() / 512).to_le_bytes());
         let mut out = vec![0u8; size as usize];
         let off = offset as usize;
         if off < self.config.len() {
@@ -508,6 +513,8 @@ pub struct VhostBlkExport {
     listen_fd: std::os::fd::RawFd,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<UnixStream>>>,
+    /// The back-end request channel of the current client, if it set one up.
+    backend_req: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -545,7 +552,9 @@ impl VhostBlkExport {
         let listen_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let backend_req: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
+        let req2 = backend_req.clone();
         let thread = std::thread::Builder::new()
             .name("nvmux-vhost".into())
             .spawn(move || {
@@ -573,13 +582,19 @@ impl VhostBlkExport {
                     if stop2.load(Ordering::Acquire) {
                         break;
                     }
+                    let peek = handler.try_clone_connection().ok();
                     *conn2.lock().unwrap_or_else(|e| e.into_inner()) =
                         handler.try_clone_connection().ok();
                     tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
                     // A panic while serving one client must not take the export down.
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                        let chan = peek.as_ref().and_then(backend_req::peek_backend_req_fd);
                         if let Err(e) = handler.handle_request() {
                             return e;
+                        }
+                        if chan.is_some() {
+                            tracing::info!(socket = %cfg.socket.display(), "back-end request channel set up");
+                            *req2.lock().unwrap_or_else(|e| e.into_inner()) = chan;
                         }
                     }));
                     match r {
@@ -590,6 +605,7 @@ impl VhostBlkExport {
                         Err(_) => tracing::error!(socket = %cfg.socket.display(), "vhost-user connection handler panicked; connection closed"),
                     }
                     *conn2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    *req2.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     drop(handler);
                     // Stop every queue of this client before accepting the next one.
                     backend.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
@@ -601,8 +617,28 @@ impl VhostBlkExport {
             listen_fd,
             stop,
             conn,
+            backend_req,
             thread: Some(thread),
         })
+    }
+
+    /// Tell the attached front-end that the disk's size changed
+    /// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG): QEMU re-reads the config space and raises
+    /// the guest's config interrupt, so the guest sees the new capacity. Returns false
+    /// when no client is attached or the client did not set up the back-end request
+    /// channel (libblkio does not); such a client sees the new size when it reconnects.
+    pub fn notify_config_change(&self) -> std::io::Result<bool> {
+        let mut g = self.backend_req.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut() {
+            None => Ok(false),
+            Some(chan) => match backend_req::send_config_change(chan) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    *g = None;
+                    Err(e)
+                }
+            },
+        }
     }
 
     pub fn socket(&self) -> &Path {

@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use nvmux_core::stats::{DiskStats, OpClass, QueueStats};
 use nvmux_core::worker::WorkSource;
-use nvmux_core::{BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status};
+use nvmux_core::{
+    BlockDevice, BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status,
+};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, MemoryRegionAddress,
@@ -67,6 +69,8 @@ pub(crate) struct VringSource {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     kick: File,
     info: DeviceInfo,
+    /// For the live capacity: a thin volume can grow while the queue runs.
+    dev: Arc<dyn BlockDevice>,
     bq: Box<dyn BlockQueue>,
     slots: Vec<Slot>,
     free: Vec<u16>,
@@ -92,6 +96,7 @@ pub(crate) struct VringParams {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub kick: File,
     pub info: DeviceInfo,
+    pub dev: Arc<dyn BlockDevice>,
     pub bq: Box<dyn BlockQueue>,
     pub serial: [u8; blk::ID_BYTES],
     pub ctl: Arc<QueueCtl>,
@@ -125,6 +130,7 @@ impl VringSource {
             mem: p.mem,
             kick: p.kick,
             info: p.info,
+            dev: p.dev,
             bq: p.bq,
             slots: vec![empty; n],
             free: (0..n as u16).rev().collect(),
@@ -260,7 +266,15 @@ impl VringSource {
             let immediate = match (req.kind, req.error) {
                 (Kind::Io(op), None) => {
                     let mut cmd = IoCommand::new(op, req.lba, req.blocks, slot as u64, sg);
-                    match cmd.validate(&self.info) {
+                    let mut valid = cmd.validate(&self.info);
+                    if valid == Err(Status::LBA_OUT_OF_RANGE) {
+                        // The disk may have grown since the queue started (a shrink is
+                        // enforced by the device itself).
+                        self.info.num_blocks =
+                            self.dev.capacity_bytes() / self.info.block_size as u64;
+                        valid = cmd.validate(&self.info);
+                    }
+                    match valid {
                         Ok(()) => {
                             let ka: KeepAlive = mem.clone();
                             cmd.keepalive = Some(ka);
