@@ -180,6 +180,7 @@ fn handle(d: &Daemon, mut req: Request) {
             }
         }
         (Method::Get, ["v1", "pools"]) => reply_json(req, 200, &d.pools()),
+        (Method::Get, ["v1", "operations"]) => reply_json(req, 200, &d.operations()),
         (Method::Post, ["v1", "pools"]) => {
             match body::<PoolCreate>(&mut req).and_then(|b| d.create_pool(b)) {
                 Ok(v) => reply_json(req, 201, &v),

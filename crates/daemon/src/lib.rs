@@ -21,6 +21,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod ops;
 pub mod pools;
 
 pub use config::Config;
@@ -187,6 +188,8 @@ pub struct Daemon {
     /// Exports spread their queues over the workers starting at a rotating offset, so
     /// many single-queue VMs do not all land on worker 0.
     next_worker: std::sync::atomic::AtomicUsize,
+    /// Long-running operations, readable without the state lock.
+    ops: ops::Ops,
     /// Held for the daemon's lifetime: one daemon per data directory.
     _lock: std::fs::File,
 }
@@ -313,6 +316,7 @@ impl Daemon {
             workers,
             started: Instant::now(),
             next_worker: Default::default(),
+            ops: ops::Ops::default(),
             _lock: lock,
         });
         d.restore()?;
@@ -586,6 +590,11 @@ impl Daemon {
         Ok(Self::view(&g, d))
     }
 
+    /// Long-running operations in progress (erase), with their progress.
+    pub fn operations(&self) -> Vec<ops::OpView> {
+        self.ops.list()
+    }
+
     /// Delete a disk. `erase` first overwrites (files) or zeroes (thin volumes) what it
     /// owned; it returns the bytes erased.
     pub fn delete_disk(&self, name: &str, erase: bool) -> Result<u64> {
@@ -630,13 +639,17 @@ impl Daemon {
                 if *owned {
                     let p = pools::get_pool(&g, pool)?;
                     erased = p.volume(volume).map_or(0, |v| v.allocated_bytes);
+                    let op = erase.then(|| self.ops.start("erase", format!("disk/{name}")));
                     p.delete(volume, erase, &mut |done, total| {
-                        tracing::info!(disk = name, "erase: {done}/{total} cluster runs");
+                        if let Some(op) = &op {
+                            op.progress(done, total);
+                        }
                     })?;
                 }
             }
             BackendSpec::File { path, .. } if erase => {
-                erased = pools::erase_file(path)?;
+                let op = self.ops.start("erase", format!("disk/{name}"));
+                erased = pools::erase_file(path, &mut |done, total| op.progress(done, total))?;
             }
             _ if erase => {
                 return Err(err(

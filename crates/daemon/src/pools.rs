@@ -97,15 +97,22 @@ pub(crate) fn get_pool(g: &Inner, name: &str) -> Result<Arc<Pool>> {
         .map_err(|e| err(ErrorKind::Io, format!("pool {name:?} is unavailable: {e}")))
 }
 
-/// Zero a file disk's image (punching holes where the filesystem can) and sync it.
-pub(crate) fn erase_file(path: &Path) -> Result<u64> {
+/// Zero a file disk's image (punching holes where the filesystem can) in 64 MiB steps,
+/// calling `progress(done_bytes, total_bytes)` after each, and sync it.
+pub(crate) fn erase_file(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
     let ctx = |e| Error::io(format!("erase {}", path.display()), e);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(ctx)?;
     let len = nvmux_backend::device_bytes(&f).map_err(ctx)?;
-    nvmux_backend::zero_range(&f, 0, len).map_err(ctx)?;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(64 << 20);
+        nvmux_backend::zero_range(&f, done, n).map_err(ctx)?;
+        done += n;
+        progress(done, len);
+    }
     f.sync_all().map_err(ctx)?;
     Ok(len)
 }

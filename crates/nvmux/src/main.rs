@@ -290,13 +290,17 @@ fn run(cli: Cli) -> Res {
             });
         }
         Cmd::Disk(DiskCmd::Delete { name, erase }) => {
-            let route = if erase {
-                eprintln!("erasing disk {name} ...");
-                format!("/v1/disks/{name}?erase=1")
+            let v = if erase {
+                let route = format!("/v1/disks/{name}?erase=1");
+                with_progress(
+                    &api,
+                    &format!("disk/{name}"),
+                    &format!("erasing {name}"),
+                    || api.delete(&route),
+                )?
             } else {
-                format!("/v1/disks/{name}")
+                api.delete(&format!("/v1/disks/{name}"))?
             };
-            let v = api.delete(&route)?;
             show(&v, &|v| {
                 if erase {
                     println!(
@@ -517,6 +521,56 @@ fn run(cli: Cli) -> Res {
         Cmd::Demo(a) => demo::run(a)?,
     }
     Ok(())
+}
+
+/// Run a long API call and, while it runs and stderr is a terminal, draw a progress bar
+/// from `GET /v1/operations` for the operation on `target`.
+fn with_progress<T: Send>(
+    api: &ApiClient,
+    target: &str,
+    label: &str,
+    call: impl FnOnce() -> T + Send,
+) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return call();
+    }
+    std::thread::scope(|s| {
+        let h = s.spawn(call);
+        let mut drawn = false;
+        while !h.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let Ok(ops) = api.get("/v1/operations") else {
+                continue;
+            };
+            let Some(op) = ops
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|o| o["target"] == target)
+            else {
+                continue;
+            };
+            let done = op["done_bytes"].as_u64().unwrap_or(0);
+            let total = op["total_bytes"].as_u64().unwrap_or(0).max(1);
+            let frac = (done as f64 / total as f64).clamp(0.0, 1.0);
+            let fill = (frac * 30.0) as usize;
+            eprint!(
+                "\r{label} [{}{}] {:3.0}% {} / {}\x1b[K",
+                "#".repeat(fill),
+                ".".repeat(30 - fill),
+                frac * 100.0,
+                nvmux_core::format_size(done),
+                nvmux_core::format_size(total)
+            );
+            let _ = std::io::stderr().flush();
+            drawn = true;
+        }
+        if drawn {
+            eprint!("\r\x1b[K");
+        }
+        h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
 }
 
 fn pool_table(v: &Value) {

@@ -1141,21 +1141,25 @@ impl Pool {
     }
 
     /// Zero clusters on the device (runs of adjacent clusters in one call) and sync.
+    /// Zero clusters, in runs of at most 64 MiB; `progress(done_bytes, total_bytes)`
+    /// after each run.
     fn zero_clusters(&self, cl: &[u64], progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let mut v = cl.to_vec();
         v.sort_unstable();
-        let total = v.len() as u64;
+        let cs = self.cluster_size;
+        let total = v.len() as u64 * cs;
+        let max_run = ((64 << 20) / cs).max(1) as usize;
         let mut i = 0;
         while i < v.len() {
             let mut j = i + 1;
-            while j < v.len() && v[j] == v[j - 1] + 1 && j - i < 4096 {
+            while j < v.len() && v[j] == v[j - 1] + 1 && j - i < max_run {
                 j += 1;
             }
-            let off = self.data_offset + v[i] * self.cluster_size;
-            zero_range(&self.file, off, (j - i) as u64 * self.cluster_size)
+            let off = self.data_offset + v[i] * cs;
+            zero_range(&self.file, off, (j - i) as u64 * cs)
                 .map_err(|e| io_err(&self.path, "zero clusters", e))?;
             i = j;
-            progress(i as u64, total);
+            progress(i as u64 * cs, total);
         }
         MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e))
     }
@@ -1498,7 +1502,7 @@ impl Pool {
 
     /// Delete a volume or snapshot. A snapshot that clones still read through is hidden
     /// and freed when its last clone goes. With `erase`, the released clusters are zeroed
-    /// before this returns (`progress(done, total)`).
+    /// before this returns (`progress(done_bytes, total_bytes)`).
     pub fn delete(
         &self,
         name: &str,
