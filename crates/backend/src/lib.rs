@@ -126,10 +126,34 @@ pub fn device_bytes(file: &File) -> std::io::Result<u64> {
 /// Zero `len` bytes at `off` synchronously: punch a hole (files, and block devices that
 /// discard to zeroes), else zero the range, else write zeroes.
 pub fn zero_range(file: &File, off: u64, len: u64) -> std::io::Result<()> {
-    for mode in [
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        libc::FALLOC_FL_ZERO_RANGE,
-    ] {
+    zero_range_with(
+        file,
+        off,
+        len,
+        &[
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE,
+        ],
+    )
+}
+
+/// Like [`zero_range`], but keep (or make) the range allocated where the filesystem can
+/// (`FALLOC_FL_ZERO_RANGE`): a later write there needs no block allocation, and the space
+/// stays reserved. Falls back to punching holes, then to writing zeros.
+pub fn zero_range_allocated(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    zero_range_with(
+        file,
+        off,
+        len,
+        &[
+            libc::FALLOC_FL_ZERO_RANGE,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        ],
+    )
+}
+
+fn zero_range_with(file: &File, off: u64, len: u64, modes: &[i32]) -> std::io::Result<()> {
+    for &mode in modes {
         // SAFETY: fallocate on the caller's descriptor; no memory is passed.
         let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) };
         if r == 0 {

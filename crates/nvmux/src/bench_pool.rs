@@ -86,12 +86,13 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         rows.push((server.into(), w.into(), m));
     };
 
-    // nvmux: a pool on /tmp, fresh volumes for the allocating runs, one filled volume,
-    // and a raw-file disk.
+    // Everything is set up first and the servers run side by side, so each workload runs
+    // on nvmux thin, nvmux raw and QSD qcow2 back to back: a disk whose speed drifts
+    // over minutes (a shared virtio disk does) then moves all three alike.
     let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
     d.api().post(
         "/v1/pools",
-        &json!({"name": "p", "path": work.join("pool.img"), "size": 3 * FRESH + 2 * GIB}),
+        &json!({"name": "p", "path": work.join("pool.img"), "size": 2 * FRESH + 2 * GIB}),
     )?;
     let disk = |name: &str, body: serde_json::Value| -> Res<PathBuf> {
         d.api().post("/v1/disks", &body)?;
@@ -111,53 +112,45 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         "raw",
         json!({"name": "raw", "backend": "file", "path": raw_img}),
     )?;
+    let log = work.join("qsd.log");
+    let qsock = work.join("qsd-full.sock");
+    let fsock = work.join("qsd-fresh.sock");
+    let qsd_full = if a.no_baselines {
+        None
+    } else {
+        let img = work.join("full.qcow2");
+        qemu_img(&img, FULL)?;
+        let q = procs::start_qsd(&QsdTarget::Qcow2(img), &qsock, 1, srv_cpu, &log)?;
+        eprintln!("filling a {} GiB qcow2 image", FULL / GIB);
+        fill(&qsock)?;
+        Some(q)
+    };
     for (i, (w, op, qd, fresh)) in RUNS.iter().enumerate() {
         if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
             continue;
         }
-        let sock = if *fresh {
+        if *fresh {
             let n = format!("fresh{i}");
-            disk(&n, json!({"name": n, "pool": "p", "size": FRESH}))?
-        } else {
-            full.clone()
-        };
-        record("nvmux thin", w, run_one(&sock, *op, *qd, secs)?);
-        if !fresh {
-            record("nvmux raw", w, run_one(&raw, *op, *qd, secs)?);
-        }
-    }
-    let _ = d.stop();
-    let _ = std::fs::remove_file(work.join("pool.img"));
-
-    // qemu-storage-daemon with qcow2 on the same filesystem.
-    if !a.no_baselines {
-        let log = work.join("qsd.log");
-        let sock = work.join("qsd.sock");
-        let full_img = work.join("full.qcow2");
-        qemu_img(&full_img, FULL)?;
-        {
-            let _q =
-                procs::start_qsd(&QsdTarget::Qcow2(full_img.clone()), &sock, 1, srv_cpu, &log)?;
-            eprintln!("filling a {} GiB qcow2 image", FULL / GIB);
-            fill(&sock)?;
-        }
-        for (w, op, qd, fresh) in RUNS {
-            if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
-                continue;
+            let sock = disk(&n, json!({"name": n, "pool": "p", "size": FRESH}))?;
+            record("nvmux thin", w, run_one(&sock, *op, *qd, secs)?);
+            if qsd_full.is_some() {
+                let img = work.join(format!("fresh{i}.qcow2"));
+                qemu_img(&img, FRESH)?;
+                let q = procs::start_qsd(&QsdTarget::Qcow2(img.clone()), &fsock, 1, srv_cpu, &log)?;
+                record("qsd qcow2", w, run_one(&fsock, *op, *qd, secs)?);
+                drop(q);
+                let _ = std::fs::remove_file(&img);
             }
-            let img = if fresh {
-                let p = work.join("fresh.qcow2");
-                let _ = std::fs::remove_file(&p);
-                qemu_img(&p, FRESH)?;
-                p
-            } else {
-                full_img.clone()
-            };
-            let q = procs::start_qsd(&QsdTarget::Qcow2(img), &sock, 1, srv_cpu, &log)?;
-            record("qsd qcow2", w, run_one(&sock, op, qd, secs)?);
-            drop(q);
+        } else {
+            record("nvmux thin", w, run_one(&full, *op, *qd, secs)?);
+            record("nvmux raw", w, run_one(&raw, *op, *qd, secs)?);
+            if qsd_full.is_some() {
+                record("qsd qcow2", w, run_one(&qsock, *op, *qd, secs)?);
+            }
         }
     }
+    drop(qsd_full);
+    let _ = d.stop();
     let _ = std::fs::remove_dir_all(&work);
 
     println!(

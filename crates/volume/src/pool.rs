@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use nvmux_backend::{zero_range, FileDevice, FileOptions};
+use nvmux_backend::{zero_range, zero_range_allocated, FileDevice, FileOptions};
 use nvmux_core::{Error, ErrorKind, Result};
 
 use crate::format::{
@@ -895,8 +895,16 @@ impl Pool {
             opts.voltab_blocks.min((size / 4096 / 64).max(1)),
         )
         .map_err(|e| fmt_err(path, e))?;
-        // Every data cluster starts zero; metadata regions start empty.
-        zero_range(&f, 0, sb.pool_bytes).map_err(|e| io_err(path, "zero the device", e))?;
+        // Every data cluster starts zero; metadata regions start empty. A pool file gets
+        // its space reserved (allocated, reading zero) so that allocating a cluster costs
+        // the host filesystem no block allocation and the pool never meets ENOSPC below
+        // it; a block device is discarded to zeros.
+        if block_dev {
+            zero_range(&f, 0, sb.pool_bytes)
+        } else {
+            zero_range_allocated(&f, 0, sb.pool_bytes)
+        }
+        .map_err(|e| io_err(path, "zero and reserve the pool's space", e))?;
         let empty_vt = VolumeTableBlock {
             index: 0,
             entries: vec![None; VOLUMES_PER_BLOCK],
@@ -1001,6 +1009,16 @@ impl Pool {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// Zero a byte range of the pool: discard on a block device; in a file, keep the
+    /// space allocated (see `create`).
+    fn zero(&self, off: u64, len: u64) -> std::io::Result<()> {
+        if self.block_dev {
+            zero_range(&self.file, off, len)
+        } else {
+            zero_range_allocated(&self.file, off, len)
+        }
+    }
+
     pub fn is_block_device(&self) -> bool {
         self.block_dev
     }
@@ -1156,7 +1174,7 @@ impl Pool {
                 j += 1;
             }
             let off = self.data_offset + v[i] * cs;
-            zero_range(&self.file, off, (j - i) as u64 * cs)
+            self.zero(off, (j - i) as u64 * cs)
                 .map_err(|e| io_err(&self.path, "zero clusters", e))?;
             i = j;
             progress(i as u64 * cs, total);
@@ -1481,7 +1499,7 @@ impl Pool {
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
                         let off = self.data_offset + c * cs + size % cs;
-                        zero_range(&self.file, off, cs - size % cs)
+                        self.zero(off, cs - size % cs)
                             .map_err(|e| io_err(&self.path, "zero the tail", e))?;
                     }
                 }
