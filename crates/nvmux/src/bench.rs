@@ -99,6 +99,9 @@ pub struct BenchArgs {
     /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
     #[arg(long)]
     pool: bool,
+    /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
+    #[arg(long, default_value = "64K")]
+    pub(crate) cluster_size: String,
 }
 
 #[derive(Clone, Debug, Serialize)]

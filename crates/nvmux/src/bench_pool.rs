@@ -50,21 +50,38 @@ fn fill(sock: &Path) -> Res<()> {
     Ok(())
 }
 
-const RUNS: [(&str, Op, usize, bool); 6] = [
-    ("allocating randwrite QD1", Op::Write, 1, true),
-    ("allocating randwrite QD32", Op::Write, 32, true),
-    ("allocated randwrite QD1", Op::Write, 1, false),
-    ("allocated randwrite QD32", Op::Write, 32, false),
-    ("allocated randread QD1", Op::Read, 1, false),
-    ("allocated randread QD32", Op::Read, 32, false),
+/// What a workload runs on.
+#[derive(Clone, Copy, PartialEq)]
+enum On {
+    /// A new, empty volume (qcow2: a new image): every write allocates.
+    Fresh,
+    /// The filled volume (qcow2: the filled image).
+    Full,
+    /// A new clone of a snapshot of the filled volume (qcow2: a new overlay on the
+    /// filled image): every first write to a cluster copies it.
+    Clone,
+}
+
+const RUNS: [(&str, Op, usize, On); 8] = [
+    ("allocating randwrite QD1", Op::Write, 1, On::Fresh),
+    ("allocating randwrite QD32", Op::Write, 32, On::Fresh),
+    ("allocated randwrite QD1", Op::Write, 1, On::Full),
+    ("allocated randwrite QD32", Op::Write, 32, On::Full),
+    ("allocated randread QD1", Op::Read, 1, On::Full),
+    ("allocated randread QD32", Op::Read, 32, On::Full),
+    // Last: the snapshot they need turns the filled volume's later writes into copies.
+    ("clone randwrite QD1", Op::Write, 1, On::Clone),
+    ("clone randwrite QD32", Op::Write, 32, On::Clone),
 ];
 
-fn qemu_img(path: &Path, size: u64) -> Res<()> {
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .status()?;
+/// `qemu-img create -f qcow2 PATH SIZE [-b BACKING]` (64 KiB clusters).
+fn qemu_img(path: &Path, size: u64, backing: Option<&Path>) -> Res<()> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(b) = backing {
+        cmd.arg("-F").arg("qcow2").arg("-b").arg(b);
+    }
+    let st = cmd.arg(path).arg(size.to_string()).status()?;
     if !st.success() {
         return Err(format!("qemu-img create {} failed", path.display()).into());
     }
@@ -74,7 +91,7 @@ fn qemu_img(path: &Path, size: u64) -> Res<()> {
 pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let work = std::env::temp_dir().join(format!("nvmux-bench-pool-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let total = RUNS.len() * 2 + 4;
+    let total = RUNS.len() * 2 + RUNS.iter().filter(|r| r.3 == On::Full).count();
     let mut done = 0;
     let mut rows: Vec<(String, String, Measured)> = Vec::new();
     let mut record = |server: &str, w: &str, m: Measured| {
@@ -92,7 +109,8 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
     d.api().post(
         "/v1/pools",
-        &json!({"name": "p", "path": work.join("pool.img"), "size": 2 * FRESH + 2 * GIB}),
+        &json!({"name": "p", "path": work.join("pool.img"), "size": 2 * FRESH + 2 * GIB,
+                "cluster_size": a.cluster_size}),
     )?;
     let disk = |name: &str, body: serde_json::Value| -> Res<PathBuf> {
         d.api().post("/v1/disks", &body)?;
@@ -115,38 +133,66 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let log = work.join("qsd.log");
     let qsock = work.join("qsd-full.sock");
     let fsock = work.join("qsd-fresh.sock");
-    let qsd_full = if a.no_baselines {
-        None
-    } else {
-        let img = work.join("full.qcow2");
-        qemu_img(&img, FULL)?;
-        let q = procs::start_qsd(&QsdTarget::Qcow2(img), &qsock, 1, srv_cpu, &log)?;
+    let full_qcow2 = work.join("full.qcow2");
+    let start_full = || {
+        procs::start_qsd(
+            &QsdTarget::Qcow2(full_qcow2.clone()),
+            &qsock,
+            1,
+            srv_cpu,
+            &log,
+        )
+    };
+    let mut qsd_full = None;
+    if !a.no_baselines {
+        qemu_img(&full_qcow2, FULL, None)?;
+        qsd_full = Some(start_full()?);
         eprintln!("filling a {} GiB qcow2 image", FULL / GIB);
         fill(&qsock)?;
-        Some(q)
-    };
-    for (i, (w, op, qd, fresh)) in RUNS.iter().enumerate() {
+    }
+    let mut snapped = false;
+    for (i, &(w, op, qd, on)) in RUNS.iter().enumerate() {
         if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
             continue;
         }
-        if *fresh {
-            let n = format!("fresh{i}");
-            let sock = disk(&n, json!({"name": n, "pool": "p", "size": FRESH}))?;
-            record("nvmux thin", w, run_one(&sock, *op, *qd, secs)?);
-            if qsd_full.is_some() {
-                let img = work.join(format!("fresh{i}.qcow2"));
-                qemu_img(&img, FRESH)?;
-                let q = procs::start_qsd(&QsdTarget::Qcow2(img.clone()), &fsock, 1, srv_cpu, &log)?;
-                record("qsd qcow2", w, run_one(&fsock, *op, *qd, secs)?);
-                drop(q);
-                let _ = std::fs::remove_file(&img);
+        if on == On::Full {
+            record("nvmux thin", w, run_one(&full, op, qd, secs)?);
+            record("nvmux raw", w, run_one(&raw, op, qd, secs)?);
+            if !a.no_baselines {
+                if qsd_full.is_none() {
+                    qsd_full = Some(start_full()?);
+                }
+                record("qsd qcow2", w, run_one(&qsock, op, qd, secs)?);
             }
-        } else {
-            record("nvmux thin", w, run_one(&full, *op, *qd, secs)?);
-            record("nvmux raw", w, run_one(&raw, *op, *qd, secs)?);
-            if qsd_full.is_some() {
-                record("qsd qcow2", w, run_one(&qsock, *op, *qd, secs)?);
+            continue;
+        }
+        if on == On::Clone {
+            // QEMU's image locking refuses a backing file that another QSD writes.
+            drop(qsd_full.take());
+            if !snapped {
+                d.api()
+                    .post("/v1/disks/full/snapshot", &json!({"snapshot": "base"}))?;
+                snapped = true;
             }
+        }
+        let n = format!("run{i}");
+        let (body, size, backing) = match on {
+            On::Clone => (
+                json!({"name": n, "pool": "p", "from_snapshot": "base"}),
+                FULL,
+                Some(full_qcow2.as_path()),
+            ),
+            _ => (json!({"name": n, "pool": "p", "size": FRESH}), FRESH, None),
+        };
+        let sock = disk(&n, body)?;
+        record("nvmux thin", w, run_one(&sock, op, qd, secs)?);
+        if !a.no_baselines {
+            let img = work.join(format!("{n}.qcow2"));
+            qemu_img(&img, size, backing)?;
+            let q = procs::start_qsd(&QsdTarget::Qcow2(img.clone()), &fsock, 1, srv_cpu, &log)?;
+            record("qsd qcow2", w, run_one(&fsock, op, qd, secs)?);
+            drop(q);
+            let _ = std::fs::remove_file(&img);
         }
     }
     drop(qsd_full);
@@ -154,7 +200,8 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let _ = std::fs::remove_dir_all(&work);
 
     println!(
-        "\nThin volumes (64 KiB clusters) vs qemu-storage-daemon qcow2 (64 KiB clusters, cache.direct=on, aio=io_uring) vs a raw-file nvmux disk, all on {}; 4 KiB random I/O through libblkio, {secs} s per run, server on CPU 0",
+        "\nThin volumes ({} clusters) vs qemu-storage-daemon qcow2 (64 KiB clusters, cache.direct=on, aio=io_uring) vs a raw-file nvmux disk, all on {}; 4 KiB random I/O through libblkio, {secs} s per run, server on CPU 0",
+        a.cluster_size,
         std::env::temp_dir().display()
     );
     println!("| workload | nvmux thin IOPS | p50/p99 µs | QSD qcow2 IOPS | p50/p99 µs | thin/qcow2 | nvmux raw IOPS | thin/raw |");
