@@ -11,7 +11,10 @@ const IV: u64 = 0xA6A6_A6A6_A6A6_A6A6;
 /// Wrap `key` (a multiple of 8 bytes, at least 16) under `kek`. The result is 8 bytes
 /// longer.
 pub fn wrap(kek: &[u8; 32], key: &[u8]) -> Vec<u8> {
-    assert!(key.len() % 8 == 0 && key.len() >= 16, "key wrap input size");
+    assert!(
+        key.len().is_multiple_of(8) && key.len() >= 16,
+        "key wrap input size"
+    );
     let c = Aes256::new(GenericArray::from_slice(kek));
     let n = key.len() / 8;
     let mut r: Vec<[u8; 8]> = key
@@ -40,7 +43,7 @@ pub fn wrap(kek: &[u8; 32], key: &[u8]) -> Vec<u8> {
 
 /// Unwrap; `None` if the integrity check fails (a wrong KEK or damaged input).
 pub fn unwrap(kek: &[u8; 32], wrapped: &[u8]) -> Option<Vec<u8>> {
-    if wrapped.len() % 8 != 0 || wrapped.len() < 24 {
+    if !wrapped.len().is_multiple_of(8) || wrapped.len() < 24 {
         return None;
     }
     let c = Aes256::new(GenericArray::from_slice(kek));
