@@ -173,6 +173,14 @@ fn handle(d: &Daemon, mut req: Request) {
                 Err(e) => reply_err(req, &e),
             }
         }
+        (Method::Post, ["v1", "disks", name, "crypto-erase"]) => match d.crypto_erase(name) {
+            Ok(secs) => reply_json(
+                req,
+                200,
+                &serde_json::json!({"disk": name, "seconds": secs}),
+            ),
+            Err(e) => reply_err(req, &e),
+        },
         (Method::Post, ["v1", "disks", name, "resize"]) => {
             match body::<Resize>(&mut req).and_then(|b| d.resize_disk(name, b)) {
                 Ok(v) => reply_json(req, 200, &v),

@@ -26,6 +26,18 @@ pub struct Config {
     pub api_socket: Option<PathBuf>,
     #[serde(default)]
     pub workers: WorkersConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+}
+
+/// Where the key-encryption key (KEK) of encrypted disks comes from.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// A file holding the KEK (32 raw bytes or 64 hex digits). Unset: the KEK is read from
+    /// the environment variable `NVMUX_KEK` (64 hex digits) when a key is needed.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

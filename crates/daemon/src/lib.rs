@@ -14,6 +14,7 @@ use nvmux_backend::{FileDevice, FileOptions, MemoryDevice, NullDevice};
 use nvmux_core::stats::DiskStats;
 use nvmux_core::worker::{WorkerConfig, WorkerPool};
 use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
+use nvmux_func::keys::KeyProvider;
 use nvmux_vhost::{ExportConfig, VhostBlkExport};
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +70,24 @@ pub struct DiskSpec {
     pub block_size: u32,
     #[serde(default)]
     pub read_only: bool,
+    /// Encryption (the `crypt` function), if the disk has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crypt: Option<CryptSpec>,
 }
+
+/// An encrypted disk's key: only the wrapped data key is stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CryptSpec {
+    /// Always `aes-xts-plain64` (AES-XTS-256, 512-byte sectors) today.
+    pub cipher: String,
+    /// The 64-byte data key wrapped with the KEK (RFC 3394), hex.
+    pub wrapped_key: String,
+    /// The KEK's check value (first 8 bytes of AES-256(KEK, 0)), hex.
+    pub kek_check: String,
+}
+
+/// The only cipher today.
+pub const CIPHER: &str = "aes-xts-plain64";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -132,6 +150,9 @@ pub struct DiskCreate {
     /// With `pool`: attach this existing volume or snapshot instead of creating one.
     #[serde(default)]
     pub volume: Option<String>,
+    /// Encrypt the disk (AES-XTS-256) with a new random data key wrapped by the KEK.
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 /// `POST /v1/exports` body.
@@ -190,6 +211,8 @@ pub struct Daemon {
     next_worker: std::sync::atomic::AtomicUsize,
     /// Long-running operations, readable without the state lock.
     ops: ops::Ops,
+    /// The key-encryption key's source.
+    keys: Box<dyn KeyProvider>,
     /// Held for the daemon's lifetime: one daemon per data directory.
     _lock: std::fs::File,
 }
@@ -271,7 +294,52 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
     }
 }
 
-fn open_device(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
+/// Open a disk's device: its backend, then its functions.
+fn open_device(g: &Inner, spec: &DiskSpec, keys: &dyn KeyProvider) -> Result<Arc<dyn BlockDevice>> {
+    with_functions(open_backend(g, spec)?, spec, keys)
+}
+
+/// Stack a disk's functions on its backend device: `crypt` today.
+fn with_functions(
+    dev: Arc<dyn BlockDevice>,
+    spec: &DiskSpec,
+    keys: &dyn KeyProvider,
+) -> Result<Arc<dyn BlockDevice>> {
+    let Some(c) = &spec.crypt else {
+        return Ok(dev);
+    };
+    if c.cipher != CIPHER {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("disk {:?}: unknown cipher {:?} (nvmux knows {CIPHER})", spec.name, c.cipher),
+        ));
+    }
+    let wrapped = nvmux_func::keys::WrappedKey {
+        wrapped: c.wrapped_key.clone(),
+        kek_check: c.kek_check.clone(),
+    };
+    let dek = nvmux_func::keys::unwrap(keys, &wrapped)
+        .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))?;
+    Ok(Arc::new(nvmux_func::CryptDevice::new(dev, &dek)))
+}
+
+/// A new random data key for `disk`, wrapped with the KEK.
+fn new_crypt_spec(disk: &str, keys: &dyn KeyProvider) -> Result<CryptSpec> {
+    let dek = nvmux_func::keys::new_data_key()?;
+    let w = nvmux_func::keys::wrap(keys, &dek).map_err(|e| {
+        err(
+            e.kind,
+            format!("cannot encrypt disk {disk:?}: {} (set keys.kek_file in the config, or NVMUX_KEK)", e.msg),
+        )
+    })?;
+    Ok(CryptSpec {
+        cipher: CIPHER.into(),
+        wrapped_key: w.wrapped,
+        kek_check: w.kek_check,
+    })
+}
+
+fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
     Ok(match &spec.backend {
         BackendSpec::Thin { pool, volume, .. } => {
             let p = pools::get_pool(g, pool)?;
@@ -310,6 +378,7 @@ impl Daemon {
             cpus: cfg.workers.cpus.clone(),
         })
         .map_err(|e| Error::io("start worker threads", e))?;
+        let cfg_keys = cfg.keys.kek_file.clone();
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -317,6 +386,10 @@ impl Daemon {
             started: Instant::now(),
             next_worker: Default::default(),
             ops: ops::Ops::default(),
+            keys: match &cfg_keys {
+                Some(p) => Box::new(nvmux_func::keys::KekFile(p.clone())),
+                None => Box::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
+            },
             _lock: lock,
         });
         d.restore()?;
@@ -372,7 +445,7 @@ impl Daemon {
                 .insert(spec.name.clone(), pools::PoolEntry { spec, pool });
         }
         for spec in st.disks {
-            let dev = open_device(&g, &spec).map_err(|e| e.to_string());
+            let dev = open_device(&g, &spec, &*self.keys).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -421,6 +494,10 @@ impl Daemon {
 
     fn view(g: &Inner, d: &Disk) -> DiskView {
         let mut spec = d.spec.clone();
+        if let Some(c) = &mut spec.crypt {
+            // Wrapped, so harmless, but there is no reason to hand it out.
+            c.wrapped_key = "(stored in state.json)".into();
+        }
         if let Ok(dev) = &d.dev {
             // A thin volume's size changes with resize.
             spec.size = dev.capacity_bytes();
@@ -529,12 +606,18 @@ impl Daemon {
             ));
         }
         // A file disk without a size takes the existing file's size.
+        let crypt = if req.encrypt {
+            Some(new_crypt_spec(&req.name, &*self.keys)?)
+        } else {
+            None
+        };
         let mut spec = DiskSpec {
             name: req.name.clone(),
             backend,
             size: req.size.unwrap_or(0),
             block_size: bs,
             read_only: req.read_only,
+            crypt,
         };
         let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
@@ -548,8 +631,9 @@ impl Daemon {
                 },
             )
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
-            _ => open_device(&g, &spec),
-        };
+            _ => open_backend(&g, &spec),
+        }
+        .and_then(|d| with_functions(d, &spec, &*self.keys));
         let dev = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -588,6 +672,50 @@ impl Daemon {
         }
         let d = &g.disks[&req.name];
         Ok(Self::view(&g, d))
+    }
+
+    /// Crypto-erase: destroy an encrypted disk's data key and give the disk a new one.
+    /// The old contents can no longer be decrypted by anyone; the disk stays, reading as
+    /// noise until written. Returns the seconds it took.
+    pub fn crypto_erase(&self, name: &str) -> Result<f64> {
+        let t = Instant::now();
+        let mut g = self.lock();
+        let Some(d) = g.disks.get(name) else {
+            return Err(err(ErrorKind::NotFound, format!("disk {name:?} does not exist")));
+        };
+        if d.spec.crypt.is_none() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disk {name:?} is not encrypted, so it has no key to destroy; `disk delete --erase` zeroes a disk"),
+            ));
+        }
+        if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
+            return Err(err(
+                ErrorKind::Busy,
+                format!("disk {name:?} is exported as {:?}; remove the export first", e.spec.name),
+            ));
+        }
+        let mut spec = d.spec.clone();
+        spec.crypt = Some(new_crypt_spec(name, &*self.keys)?);
+        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys)?;
+        let Some(d) = g.disks.get_mut(name) else {
+            return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
+        };
+        let old_spec = std::mem::replace(&mut d.spec, spec);
+        let old_dev = std::mem::replace(&mut d.dev, Ok(dev));
+        if let Err(e) = self.persist(&g) {
+            if let Some(d) = g.disks.get_mut(name) {
+                d.spec = old_spec;
+                d.dev = old_dev;
+            }
+            return Err(e);
+        }
+        // The old key's last copy in memory goes with the old device (its key schedule is
+        // zeroed on drop).
+        drop(old_dev);
+        let secs = t.elapsed().as_secs_f64();
+        tracing::info!(disk = name, seconds = secs, "crypto-erased: data key destroyed and replaced");
+        Ok(secs)
     }
 
     /// Long-running operations in progress (erase), with their progress.

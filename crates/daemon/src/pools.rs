@@ -241,6 +241,17 @@ impl Daemon {
             ));
         }
         let pool = get_pool(&g, &pool_name)?;
+        if req.encrypt && (req.volume.is_some() || req.from_snapshot.is_some()) {
+            return Err(err(
+                ErrorKind::Unsupported,
+                "an encrypted disk cannot be a clone or an attached volume yet: its data would need the origin's key",
+            ));
+        }
+        let crypt = if req.encrypt {
+            Some(crate::new_crypt_spec(&req.name, &*self.keys)?)
+        } else {
+            None
+        };
         let (volume, owned) = match &req.volume {
             Some(v) => {
                 if req.size.is_some() || req.from_snapshot.is_some() {
@@ -270,29 +281,39 @@ impl Daemon {
                 let _ = pool.delete(&volume, false, &mut |_, _| {});
             }
         };
-        let dev = match ThinDevice::open(&pool, &volume) {
+        let thin = match ThinDevice::open(&pool, &volume) {
             Ok(d) => d,
             Err(e) => {
                 undo(&pool);
                 return Err(e);
             }
         };
-        let spec = DiskSpec {
+        let (size, ro) = (thin.size(), nvmux_core::BlockDevice::info(&thin).read_only);
+        let mut spec = DiskSpec {
             name: req.name.clone(),
             backend: BackendSpec::Thin {
                 pool: pool_name,
                 volume: volume.clone(),
                 owned,
             },
-            size: dev.size(),
+            size,
             block_size: 512,
-            read_only: req.read_only || nvmux_core::BlockDevice::info(&dev).read_only,
+            read_only: req.read_only || ro,
+            crypt: None,
+        };
+        spec.crypt = crypt;
+        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys) {
+            Ok(d) => d,
+            Err(e) => {
+                undo(&pool);
+                return Err(e);
+            }
         };
         g.disks.insert(
             spec.name.clone(),
             Disk {
                 spec,
-                dev: Ok(Arc::new(dev)),
+                dev: Ok(dev),
                 stats: Arc::new(DiskStats::default()),
             },
         );
@@ -327,6 +348,12 @@ impl Daemon {
         check_name("snapshot", snapshot)?;
         let g = self.lock();
         let (name, pool, volume) = self.thin_of(&g, disk)?;
+        if g.disks.get(disk).is_some_and(|d| d.spec.crypt.is_some()) {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!("disk {disk:?} is encrypted: snapshots of encrypted disks are not supported yet (a clone would need the disk's key)"),
+            ));
+        }
         pool.snapshot(&volume, snapshot)?;
         tracing::info!(disk, snapshot, "snapshot taken");
         Ok(pool_view(&g.pools[&name]))
@@ -341,10 +368,10 @@ impl Daemon {
         // Running exports keep the device they started with: it shares the volume's live
         // size, which their queues and config space read. The new handle gives `info()`
         // the new size for exports added from now on.
-        let dev = ThinDevice::open(&pool, &volume)?;
+        let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = Ok(Arc::new(dev));
+            d.dev = crate::with_functions(thin, &d.spec, &*self.keys).map_err(|e| e.to_string());
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");

@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Override the number of worker threads.
     #[arg(long)]
     workers: Option<usize>,
+    /// Override keys.kek_file: the file holding the key-encryption key of encrypted
+    /// disks (32 raw bytes or 64 hex digits).
+    #[arg(long)]
+    kek_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +111,19 @@ enum DiskCmd {
         /// With --pool: attach this existing volume or snapshot (a snapshot is read-only).
         #[arg(long, requires = "pool", conflicts_with_all = ["size", "from_snapshot"])]
         volume: Option<String>,
+        /// Encrypt with AES-XTS-256 (aes-xts-plain64) under a new random data key, wrapped
+        /// by the daemon's KEK (keys.kek_file in its config, or $NVMUX_KEK).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Crypto-erase an encrypted disk: destroy its data key and give it a new one. The old
+    /// contents become unreadable at once, whatever the disk's size.
+    Erase {
+        name: String,
+        /// Destroy the key (the only erase that keeps the disk; `disk delete --erase`
+        /// zeroes and deletes).
+        #[arg(long, required = true)]
+        crypto: bool,
     },
     /// List disks.
     List,
@@ -242,6 +259,9 @@ fn run(cli: Cli) -> Res {
             if let Some(w) = a.workers {
                 cfg.workers.threads = w;
             }
+            if let Some(k) = a.kek_file {
+                cfg.keys.kek_file = Some(std::path::absolute(&k).unwrap_or(k));
+            }
             nvmux_daemon::serve(cfg)?;
         }
         Cmd::Disk(DiskCmd::Create {
@@ -255,16 +275,19 @@ fn run(cli: Cli) -> Res {
             pool,
             from_snapshot,
             volume,
+            encrypt,
         }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             // The daemon may run in another directory: send absolute paths.
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
             let body = if pool.is_some() {
                 json!({"name": name, "pool": pool, "size": size, "from_snapshot": from_snapshot,
-                       "volume": volume, "block_size": block_size, "read_only": read_only})
+                       "volume": volume, "block_size": block_size, "read_only": read_only,
+                       "encrypt": encrypt})
             } else {
                 json!({"name": name, "backend": backend, "path": path, "size": size,
-                       "block_size": block_size, "read_only": read_only, "direct": !buffered})
+                       "block_size": block_size, "read_only": read_only, "direct": !buffered,
+                       "encrypt": encrypt})
             };
             let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {
@@ -272,6 +295,15 @@ fn run(cli: Cli) -> Res {
                     "created disk {} ({})",
                     v["name"].as_str().unwrap_or(""),
                     describe_disk(v)
+                )
+            });
+        }
+        Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {
+            let v = api.post(&format!("/v1/disks/{name}/crypto-erase"), &json!({}))?;
+            show(&v, &|v| {
+                println!(
+                    "crypto-erased disk {name}: data key destroyed and replaced in {:.3} s",
+                    v["seconds"].as_f64().unwrap_or(0.0)
                 )
             });
         }

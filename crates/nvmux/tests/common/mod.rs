@@ -41,6 +41,11 @@ impl TestDaemon {
     }
 
     pub fn start_in(dir: PathBuf) -> TestDaemon {
+        Self::start_with(dir, &[])
+    }
+
+    /// Start with extra `nvmux serve` arguments.
+    pub fn start_with(dir: PathBuf, extra: &[&str]) -> TestDaemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -52,6 +57,7 @@ impl TestDaemon {
             .arg(&dir)
             .arg("--workers")
             .arg("2")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
