@@ -311,7 +311,10 @@ fn with_functions(
     if c.cipher != CIPHER {
         return Err(err(
             ErrorKind::InvalidArgument,
-            format!("disk {:?}: unknown cipher {:?} (nvmux knows {CIPHER})", spec.name, c.cipher),
+            format!(
+                "disk {:?}: unknown cipher {:?} (nvmux knows {CIPHER})",
+                spec.name, c.cipher
+            ),
         ));
     }
     let wrapped = nvmux_func::keys::WrappedKey {
@@ -329,7 +332,10 @@ fn new_crypt_spec(disk: &str, keys: &dyn KeyProvider) -> Result<CryptSpec> {
     let w = nvmux_func::keys::wrap(keys, &dek).map_err(|e| {
         err(
             e.kind,
-            format!("cannot encrypt disk {disk:?}: {} (set keys.kek_file in the config, or NVMUX_KEK)", e.msg),
+            format!(
+                "cannot encrypt disk {disk:?}: {} (set keys.kek_file in the config, or NVMUX_KEK)",
+                e.msg
+            ),
         )
     })?;
     Ok(CryptSpec {
@@ -681,7 +687,10 @@ impl Daemon {
         let t = Instant::now();
         let mut g = self.lock();
         let Some(d) = g.disks.get(name) else {
-            return Err(err(ErrorKind::NotFound, format!("disk {name:?} does not exist")));
+            return Err(err(
+                ErrorKind::NotFound,
+                format!("disk {name:?} does not exist"),
+            ));
         };
         if d.spec.crypt.is_none() {
             return Err(err(
@@ -692,7 +701,10 @@ impl Daemon {
         if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
             return Err(err(
                 ErrorKind::Busy,
-                format!("disk {name:?} is exported as {:?}; remove the export first", e.spec.name),
+                format!(
+                    "disk {name:?} is exported as {:?}; remove the export first",
+                    e.spec.name
+                ),
             ));
         }
         let mut spec = d.spec.clone();
@@ -714,7 +726,11 @@ impl Daemon {
         // zeroed on drop).
         drop(old_dev);
         let secs = t.elapsed().as_secs_f64();
-        tracing::info!(disk = name, seconds = secs, "crypto-erased: data key destroyed and replaced");
+        tracing::info!(
+            disk = name,
+            seconds = secs,
+            "crypto-erased: data key destroyed and replaced"
+        );
         Ok(secs)
     }
 
