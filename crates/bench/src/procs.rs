@@ -136,6 +136,9 @@ pub enum QsdTarget {
     Null { size: u64 },
     /// `driver=qcow2` over `driver=file` with `cache.direct=on,aio=io_uring`.
     Qcow2(PathBuf),
+    /// `driver=luks` over `driver=file` with `cache.direct=on,aio=io_uring`, unlocked
+    /// with `secret`.
+    Luks { path: PathBuf, secret: String },
 }
 
 /// Start qemu-storage-daemon exporting `target` over vhost-user-blk on `sock`.
@@ -157,8 +160,16 @@ pub fn start_qsd(
             "driver=qcow2,node-name=n0,file.driver=file,file.filename={},file.cache.direct=on,file.aio=io_uring",
             p.display()
         ),
+        QsdTarget::Luks { path, .. } => format!(
+            "driver=luks,node-name=n0,key-secret=sec0,file.driver=file,file.filename={},file.cache.direct=on,file.aio=io_uring",
+            path.display()
+        ),
     };
     let mut cmd = Command::new("qemu-storage-daemon");
+    if let QsdTarget::Luks { secret, .. } = target {
+        cmd.arg("--object")
+            .arg(format!("secret,id=sec0,data={secret}"));
+    }
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
         "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}",
         sock.display()

@@ -43,11 +43,11 @@ impl Daemon {
         })
     }
     /// The daemon every bench run uses: `<work>/nvmux`, one worker thread on `cpu`.
-    pub fn start_bench(work: &Path, cpu: Option<usize>) -> Res<(PathBuf, Daemon)> {
+    pub fn start_bench(work: &Path, cpu: Option<usize>, extra_cfg: &str) -> Res<(PathBuf, Daemon)> {
         let ddir = work.join("nvmux");
         std::fs::create_dir_all(&ddir)?;
         let cfg = format!(
-            "data_dir = {:?}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
+            "data_dir = {:?}\n{extra_cfg}\n[workers]\nthreads = 1\npoll_idle_us = 50\ncpus = [{}]\n",
             ddir,
             cpu.unwrap_or(0)
         );
@@ -99,6 +99,9 @@ pub struct BenchArgs {
     /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
     #[arg(long)]
     pool: bool,
+    /// Run the encryption suite instead: encrypted vs plain nvmux disk vs QSD luks.
+    #[arg(long, conflicts_with = "pool")]
+    crypt: bool,
     /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
     #[arg(long, default_value = "64K")]
     pub(crate) cluster_size: String,
@@ -207,10 +210,13 @@ pub fn run(a: BenchArgs) -> Res<()> {
             },
         );
     }
-    if a.pool {
+    if a.pool || a.crypt {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
+        }
+        if a.crypt {
+            return crate::bench_crypt::run(&a, secs, two.then_some(0));
         }
         return crate::bench_pool::run(&a, secs, two.then_some(0));
     }
@@ -261,7 +267,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
     }
 
     // nvmux: one daemon, three disks.
-    let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
+    let (ddir, d) = Daemon::start_bench(&work, srv_cpu, "")?;
     let mut idle_cpu_pct = None;
     for (name, file) in backings {
         let disk = name.trim_start_matches('/').replace([' ', '/'], "-");

@@ -106,7 +106,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     // Everything is set up first and the servers run side by side, so each workload runs
     // on nvmux thin, nvmux raw and QSD qcow2 back to back: a disk whose speed drifts
     // over minutes (a shared virtio disk does) then moves all three alike.
-    let (ddir, d) = Daemon::start_bench(&work, srv_cpu)?;
+    let (ddir, d) = Daemon::start_bench(&work, srv_cpu, "")?;
     d.api().post(
         "/v1/pools",
         &json!({"name": "p", "path": work.join("pool.img"), "size": 2 * FRESH + 2 * GIB,

@@ -9,6 +9,7 @@ use nvmux_daemon::client::ApiClient;
 use serde_json::{json, Value};
 
 mod bench;
+mod bench_crypt;
 mod bench_pool;
 mod demo;
 
