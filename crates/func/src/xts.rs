@@ -13,6 +13,8 @@ use aes::Aes256;
 pub const KEY_BYTES: usize = 64;
 /// Sector sizes handled: 512 to 4096 bytes.
 const MAX_SECTOR: usize = 4096;
+/// Blocks processed per parallel AES pass (tweaks computed first, then one pass).
+const CHUNK: usize = 32;
 
 type Block = GenericArray<u8, aes::cipher::consts::U16>;
 
@@ -47,34 +49,64 @@ impl Xts {
             "XTS sector size"
         );
         assert_eq!(buf.len() % sector, 0, "XTS on whole sectors only");
-        // Tweaks for up to CHUNK blocks at a time: one parallel AES pass per chunk.
-        const CHUNK: usize = 32;
         let mut tweaks = [0u128; CHUNK];
-        for (i, s) in buf.chunks_exact_mut(sector).enumerate() {
-            let mut t = Block::from(((first + i as u64) as u128).to_le_bytes());
-            self.tweak.encrypt_block(&mut t);
-            let mut t = u128::from_le_bytes(t.into());
-            for c in s.chunks_exact_mut(CHUNK * 16) {
-                let n = c.len() / 16;
-                for tw in tweaks.iter_mut().take(n) {
-                    *tw = t;
-                    // Multiply by alpha in GF(2^128), little-endian (IEEE 1619 5.2).
-                    t = (t << 1) ^ ((t >> 127) * 0x87);
-                }
-                xor_tweaks(c, &tweaks[..n]);
-                // SAFETY: `Block` is a 16-byte array with alignment 1, and `c` is exactly
-                // `n` * 16 bytes, so it can be viewed as `n` blocks.
-                let blocks =
-                    unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<Block>(), n) };
-                if enc {
-                    self.data.encrypt_blocks(blocks);
-                } else {
-                    self.data.decrypt_blocks(blocks);
-                }
-                xor_tweaks(c, &tweaks[..n]);
+        // The first tweaks of up to 8 sectors are encrypted in one parallel AES pass.
+        for (g, grp) in buf.chunks_mut(8 * sector).enumerate() {
+            let ns = grp.len() / sector;
+            let mut t0 = [Block::default(); 8];
+            for (k, t) in t0.iter_mut().enumerate().take(ns) {
+                let n = first + (g * 8 + k) as u64;
+                *t = Block::from((n as u128).to_le_bytes());
+            }
+            self.tweak.encrypt_blocks(&mut t0[..ns]);
+            for (s, t) in grp.chunks_exact_mut(sector).zip(t0) {
+                self.sector(s, u128::from_le_bytes(t.into()), enc, &mut tweaks);
             }
         }
     }
+
+    /// One sector whose encrypted tweak is `t`.
+    fn sector(&self, s: &mut [u8], t: u128, enc: bool, tweaks: &mut [u128; CHUNK]) {
+        // Eight independent chains (block j, j + 8, j + 16, ...), each stepping by
+        // alpha^8, so the CPU computes them in parallel instead of one long chain.
+        let mut lanes = [t; 8];
+        for j in 1..8 {
+            lanes[j] = mul_alpha(lanes[j - 1]);
+        }
+        for c in s.chunks_exact_mut(CHUNK * 16) {
+            let n = c.len() / 16;
+            for group in tweaks[..n].chunks_exact_mut(8) {
+                for (tw, l) in group.iter_mut().zip(lanes.iter_mut()) {
+                    *tw = *l;
+                    *l = mul_alpha8(*l);
+                }
+            }
+            xor_tweaks(c, &tweaks[..n]);
+            // SAFETY: `Block` is a 16-byte array with alignment 1, and `c` is exactly `n`
+            // * 16 bytes, so it can be viewed as `n` blocks.
+            let blocks =
+                unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<Block>(), n) };
+            if enc {
+                self.data.encrypt_blocks(blocks);
+            } else {
+                self.data.decrypt_blocks(blocks);
+            }
+            xor_tweaks(c, &tweaks[..n]);
+        }
+    }
+}
+
+/// Multiply by alpha in GF(2^128), little-endian (IEEE 1619 5.2).
+fn mul_alpha(t: u128) -> u128 {
+    (t << 1) ^ ((t >> 127) * 0x87)
+}
+
+/// Multiply by alpha^8: shift by a byte and fold the byte shifted out back in with the
+/// field polynomial (x^128 = x^7 + x^2 + x + 1); the fold has degree < 15, so it needs
+/// no further reduction.
+fn mul_alpha8(t: u128) -> u128 {
+    let top = t >> 120;
+    (t << 8) ^ (top << 7) ^ (top << 2) ^ (top << 1) ^ top
 }
 
 fn xor_tweaks(s: &mut [u8], tweaks: &[u128]) {
@@ -135,6 +167,23 @@ mod tests {
         assert_eq!(buf, ct);
         x.decrypt(&mut buf, 512, 0xff);
         assert_eq!(buf, pt);
+    }
+
+    #[test]
+    fn alpha8_is_eight_alpha_steps() {
+        for t in [
+            1u128,
+            0x87,
+            1 << 127,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            let mut u = t;
+            for _ in 0..8 {
+                u = mul_alpha(u);
+            }
+            assert_eq!(mul_alpha8(t), u, "{t:x}");
+        }
     }
 
     /// A multi-sector call equals one call per sector with consecutive numbers.
