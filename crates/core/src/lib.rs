@@ -440,6 +440,11 @@ pub trait BlockQueue: Send {
     /// A file descriptor that becomes readable when completions are pending, for workers
     /// that sleep. `None` when every command completes within `kick` (null, memory).
     fn completion_fd(&self) -> Option<RawFd>;
+    /// When the queue next has something to do without being told (a rate limiter whose
+    /// held commands may go then): a sleeping worker wakes at this time to `poll`.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// Parse a size such as `64M`, `10GiB`, `4096` or `1.5G` (binary units).

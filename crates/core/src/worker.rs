@@ -29,6 +29,10 @@ pub trait WorkSource: Send {
     fn after_sleep(&mut self);
     /// The source is done (its queue was stopped) and may be dropped.
     fn finished(&self) -> bool;
+    /// When the source must be polled again even if none of its fds fires.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Worker tuning.
@@ -323,8 +327,19 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         }
         if can_sleep && !sh.pending.load(Ordering::Acquire) {
             sh.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            // Sleep until an fd fires, or until the earliest deadline (milliseconds,
+            // rounded up so the source is due when the worker wakes).
+            let timeout = sources
+                .iter()
+                .filter_map(|a| a.src.next_deadline())
+                .min()
+                .map_or(-1, |d| {
+                    let us = d.saturating_duration_since(Instant::now()).as_micros();
+                    us.div_ceil(1000).min(i32::MAX as u128) as i32
+                });
             // SAFETY: events is a valid buffer of events.len() entries.
-            let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1) };
+            let r =
+                unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
             for ev in events.iter().take(r.max(0) as usize) {
                 let tok = ev.u64;
                 drain(if tok == WAKE_TOKEN {

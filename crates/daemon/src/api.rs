@@ -173,6 +173,12 @@ fn handle(d: &Daemon, mut req: Request) {
                 Err(e) => reply_err(req, &e),
             }
         }
+        (Method::Post, ["v1", "disks", name, "qos"]) => {
+            match body::<crate::QosSpec>(&mut req).and_then(|q| d.set_qos(name, q)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Post, ["v1", "disks", name, "crypto-erase"]) => match d.crypto_erase(name) {
             Ok(secs) => reply_json(
                 req,

@@ -73,6 +73,44 @@ pub struct DiskSpec {
     /// Encryption (the `crypt` function), if the disk has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypt: Option<CryptSpec>,
+    /// Rate limits (the `qos` function), if any are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosSpec>,
+}
+
+/// A disk's rate limits: each `None` (or 0) is unlimited.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QosSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_read: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_write: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_read: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_write: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_total: Option<u64>,
+    /// Burst allowance as time at the limit, in ms (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_ms: Option<u64>,
+}
+
+impl QosSpec {
+    fn limits(&self) -> nvmux_func::Limits {
+        nvmux_func::Limits {
+            read_iops: self.iops_read,
+            write_iops: self.iops_write,
+            total_iops: self.iops_total,
+            read_bps: self.bps_read,
+            write_bps: self.bps_write,
+            total_bps: self.bps_total,
+            burst_ms: self.burst_ms,
+        }
+    }
 }
 
 /// An encrypted disk's key: only the wrapped data key is stored.
@@ -153,6 +191,9 @@ pub struct DiskCreate {
     /// Encrypt the disk (AES-XTS-256) with a new random data key wrapped by the KEK.
     #[serde(default)]
     pub encrypt: bool,
+    /// Rate limits from the start.
+    #[serde(default)]
+    pub qos: Option<QosSpec>,
 }
 
 /// `POST /v1/exports` body.
@@ -184,6 +225,8 @@ pub struct DiskView {
 
 struct Disk {
     spec: DiskSpec,
+    /// The disk's rate limiter, shared by every device opened for it (live changes).
+    qos: Arc<nvmux_func::Qos>,
     dev: std::result::Result<Arc<dyn BlockDevice>, String>,
     stats: Arc<DiskStats>,
 }
@@ -295,12 +338,35 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
 }
 
 /// Open a disk's device: its backend, then its functions.
-fn open_device(g: &Inner, spec: &DiskSpec, keys: &dyn KeyProvider) -> Result<Arc<dyn BlockDevice>> {
-    with_functions(open_backend(g, spec)?, spec, keys)
+fn open_device(
+    g: &Inner,
+    spec: &DiskSpec,
+    keys: &dyn KeyProvider,
+    qos: &Arc<nvmux_func::Qos>,
+) -> Result<Arc<dyn BlockDevice>> {
+    with_functions(open_backend(g, spec)?, spec, keys, qos)
 }
 
-/// Stack a disk's functions on its backend device: `crypt` today.
+/// A disk's rate limiter from its spec.
+fn new_qos(spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
+    nvmux_func::Qos::new(spec.qos.unwrap_or_default().limits())
+        .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))
+}
+
+/// Stack a disk's functions on its backend device, outermost first:
+/// `qos → crypt → backend`. The qos layer is always there (a pass-through while no
+/// limit is set), so limits can be set on a disk that is in use.
 fn with_functions(
+    dev: Arc<dyn BlockDevice>,
+    spec: &DiskSpec,
+    keys: &dyn KeyProvider,
+    qos: &Arc<nvmux_func::Qos>,
+) -> Result<Arc<dyn BlockDevice>> {
+    let dev = with_crypt(dev, spec, keys)?;
+    Ok(Arc::new(nvmux_func::QosDevice::new(dev, qos.clone())))
+}
+
+fn with_crypt(
     dev: Arc<dyn BlockDevice>,
     spec: &DiskSpec,
     keys: &dyn KeyProvider,
@@ -451,7 +517,13 @@ impl Daemon {
                 .insert(spec.name.clone(), pools::PoolEntry { spec, pool });
         }
         for spec in st.disks {
-            let dev = open_device(&g, &spec, &*self.keys).map_err(|e| e.to_string());
+            // Limits that no longer validate are dropped with an error in the log, so the
+            // disk still comes up.
+            let qos = new_qos(&spec).unwrap_or_else(|e| {
+                tracing::error!(disk = %spec.name, "qos limits ignored: {e}");
+                nvmux_func::Qos::new(nvmux_func::Limits::default()).expect("no limits are valid")
+            });
+            let dev = open_device(&g, &spec, &*self.keys, &qos).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -459,6 +531,7 @@ impl Daemon {
             g.disks.insert(
                 spec.name.clone(),
                 Disk {
+                    qos,
                     spec,
                     dev,
                     stats: Arc::new(DiskStats::default()),
@@ -624,7 +697,9 @@ impl Daemon {
             block_size: bs,
             read_only: req.read_only,
             crypt,
+            qos: req.qos,
         };
+        let qos = new_qos(&spec)?;
         let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
                 path,
@@ -639,7 +714,7 @@ impl Daemon {
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
             _ => open_backend(&g, &spec),
         }
-        .and_then(|d| with_functions(d, &spec, &*self.keys));
+        .and_then(|d| with_functions(d, &spec, &*self.keys, &qos));
         let dev = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -659,6 +734,7 @@ impl Daemon {
         g.disks.insert(
             spec.name.clone(),
             Disk {
+                qos,
                 spec,
                 dev: Ok(dev),
                 stats: Arc::new(DiskStats::default()),
@@ -709,7 +785,7 @@ impl Daemon {
         }
         let mut spec = d.spec.clone();
         spec.crypt = Some(new_crypt_spec(name, &*self.keys)?);
-        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys)?;
+        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys, &d.qos)?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -732,6 +808,32 @@ impl Daemon {
             "crypto-erased: data key destroyed and replaced"
         );
         Ok(secs)
+    }
+
+    /// Replace a disk's rate limits; they apply at once to every queue of every export.
+    pub fn set_qos(&self, name: &str, q: QosSpec) -> Result<DiskView> {
+        let mut g = self.lock();
+        let Some(d) = g.disks.get_mut(name) else {
+            return Err(err(
+                ErrorKind::NotFound,
+                format!("disk {name:?} does not exist"),
+            ));
+        };
+        let l = q.limits();
+        l.validate()
+            .map_err(|e| err(e.kind, format!("disk {name:?}: {}", e.msg)))?;
+        let old = std::mem::replace(&mut d.spec.qos, (!l.is_unlimited()).then_some(q));
+        let old_limits = d.qos.limits();
+        d.qos.set(l)?;
+        if let Err(e) = self.persist(&g) {
+            if let Some(d) = g.disks.get_mut(name) {
+                d.spec.qos = old;
+                let _ = d.qos.set(old_limits);
+            }
+            return Err(e);
+        }
+        tracing::info!(disk = name, ?q, "qos limits set");
+        Ok(Self::view(&g, &g.disks[name]))
     }
 
     /// Long-running operations in progress (erase), with their progress.

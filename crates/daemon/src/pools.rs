@@ -300,9 +300,17 @@ impl Daemon {
             block_size: 512,
             read_only: req.read_only || ro,
             crypt: None,
+            qos: req.qos,
         };
         spec.crypt = crypt;
-        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys) {
+        let qos = match crate::new_qos(&spec) {
+            Ok(q) => q,
+            Err(e) => {
+                undo(&pool);
+                return Err(e);
+            }
+        };
+        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys, &qos) {
             Ok(d) => d,
             Err(e) => {
                 undo(&pool);
@@ -312,6 +320,7 @@ impl Daemon {
         g.disks.insert(
             spec.name.clone(),
             Disk {
+                qos,
                 spec,
                 dev: Ok(dev),
                 stats: Arc::new(DiskStats::default()),
@@ -371,7 +380,8 @@ impl Daemon {
         let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = crate::with_functions(thin, &d.spec, &*self.keys).map_err(|e| e.to_string());
+            d.dev = crate::with_functions(thin, &d.spec, &*self.keys, &d.qos)
+                .map_err(|e| e.to_string());
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");

@@ -262,6 +262,10 @@ impl BlockQueue for CryptQueue {
     fn completion_fd(&self) -> Option<RawFd> {
         self.inner.completion_fd()
     }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.inner.next_deadline()
+    }
 }
 
 #[cfg(test)]

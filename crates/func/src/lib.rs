@@ -1,11 +1,14 @@
 //! Storage functions: `BlockDevice` layers stacked between a frontend and a volume.
 //!
 //! * [`crypt`]: AES-XTS-256 encryption (`aes-xts-plain64`, 512-byte sectors);
+//! * [`qos`]: per-disk IOPS and bandwidth limits (token buckets);
 //! * [`keys`]: data keys, wrapped by a key-encryption key from a [`keys::KeyProvider`].
 
 pub mod crypt;
 pub mod keys;
 pub mod keywrap;
+pub mod qos;
 pub mod xts;
 
 pub use crypt::CryptDevice;
+pub use qos::{Limits, Qos, QosDevice};

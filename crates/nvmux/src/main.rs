@@ -117,6 +117,33 @@ enum DiskCmd {
         #[arg(long)]
         encrypt: bool,
     },
+    /// Set a disk's rate limits (replacing all of them; omitted ones are unlimited). They
+    /// apply at once, also to exported disks. With no limit given, limits are removed.
+    Qos {
+        name: String,
+        /// Read operations per second.
+        #[arg(long)]
+        iops_read: Option<u64>,
+        /// Write operations per second.
+        #[arg(long)]
+        iops_write: Option<u64>,
+        /// Read plus write operations per second.
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Read bytes per second, e.g. 100M.
+        #[arg(long)]
+        bps_read: Option<String>,
+        /// Write bytes per second, e.g. 100M.
+        #[arg(long)]
+        bps_write: Option<String>,
+        /// Read plus write bytes per second, e.g. 200M.
+        #[arg(long)]
+        bps: Option<String>,
+        /// Burst allowance: how long the disk may run at full speed after an idle
+        /// period, as time at the limit (default 100 ms).
+        #[arg(long)]
+        burst_ms: Option<u64>,
+    },
     /// Crypto-erase an encrypted disk: destroy its data key and give it a new one. The old
     /// contents become unreadable at once, whatever the disk's size.
     Erase {
@@ -297,6 +324,28 @@ fn run(cli: Cli) -> Res {
                     v["name"].as_str().unwrap_or(""),
                     describe_disk(v)
                 )
+            });
+        }
+        Cmd::Disk(DiskCmd::Qos {
+            name,
+            iops_read,
+            iops_write,
+            iops,
+            bps_read,
+            bps_write,
+            bps,
+            burst_ms,
+        }) => {
+            let size = |s: Option<String>| s.map(|s| nvmux_core::parse_size(&s)).transpose();
+            let body = json!({
+                "iops_read": iops_read, "iops_write": iops_write, "iops_total": iops,
+                "bps_read": size(bps_read)?, "bps_write": size(bps_write)?, "bps_total": size(bps)?,
+                "burst_ms": burst_ms,
+            });
+            let v = api.post(&format!("/v1/disks/{name}/qos"), &body)?;
+            show(&v, &|v| match v.get("qos") {
+                Some(q) => println!("disk {name}: limits {}", compact(q)),
+                None => println!("disk {name}: no limits"),
             });
         }
         Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {

@@ -348,7 +348,12 @@ impl WorkSource for VringSource {
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        if self.bq.completion_fd().is_none() && self.bq.in_flight() > 0 {
+        // Without a completion fd, commands in flight complete only by polling, unless
+        // the queue holds them until a deadline (a rate limit), which wakes the worker.
+        if self.bq.completion_fd().is_none()
+            && self.bq.in_flight() > 0
+            && self.bq.next_deadline().is_none()
+        {
             return false;
         }
         // Re-enabling reports whether chains arrived while notifications were off.
@@ -361,5 +366,8 @@ impl WorkSource for VringSource {
 
     fn finished(&self) -> bool {
         self.finished
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.bq.next_deadline()
     }
 }
