@@ -240,7 +240,11 @@ impl BlockDevice for QosDevice {
         }))
     }
     fn describe(&self) -> String {
-        format!("qos over {}", self.inner.describe())
+        if self.qos.unlimited.load(Ordering::Acquire) {
+            self.inner.describe()
+        } else {
+            format!("rate-limited {}", self.inner.describe())
+        }
     }
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes()
