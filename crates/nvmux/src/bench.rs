@@ -102,6 +102,9 @@ pub struct BenchArgs {
     /// Run the encryption suite instead: encrypted vs plain nvmux disk vs QSD luks.
     #[arg(long, conflicts_with = "pool")]
     crypt: bool,
+    /// Run the fairness suite instead: 4 disks on one pool saturated at once, vs QSD.
+    #[arg(long, conflicts_with_all = ["pool", "crypt"])]
+    fair: bool,
     /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
     #[arg(long, default_value = "64K")]
     pub(crate) cluster_size: String,
@@ -210,13 +213,16 @@ pub fn run(a: BenchArgs) -> Res<()> {
             },
         );
     }
-    if a.pool || a.crypt {
+    if a.pool || a.crypt || a.fair {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
         }
         if a.crypt {
             return crate::bench_crypt::run(&a, secs, two.then_some(0));
+        }
+        if a.fair {
+            return crate::bench_fair::run(&a, secs, two.then_some(0));
         }
         return crate::bench_pool::run(&a, secs, two.then_some(0));
     }
