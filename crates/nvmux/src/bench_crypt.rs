@@ -34,7 +34,8 @@ fn name(bs: usize, op: Op, qd: usize) -> String {
     format!("{}K {op} QD{qd}", bs >> 10)
 }
 
-fn run_one(sock: &Path, bs: usize, op: Op, qd: usize, secs: u64) -> Res<Measured> {
+/// One libblkio workload of `bs`-byte random I/O at `qd` on one queue.
+pub(crate) fn run_one(sock: &Path, bs: usize, op: Op, qd: usize, secs: u64) -> Res<Measured> {
     let mut c = BlkioClient::connect(sock, 1, false, qd * bs)?;
     Ok(nvmux_bench::workload::run(
         &mut c,

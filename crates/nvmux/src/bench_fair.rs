@@ -4,11 +4,10 @@
 //! (one process, its main loop), the closest like-for-like it has (its throttle groups
 //! limit, they do not share).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use blkio::ReqFlags;
 use nvmux_bench::client::{BlkioClient, Op};
 use nvmux_bench::procs;
 use nvmux_bench::workload::{Measured, Workload};
@@ -18,19 +17,6 @@ use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
 
 const DISKS: usize = 4;
 const SIZE: u64 = 512 << 20;
-
-/// Write every byte once (1 MiB writes), then flush.
-fn fill(sock: &Path) -> Res<()> {
-    let mut c = BlkioClient::connect(sock, 1, false, 1 << 20)?;
-    let cap = c.capacity();
-    let mut off = 0;
-    while off < cap {
-        c.io_ok(0, Op::Write, off, 1 << 20, 0, ReqFlags::empty())?;
-        off += 1 << 20;
-    }
-    c.io_ok(0, Op::Flush, 0, 0, 0, ReqFlags::empty())?;
-    Ok(())
-}
 
 /// Run the same workload on every socket at once; IOPS per socket.
 fn together(socks: &[PathBuf], op: Op, qd: usize, secs: u64) -> Res<Vec<Measured>> {
@@ -95,7 +81,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         let sock = ddir.join(format!("{n}.sock"));
         d.api()
             .post("/v1/exports", &json!({"disk": n, "socket": sock}))?;
-        fill(&sock)?;
+        crate::bench_pool::fill(&sock)?;
         socks.push(sock);
     }
     eprintln!("filled {DISKS} thin volumes of {} MiB", SIZE >> 20);

@@ -2,15 +2,15 @@
 //! raw-file nvmux disk, all on the same filesystem, in one run.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use blkio::ReqFlags;
 use nvmux_bench::client::{BlkioClient, Op};
 use nvmux_bench::procs::{self, QsdTarget};
-use nvmux_bench::workload::{Measured, Workload};
+use nvmux_bench::workload::Measured;
 use serde_json::json;
 
 use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
+use crate::bench_crypt::run_one;
 
 const GIB: u64 = 1 << 30;
 /// Virtual size of a fresh volume: large enough that random 4 KiB writes for the whole
@@ -19,22 +19,8 @@ const FRESH: u64 = 16 * GIB;
 /// Size of the fully allocated volume.
 const FULL: u64 = GIB;
 
-fn run_one(sock: &Path, op: Op, qd: usize, secs: u64) -> Res<Measured> {
-    let mut c = BlkioClient::connect(sock, 1, false, 32 * 4096)?;
-    Ok(nvmux_bench::workload::run(
-        &mut c,
-        &Workload {
-            op,
-            block_size: 4096,
-            queue_depth: qd,
-            duration: Duration::from_secs(secs),
-            queue: 0,
-        },
-    )?)
-}
-
 /// Write every byte once (1 MiB sequential writes), then flush.
-fn fill(sock: &Path) -> Res<()> {
+pub(crate) fn fill(sock: &Path) -> Res<()> {
     let mut c = BlkioClient::connect(sock, 1, false, 2 << 20)?;
     for (i, b) in c.buf().iter_mut().enumerate() {
         *b = (i % 253) as u8;
@@ -156,13 +142,13 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             continue;
         }
         if on == On::Full {
-            record("nvmux thin", w, run_one(&full, op, qd, secs)?);
-            record("nvmux raw", w, run_one(&raw, op, qd, secs)?);
+            record("nvmux thin", w, run_one(&full, 4096, op, qd, secs)?);
+            record("nvmux raw", w, run_one(&raw, 4096, op, qd, secs)?);
             if !a.no_baselines {
                 if qsd_full.is_none() {
                     qsd_full = Some(start_full()?);
                 }
-                record("qsd qcow2", w, run_one(&qsock, op, qd, secs)?);
+                record("qsd qcow2", w, run_one(&qsock, 4096, op, qd, secs)?);
             }
             continue;
         }
@@ -185,12 +171,12 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             _ => (json!({"name": n, "pool": "p", "size": FRESH}), FRESH, None),
         };
         let sock = disk(&n, body)?;
-        record("nvmux thin", w, run_one(&sock, op, qd, secs)?);
+        record("nvmux thin", w, run_one(&sock, 4096, op, qd, secs)?);
         if !a.no_baselines {
             let img = work.join(format!("{n}.qcow2"));
             qemu_img(&img, size, backing)?;
             let q = procs::start_qsd(&QsdTarget::Qcow2(img.clone()), &fsock, 1, srv_cpu, &log)?;
-            record("qsd qcow2", w, run_one(&fsock, op, qd, secs)?);
+            record("qsd qcow2", w, run_one(&fsock, 4096, op, qd, secs)?);
             drop(q);
             let _ = std::fs::remove_file(&img);
         }
