@@ -194,6 +194,17 @@ fn handle(d: &Daemon, mut req: Request) {
             }
         }
         (Method::Get, ["v1", "pools"]) => reply_json(req, 200, &d.pools()),
+        (Method::Post, ["v1", "keys", "rotate"]) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Rotate {
+                kek_file: std::path::PathBuf,
+            }
+            match body::<Rotate>(&mut req).and_then(|r| d.rotate_kek(&r.kek_file)) {
+                Ok(n) => reply_json(req, 200, &serde_json::json!({"rewrapped": n})),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Get, ["v1", "operations"]) => reply_json(req, 200, &d.operations()),
         (Method::Post, ["v1", "pools"]) => {
             match body::<PoolCreate>(&mut req).and_then(|b| d.create_pool(b)) {

@@ -255,7 +255,7 @@ pub struct Daemon {
     /// Long-running operations, readable without the state lock.
     ops: ops::Ops,
     /// The key-encryption key's source.
-    keys: Box<dyn KeyProvider>,
+    keys: Mutex<Arc<dyn KeyProvider>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
     _lock: std::fs::File,
 }
@@ -458,10 +458,10 @@ impl Daemon {
             started: Instant::now(),
             next_worker: Default::default(),
             ops: ops::Ops::default(),
-            keys: match &cfg_keys {
-                Some(p) => Box::new(nvmux_func::keys::KekFile(p.clone())),
-                None => Box::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
-            },
+            keys: Mutex::new(match &cfg_keys {
+                Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
+                None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
+            }),
             _lock: lock,
         });
         d.restore()?;
@@ -524,7 +524,7 @@ impl Daemon {
                 nvmux_func::Qos::new(nvmux_func::Limits::default())
                     .expect("the empty limit set always validates")
             });
-            let dev = open_device(&g, &spec, &*self.keys, &qos).map_err(|e| e.to_string());
+            let dev = open_device(&g, &spec, &*self.keys(), &qos).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -687,7 +687,7 @@ impl Daemon {
         }
         // A file disk without a size takes the existing file's size.
         let crypt = if req.encrypt {
-            Some(new_crypt_spec(&req.name, &*self.keys)?)
+            Some(new_crypt_spec(&req.name, &*self.keys())?)
         } else {
             None
         };
@@ -715,7 +715,7 @@ impl Daemon {
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
             _ => open_backend(&g, &spec),
         }
-        .and_then(|d| with_functions(d, &spec, &*self.keys, &qos));
+        .and_then(|d| with_functions(d, &spec, &*self.keys(), &qos));
         let dev = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -785,8 +785,8 @@ impl Daemon {
             ));
         }
         let mut spec = d.spec.clone();
-        spec.crypt = Some(new_crypt_spec(name, &*self.keys)?);
-        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys, &d.qos)?;
+        spec.crypt = Some(new_crypt_spec(name, &*self.keys())?);
+        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys(), &d.qos)?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -809,6 +809,57 @@ impl Daemon {
             "crypto-erased: data key destroyed and replaced"
         );
         Ok(secs)
+    }
+
+    /// The KEK's current source.
+    fn keys(&self) -> Arc<dyn KeyProvider> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// KEK rotation: re-wrap every encrypted disk's data key under the KEK in `new_kek`,
+    /// and use that KEK from now on. Data is not touched. All keys are re-wrapped and
+    /// checked before anything is saved; then `state.json` is replaced in one step.
+    /// Returns how many keys were re-wrapped. The configuration must then name the new
+    /// KEK (`keys.kek_file`) before the next start.
+    pub fn rotate_kek(&self, new_kek: &Path) -> Result<usize> {
+        let mut g = self.lock();
+        let old = self.keys();
+        let new: Arc<dyn KeyProvider> = Arc::new(nvmux_func::keys::KekFile(new_kek.to_path_buf()));
+        new.kek()?;
+        let mut rewrapped = Vec::new();
+        for d in g.disks.values() {
+            let Some(c) = &d.spec.crypt else { continue };
+            let w = nvmux_func::keys::WrappedKey {
+                wrapped: c.wrapped_key.clone(),
+                kek_check: c.kek_check.clone(),
+            };
+            let dek = nvmux_func::keys::unwrap(&*old, &w)
+                .map_err(|e| err(e.kind, format!("disk {:?}: {}", d.spec.name, e.msg)))?;
+            let n = nvmux_func::keys::wrap(&*new, &dek)?;
+            rewrapped.push((d.spec.name.clone(), n));
+        }
+        let saved: Vec<(String, Option<CryptSpec>)> = g
+            .disks
+            .values()
+            .map(|d| (d.spec.name.clone(), d.spec.crypt.clone()))
+            .collect();
+        for (name, w) in &rewrapped {
+            if let Some(c) = g.disks.get_mut(name).and_then(|d| d.spec.crypt.as_mut()) {
+                c.wrapped_key = w.wrapped.clone();
+                c.kek_check = w.kek_check.clone();
+            }
+        }
+        if let Err(e) = self.persist(&g) {
+            for (name, c) in saved {
+                if let Some(d) = g.disks.get_mut(&name) {
+                    d.spec.crypt = c;
+                }
+            }
+            return Err(e);
+        }
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        tracing::info!(keys = rewrapped.len(), kek = %new_kek.display(), "KEK rotated; set keys.kek_file to the new KEK before the next start");
+        Ok(rewrapped.len())
     }
 
     /// Replace a disk's rate limits; they apply at once to every queue of every export.

@@ -248,7 +248,7 @@ impl Daemon {
             ));
         }
         let crypt = if req.encrypt {
-            Some(crate::new_crypt_spec(&req.name, &*self.keys)?)
+            Some(crate::new_crypt_spec(&req.name, &*self.keys())?)
         } else {
             None
         };
@@ -310,7 +310,7 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys, &qos) {
+        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys(), &qos) {
             Ok(d) => d,
             Err(e) => {
                 undo(&pool);
@@ -380,7 +380,7 @@ impl Daemon {
         let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = crate::with_functions(thin, &d.spec, &*self.keys, &d.qos)
+            d.dev = crate::with_functions(thin, &d.spec, &*self.keys(), &d.qos)
                 .map_err(|e| e.to_string());
         }
         self.persist(&g)?;

@@ -49,6 +49,9 @@ enum Cmd {
     /// Serve disks to VMs and tools.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// The key-encryption key (KEK) of encrypted disks.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Per-disk I/O statistics and per-worker load.
     Stats {
         /// Only this disk.
@@ -80,6 +83,17 @@ struct ServeArgs {
     /// disks (32 raw bytes or 64 hex digits).
     #[arg(long)]
     kek_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Re-wrap every encrypted disk's data key under a new KEK and use it from now on
+    /// (no data is touched). Then set keys.kek_file to the new file before the next start.
+    Rotate {
+        /// File holding the new KEK (32 raw bytes or 64 hex digits).
+        #[arg(long)]
+        kek_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -588,6 +602,17 @@ fn run(cli: Cli) -> Res {
         Cmd::Export(ExportCmd::Remove { name }) => {
             let v = api.delete(&format!("/v1/exports/{name}"))?;
             show(&v, &|_| println!("removed export {name}"));
+        }
+        Cmd::Keys(KeysCmd::Rotate { kek_file }) => {
+            let kek_file = std::path::absolute(&kek_file).unwrap_or(kek_file);
+            let v = api.post("/v1/keys/rotate", &json!({ "kek_file": kek_file }))?;
+            show(&v, &|v| {
+                println!(
+                    "re-wrapped {} data key(s) under {}; set keys.kek_file to it before the next start",
+                    v["rewrapped"].as_u64().unwrap_or(0),
+                    kek_file.display()
+                )
+            });
         }
         Cmd::Stats { disk } => {
             let v = api.get("/v1/stats")?;

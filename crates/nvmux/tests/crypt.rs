@@ -231,3 +231,61 @@ fn key_problems_give_clear_errors_and_touch_nothing() {
         "image changed"
     );
 }
+
+#[test]
+fn kek_rotation_rewraps_keys_without_touching_data() {
+    watchdog(120);
+    let (d, old) = start("crypt-rotate", Some("default"));
+    let (img, sock) = d.disk_and_export("r", 4 * MIB, 1, json!({"encrypt": true}));
+    let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
+    let plain = pattern(21, 65536);
+    write(&mut c, 8192, &plain);
+    drop(c);
+    let image = std::fs::read(&img).expect("image");
+    let check_before = d.api.get("/v1/disks/r").expect("disk")["crypt"]["kek_check"].clone();
+
+    // A KEK file that is not a KEK: refused, nothing changes.
+    let junk = d.dir.join("junk");
+    std::fs::write(&junk, "not a key").expect("write");
+    let e = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": junk}))
+        .expect_err("junk KEK");
+    assert!(e.to_string().contains("64 hex digits"), "{e}");
+    assert_eq!(
+        d.api.get("/v1/disks/r").expect("disk")["crypt"]["kek_check"],
+        check_before
+    );
+
+    let new = kek_file(&d.dir, "new-kek", 0x77);
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new}))
+        .expect("rotate");
+    assert_eq!(v["rewrapped"], 1);
+    assert_ne!(
+        d.api.get("/v1/disks/r").expect("disk")["crypt"]["kek_check"],
+        check_before
+    );
+    assert!(
+        std::fs::read(&img).expect("image") == image,
+        "rotation touched data"
+    );
+    // The disk still reads its data, and new encrypted disks use the new KEK.
+    let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
+    assert!(read(&mut c, 8192, plain.len()) == plain);
+    drop(c);
+    let dir = d.dir.clone();
+    d.stop();
+    // Restarted with the old KEK: the disk is refused by name; with the new one it works.
+    let d = TestDaemon::start_with(dir.clone(), &["--kek-file", old.to_str().unwrap_or("")]);
+    let st = d.api.get("/v1/disks/r").expect("disk")["status"].clone();
+    assert!(st.as_str().unwrap_or("").contains("not the KEK"), "{st}");
+    d.stop();
+    let d = TestDaemon::start_with(dir, &["--kek-file", new.to_str().unwrap_or("")]);
+    assert_eq!(d.api.get("/v1/disks/r").expect("disk")["status"], "ok");
+    let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
+    assert!(read(&mut c, 8192, plain.len()) == plain);
+    drop(c);
+    d.stop();
+}
