@@ -267,10 +267,16 @@ impl QosQueue {
             return 0;
         }
         let now = Instant::now();
-        let mut g = self.qos.lock();
         let mut n = 0;
         while let Some(c) = self.backlog.front() {
-            match g.1.take(c.opcode, c.nlb as u64 * self.bs, now) {
+            // The lock is not held while the command goes down (a crypt layer below
+            // encrypts in `submit`).
+            let taken = self
+                .qos
+                .lock()
+                .1
+                .take(c.opcode, c.nlb as u64 * self.bs, now);
+            match taken {
                 Ok(()) => {
                     if let Some(c) = self.backlog.pop_front() {
                         self.inner.submit(c);
