@@ -1,7 +1,6 @@
 //! One io_uring per queue. Commands live in a slot table from `submit` until their
 //! completion is reaped, so the iovec arrays and buffers the kernel reads stay valid.
 
-use std::alloc::{alloc, dealloc, Layout};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -9,42 +8,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use nvmux_core::{BlockQueue, Error, IoCommand, Opcode, Result, Status};
+use nvmux_core::{AlignedBuf, BlockQueue, Error, IoCommand, Opcode, Result, Status};
 
 /// Alignment O_DIRECT needs for buffers we cannot prove aligned (a bounce buffer is used).
 const DIO_ALIGN: usize = 512;
 
-/// An aligned heap buffer for misaligned O_DIRECT transfers (rare: guest buffers are
-/// normally sector-aligned).
-struct Bounce {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl Bounce {
-    fn new(len: usize) -> Option<Bounce> {
-        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc(layout) };
-        (!ptr.is_null()).then_some(Bounce { ptr, layout })
-    }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points at layout.size() bytes we allocated and own.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout.
-        unsafe { dealloc(self.ptr, self.layout) };
-    }
-}
-
 #[derive(Default)]
 struct Slot {
     cmd: Option<IoCommand>,
-    bounce: Option<Bounce>,
+    /// An aligned copy for a misaligned O_DIRECT transfer (rare: guest buffers are
+    /// normally sector-aligned).
+    bounce: Option<AlignedBuf>,
     /// Bytes already transferred (a short read or write is resubmitted for the rest).
     done: u64,
     /// For write zeroes: using punch-hole because zero-range was refused.
@@ -197,7 +171,7 @@ impl UringQueue {
         let mut bounce = None;
         if cmd.opcode.has_data() && self.direct && !cmd.sg.is_aligned(DIO_ALIGN) {
             let len = cmd.sg.len() as usize;
-            match Bounce::new(len) {
+            match AlignedBuf::try_new(len) {
                 Some(mut b) => {
                     if cmd.opcode == Opcode::Write {
                         // SAFETY: the frontend built the SG list from validated, mapped
@@ -244,7 +218,7 @@ impl UringQueue {
                 && slot.bounce.is_none()
             {
                 // The filesystem wants stricter alignment than we assumed: bounce it.
-                if let Some(mut b) = Bounce::new(cmd.sg.len() as usize) {
+                if let Some(mut b) = AlignedBuf::try_new(cmd.sg.len() as usize) {
                     let len = cmd.sg.len() as usize;
                     if cmd.opcode == Opcode::Write {
                         // SAFETY: as in `start`: the SG list's memory is mapped and ours.

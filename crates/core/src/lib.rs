@@ -277,6 +277,73 @@ impl SgList {
     }
 }
 
+/// A zero-filled, 4096-aligned heap buffer: what O_DIRECT needs from memory the guest did
+/// not provide (bounce, copy-on-write and encryption buffers).
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is plain memory owned by this value.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub const ALIGN: usize = 4096;
+
+    /// `len` bytes (at least 1), or `None` if the allocation fails.
+    pub fn try_new(len: usize) -> Option<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        std::ptr::NonNull::new(ptr).map(|ptr| AlignedBuf { ptr, layout })
+    }
+
+    /// Like `try_new`, but out of memory aborts, as a `Vec` does.
+    pub fn new(len: usize) -> AlignedBuf {
+        Self::try_new(len).unwrap_or_else(|| {
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN)
+                    .unwrap_or(std::alloc::Layout::new::<u8>()),
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points at `len()` initialised (zeroed) bytes we own.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
+    }
+
+    /// `len` bytes from `off` as an SG list (clamped to the buffer).
+    pub fn sg(&self, off: usize, len: usize) -> SgList {
+        let off = off.min(self.len());
+        let mut sg = SgList::with_capacity(1);
+        sg.push(
+            self.ptr.as_ptr().wrapping_add(off),
+            len.min(self.len() - off),
+        );
+        sg
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `try_new` with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
 /// Keeps the memory an SG list points into alive until the command completes (for
 /// example a guest memory mapping that the VM may replace meanwhile).
 pub type KeepAlive = Arc<dyn Send + Sync>;

@@ -17,7 +17,9 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Result, SgList, Status};
+use nvmux_core::{
+    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Result, SgList, Status,
+};
 
 use crate::xts::{Xts, KEY_BYTES};
 
@@ -66,50 +68,11 @@ impl BlockDevice for CryptDevice {
     }
 }
 
-/// A 4096-aligned buffer (O_DIRECT needs the alignment).
-struct Bounce {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer is owned by one queue at a time.
-unsafe impl Send for Bounce {}
-
-impl Bounce {
-    fn new(len: usize) -> Bounce {
-        let layout = std::alloc::Layout::from_size_align(len, 4096)
-            .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; 4096]>());
-        // SAFETY: the layout has a non-zero size (at least one sector).
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Bounce {
-            ptr,
-            len: layout.size(),
-        }
-    }
-    fn slice(&mut self, len: usize) -> &mut [u8] {
-        // SAFETY: `len` <= the allocation's size (checked by the caller's choice of
-        // buffer), and the memory is ours.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.len)) }
-    }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        if let Ok(layout) = std::alloc::Layout::from_size_align(self.len, 4096) {
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { std::alloc::dealloc(self.ptr, layout) };
-        }
-    }
-}
-
 enum Slot {
     /// A read (or a pass-through command) in flight: the caller's tag.
     Direct { tag: u64 },
     /// A write in flight from a bounce buffer: the caller's command, handed back at the end.
-    Bounced { cmd: IoCommand, bounce: Bounce },
+    Bounced { cmd: IoCommand, bounce: AlignedBuf },
 }
 
 struct CryptQueue {
@@ -119,7 +82,7 @@ struct CryptQueue {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     /// Spare bounce buffers, reused so that steady-state writes do not allocate.
-    bounces: Vec<Bounce>,
+    bounces: Vec<AlignedBuf>,
 }
 
 impl CryptQueue {
@@ -136,10 +99,10 @@ impl CryptQueue {
         }
     }
 
-    fn bounce(&mut self, len: usize) -> Bounce {
-        match self.bounces.iter().position(|b| b.len >= len) {
+    fn bounce(&mut self, len: usize) -> AlignedBuf {
+        match self.bounces.iter().position(|b| b.len() >= len) {
             Some(i) => self.bounces.swap_remove(i),
-            None => Bounce::new(len.next_power_of_two().max(4096)),
+            None => AlignedBuf::new(len.next_power_of_two().max(AlignedBuf::ALIGN)),
         }
     }
 }
@@ -199,12 +162,11 @@ impl BlockQueue for CryptQueue {
             // multiple of the sector, so this is whole sectors.
             let len = (cmd.nlb as u64 * self.bs) as usize;
             let mut b = self.bounce(len);
-            let buf = b.slice(len);
+            let buf = &mut b.as_mut_slice()[..len];
             // SAFETY: a write command's segments are readable for their length.
             unsafe { cmd.sg.copy_to(buf) };
             self.xts.encrypt(buf, SECTOR, cmd.slba * sectors_per_block);
-            let mut sg = SgList::with_capacity(1);
-            sg.push(b.ptr, len);
+            let sg = b.sg(0, len);
             let (slba, nlb, fua, nsid) = (cmd.slba, cmd.nlb, cmd.fua, cmd.nsid);
             let tag = self.slot(Slot::Bounced { cmd, bounce: b });
             let mut w = IoCommand::new(Opcode::Write, slba, nlb, tag, sg);

@@ -70,6 +70,51 @@ impl Daemon {
     }
 }
 
+/// One libblkio workload of `bs`-byte random I/O at `qd` on one queue of `sock`.
+pub(crate) fn run_one(sock: &Path, bs: usize, op: Op, qd: usize, secs: u64) -> Res<Measured> {
+    let mut c = BlkioClient::connect(sock, 1, false, qd * bs)?;
+    Ok(nvmux_bench::workload::run(
+        &mut c,
+        &Workload {
+            op,
+            block_size: bs,
+            queue_depth: qd,
+            duration: Duration::from_secs(secs),
+            queue: 0,
+        },
+    )?)
+}
+
+/// Table cells of the suites' markdown tables; "-" where a server was not run.
+pub(crate) fn cell_iops(m: Option<&Measured>) -> String {
+    m.map_or("-".into(), |m| format!("{:.0}", m.iops))
+}
+
+pub(crate) fn cell_lat(m: Option<&Measured>) -> String {
+    m.map_or("-".into(), |m| format!("{:.1}/{:.1}", m.p50_us, m.p99_us))
+}
+
+pub(crate) fn cell_ratio(a: Option<&Measured>, b: Option<&Measured>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.iops > 0.0 => format!("{:.2}x", a.iops / b.iops),
+        _ => "-".into(),
+    }
+}
+
+/// Write a suite's results to `<out>/<file>`.
+pub(crate) fn write_report(
+    out: &Path,
+    file: &str,
+    kind: &str,
+    secs: u64,
+    rows: serde_json::Value,
+) -> Res<()> {
+    std::fs::create_dir_all(out)?;
+    let report = json!({"kind": kind, "seconds_per_run": secs, "rows": rows});
+    std::fs::write(out.join(file), serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Seconds per measurement.

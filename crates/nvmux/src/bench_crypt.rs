@@ -2,15 +2,14 @@
 //! against qemu-storage-daemon's `luks` driver (AES-256-XTS, plain64), all file-backed
 //! on the same filesystem, in one run; each workload runs on the three back to back.
 
-use std::path::Path;
-use std::time::Duration;
-
-use nvmux_bench::client::{BlkioClient, Op};
+use nvmux_bench::client::Op;
 use nvmux_bench::procs::{self, QsdTarget};
-use nvmux_bench::workload::{Measured, Workload};
+use nvmux_bench::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
+use crate::bench::{
+    cell_iops, cell_lat, cell_ratio, prepare_file, run_one, write_report, BenchArgs, Daemon, Res,
+};
 
 const SIZE: u64 = 1 << 30;
 
@@ -32,21 +31,6 @@ fn name(bs: usize, op: Op, qd: usize) -> String {
         "randwrite"
     };
     format!("{}K {op} QD{qd}", bs >> 10)
-}
-
-/// One libblkio workload of `bs`-byte random I/O at `qd` on one queue.
-pub(crate) fn run_one(sock: &Path, bs: usize, op: Op, qd: usize, secs: u64) -> Res<Measured> {
-    let mut c = BlkioClient::connect(sock, 1, false, qd * bs)?;
-    Ok(nvmux_bench::workload::run(
-        &mut c,
-        &Workload {
-            op,
-            block_size: bs,
-            queue_depth: qd,
-            duration: Duration::from_secs(secs),
-            queue: 0,
-        },
-    )?)
 }
 
 pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
@@ -148,34 +132,26 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         if c.is_none() {
             continue;
         }
-        let iops = |m: Option<&Measured>| m.map_or("-".into(), |m| format!("{:.0}", m.iops));
-        let lat = |m: Option<&Measured>| {
-            m.map_or("-".into(), |m| format!("{:.1}/{:.1}", m.p50_us, m.p99_us))
-        };
-        let ratio = |a: Option<&Measured>, b: Option<&Measured>| match (a, b) {
-            (Some(a), Some(b)) if b.iops > 0.0 => format!("{:.2}x", a.iops / b.iops),
-            _ => "-".into(),
-        };
         println!(
             "| {w} | {} | {} | {} | {} | {} | {} | {} |",
-            iops(p),
-            iops(c),
-            lat(c),
-            ratio(c, p),
-            iops(l),
-            lat(l),
-            ratio(c, l)
+            cell_iops(p),
+            cell_iops(c),
+            cell_lat(c),
+            cell_ratio(c, p),
+            cell_iops(l),
+            cell_lat(l),
+            cell_ratio(c, l)
         );
     }
-    std::fs::create_dir_all(&a.out)?;
-    let report = json!({
-        "kind": "crypt",
-        "seconds_per_run": secs,
-        "rows": rows.iter().map(|(s, w, m)| json!({"server": s, "workload": w, "m": m})).collect::<Vec<_>>(),
-    });
-    std::fs::write(
-        a.out.join("crypt-latest.json"),
-        serde_json::to_string_pretty(&report)?,
+    write_report(
+        &a.out,
+        "crypt-latest.json",
+        "crypt",
+        secs,
+        json!(rows
+            .iter()
+            .map(|(s, w, m)| json!({"server": s, "workload": w, "m": m}))
+            .collect::<Vec<_>>()),
     )?;
     Ok(())
 }

@@ -6,14 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use nvmux_bench::client::{BlkioClient, Op};
+use nvmux_bench::client::Op;
 use nvmux_bench::procs;
-use nvmux_bench::workload::{Measured, Workload};
+use nvmux_bench::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
+use crate::bench::{prepare_file, run_one, write_report, BenchArgs, Daemon, Res};
 
 const DISKS: usize = 4;
 const SIZE: u64 = 512 << 20;
@@ -24,19 +23,7 @@ fn together(socks: &[PathBuf], op: Op, qd: usize, secs: u64) -> Res<Vec<Measured
         let hs: Vec<_> = socks
             .iter()
             .map(|sock| {
-                s.spawn(move || -> std::result::Result<Measured, String> {
-                    let mut c = BlkioClient::connect(sock, 1, false, qd * 4096)?;
-                    nvmux_bench::workload::run(
-                        &mut c,
-                        &Workload {
-                            op,
-                            block_size: 4096,
-                            queue_depth: qd,
-                            duration: Duration::from_secs(secs),
-                            queue: 0,
-                        },
-                    )
-                })
+                s.spawn(move || run_one(sock, 4096, op, qd, secs).map_err(|e| e.to_string()))
             })
             .collect();
         hs.into_iter()
@@ -148,15 +135,15 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             min / max
         );
     }
-    std::fs::create_dir_all(&a.out)?;
-    let report = json!({
-        "kind": "fairness",
-        "seconds_per_run": secs,
-        "rows": table.iter().map(|(s, w, ms)| json!({"server": s, "workload": w, "per_disk": ms})).collect::<Vec<_>>(),
-    });
-    std::fs::write(
-        a.out.join("fair-latest.json"),
-        serde_json::to_string_pretty(&report)?,
+    write_report(
+        &a.out,
+        "fair-latest.json",
+        "fairness",
+        secs,
+        json!(table
+            .iter()
+            .map(|(s, w, ms)| json!({"server": s, "workload": w, "per_disk": ms}))
+            .collect::<Vec<_>>()),
     )?;
     Ok(())
 }

@@ -9,8 +9,9 @@ use nvmux_bench::procs::{self, QsdTarget};
 use nvmux_bench::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
-use crate::bench_crypt::run_one;
+use crate::bench::{
+    cell_iops, cell_lat, cell_ratio, prepare_file, run_one, write_report, BenchArgs, Daemon, Res,
+};
 
 const GIB: u64 = 1 << 30;
 /// Virtual size of a fresh volume: large enough that random 4 KiB writes for the whole
@@ -199,34 +200,26 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             find("qsd qcow2", w),
             find("nvmux raw", w),
         );
-        let iops = |m: Option<&Measured>| m.map_or("-".into(), |m| format!("{:.0}", m.iops));
-        let lat = |m: Option<&Measured>| {
-            m.map_or("-".into(), |m| format!("{:.1}/{:.1}", m.p50_us, m.p99_us))
-        };
-        let ratio = |a: Option<&Measured>, b: Option<&Measured>| match (a, b) {
-            (Some(a), Some(b)) if b.iops > 0.0 => format!("{:.2}x", a.iops / b.iops),
-            _ => "-".into(),
-        };
         println!(
             "| {w} | {} | {} | {} | {} | {} | {} | {} |",
-            iops(t),
-            lat(t),
-            iops(q),
-            lat(q),
-            ratio(t, q),
-            iops(r),
-            ratio(t, r)
+            cell_iops(t),
+            cell_lat(t),
+            cell_iops(q),
+            cell_lat(q),
+            cell_ratio(t, q),
+            cell_iops(r),
+            cell_ratio(t, r)
         );
     }
-    std::fs::create_dir_all(&a.out)?;
-    let report = json!({
-        "kind": "pool 4k",
-        "seconds_per_run": secs,
-        "rows": rows.iter().map(|(s, w, m)| json!({"server": s, "workload": w, "m": m})).collect::<Vec<_>>(),
-    });
-    std::fs::write(
-        a.out.join("pool-latest.json"),
-        serde_json::to_string_pretty(&report)?,
+    write_report(
+        &a.out,
+        "pool-latest.json",
+        "pool 4k",
+        secs,
+        json!(rows
+            .iter()
+            .map(|(s, w, m)| json!({"server": s, "workload": w, "m": m}))
+            .collect::<Vec<_>>()),
     )?;
     Ok(())
 }

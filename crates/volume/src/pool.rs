@@ -853,6 +853,16 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     Ok(r)
 }
 
+/// Zero a byte range of a pool: discard on a block device; in a file, keep the space
+/// allocated (see `create`).
+fn zero_pool(f: &File, block_dev: bool, off: u64, len: u64) -> std::io::Result<()> {
+    if block_dev {
+        zero_range(f, off, len)
+    } else {
+        zero_range_allocated(f, off, len)
+    }
+}
+
 /// What `create` and `open` need from the device: the path and whether it exists.
 impl Pool {
     /// Format `path` (a file, created if missing, or a block device) as a new pool.
@@ -899,12 +909,8 @@ impl Pool {
         // its space reserved (allocated, reading zero) so that allocating a cluster costs
         // the host filesystem no block allocation and the pool never meets ENOSPC below
         // it; a block device is discarded to zeros.
-        if block_dev {
-            zero_range(&f, 0, sb.pool_bytes)
-        } else {
-            zero_range_allocated(&f, 0, sb.pool_bytes)
-        }
-        .map_err(|e| io_err(path, "zero and reserve the pool's space", e))?;
+        zero_pool(&f, block_dev, 0, sb.pool_bytes)
+            .map_err(|e| io_err(path, "zero and reserve the pool's space", e))?;
         let empty_vt = VolumeTableBlock {
             index: 0,
             entries: vec![None; VOLUMES_PER_BLOCK],
@@ -1009,16 +1015,6 @@ impl Pool {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    /// Zero a byte range of the pool: discard on a block device; in a file, keep the
-    /// space allocated (see `create`).
-    fn zero(&self, off: u64, len: u64) -> std::io::Result<()> {
-        if self.block_dev {
-            zero_range(&self.file, off, len)
-        } else {
-            zero_range_allocated(&self.file, off, len)
-        }
-    }
-
     pub fn is_block_device(&self) -> bool {
         self.block_dev
     }
@@ -1174,7 +1170,7 @@ impl Pool {
                 j += 1;
             }
             let off = self.data_offset + v[i] * cs;
-            self.zero(off, (j - i) as u64 * cs)
+            zero_pool(&self.file, self.block_dev, off, (j - i) as u64 * cs)
                 .map_err(|e| io_err(&self.path, "zero clusters", e))?;
             i = j;
             progress(i as u64 * cs, total);
@@ -1499,7 +1495,7 @@ impl Pool {
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
                         let off = self.data_offset + c * cs + size % cs;
-                        self.zero(off, cs - size % cs)
+                        zero_pool(&self.file, self.block_dev, off, cs - size % cs)
                             .map_err(|e| io_err(&self.path, "zero the tail", e))?;
                     }
                 }

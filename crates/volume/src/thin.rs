@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmux_core::{
-    BlockDevice, BlockQueue, DeviceInfo, Error, IoCommand, Opcode, Result, SgList, Status,
+    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, IoCommand, Opcode, Result, SgList,
+    Status,
 };
 
 use crate::pool::{lock, Pool, State, VolHandle};
@@ -170,40 +171,6 @@ impl BlockDevice for ThinDevice {
     }
 }
 
-/// A cluster-sized, 4096-aligned buffer for copy-on-write.
-struct Bounce {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer is plain memory owned by this value.
-unsafe impl Send for Bounce {}
-
-impl Bounce {
-    fn new(len: usize) -> Bounce {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("cluster layout");
-        // SAFETY: layout has a non-zero size (a cluster is at least 4 KiB).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Bounce { ptr, len }
-    }
-    fn sg(&self, off: usize, len: usize) -> SgList {
-        let mut sg = SgList::with_capacity(1);
-        sg.push(self.ptr.wrapping_add(off), len.min(self.len - off));
-        sg
-    }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("cluster layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
 /// One piece of a command, planned under the pool lock and issued after it.
 enum Action {
     /// Read or write `len` bytes at device byte `phys`, from `sg_off` in the command's data.
@@ -267,7 +234,7 @@ enum Phase {
 struct Sub {
     cmd: usize,
     phase: Phase,
-    bounce: Option<Bounce>,
+    bounce: Option<AlignedBuf>,
 }
 
 pub struct ThinQueue {
@@ -286,7 +253,7 @@ pub struct ThinQueue {
     /// The mailbox eventfd is our own (the inner queue has none).
     own: bool,
     in_flight: usize,
-    bounces: Vec<Bounce>,
+    bounces: Vec<AlignedBuf>,
     // Buffers kept across calls, so the I/O path does not allocate.
     mail: Vec<(u64, Status)>,
     got: Vec<(IoCommand, Status)>,
@@ -335,10 +302,10 @@ impl ThinQueue {
         }
     }
 
-    fn bounce(&mut self) -> Bounce {
+    fn bounce(&mut self) -> AlignedBuf {
         self.bounces
             .pop()
-            .unwrap_or_else(|| Bounce::new(self.pool.cluster_size as usize))
+            .unwrap_or_else(|| AlignedBuf::new(self.pool.cluster_size as usize))
     }
 
     /// Plan command `idx` under the pool lock and issue its pieces.
@@ -685,7 +652,10 @@ impl ThinQueue {
                     // SAFETY: the bounce buffer is ours and `at + len` lies inside the
                     // cluster; the guest buffers are readable for their length.
                     let dst_slice = unsafe {
-                        std::slice::from_raw_parts_mut(b.ptr.add(at as usize), len as usize)
+                        std::slice::from_raw_parts_mut(
+                            b.as_mut_ptr().add(at as usize),
+                            len as usize,
+                        )
                     };
                     if zero {
                         dst_slice.fill(0);
