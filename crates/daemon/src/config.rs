@@ -28,6 +28,28 @@ pub struct Config {
     pub workers: WorkersConfig,
     #[serde(default)]
     pub keys: KeysConfig,
+    #[serde(default)]
+    pub qos: QosConfig,
+}
+
+/// Fair sharing of a host device between the disks on it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosConfig {
+    /// How many commands of the disks on one host device may be in flight at once. When
+    /// more are ready, slots go to disks by weight (SFQ(D)). 0 turns fair sharing off.
+    #[serde(default = "sixty_four")]
+    pub fair_depth: u32,
+}
+
+impl Default for QosConfig {
+    fn default() -> Self {
+        QosConfig { fair_depth: 64 }
+    }
+}
+
+fn sixty_four() -> u32 {
+    64
 }
 
 /// Where the key-encryption key (KEK) of encrypted disks comes from.
@@ -96,6 +118,12 @@ impl Config {
             return Err(format!(
                 "workers.poll_idle_us = {} is out of range (0..=1000000)",
                 self.workers.poll_idle_us
+            ));
+        }
+        if self.qos.fair_depth > 65_536 {
+            return Err(format!(
+                "qos.fair_depth = {} is out of range (0..=65536)",
+                self.qos.fair_depth
             ));
         }
         Ok(())

@@ -97,6 +97,9 @@ pub struct QosSpec {
     /// Burst allowance as time at the limit, in ms (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<u64>,
+    /// The disk's weight in fair sharing of its backend (1–10000, default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 impl QosSpec {
@@ -256,6 +259,8 @@ pub struct Daemon {
     ops: ops::Ops,
     /// The key-encryption key's source.
     keys: Mutex<Arc<dyn KeyProvider>>,
+    /// Fair-share groups by host device id; a group lives while a disk uses it.
+    groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
     _lock: std::fs::File,
 }
@@ -347,10 +352,25 @@ fn open_device(
     with_functions(open_backend(g, spec)?, spec, keys, qos)
 }
 
-/// A disk's rate limiter from its spec.
-fn new_qos(spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
-    nvmux_func::Qos::new(spec.qos.unwrap_or_default().limits())
-        .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))
+/// The host device that holds a disk's data (a file's filesystem, a block device
+/// itself, a pool's file), if it has one.
+fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let path = match &spec.backend {
+        BackendSpec::File { path, .. } => path.clone(),
+        BackendSpec::Thin { pool, .. } => g.pools.get(pool)?.spec.path.clone(),
+        BackendSpec::Null | BackendSpec::Memory => return None,
+    };
+    // A file that does not exist yet will live on its directory's filesystem.
+    let m = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(_) => std::fs::metadata(path.parent()?).ok()?,
+    };
+    Some(if m.file_type().is_block_device() {
+        m.rdev()
+    } else {
+        m.dev()
+    })
 }
 
 /// Stack a disk's functions on its backend device, outermost first:
@@ -462,6 +482,7 @@ impl Daemon {
                 Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
                 None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
             }),
+            groups: Default::default(),
             _lock: lock,
         });
         d.restore()?;
@@ -519,11 +540,12 @@ impl Daemon {
         for spec in st.disks {
             // Limits that no longer validate are dropped with an error in the log, so the
             // disk still comes up.
-            let qos = new_qos(&spec).unwrap_or_else(|e| {
-                tracing::error!(disk = %spec.name, "qos limits ignored: {e}");
-                nvmux_func::Qos::new(nvmux_func::Limits::default())
-                    .expect("the empty limit set always validates")
-            });
+            let qos = self.new_qos(&g, &spec).or_else(|e| {
+                tracing::error!(disk = %spec.name, "qos settings ignored: {e}");
+                let mut plain = spec.clone();
+                plain.qos = None;
+                self.new_qos(&g, &plain)
+            })?;
             let dev = open_device(&g, &spec, &*self.keys(), &qos).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
@@ -700,7 +722,7 @@ impl Daemon {
             crypt,
             qos: req.qos,
         };
-        let qos = new_qos(&spec)?;
+        let qos = self.new_qos(&g, &spec)?;
         let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
                 path,
@@ -811,6 +833,47 @@ impl Daemon {
         Ok(secs)
     }
 
+    /// A disk's qos function from its spec: its limits, and its membership of the
+    /// fair-share group of the host device its data lives on.
+    fn new_qos(&self, g: &Inner, spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
+        let q = spec.qos.unwrap_or_default();
+        let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
+        let share = match self.share_group(g, spec) {
+            Some(grp) => Some(
+                grp.join(q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT))
+                    .map_err(named)?,
+            ),
+            None => {
+                if let Some(w) = q.weight {
+                    nvmux_func::fair::check_weight(w).map_err(named)?;
+                }
+                None
+            }
+        };
+        nvmux_func::Qos::new(q.limits(), share).map_err(named)
+    }
+
+    /// The fair-share group of the host device under a disk; `None` for disks without
+    /// one (null, memory) or with fair sharing off (`qos.fair_depth = 0`).
+    fn share_group(&self, g: &Inner, spec: &DiskSpec) -> Option<Arc<nvmux_func::ShareGroup>> {
+        let depth = self.cfg.qos.fair_depth;
+        if depth == 0 {
+            return None;
+        }
+        let dev = backend_device(g, spec)?;
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, w| w.strong_count() > 0);
+        if let Some(grp) = groups.get(&dev).and_then(std::sync::Weak::upgrade) {
+            return Some(grp);
+        }
+        let grp = nvmux_func::ShareGroup::new(
+            format!("{}:{}", libc::major(dev), libc::minor(dev)),
+            depth,
+        );
+        groups.insert(dev, Arc::downgrade(&grp));
+        Some(grp)
+    }
+
     /// The KEK's current source.
     fn keys(&self) -> Arc<dyn KeyProvider> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -871,20 +934,30 @@ impl Daemon {
                 format!("disk {name:?} does not exist"),
             ));
         };
+        let named = |e: Error| err(e.kind, format!("disk {name:?}: {}", e.msg));
         let l = q.limits();
-        l.validate()
-            .map_err(|e| err(e.kind, format!("disk {name:?}: {}", e.msg)))?;
-        let old = std::mem::replace(&mut d.spec.qos, (!l.is_unlimited()).then_some(q));
+        l.validate().map_err(named)?;
+        let weight = q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT);
+        nvmux_func::fair::check_weight(weight).map_err(named)?;
+        let keep = !l.is_unlimited() || q.weight.is_some();
+        let old = std::mem::replace(&mut d.spec.qos, keep.then_some(q));
         let old_limits = d.qos.limits();
+        let old_weight = d.qos.share().map(|s| s.weight());
         d.qos.set(l)?;
+        if let Some(s) = d.qos.share() {
+            s.set_weight(weight)?;
+        }
         if let Err(e) = self.persist(&g) {
             if let Some(d) = g.disks.get_mut(name) {
                 d.spec.qos = old;
                 let _ = d.qos.set(old_limits);
+                if let (Some(s), Some(w)) = (d.qos.share(), old_weight) {
+                    let _ = s.set_weight(w);
+                }
             }
             return Err(e);
         }
-        tracing::info!(disk = name, ?q, "qos limits set");
+        tracing::info!(disk = name, ?q, "qos set");
         Ok(Self::view(&g, &g.disks[name]))
     }
 
@@ -1099,10 +1172,9 @@ impl Daemon {
                 .disks
                 .values()
                 .map(|d| {
-                    (
-                        d.spec.name.clone(),
-                        DiskStatsView::from(&d.stats.snapshot()),
-                    )
+                    let mut v = DiskStatsView::from(&d.stats.snapshot());
+                    v.fair = d.qos.share().map(|s| s.stats());
+                    (d.spec.name.clone(), v)
                 })
                 .collect(),
             workers: self
@@ -1203,6 +1275,9 @@ pub struct DiskStatsView {
     pub write: ClassView,
     pub other: ClassView,
     pub in_flight: u64,
+    /// Fair sharing of the disk's host device, if it takes part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fair: Option<nvmux_func::fair::ShareStats>,
 }
 
 impl From<&nvmux_core::stats::Snapshot> for DiskStatsView {
@@ -1212,6 +1287,7 @@ impl From<&nvmux_core::stats::Snapshot> for DiskStatsView {
             write: (&s.write).into(),
             other: (&s.other).into(),
             in_flight: s.in_flight,
+            fair: None,
         }
     }
 }

@@ -303,7 +303,7 @@ impl Daemon {
             qos: req.qos,
         };
         spec.crypt = crypt;
-        let qos = match crate::new_qos(&spec) {
+        let qos = match self.new_qos(&g, &spec) {
             Ok(q) => q,
             Err(e) => {
                 undo(&pool);

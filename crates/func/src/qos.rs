@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::fair::{cost, Share, Waiter};
 use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, Status,
 };
@@ -181,20 +182,28 @@ impl Buckets {
     }
 }
 
-/// The limits of one disk, shared by its queues and changed through the API.
+/// The limits of one disk, shared by its queues and changed through the API, and its
+/// share of the backend it lives on.
 pub struct Qos {
     limits: Mutex<(Limits, Buckets)>,
     /// No limit is set: queues pass commands straight through without the lock.
     unlimited: AtomicBool,
+    /// The disk's membership of its backend's fair-share group, if it has one.
+    share: Option<Arc<Share>>,
 }
 
 impl Qos {
-    pub fn new(l: Limits) -> Result<Arc<Qos>> {
+    pub fn new(l: Limits, share: Option<Arc<Share>>) -> Result<Arc<Qos>> {
         l.validate()?;
         Ok(Arc::new(Qos {
             limits: Mutex::new((l, Buckets::new(&l))),
             unlimited: AtomicBool::new(l.is_unlimited()),
+            share,
         }))
+    }
+
+    pub fn share(&self) -> Option<&Arc<Share>> {
+        self.share.as_ref()
     }
 
     pub fn limits(&self) -> Limits {
@@ -231,12 +240,20 @@ impl BlockDevice for QosDevice {
         self.inner.info()
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        let inner = self.inner.open_queue(depth)?;
+        let fair = self.qos.share.clone().map(|share| Fair {
+            waiter: Waiter::new(inner.completion_fd()),
+            share,
+            queue: VecDeque::with_capacity(depth as usize),
+            in_flight: 0,
+        });
         Ok(Box::new(QosQueue {
-            inner: self.inner.open_queue(depth)?,
+            inner,
             qos: self.qos.clone(),
             bs: self.inner.info().block_size as u64,
             backlog: VecDeque::with_capacity(depth as usize),
             wait_until: None,
+            fair,
         }))
     }
     fn describe(&self) -> String {
@@ -258,9 +275,54 @@ struct QosQueue {
     backlog: VecDeque<IoCommand>,
     /// When the first backlogged command may go.
     wait_until: Option<Instant>,
+    fair: Option<Fair>,
+}
+
+/// A queue's side of fair sharing: commands the limits let through, waiting for a slot
+/// of the backend's group.
+struct Fair {
+    share: Arc<Share>,
+    waiter: Arc<Waiter>,
+    queue: VecDeque<IoCommand>,
+    /// Commands this queue started through the group and has not seen complete.
+    in_flight: u32,
 }
 
 impl QosQueue {
+    /// Send a command the limits let through down, or queue it for a slot of the
+    /// backend's fair-share group.
+    fn dispatch(&mut self, cmd: IoCommand) {
+        let Some(f) = &mut self.fair else {
+            self.inner.submit(cmd);
+            return;
+        };
+        let cost = cost(cmd.nlb as u64 * self.bs);
+        if f.share.try_start(cost, &f.waiter, !f.queue.is_empty()) {
+            f.in_flight += 1;
+            self.inner.submit(cmd);
+        } else {
+            f.queue.push_back(cmd);
+        }
+    }
+
+    /// Start the waiting commands the group has granted slots to. Returns how many.
+    fn granted(&mut self) -> usize {
+        let Some(f) = &mut self.fair else { return 0 };
+        let mut n = 0;
+        for _ in 0..f.waiter.take_grants() {
+            match f.queue.pop_front() {
+                Some(c) => {
+                    f.in_flight += 1;
+                    self.inner.submit(c);
+                    n += 1;
+                }
+                // Cannot happen (grants never exceed what waits); give the slot back.
+                None => f.share.complete(1),
+            }
+        }
+        n
+    }
+
     /// Send backlogged commands that the buckets now allow. Returns how many went.
     fn release(&mut self) -> usize {
         if self.backlog.is_empty() {
@@ -279,7 +341,7 @@ impl QosQueue {
             match taken {
                 Ok(()) => {
                     if let Some(c) = self.backlog.pop_front() {
-                        self.inner.submit(c);
+                        self.dispatch(c);
                         n += 1;
                     }
                 }
@@ -297,7 +359,7 @@ impl QosQueue {
 impl BlockQueue for QosQueue {
     fn submit(&mut self, cmd: IoCommand) {
         if self.backlog.is_empty() && self.qos.unlimited.load(Ordering::Acquire) {
-            self.inner.submit(cmd);
+            self.dispatch(cmd);
             return;
         }
         self.backlog.push_back(cmd);
@@ -308,21 +370,39 @@ impl BlockQueue for QosQueue {
     }
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
         let n = self.inner.poll(done);
-        if self.release() > 0 {
+        if let Some(f) = &mut self.fair {
+            let c = (n as u32).min(f.in_flight);
+            f.in_flight -= c;
+            f.share.complete(c);
+        }
+        if self.granted() + self.release() > 0 {
             self.inner.kick();
         }
         n
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.backlog.len()
+        self.inner.in_flight()
+            + self.backlog.len()
+            + self.fair.as_ref().map_or(0, |f| f.queue.len())
     }
     fn completion_fd(&self) -> Option<RawFd> {
         self.inner.completion_fd()
     }
     fn next_deadline(&self) -> Option<Instant> {
+        if self.fair.as_ref().is_some_and(|f| f.waiter.has_grant()) {
+            return Some(Instant::now());
+        }
         match (self.wait_until, self.inner.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+}
+
+impl Drop for QosQueue {
+    fn drop(&mut self) {
+        if let Some(f) = &self.fair {
+            f.share.leave_queue(&f.waiter, f.in_flight);
         }
     }
 }

@@ -150,6 +150,9 @@ pub struct BenchArgs {
     /// Run the fairness suite instead: 4 disks on one pool saturated at once, vs QSD.
     #[arg(long, conflicts_with_all = ["pool", "crypt"])]
     fair: bool,
+    /// With --fair: the daemon's qos.fair_depth for the "on" rows.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) fair_depth: u32,
     /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
     #[arg(long, default_value = "64K")]
     pub(crate) cluster_size: String,

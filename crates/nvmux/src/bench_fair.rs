@@ -1,8 +1,9 @@
-//! `nvmux bench --fair`: four disks on one backend, saturated at once by clients of equal
-//! weight; how evenly is the backend shared? nvmux serves four thin volumes of one pool
-//! (one worker thread); qemu-storage-daemon serves four raw files on the same filesystem
-//! (one process, its main loop), the closest like-for-like it has (its throttle groups
-//! limit, they do not share).
+//! `nvmux bench --fair`: four disks on one backend, saturated at once; how evenly is the
+//! backend shared? nvmux serves four thin volumes of one pool (one worker thread), with
+//! fair sharing off and on (equal weights, then weights 1:2:3:4);
+//! qemu-storage-daemon serves four raw files on the same filesystem (one process, its
+//! main loop), the closest like-for-like it has (its throttle groups limit, they do not
+//! share).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,14 +17,15 @@ use crate::bench::{prepare_file, run_one, write_report, BenchArgs, Daemon, Res};
 
 const DISKS: usize = 4;
 const SIZE: u64 = 512 << 20;
+const WEIGHTED_DEPTH: u32 = 16;
 
 /// Run the same workload on every socket at once; IOPS per socket.
-fn together(socks: &[PathBuf], op: Op, qd: usize, secs: u64) -> Res<Vec<Measured>> {
+fn together(socks: &[PathBuf], bs: usize, op: Op, qd: usize, secs: u64) -> Res<Vec<Measured>> {
     let results: Vec<std::result::Result<Measured, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = socks
             .iter()
             .map(|sock| {
-                s.spawn(move || run_one(sock, 4096, op, qd, secs).map_err(|e| e.to_string()))
+                s.spawn(move || run_one(sock, bs, op, qd, secs).map_err(|e| e.to_string()))
             })
             .collect();
         hs.into_iter()
@@ -39,23 +41,60 @@ fn together(socks: &[PathBuf], op: Op, qd: usize, secs: u64) -> Res<Vec<Measured
         .collect()
 }
 
-fn summary(ms: &[Measured]) -> (f64, f64, f64) {
-    let v: Vec<f64> = ms.iter().map(|m| m.iops).collect();
-    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = v.iter().cloned().fold(0.0, f64::max);
-    (min, max, v.iter().sum())
+/// Daemon configuration with fair sharing at `depth` (0: off).
+fn fair_cfg(depth: u32) -> String {
+    format!("[qos]\nfair_depth = {depth}")
+}
+
+/// One measured row: who served, the workload, the weights (if not equal), per-disk IOPS.
+struct Row {
+    server: String,
+    workload: String,
+    weights: Option<Vec<u32>>,
+    per_disk: Vec<Measured>,
+}
+
+impl Row {
+    /// min/max of IOPS per unit of weight.
+    fn evenness(&self) -> f64 {
+        let v: Vec<f64> = self
+            .per_disk
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.iops / self.weights.as_ref().map_or(1.0, |w| w[i] as f64))
+            .collect();
+        let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = v.iter().cloned().fold(0.0, f64::max);
+        min / max
+    }
+    fn total(&self) -> f64 {
+        self.per_disk.iter().map(|m| m.iops).sum()
+    }
 }
 
 pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let work = std::env::temp_dir().join(format!("nvmux-bench-fair-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let mut table: Vec<(String, String, Vec<Measured>)> = Vec::new();
+    let depth = a.fair_depth;
+    let mut table: Vec<Row> = Vec::new();
     let runs = [
         (Op::Read, "4K randread QD32"),
         (Op::Write, "4K randwrite QD32"),
     ];
+    let mut log_row = |r: Row| {
+        eprintln!(
+            "{:<40} {}: total {:.0} IOPS, min/max {:.3}",
+            r.server,
+            r.workload,
+            r.total(),
+            r.evenness()
+        );
+        table.push(r);
+    };
 
-    let (ddir, d) = Daemon::start_bench(&work, srv_cpu, "")?;
+    // Set up once; every measurement restarts the daemon on the same state with the
+    // fair-sharing setting it measures, so "off" and "on" alternate on the same data.
+    let (ddir, d) = Daemon::start_bench(&work, srv_cpu, &fair_cfg(0))?;
     d.api().post(
         "/v1/pools",
         &json!({"name": "p", "path": work.join("pool.img"), "size": DISKS as u64 * SIZE + (256 << 20)}),
@@ -71,15 +110,39 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         crate::bench_pool::fill(&sock)?;
         socks.push(sock);
     }
+    let _ = d.stop();
     eprintln!("filled {DISKS} thin volumes of {} MiB", SIZE >> 20);
+    let on = format!("nvmux, fair_depth {depth}");
     for (op, w) in runs {
-        let ms = together(&socks, op, 32, secs)?;
-        let (min, max, sum) = summary(&ms);
-        eprintln!(
-            "nvmux thin  {w}: total {sum:.0} IOPS, min/max {:.3}",
-            min / max
-        );
-        table.push(("nvmux (4 thin volumes, one pool)".into(), w.into(), ms));
+        for (label, dp) in [("nvmux, fair sharing off", 0), (on.as_str(), depth)] {
+            let (_, d) = Daemon::start_bench(&work, srv_cpu, &fair_cfg(dp))?;
+            let per_disk = together(&socks, 4096, op, 32, secs)?;
+            let _ = d.stop();
+            log_row(Row {
+                server: label.into(),
+                workload: w.into(),
+                weights: None,
+                per_disk,
+            });
+        }
+    }
+    // Unequal weights, set live, at depth 16: the four clients share one CPU, and at a
+    // deeper setting the heavy disks' clients cannot issue their shares (the clients,
+    // not the backend, become the bottleneck and split the CPU evenly).
+    let weights: Vec<u32> = (1..=DISKS as u32).map(|i| 100 * i).collect();
+    let (_, d) = Daemon::start_bench(&work, srv_cpu, &fair_cfg(WEIGHTED_DEPTH))?;
+    for (i, w) in weights.iter().enumerate() {
+        d.api()
+            .post(&format!("/v1/disks/vm{i}/qos"), &json!({ "weight": w }))?;
+    }
+    for (op, w) in runs {
+        let per_disk = together(&socks, 4096, op, 32, secs)?;
+        log_row(Row {
+            server: format!("nvmux, fair_depth {WEIGHTED_DEPTH}, weights 1:2:3:4"),
+            workload: w.into(),
+            weights: Some(weights.clone()),
+            per_disk,
+        });
     }
     let _ = d.stop();
     let _ = std::fs::remove_file(work.join("pool.img"));
@@ -107,13 +170,13 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             procs::wait_for_socket(&mut p, s, &log)?;
         }
         for (op, w) in runs {
-            let ms = together(&qsocks, op, 32, secs)?;
-            let (min, max, sum) = summary(&ms);
-            eprintln!(
-                "qsd raw     {w}: total {sum:.0} IOPS, min/max {:.3}",
-                min / max
-            );
-            table.push(("QSD (4 raw files)".into(), w.into(), ms));
+            let per_disk = together(&qsocks, 4096, op, 32, secs)?;
+            log_row(Row {
+                server: "QSD (4 raw files)".into(),
+                workload: w.into(),
+                weights: None,
+                per_disk,
+            });
         }
         drop(p);
     }
@@ -124,15 +187,18 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         SIZE >> 20,
         std::env::temp_dir().display()
     );
+    println!("min/max is of IOPS per unit of weight: 1.000 is a perfect share.");
     println!("| server | workload | IOPS per disk | total | min/max |");
     println!("|---|---|---|---|---|");
-    for (s, w, ms) in &table {
-        let (min, max, sum) = summary(ms);
-        let per: Vec<String> = ms.iter().map(|m| format!("{:.0}", m.iops)).collect();
+    for r in &table {
+        let per: Vec<String> = r.per_disk.iter().map(|m| format!("{:.0}", m.iops)).collect();
         println!(
-            "| {s} | {w} | {} | {sum:.0} | {:.3} |",
+            "| {} | {} | {} | {:.0} | {:.3} |",
+            r.server,
+            r.workload,
             per.join(" / "),
-            min / max
+            r.total(),
+            r.evenness()
         );
     }
     write_report(
@@ -142,7 +208,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         secs,
         json!(table
             .iter()
-            .map(|(s, w, ms)| json!({"server": s, "workload": w, "per_disk": ms}))
+            .map(|r| json!({"server": r.server, "workload": r.workload, "weights": r.weights, "per_disk": r.per_disk, "min_max": r.evenness()}))
             .collect::<Vec<_>>()),
     )?;
     Ok(())

@@ -119,3 +119,68 @@ fn limits_hold_and_change_live() {
     drop(c);
     d.stop();
 }
+
+/// Run the same workload on several sockets at once; IOPS of each.
+fn together(socks: &[&std::path::Path], op: Op, qd: usize, secs: u64) -> Vec<f64> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = socks
+            .iter()
+            .map(|sock| {
+                s.spawn(move || {
+                    let mut c = BlkioClient::connect(sock, 1, false, qd * 4096).expect("connect");
+                    measure(&mut c, op, 4096, qd, secs)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    })
+}
+
+/// Two disks on one host device share it by weight once it is saturated. `fair_depth`
+/// is small, so the group's slots are the bottleneck whatever this machine's disk does.
+/// The two disks' queues run on different workers, so slots cross threads.
+#[test]
+fn fair_sharing_follows_weights_and_changes_live() {
+    watchdog(180);
+    let dir = unique_dir("fair");
+    let cfg = dir.join("nvmux.toml");
+    std::fs::write(&cfg, "[qos]\nfair_depth = 4\n").expect("config");
+    let d = TestDaemon::start_with(dir, &["--config", cfg.to_str().expect("utf-8 path")]);
+    let (_a, sa) = d.disk_and_export("a", 64 * MIB, 1, json!({"qos": {"weight": 100}}));
+    let (_b, sb) = d.disk_and_export("b", 64 * MIB, 1, json!({"qos": {"weight": 300}}));
+
+    let r = together(&[&sa, &sb], Op::Read, 16, 4);
+    let ratio = r[1] / r[0];
+    println!(
+        "weights 100:300, 4K randread QD16 each: {:.0} / {:.0} IOPS, ratio {ratio:.2}",
+        r[0], r[1]
+    );
+    assert!((2.0..=4.5).contains(&ratio), "{r:?}");
+
+    // Equal weights, set live: the same connections' next run shares evenly.
+    d.api
+        .post("/v1/disks/b/qos", &json!({"weight": 100}))
+        .expect("set weight");
+    let r = together(&[&sa, &sb], Op::Read, 16, 4);
+    let ratio = r[1] / r[0];
+    println!(
+        "weights 100:100: {:.0} / {:.0} IOPS, ratio {ratio:.2}",
+        r[0], r[1]
+    );
+    assert!((0.75..=1.33).contains(&ratio), "{r:?}");
+
+    let st = d.api.get("/v1/stats").expect("stats");
+    let (fa, fb) = (&st["disks"]["a"]["fair"], &st["disks"]["b"]["fair"]);
+    assert_eq!(fa["group"], fb["group"], "one host device, one group");
+    assert_eq!(fa["depth"], 4);
+    assert!(fa["waited"].as_u64().unwrap_or(0) > 0, "{fa}");
+
+    let e = d
+        .api
+        .post("/v1/disks/a/qos", &json!({"weight": 0}))
+        .expect_err("weight 0");
+    assert!(e.to_string().contains("weight 0 is out of range"), "{e}");
+    d.stop();
+}
