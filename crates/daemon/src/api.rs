@@ -179,6 +179,12 @@ fn handle(d: &Daemon, mut req: Request) {
                 Err(e) => reply_err(req, &e),
             }
         }
+        (Method::Post, ["v1", "disks", name, "chain"]) => {
+            match body::<ChainBody>(&mut req).and_then(|b| d.set_chain(name, b.chain)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Post, ["v1", "disks", name, "crypto-erase"]) => match d.crypto_erase(name) {
             Ok(secs) => reply_json(
                 req,
@@ -258,4 +264,12 @@ fn handle(d: &Daemon, mut req: Request) {
             ),
         ),
     }
+}
+
+/// `POST /v1/disks/{name}/chain` body; `null` or absent: the default chain.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainBody {
+    #[serde(default)]
+    chain: Option<Vec<crate::Function>>,
 }

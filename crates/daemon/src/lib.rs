@@ -73,9 +73,88 @@ pub struct DiskSpec {
     /// Encryption (the `crypt` function), if the disk has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypt: Option<CryptSpec>,
-    /// Rate limits (the `qos` function), if any are set.
+    /// Rate limits and fair-share weight (the `qos` function), if any are set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<QosSpec>,
+    /// The disk's functions, outermost first. `None`: the default chain, `qos` then
+    /// `crypt` (if encrypted). See [`DiskSpec::functions`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Vec<Function>>,
+}
+
+/// A storage function a disk's chain can hold.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Function {
+    /// Rate limits and fair sharing of the host device.
+    Qos,
+    /// AES-XTS-256 encryption.
+    Crypt,
+}
+
+impl Function {
+    pub fn name(self) -> &'static str {
+        match self {
+            Function::Qos => "qos",
+            Function::Crypt => "crypt",
+        }
+    }
+
+    /// Parse a comma-separated chain, outermost first; `none` is the empty chain.
+    pub fn parse_chain(s: &str) -> Result<Vec<Function>> {
+        if s.trim() == "none" {
+            return Ok(Vec::new());
+        }
+        s.split(',')
+            .map(|f| match f.trim() {
+                "qos" => Ok(Function::Qos),
+                "crypt" => Ok(Function::Crypt),
+                other => Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown function {other:?} in chain {s:?}: the functions are qos and crypt (or `none`)"),
+                )),
+            })
+            .collect()
+    }
+}
+
+impl DiskSpec {
+    /// The disk's chain, outermost first, as it is built.
+    pub fn functions(&self) -> Vec<Function> {
+        match &self.chain {
+            Some(c) => c.clone(),
+            None if self.crypt.is_some() => vec![Function::Qos, Function::Crypt],
+            None => vec![Function::Qos],
+        }
+    }
+
+    fn has(&self, f: Function) -> bool {
+        self.functions().contains(&f)
+    }
+
+    /// A chain names each function at most once, and holds `crypt` exactly when the disk
+    /// is encrypted (without it the guest would see ciphertext).
+    fn check_chain(&self) -> Result<()> {
+        let fs = self.functions();
+        let bad = |m: String| {
+            Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disk {:?}: {m}", self.name),
+            ))
+        };
+        for (i, f) in fs.iter().enumerate() {
+            if fs[..i].contains(f) {
+                return bad(format!("the chain names {} twice", f.name()));
+            }
+        }
+        match (self.crypt.is_some(), fs.contains(&Function::Crypt)) {
+            (true, false) => bad("an encrypted disk's chain must hold crypt".into()),
+            (false, true) => {
+                bad("crypt in the chain needs an encrypted disk (create it with encrypt)".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A disk's rate limits: each `None` (or 0) is unlimited.
@@ -194,9 +273,12 @@ pub struct DiskCreate {
     /// Encrypt the disk (AES-XTS-256) with a new random data key wrapped by the KEK.
     #[serde(default)]
     pub encrypt: bool,
-    /// Rate limits from the start.
+    /// Rate limits and weight from the start.
     #[serde(default)]
     pub qos: Option<QosSpec>,
+    /// The function chain, outermost first (default: qos, then crypt if encrypted).
+    #[serde(default)]
+    pub chain: Option<Vec<Function>>,
 }
 
 /// `POST /v1/exports` body.
@@ -223,6 +305,8 @@ pub struct DiskView {
     /// `ok`, or why the disk could not be opened.
     pub status: String,
     pub device: String,
+    /// The function chain as built, outermost first.
+    pub functions: Vec<Function>,
     pub exports: Vec<String>,
 }
 
@@ -373,17 +457,24 @@ fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
     })
 }
 
-/// Stack a disk's functions on its backend device, outermost first:
-/// `qos → crypt → backend`. The qos layer is always there (a pass-through while no
-/// limit is set), so limits can be set on a disk that is in use.
+/// Stack a disk's functions on its backend device in the order of its chain, outermost
+/// first (default `qos → crypt → backend`). `qos` is a pass-through while no limit is set
+/// and the host device is not saturated, so limits can be set on a disk in use.
 fn with_functions(
     dev: Arc<dyn BlockDevice>,
     spec: &DiskSpec,
     keys: &dyn KeyProvider,
     qos: &Arc<nvmux_func::Qos>,
 ) -> Result<Arc<dyn BlockDevice>> {
-    let dev = with_crypt(dev, spec, keys)?;
-    Ok(Arc::new(nvmux_func::QosDevice::new(dev, qos.clone())))
+    spec.check_chain()?;
+    let mut dev = dev;
+    for f in spec.functions().iter().rev() {
+        dev = match f {
+            Function::Crypt => with_crypt(dev, spec, keys)?,
+            Function::Qos => Arc::new(nvmux_func::QosDevice::new(dev, qos.clone())),
+        };
+    }
+    Ok(dev)
 }
 
 fn with_crypt(
@@ -611,6 +702,7 @@ impl Daemon {
                 Err(e) => format!("error: {e}"),
             },
             device: d.dev.as_ref().map(|d| d.describe()).unwrap_or_default(),
+            functions: d.spec.functions(),
             exports: g
                 .exports
                 .values()
@@ -721,7 +813,9 @@ impl Daemon {
             read_only: req.read_only,
             crypt,
             qos: req.qos,
+            chain: req.chain.clone(),
         };
+        spec.check_chain()?;
         let qos = self.new_qos(&g, &spec)?;
         let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
@@ -838,7 +932,12 @@ impl Daemon {
     fn new_qos(&self, g: &Inner, spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
         let q = spec.qos.unwrap_or_default();
         let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
-        let share = match self.share_group(g, spec) {
+        let group = if spec.has(Function::Qos) {
+            self.share_group(g, spec)
+        } else {
+            None
+        };
+        let share = match group {
             Some(grp) => Some(
                 grp.join(q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT))
                     .map_err(named)?,
@@ -935,6 +1034,12 @@ impl Daemon {
             ));
         };
         let named = |e: Error| err(e.kind, format!("disk {name:?}: {}", e.msg));
+        if !d.spec.has(Function::Qos) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disk {name:?} has no qos function in its chain; add it with `nvmux disk chain {name} qos,...`"),
+            ));
+        }
         let l = q.limits();
         l.validate().map_err(named)?;
         let weight = q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT);
@@ -958,6 +1063,60 @@ impl Daemon {
             return Err(e);
         }
         tracing::info!(disk = name, ?q, "qos set");
+        Ok(Self::view(&g, &g.disks[name]))
+    }
+
+    /// Replace a disk's function chain (`None`: the default). The disk must not be
+    /// exported: its device is rebuilt.
+    pub fn set_chain(&self, name: &str, chain: Option<Vec<Function>>) -> Result<DiskView> {
+        let mut g = self.lock();
+        let Some(d) = g.disks.get(name) else {
+            return Err(err(
+                ErrorKind::NotFound,
+                format!("disk {name:?} does not exist"),
+            ));
+        };
+        if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
+            return Err(err(
+                ErrorKind::Busy,
+                format!(
+                    "disk {name:?} is exported as {:?}; remove the export first",
+                    e.spec.name
+                ),
+            ));
+        }
+        let mut spec = d.spec.clone();
+        spec.chain = chain;
+        spec.check_chain()?;
+        if !spec.has(Function::Qos) && spec.qos.is_some() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disk {name:?} has qos settings; clear them first (`nvmux disk qos {name}` with no options) or keep qos in the chain"),
+            ));
+        }
+        let qos = self.new_qos(&g, &spec)?;
+        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys(), &qos)?;
+        let Some(d) = g.disks.get_mut(name) else {
+            return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
+        };
+        let old = (
+            std::mem::replace(&mut d.spec, spec),
+            std::mem::replace(&mut d.dev, Ok(dev)),
+            std::mem::replace(&mut d.qos, qos),
+        );
+        if let Err(e) = self.persist(&g) {
+            if let Some(d) = g.disks.get_mut(name) {
+                (d.spec, d.dev, d.qos) = old;
+            }
+            return Err(e);
+        }
+        let chain: Vec<&str> = g.disks[name]
+            .spec
+            .functions()
+            .iter()
+            .map(|f| f.name())
+            .collect();
+        tracing::info!(disk = name, chain = %chain.join(","), "function chain set");
         Ok(Self::view(&g, &g.disks[name]))
     }
 

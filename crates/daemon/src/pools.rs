@@ -301,6 +301,7 @@ impl Daemon {
             read_only: req.read_only || ro,
             crypt: None,
             qos: req.qos,
+            chain: req.chain.clone(),
         };
         spec.crypt = crypt;
         let qos = match self.new_qos(&g, &spec) {

@@ -128,7 +128,9 @@ impl Waiter {
 
     /// Called with the group locked; wakes the queue's worker at the first grant.
     fn grant(&self) {
-        if self.granted.fetch_add(1, Ordering::AcqRel) == 0 && self.thread != std::thread::current().id() {
+        if self.granted.fetch_add(1, Ordering::AcqRel) == 0
+            && self.thread != std::thread::current().id()
+        {
             if let Some(fd) = self.wake {
                 let one = 1u64;
                 // SAFETY: an 8-byte write from a live u64 to an eventfd; the fd belongs to

@@ -24,9 +24,7 @@ fn together(socks: &[PathBuf], bs: usize, op: Op, qd: usize, secs: u64) -> Res<V
     let results: Vec<std::result::Result<Measured, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = socks
             .iter()
-            .map(|sock| {
-                s.spawn(move || run_one(sock, bs, op, qd, secs).map_err(|e| e.to_string()))
-            })
+            .map(|sock| s.spawn(move || run_one(sock, bs, op, qd, secs).map_err(|e| e.to_string())))
             .collect();
         hs.into_iter()
             .map(|h| {
@@ -191,7 +189,11 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     println!("| server | workload | IOPS per disk | total | min/max |");
     println!("|---|---|---|---|---|");
     for r in &table {
-        let per: Vec<String> = r.per_disk.iter().map(|m| format!("{:.0}", m.iops)).collect();
+        let per: Vec<String> = r
+            .per_disk
+            .iter()
+            .map(|m| format!("{:.0}", m.iops))
+            .collect();
         println!(
             "| {} | {} | {} | {:.0} | {:.3} |",
             r.server,

@@ -131,7 +131,14 @@ enum DiskCmd {
         /// by the daemon's KEK (keys.kek_file in its config, or $NVMUX_KEK).
         #[arg(long)]
         encrypt: bool,
+        /// The function chain, outermost first: a comma-separated list of qos and crypt,
+        /// or `none` (default: qos, then crypt if encrypted). See docs/ARCHITECTURE.md.
+        #[arg(long)]
+        chain: Option<String>,
     },
+    /// Set a disk's function chain, outermost first, e.g. `qos,crypt` or `crypt,qos`;
+    /// `default` for the default, `none` for no functions. The disk must not be exported.
+    Chain { name: String, chain: String },
     /// Set a disk's rate limits (replacing all of them; omitted ones are unlimited). They
     /// apply at once, also to exported disks. With no limit given, limits are removed.
     Qos {
@@ -158,6 +165,11 @@ enum DiskCmd {
         /// period, as time at the limit (default 100 ms).
         #[arg(long)]
         burst_ms: Option<u64>,
+        /// Weight in fair sharing of the host device with other disks (1-10000, default
+        /// 100): a disk of weight 200 gets twice the share of one of weight 100 when the
+        /// device is saturated.
+        #[arg(long)]
+        weight: Option<u32>,
     },
     /// Crypto-erase an encrypted disk: destroy its data key and give it a new one. The old
     /// contents become unreadable at once, whatever the disk's size.
@@ -319,18 +331,22 @@ fn run(cli: Cli) -> Res {
             from_snapshot,
             volume,
             encrypt,
+            chain,
         }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            let chain = chain
+                .map(|c| nvmux_daemon::Function::parse_chain(&c))
+                .transpose()?;
             // The daemon may run in another directory: send absolute paths.
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
             let body = if pool.is_some() {
                 json!({"name": name, "pool": pool, "size": size, "from_snapshot": from_snapshot,
                        "volume": volume, "block_size": block_size, "read_only": read_only,
-                       "encrypt": encrypt})
+                       "encrypt": encrypt, "chain": chain})
             } else {
                 json!({"name": name, "backend": backend, "path": path, "size": size,
                        "block_size": block_size, "read_only": read_only, "direct": !buffered,
-                       "encrypt": encrypt})
+                       "encrypt": encrypt, "chain": chain})
             };
             let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {
@@ -350,17 +366,31 @@ fn run(cli: Cli) -> Res {
             bps_write,
             bps,
             burst_ms,
+            weight,
         }) => {
             let size = |s: Option<String>| s.map(|s| nvmux_core::parse_size(&s)).transpose();
             let body = json!({
                 "iops_read": iops_read, "iops_write": iops_write, "iops_total": iops,
                 "bps_read": size(bps_read)?, "bps_write": size(bps_write)?, "bps_total": size(bps)?,
-                "burst_ms": burst_ms,
+                "burst_ms": burst_ms, "weight": weight,
             });
             let v = api.post(&format!("/v1/disks/{name}/qos"), &body)?;
             show(&v, &|v| match v.get("qos") {
                 Some(q) => println!("disk {name}: limits {}", compact(q)),
                 None => println!("disk {name}: no limits"),
+            });
+        }
+        Cmd::Disk(DiskCmd::Chain { name, chain }) => {
+            let chain = match chain.trim() {
+                "default" => None,
+                c => Some(nvmux_daemon::Function::parse_chain(c)?),
+            };
+            let v = api.post(
+                &format!("/v1/disks/{name}/chain"),
+                &json!({ "chain": chain }),
+            )?;
+            show(&v, &|v| {
+                println!("disk {name}: chain {}", compact(&v["functions"]))
             });
         }
         Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {

@@ -289,3 +289,103 @@ fn kek_rotation_rewraps_keys_without_touching_data() {
     drop(c);
     d.stop();
 }
+
+/// Function chains: the order is the operator's, the rules are enforced with clear
+/// errors, and a chain survives a restart.
+#[test]
+fn function_chain_order_rules_and_persistence() {
+    watchdog(120);
+    let (d, _kek) = start("chain", Some("default"));
+    // crypt outside qos: still encrypted on disk, still plaintext to the client.
+    let (img, sock) = d.disk_and_export(
+        "c",
+        8 * MIB,
+        1,
+        json!({"encrypt": true, "chain": ["crypt", "qos"], "qos": {"iops_total": 100000}}),
+    );
+    let v = d.api.get("/v1/disks/c").expect("disk");
+    assert_eq!(v["functions"], json!(["crypt", "qos"]));
+    let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
+    let plain = pattern(5, 256 * 1024);
+    write(&mut c, 4096, &plain);
+    assert!(read(&mut c, 4096, plain.len()) == plain);
+    drop(c);
+    let raw = std::fs::read(&img).expect("image");
+    assert!(!contains(&raw, &plain[..64]), "plaintext in the image");
+
+    let bad = |body: serde_json::Value, want: &str| {
+        let e = d.api.post("/v1/disks", &body).expect_err("refused");
+        assert_eq!(e.status, 400, "{e}");
+        assert!(e.to_string().contains(want), "{e}");
+    };
+    bad(
+        json!({"name": "x", "size": MIB, "encrypt": true, "chain": ["qos"]}),
+        "an encrypted disk's chain must hold crypt",
+    );
+    bad(
+        json!({"name": "x", "size": MIB, "chain": ["crypt"]}),
+        "crypt in the chain needs an encrypted disk",
+    );
+    bad(
+        json!({"name": "x", "size": MIB, "chain": ["qos", "qos"]}),
+        "names qos twice",
+    );
+    bad(json!({"name": "x", "size": MIB, "chain": ["zip"]}), "zip");
+    assert!(d.api.get("/v1/disks/x").is_err(), "nothing left behind");
+
+    // An exported disk keeps its chain; a chain change needs the export gone.
+    let e = d
+        .api
+        .post("/v1/disks/c/chain", &json!({"chain": ["qos", "crypt"]}))
+        .expect_err("exported");
+    assert_eq!(e.status, 409, "{e}");
+    // A plain disk with no functions: the fast path; it takes no qos settings.
+    let (_p, _ps) = d.disk_and_export("p", 8 * MIB, 1, json!({"chain": []}));
+    assert_eq!(d.api.get("/v1/disks/p").expect("p")["functions"], json!([]));
+    let e = d
+        .api
+        .post("/v1/disks/p/qos", &json!({"iops_total": 10}))
+        .expect_err("no qos function");
+    assert!(e.to_string().contains("no qos function"), "{e}");
+    assert!(
+        !d.api.get("/v1/stats").expect("stats")["disks"]["p"]
+            .as_object()
+            .is_some_and(|o| o.contains_key("fair")),
+        "a disk without qos takes no part in fair sharing"
+    );
+    d.api.delete("/v1/exports/c").expect("unexport");
+    let e = d
+        .api
+        .post("/v1/disks/c/chain", &json!({"chain": ["crypt"]}))
+        .expect_err("qos settings would be lost");
+    assert!(e.to_string().contains("has qos settings"), "{e}");
+    let v = d
+        .api
+        .post("/v1/disks/c/chain", &json!({"chain": null}))
+        .expect("back to the default");
+    assert_eq!(v["functions"], json!(["qos", "crypt"]));
+
+    // Restart: chains are part of the persisted disk.
+    let dir = d.dir.clone();
+    d.stop();
+    let d = TestDaemon::start_with(
+        dir.clone(),
+        &["--kek-file", dir.join("kek").to_str().unwrap_or("")],
+    );
+    assert_eq!(
+        d.api.get("/v1/disks/c").expect("c")["functions"],
+        json!(["qos", "crypt"])
+    );
+    assert_eq!(d.api.get("/v1/disks/p").expect("p")["functions"], json!([]));
+    let sock = d.dir.join("c2.sock");
+    d.api
+        .post("/v1/exports", &json!({"disk": "c", "socket": sock}))
+        .expect("export");
+    let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
+    assert!(
+        read(&mut c, 4096, plain.len()) == plain,
+        "same key, same data"
+    );
+    drop(c);
+    d.stop();
+}
