@@ -25,9 +25,8 @@
 //! completion eventfd (which its worker watches in `epoll_wait`).
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::ThreadId;
 
 use nvmux_core::{Error, ErrorKind, Result};
 
@@ -102,7 +101,16 @@ struct Waiting {
 pub struct Waiter {
     granted: AtomicU32,
     wake: Option<RawFd>,
-    thread: ThreadId,
+    /// The thread that drives the queue (see [`Waiter::driven_here`]); 0: not yet known.
+    thread: AtomicU64,
+}
+
+/// A small number per thread, for telling whether a grant comes from the queue's own
+/// worker (no wake-up needed: it polls the queue before it sleeps).
+fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    TAG.with(|t| *t)
 }
 
 impl Waiter {
@@ -112,8 +120,17 @@ impl Waiter {
         Arc::new(Waiter {
             granted: AtomicU32::new(0),
             wake,
-            thread: std::thread::current().id(),
+            thread: AtomicU64::new(0),
         })
+    }
+
+    /// Record that the calling thread drives the queue (a queue is opened on one thread
+    /// and then moved to its worker).
+    pub fn driven_here(&self) {
+        let t = thread_tag();
+        if self.thread.load(Ordering::Relaxed) != t {
+            self.thread.store(t, Ordering::Relaxed);
+        }
     }
 
     /// Take the slots granted since the last call: start that many waiting commands.
@@ -129,7 +146,7 @@ impl Waiter {
     /// Called with the group locked; wakes the queue's worker at the first grant.
     fn grant(&self) {
         if self.granted.fetch_add(1, Ordering::AcqRel) == 0
-            && self.thread != std::thread::current().id()
+            && self.thread.load(Ordering::Relaxed) != thread_tag()
         {
             if let Some(fd) = self.wake {
                 let one = 1u64;

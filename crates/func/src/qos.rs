@@ -296,6 +296,7 @@ impl QosQueue {
             self.inner.submit(cmd);
             return;
         };
+        f.waiter.driven_here();
         let cost = cost(cmd.nlb as u64 * self.bs);
         if f.share.try_start(cost, &f.waiter, !f.queue.is_empty()) {
             f.in_flight += 1;

@@ -138,11 +138,22 @@ fn together(socks: &[&std::path::Path], op: Op, bs: usize, qd: usize, secs: u64)
     })
 }
 
+/// Write `len` bytes from the start of a disk, 1 MiB at a time, so reads reach the device.
+fn fill(sock: &std::path::Path, len: u64) {
+    let mut c = BlkioClient::connect(sock, 1, false, MIB as usize).expect("connect");
+    c.buf().fill(0x5a);
+    for off in (0..len).step_by(MIB as usize) {
+        c.io_ok(0, Op::Write, off, MIB as usize, 0, blkio::ReqFlags::empty())
+            .expect("fill");
+    }
+}
+
 /// Two disks on one host device share it by weight once it is saturated. `fair_depth`
-/// is small, so the group's slots are the bottleneck whatever this machine's disk does,
-/// and requests are large (128 KiB), so the clients' CPU is not: each client always has
-/// requests waiting. The two disks' queues run on different workers, so slots cross
-/// threads.
+/// is small, so the group's slots are the bottleneck: the disks are written first, so
+/// each read waits for the device (tens of µs) and the clients and the daemon's CPU are
+/// not the limit (reads of unwritten file space complete inline, at memory speed, and
+/// then the CPU would decide). The two disks' queues run on different workers, so slots
+/// cross threads.
 #[test]
 fn fair_sharing_follows_weights_and_changes_live() {
     watchdog(180);
@@ -152,11 +163,13 @@ fn fair_sharing_follows_weights_and_changes_live() {
     let d = TestDaemon::start_with(dir, &["--config", cfg.to_str().expect("utf-8 path")]);
     let (_a, sa) = d.disk_and_export("a", 64 * MIB, 1, json!({"qos": {"weight": 100}}));
     let (_b, sb) = d.disk_and_export("b", 64 * MIB, 1, json!({"qos": {"weight": 300}}));
+    fill(&sa, 64 * MIB);
+    fill(&sb, 64 * MIB);
 
-    let r = together(&[&sa, &sb], Op::Read, 128 << 10, 8, 4);
+    let r = together(&[&sa, &sb], Op::Read, 4096, 8, 4);
     let ratio = r[1] / r[0];
     println!(
-        "weights 100:300, 128K randread QD8 each: {:.0} / {:.0} IOPS, ratio {ratio:.2}",
+        "weights 100:300, 4K randread QD8 each: {:.0} / {:.0} IOPS, ratio {ratio:.2}",
         r[0], r[1]
     );
     assert!((2.0..=4.5).contains(&ratio), "{r:?}");
@@ -165,7 +178,7 @@ fn fair_sharing_follows_weights_and_changes_live() {
     d.api
         .post("/v1/disks/b/qos", &json!({"weight": 100}))
         .expect("set weight");
-    let r = together(&[&sa, &sb], Op::Read, 128 << 10, 8, 4);
+    let r = together(&[&sa, &sb], Op::Read, 4096, 8, 4);
     let ratio = r[1] / r[0];
     println!(
         "weights 100:100: {:.0} / {:.0} IOPS, ratio {ratio:.2}",
