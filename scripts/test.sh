@@ -47,7 +47,7 @@ install_packages() {
 cargo_tests() {
     local log=target/test-output.txt
     mkdir -p target
-    cargo test --release --workspace 2>&1 | tee "$log"
+    cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
     local p f
     read -r p f < <(grep -E '^test result:' "$log" \
