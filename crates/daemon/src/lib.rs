@@ -426,6 +426,20 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
     }
 }
 
+/// Refuse an operation that rebuilds a disk's device while an export serves it.
+fn not_exported(g: &Inner, name: &str) -> Result<()> {
+    match g.exports.values().find(|e| e.spec.disk == name) {
+        Some(e) => Err(err(
+            ErrorKind::Busy,
+            format!(
+                "disk {name:?} is exported as {:?}; remove the export first",
+                e.spec.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Open a disk's device: its backend, then its functions.
 fn open_device(
     g: &Inner,
@@ -891,15 +905,7 @@ impl Daemon {
                 format!("disk {name:?} is not encrypted, so it has no key to destroy; `disk delete --erase` zeroes a disk"),
             ));
         }
-        if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
-            return Err(err(
-                ErrorKind::Busy,
-                format!(
-                    "disk {name:?} is exported as {:?}; remove the export first",
-                    e.spec.name
-                ),
-            ));
-        }
+        not_exported(&g, name)?;
         let mut spec = d.spec.clone();
         spec.crypt = Some(new_crypt_spec(name, &*self.keys())?);
         let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys(), &d.qos)?;
@@ -1076,15 +1082,7 @@ impl Daemon {
                 format!("disk {name:?} does not exist"),
             ));
         };
-        if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
-            return Err(err(
-                ErrorKind::Busy,
-                format!(
-                    "disk {name:?} is exported as {:?}; remove the export first",
-                    e.spec.name
-                ),
-            ));
-        }
+        not_exported(&g, name)?;
         let mut spec = d.spec.clone();
         spec.chain = chain;
         spec.check_chain()?;

@@ -168,14 +168,6 @@ impl ShareGroup {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn depth(&self) -> u32 {
-        self.depth
-    }
-
     /// Add a disk with `weight`.
     pub fn join(self: &Arc<Self>, weight: u32) -> Result<Arc<Share>> {
         check_weight(weight)?;
@@ -203,7 +195,8 @@ impl ShareGroup {
     }
 
     /// Commands in flight, and the number of queues waiting for a slot.
-    pub fn load(&self) -> (u32, usize) {
+    #[cfg(test)]
+    fn load(&self) -> (u32, usize) {
         let st = self.lock();
         (st.in_flight, st.waiting.len())
     }
@@ -266,10 +259,6 @@ pub struct Share {
 }
 
 impl Share {
-    pub fn group(&self) -> &Arc<ShareGroup> {
-        &self.group
-    }
-
     pub fn stats(&self) -> ShareStats {
         let st = self.group.lock();
         let mut s = ShareStats {
