@@ -138,7 +138,13 @@ enum DiskCmd {
     },
     /// Set a disk's function chain, outermost first, e.g. `qos,crypt` or `crypt,qos`;
     /// `default` for the default, `none` for no functions. The disk must not be exported.
-    Chain { name: String, chain: String },
+    Chain {
+        /// The disk.
+        name: String,
+        /// Comma-separated functions, outermost first (qos, crypt), or `none`, or
+        /// `default`.
+        chain: String,
+    },
     /// Set a disk's rate limits (replacing all of them; omitted ones are unlimited). They
     /// apply at once, also to exported disks. With no limit given, limits are removed.
     Qos {
