@@ -1,6 +1,7 @@
 //! Random-I/O workloads driven through a [`BlkioClient`] queue.
 
 use std::mem::MaybeUninit;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
@@ -83,6 +84,41 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+}
+
+impl Workload {
+    /// `bs`-byte random `op` at `qd` on queue 0 for `secs` seconds.
+    pub fn random(op: Op, bs: usize, qd: usize, secs: u64) -> Workload {
+        Workload {
+            op,
+            block_size: bs,
+            queue_depth: qd,
+            duration: Duration::from_secs(secs),
+            queue: 0,
+        }
+    }
+}
+
+/// Connect a one-queue client to `sock` and run `w` on it.
+pub fn run_on(sock: &Path, w: &Workload) -> Result<Measured> {
+    let mut c = BlkioClient::connect(sock, 1, false, w.queue_depth.max(1) * w.block_size)?;
+    run(&mut c, w)
+}
+
+/// Run `w` on every socket at once, one client thread each; results in socket order.
+pub fn run_on_each<P: AsRef<Path> + Sync>(socks: &[P], w: &Workload) -> Result<Vec<Measured>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = socks
+            .iter()
+            .map(|sock| s.spawn(move || run_on(sock.as_ref(), w)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("client thread panicked".into()))
+            })
+            .collect()
+    })
 }
 
 /// Run `w` on queue `w.queue`. The client's buffer must hold `queue_depth * block_size`.

@@ -182,6 +182,17 @@ pub struct QosSpec {
 }
 
 impl QosSpec {
+    /// The weight, defaulted.
+    fn weight(&self) -> u32 {
+        self.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT)
+    }
+
+    /// Check the limits and the weight together, before anything changes.
+    fn check(&self) -> Result<()> {
+        self.limits().validate()?;
+        nvmux_func::fair::check_weight(self.weight())
+    }
+
     fn limits(&self) -> nvmux_func::Limits {
         nvmux_func::Limits {
             read_iops: self.iops_read,
@@ -938,23 +949,16 @@ impl Daemon {
     fn new_qos(&self, g: &Inner, spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
         let q = spec.qos.unwrap_or_default();
         let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
+        q.check().map_err(named)?;
         let group = if spec.has(Function::Qos) {
             self.share_group(g, spec)
         } else {
             None
         };
-        let share = match group {
-            Some(grp) => Some(
-                grp.join(q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT))
-                    .map_err(named)?,
-            ),
-            None => {
-                if let Some(w) = q.weight {
-                    nvmux_func::fair::check_weight(w).map_err(named)?;
-                }
-                None
-            }
-        };
+        let share = group
+            .map(|grp| grp.join(q.weight()))
+            .transpose()
+            .map_err(named)?;
         nvmux_func::Qos::new(q.limits(), share).map_err(named)
     }
 
@@ -1046,10 +1050,8 @@ impl Daemon {
                 format!("disk {name:?} has no qos function in its chain; add it with `nvmux disk chain {name} qos,...`"),
             ));
         }
-        let l = q.limits();
-        l.validate().map_err(named)?;
-        let weight = q.weight.unwrap_or(nvmux_func::fair::DEFAULT_WEIGHT);
-        nvmux_func::fair::check_weight(weight).map_err(named)?;
+        q.check().map_err(named)?;
+        let (l, weight) = (q.limits(), q.weight());
         let keep = !l.is_unlimited() || q.weight.is_some();
         let old = std::mem::replace(&mut d.spec.qos, keep.then_some(q));
         let old_limits = d.qos.limits();

@@ -72,17 +72,18 @@ impl Daemon {
 
 /// One libblkio workload of `bs`-byte random I/O at `qd` on one queue of `sock`.
 pub(crate) fn run_one(sock: &Path, bs: usize, op: Op, qd: usize, secs: u64) -> Res<Measured> {
-    let mut c = BlkioClient::connect(sock, 1, false, qd * bs)?;
-    Ok(nvmux_bench::workload::run(
-        &mut c,
-        &Workload {
-            op,
-            block_size: bs,
-            queue_depth: qd,
-            duration: Duration::from_secs(secs),
-            queue: 0,
-        },
+    Ok(nvmux_bench::workload::run_on(
+        sock,
+        &Workload::random(op, bs, qd, secs),
     )?)
+}
+
+/// The JSON rows of a suite's report: server, workload and what was measured.
+pub(crate) fn measured_rows(rows: &[(String, String, Measured)]) -> serde_json::Value {
+    json!(rows
+        .iter()
+        .map(|(s, w, m)| json!({"server": s, "workload": w, "m": m}))
+        .collect::<Vec<_>>())
 }
 
 /// Table cells of the suites' markdown tables; "-" where a server was not run.
@@ -228,16 +229,7 @@ fn measure(
             continue;
         }
         let cpu0 = server.map(|f| f());
-        let m = nvmux_bench::workload::run(
-            &mut c,
-            &Workload {
-                op,
-                block_size: 4096,
-                queue_depth: qd,
-                duration: Duration::from_secs(secs),
-                queue: 0,
-            },
-        )?;
+        let m = nvmux_bench::workload::run(&mut c, &Workload::random(op, 4096, qd, secs))?;
         let cpu = server.zip(cpu0).map(|(f, c0)| f() - c0);
         each(name, m, cpu);
     }

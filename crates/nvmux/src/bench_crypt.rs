@@ -8,7 +8,8 @@ use nvmux_bench::workload::Measured;
 use serde_json::json;
 
 use crate::bench::{
-    cell_iops, cell_lat, cell_ratio, prepare_file, run_one, write_report, BenchArgs, Daemon, Res,
+    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, BenchArgs,
+    Daemon, Res,
 };
 
 const SIZE: u64 = 1 << 30;
@@ -148,10 +149,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         "crypt-latest.json",
         "crypt",
         secs,
-        json!(rows
-            .iter()
-            .map(|(s, w, m)| json!({"server": s, "workload": w, "m": m}))
-            .collect::<Vec<_>>()),
+        measured_rows(&rows),
     )?;
     Ok(())
 }

@@ -10,33 +10,18 @@ use std::process::Command;
 
 use nvmux_bench::client::Op;
 use nvmux_bench::procs;
-use nvmux_bench::workload::Measured;
+use nvmux_bench::workload::{run_on_each, Measured, Workload};
 use serde_json::json;
 
-use crate::bench::{prepare_file, run_one, write_report, BenchArgs, Daemon, Res};
+use crate::bench::{prepare_file, write_report, BenchArgs, Daemon, Res};
 
 const DISKS: usize = 4;
 const SIZE: u64 = 512 << 20;
 const WEIGHTED_DEPTH: u32 = 16;
 
-/// Run the same workload on every socket at once; IOPS per socket.
-fn together(socks: &[PathBuf], bs: usize, op: Op, qd: usize, secs: u64) -> Res<Vec<Measured>> {
-    let results: Vec<std::result::Result<Measured, String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = socks
-            .iter()
-            .map(|sock| s.spawn(move || run_one(sock, bs, op, qd, secs).map_err(|e| e.to_string())))
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("client thread panicked".into()))
-            })
-            .collect()
-    });
-    results
-        .into_iter()
-        .map(|r| r.map_err(|e| e.into()))
-        .collect()
+/// 4 KiB random `op` at QD32 on every socket at once; per socket.
+fn together(socks: &[PathBuf], op: Op, secs: u64) -> Res<Vec<Measured>> {
+    Ok(run_on_each(socks, &Workload::random(op, 4096, 32, secs))?)
 }
 
 /// Daemon configuration with fair sharing at `depth` (0: off).
@@ -114,7 +99,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     for (op, w) in runs {
         for (label, dp) in [("nvmux, fair sharing off", 0), (on.as_str(), depth)] {
             let (_, d) = Daemon::start_bench(&work, srv_cpu, &fair_cfg(dp))?;
-            let per_disk = together(&socks, 4096, op, 32, secs)?;
+            let per_disk = together(&socks, op, secs)?;
             let _ = d.stop();
             log_row(Row {
                 server: label.into(),
@@ -134,7 +119,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             .post(&format!("/v1/disks/vm{i}/qos"), &json!({ "weight": w }))?;
     }
     for (op, w) in runs {
-        let per_disk = together(&socks, 4096, op, 32, secs)?;
+        let per_disk = together(&socks, op, secs)?;
         log_row(Row {
             server: format!("nvmux, fair_depth {WEIGHTED_DEPTH}, weights 1:2:3:4"),
             workload: w.into(),
@@ -168,7 +153,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             procs::wait_for_socket(&mut p, s, &log)?;
         }
         for (op, w) in runs {
-            let per_disk = together(&qsocks, 4096, op, 32, secs)?;
+            let per_disk = together(&qsocks, op, secs)?;
             log_row(Row {
                 server: "QSD (4 raw files)".into(),
                 workload: w.into(),

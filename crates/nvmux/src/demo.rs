@@ -1,7 +1,6 @@
 //! `nvmux demo`: see nvmux serve I/O within one command of cloning.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 use nvmux_bench::client::BlkioClient;
@@ -93,16 +92,7 @@ pub fn run(a: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         offsets.len()
     );
     for (op, name) in [(Op::Read, "random read"), (Op::Write, "random write")] {
-        let m = nvmux_bench::workload::run(
-            &mut c,
-            &Workload {
-                op,
-                block_size: 4096,
-                queue_depth: 32,
-                duration: Duration::from_secs(a.seconds),
-                queue: 0,
-            },
-        )?;
+        let m = nvmux_bench::workload::run(&mut c, &Workload::random(op, 4096, 32, a.seconds))?;
         println!(
             "==> 4 KiB {name}, QD32, {} s: {:.0} IOPS (p50 {:.1} µs, p99 {:.1} µs)",
             a.seconds, m.iops, m.p50_us, m.p99_us

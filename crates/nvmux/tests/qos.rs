@@ -4,28 +4,17 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use nvmux_bench::client::{BlkioClient, Op};
-use nvmux_bench::workload::{run, Workload};
+use nvmux_bench::workload::{run, run_on_each, Workload};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
 fn measure(c: &mut BlkioClient, op: Op, bs: usize, qd: usize, secs: u64) -> f64 {
-    run(
-        c,
-        &Workload {
-            op,
-            block_size: bs,
-            queue_depth: qd,
-            duration: Duration::from_secs(secs),
-            queue: 0,
-        },
-    )
-    .expect("workload")
-    .iops
+    run(c, &Workload::random(op, bs, qd, secs))
+        .expect("workload")
+        .iops
 }
 
 fn within(got: f64, want: f64, what: &str) {
@@ -122,20 +111,11 @@ fn limits_hold_and_change_live() {
 
 /// Run the same workload on several sockets at once; IOPS of each.
 fn together(socks: &[&std::path::Path], op: Op, bs: usize, qd: usize, secs: u64) -> Vec<f64> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = socks
-            .iter()
-            .map(|sock| {
-                s.spawn(move || {
-                    let mut c = BlkioClient::connect(sock, 1, false, qd * bs).expect("connect");
-                    measure(&mut c, op, bs, qd, secs)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect()
-    })
+    run_on_each(socks, &Workload::random(op, bs, qd, secs))
+        .expect("workloads")
+        .iter()
+        .map(|m| m.iops)
+        .collect()
 }
 
 /// Write `len` bytes from the start of a disk, 1 MiB at a time, so reads reach the device.

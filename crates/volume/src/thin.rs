@@ -490,6 +490,23 @@ impl ThinQueue {
         Plan::Issue
     }
 
+    /// Send one piece of command `idx` down as is: `len` bytes at pool offset `phys`.
+    fn submit_io(&mut self, idx: usize, op: Opcode, phys: u64, len: u64, sg: SgList) {
+        let si = self.new_sub(Sub {
+            cmd: idx,
+            phase: Phase::Io,
+            bounce: None,
+        });
+        let ibs = self.ibs;
+        self.inner.submit(IoCommand::new(
+            op,
+            phys / ibs,
+            (len / ibs) as u32,
+            si as u64,
+            sg,
+        ));
+    }
+
     fn issue(&mut self, idx: usize, a: Action) {
         let ibs = self.ibs;
         let Some(c) = self.cmds[idx].as_mut() else {
@@ -507,33 +524,11 @@ impl ThinQueue {
                 let sg = cmd.sg.slice(sg_off, len);
                 let op = cmd.opcode;
                 c.remaining += 1;
-                let si = self.new_sub(Sub {
-                    cmd: idx,
-                    phase: Phase::Io,
-                    bounce: None,
-                });
-                self.inner.submit(IoCommand::new(
-                    op,
-                    phys / ibs,
-                    (len / ibs) as u32,
-                    si as u64,
-                    sg,
-                ));
+                self.submit_io(idx, op, phys, len, sg);
             }
             Action::Zero { phys, len } => {
                 c.remaining += 1;
-                let si = self.new_sub(Sub {
-                    cmd: idx,
-                    phase: Phase::Io,
-                    bounce: None,
-                });
-                self.inner.submit(IoCommand::new(
-                    Opcode::WriteZeroes,
-                    phys / ibs,
-                    (len / ibs) as u32,
-                    si as u64,
-                    SgList::default(),
-                ));
+                self.submit_io(idx, Opcode::WriteZeroes, phys, len, SgList::default());
             }
             Action::Cow {
                 src,
