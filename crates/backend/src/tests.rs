@@ -5,14 +5,28 @@ fn run(q: &mut dyn BlockQueue, cmd: IoCommand) -> (IoCommand, Status) {
     q.submit(cmd);
     q.kick();
     let mut out = None;
-    for _ in 0..100_000 {
+    // Generous (30 s): a busy disk under a parallel test run can take long; this bounds a
+    // hang, it does not measure speed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         q.poll(&mut |c, s| out = Some((c, s)));
         if let Some(o) = out.take() {
             return o;
         }
-        std::thread::yield_now();
+        match q.completion_fd() {
+            Some(fd) => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd on the stack; the fd belongs to the queue.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            None => std::thread::yield_now(),
+        }
     }
-    panic!("command did not complete");
+    panic!("command did not complete in 30 s");
 }
 
 fn cmd(op: Opcode, slba: u64, nlb: u32, buf: &mut [u8]) -> IoCommand {
