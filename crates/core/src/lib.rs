@@ -320,6 +320,11 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes (allocated zeroed in `try_new`) while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` points at `len()` initialised (zeroed) bytes we own.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }

@@ -33,6 +33,16 @@ pub trait WorkSource: Send {
     fn next_deadline(&self) -> Option<Instant> {
         None
     }
+    /// A socket to wait on as well (edge-triggered, readable or writable, never read by
+    /// the worker). Asked once, at attach.
+    fn socket_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// True once after `wait_fds` changed (a queue opened later); the worker then asks
+    /// for them again.
+    fn take_fds_changed(&mut self) -> bool {
+        false
+    }
 }
 
 /// Worker tuning.
@@ -195,12 +205,15 @@ fn pin_to(cpu: usize) {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Token bit of sockets: the worker must not read them.
+const SOCKET_TOKEN: u64 = 1 << 32;
 
 fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd) {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: fd as u64,
-    };
+    epoll_ctl_ev(ep, op, fd, libc::EPOLLIN as u32, fd as u64)
+}
+
+fn epoll_ctl_ev(ep: RawFd, op: i32, fd: RawFd, events: u32, token: u64) {
+    let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: ep is our epoll fd; ev is a valid epoll_event for the call's duration.
     let r = unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
     if r != 0 {
@@ -222,7 +235,11 @@ fn drain(fd: RawFd) {
 struct Attached {
     src: Box<dyn WorkSource>,
     fds: Vec<RawFd>,
+    socket: Option<RawFd>,
 }
+
+const SOCKET_EVENTS: u32 =
+    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     if let Some(c) = cpu {
@@ -263,7 +280,12 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 for &fd in &fds {
                     epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd);
                 }
-                sources.push(Attached { src, fds });
+                let socket = src.socket_fd();
+                if let Some(s) = socket {
+                    let token = SOCKET_TOKEN | s as u32 as u64;
+                    epoll_ctl_ev(ep, libc::EPOLL_CTL_ADD, s, SOCKET_EVENTS, token);
+                }
+                sources.push(Attached { src, fds, socket });
             }
             sh.stats
                 .sources
@@ -275,12 +297,24 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         let mut n = 0;
         for a in sources.iter_mut() {
             n += a.src.poll();
+            if a.src.take_fds_changed() {
+                for &fd in &a.fds {
+                    epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd);
+                }
+                a.fds = a.src.wait_fds();
+                for &fd in &a.fds {
+                    epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd);
+                }
+            }
         }
         if sources.iter().any(|a| a.src.finished()) {
             sources.retain(|a| {
                 if a.src.finished() {
                     for &fd in &a.fds {
                         epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd);
+                    }
+                    if let Some(s) = a.socket {
+                        epoll_ctl(ep, libc::EPOLL_CTL_DEL, s);
                     }
                     false
                 } else {
@@ -342,6 +376,9 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
             for ev in events.iter().take(r.max(0) as usize) {
                 let tok = ev.u64;
+                if tok != WAKE_TOKEN && tok & SOCKET_TOKEN != 0 {
+                    continue; // the source reads its socket itself
+                }
                 drain(if tok == WAKE_TOKEN {
                     wake_fd
                 } else {

@@ -249,6 +249,63 @@ fn handle(d: &Daemon, mut req: Request) {
             Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": name})),
             Err(e) => reply_err(req, &e),
         },
+        (Method::Get, ["v1", "subsystems"]) => reply_json(req, 200, &d.subsystems()),
+        (Method::Post, ["v1", "subsystems"]) => {
+            match body::<crate::nvmf::SubsystemCreate>(&mut req).and_then(|b| d.create_subsystem(b))
+            {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Get, ["v1", "subsystems", nqn]) => match d.subsystem(nqn) {
+            Ok(v) => reply_json(req, 200, &v),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Delete, ["v1", "subsystems", nqn]) => match d.delete_subsystem(nqn) {
+            Ok(()) => reply_json(req, 200, &serde_json::json!({"deleted": nqn})),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Post, ["v1", "subsystems", nqn, "namespaces"]) => {
+            match body::<crate::nvmf::NamespaceCreate>(&mut req)
+                .and_then(|b| d.add_namespace(nqn, b))
+            {
+                Ok(v) => reply_json(req, 201, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Delete, ["v1", "subsystems", nqn, "namespaces", nsid]) => {
+            let r = nsid
+                .parse::<u32>()
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("namespace id {nsid:?} is not a number"),
+                    )
+                })
+                .and_then(|n| d.remove_namespace(nqn, n));
+            match r {
+                Ok(()) => reply_json(req, 200, &serde_json::json!({"removed": nsid})),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "subsystems", nqn, "hosts"]) => {
+            match body::<HostBody>(&mut req).and_then(|b| d.set_host(nqn, &b.host, true)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Delete, ["v1", "subsystems", nqn, "hosts", host]) => {
+            match d.set_host(nqn, host, false) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "subsystems", nqn, "listen"]) => {
+            match body::<ListenBody>(&mut req).and_then(|b| d.set_listen(nqn, &b.listen)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
         (Method::Get, ["v1", "stats"]) => reply_json(req, 200, &d.stats()),
         (Method::Get, ["metrics"]) => {
             let text = crate::metrics::render(d);
@@ -264,6 +321,20 @@ fn handle(d: &Daemon, mut req: Request) {
             ),
         ),
     }
+}
+
+/// `POST /v1/subsystems/{nqn}/hosts` body (`any` allows every host).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostBody {
+    host: String,
+}
+
+/// `POST /v1/subsystems/{nqn}/listen` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenBody {
+    listen: String,
 }
 
 /// `POST /v1/disks/{name}/chain` body; `null` or absent: the default chain.

@@ -22,6 +22,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod nvmf;
 pub mod ops;
 pub mod pools;
 
@@ -249,6 +250,8 @@ struct State {
     pools: Vec<pools::PoolSpec>,
     disks: Vec<DiskSpec>,
     exports: Vec<ExportSpec>,
+    #[serde(default)]
+    subsystems: Vec<nvmf::SubsystemSpec>,
 }
 
 /// `POST /v1/disks` body.
@@ -339,6 +342,7 @@ struct Inner {
     pools: BTreeMap<String, pools::PoolEntry>,
     disks: BTreeMap<String, Disk>,
     exports: BTreeMap<String, Export>,
+    subsystems: BTreeMap<String, nvmf::SubsystemEntry>,
 }
 
 /// The running daemon.
@@ -354,6 +358,8 @@ pub struct Daemon {
     ops: ops::Ops,
     /// The key-encryption key's source.
     keys: Mutex<Arc<dyn KeyProvider>>,
+    /// The NVMe/TCP target (subsystems, listeners, connections).
+    nvmf: nvmux_nvmf::Target,
     /// Fair-share groups by host device id; a group lives while a disk uses it.
     groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
@@ -439,16 +445,22 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
 
 /// Refuse an operation that rebuilds a disk's device while an export serves it.
 fn not_exported(g: &Inner, name: &str) -> Result<()> {
-    match g.exports.values().find(|e| e.spec.disk == name) {
-        Some(e) => Err(err(
+    if let Some(e) = g.exports.values().find(|e| e.spec.disk == name) {
+        return Err(err(
             ErrorKind::Busy,
             format!(
                 "disk {name:?} is exported as {:?}; remove the export first",
                 e.spec.name
             ),
-        )),
-        None => Ok(()),
+        ));
     }
+    if let Some((nqn, nsid)) = Daemon::namespaces_of(g, name).first() {
+        return Err(err(
+            ErrorKind::Busy,
+            format!("disk {name:?} is namespace {nsid} of {nqn}; remove the namespace first"),
+        ));
+    }
+    Ok(())
 }
 
 /// Open a disk's device: its backend, then its functions.
@@ -587,6 +599,7 @@ impl Daemon {
         })
         .map_err(|e| Error::io("start worker threads", e))?;
         let cfg_keys = cfg.keys.kek_file.clone();
+        let nvmf = nvmux_nvmf::Target::new(workers.workers().to_vec());
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -599,6 +612,7 @@ impl Daemon {
                 None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
             }),
             groups: Default::default(),
+            nvmf,
             _lock: lock,
         });
         d.restore()?;
@@ -685,6 +699,20 @@ impl Daemon {
             }
             g.exports.insert(spec.name.clone(), Export { spec, handle });
         }
+        for spec in st.subsystems {
+            let error = match self.start_subsystem(&g, &spec) {
+                Ok(a) => {
+                    tracing::info!(subsystem = %spec.nqn, listen = %a, "subsystem restored");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(subsystem = %spec.nqn, "subsystem could not be started: {e}");
+                    Some(e.to_string())
+                }
+            };
+            g.subsystems
+                .insert(spec.nqn.clone(), nvmf::SubsystemEntry { spec, error });
+        }
         Ok(())
     }
 
@@ -694,6 +722,7 @@ impl Daemon {
             pools: g.pools.values().map(|p| p.spec.clone()).collect(),
             disks: g.disks.values().map(|d| d.spec.clone()).collect(),
             exports: g.exports.values().map(|e| e.spec.clone()).collect(),
+            subsystems: g.subsystems.values().map(|e| e.spec.clone()).collect(),
         };
         let p = self.state_path();
         let tmp = p.with_extension("json.tmp");
@@ -733,6 +762,11 @@ impl Daemon {
                 .values()
                 .filter(|e| e.spec.disk == d.spec.name)
                 .map(|e| e.spec.name.clone())
+                .chain(
+                    Daemon::namespaces_of(g, &d.spec.name)
+                        .into_iter()
+                        .map(|(nqn, nsid)| format!("{nqn}/ns{nsid}")),
+                )
                 .collect(),
         }
     }
@@ -1135,18 +1169,7 @@ impl Daemon {
                 format!("disk {name:?} does not exist"),
             ));
         };
-        let users: Vec<_> = g
-            .exports
-            .values()
-            .filter(|e| e.spec.disk == name)
-            .map(|e| e.spec.name.clone())
-            .collect();
-        if !users.is_empty() {
-            return Err(err(
-                ErrorKind::Busy,
-                format!("disk {name:?} is exported as {users:?}; remove the export first"),
-            ));
-        }
+        not_exported(&g, name)?;
         let owned_path = match &d.spec.backend {
             BackendSpec::File {
                 path, owned: true, ..
@@ -1361,6 +1384,7 @@ impl Daemon {
 
     /// Stop every export (the state file keeps them for the next start).
     pub fn shutdown(&self) {
+        self.nvmf.shutdown();
         let mut g = self.lock();
         let exports = std::mem::take(&mut g.exports);
         drop(g);

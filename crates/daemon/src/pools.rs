@@ -386,6 +386,7 @@ impl Daemon {
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");
+        self.notify_namespaces(&g, disk);
         // Attached VMs learn the new size through the config-change message.
         for e in g.exports.values().filter(|e| e.spec.disk == disk) {
             if let Ok(h) = &e.handle {

@@ -87,6 +87,12 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
 /// A fresh random data key from the kernel's CSPRNG.
 pub fn new_data_key() -> Result<[u8; KEY_BYTES]> {
     let mut k = [0u8; KEY_BYTES];
+    random_bytes(&mut k)?;
+    Ok(k)
+}
+
+/// Fill `k` from the kernel's CSPRNG.
+pub fn random_bytes(k: &mut [u8]) -> Result<()> {
     let mut got = 0;
     while got < k.len() {
         // SAFETY: getrandom writes at most the given length into the buffer.
@@ -100,7 +106,7 @@ pub fn new_data_key() -> Result<[u8; KEY_BYTES]> {
         }
         got += n as usize;
     }
-    Ok(k)
+    Ok(())
 }
 
 /// A data key as stored: wrapped, with the check value of the KEK that wrapped it.

@@ -49,6 +49,9 @@ enum Cmd {
     /// Serve disks to VMs and tools.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// NVMe/TCP subsystems: NQNs whose namespaces are disks, host allow-lists, listeners.
+    #[command(subcommand)]
+    Subsystem(SubsystemCmd),
     /// The key-encryption key (KEK) of encrypted disks.
     #[command(subcommand)]
     Keys(KeysCmd),
@@ -255,6 +258,47 @@ enum PoolCmd {
     Remove { name: String },
     /// Delete a volume or snapshot that no disk attaches.
     DeleteVolume { pool: String, volume: String },
+}
+
+#[derive(Subcommand)]
+enum SubsystemCmd {
+    /// Create an NVMe/TCP subsystem and start listening for it.
+    Create {
+        /// Subsystem NQN, e.g. nqn.2026-11.io.example:disk1.
+        nqn: String,
+        /// Listener address (a host reaches the subsystem and the discovery controller
+        /// there).
+        #[arg(long, default_value = nvmux_daemon::nvmf::DEFAULT_LISTEN)]
+        listen: String,
+        /// Controller serial number, at most 20 characters (default: derived from the NQN).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Let every host connect (default: only hosts added with allow-host).
+        #[arg(long)]
+        allow_any_host: bool,
+    },
+    /// List subsystems.
+    List,
+    /// Show a subsystem: namespaces (NSID, disk, NGUID, size), hosts, controllers.
+    Show { nqn: String },
+    /// Delete a subsystem (connected hosts are disconnected; the disks stay).
+    Delete { nqn: String },
+    /// Add a disk as a namespace (connected hosts get a namespace-changed event).
+    AddNs {
+        nqn: String,
+        disk: String,
+        /// Namespace id (default: the lowest free one).
+        #[arg(long)]
+        nsid: Option<u32>,
+    },
+    /// Remove a namespace (connected hosts get a namespace-changed event).
+    RemoveNs { nqn: String, nsid: u32 },
+    /// Allow a host NQN to connect (`any`: every host).
+    AllowHost { nqn: String, host: String },
+    /// Remove a host NQN from the allow-list (connected hosts stay connected).
+    DenyHost { nqn: String, host: String },
+    /// Move the subsystem to another listener address (ADDR:PORT).
+    Listen { nqn: String, addr: String },
 }
 
 #[derive(Subcommand)]
@@ -639,6 +683,7 @@ fn run(cli: Cli) -> Res {
             let v = api.delete(&format!("/v1/exports/{name}"))?;
             show(&v, &|_| println!("removed export {name}"));
         }
+        Cmd::Subsystem(c) => subsystem_cmd(&api, cli.json, c)?,
         Cmd::Keys(KeysCmd::Rotate { kek_file }) => {
             let kek_file = std::path::absolute(&kek_file).unwrap_or(kek_file);
             let v = api.post("/v1/keys/rotate", &json!({ "kek_file": kek_file }))?;
@@ -848,4 +893,135 @@ fn stats_table(v: &Value, only: Option<&str>) {
             );
         }
     }
+}
+
+fn print_subsystem(v: &Value) {
+    println!("{}", v["nqn"].as_str().unwrap_or(""));
+    println!(
+        "  listen: {}   serial: {}   status: {}",
+        v["listen"].as_str().unwrap_or(""),
+        v["serial"].as_str().unwrap_or(""),
+        v["status"].as_str().unwrap_or("")
+    );
+    let hosts: Vec<&str> = v["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str())
+        .collect();
+    let any = v["allow_any_host"].as_bool() == Some(true);
+    println!(
+        "  hosts: {}",
+        if any {
+            "any".to_string()
+        } else if hosts.is_empty() {
+            "none (add with allow-host)".to_string()
+        } else {
+            hosts.join(", ")
+        }
+    );
+    for n in v["namespaces"].as_array().into_iter().flatten() {
+        println!(
+            "  ns {:<4} disk {:<16} {:>10}  nguid {}",
+            compact(&n["nsid"]),
+            n["disk"].as_str().unwrap_or(""),
+            nvmux_core::format_size(n["size"].as_u64().unwrap_or(0)),
+            n["nguid"].as_str().unwrap_or("")
+        );
+    }
+    for c in v["controllers"].as_array().into_iter().flatten() {
+        println!(
+            "  controller {} host {} queues {}",
+            compact(&c["cntlid"]),
+            c["host"].as_str().unwrap_or(""),
+            compact(&c["queues"])
+        );
+    }
+}
+
+fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
+    let show = |v: &Value, table: &dyn Fn(&Value)| {
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            table(v);
+        }
+    };
+    let base = "/v1/subsystems";
+    match c {
+        SubsystemCmd::Create {
+            nqn,
+            listen,
+            serial,
+            allow_any_host,
+        } => {
+            let v = api.post(base, &json!({"nqn": nqn, "listen": listen, "serial": serial, "allow_any_host": allow_any_host}))?;
+            show(&v, &|v| {
+                println!(
+                    "created subsystem {} listening on {}",
+                    v["nqn"].as_str().unwrap_or(""),
+                    v["listen"].as_str().unwrap_or("")
+                );
+                if v["allow_any_host"].as_bool() != Some(true) {
+                    println!("no host may connect yet: nvmux subsystem allow-host {nqn} HOSTNQN");
+                }
+            });
+        }
+        SubsystemCmd::List => {
+            let v = api.get(base)?;
+            show(&v, &|v| {
+                for s in v.as_array().into_iter().flatten() {
+                    print_subsystem(s);
+                }
+            });
+        }
+        SubsystemCmd::Show { nqn } => {
+            let v = api.get(&format!("{base}/{nqn}"))?;
+            show(&v, &print_subsystem);
+        }
+        SubsystemCmd::Delete { nqn } => {
+            let v = api.delete(&format!("{base}/{nqn}"))?;
+            show(&v, &|_| println!("deleted subsystem {nqn}"));
+        }
+        SubsystemCmd::AddNs { nqn, disk, nsid } => {
+            let v = api.post(
+                &format!("{base}/{nqn}/namespaces"),
+                &json!({"disk": disk, "nsid": nsid}),
+            )?;
+            show(&v, &|v| {
+                println!(
+                    "added disk {disk} to {nqn} as namespace {} ({}, nguid {})",
+                    compact(&v["nsid"]),
+                    nvmux_core::format_size(v["size"].as_u64().unwrap_or(0)),
+                    v["nguid"].as_str().unwrap_or("")
+                )
+            });
+        }
+        SubsystemCmd::RemoveNs { nqn, nsid } => {
+            let v = api.delete(&format!("{base}/{nqn}/namespaces/{nsid}"))?;
+            show(&v, &|_| println!("removed namespace {nsid} from {nqn}"));
+        }
+        SubsystemCmd::AllowHost { nqn, host } => {
+            let v = api.post(&format!("{base}/{nqn}/hosts"), &json!({"host": host}))?;
+            show(&v, &|_| println!("host {host} may connect to {nqn}"));
+        }
+        SubsystemCmd::DenyHost { nqn, host } => {
+            let v = api.delete(&format!("{base}/{nqn}/hosts/{host}"))?;
+            show(&v, &|_| {
+                println!(
+                    "host {host} removed from {nqn}'s allow-list (connected hosts stay connected)"
+                )
+            });
+        }
+        SubsystemCmd::Listen { nqn, addr } => {
+            let v = api.post(&format!("{base}/{nqn}/listen"), &json!({"listen": addr}))?;
+            show(&v, &|v| {
+                println!(
+                    "{nqn} now listens on {}",
+                    v["listen"].as_str().unwrap_or("")
+                )
+            });
+        }
+    }
+    Ok(())
 }

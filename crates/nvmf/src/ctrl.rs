@@ -1,0 +1,1095 @@
+//! The NVMe controller model: subsystems, namespaces, controllers, admin commands and
+//! the mapping of NVM I/O commands to [`IoCommand`]s. Nothing here knows about TCP; a
+//! transport hands in submission queue entries and the data that came with them, and
+//! sends back what [`Controller::admin`] and [`parse_io`] produce.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use nvmux_core::stats::DiskStats;
+use nvmux_core::{BlockDevice, Opcode, Status};
+
+/// The well-known discovery subsystem NQN.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+/// Model number reported by every controller.
+pub const MODEL: &str = "nvmux";
+/// Largest I/O queue: CAP.MQES + 1 entries.
+pub const IO_QUEUE_ENTRIES: u16 = 128;
+/// Largest admin queue.
+pub const ADMIN_QUEUE_ENTRIES: u16 = 32;
+/// Maximum data transfer size: 2^MDTS pages of 4 KiB (128 KiB).
+pub const MDTS: u8 = 5;
+pub const MAX_TRANSFER: usize = 4096 << MDTS;
+/// In-capsule data an I/O command capsule may carry (IOCCSZ is this + 64 bytes).
+pub const IN_CAPSULE_DATA: usize = 8192;
+/// I/O queues granted to one controller at most.
+pub const MAX_IO_QUEUES: u16 = 64;
+/// Highest namespace id (NN).
+pub const MAX_NSID: u32 = 1024;
+/// Outstanding Asynchronous Event Requests allowed (AERL is this minus one).
+pub const MAX_AERS: usize = 4;
+/// Keep-alive granularity reported (KAS, in 100 ms units).
+const KAS: u16 = 10;
+
+/// Status codes used beyond the ones nvmux-core names.
+pub mod sc {
+    use nvmux_core::Status;
+    pub const CMD_SEQUENCE: Status = Status::new(0, 0x0c);
+    pub const SGL_LENGTH_INVALID: Status = Status::new(0, 0x0f);
+    pub const SGL_TYPE_INVALID: Status = Status::new(0, 0x11);
+    pub const SGL_OFFSET_INVALID: Status = Status::new(0, 0x16);
+    pub const INVALID_QUEUE_ID: Status = Status::new(1, 0x01);
+    pub const INVALID_QUEUE_SIZE: Status = Status::new(1, 0x02);
+    pub const AER_LIMIT: Status = Status::new(1, 0x05);
+    pub const INVALID_LOG_PAGE: Status = Status::new(1, 0x09);
+    pub const FEATURE_NOT_SAVEABLE: Status = Status::new(1, 0x0d);
+    pub const CONNECT_INCOMPATIBLE: Status = Status::new(1, 0x80);
+    pub const CONNECT_INVALID_PARAM: Status = Status::new(1, 0x82);
+    pub const CONNECT_INVALID_HOST: Status = Status::new(1, 0x84);
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn le64(b: &[u8], o: usize) -> u64 {
+    (le32(b, o) as u64) | (le32(b, o + 4) as u64) << 32
+}
+fn put16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+/// An ASCII field padded with spaces (serial, model, firmware revision).
+fn put_ascii(b: &mut [u8], o: usize, len: usize, s: &str) {
+    let f = &mut b[o..o + len];
+    f.fill(b' ');
+    let n = s.len().min(len);
+    f[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+/// A NUL-terminated string field (NQNs, addresses).
+fn put_str(b: &mut [u8], o: usize, len: usize, s: &str) {
+    let n = s.len().min(len - 1);
+    b[o..o + n].copy_from_slice(&s.as_bytes()[..n]);
+}
+/// A NUL-padded string field as a String (lossy, trailing NULs and spaces dropped).
+fn get_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).trim_end().to_string()
+}
+
+/// A submission queue entry.
+#[derive(Clone, Copy)]
+pub struct Sqe<'a>(pub &'a [u8; 64]);
+
+/// SGL descriptor types (byte 15 of the descriptor) that NVMe/TCP uses.
+pub const SGL_IN_CAPSULE: u8 = 0x01; // data block, offset addressing
+pub const SGL_TRANSPORT: u8 = 0x5a; // transport data block
+
+impl Sqe<'_> {
+    pub fn opcode(&self) -> u8 {
+        self.0[0]
+    }
+    pub fn cid(&self) -> u16 {
+        le16(self.0, 2)
+    }
+    pub fn nsid(&self) -> u32 {
+        le32(self.0, 4)
+    }
+    /// Command dword `n` (10..=15).
+    pub fn cdw(&self, n: usize) -> u32 {
+        le32(self.0, n * 4)
+    }
+    /// Fabrics command type (opcode 0x7f).
+    pub fn fctype(&self) -> u8 {
+        self.0[4]
+    }
+    pub fn sgl_addr(&self) -> u64 {
+        le64(self.0, 24)
+    }
+    pub fn sgl_len(&self) -> u32 {
+        le32(self.0, 32)
+    }
+    pub fn sgl_type(&self) -> u8 {
+        self.0[39]
+    }
+    pub fn is_fabrics(&self) -> bool {
+        self.opcode() == 0x7f
+    }
+    /// Data direction: bit 0 host to controller, bit 1 controller to host.
+    pub fn direction(&self) -> u8 {
+        if self.is_fabrics() {
+            self.fctype() & 3
+        } else {
+            self.opcode() & 3
+        }
+    }
+}
+
+/// How a command ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cqe {
+    pub dw0: u32,
+    pub dw1: u32,
+    pub status: Status,
+}
+
+impl Cqe {
+    pub fn ok(dw0: u32) -> Cqe {
+        Cqe {
+            dw0,
+            ..Default::default()
+        }
+    }
+    pub fn err(status: Status) -> Cqe {
+        Cqe {
+            status,
+            ..Default::default()
+        }
+    }
+    /// The 16-byte completion queue entry. Errors carry Do Not Retry: none of them goes
+    /// away by itself.
+    pub fn encode(&self, cid: u16, sqhd: u16, sqid: u16) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        put32(&mut b, 0, self.dw0);
+        put32(&mut b, 4, self.dw1);
+        put16(&mut b, 8, sqhd);
+        put16(&mut b, 10, sqid);
+        put16(&mut b, 12, cid);
+        let mut st = self.status.to_cqe_bits();
+        if !self.status.is_ok() {
+            st |= 1 << 15;
+        }
+        put16(&mut b, 14, st);
+        b
+    }
+}
+
+/// One namespace: an nvmux disk under an NSID.
+pub struct Namespace {
+    pub nsid: u32,
+    pub disk: String,
+    pub dev: Arc<dyn BlockDevice>,
+    pub stats: Arc<DiskStats>,
+    /// Namespace globally unique identifier (also reported as the UUID).
+    pub nguid: [u8; 16],
+}
+
+impl Namespace {
+    pub fn block_size(&self) -> u32 {
+        self.dev.info().block_size
+    }
+    pub fn num_blocks(&self) -> u64 {
+        self.dev.capacity_bytes() / self.block_size() as u64
+    }
+}
+
+pub type NsMap = Arc<BTreeMap<u32, Arc<Namespace>>>;
+
+/// Wakes one connection from another thread: a flag plus an eventfd its worker waits on.
+pub struct Waker {
+    fd: OwnedFd,
+    pub stop: AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Arc<Waker>> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(Waker {
+            // SAFETY: fd is a fresh descriptor we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            stop: AtomicBool::new(false),
+        }))
+    }
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a u64 to our own eventfd.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    /// Ask the connection to close.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+}
+
+struct SubState {
+    ns: NsMap,
+    any_host: bool,
+    hosts: BTreeSet<String>,
+}
+
+/// An NVM subsystem: an NQN, its namespaces and the hosts allowed to connect.
+pub struct Subsystem {
+    pub nqn: String,
+    pub serial: String,
+    st: Mutex<SubState>,
+    ns_gen: AtomicU64,
+    ctrls: Mutex<Vec<Weak<Controller>>>,
+    next_cntlid: AtomicU16,
+    removed: AtomicBool,
+}
+
+impl Subsystem {
+    pub fn new(nqn: &str, serial: &str) -> Arc<Subsystem> {
+        Arc::new(Subsystem {
+            nqn: nqn.into(),
+            serial: serial.into(),
+            st: Mutex::new(SubState {
+                ns: Arc::new(BTreeMap::new()),
+                any_host: false,
+                hosts: BTreeSet::new(),
+            }),
+            ns_gen: AtomicU64::new(1),
+            ctrls: Mutex::new(Vec::new()),
+            next_cntlid: AtomicU16::new(1),
+            removed: AtomicBool::new(false),
+        })
+    }
+    fn lock(&self) -> MutexGuard<'_, SubState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// The namespaces now (a snapshot; see [`Subsystem::ns_generation`]).
+    pub fn namespaces(&self) -> NsMap {
+        self.lock().ns.clone()
+    }
+    /// Changes whenever a namespace is added or removed.
+    pub fn ns_generation(&self) -> u64 {
+        self.ns_gen.load(Ordering::Acquire)
+    }
+    pub fn add_namespace(&self, ns: Namespace) -> Result<(), String> {
+        let nsid = ns.nsid;
+        if nsid == 0 || nsid > MAX_NSID {
+            return Err(format!("namespace id {nsid} is outside 1..={MAX_NSID}"));
+        }
+        {
+            let mut g = self.lock();
+            if g.ns.contains_key(&nsid) {
+                return Err(format!("namespace {nsid} already exists in {}", self.nqn));
+            }
+            let mut m = (*g.ns).clone();
+            m.insert(nsid, Arc::new(ns));
+            g.ns = Arc::new(m);
+            self.ns_gen.fetch_add(1, Ordering::AcqRel);
+        }
+        self.ns_changed(nsid);
+        Ok(())
+    }
+    pub fn remove_namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        let old = {
+            let mut g = self.lock();
+            let mut m = (*g.ns).clone();
+            let old = m.remove(&nsid)?;
+            g.ns = Arc::new(m);
+            self.ns_gen.fetch_add(1, Ordering::AcqRel);
+            old
+        };
+        self.ns_changed(nsid);
+        Some(old)
+    }
+    /// Tell every controller that namespace `nsid` changed (added, removed, resized): each
+    /// raises a Namespace Attribute Changed event if the host enabled it.
+    pub fn ns_changed(&self, nsid: u32) {
+        for c in self.controllers() {
+            c.note_ns_change(nsid);
+        }
+    }
+    pub fn set_hosts(&self, any: bool, hosts: BTreeSet<String>) {
+        let mut g = self.lock();
+        g.any_host = any;
+        g.hosts = hosts;
+    }
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let g = self.lock();
+        g.any_host || g.hosts.contains(host)
+    }
+    /// Live controllers.
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|w| w.strong_count() > 0);
+        g.iter().filter_map(|w| w.upgrade()).collect()
+    }
+    /// The subsystem is being deleted: every connection to it closes.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        for c in self.controllers() {
+            c.stop_all();
+        }
+    }
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+    fn new_controller(
+        self: &Arc<Self>,
+        host: &str,
+        hostid: [u8; 16],
+        kato_ms: u32,
+    ) -> Arc<Controller> {
+        let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|w| w.strong_count() > 0);
+        // Controller ids 1..=0xffef, skipping ids still in use.
+        let mut id;
+        loop {
+            id = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
+            if id == 0 || id > 0xffef {
+                self.next_cntlid.store(2, Ordering::Relaxed);
+                id = 1;
+            }
+            if !g.iter().filter_map(|w| w.upgrade()).any(|c| c.cntlid == id) {
+                break;
+            }
+        }
+        let c = Arc::new(Controller {
+            cntlid: id,
+            host: host.into(),
+            hostid,
+            subsys: self.clone(),
+            st: Mutex::new(CtrlState {
+                kato_ms,
+                ..Default::default()
+            }),
+            queues: Mutex::new(Vec::new()),
+        });
+        g.push(Arc::downgrade(&c));
+        c
+    }
+}
+
+/// One entry of the discovery log page.
+#[derive(Clone, Debug)]
+pub struct DiscoveryEntry {
+    pub subnqn: String,
+    pub addr: std::net::SocketAddr,
+    pub port_id: u16,
+}
+
+/// Where a connection arrived: the listener's address and the socket's local address
+/// (they differ when the listener is bound to a wildcard address).
+#[derive(Clone, Copy, Debug)]
+pub struct Where {
+    pub listen: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+}
+
+/// Where a transport finds subsystems by NQN, and what the discovery controller lists.
+pub trait Resolver: Send + Sync {
+    fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>>;
+    /// Generation counter and the subsystems this host may connect to through the
+    /// listener at `listen`.
+    fn discovery_log(&self, host: &str, listen: std::net::SocketAddr)
+        -> (u64, Vec<DiscoveryEntry>);
+    /// A refused connection attempt, for the log.
+    fn refused(&self, why: &str);
+}
+
+#[derive(Default)]
+struct CtrlState {
+    cc: u32,
+    csts: u32,
+    kato_ms: u32,
+    /// Asynchronous event configuration (Set Features 0x0b).
+    aec: u32,
+    /// I/O queues granted by Set Features Number of Queues (0 until asked).
+    io_queues: u16,
+    /// Changed namespaces since the host last read log page 0x04.
+    changed: BTreeSet<u32>,
+    changed_overflow: bool,
+    /// A namespace notice waits for an AER.
+    aen_pending: bool,
+    /// A notice was sent; the next one waits until the host reads the log page.
+    aen_masked: bool,
+    /// Qids connected.
+    qids: BTreeSet<u16>,
+}
+
+/// A controller: the admin queue and I/O queues of one host association.
+pub struct Controller {
+    pub cntlid: u16,
+    pub host: String,
+    pub hostid: [u8; 16],
+    pub subsys: Arc<Subsystem>,
+    st: Mutex<CtrlState>,
+    /// Wakers of its queues' connections; the admin queue's is first.
+    queues: Mutex<Vec<(u16, Weak<Waker>)>>,
+}
+
+/// Asynchronous event: notice, namespace attribute changed, log page 0x04.
+const AEN_NS_CHANGED: u32 = 0x02 | (0x00 << 8) | (0x04 << 16);
+/// OAES / AEC bit for namespace attribute notices.
+const AEC_NS_ATTR: u32 = 1 << 8;
+
+/// What an admin command asks of the transport.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done(Cqe),
+    /// Asynchronous Event Request: held until an event arrives ([`Controller::take_event`]).
+    Held,
+}
+
+impl Controller {
+    fn lock(&self) -> MutexGuard<'_, CtrlState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn is_discovery(&self) -> bool {
+        self.subsys.nqn == DISCOVERY_NQN
+    }
+    /// Register a connected queue's waker (qid 0 is the admin queue).
+    pub fn attach_queue(&self, qid: u16, w: &Arc<Waker>) {
+        self.lock().qids.insert(qid);
+        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|(_, w)| w.strong_count() > 0);
+        q.push((qid, Arc::downgrade(w)));
+    }
+    pub fn detach_queue(&self, qid: u16) {
+        self.lock().qids.remove(&qid);
+        if qid == 0 {
+            // Without its admin queue the association is gone: close the I/O queues.
+            self.stop_all();
+        }
+    }
+    fn stop_all(&self) {
+        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, w) in q.iter() {
+            if let Some(w) = w.upgrade() {
+                w.stop();
+            }
+        }
+    }
+    fn wake_admin(&self) {
+        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = q
+            .iter()
+            .find(|(qid, _)| *qid == 0)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            w.wake();
+        }
+    }
+    pub fn io_queues_granted(&self) -> u16 {
+        self.lock().io_queues
+    }
+    pub fn enabled(&self) -> bool {
+        self.lock().csts & 1 != 0
+    }
+    pub fn kato_ms(&self) -> u32 {
+        self.lock().kato_ms
+    }
+    pub fn qids(&self) -> Vec<u16> {
+        self.lock().qids.iter().copied().collect()
+    }
+    fn note_ns_change(&self, nsid: u32) {
+        let mut g = self.lock();
+        if g.changed.len() >= 1024 {
+            g.changed_overflow = true;
+        } else {
+            g.changed.insert(nsid);
+        }
+        if g.aec & AEC_NS_ATTR != 0 && !g.aen_masked {
+            g.aen_pending = true;
+            drop(g);
+            self.wake_admin();
+        }
+    }
+    /// An event for a held AER, if one is due (dword 0 of its completion).
+    pub fn take_event(&self) -> Option<u32> {
+        let mut g = self.lock();
+        if g.aen_pending {
+            g.aen_pending = false;
+            g.aen_masked = true;
+            Some(AEN_NS_CHANGED)
+        } else {
+            None
+        }
+    }
+
+    /// Property Get / Set (fabrics), on the admin queue.
+    fn property(&self, sqe: Sqe, set: bool) -> Cqe {
+        let size8 = sqe.0[40] & 7 == 1;
+        let off = le32(sqe.0, 44);
+        let mut g = self.lock();
+        if set {
+            let v = le64(sqe.0, 48);
+            return match (off, size8) {
+                (0x14, false) => {
+                    let v = v as u32;
+                    let was = g.cc;
+                    g.cc = v;
+                    if v & 1 != 0 && was & 1 == 0 {
+                        g.csts |= 1; // RDY
+                    } else if v & 1 == 0 {
+                        g.csts &= !1;
+                    }
+                    if (v >> 14) & 3 != 0 {
+                        g.csts = (g.csts & !(3 << 2)) | (2 << 2); // shutdown complete
+                    } else {
+                        g.csts &= !(3 << 2);
+                    }
+                    Cqe::ok(0)
+                }
+                _ => Cqe::err(Status::INVALID_FIELD),
+            };
+        }
+        let v: u64 = match (off, size8) {
+            (0x00, true) => {
+                let mqes = if self.is_discovery() {
+                    ADMIN_QUEUE_ENTRIES
+                } else {
+                    IO_QUEUE_ENTRIES
+                } as u64
+                    - 1;
+                // MQES, CQR, timeout 15 s (500 ms units), CSS: NVM command set.
+                mqes | 1 << 16 | 30 << 24 | 1 << 37
+            }
+            (0x08, false) => 0x0001_0400, // 1.4
+            (0x14, false) => g.cc as u64,
+            (0x1c, false) => g.csts as u64,
+            _ => return Cqe::err(Status::INVALID_FIELD),
+        };
+        Cqe {
+            dw0: v as u32,
+            dw1: (v >> 32) as u32,
+            status: Status::SUCCESS,
+        }
+    }
+
+    /// Execute an admin command (or a fabrics Property Get/Set on the admin queue).
+    /// `data` is what the host sent with it; data for the host goes to `out` (the
+    /// transport sends at most the command's data length and pads with zeros).
+    pub fn admin(
+        &self,
+        r: &dyn Resolver,
+        at: Where,
+        sqe: Sqe,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        aers: usize,
+    ) -> Outcome {
+        if sqe.is_fabrics() {
+            return Outcome::Done(match sqe.fctype() {
+                0x00 => self.property(sqe, true),
+                0x04 => self.property(sqe, false),
+                0x08 => Cqe::ok(0), // Disconnect: the transport closes
+                0x01 => Cqe::err(sc::CMD_SEQUENCE), // Connect twice
+                _ => Cqe::err(Status::INVALID_OPCODE),
+            });
+        }
+        if !self.enabled() {
+            return Outcome::Done(Cqe::err(sc::CMD_SEQUENCE));
+        }
+        let disc = self.is_discovery();
+        let cqe = match sqe.opcode() {
+            0x06 => self.identify(sqe, out),
+            0x02 => self.get_log_page(r, at, sqe, out),
+            0x09 if !disc => self.set_features(sqe),
+            0x0a => self.get_features(sqe, out),
+            0x18 => Cqe::ok(0), // Keep Alive
+            0x0c => {
+                if aers >= MAX_AERS {
+                    Cqe::err(sc::AER_LIMIT)
+                } else {
+                    return Outcome::Held;
+                }
+            }
+            0x08 => Cqe::ok(1), // Abort: not aborted
+            0x09 => {
+                // Discovery controllers support only the keep-alive and AEC features.
+                match sqe.cdw(10) & 0xff {
+                    0x0f | 0x0b => self.set_features(sqe),
+                    _ => Cqe::err(Status::INVALID_FIELD),
+                }
+            }
+            _ => {
+                let _ = data;
+                Cqe::err(Status::INVALID_OPCODE)
+            }
+        };
+        Outcome::Done(cqe)
+    }
+
+    fn identify(&self, sqe: Sqe, out: &mut Vec<u8>) -> Cqe {
+        let cns = sqe.cdw(10) & 0xff;
+        let nsid = sqe.nsid();
+        out.clear();
+        out.resize(4096, 0);
+        let ns = self.subsys.namespaces();
+        let disc = self.is_discovery();
+        match cns {
+            0x01 => self.identify_ctrl(out),
+            0x00 if !disc => {
+                if nsid == 0 || (nsid > MAX_NSID && nsid != 0xffff_ffff) {
+                    return Cqe::err(Status::INVALID_NAMESPACE);
+                }
+                // An inactive (unused) NSID reads as zeros.
+                if let Some(n) = ns.get(&nsid) {
+                    identify_ns(n, out);
+                }
+            }
+            0x02 if !disc => {
+                if nsid >= 0xffff_fffe {
+                    return Cqe::err(Status::INVALID_NAMESPACE);
+                }
+                for (i, id) in ns.keys().filter(|&&id| id > nsid).take(1024).enumerate() {
+                    put32(out, i * 4, *id);
+                }
+            }
+            0x03 if !disc => {
+                let Some(n) = ns.get(&nsid) else {
+                    return Cqe::err(Status::INVALID_NAMESPACE);
+                };
+                // NGUID, UUID, command set identifier (NVM).
+                out[0] = 2;
+                out[1] = 16;
+                out[4..20].copy_from_slice(&n.nguid);
+                out[20] = 3;
+                out[21] = 16;
+                out[24..40].copy_from_slice(&n.nguid);
+                out[40] = 4;
+                out[41] = 1;
+                out[44] = 0;
+            }
+            // I/O command set specific controller / namespace for the NVM set: no limits.
+            0x06 if !disc && (sqe.cdw(11) >> 24) == 0 => {}
+            0x05 if !disc && (sqe.cdw(11) >> 24) == 0 => {
+                if !ns.contains_key(&nsid) {
+                    return Cqe::err(Status::INVALID_NAMESPACE);
+                }
+            }
+            _ => {
+                out.clear();
+                return Cqe::err(Status::INVALID_FIELD);
+            }
+        }
+        Cqe::ok(0)
+    }
+
+    fn identify_ctrl(&self, b: &mut [u8]) {
+        let disc = self.is_discovery();
+        put_ascii(b, 4, 20, &self.subsys.serial);
+        put_ascii(b, 24, 40, MODEL);
+        put_ascii(b, 64, 8, env!("CARGO_PKG_VERSION"));
+        b[72] = 0; // RAB
+        b[76] = 0x02; // CMIC: may have more than one controller
+        b[77] = MDTS;
+        put16(b, 78, self.cntlid);
+        put32(b, 80, 0x0001_0400);
+        put32(b, 92, if disc { 0 } else { AEC_NS_ATTR }); // OAES
+        b[111] = if disc { 2 } else { 1 }; // CNTRLTYPE
+        b[258] = 3; // ACL
+        b[259] = (MAX_AERS - 1) as u8; // AERL
+        b[260] = 0x03; // FRMW: slot 1 read-only, one slot
+        b[261] = 0x04; // LPA: extended data for Get Log Page
+        b[262] = 0; // ELPE: one error log entry
+        put16(b, 320, KAS);
+        if !disc {
+            b[512] = 0x66; // SQES
+            b[513] = 0x44; // CQES
+            put16(b, 514, IO_QUEUE_ENTRIES); // MAXCMD
+            put32(b, 516, MAX_NSID); // NN
+            put16(b, 520, 1 << 2 | 1 << 3); // ONCS: dataset management, write zeroes
+            b[525] = 0x01 | 0x02 << 1; // VWC present, flush of all namespaces not supported
+            put32(b, 540, MAX_NSID); // MNAN
+        } else {
+            put16(b, 514, ADMIN_QUEUE_ENTRIES);
+        }
+        put32(b, 536, 1 | 1 << 20); // SGLS: SGLs supported, offsets in data block descriptors
+        put_str(b, 768, 256, &self.subsys.nqn);
+        // Fabrics: IOCCSZ, IORCSZ (16-byte units), ICDOFF 0, dynamic model, one SGL
+        // descriptor.
+        put32(b, 1792, ((64 + IN_CAPSULE_DATA) / 16) as u32);
+        put32(b, 1796, 1);
+        b[1803] = 1;
+        // Power state 0: 9 W (centiwatts), as a placeholder nobody acts on.
+        put16(b, 2048, 900);
+    }
+
+    fn get_log_page(&self, r: &dyn Resolver, at: Where, sqe: Sqe, out: &mut Vec<u8>) -> Cqe {
+        let lid = sqe.cdw(10) & 0xff;
+        let rae = sqe.cdw(10) & (1 << 15) != 0;
+        let numd = ((sqe.cdw(11) & 0xffff) << 16 | sqe.cdw(10) >> 16) as usize + 1;
+        let len = numd * 4;
+        let off = (sqe.cdw(13) as u64) << 32 | sqe.cdw(12) as u64;
+        if off & 3 != 0 {
+            return Cqe::err(Status::INVALID_FIELD);
+        }
+        let disc = self.is_discovery();
+        let page: Vec<u8> = match lid {
+            0x70 if disc => {
+                let (gen, mut entries) = r.discovery_log(&self.host, at.listen);
+                for e in entries.iter_mut() {
+                    if e.addr.ip().is_unspecified() {
+                        e.addr.set_ip(at.local.ip());
+                    }
+                }
+                discovery_log(gen, &entries)
+            }
+            0x01 => vec![0u8; 64],
+            0x02 if !disc => self.smart_log(),
+            0x03 if !disc => {
+                let mut p = vec![0u8; 512];
+                p[0] = 1; // AFI: slot 1 active
+                put_ascii(&mut p, 8, 8, env!("CARGO_PKG_VERSION"));
+                p
+            }
+            0x04 if !disc => {
+                let mut g = self.lock();
+                let mut p = vec![0u8; 4096];
+                if g.changed_overflow {
+                    put32(&mut p, 0, 0xffff_ffff);
+                } else {
+                    for (i, id) in g.changed.iter().enumerate() {
+                        put32(&mut p, i * 4, *id);
+                    }
+                }
+                if !rae {
+                    g.changed.clear();
+                    g.changed_overflow = false;
+                    g.aen_masked = false;
+                }
+                p
+            }
+            _ => return Cqe::err(sc::INVALID_LOG_PAGE),
+        };
+        out.clear();
+        out.resize(len, 0);
+        if (off as usize) < page.len() {
+            let src = &page[off as usize..];
+            let n = src.len().min(len);
+            out[..n].copy_from_slice(&src[..n]);
+        } else if off as usize > page.len() {
+            return Cqe::err(Status::INVALID_FIELD);
+        }
+        Cqe::ok(0)
+    }
+
+    fn smart_log(&self) -> Vec<u8> {
+        let mut p = vec![0u8; 512];
+        put16(&mut p, 1, 273 + 35); // composite temperature 35 °C, in kelvin
+        p[3] = 100; // available spare
+        p[4] = 10; // threshold
+        let (mut rd, mut wr, mut rops, mut wops) = (0u64, 0u64, 0u64, 0u64);
+        for n in self.subsys.namespaces().values() {
+            let s = n.stats.snapshot();
+            rd += s.read.bytes;
+            wr += s.write.bytes;
+            rops += s.read.ops;
+            wops += s.write.ops;
+        }
+        // Data units are thousands of 512-byte units, rounded up.
+        let units = |b: u64| (b / 512).div_ceil(1000);
+        put64(&mut p, 32, units(rd));
+        put64(&mut p, 48, units(wr));
+        put64(&mut p, 64, rops);
+        put64(&mut p, 80, wops);
+        p
+    }
+
+    fn set_features(&self, sqe: Sqe) -> Cqe {
+        let fid = sqe.cdw(10) & 0xff;
+        if sqe.cdw(10) & (1 << 31) != 0 {
+            return Cqe::err(sc::FEATURE_NOT_SAVEABLE);
+        }
+        let v = sqe.cdw(11);
+        let mut g = self.lock();
+        match fid {
+            0x07 => {
+                let (nsq, ncq) = ((v & 0xffff) as u16, (v >> 16) as u16);
+                if nsq == 0xffff || ncq == 0xffff {
+                    return Cqe::err(Status::INVALID_FIELD);
+                }
+                if g.io_queues == 0 {
+                    g.io_queues = (nsq.max(ncq) + 1).min(MAX_IO_QUEUES);
+                }
+                let n = (g.io_queues - 1) as u32;
+                Cqe::ok(n | n << 16)
+            }
+            0x0b => {
+                g.aec = v;
+                Cqe::ok(0)
+            }
+            0x0f => {
+                g.kato_ms = v;
+                Cqe::ok(0)
+            }
+            // Accepted and remembered nowhere: arbitration, power management, temperature
+            // threshold, error recovery, volatile write cache (always on), interrupt
+            // coalescing and configuration (no interrupts on fabrics).
+            0x01 | 0x02 | 0x04 | 0x05 | 0x06 | 0x08 | 0x09 => Cqe::ok(0),
+            _ => Cqe::err(Status::INVALID_FIELD),
+        }
+    }
+
+    fn get_features(&self, sqe: Sqe, out: &mut Vec<u8>) -> Cqe {
+        let fid = sqe.cdw(10) & 0xff;
+        let sel = (sqe.cdw(10) >> 8) & 7;
+        out.clear();
+        let g = self.lock();
+        if sel == 3 {
+            // Supported capabilities: changeable, not saveable.
+            return match fid {
+                0x01..=0x09 | 0x0b | 0x0f => Cqe::ok(0b100),
+                _ => Cqe::err(Status::INVALID_FIELD),
+            };
+        }
+        let current = sel == 0;
+        let v = match fid {
+            0x01 => 0,
+            0x02 => 0,
+            0x04 => 273 + 70, // temperature threshold: 70 °C
+            0x05 => 0,
+            0x06 => 1, // volatile write cache enabled
+            0x07 => {
+                let n = if current && g.io_queues > 0 {
+                    g.io_queues
+                } else {
+                    MAX_IO_QUEUES
+                } as u32
+                    - 1;
+                n | n << 16
+            }
+            0x08 | 0x09 => 0,
+            0x0b => {
+                if current {
+                    g.aec
+                } else {
+                    0
+                }
+            }
+            0x0f => {
+                if current {
+                    g.kato_ms
+                } else {
+                    0
+                }
+            }
+            _ => return Cqe::err(Status::INVALID_FIELD),
+        };
+        Cqe::ok(v)
+    }
+}
+
+fn identify_ns(n: &Namespace, b: &mut [u8]) {
+    let info = n.dev.info();
+    let blocks = n.num_blocks();
+    put64(b, 0, blocks); // NSZE
+    put64(b, 8, blocks); // NCAP
+    put64(b, 16, blocks); // NUSE
+    b[24] = 0x01 | 0x08; // NSFEAT: thin provisioning, NGUID/EUI64 never reused
+    b[25] = 0; // NLBAF: one format
+    b[26] = 0; // FLBAS: format 0
+    b[30] = 0x01; // NMIC: may be shared
+    if info.discard {
+        b[33] = 0x01 | 0x08; // DLFEAT: deallocated blocks read zeros; WZ may deallocate
+    }
+    if info.read_only {
+        b[99] = 0x01; // NSATTR: write protected
+    }
+    b[104..120].copy_from_slice(&n.nguid);
+    // LBA format 0: no metadata, block size, best relative performance.
+    b[128 + 2] = info.block_size.trailing_zeros() as u8;
+}
+
+/// The discovery log page (header and entries).
+pub fn discovery_log(gen: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
+    let mut p = vec![0u8; 1024 * (1 + entries.len())];
+    put64(&mut p, 0, gen);
+    put64(&mut p, 8, entries.len() as u64);
+    for (i, e) in entries.iter().enumerate() {
+        let o = 1024 * (i + 1);
+        p[o] = 3; // TRTYPE: TCP
+        p[o + 1] = if e.addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
+        p[o + 2] = if e.subnqn == DISCOVERY_NQN { 3 } else { 2 }; // SUBTYPE
+        p[o + 3] = 0x02; // TREQ: secure channel not required
+        put16(&mut p, o + 4, e.port_id);
+        put16(&mut p, o + 6, 0xffff); // CNTLID: dynamic
+        put16(&mut p, o + 8, ADMIN_QUEUE_ENTRIES); // ASQSZ
+        put_str(&mut p, o + 32, 32, &e.addr.port().to_string());
+        put_str(&mut p, o + 256, 256, &e.subnqn);
+        put_str(&mut p, o + 512, 256, &e.addr.ip().to_string());
+        // TSAS for TCP: security type none.
+    }
+    p
+}
+
+/// A Fabrics Connect that succeeded.
+pub struct Connected {
+    pub ctrl: Arc<Controller>,
+    pub qid: u16,
+    /// Queue entries (SQSIZE + 1).
+    pub entries: u16,
+}
+
+/// Fabrics Connect: create a controller (admin queue) or join one (I/O queue).
+/// `data` is the 1024-byte connect data. On refusal the completion to send is returned.
+pub fn connect(r: &dyn Resolver, sqe: Sqe, data: &[u8], peer: &str) -> Result<Connected, Cqe> {
+    // Invalid parameter: dword 0 says which (IATTR bit 16: 1 = in the data, IPO = offset).
+    let invalid = |in_data: bool, off: u16| Cqe {
+        dw0: (in_data as u32) << 16 | off as u32,
+        dw1: 0,
+        status: sc::CONNECT_INVALID_PARAM,
+    };
+    if le16(sqe.0, 40) != 0 {
+        return Err(Cqe::err(sc::CONNECT_INCOMPATIBLE)); // record format 0 only
+    }
+    if data.len() < 1024 {
+        return Err(Cqe::err(sc::SGL_LENGTH_INVALID));
+    }
+    let qid = le16(sqe.0, 42);
+    let entries = le16(sqe.0, 44) as u32 + 1;
+    let kato = le32(sqe.0, 48);
+    let mut hostid = [0u8; 16];
+    hostid.copy_from_slice(&data[..16]);
+    let cntlid = le16(data, 16);
+    let subnqn = get_str(&data[256..512]);
+    let hostnqn = get_str(&data[512..768]);
+    let Some(sub) = r.subsystem(&subnqn) else {
+        r.refused(&format!(
+            "connect from {peer} ({hostnqn}) to unknown subsystem {subnqn:?}"
+        ));
+        return Err(invalid(true, 256));
+    };
+    let disc = sub.nqn == DISCOVERY_NQN;
+    if !disc && !sub.host_allowed(&hostnqn) {
+        r.refused(&format!(
+            "host {hostnqn:?} ({peer}) is not on the allow-list of {subnqn}: connect refused"
+        ));
+        return Err(Cqe::err(sc::CONNECT_INVALID_HOST));
+    }
+    if qid == 0 {
+        if entries < 2 || entries > ADMIN_QUEUE_ENTRIES as u32 {
+            return Err(invalid(false, 44));
+        }
+        if cntlid != 0xffff {
+            return Err(invalid(true, 16)); // dynamic controller model only
+        }
+        let ctrl = sub.new_controller(&hostnqn, hostid, kato);
+        return Ok(Connected {
+            ctrl,
+            qid,
+            entries: entries as u16,
+        });
+    }
+    if disc {
+        return Err(invalid(false, 42));
+    }
+    let Some(ctrl) = sub.controllers().into_iter().find(|c| c.cntlid == cntlid) else {
+        return Err(invalid(true, 16));
+    };
+    if ctrl.host != hostnqn || ctrl.hostid != hostid {
+        return Err(invalid(true, 512));
+    }
+    if !ctrl.enabled() {
+        return Err(Cqe::err(sc::CMD_SEQUENCE));
+    }
+    let granted = ctrl.io_queues_granted();
+    if qid > granted.max(1) || qid > MAX_IO_QUEUES {
+        return Err(invalid(false, 42));
+    }
+    if ctrl.lock().qids.contains(&qid) {
+        return Err(invalid(false, 42));
+    }
+    if entries < 2 || entries > IO_QUEUE_ENTRIES as u32 {
+        return Err(invalid(false, 44));
+    }
+    Ok(Connected {
+        ctrl,
+        qid,
+        entries: entries as u16,
+    })
+}
+
+/// What an NVM I/O command becomes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IoPlan {
+    /// One command: read or write (data moves), flush, write zeroes.
+    One {
+        op: Opcode,
+        slba: u64,
+        nlb: u32,
+        fua: bool,
+    },
+    /// Dataset Management: the ranges follow in `ranges` bytes of host data; only
+    /// deallocate does anything.
+    Dsm { ranges: usize, deallocate: bool },
+}
+
+impl IoPlan {
+    /// Bytes of data the command moves between host and controller.
+    pub fn data_len(&self, block_size: u32) -> usize {
+        match self {
+            IoPlan::One { op, nlb, .. } if op.has_data() => *nlb as usize * block_size as usize,
+            IoPlan::Dsm { ranges, .. } => ranges * 16,
+            _ => 0,
+        }
+    }
+}
+
+/// Map an NVM command to what nvmux does with it. `block_size` and `num_blocks` are the
+/// namespace's.
+pub fn parse_io(
+    sqe: Sqe,
+    block_size: u32,
+    num_blocks: u64,
+    read_only: bool,
+) -> Result<IoPlan, Status> {
+    let slba = (sqe.cdw(11) as u64) << 32 | sqe.cdw(10) as u64;
+    let nlb = (sqe.cdw(12) & 0xffff) + 1;
+    let fua = sqe.cdw(12) & (1 << 30) != 0;
+    let op = match sqe.opcode() {
+        0x00 => {
+            return Ok(IoPlan::One {
+                op: Opcode::Flush,
+                slba: 0,
+                nlb: 0,
+                fua: false,
+            })
+        }
+        0x01 => Opcode::Write,
+        0x02 => Opcode::Read,
+        0x08 => Opcode::WriteZeroes,
+        0x09 => {
+            if read_only {
+                return Err(Status::WRITE_PROTECTED);
+            }
+            let ranges = (sqe.cdw(10) & 0xff) as usize + 1;
+            return Ok(IoPlan::Dsm {
+                ranges,
+                deallocate: sqe.cdw(11) & (1 << 2) != 0,
+            });
+        }
+        _ => return Err(Status::INVALID_OPCODE),
+    };
+    if op.is_write() && read_only {
+        return Err(Status::WRITE_PROTECTED);
+    }
+    match slba.checked_add(nlb as u64) {
+        Some(end) if end <= num_blocks => {}
+        _ => return Err(Status::LBA_OUT_OF_RANGE),
+    }
+    if op.has_data() && nlb as usize * block_size as usize > MAX_TRANSFER {
+        return Err(Status::INVALID_FIELD);
+    }
+    Ok(IoPlan::One { op, slba, nlb, fua })
+}
+
+/// The ranges of a Dataset Management command: (slba, nlb).
+pub fn dsm_ranges(data: &[u8]) -> impl Iterator<Item = (u64, u32)> + '_ {
+    data.chunks_exact(16).map(|r| (le64(r, 8), le32(r, 4)))
+}
+
+#[cfg(test)]
+mod tests;

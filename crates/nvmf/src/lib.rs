@@ -1,0 +1,29 @@
+//! NVMe over TCP target for nvmux.
+//!
+//! * [`ctrl`]: the NVMe controller model, free of transport code: subsystems and their
+//!   namespaces (nvmux disks) and host allow-lists, controllers, admin commands (Identify,
+//!   Get Log Page, Get/Set Features, Keep Alive, Asynchronous Events), Fabrics Connect and
+//!   Property Get/Set, and the mapping of NVM I/O commands to [`nvmux_core::IoCommand`].
+//!   A later vfio-user transport reuses it.
+//! * [`pdu`]: NVMe/TCP PDU parsing and encoding on byte slices (fuzzed).
+//! * [`conn`]: one TCP connection (queue pair) as a worker [`nvmux_core::worker::WorkSource`].
+//! * [`target`]: listeners, the discovery controller, subsystems by NQN.
+//!
+//! ```text
+//!  host ──TCP──► listener thread ──accept──► Conn on a worker (one per queue)
+//!                                               │ ICReq/ICResp, capsules, R2T/H2CData
+//!                                               ├─ qid 0: Controller::admin (identify, logs,
+//!                                               │         features, AER, properties)
+//!                                               └─ qid>0: parse_io ─► IoCommand ─► BlockQueue
+//! ```
+
+pub mod conn;
+pub mod crc32c;
+pub mod ctrl;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod pdu;
+pub mod target;
+
+pub use ctrl::{Namespace, Subsystem, DISCOVERY_NQN};
+pub use target::Target;
