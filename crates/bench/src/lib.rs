@@ -3,6 +3,7 @@
 //! The `nvmux bench` command (in the binary) composes them into runs and reports.
 
 pub mod client;
+pub mod nvmf;
 pub mod procs;
 pub mod workload;
 
