@@ -514,3 +514,67 @@ impl Host {
         Ok(())
     }
 }
+
+/// Run a random-I/O workload on namespace `nsid` through I/O queue `w.queue` of `h`,
+/// keeping `w.queue_depth` commands in flight (pipelined on the one connection).
+pub fn run_workload(
+    h: &mut Host,
+    nsid: u32,
+    w: &crate::workload::Workload,
+) -> Res<crate::workload::Measured> {
+    use crate::client::Op;
+    use crate::workload::{LatHist, Measured, Rng};
+    use std::time::Instant;
+    let id = h.identify(0, nsid)?;
+    let blocks_ns = u64::from_le_bytes(id[0..8].try_into().map_err(|_| "identify")?);
+    let lbads = id[130];
+    let bs_lba = 1usize << lbads;
+    let nlb = (w.block_size / bs_lba) as u32;
+    let span = blocks_ns / nlb as u64;
+    if nlb == 0 || span == 0 {
+        return Err("namespace smaller than one I/O".into());
+    }
+    let q = h.io.get_mut(w.queue).ok_or("no such I/O queue")?;
+    let data: Vec<u8> = (0..w.block_size).map(|i| (i % 251) as u8).collect();
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut started: Vec<(u16, Instant)> = Vec::with_capacity(w.queue_depth);
+    let mut hist = LatHist::default();
+    let issue = |q: &mut Queue, rng: &mut Rng| -> Res<u16> {
+        let slba = (rng.next_u64() % span) * nlb as u64;
+        if w.op == Op::Write {
+            q.send_cmd(Sqe::write(nsid, slba, nlb), Some(&data), 0)
+        } else {
+            q.send_cmd(Sqe::read(nsid, slba, nlb), None, w.block_size)
+        }
+    };
+    let t0 = Instant::now();
+    let end = t0 + w.duration;
+    for _ in 0..w.queue_depth.max(1) {
+        let cid = issue(q, &mut rng)?;
+        started.push((cid, Instant::now()));
+    }
+    let mut ios = 0u64;
+    while !started.is_empty() {
+        let (c, _) = q.next()?;
+        if !c.ok() {
+            return Err(format!("{:?} failed: status {:#x}", w.op, c.status));
+        }
+        let now = Instant::now();
+        if let Some(i) = started.iter().position(|(id, _)| *id == c.cid) {
+            hist.record(now - started.swap_remove(i).1);
+        }
+        ios += 1;
+        if now < end {
+            let cid = issue(q, &mut rng)?;
+            started.push((cid, now));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(Measured {
+        ios,
+        seconds: secs,
+        iops: ios as f64 / secs,
+        p50_us: hist.percentile_us(0.50),
+        p99_us: hist.percentile_us(0.99),
+    })
+}

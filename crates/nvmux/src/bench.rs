@@ -151,6 +151,9 @@ pub struct BenchArgs {
     /// Run the fairness suite instead: 4 disks on one pool saturated at once, vs QSD.
     #[arg(long, conflicts_with_all = ["pool", "crypt"])]
     fair: bool,
+    /// Run the NVMe/TCP suite instead: NVMe/TCP (host initiator) vs vhost-user vs fio.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair"])]
+    nvmf: bool,
     /// With --fair: the daemon's qos.fair_depth for the "on" rows.
     #[arg(long, default_value_t = 64)]
     pub(crate) fair_depth: u32,
@@ -253,10 +256,13 @@ pub fn run(a: BenchArgs) -> Res<()> {
             },
         );
     }
-    if a.pool || a.crypt || a.fair {
+    if a.pool || a.crypt || a.fair || a.nvmf {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
+        }
+        if a.nvmf {
+            return crate::bench_nvmf::run(&a, secs, two.then_some(0), two.then_some(1));
         }
         if a.crypt {
             return crate::bench_crypt::run(&a, secs, two.then_some(0));
