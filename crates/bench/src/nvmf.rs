@@ -2,7 +2,7 @@
 //! nvmux's target code, for integration tests and `nvmux bench --nvmf`.
 //!
 //! Blocking sockets; one [`Queue`] per TCP connection. Commands can be pipelined: send
-//! several with [`Queue::send_cmd`] and collect completions with [`Queue::next`].
+//! several with [`Queue::send_cmd`] and collect completions with [`Queue::next_completion`].
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -186,10 +186,8 @@ impl Queue {
         let mut whole = ch.to_vec();
         whole.extend_from_slice(&rest);
         let hd = if flags & 0x01 != 0 { 4 } else { 0 };
-        if hd != 0 {
-            if crc32c(&whole[..hlen]) != le32(&whole, hlen) {
-                return Err("header digest mismatch".into());
-            }
+        if hd != 0 && crc32c(&whole[..hlen]) != le32(&whole, hlen) {
+            return Err("header digest mismatch".into());
         }
         let data = if pdo != 0 && pdo < plen {
             let dd = if flags & 0x02 != 0 { 4 } else { 0 };
@@ -265,7 +263,7 @@ impl Queue {
     }
 
     /// Handle PDUs until a completion arrives; returns it with any data read.
-    pub fn next(&mut self) -> Res<(Completion, Vec<u8>)> {
+    pub fn next_completion(&mut self) -> Res<(Completion, Vec<u8>)> {
         loop {
             let p = self.recv()?;
             match p.ty {
@@ -342,7 +340,7 @@ impl Queue {
         read_len: usize,
     ) -> Res<(Completion, Vec<u8>)> {
         self.send_cmd(sqe, data, read_len)?;
-        self.next()
+        self.next_completion()
     }
 
     /// Fabrics Connect. Returns the completion (dword 0 is the controller id on success).
@@ -555,7 +553,7 @@ pub fn run_workload(
     }
     let mut ios = 0u64;
     while !started.is_empty() {
-        let (c, _) = q.next()?;
+        let (c, _) = q.next_completion()?;
         if !c.ok() {
             return Err(format!("{:?} failed: status {:#x}", w.op, c.status));
         }

@@ -429,7 +429,8 @@ pub struct Controller {
 }
 
 /// Asynchronous event: notice, namespace attribute changed, log page 0x04.
-const AEN_NS_CHANGED: u32 = 0x02 | (0x00 << 8) | (0x04 << 16);
+/// (Event type 2 = notice, information 0 = namespace attribute changed, log page 0x04.)
+const AEN_NS_CHANGED: u32 = 0x02 | (0x04 << 16);
 /// OAES / AEC bit for namespace attribute notices.
 const AEC_NS_ATTR: u32 = 1 << 8;
 

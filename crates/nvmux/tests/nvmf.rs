@@ -176,7 +176,7 @@ fn discover_connect_identify_io_and_events() {
         )
         .expect("hot-add");
     assert_eq!(v["nsid"], 2);
-    let (c, _) = h.admin.next().unwrap();
+    let (c, _) = h.admin.next_completion().unwrap();
     assert_eq!(
         (c.cid, c.dw0),
         (aer, 0x0004_0002),
@@ -193,7 +193,7 @@ fn discover_connect_identify_io_and_events() {
     d.api
         .post("/v1/disks/t1/resize", &json!({"size": 48u64 << 20}))
         .expect("resize");
-    let (c, _) = h.admin.next().unwrap();
+    let (c, _) = h.admin.next_completion().unwrap();
     assert_eq!((c.cid, c.dw0), (aer, 0x0004_0002));
     let n = h.identify(0, 2).unwrap();
     assert_eq!(
@@ -207,7 +207,7 @@ fn discover_connect_identify_io_and_events() {
     assert_eq!(io(&mut h, 0, Sqe::read(2, lba, 8), None, 4096).1, data);
 
     // A disk that is a namespace cannot be deleted; the subsystem survives a restart.
-    let e = d.api.delete("/v1/disks/d1").err().expect("busy");
+    let e = d.api.delete("/v1/disks/d1").expect_err("busy");
     assert!(e.to_string().contains("namespace 1"), "{e}");
     h.shutdown().unwrap();
     let dir = d.dir.clone();
