@@ -6,6 +6,9 @@
 #           [--vhost-sock SOCK [--queues N]]...   (each --queues applies to the
 #                                                  preceding --vhost-sock; default 1)
 #           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
+#           [--net]                                (virtio-net with QEMU user networking: the
+#                                                   guest is 10.0.2.15/24, the host's
+#                                                   127.0.0.1:PORT is 10.0.2.2:PORT)
 #           [--timeout SECS]                       (default 300)
 #           [--smp N]                              (guest vCPUs, default 1)
 #           [--kernel KERNEL]                      (default: the image named in BASE.cpio.kernel,
@@ -25,7 +28,7 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
-initrd= script= log= kernel= timeout_s=300 smp=1
+initrd= script= log= kernel= timeout_s=300 smp=1 net=
 socks=() queues=() envs=()
 while (($#)); do
     case $1 in
@@ -35,6 +38,7 @@ while (($#)); do
         --kernel) kernel=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
+        --net) net=1; shift ;;
         --vhost-sock) socks+=("$2"); queues+=(1); shift 2 ;;
         --queues)
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
@@ -84,6 +88,10 @@ if ((${#socks[@]})); then
         qemu+=(-chardev "socket,id=c$i,path=${socks[$i]}"
                -device "vhost-user-blk-pci,chardev=c$i,num-queues=${queues[$i]}")
     done
+fi
+
+if [[ -n $net ]]; then
+    qemu+=(-netdev user,id=n -device virtio-net-pci,netdev=n,romfile=)
 fi
 
 mkdir -p "$(dirname "$log")"

@@ -3,7 +3,7 @@
 #   - busybox-static with one symlink per applet,
 #   - kernel modules (virtio_pci, virtio_blk, virtio_net, nvme, nvme_tcp + deps)
 #     with depmod run for the guest kernel version,
-#   - fio, every library `ldd` lists for it, and the dynamic loader,
+#   - fio and nvme (nvme-cli), every library `ldd` lists for them, and the dynamic loader,
 #   - an /init that loads the modules, runs /test.sh (appended later as a
 #     second cpio by boot.sh) and prints a NVMUX-TEST-RESULT marker.
 #
@@ -30,7 +30,7 @@ fi
 vmlinuz=/boot/vmlinuz-$KVER
 [[ -r $vmlinuz && -d /lib/modules/$KVER ]] || { echo "initramfs: missing $vmlinuz or /lib/modules/$KVER" >&2; exit 1; }
 
-for tool in busybox fio cpio depmod modprobe ldd; do
+for tool in busybox fio nvme cpio depmod modprobe ldd; do
     command -v "$tool" >/dev/null || { echo "initramfs: '$tool' not found" >&2; exit 1; }
 done
 busybox=$(readlink -f "$(command -v busybox)")
@@ -84,6 +84,9 @@ copy_with_libs() {
     fi
 }
 copy_with_libs "$(readlink -f "$(command -v fio)")"
+# nvme-cli for the NVMe/TCP scenarios (the scripts pass --hostnqn/--hostid themselves).
+copy_with_libs "$(readlink -f "$(command -v nvme)")"
+mkdir -p "$root/etc/nvme"
 
 echo "$KVER" > "$root/etc/nvmux-kver"
 

@@ -253,6 +253,95 @@ else
     fi
 fi
 
+# e. nvmf / nvmf-restart (nvmux only): NVMe/TCP with the guest kernel's initiator.
+#    Contract: nvmux subsystem create NQN --listen ADDR:PORT --serial SN;
+#    subsystem allow-host NQN HOST; subsystem add-ns NQN DISK [--nsid N] (--json: nguid,
+#    size); disk resize; the daemon restores subsystems from state.json at start.
+nqn=nqn.2026-11.io.nvmux:vm-test
+hostnqn=nqn.2014-08.org.nvmexpress:uuid:6e766d75-7800-4000-8000-000000000001
+hostid=6e766d75-7800-4000-8000-000000000001
+denied=nqn.2014-08.org.nvmexpress:uuid:6e766d75-7800-4000-8000-0000000000ff
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+
+# boot_watch NAME SCRIPT ENV...: boot in the background; run the host action for each
+# marker the guest prints (actions: marker_<MARKER>); sets rc and ACTIONS.
+boot_watch() {
+    local name=$1 script=$2; shift 2
+    local envs=() e
+    for e in "$@"; do envs+=(--env "$e"); done
+    "$here/boot.sh" --initrd "$initrd" --script "$here/$script" --log "$work/$name.log" --net \
+        "${envs[@]}" --smp "$smp" --timeout "$boot_timeout" > "$work/$name.out" 2>&1 &
+    local bpid=$! m
+    local done_markers=" "
+    ACTIONS=""
+    while kill -0 "$bpid" 2>/dev/null; do
+        for m in $(grep -o '^NVMUX-READY-[A-Z]*' "$work/$name.log" 2>/dev/null || true); do
+            [[ $done_markers == *" $m "* ]] && continue
+            done_markers+="$m "
+            if "marker_${m#NVMUX-READY-}"; then ACTIONS+="${m#NVMUX-READY-}:ok "; else ACTIONS+="${m#NVMUX-READY-}:failed "; fi
+        done
+        sleep 0.3
+    done
+    rc=0
+    wait "$bpid" || rc=$?
+    cat "$work/$name.out"
+    grep '^test: ' "$work/$name.log" || true
+}
+
+if [[ $server != nvmux ]]; then
+    echo "SKIP nvmf, nvmf-restart (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail nvmf "server is not running"
+    fail nvmf-restart "server is not running"
+else
+    api=$sockdir/nvmux-data/nvmux.sock
+    port=$(free_port)
+    rm -f "$work/ns1.img"
+    if ! { "$NVMUX_BIN" --api "$api" disk create ns1 --backend file --path "$work/ns1.img" --size 64M &&
+           "$NVMUX_BIN" --api "$api" disk create ns2 --pool vmpool --size 32M &&
+           "$NVMUX_BIN" --api "$api" subsystem create "$nqn" --listen "127.0.0.1:$port" --serial NVMUXVM01 &&
+           "$NVMUX_BIN" --api "$api" subsystem allow-host "$nqn" "$hostnqn" &&
+           "$NVMUX_BIN" --api "$api" --json subsystem add-ns "$nqn" ns1 --nsid 1 > "$work/ns1.json"; } > "$work/nvmf-setup.out" 2>&1; then
+        cat "$work/nvmf-setup.out" "$work/ns1.json"
+        fail nvmf "could not create the subsystem"
+        fail nvmf-restart "could not create the subsystem"
+    else
+        marker_ADD() { "$NVMUX_BIN" --api "$api" subsystem add-ns "$nqn" ns2 --nsid 2; }
+        marker_RESIZE() { "$NVMUX_BIN" --api "$api" disk resize ns2 48M; }
+        boot_watch nvmf guest-nvmf.sh TARGET_IP=10.0.2.2 "PORT=$port" "NQN=$nqn" \
+            "HOSTNQN=$hostnqn" "HOSTID=$hostid" "DENIED_HOSTNQN=$denied" \
+            "SIZE_BYTES=$(json_field size < "$work/ns1.json")" "NGUID=$(json_field nguid < "$work/ns1.json")" \
+            SERIAL=NVMUXVM01 MODEL=nvmux NS2_SIZE_BYTES=$((32 << 20)) NS2_NEW_SIZE_BYTES=$((48 << 20))
+        echo "== host actions: $ACTIONS"
+        if ! grep -q "$denied" "$work/server.log"; then
+            fail nvmf "the daemon log does not mention the refused host $denied"
+        elif ((rc == 0)) && [[ $ACTIONS == "ADD:ok RESIZE:ok " ]]; then
+            pass nvmf
+        else
+            fail nvmf "boot status $rc, host actions '$ACTIONS', log $work/nvmf.log"
+        fi
+
+        # The restart: SIGTERM, then the same data directory again (state.json brings
+        # the subsystem, its port and its namespaces back).
+        marker_RESTART() {
+            local dir=$sockdir/nvmux-data
+            stop_server
+            "$NVMUX_BIN" serve --data-dir "$dir" >> "$work/server.log" 2>&1 &
+            SERVER_PID=$!
+            wait_for_socket "$dir/nvmux.sock"
+        }
+        boot_watch nvmf-restart guest-nvmf-restart.sh TARGET_IP=10.0.2.2 "PORT=$port" "NQN=$nqn" \
+            "HOSTNQN=$hostnqn" "HOSTID=$hostid"
+        echo "== host actions: $ACTIONS"
+        if ((rc == 0)) && [[ $ACTIONS == "RESTART:ok " ]]; then
+            pass nvmf-restart
+        else
+            fail nvmf-restart "boot status $rc, host actions '$ACTIONS', log $work/nvmf-restart.log"
+        fi
+    fi
+fi
+
 stop_server
 echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"
 echo "vm: $passed passed, $failed failed"

@@ -445,6 +445,13 @@ impl Conn {
             }
         }
         let want = match &io {
+            // Linux may describe a Dataset Management range list with a longer buffer
+            // (a whole page): take what the SGL says, within reason.
+            Some((_, IoPlan::Dsm { ranges, .. }))
+                if sgl_len >= ranges * 16 && sgl_len <= 64 << 10 =>
+            {
+                sgl_len
+            }
             Some((q, plan)) => plan.data_len(self.queues[*q].info.block_size),
             None if dir & 3 != 0 => sgl_len,
             None => 0,
@@ -748,8 +755,9 @@ impl Conn {
                 sl.pending = 1;
                 self.queues[q].bq.submit(cmd);
             }
-            IoPlan::Dsm { deallocate, .. } => {
-                let data = std::mem::take(&mut self.slots[i as usize].small);
+            IoPlan::Dsm { deallocate, ranges } => {
+                let mut data = std::mem::take(&mut self.slots[i as usize].small);
+                data.truncate(ranges * 16);
                 let info = self.queues[q].info.clone();
                 let mut n = 0;
                 let mut bad = false;

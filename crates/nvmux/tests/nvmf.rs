@@ -134,7 +134,8 @@ fn discover_connect_identify_io_and_events() {
     let mut h = Host::connect(addr, NQN, HOST_A, 1, 64, false).expect("connect");
     let data = pattern(1, 64 << 10);
     assert_eq!(io(&mut h, 0, Sqe::write(1, 2048, 128), Some(&data), 0).0, 0);
-    let mut ranges = vec![0u8; 32];
+    // Two ranges in a page-sized buffer, as Linux sends them.
+    let mut ranges = vec![0u8; 4096];
     ranges[4..8].copy_from_slice(&64u32.to_le_bytes());
     ranges[8..16].copy_from_slice(&2048u64.to_le_bytes());
     ranges[20..24].copy_from_slice(&32u32.to_le_bytes());
