@@ -57,3 +57,12 @@ awk 'NR == FNR { b[$1] = $2; next } { print "test: queue", $1, "completions", $2
 used=$(awk 'NR == FNR { b[$1] = $2; next } $2 > b[$1] { n++ } END { print n + 0 }' /tmp/irq.before /tmp/irq.after)
 echo "test: $used queue(s) carried I/O"
 [ "$used" -ge "$expect" ] || { echo "test: expected I/O on >= $expect queues"; exit 13; }
+
+# A TCG-bound throughput figure, for comparison with the NVMe/TCP scenario's.
+if [ "${VERIFY_ONLY:-0}" != 1 ]; then
+    # shellcheck disable=SC2086
+    iops=$(fio --name=perf --filename="$dev" --rw=randread --bs=4k --size=32M --ioengine=libaio \
+        --direct=1 --iodepth=32 --numjobs=2 --time_based --runtime=3 --group_reporting \
+        --minimal $pin | awk -F';' '{ print $8 }')
+    echo "test: TCG guest virtio-blk 4K randread QD32 x 2 jobs: $iops IOPS"
+fi

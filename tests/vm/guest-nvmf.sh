@@ -81,6 +81,11 @@ fio --name=big --filename=/dev/nvme0n1 --rw=randwrite --bs=64k --size=8M --offse
     --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
     --minimal > /tmp/fio2.out 2>&1 || { rc=$?; cat /tmp/fio2.out; exit "$rc"; }
 echo "test: fio crc32c verify passed (2 jobs x 8 MiB of 4 KiB, 8 MiB of 64 KiB)"
+# A TCG-bound throughput figure (compare with the virtio-blk scenario's).
+iops=$(fio --name=perf --filename=/dev/nvme0n1 --rw=randread --bs=4k --size=32M --ioengine=libaio \
+    --direct=1 --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+    --time_based --runtime=3 --group_reporting --minimal | awk -F';' '{ print $8 }')
+echo "test: TCG guest nvme-tcp 4K randread QD32 x 2 jobs: $iops IOPS"
 
 # 5. discard
 dd if=/dev/urandom of=/dev/nvme0n1 bs=1M seek=24 count=1 oflag=direct 2>/dev/null
