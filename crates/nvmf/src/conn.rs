@@ -671,18 +671,9 @@ impl Conn {
             return self.do_connect(i, s);
         };
         if self.qid == 0 {
-            let data = std::mem::take(&mut self.slots[i as usize].small);
             let mut out = std::mem::take(&mut self.out);
             out.clear();
-            let r = c.admin(
-                &*self.p.resolver,
-                self.p.at,
-                s,
-                &data,
-                &mut out,
-                self.aers.len(),
-            );
-            self.slots[i as usize].small = data;
+            let r = c.admin(&*self.p.resolver, self.p.at, s, &mut out, self.aers.len());
             match r {
                 Outcome::Held => {
                     self.aers.push(cid);
@@ -799,7 +790,6 @@ impl Conn {
     }
 
     fn do_connect(&mut self, i: u16, s: Sqe) {
-        let cid = s.cid();
         if !(s.is_fabrics() && s.fctype() == 0x01) {
             return self.finish_now(i, Cqe::err(sc::CMD_SEQUENCE));
         }
@@ -826,10 +816,7 @@ impl Conn {
                 self.refresh_ns();
                 self.finish_now(i, Cqe::ok(cntlid as u32));
             }
-            Err(cqe) => {
-                let _ = cid;
-                self.finish_now(i, cqe);
-            }
+            Err(cqe) => self.finish_now(i, cqe),
         }
     }
 

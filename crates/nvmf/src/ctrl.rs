@@ -242,7 +242,6 @@ pub struct Subsystem {
     ns_gen: AtomicU64,
     ctrls: Mutex<Vec<Weak<Controller>>>,
     next_cntlid: AtomicU16,
-    removed: AtomicBool,
 }
 
 impl Subsystem {
@@ -258,7 +257,6 @@ impl Subsystem {
             ns_gen: AtomicU64::new(1),
             ctrls: Mutex::new(Vec::new()),
             next_cntlid: AtomicU16::new(1),
-            removed: AtomicBool::new(false),
         })
     }
     fn lock(&self) -> MutexGuard<'_, SubState> {
@@ -326,13 +324,9 @@ impl Subsystem {
     }
     /// The subsystem is being deleted: every connection to it closes.
     pub fn remove(&self) {
-        self.removed.store(true, Ordering::Release);
         for c in self.controllers() {
             c.stop_all();
         }
-    }
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Acquire)
     }
     fn new_controller(
         self: &Arc<Self>,
@@ -487,9 +481,6 @@ impl Controller {
     pub fn enabled(&self) -> bool {
         self.lock().csts & 1 != 0
     }
-    pub fn kato_ms(&self) -> u32 {
-        self.lock().kato_ms
-    }
     pub fn qids(&self) -> Vec<u16> {
         self.lock().qids.iter().copied().collect()
     }
@@ -568,15 +559,14 @@ impl Controller {
         }
     }
 
-    /// Execute an admin command (or a fabrics Property Get/Set on the admin queue).
-    /// `data` is what the host sent with it; data for the host goes to `out` (the
-    /// transport sends at most the command's data length and pads with zeros).
+    /// Execute an admin command (or a fabrics Property Get/Set on the admin queue). Data
+    /// for the host goes to `out` (the transport sends the command's data length, padded
+    /// with zeros). No supported admin command takes data from the host.
     pub fn admin(
         &self,
         r: &dyn Resolver,
         at: Where,
         sqe: Sqe,
-        data: &[u8],
         out: &mut Vec<u8>,
         aers: usize,
     ) -> Outcome {
@@ -614,10 +604,7 @@ impl Controller {
                     _ => Cqe::err(Status::INVALID_FIELD),
                 }
             }
-            _ => {
-                let _ = data;
-                Cqe::err(Status::INVALID_OPCODE)
-            }
+            _ => Cqe::err(Status::INVALID_OPCODE),
         };
         Outcome::Done(cqe)
     }

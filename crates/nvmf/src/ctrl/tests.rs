@@ -66,7 +66,7 @@ fn enabled(r: &R) -> Arc<Controller> {
     put64(&mut p, 48, 1);
     let mut out = Vec::new();
     assert_eq!(
-        ctrl.admin(r, at(), Sqe(&p), &[], &mut out, 0),
+        ctrl.admin(r, at(), Sqe(&p), &mut out, 0),
         Outcome::Done(Cqe::ok(0))
     );
     assert!(ctrl.enabled());
@@ -104,7 +104,7 @@ fn identify_and_io_queue_connect() {
     let mut out = Vec::new();
     let s = sqe(0x06, 0, 1, 0);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0),
+        ctrl.admin(&r, at(), Sqe(&s), &mut out, 0),
         Outcome::Done(Cqe::ok(0))
     );
     assert_eq!(&out[4..7], b"SN1");
@@ -113,33 +113,33 @@ fn identify_and_io_queue_connect() {
     assert_eq!(get_str(&out[768..1024]), NQN);
     // Active namespace list, identify namespace, descriptors.
     let s = sqe(0x06, 0, 2, 0);
-    ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0);
+    ctrl.admin(&r, at(), Sqe(&s), &mut out, 0);
     assert_eq!((le32(&out, 0), le32(&out, 4), le32(&out, 8)), (1, 3, 0));
     let s = sqe(0x06, 3, 0, 0);
-    ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0);
+    ctrl.admin(&r, at(), Sqe(&s), &mut out, 0);
     assert_eq!(le64(&out, 0), 4 << 11);
     assert_eq!(&out[104..120], &[3u8; 16]);
     assert_eq!(out[130], 9);
     let s = sqe(0x06, 2, 3, 0);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0),
+        ctrl.admin(&r, at(), Sqe(&s), &mut out, 0),
         Outcome::Done(Cqe::err(Status::INVALID_NAMESPACE))
     );
     // Unsupported opcode and log page.
     let s = sqe(0x80, 0, 0, 0);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0),
+        ctrl.admin(&r, at(), Sqe(&s), &mut out, 0),
         Outcome::Done(Cqe::err(Status::INVALID_OPCODE))
     );
     let s = sqe(0x02, 0, 0x00ff_0042, 0);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0),
+        ctrl.admin(&r, at(), Sqe(&s), &mut out, 0),
         Outcome::Done(Cqe::err(sc::INVALID_LOG_PAGE))
     );
     // Number of queues, then I/O queue connect within and beyond the grant.
     let s = sqe(0x09, 0, 0x07, 0x0003_0003);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0),
+        ctrl.admin(&r, at(), Sqe(&s), &mut out, 0),
         Outcome::Done(Cqe::ok(0x0003_0003))
     );
     let (c, d) = connect_cmd(2, 128, HOST, ctrl.cntlid);
@@ -167,14 +167,11 @@ fn namespace_changes_raise_one_event_until_the_log_is_read() {
     sub.add_namespace(ns(1, 1)).unwrap();
     assert_eq!(ctrl.take_event(), None);
     let s = sqe(0x09, 0, 0x0b, 1 << 8);
-    ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0);
+    ctrl.admin(&r, at(), Sqe(&s), &mut out, 0);
     let aer = sqe(0x0c, 0, 0, 0);
+    assert_eq!(ctrl.admin(&r, at(), Sqe(&aer), &mut out, 0), Outcome::Held);
     assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&aer), &[], &mut out, 0),
-        Outcome::Held
-    );
-    assert_eq!(
-        ctrl.admin(&r, at(), Sqe(&aer), &[], &mut out, MAX_AERS),
+        ctrl.admin(&r, at(), Sqe(&aer), &mut out, MAX_AERS),
         Outcome::Done(Cqe::err(sc::AER_LIMIT))
     );
     sub.add_namespace(ns(2, 1)).unwrap();
@@ -184,7 +181,7 @@ fn namespace_changes_raise_one_event_until_the_log_is_read() {
     assert_eq!(ctrl.take_event(), None, "masked until the log page is read");
     // Changed namespace list: 1 and 2; reading it (RAE clear) unmasks.
     let s = sqe(0x02, 0, (1023 << 16) | 0x04, 0);
-    ctrl.admin(&r, at(), Sqe(&s), &[], &mut out, 0);
+    ctrl.admin(&r, at(), Sqe(&s), &mut out, 0);
     assert_eq!((le32(&out, 0), le32(&out, 4), le32(&out, 8)), (1, 2, 0));
     sub.remove_namespace(1);
     assert_eq!(ctrl.take_event(), Some(0x0004_0002));
