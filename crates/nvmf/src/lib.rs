@@ -18,7 +18,6 @@
 //! ```
 
 pub mod conn;
-pub mod crc32c;
 pub mod ctrl;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -7,7 +7,7 @@
 //! a CRC32C of the header follows it; with data digests a CRC32C of the data follows the
 //! data.
 
-use crate::crc32c::{crc32c, Crc32c};
+use nvmux_core::crc32c::{crc32c, Crc32c};
 
 pub const ICREQ: u8 = 0x00;
 pub const ICRESP: u8 = 0x01;

@@ -6,7 +6,7 @@
 //! range-checked, and an error names the block, the field and what was wrong, so that
 //! `pool check` and the daemon can say where a pool is damaged.
 
-use crate::crc32c::crc32c;
+use nvmux_core::crc32c::crc32c;
 
 /// Size of every metadata block.
 pub const BLOCK: usize = 4096;

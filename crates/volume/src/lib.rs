@@ -8,7 +8,6 @@
 //!
 //! The allocator, thin volumes, checkpoints and `pool check` build on them.
 
-pub mod crc32c;
 pub mod format;
 pub mod journal;
 pub mod pool;
@@ -27,7 +26,7 @@ pub fn fuzz_metadata(data: &[u8]) {
     blk[..n].copy_from_slice(&data[..n]);
     // Let the fuzzer reach past the checksum: a byte after the block asks for a sealed block.
     if data.get(BLOCK).is_some_and(|b| b & 1 == 1) {
-        let c = crc32c::crc32c(&blk[..BLOCK - 4]);
+        let c = nvmux_core::crc32c::crc32c(&blk[..BLOCK - 4]);
         blk[BLOCK - 4..].copy_from_slice(&c.to_le_bytes());
     }
     if let Ok(s) = Superblock::decode(&blk, 0) {

@@ -1,4 +1,5 @@
-//! CRC32C (Castagnoli), the NVMe/TCP header and data digest.
+//! CRC32C (Castagnoli): the NVMe/TCP header and data digests and the checksum of pool
+//! metadata blocks.
 //!
 //! SSE4.2 has an instruction for it; without it a table is used.
 
