@@ -70,6 +70,8 @@ impl Status {
     pub const INTERNAL_ERROR: Status = Status::new(0, 0x06);
     pub const ABORTED: Status = Status::new(0, 0x07);
     pub const INVALID_NAMESPACE: Status = Status::new(0, 0x0b);
+    /// The namespace cannot serve the command now (an external function is detached).
+    pub const NAMESPACE_NOT_READY: Status = Status::new(0, 0x82);
     pub const LBA_OUT_OF_RANGE: Status = Status::new(0, 0x80);
     pub const CAPACITY_EXCEEDED: Status = Status::new(0, 0x81);
     /// Command specific: attempted write to a read-only range / namespace.
@@ -113,6 +115,7 @@ impl fmt::Debug for Status {
             Status::INTERNAL_ERROR => "internal error",
             Status::ABORTED => "aborted",
             Status::INVALID_NAMESPACE => "invalid namespace",
+            Status::NAMESPACE_NOT_READY => "namespace not ready",
             Status::LBA_OUT_OF_RANGE => "LBA out of range",
             Status::CAPACITY_EXCEEDED => "capacity exceeded",
             Status::WRITE_PROTECTED => "write to read-only",
@@ -365,7 +368,9 @@ pub struct IoCommand {
     pub nlb: u32,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
-    /// The frontend's own request id, handed back untouched at completion.
+    /// The frontend's own request id, handed back untouched at completion. Frontends
+    /// use values below [`IoCommand::ROUTER_TAG`]; the router marks commands it tracks
+    /// with that bit while they are below it, and restores the tag before completion.
     pub tag: u64,
     /// Data buffers (Read, Write only).
     pub sg: SgList,
@@ -374,6 +379,9 @@ pub struct IoCommand {
 }
 
 impl IoCommand {
+    /// The tag bit the router reserves (see `tag`).
+    pub const ROUTER_TAG: u64 = 1 << 63;
+
     pub fn new(opcode: Opcode, slba: u64, nlb: u32, tag: u64, sg: SgList) -> Self {
         IoCommand {
             opcode,
@@ -517,6 +525,18 @@ pub trait BlockQueue: Send {
     /// held commands may go then): a sleeping worker wakes at this time to `poll`.
     fn next_deadline(&self) -> Option<std::time::Instant> {
         None
+    }
+    /// Every descriptor a sleeping worker must watch for this queue: by default its
+    /// `completion_fd`. A queue over several devices (the router's) reports one for each.
+    /// Asked once, when the frontend's source is attached to its worker.
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        out.extend(self.completion_fd());
+    }
+    /// False while commands are complete but handed back only by a later `poll`, with no
+    /// descriptor or deadline to wake a sleeping worker for them (null and synchronous
+    /// backends): the worker must poll again instead of sleeping.
+    fn may_sleep(&self) -> bool {
+        self.completion_fd().is_some() || self.in_flight() == 0 || self.next_deadline().is_some()
     }
 }
 

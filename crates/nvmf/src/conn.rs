@@ -981,7 +981,9 @@ impl WorkSource for Conn {
 
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.waker.fd()];
-        v.extend(self.queues.iter().filter_map(|q| q.bq.completion_fd()));
+        for q in &self.queues {
+            q.bq.wait_fds(&mut v);
+        }
         v
     }
 
@@ -1007,15 +1009,7 @@ impl WorkSource for Conn {
         if self.phase == Phase::Dead && !self.in_flight() {
             return false;
         }
-        for q in &self.queues {
-            if q.bq.completion_fd().is_none()
-                && q.bq.in_flight() > 0
-                && q.bq.next_deadline().is_none()
-            {
-                return false;
-            }
-        }
-        true
+        self.queues.iter().all(|q| q.bq.may_sleep())
     }
 
     fn after_sleep(&mut self) {}

@@ -343,17 +343,13 @@ impl WorkSource for VringSource {
 
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.kick.as_raw_fd()];
-        v.extend(self.bq.completion_fd());
+        self.bq.wait_fds(&mut v);
         v
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        // Without a completion fd, commands in flight complete only by polling, unless
-        // the queue holds them until a deadline (a rate limit), which wakes the worker.
-        if self.bq.completion_fd().is_none()
-            && self.bq.in_flight() > 0
-            && self.bq.next_deadline().is_none()
-        {
+        // Commands complete but not yet handed back, with nothing to wake the worker.
+        if !self.bq.may_sleep() {
             return false;
         }
         // Re-enabling reports whether chains arrived while notifications were off.

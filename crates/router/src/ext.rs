@@ -1,0 +1,562 @@
+//! The daemon's end of a disk's external function (protocol: `nvmux_extfn::proto`).
+//!
+//! [`External`] owns the listening socket and a thread that accepts one function process
+//! at a time, shakes hands and then watches the connection: when the process exits or
+//! dies, the socket reaches EOF, the connection's generation ends, and every disk queue
+//! with a ring to it is woken to fail or re-route what it had in flight. A new process can
+//! attach at any time.
+//!
+//! [`ExtRing`] is one disk queue's ring: created by the queue's worker the first time it
+//! routes a command to the function, single producer, single consumer, no locks. Everything
+//! the function writes into it (completion entries, indices, read data) is treated as
+//! untrusted: a bad index or an id that is not outstanding breaks the ring and detaches
+//! the function; it never reaches beyond the ring's mapping or completes a command twice.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvmux_core::{IoCommand, Status};
+use nvmux_extfn::proto::{self, hdr, Cqe, Layout, RingView, Sqe};
+
+/// What happens to commands for the function while it is not attached (or after it died
+/// with them in flight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Complete them with Namespace Not Ready (a retryable NVMe status).
+    Fail,
+    /// Send them through the disk's function chain, as if no function were configured.
+    Chain,
+}
+
+impl OnFailure {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnFailure::Fail => "fail",
+            OnFailure::Chain => "chain",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ExternalConfig {
+    pub socket: PathBuf,
+    pub on_failure: OnFailure,
+    /// Entries per ring (a power of two, up to 1024).
+    pub depth: u32,
+    /// Data bytes per command (a multiple of 4096); larger commands are handled as by
+    /// `on_failure`.
+    pub max_io: u32,
+}
+
+/// The attached process.
+pub(crate) struct Conn {
+    pub gen: u64,
+    pub name: String,
+    pub pid: i32,
+    sock: UnixStream,
+    /// Serialises sends from several workers.
+    send: Mutex<()>,
+    /// Duplicates of the wake eventfds of the queues with a ring, written at detach.
+    wakers: Mutex<Vec<OwnedFd>>,
+    next_ring: AtomicU32,
+}
+
+impl Conn {
+    fn send(&self, msg: &[u8; proto::MSG_SIZE], fds: &[RawFd]) -> io::Result<()> {
+        let _g = self.send.lock().unwrap_or_else(|e| e.into_inner());
+        nvmux_extfn::sock::send_with_fds(self.sock.as_raw_fd(), msg, fds)
+    }
+
+    /// End the connection (the listener thread then detaches it).
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// What the API shows of an external function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalStatus {
+    pub attached: bool,
+    pub name: String,
+    pub pid: i32,
+    pub attaches: u64,
+    pub detaches: u64,
+}
+
+pub struct External {
+    pub cfg: ExternalConfig,
+    disk: String,
+    block_size: u32,
+    num_blocks: AtomicU64,
+    /// Bumped at every attach and detach: a ring from an older generation is dead.
+    gen: AtomicU64,
+    conn: Mutex<Option<Arc<Conn>>>,
+    stop: OwnedFd,
+    stopping: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    attaches: AtomicU64,
+    detaches: AtomicU64,
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions; checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn signal(fd: RawFd) {
+    let one = 1u64;
+    // SAFETY: writing 8 bytes from a u64 to an eventfd that is open.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+impl External {
+    /// Serve function processes on `listener` (bound by the daemon, which checks the path).
+    pub fn start(
+        cfg: ExternalConfig,
+        listener: UnixListener,
+        disk: &str,
+        block_size: u32,
+        num_blocks: u64,
+    ) -> io::Result<Arc<External>> {
+        if Layout::new(cfg.depth, cfg.max_io).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "depth {} and max_io {} do not make a ring (depth a power of two up to {}, max_io a multiple of 4096 up to {})",
+                    cfg.depth,
+                    cfg.max_io,
+                    proto::MAX_DEPTH,
+                    proto::MAX_SLOT
+                ),
+            ));
+        }
+        let ext = Arc::new(External {
+            cfg,
+            disk: disk.to_string(),
+            block_size,
+            num_blocks: AtomicU64::new(num_blocks),
+            gen: AtomicU64::new(0),
+            conn: Mutex::new(None),
+            stop: eventfd()?,
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            attaches: AtomicU64::new(0),
+            detaches: AtomicU64::new(0),
+        });
+        let e = ext.clone();
+        let t = std::thread::Builder::new()
+            .name("nvmux-extfn".into())
+            .spawn(move || e.run(listener))?;
+        *ext.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        Ok(ext)
+    }
+
+    pub fn set_num_blocks(&self, n: u64) {
+        self.num_blocks.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn conn(&self) -> Option<Arc<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn status(&self) -> ExternalStatus {
+        let c = self.conn();
+        ExternalStatus {
+            attached: c.is_some(),
+            name: c.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+            pid: c.as_ref().map_or(0, |c| c.pid),
+            attaches: self.attaches.load(Ordering::Relaxed),
+            detaches: self.detaches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop listening and detach the process; rings fail over as for a dead process.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        signal(self.stop.as_raw_fd());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.cfg.socket);
+    }
+
+    fn attach(&self, mut s: UnixStream) -> io::Result<()> {
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut b = [0u8; proto::MSG_SIZE];
+        s.read_exact(&mut b)?;
+        let Some(h) = proto::Hello::decode(&b) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not an nvmux function (bad hello)"));
+        };
+        let mut w = proto::Welcome {
+            version: proto::VERSION,
+            status: proto::WELCOME_OK,
+            block_size: self.block_size,
+            depth: self.cfg.depth,
+            num_blocks: self.num_blocks.load(Ordering::Relaxed),
+            max_io: self.cfg.max_io,
+            disk: self.disk.clone(),
+        };
+        if h.version != proto::VERSION {
+            w.status = proto::WELCOME_VERSION;
+        } else if self.conn().is_some() {
+            w.status = proto::WELCOME_BUSY;
+        }
+        s.write_all(&w.encode())?;
+        if w.status != proto::WELCOME_OK {
+            tracing::warn!(disk = %self.disk, function = %h.name, status = w.status, "external function refused");
+            return Ok(());
+        }
+        s.set_read_timeout(None)?;
+        let pid = peer_pid(&s);
+        let conn = Arc::new(Conn {
+            gen: self.gen.fetch_add(1, Ordering::AcqRel) + 1,
+            name: h.name,
+            pid,
+            sock: s,
+            send: Mutex::new(()),
+            wakers: Mutex::new(Vec::new()),
+            next_ring: AtomicU32::new(0),
+        });
+        tracing::info!(disk = %self.disk, function = %conn.name, pid, "external function attached");
+        self.attaches.fetch_add(1, Ordering::Relaxed);
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        Ok(())
+    }
+
+    fn detach(&self, why: &str) {
+        let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        self.gen.fetch_add(1, Ordering::AcqRel);
+        self.detaches.fetch_add(1, Ordering::Relaxed);
+        c.shutdown();
+        for w in c.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            signal(w.as_raw_fd());
+        }
+        tracing::warn!(disk = %self.disk, function = %c.name, pid = c.pid, "external function detached: {why}");
+    }
+
+    fn run(&self, listener: UnixListener) {
+        let _ = listener.set_nonblocking(true);
+        loop {
+            let conn = self.conn();
+            let mut fds = vec![
+                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            if let Some(c) = &conn {
+                fds.push(libc::pollfd { fd: c.sock.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 });
+            }
+            // SAFETY: `fds` is a valid array of pollfd for the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(disk = %self.disk, "external function listener: poll failed: {}", io::Error::last_os_error());
+                break;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            if let (Some(c), Some(p)) = (&conn, fds.get(2)) {
+                if p.revents != 0 {
+                    let mut b = [0u8; 64];
+                    match (&c.sock).read(&mut b) {
+                        Ok(0) => self.detach("the process closed its connection"),
+                        Ok(_) => self.detach("unexpected message from the function"),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => self.detach(&format!("connection error: {e}")),
+                    }
+                }
+            }
+            if fds[0].revents != 0 {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        if let Err(e) = self.attach(s) {
+                            tracing::warn!(disk = %self.disk, "external function handshake failed: {e}");
+                        }
+                        if let Some(c) = self.conn() {
+                            let _ = c.sock.set_nonblocking(true);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => tracing::warn!(disk = %self.disk, "external function accept failed: {e}"),
+                }
+            }
+        }
+        self.detach("the disk's external function was removed");
+    }
+}
+
+fn peer_pid(s: &UnixStream) -> i32 {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        cred.pid
+    } else {
+        0
+    }
+}
+
+/// Why a command could not be handed to the ring now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SubmitError {
+    /// Every entry is in use: retry when one completes.
+    Full,
+    /// The data does not fit a slot.
+    TooBig,
+}
+
+const FREE: u32 = u32::MAX;
+
+/// One disk queue's ring to the attached function.
+pub(crate) struct ExtRing {
+    conn: Arc<Conn>,
+    pub gen: u64,
+    id: u32,
+    base: *mut libc::c_void,
+    view: RingView,
+    sq_efd: OwnedFd,
+    free: Vec<u16>,
+    /// Ring entry id → the router slot it carries (`FREE` if none).
+    owner: Vec<u32>,
+    sq_tail: u32,
+    cq_head: u32,
+    unpublished: bool,
+    outstanding: usize,
+}
+
+// SAFETY: the raw mapping pointer is owned by the ring, which one worker thread drives.
+unsafe impl Send for ExtRing {}
+
+impl Drop for ExtRing {
+    fn drop(&mut self) {
+        let m = proto::RingMsg { kind: proto::MSG_REMOVE_RING, ring: self.id, depth: 0, size: 0, slot_size: 0 };
+        let _ = self.conn.send(&m.encode(), &[]);
+        // SAFETY: our mapping of layout.size bytes.
+        unsafe { libc::munmap(self.base, self.view.layout.size) };
+    }
+}
+
+impl ExtRing {
+    /// Create a ring whose completions wake `wake_fd`, and hand it to the function.
+    pub fn create(ext: &External, conn: Arc<Conn>, wake_fd: RawFd) -> io::Result<ExtRing> {
+        let layout = Layout::new(ext.cfg.depth, ext.cfg.max_io)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad ring geometry"))?;
+        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+        let mfd = unsafe { libc::memfd_create(c"nvmux-extfn-ring".as_ptr(), libc::MFD_CLOEXEC) };
+        if mfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+        // SAFETY: plain syscalls on our memfd.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), layout.size as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a shared mapping of our memfd; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is layout.size bytes and lives as long as the ring.
+        let view = unsafe { RingView::new(base.cast(), layout) };
+        view.init_header();
+        let sq_efd = eventfd()?;
+        // SAFETY: dup of a descriptor the caller keeps open for the ring's life; checked.
+        let wake_dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if wake_dup < 0 {
+            // SAFETY: our mapping.
+            unsafe { libc::munmap(base, layout.size) };
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let wake_dup = unsafe { OwnedFd::from_raw_fd(wake_dup) };
+        let id = conn.next_ring.fetch_add(1, Ordering::Relaxed);
+        let ring = ExtRing {
+            gen: conn.gen,
+            id,
+            base,
+            view,
+            sq_efd,
+            free: (0..layout.depth as u16).rev().collect(),
+            owner: vec![FREE; layout.depth as usize],
+            sq_tail: 0,
+            cq_head: 0,
+            unpublished: false,
+            outstanding: 0,
+            conn,
+        };
+        let m = proto::RingMsg {
+            kind: proto::MSG_ADD_RING,
+            ring: id,
+            depth: layout.depth,
+            size: layout.size as u64,
+            slot_size: layout.slot_size,
+        };
+        ring.conn.send(&m.encode(), &[memfd.as_raw_fd(), ring.sq_efd.as_raw_fd(), wake_fd])?;
+        ring.conn.wakers.lock().unwrap_or_else(|e| e.into_inner()).push(wake_dup);
+        Ok(ring)
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Hand `cmd` (router slot `slot`) to the function; write data is copied into its slot.
+    pub fn submit(&mut self, slot: u32, cmd: &IoCommand, cookie: u64) -> Result<(), SubmitError> {
+        let len = cmd.sg.len();
+        if len > self.view.layout.slot_size as u64 {
+            return Err(SubmitError::TooBig);
+        }
+        let Some(id) = self.free.pop() else {
+            return Err(SubmitError::Full);
+        };
+        if cmd.opcode == nvmux_core::Opcode::Write {
+            if let Some(p) = self.view.slot(id) {
+                // SAFETY: the slot has slot_size >= len bytes in our mapping; the SG list's
+                // segments are readable for the command's life (its keepalive).
+                unsafe { cmd.sg.copy_to(std::slice::from_raw_parts_mut(p, len as usize)) };
+            }
+        }
+        self.view.write_sqe(
+            self.sq_tail,
+            &Sqe {
+                id,
+                opcode: cmd.opcode as u8,
+                flags: if cmd.fua { proto::SQE_FUA } else { 0 },
+                nsid: cmd.nsid,
+                slba: cmd.slba,
+                nlb: cmd.nlb,
+                data_len: len as u32,
+                cookie,
+            },
+        );
+        self.sq_tail = self.sq_tail.wrapping_add(1);
+        self.owner[id as usize] = slot;
+        self.outstanding += 1;
+        self.unpublished = true;
+        Ok(())
+    }
+
+    /// Publish what was submitted; wake the function if it sleeps.
+    pub fn kick(&mut self) {
+        if !self.unpublished {
+            return;
+        }
+        self.unpublished = false;
+        self.view.store(hdr::SQ_TAIL, self.sq_tail);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.view.load(hdr::FN_FLAGS) & proto::FN_NEED_WAKEUP != 0 {
+            signal(self.sq_efd.as_raw_fd());
+        }
+    }
+
+    /// Take the published completions: `(router slot, ring id, entry)` each. `Err` if the
+    /// function broke the protocol (the ring must then be abandoned).
+    pub fn reap(&mut self, out: &mut Vec<(u32, u16, Cqe)>) -> Result<(), &'static str> {
+        reap_cq(&self.view, &mut self.owner, &mut self.cq_head, &mut self.outstanding, out)
+    }
+
+    /// Copy a read's data from entry `id`'s slot into `cmd`'s buffers.
+    pub fn copy_read(&self, id: u16, cmd: &IoCommand) {
+        if let Some(p) = self.view.slot(id) {
+            let len = (cmd.sg.len() as usize).min(self.view.layout.slot_size as usize);
+            // SAFETY: the slot has slot_size bytes in our mapping (the function may still
+            // write them: we copy bytes, whatever they are); the SG list is writable.
+            unsafe { cmd.sg.copy_from(std::slice::from_raw_parts(p, len)) };
+        }
+    }
+
+    /// Entry `id` may be reused.
+    pub fn release(&mut self, id: u16) {
+        self.free.push(id);
+    }
+
+    /// The router slots of every command still in flight (to fail or re-route them).
+    pub fn drain_owners(&mut self) -> Vec<u32> {
+        let v: Vec<u32> = self.owner.iter().copied().filter(|&s| s != FREE).collect();
+        self.owner.fill(FREE);
+        self.outstanding = 0;
+        v
+    }
+
+    /// Detach the function: it broke the protocol.
+    pub fn break_conn(&self, why: &str) {
+        tracing::error!(ring = self.id, function = %self.conn.name, "external function broke the ring protocol: {why}");
+        self.conn.shutdown();
+    }
+}
+
+/// Status for commands that cannot reach the function.
+pub const NOT_READY: Status = Status::NAMESPACE_NOT_READY;
+
+/// The completion side of a ring, on its own so that it can be fuzzed over arbitrary
+/// ring contents: every entry between our head and the function's tail must name an
+/// entry in flight (`owner[id] != FREE`), and each completes exactly once.
+pub fn reap_cq(
+    view: &RingView,
+    owner: &mut [u32],
+    cq_head: &mut u32,
+    outstanding: &mut usize,
+    out: &mut Vec<(u32, u16, Cqe)>,
+) -> Result<(), &'static str> {
+    let tail = view.load(hdr::CQ_TAIL);
+    let n = tail.wrapping_sub(*cq_head);
+    if n as usize > *outstanding {
+        return Err("more completions than commands in flight");
+    }
+    for _ in 0..n {
+        let c = view.read_cqe(*cq_head);
+        *cq_head = cq_head.wrapping_add(1);
+        let slot = match owner.get(c.id as usize) {
+            Some(&s) if s != FREE => s,
+            _ => return Err("a completion for an entry that is not in flight"),
+        };
+        owner[c.id as usize] = FREE;
+        *outstanding -= 1;
+        out.push((slot, c.id, c));
+    }
+    if n > 0 {
+        view.store(hdr::CQ_HEAD, *cq_head);
+    }
+    Ok(())
+}
+
+/// An entry that carries no command.
+pub const FREE_ENTRY: u32 = FREE;
