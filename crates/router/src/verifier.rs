@@ -1,8 +1,10 @@
 //! The load-time verifier. A classifier runs JIT-compiled inside a worker thread with no
 //! run-time checks, so everything that keeps it safe is proved here, before it runs:
 //!
-//! * **Bounded.** Every jump goes forward, so a run executes each instruction at most
-//!   once: at most [`crate::elf::MAX_INSNS`] instructions. Loops are refused (unroll them).
+//! * **Bounded.** The control-flow graph has no cycle (a depth-first search finds no
+//!   back edge; a backward jump that does not close a loop, such as clang's jump to a
+//!   shared exit, is fine), so a run executes each instruction at most once: at most
+//!   [`crate::elf::MAX_INSNS`] instructions. Loops are refused (unroll them).
 //! * **Memory-safe.** Each register has a type: uninitialised, scalar (with its value when
 //!   known), or a pointer to the context, the stack, a map, or a map value (maybe null)
 //!   with a constant offset. Loads and stores go only through pointers, at constant
@@ -14,9 +16,10 @@
 //!   neither the guest's external function nor the operator can learn an address.
 //! * **Helpers** are called with arguments of the types they need ([`HELPERS`]).
 //!
-//! The analysis is one pass in instruction order (all edges go forward, so every
-//! predecessor of an instruction is seen before it). Where paths meet, register types are
-//! joined; a register whose types differ on the paths is unusable after the join.
+//! The analysis is one pass over the instructions in a topological order of the graph
+//! (reverse post-order of the search), so every predecessor of an instruction is seen
+//! before it. Where paths meet, register types are joined; a register whose types differ
+//! on the paths is unusable after the join.
 
 use crate::ctx::{self, CTX_SIZE};
 use crate::elf::{MapDef, LD_DW_IMM, PSEUDO_MAP};
@@ -626,15 +629,14 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
         }
     }
     let mut v = V { insns, maps, pc: 0 };
+    let order = topological_order(insns, &second, &mut v)?;
     let mut pending: Vec<Option<State>> = vec![None; n + 1];
     pending[0] = Some(State::entry());
     let mut next_id = 0u32;
     let mut reachable = 0;
-    let mut pc = 0;
-    while pc < n {
+    for pc in order {
         v.pc = pc;
         let Some(mut st) = pending[pc].take() else {
-            pc += 1;
             continue; // unreachable
         };
         reachable += 1;
@@ -719,16 +721,8 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
                         step = None;
                     }
                     (_, 0..=7) | (_, 10..=13) => {
-                        if class == 6 && op == 0 {
-                            return v.fail("32-bit unconditional jumps (gotol) are not supported");
-                        }
-                        if i.off < 0 {
-                            return v.fail("jumps backward: loops are not allowed (a classifier must be bounded); unroll the loop");
-                        }
-                        let target = pc + 1 + i.off as usize;
-                        if target >= n || second[target] {
-                            return v.fail(format!("jumps to instruction {target}, outside the program or into an ld_imm64"));
-                        }
+                        // In range and acyclic: checked by topological_order.
+                        let target = (pc as i64 + 1 + i.off as i64) as usize;
                         if op == 0 {
                             step = None;
                             jump = Some((target, st.clone()));
@@ -766,18 +760,96 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
             }
         }
         if let Some(s) = step {
-            let next = pc + s;
-            if next >= n {
-                return v.fail("falls off the end of the program (the last instruction must be exit)");
-            }
-            match &mut pending[next] {
+            match &mut pending[pc + s] {
                 Some(p) => p.join(&st, &mut next_id),
                 slot => *slot = Some(st),
             }
         }
-        pc += 1;
     }
     Ok(Verified { reachable })
+}
+
+/// The instructions control can go to from `pc` (checked to lie in the program).
+fn successors(insns: &[[u8; 8]], second: &[bool], v: &mut V<'_>, pc: usize) -> Result<Vec<usize>> {
+    v.pc = pc;
+    let n = insns.len();
+    let i = decode(&insns[pc]);
+    let class = i.op & 7;
+    let op = i.op >> 4;
+    let next = |k: usize| -> Result<usize> {
+        if pc + k >= n {
+            return v.fail("falls off the end of the program (the last instruction must be exit)");
+        }
+        Ok(pc + k)
+    };
+    if i.op == LD_DW_IMM {
+        return Ok(vec![next(2)?]);
+    }
+    if class != 5 && class != 6 {
+        return Ok(vec![next(1)?]);
+    }
+    match (class, op) {
+        (5, 9) => Ok(Vec::new()),   // exit
+        (5, 8) => Ok(vec![next(1)?]), // call
+        (6, 0) => v.fail("32-bit unconditional jumps (gotol) are not supported"),
+        (_, 0..=7) | (_, 10..=13) => {
+            let t = pc as i64 + 1 + i.off as i64;
+            if t < 0 || t as usize >= n || second[t as usize] {
+                return v.fail(format!("jumps to instruction {t}, outside the program or into an ld_imm64"));
+            }
+            let t = t as usize;
+            if op == 0 {
+                Ok(vec![t])
+            } else {
+                Ok(vec![next(1)?, t])
+            }
+        }
+        _ => v.fail("unknown jump operation"),
+    }
+}
+
+/// Reverse post-order of a depth-first search from instruction 0; refuses a cycle.
+fn topological_order(insns: &[[u8; 8]], second: &[bool], v: &mut V<'_>) -> Result<Vec<usize>> {
+    const WHITE: u8 = 0;
+    const GREY: u8 = 1;
+    const BLACK: u8 = 2;
+    let n = insns.len();
+    let mut color = vec![WHITE; n];
+    let mut post = Vec::with_capacity(n);
+    // (instruction, its successors, next successor to visit)
+    let mut stack: Vec<(usize, Vec<usize>, usize)> = vec![(0, successors(insns, second, v, 0)?, 0)];
+    color[0] = GREY;
+    while let Some(top) = stack.last_mut() {
+        let (pc, succ, k) = (top.0, &top.1, top.2);
+        if k < succ.len() {
+            let t = succ[k];
+            top.2 += 1;
+            match color[t] {
+                WHITE => {
+                    color[t] = GREY;
+                    let s = successors(insns, second, v, t)?;
+                    stack.push((t, s, 0));
+                }
+                GREY => {
+                    v.pc = pc;
+                    return v.fail(format!(
+                        "jumps back to instruction {t}, closing a loop: loops are not allowed (a classifier must be bounded); unroll it"
+                    ));
+                }
+                _ => {}
+            }
+        } else {
+            color[pc] = BLACK;
+            post.push(pc);
+            stack.pop();
+        }
+    }
+    if let Some(pc) = (0..n).find(|&i| color[i] == WHITE && !second[i]) {
+        v.pc = pc;
+        return v.fail("is unreachable (no path from the first instruction leads here)");
+    }
+    post.reverse();
+    Ok(post)
 }
 
 #[cfg(test)]
@@ -846,6 +918,12 @@ mod tests {
         assert!(err(&p, &[]).contains("loops are not allowed"));
         let p = [mov0(), ins(0x05, 0, 0, -1, 0)];
         assert!(err(&p, &[]).contains("loops"));
+        // A backward jump to a shared exit is not a loop (clang emits these).
+        let p = [mov0(), ins(0x05, 0, 0, 1, 0), EXIT, ins(0x05, 0, 0, -2, 0)];
+        verify(&p, &[]).expect("backward jump without a cycle");
+        // A conditional loop: r2 = 5; loop: r2 -= 1; if r2 != 0 goto loop
+        let p = [ins(0xb7, 2, 0, 0, 5), ins(0x17, 2, 0, 0, 1), ins(0x55, 2, 0, -2, 0), mov0(), EXIT];
+        assert!(err(&p, &[]).contains("closing a loop"), "{}", err(&p, &[]));
         let p = [mov0()];
         assert!(err(&p, &[]).contains("falls off the end"));
         let p = [mov0(), ins(0x05, 0, 0, 5, 0), EXIT];
