@@ -528,9 +528,14 @@ pub trait BlockQueue: Send {
     }
     /// Every descriptor a sleeping worker must watch for this queue: by default its
     /// `completion_fd`. A queue over several devices (the router's) reports one for each.
-    /// Asked once, when the frontend's source is attached to its worker.
+    /// Asked when the frontend's source is attached, and after `take_fds_changed`.
     fn wait_fds(&self, out: &mut Vec<RawFd>) {
         out.extend(self.completion_fd());
+    }
+    /// True once after `wait_fds` changed (the queue opened a device it uses lazily);
+    /// the frontend then asks for them again.
+    fn take_fds_changed(&mut self) -> bool {
+        false
     }
     /// False while commands are complete but handed back only by a later `poll`, with no
     /// descriptor or deadline to wake a sleeping worker for them (null and synchronous

@@ -199,6 +199,40 @@ fn handle(d: &Daemon, mut req: Request) {
                 Err(e) => reply_err(req, &e),
             }
         }
+        (Method::Get, ["v1", "disks", name, "classifier"]) => match d.classifier(name) {
+            Ok(v) => reply_json(req, 200, &v),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Post, ["v1", "disks", name, "classifier"]) => {
+            match body::<crate::routing::ClassifierLoad>(&mut req)
+                .and_then(|b| d.set_classifier(name, b))
+            {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Delete, ["v1", "disks", name, "classifier"]) => match d.clear_classifier(name) {
+            Ok(v) => reply_json(req, 200, &v),
+            Err(e) => reply_err(req, &e),
+        },
+        (Method::Post, ["v1", "disks", name, "classifier", "maps", map]) => {
+            match body::<crate::routing::MapWrite>(&mut req).and_then(|b| d.set_map(name, map, b)) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "disks", name, "external"]) => {
+            match body::<crate::routing::ExternalSet>(&mut req)
+                .and_then(|b| d.set_external(name, Some(b)))
+            {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Delete, ["v1", "disks", name, "external"]) => match d.set_external(name, None) {
+            Ok(v) => reply_json(req, 200, &v),
+            Err(e) => reply_err(req, &e),
+        },
         (Method::Get, ["v1", "pools"]) => reply_json(req, 200, &d.pools()),
         (Method::Post, ["v1", "keys", "rotate"]) => {
             #[derive(serde::Deserialize)]

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nvmf;
 pub mod ops;
 pub mod pools;
+pub mod routing;
 
 pub use config::Config;
 
@@ -81,6 +82,12 @@ pub struct DiskSpec {
     /// `crypt` (if encrypted). See [`DiskSpec::functions`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<Vec<Function>>,
+    /// The disk's classifier (an eBPF program that routes each command), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<routing::ClassifierSpec>,
+    /// The disk's external function socket, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<routing::ExternalSpec>,
 }
 
 /// A storage function a disk's chain can hold.
@@ -328,6 +335,8 @@ struct Disk {
     spec: DiskSpec,
     /// The disk's rate limiter, shared by every device opened for it (live changes).
     qos: Arc<nvmux_func::Qos>,
+    /// The disk's router (classifier, external function), shared likewise.
+    router: Arc<nvmux_router::Router>,
     dev: std::result::Result<Arc<dyn BlockDevice>, String>,
     stats: Arc<DiskStats>,
 }
@@ -463,14 +472,26 @@ fn not_exported(g: &Inner, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Open a disk's device: its backend, then its functions.
+/// Open a disk's device: its backend, then its functions, then its router with the
+/// classifier (a disk whose classifier does not load is not served: it may be a guard).
 fn open_device(
     g: &Inner,
     spec: &DiskSpec,
     keys: &dyn KeyProvider,
     qos: &Arc<nvmux_func::Qos>,
+    router: &Arc<nvmux_router::Router>,
 ) -> Result<Arc<dyn BlockDevice>> {
-    with_functions(open_backend(g, spec)?, spec, keys, qos)
+    let dev = with_functions(open_backend(g, spec)?, spec, keys, qos, router)?;
+    if let Some(c) = &spec.classifier {
+        let p = routing::load_program(c).map_err(|e| {
+            err(
+                e.kind,
+                format!("classifier {}: {}", c.object.display(), e.msg),
+            )
+        })?;
+        router.set_program(Some(p));
+    }
+    Ok(dev)
 }
 
 /// The host device that holds a disk's data (a file's filesystem, a block device
@@ -495,23 +516,44 @@ fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
 }
 
 /// Stack a disk's functions on its backend device in the order of its chain, outermost
-/// first (default `qos → crypt → backend`). `qos` is a pass-through while no limit is set
-/// and the host device is not saturated, so limits can be set on a disk in use.
+/// first (default `qos → crypt → backend`), and the router on top. `qos` is a
+/// pass-through while no limit is set and the host device is not saturated, so limits can
+/// be set on a disk in use. The router's fast path is the same stack without the optional
+/// functions (`qos`): it keeps `crypt`, which defines what the blocks hold.
 fn with_functions(
     dev: Arc<dyn BlockDevice>,
     spec: &DiskSpec,
     keys: &dyn KeyProvider,
     qos: &Arc<nvmux_func::Qos>,
+    router: &Arc<nvmux_router::Router>,
 ) -> Result<Arc<dyn BlockDevice>> {
     spec.check_chain()?;
-    let mut dev = dev;
-    for f in spec.functions().iter().rev() {
-        dev = match f {
-            Function::Crypt => with_crypt(dev, spec, keys)?,
-            Function::Qos => Arc::new(nvmux_func::QosDevice::new(dev, qos.clone())),
-        };
-    }
-    Ok(dev)
+    let stack = |fs: &[Function]| -> Result<Arc<dyn BlockDevice>> {
+        let mut d = dev.clone();
+        for f in fs.iter().rev() {
+            d = match f {
+                Function::Crypt => with_crypt(d, spec, keys)?,
+                Function::Qos => Arc::new(nvmux_func::QosDevice::new(d, qos.clone())),
+            };
+        }
+        Ok(d)
+    };
+    let chain = spec.functions();
+    let fast = if chain.contains(&Function::Qos) {
+        let essential: Vec<Function> = chain
+            .iter()
+            .copied()
+            .filter(|f| *f != Function::Qos)
+            .collect();
+        Some(stack(&essential)?)
+    } else {
+        None
+    };
+    Ok(Arc::new(nvmux_router::RouterDevice::new(
+        router.clone(),
+        stack(&chain)?,
+        fast,
+    )))
 }
 
 fn with_crypt(
@@ -676,15 +718,29 @@ impl Daemon {
                 plain.qos = None;
                 self.new_qos(&g, &plain)
             })?;
-            let dev = open_device(&g, &spec, &*self.keys(), &qos).map_err(|e| e.to_string());
+            let router = nvmux_router::Router::new(&spec.name);
+            let dev =
+                open_device(&g, &spec, &*self.keys(), &qos, &router).map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
+            }
+            if let (Some(x), Ok(d)) = (&spec.external, &dev) {
+                let bs = d.info().block_size;
+                match routing::start_external(&spec.name, x, bs, d.capacity_bytes() / bs as u64) {
+                    Ok(e) => {
+                        router.set_external(Some(e));
+                    }
+                    Err(e) => {
+                        tracing::error!(disk = %spec.name, "external function socket not served: {e}")
+                    }
+                }
             }
             g.disks.insert(
                 spec.name.clone(),
                 Disk {
                     qos,
+                    router,
                     spec,
                     dev,
                     stats: Arc::new(DiskStats::default()),
@@ -873,9 +929,12 @@ impl Daemon {
             crypt,
             qos: req.qos,
             chain: req.chain.clone(),
+            classifier: None,
+            external: None,
         };
         spec.check_chain()?;
         let qos = self.new_qos(&g, &spec)?;
+        let router = nvmux_router::Router::new(&spec.name);
         let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
                 path,
@@ -890,7 +949,7 @@ impl Daemon {
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
             _ => open_backend(&g, &spec),
         }
-        .and_then(|d| with_functions(d, &spec, &*self.keys(), &qos));
+        .and_then(|d| with_functions(d, &spec, &*self.keys(), &qos, &router));
         let dev = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -911,6 +970,7 @@ impl Daemon {
             spec.name.clone(),
             Disk {
                 qos,
+                router,
                 spec,
                 dev: Ok(dev),
                 stats: Arc::new(DiskStats::default()),
@@ -953,7 +1013,13 @@ impl Daemon {
         not_exported(&g, name)?;
         let mut spec = d.spec.clone();
         spec.crypt = Some(new_crypt_spec(name, &*self.keys())?);
-        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys(), &d.qos)?;
+        let dev = with_functions(
+            open_backend(&g, &spec)?,
+            &spec,
+            &*self.keys(),
+            &d.qos,
+            &d.router,
+        )?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -1129,7 +1195,13 @@ impl Daemon {
             ));
         }
         let qos = self.new_qos(&g, &spec)?;
-        let dev = with_functions(open_backend(&g, &spec)?, &spec, &*self.keys(), &qos)?;
+        let dev = with_functions(
+            open_backend(&g, &spec)?,
+            &spec,
+            &*self.keys(),
+            &qos,
+            &d.router,
+        )?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -1218,6 +1290,14 @@ impl Daemon {
                 g.disks.insert(name.to_string(), r);
             }
             return Err(e);
+        }
+        if let Some(r) = &removed {
+            if let Some(e) = r.router.set_external(None) {
+                e.stop();
+            }
+            if let Some(c) = &r.spec.classifier {
+                let _ = std::fs::remove_file(&c.object);
+            }
         }
         drop(removed);
         if let Some(p) = owned_path {
@@ -1378,6 +1458,14 @@ impl Daemon {
         }
     }
 
+    pub(crate) fn route_totals(&self) -> Vec<(String, nvmux_router::RouteTotals)> {
+        let g = self.lock();
+        g.disks
+            .values()
+            .map(|d| (d.spec.name.clone(), d.router.totals()))
+            .collect()
+    }
+
     pub(crate) fn worker_handles(&self) -> &[nvmux_core::worker::WorkerHandle] {
         self.workers.workers()
     }
@@ -1395,6 +1483,11 @@ impl Daemon {
         }
         // Devices hold queues on the pools: drop them, then close the pools cleanly.
         let mut g = self.lock();
+        for d in g.disks.values() {
+            if let Some(e) = d.router.set_external(None) {
+                e.stop();
+            }
+        }
         g.disks.clear();
         for (name, p) in std::mem::take(&mut g.pools) {
             if let Ok(p) = p.pool {

@@ -75,6 +75,49 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{m}_count{{disk=\"{name}\",op=\"{op}\"}} {acc}");
         }
     }
+    let routes = d.route_totals();
+    let m = "nvmux_route_commands_total";
+    let _ = writeln!(
+        o,
+        "# HELP {m} Classifier decisions, by route (disks with a classifier).\n# TYPE {m} counter"
+    );
+    for (name, t) in &routes {
+        for r in nvmux_router::Route::ALL {
+            let _ = writeln!(
+                o,
+                "{m}{{disk=\"{name}\",route=\"{}\"}} {}",
+                r.name(),
+                t.routed[r as usize]
+            );
+        }
+    }
+    for (metric, help, get) in [
+        (
+            "nvmux_route_hooks_total",
+            "Completion hooks run.",
+            (|t: &nvmux_router::RouteTotals| t.hooks) as fn(&nvmux_router::RouteTotals) -> u64,
+        ),
+        (
+            "nvmux_route_rewrites_total",
+            "Commands whose range or FUA a classifier rewrote.",
+            |t| t.rewrites,
+        ),
+        (
+            "nvmux_route_errors_total",
+            "Bad verdicts, rewrites outside the disk and hop-limit failures.",
+            |t| t.errors,
+        ),
+        (
+            "nvmux_route_fallbacks_total",
+            "Commands for an external function that failed or took the chain instead.",
+            |t| t.fallbacks,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for (name, t) in &routes {
+            let _ = writeln!(o, "{metric}{{disk=\"{name}\"}} {}", get(t));
+        }
+    }
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (

@@ -302,6 +302,8 @@ impl Daemon {
             crypt: None,
             qos: req.qos,
             chain: req.chain.clone(),
+            classifier: None,
+            external: None,
         };
         spec.crypt = crypt;
         let qos = match self.new_qos(&g, &spec) {
@@ -311,7 +313,8 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys(), &qos) {
+        let router = nvmux_router::Router::new(&spec.name);
+        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys(), &qos, &router) {
             Ok(d) => d,
             Err(e) => {
                 undo(&pool);
@@ -322,6 +325,7 @@ impl Daemon {
             spec.name.clone(),
             Disk {
                 qos,
+                router,
                 spec,
                 dev: Ok(dev),
                 stats: Arc::new(DiskStats::default()),
@@ -381,8 +385,11 @@ impl Daemon {
         let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = crate::with_functions(thin, &d.spec, &*self.keys(), &d.qos)
+            d.dev = crate::with_functions(thin, &d.spec, &*self.keys(), &d.qos, &d.router)
                 .map_err(|e| e.to_string());
+            if let Some(e) = d.router.external() {
+                e.set_num_blocks(size / 512);
+            }
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");

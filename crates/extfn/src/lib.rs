@@ -84,7 +84,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(cookie: u64) -> Reply {
-        Reply { status: STATUS_SUCCESS, cookie }
+        Reply {
+            status: STATUS_SUCCESS,
+            cookie,
+        }
     }
     pub fn error(status: u16, cookie: u64) -> Reply {
         Reply { status, cookie }
@@ -115,7 +118,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { poll: Duration::from_micros(50) }
+        Options {
+            poll: Duration::from_micros(50),
+        }
     }
 }
 
@@ -169,7 +174,12 @@ impl Ring {
                 }
                 None => Reply::error(STATUS_INTERNAL_ERROR, e.cookie),
             };
-            out.push(Cqe { id: e.id, status: reply.status, flags: 0, cookie: reply.cookie });
+            out.push(Cqe {
+                id: e.id,
+                status: reply.status,
+                flags: 0,
+                cookie: reply.cookie,
+            });
         }
         self.view.store(hdr::SQ_HEAD, self.sq_head);
         if f.end_batch().is_err() {
@@ -208,9 +218,11 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 fn add_ring(m: &proto::RingMsg, fds: Vec<OwnedFd>) -> io::Result<Ring> {
-    let [memfd, sq_efd, cq_efd]: [OwnedFd; 3] =
-        fds.try_into().map_err(|_| invalid("AddRing without its three descriptors"))?;
-    let layout = Layout::new(m.depth, m.slot_size).ok_or_else(|| invalid("AddRing with a bad depth or slot size"))?;
+    let [memfd, sq_efd, cq_efd]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| invalid("AddRing without its three descriptors"))?;
+    let layout = Layout::new(m.depth, m.slot_size)
+        .ok_or_else(|| invalid("AddRing with a bad depth or slot size"))?;
     if layout.size as u64 != m.size {
         return Err(invalid("AddRing size does not match its layout"));
     }
@@ -252,21 +264,47 @@ pub fn serve(socket: &Path, name: &str, f: &mut dyn Function) -> io::Result<()> 
 }
 
 /// Like [`serve`], with tuning.
-pub fn serve_with(socket: &Path, name: &str, f: &mut dyn Function, opt: &Options) -> io::Result<()> {
+pub fn serve_with(
+    socket: &Path,
+    name: &str,
+    f: &mut dyn Function,
+    opt: &Options,
+) -> io::Result<()> {
     let mut s = UnixStream::connect(socket)?;
-    s.write_all(&proto::Hello { version: proto::VERSION, name: name.into() }.encode())?;
+    s.write_all(
+        &proto::Hello {
+            version: proto::VERSION,
+            name: name.into(),
+        }
+        .encode(),
+    )?;
     let mut b = [0u8; proto::MSG_SIZE];
     s.read_exact(&mut b)?;
-    let w = proto::Welcome::decode(&b).ok_or_else(|| invalid("the daemon's welcome is malformed"))?;
+    let w =
+        proto::Welcome::decode(&b).ok_or_else(|| invalid("the daemon's welcome is malformed"))?;
     match w.status {
         proto::WELCOME_OK => {}
         proto::WELCOME_BUSY => {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another function is attached to this disk"))
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another function is attached to this disk",
+            ))
         }
-        proto::WELCOME_VERSION => return Err(invalid("the daemon does not speak protocol version 1")),
-        x => return Err(invalid(format!("the daemon refused the connection (status {x})"))),
+        proto::WELCOME_VERSION => {
+            return Err(invalid("the daemon does not speak protocol version 1"))
+        }
+        x => {
+            return Err(invalid(format!(
+                "the daemon refused the connection (status {x})"
+            )))
+        }
     }
-    f.attached(&DiskInfo { name: w.disk, block_size: w.block_size, num_blocks: w.num_blocks, max_io: w.max_io });
+    f.attached(&DiskInfo {
+        name: w.disk,
+        block_size: w.block_size,
+        num_blocks: w.num_blocks,
+        max_io: w.max_io,
+    });
     s.set_nonblocking(true)?;
     // SAFETY: epoll_create1 has no preconditions; checked below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -276,7 +314,10 @@ pub fn serve_with(socket: &Path, name: &str, f: &mut dyn Function, opt: &Options
     // SAFETY: a fresh descriptor we own.
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
     let watch = |fd: RawFd, token: u64, op: i32| {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
         // SAFETY: valid epoll fd and event for the call.
         unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) };
     };
@@ -292,7 +333,8 @@ pub fn serve_with(socket: &Path, name: &str, f: &mut dyn Function, opt: &Options
             match sock::recv_with_fds(s.as_raw_fd(), &mut b) {
                 Ok((0, _)) => return Ok(()), // the daemon closed the connection
                 Ok((_, fds)) => {
-                    let m = proto::RingMsg::decode(&b).ok_or_else(|| invalid("malformed message from the daemon"))?;
+                    let m = proto::RingMsg::decode(&b)
+                        .ok_or_else(|| invalid("malformed message from the daemon"))?;
                     match m.kind {
                         proto::MSG_ADD_RING => {
                             let r = add_ring(&m, fds)?;
@@ -332,7 +374,9 @@ pub fn serve_with(socket: &Path, name: &str, f: &mut dyn Function, opt: &Options
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if !rings.iter().any(Ring::pending) {
             // SAFETY: `events` is a valid buffer of its length.
-            let k = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            let k = unsafe {
+                libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1)
+            };
             for ev in events.iter().take(k.max(0) as usize) {
                 if ev.u64 != SOCKET {
                     if let Some(r) = rings.iter().find(|r| r.id as u64 == ev.u64) {

@@ -244,14 +244,26 @@ impl Layout {
     /// The layout for `depth` entries (a power of two up to `MAX_DEPTH`) of up to
     /// `slot_size` bytes (a multiple of 4096 up to `MAX_SLOT`).
     pub fn new(depth: u32, slot_size: u32) -> Option<Layout> {
-        if !depth.is_power_of_two() || depth > MAX_DEPTH || slot_size == 0 || slot_size > MAX_SLOT || slot_size % 4096 != 0 {
+        if !depth.is_power_of_two()
+            || depth > MAX_DEPTH
+            || slot_size == 0
+            || slot_size > MAX_SLOT
+            || slot_size % 4096 != 0
+        {
             return None;
         }
         let sq_off = 4096;
         let cq_off = sq_off + depth as usize * SQE_SIZE;
         let data_off = (cq_off + depth as usize * CQE_SIZE).next_multiple_of(4096);
         let size = data_off + depth as usize * slot_size as usize;
-        Some(Layout { depth, slot_size, sq_off, cq_off, data_off, size })
+        Some(Layout {
+            depth,
+            slot_size,
+            sq_off,
+            cq_off,
+            data_off,
+            size,
+        })
     }
 }
 
@@ -300,7 +312,12 @@ impl RingView {
         ] {
             self.store(off, v);
         }
-        for (off, v) in [(hdr::SQ_OFF, l.sq_off), (hdr::CQ_OFF, l.cq_off), (hdr::DATA_OFF, l.data_off), (hdr::SIZE, l.size)] {
+        for (off, v) in [
+            (hdr::SQ_OFF, l.sq_off),
+            (hdr::CQ_OFF, l.cq_off),
+            (hdr::DATA_OFF, l.data_off),
+            (hdr::SIZE, l.size),
+        ] {
             self.store(off, v as u32);
             self.store(off + 4, (v as u64 >> 32) as u32);
         }
@@ -333,13 +350,25 @@ impl RingView {
         put32(&mut b, 20, e.data_len);
         put64(&mut b, 24, e.cookie);
         // SAFETY: the entry is SQE_SIZE bytes inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.entry(self.layout.sq_off, SQE_SIZE, index), SQE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                b.as_ptr(),
+                self.entry(self.layout.sq_off, SQE_SIZE, index),
+                SQE_SIZE,
+            )
+        };
     }
 
     pub fn read_sqe(&self, index: u32) -> Sqe {
         let mut b = [0u8; MSG_SIZE];
         // SAFETY: the entry is SQE_SIZE (= MSG_SIZE) bytes inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.entry(self.layout.sq_off, SQE_SIZE, index), b.as_mut_ptr(), SQE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.entry(self.layout.sq_off, SQE_SIZE, index),
+                b.as_mut_ptr(),
+                SQE_SIZE,
+            )
+        };
         Sqe {
             id: get16(&b, 0),
             opcode: b[2],
@@ -359,13 +388,25 @@ impl RingView {
         put32(&mut b, 4, e.flags);
         put64(&mut b, 8, e.cookie);
         // SAFETY: the entry is CQE_SIZE bytes inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.entry(self.layout.cq_off, CQE_SIZE, index), CQE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                b.as_ptr(),
+                self.entry(self.layout.cq_off, CQE_SIZE, index),
+                CQE_SIZE,
+            )
+        };
     }
 
     pub fn read_cqe(&self, index: u32) -> Cqe {
         let mut b = [0u8; MSG_SIZE];
         // SAFETY: the entry is CQE_SIZE bytes inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.entry(self.layout.cq_off, CQE_SIZE, index), b.as_mut_ptr(), CQE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.entry(self.layout.cq_off, CQE_SIZE, index),
+                b.as_mut_ptr(),
+                CQE_SIZE,
+            )
+        };
         Cqe {
             id: get16(&b, 0),
             status: get16(&b, 2),
@@ -380,7 +421,10 @@ impl RingView {
             return None;
         }
         // SAFETY: data_off + (id + 1) * slot_size <= size.
-        Some(unsafe { self.base.add(self.layout.data_off + id as usize * self.layout.slot_size as usize) })
+        Some(unsafe {
+            self.base
+                .add(self.layout.data_off + id as usize * self.layout.slot_size as usize)
+        })
     }
 }
 
@@ -390,7 +434,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let h = Hello { version: VERSION, name: "audit".into() };
+        let h = Hello {
+            version: VERSION,
+            name: "audit".into(),
+        };
         assert_eq!(Hello::decode(&h.encode()), Some(h));
         let w = Welcome {
             version: 1,
@@ -402,7 +449,13 @@ mod tests {
             disk: "vm1".into(),
         };
         assert_eq!(Welcome::decode(&w.encode()), Some(w));
-        let r = RingMsg { kind: MSG_ADD_RING, ring: 3, depth: 64, size: 4 << 20, slot_size: 65536 };
+        let r = RingMsg {
+            kind: MSG_ADD_RING,
+            ring: 3,
+            depth: 64,
+            size: 4 << 20,
+            slot_size: 65536,
+        };
         assert_eq!(RingMsg::decode(&r.encode()), Some(r));
         assert_eq!(Hello::decode(&[0u8; MSG_SIZE]), None);
     }
@@ -417,10 +470,24 @@ mod tests {
         let v = unsafe { RingView::new(mem.as_mut_ptr().cast(), l) };
         v.init_header();
         assert!(v.header_matches());
-        let s = Sqe { id: 5, opcode: 1, flags: SQE_FUA, nsid: 1, slba: 77, nlb: 8, data_len: 4096, cookie: 9 };
+        let s = Sqe {
+            id: 5,
+            opcode: 1,
+            flags: SQE_FUA,
+            nsid: 1,
+            slba: 77,
+            nlb: 8,
+            data_len: 4096,
+            cookie: 9,
+        };
         v.write_sqe(13, &s);
         assert_eq!(v.read_sqe(5), s);
-        let c = Cqe { id: 5, status: 0x182, flags: 0, cookie: 3 };
+        let c = Cqe {
+            id: 5,
+            status: 0x182,
+            flags: 0,
+            cookie: 3,
+        };
         v.write_cqe(9, &c);
         assert_eq!(v.read_cqe(1), c);
         assert!(v.slot(8).is_none());

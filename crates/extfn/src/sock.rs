@@ -17,9 +17,15 @@ fn cmsg_space() -> usize {
 /// buffer is full) and without SIGPIPE.
 pub fn send_with_fds(sock: RawFd, msg: &[u8; MSG_SIZE], fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors",
+        ));
     }
-    let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: MSG_SIZE };
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: MSG_SIZE,
+    };
     let mut cbuf = vec![0u64; cmsg_space().div_ceil(8)];
     // SAFETY: msghdr is plain data; every pointer in it refers to a live local buffer,
     // and the CMSG macros stay inside `cbuf` (sized with CMSG_SPACE for MAX_FDS).
@@ -51,7 +57,10 @@ pub fn send_with_fds(sock: RawFd, msg: &[u8; MSG_SIZE], fds: &[RawFd]) -> io::Re
 /// Receive one message (and its descriptors) without blocking. `Ok((0, _))` is end of
 /// file. A message cut short by the peer is an error.
 pub fn recv_with_fds(sock: RawFd, msg: &mut [u8; MSG_SIZE]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: MSG_SIZE };
+    let mut iov = libc::iovec {
+        iov_base: msg.as_mut_ptr().cast(),
+        iov_len: MSG_SIZE,
+    };
     let mut cbuf = vec![0u64; cmsg_space().div_ceil(8)];
     let mut fds = Vec::new();
     // SAFETY: as in send_with_fds; the kernel fills at most msg_controllen bytes, and the
@@ -62,7 +71,11 @@ pub fn recv_with_fds(sock: RawFd, msg: &mut [u8; MSG_SIZE]) -> io::Result<(usize
         mh.msg_iovlen = 1;
         mh.msg_control = cbuf.as_mut_ptr().cast();
         mh.msg_controllen = (cbuf.len() * 8) as _;
-        let r = libc::recvmsg(sock, &mut mh, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC | libc::MSG_WAITALL);
+        let r = libc::recvmsg(
+            sock,
+            &mut mh,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC | libc::MSG_WAITALL,
+        );
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -79,12 +92,18 @@ pub fn recv_with_fds(sock: RawFd, msg: &mut [u8; MSG_SIZE]) -> io::Result<(usize
             c = libc::CMSG_NXTHDR(&mh, c);
         }
         if mh.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "too many descriptors in one message"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many descriptors in one message",
+            ));
         }
         r as usize
     };
     if n != 0 && n != MSG_SIZE {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "message cut short"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "message cut short",
+        ));
     }
     Ok((n, fds))
 }

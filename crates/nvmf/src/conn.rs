@@ -992,7 +992,11 @@ impl WorkSource for Conn {
     }
 
     fn take_fds_changed(&mut self) -> bool {
-        std::mem::take(&mut self.fds_changed)
+        let mut changed = std::mem::take(&mut self.fds_changed);
+        for q in self.queues.iter_mut() {
+            changed |= q.bq.take_fds_changed();
+        }
+        changed
     }
 
     fn prepare_sleep(&mut self) -> bool {

@@ -215,6 +215,61 @@ enum DiskCmd {
         #[arg(long)]
         size: Option<String>,
     },
+    /// Load a classifier (an eBPF object built with `clang -O2 -target bpf -c`) into a
+    /// disk, replacing its program at once, also while the disk is in use: each command
+    /// from then on is routed by it. A program that fails verification is refused with the
+    /// verifier's reason, and the disk keeps its old one. `--none` removes the program.
+    /// See docs/classifiers.md and examples/classifiers/.
+    SetClassifier {
+        name: String,
+        /// The object file.
+        #[arg(required_unless_present = "none")]
+        object: Option<PathBuf>,
+        /// The program's section (default: the object's only program).
+        #[arg(long)]
+        section: Option<String>,
+        /// Set a map value before the program takes over: MAP:KEY=WORD[,WORD...], each
+        /// WORD a u64 (decimal or 0x hex, stored little-endian). Repeatable.
+        #[arg(long = "map", value_name = "MAP:KEY=WORDS")]
+        maps: Vec<String>,
+        /// Remove the disk's classifier: every command takes the function chain.
+        #[arg(long, conflicts_with_all = ["object", "section", "maps"])]
+        none: bool,
+    },
+    /// Show a disk's classifier, its maps, route counters and external function.
+    Classifier { name: String },
+    /// Set one value of a map of a disk's classifier, live (kept across restarts).
+    MapSet {
+        name: String,
+        map: String,
+        key: u32,
+        /// The value as u64 words (decimal or 0x hex, stored little-endian).
+        #[arg(required = true, num_args = 1..)]
+        words: Vec<String>,
+    },
+    /// Give a disk an external function socket: a separate process (see nvmux-fn-audit
+    /// and docs/external-functions.md) attaches there and serves the commands the disk's
+    /// classifier routes to it. `--none` removes it.
+    SetExternal {
+        name: String,
+        /// The Unix socket the function process connects to.
+        #[arg(long, required_unless_present = "none")]
+        socket: Option<PathBuf>,
+        /// What happens to its commands while no function is attached, or when it dies
+        /// with commands in flight: `fail` (Namespace Not Ready) or `chain` (through the
+        /// disk's function chain instead).
+        #[arg(long, default_value = "fail")]
+        on_failure: String,
+        /// Ring entries per disk queue (a power of two up to 1024).
+        #[arg(long, default_value_t = 64)]
+        depth: u32,
+        /// Largest command the function takes, e.g. 1M (a multiple of 4K); larger ones are
+        /// handled as by --on-failure.
+        #[arg(long, default_value = "1M")]
+        max_io: String,
+        #[arg(long, conflicts_with = "socket")]
+        none: bool,
+    },
     /// Grow a pool disk (online), or shrink it with --force.
     Resize {
         disk: String,
@@ -443,6 +498,68 @@ fn run(cli: Cli) -> Res {
             show(&v, &|v| {
                 println!("disk {name}: chain {}", compact(&v["functions"]))
             });
+        }
+        Cmd::Disk(DiskCmd::SetClassifier {
+            name,
+            object,
+            section,
+            maps,
+            none,
+        }) => {
+            let v = if none {
+                api.delete(&format!("/v1/disks/{name}/classifier"))?
+            } else {
+                let object = object.map(|p| std::path::absolute(&p).unwrap_or(p));
+                let maps = maps
+                    .iter()
+                    .map(|m| parse_map_arg(m))
+                    .collect::<Result<Vec<_>, _>>()?;
+                api.post(
+                    &format!("/v1/disks/{name}/classifier"),
+                    &json!({ "object": object, "section": section, "maps": maps }),
+                )?
+            };
+            show(&v, &print_routing);
+        }
+        Cmd::Disk(DiskCmd::Classifier { name }) => {
+            let v = api.get(&format!("/v1/disks/{name}/classifier"))?;
+            show(&v, &print_routing);
+        }
+        Cmd::Disk(DiskCmd::MapSet {
+            name,
+            map,
+            key,
+            words,
+        }) => {
+            let words = words
+                .iter()
+                .map(|w| parse_word(w))
+                .collect::<Result<Vec<_>, _>>()?;
+            let v = api.post(
+                &format!("/v1/disks/{name}/classifier/maps/{map}"),
+                &json!({ "key": key, "words": words }),
+            )?;
+            show(&v, &print_routing);
+        }
+        Cmd::Disk(DiskCmd::SetExternal {
+            name,
+            socket,
+            on_failure,
+            depth,
+            max_io,
+            none,
+        }) => {
+            let v = if none {
+                api.delete(&format!("/v1/disks/{name}/external"))?
+            } else {
+                let socket = socket.map(|p| std::path::absolute(&p).unwrap_or(p));
+                let max_io = nvmux_core::parse_size(&max_io)?;
+                api.post(
+                    &format!("/v1/disks/{name}/external"),
+                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io }),
+                )?
+            };
+            show(&v, &print_routing);
         }
         Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {
             let v = api.post(&format!("/v1/disks/{name}/crypto-erase"), &json!({}))?;
@@ -798,6 +915,102 @@ fn pool_table(v: &Value) {
             nvmux_core::format_size(vol["size"].as_u64().unwrap_or(0)),
             nvmux_core::format_size(vol["allocated_bytes"].as_u64().unwrap_or(0)),
             vol["parent"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+/// A u64 in decimal or 0x hex.
+fn parse_word(w: &str) -> Result<u64, String> {
+    let w = w.trim();
+    match w.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => w.parse(),
+    }
+    .map_err(|_| format!("{w:?} is not a number (decimal or 0x hex)"))
+}
+
+/// `MAP:KEY=W1,W2` for `disk set-classifier --map`.
+fn parse_map_arg(s: &str) -> Result<Value, String> {
+    let bad = || format!("--map {s:?}: use MAP:KEY=WORD[,WORD...], e.g. range:0=100,200");
+    let (map, rest) = s.split_once(':').ok_or_else(bad)?;
+    let (key, words) = rest.split_once('=').ok_or_else(bad)?;
+    let key: u32 = key.trim().parse().map_err(|_| bad())?;
+    let words = words
+        .split(',')
+        .map(parse_word)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(json!({ "map": map, "key": key, "words": words }))
+}
+
+fn print_routing(v: &Value) {
+    let disk = v["disk"].as_str().unwrap_or("?");
+    match v.get("program").filter(|p| !p.is_null()) {
+        Some(p) => {
+            println!(
+                "disk {disk}: classifier {} (section {}, {} instructions, {})",
+                p["source"].as_str().or(p["object"].as_str()).unwrap_or("?"),
+                p["section"].as_str().unwrap_or("?"),
+                p["instructions"],
+                if p["jit"].as_bool() == Some(true) {
+                    "JIT"
+                } else {
+                    "interpreted"
+                }
+            );
+            for m in p["maps"].as_array().into_iter().flatten() {
+                let vals: Vec<String> = m["values"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        let w: Vec<String> = x["words"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|w| w.to_string())
+                            .collect();
+                        format!("[{}] = {}", x["key"], w.join(" "))
+                    })
+                    .collect();
+                println!(
+                    "  map {} ({}, {} x {} bytes): {}",
+                    m["name"].as_str().unwrap_or("?"),
+                    m["type"].as_str().unwrap_or("?"),
+                    m["max_entries"],
+                    m["value_size"],
+                    if vals.is_empty() {
+                        "all zero".to_string()
+                    } else {
+                        vals.join(", ")
+                    }
+                );
+            }
+        }
+        None => println!("disk {disk}: no classifier (every command takes the function chain)"),
+    }
+    let r = &v["routes"];
+    println!(
+        "  routes: chain {}, fast {}, external {}, complete {}; hooks {}, rewrites {}, errors {}, fallbacks {}",
+        r["chain"], r["fast"], r["external"], r["complete"], r["hooks"], r["rewrites"], r["errors"], r["fallbacks"]
+    );
+    if let Some(x) = v.get("external").filter(|x| !x.is_null()) {
+        let who = match x["status"].as_str() {
+            Some("attached") => format!(
+                "attached: {} (pid {})",
+                x["function"].as_str().unwrap_or("?"),
+                x["pid"]
+            ),
+            Some(s) => s.to_string(),
+            None => "?".into(),
+        };
+        println!(
+            "  external function: {} (on failure: {}, depth {}, max I/O {}): {who}; attaches {}, detaches {}",
+            x["socket"].as_str().unwrap_or("?"),
+            x["on_failure"].as_str().unwrap_or("?"),
+            x["depth"],
+            nvmux_core::format_size(x["max_io"].as_u64().unwrap_or(0)),
+            x["attaches"],
+            x["detaches"]
         );
     }
 }

@@ -59,13 +59,19 @@ struct Section<'a> {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// A NUL-terminated name at `off` in a string table.
@@ -86,12 +92,6 @@ fn machine_name(m: u16) -> String {
 }
 
 fn sections(b: &[u8]) -> Result<Vec<Section<'_>>> {
-    if b.len() > MAX_OBJECT_BYTES {
-        return refuse(format!(
-            "the object is {} bytes; at most {MAX_OBJECT_BYTES} are accepted",
-            b.len()
-        ));
-    }
     if b.len() < 64 || &b[..4] != b"\x7fELF" {
         return refuse("not an ELF object (no ELF magic); build it with `clang -O2 -target bpf -c prog.c -o prog.o`");
     }
@@ -105,10 +105,21 @@ fn sections(b: &[u8]) -> Result<Vec<Section<'_>>> {
             machine_name(machine)
         ));
     }
+    if b.len() > MAX_OBJECT_BYTES {
+        return refuse(format!(
+            "the object is {} bytes; at most {MAX_OBJECT_BYTES} are accepted",
+            b.len()
+        ));
+    }
     if u16_at(b, 16) != Some(ET_REL) {
         return refuse("not a relocatable object (`clang -c` output is expected)");
     }
-    let bad = || crate::Error::new(nvmux_core::ErrorKind::InvalidArgument, "damaged ELF object: section headers lie outside the file");
+    let bad = || {
+        crate::Error::new(
+            nvmux_core::ErrorKind::InvalidArgument,
+            "damaged ELF object: section headers lie outside the file",
+        )
+    };
     let shoff = u64_at(b, 40).ok_or_else(bad)? as usize;
     let shentsize = u16_at(b, 58).ok_or_else(bad)? as usize;
     let shnum = u16_at(b, 60).ok_or_else(bad)? as usize;
@@ -128,8 +139,14 @@ fn sections(b: &[u8]) -> Result<Vec<Section<'_>>> {
         let h = &b[shoff + i * 64..shoff + i * 64 + 64];
         let (name, kind) = (u32_at(h, 0).ok_or_else(bad)?, u32_at(h, 4).ok_or_else(bad)?);
         let flags = u64_at(h, 8).ok_or_else(bad)?;
-        let (off, size) = (u64_at(h, 24).ok_or_else(bad)?, u64_at(h, 32).ok_or_else(bad)?);
-        let (link, info) = (u32_at(h, 40).ok_or_else(bad)?, u32_at(h, 44).ok_or_else(bad)?);
+        let (off, size) = (
+            u64_at(h, 24).ok_or_else(bad)?,
+            u64_at(h, 32).ok_or_else(bad)?,
+        );
+        let (link, info) = (
+            u32_at(h, 40).ok_or_else(bad)?,
+            u32_at(h, 44).ok_or_else(bad)?,
+        );
         let data: &[u8] = if kind == SHT_NOBITS || i == 0 {
             &[]
         } else {
@@ -173,10 +190,12 @@ fn symbols<'a>(secs: &[Section<'a>]) -> Result<Vec<Symbol<'a>>> {
     let Some(st) = secs.iter().find(|s| s.kind == SHT_SYMTAB) else {
         return Ok(Vec::new());
     };
-    let strtab = secs
-        .get(st.link as usize)
-        .map(|s| s.data)
-        .ok_or_else(|| crate::Error::new(nvmux_core::ErrorKind::InvalidArgument, "damaged ELF object: the symbol table has no string table"))?;
+    let strtab = secs.get(st.link as usize).map(|s| s.data).ok_or_else(|| {
+        crate::Error::new(
+            nvmux_core::ErrorKind::InvalidArgument,
+            "damaged ELF object: the symbol table has no string table",
+        )
+    })?;
     if st.data.len() % 24 != 0 {
         return refuse("damaged ELF object: the symbol table's size is not a multiple of 24");
     }
@@ -214,9 +233,16 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
                 ))
             }
             None if programs.is_empty() => {
-                return refuse(format!("there is no section {want:?}, and the object holds no program"))
+                return refuse(format!(
+                    "there is no section {want:?}, and the object holds no program"
+                ))
             }
-            None => return refuse(format!("there is no section {want:?} (programs: {})", names())),
+            None => {
+                return refuse(format!(
+                    "there is no section {want:?} (programs: {})",
+                    names()
+                ))
+            }
         },
         None => match programs.as_slice() {
             [one] => *one,
@@ -266,7 +292,10 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
         map_syms.sort();
         map_syms.dedup_by_key(|s| s.0);
         if map_syms.len() > MAX_MAPS {
-            return refuse(format!("the object defines {} maps; at most {MAX_MAPS} are accepted", map_syms.len()));
+            return refuse(format!(
+                "the object defines {} maps; at most {MAX_MAPS} are accepted",
+                map_syms.len()
+            ));
         }
         for &(off, name) in &map_syms {
             let off = off as usize;
@@ -274,7 +303,9 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
             let (Some(kind), Some(key_size), Some(value_size), Some(max_entries)) =
                 (field(0), field(1), field(2), field(3))
             else {
-                return refuse(format!("map {name:?}: its definition lies outside the maps section"));
+                return refuse(format!(
+                    "map {name:?}: its definition lies outside the maps section"
+                ));
             };
             maps.push(MapDef {
                 name: name.to_string(),
@@ -287,20 +318,35 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
         }
     }
     // Relocations of the program section.
-    for rs in secs.iter().filter(|s| s.kind == SHT_REL && s.info as usize == pi) {
+    for rs in secs
+        .iter()
+        .filter(|s| s.kind == SHT_REL && s.info as usize == pi)
+    {
         if rs.data.len() % 16 != 0 {
-            return refuse(format!("damaged ELF object: relocation section {:?} has a bad size", rs.name));
+            return refuse(format!(
+                "damaged ELF object: relocation section {:?} has a bad size",
+                rs.name
+            ));
         }
         for r in rs.data.chunks_exact(16) {
             let off = u64_at(r, 0).unwrap_or(u64::MAX);
             let info = u64_at(r, 8).unwrap_or(0);
             let (sym, kind) = ((info >> 32) as usize, info as u32);
-            let at = if off % 8 == 0 { (off / 8) as usize } else { usize::MAX };
+            let at = if off % 8 == 0 {
+                (off / 8) as usize
+            } else {
+                usize::MAX
+            };
             let Some(insn) = insns.get_mut(at) else {
-                return refuse(format!("damaged ELF object: a relocation at byte {off} lies outside the program"));
+                return refuse(format!(
+                    "damaged ELF object: a relocation at byte {off} lies outside the program"
+                ));
             };
             let target = syms.get(sym).ok_or_else(|| {
-                crate::Error::new(nvmux_core::ErrorKind::InvalidArgument, "damaged ELF object: a relocation names a symbol that does not exist")
+                crate::Error::new(
+                    nvmux_core::ErrorKind::InvalidArgument,
+                    "damaged ELF object: a relocation names a symbol that does not exist",
+                )
             })?;
             let target_sec = secs.get(target.shndx as usize).map_or("", |s| s.name);
             if kind == R_BPF_64_32 {
@@ -310,7 +356,10 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
                 ));
             }
             if kind != R_BPF_64_64 || insn[0] != LD_DW_IMM {
-                return refuse(format!("instruction {at}: relocation type {kind} against {:?} is not supported", target.name));
+                return refuse(format!(
+                    "instruction {at}: relocation type {kind} against {:?} is not supported",
+                    target.name
+                ));
             }
             if target_sec != "maps" {
                 return refuse(format!(
@@ -319,7 +368,9 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
                 ));
             }
             let Some(idx) = map_syms.iter().position(|&(o, _)| o == target.value) else {
-                return refuse(format!("instruction {at} refers to map data that is not the start of a map"));
+                return refuse(format!(
+                    "instruction {at} refers to map data that is not the start of a map"
+                ));
             };
             insn[1] = (insn[1] & 0x0f) | (PSEUDO_MAP << 4);
             insn[4..8].copy_from_slice(&(idx as u32).to_le_bytes());
@@ -338,7 +389,11 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_an_ebpf_object() {
-        let e = load(b"hello world, this is not an object at all, but it is long enough to be one.", None).unwrap_err();
+        let e = load(
+            b"hello world, this is not an object at all, but it is long enough to be one.",
+            None,
+        )
+        .unwrap_err();
         assert!(e.msg.contains("not an ELF object"), "{}", e.msg);
         // An x86-64 ELF header.
         let mut x = vec![0u8; 64];

@@ -199,7 +199,10 @@ impl External {
         let mut b = [0u8; proto::MSG_SIZE];
         s.read_exact(&mut b)?;
         let Some(h) = proto::Hello::decode(&b) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "not an nvmux function (bad hello)"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an nvmux function (bad hello)",
+            ));
         };
         let mut w = proto::Welcome {
             version: proto::VERSION,
@@ -255,11 +258,23 @@ impl External {
         loop {
             let conn = self.conn();
             let mut fds = vec![
-                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             if let Some(c) = &conn {
-                fds.push(libc::pollfd { fd: c.sock.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 });
+                fds.push(libc::pollfd {
+                    fd: c.sock.as_raw_fd(),
+                    events: libc::POLLIN | libc::POLLRDHUP,
+                    revents: 0,
+                });
             }
             // SAFETY: `fds` is a valid array of pollfd for the call.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -296,7 +311,9 @@ impl External {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => tracing::warn!(disk = %self.disk, "external function accept failed: {e}"),
+                    Err(e) => {
+                        tracing::warn!(disk = %self.disk, "external function accept failed: {e}")
+                    }
                 }
             }
         }
@@ -305,7 +322,11 @@ impl External {
 }
 
 fn peer_pid(s: &UnixStream) -> i32 {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let r = unsafe {
@@ -357,7 +378,13 @@ unsafe impl Send for ExtRing {}
 
 impl Drop for ExtRing {
     fn drop(&mut self) {
-        let m = proto::RingMsg { kind: proto::MSG_REMOVE_RING, ring: self.id, depth: 0, size: 0, slot_size: 0 };
+        let m = proto::RingMsg {
+            kind: proto::MSG_REMOVE_RING,
+            ring: self.id,
+            depth: 0,
+            size: 0,
+            slot_size: 0,
+        };
         let _ = self.conn.send(&m.encode(), &[]);
         // SAFETY: our mapping of layout.size bytes.
         unsafe { libc::munmap(self.base, self.view.layout.size) };
@@ -429,8 +456,15 @@ impl ExtRing {
             size: layout.size as u64,
             slot_size: layout.slot_size,
         };
-        ring.conn.send(&m.encode(), &[memfd.as_raw_fd(), ring.sq_efd.as_raw_fd(), wake_fd])?;
-        ring.conn.wakers.lock().unwrap_or_else(|e| e.into_inner()).push(wake_dup);
+        ring.conn.send(
+            &m.encode(),
+            &[memfd.as_raw_fd(), ring.sq_efd.as_raw_fd(), wake_fd],
+        )?;
+        ring.conn
+            .wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wake_dup);
         Ok(ring)
     }
 
@@ -451,7 +485,10 @@ impl ExtRing {
             if let Some(p) = self.view.slot(id) {
                 // SAFETY: the slot has slot_size >= len bytes in our mapping; the SG list's
                 // segments are readable for the command's life (its keepalive).
-                unsafe { cmd.sg.copy_to(std::slice::from_raw_parts_mut(p, len as usize)) };
+                unsafe {
+                    cmd.sg
+                        .copy_to(std::slice::from_raw_parts_mut(p, len as usize))
+                };
             }
         }
         self.view.write_sqe(
@@ -490,7 +527,13 @@ impl ExtRing {
     /// Take the published completions: `(router slot, ring id, entry)` each. `Err` if the
     /// function broke the protocol (the ring must then be abandoned).
     pub fn reap(&mut self, out: &mut Vec<(u32, u16, Cqe)>) -> Result<(), &'static str> {
-        reap_cq(&self.view, &mut self.owner, &mut self.cq_head, &mut self.outstanding, out)
+        reap_cq(
+            &self.view,
+            &mut self.owner,
+            &mut self.cq_head,
+            &mut self.outstanding,
+            out,
+        )
     }
 
     /// Copy a read's data from entry `id`'s slot into `cmd`'s buffers.

@@ -25,8 +25,22 @@ fn contexts() -> [Ctx; 3] {
     };
     [
         base,
-        Ctx { opcode: 1, slba: 0, event: 1, status: 0x182, cookie: u64::MAX, ..base },
-        Ctx { opcode: 0, nlb: 0, slba: u64::MAX, hops: 3, queue: 7, ..base },
+        Ctx {
+            opcode: 1,
+            slba: 0,
+            event: 1,
+            status: 0x182,
+            cookie: u64::MAX,
+            ..base
+        },
+        Ctx {
+            opcode: 0,
+            nlb: 0,
+            slba: u64::MAX,
+            hops: 3,
+            queue: 7,
+            ..base
+        },
     ]
 }
 
@@ -41,7 +55,10 @@ pub fn classifier_one(data: &[u8]) {
         let Some((&vs, code)) = rest.split_first() else {
             return;
         };
-        let insns: Vec<[u8; 8]> = code.chunks_exact(8).map(|c| c.try_into().unwrap_or([0; 8])).collect();
+        let insns: Vec<[u8; 8]> = code
+            .chunks_exact(8)
+            .map(|c| c.try_into().unwrap_or([0; 8]))
+            .collect();
         let map = MapDef {
             name: "m".into(),
             kind: 2,
@@ -88,9 +105,19 @@ pub fn ext_ring_one(data: &[u8]) {
     let Some((&mask, rest)) = data.split_first() else {
         return;
     };
-    let mut owner: Vec<u32> = (0..8u32).map(|i| if mask & (1 << i) != 0 { 100 + i } else { crate::ext::FREE_ENTRY }).collect();
+    let mut owner: Vec<u32> = (0..8u32)
+        .map(|i| {
+            if mask & (1 << i) != 0 {
+                100 + i
+            } else {
+                crate::ext::FREE_ENTRY
+            }
+        })
+        .collect();
     let mut outstanding = mask.count_ones() as usize;
-    let tail = rest.get(..4).map_or(0, |t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
+    let tail = rest
+        .get(..4)
+        .map_or(0, |t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
     let entries = rest.get(4..).unwrap_or(&[]);
     let cq = layout.cq_off;
     let bytes = {
@@ -107,7 +134,10 @@ pub fn ext_ring_one(data: &[u8]) {
     let mut seen = std::collections::HashSet::new();
     for (slot, id, _) in &out {
         assert!((*id as usize) < 8, "completion id out of range");
-        assert_eq!(before[*id as usize], *slot, "completed an entry that was not in flight");
+        assert_eq!(
+            before[*id as usize], *slot,
+            "completed an entry that was not in flight"
+        );
         assert!(seen.insert(*id), "completed an entry twice");
     }
     assert_eq!(outstanding + out.len(), mask.count_ones() as usize);
@@ -118,7 +148,9 @@ mod tests {
     use super::*;
 
     fn corpus_named(name: &str) -> Vec<(String, Vec<u8>)> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(name);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus")
+            .join(name);
         let mut v = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -137,7 +169,10 @@ mod tests {
     /// The `elf-*` seeds are the example classifiers, compiled by clang: each verifies.
     #[test]
     fn example_classifiers_verify() {
-        let seeds: Vec<_> = corpus_named("classifier_load").into_iter().filter(|(n, _)| n.starts_with("elf-")).collect();
+        let seeds: Vec<_> = corpus_named("classifier_load")
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("elf-"))
+            .collect();
         assert!(seeds.len() >= 6, "example classifier seeds missing");
         for (n, b) in seeds {
             let p = Program::load(&b[1..], None).unwrap_or_else(|e| panic!("{n}: {}", e.msg));

@@ -128,18 +128,27 @@ impl Router {
     }
 
     pub fn program(&self) -> Option<Arc<Program>> {
-        self.program.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.program
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Replace the external function (the old one, if any, is stopped by the caller).
     pub fn set_external(&self, e: Option<Arc<External>>) -> Option<Arc<External>> {
-        let old = std::mem::replace(&mut *self.external.lock().unwrap_or_else(|e| e.into_inner()), e);
+        let old = std::mem::replace(
+            &mut *self.external.lock().unwrap_or_else(|e| e.into_inner()),
+            e,
+        );
         self.gen.fetch_add(1, Ordering::AcqRel);
         old
     }
 
     pub fn external(&self) -> Option<Arc<External>> {
-        self.external.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.external
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn totals(&self) -> RouteTotals {
@@ -153,7 +162,11 @@ impl Router {
 
     fn new_counters(&self) -> Arc<RouteCounters> {
         let q = Arc::new(RouteCounters::default());
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).live.push(q.clone());
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .push(q.clone());
         q
     }
 
@@ -173,8 +186,16 @@ pub struct RouterDevice {
 }
 
 impl RouterDevice {
-    pub fn new(router: Arc<Router>, chain: Arc<dyn BlockDevice>, fast: Option<Arc<dyn BlockDevice>>) -> RouterDevice {
-        RouterDevice { router, chain, fast }
+    pub fn new(
+        router: Arc<Router>,
+        chain: Arc<dyn BlockDevice>,
+        fast: Option<Arc<dyn BlockDevice>>,
+    ) -> RouterDevice {
+        RouterDevice {
+            router,
+            chain,
+            fast,
+        }
     }
 }
 
@@ -184,10 +205,6 @@ impl BlockDevice for RouterDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         let chain = self.chain.open_queue(depth)?;
-        let fast = match &self.fast {
-            Some(f) => Some(f.open_queue(depth)?),
-            None => None,
-        };
         // SAFETY: eventfd has no memory-safety preconditions; checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -203,7 +220,10 @@ impl BlockDevice for RouterDevice {
             dev: self.chain.clone(),
             info: self.chain.info().clone(),
             chain,
-            fast,
+            fast_dev: self.fast.clone(),
+            fast: None,
+            depth,
+            fds_changed: false,
             gen: u64::MAX,
             prog: None,
             ext: None,
@@ -249,7 +269,12 @@ pub struct RouterQueue {
     dev: Arc<dyn BlockDevice>,
     info: DeviceInfo,
     chain: Box<dyn BlockQueue>,
+    /// The fast path's device (`None`: the chain is the fast path) and its queue, opened
+    /// when a program first routes a command there.
+    fast_dev: Option<Arc<dyn BlockDevice>>,
     fast: Option<Box<dyn BlockQueue>>,
+    depth: u32,
+    fds_changed: bool,
     /// The router generation `prog` and `ext` were read at.
     gen: u64,
     prog: Option<Arc<Program>>,
@@ -292,7 +317,15 @@ impl RouterQueue {
         }
     }
 
-    fn fill_ctx(&mut self, cmd: &IoCommand, event: u32, route: Route, hops: u8, status: Status, cookie: u64) {
+    fn fill_ctx(
+        &mut self,
+        cmd: &IoCommand,
+        event: u32,
+        route: Route,
+        hops: u8,
+        status: Status,
+        cookie: u64,
+    ) {
         self.ctx = Ctx {
             version: ctx::CTX_VERSION,
             event,
@@ -361,7 +394,13 @@ impl RouterQueue {
     }
 
     /// Act on a program's verdict for `cmd` (`slot`: the router already tracks it).
-    fn apply(&mut self, mut cmd: IoCommand, r0: Option<u64>, slot: Option<u32>, prog: &Arc<Program>) {
+    fn apply(
+        &mut self,
+        mut cmd: IoCommand,
+        r0: Option<u64>,
+        slot: Option<u32>,
+        prog: &Arc<Program>,
+    ) {
         let Some((route, hook)) = r0.and_then(ctx::decode_verdict) else {
             bump(&self.counters.errors);
             return self.complete(cmd, Status::INTERNAL_ERROR, slot);
@@ -406,7 +445,7 @@ impl RouterQueue {
         };
         match (route, slot) {
             (Route::External, Some(i)) => self.to_external(cmd, i),
-            (Route::Fast, _) if self.fast.is_some() => {
+            (Route::Fast, _) if self.fast_queue().is_some() => {
                 if let Some(f) = self.fast.as_mut() {
                     f.submit(cmd);
                 }
@@ -417,6 +456,25 @@ impl RouterQueue {
                 self.kick = true;
             }
         }
+    }
+
+    /// The fast path's queue, opened on first use (`None`: the chain is the fast path, or
+    /// the queue could not be opened, and the chain serves).
+    fn fast_queue(&mut self) -> Option<&mut Box<dyn BlockQueue>> {
+        if self.fast.is_none() {
+            let dev = self.fast_dev.take()?;
+            match dev.open_queue(self.depth) {
+                Ok(q) => {
+                    self.fast = Some(q);
+                    self.fds_changed = true;
+                }
+                Err(e) => {
+                    tracing::error!(disk = %self.router.disk, "cannot open the fast path, using the chain: {e}");
+                    return None;
+                }
+            }
+        }
+        self.fast.as_mut()
     }
 
     /// The ring to the attached function, created on first use.
@@ -459,7 +517,10 @@ impl RouterQueue {
     /// The function cannot take `cmd`: fail it or send it through the chain.
     fn fall_back(&mut self, mut cmd: IoCommand, slot: u32) {
         bump(&self.counters.fallbacks);
-        let policy = self.ext.as_ref().map_or(OnFailure::Fail, |e| e.cfg.on_failure);
+        let policy = self
+            .ext
+            .as_ref()
+            .map_or(OnFailure::Fail, |e| e.cfg.on_failure);
         match policy {
             OnFailure::Fail => self.complete(cmd, ext::NOT_READY, Some(slot)),
             OnFailure::Chain => {
@@ -519,7 +580,11 @@ impl RouterQueue {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         let dead = self.ext.as_ref().is_none_or(|e| e.generation() != ring.gen);
-        let broken = if dead { None } else { ring.reap(&mut cqes).err() };
+        let broken = if dead {
+            None
+        } else {
+            ring.reap(&mut cqes).err()
+        };
         if let Some(why) = broken {
             ring.break_conn(why);
         }
@@ -658,8 +723,14 @@ impl BlockQueue for RouterQueue {
         out.push(self.efd.as_raw_fd());
     }
 
+    fn take_fds_changed(&mut self) -> bool {
+        std::mem::take(&mut self.fds_changed)
+    }
+
     fn may_sleep(&self) -> bool {
-        self.ready.is_empty() && self.chain.may_sleep() && self.fast.as_ref().is_none_or(|f| f.may_sleep())
+        self.ready.is_empty()
+            && self.chain.may_sleep()
+            && self.fast.as_ref().is_none_or(|f| f.may_sleep())
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {

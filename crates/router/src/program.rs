@@ -11,7 +11,9 @@ use std::sync::Arc;
 use crate::ctx::{Ctx, CTX_SIZE};
 use crate::elf::{self, MapDef, LD_DW_IMM, PSEUDO_MAP};
 use crate::maps::ArrayMap;
-use crate::verifier::{self, HELPER_ATOMIC_ADD, HELPER_KTIME_NS, HELPER_MAP_LOOKUP, HELPER_MAP_UPDATE, HELPER_PRANDOM};
+use crate::verifier::{
+    self, HELPER_ATOMIC_ADD, HELPER_KTIME_NS, HELPER_MAP_LOOKUP, HELPER_MAP_UPDATE, HELPER_PRANDOM,
+};
 use crate::{refuse, Result};
 
 /// What the API shows of a program.
@@ -50,15 +52,23 @@ impl ExecMem {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(crate::Error::io("map JIT memory", std::io::Error::last_os_error()));
+            return Err(crate::Error::io(
+                "map JIT memory",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(ExecMem { ptr: p.cast(), len })
     }
 
     fn seal(&self) -> Result<()> {
         // SAFETY: our own mapping of `len` bytes.
-        if unsafe { libc::mprotect(self.ptr.cast(), self.len, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
-            return Err(crate::Error::io("protect JIT memory", std::io::Error::last_os_error()));
+        if unsafe { libc::mprotect(self.ptr.cast(), self.len, libc::PROT_READ | libc::PROT_EXEC) }
+            != 0
+        {
+            return Err(crate::Error::io(
+                "protect JIT memory",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -104,13 +114,23 @@ const JIT: bool = cfg!(target_arch = "x86_64");
 fn h_map_lookup(map: u64, key: u64, _: u64, _: u64, _: u64) -> u64 {
     // SAFETY: r1 is a map reference the linker wrote (the address of an ArrayMap the
     // Program keeps alive), r2 points to 4 written bytes (stack or map value).
-    let (m, k) = unsafe { (&*(map as *const ArrayMap), std::ptr::read_unaligned(key as *const u32)) };
+    let (m, k) = unsafe {
+        (
+            &*(map as *const ArrayMap),
+            std::ptr::read_unaligned(key as *const u32),
+        )
+    };
     m.value_ptr(k).map_or(0, |p| p as u64)
 }
 
 fn h_map_update(map: u64, key: u64, value: u64, flags: u64, _: u64) -> u64 {
     // SAFETY: as for lookup; r3 points to value_size readable bytes.
-    let (m, k) = unsafe { (&*(map as *const ArrayMap), std::ptr::read_unaligned(key as *const u32)) };
+    let (m, k) = unsafe {
+        (
+            &*(map as *const ArrayMap),
+            std::ptr::read_unaligned(key as *const u32),
+        )
+    };
     match flags {
         0 | 2 => {}
         1 => return (-libc::EEXIST) as i64 as u64, // every array entry exists
@@ -126,7 +146,10 @@ fn h_map_update(map: u64, key: u64, value: u64, flags: u64, _: u64) -> u64 {
 }
 
 fn h_ktime_ns(_: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -147,7 +170,10 @@ fn h_prandom(_: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
 fn h_atomic_add(p: u64, delta: u64, _: u64, _: u64, _: u64) -> u64 {
     // SAFETY: r1 points to an 8-byte aligned u64 inside a map value (verifier); map
     // storage is AtomicU64 words.
-    unsafe { (*(p as *const std::sync::atomic::AtomicU64)).fetch_add(delta, std::sync::atomic::Ordering::Relaxed) }
+    unsafe {
+        (*(p as *const std::sync::atomic::AtomicU64))
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 const HELPER_FNS: [(u32, rbpf::Helper); 5] = [
@@ -159,7 +185,10 @@ const HELPER_FNS: [(u32, rbpf::Helper); 5] = [
 ];
 
 fn vm_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
-    crate::Error::new(nvmux_core::ErrorKind::InvalidArgument, format!("{what}: {e:?}"))
+    crate::Error::new(
+        nvmux_core::ErrorKind::InvalidArgument,
+        format!("{what}: {e:?}"),
+    )
 }
 
 impl Program {
@@ -199,9 +228,11 @@ impl Program {
         // SAFETY: `code` is a heap allocation that does not move and outlives the VM
         // (field order in Program); nothing else mutates it.
         let prog: &'static [u8] = unsafe { std::slice::from_raw_parts(code.as_ptr(), code.len()) };
-        let mut vm = rbpf::EbpfVmRaw::new(Some(prog)).map_err(|e| vm_err("rbpf refused the program", e))?;
+        let mut vm =
+            rbpf::EbpfVmRaw::new(Some(prog)).map_err(|e| vm_err("rbpf refused the program", e))?;
         for (id, f) in HELPER_FNS {
-            vm.register_helper(id, f).map_err(|e| vm_err("register helper", e))?;
+            vm.register_helper(id, f)
+                .map_err(|e| vm_err("register helper", e))?;
         }
         for m in &maps {
             vm.register_allowed_memory(m.address_range());
@@ -212,9 +243,12 @@ impl Program {
             let mem = ExecMem::new(len)?;
             // SAFETY: our fresh mapping of `len` bytes, which outlives the VM (field
             // order); the compiler is its only writer, before `seal`.
-            let slice: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(mem.ptr, mem.len) };
-            vm.set_jit_exec_memory(slice).map_err(|e| vm_err("JIT memory", e))?;
-            let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.jit_compile()));
+            let slice: &'static mut [u8] =
+                unsafe { std::slice::from_raw_parts_mut(mem.ptr, mem.len) };
+            vm.set_jit_exec_memory(slice)
+                .map_err(|e| vm_err("JIT memory", e))?;
+            let compiled =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.jit_compile()));
             match compiled {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(vm_err("JIT compilation failed", e)),
@@ -254,7 +288,8 @@ impl Program {
         let bytes = ctx.as_bytes_mut();
         // SAFETY: the slice covers `ctx` and is used only during this call; rbpf asks for
         // its own lifetime parameter ('static here) but does not keep the slice.
-        let mem: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr(), CTX_SIZE) };
+        let mem: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr(), CTX_SIZE) };
         if JIT {
             // SAFETY: the program was verified: it is bounded, touches only its context,
             // its stack and its maps' values, and calls only the helpers above with
@@ -270,7 +305,8 @@ impl Program {
     pub fn run_interpreted(&self, ctx: &mut Ctx) -> std::result::Result<u64, String> {
         let bytes = ctx.as_bytes_mut();
         // SAFETY: as in `run`.
-        let mem: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr(), CTX_SIZE) };
+        let mem: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr(), CTX_SIZE) };
         self.vm.0.execute_program(mem).map_err(|e| format!("{e:?}"))
     }
 }
@@ -300,29 +336,37 @@ mod tests {
             flags: 0,
         };
         let p = vec![
-            ins(0xbf, 6, 1, 0, 0),        // r6 = ctx
-            ins(0x71, 2, 1, 8, 0),        // r2 = opcode
-            ins(0x63, 10, 2, -4, 0),      // key = r2
-            ins(0xbf, 2, 10, 0, 0),       // r2 = r10
-            ins(0x07, 2, 0, 0, -4),       // r2 -= 4
+            ins(0xbf, 6, 1, 0, 0),   // r6 = ctx
+            ins(0x71, 2, 1, 8, 0),   // r2 = opcode
+            ins(0x63, 10, 2, -4, 0), // key = r2
+            ins(0xbf, 2, 10, 0, 0),  // r2 = r10
+            ins(0x07, 2, 0, 0, -4),  // r2 -= 4
             ins(LD_DW_IMM, 1, PSEUDO_MAP, 0, 0),
             [0; 8],
             ins(0x85, 0, 0, 0, HELPER_MAP_LOOKUP as i32),
-            ins(0x15, 0, 0, 3, 0),        // if r0 == 0 goto +3
-            ins(0xbf, 1, 0, 0, 0),        // r1 = value
-            ins(0xb7, 2, 0, 0, 1),        // r2 = 1
+            ins(0x15, 0, 0, 3, 0), // if r0 == 0 goto +3
+            ins(0xbf, 1, 0, 0, 0), // r1 = value
+            ins(0xb7, 2, 0, 0, 1), // r2 = 1
             ins(0x85, 0, 0, 0, HELPER_ATOMIC_ADD as i32),
-            ins(0x79, 3, 6, 16, 0),       // r3 = slba
-            ins(0x07, 3, 0, 0, 8),        // r3 += 8
-            ins(0x7b, 6, 3, 16, 0),       // slba = r3
+            ins(0x79, 3, 6, 16, 0), // r3 = slba
+            ins(0x07, 3, 0, 0, 8),  // r3 += 8
+            ins(0x7b, 6, 3, 16, 0), // slba = r3
             ins(0xb7, 0, 0, 0, (HOOK | Route::Fast as u64) as i32),
             [0x95, 0, 0, 0, 0, 0, 0, 0],
         ];
         let prog = Program::from_insns(p, vec![def], "t".into()).expect("load");
-        let mut c = Ctx { opcode: 2, slba: 100, ..Ctx::default() };
+        let mut c = Ctx {
+            opcode: 2,
+            slba: 100,
+            ..Ctx::default()
+        };
         assert_eq!(prog.run(&mut c), Some(HOOK | 1));
         assert_eq!(c.slba, 108);
-        let mut c2 = Ctx { opcode: 2, slba: 100, ..Ctx::default() };
+        let mut c2 = Ctx {
+            opcode: 2,
+            slba: 100,
+            ..Ctx::default()
+        };
         assert_eq!(prog.run_interpreted(&mut c2), Ok(HOOK | 1));
         assert_eq!(c, c2);
         let m = prog.map("count").expect("map");

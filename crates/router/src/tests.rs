@@ -29,7 +29,12 @@ fn rig() -> Rig {
     let router = Router::new("t");
     let dev = RouterDevice::new(router.clone(), chain.clone(), Some(fast.clone()));
     let q = dev.open_queue(16).unwrap();
-    Rig { router, chain, fast, q }
+    Rig {
+        router,
+        chain,
+        fast,
+        q,
+    }
 }
 
 fn io(q: &mut dyn BlockQueue, op: Opcode, slba: u64, buf: &mut [u8], tag: u64) -> (u64, Status) {
@@ -64,7 +69,10 @@ fn read_dev(d: &dyn BlockDevice, slba: u64) -> Vec<u8> {
 fn no_program_goes_through_the_chain() {
     let mut r = rig();
     let mut w = vec![7u8; 512];
-    assert_eq!(io(&mut *r.q, Opcode::Write, 3, &mut w, 42), (42, Status::SUCCESS));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, 3, &mut w, 42),
+        (42, Status::SUCCESS)
+    );
     assert_eq!(read_dev(&*r.chain, 3), w);
     assert_eq!(read_dev(&*r.fast, 3), vec![0u8; 512]);
     assert_eq!(r.router.totals(), RouteTotals::default());
@@ -100,11 +108,17 @@ fn routes_rewrites_and_statuses() {
          exit",
     )));
     let mut w = vec![3u8; 512];
-    assert_eq!(io(&mut *r.q, Opcode::Write, 1, &mut w, 3), (3, Status::SUCCESS));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, 1, &mut w, 3),
+        (3, Status::SUCCESS)
+    );
     assert_eq!(read_dev(&*r.chain, 101), w);
     assert_eq!(read_dev(&*r.chain, 1), vec![0u8; 512]);
     let last = (1 << 20) / 512 - 1;
-    assert_eq!(io(&mut *r.q, Opcode::Write, last, &mut w, 4), (4, Status::LBA_OUT_OF_RANGE));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, last, &mut w, 4),
+        (4, Status::LBA_OUT_OF_RANGE)
+    );
 
     // Complete now with a status the program chose (write protected: sct 1, sc 0x82).
     r.router.set_program(Some(prog(
@@ -113,13 +127,22 @@ fn routes_rewrites_and_statuses() {
          mov r0, 3
          exit",
     )));
-    assert_eq!(io(&mut *r.q, Opcode::Write, 1, &mut w, 5), (5, Status::WRITE_PROTECTED));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, 1, &mut w, 5),
+        (5, Status::WRITE_PROTECTED)
+    );
     // A bad verdict is an internal error.
     r.router.set_program(Some(prog("mov r0, 9\nexit")));
-    assert_eq!(io(&mut *r.q, Opcode::Read, 1, &mut w, 6), (6, Status::INTERNAL_ERROR));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Read, 1, &mut w, 6),
+        (6, Status::INTERNAL_ERROR)
+    );
     assert!(r.router.totals().errors >= 1);
     r.router.set_program(None);
-    assert_eq!(io(&mut *r.q, Opcode::Read, 1, &mut w, 7), (7, Status::SUCCESS));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Read, 1, &mut w, 7),
+        (7, Status::SUCCESS)
+    );
 }
 
 #[test]
@@ -149,13 +172,20 @@ fn completion_hook_retries_and_keeps_its_program_across_a_swap() {
     let done = wait(&mut *r.q, 1);
     assert_eq!(done, vec![(77, Status::SUCCESS)]);
     assert_eq!(read_dev(&*r.chain, 9), w);
-    assert_eq!(read_dev(&*r.fast, 9), w, "the hook retried it on the fast path");
+    assert_eq!(
+        read_dev(&*r.fast, 9),
+        w,
+        "the hook retried it on the fast path"
+    );
     let t = r.router.totals();
     assert_eq!(t.hooks, 2);
 
     // A program that always asks for another hop stops at MAX_HOPS.
     r.router.set_program(Some(prog("mov r0, 0x100\nexit")));
-    assert_eq!(io(&mut *r.q, Opcode::Read, 1, &mut w, 8), (8, Status::INTERNAL_ERROR));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Read, 1, &mut w, 8),
+        (8, Status::INTERNAL_ERROR)
+    );
 }
 
 /// Logs writes and answers reads with a fixed byte, in-process through the SDK.
@@ -166,7 +196,10 @@ struct Recorder {
 impl nvmux_extfn::Function for Recorder {
     fn handle(&mut self, req: nvmux_extfn::Request<'_>) -> nvmux_extfn::Reply {
         let first = req.data.first().copied().unwrap_or(0);
-        self.log.lock().unwrap().push((req.opcode, req.slba, req.nlb, first));
+        self.log
+            .lock()
+            .unwrap()
+            .push((req.opcode, req.slba, req.nlb, first));
         if req.opcode == nvmux_extfn::OP_READ {
             req.data.fill(0xee);
         }
@@ -182,7 +215,12 @@ fn external_function_round_trip_and_detach() {
     let _ = std::fs::remove_file(&sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let mut r = rig();
-    let cfg = ExternalConfig { socket: sock.clone(), on_failure: OnFailure::Chain, depth: 8, max_io: 65536 };
+    let cfg = ExternalConfig {
+        socket: sock.clone(),
+        on_failure: OnFailure::Chain,
+        depth: 8,
+        max_io: 65536,
+    };
     let ext = External::start(cfg, listener, "t", 512, 2048).unwrap();
     r.router.set_external(Some(ext.clone()));
     // Everything to the function first; back from it (cookie = 1) writes go to the chain.
@@ -201,32 +239,66 @@ fn external_function_round_trip_and_detach() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l2 = log.clone();
     let s2 = sock.clone();
-    let t = std::thread::spawn(move || nvmux_extfn::serve(&s2, "recorder", &mut Recorder { log: l2 }));
+    let t =
+        std::thread::spawn(move || nvmux_extfn::serve(&s2, "recorder", &mut Recorder { log: l2 }));
     let t0 = Instant::now();
     while !ext.status().attached {
-        assert!(t0.elapsed() < Duration::from_secs(10), "function did not attach");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "function did not attach"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut w = vec![0x42u8; 1024];
-    assert_eq!(io(&mut *r.q, Opcode::Write, 10, &mut w, 1), (1, Status::SUCCESS));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, 10, &mut w, 1),
+        (1, Status::SUCCESS)
+    );
     assert_eq!(read_dev(&*r.chain, 10), vec![0x42u8; 512]);
     let mut b = vec![0u8; 512];
-    assert_eq!(io(&mut *r.q, Opcode::Read, 10, &mut b, 2), (2, Status::SUCCESS));
-    assert_eq!(b, vec![0xeeu8; 512], "the read was answered by the function");
-    let seen: Vec<(u8, u64, u32)> = log.lock().unwrap().iter().map(|e| (e.0, e.1, e.2)).collect();
+    assert_eq!(
+        io(&mut *r.q, Opcode::Read, 10, &mut b, 2),
+        (2, Status::SUCCESS)
+    );
+    assert_eq!(
+        b,
+        vec![0xeeu8; 512],
+        "the read was answered by the function"
+    );
+    let seen: Vec<(u8, u64, u32)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| (e.0, e.1, e.2))
+        .collect();
     assert_eq!(seen, vec![(1, 10, 2), (2, 10, 1)]);
-    assert_eq!(log.lock().unwrap()[0].3, 0x42, "the function saw the write's data");
+    assert_eq!(
+        log.lock().unwrap()[0].3,
+        0x42,
+        "the function saw the write's data"
+    );
     // Many at once: more than the ring's depth wait for free entries.
     let mut bufs: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; 512]).collect();
     for (i, buf) in bufs.iter_mut().enumerate() {
         let mut sg = SgList::default();
         sg.push(buf.as_mut_ptr(), 512);
-        r.q.submit(IoCommand::new(Opcode::Write, 100 + i as u64, 1, 10 + i as u64, sg));
+        r.q.submit(IoCommand::new(
+            Opcode::Write,
+            100 + i as u64,
+            1,
+            10 + i as u64,
+            sg,
+        ));
     }
     r.q.kick();
     let mut done = wait(&mut *r.q, 20);
     done.sort_by_key(|d| d.0);
-    assert_eq!(done, (0..20).map(|i| (10 + i, Status::SUCCESS)).collect::<Vec<_>>());
+    assert_eq!(
+        done,
+        (0..20)
+            .map(|i| (10 + i, Status::SUCCESS))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(read_dev(&*r.chain, 119), vec![19u8; 512]);
 
     // Stopping the function's endpoint detaches it: writes now fall back to the chain.
@@ -234,7 +306,10 @@ fn external_function_round_trip_and_detach() {
     let _ = t.join();
     assert!(!ext.status().attached);
     let mut w = vec![0x77u8; 512];
-    assert_eq!(io(&mut *r.q, Opcode::Write, 11, &mut w, 3), (3, Status::SUCCESS));
+    assert_eq!(
+        io(&mut *r.q, Opcode::Write, 11, &mut w, 3),
+        (3, Status::SUCCESS)
+    );
     assert_eq!(read_dev(&*r.chain, 11), w);
     assert!(r.router.totals().fallbacks >= 1);
     let _ = std::fs::remove_dir_all(&dir);

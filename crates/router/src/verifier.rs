@@ -49,10 +49,18 @@ pub enum Arg {
 /// (number, name, arguments). Each returns a scalar, except lookup (a map value or null).
 pub const HELPERS: [(u32, &str, &[Arg]); 5] = [
     (HELPER_MAP_LOOKUP, "nvmux_map_lookup", &[Arg::Map, Arg::Key]),
-    (HELPER_MAP_UPDATE, "nvmux_map_update", &[Arg::Map, Arg::Key, Arg::Value, Arg::Scalar]),
+    (
+        HELPER_MAP_UPDATE,
+        "nvmux_map_update",
+        &[Arg::Map, Arg::Key, Arg::Value, Arg::Scalar],
+    ),
     (HELPER_KTIME_NS, "nvmux_ktime_ns", &[]),
     (HELPER_PRANDOM, "nvmux_prandom_u32", &[]),
-    (HELPER_ATOMIC_ADD, "nvmux_atomic_add", &[Arg::ValueU64, Arg::Scalar]),
+    (
+        HELPER_ATOMIC_ADD,
+        "nvmux_atomic_add",
+        &[Arg::ValueU64, Arg::Scalar],
+    ),
 ];
 
 /// Limits on maps: key a `u32` index, values up to 4 KiB, 16 MiB in all per program.
@@ -67,13 +75,22 @@ pub fn check_maps(maps: &[MapDef]) -> Result<()> {
     for m in maps {
         let bad = |why: String| refuse(format!("map {:?}: {why}", m.name));
         if m.kind != MAP_ARRAY {
-            return bad(format!("type {} is not supported (only NVMUX_MAP_ARRAY, {MAP_ARRAY})", m.kind));
+            return bad(format!(
+                "type {} is not supported (only NVMUX_MAP_ARRAY, {MAP_ARRAY})",
+                m.kind
+            ));
         }
         if m.key_size != 4 {
-            return bad(format!("key size {} (an array's key is a 4-byte index)", m.key_size));
+            return bad(format!(
+                "key size {} (an array's key is a 4-byte index)",
+                m.key_size
+            ));
         }
         if m.value_size == 0 || m.value_size > MAX_VALUE_SIZE {
-            return bad(format!("value size {} (1 to {MAX_VALUE_SIZE} bytes)", m.value_size));
+            return bad(format!(
+                "value size {} (1 to {MAX_VALUE_SIZE} bytes)",
+                m.value_size
+            ));
         }
         if m.max_entries == 0 || m.max_entries > MAX_ENTRIES {
             return bad(format!("{} entries (1 to {MAX_ENTRIES})", m.max_entries));
@@ -84,7 +101,9 @@ pub fn check_maps(maps: &[MapDef]) -> Result<()> {
         total += m.value_size.next_multiple_of(8) as u64 * m.max_entries as u64;
     }
     if total > MAX_MAP_BYTES {
-        return refuse(format!("the maps need {total} bytes; at most {MAX_MAP_BYTES} are allowed"));
+        return refuse(format!(
+            "the maps need {total} bytes; at most {MAX_MAP_BYTES} are allowed"
+        ));
     }
     Ok(())
 }
@@ -149,7 +168,9 @@ fn join_t(a: T, b: T, ids: &mut Vec<((u32, u32), u32)>, next_id: &mut u32) -> T 
             T::ValueOrNull(m, o, fresh(u32::MAX, u32::MAX - 1))
         }
         (T::Scalar(Some(0)), T::ValueOrNull(m, o, id))
-        | (T::ValueOrNull(m, o, id), T::Scalar(Some(0))) => T::ValueOrNull(m, o, fresh(id, u32::MAX - 2)),
+        | (T::ValueOrNull(m, o, id), T::Scalar(Some(0))) => {
+            T::ValueOrNull(m, o, fresh(id, u32::MAX - 2))
+        }
         _ => T::Uninit,
     }
 }
@@ -230,10 +251,12 @@ fn decode(b: &[u8; 8]) -> Insn {
 }
 
 const ALU_NAMES: [&str; 14] = [
-    "add", "sub", "mul", "div", "or", "and", "lsh", "rsh", "neg", "mod", "xor", "mov", "arsh", "end",
+    "add", "sub", "mul", "div", "or", "and", "lsh", "rsh", "neg", "mod", "xor", "mov", "arsh",
+    "end",
 ];
 const JMP_NAMES: [&str; 14] = [
-    "ja", "jeq", "jgt", "jge", "jset", "jne", "jsgt", "jsge", "call", "exit", "jlt", "jle", "jslt", "jsle",
+    "ja", "jeq", "jgt", "jge", "jset", "jne", "jsgt", "jsge", "call", "exit", "jlt", "jle", "jslt",
+    "jsle",
 ];
 const SIZE_NAMES: [&str; 4] = ["w", "h", "b", "dw"];
 
@@ -317,7 +340,9 @@ impl V<'_> {
     fn access(&self, st: &mut State, t: T, off: i16, size: i64, store: Option<T>) -> Result<T> {
         if let Some(v) = store {
             if v.is_pointer() && !matches!(t, T::Stack(_)) {
-                return self.fail("stores a pointer outside the stack (pointers may not leave the program)");
+                return self.fail(
+                    "stores a pointer outside the stack (pointers may not leave the program)",
+                );
             }
         }
         match t {
@@ -409,13 +434,14 @@ impl V<'_> {
                         Slot::Bytes(m) if m & need == need => {}
                         Slot::Spill(T::Scalar(_)) => {}
                         Slot::Spill(_) => {
-                            return self.fail(format!("reads part of a pointer spilled at r10{:+}", k as i64 * 8 - STACK))
-                        }
-                        Slot::Bytes(_) => {
                             return self.fail(format!(
-                                "reads stack bytes at r10{a:+} ({size} bytes) that were never written"
+                                "reads part of a pointer spilled at r10{:+}",
+                                k as i64 * 8 - STACK
                             ))
                         }
+                        Slot::Bytes(_) => return self.fail(format!(
+                            "reads stack bytes at r10{a:+} ({size} bytes) that were never written"
+                        )),
                     }
                 }
                 Ok(T::Scalar(None))
@@ -431,14 +457,22 @@ impl V<'_> {
             }
             t @ T::Value(..) => self.access(st, t, 0, len as i64, None).map(|_| ()),
             T::ValueOrNull(..) => self.fail(format!("r{r} ({what}) may be NULL: check it first")),
-            _ => self.fail(format!("r{r} must point to {len} bytes on the stack or in a map value ({what})")),
+            _ => self.fail(format!(
+                "r{r} must point to {len} bytes on the stack or in a map value ({what})"
+            )),
         }
     }
 
     fn call(&self, st: &mut State, id: u32, next_id: &mut u32) -> Result<()> {
         let Some(&(_, name, args)) = HELPERS.iter().find(|h| h.0 == id) else {
-            let known: Vec<String> = HELPERS.iter().map(|h| format!("{} ({})", h.1, h.0)).collect();
-            return self.fail(format!("helper {id} does not exist; the helpers are {}", known.join(", ")));
+            let known: Vec<String> = HELPERS
+                .iter()
+                .map(|h| format!("{} ({})", h.1, h.0))
+                .collect();
+            return self.fail(format!(
+                "helper {id} does not exist; the helpers are {}",
+                known.join(", ")
+            ));
         };
         let mut map = None;
         for (k, a) in args.iter().enumerate() {
@@ -446,7 +480,10 @@ impl V<'_> {
             match a {
                 Arg::Map => match self.read(st, r)? {
                     T::Map(m) => map = Some(m as usize),
-                    _ => return self.fail(format!("{name}: r1 must be a map (&name of an NVMUX_MAP)")),
+                    _ => {
+                        return self
+                            .fail(format!("{name}: r1 must be a map (&name of an NVMUX_MAP)"))
+                    }
                 },
                 Arg::Key | Arg::Value => {
                     let m = &self.maps[map.unwrap_or(0)];
@@ -464,7 +501,11 @@ impl V<'_> {
                     t @ T::Value(_, o) if o % 8 == 0 => {
                         self.access(st, t, 0, 8, None)?;
                     }
-                    _ => return self.fail(format!("{name}: r1 must point to an 8-byte aligned u64 in a map value")),
+                    _ => {
+                        return self.fail(format!(
+                            "{name}: r1 must point to an 8-byte aligned u64 in a map value"
+                        ))
+                    }
                 },
             }
         }
@@ -513,7 +554,11 @@ impl V<'_> {
             }
             self.read(st, i.src)?
         } else {
-            T::Scalar(Some(if is64 { i.imm as i64 as u64 } else { i.imm as u32 as u64 }))
+            T::Scalar(Some(if is64 {
+                i.imm as i64 as u64
+            } else {
+                i.imm as u32 as u64
+            }))
         };
         if op == 11 {
             // mov
@@ -540,7 +585,9 @@ impl V<'_> {
                 _ => None,
             }
         };
-        let limit = |t: Option<T>| t.filter(|t| matches!(t, T::Ctx(o) | T::Stack(o) | T::Value(_, o) if o.abs() < 1 << 20));
+        let limit = |t: Option<T>| {
+            t.filter(|t| matches!(t, T::Ctx(o) | T::Stack(o) | T::Value(_, o) if o.abs() < 1 << 20))
+        };
         let result = match (dst, src) {
             (T::Scalar(a), T::Scalar(b)) => T::Scalar(eval(op, is64, a, b)),
             (p, T::Scalar(Some(k))) if p.is_pointer() && is64 && (op == 0 || op == 1) => {
@@ -612,7 +659,10 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
         return refuse("the program is empty");
     }
     if n > crate::elf::MAX_INSNS {
-        return refuse(format!("{n} instructions; at most {} are accepted", crate::elf::MAX_INSNS));
+        return refuse(format!(
+            "{n} instructions; at most {} are accepted",
+            crate::elf::MAX_INSNS
+        ));
     }
     // Second halves of ld_imm64: no jump may land there.
     let mut second = vec![false; n];
@@ -620,7 +670,9 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
     while k < n {
         if insns[k][0] == LD_DW_IMM {
             if k + 1 >= n {
-                return refuse(format!("instruction {k}: ld_imm64 is cut off at the end of the program"));
+                return refuse(format!(
+                    "instruction {k}: ld_imm64 is cut off at the end of the program"
+                ));
             }
             second[k + 1] = true;
             k += 2;
@@ -662,9 +714,15 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
                 }
                 st.regs[i.dst] = match i.src as u8 {
                     0 => T::Scalar(Some((i.imm as u32 as u64) | ((hi.imm as u32 as u64) << 32))),
-                    PSEUDO_MAP if (i.imm as u32 as usize) < maps.len() && hi.imm == 0 => T::Map(i.imm as u32),
+                    PSEUDO_MAP if (i.imm as u32 as usize) < maps.len() && hi.imm == 0 => {
+                        T::Map(i.imm as u32)
+                    }
                     PSEUDO_MAP => return v.fail("refers to a map that does not exist"),
-                    s => return v.fail(format!("ld_imm64 with source {s} (BTF or map-value loads) is not supported")),
+                    s => {
+                        return v.fail(format!(
+                            "ld_imm64 with source {s} (BTF or map-value loads) is not supported"
+                        ))
+                    }
                 };
                 step = Some(2);
             }
@@ -716,7 +774,10 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
                         match st.regs[0] {
                             T::Scalar(_) => {}
                             T::Uninit => return v.fail("r0 (the route) is not set at exit"),
-                            _ => return v.fail("returns a pointer; return a route (NVMUX_CHAIN, ...)"),
+                            _ => {
+                                return v
+                                    .fail("returns a pointer; return a route (NVMUX_CHAIN, ...)")
+                            }
                         }
                         step = None;
                     }
@@ -789,13 +850,15 @@ fn successors(insns: &[[u8; 8]], second: &[bool], v: &mut V<'_>, pc: usize) -> R
         return Ok(vec![next(1)?]);
     }
     match (class, op) {
-        (5, 9) => Ok(Vec::new()),   // exit
+        (5, 9) => Ok(Vec::new()),     // exit
         (5, 8) => Ok(vec![next(1)?]), // call
         (6, 0) => v.fail("32-bit unconditional jumps (gotol) are not supported"),
         (_, 0..=7) | (_, 10..=13) => {
             let t = pc as i64 + 1 + i.off as i64;
             if t < 0 || t as usize >= n || second[t as usize] {
-                return v.fail(format!("jumps to instruction {t}, outside the program or into an ld_imm64"));
+                return v.fail(format!(
+                    "jumps to instruction {t}, outside the program or into an ld_imm64"
+                ));
             }
             let t = t as usize;
             if op == 0 {
@@ -883,7 +946,10 @@ mod tests {
     #[test]
     fn accepts_simple_programs() {
         // r0 = 0; exit
-        assert_eq!(verify(&[mov0(), EXIT], &[]).map(|v| v.reachable).ok(), Some(2));
+        assert_eq!(
+            verify(&[mov0(), EXIT], &[]).map(|v| v.reachable).ok(),
+            Some(2)
+        );
         // r2 = *(u64 *)(r1 + 16); *(u64 *)(r1 + 16) = r2 + 8; r0 = 0; exit
         let p = [
             ins(0x79, 2, 1, 16, 0),
@@ -898,12 +964,20 @@ mod tests {
     #[test]
     fn context_bounds_and_writable_fields() {
         let p = [ins(0x79, 2, 1, 64, 0), mov0(), EXIT];
-        assert!(err(&p, &[]).contains("offset 64 of the context"), "{}", err(&p, &[]));
+        assert!(
+            err(&p, &[]).contains("offset 64 of the context"),
+            "{}",
+            err(&p, &[])
+        );
         let p = [ins(0x79, 2, 1, -8, 0), mov0(), EXIT];
         assert!(err(&p, &[]).contains("context"));
         // opcode (offset 8) is read-only
         let p = [ins(0x72, 1, 0, 8, 1), mov0(), EXIT];
-        assert!(err(&p, &[]).contains("\"opcode\", which is read-only"), "{}", err(&p, &[]));
+        assert!(
+            err(&p, &[]).contains("\"opcode\", which is read-only"),
+            "{}",
+            err(&p, &[])
+        );
         // pointer arithmetic moves the window: r1 += 60; *(u64*)(r1+0) reads 60..68
         let p = [ins(0x07, 1, 0, 0, 60), ins(0x79, 2, 1, 0, 0), mov0(), EXIT];
         assert!(err(&p, &[]).contains("context"));
@@ -922,7 +996,13 @@ mod tests {
         let p = [mov0(), ins(0x05, 0, 0, 1, 0), EXIT, ins(0x05, 0, 0, -2, 0)];
         verify(&p, &[]).expect("backward jump without a cycle");
         // A conditional loop: r2 = 5; loop: r2 -= 1; if r2 != 0 goto loop
-        let p = [ins(0xb7, 2, 0, 0, 5), ins(0x17, 2, 0, 0, 1), ins(0x55, 2, 0, -2, 0), mov0(), EXIT];
+        let p = [
+            ins(0xb7, 2, 0, 0, 5),
+            ins(0x17, 2, 0, 0, 1),
+            ins(0x55, 2, 0, -2, 0),
+            mov0(),
+            EXIT,
+        ];
         assert!(err(&p, &[]).contains("closing a loop"), "{}", err(&p, &[]));
         let p = [mov0()];
         assert!(err(&p, &[]).contains("falls off the end"));
@@ -970,7 +1050,12 @@ mod tests {
         let p = [ins(0xb7, 10, 0, 0, 0), mov0(), EXIT];
         assert!(err(&p, &[]).contains("r10"));
         // atomics
-        let p = [ins(0x7a, 10, 0, -8, 0), ins(0xdb, 10, 0, -8, 0), mov0(), EXIT];
+        let p = [
+            ins(0x7a, 10, 0, -8, 0),
+            ins(0xdb, 10, 0, -8, 0),
+            mov0(),
+            EXIT,
+        ];
         assert!(err(&p, &[]).contains("atomic"));
     }
 
@@ -994,11 +1079,23 @@ mod tests {
         assert!(err(&p, &maps).contains("may be NULL"));
         let mut p = lookup();
         // if r0 == 0 goto exit0; r0 = *(u64*)(r0+8); exit; exit0: r0 = 0; exit
-        p.extend([ins(0x15, 0, 0, 2, 0), ins(0x79, 0, 0, 8, 0), EXIT, mov0(), EXIT]);
+        p.extend([
+            ins(0x15, 0, 0, 2, 0),
+            ins(0x79, 0, 0, 8, 0),
+            EXIT,
+            mov0(),
+            EXIT,
+        ]);
         verify(&p, &maps).expect("checked lookup");
         // past the value's end
         let mut p = lookup();
-        p.extend([ins(0x15, 0, 0, 2, 0), ins(0x79, 0, 0, 16, 0), EXIT, mov0(), EXIT]);
+        p.extend([
+            ins(0x15, 0, 0, 2, 0),
+            ins(0x79, 0, 0, 16, 0),
+            EXIT,
+            mov0(),
+            EXIT,
+        ]);
         assert!(err(&p, &maps).contains("value of map"));
         // a copy checked through r6 refines r0 too
         let mut p = lookup();

@@ -366,4 +366,7 @@ impl WorkSource for VringSource {
     fn next_deadline(&self) -> Option<std::time::Instant> {
         self.bq.next_deadline()
     }
+    fn take_fds_changed(&mut self) -> bool {
+        self.bq.take_fds_changed()
+    }
 }
