@@ -167,7 +167,7 @@ fn hex(b: &[u8]) -> String {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -406,7 +406,7 @@ impl Daemon {
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
-        let old = std::mem::replace(&mut d.spec.classifier, Some(spec));
+        let old = d.spec.classifier.replace(spec);
         if let Err(e) = self.persist(&g) {
             match old_bytes {
                 Some(b) => {

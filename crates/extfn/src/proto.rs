@@ -248,7 +248,7 @@ impl Layout {
             || depth > MAX_DEPTH
             || slot_size == 0
             || slot_size > MAX_SLOT
-            || slot_size % 4096 != 0
+            || !slot_size.is_multiple_of(4096)
         {
             return None;
         }

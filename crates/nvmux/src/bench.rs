@@ -154,6 +154,14 @@ pub struct BenchArgs {
     /// Run the NVMe/TCP suite instead: NVMe/TCP (host initiator) vs vhost-user vs fio.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair"])]
     nvmf: bool,
+    /// Run the router suite instead: no classifier vs the pass-through and example
+    /// classifiers vs the external-function path, on one /dev/shm file disk.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf"])]
+    router: bool,
+    /// With --router: the directory of the example classifiers' sources (default: the
+    /// source tree's examples/classifiers).
+    #[arg(long)]
+    pub(crate) classifiers: Option<PathBuf>,
     /// With --fair: the daemon's qos.fair_depth for the "on" rows.
     #[arg(long, default_value_t = 64)]
     pub(crate) fair_depth: u32,
@@ -256,7 +264,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
             },
         );
     }
-    if a.pool || a.crypt || a.fair || a.nvmf {
+    if a.pool || a.crypt || a.fair || a.nvmf || a.router {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
@@ -266,6 +274,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.crypt {
             return crate::bench_crypt::run(&a, secs, two.then_some(0));
+        }
+        if a.router {
+            return crate::bench_router::run(&a, secs, two.then_some(0));
         }
         if a.fair {
             return crate::bench_fair::run(&a, secs, two.then_some(0));

@@ -13,6 +13,7 @@ mod bench_crypt;
 mod bench_fair;
 mod bench_nvmf;
 mod bench_pool;
+mod bench_router;
 mod demo;
 
 #[derive(Parser)]

@@ -332,7 +332,7 @@ pub fn load(bytes: &[u8], section: Option<&str>) -> Result<Object> {
             let off = u64_at(r, 0).unwrap_or(u64::MAX);
             let info = u64_at(r, 8).unwrap_or(0);
             let (sym, kind) = ((info >> 32) as usize, info as u32);
-            let at = if off % 8 == 0 {
+            let at = if off.is_multiple_of(8) {
                 (off / 8) as usize
             } else {
                 usize::MAX

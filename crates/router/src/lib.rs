@@ -444,7 +444,7 @@ impl RouterQueue {
             None
         };
         match (route, slot) {
-            (Route::External, Some(i)) => self.to_external(cmd, i),
+            (Route::External, Some(i)) => self.send_external(cmd, i),
             (Route::Fast, _) if self.fast_queue().is_some() => {
                 if let Some(f) = self.fast.as_mut() {
                     f.submit(cmd);
@@ -498,7 +498,7 @@ impl RouterQueue {
         self.ring.as_mut()
     }
 
-    fn to_external(&mut self, cmd: IoCommand, slot: u32) {
+    fn send_external(&mut self, cmd: IoCommand, slot: u32) {
         let cookie = self.slots[slot as usize].cookie;
         let r = match self.ring() {
             Some(ring) => ring.submit(slot, &cmd, cookie),

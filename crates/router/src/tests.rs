@@ -188,9 +188,12 @@ fn completion_hook_retries_and_keeps_its_program_across_a_swap() {
     );
 }
 
+/// (opcode, slba, nlb, first data byte) of each command the function saw.
+type Seen = Arc<Mutex<Vec<(u8, u64, u32, u8)>>>;
+
 /// Logs writes and answers reads with a fixed byte, in-process through the SDK.
 struct Recorder {
-    log: Arc<Mutex<Vec<(u8, u64, u32, u8)>>>,
+    log: Seen,
 }
 
 impl nvmux_extfn::Function for Recorder {

@@ -439,9 +439,11 @@ impl V<'_> {
                                 k as i64 * 8 - STACK
                             ))
                         }
-                        Slot::Bytes(_) => return self.fail(format!(
+                        Slot::Bytes(_) => {
+                            return self.fail(format!(
                             "reads stack bytes at r10{a:+} ({size} bytes) that were never written"
-                        )),
+                        ))
+                        }
                     }
                 }
                 Ok(T::Scalar(None))
@@ -726,7 +728,7 @@ pub fn verify(insns: &[[u8; 8]], maps: &[MapDef]) -> Result<Verified> {
                 };
                 step = Some(2);
             }
-            1 | 2 | 3 => {
+            1..=3 => {
                 let mode = i.op & 0xe0;
                 let size = [4i64, 2, 1, 8][((i.op >> 3) & 3) as usize];
                 if class == 3 && mode == 0xc0 {
