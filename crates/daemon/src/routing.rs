@@ -115,8 +115,11 @@ pub struct MapView {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProgramView {
-    #[serde(flatten)]
-    pub spec: ClassifierSpec,
+    /// The daemon's copy of the object.
+    pub object: PathBuf,
+    /// The file it was loaded from.
+    pub source: Option<PathBuf>,
+    pub section: String,
     pub instructions: usize,
     pub jit: bool,
     pub maps: Vec<MapView>,
@@ -283,7 +286,9 @@ impl Daemon {
         let t = d.router.totals();
         let program = match (&d.spec.classifier, d.router.program()) {
             (Some(spec), Some(p)) => Some(ProgramView {
-                spec: spec.clone(),
+                object: spec.object.clone(),
+                source: spec.source.clone(),
+                section: spec.section.clone(),
                 instructions: p.info.instructions,
                 jit: p.info.jit,
                 maps: p

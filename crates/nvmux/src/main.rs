@@ -57,6 +57,18 @@ enum Cmd {
     /// The key-encryption key (KEK) of encrypted disks.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Check a classifier object offline, as `disk set-classifier` would (no daemon):
+    /// load it, verify it, JIT-compile it, and print its maps and instructions.
+    CheckClassifier {
+        /// The object file (`clang -O2 -target bpf -c prog.c -o prog.o`).
+        object: PathBuf,
+        /// The program's section (default: the object's only program).
+        #[arg(long)]
+        section: Option<String>,
+        /// Also print every instruction.
+        #[arg(long)]
+        disassemble: bool,
+    },
     /// Per-disk I/O statistics and per-worker load.
     Stats {
         /// Only this disk.
@@ -813,6 +825,45 @@ fn run(cli: Cli) -> Res {
                     kek_file.display()
                 )
             });
+        }
+        Cmd::CheckClassifier {
+            object,
+            section,
+            disassemble,
+        } => {
+            let bytes = std::fs::read(&object).map_err(|e| format!("{}: {e}", object.display()))?;
+            let obj = nvmux_router::elf::load(&bytes, section.as_deref())
+                .map_err(|e| format!("{}: {}", object.display(), e.msg))?;
+            if disassemble {
+                let mut i = 0;
+                while i < obj.insns.len() {
+                    println!("{i:5}: {}", nvmux_router::verifier::describe(&obj.insns[i]));
+                    i += if obj.insns[i][0] == nvmux_router::elf::LD_DW_IMM {
+                        2
+                    } else {
+                        1
+                    };
+                }
+            }
+            let p = nvmux_router::Program::from_insns(obj.insns, obj.maps, obj.section)
+                .map_err(|e| format!("{}: refused: {}", object.display(), e.msg))?;
+            println!(
+                "{}: section {}, {} instructions, verified, {}",
+                object.display(),
+                p.info.section,
+                p.info.instructions,
+                if p.info.jit {
+                    "JIT-compiled"
+                } else {
+                    "interpreted"
+                }
+            );
+            for m in &p.info.maps {
+                println!(
+                    "  map {} (array, {} x {} bytes)",
+                    m.name, m.max_entries, m.value_size
+                );
+            }
         }
         Cmd::Stats { disk } => {
             let v = api.get("/v1/stats")?;

@@ -184,6 +184,73 @@ const HELPER_FNS: [(u32, rbpf::Helper); 5] = [
     (HELPER_ATOMIC_ADD, h_atomic_add),
 ];
 
+/// The helpers as JIT code calls them.
+///
+/// rbpf's x86-64 JIT calls helpers with the stack 8 bytes off the 16-byte alignment the
+/// System V ABI requires (its prologue pushes five registers, reserves 512 bytes, then
+/// pushes a return address for its exit path). Code that relies on the alignment (SSE
+/// stores to the stack, clock_gettime's) then faults; found when a program calling
+/// `nvmux_ktime_ns` crashed a test. So each helper is entered through a trampoline that
+/// realigns the stack, and calls the `extern "C"` form of the helper.
+#[cfg(target_arch = "x86_64")]
+mod jit_abi {
+    macro_rules! trampolines {
+        ($($tramp:ident => $c:ident => $helper:path),* $(,)?) => {
+            $(
+                extern "C" fn $c(a: u64, b: u64, c: u64, d: u64, e: u64) -> u64 {
+                    $helper(a, b, c, d, e)
+                }
+                std::arch::global_asm!(
+                    concat!(".pushsection .text.", stringify!($tramp), ",\"ax\",@progbits"),
+                    concat!(".globl ", stringify!($tramp)),
+                    concat!(".hidden ", stringify!($tramp)),
+                    concat!(stringify!($tramp), ":"),
+                    "push rbp",
+                    "mov rbp, rsp",
+                    "and rsp, -16",
+                    "call {f}",
+                    "mov rsp, rbp",
+                    "pop rbp",
+                    "ret",
+                    ".popsection",
+                    f = sym $c,
+                );
+            )*
+            extern "C" {
+                $(fn $tramp(a: u64, b: u64, c: u64, d: u64, e: u64) -> u64;)*
+            }
+        };
+    }
+    trampolines! {
+        nvmux_tramp_map_lookup => c_map_lookup => super::h_map_lookup,
+        nvmux_tramp_map_update => c_map_update => super::h_map_update,
+        nvmux_tramp_ktime_ns => c_ktime_ns => super::h_ktime_ns,
+        nvmux_tramp_prandom => c_prandom => super::h_prandom,
+        nvmux_tramp_atomic_add => c_atomic_add => super::h_atomic_add,
+    }
+
+    type CHelper = unsafe extern "C" fn(u64, u64, u64, u64, u64) -> u64;
+
+    /// The trampolines, typed as rbpf wants them.
+    pub(super) fn helpers() -> [(u32, rbpf::Helper); 5] {
+        let t: [(u32, CHelper); 5] = [
+            (super::HELPER_MAP_LOOKUP, nvmux_tramp_map_lookup),
+            (super::HELPER_MAP_UPDATE, nvmux_tramp_map_update),
+            (super::HELPER_KTIME_NS, nvmux_tramp_ktime_ns),
+            (super::HELPER_PRANDOM, nvmux_tramp_prandom),
+            (super::HELPER_ATOMIC_ADD, nvmux_tramp_atomic_add),
+        ];
+        // SAFETY: only the JIT uses these entries, and it uses only their addresses, which
+        // it calls with the System V convention the trampolines implement; before the
+        // interpreter can run, `from_insns` registers the Rust helpers again.
+        t.map(|(id, f)| {
+            (id, unsafe {
+                std::mem::transmute::<CHelper, rbpf::Helper>(f)
+            })
+        })
+    }
+}
+
 fn vm_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
     crate::Error::new(
         nvmux_core::ErrorKind::InvalidArgument,
@@ -230,7 +297,8 @@ impl Program {
         let prog: &'static [u8] = unsafe { std::slice::from_raw_parts(code.as_ptr(), code.len()) };
         let mut vm =
             rbpf::EbpfVmRaw::new(Some(prog)).map_err(|e| vm_err("rbpf refused the program", e))?;
-        for (id, f) in HELPER_FNS {
+        #[cfg(target_arch = "x86_64")]
+        for (id, f) in jit_abi::helpers() {
             vm.register_helper(id, f)
                 .map_err(|e| vm_err("register helper", e))?;
         }
@@ -259,6 +327,12 @@ impl Program {
         } else {
             None
         };
+        // The JIT code holds the trampolines' addresses; the interpreter calls what the
+        // VM has registered when it runs: the helpers themselves.
+        for (id, f) in HELPER_FNS {
+            vm.register_helper(id, f)
+                .map_err(|e| vm_err("register helper", e))?;
+        }
         Ok(Program {
             vm: Vm(vm),
             _code: code,
@@ -271,6 +345,13 @@ impl Program {
             },
             maps,
         })
+    }
+
+    /// True if the program calls helper `id` anywhere.
+    pub fn calls(&self, id: u32) -> bool {
+        self._code
+            .chunks_exact(8)
+            .any(|i| i[0] == 0x85 && i[1] == 0 && i[4..8] == id.to_le_bytes())
     }
 
     pub fn maps(&self) -> &[Arc<ArrayMap>] {
@@ -362,6 +443,22 @@ mod tests {
         };
         assert_eq!(prog.run(&mut c), Some(HOOK | 1));
         assert_eq!(c.slba, 108);
+        // Every helper through the JIT (the trampolines realign the stack).
+        let t = Program::from_insns(
+            vec![
+                ins(0x85, 0, 0, 0, HELPER_KTIME_NS as i32),
+                ins(0xbf, 6, 0, 0, 0),
+                ins(0x85, 0, 0, 0, HELPER_PRANDOM as i32),
+                ins(0xbf, 0, 6, 0, 0),
+                [0x95, 0, 0, 0, 0, 0, 0, 0],
+            ],
+            vec![],
+            "t".into(),
+        )
+        .expect("load");
+        let now = h_ktime_ns(0, 0, 0, 0, 0);
+        let r = t.run(&mut Ctx::default()).expect("run");
+        assert!(r >= now && r < now + 10_000_000_000, "ktime {r} vs {now}");
         let mut c2 = Ctx {
             opcode: 2,
             slba: 100,

@@ -543,6 +543,12 @@ impl V<'_> {
             if !matches!(i.imm, 16 | 32 | 64) {
                 return self.fail("byte swap width must be 16, 32 or 64");
             }
+            if i.op & 8 == 0 && i.imm != 64 {
+                // rbpf's JIT compiles le16/le32 to nothing, without the truncation eBPF
+                // defines: the JIT would compute another value than the program means.
+                return self
+                    .fail("le16/le32 are not supported by the JIT (use a mask: x & 0xffff)");
+            }
             self.scalar(st, i.dst)?;
             st.regs[i.dst] = T::Scalar(None);
             return Ok(());
@@ -562,6 +568,12 @@ impl V<'_> {
                 i.imm as u32 as u64
             }))
         };
+        if op == 11 && !is64 && i.op & 8 != 0 {
+            // rbpf's JIT copies all 64 bits for mov32 between registers instead of
+            // zero-extending the low 32: the program would see another value than the one
+            // eBPF defines (and this verifier tracks).
+            return self.fail("mov32 between registers (w1 = w2) is not supported by the JIT; compile with the default -mcpu (v1) or -mcpu=v2");
+        }
         if op == 11 {
             // mov
             st.regs[i.dst] = if is64 {
@@ -616,41 +628,18 @@ impl V<'_> {
     }
 }
 
-/// Evaluate a scalar ALU operation when both operands are known. Only the operations
-/// whose result can feed a pointer offset are computed; the rest give "unknown".
+/// Evaluate a scalar ALU operation when both operands are known. Known values matter only
+/// as pointer offsets, so only 64-bit add and subtract are computed, the operations whose
+/// machine code is beyond doubt: a constant the verifier believes must be the value the
+/// JIT's code computes (fuzzing found two rbpf instructions where they differed; those
+/// are refused above). Everything else gives "unknown", which no pointer may be offset by.
 fn eval(op: u8, is64: bool, a: Option<u64>, b: Option<u64>) -> Option<u64> {
     let (a, b) = (a?, b?);
-    let r = if is64 {
-        match op {
-            0 => a.wrapping_add(b),
-            1 => a.wrapping_sub(b),
-            2 => a.wrapping_mul(b),
-            4 => a | b,
-            5 => a & b,
-            6 => a.wrapping_shl(b as u32),
-            7 => a.wrapping_shr(b as u32),
-            8 => a.wrapping_neg(),
-            10 => a ^ b,
-            12 => ((a as i64).wrapping_shr(b as u32)) as u64,
-            _ => return None,
-        }
-    } else {
-        let (a, b) = (a as u32, b as u32);
-        (match op {
-            0 => a.wrapping_add(b),
-            1 => a.wrapping_sub(b),
-            2 => a.wrapping_mul(b),
-            4 => a | b,
-            5 => a & b,
-            6 => a.wrapping_shl(b),
-            7 => a.wrapping_shr(b),
-            8 => a.wrapping_neg(),
-            10 => a ^ b,
-            12 => ((a as i32).wrapping_shr(b)) as u32,
-            _ => return None,
-        }) as u64
-    };
-    Some(r)
+    match (is64, op) {
+        (true, 0) => Some(a.wrapping_add(b)),
+        (true, 1) => Some(a.wrapping_sub(b)),
+        _ => None,
+    }
 }
 
 /// Verify a program (map references as `elf::load` leaves them) against its maps.
@@ -1059,6 +1048,17 @@ mod tests {
             EXIT,
         ];
         assert!(err(&p, &[]).contains("atomic"));
+        // Instructions rbpf's JIT gets wrong (found by fuzzing: the JIT and the
+        // interpreter disagreed): mov32 between registers, le16/le32.
+        let p = [mov0(), ins(0xbc, 0, 0, 0, 0), EXIT];
+        assert!(err(&p, &[]).contains("mov32 between registers"));
+        let p = [mov0(), ins(0xd4, 0, 0, 0, 16), EXIT];
+        assert!(err(&p, &[]).contains("le16/le32"));
+        verify(
+            &[mov0(), ins(0xd4, 0, 0, 0, 64), ins(0xdc, 0, 0, 0, 16), EXIT],
+            &[],
+        )
+        .expect("le64, be16");
     }
 
     /// r2 = r10 - 4 with a written key; r1 = map 0; call lookup.
