@@ -41,6 +41,10 @@ pub struct MapSetting {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExternalSpec {
     pub socket: PathBuf,
+    /// `UID[:GID]` that may connect: the socket is given to them with mode 0660 (absent:
+    /// the daemon's user and umask, so only root can attach).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// `fail` or `chain`.
     pub on_failure: String,
     pub depth: u32,
@@ -80,6 +84,10 @@ pub struct MapWrite {
 #[serde(deny_unknown_fields)]
 pub struct ExternalSet {
     pub socket: PathBuf,
+    /// `UID[:GID]` the socket is given to (mode 0660), so an unprivileged function may
+    /// attach.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// `fail` (default) or `chain`.
     #[serde(default)]
     pub on_failure: Option<String>,
@@ -189,6 +197,18 @@ fn map_bytes(w: &MapWrite) -> Result<Vec<u8>> {
     }
 }
 
+/// `UID[:GID]`, numeric.
+fn parse_owner(s: &str) -> Result<(u32, Option<u32>)> {
+    let bad = || invalid(format!("owner {s:?}: give a numeric UID or UID:GID"));
+    let (u, g) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid = u.trim().parse().map_err(|_| bad())?;
+    let gid = g.map(|g| g.trim().parse().map_err(|_| bad())).transpose()?;
+    Ok((uid, gid))
+}
+
 pub(crate) fn on_failure(s: &str) -> Result<OnFailure> {
     match s {
         "fail" => Ok(OnFailure::Fail),
@@ -242,6 +262,23 @@ pub(crate) fn start_external(
             e,
         )
     })?;
+    if let Some(o) = &spec.owner {
+        let (uid, gid) = parse_owner(o)?;
+        let give = || -> std::io::Result<()> {
+            std::os::unix::fs::chown(&spec.socket, Some(uid), gid)?;
+            std::fs::set_permissions(
+                &spec.socket,
+                std::os::unix::fs::PermissionsExt::from_mode(0o660),
+            )
+        };
+        if let Err(e) = give() {
+            let _ = std::fs::remove_file(&spec.socket);
+            return Err(Error::io(
+                format!("give {} to {o}", spec.socket.display()),
+                e,
+            ));
+        }
+    }
     let cfg = ExternalConfig {
         socket: spec.socket.clone(),
         on_failure: on_failure(&spec.on_failure)?,
@@ -526,8 +563,12 @@ impl Daemon {
         };
         let spec = match &req {
             Some(r) => {
+                if let Some(o) = &r.owner {
+                    parse_owner(o)?;
+                }
                 let spec = ExternalSpec {
                     socket: r.socket.clone(),
+                    owner: r.owner.clone(),
                     on_failure: r.on_failure.clone().unwrap_or_else(|| "fail".into()),
                     depth: r.depth.unwrap_or(DEFAULT_DEPTH),
                     max_io: r.max_io.unwrap_or(DEFAULT_MAX_IO),

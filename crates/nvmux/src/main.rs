@@ -280,6 +280,10 @@ enum DiskCmd {
         /// handled as by --on-failure.
         #[arg(long, default_value = "1M")]
         max_io: String,
+        /// Give the socket to UID[:GID] (mode 0660), so that an unprivileged function
+        /// process may attach (default: only root).
+        #[arg(long)]
+        owner: Option<String>,
         #[arg(long, conflicts_with = "socket")]
         none: bool,
     },
@@ -560,6 +564,7 @@ fn run(cli: Cli) -> Res {
             on_failure,
             depth,
             max_io,
+            owner,
             none,
         }) => {
             let v = if none {
@@ -569,7 +574,7 @@ fn run(cli: Cli) -> Res {
                 let max_io = nvmux_core::parse_size(&max_io)?;
                 api.post(
                     &format!("/v1/disks/{name}/external"),
-                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io }),
+                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner }),
                 )?
             };
             show(&v, &print_routing);

@@ -441,14 +441,25 @@ struct Function {
     child: Child,
 }
 
+/// The user the unprivileged function runs as.
+const NOBODY: u32 = 65534;
+
 impl Function {
     fn start(socket: &Path, args: &[&str], log: &Path) -> Function {
+        Self::start_as(socket, args, log, None)
+    }
+    fn start_as(socket: &Path, args: &[&str], log: &Path, uid: Option<u32>) -> Function {
+        use std::os::unix::process::CommandExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nvmux-fn-audit"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvmux-fn-audit"));
+        if let Some(u) = uid {
+            cmd.uid(u).gid(u);
+        }
+        let child = cmd
             .arg("--socket")
             .arg(socket)
             .args(args)
@@ -505,11 +516,26 @@ fn external_audit_function_serves_io_and_its_death_fails_only_its_commands() {
     let (img, sock) = d.disk_and_export("a", 64 << 20, 1, json!({}));
     let (img_b, sock_b) = d.disk_and_export("other", 16 << 20, 1, json!({}));
     let fsock = d.dir.join("a-fn.sock");
+    // Without an owner only root may attach: an unprivileged process is refused by the
+    // socket's permissions.
+    d.api
+        .post(
+            "/v1/disks/a/external",
+            &json!({"socket": fsock, "on_failure": "fail"}),
+        )
+        .expect("set external");
+    let denied_log = d.dir.join("fn-denied.log");
+    let mut denied = Function::start_as(&fsock, &["--null"], &denied_log, Some(NOBODY));
+    assert!(!denied.child.wait().unwrap().success());
+    let why = std::fs::read_to_string(&denied_log).unwrap();
+    assert!(why.contains("Permission denied"), "{why}");
+    // Given to the unprivileged user, the socket takes it.
+    let owner = format!("{NOBODY}:{NOBODY}");
     let v = d
         .api
         .post(
             "/v1/disks/a/external",
-            &json!({"socket": fsock, "on_failure": "fail"}),
+            &json!({"socket": fsock, "on_failure": "fail", "owner": owner}),
         )
         .expect("set external");
     assert_eq!(v["external"]["status"], "waiting");
@@ -522,7 +548,12 @@ fn external_audit_function_serves_io_and_its_death_fails_only_its_commands() {
 
     let audit = d.dir.join("audit.log");
     let mirror = d.dir.join("mirror.img");
-    let f = Function::start(
+    for p in [&audit, &mirror] {
+        std::fs::File::create(p).unwrap();
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // The function runs unprivileged.
+    let f = Function::start_as(
         &fsock,
         &[
             "--log",
@@ -531,6 +562,7 @@ fn external_audit_function_serves_io_and_its_death_fails_only_its_commands() {
             mirror.to_str().unwrap(),
         ],
         &d.dir.join("fn.log"),
+        Some(NOBODY),
     );
     let v = wait_attached(&d, "a", 1);
     assert_eq!(v["external"]["function"], "nvmux-fn-audit");

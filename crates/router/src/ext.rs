@@ -61,8 +61,9 @@ pub(crate) struct Conn {
     sock: UnixStream,
     /// Serialises sends from several workers.
     send: Mutex<()>,
-    /// Duplicates of the wake eventfds of the queues with a ring, written at detach.
-    wakers: Mutex<Vec<OwnedFd>>,
+    /// Duplicates of the wake eventfds of the queues with a ring (by ring id), written at
+    /// detach; a ring's entry goes when the ring does.
+    wakers: Mutex<Vec<(u32, OwnedFd)>>,
     next_ring: AtomicU32,
 }
 
@@ -247,7 +248,7 @@ impl External {
         self.gen.fetch_add(1, Ordering::AcqRel);
         self.detaches.fetch_add(1, Ordering::Relaxed);
         c.shutdown();
-        for w in c.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (_, w) in c.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             signal(w.as_raw_fd());
         }
         tracing::warn!(disk = %self.disk, function = %c.name, pid = c.pid, "external function detached: {why}");
@@ -386,6 +387,11 @@ impl Drop for ExtRing {
             slot_size: 0,
         };
         let _ = self.conn.send(&m.encode(), &[]);
+        self.conn
+            .wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _)| *id != self.id);
         // SAFETY: our mapping of layout.size bytes.
         unsafe { libc::munmap(self.base, self.view.layout.size) };
     }
@@ -464,7 +470,7 @@ impl ExtRing {
             .wakers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(wake_dup);
+            .push((id, wake_dup));
         Ok(ring)
     }
 
