@@ -690,3 +690,45 @@ fn external_audit_function_serves_io_and_its_death_fails_only_its_commands() {
     drop(other);
     d.stop();
 }
+
+#[test]
+fn fast_reads_skip_qos_but_never_crypt() {
+    watchdog(120);
+    let dir = common::unique_dir("router-fast");
+    let kek = dir.join("kek");
+    std::fs::write(&kek, [0x42u8; 32]).unwrap();
+    let d = TestDaemon::start_with(dir, &["--kek-file", kek.to_str().unwrap()]);
+    // An encrypted file disk: chain qos -> crypt, in the fair-share group of /tmp's device.
+    let (img, sock) = d.disk_and_export("e", 16 << 20, 1, json!({"encrypt": true}));
+    let v = d.api.get("/v1/disks/e").unwrap();
+    assert_eq!(v["functions"], json!(["qos", "crypt"]));
+    let mut c = blkio(&sock);
+    let p = pattern(9, 65536);
+    assert_eq!(write(&mut c, 0, &p), 0);
+    load(&d, "e", &compile(&d, "fast_reads"), json!([])).expect("load fast_reads");
+    let started = |d: &TestDaemon| {
+        d.api.get("/v1/stats").unwrap()["disks"]["e"]["fair"]["started"]
+            .as_u64()
+            .expect("the disk is fair-shared")
+    };
+    let before = started(&d);
+    for _ in 0..50 {
+        // The fast path still decrypts: the guest reads its plaintext.
+        assert_eq!(read(&mut c, 0, 65536), (0, p.clone()));
+    }
+    assert_eq!(
+        started(&d),
+        before,
+        "reads bypassed qos (and its fair sharing)"
+    );
+    assert_eq!(write(&mut c, 65536, &p), 0);
+    assert_eq!(started(&d), before + 1, "writes still go through qos");
+    // And the fast path's writes would be encrypted too: what is on disk is ciphertext.
+    assert_ne!(read_file_at(&img, 0, 65536), p);
+    assert_ne!(read_file_at(&img, 65536, 65536), p);
+    let v = d.api.get("/v1/disks/e/classifier").unwrap();
+    assert_eq!(v["routes"]["fast"].as_u64(), Some(50), "{v}");
+    assert_eq!(v["routes"]["chain"].as_u64(), Some(1), "{v}");
+    drop(c);
+    d.stop();
+}
