@@ -260,6 +260,8 @@ struct Slot {
     /// The command, while the external function holds it.
     cmd: Option<IoCommand>,
     used: bool,
+    /// Where the program sent it (what its hook sees as `ctx.route`).
+    route: Route,
 }
 
 pub struct RouterQueue {
@@ -286,7 +288,7 @@ pub struct RouterQueue {
     free: Vec<u32>,
     /// Completed by the router itself, handed back at the next poll.
     ready: Vec<(IoCommand, Status)>,
-    scratch: Vec<(IoCommand, Status, Route)>,
+    scratch: Vec<(IoCommand, Status)>,
     cqes: Vec<(u32, u16, nvmux_extfn::proto::Cqe)>,
     /// Slots waiting for a free ring entry.
     ext_wait: VecDeque<u32>,
@@ -355,6 +357,7 @@ impl RouterQueue {
             cookie: 0,
             cmd: None,
             used: true,
+            route: Route::Chain,
         };
         match self.free.pop() {
             Some(i) => {
@@ -434,6 +437,7 @@ impl RouterQueue {
             };
             let s = &mut self.slots[i as usize];
             s.hook = hook;
+            s.route = route;
             s.cookie = cookie;
             if hook && s.prog.is_none() {
                 s.prog = Some(prog.clone());
@@ -547,7 +551,7 @@ impl RouterQueue {
     }
 
     /// A path completed a tracked command: run its hook or complete it.
-    fn hop_done(&mut self, mut cmd: IoCommand, st: Status, route: Route) {
+    fn hop_done(&mut self, mut cmd: IoCommand, st: Status) {
         let i = (cmd.tag & !IoCommand::ROUTER_TAG) as u32;
         let Some(s) = self.slots.get_mut(i as usize).filter(|s| s.used) else {
             // Not ours after all (cannot happen): hand it back as it is.
@@ -559,7 +563,7 @@ impl RouterQueue {
             return self.complete(cmd, st, Some(i));
         }
         s.hops += 1;
-        let (hops, cookie) = (s.hops, s.cookie);
+        let (hops, cookie, route) = (s.hops, s.cookie, s.route);
         let Some(prog) = s.prog.clone() else {
             return self.complete(cmd, st, Some(i));
         };
@@ -601,7 +605,7 @@ impl RouterQueue {
                 r.release(id);
             }
             self.slots[slot as usize].cookie = c.cookie;
-            self.hop_done(cmd, st, Route::External);
+            self.hop_done(cmd, st);
         }
         self.cqes = cqes;
         if dead || broken.is_some() {
@@ -670,7 +674,7 @@ impl BlockQueue for RouterQueue {
             if c.tag & IoCommand::ROUTER_TAG == 0 {
                 done(c, s);
             } else {
-                scratch.push((c, s, Route::Chain));
+                scratch.push((c, s));
             }
             n += 1;
         });
@@ -679,13 +683,13 @@ impl BlockQueue for RouterQueue {
                 if c.tag & IoCommand::ROUTER_TAG == 0 {
                     done(c, s);
                 } else {
-                    scratch.push((c, s, Route::Fast));
+                    scratch.push((c, s));
                 }
                 n += 1;
             });
         }
-        for (c, s, r) in scratch.drain(..) {
-            self.hop_done(c, s, r);
+        for (c, s) in scratch.drain(..) {
+            self.hop_done(c, s);
         }
         self.scratch = scratch;
         if self.ring.is_some() || !self.ext_wait.is_empty() {
