@@ -276,7 +276,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
             return crate::bench_crypt::run(&a, secs, two.then_some(0));
         }
         if a.router {
-            return crate::bench_router::run(&a, secs, two.then_some(0));
+            return crate::bench_router::run(&a, secs, two.then_some(0), two.then_some(1));
         }
         if a.fair {
             return crate::bench_fair::run(&a, secs, two.then_some(0));

@@ -1,10 +1,14 @@
 //! `nvmux bench --router`: what classifiers and external functions cost. One file disk on
 //! /dev/shm (so the software path, not a device, is the bottleneck and any cost shows)
-//! is driven through libblkio with no classifier, with the pass-through classifier, with
-//! each example classifier, and through the external-function path (nvmux-fn-audit as a
-//! separate process). Programs are swapped live between runs on the same disk and
-//! export; every workload runs all configurations back to back, twice in alternating
-//! order, and the table gives the mean with each ratio against "no classifier".
+//! is driven through libblkio; programs are swapped live between runs on the same disk
+//! and export.
+//!
+//! * The target, pass-through against no classifier: per workload, ten pairs of 1 s runs
+//!   back to back in alternating order (A B, B A, ...), so that the machine's drift
+//!   cancels; the median of the pairs' ratios.
+//! * Every configuration (each example classifier, and the external-function path with
+//!   nvmux-fn-audit as a separate process): two rounds in alternating order, with the
+//!   ratio against no classifier in the same rounds.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,7 +123,45 @@ fn wait_attached(d: &Daemon) -> Res<()> {
     }
 }
 
-pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
+const ROUNDS: usize = 2;
+/// Pairs of (no classifier, pass-through) runs for the cost target, 1 s each.
+const PAIRS: usize = 10;
+
+/// Load a configuration's classifier (or none) into disk `d`, live.
+fn set_config(
+    d: &Daemon,
+    c: &Config,
+    objects: &std::collections::HashMap<&str, PathBuf>,
+) -> Res<()> {
+    match c.classifier {
+        Some(n) => {
+            let maps: Vec<Value> = c
+                .maps
+                .iter()
+                .map(|(m, k, w)| json!({"map": m, "key": k, "words": w}))
+                .collect();
+            d.api().post(
+                "/v1/disks/d/classifier",
+                &json!({"object": objects[n], "maps": maps}),
+            )?;
+        }
+        None => {
+            d.api().delete("/v1/disks/d/classifier")?;
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>, fn_cpu: Option<usize>) -> Res<()> {
     let work = std::env::temp_dir().join(format!("nvmux-bench-router-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let src = a.classifiers.clone().unwrap_or_else(|| {
@@ -151,43 +193,60 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         &json!({"socket": fsock, "on_failure": "fail"}),
     )?;
 
-    // (config, workload, round) -> measured, server CPU seconds (daemon + function).
-    let mut rows: Vec<(String, String, Measured, f64)> = Vec::new();
     let runs: Vec<_> = RUNS
         .iter()
         .filter(|r| a.only.as_deref().is_none_or(|o| r.2.contains(o)))
         .collect();
-    let total = runs.len() * cfgs.len() * 2;
+    let total = runs.len() * (2 * PAIRS + cfgs.len() * ROUNDS);
+    let mut n = 0;
+    // The cost target: pass-through against no classifier, in close pairs (A B, B A, ...)
+    // so that the machine's drift cancels; the median of the pairs' ratios.
+    let mut pairs: Vec<(String, f64, f64, f64, f64, f64)> = Vec::new();
     for &&(op, qd, w) in &runs {
-        // Warm up (not recorded): the first run after a change of workload is slower.
-        d.api().delete("/v1/disks/d/classifier")?;
-        run_one(&sock, 4096, op, qd, secs.min(2))?;
-        for round in 0..2 {
-            let order: Vec<&Config> = if round == 0 {
+        set_config(&d, &cfgs[0], &objects)?;
+        run_one(&sock, 4096, op, qd, 2)?; // warm-up, not recorded
+        let (mut ratios, mut none, mut pass) = (Vec::new(), 0.0, 0.0);
+        for i in 0..PAIRS {
+            let mut got = [0.0f64; 2];
+            let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+            for k in order {
+                set_config(&d, &cfgs[k], &objects)?;
+                let m = run_one(&sock, 4096, op, qd, 1)?;
+                n += 1;
+                eprintln!(
+                    "[{n:>3}/{total}] pair {i:>2} {:<26} {w:<18} {:>9.0} IOPS",
+                    cfgs[k].name, m.iops
+                );
+                got[k] = m.iops;
+            }
+            none += got[0] / PAIRS as f64;
+            pass += got[1] / PAIRS as f64;
+            ratios.push(got[1] / got[0]);
+        }
+        let (lo, hi) = (
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
+        );
+        let med = median(&mut ratios);
+        pairs.push((w.to_string(), none, pass, med, lo, hi));
+    }
+
+    // Every configuration, in rounds of alternating order.
+    let mut rows: Vec<(String, String, Measured, f64)> = Vec::new();
+    for &&(op, qd, w) in &runs {
+        set_config(&d, &cfgs[0], &objects)?;
+        run_one(&sock, 4096, op, qd, secs.min(2))?; // warm-up, not recorded
+        for round in 0..ROUNDS {
+            let order: Vec<&Config> = if round % 2 == 0 {
                 cfgs.iter().collect()
             } else {
                 cfgs.iter().rev().collect()
             };
             for c in order {
-                match c.classifier {
-                    Some(n) => {
-                        let maps: Vec<Value> = c
-                            .maps
-                            .iter()
-                            .map(|(m, k, w)| json!({"map": m, "key": k, "words": w}))
-                            .collect();
-                        d.api().post(
-                            "/v1/disks/d/classifier",
-                            &json!({"object": objects[n], "maps": maps}),
-                        )?;
-                    }
-                    None => {
-                        d.api().delete("/v1/disks/d/classifier")?;
-                    }
-                }
+                set_config(&d, c, &objects)?;
                 let func = match &c.function {
                     Some(args) => {
-                        let p = start_function(args, &fsock, srv_cpu, &work.join("fn.log"))?;
+                        let p = start_function(args, &fsock, fn_cpu, &work.join("fn.log"))?;
                         wait_attached(&d)?;
                         Some(p)
                     }
@@ -199,14 +258,10 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
                 if let Some(f) = func {
                     f.stop();
                 }
+                n += 1;
                 eprintln!(
-                    "[{:>2}/{total}] {:<38} {w:<18} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs  server CPU {:.2} s",
-                    rows.len() + 1,
-                    c.name,
-                    m.iops,
-                    m.p50_us,
-                    m.p99_us,
-                    cpu
+                    "[{n:>3}/{total}] {:<38} {w:<18} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs  server CPU {:.2} s",
+                    c.name, m.iops, m.p50_us, m.p99_us, cpu
                 );
                 rows.push((c.name.into(), w.into(), m, cpu));
             }
@@ -218,32 +273,36 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let _ = std::fs::remove_dir_all(&work);
 
     println!(
-        "\nClassifiers and external functions: one 1 GiB file disk on /dev/shm, 4 KiB random I/O through libblkio (one queue), {secs} s per run, server (daemon and function) on CPU 0; each workload runs every configuration twice, in alternating order; IOPS is the mean of the two"
+        "\nThe cost of a classifier: one 1 GiB file disk on /dev/shm, 4 KiB random I/O through libblkio (one queue); daemon on CPU 0, client on CPU 1; {PAIRS} pairs of 1 s runs per workload, no classifier and pass-through back to back in alternating order"
     );
-    println!("| workload | configuration | IOPS | p50/p99 µs | vs no classifier | server CPU s |");
+    println!("| workload | no classifier IOPS | pass-through IOPS | pass-through / none (median of pairs) | range of the pairs |");
+    println!("|---|---|---|---|---|");
+    for (w, none, pass, med, lo, hi) in &pairs {
+        println!("| {w} | {none:.0} | {pass:.0} | **{med:.3}x** | {lo:.3}–{hi:.3} |");
+    }
+    println!(
+        "\nEvery configuration on the same disk: {secs} s per run; the function process (nvmux-fn-audit) on CPU 1 with the client; {ROUNDS} rounds of alternating order. IOPS: mean of the rounds; ratio: against no classifier in the same rounds"
+    );
+    println!("| workload | configuration | IOPS | p50/p99 µs | vs no classifier | server CPU s (daemon + function) |");
     println!("|---|---|---|---|---|---|");
-    let mean = |cfg: &str, w: &str| -> Option<(f64, Measured, f64)> {
-        let v: Vec<_> = rows.iter().filter(|r| r.0 == cfg && r.1 == w).collect();
-        if v.is_empty() {
-            return None;
-        }
-        let iops = v.iter().map(|r| r.2.iops).sum::<f64>() / v.len() as f64;
-        let cpu = v.iter().map(|r| r.3).sum::<f64>() / v.len() as f64;
-        Some((iops, v[v.len() - 1].2.clone(), cpu))
+    // The runs of one configuration and workload, in round order.
+    let of = |cfg: &str, w: &str| -> Vec<&(String, String, Measured, f64)> {
+        rows.iter().filter(|r| r.0 == cfg && r.1 == w).collect()
     };
     for &&(_, _, w) in &runs {
-        let base = mean("no classifier", w).map(|m| m.0);
+        let base = of("no classifier", w);
+        let base_iops = base.iter().map(|r| r.2.iops).sum::<f64>() / base.len().max(1) as f64;
         for c in &cfgs {
-            let Some((iops, last, cpu)) = mean(c.name, w) else {
-                continue;
-            };
-            let ratio = base
-                .filter(|b| *b > 0.0)
-                .map_or("-".into(), |b| format!("{:.3}x", iops / b));
+            let v = of(c.name, w);
+            let Some(last) = v.last() else { continue };
+            let k = v.len() as f64;
+            let iops = v.iter().map(|r| r.2.iops).sum::<f64>() / k;
+            let cpu = v.iter().map(|r| r.3).sum::<f64>() / k;
             println!(
-                "| {w} | {} | {iops:.0} | {} | {ratio} | {cpu:.2} |",
+                "| {w} | {} | {iops:.0} | {} | {:.3}x | {cpu:.2} |",
                 c.name,
-                cell_lat(Some(&last))
+                cell_lat(Some(&last.2)),
+                iops / base_iops
             );
         }
     }
@@ -259,6 +318,16 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             j["server_cpu_s"] = json!(r.3);
         }
     }
-    write_report(&a.out, "router-latest.json", "router", secs, json_rows)?;
+    let pair_rows: Vec<Value> = pairs
+        .iter()
+        .map(|(w, none, pass, med, lo, hi)| json!({"workload": w, "none_iops": none, "passthrough_iops": pass, "median_ratio": med, "min_ratio": lo, "max_ratio": hi}))
+        .collect();
+    write_report(
+        &a.out,
+        "router-latest.json",
+        "router",
+        secs,
+        json!({"pairs": pair_rows, "rows": json_rows}),
+    )?;
     Ok(())
 }
