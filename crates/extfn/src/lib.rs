@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 pub mod proto;
 pub mod sock;
 
-use proto::{hdr, Cqe, Layout, RingView, FN_NEED_WAKEUP};
+use proto::{hdr, Cqe, Layout, FN_NEED_WAKEUP};
 
 pub const OP_FLUSH: u8 = 0x00;
 pub const OP_WRITE: u8 = 0x01;
@@ -126,38 +126,29 @@ impl Default for Options {
 
 struct Ring {
     id: u32,
-    base: *mut libc::c_void,
-    view: RingView,
-    len: usize,
+    map: proto::MappedRing,
     sq_efd: OwnedFd,
     cq_efd: OwnedFd,
     sq_head: u32,
     cq_tail: u32,
 }
 
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made in `add_ring` with this length.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
 impl Ring {
     /// Handle every published command; returns how many.
     fn process(&mut self, f: &mut dyn Function, out: &mut Vec<Cqe>) -> usize {
-        let tail = self.view.load(hdr::SQ_TAIL);
-        let depth = self.view.layout.depth;
+        let tail = self.map.view.load(hdr::SQ_TAIL);
+        let depth = self.map.view.layout.depth;
         let avail = tail.wrapping_sub(self.sq_head).min(depth);
         if avail == 0 {
             return 0;
         }
         out.clear();
-        let slot_size = self.view.layout.slot_size;
+        let slot_size = self.map.view.layout.slot_size;
         for _ in 0..avail {
-            let e = self.view.read_sqe(self.sq_head);
+            let e = self.map.view.read_sqe(self.sq_head);
             self.sq_head = self.sq_head.wrapping_add(1);
             let len = e.data_len.min(slot_size) as usize;
-            let reply = match self.view.slot(e.id) {
+            let reply = match self.map.view.slot(e.id) {
                 Some(p) => {
                     // SAFETY: the slot is slot_size bytes of our mapping; the daemon does
                     // not touch it while the command is ours.
@@ -181,23 +172,23 @@ impl Ring {
                 cookie: reply.cookie,
             });
         }
-        self.view.store(hdr::SQ_HEAD, self.sq_head);
+        self.map.view.store(hdr::SQ_HEAD, self.sq_head);
         if f.end_batch().is_err() {
             for c in out.iter_mut() {
                 c.status = STATUS_INTERNAL_ERROR;
             }
         }
         for c in out.iter() {
-            self.view.write_cqe(self.cq_tail, c);
+            self.map.view.write_cqe(self.cq_tail, c);
             self.cq_tail = self.cq_tail.wrapping_add(1);
         }
-        self.view.store(hdr::CQ_TAIL, self.cq_tail);
+        self.map.view.store(hdr::CQ_TAIL, self.cq_tail);
         signal(self.cq_efd.as_raw_fd());
         avail as usize
     }
 
     fn pending(&self) -> bool {
-        self.view.load(hdr::SQ_TAIL) != self.sq_head
+        self.map.view.load(hdr::SQ_TAIL) != self.sq_head
     }
 }
 
@@ -226,33 +217,16 @@ fn add_ring(m: &proto::RingMsg, fds: Vec<OwnedFd>) -> io::Result<Ring> {
     if layout.size as u64 != m.size {
         return Err(invalid("AddRing size does not match its layout"));
     }
-    // SAFETY: mapping the daemon's memfd shared; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            layout.size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            memfd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the mapping is layout.size bytes and lives as long as the Ring.
-    let view = unsafe { RingView::new(p.cast(), layout) };
+    let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
     let ring = Ring {
         id: m.ring,
-        base: p,
-        len: layout.size,
-        sq_head: view.load(hdr::SQ_HEAD),
-        cq_tail: view.load(hdr::CQ_TAIL),
-        view,
+        sq_head: map.view.load(hdr::SQ_HEAD),
+        cq_tail: map.view.load(hdr::CQ_TAIL),
+        map,
         sq_efd,
         cq_efd,
     };
-    if !ring.view.header_matches() {
+    if !ring.map.view.header_matches() {
         return Err(invalid("the ring's header does not match AddRing"));
     }
     Ok(ring)
@@ -369,7 +343,7 @@ pub fn serve_with(
         }
         idle_since = None;
         for r in &rings {
-            r.view.store(hdr::FN_FLAGS, FN_NEED_WAKEUP);
+            r.map.view.store(hdr::FN_FLAGS, FN_NEED_WAKEUP);
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if !rings.iter().any(Ring::pending) {
@@ -386,7 +360,7 @@ pub fn serve_with(
             }
         }
         for r in &rings {
-            r.view.store(hdr::FN_FLAGS, 0);
+            r.map.view.store(hdr::FN_FLAGS, 0);
         }
     }
 }

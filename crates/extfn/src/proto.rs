@@ -428,6 +428,45 @@ impl RingView {
     }
 }
 
+/// A ring's memfd mapped shared, read-write: the view both sides use, unmapped on drop.
+pub struct MappedRing {
+    base: *mut libc::c_void,
+    pub view: RingView,
+}
+
+// SAFETY: the mapping is owned by this value; see RingView.
+unsafe impl Send for MappedRing {}
+
+impl MappedRing {
+    /// Map `layout.size` bytes of the memfd `fd`.
+    pub fn map(fd: std::os::fd::RawFd, layout: Layout) -> std::io::Result<MappedRing> {
+        // SAFETY: a shared mapping of a descriptor the caller holds; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is layout.size bytes and lives as long as the MappedRing.
+        let view = unsafe { RingView::new(base.cast(), layout) };
+        Ok(MappedRing { base, view })
+    }
+}
+
+impl Drop for MappedRing {
+    fn drop(&mut self) {
+        // SAFETY: our mapping of layout.size bytes; the view goes with it.
+        unsafe { libc::munmap(self.base, self.view.layout.size) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

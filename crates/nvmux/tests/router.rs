@@ -302,6 +302,34 @@ fn bad_programs_are_refused_with_a_reason_and_the_old_one_stays() {
     d.stop();
 }
 
+/// 16 requests of 4 KiB on each of two queues (buffer slot k at disk offset
+/// `region + k * 4096`), all in flight at once; each must succeed.
+fn batch(c: &mut BlkioClient, op: Op, region: u64, what: &str) {
+    for (q, base) in [(0usize, 0u64), (1, 16)] {
+        for slot in base..base + 16 {
+            let r = nvmux_bench::client::Req {
+                op,
+                offset: region + slot * 4096,
+                len: 4096,
+                buf_off: (slot * 4096) as usize,
+            };
+            c.enqueue(q, r, slot as usize, ReqFlags::empty());
+        }
+    }
+    for q in 0..2 {
+        let mut out = [const { std::mem::MaybeUninit::uninit() }; 16];
+        let n = c
+            .reap(q, &mut out, 16, Duration::from_secs(20))
+            .expect("requests complete");
+        assert_eq!(n, 16);
+        for o in out.iter().take(n) {
+            // SAFETY: reap initialised the first n completions.
+            let r = unsafe { o.assume_init_read() };
+            assert_eq!(r.ret, 0, "{what}");
+        }
+    }
+}
+
 #[test]
 fn hot_swap_under_a_verify_workload_loses_no_io() {
     watchdog(300);
@@ -341,65 +369,19 @@ fn hot_swap_under_a_verify_workload_loses_no_io() {
     let mut rounds = 0u64;
     let mut ios = 0u64;
     while t0.elapsed() < Duration::from_secs(6) || swaps.load(Ordering::Relaxed) < 40 {
-        for (q, base) in [(0usize, 0u64), (1, 16)] {
-            for i in 0..16u64 {
-                let slot = base + i;
-                let p = pattern(rounds * 1000 + slot, 4096);
-                c.buf()[(slot * 4096) as usize..][..4096].copy_from_slice(&p);
-                c.enqueue(
-                    q,
-                    nvmux_bench::client::Req {
-                        op: Op::Write,
-                        offset: (rounds % 64) * (1 << 20) + slot * 4096,
-                        len: 4096,
-                        buf_off: (slot * 4096) as usize,
-                    },
-                    slot as usize,
-                    ReqFlags::empty(),
-                );
-            }
+        for slot in 0..32u64 {
+            let p = pattern(rounds * 1000 + slot, 4096);
+            c.buf()[(slot * 4096) as usize..][..4096].copy_from_slice(&p);
         }
-        for q in 0..2 {
-            let mut out = [const { std::mem::MaybeUninit::uninit() }; 16];
-            let n = c
-                .reap(q, &mut out, 16, Duration::from_secs(20))
-                .expect("writes complete");
-            assert_eq!(n, 16);
-            for o in out.iter().take(n) {
-                // SAFETY: reap initialised the first n completions.
-                let r = unsafe { o.assume_init_read() };
-                assert_eq!(r.ret, 0, "a write failed during the swaps (round {rounds})");
-            }
-        }
+        let region = (rounds % 64) * (1 << 20);
+        batch(
+            &mut c,
+            Op::Write,
+            region,
+            &format!("a write failed during the swaps (round {rounds})"),
+        );
         c.buf()[..32 * 4096].fill(0);
-        for (q, base) in [(0usize, 0u64), (1, 16)] {
-            for i in 0..16u64 {
-                let slot = base + i;
-                c.enqueue(
-                    q,
-                    nvmux_bench::client::Req {
-                        op: Op::Read,
-                        offset: (rounds % 64) * (1 << 20) + slot * 4096,
-                        len: 4096,
-                        buf_off: (slot * 4096) as usize,
-                    },
-                    slot as usize,
-                    ReqFlags::empty(),
-                );
-            }
-        }
-        for q in 0..2 {
-            let mut out = [const { std::mem::MaybeUninit::uninit() }; 16];
-            let n = c
-                .reap(q, &mut out, 16, Duration::from_secs(20))
-                .expect("reads complete");
-            assert_eq!(n, 16);
-            for o in out.iter().take(n) {
-                // SAFETY: reap initialised the first n completions.
-                let r = unsafe { o.assume_init_read() };
-                assert_eq!(r.ret, 0, "a read failed during the swaps");
-            }
-        }
+        batch(&mut c, Op::Read, region, "a read failed during the swaps");
         for slot in 0..32u64 {
             let want = pattern(rounds * 1000 + slot, 4096);
             assert!(

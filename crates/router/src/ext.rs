@@ -362,8 +362,7 @@ pub(crate) struct ExtRing {
     conn: Arc<Conn>,
     pub gen: u64,
     id: u32,
-    base: *mut libc::c_void,
-    view: RingView,
+    map: proto::MappedRing,
     sq_efd: OwnedFd,
     free: Vec<u16>,
     /// Ring entry id → the router slot it carries (`FREE` if none).
@@ -373,9 +372,6 @@ pub(crate) struct ExtRing {
     unpublished: bool,
     outstanding: usize,
 }
-
-// SAFETY: the raw mapping pointer is owned by the ring, which one worker thread drives.
-unsafe impl Send for ExtRing {}
 
 impl Drop for ExtRing {
     fn drop(&mut self) {
@@ -392,8 +388,6 @@ impl Drop for ExtRing {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(id, _)| *id != self.id);
-        // SAFETY: our mapping of layout.size bytes.
-        unsafe { libc::munmap(self.base, self.view.layout.size) };
     }
 }
 
@@ -413,29 +407,12 @@ impl ExtRing {
         if unsafe { libc::ftruncate(memfd.as_raw_fd(), layout.size as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a shared mapping of our memfd; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                layout.size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the mapping is layout.size bytes and lives as long as the ring.
-        let view = unsafe { RingView::new(base.cast(), layout) };
-        view.init_header();
+        let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
+        map.view.init_header();
         let sq_efd = eventfd()?;
         // SAFETY: dup of a descriptor the caller keeps open for the ring's life; checked.
         let wake_dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
         if wake_dup < 0 {
-            // SAFETY: our mapping.
-            unsafe { libc::munmap(base, layout.size) };
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor we own.
@@ -444,8 +421,7 @@ impl ExtRing {
         let ring = ExtRing {
             gen: conn.gen,
             id,
-            base,
-            view,
+            map,
             sq_efd,
             free: (0..layout.depth as u16).rev().collect(),
             owner: vec![FREE; layout.depth as usize],
@@ -481,14 +457,14 @@ impl ExtRing {
     /// Hand `cmd` (router slot `slot`) to the function; write data is copied into its slot.
     pub fn submit(&mut self, slot: u32, cmd: &IoCommand, cookie: u64) -> Result<(), SubmitError> {
         let len = cmd.sg.len();
-        if len > self.view.layout.slot_size as u64 {
+        if len > self.map.view.layout.slot_size as u64 {
             return Err(SubmitError::TooBig);
         }
         let Some(id) = self.free.pop() else {
             return Err(SubmitError::Full);
         };
         if cmd.opcode == nvmux_core::Opcode::Write {
-            if let Some(p) = self.view.slot(id) {
+            if let Some(p) = self.map.view.slot(id) {
                 // SAFETY: the slot has slot_size >= len bytes in our mapping; the SG list's
                 // segments are readable for the command's life (its keepalive).
                 unsafe {
@@ -497,7 +473,7 @@ impl ExtRing {
                 };
             }
         }
-        self.view.write_sqe(
+        self.map.view.write_sqe(
             self.sq_tail,
             &Sqe {
                 id,
@@ -523,9 +499,9 @@ impl ExtRing {
             return;
         }
         self.unpublished = false;
-        self.view.store(hdr::SQ_TAIL, self.sq_tail);
+        self.map.view.store(hdr::SQ_TAIL, self.sq_tail);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.view.load(hdr::FN_FLAGS) & proto::FN_NEED_WAKEUP != 0 {
+        if self.map.view.load(hdr::FN_FLAGS) & proto::FN_NEED_WAKEUP != 0 {
             signal(self.sq_efd.as_raw_fd());
         }
     }
@@ -534,7 +510,7 @@ impl ExtRing {
     /// function broke the protocol (the ring must then be abandoned).
     pub fn reap(&mut self, out: &mut Vec<(u32, u16, Cqe)>) -> Result<(), &'static str> {
         reap_cq(
-            &self.view,
+            &self.map.view,
             &mut self.owner,
             &mut self.cq_head,
             &mut self.outstanding,
@@ -544,8 +520,8 @@ impl ExtRing {
 
     /// Copy a read's data from entry `id`'s slot into `cmd`'s buffers.
     pub fn copy_read(&self, id: u16, cmd: &IoCommand) {
-        if let Some(p) = self.view.slot(id) {
-            let len = (cmd.sg.len() as usize).min(self.view.layout.slot_size as usize);
+        if let Some(p) = self.map.view.slot(id) {
+            let len = (cmd.sg.len() as usize).min(self.map.view.layout.slot_size as usize);
             // SAFETY: the slot has slot_size bytes in our mapping (the function may still
             // write them: we copy bytes, whatever they are); the SG list is writable.
             unsafe { cmd.sg.copy_from(std::slice::from_raw_parts(p, len)) };
