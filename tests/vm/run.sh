@@ -19,6 +19,10 @@
 #   thin-resize          (nvmux only) a thin disk in a pool: zeros when fresh, fio
 #                        write+verify, discard reads zeros, then the host grows the
 #                        disk while the guest runs and the guest sees the new size
+#   classifier           (nvmux only) examples/classifiers/guard.c guards the disk's
+#                        first MiB: the guest's writes there fail, fio verifies outside
+#                        it; the host removes the classifier live and the write succeeds
+#   nvmf, nvmf-restart   (nvmux only) NVMe/TCP with the guest kernel's initiator
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -249,6 +253,48 @@ else
             pass thin-resize
         else
             fail thin-resize "boot status $rc, resize $resized, log $work/thin-resize.log"
+        fi
+    fi
+fi
+
+# d2. classifier (nvmux only): the guard classifier, compiled here with clang, on a new
+#     disk; the guest checks the refusal and fio outside the range; at its marker the
+#     host removes the classifier from the running disk and the guest's write goes through.
+if [[ $server != nvmux ]]; then
+    echo "SKIP classifier (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail classifier "server is not running"
+elif ! command -v clang >/dev/null; then
+    fail classifier "clang not found (apt-get install clang)"
+else
+    api=$sockdir/nvmux-data/nvmux.sock gsock=$sockdir/guard.sock
+    rm -f "$work/guard.img"
+    if ! { clang -O2 -target bpf -I "$repo/examples/classifiers" -c "$repo/examples/classifiers/guard.c" -o "$work/guard.o" &&
+           "$NVMUX_BIN" --api "$api" disk create guard1 --backend file --path "$work/guard.img" --size 64M &&
+           "$NVMUX_BIN" --api "$api" disk set-classifier guard1 "$work/guard.o" --map range:0=0,2048 &&
+           "$NVMUX_BIN" --api "$api" export add guard1 --socket "$gsock" --queues 1; } > "$work/classifier-setup.out" 2>&1; then
+        cat "$work/classifier-setup.out"
+        fail classifier "could not set up the guarded disk"
+    else
+        rc=0
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-classifier.sh" --log "$work/classifier.log"             --vhost-sock "$gsock" --smp "$smp" --timeout "$boot_timeout" > "$work/classifier.out" 2>&1 &
+        bpid=$!
+        swapped=no
+        while kill -0 "$bpid" 2>/dev/null; do
+            if [[ $swapped == no ]] && grep -q '^NVMUX-READY-UNGUARD' "$work/classifier.log" 2>/dev/null; then
+                refused=$("$NVMUX_BIN" --api "$api" --json disk classifier guard1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["program"]["maps"][1]["values"][0]["words"][0])' 2>/dev/null || echo 0)
+                "$NVMUX_BIN" --api "$api" disk set-classifier guard1 --none > /dev/null && swapped=yes || swapped=failed
+                echo "== host: guard refused $refused writes; nvmux disk set-classifier guard1 --none: $swapped"
+            fi
+            sleep 0.3
+        done
+        wait "$bpid" || rc=$?
+        cat "$work/classifier.out"
+        grep '^test: ' "$work/classifier.log" || true
+        if ((rc == 0)) && [[ $swapped == yes ]] && ((${refused:-0} >= 1)); then
+            pass classifier
+        else
+            fail classifier "boot status $rc, swap $swapped, refused ${refused:-0}, log $work/classifier.log"
         fi
     fi
 fi

@@ -181,12 +181,12 @@ mod tests {
         corpus_named(name).into_iter().map(|(_, b)| b).collect()
     }
 
-    /// The `elf-*` seeds are the example classifiers, compiled by clang: each verifies.
+    /// The `seed-elf-*` seeds are the example classifiers, compiled by clang: each verifies.
     #[test]
     fn example_classifiers_verify() {
         let seeds: Vec<_> = corpus_named("classifier_load")
             .into_iter()
-            .filter(|(n, _)| n.starts_with("elf-"))
+            .filter(|(n, _)| n.starts_with("seed-elf-"))
             .collect();
         assert!(seeds.len() >= 6, "example classifier seeds missing");
         for (n, b) in seeds {

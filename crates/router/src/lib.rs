@@ -228,6 +228,7 @@ impl BlockDevice for RouterDevice {
             prog: None,
             ext: None,
             ring: None,
+            ring_failed: None,
             ctx: Ctx::default(),
             queue: q,
             slots: Vec::with_capacity(d),
@@ -282,6 +283,8 @@ pub struct RouterQueue {
     prog: Option<Arc<Program>>,
     ext: Option<Arc<External>>,
     ring: Option<ext::ExtRing>,
+    /// The function generation whose ring could not be set up.
+    ring_failed: Option<u64>,
     ctx: Ctx,
     queue: u16,
     slots: Vec<Slot>,
@@ -489,12 +492,17 @@ impl RouterQueue {
             self.abandon_ring();
         }
         if self.ring.is_none() {
+            // One attempt per attach: a failure is logged once, then the policy applies.
+            if self.ring_failed == Some(g) {
+                return None;
+            }
             let ext = self.ext.as_ref()?;
             let conn = ext.conn()?;
             match ext::ExtRing::create(ext, conn, self.efd.as_raw_fd()) {
                 Ok(r) => self.ring = Some(r),
                 Err(e) => {
-                    tracing::warn!(disk = %self.router.disk, "cannot set up a ring to the external function: {e}");
+                    tracing::warn!(disk = %self.router.disk, "cannot set up a ring to the external function (its commands fall back until it attaches again): {e}");
+                    self.ring_failed = Some(g);
                     return None;
                 }
             }
