@@ -397,12 +397,7 @@ mod tests {
     use super::*;
     use crate::ctx::{Route, HOOK};
     use crate::elf::MapDef;
-
-    fn ins(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
-        let o = off.to_le_bytes();
-        let m = imm.to_le_bytes();
-        [op, dst | (src << 4), o[0], o[1], m[0], m[1], m[2], m[3]]
-    }
+    use crate::verifier::ins;
 
     /// A program counting commands per opcode in map slot `opcode`, adding 8 to slba, and
     /// returning FAST|HOOK; run by the JIT and the interpreter.

@@ -906,16 +906,17 @@ fn topological_order(insns: &[[u8; 8]], second: &[bool], v: &mut V<'_>) -> Resul
     Ok(post)
 }
 
+/// Assemble one instruction (for tests).
+#[cfg(test)]
+pub(crate) fn ins(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let o = off.to_le_bytes();
+    let m = imm.to_le_bytes();
+    [op, dst | (src << 4), o[0], o[1], m[0], m[1], m[2], m[3]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Assemble one instruction.
-    fn ins(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
-        let o = off.to_le_bytes();
-        let m = imm.to_le_bytes();
-        [op, dst | (src << 4), o[0], o[1], m[0], m[1], m[2], m[3]]
-    }
     const EXIT: [u8; 8] = [0x95, 0, 0, 0, 0, 0, 0, 0];
     fn mov0() -> [u8; 8] {
         ins(0xb7, 0, 0, 0, 0)
