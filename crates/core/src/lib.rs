@@ -26,6 +26,34 @@ pub mod crc32c;
 pub mod stats;
 pub mod worker;
 
+/// The byte stream under a network frontend's connection (NVMe/TCP, NBD): a socket in
+/// the daemon, an in-memory pipe in fuzz harnesses. Non-blocking: `WouldBlock` when
+/// nothing can move now; `recv` of 0 is end of stream.
+pub trait Wire: Send {
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn send(&mut self, buf: &[u8]) -> std::io::Result<usize>;
+    /// The socket to wait on, if there is one.
+    fn fd(&self) -> Option<RawFd>;
+}
+
+macro_rules! socket_wire {
+    ($t:ty) => {
+        impl Wire for $t {
+            fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                std::io::Read::read(self, buf)
+            }
+            fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                std::io::Write::write(self, buf)
+            }
+            fn fd(&self) -> Option<RawFd> {
+                Some(std::os::fd::AsRawFd::as_raw_fd(self))
+            }
+        }
+    };
+}
+socket_wire!(std::net::TcpStream);
+socket_wire!(std::os::unix::net::UnixStream);
+
 /// NVM command-set opcodes nvmux understands. Values are the NVMe opcodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]

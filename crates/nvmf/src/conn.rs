@@ -6,9 +6,9 @@
 //! A PDU that breaks the protocol ends this connection only: the controller sends a
 //! C2HTermReq and closes once nothing is in flight.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::ErrorKind;
+
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,25 +29,7 @@ const RX_CAP: usize = 2 * (MAX_H2C_DATA + 512);
 /// Stop reading new PDUs while this much output waits for the socket.
 const TX_HIGH: usize = 4 << 20;
 
-/// The byte stream under a connection. A `TcpStream` in the daemon; an in-memory pipe
-/// in the fuzz harness.
-pub trait Wire: Send {
-    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
-    fn send(&mut self, buf: &[u8]) -> std::io::Result<usize>;
-    fn fd(&self) -> Option<RawFd>;
-}
-
-impl Wire for TcpStream {
-    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.read(buf)
-    }
-    fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.write(buf)
-    }
-    fn fd(&self) -> Option<RawFd> {
-        Some(self.as_raw_fd())
-    }
-}
+pub use nvmux_core::Wire;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
