@@ -22,6 +22,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod nbd;
 pub mod nvmf;
 pub mod ops;
 pub mod pools;
@@ -236,6 +237,17 @@ pub enum ExportKind {
         #[serde(default = "one_queue")]
         num_queues: u16,
     },
+    /// NBD, on a Unix socket or a loopback TCP address; exports on the same address
+    /// share one listener and differ by export name.
+    Nbd {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        socket: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
+        export_name: String,
+        #[serde(default)]
+        read_only: bool,
+    },
 }
 
 fn one_queue() -> u16 {
@@ -310,12 +322,23 @@ pub struct ExportCreate {
     #[serde(default)]
     pub name: Option<String>,
     pub disk: String,
-    /// `vhost-user-blk` (default).
+    /// `vhost-user-blk` (default) or `nbd`.
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
-    pub socket: PathBuf,
+    /// The Unix socket (vhost-user-blk: required; nbd: this or `listen`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
     #[serde(default)]
     pub num_queues: Option<u16>,
+    /// nbd: a loopback TCP address, e.g. `127.0.0.1:10809` (port 0: any free port).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// nbd: the export name clients ask for (default: the export's name).
+    #[serde(default)]
+    pub export_name: Option<String>,
+    /// nbd: refuse writes (EPERM) even if the disk is writable.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A disk as the API shows it.
@@ -343,7 +366,22 @@ struct Disk {
 
 struct Export {
     spec: ExportSpec,
-    handle: std::result::Result<VhostBlkExport, String>,
+    handle: std::result::Result<Handle, String>,
+}
+
+/// A running export.
+enum Handle {
+    Vhost(VhostBlkExport),
+    Nbd(nbd::NbdHandle),
+}
+
+impl Handle {
+    fn connected(&self) -> bool {
+        match self {
+            Handle::Vhost(h) => h.connected(),
+            Handle::Nbd(h) => h.export.connections() > 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -369,6 +407,8 @@ pub struct Daemon {
     keys: Mutex<Arc<dyn KeyProvider>>,
     /// The NVMe/TCP target (subsystems, listeners, connections).
     nvmf: nvmux_nvmf::Target,
+    /// NBD listeners by address (with their named exports), outside the state lock.
+    nbd: Mutex<BTreeMap<String, nvmux_nbd::NbdServer>>,
     /// Fair-share groups by host device id; a group lives while a disk uses it.
     groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
@@ -654,6 +694,7 @@ impl Daemon {
                 None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
             }),
             groups: Default::default(),
+            nbd: Default::default(),
             nvmf,
             _lock: lock,
         });
@@ -747,8 +788,8 @@ impl Daemon {
                 },
             );
         }
-        for spec in st.exports {
-            let handle = self.start_export(&g, &spec).map_err(|e| e.to_string());
+        for mut spec in st.exports {
+            let handle = self.start_export(&g, &mut spec).map_err(|e| e.to_string());
             match &handle {
                 Ok(_) => tracing::info!(export = %spec.name, "export restored"),
                 Err(e) => tracing::error!(export = %spec.name, "export could not be started: {e}"),
@@ -1309,7 +1350,7 @@ impl Daemon {
         Ok(erased)
     }
 
-    fn start_export(&self, g: &Inner, spec: &ExportSpec) -> Result<VhostBlkExport> {
+    fn start_export(&self, g: &Inner, spec: &mut ExportSpec) -> Result<Handle> {
         let d = g.disks.get(&spec.disk).ok_or_else(|| {
             err(
                 ErrorKind::NotFound,
@@ -1340,7 +1381,11 @@ impl Daemon {
                     workers,
                     d.stats.clone(),
                 )
+                .map(Handle::Vhost)
             }
+            ExportKind::Nbd { .. } => self
+                .start_nbd(&spec.disk, dev.clone(), d.stats.clone(), &mut spec.kind)
+                .map(Handle::Nbd),
         }
     }
 
@@ -1360,37 +1405,54 @@ impl Daemon {
             ));
         }
         let kind = match req.kind.as_deref().unwrap_or("vhost-user-blk") {
-            "vhost-user-blk" => ExportKind::VhostUserBlk {
-                socket: req.socket.clone(),
-                num_queues: req.num_queues.unwrap_or(1),
-            },
+            "vhost-user-blk" => {
+                let Some(socket) = req.socket.clone() else {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "a vhost-user-blk export needs a socket",
+                    ));
+                };
+                if req.listen.is_some() || req.export_name.is_some() || req.read_only {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "listen, export_name and read_only are for nbd exports (a vhost-user-blk export is read-only when its disk is)",
+                    ));
+                }
+                check_export_socket(&socket, &self.cfg.api_socket())?;
+                if let Some(e) = g
+                    .exports
+                    .values()
+                    .find(|e| e.spec.kind.socket() == Some(&socket))
+                {
+                    return Err(err(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "socket {} is already used by export {:?}",
+                            socket.display(),
+                            e.spec.name
+                        ),
+                    ));
+                }
+                ExportKind::VhostUserBlk {
+                    socket,
+                    num_queues: req.num_queues.unwrap_or(1),
+                }
+            }
+            "nbd" => self.nbd_kind(&g, &req, &name)?,
             other => {
                 return Err(err(
                     ErrorKind::InvalidArgument,
-                    format!("export type {other:?} is unknown (use vhost-user-blk)"),
+                    format!("export type {other:?} is unknown (use vhost-user-blk or nbd)"),
                 ))
             }
         };
-        check_export_socket(&req.socket, &self.cfg.api_socket())?;
-        if let Some(e) = g.exports.values().find(|e| match &e.spec.kind {
-            ExportKind::VhostUserBlk { socket, .. } => *socket == req.socket,
-        }) {
-            return Err(err(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "socket {} is already used by export {:?}",
-                    req.socket.display(),
-                    e.spec.name
-                ),
-            ));
-        }
-        let spec = ExportSpec {
+        let mut spec = ExportSpec {
             name: name.clone(),
             disk: req.disk.clone(),
             kind,
         };
-        let handle = self.start_export(&g, &spec)?;
-        tracing::info!(export = %name, disk = %req.disk, socket = %req.socket.display(), "export added");
+        let handle = self.start_export(&g, &mut spec)?;
+        tracing::info!(export = %name, disk = %req.disk, at = %spec.kind.address(), "export added");
         g.exports.insert(
             name.clone(),
             Export {
@@ -1419,7 +1481,7 @@ impl Daemon {
         }
         drop(g);
         if let Ok(h) = e.handle {
-            h.stop();
+            self.stop_handle(h);
         }
         tracing::info!(export = name, "export removed");
         Ok(())
@@ -1478,7 +1540,7 @@ impl Daemon {
         drop(g);
         for (_, e) in exports {
             if let Ok(h) = e.handle {
-                h.stop();
+                self.stop_handle(h);
             }
         }
         // Devices hold queues on the pools: drop them, then close the pools cleanly.
@@ -1504,7 +1566,10 @@ pub struct ExportView {
     #[serde(flatten)]
     pub spec: ExportSpec,
     pub status: String,
+    /// A client is connected (nbd: at least one).
     pub connected: bool,
+    /// Where clients connect: the socket, or an NBD URI.
+    pub address: String,
 }
 
 fn export_view(e: &Export) -> ExportView {
@@ -1515,6 +1580,7 @@ fn export_view(e: &Export) -> ExportView {
             Err(er) => format!("error: {er}"),
         },
         connected: e.handle.as_ref().map(|h| h.connected()).unwrap_or(false),
+        address: e.spec.kind.address(),
     }
 }
 

@@ -396,7 +396,7 @@ impl Daemon {
         self.notify_namespaces(&g, disk);
         // Attached VMs learn the new size through the config-change message.
         for e in g.exports.values().filter(|e| e.spec.disk == disk) {
-            if let Ok(h) = &e.handle {
+            if let Ok(crate::Handle::Vhost(h)) = &e.handle {
                 match h.notify_config_change() {
                     Ok(true) => {
                         tracing::info!(disk, export = %e.spec.name, "client notified of the new size")

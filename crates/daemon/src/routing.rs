@@ -630,8 +630,7 @@ impl Daemon {
     /// Refuse a socket path that an export or another disk's function already uses.
     fn socket_in_use(&self, g: &Inner, path: &Path) -> Result<()> {
         for e in g.exports.values() {
-            let crate::ExportKind::VhostUserBlk { socket, .. } = &e.spec.kind;
-            if socket == path {
+            if e.spec.kind.socket().map(|p| p.as_path()) == Some(path) {
                 return Err(err(
                     ErrorKind::AlreadyExists,
                     format!("socket {} is export {:?}", path.display(), e.spec.name),

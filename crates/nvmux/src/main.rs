@@ -376,19 +376,33 @@ enum SubsystemCmd {
 
 #[derive(Subcommand)]
 enum ExportCmd {
-    /// Export a disk over vhost-user-blk on a Unix socket.
+    /// Export a disk: over vhost-user-blk on a Unix socket (VMs, libblkio), or over NBD
+    /// on a Unix socket or a loopback TCP address (`--type nbd`: qemu-img, nbdcopy, fio,
+    /// nbdinfo, the Linux nbd client). NBD exports on one socket or address share it and
+    /// differ by export name.
     Add {
         disk: String,
-        /// Socket path QEMU / Cloud Hypervisor / libblkio connect to.
+        /// Unix socket path (vhost-user-blk: QEMU, Cloud Hypervisor, libblkio; nbd:
+        /// `nbd+unix:///NAME?socket=PATH`).
+        #[arg(long, required_unless_present = "listen")]
+        socket: Option<PathBuf>,
+        /// nbd: listen on this loopback TCP address instead, e.g. 127.0.0.1:10809 (port
+        /// 0 picks a free port). NBD has no TLS here: only loopback is accepted.
+        #[arg(long, conflicts_with = "socket")]
+        listen: Option<String>,
+        /// Number of virtqueues (vhost-user-blk).
         #[arg(long)]
-        socket: PathBuf,
-        /// Number of virtqueues.
-        #[arg(long, default_value_t = 1)]
-        queues: u16,
+        queues: Option<u16>,
         /// Export name (default: the disk's name).
         #[arg(long)]
         name: Option<String>,
-        /// Export type.
+        /// nbd: the name clients ask for (default: the export name).
+        #[arg(long)]
+        export_name: Option<String>,
+        /// nbd: refuse writes (EPERM), even on a writable disk.
+        #[arg(long)]
+        read_only: bool,
+        /// Export type: vhost-user-blk or nbd.
         #[arg(long = "type", default_value = "vhost-user-blk")]
         kind: String,
     },
@@ -772,22 +786,36 @@ fn run(cli: Cli) -> Res {
         Cmd::Export(ExportCmd::Add {
             disk,
             socket,
+            listen,
             queues,
             name,
+            export_name,
+            read_only,
             kind,
         }) => {
-            let socket = std::path::absolute(&socket).unwrap_or(socket);
+            let socket = socket.map(|s| std::path::absolute(&s).unwrap_or(s));
+            let queues = match (kind.as_str(), queues) {
+                ("vhost-user-blk", None) => Some(1),
+                (_, q) => q,
+            };
             let v = api.post(
                 "/v1/exports",
-                &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues}),
+                &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
+                        "listen": listen, "export_name": export_name, "read_only": read_only}),
             )?;
             show(&v, &|v| {
+                let extra = match v["type"].as_str() {
+                    Some("nbd") if v["read_only"].as_bool() == Some(true) => {
+                        " (read-only)".to_string()
+                    }
+                    Some("nbd") => String::new(),
+                    _ => format!(" ({} queues)", v["num_queues"]),
+                };
                 println!(
-                    "exported disk {} as {} on {} ({} queues)",
+                    "exported disk {} as {} on {}{extra}",
                     v["disk"].as_str().unwrap_or(""),
                     v["type"].as_str().unwrap_or(""),
-                    v["socket"].as_str().unwrap_or(""),
-                    v["num_queues"]
+                    v["address"].as_str().unwrap_or(""),
                 )
             });
         }
@@ -795,7 +823,7 @@ fn run(cli: Cli) -> Res {
             let v = api.get("/v1/exports")?;
             show(&v, &|v| {
                 println!(
-                    "{:<16} {:<16} {:<16} {:>6} {:<9} SOCKET",
+                    "{:<16} {:<16} {:<16} {:>6} {:<9} ADDRESS",
                     "NAME", "DISK", "TYPE", "QUEUES", "CLIENT"
                 );
                 for e in v.as_array().into_iter().flatten() {
@@ -804,13 +832,17 @@ fn run(cli: Cli) -> Res {
                         e["name"].as_str().unwrap_or(""),
                         e["disk"].as_str().unwrap_or(""),
                         e["type"].as_str().unwrap_or(""),
-                        compact(&e["num_queues"]),
+                        if e["num_queues"].is_null() {
+                            "-".to_string()
+                        } else {
+                            compact(&e["num_queues"])
+                        },
                         if e["connected"].as_bool() == Some(true) {
                             "connected"
                         } else {
                             "-"
                         },
-                        e["socket"].as_str().unwrap_or("")
+                        e["address"].as_str().unwrap_or("")
                     );
                 }
             });
