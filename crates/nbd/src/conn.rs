@@ -195,7 +195,7 @@ impl NbdConn {
             return Err(EOVERFLOW);
         }
         let bs = self.info.block_size as u64;
-        if r.length == 0 || r.offset % bs != 0 || r.length as u64 % bs != 0 {
+        if r.length == 0 || !r.offset.is_multiple_of(bs) || !(r.length as u64).is_multiple_of(bs) {
             return Err(EINVAL);
         }
         let end = r.offset.checked_add(r.length as u64).ok_or(EINVAL)?;

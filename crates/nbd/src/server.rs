@@ -43,6 +43,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Exports = Arc<RwLock<BTreeMap<String, Arc<Export>>>>;
 
+/// An accepted connection's negotiation, to run on its own thread.
+type Negotiation = Box<dyn FnOnce(Exports, WorkerHandle) + Send>;
+
 enum Sock {
     Unix(UnixListener),
     Tcp(TcpListener),
@@ -212,7 +215,7 @@ fn accept_loop(sock: Sock, exports: Exports, stop: Arc<AtomicBool>, workers: Vec
         let conn: io::Result<(Box<dyn FnOnce(Exports, WorkerHandle) + Send>, String)> = match &sock
         {
             Sock::Unix(l) => l.accept().map(|(s, _)| {
-                let f: Box<dyn FnOnce(Exports, WorkerHandle) + Send> = Box::new(move |e, w| {
+                let f: Negotiation = Box::new(move |e, w| {
                     let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
                     let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
                     serve_one::<UnixStream>(s, e, w, "unix".into())
@@ -220,7 +223,7 @@ fn accept_loop(sock: Sock, exports: Exports, stop: Arc<AtomicBool>, workers: Vec
                 (f, "unix".to_string())
             }),
             Sock::Tcp(l) => l.accept().map(|(s, a)| {
-                let f: Box<dyn FnOnce(Exports, WorkerHandle) + Send> = Box::new(move |e, w| {
+                let f: Negotiation = Box::new(move |e, w| {
                     let _ = s.set_nodelay(true);
                     let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
                     let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
