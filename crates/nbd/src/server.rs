@@ -212,8 +212,7 @@ fn accept_loop(sock: Sock, exports: Exports, stop: Arc<AtomicBool>, workers: Vec
     let next = AtomicUsize::new(0);
     let busy = Arc::new(AtomicUsize::new(0));
     loop {
-        let conn: io::Result<(Box<dyn FnOnce(Exports, WorkerHandle) + Send>, String)> = match &sock
-        {
+        let conn: io::Result<(Negotiation, String)> = match &sock {
             Sock::Unix(l) => l.accept().map(|(s, _)| {
                 let f: Negotiation = Box::new(move |e, w| {
                     let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
