@@ -15,6 +15,7 @@ mod bench_nvmf;
 mod bench_pool;
 mod bench_router;
 mod demo;
+mod image;
 
 #[derive(Parser)]
 #[command(
@@ -286,6 +287,36 @@ enum DiskCmd {
         owner: Option<String>,
         #[arg(long, conflicts_with = "socket")]
         none: bool,
+    },
+    /// Copy an image into a disk, creating the disk (sized to the image) if it does not
+    /// exist. Any format qemu-img reads (raw, qcow2, vmdk, ...), from a file or a URL
+    /// qemu-img opens (nbd://, and http(s):// where qemu-img has its curl driver). The
+    /// disk is exported over NBD on a private socket while qemu-img converts.
+    Import {
+        name: String,
+        /// The image file or URL.
+        source: String,
+        /// The source's format (default: what `qemu-img info` detects).
+        #[arg(long)]
+        format: Option<String>,
+        /// Create the disk as a thin volume in this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Create the disk this large (default: the image's virtual size).
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Copy a disk out to an image file (raw by default, or --format qcow2, ...), over a
+    /// read-only NBD export of the disk.
+    Export {
+        name: String,
+        /// The image file to write.
+        dest: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Grow a pool disk (online), or shrink it with --force.
     Resize {
@@ -592,6 +623,41 @@ fn run(cli: Cli) -> Res {
                 )?
             };
             show(&v, &print_routing);
+        }
+        Cmd::Disk(DiskCmd::Import {
+            name,
+            source,
+            format,
+            pool,
+            size,
+        }) => {
+            let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            let local = std::path::Path::new(&source);
+            let source = if source.contains("://") || local.is_absolute() {
+                source
+            } else {
+                std::path::absolute(local)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or(source)
+            };
+            let msg = image::import(
+                &api,
+                &name,
+                &source,
+                format.as_deref(),
+                pool.as_deref(),
+                size,
+            )?;
+            println!("{msg}");
+        }
+        Cmd::Disk(DiskCmd::Export {
+            name,
+            dest,
+            format,
+            force,
+        }) => {
+            let dest = std::path::absolute(&dest).unwrap_or(dest);
+            println!("{}", image::export(&api, &name, &dest, &format, force)?);
         }
         Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {
             let v = api.post(&format!("/v1/disks/{name}/crypto-erase"), &json!({}))?;
@@ -927,7 +993,7 @@ fn with_progress<T: Send>(
     label: &str,
     call: impl FnOnce() -> T + Send,
 ) -> T {
-    use std::io::{IsTerminal, Write};
+    use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
         return call();
     }
@@ -949,17 +1015,7 @@ fn with_progress<T: Send>(
             };
             let done = op["done_bytes"].as_u64().unwrap_or(0);
             let total = op["total_bytes"].as_u64().unwrap_or(0).max(1);
-            let frac = (done as f64 / total as f64).clamp(0.0, 1.0);
-            let fill = (frac * 30.0) as usize;
-            eprint!(
-                "\r{label} [{}{}] {:3.0}% {} / {}\x1b[K",
-                "#".repeat(fill),
-                ".".repeat(30 - fill),
-                frac * 100.0,
-                nvmux_core::format_size(done),
-                nvmux_core::format_size(total)
-            );
-            let _ = std::io::stderr().flush();
+            image::draw_bar(label, done, total);
             drawn = true;
         }
         if drawn {
