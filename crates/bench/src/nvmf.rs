@@ -539,7 +539,7 @@ pub fn run_workload(
     let mut hist = LatHist::default();
     let issue = |q: &mut Queue, rng: &mut Rng| -> Res<u16> {
         let slba = (rng.next_u64() % span) * nlb as u64;
-        if w.op == Op::Write {
+        if w.pick(rng) == Op::Write {
             q.send_cmd(Sqe::write(nsid, slba, nlb), Some(&data), 0)
         } else {
             q.send_cmd(Sqe::read(nsid, slba, nlb), None, w.block_size)
@@ -573,6 +573,7 @@ pub fn run_workload(
         seconds: secs,
         iops: ios as f64 / secs,
         p50_us: hist.percentile_us(0.50),
+        p95_us: hist.percentile_us(0.95),
         p99_us: hist.percentile_us(0.99),
     })
 }

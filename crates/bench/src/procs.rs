@@ -179,6 +179,105 @@ pub fn start_qsd(
     Ok(p)
 }
 
+/// Where fio does its I/O.
+#[derive(Clone, Debug)]
+pub enum FioTarget {
+    /// A file, with io_uring and O_DIRECT: the bare-metal bound.
+    File(PathBuf),
+    /// An NBD URI, with fio's nbd engine (libnbd).
+    Nbd(String),
+}
+
+/// One fio run: `rw` (randread, randwrite, randrw), block size, depth per job, jobs.
+#[derive(Clone, Debug)]
+pub struct Fio {
+    pub target: FioTarget,
+    pub rw: String,
+    pub bs: usize,
+    pub qd: usize,
+    pub jobs: usize,
+    /// Read percentage for randrw.
+    pub read_pct: u8,
+    pub seconds: u64,
+    pub cpu: Option<usize>,
+}
+
+impl Fio {
+    pub fn new(target: FioTarget, rw: &str, bs: usize, qd: usize, seconds: u64) -> Fio {
+        Fio {
+            target,
+            rw: rw.into(),
+            bs,
+            qd,
+            jobs: 1,
+            read_pct: 50,
+            seconds,
+            cpu: None,
+        }
+    }
+
+    /// Run it; reads and writes of a mix are summed (IOPS) and their latencies merged by
+    /// taking the read side's percentiles when there are reads, else the write side's.
+    pub fn run(&self) -> Result<crate::workload::Measured> {
+        let mut cmd = Command::new("fio");
+        cmd.args([
+            "--name=j",
+            &format!("--rw={}", self.rw),
+            &format!("--bs={}", self.bs),
+            &format!("--iodepth={}", self.qd),
+            &format!("--numjobs={}", self.jobs),
+            &format!("--rwmixread={}", self.read_pct),
+            "--group_reporting",
+            "--time_based",
+            &format!("--runtime={}", self.seconds),
+            "--randrepeat=0",
+            "--norandommap",
+            "--output-format=json",
+        ]);
+        match &self.target {
+            FioTarget::File(f) => {
+                cmd.arg(format!("--filename={}", f.display()))
+                    .args(["--ioengine=io_uring", "--direct=1"]);
+            }
+            FioTarget::Nbd(u) => {
+                cmd.args(["--ioengine=nbd", &format!("--uri={u}")]);
+            }
+        }
+        if let Some(c) = self.cpu {
+            cmd.arg(format!("--cpus_allowed={c}"));
+        }
+        let out = cmd.output().map_err(|e| format!("run fio: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "fio failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let start = text.find('{').ok_or("fio printed no JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+        let j = &v["jobs"][0];
+        let (r, w) = (&j["read"], &j["write"]);
+        let iops = r["iops"].as_f64().unwrap_or(0.0) + w["iops"].as_f64().unwrap_or(0.0);
+        let ios = r["total_ios"].as_u64().unwrap_or(0) + w["total_ios"].as_u64().unwrap_or(0);
+        let lat = if r["total_ios"].as_u64().unwrap_or(0) > 0 {
+            r
+        } else {
+            w
+        };
+        let pct = |k: &str| lat["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+        Ok(crate::workload::Measured {
+            ios,
+            seconds: j["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0 / self.jobs.max(1) as f64,
+            iops,
+            p50_us: pct("50.000000"),
+            p95_us: pct("95.000000"),
+            p99_us: pct("99.000000"),
+        })
+    }
+}
+
 /// Bare-metal bound: fio with io_uring and O_DIRECT on the file itself.
 pub fn run_fio(
     file: &Path,
@@ -188,45 +287,7 @@ pub fn run_fio(
     seconds: u64,
     cpu: Option<usize>,
 ) -> Result<crate::workload::Measured> {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=bare",
-        &format!("--filename={}", file.display()),
-        &format!("--rw={rw}"),
-        &format!("--bs={bs}"),
-        &format!("--iodepth={qd}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--time_based",
-        &format!("--runtime={seconds}"),
-        "--randrepeat=0",
-        "--norandommap",
-        "--output-format=json",
-    ]);
-    if let Some(c) = cpu {
-        cmd.arg(format!("--cpus_allowed={c}"));
-    }
-    let out = cmd.output().map_err(|e| format!("run fio: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fio failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').ok_or("fio printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
-    let dir = if rw.contains("read") { "read" } else { "write" };
-    let j = &v["jobs"][0][dir];
-    let pct = |k: &str| j["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-    let iops = j["iops"].as_f64().unwrap_or(0.0);
-    let secs = v["jobs"][0]["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
-    Ok(crate::workload::Measured {
-        ios: j["total_ios"].as_u64().unwrap_or(0),
-        seconds: secs,
-        iops,
-        p50_us: pct("50.000000"),
-        p99_us: pct("99.000000"),
-    })
+    let mut f = Fio::new(FioTarget::File(file.to_path_buf()), rw, bs, qd, seconds);
+    f.cpu = cpu;
+    f.run()
 }

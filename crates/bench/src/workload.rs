@@ -15,7 +15,10 @@ const LAT_BUCKETS: usize = 200_000;
 
 #[derive(Clone, Debug)]
 pub struct Workload {
+    /// Read or Write; with `read_pct`, the mix's kinds are read and write.
     pub op: Op,
+    /// A random mix: this percentage of commands are reads, the rest writes.
+    pub read_pct: Option<u8>,
     pub block_size: usize,
     pub queue_depth: usize,
     pub duration: Duration,
@@ -29,6 +32,8 @@ pub struct Measured {
     pub seconds: f64,
     pub iops: f64,
     pub p50_us: f64,
+    #[serde(default)]
+    pub p95_us: f64,
     pub p99_us: f64,
 }
 
@@ -87,10 +92,26 @@ impl Rng {
 }
 
 impl Workload {
+    /// This workload as a random mix with `read_pct`% reads.
+    pub fn mixed(mut self, read_pct: u8) -> Workload {
+        self.read_pct = Some(read_pct.min(100));
+        self
+    }
+
+    /// The kind of the next command.
+    pub fn pick(&self, rng: &mut Rng) -> Op {
+        match self.read_pct {
+            Some(p) if (rng.next_u64() % 100) < p as u64 => Op::Read,
+            Some(_) => Op::Write,
+            None => self.op,
+        }
+    }
+
     /// `bs`-byte random `op` at `qd` on queue 0 for `secs` seconds.
     pub fn random(op: Op, bs: usize, qd: usize, secs: u64) -> Workload {
         Workload {
             op,
+            read_pct: None,
             block_size: bs,
             queue_depth: qd,
             duration: Duration::from_secs(secs),
@@ -132,7 +153,7 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
     if blocks == 0 {
         return Err("disk smaller than one block".into());
     }
-    if w.op == Op::Write {
+    if w.op == Op::Write || w.read_pct.is_some() {
         let buf = c.buf();
         for (i, b) in buf[..qd * bs].iter_mut().enumerate() {
             *b = (i % 251) as u8;
@@ -147,7 +168,7 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
     let issue = |c: &mut BlkioClient, rng: &mut Rng, slot: usize| {
         let offset = (rng.next_u64() % blocks) * bs as u64;
         let r = Req {
-            op: w.op,
+            op: w.pick(rng),
             offset,
             len: bs,
             buf_off: slot * bs,
@@ -191,6 +212,7 @@ pub fn run(c: &mut BlkioClient, w: &Workload) -> Result<Measured> {
         seconds: secs,
         iops: ios as f64 / secs,
         p50_us: hist.percentile_us(0.50),
+        p95_us: hist.percentile_us(0.95),
         p99_us: hist.percentile_us(0.99),
     })
 }

@@ -32,6 +32,14 @@ pub mod worker;
 pub trait Wire: Send {
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
     fn send(&mut self, buf: &[u8]) -> std::io::Result<usize>;
+    /// Send from several buffers in order, in one system call where the wire allows
+    /// (a socket's writev); by default the first non-empty buffer alone.
+    fn send_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(b) => self.send(b),
+            None => Ok(0),
+        }
+    }
     /// The socket to wait on, if there is one.
     fn fd(&self) -> Option<RawFd>;
 }
@@ -44,6 +52,9 @@ macro_rules! socket_wire {
             }
             fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
                 std::io::Write::write(self, buf)
+            }
+            fn send_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+                std::io::Write::write_vectored(self, bufs)
             }
             fn fd(&self) -> Option<RawFd> {
                 Some(std::os::fd::AsRawFd::as_raw_fd(self))

@@ -3,11 +3,14 @@
 //! It reads requests from its socket into a buffer (write payloads straight into the
 //! command's buffer when they are large), turns them into [`IoCommand`]s on the export's
 //! disk, and writes replies (simple, or structured for reads once negotiated) into a send
-//! buffer that goes out in as few system calls as the socket allows. A request that breaks
+//! buffer that goes out in as few system calls as the socket allows; the data of large
+//! reads goes out from the command's own buffer (one `writev` with the headers around
+//! it), never copied into the send buffer. A request that breaks
 //! the protocol (a bad magic, a write larger than the maximum block size) ends this
 //! connection only, once what is in flight has completed.
 
-use std::io::ErrorKind;
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,11 +27,26 @@ use crate::Export;
 const RX_CAP: usize = 256 << 10;
 /// Payloads at least this long are received straight into their command's buffer.
 const DIRECT_PAYLOAD: usize = 64 << 10;
+/// Reads at least this long are sent from their command's buffer rather than copied.
+const DIRECT_REPLY: usize = 16 << 10;
+/// Direct read replies one `writev` carries at most (with the bytes between them).
+const DIRECT_PER_SEND: usize = 32;
 /// Stop reading new requests while this much output waits for the socket.
 const TX_HIGH: usize = 8 << 20;
 /// Commands in flight per connection (the client is told nothing: requests beyond this
 /// wait in the socket).
 const MAX_SLOTS: usize = 256;
+/// Sent bytes at the send buffer's front are dropped once there are this many.
+const TX_COMPACT: usize = 1 << 20;
+
+/// A read reply's data, sent from its slot's buffer once `tx` has gone out up to `at`
+/// (the reply's header). The slot is reused only after it has been sent.
+struct Direct {
+    at: usize,
+    slot: u32,
+    len: usize,
+    sent: usize,
+}
 
 struct Slot {
     req: Request,
@@ -59,6 +77,10 @@ pub struct NbdConn {
     in_flight: usize,
     tx: Vec<u8>,
     tx_off: usize,
+    /// Read data sent from slot buffers, in stream order, each after `tx[..at]`.
+    direct: VecDeque<Direct>,
+    /// Bytes of `direct` not yet sent.
+    direct_bytes: usize,
     tx_blocked: bool,
     done: Vec<(IoCommand, Status)>,
     stats: Arc<QueueStats>,
@@ -100,6 +122,8 @@ impl NbdConn {
             in_flight: 0,
             tx: Vec::with_capacity(1 << 20),
             tx_off: 0,
+            direct: VecDeque::new(),
+            direct_bytes: 0,
             tx_blocked: false,
             done: Vec::with_capacity(MAX_SLOTS),
             stats,
@@ -112,7 +136,7 @@ impl NbdConn {
     }
 
     fn pending_tx(&self) -> usize {
-        self.tx.len() - self.tx_off
+        self.tx.len() - self.tx_off + self.direct_bytes
     }
 
     fn can_take(&self) -> bool {
@@ -449,9 +473,22 @@ impl NbdConn {
                         } else {
                             simple_reply(&mut self.tx, 0, r.cookie);
                         }
+                        let len = r.length as usize;
+                        if len >= DIRECT_REPLY {
+                            // Sent from the slot's buffer; the slot is freed once it is.
+                            self.slots[i as usize].used = false;
+                            self.in_flight -= 1;
+                            self.direct.push_back(Direct {
+                                at: self.tx.len(),
+                                slot: i,
+                                len,
+                                sent: 0,
+                            });
+                            self.direct_bytes += len;
+                            continue;
+                        }
                         if let Some(b) = &self.slots[i as usize].buf {
-                            self.tx
-                                .extend_from_slice(&b.as_slice()[..r.length as usize]);
+                            self.tx.extend_from_slice(&b.as_slice()[..len]);
                         }
                     }
                 } else {
@@ -466,11 +503,27 @@ impl NbdConn {
 
     fn flush(&mut self) -> usize {
         let mut n = 0;
-        while self.tx_off < self.tx.len() {
-            match self.wire.send(&self.tx[self.tx_off..]) {
+        while self.pending_tx() > 0 {
+            // The stream from here: tx up to the first direct reply, its data, tx up to
+            // the next, ..., the rest of tx.
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * DIRECT_PER_SEND + 1);
+            let mut pos = self.tx_off;
+            for d in self.direct.iter().take(DIRECT_PER_SEND) {
+                if pos < d.at {
+                    iov.push(IoSlice::new(&self.tx[pos..d.at]));
+                }
+                pos = d.at;
+                if let Some(b) = &self.slots[d.slot as usize].buf {
+                    iov.push(IoSlice::new(&b.as_slice()[d.sent..d.len]));
+                }
+            }
+            if self.direct.len() <= DIRECT_PER_SEND && pos < self.tx.len() {
+                iov.push(IoSlice::new(&self.tx[pos..]));
+            }
+            match self.wire.send_vectored(&iov) {
                 Ok(0) => break,
                 Ok(k) => {
-                    self.tx_off += k;
+                    self.sent(k);
                     n += 1;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -482,18 +535,57 @@ impl NbdConn {
                     // The peer is gone: nothing more can be sent.
                     self.eof = true;
                     self.dead = true;
-                    self.tx.clear();
-                    self.tx_off = 0;
+                    self.drop_output();
                     return n;
                 }
             }
         }
         self.tx_blocked = false;
-        if self.tx_off == self.tx.len() {
+        if self.tx_off == self.tx.len() && self.direct.is_empty() {
             self.tx.clear();
+            self.tx_off = 0;
+        } else if self.tx_off >= TX_COMPACT {
+            // Output keeps coming while some waits: drop what has gone out.
+            self.tx.drain(..self.tx_off);
+            for d in self.direct.iter_mut() {
+                d.at -= self.tx_off;
+            }
             self.tx_off = 0;
         }
         n
+    }
+
+    /// Account for `k` bytes sent, in stream order; free the slots whose data went out.
+    fn sent(&mut self, mut k: usize) {
+        while let Some(d) = self.direct.front_mut() {
+            let a = k.min(d.at - self.tx_off);
+            self.tx_off += a;
+            k -= a;
+            if self.tx_off < d.at {
+                return;
+            }
+            let b = k.min(d.len - d.sent);
+            d.sent += b;
+            k -= b;
+            self.direct_bytes -= b;
+            if d.sent < d.len {
+                return;
+            }
+            let slot = d.slot;
+            self.direct.pop_front();
+            self.free.push(slot);
+        }
+        self.tx_off += k;
+    }
+
+    /// Output that can never be sent: drop it and free its slots.
+    fn drop_output(&mut self) {
+        self.tx.clear();
+        self.tx_off = 0;
+        for d in self.direct.drain(..) {
+            self.free.push(d.slot);
+        }
+        self.direct_bytes = 0;
     }
 
     fn closing(&self) -> bool {

@@ -39,7 +39,8 @@ impl Write for Stream<'_> {
     }
 }
 
-/// The transmission phase's wire: the rest of the input in small chunks, then EOF.
+/// The transmission phase's wire: the rest of the input in small chunks, then EOF; sends
+/// take at most a chunk at a time.
 struct Pipe {
     input: VecDeque<u8>,
     chunk: usize,
@@ -55,11 +56,13 @@ impl Wire for Pipe {
         Ok(n)
     }
     fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Partial sends, like a socket whose buffer is nearly full.
+        let n = buf.len().min(self.chunk);
         self.output
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
+            .extend_from_slice(&buf[..n]);
+        Ok(n)
     }
     fn fd(&self) -> Option<RawFd> {
         None
@@ -314,6 +317,49 @@ mod tests {
         let mut v = flags();
         v.extend(go("nope"));
         assert!(run(&v, mem()).is_none());
+    }
+
+    #[test]
+    fn large_reads_go_out_whole_and_in_order() {
+        // Large reads are sent from their buffers between small replies, through sends
+        // that take a few KiB at a time.
+        let a: Vec<u8> = (0..64 << 10).map(|i| (i % 253) as u8).collect();
+        let b: Vec<u8> = (0..4096).map(|i| (i % 7) as u8 + 1).collect();
+        let mut v = flags();
+        v.extend(go("disk"));
+        v.extend(req(CMD_WRITE, 0, 1, 0, a.len() as u32));
+        v.extend(&a);
+        v.extend(req(CMD_WRITE, 0, 2, 128 << 10, 4096));
+        v.extend(&b);
+        let reads: [(u64, u64, usize); 4] = [
+            (10, 0, 64 << 10),
+            (11, 128 << 10, 4096),
+            (12, 0, 128 << 10),
+            (13, 0, 64 << 10),
+        ];
+        for (cookie, off, len) in reads {
+            v.extend(req(CMD_READ, 0, cookie, off, len as u32));
+        }
+        v.extend(req(CMD_DISC, 0, 99, 0, 0));
+        let out = run(&v, mem()).expect("negotiated");
+        let lens: Vec<(u64, usize)> = reads.iter().map(|r| (r.0, r.2)).collect();
+        let r = simple_replies(&out, &lens);
+        assert_eq!(
+            r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+            vec![(1, 0), (2, 0), (10, 0), (11, 0), (12, 0), (13, 0)]
+        );
+        let data = |cookie: u64| {
+            let x = r.iter().find(|x| x.0 == cookie).expect("reply");
+            let len = lens.iter().find(|l| l.0 == cookie).expect("read").1;
+            &out[x.2..x.2 + len]
+        };
+        assert_eq!(data(10), &a[..]);
+        assert_eq!(data(11), &b[..]);
+        assert_eq!(&data(12)[..64 << 10], &a[..]);
+        assert!(data(12)[64 << 10..].iter().all(|&x| x == 0));
+        assert_eq!(data(13), &a[..]);
+        // Six headers, the read data, nothing else.
+        assert_eq!(out.len(), 6 * 16 + lens.iter().map(|l| l.1).sum::<usize>());
     }
 
     #[test]

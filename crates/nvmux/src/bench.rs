@@ -118,6 +118,11 @@ pub(crate) fn write_report(
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// `suite`: the evaluation suite (the ICPE'22 matrix on bare metal, nvmux vhost-user,
+    /// NBD and NVMe/TCP, QSD, qemu-nbd and nbdkit; multi-VM scaling; JSON, markdown and
+    /// PNG plots). With --quick, a slice of the matrix in under 5 minutes.
+    #[arg(value_parser = ["suite"])]
+    what: Option<String>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -263,6 +268,13 @@ pub fn run(a: BenchArgs) -> Res<()> {
                 )
             },
         );
+    }
+    if a.what.as_deref() == Some("suite") {
+        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        if two {
+            procs::pin_current_thread(1);
+        }
+        return crate::bench_suite::run(&a, a.quick, a.seconds, two.then_some(0), two.then_some(1));
     }
     if a.pool || a.crypt || a.fair || a.nvmf || a.router {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);

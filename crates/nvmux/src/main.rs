@@ -14,8 +14,10 @@ mod bench_fair;
 mod bench_nvmf;
 mod bench_pool;
 mod bench_router;
+mod bench_suite;
 mod demo;
 mod image;
+mod plots;
 
 #[derive(Parser)]
 #[command(

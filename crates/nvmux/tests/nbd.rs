@@ -175,13 +175,13 @@ fn qemu_img_and_nbdcopy_move_images_in_and_out_bit_exactly() {
 fn fio_verifies_and_two_clients_on_two_exports_do_not_interfere() {
     watchdog(240);
     let (d, sock) = setup("nbd-fio");
-    let fio = |name: &str, seed: &str| {
+    let fio = |name: &str, seed: &str, bs: &str| {
         let mut c = Command::new("fio");
         c.args([
             "--name=v",
             "--ioengine=nbd",
             "--rw=randwrite",
-            "--bs=4k",
+            bs,
             "--size=16M",
             "--iodepth=16",
         ])
@@ -196,8 +196,12 @@ fn fio_verifies_and_two_clients_on_two_exports_do_not_interfere() {
         .stdout(std::process::Stdio::piped());
         c.spawn().expect("fio")
     };
-    // Both at once, on different exports (different disks), with different data.
-    let (a, b) = (fio("alpha", "1"), fio("beta", "2"));
+    // Both at once, on different exports (different disks), with different data: 4 KiB
+    // blocks on one, 16 KiB to 1 MiB on the other (reads sent from their buffers).
+    let (a, b) = (
+        fio("alpha", "1", "--bs=4k"),
+        fio("beta", "2", "--bsrange=16k-1m"),
+    );
     for (n, c) in [("alpha", a), ("beta", b)] {
         let o = c.wait_with_output().unwrap();
         assert!(o.status.success(), "fio verify on {n} failed");
