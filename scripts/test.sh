@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up this machine and run the whole nvmux test suite:
 #   packages -> fmt -> clippy -> unit+integration tests -> fuzz build+corpus replay -> VM tests -> demo
+#   -> bench (the quick evaluation suite: its outputs exist and hold every path; no timing asserts)
 # Each stage prints one summary line ("<stage>: N passed, N failed"); the last line sums them.
 # .ci/run calls exactly this script. Runs as root on Debian 12 (see ../shared/TESTBED.md).
 set -uo pipefail
@@ -22,7 +23,7 @@ run_stage() { # name command...  (a stage that is one check)
 }
 
 install_packages() {
-    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography)
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography fonts-dejavu-core)
     local missing=()
     for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     # qemu-utils must match qemu-system-x86 (a newer backported qemu-utils blocks it).
@@ -85,6 +86,31 @@ vm_stage() {
     record vm "$(echo "$line" | awk '{print $2}')" "$(echo "$line" | awk '{print $4}')"
 }
 
+bench_stage() {
+    # The quick evaluation suite must produce its JSON (with rows for every path), its
+    # markdown and its plots. Figures are not judged here: timing is the benchmark's to
+    # report, never a test's to assert.
+    local out=target/ci-bench
+    rm -rf "$out"
+    target/release/nvmux bench suite --quick --out "$out" >target/bench-output.txt 2>&1 || { tail -20 target/bench-output.txt; return 1; }
+    python3 - "$out/suite-quick" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+r = json.load(open(os.path.join(d, "report.json")))
+paths = {row["path"] for row in r["rows"]}
+want = {"bare", "nvmux-vhost", "qsd-vhost", "nvmux-nbd", "qemu-nbd", "nbdkit", "nvmux-nvmf"}
+assert want <= paths, f"paths missing from the report: {sorted(want - paths)}"
+assert any(row["sweep"] == "multi-vm" and row["disks"] == 32 for row in r["rows"]), "no 32-disk row"
+assert all(row["iops"] > 0 for row in r["rows"]), "a run did no I/O"
+pngs = [f for f in os.listdir(d) if f.endswith(".png")]
+assert len(pngs) >= 3, f"only {len(pngs)} plots"
+for f in pngs:
+    assert open(os.path.join(d, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"{f} is not a PNG"
+assert "## Targets" in open(os.path.join(d, "report.md")).read()
+print(f"bench: {len(r['rows'])} rows, {len(pngs)} plots, {r['wall_seconds']:.0f} s")
+PY
+}
+
 t_all=$SECONDS
 run_stage packages install_packages
 run_stage fmt cargo fmt --all --check
@@ -93,6 +119,7 @@ cargo_tests
 fuzz_stage
 vm_stage
 run_stage demo cargo run --release -- demo --seconds 1
+run_stage bench bench_stage
 echo "suite took $((SECONDS - t_all)) s"
 echo "all: $total_pass passed, $total_fail failed"
 [ "$total_fail" = 0 ]
