@@ -1568,6 +1568,9 @@ pub struct ExportView {
     pub status: String,
     /// A client is connected (nbd: at least one).
     pub connected: bool,
+    /// nbd: connections in their transmission phase right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
     /// Where clients connect: the socket, or an NBD URI.
     pub address: String,
 }
@@ -1580,6 +1583,10 @@ fn export_view(e: &Export) -> ExportView {
             Err(er) => format!("error: {er}"),
         },
         connected: e.handle.as_ref().map(|h| h.connected()).unwrap_or(false),
+        connections: match &e.handle {
+            Ok(Handle::Nbd(h)) => Some(h.export.connections()),
+            _ => None,
+        },
         address: e.spec.kind.address(),
     }
 }

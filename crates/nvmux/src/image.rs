@@ -198,12 +198,24 @@ pub fn export(api: &ApiClient, disk: &str, dst: &Path, format: &str, force: bool
     let d = api.get(&format!("/v1/disks/{disk}"))?;
     let size = d["size"].as_u64().unwrap_or(0);
     let t = TempExport::new(api, disk, true)?;
-    let dst_s = dst.to_string_lossy();
-    convert(
-        &["-f", "raw", "-O", format, &t.uri(), &dst_s],
+    // Written beside the destination and renamed over it once complete: a failed export
+    // leaves neither a half-written image nor a damaged old one.
+    let mut part = dst.as_os_str().to_owned();
+    part.push(".nvmux-partial");
+    let part = PathBuf::from(part);
+    let part_s = part.to_string_lossy();
+    let done = convert(
+        &["-f", "raw", "-O", format, &t.uri(), &part_s],
         size,
         &format!("exporting {disk}"),
-    )?;
+    )
+    .and_then(|()| {
+        std::fs::rename(&part, dst).map_err(|e| format!("{}: {e}", dst.display()).into())
+    });
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
     Ok(format!(
         "exported disk {disk} ({}) to {} ({format})",
         nvmux_core::format_size(size),

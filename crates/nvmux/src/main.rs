@@ -905,10 +905,10 @@ fn run(cli: Cli) -> Res {
                         } else {
                             compact(&e["num_queues"])
                         },
-                        if e["connected"].as_bool() == Some(true) {
-                            "connected"
-                        } else {
-                            "-"
+                        match (e["connections"].as_u64(), e["connected"].as_bool()) {
+                            (Some(n), _) if n > 0 => format!("{n} conn"),
+                            (None, Some(true)) => "connected".to_string(),
+                            _ => "-".to_string(),
                         },
                         e["address"].as_str().unwrap_or("")
                     );

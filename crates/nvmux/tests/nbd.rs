@@ -506,6 +506,24 @@ fn disk_import_and_export_move_images_through_nbd() {
         !s && out.contains("--force"),
         "an existing file is not overwritten: {out}"
     );
+    // A failed export (a format qemu-img cannot write) leaves the old file as it was and
+    // no partial image beside it.
+    let before = std::fs::read(&out_q).unwrap();
+    let (s, out) = cli(&[
+        "disk",
+        "export",
+        "vm1",
+        out_q.to_str().unwrap(),
+        "--force",
+        "--format",
+        "bogus",
+    ]);
+    assert!(!s && out.contains("bogus"), "{out}");
+    assert!(
+        std::fs::read(&out_q).unwrap() == before,
+        "the old image is untouched"
+    );
+    assert!(!d.dir.join("out.qcow2.nvmux-partial").exists());
     // Errors change nothing: an image larger than the disk, a missing source.
     let big = d.dir.join("big.raw");
     std::fs::write(&big, pattern(22, 32 << 20)).unwrap();
