@@ -506,21 +506,30 @@ impl NbdConn {
         while self.pending_tx() > 0 {
             // The stream from here: tx up to the first direct reply, its data, tx up to
             // the next, ..., the rest of tx.
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * DIRECT_PER_SEND + 1);
-            let mut pos = self.tx_off;
-            for d in self.direct.iter().take(DIRECT_PER_SEND) {
-                if pos < d.at {
-                    iov.push(IoSlice::new(&self.tx[pos..d.at]));
+            let r = if self.direct.is_empty() {
+                self.wire.send(&self.tx[self.tx_off..])
+            } else {
+                let mut iov = [IoSlice::new(&[]); 2 * DIRECT_PER_SEND + 1];
+                let mut k = 0;
+                let mut pos = self.tx_off;
+                for d in self.direct.iter().take(DIRECT_PER_SEND) {
+                    if pos < d.at {
+                        iov[k] = IoSlice::new(&self.tx[pos..d.at]);
+                        k += 1;
+                    }
+                    pos = d.at;
+                    if let Some(b) = &self.slots[d.slot as usize].buf {
+                        iov[k] = IoSlice::new(&b.as_slice()[d.sent..d.len]);
+                        k += 1;
+                    }
                 }
-                pos = d.at;
-                if let Some(b) = &self.slots[d.slot as usize].buf {
-                    iov.push(IoSlice::new(&b.as_slice()[d.sent..d.len]));
+                if self.direct.len() <= DIRECT_PER_SEND && pos < self.tx.len() {
+                    iov[k] = IoSlice::new(&self.tx[pos..]);
+                    k += 1;
                 }
-            }
-            if self.direct.len() <= DIRECT_PER_SEND && pos < self.tx.len() {
-                iov.push(IoSlice::new(&self.tx[pos..]));
-            }
-            match self.wire.send_vectored(&iov) {
+                self.wire.send_vectored(&iov[..k])
+            };
+            match r {
                 Ok(0) => break,
                 Ok(k) => {
                     self.sent(k);
