@@ -126,7 +126,7 @@ pub struct BenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// 2 seconds per measurement.
+    /// 2 seconds per measurement (with `suite`: the quick slice of the matrix, 1 s per run).
     #[arg(long)]
     quick: bool,
     /// Use a polled libblkio queue (the client busy-polls its completions).
