@@ -211,7 +211,18 @@ mod tests {
         let mut bad = flags();
         bad.extend(go("disk"));
         bad.extend(vec![0xab; 28]);
+        // Large reads (sent from their buffers) among small ones, structured.
+        let mut big = flags();
+        big.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        big.extend(go("disk"));
+        big.extend(req(CMD_WRITE, 0, 1, 0, 64 << 10));
+        big.extend(vec![0x5a; 64 << 10]);
+        big.extend(req(CMD_READ, 0, 2, 0, 128 << 10));
+        big.extend(req(CMD_READ, 0, 3, 0, 4096));
+        big.extend(req(CMD_READ, 0, 4, 64 << 10, 32 << 10));
+        big.extend(req(CMD_DISC, 0, 5, 0, 0));
         vec![
+            ("large-reads", big),
             ("structured", session(true, "disk")),
             ("simple", session(false, "disk")),
             ("read-only", session(true, "ro")),
