@@ -57,6 +57,22 @@ impl Daemon {
     pub fn api(&self) -> &ApiClient {
         &self.api
     }
+    /// An NVMe/TCP subsystem `nqn` on a free loopback port, open to `host`, with `disk` as
+    /// its namespace 1; returns the address it listens on.
+    pub fn nvmf_subsystem(&self, nqn: &str, host: &str, disk: &str) -> Res<std::net::SocketAddr> {
+        let sub = self.api.post(
+            "/v1/subsystems",
+            &json!({"nqn": nqn, "listen": "127.0.0.1:0", "hosts": [host]}),
+        )?;
+        self.api.post(
+            &format!("/v1/subsystems/{nqn}/namespaces"),
+            &json!({ "disk": disk }),
+        )?;
+        Ok(sub["listen"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or("the subsystem has no listen address")?)
+    }
     pub fn cpu_seconds(&self) -> f64 {
         self.proc.cpu_seconds()
     }

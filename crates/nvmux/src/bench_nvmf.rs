@@ -39,18 +39,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>, cli_cpu: Option<usi
     let sock = ddir.join("d.sock");
     d.api()
         .post("/v1/exports", &json!({"disk": "d", "socket": sock}))?;
-    let sub = d.api().post(
-        "/v1/subsystems",
-        &json!({"nqn": NQN, "listen": "127.0.0.1:0", "hosts": [HOST]}),
-    )?;
-    d.api().post(
-        &format!("/v1/subsystems/{NQN}/namespaces"),
-        &json!({"disk": "d"}),
-    )?;
-    let addr = sub["listen"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or("subsystem has no listen address")?;
+    let addr = d.nvmf_subsystem(NQN, HOST, "d")?;
     if let Some(c) = cli_cpu {
         nvmux_bench::procs::pin_current_thread(c);
     }

@@ -167,18 +167,7 @@ impl Servers {
         let nsock = ddir.join("nbd.sock");
         d.api().post("/v1/exports", &json!({"name": "nbd", "disk": "d", "type": "nbd", "socket": nsock, "export_name": "d"}))?;
         let nbd = format!("nbd+unix:///d?socket={}", nsock.display());
-        let sub = d.api().post(
-            "/v1/subsystems",
-            &json!({"nqn": NQN, "listen": "127.0.0.1:0", "hosts": [HOST]}),
-        )?;
-        d.api().post(
-            &format!("/v1/subsystems/{NQN}/namespaces"),
-            &json!({"disk": "d"}),
-        )?;
-        let addr = sub["listen"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or("no NVMe/TCP address")?;
+        let addr = d.nvmf_subsystem(NQN, HOST, "d")?;
         let host = match nvmux_bench::nvmf::Host::connect(addr, NQN, HOST, 1, 128, false) {
             Ok(h) => Some(h),
             Err(e) => {

@@ -316,75 +316,86 @@ fn multivm_chart(file: &Path, rows: &[Row]) -> Res<()> {
     Ok(())
 }
 
+/// A line chart of the suite: which rows, plotted how.
+struct LineSpec {
+    file: &'static str,
+    title: &'static str,
+    xdesc: &'static str,
+    ydesc: &'static str,
+    keep: fn(&Row) -> bool,
+    x: fn(&Row) -> f64,
+    y: fn(&Row) -> Option<f64>,
+    ticks: fn(f64) -> String,
+}
+
+/// One path's run of a single-job sweep (or of the full matrix, which holds them all).
+fn in_sweep(r: &Row, s: &str) -> bool {
+    (r.sweep == s || r.sweep == "matrix") && r.jobs == 1 && r.rw == "randread"
+}
+
+const LINES: [LineSpec; 4] = [
+    LineSpec {
+        file: "qd.png",
+        title: "Bandwidth against queue depth, 4 KiB random read",
+        xdesc: "queue depth",
+        ydesc: "MB/s",
+        keep: |r| in_sweep(r, "qd") && r.bs == 4096,
+        x: |r| r.qd as f64,
+        y: |r| Some(r.mbps),
+        ticks: int_label,
+    },
+    LineSpec {
+        file: "bs.png",
+        title: "Bandwidth against block size, random read, QD16",
+        xdesc: "block size",
+        ydesc: "MB/s",
+        keep: |r| in_sweep(r, "bs") && r.qd == 16,
+        x: |r| r.bs as f64,
+        y: |r| Some(r.mbps),
+        ticks: size_label,
+    },
+    LineSpec {
+        file: "cpu-jobs.png",
+        title: "Server CPU load against jobs, 4 KiB random read, QD4 per job",
+        xdesc: "jobs",
+        ydesc: "server CPU (% of one core)",
+        keep: |r| r.sweep == "jobs",
+        x: |r| r.jobs as f64,
+        y: |r| r.server_cpu_s.map(|c| c / r.window_s.max(1e-9) * 100.0),
+        ticks: int_label,
+    },
+    LineSpec {
+        file: "iops-jobs.png",
+        title: "IOPS against jobs, 4 KiB random read, QD4 per job",
+        xdesc: "jobs",
+        ydesc: "IOPS",
+        keep: |r| r.sweep == "jobs",
+        x: |r| r.jobs as f64,
+        y: |r| Some(r.iops),
+        ticks: int_label,
+    },
+];
+
 /// Draw the plots into `out`; returns their file names.
 pub fn suite_plots(rows: &[Row], out: &Path) -> Res<Vec<String>> {
-    let single = |r: &Row| r.jobs == 1 && r.sweep != "multi-vm";
     let mut made = Vec::new();
-    let sweep = |r: &Row, s: &str| r.sweep == s || r.sweep == "matrix";
-    let qd = by_path(
-        rows,
-        |r| sweep(r, "qd") && single(r) && r.rw == "randread" && r.bs == 4096,
-        |r| r.qd as f64,
-        |r| Some(r.mbps),
-    );
-    chart(
-        &out.join("qd.png"),
-        "Bandwidth against queue depth, 4 KiB random read",
-        "queue depth",
-        "MB/s",
-        &qd,
-        &int_label,
-    )?;
-    made.push("qd.png".to_string());
-    let bs = by_path(
-        rows,
-        |r| sweep(r, "bs") && single(r) && r.rw == "randread" && r.qd == 16,
-        |r| r.bs as f64,
-        |r| Some(r.mbps),
-    );
-    chart(
-        &out.join("bs.png"),
-        "Bandwidth against block size, random read, QD16",
-        "block size",
-        "MB/s",
-        &bs,
-        &size_label,
-    )?;
-    made.push("bs.png".to_string());
-    let cpu = by_path(
-        rows,
-        |r| r.sweep == "jobs",
-        |r| r.jobs as f64,
-        |r| r.server_cpu_s.map(|c| c / r.window_s.max(1e-9) * 100.0),
-    );
-    chart(
-        &out.join("cpu-jobs.png"),
-        "Server CPU load against jobs, 4 KiB random read, QD4 per job",
-        "jobs",
-        "server CPU (% of one core)",
-        &cpu,
-        &int_label,
-    )?;
-    made.push("cpu-jobs.png".to_string());
-    let iops_jobs = by_path(
-        rows,
-        |r| r.sweep == "jobs",
-        |r| r.jobs as f64,
-        |r| Some(r.iops),
-    );
-    chart(
-        &out.join("iops-jobs.png"),
-        "IOPS against jobs, 4 KiB random read, QD4 per job",
-        "jobs",
-        "IOPS",
-        &iops_jobs,
-        &int_label,
-    )?;
-    made.push("iops-jobs.png".to_string());
-    latency_chart(&out.join("latency-qd1.png"), rows, 1)?;
-    made.push("latency-qd1.png".to_string());
-    latency_chart(&out.join("latency-qd32.png"), rows, 32)?;
-    made.push("latency-qd32.png".to_string());
+    for l in &LINES {
+        let series = by_path(rows, l.keep, l.x, l.y);
+        chart(
+            &out.join(l.file),
+            l.title,
+            l.xdesc,
+            l.ydesc,
+            &series,
+            &l.ticks,
+        )?;
+        made.push(l.file.to_string());
+    }
+    for qd in [1, 32] {
+        let f = format!("latency-qd{qd}.png");
+        latency_chart(&out.join(&f), rows, qd)?;
+        made.push(f);
+    }
     if rows.iter().any(|r| r.sweep == "multi-vm") {
         multivm_chart(&out.join("multi-vm.png"), rows)?;
         made.push("multi-vm.png".to_string());
