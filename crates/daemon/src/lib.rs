@@ -1394,6 +1394,27 @@ impl Daemon {
         g.exports.values().map(export_view).collect()
     }
 
+    /// A socket path a new listener may bind: not the API socket, nothing but a stale
+    /// socket there, and no other export on it.
+    fn check_new_socket(&self, g: &Inner, socket: &Path) -> Result<()> {
+        check_export_socket(socket, &self.cfg.api_socket())?;
+        if let Some(e) = g
+            .exports
+            .values()
+            .find(|e| e.spec.kind.socket().map(|p| p.as_path()) == Some(socket))
+        {
+            return Err(err(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "socket {} is already used by export {:?}",
+                    socket.display(),
+                    e.spec.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn create_export(&self, req: ExportCreate) -> Result<ExportView> {
         let name = req.name.clone().unwrap_or_else(|| req.disk.clone());
         check_name("export", &name)?;
@@ -1418,21 +1439,7 @@ impl Daemon {
                         "listen, export_name and read_only are for nbd exports (a vhost-user-blk export is read-only when its disk is)",
                     ));
                 }
-                check_export_socket(&socket, &self.cfg.api_socket())?;
-                if let Some(e) = g
-                    .exports
-                    .values()
-                    .find(|e| e.spec.kind.socket() == Some(&socket))
-                {
-                    return Err(err(
-                        ErrorKind::AlreadyExists,
-                        format!(
-                            "socket {} is already used by export {:?}",
-                            socket.display(),
-                            e.spec.name
-                        ),
-                    ));
-                }
+                self.check_new_socket(&g, &socket)?;
                 ExportKind::VhostUserBlk {
                     socket,
                     num_queues: req.num_queues.unwrap_or(1),

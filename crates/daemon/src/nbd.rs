@@ -10,7 +10,7 @@ use nvmux_core::stats::DiskStats;
 use nvmux_core::{BlockDevice, ErrorKind, Result};
 use nvmux_nbd::{Listen, NbdServer};
 
-use crate::{check_export_socket, err, Daemon, ExportCreate, ExportKind, Handle, Inner};
+use crate::{err, Daemon, ExportCreate, ExportKind, Handle, Inner};
 
 /// A running NBD export: where its listener is, and the export it holds there.
 pub(crate) struct NbdHandle {
@@ -102,17 +102,7 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(&key_of(&l));
             if !shared {
-                check_export_socket(p, &self.cfg.api_socket())?;
-                if let Some(e) = g.exports.values().find(|e| e.spec.kind.socket() == Some(p)) {
-                    return Err(err(
-                        ErrorKind::AlreadyExists,
-                        format!(
-                            "socket {} is already used by export {:?}",
-                            p.display(),
-                            e.spec.name
-                        ),
-                    ));
-                }
+                self.check_new_socket(g, p)?;
             }
         }
         Ok(kind)

@@ -189,10 +189,15 @@ impl NbdConn {
         i
     }
 
-    fn release(&mut self, i: u32) {
+    /// The command of slot `i` is over; its buffer stays untouched until `free.push(i)`.
+    fn retire(&mut self, i: u32) {
         self.slots[i as usize].used = false;
-        self.free.push(i);
         self.in_flight -= 1;
+    }
+
+    fn release(&mut self, i: u32) {
+        self.retire(i);
+        self.free.push(i);
     }
 
     /// Check a request; `Err(errno)` for one the export refuses.
@@ -476,8 +481,7 @@ impl NbdConn {
                         let len = r.length as usize;
                         if len >= DIRECT_REPLY {
                             // Sent from the slot's buffer; the slot is freed once it is.
-                            self.slots[i as usize].used = false;
-                            self.in_flight -= 1;
+                            self.retire(i);
                             self.direct.push_back(Direct {
                                 at: self.tx.len(),
                                 slot: i,

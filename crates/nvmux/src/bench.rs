@@ -141,10 +141,10 @@ pub struct BenchArgs {
     what: Option<String>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// 2 seconds per measurement (with `suite`: the quick slice of the matrix, 1 s per run).
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Use a polled libblkio queue (the client busy-polls its completions).
     #[arg(long)]
     client_poll: bool,
@@ -285,17 +285,14 @@ pub fn run(a: BenchArgs) -> Res<()> {
             },
         );
     }
-    if a.what.as_deref() == Some("suite") {
+    let suite = a.what.as_deref() == Some("suite");
+    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
         }
-        return crate::bench_suite::run(&a, a.quick, a.seconds, two.then_some(0), two.then_some(1));
-    }
-    if a.pool || a.crypt || a.fair || a.nvmf || a.router {
-        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-        if two {
-            procs::pin_current_thread(1);
+        if suite {
+            return crate::bench_suite::run(&a, two.then_some(0), two.then_some(1));
         }
         if a.nvmf {
             return crate::bench_nvmf::run(&a, secs, two.then_some(0), two.then_some(1));

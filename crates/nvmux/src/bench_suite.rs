@@ -482,16 +482,11 @@ fn row(p: &Plan, m: &Measured, cpu: Option<f64>) -> Row {
     }
 }
 
-/// `quick`: the matrix's slices with 1 s runs (under 5 minutes here); else the whole
-/// matrix with `secs` per run.
-pub fn run(
-    a: &BenchArgs,
-    quick: bool,
-    secs: u64,
-    srv: Option<usize>,
-    cli: Option<usize>,
-) -> Res<()> {
-    let secs = if quick { 1 } else { secs };
+/// `--quick`: the matrix's slices with 1 s runs (under 5 minutes here); else the whole
+/// matrix with `--seconds` per run.
+pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
+    let quick = a.quick;
+    let secs = if quick { 1 } else { a.seconds };
     let t0 = Instant::now();
     let work = std::env::temp_dir().join(format!("nvmux-bench-suite-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
