@@ -144,6 +144,12 @@ pub fn render(d: &Daemon) -> String {
             "Queues attached to the worker.",
             |w| w.sources as f64,
         ),
+        (
+            "nvmux_worker_panics_total",
+            "counter",
+            "Queues and connections closed because serving them panicked.",
+            |w| w.panics as f64,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
         for (i, w) in workers.iter().enumerate() {
