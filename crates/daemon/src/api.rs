@@ -341,6 +341,7 @@ fn handle(d: &Daemon, mut req: Request) {
             }
         }
         (Method::Get, ["v1", "stats"]) => reply_json(req, 200, &d.stats()),
+        (Method::Get, ["v1", "nbd"]) => reply_json(req, 200, &d.nbd_view()),
         (Method::Get, ["metrics"]) => {
             let text = crate::metrics::render(d);
             let h = Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4"[..])

@@ -237,8 +237,9 @@ pub enum ExportKind {
         #[serde(default = "one_queue")]
         num_queues: u16,
     },
-    /// NBD, on a Unix socket or a loopback TCP address; exports on the same address
-    /// share one listener and differ by export name.
+    /// NBD, on a Unix socket or a TCP address (loopback, or any address with TLS);
+    /// exports on the same address share one listener (and its TLS) and differ by export
+    /// name.
     Nbd {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         socket: Option<PathBuf>,
@@ -247,6 +248,9 @@ pub enum ExportKind {
         export_name: String,
         #[serde(default)]
         read_only: bool,
+        /// TLS credentials; TLS is then required (see `nbd::NbdTls`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<nbd::NbdTls>,
     },
 }
 
@@ -330,7 +334,8 @@ pub struct ExportCreate {
     pub socket: Option<PathBuf>,
     #[serde(default)]
     pub num_queues: Option<u16>,
-    /// nbd: a loopback TCP address, e.g. `127.0.0.1:10809` (port 0: any free port).
+    /// nbd: a TCP address, e.g. `127.0.0.1:10809` (port 0: any free port): loopback, or
+    /// any address with `tls`.
     #[serde(default)]
     pub listen: Option<String>,
     /// nbd: the export name clients ask for (default: the export's name).
@@ -339,6 +344,10 @@ pub struct ExportCreate {
     /// nbd: refuse writes (EPERM) even if the disk is writable.
     #[serde(default)]
     pub read_only: bool,
+    /// nbd: TLS credentials (`{"psk_file": ...}` or `{"x509_dir": ..., "verify_peer": ...}`);
+    /// TLS is then required.
+    #[serde(default)]
+    pub tls: Option<nbd::NbdTls>,
 }
 
 /// A disk as the API shows it.
@@ -408,7 +417,10 @@ pub struct Daemon {
     /// The NVMe/TCP target (subsystems, listeners, connections).
     nvmf: nvmux_nvmf::Target,
     /// NBD listeners by address (with their named exports), outside the state lock.
-    nbd: Mutex<BTreeMap<String, nvmux_nbd::NbdServer>>,
+    nbd: Mutex<BTreeMap<String, nbd::NbdListener>>,
+    /// The memory budget of the network frontends' connections (`[network]
+    /// memory_budget`), one for the whole daemon.
+    net_budget: Arc<nvmux_core::budget::MemBudget>,
     /// Fair-share groups by host device id; a group lives while a disk uses it.
     groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
@@ -681,6 +693,7 @@ impl Daemon {
         })
         .map_err(|e| Error::io("start worker threads", e))?;
         let cfg_keys = cfg.keys.kek_file.clone();
+        let cfg_net_budget = cfg.network.memory_budget;
         let nvmf = nvmux_nvmf::Target::new(workers.workers().to_vec());
         let d = Arc::new(Daemon {
             cfg,
@@ -695,6 +708,9 @@ impl Daemon {
             }),
             groups: Default::default(),
             nbd: Default::default(),
+            net_budget: nvmux_core::budget::MemBudget::new(
+                usize::try_from(cfg_net_budget).unwrap_or(usize::MAX),
+            ),
             nvmf,
             _lock: lock,
         });
@@ -1433,10 +1449,14 @@ impl Daemon {
                         "a vhost-user-blk export needs a socket",
                     ));
                 };
-                if req.listen.is_some() || req.export_name.is_some() || req.read_only {
+                if req.listen.is_some()
+                    || req.export_name.is_some()
+                    || req.read_only
+                    || req.tls.is_some()
+                {
                     return Err(err(
                         ErrorKind::InvalidArgument,
-                        "listen, export_name and read_only are for nbd exports (a vhost-user-blk export is read-only when its disk is)",
+                        "listen, export_name, read_only and tls are for nbd exports (a vhost-user-blk export is read-only when its disk is)",
                     ));
                 }
                 self.check_new_socket(&g, &socket)?;

@@ -118,6 +118,7 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{disk=\"{name}\"}} {}", get(t));
         }
     }
+    nbd(&mut o, d);
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (
@@ -157,4 +158,97 @@ pub fn render(d: &Daemon) -> String {
         }
     }
     o
+}
+
+/// The network memory budget and the NBD listeners' limits and counters.
+fn nbd(o: &mut String, d: &Daemon) {
+    let v = d.nbd_view();
+    let m = &v.network_memory;
+    for (metric, kind, help, val) in [
+        (
+            "nvmux_net_memory_bytes",
+            "gauge",
+            "Buffer memory NVMe/TCP and NBD connections hold now.",
+            m.used,
+        ),
+        (
+            "nvmux_net_memory_limit_bytes",
+            "gauge",
+            "The daemon-wide budget of that memory (network.memory_budget).",
+            m.limit,
+        ),
+        (
+            "nvmux_net_memory_waits_total",
+            "counter",
+            "Reservations the daemon-wide budget refused (the connection waited).",
+            m.waits,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {val}"
+        );
+    }
+    type Get = fn(&crate::nbd::NbdListenerView) -> u64;
+    let rows: [(&str, &str, &str, Get); 8] = [
+        (
+            "nvmux_nbd_connections",
+            "gauge",
+            "NBD connections a listener holds now, negotiating or transmitting.",
+            |l| l.connections,
+        ),
+        (
+            "nvmux_nbd_negotiating",
+            "gauge",
+            "NBD connections still negotiating.",
+            |l| l.negotiating,
+        ),
+        (
+            "nvmux_nbd_connections_refused_total",
+            "counter",
+            "NBD connections closed at accept (max_connections, max_connections_per_host).",
+            |l| l.refused,
+        ),
+        (
+            "nvmux_nbd_handshake_timeouts_total",
+            "counter",
+            "NBD negotiations cut at handshake_timeout_ms.",
+            |l| l.handshake_timeouts,
+        ),
+        (
+            "nvmux_nbd_negotiation_errors_total",
+            "counter",
+            "NBD negotiations that broke the protocol.",
+            |l| l.negotiation_errors,
+        ),
+        (
+            "nvmux_nbd_tls_failures_total",
+            "counter",
+            "Failed TLS handshakes on NBD listeners.",
+            |l| l.tls_failures,
+        ),
+        (
+            "nvmux_nbd_stalls_total",
+            "counter",
+            "NBD connections ended by stall_timeout_ms.",
+            |l| l.stalls,
+        ),
+        (
+            "nvmux_nbd_memory_waits_total",
+            "counter",
+            "Times an NBD connection waited for buffer memory.",
+            |l| l.memory_waits,
+        ),
+    ];
+    for (metric, kind, help, get) in rows {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for l in &v.listeners {
+            let _ = writeln!(
+                o,
+                "{metric}{{listener=\"{}\"}} {}",
+                l.address.replace('\\', "\\\\").replace('"', "\\\""),
+                get(l)
+            );
+        }
+    }
 }

@@ -8,23 +8,39 @@
 //! it), never copied into the send buffer. A request that breaks
 //! the protocol (a bad magic, a write larger than the maximum block size) ends this
 //! connection only, once what is in flight has completed.
+//!
+//! **Memory.** Every buffer the connection holds is reserved from its [`ConnBudget`]
+//! (per connection, inside the daemon-wide budget) before it is allocated: the receive
+//! buffer, the send buffer (each admitted request reserves room for its reply there), and
+//! each command's data buffer. A request whose memory is not available is not taken: its
+//! header stays in the receive buffer, the socket is not read, and the request is tried
+//! again when the connection's own commands complete or after a short wait (another
+//! connection may have given memory back). The largest request admitted (`max_io`, also
+//! what the negotiation advertises) fits the per-connection budget with the fixed buffers,
+//! so it is always admitted eventually. An idle connection gives all of it back.
+//!
+//! **Stalls.** A request whose bytes stop arriving, or replies the client does not read,
+//! for the listener's stall timeout end the connection.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice};
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use nvmux_core::budget::{ConnBudget, ConnPermit};
 use nvmux_core::stats::{OpClass, QueueStats};
 use nvmux_core::worker::{Readiness, WorkSource};
 use nvmux_core::{AlignedBuf, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status, Wire};
 
 use crate::proto::*;
-use crate::Export;
+use crate::{BurstLog, Export};
 
 /// Receive buffer for request headers and small payloads.
 const RX_CAP: usize = 256 << 10;
+/// The send buffer's first allocation.
+const TX_MIN: usize = 64 << 10;
 /// Payloads at least this long are received straight into their command's buffer.
 const DIRECT_PAYLOAD: usize = 64 << 10;
 /// Reads at least this long are sent from their command's buffer rather than copied.
@@ -38,6 +54,70 @@ const TX_HIGH: usize = 8 << 20;
 const MAX_SLOTS: usize = 256;
 /// Sent bytes at the send buffer's front are dropped once there are this many.
 const TX_COMPACT: usize = 1 << 20;
+/// Room reserved in the send buffer for any reply header (simple 16, structured read
+/// chunk 20 + 8, error chunk 26).
+const REPLY_HDR: usize = 32;
+/// Memory a TLS session holds (OpenSSL's record buffers and state), charged to the
+/// connection's budget when TLS starts.
+pub const TLS_MEMORY: usize = 96 << 10;
+/// A connection waiting for memory tries again this often (its own completions also
+/// retry at once).
+const MEM_RETRY: Duration = Duration::from_millis(5);
+/// A connection idle this long gives its buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+/// Time-based checks run every this many polls that found nothing (and after each sleep).
+const TIMER_POLLS: u32 = 64;
+
+/// Memory every connection holds while it works, besides command buffers.
+pub fn fixed_memory(tls: bool) -> usize {
+    RX_CAP + TX_MIN + if tls { TLS_MEMORY } else { 0 }
+}
+
+/// The largest request a connection with a `per_connection` budget admits: a power of
+/// two (so its buffer is exactly that) no larger than [`MAX_IO`], that fits the budget
+/// with the fixed buffers and a reply; `None` if not even 4 KiB fits.
+pub fn max_io_for(per_connection: usize, tls: bool) -> Option<u32> {
+    let room = per_connection.checked_sub(fixed_memory(tls) + REPLY_HDR + DIRECT_REPLY)?;
+    let mut p = MAX_IO as usize;
+    while p > room {
+        p /= 2;
+    }
+    (p >= 4096).then_some(p as u32)
+}
+
+/// What a connection's listener allows it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Largest read or write (from [`max_io_for`]; advertised in the negotiation).
+    pub max_io: u32,
+    /// No progress for this long while waiting on the client ends the connection.
+    pub stall_timeout: Duration,
+}
+
+/// Counters a listener's connections share.
+#[derive(Default, Debug)]
+pub struct ConnCounters {
+    /// Connections ended by the stall timeout.
+    pub stalls: AtomicU64,
+    /// Times a connection had to wait for memory (one per wait, however long).
+    pub memory_waits: AtomicU64,
+    /// Stall log lines, once per burst.
+    pub stall_log: BurstLog,
+}
+
+/// Everything a connection gets from its listener besides the wire and the export.
+pub struct ConnSetup {
+    pub budget: ConnBudget,
+    /// The connection's place in its listener's count, held for its life.
+    pub permit: Option<ConnPermit>,
+    pub limits: ConnLimits,
+    pub counters: Arc<ConnCounters>,
+    /// The wire is a TLS stream (it may have decrypted bytes to give after a writable
+    /// edge too).
+    pub tls: bool,
+    /// Who is on the other end, for log lines.
+    pub peer: String,
+}
 
 /// A read reply's data, sent from its slot's buffer once `tx` has gone out up to `at`
 /// (the reply's header). The slot is reused only after it has been sent.
@@ -54,6 +134,8 @@ struct Slot {
     start: Instant,
     class: OpClass,
     used: bool,
+    /// Send-buffer room promised to this command's reply.
+    cost: usize,
 }
 
 pub struct NbdConn {
@@ -62,6 +144,7 @@ pub struct NbdConn {
     bq: Box<dyn BlockQueue>,
     info: DeviceInfo,
     structured: bool,
+    /// Empty until first needed (and again after an idle spell): reserved, then allocated.
     rx: Vec<u8>,
     rx_head: usize,
     rx_tail: usize,
@@ -77,6 +160,10 @@ pub struct NbdConn {
     in_flight: usize,
     tx: Vec<u8>,
     tx_off: usize,
+    /// Bytes of send-buffer capacity reserved in the budget.
+    tx_charged: usize,
+    /// Send-buffer room promised to the replies of admitted commands not yet answered.
+    promised: usize,
     /// Read data sent from slot buffers, in stream order, each after `tx[..at]`.
     direct: VecDeque<Direct>,
     /// Bytes of `direct` not yet sent.
@@ -89,9 +176,32 @@ pub struct NbdConn {
     eof: bool,
     /// NBD_CMD_DISC received: finish what is in flight, then close.
     disc: bool,
-    /// Protocol error or export removed: read nothing more.
+    /// Protocol error, stall or export removed: read nothing more.
     dead: bool,
     finished: bool,
+    budget: ConnBudget,
+    _permit: Option<ConnPermit>,
+    limits: ConnLimits,
+    counters: Arc<ConnCounters>,
+    tls: bool,
+    peer: String,
+    /// A request waits for memory (its header is kept; the socket is not read).
+    mem_wait: bool,
+    /// This wait is counted (until something is admitted again).
+    mem_episode: bool,
+    mem_retry: Option<Instant>,
+    /// Bytes received and sent so far (stall detection compares them over time).
+    rx_total: u64,
+    tx_total: u64,
+    /// While waiting on the client: the byte count and when it was last seen to move.
+    rx_mark: Option<(u64, Instant)>,
+    tx_mark: Option<(u64, Instant)>,
+    /// Quiet since; buffers go back after [`IDLE_RELEASE`].
+    idle_since: Option<Instant>,
+    /// Polls that found nothing since the last time-based check.
+    empty_polls: u32,
+    /// The worker slept: run the time-based checks on the next poll.
+    woke: bool,
 }
 
 // SAFETY: the SG lists in flight point into this connection's own slot buffers; the
@@ -103,6 +213,7 @@ impl NbdConn {
         wire: Box<dyn Wire>,
         export: Arc<Export>,
         structured: bool,
+        setup: ConnSetup,
     ) -> nvmux_core::Result<NbdConn> {
         let bq = export.dev.open_queue(MAX_SLOTS as u32)?;
         let info = export.dev.info().clone();
@@ -113,7 +224,7 @@ impl NbdConn {
             bq,
             info,
             structured,
-            rx: vec![0u8; RX_CAP],
+            rx: Vec::new(),
             rx_head: 0,
             rx_tail: 0,
             rx_more: true,
@@ -122,8 +233,10 @@ impl NbdConn {
             slots: Vec::with_capacity(32),
             free: Vec::with_capacity(32),
             in_flight: 0,
-            tx: Vec::with_capacity(1 << 20),
+            tx: Vec::new(),
             tx_off: 0,
+            tx_charged: 0,
+            promised: 0,
             direct: VecDeque::new(),
             direct_bytes: 0,
             tx_blocked: false,
@@ -135,7 +248,39 @@ impl NbdConn {
             disc: false,
             dead: false,
             finished: false,
+            budget: setup.budget,
+            _permit: setup.permit,
+            limits: setup.limits,
+            counters: setup.counters,
+            tls: setup.tls,
+            peer: setup.peer,
+            mem_wait: false,
+            mem_episode: false,
+            mem_retry: None,
+            rx_total: 0,
+            tx_total: 0,
+            rx_mark: None,
+            tx_mark: None,
+            idle_since: None,
+            empty_polls: 0,
+            woke: false,
         })
+    }
+
+    /// The state, for a failing test's message.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "in_flight={} bq={} rx={}..{} payload={:?} skip={} mem_wait={} held={} tx={} off={} promised={} charged={} direct={} eof={} dead={} disc={} rx_more={} slots={} free={}",
+            self.in_flight, self.bq.in_flight(), self.rx_head, self.rx_tail, self.payload, self.skip,
+            self.mem_wait, self.budget.held(), self.tx.len(), self.tx_off, self.promised,
+            self.tx_charged, self.direct.len(), self.eof, self.dead, self.disc, self.rx_more,
+            self.slots.len(), self.free.len()
+        )
+    }
+
+    /// Bytes of the connection's budget it holds now.
+    pub fn memory(&self) -> usize {
+        self.budget.held()
     }
 
     fn pending_tx(&self) -> usize {
@@ -145,8 +290,92 @@ impl NbdConn {
     fn can_take(&self) -> bool {
         !self.dead
             && !self.disc
+            && !self.mem_wait
             && self.pending_tx() < TX_HIGH
             && (self.free.len() + MAX_SLOTS > self.slots.len())
+    }
+
+    /// Reserve `n` bytes; when the connection's own limit is in the way, first give back
+    /// the buffers cached in free slots.
+    fn take(&mut self, n: usize) -> bool {
+        if self.budget.try_take(n) {
+            return true;
+        }
+        if self.release_cached() == 0 {
+            return false;
+        }
+        self.budget.try_take(n)
+    }
+
+    /// Drop the buffers of free slots; returns the bytes given back.
+    fn release_cached(&mut self) -> usize {
+        let mut n = 0;
+        for &i in &self.free {
+            if let Some(b) = self.slots[i as usize].buf.take() {
+                n += b.len();
+            }
+        }
+        self.budget.give(n);
+        n
+    }
+
+    /// Make sure the send buffer holds, without growing, what is queued, what is promised
+    /// and `cost` more bytes; then promise them.
+    fn promise(&mut self, cost: usize) -> bool {
+        let need = |c: &Self| c.tx.len() + c.promised + cost;
+        if need(self) > self.tx_charged && self.tx_off > 0 {
+            self.compact_tx();
+        }
+        if need(self) > self.tx_charged {
+            let want = need(self).max(2 * self.tx_charged).max(TX_MIN);
+            let exact = need(self);
+            let got = if self.take(want - self.tx_charged) {
+                want
+            } else if want > exact && self.take(exact - self.tx_charged) {
+                exact
+            } else {
+                return false;
+            };
+            // Vec grows to exactly the capacity asked of `reserve_exact`.
+            self.tx.reserve_exact(got - self.tx.len());
+            self.tx_charged = got;
+        }
+        self.promised += cost;
+        true
+    }
+
+    /// Drop the bytes at the send buffer's front that have gone out.
+    fn compact_tx(&mut self) {
+        self.tx.drain(..self.tx_off);
+        for d in self.direct.iter_mut() {
+            d.at -= self.tx_off;
+        }
+        self.tx_off = 0;
+    }
+
+    fn enter_mem_wait(&mut self) {
+        if !self.mem_episode {
+            self.mem_episode = true;
+            self.counters.memory_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        self.mem_wait = true;
+        self.mem_retry = Some(Instant::now() + MEM_RETRY);
+    }
+
+    /// Try the request that waits for memory again (at least 1: poll again, the receive
+    /// buffer may be what was missing).
+    fn retry_memory(&mut self) -> usize {
+        self.mem_wait = false;
+        self.mem_retry = None;
+        1 + self.process_rx()
+    }
+
+    /// The write whose payload was arriving will never run: free its slot.
+    fn abandon_payload(&mut self) {
+        if let Some((i, _)) = self.payload.take() {
+            self.promised -= self.slots[i as usize].cost;
+            self.release(i);
+        }
     }
 
     fn reply_error(&mut self, cookie: u64, err: u32) {
@@ -165,31 +394,67 @@ impl NbdConn {
         }
     }
 
-    fn alloc_slot(&mut self, req: Request, len: usize, class: OpClass) -> u32 {
-        let i = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(Slot {
-                    req,
-                    buf: None,
-                    start: Instant::now(),
-                    class,
-                    used: false,
-                });
-                (self.slots.len() - 1) as u32
-            }
+    /// A slot with a buffer of at least `len` bytes, reserved in the budget; `None` when
+    /// the memory is not there now.
+    fn alloc_slot(&mut self, req: Request, len: usize, class: OpClass, cost: usize) -> Option<u32> {
+        let need = if len == 0 {
+            0
+        } else {
+            len.next_power_of_two().max(4096)
         };
+        let fits = |s: &Slot| s.buf.as_ref().map_or(0, |b| b.len()) >= need;
+        let i = match self
+            .free
+            .iter()
+            .rposition(|&i| fits(&self.slots[i as usize]))
+        {
+            Some(p) => self.free.swap_remove(p),
+            None => match self.free.pop() {
+                Some(i) => i,
+                None if self.slots.len() < MAX_SLOTS => {
+                    self.slots.push(Slot {
+                        req,
+                        buf: None,
+                        start: Instant::now(),
+                        class,
+                        used: false,
+                        cost: 0,
+                    });
+                    (self.slots.len() - 1) as u32
+                }
+                None => return None,
+            },
+        };
+        if !fits(&self.slots[i as usize]) {
+            // Buffers are kept for reuse at the size of the largest request a slot has
+            // seen; a larger one replaces it.
+            if let Some(old) = self.slots[i as usize].buf.take() {
+                self.budget.give(old.len());
+            }
+            let got = self.take(need)
+                && match AlignedBuf::try_new(need) {
+                    Some(b) => {
+                        self.slots[i as usize].buf = Some(b);
+                        true
+                    }
+                    None => {
+                        self.budget.give(need);
+                        false
+                    }
+                };
+            if !got {
+                self.free.push(i);
+                return None;
+            }
+        }
         let s = &mut self.slots[i as usize];
         s.req = req;
         s.class = class;
         s.used = true;
+        s.cost = cost;
         s.start = Instant::now();
-        if len > 0 && s.buf.as_ref().is_none_or(|b| b.len() < len) {
-            // Buffers grow to the largest request a slot has seen and are kept.
-            s.buf = Some(AlignedBuf::new(len.next_power_of_two().max(4096)));
-        }
         self.in_flight += 1;
-        i
+        Some(i)
     }
 
     /// The command of slot `i` is over; its buffer stays untouched until `free.push(i)`.
@@ -223,7 +488,7 @@ impl NbdConn {
         {
             return Err(EINVAL);
         }
-        if (r.kind == CMD_READ || r.kind == CMD_WRITE) && r.length > MAX_IO {
+        if (r.kind == CMD_READ || r.kind == CMD_WRITE) && r.length > self.limits.max_io {
             return Err(EOVERFLOW);
         }
         let bs = self.info.block_size as u64;
@@ -244,50 +509,67 @@ impl NbdConn {
     }
 
     /// Act on one request header (its write payload, if any, follows in the stream).
-    fn request(&mut self, r: Request) {
+    /// `false`: its memory is not available now; the header must stay where it is.
+    fn admit(&mut self, r: Request) -> bool {
         let known = matches!(
             r.kind,
             CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES
         );
         if r.kind == CMD_DISC {
             self.disc = true;
-            return;
+            return true;
         }
-        if !known {
-            return self.reply_error(r.cookie, EINVAL);
-        }
-        if r.kind == CMD_WRITE && r.length > MAX_IO {
-            // The payload cannot be skipped safely: the stream is lost.
-            tracing::debug!(export = %self.export.name, "nbd: write of {} bytes exceeds the maximum; closing", r.length);
+        if r.kind == CMD_WRITE && r.length > self.limits.max_io {
+            // The payload cannot be skipped safely (nor is it worth reading): the stream
+            // is lost.
+            tracing::debug!(export = %self.export.name, peer = %self.peer, "nbd: write of {} bytes exceeds the maximum of {}; closing", r.length, self.limits.max_io);
             self.dead = true;
-            return;
+            return true;
         }
-        if let Err(e) = self.check(&r) {
+        let verdict = if known { self.check(&r) } else { Err(EINVAL) };
+        if let Err(e) = verdict {
+            if !self.promise(REPLY_HDR) {
+                return false;
+            }
             if r.kind == CMD_WRITE {
                 self.skip = r.length as usize;
             }
-            return if r.kind == CMD_READ {
-                self.read_error(r.cookie, e)
+            if r.kind == CMD_READ {
+                self.read_error(r.cookie, e);
             } else {
-                self.reply_error(r.cookie, e)
-            };
+                self.reply_error(r.cookie, e);
+            }
+            self.promised -= REPLY_HDR;
+            return true;
         }
         let len = if matches!(r.kind, CMD_READ | CMD_WRITE) {
             r.length as usize
         } else {
             0
         };
+        let cost = if r.kind == CMD_READ && len < DIRECT_REPLY {
+            REPLY_HDR + len
+        } else {
+            REPLY_HDR
+        };
         let class = match r.kind {
             CMD_READ => OpClass::Read,
             CMD_WRITE => OpClass::Write,
             _ => OpClass::Other,
         };
-        let i = self.alloc_slot(r, len, class);
+        if !self.promise(cost) {
+            return false;
+        }
+        let Some(i) = self.alloc_slot(r, len, class, cost) else {
+            self.promised -= cost;
+            return false;
+        };
         if r.kind == CMD_WRITE {
             self.payload = Some((i, 0));
         } else {
             self.submit(i);
         }
+        true
     }
 
     fn submit(&mut self, i: u32) {
@@ -358,12 +640,16 @@ impl NbdConn {
                 .try_into()
                 .unwrap_or([0; REQUEST_LEN]);
             let Some(r) = parse_request(&h) else {
-                tracing::debug!(export = %self.export.name, "nbd: bad request magic; closing the connection");
+                tracing::debug!(export = %self.export.name, peer = %self.peer, "nbd: bad request magic; closing the connection");
                 self.dead = true;
                 break;
             };
+            if !self.admit(r) {
+                self.enter_mem_wait();
+                break;
+            }
+            self.mem_episode = false;
             self.rx_head += REQUEST_LEN;
-            self.request(r);
             n += 1;
         }
         if self.rx_head == self.rx_tail {
@@ -384,7 +670,7 @@ impl NbdConn {
                 break;
             }
             if self.payload.is_none() && self.skip == 0 && !self.can_take() {
-                self.rx_more = true; // back-pressure: come back when slots or output free up
+                self.rx_more = true; // back-pressure: come back when slots, output or memory free up
                 break;
             }
             // A large payload goes straight into its buffer.
@@ -399,6 +685,7 @@ impl NbdConn {
                         Ok(0) => self.eof = true,
                         Ok(k) => {
                             n += 1;
+                            self.rx_total += k as u64;
                             if got + k == len {
                                 self.payload = None;
                                 self.submit(i);
@@ -416,6 +703,16 @@ impl NbdConn {
                     continue;
                 }
             }
+            if self.rx.is_empty() {
+                // The receive buffer is reserved before it is allocated.
+                if !self.take(RX_CAP) {
+                    self.enter_mem_wait();
+                    self.rx_more = true;
+                    break;
+                }
+                self.rx = vec![0u8; RX_CAP];
+                self.mem_episode = false;
+            }
             if self.rx_tail == self.rx.len() {
                 if self.rx_head == 0 {
                     self.rx_more = true;
@@ -430,6 +727,7 @@ impl NbdConn {
                 Ok(0) => self.eof = true,
                 Ok(k) => {
                     self.rx_tail += k;
+                    self.rx_total += k as u64;
                     let full = self.rx_tail == self.rx.len();
                     n += 1 + self.process_rx();
                     if !full {
@@ -459,7 +757,8 @@ impl NbdConn {
                 let Some(s) = self.slots.get(i as usize).filter(|s| s.used) else {
                     continue;
                 };
-                let (r, class, start) = (s.req, s.class, s.start);
+                let (r, class, start, cost) = (s.req, s.class, s.start, s.cost);
+                self.promised -= cost;
                 let err = errno(st);
                 let bytes = if err == 0 && class != OpClass::Other {
                     r.length as u64
@@ -545,6 +844,7 @@ impl NbdConn {
             match r {
                 Ok(0) => break,
                 Ok(k) => {
+                    self.tx_total += k as u64;
                     self.sent(k);
                     n += 1;
                 }
@@ -568,11 +868,7 @@ impl NbdConn {
             self.tx_off = 0;
         } else if self.tx_off >= TX_COMPACT {
             // Output keeps coming while some waits: drop what has gone out.
-            self.tx.drain(..self.tx_off);
-            for d in self.direct.iter_mut() {
-                d.at -= self.tx_off;
-            }
-            self.tx_off = 0;
+            self.compact_tx();
         }
         n
     }
@@ -613,6 +909,109 @@ impl NbdConn {
     fn closing(&self) -> bool {
         self.eof || self.disc || self.dead
     }
+
+    /// Part of a request is here and the rest is up to the client.
+    fn partial_request(&self) -> bool {
+        let avail = self.rx_tail - self.rx_head;
+        self.payload.is_some() || self.skip > 0 || (avail > 0 && avail < REQUEST_LEN)
+    }
+
+    fn quiet(&self) -> bool {
+        self.in_flight == 0
+            && self.pending_tx() == 0
+            && !self.partial_request()
+            && self.rx_head == self.rx_tail
+            && !self.mem_wait
+            && self.done.is_empty()
+    }
+
+    /// The connection waited on its client too long: end it.
+    fn stalled(&mut self, what: &str) {
+        self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.counters.stall_log.hit() {
+            tracing::info!(export = %self.export.name, peer = %self.peer,
+                "nbd: {what} for {} ms (stall_timeout_ms); connection closed{}",
+                self.limits.stall_timeout.as_millis(), BurstLog::more(more));
+        }
+        self.dead = true;
+        self.eof = true;
+        self.skip = 0;
+        self.abandon_payload();
+        self.drop_output();
+    }
+
+    /// Give back every buffer an idle connection holds (TLS state stays).
+    fn release_idle(&mut self) {
+        self.release_cached();
+        if !self.rx.is_empty() {
+            self.rx = Vec::new();
+            self.rx_head = 0;
+            self.rx_tail = 0;
+            self.budget.give(RX_CAP);
+        }
+        if self.tx_charged > 0 {
+            self.tx = Vec::new();
+            self.tx_off = 0;
+            self.budget.give(self.tx_charged);
+            self.tx_charged = 0;
+        }
+    }
+
+    /// The checks that need the clock: stalls, the memory retry, idle release.
+    fn timers(&mut self) -> usize {
+        self.empty_polls = 0;
+        let now = Instant::now();
+        let stall = self.limits.stall_timeout;
+        let mut n = 0;
+        if self.partial_request() && !self.closing() {
+            match self.rx_mark {
+                Some((t, since)) if t == self.rx_total => {
+                    if now.saturating_duration_since(since) >= stall {
+                        self.stalled("a request's bytes stopped arriving");
+                        n += 1;
+                    }
+                }
+                _ => self.rx_mark = Some((self.rx_total, now)),
+            }
+        } else {
+            self.rx_mark = None;
+        }
+        if self.pending_tx() > 0 && self.tx_blocked && !self.eof {
+            match self.tx_mark {
+                Some((t, since)) if t == self.tx_total => {
+                    if now.saturating_duration_since(since) >= stall {
+                        self.stalled("the client read no reply");
+                        n += 1;
+                    }
+                }
+                _ => self.tx_mark = Some((self.tx_total, now)),
+            }
+        } else {
+            self.tx_mark = None;
+        }
+        if self.mem_wait && self.mem_retry.is_some_and(|t| now >= t) {
+            n += self.retry_memory();
+        }
+        if self.quiet() && !self.closing() {
+            let since = *self.idle_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= IDLE_RELEASE
+                && (self.budget.held() > self.fixed_tls())
+            {
+                self.release_idle();
+            }
+        } else {
+            self.idle_since = None;
+        }
+        n
+    }
+
+    fn fixed_tls(&self) -> usize {
+        if self.tls {
+            TLS_MEMORY
+        } else {
+            0
+        }
+    }
 }
 
 impl Drop for NbdConn {
@@ -633,18 +1032,32 @@ impl WorkSource for NbdConn {
             self.dead = true;
         }
         let mut n = self.reap();
+        if self.mem_wait && n > 0 {
+            n += self.retry_memory(); // own commands completed: memory came back
+        }
         n += self.recv();
         if (self.eof || self.dead) && self.payload.is_some() {
             // A write cut short by the end of the stream (or a protocol error): it can
             // neither run nor be answered.
-            if let Some((i, _)) = self.payload.take() {
-                self.release(i);
-            }
+            self.abandon_payload();
         }
         self.bq.kick();
-        n += self.reap();
+        let reaped = self.reap();
+        n += reaped;
+        let freed = self.direct.len();
         n += self.flush();
+        if self.mem_wait && (reaped > 0 || self.direct.len() < freed) {
+            // Commands completed, or read data went out: their buffers are free.
+            n += self.retry_memory();
+        }
         self.stats.set_in_flight(self.in_flight as u64);
+        if n == 0 {
+            self.empty_polls += 1;
+        }
+        if self.woke || self.empty_polls >= TIMER_POLLS {
+            self.woke = false;
+            n += self.timers();
+        }
         if self.closing()
             && self.in_flight == 0
             && self.bq.in_flight() == 0
@@ -675,6 +1088,10 @@ impl WorkSource for NbdConn {
         if self.finished {
             return false;
         }
+        // Arm the deadlines (stall, memory retry, idle release) before sleeping.
+        if self.timers() > 0 {
+            return false;
+        }
         if self.closing() && self.in_flight == 0 {
             return false; // finish on the next poll
         }
@@ -690,18 +1107,33 @@ impl WorkSource for NbdConn {
         self.bq.may_sleep()
     }
 
-    fn after_sleep(&mut self) {}
+    fn after_sleep(&mut self) {
+        self.woke = true;
+    }
 
     fn finished(&self) -> bool {
         self.finished
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.bq.next_deadline()
+        let stall = self.limits.stall_timeout;
+        [
+            self.bq.next_deadline(),
+            self.rx_mark.map(|m| m.1 + stall),
+            self.tx_mark.map(|m| m.1 + stall),
+            self.mem_retry.filter(|_| self.mem_wait),
+            self.idle_since
+                .filter(|_| self.budget.held() > self.fixed_tls())
+                .map(|t| t + IDLE_RELEASE),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn socket_ready(&mut self, r: Readiness) {
-        if r.readable {
+        if r.readable || (r.writable && self.tls) {
+            // A TLS read may have stopped because OpenSSL had to write first.
             self.rx_more = true;
         }
         self.hup |= r.hup;
@@ -711,6 +1143,9 @@ impl WorkSource for NbdConn {
     }
 
     fn describe(&self) -> String {
-        format!("NBD connection to export {:?}", self.export.name)
+        format!(
+            "NBD connection from {} to export {:?}",
+            self.peer, self.export.name
+        )
     }
 }

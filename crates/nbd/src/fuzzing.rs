@@ -1,21 +1,67 @@
 //! Fuzz harness (used by `fuzz/fuzz_targets/nbd_conn.rs` and the corpus replay tests):
-//! a whole NBD connection in memory. The bytes are what a client sends: the negotiation
-//! runs on them, and whatever follows a successful `NBD_OPT_GO` / `EXPORT_NAME` drives the
-//! transmission phase over the device. Nothing may panic; every reply is well framed.
+//! a whole NBD connection in memory. The first byte picks the listener's settings
+//! ([`Mode`]: TLS required, a small per-connection memory budget, a daemon-wide budget no
+//! larger than it); the rest is what a client sends: the negotiation runs on it (after
+//! `NBD_OPT_STARTTLS` the harness pretends the TLS handshake succeeded and goes on in
+//! plaintext, as the negotiation inside TLS), and whatever follows a successful
+//! `NBD_OPT_GO` / `EXPORT_NAME` drives the transmission phase over the device. Nothing may
+//! panic; every reply is well framed; every byte of budget comes back.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use nvmux_core::budget::{ConnBudget, MemBudget};
 use nvmux_core::stats::DiskStats;
 use nvmux_core::worker::{Readiness, WorkSource};
 use nvmux_core::{BlockDevice, Wire};
 
-use crate::conn::NbdConn;
-use crate::handshake::negotiate;
+use crate::conn::{
+    fixed_memory, max_io_for, ConnCounters, ConnLimits, ConnSetup, NbdConn, TLS_MEMORY,
+};
+use crate::handshake::{negotiate_blocking, Policy};
 use crate::proto::*;
 use crate::Export;
+
+/// The largest request under [`Mode::small`].
+pub const SMALL_IO: usize = 32 << 10;
+
+/// The listener's settings, from the input's first byte.
+#[derive(Clone, Copy, Debug)]
+pub struct Mode {
+    /// Bit 0: TLS required (FORCEDTLS).
+    pub tls: bool,
+    /// Bit 1: a per-connection budget with room for one [`SMALL_IO`] request only, so
+    /// requests wait for memory, and larger ones are refused.
+    pub small: bool,
+    /// Bit 2: the daemon-wide budget is no larger than the connection's.
+    pub tight: bool,
+}
+
+impl Mode {
+    pub fn of(b: u8) -> Mode {
+        Mode {
+            tls: b & 1 != 0,
+            small: b & 2 != 0,
+            tight: b & 4 != 0,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        self.tls as u8 | (self.small as u8) << 1 | (self.tight as u8) << 2
+    }
+
+    fn per_connection(self) -> usize {
+        if self.small {
+            fixed_memory(self.tls) + 32 + (16 << 10) + SMALL_IO
+        } else {
+            64 << 20
+        }
+    }
+}
 
 /// The negotiation's stream: reads from the input, collects the output.
 struct Stream<'a> {
@@ -77,6 +123,10 @@ const EDGE: Readiness = Readiness {
 
 /// Run one connection over `dev`; returns the transmission-phase output (if it got there).
 pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
+    let (&sel, data) = data.split_first()?;
+    let mode = Mode::of(sel);
+    let per_conn = mode.per_connection();
+    let max_io = max_io_for(per_conn, mode.tls)?;
     let exports = [
         Export::new(
             "disk",
@@ -93,8 +143,22 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
         input: data,
         output: Vec::new(),
     };
-    let n = negotiate(&mut s, &find, &list).ok()??;
+    let policy = Policy {
+        tls: mode.tls,
+        max_io,
+    };
+    // The TLS handshake is not fuzzed here (OpenSSL's own): STARTTLS "succeeds" and the
+    // negotiation goes on in plaintext, as it would inside TLS.
+    let n = negotiate_blocking(&mut s, policy, &find, &list, &mut |_| true).ok()??;
     let rest = s.input;
+    let global = MemBudget::new(if mode.tight { per_conn } else { 1 << 30 });
+    let mut budget = ConnBudget::new(global.clone(), per_conn);
+    if mode.tls {
+        assert!(
+            budget.try_take(TLS_MEMORY),
+            "the TLS share fits an empty budget"
+        );
+    }
     let output = Arc::new(std::sync::Mutex::new(Vec::new()));
     let chunk = 1 + (rest.first().copied().unwrap_or(0) as usize % 64) * 97;
     let wire = Pipe {
@@ -102,7 +166,18 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
         chunk,
         output: output.clone(),
     };
-    let mut c = NbdConn::new(Box::new(wire), n.export, n.structured).ok()?;
+    let setup = ConnSetup {
+        budget,
+        permit: None,
+        limits: ConnLimits {
+            max_io,
+            stall_timeout: Duration::from_secs(30),
+        },
+        counters: Arc::new(ConnCounters::default()),
+        tls: mode.tls,
+        peer: "fuzz".into(),
+    };
+    let mut c = NbdConn::new(Box::new(wire), n.export, n.structured, setup).ok()?;
     for _ in 0..100_000 {
         if c.finished() {
             break;
@@ -113,8 +188,15 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
     }
     assert!(
         c.finished(),
-        "an NBD connection at end of input did not finish"
+        "an NBD connection at end of input did not finish: {}",
+        c.debug_state()
     );
+    assert!(
+        c.memory() <= per_conn,
+        "the connection held more than its budget"
+    );
+    drop(c);
+    assert_eq!(global.used(), 0, "memory not given back");
     let out = output.lock().unwrap_or_else(|e| e.into_inner()).clone();
     check_replies(&out, n.structured);
     Some(out)
@@ -211,6 +293,54 @@ mod tests {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/nbd_conn")
     }
 
+    /// `v` for a listener without TLS and with the default budgets.
+    fn plain(v: Vec<u8>) -> Vec<u8> {
+        in_mode(Mode::of(0), v)
+    }
+
+    fn in_mode(m: Mode, v: Vec<u8>) -> Vec<u8> {
+        let mut b = vec![m.byte()];
+        b.extend(v);
+        b
+    }
+
+    /// Options refused before TLS, then STARTTLS, then a whole session inside "TLS".
+    fn tls_session() -> Vec<u8> {
+        let mut v = flags();
+        v.extend(option(OPT_LIST, &[]));
+        v.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        v.extend(go("disk"));
+        v.extend(option(OPT_STARTTLS, &[]));
+        v.extend(session(true, "disk")[4..].iter().copied());
+        v
+    }
+
+    /// Requests that need more memory than a small budget holds at once, a read over the
+    /// maximum (EOVERFLOW), then a write over it (the connection ends).
+    fn budget_session() -> Vec<u8> {
+        let mut v = flags();
+        v.extend(go("disk"));
+        for c in 0..4u64 {
+            v.extend(req(CMD_WRITE, 0, c, c * SMALL_IO as u64, SMALL_IO as u32));
+            v.extend((0..SMALL_IO).map(|i| (i as u64 % 241 + c) as u8));
+        }
+        for c in 0..8u64 {
+            v.extend(req(
+                CMD_READ,
+                0,
+                10 + c,
+                (c % 4) * SMALL_IO as u64,
+                SMALL_IO as u32,
+            ));
+        }
+        v.extend(req(CMD_READ, 0, 30, 0, 4096));
+        v.extend(req(CMD_READ, 0, 31, 0, 2 * SMALL_IO as u32));
+        v.extend(req(CMD_READ, 0, 32, 0, 0xffff_fe00));
+        v.extend(req(CMD_WRITE, 0, 33, 0, 0xffff_fe00));
+        v.extend(vec![0x77; 1 << 10]);
+        v
+    }
+
     fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut old = flags();
         old.extend(option(OPT_EXPORT_NAME, b"disk"));
@@ -229,13 +359,29 @@ mod tests {
         big.extend(req(CMD_READ, 0, 3, 0, 4096));
         big.extend(req(CMD_READ, 0, 4, 64 << 10, 32 << 10));
         big.extend(req(CMD_DISC, 0, 5, 0, 0));
+        let mut tls_old = flags();
+        tls_old.extend(option(OPT_EXPORT_NAME, b"disk"));
+        let tls = Mode::of(1);
+        let small = Mode::of(2);
         vec![
-            ("large-reads", big),
-            ("structured", session(true, "disk")),
-            ("simple", session(false, "disk")),
-            ("read-only", session(true, "ro")),
-            ("export-name", old),
-            ("bad-magic", bad),
+            ("large-reads", plain(big)),
+            ("structured", plain(session(true, "disk"))),
+            ("simple", plain(session(false, "disk"))),
+            ("read-only", plain(session(true, "ro"))),
+            ("export-name", plain(old)),
+            ("bad-magic", plain(bad)),
+            ("tls-required", in_mode(tls, tls_session())),
+            ("tls-export-name", in_mode(tls, tls_old)),
+            ("small-budget", in_mode(small, budget_session())),
+            (
+                "tight-budget-tls",
+                in_mode(Mode::of(7), {
+                    let mut v = flags();
+                    v.extend(option(OPT_STARTTLS, &[]));
+                    v.extend(budget_session()[4..].iter().copied());
+                    v
+                }),
+            ),
         ]
     }
 
@@ -265,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_session_does_what_it_says() {
-        let out = run(&session(false, "disk"), mem()).expect("negotiated");
+        let out = run(&plain(session(false, "disk")), mem()).expect("negotiated");
         let r = simple_replies(&out, &[(2, 4096)]);
         let errs: Vec<(u64, u32)> = r.iter().map(|x| (x.0, x.1)).collect();
         assert_eq!(
@@ -284,7 +430,7 @@ mod tests {
         let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
         assert_eq!(&out[r[1].2..r[1].2 + 4096], &data[..]);
         // Read-only: the write, trim and zeroes get EPERM (the write's payload skipped).
-        let out = run(&session(false, "ro"), mem()).expect("negotiated");
+        let out = run(&plain(session(false, "ro")), mem()).expect("negotiated");
         let r = simple_replies(&out, &[(2, 4096)]);
         let errs: Vec<(u64, u32)> = r.iter().map(|x| (x.0, x.1)).collect();
         assert_eq!(
@@ -300,7 +446,7 @@ mod tests {
             ]
         );
         // Structured: the read is an OFFSET_DATA chunk with the DONE flag.
-        let out = run(&session(true, "disk"), mem()).expect("negotiated");
+        let out = run(&plain(session(true, "disk")), mem()).expect("negotiated");
         let mut o = 0;
         let mut found = false;
         while o + 16 <= out.len() {
@@ -331,11 +477,11 @@ mod tests {
         bad.extend(go("disk"));
         bad.extend(vec![0xab; 28]);
         bad.extend(req(CMD_READ, 0, 1, 0, 512));
-        assert_eq!(run(&bad, mem()), Some(Vec::new()));
+        assert_eq!(run(&plain(bad), mem()), Some(Vec::new()));
         // An unknown export: GO answers ERR_UNKNOWN and negotiation goes on; EOF ends it.
         let mut v = flags();
         v.extend(go("nope"));
-        assert!(run(&v, mem()).is_none());
+        assert!(run(&plain(v), mem()).is_none());
     }
 
     #[test]
@@ -360,7 +506,7 @@ mod tests {
             v.extend(req(CMD_READ, 0, cookie, off, len as u32));
         }
         v.extend(req(CMD_DISC, 0, 99, 0, 0));
-        let out = run(&v, mem()).expect("negotiated");
+        let out = run(&plain(v), mem()).expect("negotiated");
         let lens: Vec<(u64, usize)> = reads.iter().map(|r| (r.0, r.2)).collect();
         let r = simple_replies(&out, &lens);
         assert_eq!(
@@ -398,20 +544,91 @@ mod tests {
             fuzz_conn(&b, mem());
             n += 1;
         }
-        assert!(n >= 5, "seeds missing");
+        assert!(n >= 10, "seeds missing");
+    }
+
+    /// Simple replies' (cookie, error) pairs, sorted; read data of known lengths skipped.
+    fn errors_of(out: &[u8], reads: &[(u64, usize)]) -> Vec<(u64, u32)> {
+        simple_replies(out, reads)
+            .iter()
+            .map(|x| (x.0, x.1))
+            .collect()
+    }
+
+    #[test]
+    fn tls_required_refuses_options_until_starttls() {
+        // Before STARTTLS: LIST, STRUCTURED_REPLY and GO get TLS_REQD; then the session
+        // runs inside "TLS" as usual.
+        let out = run(&in_mode(Mode::of(1), tls_session()), mem()).expect("negotiated");
+        assert!(!out.is_empty());
+        // EXPORT_NAME before TLS ends the connection.
+        let mut v = flags();
+        v.extend(option(OPT_EXPORT_NAME, b"disk"));
+        v.extend(req(CMD_READ, 0, 1, 0, 512));
+        assert!(run(&in_mode(Mode::of(1), v), mem()).is_none());
+        // GO before TLS does not enter transmission (and EOF then ends it).
+        let mut v = flags();
+        v.extend(go("disk"));
+        v.extend(req(CMD_READ, 0, 1, 0, 512));
+        assert!(run(&in_mode(Mode::of(1), v), mem()).is_none());
+    }
+
+    #[test]
+    fn a_small_budget_serialises_requests_and_bounds_them() {
+        for m in [Mode::of(2), Mode::of(6), Mode::of(7)] {
+            let reads: Vec<(u64, usize)> = (10..18)
+                .map(|c| (c, SMALL_IO))
+                .chain([(30, 4096)])
+                .collect();
+            let mut v = budget_session();
+            if m.tls {
+                let mut t = flags();
+                t.extend(option(OPT_STARTTLS, &[]));
+                t.extend(v[4..].iter().copied());
+                v = t;
+            }
+            let out = run(&in_mode(m, v), mem()).expect("negotiated");
+            let r = simple_replies(&out, &reads);
+            let errs: Vec<(u64, u32)> = r.iter().map(|x| (x.0, x.1)).collect();
+            let mut want: Vec<(u64, u32)> = (0..4).map(|c| (c, 0)).collect();
+            want.extend((10..18).map(|c| (c, 0)));
+            want.extend([(30, 0), (31, EOVERFLOW), (32, EOVERFLOW)]);
+            assert_eq!(errs, want, "{m:?}");
+            // Every read returned what its write wrote, though they could not all be in
+            // flight at once.
+            for c in 10..18u64 {
+                let x = r.iter().find(|x| x.0 == c).unwrap();
+                let w = (c - 10) % 4;
+                let expect: Vec<u8> = (0..SMALL_IO).map(|i| (i as u64 % 241 + w) as u8).collect();
+                assert!(out[x.2..x.2 + SMALL_IO] == expect[..], "read {c} in {m:?}");
+            }
+        }
+        // The 4 GiB write closed the connection before any of its payload was taken: no
+        // reply for it (the harness also checks the budget came back whole).
+        let out = run(&in_mode(Mode::of(2), budget_session()), mem()).unwrap();
+        let reads: Vec<(u64, usize)> = (10..18)
+            .map(|c| (c, SMALL_IO))
+            .chain([(30, 4096)])
+            .collect();
+        assert!(!errors_of(&out, &reads).iter().any(|e| e.0 == 33));
     }
 
     #[test]
     fn random_inputs() {
         let mut x = 0x0123_4567_89ab_cdefu64;
-        let base = session(true, "disk");
-        for _ in 0..2000 {
+        let bases = [
+            plain(session(true, "disk")),
+            in_mode(Mode::of(1), tls_session()),
+            in_mode(Mode::of(2), budget_session()[..5000].to_vec()),
+        ];
+        for k in 0..2000 {
+            let base = &bases[k % bases.len()];
             let mut v = base.clone();
             for _ in 0..4 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let i = (x as usize) % v.len();
+                let i = 1 + (x as usize) % (v.len() - 1);
                 v[i] = (x >> 32) as u8;
             }
             fuzz_conn(&v, mem());

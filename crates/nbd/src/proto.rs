@@ -37,6 +37,7 @@ const ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = ERR + 1;
 pub const REP_ERR_POLICY: u32 = ERR + 2;
 pub const REP_ERR_INVALID: u32 = ERR + 3;
+pub const REP_ERR_TLS_REQD: u32 = ERR + 5;
 pub const REP_ERR_UNKNOWN: u32 = ERR + 6;
 pub const REP_ERR_TOO_BIG: u32 = ERR + 9;
 
@@ -88,7 +89,8 @@ pub const ESHUTDOWN: u32 = 108;
 
 /// The largest option a client may send (its data).
 pub const MAX_OPTION: usize = 64 << 10;
-/// The largest read or write (NBD_INFO_BLOCK_SIZE maximum).
+/// The largest read or write nvmux ever accepts (NBD_INFO_BLOCK_SIZE maximum); a listener
+/// may advertise less, so that one request always fits its per-connection memory budget.
 pub const MAX_IO: u32 = 32 << 20;
 /// Bytes of a request header.
 pub const REQUEST_LEN: usize = 28;

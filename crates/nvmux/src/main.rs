@@ -410,19 +410,30 @@ enum SubsystemCmd {
 #[derive(Subcommand)]
 enum ExportCmd {
     /// Export a disk: over vhost-user-blk on a Unix socket (VMs, libblkio), or over NBD
-    /// on a Unix socket or a loopback TCP address (`--type nbd`: qemu-img, nbdcopy, fio,
-    /// nbdinfo, the Linux nbd client). NBD exports on one socket or address share it and
-    /// differ by export name.
+    /// on a Unix socket or a TCP address (`--type nbd`: qemu-img, nbdcopy, fio, nbdinfo,
+    /// the Linux nbd client), with TLS if asked (required then). NBD exports on one socket
+    /// or address share it (and its TLS) and differ by export name.
     Add {
         disk: String,
         /// Unix socket path (vhost-user-blk: QEMU, Cloud Hypervisor, libblkio; nbd:
         /// `nbd+unix:///NAME?socket=PATH`).
         #[arg(long, required_unless_present = "listen")]
         socket: Option<PathBuf>,
-        /// nbd: listen on this loopback TCP address instead, e.g. 127.0.0.1:10809 (port
-        /// 0 picks a free port). NBD has no TLS here: only loopback is accepted.
+        /// nbd: listen on this TCP address instead, e.g. 127.0.0.1:10809 (port 0 picks a
+        /// free port). Without TLS only loopback addresses are accepted.
         #[arg(long, conflicts_with = "socket")]
         listen: Option<String>,
+        /// nbd: require TLS with this pre-shared key file (psktool format,
+        /// `identity:hexkey` per line, as qemu-nbd's tls-creds-psk and nbdkit --tls-psk).
+        #[arg(long, value_name = "FILE", conflicts_with = "tls_x509_dir")]
+        tls_psk_file: Option<PathBuf>,
+        /// nbd: require TLS with the X.509 credentials in DIR (server-cert.pem,
+        /// server-key.pem, ca-cert.pem, as qemu's tls-creds-x509).
+        #[arg(long, value_name = "DIR")]
+        tls_x509_dir: Option<PathBuf>,
+        /// nbd with --tls-x509-dir: require a client certificate signed by DIR/ca-cert.pem.
+        #[arg(long, requires = "tls_x509_dir")]
+        tls_verify_peer: bool,
         /// Number of virtqueues (vhost-user-blk).
         #[arg(long)]
         queues: Option<u16>,
@@ -855,13 +866,23 @@ fn run(cli: Cli) -> Res {
             disk,
             socket,
             listen,
+            tls_psk_file,
+            tls_x509_dir,
+            tls_verify_peer,
             queues,
             name,
             export_name,
             read_only,
             kind,
         }) => {
-            let socket = socket.map(|s| std::path::absolute(&s).unwrap_or(s));
+            let abs = |s: PathBuf| std::path::absolute(&s).unwrap_or(s);
+            let socket = socket.map(abs);
+            let tls = match (tls_psk_file.map(abs), tls_x509_dir.map(abs)) {
+                (None, None) => serde_json::Value::Null,
+                (psk, x509) => {
+                    json!({"psk_file": psk, "x509_dir": x509, "verify_peer": tls_verify_peer})
+                }
+            };
             let queues = match (kind.as_str(), queues) {
                 ("vhost-user-blk", None) => Some(1),
                 (_, q) => q,
@@ -869,14 +890,28 @@ fn run(cli: Cli) -> Res {
             let v = api.post(
                 "/v1/exports",
                 &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
-                        "listen": listen, "export_name": export_name, "read_only": read_only}),
+                        "listen": listen, "export_name": export_name, "read_only": read_only, "tls": tls}),
             )?;
             show(&v, &|v| {
                 let extra = match v["type"].as_str() {
-                    Some("nbd") if v["read_only"].as_bool() == Some(true) => {
-                        " (read-only)".to_string()
+                    Some("nbd") => {
+                        let mut notes = Vec::new();
+                        if v["read_only"].as_bool() == Some(true) {
+                            notes.push("read-only");
+                        }
+                        if v["tls"]["psk_file"].is_string() {
+                            notes.push("TLS-PSK required");
+                        } else if v["tls"]["verify_peer"].as_bool() == Some(true) {
+                            notes.push("TLS X.509 and a client certificate required");
+                        } else if v["tls"]["x509_dir"].is_string() {
+                            notes.push("TLS X.509 required");
+                        }
+                        if notes.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", notes.join(", "))
+                        }
                     }
-                    Some("nbd") => String::new(),
                     _ => format!(" ({} queues)", v["num_queues"]),
                 };
                 println!(
