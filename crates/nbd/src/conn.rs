@@ -656,7 +656,20 @@ impl NbdConn {
             self.rx_head = 0;
             self.rx_tail = 0;
         }
+        if self.stranded() {
+            // Requests wait in the buffer (back-pressure): take them up again once the
+            // connection can, though no edge will say so.
+            self.rx_more = true;
+        }
         n
+    }
+
+    /// Whole request headers wait in the receive buffer.
+    fn stranded(&self) -> bool {
+        !self.dead
+            && self.payload.is_none()
+            && self.skip == 0
+            && self.rx_tail - self.rx_head >= REQUEST_LEN
     }
 
     fn recv(&mut self) -> usize {
@@ -664,9 +677,13 @@ impl NbdConn {
         if !self.rx_more && !self.hup {
             return 0; // drained, and no edge since: nothing to read
         }
+        if self.rx_tail > self.rx_head && self.can_take() {
+            n += self.process_rx(); // what waited in the buffer first
+        }
         loop {
             if self.eof || self.dead || self.disc {
-                self.rx_more = false;
+                // What arrived before the end is still served.
+                self.rx_more = self.stranded() && !self.disc;
                 break;
             }
             if self.payload.is_none() && self.skip == 0 && !self.can_take() {
@@ -694,7 +711,7 @@ impl NbdConn {
                             }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            self.rx_more = false;
+                            self.rx_more = self.stranded();
                             break;
                         }
                         Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -731,12 +748,14 @@ impl NbdConn {
                     let full = self.rx_tail == self.rx.len();
                     n += 1 + self.process_rx();
                     if !full {
-                        self.rx_more = false;
-                        break; // short read: drained; the next edge wakes us
+                        // Short read: drained; the next edge wakes us (unless requests
+                        // wait in the buffer).
+                        self.rx_more = self.stranded();
+                        break;
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.rx_more = false;
+                    self.rx_more = self.stranded();
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -1062,6 +1081,7 @@ impl WorkSource for NbdConn {
             && self.in_flight == 0
             && self.bq.in_flight() == 0
             && (self.pending_tx() == 0 || self.eof)
+            && (!self.stranded() || self.disc)
         {
             self.export.stats.retire(&self.stats);
             self.finished = true;

@@ -39,6 +39,8 @@ pub struct Mode {
     pub small: bool,
     /// Bit 2: the daemon-wide budget is no larger than the connection's.
     pub tight: bool,
+    /// Bit 3: every other send would block (a slow reader: output backs up).
+    pub blocky: bool,
 }
 
 impl Mode {
@@ -47,11 +49,15 @@ impl Mode {
             tls: b & 1 != 0,
             small: b & 2 != 0,
             tight: b & 4 != 0,
+            blocky: b & 8 != 0,
         }
     }
 
     pub fn byte(self) -> u8 {
-        self.tls as u8 | (self.small as u8) << 1 | (self.tight as u8) << 2
+        self.tls as u8
+            | (self.small as u8) << 1
+            | (self.tight as u8) << 2
+            | (self.blocky as u8) << 3
     }
 
     fn per_connection(self) -> usize {
@@ -85,41 +91,87 @@ impl Write for Stream<'_> {
     }
 }
 
-/// The transmission phase's wire: the rest of the input in small chunks, then EOF; sends
-/// take at most a chunk at a time.
+/// A socket as the transmission phase sees it: the rest of the input "arrives" a chunk
+/// per pass (with a readable edge, as epoll gives it), then the end of the stream (a
+/// hang-up edge); sends take at most a chunk, and in [`Mode::blocky`] every other one
+/// would block (a writable edge follows on the next pass).
+#[derive(Default)]
+struct SockState {
+    pending: VecDeque<u8>,
+    arrived: VecDeque<u8>,
+    output: Vec<u8>,
+    blocked: bool,
+    sends: usize,
+    hup_told: bool,
+}
+
 struct Pipe {
-    input: VecDeque<u8>,
+    s: Arc<std::sync::Mutex<SockState>>,
     chunk: usize,
-    output: Arc<std::sync::Mutex<Vec<u8>>>,
+    blocky: bool,
+}
+
+impl Pipe {
+    fn state(&self) -> std::sync::MutexGuard<'_, SockState> {
+        self.s.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One pass of the "network": deliver a chunk; the edges that brings.
+    fn deliver(&self) -> Readiness {
+        let mut st = self.state();
+        let mut r = Readiness::default();
+        if !st.pending.is_empty() {
+            let n = self.chunk.min(st.pending.len());
+            let moved: Vec<u8> = st.pending.drain(..n).collect();
+            st.arrived.extend(moved);
+            r.readable = true;
+        } else if !st.hup_told {
+            st.hup_told = true;
+            r.readable = true;
+            r.hup = true;
+        }
+        if st.blocked {
+            st.blocked = false;
+            r.writable = true;
+        }
+        r
+    }
 }
 
 impl Wire for Pipe {
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.chunk).min(self.input.len());
-        for (d, s) in buf.iter_mut().zip(self.input.drain(..n)) {
+        let mut st = self.state();
+        if st.arrived.is_empty() {
+            return if st.pending.is_empty() {
+                Ok(0)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = buf.len().min(st.arrived.len());
+        for (d, s) in buf.iter_mut().zip(st.arrived.drain(..n)) {
             *d = s;
         }
         Ok(n)
     }
     fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let chunk = self.chunk;
+        let blocky = self.blocky;
+        let mut st = self.state();
+        st.sends += 1;
+        if blocky && st.sends.is_multiple_of(2) {
+            st.blocked = true;
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
         // Partial sends, like a socket whose buffer is nearly full.
-        let n = buf.len().min(self.chunk);
-        self.output
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(&buf[..n]);
+        let n = buf.len().min(chunk);
+        st.output.extend_from_slice(&buf[..n]);
         Ok(n)
     }
     fn fd(&self) -> Option<RawFd> {
         None
     }
 }
-
-const EDGE: Readiness = Readiness {
-    readable: true,
-    writable: true,
-    hup: false,
-};
 
 /// Run one connection over `dev`; returns the transmission-phase output (if it got there).
 pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
@@ -159,12 +211,20 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
             "the TLS share fits an empty budget"
         );
     }
-    let output = Arc::new(std::sync::Mutex::new(Vec::new()));
     let chunk = 1 + (rest.first().copied().unwrap_or(0) as usize % 64) * 97;
+    let state = Arc::new(std::sync::Mutex::new(SockState {
+        pending: rest.iter().copied().collect(),
+        ..Default::default()
+    }));
     let wire = Pipe {
-        input: rest.iter().copied().collect(),
+        s: state.clone(),
         chunk,
-        output: output.clone(),
+        blocky: mode.blocky,
+    };
+    let net = Pipe {
+        s: state.clone(),
+        chunk,
+        blocky: mode.blocky,
     };
     let setup = ConnSetup {
         budget,
@@ -178,12 +238,14 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
         peer: "fuzz".into(),
     };
     let mut c = NbdConn::new(Box::new(wire), n.export, n.structured, setup).ok()?;
-    for _ in 0..100_000 {
+    for _ in 0..100_000 + rest.len() {
         if c.finished() {
             break;
         }
-        // An in-memory wire has no epoll edges: announce one before every pass.
-        c.socket_ready(EDGE);
+        let r = net.deliver();
+        if r != Readiness::default() {
+            c.socket_ready(r);
+        }
         c.poll();
     }
     assert!(
@@ -197,7 +259,7 @@ pub fn run(data: &[u8], dev: Arc<dyn BlockDevice>) -> Option<Vec<u8>> {
     );
     drop(c);
     assert_eq!(global.used(), 0, "memory not given back");
-    let out = output.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let out = std::mem::take(&mut net.state().output);
     check_replies(&out, n.structured);
     Some(out)
 }
@@ -373,6 +435,10 @@ mod tests {
             ("tls-required", in_mode(tls, tls_session())),
             ("tls-export-name", in_mode(tls, tls_old)),
             ("small-budget", in_mode(small, budget_session())),
+            (
+                "backed-up-output",
+                in_mode(Mode::of(8), backed_up_session()),
+            ),
             (
                 "tight-budget-tls",
                 in_mode(Mode::of(7), {
@@ -611,6 +677,42 @@ mod tests {
             .chain([(30, 4096)])
             .collect();
         assert!(!errors_of(&out, &reads).iter().any(|e| e.0 == 33));
+    }
+
+    /// Large reads queued beyond the output high-water mark, behind a reader that is
+    /// slow to take them, then DISC: the requests left in the buffer while output backed
+    /// up are all served once it drains, and the stream's end does not drop them.
+    fn backed_up_session() -> Vec<u8> {
+        let mut v = flags();
+        v.extend(go("disk"));
+        for c in 0..12u64 {
+            v.extend(req(CMD_READ, 0, c, 0, 1 << 20));
+        }
+        // A payload that takes many passes to arrive, while the reads' output backs up;
+        // the requests after it find the output over its high-water mark.
+        v.extend(req(CMD_WRITE, 0, 50, 0, 256 << 10));
+        v.extend(vec![0x3c; 256 << 10]);
+        for c in 0..4u64 {
+            v.extend(req(CMD_READ, 0, 60 + c, 0, 4096));
+        }
+        v.extend(req(CMD_DISC, 0, 100, 0, 0));
+        v
+    }
+
+    #[test]
+    fn requests_held_back_by_output_are_served_later() {
+        let mut reads: Vec<(u64, usize)> = (0..12).map(|c| (c, 1 << 20)).collect();
+        reads.extend((60..64).map(|c| (c, 4096)));
+        for m in [Mode::of(0), Mode::of(8)] {
+            let out = run(&in_mode(m, backed_up_session()), mem()).expect("negotiated");
+            let mut want: Vec<(u64, u32)> = (0..12).map(|c| (c, 0)).collect();
+            want.push((50, 0));
+            want.extend((60..64).map(|c| (c, 0)));
+            assert_eq!(errors_of(&out, &reads), want, "{m:?}");
+            let r = simple_replies(&out, &reads);
+            let x = r.iter().find(|x| x.0 == 63).unwrap();
+            assert!(out[x.2..x.2 + 4096].iter().all(|&b| b == 0x3c), "{m:?}");
+        }
     }
 
     #[test]
