@@ -323,13 +323,21 @@ fn handle(d: &Daemon, mut req: Request) {
             }
         }
         (Method::Post, ["v1", "subsystems", nqn, "hosts"]) => {
-            match body::<HostBody>(&mut req).and_then(|b| d.set_host(nqn, &b.host, true)) {
+            match body::<crate::nvmf::HostAllow>(&mut req).and_then(|b| d.allow_host(nqn, b)) {
                 Ok(v) => reply_json(req, 200, &v),
                 Err(e) => reply_err(req, &e),
             }
         }
         (Method::Delete, ["v1", "subsystems", nqn, "hosts", host]) => {
-            match d.set_host(nqn, host, false) {
+            match d.deny_host(nqn, host) {
+                Ok(v) => reply_json(req, 200, &v),
+                Err(e) => reply_err(req, &e),
+            }
+        }
+        (Method::Post, ["v1", "subsystems", nqn, "auth"]) => {
+            match body::<crate::nvmf::SubsystemAuth>(&mut req)
+                .and_then(|b| d.set_subsystem_auth(nqn, b))
+            {
                 Ok(v) => reply_json(req, 200, &v),
                 Err(e) => reply_err(req, &e),
             }
@@ -355,13 +363,6 @@ fn handle(d: &Daemon, mut req: Request) {
             ),
         ),
     }
-}
-
-/// `POST /v1/subsystems/{nqn}/hosts` body (`any` allows every host).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HostBody {
-    host: String,
 }
 
 /// `POST /v1/subsystems/{nqn}/listen` body.

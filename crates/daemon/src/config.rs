@@ -94,6 +94,10 @@ pub struct NvmfConfig {
     /// ends the connection (ms).
     #[serde(default = "thirty_seconds_ms")]
     pub stall_timeout_ms: u64,
+    /// Who may use the discovery controller: "open" (every host), "allow-list" (hosts on
+    /// some subsystem's allow-list) or "closed" (nobody).
+    #[serde(default = "nvmf_discovery")]
+    pub discovery: String,
 }
 
 impl Default for NvmfConfig {
@@ -104,8 +108,13 @@ impl Default for NvmfConfig {
             memory_per_connection: nvmf_memory_per_connection(),
             handshake_timeout_ms: ten_seconds_ms(),
             stall_timeout_ms: thirty_seconds_ms(),
+            discovery: nvmf_discovery(),
         }
     }
+}
+
+fn nvmf_discovery() -> String {
+    "allow-list".into()
 }
 
 fn nvmf_max_connections() -> u32 {
@@ -284,6 +293,12 @@ impl Config {
                 return Err(format!("{k} = {v} is out of range (100..=3600000)"));
             }
         }
+        if nvmux_nvmf::DiscoveryPolicy::parse(&self.nvmf.discovery).is_none() {
+            return Err(format!(
+                "nvmf.discovery = {:?} is not \"open\", \"allow-list\" or \"closed\"",
+                self.nvmf.discovery
+            ));
+        }
         if self.qos.fair_depth > 65_536 {
             return Err(format!(
                 "qos.fair_depth = {} is out of range (0..=65536)",
@@ -325,6 +340,9 @@ mod tests {
         assert!(Config::parse("[network]\nmemory_budget = \"1M\"").is_err());
         assert!(Config::parse("[nbd]\nmemory_per_connection = \"16M\"").is_err());
         assert!(Config::parse("[nvmf]\nstall_timeout_ms = 0").is_err());
+        assert!(Config::parse("[nvmf]\ndiscovery = \"maybe\"").is_err());
+        assert_eq!(Config::parse("").unwrap().nvmf.discovery, "allow-list");
+        assert!(Config::parse("[nvmf]\ndiscovery = \"closed\"").is_ok());
     }
     #[test]
     fn network_limits() {

@@ -407,6 +407,9 @@ pub struct Daemon {
     keys: Mutex<Arc<dyn KeyProvider>>,
     /// The NVMe/TCP target (subsystems, listeners, connections).
     nvmf: nvmux_nvmf::Target,
+    /// The one budget of network buffers (`network.memory_budget`), shared by every
+    /// network frontend (NVMe/TCP, NBD).
+    net_mem: Arc<nvmux_core::budget::MemBudget>,
     /// NBD listeners by address (with their named exports), outside the state lock.
     nbd: Mutex<BTreeMap<String, nvmux_nbd::NbdServer>>,
     /// Fair-share groups by host device id; a group lives while a disk uses it.
@@ -681,7 +684,11 @@ impl Daemon {
         })
         .map_err(|e| Error::io("start worker threads", e))?;
         let cfg_keys = cfg.keys.kek_file.clone();
-        let nvmf = nvmux_nvmf::Target::new(workers.workers().to_vec());
+        let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
+        let nvmf = nvmux_nvmf::Target::new(
+            workers.workers().to_vec(),
+            nvmf::target_config(&cfg, &net_mem),
+        );
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -696,6 +703,7 @@ impl Daemon {
             groups: Default::default(),
             nbd: Default::default(),
             nvmf,
+            net_mem,
             _lock: lock,
         });
         d.restore()?;
@@ -717,7 +725,18 @@ impl Daemon {
     fn restore(&self) -> Result<()> {
         let p = self.state_path();
         let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
+            Ok(t) => {
+                // An older nvmux wrote it with the umask's mode: it may hold secrets now.
+                use std::os::unix::fs::PermissionsExt;
+                if let Ok(m) = std::fs::metadata(&p) {
+                    if m.permissions().mode() & 0o077 != 0 {
+                        tracing::warn!(path = %p.display(), "state file readable by others: mode set to 0600");
+                        let _ =
+                            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+                    }
+                }
+                t
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
         };
@@ -827,7 +846,16 @@ impl Daemon {
             .map_err(|e| err(ErrorKind::Io, format!("serialize state: {e}")))?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // Mode 0600: the file holds DH-HMAC-CHAP secrets (see format.md). A temporary
+            // file left by a crash keeps its mode when reopened, so set it explicitly.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             f.write_all(&text)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &p)?;
@@ -1514,6 +1542,17 @@ impl Daemon {
                 .iter()
                 .map(WorkerView::from)
                 .collect(),
+            network: self.network_view(),
+            nvmf: self.nvmf_stats(),
+        }
+    }
+
+    /// The network frontends' shared buffer budget.
+    pub fn network_view(&self) -> NetworkView {
+        NetworkView {
+            memory_budget: self.net_mem.limit() as u64,
+            memory_used: self.net_mem.used() as u64,
+            memory_waits: self.net_mem.waits(),
         }
     }
 
@@ -1678,6 +1717,23 @@ pub struct StatsView {
     pub uptime_s: f64,
     pub disks: BTreeMap<String, DiskStatsView>,
     pub workers: Vec<WorkerView>,
+    /// Buffers of the network frontends (`network.memory_budget`).
+    #[serde(default)]
+    pub network: NetworkView,
+    /// NVMe/TCP listeners and what connections met.
+    #[serde(default)]
+    pub nvmf: nvmf::NvmfStatsView,
+}
+
+/// The budget of network buffers shared by NVMe/TCP and NBD connections.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// `network.memory_budget` (bytes).
+    pub memory_budget: u64,
+    /// Bytes reserved by connections now.
+    pub memory_used: u64,
+    /// Times a reservation had to wait because the budget was full.
+    pub memory_waits: u64,
 }
 
 /// Run the daemon until SIGINT or SIGTERM: restore state, serve the API, shut down.

@@ -118,6 +118,87 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{disk=\"{name}\"}} {}", get(t));
         }
     }
+    let net = d.network_view();
+    for (metric, kind, help, v) in [
+        (
+            "nvmux_network_memory_budget_bytes",
+            "gauge",
+            "Buffers the network frontends may hold together (network.memory_budget).",
+            net.memory_budget,
+        ),
+        (
+            "nvmux_network_memory_used_bytes",
+            "gauge",
+            "Buffers the network frontends' connections hold now.",
+            net.memory_used,
+        ),
+        (
+            "nvmux_network_memory_waits_total",
+            "counter",
+            "Buffer reservations that had to wait because the budget was full.",
+            net.memory_waits,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {v}"
+        );
+    }
+    let nv = d.nvmf_stats();
+    let m = "nvmux_nvmf_connections";
+    let _ = writeln!(
+        o,
+        "# HELP {m} NVMe/TCP connections open, per listener.\n# TYPE {m} gauge"
+    );
+    for l in &nv.listeners {
+        let _ = writeln!(o, "{m}{{listener=\"{}\"}} {}", l.listen, l.connections);
+    }
+    let m = "nvmux_nvmf_connections_refused_total";
+    let _ = writeln!(
+        o,
+        "# HELP {m} NVMe/TCP connections refused by the listener's limits.\n# TYPE {m} counter"
+    );
+    for l in &nv.listeners {
+        let _ = writeln!(o, "{m}{{listener=\"{}\"}} {}", l.listen, l.refused);
+    }
+    for (metric, help, v) in [
+        (
+            "nvmux_nvmf_handshake_timeouts_total",
+            "Connections closed for not completing Connect (and authentication) in time.",
+            nv.handshake_timeouts,
+        ),
+        (
+            "nvmux_nvmf_stall_timeouts_total",
+            "Connections closed because a PDU, an R2T's data or the host's reading stalled.",
+            nv.stall_timeouts,
+        ),
+        (
+            "nvmux_nvmf_kato_expired_total",
+            "Controllers torn down by their keep-alive timeout.",
+            nv.kato_expired,
+        ),
+        (
+            "nvmux_nvmf_protocol_errors_total",
+            "Connections terminated for breaking the protocol or a limit.",
+            nv.protocol_errors,
+        ),
+        (
+            "nvmux_nvmf_memory_waits_total",
+            "Times an NVMe/TCP connection waited for buffer memory.",
+            nv.memory_waits,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric} {v}"
+        );
+    }
+    let m = "nvmux_nvmf_auth_total";
+    let _ = writeln!(
+        o,
+        "# HELP {m} DH-HMAC-CHAP exchanges by result.\n# TYPE {m} counter\n{m}{{result=\"ok\"}} {}\n{m}{{result=\"failed\"}} {}",
+        nv.auth_succeeded, nv.auth_failed
+    );
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (

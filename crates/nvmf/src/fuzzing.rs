@@ -239,6 +239,8 @@ fn run_conn(
                 local: addr,
             },
             peer: "fuzz".into(),
+            limits: crate::conn::Limits::relaxed(),
+            permit: None,
         };
         Conn::new(Box::new(wire), params).ok()
     };
