@@ -121,19 +121,19 @@ pub fn render(d: &Daemon) -> String {
     let net = d.network_view();
     for (metric, kind, help, v) in [
         (
-            "nvmux_network_memory_budget_bytes",
+            "nvmux_net_memory_budget_bytes",
             "gauge",
             "Buffers the network frontends may hold together (network.memory_budget).",
             net.memory_budget,
         ),
         (
-            "nvmux_network_memory_used_bytes",
+            "nvmux_net_memory_used_bytes",
             "gauge",
             "Buffers the network frontends' connections hold now.",
             net.memory_used,
         ),
         (
-            "nvmux_network_memory_waits_total",
+            "nvmux_net_memory_waits_total",
             "counter",
             "Buffer reservations that had to wait because the budget was full.",
             net.memory_waits,

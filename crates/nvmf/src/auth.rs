@@ -378,9 +378,11 @@ impl Secret {
             "01" => 1,
             "02" => 2,
             "03" => 3,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "key transform {hh:?} is not 00 (none), 01 (SHA-256), 02 (SHA-384) or 03 (SHA-512)"
-            )),
+            ))
+            }
         };
         let b64 = rest.strip_suffix(':').unwrap_or(rest);
         let raw = b64_decode(b64).ok_or("the key is not valid base64")?;

@@ -1643,8 +1643,8 @@ impl Conn {
             peer = %self.p.peer,
             host = %host,
             qid = self.qid,
-            hash = h.name(),
-            dhgroup = g.name(),
+            hash = %h.name(),
+            dhgroup = %g.name(),
             bidirectional = bidi,
             "nvme/tcp: DH-HMAC-CHAP authentication succeeded"
         );

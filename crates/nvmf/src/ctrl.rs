@@ -285,7 +285,7 @@ pub struct Subsystem {
     pub serial: String,
     st: Mutex<SubState>,
     ns_gen: AtomicU64,
-    ctrls: Mutex<Vec<Weak<Controller>>>,
+    ctrls: Mutex<CtrlTable>,
     next_cntlid: AtomicU16,
 }
 
@@ -303,7 +303,7 @@ impl Subsystem {
                 policy: Arc::new(Policy::default()),
             }),
             ns_gen: AtomicU64::new(1),
-            ctrls: Mutex::new(Vec::new()),
+            ctrls: Mutex::new(CtrlTable::default()),
             next_cntlid: AtomicU16::new(1),
         })
     }
@@ -388,9 +388,14 @@ impl Subsystem {
     }
     /// Live controllers.
     pub fn controllers(&self) -> Vec<Arc<Controller>> {
-        let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|w| w.strong_count() > 0);
-        g.iter().filter_map(|w| w.upgrade()).collect()
+        let weak: Vec<Weak<Controller>> = {
+            let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+            g.list.retain(|w| w.strong_count() > 0);
+            g.list.clone()
+        };
+        // Upgraded (and possibly dropped: a controller's Drop takes the table's lock)
+        // outside the lock.
+        weak.iter().filter_map(|w| w.upgrade()).collect()
     }
     /// The subsystem is being deleted: every connection to it closes.
     pub fn remove(&self) {
@@ -408,24 +413,22 @@ impl Subsystem {
         auth: Option<(Arc<HostKeys>, Arc<Policy>)>,
     ) -> Option<Arc<Controller>> {
         let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|w| w.strong_count() > 0);
-        if g.len() >= MAX_CNTLID as usize {
+        if g.used.len() >= MAX_CNTLID as usize {
             return None;
         }
-        let used: BTreeSet<u16> = g
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .map(|c| c.cntlid)
-            .collect();
+        if g.list.len() > 2 * g.used.len() + 16 {
+            g.list.retain(|w| w.strong_count() > 0);
+        }
         // Ids rotate (an id is not reused at once), skipping those in use; fewer than
-        // MAX_CNTLID controllers exist, so one of MAX_CNTLID candidates is free.
+        // MAX_CNTLID are in use, so one of MAX_CNTLID candidates is free.
         let start = self
             .next_cntlid
             .load(Ordering::Relaxed)
             .clamp(1, MAX_CNTLID);
         let id = (0..MAX_CNTLID)
             .map(|i| ((start - 1 + i) % MAX_CNTLID) + 1)
-            .find(|id| !used.contains(id))?;
+            .find(|id| !g.used.contains(id))?;
+        g.used.insert(id);
         self.next_cntlid
             .store(if id == MAX_CNTLID { 1 } else { id + 1 }, Ordering::Relaxed);
         let c = Arc::new(Controller {
@@ -439,7 +442,7 @@ impl Subsystem {
             last_ms: AtomicU64::new(now_ms(Instant::now())),
             auth,
         });
-        g.push(Arc::downgrade(&c));
+        g.list.push(Arc::downgrade(&c));
         Some(c)
     }
 }
@@ -502,6 +505,21 @@ struct CtrlState {
     aen_masked: bool,
     /// Qids connected.
     qids: BTreeSet<u16>,
+}
+
+/// The controllers of a subsystem: weak references (for events and views) and the ids in
+/// use (a controller gives its id back when it is dropped).
+#[derive(Default)]
+struct CtrlTable {
+    list: Vec<Weak<Controller>>,
+    used: BTreeSet<u16>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let mut g = self.subsys.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        g.used.remove(&self.cntlid);
+    }
 }
 
 /// A controller: the admin queue and I/O queues of one host association.
