@@ -146,7 +146,7 @@ impl HashFn {
         self as u8
     }
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             HashFn::Sha256 => 32,
             HashFn::Sha384 => 48,
@@ -318,7 +318,7 @@ fn b64_encode(data: &[u8]) -> String {
 /// Strict base64 (standard alphabet, padded): `None` for anything else.
 fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.is_empty() || b.len() % 4 != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(b.len() / 4 * 3);
@@ -794,7 +794,7 @@ impl Dhchap {
         self.hash = h;
         self.group = g;
         self.s1 = random_nonzero_u32();
-        let mut c1 = vec![0u8; h.len()];
+        let mut c1 = vec![0u8; h.digest_len()];
         if let Err(e) = openssl::rand::rand_bytes(&mut c1) {
             return self.fail(reason::FAILED, format!("random challenge: {e}"));
         }
@@ -820,13 +820,13 @@ impl Dhchap {
         let cvalid = msg[8] & 1 != 0;
         let dhvlen = le16(msg, 10) as usize;
         let seq = le32(msg, 12);
-        if hl != self.hash.len() {
+        if hl != self.hash.digest_len() {
             return self.fail(
                 reason::HASH_UNUSABLE,
                 format!(
                     "Reply with {hl}-byte values for {} ({} bytes)",
                     self.hash.name(),
-                    self.hash.len()
+                    self.hash.digest_len()
                 ),
             );
         }
@@ -902,7 +902,7 @@ impl Dhchap {
         match self.step {
             Step::Challenge => {
                 let dhv = self.dh.as_ref().map(|d| d.gx.as_slice()).unwrap_or(&[]);
-                let size = 16 + self.hash.len() + dhv.len();
+                let size = 16 + self.hash.digest_len() + dhv.len();
                 if al < size {
                     self.fail(
                         reason::INCORRECT_PAYLOAD,
@@ -912,7 +912,7 @@ impl Dhchap {
                 }
                 out.extend_from_slice(&[DHCHAP, CHALLENGE, 0, 0]);
                 out.extend_from_slice(&self.tid.to_le_bytes());
-                out.extend_from_slice(&[self.hash.len() as u8, 0, self.hash.id(), self.group.id()]);
+                out.extend_from_slice(&[self.hash.digest_len() as u8, 0, self.hash.id(), self.group.id()]);
                 out.extend_from_slice(&(dhv.len() as u16).to_le_bytes());
                 out.extend_from_slice(&self.s1.to_le_bytes());
                 out.extend_from_slice(&self.c1);
@@ -956,7 +956,7 @@ impl Dhchap {
                 }
                 out.extend_from_slice(&[DHCHAP, SUCCESS1, 0, 0]);
                 out.extend_from_slice(&self.tid.to_le_bytes());
-                out.extend_from_slice(&[self.hash.len() as u8, 0, r2.is_some() as u8]);
+                out.extend_from_slice(&[self.hash.digest_len() as u8, 0, r2.is_some() as u8]);
                 out.extend_from_slice(&[0; 7]);
                 if let Some(r) = &r2 {
                     out.extend_from_slice(r);

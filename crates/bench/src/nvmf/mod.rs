@@ -466,6 +466,7 @@ pub const AUTHREQ_ATR: u32 = 1 << 17;
 
 impl Queue {
     /// Connect, then authenticate if the controller asks for it (and `auth` is given).
+    #[allow(clippy::too_many_arguments)]
     fn connect_auth(
         &mut self,
         qid: u16,

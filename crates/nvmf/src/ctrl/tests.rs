@@ -238,7 +238,7 @@ fn controller_ids_run_out_without_spinning() {
     let (c, d) = connect_cmd(0, 32, HOST, 0xffff);
     let mut keep = Vec::new();
     for _ in 0..MAX_CNTLID {
-        keep.push(connect(&r, Sqe(&c), &d, "t").ok().expect("connect").ctrl);
+        keep.push(connect(&r, Sqe(&c), &d, "t").expect("connect").ctrl);
     }
     let ids: BTreeSet<u16> = keep.iter().map(|c| c.cntlid).collect();
     assert_eq!(ids.len(), MAX_CNTLID as usize);
@@ -252,6 +252,6 @@ fn controller_ids_run_out_without_spinning() {
     let gone = keep.swap_remove(1234);
     let id = gone.cntlid;
     drop(gone);
-    let c2 = connect(&r, Sqe(&c), &d, "t").ok().expect("connect").ctrl;
+    let c2 = connect(&r, Sqe(&c), &d, "t").expect("connect").ctrl;
     assert_eq!(c2.cntlid, id);
 }
