@@ -912,7 +912,12 @@ impl Dhchap {
                 }
                 out.extend_from_slice(&[DHCHAP, CHALLENGE, 0, 0]);
                 out.extend_from_slice(&self.tid.to_le_bytes());
-                out.extend_from_slice(&[self.hash.digest_len() as u8, 0, self.hash.id(), self.group.id()]);
+                out.extend_from_slice(&[
+                    self.hash.digest_len() as u8,
+                    0,
+                    self.hash.id(),
+                    self.group.id(),
+                ]);
                 out.extend_from_slice(&(dhv.len() as u16).to_le_bytes());
                 out.extend_from_slice(&self.s1.to_le_bytes());
                 out.extend_from_slice(&self.c1);

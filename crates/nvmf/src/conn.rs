@@ -514,9 +514,9 @@ impl Conn {
         self.slots[i as usize].stage = Stage::Sending;
     }
 
-    fn free_slot(&mut self, i: u16) {
+    /// Give slot `i`'s buffer back (to the inline reserve or the pool).
+    fn release_buf(&mut self, i: u16) {
         let s = &mut self.slots[i as usize];
-        s.stage = Stage::Free;
         let b = s.buf.take();
         let reserve = std::mem::take(&mut s.reserve);
         if let Some(b) = b {
@@ -526,6 +526,11 @@ impl Conn {
                 self.put_buf(b);
             }
         }
+    }
+
+    fn free_slot(&mut self, i: u16) {
+        self.slots[i as usize].stage = Stage::Free;
+        self.release_buf(i);
         self.free.push(i);
     }
 
@@ -1182,15 +1187,7 @@ impl Conn {
             .is_some_and(|b| b.len() < len)
         {
             // Too small for the transfer (an in-capsule buffer): take a fitting one.
-            let sl = &mut self.slots[i as usize];
-            let (b, r) = (sl.buf.take(), std::mem::take(&mut sl.reserve));
-            if let Some(b) = b {
-                if r {
-                    self.reserve = Some(b);
-                } else {
-                    self.put_buf(b);
-                }
-            }
+            self.release_buf(i);
         }
         if self.slots[i as usize].buf.is_none() {
             match self.get_buf(len) {
@@ -1417,6 +1414,14 @@ impl Conn {
                     let len = nlb as usize * self.queues[q].info.block_size as usize;
                     if len > MAX_TRANSFER {
                         return self.finish_now(i, Cqe::err(Status::INVALID_FIELD));
+                    }
+                    if self.slots[i as usize]
+                        .buf
+                        .as_ref()
+                        .is_some_and(|b| b.len() < len)
+                    {
+                        // In-capsule data came with it (and is ignored): too small a buffer.
+                        self.release_buf(i);
                     }
                     if self.slots[i as usize].buf.is_none() {
                         match self.get_buf(len) {

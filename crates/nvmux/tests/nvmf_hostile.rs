@@ -220,21 +220,18 @@ fn slow_handshakes_and_stalls_are_cut() {
     );
     let v = victim(addr);
     let base = attack::rss(d.pid()).expect("rss");
-    // 1 byte every 100 ms of an ICReq and a Connect (1224 bytes: two minutes): cut at the
+    // An ICReq and a Connect (1224 bytes) at 1 byte/s, and at 10 bytes/s: cut at the
     // handshake timeout, however steadily the bytes come.
     let hs = attack::handshake_bytes(NQN, ATTACKER);
-    let t = attack::slow_bytes(
-        addr,
-        &hs,
-        Duration::from_millis(100),
-        Duration::from_secs(20),
-    )
-    .expect("slow")
-    .expect("closed");
-    assert!(
-        t >= Duration::from_millis(1400) && t < Duration::from_secs(5),
-        "slow handshake closed after {t:?}"
-    );
+    for every in [Duration::from_secs(1), Duration::from_millis(100)] {
+        let t = attack::slow_bytes(addr, &hs, every, Duration::from_secs(20))
+            .expect("slow")
+            .expect("closed");
+        assert!(
+            t >= Duration::from_millis(1400) && t < Duration::from_secs(5),
+            "a byte every {every:?}: closed after {t:?}"
+        );
+    }
     // A TCP connection that says nothing.
     let s = std::net::TcpStream::connect(addr).unwrap();
     let t = attack::time_to_close(&s, Duration::from_secs(20)).expect("closed");
