@@ -693,7 +693,7 @@ impl Daemon {
         let secret = req
             .dhchap_secret
             .as_deref()
-            .map(|s| check_secret("the DH-HMAC-CHAP secret", host, s))
+            .map(|s| check_secret("the secret", host, s))
             .transpose()?;
         let ctrl = req
             .dhchap_ctrl_secret
