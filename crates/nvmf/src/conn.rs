@@ -243,6 +243,8 @@ pub struct Conn {
     mem_blocked: bool,
     /// A buffer could not be had: retry soon.
     mem_wait: bool,
+    /// In a spell of waiting for memory (for the counter).
+    mem_waiting: bool,
     /// The peer closed its side.
     eof: bool,
     tx: Vec<u8>,
@@ -314,6 +316,7 @@ impl Conn {
             sink: None,
             mem_blocked: false,
             mem_wait: false,
+            mem_waiting: false,
             eof: false,
             tx: Vec::new(),
             tx_off: 0,
@@ -409,11 +412,21 @@ impl Conn {
 
     // ---- memory ------------------------------------------------------------------------
 
+    /// Memory was short: wait (counted once per spell of waiting).
+    fn note_mem_wait(&mut self) {
+        self.mem_wait = true;
+        if !self.mem_waiting {
+            self.mem_waiting = true;
+            self.count(|c| &c.mem_waits);
+        }
+    }
+
     /// A buffer of at least `len` bytes (at most [`MAX_TRANSFER`]) from the pool or the
     /// budget; `None` means wait.
     fn get_buf(&mut self, len: usize) -> Option<AlignedBuf> {
         let c = size_class(len);
         if let Some(b) = self.bufs.get_mut(c).and_then(|v| v.pop()) {
+            self.mem_waiting = false;
             return Some(b);
         }
         let sz = 4096usize << c;
@@ -421,15 +434,18 @@ impl Conn {
             self.trim_pool();
             if !self.budget.try_take(sz) {
                 self.mem_wait = true;
-                self.count(|c| &c.mem_waits);
+                self.note_mem_wait();
                 return None;
             }
         }
         match AlignedBuf::try_new(sz) {
-            Some(b) => Some(b),
+            Some(b) => {
+                self.mem_waiting = false;
+                Some(b)
+            }
             None => {
                 self.budget.give(sz);
-                self.mem_wait = true;
+                self.note_mem_wait();
                 None
             }
         }
@@ -468,7 +484,7 @@ impl Conn {
             self.trim_pool();
             if !self.budget.try_take(new - cur) {
                 self.mem_wait = true;
-                self.count(|c| &c.mem_waits);
+                self.note_mem_wait();
                 return false;
             }
         }
@@ -1153,7 +1169,7 @@ impl Conn {
         if self.reserve.is_none() {
             if !self.budget.try_take(IN_CAPSULE_DATA) {
                 self.mem_wait = true;
-                self.count(|c| &c.mem_waits);
+                self.note_mem_wait();
                 return false;
             }
             match AlignedBuf::try_new(IN_CAPSULE_DATA) {
