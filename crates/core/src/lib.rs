@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 pub mod crc32c;
 pub mod stats;
+pub mod unixsock;
 pub mod worker;
 
 /// The byte stream under a network frontend's connection (NVMe/TCP, NBD): a socket in

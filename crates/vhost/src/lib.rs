@@ -65,6 +65,8 @@ pub struct ExportConfig {
     pub num_queues: u16,
     /// Serial returned by GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// The socket's owner and mode, set before it appears at `socket`.
+    pub perms: nvmux_core::unixsock::SocketPerms,
 }
 
 #[derive(Default)]
@@ -543,12 +545,9 @@ impl VhostBlkExport {
                 ));
             }
         }
-        let mut listener = Listener::new(&cfg.socket, true).map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("listen on {}: {e}", cfg.socket.display()),
-            )
-        })?;
+        // Owner and mode are set before the socket appears at its path (no link is
+        // followed); a stale socket there is replaced.
+        let mut listener = Listener::from(nvmux_core::unixsock::bind(&cfg.socket, &cfg.perms)?);
         let listen_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
