@@ -23,6 +23,11 @@
 #                        first MiB: the guest's writes there fail, fio verifies outside
 #                        it; the host removes the classifier live and the write succeeds
 #   nvmf, nvmf-restart   (nvmux only) NVMe/TCP with the guest kernel's initiator
+#   libvirt              (nvmux only) Debian's libvirtd (started here if not running)
+#                        runs QEMU as libvirt-qemu; a <disk type='vhostuser'> domain
+#                        boots and passes fio --verify on an export created with
+#                        --owner libvirt-qemu, with no chown or chmod of the socket
+#                        (tests/vm/libvirt.sh)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -386,6 +391,18 @@ else
             fail nvmf-restart "boot status $rc, host actions '$ACTIONS', log $work/nvmf-restart.log"
         fi
     fi
+fi
+
+# f. libvirt (nvmux only): the socket's owner comes from the export alone.
+if [[ $server != nvmux ]]; then
+    echo "SKIP libvirt (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail libvirt "server is not running"
+else
+    rc=0
+    "$here/libvirt.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+        --initrd "$initrd" --work "$work" --smp "$smp" --timeout "$boot_timeout" || rc=$?
+    if ((rc == 0)); then pass libvirt; else fail libvirt "status $rc, console $work/libvirt.log"; fi
 fi
 
 stop_server

@@ -172,7 +172,7 @@ pub fn user_id(name: &str) -> Result<u32> {
         }
         if out.is_null() {
             return Err(Error::new(
-                ErrorKind::NotFound,
+                ErrorKind::InvalidArgument,
                 format!("user {name:?} does not exist (give a known user name or a numeric uid)"),
             ));
         }
@@ -213,7 +213,7 @@ pub fn group_id(name: &str) -> Result<u32> {
         }
         if out.is_null() {
             return Err(Error::new(
-                ErrorKind::NotFound,
+                ErrorKind::InvalidArgument,
                 format!("group {name:?} does not exist (give a known group name or a numeric gid)"),
             ));
         }
