@@ -74,6 +74,7 @@ cleanup() {
     [[ -n $dir ]] && rm -rf "$dir"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # --- libvirt's daemons ----------------------------------------------------------------
 t0=$(date +%s)
@@ -155,10 +156,18 @@ cat > "$work/libvirt-domain.xml" <<EOF
 EOF
 "${virsh[@]}" define "$work/libvirt-domain.xml" >/dev/null
 t1=$(date +%s)
-if ! "${virsh[@]}" start "$name" > "$work/libvirt-start.out" 2>&1; then
+# virsh start returns once QEMU has connected its vhost-user chardev; with reconnect, a
+# QEMU that cannot connect (a socket it may not use) keeps trying, so bound the wait.
+src=0
+timeout -k 5 120 "${virsh[@]}" start "$name" > "$work/libvirt-start.out" 2>&1 || src=$?
+if ((src != 0)); then
     cat "$work/libvirt-start.out"
-    tail -n 20 "/var/log/libvirt/qemu/$name.log" 2>/dev/null || true
-    echo "libvirt: FAIL: virsh start failed"
+    tail -n 5 "/var/log/libvirt/qemu/$name.log" 2>/dev/null || true
+    if ((src == 124 || src == 137)); then
+        echo "libvirt: FAIL: virsh start did not return within 120 s (QEMU could not connect to $sock?)"
+    else
+        echo "libvirt: FAIL: virsh start failed"
+    fi
     exit 1
 fi
 
