@@ -156,5 +156,10 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{worker=\"{i}\"}} {}", get(w));
         }
     }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_io_leaked_commands_total Commands a dropped io_uring queue left in the kernel; their buffers are kept forever.\n# TYPE nvmux_io_leaked_commands_total counter\nnvmux_io_leaked_commands_total {}",
+        nvmux_backend::leaked_commands()
+    );
     o
 }
