@@ -51,7 +51,8 @@ const BLOCK: usize = 4096;
 fn victim_block(lba: u64, gen: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(&lba.to_le_bytes());
     out[8..16].copy_from_slice(&gen.to_le_bytes());
-    let mut x = lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gen.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
+    let mut x =
+        lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gen.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
     for b in out[16..].iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
@@ -70,7 +71,12 @@ impl Victim {
         let first_error = Arc::new(Mutex::new(None));
         let (tx, rx) = std::sync::mpsc::channel::<Res<()>>();
         let sock = socket.to_path_buf();
-        let (st, op, er, fe) = (stop.clone(), ops.clone(), errors.clone(), first_error.clone());
+        let (st, op, er, fe) = (
+            stop.clone(),
+            ops.clone(),
+            errors.clone(),
+            first_error.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("victim".into())
             .spawn(move || victim_loop(&sock, st, op, er, fe, tx))
@@ -158,8 +164,9 @@ fn victim_loop(
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut ready = Some(ready);
     let mut expect = vec![0u8; BLOCK];
-    let mut out: Vec<std::mem::MaybeUninit<blkio::Completion>> =
-        (0..VICTIM_QD).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let mut out: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..VICTIM_QD)
+        .map(|_| std::mem::MaybeUninit::uninit())
+        .collect();
     while !stop.load(Ordering::Acquire) {
         // Pick QD distinct blocks; write them, then read them back and check.
         let mut lbas = Vec::with_capacity(VICTIM_QD);
@@ -174,7 +181,11 @@ fn victim_loop(
         }
         for (i, &l) in lbas.iter().enumerate() {
             gens[l as usize] += 1;
-            victim_block(l, gens[l as usize], &mut c.buf()[i * BLOCK..(i + 1) * BLOCK]);
+            victim_block(
+                l,
+                gens[l as usize],
+                &mut c.buf()[i * BLOCK..(i + 1) * BLOCK],
+            );
         }
         for phase in [Op::Write, Op::Read] {
             for (i, &l) in lbas.iter().enumerate() {
@@ -228,7 +239,9 @@ fn victim_loop(
             victim_block(l, gens[l as usize], &mut expect);
             let o = (VICTIM_QD + i) * BLOCK;
             if c.buf()[o..o + BLOCK] != expect[..] {
-                fail(format!("block {l}: read back differs from what was written"));
+                fail(format!(
+                    "block {l}: read back differs from what was written"
+                ));
             }
         }
         if let Some(r) = ready.take() {
@@ -413,7 +426,10 @@ fn admin_queue(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> Res<Queue> {
     let mut q = Queue::open(addr, false, false)?;
     let c = q.connect(0, 32, subnqn, hostnqn, 0xffff)?;
     if !c.ok() {
-        return Err(format!("connect to {subnqn} as {hostnqn}: status {:#x}", c.status));
+        return Err(format!(
+            "connect to {subnqn} as {hostnqn}: status {:#x}",
+            c.status
+        ));
     }
     q.prop_set(0x14, 1)?;
     Ok(q)
@@ -436,7 +452,12 @@ pub fn nvmf_log_page_numd_max(
     sqe.0[2..4].copy_from_slice(&0x4242u16.to_le_bytes());
     q.raw(&capsule(&sqe, u32::MAX))?;
     let mut s = q.stream().try_clone().map_err(|e| e.to_string())?;
-    Ok(read_answer(&mut s, 0x4242, 64 << 20, Duration::from_secs(20)))
+    Ok(read_answer(
+        &mut s,
+        0x4242,
+        64 << 20,
+        Duration::from_secs(20),
+    ))
 }
 
 /// Identify (controller) with a 4 GiB transport SGL on an admin queue.
@@ -446,7 +467,12 @@ pub fn nvmf_identify_sgl_4g(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> Re
     sqe.0[2..4].copy_from_slice(&0x4343u16.to_le_bytes());
     q.raw(&capsule(&sqe, u32::MAX))?;
     let mut s = q.stream().try_clone().map_err(|e| e.to_string())?;
-    Ok(read_answer(&mut s, 0x4343, 64 << 20, Duration::from_secs(20)))
+    Ok(read_answer(
+        &mut s,
+        0x4343,
+        64 << 20,
+        Duration::from_secs(20),
+    ))
 }
 
 /// Before Connect: a Connect capsule whose 4 GiB of data is to come by R2T (a
@@ -525,7 +551,12 @@ fn icreq_exchange(addr: SocketAddr, within: Duration) -> Res<TcpStream> {
 /// Send `bytes` one at a time, one every `every`, until the server closes the
 /// connection or `give_up` passes. Returns how long the server let it live (None: it
 /// was still open at `give_up`).
-pub fn trickle(stream: &mut dyn ReadWrite, bytes: &[u8], every: Duration, give_up: Duration) -> Option<Duration> {
+pub fn trickle(
+    stream: &mut dyn ReadWrite,
+    bytes: &[u8],
+    every: Duration,
+    give_up: Duration,
+) -> Option<Duration> {
     let t0 = Instant::now();
     let mut i = 0;
     loop {
@@ -558,8 +589,13 @@ pub trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 /// An ICReq, sent a byte a second (slowloris on the NVMe/TCP handshake).
-pub fn nvmf_slow_handshake(addr: SocketAddr, every: Duration, give_up: Duration) -> Res<Option<Duration>> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+pub fn nvmf_slow_handshake(
+    addr: SocketAddr,
+    every: Duration,
+    give_up: Duration,
+) -> Res<Option<Duration>> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_millis(50))).ok();
     let mut ic = vec![0u8; 128];
     ic[2] = 128;
@@ -572,7 +608,8 @@ pub fn nvmf_slow_handshake(addr: SocketAddr, every: Duration, give_up: Duration)
 pub fn half_open_tcp(addr: SocketAddr, n: usize, within: Duration) -> Res<usize> {
     let mut v = Vec::new();
     for _ in 0..n {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_millis(20))).ok();
         v.push(s);
     }
@@ -622,7 +659,8 @@ pub fn nbd_go(a: &NbdAddr, export: &str) -> Res<Box<dyn ReadWrite + Send>> {
     let mut s = nbd_connect(a, Duration::from_secs(10))?;
     let mut g = [0u8; 18];
     s.read_exact(&mut g).map_err(|e| format!("greeting: {e}"))?;
-    s.write_all(&3u32.to_be_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(&3u32.to_be_bytes())
+        .map_err(|e| e.to_string())?;
     let mut d = (export.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(export.as_bytes());
     d.extend_from_slice(&0u16.to_be_bytes());
@@ -633,7 +671,8 @@ pub fn nbd_go(a: &NbdAddr, export: &str) -> Res<Box<dyn ReadWrite + Send>> {
     s.write_all(&o).map_err(|e| e.to_string())?;
     loop {
         let mut h = [0u8; 20];
-        s.read_exact(&mut h).map_err(|e| format!("option reply: {e}"))?;
+        s.read_exact(&mut h)
+            .map_err(|e| format!("option reply: {e}"))?;
         let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
         let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
         if len > 1 << 20 {
@@ -698,9 +737,11 @@ fn nbd_reply(s: &mut dyn ReadWrite, within: Duration) -> NbdAnswer {
 /// cannot skip safely), allocating nothing for either.
 pub fn nbd_huge_requests(a: &NbdAddr, export: &str) -> Res<(NbdAnswer, NbdAnswer)> {
     let mut s = nbd_go(a, export)?;
-    s.write_all(&nbd_request(0, 1, 0, u32::MAX)).map_err(|e| e.to_string())?;
+    s.write_all(&nbd_request(0, 1, 0, u32::MAX))
+        .map_err(|e| e.to_string())?;
     let read = nbd_reply(&mut *s, Duration::from_secs(20));
-    s.write_all(&nbd_request(1, 2, 0, u32::MAX)).map_err(|e| e.to_string())?;
+    s.write_all(&nbd_request(1, 2, 0, u32::MAX))
+        .map_err(|e| e.to_string())?;
     // A little payload, then nothing: the write can never complete.
     let _ = s.write_all(&[0u8; 4096]);
     let write = nbd_reply(&mut *s, Duration::from_secs(20));
@@ -730,7 +771,12 @@ pub fn nbd_flood(a: &NbdAddr, n: usize, hold: Duration) -> Flood {
 }
 
 /// The client's half of a negotiation, a byte every `every` (slowloris).
-pub fn nbd_slow_handshake(a: &NbdAddr, export: &str, every: Duration, give_up: Duration) -> Res<Option<Duration>> {
+pub fn nbd_slow_handshake(
+    a: &NbdAddr,
+    export: &str,
+    every: Duration,
+    give_up: Duration,
+) -> Res<Option<Duration>> {
     let mut s = nbd_connect(a, Duration::from_millis(50))?;
     let mut g = [0u8; 18];
     let t0 = Instant::now();

@@ -72,7 +72,10 @@ impl Rig {
             .expect("subsystem");
         let nvmf: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
         d.api
-            .post(&format!("/v1/subsystems/{NQN}/hosts"), &json!({"host": MALLORY}))
+            .post(
+                &format!("/v1/subsystems/{NQN}/hosts"),
+                &json!({"host": MALLORY}),
+            )
             .expect("allow mallory");
         d.api
             .post(
@@ -198,12 +201,18 @@ fn every_endpoint_withstands_hostile_peers() {
 
     // ---- 1000 connections ----
     let f = attack::nvmf_flood(r.nvmf, 1000, Duration::from_secs(1));
-    eprintln!("1000 NVMe/TCP connections: {} taken, {} refused", f.accepted, f.refused);
+    eprintln!(
+        "1000 NVMe/TCP connections: {} taken, {} refused",
+        f.accepted, f.refused
+    );
     assert!(f.refused > 0, "the per-host limit refuses some of 1000");
     r.check("1000 NVMe/TCP connections");
     for addr in [r.nbd_unix.clone(), r.nbd_tcp.clone()] {
         let f = attack::nbd_flood(&addr, 1000, Duration::from_secs(1));
-        eprintln!("1000 NBD connections on {addr:?}: {} taken, {} refused", f.accepted, f.refused);
+        eprintln!(
+            "1000 NBD connections on {addr:?}: {} taken, {} refused",
+            f.accepted, f.refused
+        );
         assert!(f.refused > 0, "the connection limits refuse some of 1000");
         r.check("1000 NBD connections");
     }
@@ -213,22 +222,34 @@ fn every_endpoint_withstands_hostile_peers() {
     let give_up = Duration::from_secs(30);
     let t = attack::nvmf_slow_handshake(r.nvmf, every, give_up).expect("slow nvmf");
     eprintln!("NVMe/TCP ICReq at 1 byte/s: closed after {t:?}");
-    assert!(t.is_some_and(|t| t < slack), "cut at the handshake timeout: {t:?}");
+    assert!(
+        t.is_some_and(|t| t < slack),
+        "cut at the handshake timeout: {t:?}"
+    );
     r.check("a 1 byte/s NVMe/TCP handshake");
     for addr in [r.nbd_unix.clone(), r.nbd_tcp.clone()] {
         let t = attack::nbd_slow_handshake(&addr, "bait", every, give_up).expect("slow nbd");
         eprintln!("NBD negotiation at 1 byte/s on {addr:?}: closed after {t:?}");
-        assert!(t.is_some_and(|t| t < slack), "cut at the handshake timeout: {t:?}");
+        assert!(
+            t.is_some_and(|t| t < slack),
+            "cut at the handshake timeout: {t:?}"
+        );
         r.check("a 1 byte/s NBD handshake");
     }
 
     // ---- half-open sockets ----
     let n = attack::half_open_tcp(r.nvmf, 50, slack).expect("half-open nvmf");
-    assert_eq!(n, 50, "silent NVMe/TCP connections are closed at the handshake timeout");
+    assert_eq!(
+        n, 50,
+        "silent NVMe/TCP connections are closed at the handshake timeout"
+    );
     r.check("50 half-open NVMe/TCP connections");
     if let NbdAddr::Tcp(a) = r.nbd_tcp {
         let n = attack::half_open_tcp(a, 50, slack).expect("half-open nbd");
-        assert_eq!(n, 50, "silent NBD connections are closed at the handshake timeout");
+        assert_eq!(
+            n, 50,
+            "silent NBD connections are closed at the handshake timeout"
+        );
         r.check("50 half-open NBD connections");
     }
     let closed = attack::nbd_not_reading(
@@ -238,7 +259,10 @@ fn every_endpoint_withstands_hostile_peers() {
         Duration::from_millis(STALL_MS + 3000),
     )
     .expect("not reading");
-    assert!(closed, "a client that never reads its replies is cut at the stall timeout");
+    assert!(
+        closed,
+        "a client that never reads its replies is cut at the stall timeout"
+    );
     r.check("an NBD client that never reads its replies");
 
     eprintln!(
