@@ -363,7 +363,7 @@ fn read_answer(s: &mut TcpStream, cid: u16, cap: usize, within: Duration) -> Nvm
         }
         let ty = hdr[0];
         let plen = le32(&hdr, 4) as usize;
-        if plen < 8 || plen > (16 << 20) + 4096 {
+        if !(8..=(16 << 20) + 4096).contains(&plen) {
             a.terminated = true;
             return a;
         }
