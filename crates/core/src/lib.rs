@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 pub mod budget;
 pub mod crc32c;
+pub mod fault;
 pub mod stats;
 pub mod worker;
 
