@@ -1,11 +1,18 @@
 //! One io_uring per queue. Commands live in a slot table from `submit` until their
 //! completion is reaped, so the iovec arrays and buffers the kernel reads stay valid.
+//!
+//! A queue dropped with commands still in the kernel (its frontend connection panicked,
+//! or the daemon is shutting down) first asks the kernel to cancel them and waits for
+//! their completions (at most [`DRAIN_WAIT`]); whatever is still in the kernel then is
+//! leaked on purpose, buffers and all, and logged, so the kernel can never write into
+//! memory that was freed.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use nvmux_core::{AlignedBuf, BlockQueue, Error, IoCommand, Opcode, Result, Status};
@@ -43,10 +50,26 @@ pub(crate) struct UringQueue {
     in_flight: usize,
     efd: OwnedFd,
     /// Reaped CQEs (user data, result), reused across polls.
-    cqes: Vec<(u32, i32)>,
+    cqes: Vec<(u64, i32)>,
+    /// How long `drop` waits for commands still in the kernel.
+    drain_wait: Duration,
 }
 
 const FIXED: types::Fixed = types::Fixed(0);
+
+/// How long a queue being dropped waits for the kernel to hand back its commands.
+pub(crate) const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// User data of cancel requests (slot indices are far below it).
+const CANCEL_TAG: u64 = u64::MAX;
+
+/// Commands left in the kernel (and their buffers leaked) by queues that were dropped.
+static LEAKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Commands whose buffers were leaked on purpose because the kernel did not hand them
+/// back within [`DRAIN_WAIT`] of their queue being dropped.
+pub fn leaked_commands() -> u64 {
+    LEAKED.load(Ordering::Relaxed)
+}
 
 /// A read or write of one contiguous buffer.
 fn rw_entry(write: bool, p: *mut u8, n: u32, off: u64, rw_flags: i32) -> io_uring::squeue::Entry {
@@ -100,7 +123,47 @@ impl UringQueue {
             in_flight: 0,
             efd,
             cqes: Vec::with_capacity(depth as usize),
+            drain_wait: DRAIN_WAIT,
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_drain_wait(&mut self, d: Duration) {
+        self.drain_wait = d;
+    }
+
+    /// Wait up to `until` for the completion eventfd (or 100 ms at most).
+    fn wait_completion(&self, until: Instant) {
+        let ms = until
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(100) as i32;
+        let mut p = libc::pollfd {
+            fd: self.efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack; the eventfd is ours.
+        unsafe { libc::poll(&mut p, 1, ms) };
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes into a u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    /// Reap CQEs without acting on them: the commands of finished slots are dropped.
+    fn discard_completions(&mut self) {
+        let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+        for ud in done {
+            if ud == CANCEL_TAG {
+                continue;
+            }
+            if let Some(slot) = self.slots.get_mut(ud as usize) {
+                if slot.cmd.take().is_some() {
+                    slot.bounce = None;
+                    self.in_flight -= 1;
+                }
+            }
+        }
     }
 
     /// Build the SQE for slot `i` and push it.
@@ -301,16 +364,15 @@ impl BlockQueue for UringQueue {
         let mut cqes = std::mem::take(&mut self.cqes);
         loop {
             cqes.clear();
-            cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data() as u32, c.result())),
-            );
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if cqes.is_empty() {
                 break;
             }
-            for &(i, res) in &cqes {
-                if let Some((c, s)) = self.complete(i, res) {
+            for &(ud, res) in &cqes {
+                if ud == CANCEL_TAG {
+                    continue;
+                }
+                if let Some((c, s)) = self.complete(ud as u32, res) {
                     done(c, s);
                     n += 1;
                 }
@@ -333,5 +395,50 @@ impl BlockQueue for UringQueue {
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.efd.as_raw_fd())
+    }
+}
+
+impl Drop for UringQueue {
+    fn drop(&mut self) {
+        // Never started: nothing of theirs is in the kernel.
+        self.backlog.clear();
+        self.failed.clear();
+        if self.in_flight == 0 {
+            return;
+        }
+        let deadline = Instant::now() + self.drain_wait;
+        let _ = self.ring.submit();
+        // Ask the kernel to cancel what it can (a read of a pipe or socket, a request
+        // waiting in io-wq); a transfer already under way finishes by itself.
+        let busy: Vec<u64> = (0..self.slots.len() as u64)
+            .filter(|&i| self.slots[i as usize].cmd.is_some())
+            .collect();
+        for i in busy {
+            let e = opcode::AsyncCancel::new(i).build().user_data(CANCEL_TAG);
+            // SAFETY: a cancel request points at no memory of ours.
+            while unsafe { self.ring.submission().push(&e) }.is_err() {
+                let _ = self.ring.submit();
+            }
+        }
+        let _ = self.ring.submit();
+        loop {
+            self.discard_completions();
+            if self.in_flight == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            self.wait_completion(deadline);
+        }
+        // The kernel still owns these commands' buffers (and the iovec arrays in their SG
+        // lists): keep them allocated forever rather than let it write into freed memory.
+        tracing::error!(
+            commands = self.in_flight,
+            "io_uring queue dropped with commands still in the kernel after {:?}; their buffers are leaked on purpose",
+            self.drain_wait
+        );
+        LEAKED.fetch_add(self.in_flight as u64, Ordering::Relaxed);
+        std::mem::forget(std::mem::take(&mut self.slots));
     }
 }

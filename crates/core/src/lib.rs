@@ -22,7 +22,9 @@ use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+pub mod budget;
 pub mod crc32c;
+pub mod fault;
 pub mod stats;
 pub mod unixsock;
 pub mod worker;

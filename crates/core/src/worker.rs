@@ -43,6 +43,24 @@ pub trait WorkSource: Send {
     fn take_fds_changed(&mut self) -> bool {
         false
     }
+    /// The socket of [`WorkSource::socket_fd`] became readable or writable (an edge).
+    /// A source with a socket reads it only after such an edge, or while its last read
+    /// filled its buffer: an idle connection costs no system call per loop.
+    fn socket_ready(&mut self, _ready: Readiness) {}
+    /// What the source serves, for log lines ("nbd connection 127.0.0.1:40000 to vm1").
+    fn describe(&self) -> String {
+        "work source".into()
+    }
+}
+
+/// What epoll reported for a source's socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer closed (or the socket failed): reads will end in 0 or an error, and no
+    /// further edge announces that, so the source reads until it sees it.
+    pub hup: bool,
 }
 
 /// Worker tuning.
@@ -77,6 +95,8 @@ pub struct WorkerStats {
     pub sleeps: AtomicU64,
     /// Sources attached now.
     pub sources: AtomicU64,
+    /// Sources that panicked (each was dropped; the worker went on with the others).
+    pub panics: AtomicU64,
 }
 
 struct Shared {
@@ -205,8 +225,8 @@ fn pin_to(cpu: usize) {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Token bit of sockets: the worker must not read them.
-const SOCKET_TOKEN: u64 = 1 << 32;
+/// Token of the socket epoll set inside the main one.
+const SOCKETS_TOKEN: u64 = u64::MAX - 1;
 
 fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd) {
     epoll_ctl_ev(ep, op, fd, libc::EPOLLIN as u32, fd as u64)
@@ -232,19 +252,7 @@ fn drain(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
-struct Attached {
-    src: Box<dyn WorkSource>,
-    fds: Vec<RawFd>,
-    socket: Option<RawFd>,
-}
-
-const SOCKET_EVENTS: u32 =
-    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-
-fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
-    if let Some(c) = cpu {
-        pin_to(c);
-    }
+fn epoll_create() -> Option<OwnedFd> {
     // SAFETY: epoll_create1 has no preconditions; checked below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
@@ -252,26 +260,107 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
             "worker: epoll_create1 failed: {}",
             std::io::Error::last_os_error()
         );
-        return;
+        return None;
     }
     // SAFETY: ep is a fresh descriptor we own.
-    let ep_owned = unsafe { OwnedFd::from_raw_fd(ep) };
-    let wake_fd = sh.wake.as_raw_fd();
-    {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: WAKE_TOKEN,
-        };
-        // SAFETY: registering our own eventfd on our own epoll fd.
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, wake_fd, &mut ev) };
+    Some(unsafe { OwnedFd::from_raw_fd(ep) })
+}
+
+struct Attached {
+    src: Box<dyn WorkSource>,
+    fds: Vec<RawFd>,
+    socket: Option<RawFd>,
+    /// The source panicked: it is dropped at the end of this pass.
+    poisoned: bool,
+}
+
+const SOCKET_EVENTS: u32 =
+    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+/// The text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
     }
+}
+
+/// Run `f` on a source; a panic poisons that source only (it is logged, counted, and the
+/// source is dropped), never the worker and its other sources.
+fn guarded<R: Default>(
+    a: &mut Attached,
+    stats: &WorkerStats,
+    what: &str,
+    f: impl FnOnce(&mut dyn WorkSource) -> R,
+) -> R {
+    if a.poisoned {
+        return R::default();
+    }
+    let src = &mut *a.src;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(src))) {
+        Ok(r) => r,
+        Err(p) => {
+            a.poisoned = true;
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            let desc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.src.describe()))
+                .unwrap_or_else(|_| "work source".into());
+            tracing::error!(
+                "panic in {what} of {desc}: {}; it is closed, the worker goes on",
+                panic_text(&*p)
+            );
+            R::default()
+        }
+    }
+}
+
+/// Drop a source, containing a panic in its destructor.
+fn drop_source(a: Attached) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(a))).is_err() {
+        tracing::error!("panic while dropping a work source");
+    }
+}
+
+fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        pin_to(c);
+    }
+    let (Some(ep_owned), Some(sock_ep_owned)) = (epoll_create(), epoll_create()) else {
+        return;
+    };
+    let ep = ep_owned.as_raw_fd();
+    // Sockets sit in their own (edge-triggered) epoll set, itself in the main set: a busy
+    // worker asks it for edges with one non-blocking epoll_wait per pass, and a sleeping
+    // worker wakes when it has some.
+    let sock_ep = sock_ep_owned.as_raw_fd();
+    epoll_ctl_ev(
+        ep,
+        libc::EPOLL_CTL_ADD,
+        sock_ep,
+        libc::EPOLLIN as u32,
+        SOCKETS_TOKEN,
+    );
+    let wake_fd = sh.wake.as_raw_fd();
+    epoll_ctl_ev(
+        ep,
+        libc::EPOLL_CTL_ADD,
+        wake_fd,
+        libc::EPOLLIN as u32,
+        WAKE_TOKEN,
+    );
     let mut sources: Vec<Attached> = Vec::new();
+    // Socket fd -> index in `sources`, rebuilt when the list changes.
+    let mut by_socket: std::collections::HashMap<RawFd, usize> = Default::default();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    let mut sock_events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     // Clock reads happen only when a poll finds nothing: a loaded worker reads the clock
     // once per busy period, not once per loop iteration.
     let mut busy_since: Option<Instant> = None;
     let mut idle_since: Option<Instant> = None;
     loop {
+        let mut changed = false;
         if sh.pending.swap(false, Ordering::Acquire) {
             let new: Vec<_> =
                 std::mem::take(&mut *sh.incoming.lock().unwrap_or_else(|e| e.into_inner()));
@@ -282,45 +371,91 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 }
                 let socket = src.socket_fd();
                 if let Some(s) = socket {
-                    let token = SOCKET_TOKEN | s as u32 as u64;
-                    epoll_ctl_ev(ep, libc::EPOLL_CTL_ADD, s, SOCKET_EVENTS, token);
+                    epoll_ctl_ev(sock_ep, libc::EPOLL_CTL_ADD, s, SOCKET_EVENTS, s as u64);
                 }
-                sources.push(Attached { src, fds, socket });
+                sources.push(Attached {
+                    src,
+                    fds,
+                    socket,
+                    poisoned: false,
+                });
             }
-            sh.stats
-                .sources
-                .store(sources.len() as u64, Ordering::Relaxed);
+            changed = true;
         }
         if sh.stop.load(Ordering::Acquire) {
             break;
         }
+        if changed {
+            by_socket = sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.socket.map(|s| (s, i)))
+                .collect();
+        }
         let mut n = 0;
+        if !by_socket.is_empty() {
+            // SAFETY: sock_events is a valid buffer of sock_events.len() entries.
+            let r = unsafe {
+                libc::epoll_wait(
+                    sock_ep,
+                    sock_events.as_mut_ptr(),
+                    sock_events.len() as i32,
+                    0,
+                )
+            };
+            for ev in sock_events.iter().take(r.max(0) as usize) {
+                let fd = ev.u64 as RawFd;
+                let Some(&i) = by_socket.get(&fd) else {
+                    continue;
+                };
+                let e = ev.events;
+                let hup = (libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32;
+                let ready = Readiness {
+                    readable: e & (libc::EPOLLIN as u32 | hup) != 0,
+                    writable: e & (libc::EPOLLOUT as u32 | hup) != 0,
+                    hup: e & hup != 0,
+                };
+                guarded(&mut sources[i], &sh.stats, "socket_ready", |s| {
+                    s.socket_ready(ready)
+                });
+                n += 1;
+            }
+        }
         for a in sources.iter_mut() {
-            n += a.src.poll();
-            if a.src.take_fds_changed() {
+            n += guarded(a, &sh.stats, "poll", |s| s.poll());
+            if guarded(a, &sh.stats, "take_fds_changed", |s| s.take_fds_changed()) {
                 for &fd in &a.fds {
                     epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd);
                 }
-                a.fds = a.src.wait_fds();
+                a.fds = guarded(a, &sh.stats, "wait_fds", |s| s.wait_fds());
                 for &fd in &a.fds {
                     epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd);
                 }
             }
         }
-        if sources.iter().any(|a| a.src.finished()) {
-            sources.retain(|a| {
-                if a.src.finished() {
-                    for &fd in &a.fds {
-                        epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd);
-                    }
-                    if let Some(s) = a.socket {
-                        epoll_ctl(ep, libc::EPOLL_CTL_DEL, s);
-                    }
-                    false
-                } else {
-                    true
+        if sources.iter().any(|a| a.poisoned || guarded_finished(a)) {
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut sources)
+                .into_iter()
+                .partition(|a| a.poisoned || guarded_finished(a));
+            sources = keep;
+            for a in gone {
+                for &fd in &a.fds {
+                    epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd);
                 }
-            });
+                if let Some(s) = a.socket {
+                    epoll_ctl(sock_ep, libc::EPOLL_CTL_DEL, s);
+                }
+                drop_source(a);
+            }
+            changed = true;
+            n += 1;
+        }
+        if changed {
+            by_socket = sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.socket.map(|s| (s, i)))
+                .collect();
             sh.stats
                 .sources
                 .store(sources.len() as u64, Ordering::Relaxed);
@@ -357,15 +492,15 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
         // Go to sleep, unless a source has work after re-enabling notifications.
         let mut can_sleep = true;
         for a in sources.iter_mut() {
-            can_sleep &= a.src.prepare_sleep();
+            can_sleep &= guarded(a, &sh.stats, "prepare_sleep", |s| s.prepare_sleep());
         }
-        if can_sleep && !sh.pending.load(Ordering::Acquire) {
+        if can_sleep && !sh.pending.load(Ordering::Acquire) && !sources.iter().any(|a| a.poisoned) {
             sh.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             // Sleep until an fd fires, or until the earliest deadline (milliseconds,
             // rounded up so the source is due when the worker wakes).
             let timeout = sources
-                .iter()
-                .filter_map(|a| a.src.next_deadline())
+                .iter_mut()
+                .filter_map(|a| guarded(a, &sh.stats, "next_deadline", |s| s.next_deadline()))
                 .min()
                 .map_or(-1, |d| {
                     let us = d.saturating_duration_since(Instant::now()).as_micros();
@@ -375,23 +510,28 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
             let r =
                 unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
             for ev in events.iter().take(r.max(0) as usize) {
-                let tok = ev.u64;
-                if tok != WAKE_TOKEN && tok & SOCKET_TOKEN != 0 {
-                    continue; // the source reads its socket itself
+                match ev.u64 {
+                    // Socket edges are collected at the top of the next pass.
+                    SOCKETS_TOKEN => {}
+                    WAKE_TOKEN => drain(wake_fd),
+                    fd => drain(fd as RawFd),
                 }
-                drain(if tok == WAKE_TOKEN {
-                    wake_fd
-                } else {
-                    tok as RawFd
-                });
             }
         }
         for a in sources.iter_mut() {
-            a.src.after_sleep();
+            guarded(a, &sh.stats, "after_sleep", |s| s.after_sleep());
         }
     }
-    drop(sources);
+    for a in sources {
+        drop_source(a);
+    }
+    drop(sock_ep_owned);
     drop(ep_owned);
+}
+
+/// `finished`, with a panic counting as finished.
+fn guarded_finished(a: &Attached) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.src.finished())).unwrap_or(true)
 }
 
 #[cfg(test)]
@@ -449,6 +589,141 @@ mod tests {
         }
         assert_eq!(seen.load(Ordering::SeqCst), 3);
         assert!(pool.worker(0).stats().sleeps.load(Ordering::Relaxed) >= 2);
+        pool.shutdown();
+    }
+
+    /// Panics on its third poll; counts its polls.
+    struct Bomb {
+        polls: Arc<AtomicUsize>,
+    }
+    impl WorkSource for Bomb {
+        fn poll(&mut self) -> usize {
+            if self.polls.fetch_add(1, Ordering::SeqCst) == 2 {
+                panic!("bomb");
+            }
+            1
+        }
+        fn wait_fds(&self) -> Vec<RawFd> {
+            Vec::new()
+        }
+        fn prepare_sleep(&mut self) -> bool {
+            true
+        }
+        fn after_sleep(&mut self) {}
+        fn finished(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_panicking_source_is_dropped_and_the_others_go_on() {
+        let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
+        let polls = Arc::new(AtomicUsize::new(0));
+        pool.worker(0).attach(Box::new(Bomb {
+            polls: polls.clone(),
+        }));
+        let fd = eventfd().unwrap();
+        let raw = fd.as_raw_fd();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicUsize::new(0));
+        pool.worker(0).attach(Box::new(Counter {
+            fd,
+            sent: sent.clone(),
+            seen: seen.clone(),
+        }));
+        let t0 = Instant::now();
+        while pool.worker(0).stats().panics.load(Ordering::Relaxed) == 0
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.worker(0).stats().panics.load(Ordering::Relaxed), 1);
+        // The bomb is gone (never polled again); the counter still gets its events.
+        for _ in 0..3 {
+            sent.fetch_add(1, Ordering::SeqCst);
+            let one: u64 = 1;
+            // SAFETY: the fd stays open until the source sees all 3 events.
+            unsafe { libc::write(raw, (&one as *const u64).cast(), 8) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        while seen.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        assert_eq!(polls.load(Ordering::SeqCst), 3);
+        pool.shutdown();
+    }
+
+    /// Reads its socket only when told it is readable; counts bytes and edges.
+    struct Reader {
+        sock: std::os::unix::net::UnixStream,
+        readable: bool,
+        edges: Arc<AtomicUsize>,
+        got: Arc<AtomicUsize>,
+    }
+    impl WorkSource for Reader {
+        fn poll(&mut self) -> usize {
+            if !self.readable {
+                return 0;
+            }
+            let mut b = [0u8; 64];
+            match std::io::Read::read(&mut self.sock, &mut b) {
+                Ok(n) if n > 0 => {
+                    self.got.fetch_add(n, Ordering::SeqCst);
+                    1
+                }
+                _ => {
+                    self.readable = false;
+                    0
+                }
+            }
+        }
+        fn wait_fds(&self) -> Vec<RawFd> {
+            Vec::new()
+        }
+        fn socket_fd(&self) -> Option<RawFd> {
+            Some(self.sock.as_raw_fd())
+        }
+        fn socket_ready(&mut self, r: Readiness) {
+            if r.readable {
+                self.readable = true;
+                self.edges.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn prepare_sleep(&mut self) -> bool {
+            !self.readable
+        }
+        fn after_sleep(&mut self) {}
+        fn finished(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn socket_edges_reach_their_source_asleep_or_busy() {
+        let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let edges = Arc::new(AtomicUsize::new(0));
+        let got = Arc::new(AtomicUsize::new(0));
+        pool.worker(0).attach(Box::new(Reader {
+            sock: a,
+            readable: false,
+            edges: edges.clone(),
+            got: got.clone(),
+        }));
+        let t0 = Instant::now();
+        for i in 1..=5 {
+            std::io::Write::write_all(&mut b, b"hello").unwrap();
+            while got.load(Ordering::SeqCst) < 5 * i && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            assert_eq!(got.load(Ordering::SeqCst), 5 * i);
+            // Let the worker fall asleep between writes.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(edges.load(Ordering::SeqCst) >= 5);
+        assert!(pool.worker(0).stats().sleeps.load(Ordering::Relaxed) >= 4);
         pool.shutdown();
     }
 }

@@ -33,6 +33,142 @@ pub struct Config {
     /// Who may use the API socket (`[api]`).
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub nvmf: NvmfConfig,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+}
+
+/// A byte count in the file: an integer, or a string with a unit ("64M", "1GiB").
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        N(u64),
+        S(String),
+    }
+    match V::deserialize(d)? {
+        V::N(n) => Ok(n),
+        V::S(s) => nvmux_core::parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Limits shared by the network frontends (NVMe/TCP and NBD).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Bytes of buffers all NVMe/TCP and NBD connections may hold together. A connection
+    /// that cannot get more waits (stops reading) until some comes back.
+    #[serde(default = "one_gib", deserialize_with = "size")]
+    pub memory_budget: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            memory_budget: one_gib(),
+        }
+    }
+}
+
+fn one_gib() -> u64 {
+    1 << 30
+}
+
+/// Limits of the NVMe/TCP target's listeners and connections.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmfConfig {
+    /// Connections one listener holds at once (every host together). 0: no limit.
+    #[serde(default = "nvmf_max_connections")]
+    pub max_connections: u32,
+    /// Connections one peer IP address holds at once on one listener. 0: no limit.
+    #[serde(default = "nvmf_max_per_host")]
+    pub max_connections_per_host: u32,
+    /// Buffers one connection may hold (bytes).
+    #[serde(default = "nvmf_memory_per_connection", deserialize_with = "size")]
+    pub memory_per_connection: u64,
+    /// From accept to a completed Fabrics Connect (and authentication), in ms.
+    #[serde(default = "ten_seconds_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A PDU started but not finished, or output the host does not take, for this long
+    /// ends the connection (ms).
+    #[serde(default = "thirty_seconds_ms")]
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for NvmfConfig {
+    fn default() -> Self {
+        NvmfConfig {
+            max_connections: nvmf_max_connections(),
+            max_connections_per_host: nvmf_max_per_host(),
+            memory_per_connection: nvmf_memory_per_connection(),
+            handshake_timeout_ms: ten_seconds_ms(),
+            stall_timeout_ms: thirty_seconds_ms(),
+        }
+    }
+}
+
+fn nvmf_max_connections() -> u32 {
+    2048
+}
+fn nvmf_max_per_host() -> u32 {
+    256
+}
+fn nvmf_memory_per_connection() -> u64 {
+    32 << 20
+}
+fn ten_seconds_ms() -> u64 {
+    10_000
+}
+fn thirty_seconds_ms() -> u64 {
+    30_000
+}
+
+/// Limits of the NBD listeners and connections.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Connections one listener holds at once (negotiating or not). 0: no limit.
+    #[serde(default = "nbd_max_connections")]
+    pub max_connections: u32,
+    /// Connections one peer IP address holds at once on one TCP listener. 0: no limit.
+    #[serde(default = "nbd_max_per_host")]
+    pub max_connections_per_host: u32,
+    /// Buffers one connection may hold (bytes); at least the largest request (32 MiB).
+    #[serde(default = "nbd_memory_per_connection", deserialize_with = "size")]
+    pub memory_per_connection: u64,
+    /// From accept to the end of the negotiation (TLS included), in ms.
+    #[serde(default = "ten_seconds_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A request started but not finished, or output the client does not take, for this
+    /// long ends the connection (ms).
+    #[serde(default = "thirty_seconds_ms")]
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            max_connections: nbd_max_connections(),
+            max_connections_per_host: nbd_max_per_host(),
+            memory_per_connection: nbd_memory_per_connection(),
+            handshake_timeout_ms: ten_seconds_ms(),
+            stall_timeout_ms: thirty_seconds_ms(),
+        }
+    }
+}
+
+fn nbd_max_connections() -> u32 {
+    1024
+}
+fn nbd_max_per_host() -> u32 {
+    64
+}
+fn nbd_memory_per_connection() -> u64 {
+    64 << 20
 }
 
 // ---- [api]: the API socket's owner group, mode and allow-list ------------------------
@@ -227,6 +363,34 @@ impl Config {
             ));
         }
         self.api.access()?;
+        let mb = self.network.memory_budget;
+        if !(16 << 20..=1 << 40).contains(&mb) {
+            return Err(format!(
+                "network.memory_budget = {mb} is out of range (16 MiB..=1 TiB)"
+            ));
+        }
+        let per = [
+            ("nvmf", self.nvmf.memory_per_connection, 1 << 20),
+            ("nbd", self.nbd.memory_per_connection, 33 << 20),
+        ];
+        for (sec, v, min) in per {
+            if v < min || v > mb {
+                return Err(format!(
+                    "{sec}.memory_per_connection = {v} is out of range ({min}..=network.memory_budget = {mb})"
+                ));
+            }
+        }
+        let timeouts = [
+            ("nvmf.handshake_timeout_ms", self.nvmf.handshake_timeout_ms),
+            ("nvmf.stall_timeout_ms", self.nvmf.stall_timeout_ms),
+            ("nbd.handshake_timeout_ms", self.nbd.handshake_timeout_ms),
+            ("nbd.stall_timeout_ms", self.nbd.stall_timeout_ms),
+        ];
+        for (k, v) in timeouts {
+            if !(100..=3_600_000).contains(&v) {
+                return Err(format!("{k} = {v} is out of range (100..=3600000)"));
+            }
+        }
         if self.qos.fair_depth > 65_536 {
             return Err(format!(
                 "qos.fair_depth = {} is out of range (0..=65536)",
@@ -265,6 +429,21 @@ mod tests {
     fn rejects_unknown_and_bad() {
         assert!(Config::parse("bogus = 1").is_err());
         assert!(Config::parse("[workers]\nthreads = 0").is_err());
+        assert!(Config::parse("[network]\nmemory_budget = \"1M\"").is_err());
+        assert!(Config::parse("[nbd]\nmemory_per_connection = \"16M\"").is_err());
+        assert!(Config::parse("[nvmf]\nstall_timeout_ms = 0").is_err());
+    }
+    #[test]
+    fn network_limits() {
+        let c = Config::parse(
+            "[network]\nmemory_budget = \"2G\"\n[nvmf]\nmax_connections = 10\nmemory_per_connection = 4194304\n[nbd]\nmax_connections_per_host = 0",
+        )
+        .unwrap();
+        assert_eq!(c.network.memory_budget, 2 << 30);
+        assert_eq!(c.nvmf.max_connections, 10);
+        assert_eq!(c.nvmf.memory_per_connection, 4 << 20);
+        assert_eq!(c.nbd.max_connections_per_host, 0);
+        assert_eq!(c.nbd.memory_per_connection, 64 << 20);
     }
 
     #[test]

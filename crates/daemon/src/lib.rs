@@ -1722,6 +1722,9 @@ pub struct WorkerView {
     pub idle_poll_s: f64,
     pub sleeps: u64,
     pub sources: u64,
+    /// Queues and connections dropped because serving them panicked.
+    #[serde(default)]
+    pub panics: u64,
 }
 
 impl From<&nvmux_core::worker::WorkerHandle> for WorkerView {
@@ -1733,6 +1736,7 @@ impl From<&nvmux_core::worker::WorkerHandle> for WorkerView {
             idle_poll_s: s.idle_poll_ns.load(Relaxed) as f64 / 1e9,
             sleeps: s.sleeps.load(Relaxed),
             sources: s.sources.load(Relaxed),
+            panics: s.panics.load(Relaxed),
         }
     }
 }

@@ -144,11 +144,22 @@ pub fn render(d: &Daemon) -> String {
             "Queues attached to the worker.",
             |w| w.sources as f64,
         ),
+        (
+            "nvmux_worker_panics_total",
+            "counter",
+            "Queues and connections closed because serving them panicked.",
+            |w| w.panics as f64,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
         for (i, w) in workers.iter().enumerate() {
             let _ = writeln!(o, "{metric}{{worker=\"{i}\"}} {}", get(w));
         }
     }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_io_leaked_commands_total Commands a dropped io_uring queue left in the kernel; their buffers are kept forever.\n# TYPE nvmux_io_leaked_commands_total counter\nnvmux_io_leaked_commands_total {}",
+        nvmux_backend::leaked_commands()
+    );
     o
 }

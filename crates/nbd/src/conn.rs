@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nvmux_core::stats::{OpClass, QueueStats};
-use nvmux_core::worker::WorkSource;
+use nvmux_core::worker::{Readiness, WorkSource};
 use nvmux_core::{AlignedBuf, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status, Wire};
 
 use crate::proto::*;
@@ -82,6 +82,8 @@ pub struct NbdConn {
     /// Bytes of `direct` not yet sent.
     direct_bytes: usize,
     tx_blocked: bool,
+    /// The socket reported a hang-up: read until the end of the stream shows.
+    hup: bool,
     done: Vec<(IoCommand, Status)>,
     stats: Arc<QueueStats>,
     eof: bool,
@@ -125,6 +127,7 @@ impl NbdConn {
             direct: VecDeque::new(),
             direct_bytes: 0,
             tx_blocked: false,
+            hup: false,
             done: Vec::with_capacity(MAX_SLOTS),
             stats,
             export,
@@ -372,6 +375,9 @@ impl NbdConn {
 
     fn recv(&mut self) -> usize {
         let mut n = 0;
+        if !self.rx_more && !self.hup {
+            return 0; // drained, and no edge since: nothing to read
+        }
         loop {
             if self.eof || self.dead || self.disc {
                 self.rx_more = false;
@@ -507,6 +513,9 @@ impl NbdConn {
 
     fn flush(&mut self) -> usize {
         let mut n = 0;
+        if self.tx_blocked {
+            return 0; // the socket was full; its next writable edge clears this
+        }
         while self.pending_tx() > 0 {
             // The stream from here: tx up to the first direct reply, its data, tx up to
             // the next, ..., the rest of tx.
@@ -689,5 +698,19 @@ impl WorkSource for NbdConn {
 
     fn next_deadline(&self) -> Option<Instant> {
         self.bq.next_deadline()
+    }
+
+    fn socket_ready(&mut self, r: Readiness) {
+        if r.readable {
+            self.rx_more = true;
+        }
+        self.hup |= r.hup;
+        if r.writable {
+            self.tx_blocked = false;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("NBD connection to export {:?}", self.export.name)
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nvmux_core::stats::{OpClass, QueueStats};
-use nvmux_core::worker::WorkSource;
+use nvmux_core::worker::{Readiness, WorkSource};
 use nvmux_core::{AlignedBuf, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status};
 
 use crate::ctrl::{
@@ -103,6 +103,8 @@ pub struct Conn {
     tx: Vec<u8>,
     tx_off: usize,
     tx_blocked: bool,
+    /// The socket reported a hang-up: read until the end of the stream shows.
+    hup: bool,
     ctrl: Option<Arc<Controller>>,
     qid: u16,
     sqhd: u16,
@@ -144,6 +146,7 @@ impl Conn {
             tx: Vec::with_capacity(64 << 10),
             tx_off: 0,
             tx_blocked: false,
+            hup: false,
             ctrl: None,
             qid: 0,
             sqhd: 0,
@@ -238,6 +241,9 @@ impl Conn {
 
     fn recv(&mut self) -> usize {
         let mut n = 0;
+        if !self.rx_more && !self.hup {
+            return 0; // drained, and no edge since: nothing to read
+        }
         while !self.eof && self.phase != Phase::Dead && self.pending_tx() < TX_HIGH {
             if self.rx_tail == self.rx.len() {
                 if self.rx_head == 0 {
@@ -862,6 +868,9 @@ impl Conn {
 
     fn flush(&mut self) -> usize {
         let mut n = 0;
+        if self.tx_blocked {
+            return 0; // the socket was full; its next writable edge clears this
+        }
         while self.tx_off < self.tx.len() {
             match self.wire.send(&self.tx[self.tx_off..]) {
                 Ok(0) => break,
@@ -1009,5 +1018,22 @@ impl WorkSource for Conn {
             .iter()
             .filter_map(|q| q.bq.next_deadline())
             .min()
+    }
+
+    fn socket_ready(&mut self, r: Readiness) {
+        if r.readable {
+            self.rx_more = true;
+        }
+        self.hup |= r.hup;
+        if r.writable {
+            self.tx_blocked = false;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "NVMe/TCP connection from {} (qid {})",
+            self.p.peer, self.qid
+        )
     }
 }

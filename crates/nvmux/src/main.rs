@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 mod bench;
 mod bench_crypt;
 mod bench_fair;
+mod bench_hostile;
 mod bench_nvmf;
 mod bench_pool;
 mod bench_router;
