@@ -1648,6 +1648,37 @@ pub struct ExportView {
     pub connections: Option<u64>,
     /// Where clients connect: the socket, or an NBD URI.
     pub address: String,
+    /// vhost-user: the front-end's guest memory (faults, refused and sealed regions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory: Option<GuestMemoryView>,
+}
+
+/// `guest_memory` of a vhost-user export (see docs/security.md).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestMemoryView {
+    /// Memory tables whose backing shrank under the device (each failed it once).
+    pub faults: u64,
+    /// The current memory table faulted: its queues are stopped until the front-end
+    /// sends a new table (a reconnect does).
+    pub device_failed: bool,
+    /// Regions refused at SET_MEM_TABLE / ADD_MEM_REGION.
+    pub regions_refused: u64,
+    /// Regions of the current table.
+    pub regions: u64,
+    /// Of those, regions whose file is sealed against shrinking (F_SEAL_SHRINK).
+    pub regions_sealed: u64,
+}
+
+impl From<nvmux_vhost::MemoryStatus> for GuestMemoryView {
+    fn from(m: nvmux_vhost::MemoryStatus) -> Self {
+        GuestMemoryView {
+            faults: m.memory_faults,
+            device_failed: m.device_failed,
+            regions_refused: m.regions_refused,
+            regions: m.regions,
+            regions_sealed: m.regions_sealed,
+        }
+    }
 }
 
 fn export_view(e: &Export) -> ExportView {
@@ -1663,6 +1694,10 @@ fn export_view(e: &Export) -> ExportView {
             _ => None,
         },
         address: e.spec.kind.address(),
+        guest_memory: match &e.handle {
+            Ok(Handle::Vhost(h)) => Some(h.memory_status().into()),
+            _ => None,
+        },
     }
 }
 

@@ -118,6 +118,36 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{disk=\"{name}\"}} {}", get(t));
         }
     }
+    let exports: Vec<(String, String, crate::GuestMemoryView)> = d
+        .exports()
+        .into_iter()
+        .filter_map(|e| Some((e.spec.name, e.spec.disk, e.guest_memory?)))
+        .collect();
+    for (metric, kind, help, get) in [
+        (
+            "nvmux_export_guest_memory_faults_total",
+            "counter",
+            "vhost-user memory tables whose backing shrank under the device (each failed the device).",
+            (|m: &crate::GuestMemoryView| m.faults) as fn(&crate::GuestMemoryView) -> u64,
+        ),
+        (
+            "nvmux_export_guest_memory_regions_refused_total",
+            "counter",
+            "vhost-user memory regions refused (past the end of their file, empty, overlapping).",
+            |m| m.regions_refused,
+        ),
+        (
+            "nvmux_export_device_failed",
+            "gauge",
+            "1 while the export's device is failed because its guest memory shrank.",
+            |m| m.device_failed as u64,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, disk, m) in &exports {
+            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(m));
+        }
+    }
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (
