@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use nvmux_bench::client::{BlkioClient, Op};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -181,6 +181,10 @@ impl Guest {
         }
         f.set_protocol_features(pf & want)
             .map_err(|e| step("set_protocol_features", e))?;
+        if o.reply_ack {
+            // Ask for an ack of every message from here on.
+            f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         let mut g = Guest {
             ptr,
             fd,

@@ -1,0 +1,224 @@
+//! Guest memory a hostile vhost-user front-end pulls away, against the real daemon.
+//!
+//! * A region larger than its file is refused at SET_MEM_TABLE; nothing is mapped.
+//! * A front-end whose memfd is not sealed shrinks it under a running queue and kicks:
+//!   the daemon survives the SIGBUS, fails that device (log, API, metrics), refuses to
+//!   start a queue on that memory table again, and a new table (a reconnect) works. A
+//!   second disk under steady libblkio I/O sees no error throughout.
+//! * SET_VRING_CALL sent 10000 times on a running queue does not grow the daemon's fds.
+
+mod common;
+
+use std::time::Duration;
+
+use common::vufront::*;
+use common::*;
+use serde_json::{json, Value};
+use vhost::VhostBackend;
+
+fn export_memory(d: &TestDaemon, name: &str) -> Value {
+    let v = d.api.get("/v1/exports").expect("list exports");
+    let list = v
+        .get("exports")
+        .cloned()
+        .unwrap_or(v)
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    list.into_iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["guest_memory"].clone())
+        .unwrap_or_else(|| panic!("no export {name}"))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_region_past_the_end_of_its_file_is_refused() {
+    watchdog(120);
+    let mut d = TestDaemon::start("shm-short");
+    let (_img, sock) = d.disk_and_export("s", 4 << 20, 1, json!({}));
+    let r = Guest::setup_with(
+        &sock,
+        GuestOpts {
+            mem: MEM,
+            file_size: Some(MEM as u64 / 2),
+            reply_ack: true,
+            ..GuestOpts::default()
+        },
+    );
+    let e = r
+        .err()
+        .expect("a region larger than its file must be refused");
+    assert!(e.starts_with("set_mem_table"), "{e}");
+    assert!(
+        d.log().contains("reaches past the file's end"),
+        "{}",
+        d.log()
+    );
+    let m = export_memory(&d, "s");
+    assert_eq!(m["regions_refused"], 1, "{m}");
+    assert_eq!(m["regions"], 0, "{m}");
+    // The export serves a proper front-end afterwards; a sealed memfd is reported.
+    let mut g = Guest::setup_with(
+        &sock,
+        GuestOpts {
+            seal: true,
+            ..GuestOpts::default()
+        },
+    )
+    .expect("setup");
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    let m = export_memory(&d, "s");
+    assert_eq!(
+        (m["regions"].as_u64(), m["regions_sealed"].as_u64()),
+        (Some(1), Some(1)),
+        "{m}"
+    );
+    assert!(d.healthy());
+    drop(g);
+    d.stop();
+}
+
+#[test]
+fn a_shrinking_front_end_fails_only_its_own_device() {
+    watchdog(180);
+    let mut d = TestDaemon::start("shm-shrink");
+    let (_vimg, vsock) = d.disk_and_export("victim", 8 << 20, 1, json!({}));
+    let (_img, sock) = d.disk_and_export("evil", 4 << 20, 1, json!({}));
+    let victim = SteadyIo::start(&vsock);
+    assert!(victim.ops() > 0, "the victim's I/O did not start");
+
+    // 1. The ring itself goes away: publish a request, truncate the memfd to 0, kick.
+    let mut g = Guest::setup(&sock);
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    assert_eq!(export_memory(&d, "evil")["device_failed"], false);
+    // Let the worker go to sleep so that it sees the request only through the kick.
+    std::thread::sleep(Duration::from_millis(100));
+    g.header(HDR, 0, 0);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    g.desc(1, DATA, 4096, F_WRITE | F_NEXT, 2);
+    g.desc(2, STATUS, 1, F_WRITE, 0);
+    g.publish(0);
+    g.resize_memory(0).expect("truncate guest memory");
+    g.kick.write(1).expect("kick");
+    wait_for("the device is failed", || {
+        export_memory(&d, "evil")["device_failed"] == true
+    });
+    let m = export_memory(&d, "evil");
+    assert_eq!(m["faults"], 1, "{m}");
+    assert!(d.healthy(), "the daemon died: {}", d.log());
+    assert!(
+        d.log().contains("guest memory shrank under the device"),
+        "{}",
+        d.log()
+    );
+    let (_, metrics) = d.api.call_raw("GET", "/metrics", None).expect("metrics");
+    assert!(
+        metrics.contains("nvmux_export_guest_memory_faults_total{export=\"evil\",disk=\"evil\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nvmux_export_device_failed{export=\"evil\",disk=\"evil\"} 1"),
+        "{metrics}"
+    );
+    // More kicks change nothing; the victim keeps going without an error.
+    for _ in 0..10 {
+        g.kick.write(1).expect("kick");
+    }
+    assert!(
+        victim.progresses(50, Duration::from_secs(20)),
+        "the victim stalled"
+    );
+    // No queue starts on that memory table again.
+    let _ = g.front.get_vring_base(0);
+    let _ = g.front.set_vring_kick(0, &g.kick);
+    wait_for("the restart is refused", || {
+        d.log()
+            .contains("queue not started (the front-end must send a new memory table)")
+    });
+    assert!(d.healthy());
+    drop(g);
+
+    // 2. A reconnecting front-end with a new table gets a fresh start. This time only
+    // the data area goes (the rings stay): GET_ID copies the serial into the lost pages.
+    let mut g = Guest::setup(&sock);
+    wait_for("a new table clears the failure", || {
+        export_memory(&d, "evil")["device_failed"] == false
+    });
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    std::thread::sleep(Duration::from_millis(100));
+    g.resize_memory(DATA).expect("shrink guest memory");
+    const FAR: u64 = 0x80000; // past the new end of the file
+    g.header(HDR, 8, 0); // GET_ID
+    g.w(STATUS, 0xaau8);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    g.desc(1, FAR, 20, F_WRITE | F_NEXT, 2);
+    g.desc(2, STATUS, 1, F_WRITE, 0);
+    g.publish(0);
+    g.kick.write(1).expect("kick");
+    wait_for("the device is failed again", || {
+        export_memory(&d, "evil")["device_failed"] == true
+    });
+    assert_eq!(export_memory(&d, "evil")["faults"], 2);
+    // The device serves nothing more on this table.
+    g.w(STATUS, 0xaau8);
+    g.desc(1, DATA, 4096, F_WRITE | F_NEXT, 2);
+    g.header(HDR, 0, 0);
+    let used_before = g.r::<u16>(USED + 2);
+    g.publish(0);
+    g.kick.write(1).expect("kick");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        g.r::<u16>(USED + 2),
+        used_before,
+        "a failed device served a request"
+    );
+    assert!(d.healthy(), "the daemon died: {}", d.log());
+    drop(g);
+
+    let n = victim.finish().expect("the victim's I/O saw an error");
+    assert!(n > 50);
+    d.stop();
+}
+
+#[test]
+fn replacing_the_call_fd_does_not_leak_descriptors() {
+    watchdog(180);
+    let mut d = TestDaemon::start("shm-call");
+    let (_img, sock) = d.disk_and_export("c", 4 << 20, 1, json!({}));
+    let mut g = Guest::setup(&sock);
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    let before = fd_count(d.pid());
+    for i in 0..10_000u32 {
+        let call = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        g.front.set_vring_call(0, &call).expect("set_vring_call");
+        if i % 1000 == 0 {
+            // The queue keeps working, and signals the newest call fd.
+            assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+        }
+        g.call = call;
+    }
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    let after = fd_count(d.pid());
+    // The current call fd plus at most two replaced ones waiting for the worker.
+    assert!(
+        after <= before + 3,
+        "the daemon's descriptors grew from {before} to {after}"
+    );
+    assert!(d.healthy());
+    drop(g);
+    d.stop();
+}
