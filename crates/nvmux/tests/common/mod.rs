@@ -182,4 +182,5 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+pub mod hostile_fn;
 pub mod vufront;
