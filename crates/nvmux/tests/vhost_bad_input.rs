@@ -169,3 +169,48 @@ fn garbage_on_the_vhost_socket_closes_only_that_connection() {
     drop(other);
     d.stop();
 }
+
+/// A chain through an indirect table: header, `n` data segments of 512 bytes, status.
+fn indirect_read(g: &mut Guest, n: u16) -> (u32, u8) {
+    const TABLE: u64 = 0x20000;
+    const F_INDIRECT: u16 = 4;
+    let entry = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
+        let d = TABLE + i as u64 * 16;
+        g.w(d, addr);
+        g.w(d + 8, len);
+        g.w(d + 12, flags);
+        g.w(d + 14, next);
+    };
+    entry(0, HDR, 16, F_NEXT, 1);
+    for i in 0..n {
+        entry(1 + i, DATA + i as u64 * 512, 512, F_WRITE | F_NEXT, 2 + i);
+    }
+    entry(1 + n, STATUS, 1, F_WRITE, 0);
+    g.header(HDR, 0, 0);
+    g.w(STATUS, 0xaau8);
+    g.desc(0, TABLE, (n as u32 + 2) * 16, F_INDIRECT, 0);
+    let used = g.submit(0);
+    (used, g.r::<u8>(STATUS))
+}
+
+#[test]
+fn requests_beyond_the_advertised_limits_fail_alone() {
+    watchdog(120);
+    let mut d = TestDaemon::start("badlimits");
+    let (img, sock) = d.disk_and_export("l", 4 << 20, 1, json!({}));
+    std::fs::write(&img, pattern(6, 4 << 20)).expect("fill image");
+    let mut g = setup(&sock);
+    // seg_max (126) data segments: served.
+    let n = 126u16; // seg_max in the config space (nvmux_vhost::blk::MAX_SEGMENTS)
+    assert_eq!(indirect_read(&mut g, n), (n as u32 * 512 + 1, 0));
+    // One more than seg_max: IOERR, nothing else happens.
+    assert_eq!(indirect_read(&mut g, n + 1).1, 1);
+    // Larger than the device's transfer limit: IOERR before anything is allocated.
+    assert_eq!(request(&mut g, 0, DATA, (32 << 20) + 512).1, 1);
+    assert_eq!(request(&mut g, 1, DATA, u32::MAX - 511).1, 1);
+    // The queue still serves, the daemon is healthy.
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    assert!(d.healthy());
+    drop(g);
+    d.stop();
+}

@@ -136,7 +136,7 @@ impl BlkBackend {
         BlkBackend {
             // seg_max = 126 fits the smallest common queue (128 entries) without indirect
             // descriptors; guests with larger queues use indirect tables anyway.
-            config: blk::config_space(&info, num_queues, 128),
+            config: blk::config_space(&info, num_queues),
             info,
             dev,
             serial,
