@@ -569,7 +569,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             uaddr: region.user_addr,
             offset: region.mmap_offset,
         };
-        let mut infos: Vec<RegionInfo> = self.regions.iter().copied().collect();
+        let mut infos: Vec<RegionInfo> = self.regions.to_vec();
         infos.push(RegionInfo {
             gpa: d.gpa,
             size: d.size,

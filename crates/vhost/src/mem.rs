@@ -138,14 +138,11 @@ pub(crate) fn map_region(
         .get_host_address(vm_memory::MemoryRegionAddress(0))
         .map_err(|e| format!("guest memory region: {e}"))?;
     // SAFETY: `r` is our fresh mapping of r.len() bytes; the guard is dropped before the
-    // region (Memory's field order, and the error path below), so the range stays mapped
-    // while registered. Nothing but guest-memory accesses use it.
-    let reg =
-        unsafe { sigbus::register(ptr, r.len() as usize, flag.clone()) }.map_err(|e| e.to_string());
-    let reg = match reg {
-        Ok(reg) => reg,
-        Err(e) => return Err(e), // `r` unmaps here, never registered
-    };
+    // region (the field order of Mapped and Memory), so the range stays mapped while
+    // registered. Nothing but guest-memory accesses use it. On error `r` is unmapped
+    // here, never registered.
+    let reg = unsafe { sigbus::register(ptr, r.len() as usize, flag.clone()) }
+        .map_err(|e| e.to_string())?;
     tracing::debug!(
         gpa = format_args!("{:#x}", d.gpa),
         size = d.size,
