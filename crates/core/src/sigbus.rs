@@ -130,7 +130,10 @@ impl Drop for Registration {
 pub unsafe fn register(start: *mut u8, len: usize, flag: Arc<AtomicBool>) -> Result<Registration> {
     install()?;
     let page = page_size();
-    if len == 0 || !(start as usize).is_multiple_of(page) || (start as usize).checked_add(len).is_none() {
+    if len == 0
+        || !(start as usize).is_multiple_of(page)
+        || (start as usize).checked_add(len).is_none()
+    {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!("SIGBUS registry: range {start:p}+{len:#x} is empty, unaligned or wraps"),
