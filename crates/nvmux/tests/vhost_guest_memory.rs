@@ -222,3 +222,99 @@ fn replacing_the_call_fd_does_not_leak_descriptors() {
     drop(g);
     d.stop();
 }
+
+#[test]
+fn added_regions_are_checked_and_served() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostUserMemoryRegionInfo;
+    watchdog(120);
+    let mut d = TestDaemon::start("shm-add");
+    let (img, sock) = d.disk_and_export("r", 4 << 20, 1, json!({}));
+    std::fs::write(&img, pattern(3, 4 << 20)).expect("fill image");
+    let mut g = Guest::setup_with(
+        &sock,
+        GuestOpts {
+            reply_ack: true,
+            mem_slots: true,
+            ..GuestOpts::default()
+        },
+    )
+    .expect("setup");
+    const GPA: u64 = 0x1000_0000;
+    const UA: u64 = 0x7e00_0000_0000; // front-end address (never dereferenced here)
+    let region = |f: &std::fs::File, size: u64, gpa: u64, ua: u64| VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: ua,
+        mmap_offset: 0,
+        mmap_handle: f.as_raw_fd(),
+    };
+    // A region past the end of its file is refused, and the connection with it.
+    let short = memfd(64 << 10);
+    assert!(g
+        .front
+        .add_mem_region(&region(&short, 1 << 20, GPA, UA))
+        .is_err());
+    assert_eq!(export_memory(&d, "r")["regions_refused"], 1);
+    drop(g);
+    let mut g = Guest::setup_with(
+        &sock,
+        GuestOpts {
+            reply_ack: true,
+            mem_slots: true,
+            ..GuestOpts::default()
+        },
+    )
+    .expect("setup again");
+    // Overlapping the first region (guest addresses) is refused too.
+    let extra = memfd(1 << 20);
+    assert!(g
+        .front
+        .add_mem_region(&region(&extra, 1 << 20, 0x8000, UA))
+        .is_err());
+    assert_eq!(export_memory(&d, "r")["regions_refused"], 2);
+    drop(g);
+    let mut g = Guest::setup_with(
+        &sock,
+        GuestOpts {
+            reply_ack: true,
+            mem_slots: true,
+            ..GuestOpts::default()
+        },
+    )
+    .expect("setup again");
+    // A proper region is added, and a read lands in it.
+    g.front
+        .add_mem_region(&region(&extra, 1 << 20, GPA, UA))
+        .expect("add_mem_region");
+    assert_eq!(export_memory(&d, "r")["regions"], 2);
+    assert_eq!(request(&mut g, 0, GPA + 4096, 8192), (8193, 0));
+    let mut got = vec![0u8; 8192];
+    extra.read_exact_at(&mut got, 4096).expect("read region");
+    assert_eq!(got, pattern(3, 8192));
+    // Shrinking the added region's file fails the device like the first one's (GET_ID:
+    // the daemon itself writes the serial there; a read would only get EFAULT from the
+    // kernel, which fails that request alone).
+    std::thread::sleep(Duration::from_millis(100));
+    extra.set_len(0).expect("truncate");
+    g.header(HDR, 8, 0);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    g.desc(1, GPA, 20, F_WRITE | F_NEXT, 2);
+    g.desc(2, STATUS, 1, F_WRITE, 0);
+    g.publish(0);
+    g.kick.write(1).expect("kick");
+    wait_for("the device is failed", || {
+        export_memory(&d, "r")["device_failed"] == true
+    });
+    assert!(d.healthy(), "{}", d.log());
+    // Removing the region works; the table stays failed until a new one.
+    g.front
+        .remove_mem_region(&region(&extra, 1 << 20, GPA, UA))
+        .expect("remove_mem_region");
+    assert_eq!(export_memory(&d, "r")["regions"], 1);
+    assert!(d.healthy());
+    drop(g);
+    d.stop();
+}

@@ -44,6 +44,8 @@ pub struct GuestOpts {
     pub seal: bool,
     /// Negotiate REPLY_ACK, so that a refused message returns an error here.
     pub reply_ack: bool,
+    /// Negotiate CONFIGURE_MEM_SLOTS (ADD_MEM_REGION / REMOVE_MEM_REGION).
+    pub mem_slots: bool,
 }
 
 impl Default for GuestOpts {
@@ -53,6 +55,7 @@ impl Default for GuestOpts {
             file_size: None,
             seal: false,
             reply_ack: false,
+            mem_slots: false,
         }
     }
 }
@@ -178,6 +181,9 @@ impl Guest {
         let mut want = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
         if o.reply_ack {
             want |= VhostUserProtocolFeatures::REPLY_ACK;
+        }
+        if o.mem_slots {
+            want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
         f.set_protocol_features(pf & want)
             .map_err(|e| step("set_protocol_features", e))?;
@@ -344,4 +350,15 @@ impl Drop for SteadyIo {
             let _ = t.join();
         }
     }
+}
+
+/// A memfd of `len` bytes (unsealed), for extra memory regions.
+pub fn memfd(len: u64) -> std::fs::File {
+    // SAFETY: memfd_create with a valid C string; result checked.
+    let raw = unsafe { libc::memfd_create(c"guest-extra".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: raw is a fresh fd we own.
+    let f: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    f.set_len(len).expect("size memfd");
+    f
 }
