@@ -386,6 +386,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             mem::check_region(d, f).map_err(|why| self.refuse_memory(why))?;
         }
         Self::check_uaddrs(&infos).map_err(|why| self.refuse_memory(why))?;
+        mem::check_table_size(descs.iter().map(|d| d.size))
+            .map_err(|why| self.refuse_memory(why))?;
         // A new table starts with a fresh faulted flag (a reconnecting front-end, or one
         // that replaced the memory that went away).
         let flag = Arc::new(AtomicBool::new(false));
@@ -577,6 +579,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         });
         mem::check_region(&d, &fd).map_err(|why| self.refuse_memory(why))?;
         Self::check_uaddrs(&infos).map_err(|why| self.refuse_memory(why))?;
+        mem::check_table_size(infos.iter().map(|r| r.size))
+            .map_err(|why| self.refuse_memory(why))?;
         let cur = self.mem.load();
         let part = self.map_region(&d, fd, &cur.faulted)?;
         let m = cur

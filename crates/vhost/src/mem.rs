@@ -30,6 +30,52 @@ use std::sync::{Arc, Mutex};
 use nvmux_core::sigbus;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
+/// Guest memory one memory table may map (the sum of its regions' sizes): 16 TiB.
+/// Mappings cost address space, not memory (a front-end's files may be sparse), but the
+/// daemon has 128 TiB of it: without a bound one front-end could take it all, and every
+/// later mmap or allocation of the daemon would fail.
+pub const MAX_TABLE_BYTES: u64 = 16 << 40;
+/// Guest memory all front-ends together may map: 64 TiB, half the address space.
+pub const MAX_MAPPED_BYTES: u64 = 64 << 40;
+
+/// Bytes of guest memory mapped now, by every export.
+static MAPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Guest memory mapped now by every export (bytes).
+pub fn mapped_bytes() -> u64 {
+    MAPPED.load(Ordering::Relaxed)
+}
+
+/// Reserve `size` bytes of the daemon-wide mapping budget.
+fn reserve(size: u64) -> Result<(), Refusal> {
+    let mut cur = MAPPED.load(Ordering::Relaxed);
+    loop {
+        let new = cur.checked_add(size).filter(|&n| n <= MAX_MAPPED_BYTES).ok_or_else(|| {
+            format!(
+                "mapping {size:#x} more bytes of guest memory would exceed the daemon's {MAX_MAPPED_BYTES:#x} ({cur:#x} mapped by all exports)"
+            )
+        })?;
+        match MAPPED.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return Ok(()),
+            Err(c) => cur = c,
+        }
+    }
+}
+
+/// Check a table's total size against [`MAX_TABLE_BYTES`].
+pub fn check_table_size(sizes: impl IntoIterator<Item = u64>) -> Result<(), Refusal> {
+    let mut total = 0u64;
+    for s in sizes {
+        total = total.saturating_add(s);
+    }
+    if total > MAX_TABLE_BYTES {
+        return Err(format!(
+            "a memory table of {total:#x} bytes (at most {MAX_TABLE_BYTES:#x})"
+        ));
+    }
+    Ok(())
+}
+
 /// One region as the front-end describes it.
 #[derive(Clone, Copy, Debug)]
 pub struct RegionDesc {
@@ -110,6 +156,14 @@ pub fn check_region(d: &RegionDesc, file: &File) -> Result<FileFacts, Refusal> {
 pub(crate) struct RegionGuard {
     _reg: sigbus::Registration,
     pub sealed_shrink: bool,
+    /// Bytes reserved in [`MAPPED`], given back on drop.
+    size: u64,
+}
+
+impl Drop for RegionGuard {
+    fn drop(&mut self) {
+        MAPPED.fetch_sub(self.size, Ordering::AcqRel);
+    }
 }
 
 /// A mapped region with its guard. The guard is declared first, so it is dropped (the
@@ -128,21 +182,26 @@ pub(crate) fn map_region(
     flag: &Arc<AtomicBool>,
 ) -> Result<Mapped, Refusal> {
     let facts = check_region(d, &file)?;
+    reserve(d.size)?;
+    let unreserve = |e: String| {
+        MAPPED.fetch_sub(d.size, Ordering::AcqRel);
+        e
+    };
     let r = GuestRegionMmap::from_range(
         GuestAddress(d.gpa),
         d.size as usize,
         Some(FileOffset::new(file, d.offset)),
     )
-    .map_err(|e| format!("mmap guest memory: {e}"))?;
+    .map_err(|e| unreserve(format!("mmap guest memory: {e}")))?;
     let ptr = r
         .get_host_address(vm_memory::MemoryRegionAddress(0))
-        .map_err(|e| format!("guest memory region: {e}"))?;
+        .map_err(|e| unreserve(format!("guest memory region: {e}")))?;
     // SAFETY: `r` is our fresh mapping of r.len() bytes; the guard is dropped before the
     // region (the field order of Mapped and Memory), so the range stays mapped while
     // registered. Nothing but guest-memory accesses use it. On error `r` is unmapped
     // here, never registered.
     let reg = unsafe { sigbus::register(ptr, r.len() as usize, flag.clone()) }
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unreserve(e.to_string()))?;
     tracing::debug!(
         gpa = format_args!("{:#x}", d.gpa),
         size = d.size,
@@ -159,6 +218,7 @@ pub(crate) fn map_region(
         guard: Arc::new(RegionGuard {
             _reg: reg,
             sealed_shrink: facts.sealed_shrink,
+            size: d.size,
         }),
         region: Arc::new(r),
     })
@@ -402,6 +462,21 @@ mod tests {
         assert!(check_region(&desc(0, 4096, 0), &r)
             .unwrap_err()
             .contains("not a regular file"));
+    }
+
+    #[test]
+    fn mapped_guest_memory_is_bounded() {
+        assert!(check_table_size([MAX_TABLE_BYTES]).is_ok());
+        assert!(check_table_size([MAX_TABLE_BYTES, 1]).is_err());
+        assert!(check_table_size([u64::MAX, u64::MAX]).is_err());
+        // The daemon-wide budget: a region that would overflow it is refused before
+        // anything is mapped, and a mapped region gives its bytes back when it goes.
+        let f = memfd(64 << 10, false);
+        let flag = Arc::new(AtomicBool::new(false));
+        let m = map_region(&desc(0, 64 << 10, 0), f.try_clone().unwrap(), &flag).unwrap();
+        assert!(mapped_bytes() >= 64 << 10);
+        assert!(reserve(MAX_MAPPED_BYTES).is_err());
+        drop(m);
     }
 
     #[test]
