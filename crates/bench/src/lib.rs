@@ -6,6 +6,7 @@ pub mod attack;
 pub mod client;
 pub mod nvmf;
 pub mod procs;
+pub mod vufront;
 pub mod workload;
 
 pub use client::{BlkioClient, Op};

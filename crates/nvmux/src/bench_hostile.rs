@@ -31,6 +31,8 @@ const DISCOVERY: &str = "nqn.2014-08.org.nvmexpress.discovery";
 /// Where the attacks aim.
 struct Targets {
     nvmf: SocketAddr,
+    /// A vhost-user export for the front-end attacks.
+    evil: std::path::PathBuf,
     nbd_unix: NbdAddr,
     nbd_tcp: NbdAddr,
 }
@@ -111,6 +113,12 @@ fn attacks() -> Vec<(&'static str, Attack)> {
             }),
         ),
         (
+            "vhost-user front-end truncating its guest memory, repeated",
+            repeat(|t| {
+                let _ = attack::vhost_shrink_memory(&t.evil, Duration::from_millis(100));
+            }),
+        ),
+        (
             "NBD client that never reads 64 MiB of replies",
             parallel(4, |t| {
                 let _ = attack::nbd_not_reading(&t.nbd_tcp, "bait", 64, SLOW);
@@ -178,8 +186,15 @@ fn run_in(a: &BenchArgs, ddir: &Path, d: &Daemon) -> Res<()> {
         .as_str()
         .and_then(|s| s.parse().ok())
         .ok_or("the NBD export has no listen address")?;
+    api.post(
+        "/v1/disks",
+        &json!({"name": "evil", "path": ddir.join("evil.img"), "size": 8u64 << 20}),
+    )?;
+    let evil = ddir.join("evil.sock");
+    api.post("/v1/exports", &json!({"disk": "evil", "socket": evil}))?;
     let t = Arc::new(Targets {
         nvmf,
+        evil,
         nbd_unix: NbdAddr::Unix(nbd_sock),
         nbd_tcp: NbdAddr::Tcp(nbd_tcp),
     });

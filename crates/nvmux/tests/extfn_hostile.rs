@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::hostile_fn;
-use common::vufront::SteadyIo;
 use common::*;
+use nvmux_bench::attack::Victim;
 use nvmux_bench::client::{BlkioClient, Op};
 use serde_json::json;
 
@@ -30,8 +30,7 @@ fn a_function_cannot_resize_its_ring() {
     let mut d = TestDaemon::start("extfn-hostile");
     let (_img, sock) = d.disk_and_export("a", 16 << 20, 1, json!({}));
     let (_vimg, vsock) = d.disk_and_export("victim", 8 << 20, 1, json!({}));
-    let victim = SteadyIo::start(&vsock);
-    assert!(victim.ops() > 0, "the victim's I/O did not start");
+    let victim = Victim::start(&vsock).expect("victim I/O");
     let fsock = d.dir.join("a-fn.sock");
     d.api
         .post(

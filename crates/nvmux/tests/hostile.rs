@@ -13,7 +13,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{unique_dir, watchdog, TestDaemon};
+use common::{hostile_fn, unique_dir, watchdog, TestDaemon};
 use nvmux_bench::attack::{self, NbdAddr, NbdAnswer, Victim};
 use serde_json::json;
 
@@ -158,6 +158,12 @@ fn tail(s: &str) -> String {
 }
 
 #[test]
+#[ignore = "entry point of the hostile function process (run by other tests)"]
+fn hostile_function_process() {
+    hostile_fn::child_main();
+}
+
+#[test]
 fn every_endpoint_withstands_hostile_peers() {
     watchdog(900);
     let mut r = Rig::start();
@@ -264,6 +270,79 @@ fn every_endpoint_withstands_hostile_peers() {
         "a client that never reads its replies is cut at the stall timeout"
     );
     r.check("an NBD client that never reads its replies");
+
+    // ---- a vhost-user front-end that shrinks its memory ----
+    let (_, evil) = r.d.disk_and_export("evil", 8 * MIB, 1, json!({}));
+    attack::vhost_shrink_memory(&evil, Duration::from_millis(500)).expect("shrinking front-end");
+    let t0 = std::time::Instant::now();
+    while r
+        .d
+        .api
+        .get("/v1/exports")
+        .expect("exports")
+        .as_array()
+        .is_none_or(|a| {
+            !a.iter()
+                .any(|e| e["name"] == "evil" && e["guest_memory"]["device_failed"] == true)
+        })
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the shrunk device is failed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.check("a front-end that truncates its guest memory");
+
+    // ---- a function process that resizes its ring ----
+    let fsock = r.d.dir.join("bait-fn.sock");
+    r.d.api
+        .post(
+            "/v1/disks/evil/external",
+            &json!({"socket": fsock, "on_failure": "chain", "owner": "65534:65534"}),
+        )
+        .expect("set external");
+    let obj = hostile_fn::compile_classifier(&r.d.dir, "all_external");
+    r.d.api
+        .post("/v1/disks/evil/classifier", &json!({"object": obj}))
+        .expect("load all_external");
+    let child = hostile_fn::spawn(&fsock, Some(65534));
+    let t0 = std::time::Instant::now();
+    while r
+        .d
+        .api
+        .get("/v1/disks/evil/classifier")
+        .expect("classifier")["external"]["status"]
+        != "attached"
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the function attaches"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A command routed to the function makes the ring (the device failed above, so a
+    // fresh front-end on a new memory table sends it).
+    let mut g = nvmux_bench::vufront::Guest::setup(&evil);
+    let _ = nvmux_bench::vufront::request(&mut g, 0, nvmux_bench::vufront::DATA, 4096);
+    let rep = hostile_fn::report(child).expect("the function's report");
+    eprintln!("a function process resizing its ring: {rep:?}");
+    assert_eq!(
+        (rep.shrink, rep.grow, rep.seal_write),
+        (libc::EPERM, libc::EPERM, libc::EPERM)
+    );
+    drop(g);
+    r.check("a function process that resizes its ring");
+
+    // ---- a classifier that tries to leak a pointer ----
+    let obj = hostile_fn::compile_classifier(&r.d.dir, "bad_leak_pointer");
+    let e =
+        r.d.api
+            .post("/v1/disks/evil/classifier", &json!({"object": obj}))
+            .expect_err("a pointer-leaking classifier is refused");
+    eprintln!("a classifier leaking a pointer: {e}");
+    assert!(e.to_string().contains("pointer"), "{e}");
+    r.check("a classifier that tries to leak a pointer");
 
     eprintln!(
         "attacker suite: peak RSS {} MiB over a baseline of {} MiB; victim {} ops without an error",

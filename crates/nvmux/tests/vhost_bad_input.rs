@@ -12,9 +12,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use blkio::ReqFlags;
-use common::vufront::*;
 use common::*;
 use nvmux_bench::client::{BlkioClient, Op};
+use nvmux_bench::vufront::*;
 use serde_json::json;
 
 fn setup(sock: &std::path::Path) -> Guest {

@@ -11,8 +11,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::vufront::*;
 use common::*;
+use nvmux_bench::attack::Victim;
+use nvmux_bench::vufront::*;
 use serde_json::{json, Value};
 use vhost::VhostBackend;
 
@@ -98,8 +99,7 @@ fn a_shrinking_front_end_fails_only_its_own_device() {
     let mut d = TestDaemon::start("shm-shrink");
     let (_vimg, vsock) = d.disk_and_export("victim", 8 << 20, 1, json!({}));
     let (_img, sock) = d.disk_and_export("evil", 4 << 20, 1, json!({}));
-    let victim = SteadyIo::start(&vsock);
-    assert!(victim.ops() > 0, "the victim's I/O did not start");
+    let victim = Victim::start(&vsock).expect("victim I/O");
 
     // 1. The rings themselves go away: truncate the memfd to 0 and kick. The daemon's
     // next look at the available ring (on the kick, or right away if its worker is busy

@@ -16,42 +16,22 @@
 //!
 //! Used by `extfn_hostile.rs` and the attacker suite.
 
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use nvmux_extfn::proto;
+pub use nvmux_bench::attack::{extfn_resize_ring, FnReport as Report};
 
 /// The name of the ignored test that is the hostile function's entry point.
 pub const CHILD_TEST: &str = "hostile_function_process";
 const ENV_SOCKET: &str = "NVMUX_HOSTILE_FN_SOCKET";
-
-/// What the hostile function tried, and the errno each attempt got (0: it worked).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Report {
-    /// F_GET_SEALS of the ring memfd.
-    pub seals: i32,
-    pub shrink: i32,
-    pub grow: i32,
-    pub seal_write: i32,
-}
-
-fn errno_of(r: libc::c_int) -> i32 {
-    if r == 0 {
-        0
-    } else {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-    }
-}
 
 /// The child's body: runs only in the process [`spawn`] starts.
 pub fn child_main() {
     let Ok(sock) = std::env::var(ENV_SOCKET) else {
         return;
     };
-    match attack(Path::new(&sock)) {
+    match extfn_resize_ring(Path::new(&sock)) {
         Ok(r) => {
             println!(
                 "HOSTILE seals={} shrink={} grow={} seal_write={}",
@@ -66,60 +46,6 @@ pub fn child_main() {
             let _ = std::io::stdout().flush();
             std::process::exit(2);
         }
-    }
-}
-
-fn attack(sock: &Path) -> std::io::Result<Report> {
-    let mut s = UnixStream::connect(sock)?;
-    s.write_all(
-        &proto::Hello {
-            version: proto::VERSION,
-            name: "hostile".into(),
-        }
-        .encode(),
-    )?;
-    let mut b = [0u8; proto::MSG_SIZE];
-    s.read_exact(&mut b)?;
-    match proto::Welcome::decode(&b) {
-        Some(w) if w.status == proto::WELCOME_OK => {}
-        _ => {
-            return Err(std::io::Error::other(
-                "the daemon refused the hostile function",
-            ))
-        }
-    }
-    loop {
-        let mut p = libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, 1000) };
-        let (n, fds) = match nvmux_extfn::sock::recv_with_fds(s.as_raw_fd(), &mut b) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => r?,
-        };
-        if n == 0 {
-            return Err(std::io::Error::other("the daemon closed the connection"));
-        }
-        let Some(m) = proto::RingMsg::decode(&b) else {
-            continue;
-        };
-        if m.kind != proto::MSG_ADD_RING || fds.is_empty() {
-            continue;
-        }
-        let fd = fds[0].as_raw_fd();
-        // SAFETY: fcntl and ftruncate on a descriptor we received and hold.
-        let r = unsafe {
-            Report {
-                seals: libc::fcntl(fd, libc::F_GET_SEALS),
-                shrink: errno_of(libc::ftruncate(fd, 0)),
-                grow: errno_of(libc::ftruncate(fd, (m.size * 2) as libc::off_t)),
-                seal_write: errno_of(libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE)),
-            }
-        };
-        return Ok(r);
     }
 }
 

@@ -183,4 +183,3 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub mod hostile_fn;
-pub mod vufront;

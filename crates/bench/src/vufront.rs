@@ -1,19 +1,15 @@
-//! A hand-driven vhost-user-blk front-end over shared memory, for tests that must do what
-//! libblkio and QEMU never do: write malformed descriptor chains, and pull guest memory
-//! away under the daemon (shrink the memfd that backs it). Also [`SteadyIo`], a libblkio
-//! client that keeps verified I/O running on a victim disk while an attack goes on.
+//! A hand-driven vhost-user-blk front-end over shared memory, for what libblkio and QEMU
+//! never do: write malformed descriptor chains, and pull guest memory away under the
+//! daemon (shrink the memfd that backs it).
 //!
-//! Used by `vhost_bad_input.rs`, `vhost_guest_memory.rs` and the attacker suite.
+//! Used by `vhost_bad_input.rs`, `vhost_guest_memory.rs`, the attacker suite and `nvmux
+//! bench --hostile`.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use blkio::ReqFlags;
-use nvmux_bench::client::{BlkioClient, Op};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -261,95 +257,6 @@ pub fn request(g: &mut Guest, rtype: u32, data_addr: u64, data_len: u32) -> (u32
     g.desc(2, STATUS, 1, F_WRITE, 0);
     let used = g.submit(0);
     (used, g.r::<u8>(STATUS))
-}
-
-/// Verified libblkio I/O on a victim disk, in its own thread, until [`finish`]: 4 KiB
-/// writes of a pattern, each read back and compared. Any error or mismatch ends the
-/// thread with `Err`.
-///
-/// [`finish`]: SteadyIo::finish
-pub struct SteadyIo {
-    stop: Arc<AtomicBool>,
-    ops: Arc<AtomicU64>,
-    thread: Option<JoinHandle<Result<u64, String>>>,
-}
-
-impl SteadyIo {
-    /// Connect to `sock` and start; returns once the first write and read completed.
-    pub fn start(sock: &Path) -> SteadyIo {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ops = Arc::new(AtomicU64::new(0));
-        let (s2, o2, sock) = (stop.clone(), ops.clone(), sock.to_path_buf());
-        let thread = std::thread::spawn(move || -> Result<u64, String> {
-            let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20)?;
-            let blocks = (c.capacity() / 4096).clamp(1, 256);
-            let mut i = 0u64;
-            while !s2.load(Ordering::Acquire) {
-                let off = (i % blocks) * 4096;
-                let want = super::pattern(i + 1, 4096);
-                c.buf()[..4096].copy_from_slice(&want);
-                c.io_ok(0, Op::Write, off, 4096, 0, ReqFlags::empty())?;
-                c.io_ok(0, Op::Read, off, 4096, 4096, ReqFlags::empty())?;
-                if c.buf()[4096..8192] != want[..] {
-                    return Err(format!("victim read back other data at {off}"));
-                }
-                i += 1;
-                o2.store(i, Ordering::Release);
-            }
-            Ok(i)
-        });
-        let s = SteadyIo {
-            stop,
-            ops,
-            thread: Some(thread),
-        };
-        let t0 = Instant::now();
-        while s.ops() == 0 {
-            if s.thread.as_ref().is_some_and(|t| t.is_finished())
-                || t0.elapsed() > Duration::from_secs(20)
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        s
-    }
-
-    /// Verified write+read pairs so far.
-    pub fn ops(&self) -> u64 {
-        self.ops.load(Ordering::Acquire)
-    }
-
-    /// Wait until `n` more pairs completed (the victim still makes progress).
-    pub fn progresses(&self, n: u64, timeout: Duration) -> bool {
-        let base = self.ops();
-        let t0 = Instant::now();
-        while self.ops() < base + n {
-            if t0.elapsed() > timeout || self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        true
-    }
-
-    /// Stop and return the number of verified pairs, or the first error.
-    pub fn finish(mut self) -> Result<u64, String> {
-        self.stop.store(true, Ordering::Release);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            _ => Err("the victim's I/O thread panicked".into()),
-        }
-    }
-}
-
-impl Drop for SteadyIo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A memfd of `len` bytes (unsealed), for extra memory regions.
