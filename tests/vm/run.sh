@@ -25,6 +25,11 @@
 #                        first MiB: the guest's writes there fail, fio verifies outside
 #                        it; the host removes the classifier live and the write succeeds
 #   nvmf, nvmf-restart   (nvmux only) NVMe/TCP with the guest kernel's initiator
+#   libvirt              (nvmux only) Debian's libvirtd (started here if not running)
+#                        runs QEMU as libvirt-qemu; a <disk type='vhostuser'> domain
+#                        boots and passes fio --verify on an export created with
+#                        --owner libvirt-qemu, with no chown or chmod of the socket
+#                        (tests/vm/libvirt.sh)
 #   nvmf-auth            (nvmux only) DH-HMAC-CHAP with the guest kernel's initiator:
 #                        right, wrong and missing secrets, bidirectional, the discovery
 #                        allow-list, then discovery closed. Debian 12's Linux 6.1 has no
@@ -415,7 +420,21 @@ else
     fi
 fi
 
-# f. nvmf-auth (nvmux only): DH-HMAC-CHAP with the guest kernel's initiator (Linux 6.12).
+# f. libvirt (nvmux only): the socket's owner comes from the export alone.
+if ! want libvirt; then
+    echo "SKIP libvirt (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP libvirt (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail libvirt "server is not running"
+else
+    rc=0
+    "$here/libvirt.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+        --initrd "$initrd" --work "$work" --smp "$smp" --timeout "$boot_timeout" || rc=$?
+    if ((rc == 0)); then pass libvirt; else fail libvirt "status $rc, console $work/libvirt.log"; fi
+fi
+
+# g. nvmf-auth (nvmux only): DH-HMAC-CHAP with the guest kernel's initiator (Linux 6.12).
 auth_kernel() {   # prints KROOT KVER of an unpacked Debian 12 Linux 6.12 package
     local dir=$repo/target/vm/linux-6.12 deb pkg
     if [[ ! -d $dir/root/boot ]]; then

@@ -199,6 +199,36 @@ pub fn render(d: &Daemon) -> String {
         "# HELP {m} DH-HMAC-CHAP exchanges by result.\n# TYPE {m} counter\n{m}{{result=\"ok\"}} {}\n{m}{{result=\"failed\"}} {}",
         nv.auth_succeeded, nv.auth_failed
     );
+    let exports: Vec<(String, String, crate::GuestMemoryView)> = d
+        .exports()
+        .into_iter()
+        .filter_map(|e| Some((e.spec.name, e.spec.disk, e.guest_memory?)))
+        .collect();
+    for (metric, kind, help, get) in [
+        (
+            "nvmux_export_guest_memory_faults_total",
+            "counter",
+            "vhost-user memory tables whose backing shrank under the device (each failed the device).",
+            (|m: &crate::GuestMemoryView| m.faults) as fn(&crate::GuestMemoryView) -> u64,
+        ),
+        (
+            "nvmux_export_guest_memory_regions_refused_total",
+            "counter",
+            "vhost-user memory regions refused (past the end of their file, empty, overlapping).",
+            |m| m.regions_refused,
+        ),
+        (
+            "nvmux_export_device_failed",
+            "gauge",
+            "1 while the export's device is failed because its guest memory shrank.",
+            |m| m.device_failed as u64,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, disk, m) in &exports {
+            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(m));
+        }
+    }
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (
@@ -237,5 +267,10 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{worker=\"{i}\"}} {}", get(w));
         }
     }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_io_leaked_commands_total Commands a dropped io_uring queue left in the kernel; their buffers are kept forever.\n# TYPE nvmux_io_leaked_commands_total counter\nnvmux_io_leaked_commands_total {}",
+        nvmux_backend::leaked_commands()
+    );
     o
 }

@@ -108,13 +108,15 @@ impl Daemon {
         Ok(kind)
     }
 
-    /// Serve `dev` as an NBD export; a TCP port 0 becomes the bound port in `kind`.
+    /// Serve `dev` as an NBD export; a TCP port 0 becomes the bound port in `kind`. A new
+    /// Unix-socket listener gets `perms` (an existing one keeps its own).
     pub(crate) fn start_nbd(
         &self,
         disk: &str,
         dev: Arc<dyn BlockDevice>,
         stats: Arc<DiskStats>,
         kind: &mut ExportKind,
+        perms: &nvmux_core::unixsock::SocketPerms,
     ) -> Result<NbdHandle> {
         let l = listen_of(kind)?;
         let ExportKind::Nbd {
@@ -142,7 +144,7 @@ impl Daemon {
             if let Listen::Unix(p) = &l {
                 crate::claim_socket(p)?;
             }
-            let srv = NbdServer::start(l, self.workers.workers().to_vec())?;
+            let srv = NbdServer::start(l, perms, self.workers.workers().to_vec())?;
             key = key_of(srv.listen());
             if let (Listen::Tcp(a), Some(slot)) = (srv.listen(), listen.as_mut()) {
                 *slot = a.to_string();

@@ -97,13 +97,15 @@ fn serve_one<S: io::Read + io::Write + Wire + 'static>(
 }
 
 impl NbdServer {
-    /// Bind `listen` and serve connections on the `workers` in turn.
-    pub fn start(listen: Listen, workers: Vec<WorkerHandle>) -> Result<NbdServer> {
+    /// Bind `listen` and serve connections on the `workers` in turn. A Unix socket gets
+    /// `perms` (owner and mode) before it appears at its path.
+    pub fn start(
+        listen: Listen,
+        perms: &nvmux_core::unixsock::SocketPerms,
+        workers: Vec<WorkerHandle>,
+    ) -> Result<NbdServer> {
         let sock = match &listen {
-            Listen::Unix(p) => Sock::Unix(
-                UnixListener::bind(p)
-                    .map_err(|e| Error::io(format!("NBD socket {}", p.display()), e))?,
-            ),
+            Listen::Unix(p) => Sock::Unix(nvmux_core::unixsock::bind(p, perms)?),
             Listen::Tcp(a) => {
                 if !a.ip().is_loopback() {
                     return Err(Error::new(

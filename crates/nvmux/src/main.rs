@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 mod bench;
 mod bench_crypt;
 mod bench_fair;
+mod bench_hostile;
 mod bench_nvmf;
 mod bench_pool;
 mod bench_router;
@@ -283,10 +284,13 @@ enum DiskCmd {
         /// handled as by --on-failure.
         #[arg(long, default_value = "1M")]
         max_io: String,
-        /// Give the socket to UID[:GID] (mode 0660), so that an unprivileged function
-        /// process may attach (default: only root).
+        /// Give the socket to USER[:GROUP] (names or numbers), so that an unprivileged
+        /// function process may attach (default: the daemon's user only).
         #[arg(long)]
         owner: Option<String>,
+        /// The socket's mode, octal (default 0600, or 0660 when --owner names a group).
+        #[arg(long)]
+        mode: Option<String>,
         #[arg(long, conflicts_with = "socket")]
         none: bool,
     },
@@ -490,6 +494,14 @@ enum ExportCmd {
         /// Export type: vhost-user-blk or nbd.
         #[arg(long = "type", default_value = "vhost-user-blk")]
         kind: String,
+        /// Give the socket to USER[:GROUP] (names or numbers), e.g. libvirt-qemu, so that
+        /// a front-end running as that user may connect (default: the daemon's user).
+        #[arg(long)]
+        owner: Option<String>,
+        /// The socket's mode, octal, e.g. 0660 (default 0600, or 0660 when --owner names
+        /// a group).
+        #[arg(long)]
+        mode: Option<String>,
     },
     /// List exports.
     List,
@@ -664,6 +676,7 @@ fn run(cli: Cli) -> Res {
             depth,
             max_io,
             owner,
+            mode,
             none,
         }) => {
             let v = if none {
@@ -673,7 +686,7 @@ fn run(cli: Cli) -> Res {
                 let max_io = nvmux_core::parse_size(&max_io)?;
                 api.post(
                     &format!("/v1/disks/{name}/external"),
-                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner }),
+                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner, "mode": mode }),
                 )?
             };
             show(&v, &print_routing);
@@ -912,6 +925,8 @@ fn run(cli: Cli) -> Res {
             export_name,
             read_only,
             kind,
+            owner,
+            mode,
         }) => {
             let socket = socket.map(|s| std::path::absolute(&s).unwrap_or(s));
             let queues = match (kind.as_str(), queues) {
@@ -921,7 +936,8 @@ fn run(cli: Cli) -> Res {
             let v = api.post(
                 "/v1/exports",
                 &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
-                        "listen": listen, "export_name": export_name, "read_only": read_only}),
+                        "listen": listen, "export_name": export_name, "read_only": read_only,
+                        "owner": owner, "mode": mode}),
             )?;
             show(&v, &|v| {
                 let extra = match v["type"].as_str() {
@@ -931,8 +947,13 @@ fn run(cli: Cli) -> Res {
                     Some("nbd") => String::new(),
                     _ => format!(" ({} queues)", v["num_queues"]),
                 };
+                let perms = match (v["owner"].as_str(), v["mode"].as_str()) {
+                    (Some(o), Some(m)) => format!(", socket owner {o}, mode {m}"),
+                    (None, Some(m)) => format!(", socket mode {m}"),
+                    _ => String::new(),
+                };
                 println!(
-                    "exported disk {} as {} on {}{extra}",
+                    "exported disk {} as {} on {}{extra}{perms}",
                     v["disk"].as_str().unwrap_or(""),
                     v["type"].as_str().unwrap_or(""),
                     v["address"].as_str().unwrap_or(""),
@@ -943,12 +964,12 @@ fn run(cli: Cli) -> Res {
             let v = api.get("/v1/exports")?;
             show(&v, &|v| {
                 println!(
-                    "{:<16} {:<16} {:<16} {:>6} {:<9} ADDRESS",
-                    "NAME", "DISK", "TYPE", "QUEUES", "CLIENT"
+                    "{:<16} {:<16} {:<16} {:>6} {:<9} {:<4} {:<14} ADDRESS",
+                    "NAME", "DISK", "TYPE", "QUEUES", "CLIENT", "MODE", "OWNER"
                 );
                 for e in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<16} {:<16} {:<16} {:>6} {:<9} {}",
+                        "{:<16} {:<16} {:<16} {:>6} {:<9} {:<4} {:<14} {}",
                         e["name"].as_str().unwrap_or(""),
                         e["disk"].as_str().unwrap_or(""),
                         e["type"].as_str().unwrap_or(""),
@@ -962,6 +983,8 @@ fn run(cli: Cli) -> Res {
                             (None, Some(true)) => "connected".to_string(),
                             _ => "-".to_string(),
                         },
+                        e["mode"].as_str().unwrap_or("-"),
+                        e["owner"].as_str().unwrap_or("-"),
                         e["address"].as_str().unwrap_or("")
                     );
                 }
