@@ -403,8 +403,10 @@ fn read_answer(s: &mut TcpStream, cid: u16, cap: usize, within: Duration) -> Nvm
             Err(()) => return a,
         }
         match ty {
-            0x05 if rest.len() >= 16 && le16(&rest, 4) == cid => {
-                a.status = Some(le16(&rest, 6));
+            // CapsuleResp: the 16-byte CQE follows the common header; CID is in its
+            // bytes 12..14, the status field (with the phase bit) in 14..16.
+            0x05 if rest.len() >= 16 && le16(&rest, 12) == cid => {
+                a.status = Some(le16(&rest, 14));
                 return a;
             }
             0x07 => {

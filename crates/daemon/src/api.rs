@@ -618,8 +618,7 @@ fn handle(d: &Daemon, req: &Request) -> Response {
             Err(e) => reply_err(&e),
         },
         ("POST", ["v1", "subsystems", nqn, "auth"]) => {
-            match body::<crate::nvmf::SubsystemAuth>(req)
-                .and_then(|b| d.set_subsystem_auth(nqn, b))
+            match body::<crate::nvmf::SubsystemAuth>(req).and_then(|b| d.set_subsystem_auth(nqn, b))
             {
                 Ok(v) => reply_json(200, &v),
                 Err(e) => reply_err(&e),
