@@ -23,9 +23,12 @@ run_stage() { # name command...  (a stage that is one check)
 }
 
 install_packages() {
-    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography fonts-dejavu-core libssl-dev pkg-config)
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography fonts-dejavu-core libssl-dev pkg-config zstd)
+    # libvirt for the VM stage's libvirt scenario, without its recommends (dnsmasq,
+    # parted, mdevctl...: nothing the test uses).
+    local norec=(libvirt-daemon-system libvirt-clients)
     local missing=()
-    for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    for p in "${pkgs[@]}" "${norec[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     # qemu-utils must match qemu-system-x86 (a newer backported qemu-utils blocks it).
     local sysv utilv
     sysv=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
@@ -41,6 +44,8 @@ install_packages() {
     local cand
     cand=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
     apt-get install -y -qq --allow-downgrades "${pkgs[@]/qemu-utils/qemu-utils=$cand}" >/tmp/nvmux-apt.log 2>&1 \
+        || { tail -20 /tmp/nvmux-apt.log; return 1; }
+    apt-get install -y -qq --no-install-recommends "${norec[@]}" >>/tmp/nvmux-apt.log 2>&1 \
         || { tail -20 /tmp/nvmux-apt.log; return 1; }
     echo "packages: installed"
 }

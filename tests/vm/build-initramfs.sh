@@ -9,6 +9,9 @@
 #
 # Usage: build-initramfs.sh OUT.cpio
 #   The guest kernel is the newest /boot/vmlinuz-*-amd64 (override: KVER=...).
+#   KROOT=DIR takes the kernel and its modules from DIR/boot and DIR/lib/modules instead
+#   of / (a kernel package unpacked with dpkg-deb -x, as run.sh does for Linux 6.12).
+#   Compressed modules (.ko.xz) are stored decompressed (busybox insmod reads plain .ko).
 #   OUT is reused when it is newer than this script (FORCE=1 rebuilds).
 #   OUT.kernel is written next to it with the matching vmlinuz path.
 set -euo pipefail
@@ -21,14 +24,19 @@ if [[ -z ${FORCE:-} && -s $out && -s $out.kernel && $out -nt $self ]] && [[ -r $
     exit 0
 fi
 
+kroot=${KROOT:-}
+kroot=${kroot%/}
 # Newest Debian kernel, unless KVER is given.
 if [[ -z ${KVER:-} ]]; then
-    vmlinuz=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
-    [[ -n $vmlinuz ]] || { echo "initramfs: no /boot/vmlinuz-*-amd64 (install linux-image-amd64)" >&2; exit 1; }
-    KVER=${vmlinuz#/boot/vmlinuz-}
+    vmlinuz=$(ls "$kroot"/boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $vmlinuz ]] || { echo "initramfs: no $kroot/boot/vmlinuz-*-amd64 (install linux-image-amd64)" >&2; exit 1; }
+    KVER=${vmlinuz#"$kroot"/boot/vmlinuz-}
 fi
-vmlinuz=/boot/vmlinuz-$KVER
-[[ -r $vmlinuz && -d /lib/modules/$KVER ]] || { echo "initramfs: missing $vmlinuz or /lib/modules/$KVER" >&2; exit 1; }
+vmlinuz=$kroot/boot/vmlinuz-$KVER
+moddir=$kroot/lib/modules/$KVER
+[[ -r $vmlinuz && -d $moddir ]] || { echo "initramfs: missing $vmlinuz or $moddir" >&2; exit 1; }
+# An unpacked package has no modules.dep yet.
+[[ -s $moddir/modules.dep ]] || depmod -b "${kroot:-/}" "$KVER"
 
 for tool in busybox fio nvme cpio depmod modprobe ldd; do
     command -v "$tool" >/dev/null || { echo "initramfs: '$tool' not found" >&2; exit 1; }
@@ -56,14 +64,20 @@ mods="virtio_pci virtio_blk virtio_net nvme nvme_tcp"
 for m in $mods; do
     # Lines look like "insmod /lib/modules/<ver>/kernel/.../x.ko [params]";
     # "builtin x" lines (module compiled in) need nothing.
-    modprobe -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
+    modprobe -d "${kroot:-/}" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
 done | sort -u | while read -r ko; do
-    mkdir -p "$root$(dirname "$ko")"
-    cp "$ko" "$root$ko"
+    dst=$root${ko#"$kroot"}
+    mkdir -p "$(dirname "$dst")"
+    case $ko in
+        *.ko.xz) xz -dc "$ko" > "${dst%.xz}" ;;
+        *.ko.zst) zstd -qdc "$ko" > "${dst%.zst}" ;;
+        *) cp "$ko" "$dst" ;;
+    esac
 done
 for f in modules.order modules.builtin modules.builtin.modinfo; do
-    [[ -f /lib/modules/$KVER/$f ]] && cp "/lib/modules/$KVER/$f" "$root/lib/modules/$KVER/"
+    [[ -f $moddir/$f ]] && cp "$moddir/$f" "$root/lib/modules/$KVER/"
 done
+sed -i 's/\.ko\.\(xz\|zst\)$/.ko/' "$root/lib/modules/$KVER/modules.order" 2>/dev/null || true
 depmod -b "$root" "$KVER"
 
 # --- fio + its shared libraries + loader ------------------------------------------
@@ -138,16 +152,24 @@ mv "$work/out.cpio" "$out"
 # boot the uncompressed ELF vmlinux directly (PVH entry), so extract it once.
 # The kernel to use is recorded in OUT.kernel for boot.sh (NO_PVH=1: bzImage).
 kernel=$vmlinuz
-if [[ -z ${NO_PVH:-} ]] && grep -q '^CONFIG_PVH=y' "/boot/config-$KVER" 2>/dev/null; then
-    off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$vmlinuz" | head -n1 | cut -d: -f1 || true)
-    if [[ -n $off ]]; then
-        # xz stops with "corrupt data" at the bzImage trailer; the ELF is complete.
-        tail -c +"$((off + 1))" "$vmlinuz" | xz -dcq > "$work/vmlinux" 2>/dev/null || true
+if [[ -z ${NO_PVH:-} ]] && grep -q '^CONFIG_PVH=y' "$kroot/boot/config-$KVER" 2>/dev/null; then
+    # The payload is xz (Debian's 6.1) or zstd (Debian's 6.12) compressed.
+    for fmt in xz zstd; do
+        case $fmt in
+            xz) magic='\xfd7zXZ\x00' unpack='xz -dcq' ;;
+            zstd) command -v zstd > /dev/null || continue; magic='\x28\xb5\x2f\xfd' unpack='zstd -dcq' ;;
+        esac
+        off=$(LC_ALL=C grep -obUaP "$magic" "$vmlinuz" | head -n1 | cut -d: -f1 || true)
+        [[ -n $off ]] || continue
+        # The decompressor stops with "corrupt data" at the bzImage trailer; the ELF is
+        # complete.
+        tail -c +"$((off + 1))" "$vmlinuz" | $unpack > "$work/vmlinux" 2>/dev/null || true
         if [[ $(head -c4 "$work/vmlinux" | od -An -c | tr -d ' ') == 177ELF ]]; then
             mv "$work/vmlinux" "$out.vmlinux"
             kernel=$(readlink -f "$out.vmlinux")
+            break
         fi
-    fi
+    done
     [[ $kernel != "$vmlinuz" ]] || echo "initramfs: could not extract vmlinux, booting $vmlinuz (slower)"
 fi
 echo "$kernel" > "$out.kernel"

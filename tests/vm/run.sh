@@ -2,10 +2,12 @@
 # VM end-to-end stage: serve a 64 MiB file-backed disk over vhost-user-blk
 # (2 queues) and let a QEMU/TCG guest check it with fio.
 #
-# Usage: tests/vm/run.sh [--server nvmux|qsd] [--nvmux-bin PATH]
+# Usage: tests/vm/run.sh [--server nvmux|qsd] [--nvmux-bin PATH] [--only NAME[,NAME...]]
 #   --server nvmux   the server under test (default); binary from --nvmux-bin,
 #                    $NVMUX_BIN, or target/{release,debug}/nvmux
 #   --server qsd     qemu-storage-daemon, the reference (validates the harness)
+#   --only LIST      run only these scenarios (comma separated; the fio-verify group runs
+#                    whole when any of its three is named)
 # Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
 #      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
 #      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
@@ -23,6 +25,19 @@
 #                        first MiB: the guest's writes there fail, fio verifies outside
 #                        it; the host removes the classifier live and the write succeeds
 #   nvmf, nvmf-restart   (nvmux only) NVMe/TCP with the guest kernel's initiator
+#   libvirt              (nvmux only) Debian's libvirtd (started here if not running)
+#                        runs QEMU as libvirt-qemu; a <disk type='vhostuser'> domain
+#                        boots and passes fio --verify on an export created with
+#                        --owner libvirt-qemu, with no chown or chmod of the socket
+#                        (tests/vm/libvirt.sh)
+#   nvmf-auth            (nvmux only) DH-HMAC-CHAP with the guest kernel's initiator:
+#                        right, wrong and missing secrets, bidirectional, the discovery
+#                        allow-list, then discovery closed. Debian 12's Linux 6.1 has no
+#                        in-band authentication (CONFIG_NVME_AUTH is off), so this guest
+#                        boots Debian 12's Linux 6.12 (linux-image-6.12.*+deb12-amd64-
+#                        unsigned from bookworm-security, fetched with apt-get download
+#                        into target/vm/linux-6.12 once; VM_AUTH_KERNEL_DEB=FILE uses a
+#                        given package)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -30,9 +45,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
 server=nvmux
+only=
 while (($#)); do
     case $1 in
         --server) server=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
         --nvmux-bin) NVMUX_BIN=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -47,6 +64,8 @@ queues=2
 initrd=$repo/target/vm/initramfs.cpio
 
 need() { command -v "$1" >/dev/null || { echo "run.sh: '$1' not found (${2:-})" >&2; exit 2; }; }
+# want NAME: the scenario is selected (no --only, or named in it).
+want() { [[ -z $only || ",$only," == *",$1,"* ]]; }
 need qemu-system-x86_64 "apt-get install qemu-system-x86"
 need fio "apt-get install fio"
 need busybox "apt-get install busybox-static"
@@ -169,6 +188,7 @@ if ! "start_${server}_server" "$img" "$sock"; then
 fi
 echo "== server up (pid $SERVER_PID, socket $sock)"
 
+if want fio-verify || want reconnect || want corruption-detected; then
 # a. fio-verify: write + verify through both queues.
 rc=0; boot fio-verify 0 || rc=$?
 cat "$work/fio-verify.out"
@@ -216,11 +236,17 @@ else
     fi
 fi
 
+else
+    echo "SKIP fio-verify, reconnect, corruption-detected (--only)"
+fi
+
 # d. thin-resize (nvmux only): a thin disk in a pool. The guest checks zeros on a fresh
 #    disk, fio write+verify, discard; the host grows the disk while the guest runs, and
 #    the guest must see the new size (config-change interrupt), keep its data and use
 #    the new space.
-if [[ $server != nvmux ]]; then
+if ! want thin-resize; then
+    echo "SKIP thin-resize (--only)"
+elif [[ $server != nvmux ]]; then
     echo "SKIP thin-resize (nvmux only)"
 elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
     fail thin-resize "server is not running"
@@ -260,7 +286,9 @@ fi
 # d2. classifier (nvmux only): the guard classifier, compiled here with clang, on a new
 #     disk; the guest checks the refusal and fio outside the range; at its marker the
 #     host removes the classifier from the running disk and the guest's write goes through.
-if [[ $server != nvmux ]]; then
+if ! want classifier; then
+    echo "SKIP classifier (--only)"
+elif [[ $server != nvmux ]]; then
     echo "SKIP classifier (nvmux only)"
 elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
     fail classifier "server is not running"
@@ -316,7 +344,7 @@ boot_watch() {
     local name=$1 script=$2; shift 2
     local envs=() e
     for e in "$@"; do envs+=(--env "$e"); done
-    "$here/boot.sh" --initrd "$initrd" --script "$here/$script" --log "$work/$name.log" --net \
+    "$here/boot.sh" --initrd "${BOOT_INITRD:-$initrd}" --script "$here/$script" --log "$work/$name.log" --net \
         "${envs[@]}" --smp "$smp" --timeout "$boot_timeout" > "$work/$name.out" 2>&1 &
     local bpid=$! m
     local done_markers=" "
@@ -335,7 +363,9 @@ boot_watch() {
     grep '^test: ' "$work/$name.log" || true
 }
 
-if [[ $server != nvmux ]]; then
+if ! want nvmf && ! want nvmf-restart; then
+    echo "SKIP nvmf, nvmf-restart (--only)"
+elif [[ $server != nvmux ]]; then
     echo "SKIP nvmf, nvmf-restart (nvmux only)"
 elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
     fail nvmf "server is not running"
@@ -344,6 +374,11 @@ else
     api=$sockdir/nvmux-data/nvmux.sock
     port=$(free_port)
     rm -f "$work/ns1.img"
+    # ns2 lives in thin-resize's pool; make it when that scenario was not run (--only).
+    if ! "$NVMUX_BIN" --api "$api" pool show vmpool > /dev/null 2>&1; then
+        rm -f "$work/pool.img"
+        "$NVMUX_BIN" --api "$api" pool create vmpool --path "$work/pool.img" --size 256M > /dev/null || true
+    fi
     if ! { "$NVMUX_BIN" --api "$api" disk create ns1 --backend file --path "$work/ns1.img" --size 64M &&
            "$NVMUX_BIN" --api "$api" disk create ns2 --pool vmpool --size 32M &&
            "$NVMUX_BIN" --api "$api" subsystem create "$nqn" --listen "127.0.0.1:$port" --serial NVMUXVM01 &&
@@ -384,6 +419,97 @@ else
             pass nvmf-restart
         else
             fail nvmf-restart "boot status $rc, host actions '$ACTIONS', log $work/nvmf-restart.log"
+        fi
+    fi
+fi
+
+# f. libvirt (nvmux only): the socket's owner comes from the export alone.
+if ! want libvirt; then
+    echo "SKIP libvirt (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP libvirt (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail libvirt "server is not running"
+else
+    rc=0
+    "$here/libvirt.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+        --initrd "$initrd" --work "$work" --smp "$smp" --timeout "$boot_timeout" || rc=$?
+    if ((rc == 0)); then pass libvirt; else fail libvirt "status $rc, console $work/libvirt.log"; fi
+fi
+
+# g. nvmf-auth (nvmux only): DH-HMAC-CHAP with the guest kernel's initiator (Linux 6.12).
+auth_kernel() {   # prints KROOT KVER of an unpacked Debian 12 Linux 6.12 package
+    local dir=$repo/target/vm/linux-6.12 deb pkg
+    if [[ ! -d $dir/root/boot ]]; then
+        mkdir -p "$dir"
+        deb=${VM_AUTH_KERNEL_DEB:-}
+        if [[ -z $deb ]]; then
+            pkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' |
+                  awk '{ print $1 }' | sort -V | tail -n1)
+            [[ -n $pkg ]] || { echo "run.sh: no linux-image-6.12.*+deb12-amd64-unsigned package (apt-get update? bookworm-security in sources?)" >&2; return 1; }
+            (cd "$dir" && apt-get download "$pkg" > /dev/null 2>&1) || { echo "run.sh: apt-get download $pkg failed" >&2; return 1; }
+            deb=$(ls "$dir"/linux-image-6.12*.deb | tail -n1)
+        fi
+        rm -rf "$dir/root.tmp"
+        dpkg-deb -x "$deb" "$dir/root.tmp" && mv "$dir/root.tmp" "$dir/root"
+        rm -f "$dir"/linux-image-6.12*.deb
+    fi
+    echo "$dir/root $(ls "$dir/root/lib/modules" | sort -V | tail -n1)"
+}
+
+if ! want nvmf-auth; then
+    echo "SKIP nvmf-auth (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP nvmf-auth (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail nvmf-auth "server is not running"
+elif ! kinfo=$(auth_kernel); then
+    fail nvmf-auth "could not get the Linux 6.12 kernel package"
+else
+    read -r kroot kver <<< "$kinfo"
+    auth_initrd=$repo/target/vm/initramfs-auth.cpio
+    KROOT=$kroot KVER=$kver "$here/build-initramfs.sh" "$auth_initrd"
+    api=$sockdir/nvmux-data/nvmux.sock
+    anqn=nqn.2026-11.io.nvmux:vm-auth
+    ahost=nqn.2014-08.org.nvmexpress:uuid:6e766d75-7800-4000-8000-0000000000a1
+    ahostid=6e766d75-7800-4000-8000-0000000000a1
+    strangerid=6e766d75-7800-4000-8000-0000000000ee
+    stranger=nqn.2014-08.org.nvmexpress:uuid:$strangerid
+    aport=$(free_port)
+    secret=$("$NVMUX_BIN" subsystem gen-secret --hmac sha256)
+    ctrl_secret=$("$NVMUX_BIN" subsystem gen-secret --hmac sha384 --length 48)
+    wrong=$("$NVMUX_BIN" subsystem gen-secret --hmac sha256)
+    rm -f "$work/auth.img"
+    if ! { "$NVMUX_BIN" --api "$api" disk create authns --backend file --path "$work/auth.img" --size 64M &&
+           "$NVMUX_BIN" --api "$api" subsystem create "$anqn" --listen "127.0.0.1:$aport" --require-auth &&
+           "$NVMUX_BIN" --api "$api" subsystem allow-host "$anqn" "$ahost" \
+               --dhchap-secret "$secret" --dhchap-ctrl-secret "$ctrl_secret" &&
+           "$NVMUX_BIN" --api "$api" subsystem add-ns "$anqn" authns; } > "$work/nvmf-auth-setup.out" 2>&1; then
+        cat "$work/nvmf-auth-setup.out"
+        fail nvmf-auth "could not create the subsystem"
+    else
+        marker_CLOSE() {
+            local dir=$sockdir/nvmux-data
+            printf '[nvmf]\ndiscovery = "closed"\n' > "$work/closed.toml"
+            stop_server
+            "$NVMUX_BIN" serve --data-dir "$dir" --config "$work/closed.toml" >> "$work/server.log" 2>&1 &
+            SERVER_PID=$!
+            wait_for_socket "$dir/nvmux.sock"
+        }
+        BOOT_INITRD=$auth_initrd boot_watch nvmf-auth guest-nvmf-auth.sh TARGET_IP=10.0.2.2 "PORT=$aport" \
+            "NQN=$anqn" "HOSTNQN=$ahost" "HOSTID=$ahostid" "STRANGER=$stranger" "STRANGER_ID=$strangerid" \
+            "SECRET=$secret" "CTRL_SECRET=$ctrl_secret" "WRONG_SECRET=$wrong"
+        echo "== host actions: $ACTIONS"
+        # What the daemon saw: each kind of line once (hash and DH group of the successes).
+        sed 's/\x1b\[[0-9;]*m//g' "$work/server.log" |
+            grep -oE 'DH-HMAC-CHAP (failed: .*|authentication succeeded.*(hash="?[a-z0-9]+"? dhgroup="?[a-z0-9]+"? bidirectional=[a-z]+))' |
+            sed 's/ peer=[^ ]*//; s/ host=[^ ]*//; s/ qid=[0-9]*//' | sort | uniq -c || true
+        if ! grep -q 'DH-HMAC-CHAP failed' "$work/server.log"; then
+            fail nvmf-auth "the daemon log does not show the refused secret"
+        elif ((rc == 0)) && [[ $ACTIONS == "CLOSE:ok " ]]; then
+            pass nvmf-auth
+        else
+            fail nvmf-auth "boot status $rc, host actions '$ACTIONS', log $work/nvmf-auth.log"
         fi
     fi
 fi

@@ -28,6 +28,7 @@ use nvmux_core::{
 
 mod sync;
 mod uring;
+pub use uring::leaked_commands;
 
 /// Largest transfer of one command the backends accept (bytes).
 pub const MAX_TRANSFER: u32 = 32 << 20;

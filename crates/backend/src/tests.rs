@@ -1,5 +1,6 @@
 use super::*;
 use nvmux_core::{Opcode, SgList};
+use std::os::fd::FromRawFd;
 
 fn run(q: &mut dyn BlockQueue, cmd: IoCommand) -> (IoCommand, Status) {
     q.submit(cmd);
@@ -180,4 +181,49 @@ fn bad_size_creates_nothing() {
     )
     .is_err());
     assert!(!p.exists(), "no file left behind");
+}
+
+/// A queue dropped while the kernel holds a command (a read of an empty pipe, which
+/// never completes by itself) cancels it and waits for its completion before the
+/// command's buffer is freed.
+#[test]
+fn a_queue_dropped_with_a_command_in_the_kernel_cancels_and_waits() {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into a valid array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are fresh and owned here.
+    let (rd, _wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let mut q = uring::UringQueue::new(
+        std::sync::Arc::new(rd),
+        512,
+        false,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        4,
+    )
+    .unwrap();
+    q.set_drain_wait(std::time::Duration::from_secs(30));
+    let leaked = uring::leaked_commands();
+    let mut buf = nvmux_core::AlignedBuf::new(4096);
+    let c = IoCommand::new(Opcode::Read, 0, 8, 1, buf.sg(0, 4096));
+    q.submit(c);
+    q.kick();
+    assert_eq!(q.in_flight(), 1);
+    // Nothing completes: the pipe is empty.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut seen = 0;
+    q.poll(&mut |_, _| seen += 1);
+    assert_eq!(seen, 0);
+    drop(q);
+    assert_eq!(
+        uring::leaked_commands(),
+        leaked,
+        "the read was cancelled and reaped, not leaked"
+    );
+    // The buffer is ours again; writing it cannot race the kernel.
+    buf.as_mut_slice().fill(1);
 }

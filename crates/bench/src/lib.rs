@@ -2,9 +2,11 @@
 //! workloads, baseline servers (qemu-storage-daemon, fio) and CPU accounting.
 //! The `nvmux bench` command (in the binary) composes them into runs and reports.
 
+pub mod attack;
 pub mod client;
 pub mod nvmf;
 pub mod procs;
+pub mod vufront;
 pub mod workload;
 
 pub use client::{BlkioClient, Op};

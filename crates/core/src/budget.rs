@@ -159,7 +159,15 @@ pub struct ConnLimiter {
 #[derive(Debug, Default)]
 struct LimiterState {
     total: usize,
-    per_peer: HashMap<IpAddr, usize>,
+    per_peer: HashMap<Peer, usize>,
+}
+
+/// Who a connection comes from, for the per-peer limit: an IP address on TCP, a user id
+/// (`SO_PEERCRED`) on a Unix socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    Ip(IpAddr),
+    Uid(u32),
 }
 
 /// Why a connection was not admitted.
@@ -175,7 +183,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Total(n) => write!(f, "the listener already holds {n} connections"),
-            Refusal::PerPeer(n) => write!(f, "this address already holds {n} connections"),
+            Refusal::PerPeer(n) => write!(f, "this peer already holds {n} connections"),
         }
     }
 }
@@ -195,6 +203,11 @@ impl ConnLimiter {
     /// Admit a connection from `peer` (`None` for a Unix socket: counted in the total
     /// only), or say why not.
     pub fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<ConnPermit, Refusal> {
+        self.admit_peer(peer.map(Peer::Ip))
+    }
+
+    /// Admit a connection from `peer` (`None`: counted in the total only), or say why not.
+    pub fn admit_peer(self: &Arc<Self>, peer: Option<Peer>) -> Result<ConnPermit, Refusal> {
         let mut g = self.st.lock().unwrap_or_else(|e| e.into_inner());
         if g.total >= self.max_total {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +243,7 @@ impl ConnLimiter {
 #[derive(Debug)]
 pub struct ConnPermit {
     lim: Arc<ConnLimiter>,
-    peer: Option<IpAddr>,
+    peer: Option<Peer>,
 }
 
 impl Drop for ConnPermit {
@@ -289,6 +302,14 @@ mod tests {
         drop(p1);
         assert_eq!(l.open(), 2);
         let _p4 = l.admit(Some(ip1)).unwrap();
+        // User ids on a Unix socket count apart from addresses.
+        let u = ConnLimiter::new(0, 1);
+        let _a = u.admit_peer(Some(Peer::Uid(1000))).unwrap();
+        assert_eq!(
+            u.admit_peer(Some(Peer::Uid(1000))).unwrap_err(),
+            Refusal::PerPeer(1)
+        );
+        let _b = u.admit_peer(Some(Peer::Uid(0))).unwrap();
         let unlimited = ConnLimiter::new(0, 0);
         let v: Vec<_> = (0..1000)
             .map(|_| unlimited.admit(Some(ip1)).unwrap())

@@ -24,7 +24,10 @@ use std::sync::Arc;
 
 pub mod budget;
 pub mod crc32c;
+pub mod fault;
+pub mod sigbus;
 pub mod stats;
+pub mod unixsock;
 pub mod worker;
 
 /// The byte stream under a network frontend's connection (NVMe/TCP, NBD): a socket in

@@ -30,6 +30,9 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub qos: QosConfig,
+    /// Who may use the API socket (`[api]`).
+    #[serde(default)]
+    pub api: ApiConfig,
     #[serde(default)]
     pub network: NetworkConfig,
     #[serde(default)]
@@ -94,6 +97,10 @@ pub struct NvmfConfig {
     /// ends the connection (ms).
     #[serde(default = "thirty_seconds_ms")]
     pub stall_timeout_ms: u64,
+    /// Who may use the discovery controller: "open" (every host), "allow-list" (hosts on
+    /// some subsystem's allow-list) or "closed" (nobody).
+    #[serde(default = "nvmf_discovery")]
+    pub discovery: String,
 }
 
 impl Default for NvmfConfig {
@@ -104,8 +111,13 @@ impl Default for NvmfConfig {
             memory_per_connection: nvmf_memory_per_connection(),
             handshake_timeout_ms: ten_seconds_ms(),
             stall_timeout_ms: thirty_seconds_ms(),
+            discovery: nvmf_discovery(),
         }
     }
+}
+
+fn nvmf_discovery() -> String {
+    "allow-list".into()
 }
 
 fn nvmf_max_connections() -> u32 {
@@ -167,6 +179,109 @@ fn nbd_max_per_host() -> u32 {
 fn nbd_memory_per_connection() -> u64 {
     64 << 20
 }
+
+// ---- [api]: the API socket's owner group, mode and allow-list ------------------------
+
+/// A TOML value that may be a number or a string (ids and names; modes).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum NumOrText {
+    Num(i64),
+    Text(String),
+}
+
+/// `[api]`: who may use the API socket. Root and the daemon's own uid always may.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The socket's mode, a string of octal digits ("0660"). Default "0600", or "0660"
+    /// when `group` is set.
+    #[serde(default)]
+    pub mode: Option<NumOrText>,
+    /// The socket's group (a name or a gid). Its members may use the API.
+    #[serde(default)]
+    pub group: Option<NumOrText>,
+    /// More users (names or uids) allowed to use the API.
+    #[serde(default)]
+    pub allow_uids: Vec<NumOrText>,
+    /// Groups (names or gids) whose members (primary or supplementary group) may use the
+    /// API.
+    #[serde(default)]
+    pub allow_gids: Vec<NumOrText>,
+}
+
+fn config_id(v: &NumOrText, key: &str, user: bool) -> Result<u32, String> {
+    match v {
+        NumOrText::Num(n) => u32::try_from(*n)
+            .ok()
+            .filter(|&n| n != u32::MAX)
+            .ok_or_else(|| format!("{key}: {n} is not a valid id (0..4294967295)")),
+        NumOrText::Text(t) => {
+            let r = if user {
+                nvmux_core::unixsock::user_id(t)
+            } else {
+                nvmux_core::unixsock::group_id(t)
+            };
+            r.map_err(|e| format!("{key}: {}", e.msg))
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The socket's permissions and the allow-list, with names resolved (getpwnam_r,
+    /// getgrnam_r).
+    pub fn access(&self) -> Result<crate::api::ApiAccess, String> {
+        use nvmux_core::unixsock::{parse_mode, SocketPerms, DEFAULT_MODE, GROUP_MODE};
+        let gid = self
+            .group
+            .as_ref()
+            .map(|g| config_id(g, "api.group", false))
+            .transpose()?;
+        let mode = match &self.mode {
+            None if gid.is_some() => GROUP_MODE,
+            None => DEFAULT_MODE,
+            Some(NumOrText::Text(m)) => {
+                parse_mode(m).map_err(|e| format!("api.mode: {}", e.msg))?
+            }
+            Some(NumOrText::Num(n)) => {
+                return Err(format!(
+                "api.mode = {n}: write the mode as a string of octal digits, e.g. mode = \"0660\""
+            ))
+            }
+        };
+        if mode & 0o200 == 0 {
+            return Err(format!(
+                "api.mode = \"{mode:04o}\" does not let the socket's owner (the daemon's user) connect: include 0200"
+            ));
+        }
+        let allow_uids = self
+            .allow_uids
+            .iter()
+            .map(|u| config_id(u, "api.allow_uids", true))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut allow_gids = self
+            .allow_gids
+            .iter()
+            .map(|g| config_id(g, "api.allow_gids", false))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(g) = gid {
+            if !allow_gids.contains(&g) {
+                allow_gids.push(g);
+            }
+        }
+        Ok(crate::api::ApiAccess {
+            perms: SocketPerms {
+                uid: None,
+                gid,
+                mode,
+            },
+            allow_uids,
+            allow_gids,
+        })
+    }
+}
+
+// ---- end of [api] ----------------------------------------------------------------------
 
 /// Fair sharing of a host device between the disks on it.
 #[derive(Clone, Debug, Deserialize)]
@@ -256,6 +371,7 @@ impl Config {
                 self.workers.poll_idle_us
             ));
         }
+        self.api.access()?;
         let mb = self.network.memory_budget;
         if !(16 << 20..=1 << 40).contains(&mb) {
             return Err(format!(
@@ -283,6 +399,12 @@ impl Config {
             if !(100..=3_600_000).contains(&v) {
                 return Err(format!("{k} = {v} is out of range (100..=3600000)"));
             }
+        }
+        if nvmux_nvmf::DiscoveryPolicy::parse(&self.nvmf.discovery).is_none() {
+            return Err(format!(
+                "nvmf.discovery = {:?} is not \"open\", \"allow-list\" or \"closed\"",
+                self.nvmf.discovery
+            ));
         }
         if self.qos.fair_depth > 65_536 {
             return Err(format!(
@@ -325,6 +447,9 @@ mod tests {
         assert!(Config::parse("[network]\nmemory_budget = \"1M\"").is_err());
         assert!(Config::parse("[nbd]\nmemory_per_connection = \"16M\"").is_err());
         assert!(Config::parse("[nvmf]\nstall_timeout_ms = 0").is_err());
+        assert!(Config::parse("[nvmf]\ndiscovery = \"maybe\"").is_err());
+        assert_eq!(Config::parse("").unwrap().nvmf.discovery, "allow-list");
+        assert!(Config::parse("[nvmf]\ndiscovery = \"closed\"").is_ok());
     }
     #[test]
     fn network_limits() {
@@ -337,5 +462,44 @@ mod tests {
         assert_eq!(c.nvmf.memory_per_connection, 4 << 20);
         assert_eq!(c.nbd.max_connections_per_host, 0);
         assert_eq!(c.nbd.memory_per_connection, 64 << 20);
+    }
+
+    #[test]
+    fn api_section() {
+        let a = Config::parse(EMBEDDED_DEFAULT)
+            .unwrap()
+            .api
+            .access()
+            .unwrap();
+        assert_eq!(a.perms.mode, 0o600);
+        assert_eq!(a.perms.gid, None);
+        assert!(a.allow_uids.is_empty() && a.allow_gids.is_empty());
+        let c = Config::parse(
+            "[api]\ngroup = \"root\"\nallow_uids = [65534, \"root\"]\nallow_gids = [100]\n",
+        )
+        .unwrap();
+        let a = c.api.access().unwrap();
+        assert_eq!(a.perms.mode, 0o660, "a group makes the default 0660");
+        assert_eq!(a.perms.gid, Some(0));
+        assert_eq!(a.allow_uids, vec![65534, 0]);
+        assert_eq!(a.allow_gids, vec![100, 0], "the socket's group is allowed");
+        let a = Config::parse("[api]\nmode = \"0666\"")
+            .unwrap()
+            .api
+            .access()
+            .unwrap();
+        assert_eq!(a.perms.mode, 0o666);
+        for bad in [
+            "[api]\nmode = 660",
+            "[api]\nmode = \"0999\"",
+            "[api]\nmode = \"0060\"",
+            "[api]\ngroup = \"no-such-group-nvmux\"",
+            "[api]\nallow_uids = [-1]",
+            "[api]\nallow_uids = [\"no-such-user-nvmux\"]",
+            "[api]\nallow_gids = [4294967296]",
+            "[api]\nbogus = 1",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
     }
 }

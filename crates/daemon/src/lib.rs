@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod nbd;
 pub mod nvmf;
@@ -264,6 +265,27 @@ pub struct ExportSpec {
     pub disk: String,
     #[serde(flatten)]
     pub kind: ExportKind,
+    /// Exports on a Unix socket: who the socket belongs to, `USER[:GROUP]` as given
+    /// (names or numbers). Absent: the daemon's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Exports on a Unix socket: the socket's mode, four octal digits. Absent (a
+    /// state.json from before modes): 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl ExportSpec {
+    /// The socket's owner and mode, resolved now (user and group names may change).
+    pub fn perms(&self) -> Result<nvmux_core::unixsock::SocketPerms> {
+        nvmux_core::unixsock::SocketPerms::parse(self.owner.as_deref(), self.mode.as_deref())
+            .map_err(|e| {
+                err(
+                    e.kind,
+                    format!("export {:?}: socket owner/mode: {}", self.name, e.msg),
+                )
+            })
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -348,6 +370,14 @@ pub struct ExportCreate {
     /// TLS is then required.
     #[serde(default)]
     pub tls: Option<nbd::NbdTls>,
+    /// Unix socket exports: give the socket to `USER[:GROUP]` (names or numbers), e.g.
+    /// `libvirt-qemu`, so that a front-end running as that user may connect.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Unix socket exports: the socket's mode, octal (default 0600, or 0660 when the
+    /// owner names a group).
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 /// A disk as the API shows it.
@@ -416,11 +446,11 @@ pub struct Daemon {
     keys: Mutex<Arc<dyn KeyProvider>>,
     /// The NVMe/TCP target (subsystems, listeners, connections).
     nvmf: nvmux_nvmf::Target,
+    /// The one budget of network buffers (`network.memory_budget`), shared by every
+    /// network frontend (NVMe/TCP, NBD).
+    net_mem: Arc<nvmux_core::budget::MemBudget>,
     /// NBD listeners by address (with their named exports), outside the state lock.
     nbd: Mutex<BTreeMap<String, nbd::NbdListener>>,
-    /// The memory budget of the network frontends' connections (`[network]
-    /// memory_budget`), one for the whole daemon.
-    net_budget: Arc<nvmux_core::budget::MemBudget>,
     /// Fair-share groups by host device id; a group lives while a disk uses it.
     groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
@@ -451,40 +481,65 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> Error {
     Error::new(kind, msg)
 }
 
-/// An export may only replace a stale socket: not another file, not the API socket
-/// (compared as files, whatever the spelling of the path), not a socket someone listens on.
+/// An export may only replace a stale socket or a symlink: not another file, not the API
+/// socket (compared as files, whatever the spelling of the path), not a socket someone
+/// listens on.
 fn check_export_socket(path: &Path, api: &Path) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let Ok(m) = std::fs::symlink_metadata(path) else {
-        return Ok(()); // nothing there yet
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let same_as_api =
+            std::fs::metadata(api).is_ok_and(|a| a.dev() == m.dev() && a.ino() == m.ino());
+        if same_as_api {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("{} is the API socket; choose another path", path.display()),
+            ));
+        }
+    }
+    claim_socket(path)
+}
+
+/// The owner and mode a new export's socket gets, as stored in its spec: checked (names
+/// resolved) now. NBD exports that share a socket share its owner and mode: a later export
+/// takes the listener's unless it asks for the same ones.
+fn export_socket_perms(
+    g: &Inner,
+    kind: &ExportKind,
+    req: &ExportCreate,
+) -> Result<(Option<String>, Option<String>)> {
+    use nvmux_core::unixsock::{format_mode, SocketPerms};
+    let Some(sock) = kind.socket() else {
+        if req.owner.is_some() || req.mode.is_some() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "owner and mode are for exports on a Unix socket; a TCP listener has neither",
+            ));
+        }
+        return Ok((None, None));
     };
-    if !m.file_type().is_socket() {
-        return Err(err(
-            ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ),
-        ));
+    let perms = SocketPerms::parse(req.owner.as_deref(), req.mode.as_deref())?;
+    if let Some(other) = g
+        .exports
+        .values()
+        .find(|e| e.spec.kind.socket() == Some(sock))
+    {
+        let theirs = (other.spec.owner.clone(), other.spec.mode.clone());
+        let same = other.spec.perms().is_ok_and(|p| p == perms);
+        if (req.owner.is_some() || req.mode.is_some()) && !same {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "socket {} is shared with export {:?} (owner {}, mode {}): give the same owner and mode, or none",
+                    sock.display(),
+                    other.spec.name,
+                    other.spec.owner.as_deref().unwrap_or("the daemon's user"),
+                    other.spec.mode.as_deref().unwrap_or("0600"),
+                ),
+            ));
+        }
+        return Ok(theirs);
     }
-    let same_as_api =
-        std::fs::metadata(api).is_ok_and(|a| a.dev() == m.dev() && a.ino() == m.ino());
-    if same_as_api {
-        return Err(err(
-            ErrorKind::InvalidArgument,
-            format!("{} is the API socket; choose another path", path.display()),
-        ));
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(err(
-            ErrorKind::AlreadyExists,
-            format!(
-                "{} is in use by a running server; choose another path",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
+    Ok((req.owner.clone(), Some(format_mode(perms.mode))))
 }
 
 /// Names: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
@@ -693,8 +748,11 @@ impl Daemon {
         })
         .map_err(|e| Error::io("start worker threads", e))?;
         let cfg_keys = cfg.keys.kek_file.clone();
-        let cfg_net_budget = cfg.network.memory_budget;
-        let nvmf = nvmux_nvmf::Target::new(workers.workers().to_vec());
+        let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
+        let nvmf = nvmux_nvmf::Target::new(
+            workers.workers().to_vec(),
+            nvmf::target_config(&cfg, &net_mem),
+        );
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -708,10 +766,8 @@ impl Daemon {
             }),
             groups: Default::default(),
             nbd: Default::default(),
-            net_budget: nvmux_core::budget::MemBudget::new(
-                usize::try_from(cfg_net_budget).unwrap_or(usize::MAX),
-            ),
             nvmf,
+            net_mem,
             _lock: lock,
         });
         d.restore()?;
@@ -733,7 +789,18 @@ impl Daemon {
     fn restore(&self) -> Result<()> {
         let p = self.state_path();
         let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
+            Ok(t) => {
+                // An older nvmux wrote it with the umask's mode: it may hold secrets now.
+                use std::os::unix::fs::PermissionsExt;
+                if let Ok(m) = std::fs::metadata(&p) {
+                    if m.permissions().mode() & 0o077 != 0 {
+                        tracing::warn!(path = %p.display(), "state file readable by others: mode set to 0600");
+                        let _ =
+                            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+                    }
+                }
+                t
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
         };
@@ -843,7 +910,16 @@ impl Daemon {
             .map_err(|e| err(ErrorKind::Io, format!("serialize state: {e}")))?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // Mode 0600: the file holds DH-HMAC-CHAP secrets (see format.md). A temporary
+            // file left by a crash keeps its mode when reopened, so set it explicitly.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             f.write_all(&text)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &p)?;
@@ -1379,8 +1455,10 @@ impl Daemon {
                 format!("disk {:?} is unavailable: {e}", spec.disk),
             )
         })?;
+        let perms = spec.perms()?;
         match &spec.kind {
             ExportKind::VhostUserBlk { socket, num_queues } => {
+                claim_socket(socket)?;
                 let mut workers = self.workers.workers().to_vec();
                 let first = self
                     .next_worker
@@ -1393,6 +1471,7 @@ impl Daemon {
                         socket: socket.clone(),
                         num_queues: *num_queues,
                         serial: spec.disk.clone(),
+                        perms,
                     },
                     workers,
                     d.stats.clone(),
@@ -1400,7 +1479,13 @@ impl Daemon {
                 .map(Handle::Vhost)
             }
             ExportKind::Nbd { .. } => self
-                .start_nbd(&spec.disk, dev.clone(), d.stats.clone(), &mut spec.kind)
+                .start_nbd(
+                    &spec.disk,
+                    dev.clone(),
+                    d.stats.clone(),
+                    &mut spec.kind,
+                    &perms,
+                )
                 .map(Handle::Nbd),
         }
     }
@@ -1473,13 +1558,17 @@ impl Daemon {
                 ))
             }
         };
+        let (owner, mode) = export_socket_perms(&g, &kind, &req)?;
         let mut spec = ExportSpec {
             name: name.clone(),
             disk: req.disk.clone(),
             kind,
+            owner,
+            mode,
         };
         let handle = self.start_export(&g, &mut spec)?;
-        tracing::info!(export = %name, disk = %req.disk, at = %spec.kind.address(), "export added");
+        tracing::info!(export = %name, disk = %req.disk, at = %spec.kind.address(),
+            owner = spec.owner.as_deref().unwrap_or("-"), mode = spec.mode.as_deref().unwrap_or("-"), "export added");
         g.exports.insert(
             name.clone(),
             Export {
@@ -1534,6 +1623,17 @@ impl Daemon {
                 .iter()
                 .map(WorkerView::from)
                 .collect(),
+            network: self.network_view(),
+            nvmf: self.nvmf_stats(),
+        }
+    }
+
+    /// The network frontends' shared buffer budget.
+    pub fn network_view(&self) -> NetworkView {
+        NetworkView {
+            memory_budget: self.net_mem.limit() as u64,
+            memory_used: self.net_mem.used() as u64,
+            memory_waits: self.net_mem.waits(),
         }
     }
 
@@ -1600,6 +1700,37 @@ pub struct ExportView {
     pub connections: Option<u64>,
     /// Where clients connect: the socket, or an NBD URI.
     pub address: String,
+    /// vhost-user: the front-end's guest memory (faults, refused and sealed regions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory: Option<GuestMemoryView>,
+}
+
+/// `guest_memory` of a vhost-user export (see docs/security.md).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestMemoryView {
+    /// Memory tables whose backing shrank under the device (each failed it once).
+    pub faults: u64,
+    /// The current memory table faulted: its queues are stopped until the front-end
+    /// sends a new table (a reconnect does).
+    pub device_failed: bool,
+    /// Regions refused at SET_MEM_TABLE / ADD_MEM_REGION.
+    pub regions_refused: u64,
+    /// Regions of the current table.
+    pub regions: u64,
+    /// Of those, regions whose file is sealed against shrinking (F_SEAL_SHRINK).
+    pub regions_sealed: u64,
+}
+
+impl From<nvmux_vhost::MemoryStatus> for GuestMemoryView {
+    fn from(m: nvmux_vhost::MemoryStatus) -> Self {
+        GuestMemoryView {
+            faults: m.memory_faults,
+            device_failed: m.device_failed,
+            regions_refused: m.regions_refused,
+            regions: m.regions,
+            regions_sealed: m.regions_sealed,
+        }
+    }
 }
 
 fn export_view(e: &Export) -> ExportView {
@@ -1615,6 +1746,10 @@ fn export_view(e: &Export) -> ExportView {
             _ => None,
         },
         address: e.spec.kind.address(),
+        guest_memory: match &e.handle {
+            Ok(Handle::Vhost(h)) => Some(h.memory_status().into()),
+            _ => None,
+        },
     }
 }
 
@@ -1698,6 +1833,23 @@ pub struct StatsView {
     pub uptime_s: f64,
     pub disks: BTreeMap<String, DiskStatsView>,
     pub workers: Vec<WorkerView>,
+    /// Buffers of the network frontends (`network.memory_budget`).
+    #[serde(default)]
+    pub network: NetworkView,
+    /// NVMe/TCP listeners and what connections met.
+    #[serde(default)]
+    pub nvmf: nvmf::NvmfStatsView,
+}
+
+/// The budget of network buffers shared by NVMe/TCP and NBD connections.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// `network.memory_budget` (bytes).
+    pub memory_budget: u64,
+    /// Bytes reserved by connections now.
+    pub memory_used: u64,
+    /// Times a reservation had to wait because the budget was full.
+    pub memory_waits: u64,
 }
 
 /// Run the daemon until SIGINT or SIGTERM: restore state, serve the API, shut down.
@@ -1716,9 +1868,13 @@ pub fn serve(cfg: Config) -> Result<()> {
         set
     };
     let sock = cfg.api_socket();
+    let access = cfg
+        .api
+        .access()
+        .map_err(|e| err(ErrorKind::InvalidArgument, e))?;
     let daemon = Daemon::start(cfg)?;
-    let server = api::ApiServer::start(daemon.clone(), &sock)?;
-    tracing::info!(api = %sock.display(), "nvmux is serving");
+    let server = api::ApiServer::start(daemon.clone(), &sock, &access)?;
+    tracing::info!(api = %sock.display(), access = %access.describe(), "nvmux is serving");
     let mut sig: libc::c_int = 0;
     // SAFETY: sigwait reads our initialised set and writes the signal number to `sig`.
     unsafe { libc::sigwait(&set, &mut sig) };
@@ -1728,25 +1884,41 @@ pub fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Remove a stale socket file, or fail if a live server answers on it.
+/// Check that a listening socket may be created at `path`: nothing there, a stale socket
+/// or a symlink (both are replaced by [`nvmux_core::unixsock::bind`], which never follows
+/// a link). A regular file, a directory or a socket a live server answers on is refused.
 pub fn claim_socket(path: &Path) -> Result<()> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(()); // nothing there yet
+    };
+    let t = m.file_type();
+    if t.is_symlink() {
+        tracing::warn!(
+            "{} is a symlink; it will be replaced by the socket (its target is left alone)",
+            path.display()
+        );
+        return Ok(());
+    }
+    if !t.is_socket() {
         return Err(err(
             ErrorKind::AlreadyExists,
             format!(
-                "{} is in use: is another nvmux daemon running?",
+                "{} exists and is not a socket; refusing to replace it",
                 path.display()
             ),
         ));
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(
-            format!("remove stale socket {}", path.display()),
-            e,
-        )),
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} is in use by a running server (another nvmux daemon?); choose another path",
+                path.display()
+            ),
+        ));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -118,6 +118,117 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{disk=\"{name}\"}} {}", get(t));
         }
     }
+    let net = d.network_view();
+    for (metric, kind, help, v) in [
+        (
+            "nvmux_net_memory_budget_bytes",
+            "gauge",
+            "Buffers the network frontends may hold together (network.memory_budget).",
+            net.memory_budget,
+        ),
+        (
+            "nvmux_net_memory_used_bytes",
+            "gauge",
+            "Buffers the network frontends' connections hold now.",
+            net.memory_used,
+        ),
+        (
+            "nvmux_net_memory_waits_total",
+            "counter",
+            "Buffer reservations that had to wait because the budget was full.",
+            net.memory_waits,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {v}"
+        );
+    }
+    let nv = d.nvmf_stats();
+    let m = "nvmux_nvmf_connections";
+    let _ = writeln!(
+        o,
+        "# HELP {m} NVMe/TCP connections open, per listener.\n# TYPE {m} gauge"
+    );
+    for l in &nv.listeners {
+        let _ = writeln!(o, "{m}{{listener=\"{}\"}} {}", l.listen, l.connections);
+    }
+    let m = "nvmux_nvmf_connections_refused_total";
+    let _ = writeln!(
+        o,
+        "# HELP {m} NVMe/TCP connections refused by the listener's limits.\n# TYPE {m} counter"
+    );
+    for l in &nv.listeners {
+        let _ = writeln!(o, "{m}{{listener=\"{}\"}} {}", l.listen, l.refused);
+    }
+    for (metric, help, v) in [
+        (
+            "nvmux_nvmf_handshake_timeouts_total",
+            "Connections closed for not completing Connect (and authentication) in time.",
+            nv.handshake_timeouts,
+        ),
+        (
+            "nvmux_nvmf_stall_timeouts_total",
+            "Connections closed because a PDU, an R2T's data or the host's reading stalled.",
+            nv.stall_timeouts,
+        ),
+        (
+            "nvmux_nvmf_kato_expired_total",
+            "Controllers torn down by their keep-alive timeout.",
+            nv.kato_expired,
+        ),
+        (
+            "nvmux_nvmf_protocol_errors_total",
+            "Connections terminated for breaking the protocol or a limit.",
+            nv.protocol_errors,
+        ),
+        (
+            "nvmux_nvmf_memory_waits_total",
+            "Times an NVMe/TCP connection waited for buffer memory.",
+            nv.memory_waits,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric} {v}"
+        );
+    }
+    let m = "nvmux_nvmf_auth_total";
+    let _ = writeln!(
+        o,
+        "# HELP {m} DH-HMAC-CHAP exchanges by result.\n# TYPE {m} counter\n{m}{{result=\"ok\"}} {}\n{m}{{result=\"failed\"}} {}",
+        nv.auth_succeeded, nv.auth_failed
+    );
+    let exports: Vec<(String, String, crate::GuestMemoryView)> = d
+        .exports()
+        .into_iter()
+        .filter_map(|e| Some((e.spec.name, e.spec.disk, e.guest_memory?)))
+        .collect();
+    for (metric, kind, help, get) in [
+        (
+            "nvmux_export_guest_memory_faults_total",
+            "counter",
+            "vhost-user memory tables whose backing shrank under the device (each failed the device).",
+            (|m: &crate::GuestMemoryView| m.faults) as fn(&crate::GuestMemoryView) -> u64,
+        ),
+        (
+            "nvmux_export_guest_memory_regions_refused_total",
+            "counter",
+            "vhost-user memory regions refused (past the end of their file, empty, overlapping).",
+            |m| m.regions_refused,
+        ),
+        (
+            "nvmux_export_device_failed",
+            "gauge",
+            "1 while the export's device is failed because its guest memory shrank.",
+            |m| m.device_failed as u64,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, disk, m) in &exports {
+            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(m));
+        }
+    }
     nbd(&mut o, d);
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
@@ -157,38 +268,17 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{worker=\"{i}\"}} {}", get(w));
         }
     }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_io_leaked_commands_total Commands a dropped io_uring queue left in the kernel; their buffers are kept forever.\n# TYPE nvmux_io_leaked_commands_total counter\nnvmux_io_leaked_commands_total {}",
+        nvmux_backend::leaked_commands()
+    );
     o
 }
 
-/// The network memory budget and the NBD listeners' limits and counters.
+/// The NBD listeners' limits and counters.
 fn nbd(o: &mut String, d: &Daemon) {
     let v = d.nbd_view();
-    let m = &v.network_memory;
-    for (metric, kind, help, val) in [
-        (
-            "nvmux_net_memory_bytes",
-            "gauge",
-            "Buffer memory NVMe/TCP and NBD connections hold now.",
-            m.used,
-        ),
-        (
-            "nvmux_net_memory_limit_bytes",
-            "gauge",
-            "The daemon-wide budget of that memory (network.memory_budget).",
-            m.limit,
-        ),
-        (
-            "nvmux_net_memory_waits_total",
-            "counter",
-            "Reservations the daemon-wide budget refused (the connection waited).",
-            m.waits,
-        ),
-    ] {
-        let _ = writeln!(
-            o,
-            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {val}"
-        );
-    }
     type Get = fn(&crate::nbd::NbdListenerView) -> u64;
     let rows: [(&str, &str, &str, Get); 8] = [
         (

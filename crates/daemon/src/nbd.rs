@@ -73,21 +73,11 @@ impl NbdTls {
     }
 }
 
-/// `GET /v1/nbd`: the network memory budget and the NBD listeners.
+/// `GET /v1/nbd`: the NBD listeners (the memory budget they share with NVMe/TCP is in
+/// `GET /v1/stats`, `network`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NbdView {
-    /// The daemon-wide budget NBD and NVMe/TCP connections share (`[network]
-    /// memory_budget`).
-    pub network_memory: NetMemoryView,
     pub listeners: Vec<NbdListenerView>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NetMemoryView {
-    pub used: u64,
-    pub limit: u64,
-    /// Reservations refused (a connection then waits).
-    pub waits: u64,
 }
 
 /// One NBD listener: its address, TLS, limits and counters.
@@ -221,9 +211,8 @@ impl Daemon {
         Ok(kind)
     }
 
-    /// The NBD listeners, with the network memory budget (`GET /v1/nbd`).
+    /// The NBD listeners (`GET /v1/nbd`).
     pub fn nbd_view(&self) -> NbdView {
-        let b = &self.net_budget;
         let listeners = self
             .nbd
             .lock()
@@ -247,14 +236,7 @@ impl Daemon {
                 }
             })
             .collect();
-        NbdView {
-            network_memory: NetMemoryView {
-                used: b.used() as u64,
-                limit: b.limit() as u64,
-                waits: b.waits(),
-            },
-            listeners,
-        }
+        NbdView { listeners }
     }
 
     /// The listener settings `[nbd]` gives, with TLS.
@@ -264,20 +246,22 @@ impl Daemon {
             max_connections: c.max_connections as usize,
             max_connections_per_host: c.max_connections_per_host as usize,
             memory_per_connection: usize::try_from(c.memory_per_connection).unwrap_or(usize::MAX),
-            budget: self.net_budget.clone(),
+            budget: self.net_mem.clone(),
             handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
             stall_timeout: Duration::from_millis(c.stall_timeout_ms),
             tls,
         }
     }
 
-    /// Serve `dev` as an NBD export; a TCP port 0 becomes the bound port in `kind`.
+    /// Serve `dev` as an NBD export; a TCP port 0 becomes the bound port in `kind`. A new
+    /// Unix-socket listener gets `perms` (an existing one keeps its own).
     pub(crate) fn start_nbd(
         &self,
         disk: &str,
         dev: Arc<dyn BlockDevice>,
         stats: Arc<DiskStats>,
         kind: &mut ExportKind,
+        perms: &nvmux_core::unixsock::SocketPerms,
     ) -> Result<NbdHandle> {
         let l = listen_of(kind)?;
         let ExportKind::Nbd {
@@ -315,6 +299,7 @@ impl Daemon {
             let summary = server_tls.as_ref().map(|t| t.summary().to_string());
             let srv = NbdServer::start(
                 l,
+                perms,
                 self.workers.workers().to_vec(),
                 self.nbd_server_config(server_tls),
             )?;

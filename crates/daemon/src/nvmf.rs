@@ -1,16 +1,137 @@
 //! NVMe/TCP subsystems in the daemon: create and delete subsystems, add and remove
-//! namespaces (disks), manage the host allow-list and the listener address. The specs
-//! are persisted in `state.json`; the running objects live in [`nvmux_nvmf::Target`].
+//! namespaces (disks), manage the host allow-list (with each host's DH-HMAC-CHAP secrets)
+//! and the listener address. The specs are persisted in `state.json` (mode 0600: it holds
+//! the secrets, which the API never returns); the running objects live in
+//! [`nvmux_nvmf::Target`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use nvmux_core::budget::MemBudget;
 use nvmux_core::{Error, ErrorKind, Result};
+use nvmux_nvmf::auth::{DhGroup, HashFn, HostKeys, Policy, Secret};
 use nvmux_nvmf::ctrl::MAX_NSID;
-use nvmux_nvmf::{Namespace, Subsystem};
+use nvmux_nvmf::{DiscoveryPolicy, Namespace, Subsystem, TargetConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::{err, Daemon, Inner};
+use crate::{err, Config, Daemon, Inner};
+
+/// The NVMe/TCP target's limits from the configuration (`[nvmf]`, `[network]`).
+pub(crate) fn target_config(cfg: &Config, mem: &Arc<MemBudget>) -> TargetConfig {
+    let n = &cfg.nvmf;
+    TargetConfig {
+        mem: mem.clone(),
+        memory_per_connection: n.memory_per_connection as usize,
+        max_connections: n.max_connections as usize,
+        max_connections_per_host: n.max_connections_per_host as usize,
+        handshake_timeout: Duration::from_millis(n.handshake_timeout_ms),
+        stall_timeout: Duration::from_millis(n.stall_timeout_ms),
+        discovery: DiscoveryPolicy::parse(&n.discovery).unwrap_or_default(),
+    }
+}
+
+/// A host's DH-HMAC-CHAP secrets as `state.json` keeps them, in nvme-cli's `DHHC-1:`
+/// form. Never returned by the API.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostSecrets {
+    /// Authenticates the host.
+    pub dhchap_secret: String,
+    /// Authenticates the controller to the host (bidirectional authentication).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_ctrl_secret: Option<String>,
+}
+
+/// A new random secret in `DHHC-1:` form: `transform` 0 (none) or 1/2/3 (SHA-256/384/512
+/// over the NQN), `len` 32, 48 or 64 bytes (what `nvme gen-dhchap-key` makes).
+pub fn generate_secret(transform: u8, len: usize) -> Result<String> {
+    Secret::generate(transform, len)
+        .map(|s| s.encode())
+        .map_err(|e| err(ErrorKind::InvalidArgument, e))
+}
+
+fn check_secret(what: &str, host: &str, s: &str) -> Result<Secret> {
+    Secret::parse(s).map_err(|e| {
+        err(
+            ErrorKind::InvalidArgument,
+            format!("{what} for host {host:?} is not a valid DH-HMAC-CHAP secret: {e} (make one with `nvmux subsystem gen-secret` or `nvme gen-dhchap-key`)"),
+        )
+    })
+}
+
+/// Check hash and DH group names; an empty list means the default.
+fn check_policy(hashes: &[String], groups: &[String]) -> Result<Policy> {
+    let mut p = Policy::default();
+    if !hashes.is_empty() {
+        p.hashes = hashes
+            .iter()
+            .map(|h| {
+                HashFn::parse(h).ok_or_else(|| {
+                    err(
+                        ErrorKind::InvalidArgument,
+                        format!("DH-HMAC-CHAP hash {h:?} is not sha256, sha384 or sha512"),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    if !groups.is_empty() {
+        p.dhgroups = groups
+            .iter()
+            .map(|g| {
+                DhGroup::parse(g).ok_or_else(|| {
+                    err(
+                        ErrorKind::InvalidArgument,
+                        format!("DH group {g:?} is not null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192"),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    let dup_h = p.hashes.len() != p.hashes.iter().collect::<BTreeSet<_>>().len();
+    let dup_g = p.dhgroups.len() != p.dhgroups.iter().collect::<BTreeSet<_>>().len();
+    if dup_h || dup_g {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "a DH-HMAC-CHAP hash or DH group is listed twice",
+        ));
+    }
+    Ok(p)
+}
+
+/// The running subsystem's view of who may connect and how, from its spec. A host whose
+/// stored secret no longer parses is left out (it cannot connect), with an error logged.
+fn apply_access(sub: &Subsystem, spec: &SubsystemSpec) {
+    let mut hosts: BTreeSet<String> = spec.hosts.iter().cloned().collect();
+    let mut keys = BTreeMap::new();
+    for (h, sec) in &spec.host_secrets {
+        let parsed = Secret::parse(&sec.dhchap_secret).and_then(|host| {
+            let ctrl = sec
+                .dhchap_ctrl_secret
+                .as_deref()
+                .map(Secret::parse)
+                .transpose()?;
+            Ok(HostKeys { host, ctrl })
+        });
+        match parsed {
+            Ok(k) => {
+                keys.insert(h.clone(), Arc::new(k));
+            }
+            Err(e) => {
+                tracing::error!(subsystem = %spec.nqn, host = %h, "stored DH-HMAC-CHAP secret unusable ({e}): the host cannot connect until it is set again");
+                hosts.remove(h);
+            }
+        }
+    }
+    let policy = check_policy(&spec.dhchap_hashes, &spec.dhchap_dhgroups).unwrap_or_else(|e| {
+        tracing::error!(subsystem = %spec.nqn, "DH-HMAC-CHAP policy ignored: {e}");
+        Policy::default()
+    });
+    sub.set_hosts(spec.allow_any_host, hosts);
+    sub.set_host_keys(keys);
+    sub.set_auth(spec.require_auth, policy);
+}
 
 /// The default listener: loopback, the IANA NVMe/TCP port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
@@ -36,6 +157,18 @@ pub struct SubsystemSpec {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub namespaces: Vec<NamespaceSpec>,
+    /// DH-HMAC-CHAP secrets of hosts on `hosts` (a host with a secret must authenticate).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_secrets: BTreeMap<String, HostSecrets>,
+    /// Every host must authenticate (hosts without a secret are refused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_auth: bool,
+    /// Hashes the controller may pick, most preferred first (empty: the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhchap_hashes: Vec<String>,
+    /// DH groups the controller may pick, most preferred first (empty: the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhchap_dhgroups: Vec<String>,
 }
 
 pub(crate) struct SubsystemEntry {
@@ -59,6 +192,78 @@ pub struct SubsystemCreate {
     pub allow_any_host: bool,
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Every host must authenticate with DH-HMAC-CHAP.
+    #[serde(default)]
+    pub require_auth: bool,
+    /// Hashes the controller may pick, most preferred first.
+    #[serde(default)]
+    pub dhchap_hashes: Vec<String>,
+    /// DH groups the controller may pick, most preferred first.
+    #[serde(default)]
+    pub dhchap_dhgroups: Vec<String>,
+}
+
+/// `POST /v1/subsystems/{nqn}/hosts` body.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HostAllow {
+    /// Host NQN, or `any`.
+    pub host: String,
+    /// The host's DH-HMAC-CHAP secret (`DHHC-1:...`): the host must authenticate.
+    #[serde(default)]
+    pub dhchap_secret: Option<String>,
+    /// The controller's secret for this host: bidirectional authentication.
+    #[serde(default)]
+    pub dhchap_ctrl_secret: Option<String>,
+    /// Drop the host's secrets (it no longer authenticates).
+    #[serde(default)]
+    pub remove_dhchap: bool,
+}
+
+/// `POST /v1/subsystems/{nqn}/auth` body: what is absent stays as it is.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemAuth {
+    #[serde(default)]
+    pub require_auth: Option<bool>,
+    /// Empty: back to the default.
+    #[serde(default)]
+    pub dhchap_hashes: Option<Vec<String>>,
+    #[serde(default)]
+    pub dhchap_dhgroups: Option<Vec<String>>,
+}
+
+/// A host's authentication as the API shows it (whether secrets are set, never them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostAuthView {
+    pub host: String,
+    /// The host must authenticate (it has a DH-HMAC-CHAP secret).
+    pub dhchap: bool,
+    /// The controller authenticates itself to the host too, when the host asks.
+    pub bidirectional: bool,
+}
+
+/// NVMe/TCP counters (`GET /v1/stats`, `nvmf`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NvmfStatsView {
+    pub discovery: String,
+    pub listeners: Vec<ListenerView>,
+    pub handshake_timeouts: u64,
+    pub stall_timeouts: u64,
+    pub kato_expired: u64,
+    pub protocol_errors: u64,
+    pub auth_succeeded: u64,
+    pub auth_failed: u64,
+    /// Times a connection waited for buffer memory.
+    pub memory_waits: u64,
+}
+
+/// A listener's connection counts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListenerView {
+    pub listen: String,
+    pub connections: usize,
+    pub refused: u64,
 }
 
 /// `POST /v1/subsystems/{nqn}/namespaces` body.
@@ -99,6 +304,13 @@ pub struct SubsystemView {
     pub listen: String,
     pub allow_any_host: bool,
     pub hosts: Vec<String>,
+    /// Which hosts must authenticate (DH-HMAC-CHAP), and bidirectionally.
+    pub host_auth: Vec<HostAuthView>,
+    /// Every host must authenticate.
+    pub require_auth: bool,
+    /// Hashes and DH groups the controller picks from, most preferred first.
+    pub dhchap_hashes: Vec<String>,
+    pub dhchap_dhgroups: Vec<String>,
     pub namespaces: Vec<NamespaceView>,
     pub controllers: Vec<ControllerView>,
     /// `ok`, or why the subsystem is not served.
@@ -201,7 +413,7 @@ impl Daemon {
     /// Namespaces whose disk is unavailable are skipped with an error in the log.
     pub(crate) fn start_subsystem(&self, g: &Inner, spec: &SubsystemSpec) -> Result<SocketAddr> {
         let sub = Subsystem::new(&spec.nqn, &spec.serial);
-        sub.set_hosts(spec.allow_any_host, spec.hosts.iter().cloned().collect());
+        apply_access(&sub, spec);
         for ns in &spec.namespaces {
             match Self::namespace(g, ns).and_then(|n| {
                 sub.add_namespace(n)
@@ -231,6 +443,24 @@ impl Daemon {
                 .map_or(s.listen.clone(), |a| a.to_string()),
             allow_any_host: s.allow_any_host,
             hosts: s.hosts.clone(),
+            host_auth: s
+                .host_secrets
+                .iter()
+                .map(|(h, k)| HostAuthView {
+                    host: h.clone(),
+                    dhchap: true,
+                    bidirectional: k.dhchap_ctrl_secret.is_some(),
+                })
+                .collect(),
+            require_auth: s.require_auth,
+            dhchap_hashes: {
+                let p = check_policy(&s.dhchap_hashes, &s.dhchap_dhgroups).unwrap_or_default();
+                p.hashes.iter().map(|h| h.name().to_string()).collect()
+            },
+            dhchap_dhgroups: {
+                let p = check_policy(&s.dhchap_hashes, &s.dhchap_dhgroups).unwrap_or_default();
+                p.dhgroups.iter().map(|g| g.name().to_string()).collect()
+            },
             namespaces: s
                 .namespaces
                 .iter()
@@ -295,6 +525,13 @@ impl Daemon {
         };
         let listen = req.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
         parse_listen(&listen)?;
+        check_policy(&req.dhchap_hashes, &req.dhchap_dhgroups)?;
+        if req.require_auth && req.allow_any_host {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a subsystem that requires authentication cannot admit any host: each host needs its own DH-HMAC-CHAP secret",
+            ));
+        }
         let mut g = self.lock();
         if g.subsystems.contains_key(&req.nqn) {
             return Err(err(
@@ -315,6 +552,10 @@ impl Daemon {
                 .into_iter()
                 .collect(),
             namespaces: Vec::new(),
+            host_secrets: BTreeMap::new(),
+            require_auth: req.require_auth,
+            dhchap_hashes: req.dhchap_hashes.clone(),
+            dhchap_dhgroups: req.dhchap_dhgroups.clone(),
         };
         let bound = self.start_subsystem(&g, &spec)?;
         // Port 0 asked for any port: persist the one we got, so hosts find it after a restart.
@@ -440,43 +681,193 @@ impl Daemon {
         Ok(())
     }
 
-    /// Add (`allow`) or remove a host NQN; `any` allows every host.
-    pub fn set_host(&self, nqn: &str, host: &str, allow: bool) -> Result<SubsystemView> {
+    /// Add a host NQN to the allow-list (`any`: every host), with or without
+    /// DH-HMAC-CHAP secrets. For a host already on the list, given secrets replace its
+    /// secrets, `remove_dhchap` drops them, and otherwise they stay.
+    pub fn allow_host(&self, nqn: &str, req: HostAllow) -> Result<SubsystemView> {
+        let host = req.host.as_str();
+        let any = host == "any";
+        if !any {
+            check_nqn("host", host)?;
+        }
+        let secret = req
+            .dhchap_secret
+            .as_deref()
+            .map(|s| check_secret("the secret", host, s))
+            .transpose()?;
+        let ctrl = req
+            .dhchap_ctrl_secret
+            .as_deref()
+            .map(|s| check_secret("the controller secret", host, s))
+            .transpose()?;
+        if any && (secret.is_some() || ctrl.is_some()) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "secrets are set per host NQN, not for `any`",
+            ));
+        }
+        if ctrl.is_some() && secret.is_none() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("a controller secret for host {host:?} needs a host secret too (--dhchap-secret): the controller authenticates itself only to a host that authenticated"),
+            ));
+        }
+        if let (Some(h), Some(c)) = (&secret, &ctrl) {
+            if h.encode() == c.encode() {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("the host and controller secrets of {host:?} must differ (one secret for both directions allows reflection attacks)"),
+                ));
+            }
+        }
+        if req.remove_dhchap && secret.is_some() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "remove_dhchap and a new secret contradict each other",
+            ));
+        }
+        let mut g = self.lock();
+        let spec = self.update_subsystem(&mut g, nqn, |s| {
+            if any {
+                if s.require_auth {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        format!("{nqn} requires authentication: every host needs its own secret, so `any` cannot be allowed"),
+                    ));
+                }
+                s.allow_any_host = true;
+                return Ok(());
+            }
+            if !s.hosts.iter().any(|h| h == host) {
+                s.hosts.push(host.to_string());
+                s.hosts.sort();
+            }
+            if let Some(sec) = &req.dhchap_secret {
+                s.host_secrets.insert(
+                    host.to_string(),
+                    HostSecrets {
+                        dhchap_secret: sec.trim().to_string(),
+                        dhchap_ctrl_secret: req.dhchap_ctrl_secret.as_ref().map(|c| c.trim().to_string()),
+                    },
+                );
+            } else if req.remove_dhchap {
+                if s.require_auth {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        format!("{nqn} requires authentication: host {host:?} cannot do without a secret (deny-host removes it)"),
+                    ));
+                }
+                s.host_secrets.remove(host);
+            }
+            Ok(())
+        })?;
+        if let Some(sub) = self.nvmf.subsystem(nqn) {
+            apply_access(&sub, &spec);
+        }
+        self.nvmf.changed();
+        tracing::info!(
+            subsystem = nqn,
+            host,
+            dhchap = spec.host_secrets.contains_key(host),
+            bidirectional = spec
+                .host_secrets
+                .get(host)
+                .is_some_and(|k| k.dhchap_ctrl_secret.is_some()),
+            "host allowed (connected hosts keep their connections)"
+        );
+        Ok(self.subsystem_view(&g.subsystems[nqn]))
+    }
+
+    /// Remove a host NQN (and its secrets) from the allow-list; `any` stops admitting
+    /// every host. Connected hosts stay connected.
+    pub fn deny_host(&self, nqn: &str, host: &str) -> Result<SubsystemView> {
         if host != "any" {
             check_nqn("host", host)?;
         }
         let mut g = self.lock();
         let spec = self.update_subsystem(&mut g, nqn, |s| {
             if host == "any" {
-                s.allow_any_host = allow;
-            } else if allow {
-                if !s.hosts.iter().any(|h| h == host) {
-                    s.hosts.push(host.to_string());
-                    s.hosts.sort();
-                }
-            } else {
-                let n = s.hosts.len();
-                s.hosts.retain(|h| h != host);
-                if n == s.hosts.len() {
-                    return Err(err(
-                        ErrorKind::NotFound,
-                        format!("host {host:?} is not on the allow-list of {nqn}"),
-                    ));
-                }
+                s.allow_any_host = false;
+                return Ok(());
+            }
+            let n = s.hosts.len();
+            s.hosts.retain(|h| h != host);
+            s.host_secrets.remove(host);
+            if n == s.hosts.len() {
+                return Err(err(
+                    ErrorKind::NotFound,
+                    format!("host {host:?} is not on the allow-list of {nqn}"),
+                ));
             }
             Ok(())
         })?;
         if let Some(sub) = self.nvmf.subsystem(nqn) {
-            sub.set_hosts(spec.allow_any_host, spec.hosts.iter().cloned().collect());
+            apply_access(&sub, &spec);
         }
         self.nvmf.changed();
         tracing::info!(
             subsystem = nqn,
             host,
-            allow,
-            "host access changed (connected hosts stay connected)"
+            "host removed from the allow-list (connected hosts stay connected)"
         );
         Ok(self.subsystem_view(&g.subsystems[nqn]))
+    }
+
+    /// Require authentication of every host or not, and choose the hashes and DH groups.
+    pub fn set_subsystem_auth(&self, nqn: &str, req: SubsystemAuth) -> Result<SubsystemView> {
+        let mut g = self.lock();
+        let spec = self.update_subsystem(&mut g, nqn, |s| {
+            if let Some(h) = &req.dhchap_hashes {
+                s.dhchap_hashes = h.clone();
+            }
+            if let Some(d) = &req.dhchap_dhgroups {
+                s.dhchap_dhgroups = d.clone();
+            }
+            check_policy(&s.dhchap_hashes, &s.dhchap_dhgroups)?;
+            if let Some(r) = req.require_auth {
+                s.require_auth = r;
+            }
+            if s.require_auth && s.allow_any_host {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("{nqn} admits any host: deny-host {nqn} any first (each host needs its own secret)"),
+                ));
+            }
+            Ok(())
+        })?;
+        if let Some(sub) = self.nvmf.subsystem(nqn) {
+            apply_access(&sub, &spec);
+        }
+        tracing::info!(
+            subsystem = nqn,
+            require_auth = spec.require_auth,
+            "authentication settings changed (connected hosts keep their connections)"
+        );
+        Ok(self.subsystem_view(&g.subsystems[nqn]))
+    }
+
+    /// NVMe/TCP counters and listener counts.
+    pub fn nvmf_stats(&self) -> NvmfStatsView {
+        let t = self.nvmf.stats();
+        NvmfStatsView {
+            discovery: self.nvmf.discovery_policy().name().into(),
+            listeners: t
+                .listeners
+                .iter()
+                .map(|l| ListenerView {
+                    listen: l.addr.to_string(),
+                    connections: l.open,
+                    refused: l.refused,
+                })
+                .collect(),
+            handshake_timeouts: t.handshake_timeouts,
+            stall_timeouts: t.stall_timeouts,
+            kato_expired: t.kato_expired,
+            protocol_errors: t.protocol_errors,
+            auth_succeeded: t.auth_ok,
+            auth_failed: t.auth_failed,
+            memory_waits: t.mem_waits,
+        }
     }
 
     pub fn set_listen(&self, nqn: &str, listen: &str) -> Result<SubsystemView> {

@@ -41,10 +41,14 @@ pub struct MapSetting {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExternalSpec {
     pub socket: PathBuf,
-    /// `UID[:GID]` that may connect: the socket is given to them with mode 0660 (absent:
-    /// the daemon's user and umask, so only root can attach).
+    /// `USER[:GROUP]` (names or numbers) the socket is given to, so that a function
+    /// running as that user may attach (absent: the daemon's user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The socket's mode, four octal digits. Absent (a state.json from before modes):
+    /// 0600, or 0660 when `owner` names a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     /// `fail` or `chain`.
     pub on_failure: String,
     pub depth: u32,
@@ -84,10 +88,13 @@ pub struct MapWrite {
 #[serde(deny_unknown_fields)]
 pub struct ExternalSet {
     pub socket: PathBuf,
-    /// `UID[:GID]` the socket is given to (mode 0660), so an unprivileged function may
-    /// attach.
+    /// `USER[:GROUP]` (names or numbers) the socket is given to, so that an unprivileged
+    /// function may attach.
     #[serde(default)]
     pub owner: Option<String>,
+    /// The socket's mode, octal (default 0600, or 0660 when `owner` names a group).
+    #[serde(default)]
+    pub mode: Option<String>,
     /// `fail` (default) or `chain`.
     #[serde(default)]
     pub on_failure: Option<String>,
@@ -197,16 +204,9 @@ fn map_bytes(w: &MapWrite) -> Result<Vec<u8>> {
     }
 }
 
-/// `UID[:GID]`, numeric.
-fn parse_owner(s: &str) -> Result<(u32, Option<u32>)> {
-    let bad = || invalid(format!("owner {s:?}: give a numeric UID or UID:GID"));
-    let (u, g) = match s.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (s, None),
-    };
-    let uid = u.trim().parse().map_err(|_| bad())?;
-    let gid = g.map(|g| g.trim().parse().map_err(|_| bad())).transpose()?;
-    Ok((uid, gid))
+/// An external function socket's owner and mode.
+fn external_perms(spec: &ExternalSpec) -> Result<nvmux_core::unixsock::SocketPerms> {
+    nvmux_core::unixsock::SocketPerms::parse(spec.owner.as_deref(), spec.mode.as_deref())
 }
 
 pub(crate) fn on_failure(s: &str) -> Result<OnFailure> {
@@ -256,29 +256,8 @@ pub(crate) fn start_external(
     num_blocks: u64,
 ) -> Result<Arc<External>> {
     crate::claim_socket(&spec.socket)?;
-    let listener = std::os::unix::net::UnixListener::bind(&spec.socket).map_err(|e| {
-        Error::io(
-            format!("external function socket {}", spec.socket.display()),
-            e,
-        )
-    })?;
-    if let Some(o) = &spec.owner {
-        let (uid, gid) = parse_owner(o)?;
-        let give = || -> std::io::Result<()> {
-            std::os::unix::fs::chown(&spec.socket, Some(uid), gid)?;
-            std::fs::set_permissions(
-                &spec.socket,
-                std::os::unix::fs::PermissionsExt::from_mode(0o660),
-            )
-        };
-        if let Err(e) = give() {
-            let _ = std::fs::remove_file(&spec.socket);
-            return Err(Error::io(
-                format!("give {} to {o}", spec.socket.display()),
-                e,
-            ));
-        }
-    }
+    // Owner and mode are set before the socket appears at its path (no link followed).
+    let listener = nvmux_core::unixsock::bind(&spec.socket, &external_perms(spec)?)?;
     let cfg = ExternalConfig {
         socket: spec.socket.clone(),
         on_failure: on_failure(&spec.on_failure)?,
@@ -563,12 +542,14 @@ impl Daemon {
         };
         let spec = match &req {
             Some(r) => {
-                if let Some(o) = &r.owner {
-                    parse_owner(o)?;
-                }
+                let perms = nvmux_core::unixsock::SocketPerms::parse(
+                    r.owner.as_deref(),
+                    r.mode.as_deref(),
+                )?;
                 let spec = ExternalSpec {
                     socket: r.socket.clone(),
                     owner: r.owner.clone(),
+                    mode: Some(nvmux_core::unixsock::format_mode(perms.mode)),
                     on_failure: r.on_failure.clone().unwrap_or_else(|| "fail".into()),
                     depth: r.depth.unwrap_or(DEFAULT_DEPTH),
                     max_io: r.max_io.unwrap_or(DEFAULT_MAX_IO),

@@ -208,6 +208,35 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// Refuse a ring that could shrink under us: the daemon seals every ring memfd
+/// (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL) before it sends it, and the file must hold
+/// the whole ring. A ring that could shrink would kill this process with SIGBUS.
+fn check_sealed(fd: RawFd, size: usize) -> io::Result<()> {
+    // SAFETY: F_GET_SEALS on a descriptor we hold.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    if seals < 0 || seals & need != need {
+        return Err(invalid(format!(
+            "AddRing with a ring memfd that is not sealed against shrinking (seals {seals:#x})"
+        )));
+    }
+    // SAFETY: fstat writes a stat struct for a descriptor we hold.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    if (st.st_size as u64) < size as u64 {
+        return Err(invalid(format!(
+            "AddRing with a ring memfd of {} bytes, smaller than the ring ({size} bytes)",
+            st.st_size
+        )));
+    }
+    Ok(())
+}
+
 fn add_ring(m: &proto::RingMsg, fds: Vec<OwnedFd>) -> io::Result<Ring> {
     let [memfd, sq_efd, cq_efd]: [OwnedFd; 3] = fds
         .try_into()
@@ -217,6 +246,7 @@ fn add_ring(m: &proto::RingMsg, fds: Vec<OwnedFd>) -> io::Result<Ring> {
     if layout.size as u64 != m.size {
         return Err(invalid("AddRing size does not match its layout"));
     }
+    check_sealed(memfd.as_raw_fd(), layout.size)?;
     let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
     let ring = Ring {
         id: m.ring,
@@ -362,5 +392,41 @@ pub fn serve_with(
         for r in &rings {
             r.map.view.store(hdr::FN_FLAGS, 0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(size: i64, seals: i32) -> OwnedFd {
+        // SAFETY: memfd_create with a NUL-terminated name; checked.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"extfn-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor; plain fcntl/ftruncate on it.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd, size), 0);
+            if seals != 0 {
+                assert_eq!(libc::fcntl(fd, libc::F_ADD_SEALS, seals), 0);
+            }
+            OwnedFd::from_raw_fd(fd)
+        }
+    }
+
+    #[test]
+    fn only_sealed_rings_of_the_right_size_are_taken() {
+        let all = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        check_sealed(memfd(1 << 16, all).as_raw_fd(), 1 << 16).expect("sealed ring");
+        let e = check_sealed(memfd(1 << 16, 0).as_raw_fd(), 1 << 16).unwrap_err();
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        let e = check_sealed(memfd(1 << 16, libc::F_SEAL_SHRINK).as_raw_fd(), 1 << 16).unwrap_err();
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        let e = check_sealed(memfd(4096, all).as_raw_fd(), 1 << 16).unwrap_err();
+        assert!(e.to_string().contains("smaller than the ring"), "{e}");
     }
 }

@@ -25,6 +25,12 @@ use crate::xts::{Xts, KEY_BYTES};
 
 /// Encryption sector: 512 bytes, dm-crypt's default, so every disk block size works.
 pub const SECTOR: usize = 512;
+/// Bounce-buffer bytes one queue may hold (in flight plus spare). A guest decides how
+/// many writes it has in flight and how large each is (up to the frontend's request
+/// limit, 32 MiB), so without a budget a full 1024-entry queue of large writes would ask
+/// for 32 GiB. Writes beyond the budget wait in the queue (back-pressure) until a bounce
+/// buffer comes back; one write always fits, so the queue always progresses.
+pub const BOUNCE_BUDGET: usize = 64 << 20;
 
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
@@ -58,6 +64,8 @@ impl BlockDevice for CryptDevice {
             slots: Vec::with_capacity(depth as usize),
             free: Vec::new(),
             bounces: Vec::new(),
+            bounce_in_flight: 0,
+            waiting: std::collections::VecDeque::new(),
         }))
     }
     fn describe(&self) -> String {
@@ -83,6 +91,11 @@ struct CryptQueue {
     free: Vec<usize>,
     /// Spare bounce buffers, reused so that steady-state writes do not allocate.
     bounces: Vec<AlignedBuf>,
+    /// Bytes of the bounce buffers of writes in flight.
+    bounce_in_flight: usize,
+    /// Writes waiting for bounce-buffer budget (at most the queue's depth: the frontend
+    /// never has more commands than that).
+    waiting: std::collections::VecDeque<IoCommand>,
 }
 
 impl CryptQueue {
@@ -99,11 +112,53 @@ impl CryptQueue {
         }
     }
 
-    fn bounce(&mut self, len: usize) -> AlignedBuf {
-        match self.bounces.iter().position(|b| b.len() >= len) {
-            Some(i) => self.bounces.swap_remove(i),
-            None => AlignedBuf::new(len.next_power_of_two().max(AlignedBuf::ALIGN)),
+    /// A bounce buffer of at least `len` bytes, if the budget allows one now.
+    fn bounce(&mut self, len: usize) -> Option<AlignedBuf> {
+        let size = len.next_power_of_two().max(AlignedBuf::ALIGN);
+        if self.bounce_in_flight > 0 && self.bounce_in_flight + size > BOUNCE_BUDGET {
+            return None;
         }
+        let b = match self.bounces.iter().position(|b| b.len() >= len) {
+            Some(i) => self.bounces.swap_remove(i),
+            None => {
+                // Make room among the spares first (largest first).
+                let mut spare: usize = self.bounces.iter().map(AlignedBuf::len).sum();
+                while self.bounce_in_flight + spare + size > BOUNCE_BUDGET {
+                    let Some(i) = (0..self.bounces.len()).max_by_key(|&i| self.bounces[i].len())
+                    else {
+                        break;
+                    };
+                    spare -= self.bounces.swap_remove(i).len();
+                }
+                AlignedBuf::try_new(size)?
+            }
+        };
+        self.bounce_in_flight += b.len();
+        Some(b)
+    }
+
+    /// Encrypt a write into a bounce buffer and send it down; hands the command back if
+    /// the budget has no room for it now.
+    fn submit_write(&mut self, cmd: IoCommand) -> Result<(), IoCommand> {
+        let sectors_per_block = self.bs / SECTOR as u64;
+        // The frontend validated the SG list against nlb; the block size is a multiple of
+        // the sector, so this is whole sectors.
+        let len = (cmd.nlb as u64 * self.bs) as usize;
+        let Some(mut b) = self.bounce(len) else {
+            return Err(cmd);
+        };
+        let buf = &mut b.as_mut_slice()[..len];
+        // SAFETY: a write command's segments are readable for their length.
+        unsafe { cmd.sg.copy_to(buf) };
+        self.xts.encrypt(buf, SECTOR, cmd.slba * sectors_per_block);
+        let sg = b.sg(0, len);
+        let (slba, nlb, fua, nsid) = (cmd.slba, cmd.nlb, cmd.fua, cmd.nsid);
+        let tag = self.slot(Slot::Bounced { cmd, bounce: b });
+        let mut w = IoCommand::new(Opcode::Write, slba, nlb, tag, sg);
+        w.fua = fua;
+        w.nsid = nsid;
+        self.inner.submit(w);
+        Ok(())
     }
 }
 
@@ -156,23 +211,12 @@ unsafe fn decrypt_sg(xts: &Xts, sg: &SgList, first: u64) {
 
 impl BlockQueue for CryptQueue {
     fn submit(&mut self, mut cmd: IoCommand) {
-        let sectors_per_block = self.bs / SECTOR as u64;
         if cmd.opcode == Opcode::Write {
-            // The frontend validated the SG list against nlb; the block size is a
-            // multiple of the sector, so this is whole sectors.
-            let len = (cmd.nlb as u64 * self.bs) as usize;
-            let mut b = self.bounce(len);
-            let buf = &mut b.as_mut_slice()[..len];
-            // SAFETY: a write command's segments are readable for their length.
-            unsafe { cmd.sg.copy_to(buf) };
-            self.xts.encrypt(buf, SECTOR, cmd.slba * sectors_per_block);
-            let sg = b.sg(0, len);
-            let (slba, nlb, fua, nsid) = (cmd.slba, cmd.nlb, cmd.fua, cmd.nsid);
-            let tag = self.slot(Slot::Bounced { cmd, bounce: b });
-            let mut w = IoCommand::new(Opcode::Write, slba, nlb, tag, sg);
-            w.fua = fua;
-            w.nsid = nsid;
-            self.inner.submit(w);
+            if !self.waiting.is_empty() {
+                self.waiting.push_back(cmd);
+            } else if let Err(cmd) = self.submit_write(cmd) {
+                self.waiting.push_back(cmd);
+            }
             return;
         }
         let tag = self.slot(Slot::Direct { tag: cmd.tag });
@@ -192,9 +236,11 @@ impl BlockQueue for CryptQueue {
             slots,
             free,
             bounces,
+            bounce_in_flight,
+            ..
         } = self;
         let spb = *bs / SECTOR as u64;
-        inner.poll(&mut |mut c, st| {
+        let n = inner.poll(&mut |mut c, st| {
             let i = c.tag as usize;
             let Some(slot) = slots.get_mut(i).and_then(|s| s.take()) else {
                 return;
@@ -210,15 +256,31 @@ impl BlockQueue for CryptQueue {
                     done(c, st);
                 }
                 Slot::Bounced { cmd, bounce } => {
+                    *bounce_in_flight -= bounce.len();
                     bounces.push(bounce);
                     done(cmd, st);
                 }
             }
-        })
+        });
+        // Writes that waited for budget go now, in order, as far as it allows.
+        let mut sent = false;
+        while let Some(cmd) = self.waiting.pop_front() {
+            match self.submit_write(cmd) {
+                Ok(()) => sent = true,
+                Err(cmd) => {
+                    self.waiting.push_front(cmd);
+                    break;
+                }
+            }
+        }
+        if sent {
+            self.inner.kick();
+        }
+        n
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.inner.in_flight() + self.waiting.len()
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -233,6 +295,113 @@ impl BlockQueue for CryptQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device that holds commands until `release` is set, then completes them on poll.
+    struct Held {
+        info: DeviceInfo,
+        q: Arc<std::sync::Mutex<Vec<IoCommand>>>,
+        release: Arc<std::sync::atomic::AtomicBool>,
+    }
+    struct HeldQueue(
+        Arc<std::sync::Mutex<Vec<IoCommand>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
+    impl BlockDevice for Held {
+        fn info(&self) -> &DeviceInfo {
+            &self.info
+        }
+        fn open_queue(&self, _depth: u32) -> Result<Box<dyn BlockQueue>> {
+            Ok(Box::new(HeldQueue(self.q.clone(), self.release.clone())))
+        }
+        fn describe(&self) -> String {
+            "held".into()
+        }
+        fn capacity_bytes(&self) -> u64 {
+            self.info.size_bytes()
+        }
+    }
+    impl BlockQueue for HeldQueue {
+        fn submit(&mut self, cmd: IoCommand) {
+            self.0.lock().unwrap().push(cmd);
+        }
+        fn kick(&mut self) {}
+        fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+            if !self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                return 0;
+            }
+            let v: Vec<_> = self.0.lock().unwrap().drain(..).collect();
+            let n = v.len();
+            for c in v {
+                done(c, Status::SUCCESS);
+            }
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.0.lock().unwrap().len()
+        }
+        fn completion_fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    /// A guest with many large writes in flight gets back-pressure, not 32 GiB of bounce
+    /// buffers: the budget holds, and every write still completes once the device does.
+    #[test]
+    fn bounce_buffers_stay_within_the_budget() {
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let info = DeviceInfo {
+            block_size: 512,
+            num_blocks: 1 << 30,
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+            volatile_cache: false,
+            max_transfer: 32 << 20,
+        };
+        let dev = CryptDevice::new(
+            Arc::new(Held {
+                info,
+                q: held.clone(),
+                release: release.clone(),
+            }),
+            &[7u8; KEY_BYTES],
+        );
+        let mut q = dev.open_queue(64).unwrap();
+        let mut data = vec![0u8; 32 << 20];
+        for i in 0..64u64 {
+            let mut sg = SgList::default();
+            sg.push(data.as_mut_ptr(), data.len());
+            q.submit(IoCommand::new(Opcode::Write, i * 65536, 65536, i, sg));
+        }
+        q.kick();
+        let per_budget = BOUNCE_BUDGET / (32 << 20);
+        assert_eq!(
+            held.lock().unwrap().len(),
+            per_budget,
+            "writes sent within the budget"
+        );
+        assert_eq!(q.in_flight(), 64, "the rest wait");
+        release.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut tags = Vec::new();
+        for _ in 0..1000 {
+            q.poll(&mut |c, s| {
+                assert!(s.is_ok());
+                tags.push(c.tag);
+            });
+            assert!(held.lock().unwrap().len() <= per_budget, "over the budget");
+            if tags.len() == 64 {
+                break;
+            }
+        }
+        tags.sort();
+        assert_eq!(
+            tags,
+            (0..64).collect::<Vec<u64>>(),
+            "every write completed, once"
+        );
+        assert_eq!(q.in_flight(), 0);
+    }
 
     #[test]
     fn split_sectors_decrypt_like_whole_ones() {

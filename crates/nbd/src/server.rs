@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nvmux_core::budget::{ConnBudget, ConnLimiter, ConnPermit, MemBudget};
+use nvmux_core::budget::{ConnBudget, ConnLimiter, ConnPermit, MemBudget, Peer};
 use nvmux_core::worker::WorkerHandle;
 use nvmux_core::{Error, ErrorKind, Result, Wire};
 use openssl::ssl::{HandshakeError, MidHandshakeSslStream, SslStream};
@@ -52,7 +52,8 @@ impl std::fmt::Display for Listen {
 pub struct ServerConfig {
     /// Connections held at once, negotiating or not (0: no limit).
     pub max_connections: usize,
-    /// Connections one peer IP address holds at once on a TCP listener (0: no limit).
+    /// Connections one peer holds at once (0: no limit): an IP address on TCP, a user id
+    /// on a Unix socket.
     pub max_connections_per_host: usize,
     /// Buffers one connection may hold, negotiation and TLS included (bytes).
     pub memory_per_connection: usize,
@@ -89,7 +90,7 @@ pub struct ListenerStats {
     /// Of those, still negotiating.
     pub negotiating: u64,
     /// Connections closed at accept: beyond `max_connections` or
-    /// `max_connections_per_host`.
+    /// `max_connections_per_host` (per IP address, or per user id on a Unix socket).
     pub refused: u64,
     /// Negotiations cut at `handshake_timeout`.
     pub handshake_timeouts: u64,
@@ -159,9 +160,11 @@ fn eventfd() -> io::Result<OwnedFd> {
 }
 
 impl NbdServer {
-    /// Bind `listen` and serve connections on the `workers` in turn.
+    /// Bind `listen` and serve connections on the `workers` in turn. A Unix socket gets
+    /// `perms` (owner and mode) before it appears at its path.
     pub fn start(
         listen: Listen,
+        perms: &nvmux_core::unixsock::SocketPerms,
         workers: Vec<WorkerHandle>,
         cfg: ServerConfig,
     ) -> Result<NbdServer> {
@@ -177,10 +180,7 @@ impl NbdServer {
             ));
         };
         let sock = match &listen {
-            Listen::Unix(p) => ListenSock::Unix(
-                UnixListener::bind(p)
-                    .map_err(|e| Error::io(format!("NBD socket {}", p.display()), e))?,
-            ),
+            Listen::Unix(p) => ListenSock::Unix(nvmux_core::unixsock::bind(p, perms)?),
             Listen::Tcp(a) => {
                 if !a.ip().is_loopback() && !tls {
                     return Err(Error::new(
@@ -721,7 +721,14 @@ impl Loop {
         let failed = loop {
             let (sock, ip, peer) = match &self.sock {
                 ListenSock::Unix(l) => match l.accept() {
-                    Ok((s, _)) => (Sock::Unix(s), None, "unix".to_string()),
+                    Ok((s, _)) => {
+                        // Local users are told apart by their uid.
+                        let cred = nvmux_core::unixsock::peer_cred(s.as_raw_fd()).ok();
+                        let peer = cred.map_or("unix".to_string(), |c| {
+                            format!("unix uid {} pid {}", c.uid, c.pid)
+                        });
+                        (Sock::Unix(s), cred.map(|c| Peer::Uid(c.uid)), peer)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => break pause(e),
                 },
@@ -733,13 +740,13 @@ impl Loop {
                         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPIDLE);
                         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPINTVL);
                         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPCNT);
-                        (Sock::Tcp(s), Some(a.ip()), a.to_string())
+                        (Sock::Tcp(s), Some(Peer::Ip(a.ip())), a.to_string())
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => break pause(e),
                 },
             };
-            let permit = match self.sh.limiter.admit(ip) {
+            let permit = match self.sh.limiter.admit_peer(ip) {
                 Ok(p) => p,
                 Err(why) => {
                     if let Some(more) = self.sh.refuse_log.hit() {

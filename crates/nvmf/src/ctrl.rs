@@ -5,11 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use nvmux_core::stats::DiskStats;
 use nvmux_core::{BlockDevice, Opcode, Status};
+
+use crate::auth::{Dhchap, HostKeys, Policy};
 
 /// The well-known discovery subsystem NQN.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -32,6 +35,27 @@ pub const MAX_NSID: u32 = 1024;
 pub const MAX_AERS: usize = 4;
 /// Keep-alive granularity reported (KAS, in 100 ms units).
 const KAS: u16 = 10;
+/// Admin data returned by anything but Get Log Page is at most this long (Identify,
+/// features: 4 KiB); log pages are bounded by MDTS ([`MAX_TRANSFER`]).
+pub const ADMIN_DATA: usize = 4096;
+/// Controller ids: 1..=FFEFh (FFF0h and above are reserved).
+pub const MAX_CNTLID: u16 = 0xffef;
+/// A controller is torn down when its host sent nothing for KATO plus this margin: half
+/// of KATO, at least 1 s (the host sends a Keep Alive every KATO/2 at the latest, and
+/// every command on any of the controller's queues counts as keep-alive traffic).
+pub fn kato_margin(kato: Duration) -> Duration {
+    (kato / 2).max(Duration::from_secs(1))
+}
+/// A discovery controller with KATO 0 (no keep-alive, as `nvme discover` connects) is
+/// closed after this long without a command: discovery is a short exchange, and an idle
+/// discovery connection must not be held forever by a host that need not authenticate.
+pub const DISCOVERY_IDLE: Duration = Duration::from_secs(60);
+
+/// The instant controller activity times are counted from.
+fn epoch() -> Instant {
+    static E: OnceLock<Instant> = OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
 
 /// Status codes used beyond the ones nvmux-core names.
 pub mod sc {
@@ -46,6 +70,8 @@ pub mod sc {
     pub const INVALID_LOG_PAGE: Status = Status::new(1, 0x09);
     pub const FEATURE_NOT_SAVEABLE: Status = Status::new(1, 0x0d);
     pub const CONNECT_INCOMPATIBLE: Status = Status::new(1, 0x80);
+    pub const CONNECT_CTRL_BUSY: Status = Status::new(1, 0x81);
+    pub const AUTH_REQUIRED: Status = Status::new(1, 0x91);
     pub const CONNECT_INVALID_PARAM: Status = Status::new(1, 0x82);
     pub const CONNECT_INVALID_HOST: Status = Status::new(1, 0x84);
 }
@@ -232,6 +258,25 @@ struct SubState {
     ns: NsMap,
     any_host: bool,
     hosts: BTreeSet<String>,
+    /// DH-HMAC-CHAP secrets of hosts that must authenticate.
+    keys: BTreeMap<String, Arc<HostKeys>>,
+    /// Every host must authenticate (a host without a secret cannot connect).
+    require_auth: bool,
+    policy: Arc<Policy>,
+}
+
+/// What a host may do on a subsystem.
+#[derive(Clone)]
+pub enum Access {
+    /// Not on the allow-list.
+    Denied,
+    /// On the allow-list, no authentication.
+    Open,
+    /// On the allow-list with a secret: it must authenticate every queue.
+    Auth(Arc<HostKeys>, Arc<Policy>),
+    /// On the allow-list, but the subsystem requires authentication and the host has no
+    /// secret.
+    NoSecret,
 }
 
 /// An NVM subsystem: an NQN, its namespaces and the hosts allowed to connect.
@@ -240,7 +285,7 @@ pub struct Subsystem {
     pub serial: String,
     st: Mutex<SubState>,
     ns_gen: AtomicU64,
-    ctrls: Mutex<Vec<Weak<Controller>>>,
+    ctrls: Mutex<CtrlTable>,
     next_cntlid: AtomicU16,
 }
 
@@ -253,9 +298,12 @@ impl Subsystem {
                 ns: Arc::new(BTreeMap::new()),
                 any_host: false,
                 hosts: BTreeSet::new(),
+                keys: BTreeMap::new(),
+                require_auth: false,
+                policy: Arc::new(Policy::default()),
             }),
             ns_gen: AtomicU64::new(1),
-            ctrls: Mutex::new(Vec::new()),
+            ctrls: Mutex::new(CtrlTable::default()),
             next_cntlid: AtomicU16::new(1),
         })
     }
@@ -316,11 +364,38 @@ impl Subsystem {
         let g = self.lock();
         g.any_host || g.hosts.contains(host)
     }
+    /// The DH-HMAC-CHAP secrets of the hosts that must authenticate.
+    pub fn set_host_keys(&self, keys: BTreeMap<String, Arc<HostKeys>>) {
+        self.lock().keys = keys;
+    }
+    /// Whether every host must authenticate, and which hashes and DH groups it may use.
+    pub fn set_auth(&self, require: bool, policy: Policy) {
+        let mut g = self.lock();
+        g.require_auth = require;
+        g.policy = Arc::new(policy);
+    }
+    /// What `host` may do here.
+    pub fn access(&self, host: &str) -> Access {
+        let g = self.lock();
+        if !(g.any_host || g.hosts.contains(host)) {
+            return Access::Denied;
+        }
+        match g.keys.get(host) {
+            Some(k) => Access::Auth(k.clone(), g.policy.clone()),
+            None if g.require_auth => Access::NoSecret,
+            None => Access::Open,
+        }
+    }
     /// Live controllers.
     pub fn controllers(&self) -> Vec<Arc<Controller>> {
-        let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|w| w.strong_count() > 0);
-        g.iter().filter_map(|w| w.upgrade()).collect()
+        let weak: Vec<Weak<Controller>> = {
+            let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+            g.list.retain(|w| w.strong_count() > 0);
+            g.list.clone()
+        };
+        // Upgraded (and possibly dropped: a controller's Drop takes the table's lock)
+        // outside the lock.
+        weak.iter().filter_map(|w| w.upgrade()).collect()
     }
     /// The subsystem is being deleted: every connection to it closes.
     pub fn remove(&self) {
@@ -328,39 +403,47 @@ impl Subsystem {
             c.stop_all();
         }
     }
+    /// A new controller with the next free id in 1..=[`MAX_CNTLID`], or `None` when every
+    /// id is in use.
     fn new_controller(
         self: &Arc<Self>,
         host: &str,
         hostid: [u8; 16],
         kato_ms: u32,
-    ) -> Arc<Controller> {
+        auth: Option<(Arc<HostKeys>, Arc<Policy>)>,
+    ) -> Option<Arc<Controller>> {
         let mut g = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|w| w.strong_count() > 0);
-        // Controller ids 1..=0xffef, skipping ids still in use.
-        let mut id;
-        loop {
-            id = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
-            if id == 0 || id > 0xffef {
-                self.next_cntlid.store(2, Ordering::Relaxed);
-                id = 1;
-            }
-            if !g.iter().filter_map(|w| w.upgrade()).any(|c| c.cntlid == id) {
-                break;
-            }
+        if g.used.len() >= MAX_CNTLID as usize {
+            return None;
         }
+        if g.list.len() > 2 * g.used.len() + 16 {
+            g.list.retain(|w| w.strong_count() > 0);
+        }
+        // Ids rotate (an id is not reused at once), skipping those in use; fewer than
+        // MAX_CNTLID are in use, so one of MAX_CNTLID candidates is free.
+        let start = self
+            .next_cntlid
+            .load(Ordering::Relaxed)
+            .clamp(1, MAX_CNTLID);
+        let id = (0..MAX_CNTLID)
+            .map(|i| ((start - 1 + i) % MAX_CNTLID) + 1)
+            .find(|id| !g.used.contains(id))?;
+        g.used.insert(id);
+        self.next_cntlid
+            .store(if id == MAX_CNTLID { 1 } else { id + 1 }, Ordering::Relaxed);
         let c = Arc::new(Controller {
             cntlid: id,
             host: host.into(),
             hostid,
             subsys: self.clone(),
-            st: Mutex::new(CtrlState {
-                kato_ms,
-                ..Default::default()
-            }),
+            st: Mutex::new(CtrlState::default()),
             queues: Mutex::new(Vec::new()),
+            kato_ms: AtomicU32::new(kato_ms),
+            last_ms: AtomicU64::new(now_ms(Instant::now())),
+            auth,
         });
-        g.push(Arc::downgrade(&c));
-        c
+        g.list.push(Arc::downgrade(&c));
+        Some(c)
     }
 }
 
@@ -389,13 +472,26 @@ pub trait Resolver: Send + Sync {
         -> (u64, Vec<DiscoveryEntry>);
     /// A refused connection attempt, for the log.
     fn refused(&self, why: &str);
+    /// Whether `host` may connect to the discovery controller.
+    fn discovery_allowed(&self, _host: &str) -> bool {
+        true
+    }
+    /// Run `job` (a DH-HMAC-CHAP step: modular exponentiations of up to tens of
+    /// milliseconds) away from the data path; it signals its end itself. By default it
+    /// runs at once, on the caller's thread.
+    fn offload(&self, job: Box<dyn FnOnce() + Send>) {
+        job()
+    }
+}
+
+fn now_ms(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64
 }
 
 #[derive(Default)]
 struct CtrlState {
     cc: u32,
     csts: u32,
-    kato_ms: u32,
     /// Asynchronous event configuration (Set Features 0x0b).
     aec: u32,
     /// I/O queues granted by Set Features Number of Queues (0 until asked).
@@ -411,6 +507,21 @@ struct CtrlState {
     qids: BTreeSet<u16>,
 }
 
+/// The controllers of a subsystem: weak references (for events and views) and the ids in
+/// use (a controller gives its id back when it is dropped).
+#[derive(Default)]
+struct CtrlTable {
+    list: Vec<Weak<Controller>>,
+    used: BTreeSet<u16>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let mut g = self.subsys.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        g.used.remove(&self.cntlid);
+    }
+}
+
 /// A controller: the admin queue and I/O queues of one host association.
 pub struct Controller {
     pub cntlid: u16,
@@ -420,6 +531,13 @@ pub struct Controller {
     st: Mutex<CtrlState>,
     /// Wakers of its queues' connections; the admin queue's is first.
     queues: Mutex<Vec<(u16, Weak<Waker>)>>,
+    /// Keep-alive timeout (ms; 0: none), from Connect or Set Features.
+    kato_ms: AtomicU32,
+    /// When the host last sent a command on any of the controller's queues (ms since
+    /// [`epoch`]).
+    last_ms: AtomicU64,
+    /// The host's secrets, when it must authenticate (every queue does).
+    auth: Option<(Arc<HostKeys>, Arc<Policy>)>,
 }
 
 /// Asynchronous event: notice, namespace attribute changed, log page 0x04.
@@ -474,6 +592,43 @@ impl Controller {
         {
             w.wake();
         }
+    }
+    /// The host sent a command (on any queue): keep-alive traffic.
+    pub fn touch(&self, now: Instant) {
+        let t = now_ms(now);
+        if self.last_ms.load(Ordering::Relaxed) != t {
+            self.last_ms.store(t, Ordering::Relaxed);
+        }
+    }
+    /// Keep-alive timeout in ms (0: none).
+    pub fn kato_ms(&self) -> u32 {
+        self.kato_ms.load(Ordering::Relaxed)
+    }
+    /// When the controller is torn down unless the host sends something: its last
+    /// command plus KATO plus [`kato_margin`]; for a discovery controller with KATO 0,
+    /// plus [`DISCOVERY_IDLE`]. `None`: never (an I/O controller with KATO 0).
+    pub fn keepalive_deadline(&self) -> Option<Instant> {
+        let kato = Duration::from_millis(self.kato_ms() as u64);
+        let limit = if kato.is_zero() {
+            if !self.is_discovery() {
+                return None;
+            }
+            DISCOVERY_IDLE
+        } else {
+            kato + kato_margin(kato)
+        };
+        Some(epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit)
+    }
+    /// Close every queue of the controller (keep-alive timeout, subsystem deleted).
+    pub fn close(&self) {
+        self.stop_all();
+    }
+    /// A DH-HMAC-CHAP exchange for a new queue of this controller, if its host must
+    /// authenticate.
+    pub fn new_auth(&self) -> Option<Dhchap> {
+        self.auth
+            .as_ref()
+            .map(|(k, p)| Dhchap::new(k.clone(), p.clone(), &self.host, &self.subsys.nqn))
     }
     pub fn io_queues_granted(&self) -> u16 {
         self.lock().io_queues
@@ -676,6 +831,8 @@ impl Controller {
         put16(b, 78, self.cntlid);
         put32(b, 80, 0x0001_0400);
         put32(b, 92, if disc { 0 } else { AEC_NS_ATTR }); // OAES
+                                                          // CTRATT: traffic-based keep alive (every command counts as keep-alive traffic).
+        put32(b, 96, 1 << 6);
         b[111] = if disc { 2 } else { 1 }; // CNTRLTYPE
         b[258] = 3; // ACL
         b[259] = (MAX_AERS - 1) as u8; // AERL
@@ -708,8 +865,14 @@ impl Controller {
     fn get_log_page(&self, r: &dyn Resolver, at: Where, sqe: Sqe, out: &mut Vec<u8>) -> Cqe {
         let lid = sqe.cdw(10) & 0xff;
         let rae = sqe.cdw(10) & (1 << 15) != 0;
-        let numd = ((sqe.cdw(11) & 0xffff) << 16 | sqe.cdw(10) >> 16) as usize + 1;
-        let len = numd * 4;
+        // NUMD (0-based dwords) may ask for up to 16 GiB: check it against MDTS before
+        // anything else, and never size a buffer by it.
+        let numd = ((sqe.cdw(11) & 0xffff) as u64) << 16 | (sqe.cdw(10) >> 16) as u64;
+        let len = (numd + 1) * 4;
+        if len > MAX_TRANSFER as u64 {
+            return Cqe::err(Status::INVALID_FIELD);
+        }
+        let len = len as usize;
         let off = (sqe.cdw(13) as u64) << 32 | sqe.cdw(12) as u64;
         if off & 3 != 0 {
             return Cqe::err(Status::INVALID_FIELD);
@@ -752,15 +915,14 @@ impl Controller {
             }
             _ => return Cqe::err(sc::INVALID_LOG_PAGE),
         };
+        // What the page holds from the offset on, at most what was asked for; the transport
+        // pads the rest of the host's buffer with zeros.
         out.clear();
-        out.resize(len, 0);
-        if (off as usize) < page.len() {
-            let src = &page[off as usize..];
-            let n = src.len().min(len);
-            out[..n].copy_from_slice(&src[..n]);
-        } else if off as usize > page.len() {
+        if off > page.len() as u64 {
             return Cqe::err(Status::INVALID_FIELD);
         }
+        let src = &page[off as usize..];
+        out.extend_from_slice(&src[..src.len().min(len)]);
         Cqe::ok(0)
     }
 
@@ -810,7 +972,7 @@ impl Controller {
                 Cqe::ok(0)
             }
             0x0f => {
-                g.kato_ms = v;
+                self.kato_ms.store(v, Ordering::Relaxed);
                 Cqe::ok(0)
             }
             // Accepted and remembered nowhere: arbitration, power management, temperature
@@ -859,7 +1021,7 @@ impl Controller {
             }
             0x0f => {
                 if current {
-                    g.kato_ms
+                    self.kato_ms()
                 } else {
                     0
                 }
@@ -919,7 +1081,12 @@ pub struct Connected {
     pub qid: u16,
     /// Queue entries (SQSIZE + 1).
     pub entries: u16,
+    /// The queue must authenticate before anything else (Connect's AUTHREQ.ATR is set).
+    pub auth: Option<Dhchap>,
 }
+
+/// AUTHREQ of a Connect response (dword 0 bits 17 and 18): ATR, authentication required.
+pub const AUTHREQ_ATR: u32 = 1 << 17;
 
 /// Fabrics Connect: create a controller (admin queue) or join one (I/O queue).
 /// `data` is the 1024-byte connect data. On refusal the completion to send is returned.
@@ -951,12 +1118,32 @@ pub fn connect(r: &dyn Resolver, sqe: Sqe, data: &[u8], peer: &str) -> Result<Co
         return Err(invalid(true, 256));
     };
     let disc = sub.nqn == DISCOVERY_NQN;
-    if !disc && !sub.host_allowed(&hostnqn) {
-        r.refused(&format!(
-            "host {hostnqn:?} ({peer}) is not on the allow-list of {subnqn}: connect refused"
-        ));
-        return Err(Cqe::err(sc::CONNECT_INVALID_HOST));
-    }
+    let auth = if disc {
+        if !r.discovery_allowed(&hostnqn) {
+            r.refused(&format!(
+                "host {hostnqn:?} ({peer}) may not use the discovery controller: connect refused"
+            ));
+            return Err(Cqe::err(sc::CONNECT_INVALID_HOST));
+        }
+        None
+    } else {
+        match sub.access(&hostnqn) {
+            Access::Denied => {
+                r.refused(&format!(
+                    "host {hostnqn:?} ({peer}) is not on the allow-list of {subnqn}: connect refused"
+                ));
+                return Err(Cqe::err(sc::CONNECT_INVALID_HOST));
+            }
+            Access::NoSecret => {
+                r.refused(&format!(
+                    "host {hostnqn:?} ({peer}) has no DH-HMAC-CHAP secret, and {subnqn} requires authentication: connect refused"
+                ));
+                return Err(Cqe::err(sc::CONNECT_INVALID_HOST));
+            }
+            Access::Open => None,
+            Access::Auth(k, p) => Some((k, p)),
+        }
+    };
     if qid == 0 {
         if entries < 2 || entries > ADMIN_QUEUE_ENTRIES as u32 {
             return Err(invalid(false, 44));
@@ -964,11 +1151,18 @@ pub fn connect(r: &dyn Resolver, sqe: Sqe, data: &[u8], peer: &str) -> Result<Co
         if cntlid != 0xffff {
             return Err(invalid(true, 16)); // dynamic controller model only
         }
-        let ctrl = sub.new_controller(&hostnqn, hostid, kato);
+        let Some(ctrl) = sub.new_controller(&hostnqn, hostid, kato, auth) else {
+            r.refused(&format!(
+                "{subnqn} has {MAX_CNTLID} controllers, every controller id is in use: connect from {peer} refused"
+            ));
+            return Err(Cqe::err(sc::CONNECT_CTRL_BUSY));
+        };
+        let auth = ctrl.new_auth();
         return Ok(Connected {
             ctrl,
             qid,
             entries: entries as u16,
+            auth,
         });
     }
     if disc {
@@ -993,10 +1187,12 @@ pub fn connect(r: &dyn Resolver, sqe: Sqe, data: &[u8], peer: &str) -> Result<Co
     if entries < 2 || entries > IO_QUEUE_ENTRIES as u32 {
         return Err(invalid(false, 44));
     }
+    let auth = ctrl.new_auth();
     Ok(Connected {
         ctrl,
         qid,
         entries: entries as u16,
+        auth,
     })
 }
 

@@ -17,12 +17,15 @@
 //!                                               └─ qid>0: parse_io ─► IoCommand ─► BlockQueue
 //! ```
 
+pub mod auth;
 pub mod conn;
 pub mod ctrl;
+mod ffdhe;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod pdu;
+pub mod ratelog;
 pub mod target;
 
 pub use ctrl::{Namespace, Subsystem, DISCOVERY_NQN};
-pub use target::Target;
+pub use target::{DiscoveryPolicy, Target, TargetConfig, TargetStats};

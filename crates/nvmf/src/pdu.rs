@@ -165,7 +165,25 @@ pub fn parse(buf: &[u8], dg: Digests, max_data: usize) -> Result<Pdu<'_>, PduErr
             })
         }
         H2C_TERM => Ok(Pdu::Term { fes: le16(buf, 8) }),
-        CMD | H2C_DATA => {
+        H2C_DATA => {
+            let h = h2c_header(buf, plen, dg)?;
+            let end = plen - if dg.data { 4 } else { 0 };
+            let data = &buf[h.pdo..end];
+            if data.len() > max_data {
+                return Err(bad(FES_LIMIT, 4, "more data than the negotiated limit"));
+            }
+            if dg.data && crc32c(data) != le32(buf, end) {
+                return Err(bad(FES_HDGST, 0, "data digest mismatch"));
+            }
+            Ok(Pdu::H2CData {
+                cccid: h.cccid,
+                ttag: h.ttag,
+                datao: h.datao,
+                last: h.last,
+                data,
+            })
+        }
+        CMD => {
             if (flags & FLAG_HDGST != 0) != dg.header {
                 return Err(bad(
                     FES_INVALID_HEADER,
@@ -229,35 +247,84 @@ pub fn parse(buf: &[u8], dg: Digests, max_data: usize) -> Result<Pdu<'_>, PduErr
                 }
                 data
             };
-            if ty == CMD {
-                let sqe = buf[CH..CH + 64].first_chunk::<64>().ok_or(bad(
-                    FES_INVALID_HEADER,
-                    4,
-                    "short command capsule",
-                ))?;
-                Ok(Pdu::Cmd { sqe, data })
-            } else {
-                if data.is_empty() {
-                    return Err(bad(FES_INVALID_HEADER, 4, "H2CData without data"));
-                }
-                if le32(buf, 16) as usize != data.len() {
-                    return Err(bad(
-                        FES_INVALID_HEADER,
-                        16,
-                        "H2CData DATAL does not match its data",
-                    ));
-                }
-                Ok(Pdu::H2CData {
-                    cccid: le16(buf, 8),
-                    ttag: le16(buf, 10),
-                    datao: le32(buf, 12),
-                    last: flags & FLAG_LAST != 0,
-                    data,
-                })
-            }
+            let sqe = buf[CH..CH + 64].first_chunk::<64>().ok_or(bad(
+                FES_INVALID_HEADER,
+                4,
+                "short command capsule",
+            ))?;
+            Ok(Pdu::Cmd { sqe, data })
         }
         _ => Err(bad(FES_INVALID_HEADER, 0, "unexpected PDU type")),
     }
+}
+
+/// An H2CData PDU's header, checked: which command and transfer it belongs to, where its
+/// data goes, how long the data is and where it starts in the PDU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2CHeader {
+    pub cccid: u16,
+    pub ttag: u16,
+    pub datao: u32,
+    pub datal: usize,
+    pub last: bool,
+    /// Offset of the data in the PDU (PDO).
+    pub pdo: usize,
+}
+
+/// Check the header of an H2CData PDU of length `plen` (as [`peek_len`] returned it) from
+/// its first bytes: at least PDO of them, so the data (and its digest) can be received
+/// straight into the command's buffer. `hdr` may be longer than PDO; only PDO bytes are
+/// read.
+pub fn h2c_header(hdr: &[u8], plen: usize, dg: Digests) -> Result<H2CHeader, PduError> {
+    if hdr.len() < DATA_HLEN || hdr[0] != H2C_DATA || hdr[2] as usize != DATA_HLEN {
+        return Err(bad(FES_INVALID_HEADER, 0, "not an H2CData header"));
+    }
+    let (flags, pdo) = (hdr[1], hdr[3] as usize);
+    if (flags & FLAG_HDGST != 0) != dg.header {
+        return Err(bad(
+            FES_INVALID_HEADER,
+            1,
+            "header digest flag does not match the negotiated digests",
+        ));
+    }
+    if (flags & FLAG_DDGST != 0) != dg.data {
+        return Err(bad(
+            FES_INVALID_HEADER,
+            1,
+            "data digest flag does not match the negotiated digests",
+        ));
+    }
+    let hd = if dg.header { 4 } else { 0 };
+    let dd = if dg.data { 4 } else { 0 };
+    if pdo < DATA_HLEN + hd || pdo + dd >= plen {
+        return Err(bad(
+            FES_INVALID_HEADER,
+            3,
+            "H2CData without data, or data offset outside the PDU",
+        ));
+    }
+    if hdr.len() < pdo {
+        return Err(bad(FES_INVALID_HEADER, 3, "H2CData header incomplete"));
+    }
+    if dg.header && crc32c(&hdr[..DATA_HLEN]) != le32(hdr, DATA_HLEN) {
+        return Err(bad(FES_HDGST, 0, "header digest mismatch"));
+    }
+    let datal = plen - pdo - dd;
+    if le32(hdr, 16) as usize != datal {
+        return Err(bad(
+            FES_INVALID_HEADER,
+            16,
+            "H2CData DATAL does not match its data",
+        ));
+    }
+    Ok(H2CHeader {
+        cccid: le16(hdr, 8),
+        ttag: le16(hdr, 10),
+        datao: le32(hdr, 12),
+        datal,
+        last: flags & FLAG_LAST != 0,
+        pdo,
+    })
 }
 
 fn common(out: &mut Vec<u8>, ty: u8, flags: u8, hlen: usize, pdo: usize, plen: usize) {

@@ -1,28 +1,104 @@
 //! The NVMe/TCP target: subsystems by NQN, one listener thread per address, and the
 //! discovery controller on every listener.
 //!
-//! A listener thread only accepts. Each accepted connection becomes a [`Conn`] on a
+//! A listener thread only accepts. It admits a connection within the listener's limits
+//! (in total and per peer address; refused ones are closed at once and logged at most a
+//! few times per burst), turns on TCP keep-alive, and makes the connection a [`Conn`] on a
 //! worker (round robin), so the queues of one controller spread over the workers.
+//! DH-HMAC-CHAP's modular exponentiations run on two `nvmf-auth` threads, off the workers.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use nvmux_core::budget::{ConnLimiter, MemBudget};
 use nvmux_core::worker::WorkerHandle;
 
-use crate::conn::{Conn, ConnParams};
+use crate::conn::{Conn, ConnParams, Counters, Limits};
 use crate::ctrl::{DiscoveryEntry, Resolver, Subsystem, Waker, Where, DISCOVERY_NQN};
+use crate::ratelog::RateLog;
+
+/// Who may use the discovery controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DiscoveryPolicy {
+    /// Every host (the log still lists only what the host may connect to).
+    Open,
+    /// Hosts on the allow-list of some subsystem (or any host, where a subsystem admits
+    /// any host).
+    #[default]
+    AllowList,
+    /// Nobody.
+    Closed,
+}
+
+impl DiscoveryPolicy {
+    pub fn parse(s: &str) -> Option<DiscoveryPolicy> {
+        Some(match s {
+            "open" => DiscoveryPolicy::Open,
+            "allow-list" => DiscoveryPolicy::AllowList,
+            "closed" => DiscoveryPolicy::Closed,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscoveryPolicy::Open => "open",
+            DiscoveryPolicy::AllowList => "allow-list",
+            DiscoveryPolicy::Closed => "closed",
+        }
+    }
+}
+
+/// Limits and policies of a target.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// The daemon-wide budget of network buffers (shared with other frontends).
+    pub mem: Arc<MemBudget>,
+    /// Buffers one connection may hold.
+    pub memory_per_connection: usize,
+    /// Connections one listener holds at once (0: no limit).
+    pub max_connections: usize,
+    /// Connections one peer address holds at once on one listener (0: no limit).
+    pub max_connections_per_host: usize,
+    pub handshake_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub discovery: DiscoveryPolicy,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            mem: MemBudget::new(1 << 30),
+            memory_per_connection: 32 << 20,
+            max_connections: 2048,
+            max_connections_per_host: 256,
+            handshake_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            discovery: DiscoveryPolicy::AllowList,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads for DH-HMAC-CHAP steps, started on first use.
+const AUTH_THREADS: usize = 2;
 
 struct Registry {
     subs: Mutex<BTreeMap<String, (Arc<Subsystem>, SocketAddr)>>,
     discovery: Arc<Subsystem>,
+    policy: Mutex<DiscoveryPolicy>,
     genctr: AtomicU64,
     port_ids: Mutex<BTreeMap<SocketAddr, u16>>,
     /// Every connection, to close them at shutdown.
     conns: Mutex<Vec<Weak<Waker>>>,
+    log: Arc<RateLog>,
+    jobs: Mutex<Option<Sender<Job>>>,
 }
 
 impl Registry {
@@ -59,7 +135,55 @@ impl Resolver for Registry {
         (self.genctr.load(Ordering::Relaxed), entries)
     }
     fn refused(&self, why: &str) {
-        tracing::warn!("nvme/tcp: {why}");
+        self.log.warn(|| why.to_string());
+    }
+    fn discovery_allowed(&self, host: &str) -> bool {
+        match *self.policy.lock().unwrap_or_else(|e| e.into_inner()) {
+            DiscoveryPolicy::Open => true,
+            DiscoveryPolicy::Closed => false,
+            DiscoveryPolicy::AllowList => self.subs().values().any(|(s, _)| s.host_allowed(host)),
+        }
+    }
+    fn offload(&self, job: Job) {
+        let mut g = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..AUTH_THREADS {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nvmf-auth{i}"))
+                    .spawn(move || auth_thread(rx));
+                if let Err(e) = spawned {
+                    tracing::error!("nvme/tcp: cannot start an authentication thread: {e}");
+                }
+            }
+            *g = Some(tx);
+        }
+        if let Some(tx) = g.as_ref() {
+            if let Err(e) = tx.send(job) {
+                // No thread to take it: run it here rather than lose it.
+                drop(g);
+                (e.0)();
+            }
+        }
+    }
+}
+
+fn auth_thread(rx: Arc<Mutex<Receiver<Job>>>) {
+    loop {
+        let job = match rx.lock() {
+            Ok(r) => r.recv(),
+            Err(_) => return,
+        };
+        match job {
+            Ok(j) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(j)).is_err() {
+                    tracing::error!("nvme/tcp: an authentication step panicked");
+                }
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -67,6 +191,7 @@ struct Listener {
     addr: SocketAddr,
     stop: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
+    limiter: Arc<ConnLimiter>,
 }
 
 impl Listener {
@@ -78,27 +203,64 @@ impl Listener {
     }
 }
 
+/// A listener's connection counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerStats {
+    pub addr: SocketAddr,
+    pub open: usize,
+    pub refused: u64,
+}
+
+/// What a target's connections met, and its listeners' counts.
+#[derive(Clone, Debug, Default)]
+pub struct TargetStats {
+    pub listeners: Vec<ListenerStats>,
+    pub handshake_timeouts: u64,
+    pub stall_timeouts: u64,
+    pub kato_expired: u64,
+    pub protocol_errors: u64,
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+    pub mem_waits: u64,
+}
+
 /// The NVMe/TCP target of one daemon.
 pub struct Target {
     reg: Arc<Registry>,
     listeners: Mutex<BTreeMap<SocketAddr, Listener>>,
     workers: Vec<WorkerHandle>,
     next_worker: Arc<AtomicUsize>,
+    cfg: TargetConfig,
+    limits: Arc<Limits>,
 }
 
 impl Target {
-    pub fn new(workers: Vec<WorkerHandle>) -> Target {
+    pub fn new(workers: Vec<WorkerHandle>, cfg: TargetConfig) -> Target {
+        let log = Arc::new(RateLog::default());
+        let limits = Arc::new(Limits {
+            mem: cfg.mem.clone(),
+            per_conn: cfg.memory_per_connection,
+            handshake: cfg.handshake_timeout,
+            stall: cfg.stall_timeout,
+            counters: Arc::new(Counters::default()),
+            log: log.clone(),
+        });
         Target {
             reg: Arc::new(Registry {
                 subs: Mutex::new(BTreeMap::new()),
                 discovery: Subsystem::new(DISCOVERY_NQN, "discovery"),
+                policy: Mutex::new(cfg.discovery),
                 genctr: AtomicU64::new(1),
                 port_ids: Mutex::new(BTreeMap::new()),
                 conns: Mutex::new(Vec::new()),
+                log,
+                jobs: Mutex::new(None),
             }),
             listeners: Mutex::new(BTreeMap::new()),
             workers,
             next_worker: Arc::new(AtomicUsize::new(0)),
+            cfg,
+            limits,
         }
     }
 
@@ -117,6 +279,34 @@ impl Target {
 
     pub fn listen_addr(&self, nqn: &str) -> Option<SocketAddr> {
         self.reg.subs().get(nqn).map(|(_, a)| *a)
+    }
+
+    pub fn discovery_policy(&self) -> DiscoveryPolicy {
+        *self.reg.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters and listener counts now.
+    pub fn stats(&self) -> TargetStats {
+        let c = &self.limits.counters;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TargetStats {
+            listeners: self
+                .listeners()
+                .values()
+                .map(|l| ListenerStats {
+                    addr: l.addr,
+                    open: l.limiter.open(),
+                    refused: l.limiter.refused(),
+                })
+                .collect(),
+            handshake_timeouts: r(&c.handshake_timeouts),
+            stall_timeouts: r(&c.stall_timeouts),
+            kato_expired: r(&c.kato_expired),
+            protocol_errors: r(&c.protocol_errors),
+            auth_ok: r(&c.auth_ok),
+            auth_failed: r(&c.auth_failed),
+            mem_waits: r(&c.mem_waits),
+        }
     }
 
     /// Serve `sub` on `addr` (binding a listener there if none exists). Port 0 binds an
@@ -167,15 +357,20 @@ impl Target {
             .local_addr()
             .map_err(|e| format!("listen on {addr}: {e}"))?;
         let stop = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
-        let (reg, workers, next, st) = (
-            self.reg.clone(),
-            self.workers.clone(),
-            self.next_worker.clone(),
-            stop.clone(),
-        );
+        let limiter = ConnLimiter::new(self.cfg.max_connections, self.cfg.max_connections_per_host);
+        let ctx = AcceptCtx {
+            listen: bound,
+            reg: self.reg.clone(),
+            workers: self.workers.clone(),
+            next: self.next_worker.clone(),
+            stop: stop.clone(),
+            limiter: limiter.clone(),
+            limits: self.limits.clone(),
+            refusals: RateLog::default(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("nvmf-listen-{}", bound.port()))
-            .spawn(move || accept_loop(l, bound, reg, workers, next, st))
+            .spawn(move || accept_loop(l, ctx))
             .map_err(|e| format!("listener thread: {e}"))?;
         {
             let mut ids = self.reg.port_ids.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,6 +384,7 @@ impl Target {
                 addr: bound,
                 stop,
                 thread: Some(thread),
+                limiter,
             },
         );
         Ok(bound)
@@ -229,17 +425,54 @@ impl Drop for Target {
     }
 }
 
-fn accept_loop(
-    l: TcpListener,
+struct AcceptCtx {
     listen: SocketAddr,
     reg: Arc<Registry>,
     workers: Vec<WorkerHandle>,
     next: Arc<AtomicUsize>,
     stop: Arc<Waker>,
-) {
-    if workers.is_empty() {
+    limiter: Arc<ConnLimiter>,
+    limits: Arc<Limits>,
+    refusals: RateLog,
+}
+
+/// TCP keep-alive: a peer that vanished without closing (power loss, a cut link) is
+/// noticed after about 10 + 3 × 5 s of silence, and unacknowledged output gives up after
+/// twice the stall timeout (the stall timer, which logs and counts, acts first).
+fn keepalive(s: &TcpStream, user_timeout: Duration) -> std::io::Result<()> {
+    let fd = s.as_raw_fd();
+    let ut = user_timeout.as_millis().min(u32::MAX as u128) as libc::c_int;
+    for (level, opt, v) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ut),
+    ] {
+        let v: libc::c_int = v;
+        // SAFETY: setsockopt reads an int from a valid pointer for the given length; the
+        // fd is the open socket `s`.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn accept_loop(l: TcpListener, ctx: AcceptCtx) {
+    if ctx.workers.is_empty() {
         return;
     }
+    let listen = ctx.listen;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -248,14 +481,14 @@ fn accept_loop(
                 revents: 0,
             },
             libc::pollfd {
-                fd: stop.fd(),
+                fd: ctx.stop.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         // SAFETY: fds is a valid array of two pollfd for the call's duration.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if stop.stop.load(Ordering::Acquire) {
+        if ctx.stop.stop.load(Ordering::Acquire) {
             return;
         }
         if r <= 0 || fds[0].revents == 0 {
@@ -265,19 +498,39 @@ fn accept_loop(
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(addr = %listen, "nvme/tcp: accept: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let permit = match ctx.limiter.admit(Some(peer.ip())) {
+            Ok(p) => p,
+            Err(why) => {
+                // Closed at once (dropping the socket); logged a few times per burst.
+                drop(s);
+                let total = ctx.limiter.refused();
+                ctx.refusals.warn(|| {
+                    format!(
+                        "{listen}: connection from {peer} refused: {why} ({total} refused on this listener so far)"
+                    )
+                });
                 continue;
             }
         };
         let local = s.local_addr().unwrap_or(listen);
-        if let Err(e) = s.set_nonblocking(true).and_then(|_| s.set_nodelay(true)) {
+        if let Err(e) = s
+            .set_nonblocking(true)
+            .and_then(|_| s.set_nodelay(true))
+            .and_then(|_| keepalive(&s, ctx.limits.stall * 2))
+        {
             tracing::warn!(%peer, "nvme/tcp: socket setup: {e}");
             continue;
         }
         let params = ConnParams {
-            resolver: reg.clone(),
+            resolver: ctx.reg.clone(),
             at: Where { listen, local },
             peer: peer.to_string(),
+            limits: ctx.limits.clone(),
+            permit: Some(permit),
         };
         let conn = match Conn::new(Box::new(s), params) {
             Ok(c) => c,
@@ -287,12 +540,12 @@ fn accept_loop(
             }
         };
         {
-            let mut cs = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cs = ctx.reg.conns.lock().unwrap_or_else(|e| e.into_inner());
             cs.retain(|w| w.strong_count() > 0);
             cs.push(Arc::downgrade(&conn.waker()));
         }
         tracing::debug!(%peer, addr = %listen, "nvme/tcp: connection accepted");
-        let w = next.fetch_add(1, Ordering::Relaxed) % workers.len();
-        workers[w].attach(Box::new(conn));
+        let w = ctx.next.fetch_add(1, Ordering::Relaxed) % ctx.workers.len();
+        ctx.workers[w].attach(Box::new(conn));
     }
 }

@@ -76,6 +76,9 @@ impl Daemon {
     pub fn cpu_seconds(&self) -> f64 {
         self.proc.cpu_seconds()
     }
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
     /// SIGTERM and wait; returns how it exited.
     pub fn stop(self) -> String {
         match self.proc.stop() {
@@ -179,6 +182,11 @@ pub struct BenchArgs {
     /// classifiers vs the external-function path, on one /dev/shm file disk.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf"])]
     router: bool,
+    /// Run the hostile-peer suite instead: a victim disk's IOPS at rest and while each
+    /// attack of the attacker suite runs (NVMe/TCP and NBD length fields, floods,
+    /// slow handshakes, half-open and non-reading peers).
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router"])]
+    hostile: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     #[arg(long)]
@@ -286,7 +294,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
         );
     }
     let suite = a.what.as_deref() == Some("suite");
-    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router {
+    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router || a.hostile {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
@@ -302,6 +310,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.router {
             return crate::bench_router::run(&a, secs, two.then_some(0), two.then_some(1));
+        }
+        if a.hostile {
+            return crate::bench_hostile::run(&a, two.then_some(0));
         }
         if a.fair {
             return crate::bench_fair::run(&a, secs, two.then_some(0));

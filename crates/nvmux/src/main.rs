@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 mod bench;
 mod bench_crypt;
 mod bench_fair;
+mod bench_hostile;
 mod bench_nvmf;
 mod bench_pool;
 mod bench_router;
@@ -283,10 +284,13 @@ enum DiskCmd {
         /// handled as by --on-failure.
         #[arg(long, default_value = "1M")]
         max_io: String,
-        /// Give the socket to UID[:GID] (mode 0660), so that an unprivileged function
-        /// process may attach (default: only root).
+        /// Give the socket to USER[:GROUP] (names or numbers), so that an unprivileged
+        /// function process may attach (default: the daemon's user only).
         #[arg(long)]
         owner: Option<String>,
+        /// The socket's mode, octal (default 0600, or 0660 when --owner names a group).
+        #[arg(long)]
+        mode: Option<String>,
         #[arg(long, conflicts_with = "socket")]
         none: bool,
     },
@@ -382,6 +386,17 @@ enum SubsystemCmd {
         /// Let every host connect (default: only hosts added with allow-host).
         #[arg(long)]
         allow_any_host: bool,
+        /// Every host must authenticate with DH-HMAC-CHAP (hosts need a secret).
+        #[arg(long)]
+        require_auth: bool,
+        /// DH-HMAC-CHAP hashes the controller may pick, most preferred first
+        /// (default sha256,sha384,sha512).
+        #[arg(long, value_delimiter = ',')]
+        dhchap_hashes: Vec<String>,
+        /// DH groups the controller may pick, most preferred first
+        /// (default ffdhe2048,ffdhe3072,ffdhe4096,ffdhe6144,ffdhe8192,null).
+        #[arg(long, value_delimiter = ',')]
+        dhchap_dhgroups: Vec<String>,
     },
     /// List subsystems.
     List,
@@ -399,8 +414,49 @@ enum SubsystemCmd {
     },
     /// Remove a namespace (connected hosts get a namespace-changed event).
     RemoveNs { nqn: String, nsid: u32 },
-    /// Allow a host NQN to connect (`any`: every host).
-    AllowHost { nqn: String, host: String },
+    /// Allow a host NQN to connect (`any`: every host), optionally with DH-HMAC-CHAP
+    /// secrets: then the host must authenticate every queue
+    /// (`nvme connect --dhchap-secret ... [--dhchap-ctrl-secret ...]`).
+    AllowHost {
+        nqn: String,
+        host: String,
+        /// The host's secret (DHHC-1:...), or `generate` for a new one (printed once).
+        #[arg(long)]
+        dhchap_secret: Option<String>,
+        /// The controller's secret for bidirectional authentication, or `generate`.
+        #[arg(long)]
+        dhchap_ctrl_secret: Option<String>,
+        /// Drop the host's secrets (it no longer authenticates).
+        #[arg(long, conflicts_with_all = ["dhchap_secret", "dhchap_ctrl_secret"])]
+        no_dhchap: bool,
+    },
+    /// Authentication settings of a subsystem: require it of every host, choose hashes
+    /// and DH groups.
+    Auth {
+        nqn: String,
+        /// Every host must authenticate.
+        #[arg(long, conflicts_with = "no_require")]
+        require: bool,
+        /// Hosts without a secret may connect again.
+        #[arg(long)]
+        no_require: bool,
+        /// Hashes, most preferred first (sha256, sha384, sha512; `default` for the default).
+        #[arg(long, value_delimiter = ',')]
+        dhchap_hashes: Option<Vec<String>>,
+        /// DH groups, most preferred first (null, ffdhe2048 ... ffdhe8192; `default`).
+        #[arg(long, value_delimiter = ',')]
+        dhchap_dhgroups: Option<Vec<String>>,
+    },
+    /// Print a new DH-HMAC-CHAP secret in nvme-cli's DHHC-1 form (made here, not by the
+    /// daemon), for allow-host --dhchap-secret and nvme connect --dhchap-secret.
+    GenSecret {
+        /// Key transform: none, sha256, sha384 or sha512 (the DHHC-1 header's 00..03).
+        #[arg(long, default_value = "sha256")]
+        hmac: String,
+        /// Key length in bytes: 32, 48 or 64.
+        #[arg(long, default_value_t = 32)]
+        length: usize,
+    },
     /// Remove a host NQN from the allow-list (connected hosts stay connected).
     DenyHost { nqn: String, host: String },
     /// Move the subsystem to another listener address (ADDR:PORT).
@@ -408,6 +464,8 @@ enum SubsystemCmd {
 }
 
 #[derive(Subcommand)]
+// Parsed once per command line: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum ExportCmd {
     /// Export a disk: over vhost-user-blk on a Unix socket (VMs, libblkio), or over NBD
     /// on a Unix socket or a TCP address (`--type nbd`: qemu-img, nbdcopy, fio, nbdinfo,
@@ -449,6 +507,14 @@ enum ExportCmd {
         /// Export type: vhost-user-blk or nbd.
         #[arg(long = "type", default_value = "vhost-user-blk")]
         kind: String,
+        /// Give the socket to USER[:GROUP] (names or numbers), e.g. libvirt-qemu, so that
+        /// a front-end running as that user may connect (default: the daemon's user).
+        #[arg(long)]
+        owner: Option<String>,
+        /// The socket's mode, octal, e.g. 0660 (default 0600, or 0660 when --owner names
+        /// a group).
+        #[arg(long)]
+        mode: Option<String>,
     },
     /// List exports.
     List,
@@ -623,6 +689,7 @@ fn run(cli: Cli) -> Res {
             depth,
             max_io,
             owner,
+            mode,
             none,
         }) => {
             let v = if none {
@@ -632,7 +699,7 @@ fn run(cli: Cli) -> Res {
                 let max_io = nvmux_core::parse_size(&max_io)?;
                 api.post(
                     &format!("/v1/disks/{name}/external"),
-                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner }),
+                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner, "mode": mode }),
                 )?
             };
             show(&v, &print_routing);
@@ -874,6 +941,8 @@ fn run(cli: Cli) -> Res {
             export_name,
             read_only,
             kind,
+            owner,
+            mode,
         }) => {
             let abs = |s: PathBuf| std::path::absolute(&s).unwrap_or(s);
             let socket = socket.map(abs);
@@ -890,7 +959,8 @@ fn run(cli: Cli) -> Res {
             let v = api.post(
                 "/v1/exports",
                 &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
-                        "listen": listen, "export_name": export_name, "read_only": read_only, "tls": tls}),
+                        "listen": listen, "export_name": export_name, "read_only": read_only,
+                        "owner": owner, "mode": mode, "tls": tls}),
             )?;
             show(&v, &|v| {
                 let extra = match v["type"].as_str() {
@@ -914,8 +984,13 @@ fn run(cli: Cli) -> Res {
                     }
                     _ => format!(" ({} queues)", v["num_queues"]),
                 };
+                let perms = match (v["owner"].as_str(), v["mode"].as_str()) {
+                    (Some(o), Some(m)) => format!(", socket owner {o}, mode {m}"),
+                    (None, Some(m)) => format!(", socket mode {m}"),
+                    _ => String::new(),
+                };
                 println!(
-                    "exported disk {} as {} on {}{extra}",
+                    "exported disk {} as {} on {}{extra}{perms}",
                     v["disk"].as_str().unwrap_or(""),
                     v["type"].as_str().unwrap_or(""),
                     v["address"].as_str().unwrap_or(""),
@@ -926,12 +1001,12 @@ fn run(cli: Cli) -> Res {
             let v = api.get("/v1/exports")?;
             show(&v, &|v| {
                 println!(
-                    "{:<16} {:<16} {:<16} {:>6} {:<9} ADDRESS",
-                    "NAME", "DISK", "TYPE", "QUEUES", "CLIENT"
+                    "{:<16} {:<16} {:<16} {:>6} {:<9} {:<4} {:<14} ADDRESS",
+                    "NAME", "DISK", "TYPE", "QUEUES", "CLIENT", "MODE", "OWNER"
                 );
                 for e in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<16} {:<16} {:<16} {:>6} {:<9} {}",
+                        "{:<16} {:<16} {:<16} {:>6} {:<9} {:<4} {:<14} {}",
                         e["name"].as_str().unwrap_or(""),
                         e["disk"].as_str().unwrap_or(""),
                         e["type"].as_str().unwrap_or(""),
@@ -945,6 +1020,8 @@ fn run(cli: Cli) -> Res {
                             (None, Some(true)) => "connected".to_string(),
                             _ => "-".to_string(),
                         },
+                        e["mode"].as_str().unwrap_or("-"),
+                        e["owner"].as_str().unwrap_or("-"),
                         e["address"].as_str().unwrap_or("")
                     );
                 }
@@ -1306,6 +1383,20 @@ fn print_subsystem(v: &Value) {
         .filter_map(|h| h.as_str())
         .collect();
     let any = v["allow_any_host"].as_bool() == Some(true);
+    let auth: std::collections::BTreeMap<&str, bool> = v["host_auth"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a["host"].as_str()?, a["bidirectional"].as_bool()?)))
+        .collect();
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| match auth.get(h) {
+            Some(true) => format!("{h} (DH-HMAC-CHAP, bidirectional)"),
+            Some(false) => format!("{h} (DH-HMAC-CHAP)"),
+            None => h.to_string(),
+        })
+        .collect();
     println!(
         "  hosts: {}",
         if any {
@@ -1315,6 +1406,24 @@ fn print_subsystem(v: &Value) {
         } else {
             hosts.join(", ")
         }
+    );
+    let names = |k: &str| {
+        v[k].as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!(
+        "  authentication: {}; hashes {}; DH groups {}",
+        if v["require_auth"].as_bool() == Some(true) {
+            "required of every host"
+        } else {
+            "hosts with a secret"
+        },
+        names("dhchap_hashes"),
+        names("dhchap_dhgroups")
     );
     for n in v["namespaces"].as_array().into_iter().flatten() {
         println!(
@@ -1350,8 +1459,16 @@ fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
             listen,
             serial,
             allow_any_host,
+            require_auth,
+            dhchap_hashes,
+            dhchap_dhgroups,
         } => {
-            let v = api.post(base, &json!({"nqn": nqn, "listen": listen, "serial": serial, "allow_any_host": allow_any_host}))?;
+            let v = api.post(
+                base,
+                &json!({"nqn": nqn, "listen": listen, "serial": serial, "allow_any_host": allow_any_host,
+                        "require_auth": require_auth, "dhchap_hashes": dhchap_hashes,
+                        "dhchap_dhgroups": dhchap_dhgroups}),
+            )?;
             show(&v, &|v| {
                 println!(
                     "created subsystem {} listening on {}",
@@ -1397,9 +1514,98 @@ fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
             let v = api.delete(&format!("{base}/{nqn}/namespaces/{nsid}"))?;
             show(&v, &|_| println!("removed namespace {nsid} from {nqn}"));
         }
-        SubsystemCmd::AllowHost { nqn, host } => {
-            let v = api.post(&format!("{base}/{nqn}/hosts"), &json!({"host": host}))?;
-            show(&v, &|_| println!("host {host} may connect to {nqn}"));
+        SubsystemCmd::AllowHost {
+            nqn,
+            host,
+            dhchap_secret,
+            dhchap_ctrl_secret,
+            no_dhchap,
+        } => {
+            // `generate`: made here, printed once, stored by the daemon (which never
+            // returns secrets).
+            let mut generated = serde_json::Map::new();
+            let mut gen = |name: &str,
+                           s: Option<String>|
+             -> Result<Option<String>, Box<dyn std::error::Error>> {
+                match s.as_deref() {
+                    Some("generate") => {
+                        let k = nvmux_daemon::nvmf::generate_secret(1, 32)?;
+                        generated.insert(name.into(), Value::String(k.clone()));
+                        Ok(Some(k))
+                    }
+                    _ => Ok(s),
+                }
+            };
+            let secret = gen("dhchap_secret", dhchap_secret)?;
+            let ctrl = gen("dhchap_ctrl_secret", dhchap_ctrl_secret)?;
+            let v = api.post(
+                &format!("{base}/{nqn}/hosts"),
+                &json!({"host": host, "dhchap_secret": secret, "dhchap_ctrl_secret": ctrl,
+                        "remove_dhchap": no_dhchap}),
+            )?;
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"subsystem": v, "generated": generated}))
+                        .unwrap_or_default()
+                );
+            } else {
+                let how = match (&secret, &ctrl) {
+                    (Some(_), Some(_)) => " (DH-HMAC-CHAP, bidirectional)",
+                    (Some(_), None) => " (DH-HMAC-CHAP)",
+                    _ if no_dhchap => " (without authentication)",
+                    _ => "",
+                };
+                println!("host {host} may connect to {nqn}{how}");
+                for (k, flag) in [
+                    ("dhchap_secret", "--dhchap-secret"),
+                    ("dhchap_ctrl_secret", "--dhchap-ctrl-secret"),
+                ] {
+                    if let Some(Value::String(s)) = generated.get(k) {
+                        println!("  generated: nvme connect ... {flag} {s}");
+                    }
+                }
+            }
+        }
+        SubsystemCmd::Auth {
+            nqn,
+            require,
+            no_require,
+            dhchap_hashes,
+            dhchap_dhgroups,
+        } => {
+            let list = |v: Option<Vec<String>>| {
+                v.map(|l| {
+                    if l.len() == 1 && l[0] == "default" {
+                        Vec::new()
+                    } else {
+                        l
+                    }
+                })
+            };
+            let require_auth = if require {
+                Some(true)
+            } else if no_require {
+                Some(false)
+            } else {
+                None
+            };
+            let v = api.post(
+                &format!("{base}/{nqn}/auth"),
+                &json!({"require_auth": require_auth, "dhchap_hashes": list(dhchap_hashes),
+                        "dhchap_dhgroups": list(dhchap_dhgroups)}),
+            )?;
+            show(&v, &print_subsystem);
+        }
+        SubsystemCmd::GenSecret { hmac, length } => {
+            let t = match hmac.as_str() {
+                "none" | "0" => 0,
+                "sha256" | "1" => 1,
+                "sha384" | "2" => 2,
+                "sha512" | "3" => 3,
+                _ => return Err(format!("--hmac {hmac:?}: none, sha256, sha384 or sha512").into()),
+            };
+            println!("{}", nvmux_daemon::nvmf::generate_secret(t, length)?);
         }
         SubsystemCmd::DenyHost { nqn, host } => {
             let v = api.delete(&format!("{base}/{nqn}/hosts/{host}"))?;

@@ -130,12 +130,12 @@ fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its
         (200, 800),
         "per-host limit"
     );
-    // 1000 on the Unix socket: the listener's total admits 300.
+    // 1000 on the Unix socket from one user: the per-peer limit counts user ids there.
     let g = atk::flood(&unix, 1000, Duration::from_secs(10));
     assert_eq!(
         (g.held.len(), g.refused + g.failed),
-        (300, 700),
-        "total limit"
+        (200, 800),
+        "per-uid limit"
     );
     // Half of the held connections negotiate a real export (they then hold buffers) ...
     let mut held = f.held;
@@ -187,6 +187,22 @@ fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its
         "{m}"
     );
     d.stop();
+    // Without a per-peer limit, the listener's total still holds.
+    let d = daemon(
+        "nbd-flood-total",
+        "[nbd]\nmax_connections = 100\nmax_connections_per_host = 0\nhandshake_timeout_ms = 120000\n",
+    );
+    disk(&d, "target", 8 << 20);
+    let tv = export(&d, json!({"disk": "target", "listen": "127.0.0.1:0"}));
+    let (tcp, _) = tcp_target(&tv);
+    let f = atk::flood(&tcp, 1000, Duration::from_secs(10));
+    assert_eq!(
+        (f.held.len(), f.refused + f.failed),
+        (100, 900),
+        "total limit"
+    );
+    drop(f);
+    d.stop();
 }
 
 #[test]
@@ -208,8 +224,8 @@ fn big_requests_wait_for_memory_within_the_budget() {
         .map(|_| atk::partial_request(&t, "target", 32 << 20, 28 + (4 << 20)).expect("attack"))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let v = d.api.get("/v1/nbd").unwrap();
-    let used = v["network_memory"]["used"].as_u64().unwrap();
+    let v = d.api.get("/v1/stats").unwrap();
+    let used = v["network"]["memory_used"].as_u64().unwrap();
     assert!(used <= 64 << 20, "{v}");
     assert!(
         listener(&d, &taddr)["memory_waits"].as_u64() > Some(0),
@@ -225,7 +241,7 @@ fn big_requests_wait_for_memory_within_the_budget() {
         );
     }
     wait_for("the budget to empty", Duration::from_secs(10), || {
-        d.api.get("/v1/nbd").unwrap()["network_memory"]["used"] == 0
+        d.api.get("/v1/stats").unwrap()["network"]["memory_used"] == 0
     });
     assert!(listener(&d, &taddr)["stalls"].as_u64() >= Some(8));
     // A well-behaved client gets the whole maximum afterwards.
@@ -353,8 +369,8 @@ fn four_gib_requests_are_refused_without_allocating() {
         let _ = atk::huge_request(&t, "target", atk::CMD_READ, (32 << 20) + 512);
     }
     assert!(atk::rss(d.pid()) < base + (64 << 20));
-    let v = d.api.get("/v1/nbd").unwrap();
-    assert!(v["network_memory"]["used"].as_u64() < Some(2 << 20), "{v}");
+    let v = d.api.get("/v1/stats").unwrap();
+    assert!(v["network"]["memory_used"].as_u64() < Some(2 << 20), "{v}");
     let out = Command::new("nbdinfo")
         .arg("--size")
         .arg(unix_uri(&sock, "target"))

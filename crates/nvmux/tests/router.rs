@@ -256,6 +256,10 @@ fn bad_programs_are_refused_with_a_reason_and_the_old_one_stays() {
         ),
         (compile(&d, "bad_loop"), "loops are not allowed"),
         (compile(&d, "bad_store"), "\"opcode\", which is read-only"),
+        (
+            compile(&d, "bad_leak_pointer"),
+            "pointers may not be copied into a map",
+        ),
         (not_elf, "not an ELF object"),
         (
             PathBuf::from(env!("CARGO_BIN_EXE_nvmux")),

@@ -9,174 +9,16 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::ReqFlags;
 use common::*;
 use nvmux_bench::client::{BlkioClient, Op};
+use nvmux_bench::vufront::*;
 use serde_json::json;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vmm_sys_util::eventfd::EventFd;
-
-const MEM: usize = 1 << 20;
-const QSIZE: u16 = 16;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
-/// Guest memory: a shared memfd mapped here, guest physical address 0.
-struct Guest {
-    ptr: *mut u8,
-    fd: std::fs::File,
-    next_avail: u16,
-    kick: EventFd,
-    _call: EventFd,
-    _f: Frontend,
-}
-
-impl Guest {
-    fn w<T: Copy>(&self, gpa: u64, v: T) {
-        assert!(gpa as usize + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our own shared mapping (checked above).
-        unsafe { std::ptr::write_volatile(self.ptr.add(gpa as usize) as *mut T, v) }
-    }
-    fn r<T: Copy>(&self, gpa: u64) -> T {
-        assert!(gpa as usize + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our own shared mapping (checked above).
-        unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize) as *const T) }
-    }
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = DESC + i as u64 * 16;
-        self.w(d, addr);
-        self.w(d + 8, len);
-        self.w(d + 12, flags);
-        self.w(d + 14, next);
-    }
-    fn header(&self, gpa: u64, rtype: u32, sector: u64) {
-        self.w(gpa, rtype);
-        self.w(gpa + 4, 0u32);
-        self.w(gpa + 8, sector);
-    }
-    /// Make chain `head` available and kick; wait until the device used it.
-    /// Returns the used length.
-    fn submit(&mut self, head: u16) -> u32 {
-        let slot = self.next_avail % QSIZE;
-        self.w(AVAIL + 4 + slot as u64 * 2, head);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.w(AVAIL + 2, self.next_avail);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.kick.write(1).expect("kick");
-        let t0 = Instant::now();
-        while self.r::<u16>(USED + 2) != self.next_avail {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "device did not complete chain {head}"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let e = USED + 4 + ((self.next_avail.wrapping_sub(1)) % QSIZE) as u64 * 8;
-        assert_eq!(self.r::<u32>(e), head as u32, "used ring names the chain");
-        self.r::<u32>(e + 4)
-    }
-}
 
 fn setup(sock: &std::path::Path) -> Guest {
-    // SAFETY: memfd_create with a valid C string; result checked.
-    let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
-    assert!(raw >= 0);
-    // SAFETY: raw is a fresh fd we own.
-    let fd: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
-    fd.set_len(MEM as u64).expect("size guest memory");
-    // SAFETY: mapping our own memfd shared, MEM bytes; result checked.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            MEM,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            raw,
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    let ptr = ptr as *mut u8;
-    let mut f = Frontend::connect(sock, 1).expect("vhost-user connect");
-    f.set_owner().expect("set_owner");
-    let feats = f.get_features().expect("get_features");
-    f.set_features(feats & ((1 << 32) | (1 << 30)))
-        .expect("set_features");
-    let pf = f.get_protocol_features().expect("get_protocol_features");
-    f.set_protocol_features(
-        pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG),
-    )
-    .expect("set_protocol_features");
-    let ua = ptr as u64;
-    f.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: ua,
-        mmap_offset: 0,
-        mmap_handle: fd.as_raw_fd(),
-    }])
-    .expect("set_mem_table");
-    f.set_vring_num(0, QSIZE).expect("set_vring_num");
-    f.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: ua + DESC,
-            used_ring_addr: ua + USED,
-            avail_ring_addr: ua + AVAIL,
-            log_addr: None,
-        },
-    )
-    .expect("set_vring_addr");
-    f.set_vring_base(0, 0).expect("set_vring_base");
-    let call = EventFd::new(0).expect("eventfd");
-    let kick = EventFd::new(0).expect("eventfd");
-    f.set_vring_call(0, &call).expect("set_vring_call");
-    f.set_vring_kick(0, &kick).expect("set_vring_kick");
-    f.set_vring_enable(0, true).expect("set_vring_enable");
-    Guest {
-        ptr,
-        fd,
-        next_avail: 0,
-        kick,
-        _call: call,
-        _f: f,
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the region mapped in setup.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, MEM) };
-        let _ = &self.fd;
-    }
-}
-
-const HDR: u64 = 0x3000;
-const STATUS: u64 = 0x8000;
-const DATA: u64 = 0x10000;
-
-/// A three-descriptor request: header, data, status.
-fn request(g: &mut Guest, rtype: u32, data_addr: u64, data_len: u32) -> (u32, u8) {
-    g.header(HDR, rtype, 0);
-    g.w(STATUS, 0xaau8);
-    let dflags = if rtype == 0 { F_WRITE } else { 0 } | F_NEXT;
-    g.desc(0, HDR, 16, F_NEXT, 1);
-    g.desc(1, data_addr, data_len, dflags, 2);
-    g.desc(2, STATUS, 1, F_WRITE, 0);
-    let used = g.submit(0);
-    (used, g.r::<u8>(STATUS))
+    Guest::setup(sock)
 }
 
 #[test]
@@ -325,5 +167,50 @@ fn garbage_on_the_vhost_socket_closes_only_that_connection() {
     assert!(d.healthy());
     drop(c);
     drop(other);
+    d.stop();
+}
+
+/// A chain through an indirect table: header, `n` data segments of 512 bytes, status.
+fn indirect_read(g: &mut Guest, n: u16) -> (u32, u8) {
+    const TABLE: u64 = 0x20000;
+    const F_INDIRECT: u16 = 4;
+    let entry = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
+        let d = TABLE + i as u64 * 16;
+        g.w(d, addr);
+        g.w(d + 8, len);
+        g.w(d + 12, flags);
+        g.w(d + 14, next);
+    };
+    entry(0, HDR, 16, F_NEXT, 1);
+    for i in 0..n {
+        entry(1 + i, DATA + i as u64 * 512, 512, F_WRITE | F_NEXT, 2 + i);
+    }
+    entry(1 + n, STATUS, 1, F_WRITE, 0);
+    g.header(HDR, 0, 0);
+    g.w(STATUS, 0xaau8);
+    g.desc(0, TABLE, (n as u32 + 2) * 16, F_INDIRECT, 0);
+    let used = g.submit(0);
+    (used, g.r::<u8>(STATUS))
+}
+
+#[test]
+fn requests_beyond_the_advertised_limits_fail_alone() {
+    watchdog(120);
+    let mut d = TestDaemon::start("badlimits");
+    let (img, sock) = d.disk_and_export("l", 4 << 20, 1, json!({}));
+    std::fs::write(&img, pattern(6, 4 << 20)).expect("fill image");
+    let mut g = setup(&sock);
+    // seg_max (126) data segments: served.
+    let n = 126u16; // seg_max in the config space (nvmux_vhost::blk::MAX_SEGMENTS)
+    assert_eq!(indirect_read(&mut g, n), (n as u32 * 512 + 1, 0));
+    // One more than seg_max: IOERR, nothing else happens.
+    assert_eq!(indirect_read(&mut g, n + 1).1, 1);
+    // Larger than the device's transfer limit: IOERR before anything is allocated.
+    assert_eq!(request(&mut g, 0, DATA, (32 << 20) + 512).1, 1);
+    assert_eq!(request(&mut g, 1, DATA, u32::MAX - 511).1, 1);
+    // The queue still serves, the daemon is healthy.
+    assert_eq!(request(&mut g, 0, DATA, 4096), (4097, 0));
+    assert!(d.healthy());
+    drop(g);
     d.stop();
 }

@@ -346,6 +346,44 @@ fn peer_pid(s: &UnixStream) -> i32 {
     }
 }
 
+/// The seals every ring memfd carries before it is handed to the function.
+pub const RING_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A memfd of `size` bytes, sealed with [`RING_SEALS`].
+///
+/// The function process (maybe another user) gets this descriptor. Without the seals it
+/// could `ftruncate` the file, and the daemon's next access to the ring would die with
+/// SIGBUS; with them, `ftruncate` fails with EPERM, and F_SEAL_SEAL keeps anyone from
+/// adding a seal (F_SEAL_WRITE would make the daemon's stores fault). Sealing failure
+/// fails the attach.
+pub fn sealed_memfd(size: usize) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a NUL-terminated name; checked below.
+    let mfd = unsafe {
+        libc::memfd_create(
+            c"nvmux-extfn-ring".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if mfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let memfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+    // SAFETY: plain syscalls on our memfd.
+    if unsafe { libc::ftruncate(memfd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on our memfd with integer arguments.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, RING_SEALS) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("seal the external-function ring memfd: {e}"),
+        ));
+    }
+    Ok(memfd)
+}
+
 /// Why a command could not be handed to the ring now.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SubmitError {
@@ -396,17 +434,7 @@ impl ExtRing {
     pub fn create(ext: &External, conn: Arc<Conn>, wake_fd: RawFd) -> io::Result<ExtRing> {
         let layout = Layout::new(ext.cfg.depth, ext.cfg.max_io)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad ring geometry"))?;
-        // SAFETY: memfd_create with a NUL-terminated name; checked below.
-        let mfd = unsafe { libc::memfd_create(c"nvmux-extfn-ring".as_ptr(), libc::MFD_CLOEXEC) };
-        if mfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let memfd = unsafe { OwnedFd::from_raw_fd(mfd) };
-        // SAFETY: plain syscalls on our memfd.
-        if unsafe { libc::ftruncate(memfd.as_raw_fd(), layout.size as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let memfd = sealed_memfd(layout.size)?;
         let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
         map.view.init_header();
         let sq_efd = eventfd()?;
@@ -585,3 +613,29 @@ pub fn reap_cq(
 
 /// An entry that carries no command.
 pub const FREE_ENTRY: u32 = FREE;
+
+#[cfg(test)]
+mod seal_tests {
+    use super::*;
+
+    #[test]
+    fn a_ring_memfd_cannot_be_resized_or_resealed() {
+        let fd = sealed_memfd(1 << 16).expect("sealed memfd");
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl and ftruncate on our memfd.
+        unsafe {
+            assert_eq!(libc::fcntl(raw, libc::F_GET_SEALS), RING_SEALS);
+            for len in [0, 4096, 1 << 20] {
+                assert_eq!(libc::ftruncate(raw, len), -1, "ftruncate to {len}");
+                assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+            }
+            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+            assert_eq!(
+                libc::ftruncate(raw, 1 << 16),
+                0,
+                "the same size is no change"
+            );
+        }
+    }
+}

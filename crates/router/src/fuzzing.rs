@@ -195,6 +195,21 @@ mod tests {
         }
     }
 
+    /// `seed-refused-leak_pointer` is `crates/nvmux/tests/classifiers/bad_leak_pointer.c`
+    /// compiled by clang: it hands a spilled context pointer to map_update as the value.
+    #[test]
+    fn pointer_leak_seed_is_refused() {
+        let (n, b) = corpus_named("classifier_load")
+            .into_iter()
+            .find(|(n, _)| n == "seed-refused-leak_pointer")
+            .expect("the pointer-leak seed is missing");
+        let e = match Program::load(&b[1..], None) {
+            Ok(_) => panic!("{n}: a pointer leak was accepted"),
+            Err(e) => e.msg,
+        };
+        assert!(e.contains("pointers may not be copied into a map"), "{e}");
+    }
+
     #[test]
     fn replay_corpus() {
         let c = corpus("classifier_load");

@@ -455,6 +455,22 @@ impl V<'_> {
     fn mem_arg(&self, st: &mut State, r: usize, len: u32, what: &str) -> Result<()> {
         match self.read(st, r)? {
             T::Stack(o) if o >= -STACK && o + len as i64 <= 0 => {
+                // The helper copies these bytes out of the program (into a map, where map
+                // readers and the operator's API see them): no byte may belong to a spilled
+                // pointer, whatever the size and alignment (an aligned 8-byte read of a
+                // spill is otherwise a legitimate "fill" of the pointer).
+                let first = ((o + STACK) / 8) as usize;
+                let last = ((o + len as i64 - 1 + STACK) / 8) as usize;
+                for k in first..=last {
+                    if let Slot::Spill(t) = st.stack[k] {
+                        if t.is_pointer() {
+                            return self.fail(format!(
+                                "r{r} ({what}) covers a pointer spilled at r10{:+}: pointers may not be copied into a map (the address would leak to map readers)",
+                                k as i64 * 8 - STACK
+                            ));
+                        }
+                    }
+                }
                 self.stack_access(st, o, len as i64, None).map(|_| ())
             }
             t @ T::Value(..) => self.access(st, t, 0, len as i64, None).map(|_| ()),
@@ -1072,6 +1088,75 @@ mod tests {
             [0; 8],
             ins(0x85, 0, 0, 0, 1),
         ]
+    }
+
+    /// Spill `src` at r10-8 (and a written key at r10-12); update map 0 with the value at
+    /// r10-8 (`value_size` bytes).
+    fn update_from_stack(src: u8, value_off: i16) -> Vec<[u8; 8]> {
+        vec![
+            ins(0x7b, 10, src, -8, 0), // *(u64 *)(r10 - 8) = src
+            ins(0x7a, 10, 0, -16, 0),  // *(u64 *)(r10 - 16) = 0
+            ins(0x62, 10, 0, -20, 0),  // *(u32 *)(r10 - 20) = 0 (the key)
+            ins(0xbf, 2, 10, 0, 0),
+            ins(0x07, 2, 0, 0, -20),
+            ins(0xbf, 3, 10, 0, 0),
+            ins(0x07, 3, 0, 0, value_off as i32),
+            ins(0xb7, 4, 0, 0, 0),
+            ins(LD_DW_IMM, 1, PSEUDO_MAP, 0, 0),
+            [0; 8],
+            ins(0x85, 0, 0, 0, HELPER_MAP_UPDATE as i32),
+            mov0(),
+            EXIT,
+        ]
+    }
+
+    #[test]
+    fn pointers_never_reach_a_map_value() {
+        // An aligned 8-byte value that is a spilled pointer (ctx in r1, the frame pointer
+        // r10): a plain "fill" for a load, but a leak for map_update.
+        for src in [1u8, 10] {
+            let e = err(&update_from_stack(src, -8), &[map(8)]);
+            assert!(e.contains("pointers may not be copied into a map"), "{e}");
+        }
+        // A 16-byte value whose second half is the spill.
+        let e = err(&update_from_stack(1, -16), &[map(16)]);
+        assert!(e.contains("pointers may not be copied into a map"), "{e}");
+        // The same program with a number in the slot is fine.
+        let mut p = update_from_stack(1, -8);
+        p.insert(0, ins(0xb7, 6, 0, 0, 42));
+        p[1] = ins(0x7b, 10, 6, -8, 0);
+        verify(&p, &[map(8)]).expect("a number is a fine map value");
+        let mut p = update_from_stack(1, -16);
+        p.insert(0, ins(0xb7, 6, 0, 0, 42));
+        p[1] = ins(0x7b, 10, 6, -8, 0);
+        verify(&p, &[map(16)]).expect("16 bytes of numbers");
+        // A stack slot that held a pointer on one path only is unreadable after the join,
+        // so it cannot reach a map either.
+        let mut p = vec![
+            ins(0x61, 6, 1, 24, 0), // r6 = ctx->nlb (unknown)
+            ins(0x7a, 10, 0, -8, 1),
+            ins(0x15, 6, 0, 1, 0), // if r6 == 0 skip the spill
+            ins(0x7b, 10, 1, -8, 0),
+        ];
+        p.extend(update_from_stack(1, -8).split_off(1));
+        let e = err(&p, &[map(8)]);
+        assert!(e.contains("never written") || e.contains("pointer"), "{e}");
+        // Storing a pointer through a map value pointer is refused, as is returning one.
+        let mut p = lookup();
+        p.extend([
+            ins(0x15, 0, 0, 2, 0),
+            ins(0x7b, 0, 10, 0, 0), // *(u64 *)(r0 + 0) = r10
+            EXIT,
+            mov0(),
+            EXIT,
+        ]);
+        assert!(err(&p, &[map(8)]).contains("stores a pointer outside the stack"));
+        let mut p = lookup();
+        p.extend([ins(0x15, 0, 0, 1, 0), EXIT, mov0(), EXIT]);
+        assert!(err(&p, &[map(8)]).contains("returns a pointer"));
+        // A pointer reloaded from the stack is still a pointer at exit.
+        let p = [ins(0x7b, 10, 1, -8, 0), ins(0x79, 0, 10, -8, 0), EXIT];
+        assert!(err(&p, &[]).contains("returns a pointer"));
     }
 
     #[test]

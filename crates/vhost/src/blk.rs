@@ -44,8 +44,11 @@ pub const ID_BYTES: usize = 20;
 pub const CONFIG_SIZE: usize = 60;
 /// Largest data transfer of one request. Larger requests fail with IOERR.
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
-/// Largest number of data segments of one request (the kernel's IOV_MAX).
-pub const MAX_SEGMENTS: usize = 1024;
+/// Largest number of data segments of one request: the `seg_max` the config space
+/// advertises (it fits a 128-entry queue with the header and status descriptors, without
+/// indirect descriptors). A request with more is refused (IOERR) before anything is
+/// allocated for it, so a request's SG list, kept per slot, never grows past this.
+pub const MAX_SEGMENTS: usize = 126;
 /// Largest discard / write-zeroes range, in 512-byte sectors (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
@@ -88,15 +91,15 @@ pub fn device_features(info: &DeviceInfo) -> u64 {
 }
 
 /// The config space (`struct virtio_blk_config`, little-endian).
-pub fn config_space(info: &DeviceInfo, num_queues: u16, queue_size: u16) -> [u8; CONFIG_SIZE] {
+pub fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
     let put32 = |c: &mut [u8; CONFIG_SIZE], off: usize, v: u32| {
         c[off..off + 4].copy_from_slice(&v.to_le_bytes())
     };
     c[0..8].copy_from_slice(&(info.size_bytes() / 512).to_le_bytes()); // capacity
     put32(&mut c, 8, 0); // size_max (feature not offered)
-    put32(&mut c, 12, (queue_size as u32).saturating_sub(2).max(1)); // seg_max
-                                                                     // geometry (16..20) left zero
+    put32(&mut c, 12, MAX_SEGMENTS as u32); // seg_max
+                                            // geometry (16..20) left zero
     put32(&mut c, 20, info.block_size); // blk_size
     c[24] = (info.block_size / 512).trailing_zeros() as u8; // physical_block_exp
     c[25] = 0; // alignment_offset
@@ -525,6 +528,27 @@ mod tests {
     }
 
     #[test]
+    fn more_segments_than_seg_max_are_refused() {
+        let m = mem_with_header(VIRTIO_BLK_T_IN, 0);
+        let mut sg = SgList::default();
+        for n in [MAX_SEGMENTS, MAX_SEGMENTS + 1] {
+            let mut segs = vec![seg(BASE, 16, false)];
+            for i in 0..n as u64 {
+                segs.push(seg(BASE + 0x200 + (i % 16) * 512, 512, true));
+            }
+            segs.push(seg(BASE + 0x100, 1, true));
+            let r = parse(&segs, &m, &info(), &mut sg).unwrap();
+            if n <= MAX_SEGMENTS {
+                assert_eq!(r.error, None);
+                assert_eq!(sg.segments().len(), n);
+            } else {
+                assert_eq!(r.error, Some(Status::DATA_TRANSFER_ERROR));
+                assert_eq!(sg.segments().len(), 0, "nothing kept of a refused request");
+            }
+        }
+    }
+
+    #[test]
     fn discard_range() {
         let m = mem_with_header(VIRTIO_BLK_T_DISCARD, 0);
         {
@@ -564,7 +588,11 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        let c = config_space(&info(), 2, 256);
+        let c = config_space(&info(), 2);
+        assert_eq!(
+            u32::from_le_bytes(c[12..16].try_into().unwrap()),
+            MAX_SEGMENTS as u32
+        );
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 1000);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);

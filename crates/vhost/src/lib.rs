@@ -18,15 +18,16 @@
 //! Vring processing is ours (not `vhost-user-backend`'s), so inflight tracking
 //! (INFLIGHT_SHMFD) can be added later without a rewrite.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nvmux_core::stats::DiskStats;
 use nvmux_core::worker::WorkerHandle;
@@ -38,18 +39,16 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{BackendListener, Listener, VhostUserBackendReqHandlerMut};
 use vhost::vhost_user::{Error as VuError, Result as VuResult};
-use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
-    GuestRegionMmap,
-};
 
 mod backend_req;
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mem;
 pub mod split;
 mod vring;
 
+use mem::{ExportCounters, MemSlot, Memory, RegionDesc};
 use split::{RingAddrs, SplitQueue};
 use vring::{MemView, QueueCtl, VringParams, VringSource};
 
@@ -65,6 +64,8 @@ pub struct ExportConfig {
     pub num_queues: u16,
     /// Serial returned by GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// The socket's owner and mode, set before it appears at `socket`.
+    pub perms: nvmux_core::unixsock::SocketPerms,
 }
 
 #[derive(Default)]
@@ -74,8 +75,11 @@ struct VringCfg {
     addrs: Option<(u64, u64, u64)>,
     base: u16,
     kick: Option<File>,
-    /// Call eventfds; the last one is current. Older ones stay open while the queue runs.
-    calls: Vec<File>,
+    /// The current call eventfd.
+    call: Option<File>,
+    /// Call eventfds replaced while the queue runs, with the epoch of the replacement:
+    /// closed once the worker acknowledged that epoch (see [`BlkBackend::set_vring_call`]).
+    retired_calls: VecDeque<(u64, File)>,
     enabled: bool,
     running: Option<Running>,
 }
@@ -86,6 +90,7 @@ struct Running {
     worker: WorkerHandle,
 }
 
+#[derive(Clone, Copy)]
 struct RegionInfo {
     gpa: u64,
     size: u64,
@@ -101,11 +106,12 @@ pub struct BlkBackend {
     num_queues: u16,
     acked_features: u64,
     acked_protocol: u64,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: Arc<MemSlot>,
     regions: Vec<RegionInfo>,
     vrings: Vec<VringCfg>,
     workers: Vec<WorkerHandle>,
     stats: Arc<DiskStats>,
+    counters: Arc<ExportCounters>,
     name: String,
 }
 
@@ -119,6 +125,7 @@ impl BlkBackend {
         cfg: &ExportConfig,
         workers: Vec<WorkerHandle>,
         stats: Arc<DiskStats>,
+        counters: Arc<ExportCounters>,
     ) -> Self {
         let info = dev.info().clone();
         let mut serial = [0u8; blk::ID_BYTES];
@@ -129,18 +136,19 @@ impl BlkBackend {
         BlkBackend {
             // seg_max = 126 fits the smallest common queue (128 entries) without indirect
             // descriptors; guests with larger queues use indirect tables anyway.
-            config: blk::config_space(&info, num_queues, 128),
+            config: blk::config_space(&info, num_queues),
             info,
             dev,
             serial,
             num_queues,
             acked_features: 0,
             acked_protocol: 0,
-            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            mem: Arc::new(MemSlot::new()),
             regions: Vec::new(),
             vrings: (0..num_queues).map(|_| VringCfg::default()).collect(),
             workers,
             stats,
+            counters,
             name: cfg.socket.display().to_string(),
         }
     }
@@ -168,6 +176,11 @@ impl BlkBackend {
         let pf = self.protocol_features_acked();
         let event_idx = self.acked_features & blk::VIRTIO_RING_F_EVENT_IDX != 0;
         let mem = self.mem.clone();
+        let guard = mem.load();
+        if guard.faulted() {
+            tracing::warn!(export = %self.name, queue = i, "guest memory of this memory table shrank under the device; queue not started (the front-end must send a new memory table)");
+            return Err(invalid("guest memory of this table faulted"));
+        }
         let v = &mut self.vrings[i];
         let Some((desc, avail, used)) = v.addrs else {
             return Ok(());
@@ -180,9 +193,8 @@ impl BlkBackend {
         if pf && !v.enabled {
             return Ok(());
         }
-        let guard = mem.memory().into_inner();
         let addrs = RingAddrs { desc, avail, used };
-        let Some(mut q) = SplitQueue::new(&MemView(&guard), v.size, addrs, event_idx) else {
+        let Some(mut q) = SplitQueue::new(&MemView(&guard.map), v.size, addrs, event_idx) else {
             tracing::warn!(export = %self.name, queue = i, "virtqueue rings are misaligned or outside guest memory; queue not started");
             return Err(VuError::InvalidParam);
         };
@@ -200,7 +212,9 @@ impl BlkBackend {
             .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(e.to_string())))?;
         let ctl = Arc::new(QueueCtl {
             stop: AtomicBool::new(false),
-            call_fd: AtomicI32::new(v.calls.last().map_or(-1, |f| f.as_raw_fd())),
+            call_fd: AtomicI32::new(v.call.as_ref().map_or(-1, |f| f.as_raw_fd())),
+            call_epoch: AtomicU64::new(0),
+            call_ack: AtomicU64::new(0),
         });
         let (tx, rx) = sync_channel(1);
         let src = VringSource::new(VringParams {
@@ -215,6 +229,9 @@ impl BlkBackend {
             ctl: ctl.clone(),
             final_tx: tx,
             disk_stats: self.stats.clone(),
+            counters: self.counters.clone(),
+            name: self.name.clone(),
+            index: i,
         });
         let worker = self.workers[i % self.workers.len()].clone();
         worker.attach(Box::new(src));
@@ -237,10 +254,8 @@ impl BlkBackend {
                 }
             }
             tracing::info!(export = %name, queue = i, base = v.base, "virtqueue stopped");
-            // Only the current call fd is still needed.
-            let keep = v.calls.pop();
-            v.calls.clear();
-            v.calls.extend(keep);
+            // The worker is done with the queue: replaced call fds may be closed.
+            v.retired_calls.clear();
         }
     }
 
@@ -257,16 +272,54 @@ impl BlkBackend {
         self.acked_protocol = 0;
     }
 
-    fn map_region(region: &VhostUserMemoryRegion, file: File) -> VuResult<Arc<GuestRegionMmap>> {
-        let r = GuestRegionMmap::from_range(
-            GuestAddress(region.guest_phys_addr),
-            region.memory_size as usize,
-            Some(FileOffset::new(file, region.mmap_offset)),
-        )
-        .map_err(|e| {
-            VuError::ReqHandlerError(std::io::Error::other(format!("mmap guest memory: {e}")))
-        })?;
-        Ok(Arc::new(r))
+    /// Map one region of the front-end's table, or refuse it (logged and counted).
+    fn map_region(
+        &self,
+        d: &RegionDesc,
+        file: File,
+        flag: &Arc<AtomicBool>,
+    ) -> VuResult<mem::Mapped> {
+        mem::map_region(d, file, flag).map_err(|why| self.refuse_memory(why))
+    }
+
+    fn refuse_memory(&self, why: String) -> VuError {
+        self.counters
+            .regions_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(export = %self.name, "guest memory refused: {why}");
+        VuError::ReqHandlerError(std::io::Error::other(why))
+    }
+
+    /// Install a memory table and publish what the API shows of it.
+    fn install_memory(&mut self, m: Memory, infos: Vec<RegionInfo>) {
+        let (n, sealed) = m.sealed_counts();
+        self.counters.regions.store(n as u64, Ordering::Relaxed);
+        self.counters
+            .regions_sealed
+            .store(sealed as u64, Ordering::Relaxed);
+        self.counters
+            .device_failed
+            .store(m.faulted(), Ordering::Relaxed);
+        self.mem.store(m);
+        self.regions = infos;
+    }
+
+    /// The front-end's addresses of the regions must not overlap either (vring addresses
+    /// are translated through them).
+    fn check_uaddrs(infos: &[RegionInfo]) -> Result<(), String> {
+        for (i, a) in infos.iter().enumerate() {
+            for b in &infos[..i] {
+                if a.uaddr < b.uaddr.saturating_add(b.size)
+                    && b.uaddr < a.uaddr.saturating_add(a.size)
+                {
+                    return Err(format!(
+                        "memory regions overlap in the front-end's address space ({:#x} and {:#x})",
+                        a.uaddr, b.uaddr
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -304,22 +357,46 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<u64>>> {
-        let mut regions = Vec::new();
-        let mut infos = Vec::new();
-        for (r, f) in ctx.iter().zip(files) {
-            regions.push(Self::map_region(r, f)?);
-            infos.push(RegionInfo {
+        if ctx.len() != files.len() || ctx.len() as u64 > MAX_MEM_SLOTS {
+            return Err(self.refuse_memory(format!(
+                "a memory table of {} regions with {} descriptors (at most {MAX_MEM_SLOTS} regions)",
+                ctx.len(),
+                files.len()
+            )));
+        }
+        let descs: Vec<RegionDesc> = ctx
+            .iter()
+            .map(|r| RegionDesc {
                 gpa: r.guest_phys_addr,
                 size: r.memory_size,
                 uaddr: r.user_addr,
-            });
+                offset: r.mmap_offset,
+            })
+            .collect();
+        let infos: Vec<RegionInfo> = descs
+            .iter()
+            .map(|d| RegionInfo {
+                gpa: d.gpa,
+                size: d.size,
+                uaddr: d.uaddr,
+            })
+            .collect();
+        // Check everything before mapping anything.
+        for (d, f) in descs.iter().zip(&files) {
+            mem::check_region(d, f).map_err(|why| self.refuse_memory(why))?;
         }
-        let m = GuestMemoryMmap::from_arc_regions(regions).map_err(|_| VuError::InvalidParam)?;
-        self.mem
-            .lock()
-            .map_err(|_| invalid("memory lock"))?
-            .replace(m);
-        self.regions = infos;
+        Self::check_uaddrs(&infos).map_err(|why| self.refuse_memory(why))?;
+        mem::check_table_size(descs.iter().map(|d| d.size))
+            .map_err(|why| self.refuse_memory(why))?;
+        // A new table starts with a fresh faulted flag (a reconnecting front-end, or one
+        // that replaced the memory that went away).
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut parts = Vec::with_capacity(descs.len());
+        for (d, f) in descs.iter().zip(files) {
+            parts.push(self.map_region(d, f, &flag)?);
+        }
+        let m = Memory::new(parts, flag).map_err(|why| self.refuse_memory(why))?;
+        self.install_memory(m, infos);
         Ok(None)
     }
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
@@ -363,20 +440,47 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         self.vrings[index as usize].kick = Some(fd);
         self.try_start(index as usize)
     }
+    /// Replace a queue's call eventfd.
+    ///
+    /// The running worker reads the raw descriptor from `QueueCtl::call_fd` and writes to
+    /// it, so the replaced file may be closed only once the worker can no longer use it: a
+    /// closed number can be reused by another open, and a late write would hit that file.
+    /// Hand-over: store the new descriptor, then bump `call_epoch`. The worker copies the
+    /// epoch to `call_ack` at the start of every poll, before it loads the descriptor, and
+    /// writes to it only inside a poll; so once `call_ack` reaches the epoch of a
+    /// replacement, the descriptors replaced up to it are unused and are closed. At most
+    /// two replaced descriptors wait at a time: beyond that this waits (waking the worker)
+    /// for the acknowledgment, and a worker that does not answer within 5 s costs the
+    /// front-end its connection rather than the daemon its descriptors.
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let v = self.vring(index as u32)?;
         let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-        if let Some(f) = fd {
-            v.calls.push(f);
+        let old = std::mem::replace(&mut v.call, fd);
+        let Some(r) = &v.running else {
+            drop(old);
+            return Ok(());
+        };
+        r.ctl.call_fd.store(raw, Ordering::SeqCst);
+        let epoch = r.ctl.call_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(f) = old {
+            v.retired_calls.push_back((epoch, f));
         }
-        if let Some(r) = &v.running {
-            r.ctl.call_fd.store(raw, Ordering::Release);
-        } else {
-            let keep = v.calls.pop();
-            v.calls.clear();
-            v.calls.extend(keep.filter(|_| raw >= 0));
+        let t0 = Instant::now();
+        loop {
+            let ack = r.ctl.call_ack.load(Ordering::SeqCst);
+            while v.retired_calls.front().is_some_and(|(e, _)| *e <= ack) {
+                v.retired_calls.pop_front();
+            }
+            if v.retired_calls.len() <= 2 {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                tracing::error!(export = %self.name, queue = index, "the queue's worker did not take the new call eventfd within 5 s; closing the connection");
+                return Err(invalid("worker did not acknowledge the new call fd"));
+            }
+            r.worker.wake();
+            std::thread::sleep(Duration::from_micros(50));
         }
-        Ok(())
     }
     fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
         self.vring(index as u32)?;
@@ -457,34 +561,51 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         _postcopy: Option<bool>,
     ) -> VuResult<Option<u64>> {
         if self.regions.len() as u64 >= MAX_MEM_SLOTS {
-            return Err(VuError::InvalidParam);
+            return Err(self.refuse_memory(format!(
+                "ADD_MEM_REGION beyond the {MAX_MEM_SLOTS} memory slots offered"
+            )));
         }
-        let r = Self::map_region(region, fd)?;
-        let cur = self.mem.memory();
-        let m = cur.insert_region(r).map_err(|_| VuError::InvalidParam)?;
-        drop(cur);
-        self.mem
-            .lock()
-            .map_err(|_| invalid("memory lock"))?
-            .replace(m);
-        self.regions.push(RegionInfo {
+        let d = RegionDesc {
             gpa: region.guest_phys_addr,
             size: region.memory_size,
             uaddr: region.user_addr,
+            offset: region.mmap_offset,
+        };
+        let mut infos: Vec<RegionInfo> = self.regions.to_vec();
+        infos.push(RegionInfo {
+            gpa: d.gpa,
+            size: d.size,
+            uaddr: d.uaddr,
         });
+        mem::check_region(&d, &fd).map_err(|why| self.refuse_memory(why))?;
+        Self::check_uaddrs(&infos).map_err(|why| self.refuse_memory(why))?;
+        mem::check_table_size(infos.iter().map(|r| r.size))
+            .map_err(|why| self.refuse_memory(why))?;
+        let cur = self.mem.load();
+        let part = self.map_region(&d, fd, &cur.faulted)?;
+        let m = cur
+            .with_region(part)
+            .map_err(|why| self.refuse_memory(why))?;
+        drop(cur);
+        self.install_memory(m, infos);
         Ok(None)
     }
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        let cur = self.mem.memory();
-        let (m, _) = cur
-            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
-            .map_err(|_| VuError::InvalidParam)?;
+        let cur = self.mem.load();
+        let m = cur
+            .without_region(region.guest_phys_addr, region.memory_size)
+            .map_err(|why| {
+                tracing::warn!(export = %self.name, "REMOVE_MEM_REGION: {why}");
+                VuError::InvalidParam
+            })?;
         drop(cur);
-        self.mem
-            .lock()
-            .map_err(|_| invalid("memory lock"))?
-            .replace(m);
-        self.regions.retain(|r| r.gpa != region.guest_phys_addr);
+        let infos = self
+            .regions
+            .iter()
+            .filter(|r| r.gpa != region.guest_phys_addr)
+            .copied()
+            .collect();
+        self.install_memory(m, infos);
         Ok(())
     }
     fn set_device_state_fd(
@@ -515,7 +636,22 @@ pub struct VhostBlkExport {
     conn: Arc<Mutex<Option<UnixStream>>>,
     /// The back-end request channel of the current client, if it set one up.
     backend_req: Arc<Mutex<Option<UnixStream>>>,
+    counters: Arc<ExportCounters>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the API shows of a vhost-user export's guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStatus {
+    /// Memory tables whose backing shrank under the device (each failed it once).
+    pub memory_faults: u64,
+    /// The current memory table faulted: its queues are stopped until a new table.
+    pub device_failed: bool,
+    /// Regions refused (past the end of their file, empty, overlapping, not a file).
+    pub regions_refused: u64,
+    /// Regions of the current table, and how many are sealed against shrinking.
+    pub regions: u64,
+    pub regions_sealed: u64,
 }
 
 impl VhostBlkExport {
@@ -543,16 +679,15 @@ impl VhostBlkExport {
                 ));
             }
         }
-        let mut listener = Listener::new(&cfg.socket, true).map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("listen on {}: {e}", cfg.socket.display()),
-            )
-        })?;
+        // Owner and mode are set before the socket appears at its path (no link is
+        // followed); a stale socket there is replaced.
+        let mut listener = Listener::from(nvmux_core::unixsock::bind(&cfg.socket, &cfg.perms)?);
         let listen_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let backend_req: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let counters = Arc::new(ExportCounters::default());
+        let counters2 = counters.clone();
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
         let req2 = backend_req.clone();
         let thread = std::thread::Builder::new()
@@ -564,6 +699,7 @@ impl VhostBlkExport {
                         &cfg,
                         workers.clone(),
                         stats.clone(),
+                        counters2.clone(),
                     )));
                     let accepted = BackendListener::new(&mut listener, backend.clone())
                         .and_then(|mut l| l.accept());
@@ -609,6 +745,10 @@ impl VhostBlkExport {
                     drop(handler);
                     // Stop every queue of this client before accepting the next one.
                     backend.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+                    // The client's memory table is gone with it (faults stay counted).
+                    counters2.device_failed.store(false, Ordering::Relaxed);
+                    counters2.regions.store(0, Ordering::Relaxed);
+                    counters2.regions_sealed.store(0, Ordering::Relaxed);
                 }
             })
             .map_err(|e| Error::io("spawn vhost thread", e))?;
@@ -618,6 +758,7 @@ impl VhostBlkExport {
             stop,
             conn,
             backend_req,
+            counters,
             thread: Some(thread),
         })
     }
@@ -643,6 +784,18 @@ impl VhostBlkExport {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Guest memory faults and regions (see [`MemoryStatus`]).
+    pub fn memory_status(&self) -> MemoryStatus {
+        let c = &self.counters;
+        MemoryStatus {
+            memory_faults: c.memory_faults.load(Ordering::Relaxed),
+            device_failed: c.device_failed.load(Ordering::Relaxed),
+            regions_refused: c.regions_refused.load(Ordering::Relaxed),
+            regions: c.regions.load(Ordering::Relaxed),
+            regions_sealed: c.regions_sealed.load(Ordering::Relaxed),
+        }
     }
 
     /// True while a client is connected.

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,11 +18,11 @@ use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status,
 };
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, MemoryRegionAddress,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::blk::{self, GuestMem, Kind, Seg};
+use crate::mem::{ExportCounters, MemSlot, Memory};
 use crate::split::SplitQueue;
 
 /// Translate guest addresses through a vm-memory map.
@@ -42,10 +42,13 @@ impl GuestMem for MemView<'_> {
 /// Control shared between the vhost-user connection thread and the worker.
 pub(crate) struct QueueCtl {
     pub stop: AtomicBool,
-    /// The call eventfd (-1: none). QEMU may replace it while the queue runs; the
-    /// connection thread keeps every file it ever stored here open until the queue stops,
-    /// so a stale number is never a reused descriptor.
+    /// The call eventfd (-1: none). QEMU may replace it while the queue runs: the
+    /// connection thread stores the new one, then bumps `call_epoch`; it closes a replaced
+    /// file only after the worker copied that epoch to `call_ack` (see
+    /// `BlkBackend::set_vring_call`), so a stale number is never a reused descriptor.
     pub call_fd: AtomicI32,
+    pub call_epoch: AtomicU64,
+    pub call_ack: AtomicU64,
 }
 
 /// Per-request bookkeeping, indexed by the command's tag.
@@ -62,11 +65,22 @@ struct Slot {
 
 pub(crate) struct VringSource {
     queue: SplitQueue,
-    /// The memory map the ring pointers point into, kept mapped while the queue runs.
-    _ring_mem: Arc<GuestMemoryMmap>,
+    /// The memory table the ring pointers point into, kept mapped while the queue runs.
+    ring_mem: Arc<Memory>,
     /// The driver corrupted the ring; the queue serves nothing until it is restarted.
     broken: bool,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// Guest memory shrank under us: the queue touches guest memory no more (in-flight
+    /// commands still complete) until the front-end sends a new table and restarts it.
+    failed: bool,
+    mem: Arc<MemSlot>,
+    /// The newest memory table, cached (refreshed when `mem`'s generation moves; released
+    /// before the worker sleeps).
+    cur_mem: Option<(u64, Arc<Memory>)>,
+    /// The last call-fd epoch acknowledged.
+    call_epoch: u64,
+    counters: Arc<ExportCounters>,
+    name: String,
+    index: usize,
     kick: File,
     info: DeviceInfo,
     /// For the live capacity: a thin volume can grow while the queue runs.
@@ -92,8 +106,8 @@ unsafe impl Send for VringSource {}
 
 pub(crate) struct VringParams {
     pub queue: SplitQueue,
-    pub ring_mem: Arc<GuestMemoryMmap>,
-    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub ring_mem: Arc<Memory>,
+    pub mem: Arc<MemSlot>,
     pub kick: File,
     pub info: DeviceInfo,
     pub dev: Arc<dyn BlockDevice>,
@@ -102,6 +116,9 @@ pub(crate) struct VringParams {
     pub ctl: Arc<QueueCtl>,
     pub final_tx: SyncSender<u16>,
     pub disk_stats: Arc<DiskStats>,
+    pub counters: Arc<ExportCounters>,
+    pub name: String,
+    pub index: usize,
 }
 
 impl VringSource {
@@ -125,9 +142,15 @@ impl VringSource {
         };
         VringSource {
             queue: p.queue,
-            _ring_mem: p.ring_mem,
+            ring_mem: p.ring_mem,
             broken: false,
+            failed: false,
             mem: p.mem,
+            cur_mem: None,
+            call_epoch: 0,
+            counters: p.counters,
+            name: p.name,
+            index: p.index,
             kick: p.kick,
             info: p.info,
             dev: p.dev,
@@ -204,14 +227,59 @@ impl VringSource {
         n
     }
 
+    /// The newest memory table (cached; one atomic load when it did not change).
+    fn current_mem(&mut self) -> Arc<Memory> {
+        let gen = self.mem.generation();
+        match &self.cur_mem {
+            Some((g, m)) if *g == gen => m.clone(),
+            _ => {
+                let m = self.mem.load();
+                self.cur_mem = Some((gen, m.clone()));
+                m
+            }
+        }
+    }
+
+    /// Did guest memory go away under us (the SIGBUS recovery raised a table's flag)?
+    /// Then fail the device: log and count once per table, stop touching guest memory.
+    fn check_memory(&mut self) -> bool {
+        if self.failed {
+            return true;
+        }
+        let cur = self.cur_mem.as_ref().map(|(_, m)| m.clone());
+        let faulted: Vec<&Arc<Memory>> = [Some(&self.ring_mem), cur.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|m| m.faulted())
+            .collect();
+        if faulted.is_empty() {
+            return false;
+        }
+        self.failed = true;
+        self.counters.device_failed.store(true, Ordering::Relaxed);
+        let mut first = false;
+        for m in faulted {
+            first |= m.take_report();
+        }
+        if first {
+            self.counters.memory_faults.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                export = %self.name,
+                queue = self.index,
+                "guest memory shrank under the device (the front-end truncated or punched its memory file); the device is failed until the front-end sends a new memory table"
+            );
+        }
+        true
+    }
+
     /// Pop and start every available request.
-    fn start_requests(&mut self, mem: &Arc<GuestMemoryMmap>) -> usize {
+    fn start_requests(&mut self, mem: &Arc<Memory>) -> usize {
         let mut n = 0;
         let mut completed_now = false;
         // One timestamp for the whole batch: requests popped together arrived together.
         let mut now: Option<Instant> = None;
-        let view = MemView(mem);
-        while !self.free.is_empty() && !self.broken {
+        let view = MemView(&mem.map);
+        while !self.free.is_empty() && !self.broken && !self.failed {
             let (head, chain) = match self.queue.pop(&view, &mut self.segs) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -322,6 +390,12 @@ impl WorkSource for VringSource {
         if self.finished {
             return 0;
         }
+        // Acknowledge call-fd replacements before loading the descriptor (set_vring_call).
+        let epoch = self.ctl.call_epoch.load(Ordering::SeqCst);
+        if epoch != self.call_epoch {
+            self.call_epoch = epoch;
+            self.ctl.call_ack.store(epoch, Ordering::SeqCst);
+        }
         let mut n = self.reap();
         if self.ctl.stop.load(Ordering::Acquire) {
             if self.in_flight == 0 && self.bq.in_flight() == 0 {
@@ -334,9 +408,13 @@ impl WorkSource for VringSource {
             return n.max(1);
         }
         // Data buffers are translated with the newest memory map (regions may be added).
-        let mem = self.mem.memory().into_inner();
-        n += self.start_requests(&mem);
-        n += self.reap();
+        let mem = self.current_mem();
+        if !self.check_memory() {
+            n += self.start_requests(&mem);
+            n += self.reap();
+        }
+        // A fault during this poll (the ring or a data buffer was truncated): stop here.
+        self.check_memory();
         self.stats.set_in_flight(self.in_flight as u64);
         n
     }
@@ -352,12 +430,23 @@ impl WorkSource for VringSource {
         if !self.bq.may_sleep() {
             return false;
         }
+        if self.broken || self.failed {
+            // Nothing to do until the queue is stopped; drop the cached table.
+            self.cur_mem = None;
+            return true;
+        }
         // Re-enabling reports whether chains arrived while notifications were off.
-        self.broken || !self.queue.enable_notification()
+        let sleep = !self.queue.enable_notification();
+        if sleep {
+            self.cur_mem = None;
+        }
+        sleep
     }
 
     fn after_sleep(&mut self) {
-        self.queue.disable_notification();
+        if !self.broken && !self.failed {
+            self.queue.disable_notification();
+        }
     }
 
     fn finished(&self) -> bool {

@@ -219,7 +219,7 @@ pub(crate) struct State {
     /// Clusters being claimed right now (taken from `free`, not yet in `claimed`).
     pub(crate) claiming: u64,
     /// Released clusters waiting for their release to be durable, then zeroing.
-    to_zero: Vec<u64>,
+    pub(crate) to_zero: Vec<u64>,
     /// Records not yet in the journal.
     pending: Vec<Record>,
     /// Per table copy: blocks whose on-disk content is older than memory.
@@ -1561,8 +1561,21 @@ impl Pool {
             let mut s = self.lock_state();
             s.to_zero.retain(|c| !erased.contains(c));
             drop(s);
+            // I/O still in flight to a released cluster finishes within moments; a
+            // pin that stays up belongs to a queue whose device stopped answering (its
+            // clusters are kept forever, see ThinQueue's drop): erase fails rather than
+            // wait for ever.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             for &c in &erased {
                 while self.pins[c as usize].load(Ordering::Acquire) != 0 {
+                    if std::time::Instant::now() >= deadline {
+                        // Back to the background zeroing, which takes them once unpinned.
+                        self.lock_state().to_zero.extend(erased.iter().copied());
+                        return Err(Error::new(
+                            ErrorKind::Busy,
+                            format!("{name:?}: cluster {c} still has I/O in flight after 30 s; its data cannot be erased while the device holds it (the volume is deleted, the erase did not complete)"),
+                        ));
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }

@@ -371,3 +371,110 @@ fn check_finds_a_flipped_byte_and_open_refuses() {
         "{e}"
     );
 }
+
+/// Holds the completions of a real queue while `hold` is set: the device "stops
+/// answering" without any I/O really being left in the kernel.
+struct Gate {
+    inner: Box<dyn BlockQueue>,
+    held: Vec<(IoCommand, Status)>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockQueue for Gate {
+    fn submit(&mut self, cmd: IoCommand) {
+        self.inner.submit(cmd)
+    }
+    fn kick(&mut self) {
+        self.inner.kick()
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let held = &mut self.held;
+        self.inner.poll(&mut |c, s| held.push((c, s)));
+        if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
+        let n = self.held.len();
+        for (c, s) in self.held.drain(..) {
+            done(c, s);
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.held.len()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.completion_fd()
+    }
+}
+
+/// A thin queue dropped while its device still holds an allocating write never
+/// releases the cluster the write goes to (it would be zeroed and handed to another
+/// volume while the write may still land in it), and the same drop with the device
+/// answering does release it.
+#[test]
+fn a_dropped_queue_never_releases_a_cluster_with_a_write_in_flight() {
+    let (_d, _p, pool) = new_pool("stuck-drop", 64 << 20);
+    pool.create_volume("v", Some(8 << 20), None).unwrap();
+    let dev = ThinDevice::open(&pool, "v").unwrap();
+    let cs = pool.cluster_size();
+    for stuck in [true, false] {
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let inner = pool.data.open_queue(8).unwrap();
+        let mut q = dev
+            .queue_over(Box::new(Gate {
+                inner,
+                held: Vec::new(),
+                hold: hold.clone(),
+            }))
+            .unwrap();
+        q.drain_wait = std::time::Duration::from_millis(200);
+        // Claimed clusters ready: the write takes the last one.
+        while pool.lock_state().claimed.is_empty() {
+            pool.ensure_claimed();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let nc = *pool.lock_state().claimed.last().unwrap();
+        let x = if stuck { 3 } else { 5 };
+        let mut buf = vec![0x5au8; 4096];
+        let mut sg = SgList::default();
+        sg.push(buf.as_mut_ptr(), buf.len());
+        q.submit(IoCommand::new(Opcode::Write, x * cs / 512, 8, 1, sg));
+        q.kick();
+        let vol = {
+            let s = pool.lock_state();
+            assert_eq!(s.allocating.len(), 1, "the write allocates");
+            s.allocating.keys().next().unwrap().0
+        };
+        if !stuck {
+            // The device answers again before the drop: the write completes and installs.
+            hold.store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut got = None;
+            for _ in 0..2_000_000 {
+                q.poll(&mut |_, s| got = Some(s));
+                if got.is_some() {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            assert_eq!(got, Some(Status::SUCCESS));
+        }
+        drop(q);
+        let s = pool.lock_state();
+        assert!(
+            s.allocating.is_empty(),
+            "allocation registrations are cleared"
+        );
+        assert!(
+            !s.to_zero.contains(&nc),
+            "cluster {nc} was released while a write to it may be in flight"
+        );
+        assert!(!s.claimed.contains(&nc));
+        if stuck {
+            assert_eq!(s.lookup(vol, x, cs), None, "not installed either");
+        } else {
+            assert_eq!(s.lookup(vol, x, cs), Some((nc, true)), "installed");
+        }
+        drop(s);
+        std::mem::forget(buf); // the stuck write's buffer stays the kernel's, as the queue left it
+    }
+}

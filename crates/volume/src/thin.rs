@@ -120,6 +120,24 @@ impl BlockDevice for ThinDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         let inner = self.pool.data.open_queue(depth.saturating_mul(2).max(8))?;
+        Ok(Box::new(self.queue_over(inner)?))
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.size()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "thin volume {:?} in pool {} ({} KiB clusters)",
+            self.name,
+            self.pool.path().display(),
+            self.pool.cluster_size() >> 10
+        )
+    }
+}
+
+impl ThinDevice {
+    /// A queue of this volume over `inner`, a queue of the pool's data device.
+    pub(crate) fn queue_over(&self, inner: Box<dyn BlockQueue>) -> Result<ThinQueue> {
         let own = inner.completion_fd().is_none();
         let fd = match inner.completion_fd() {
             // SAFETY: dup of a descriptor the inner queue holds open; checked below.
@@ -132,7 +150,7 @@ impl BlockDevice for ThinDevice {
         }
         // SAFETY: fd is a new descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Box::new(ThinQueue {
+        Ok(ThinQueue {
             pool: self.pool.clone(),
             handle: self.handle.clone(),
             ibs: self.pool.data.info().block_size as u64,
@@ -156,18 +174,8 @@ impl BlockDevice for ThinDevice {
             got: Vec::new(),
             actions: Vec::new(),
             spare: Vec::new(),
-        }))
-    }
-    fn capacity_bytes(&self) -> u64 {
-        self.size()
-    }
-    fn describe(&self) -> String {
-        format!(
-            "thin volume {:?} in pool {} ({} KiB clusters)",
-            self.name,
-            self.pool.path().display(),
-            self.pool.cluster_size() >> 10
-        )
+            drain_wait: std::time::Duration::from_secs(10),
+        })
     }
 }
 
@@ -260,6 +268,8 @@ pub struct ThinQueue {
     actions: Vec<Action>,
     /// Finished commands, their vectors' capacity kept for the next ones.
     spare: Vec<Cmd>,
+    /// How long `drop` waits for the device to hand back what it holds.
+    pub(crate) drain_wait: std::time::Duration,
 }
 
 const WHOLE: u64 = 1 << 63;
@@ -785,19 +795,19 @@ impl Drop for ThinQueue {
     fn drop(&mut self) {
         // Let the device finish what it holds (pins protect those clusters), then unpin
         // and unregister whatever is left.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + self.drain_wait;
         while self.inner.in_flight() > 0 && std::time::Instant::now() < deadline {
             self.poll(&mut |_, _| {});
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
+        // Commands with pieces still in the device (it stopped answering): their new
+        // clusters stay claimed and their pins stay up, so no cluster a write may still
+        // land in is ever released, zeroed or handed to another volume; their buffers
+        // (bounce buffers, the guest's command) stay allocated, as the inner queue's do.
+        let stuck = self.inner.in_flight() > 0;
+        let mut leaked = 0;
         let mut s = self.pool.lock_state();
         for c in self.cmds.iter_mut().flatten() {
-            for pc in c.pins.drain(..) {
-                self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
-            }
-            for (_, nc) in c.installs.drain(..) {
-                s.release(nc);
-            }
             for x in c.allocs.drain(..) {
                 if let Some(w) = s.allocating.remove(&(c.vol, x)) {
                     for p in w {
@@ -805,6 +815,25 @@ impl Drop for ThinQueue {
                     }
                 }
             }
+            if stuck && c.remaining > 0 {
+                leaked += 1;
+                continue;
+            }
+            for pc in c.pins.drain(..) {
+                self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+            }
+            for (_, nc) in c.installs.drain(..) {
+                s.release(nc);
+            }
+        }
+        drop(s);
+        if stuck {
+            tracing::error!(
+                commands = leaked,
+                "thin volume queue dropped while its device still holds I/O: the clusters those commands write stay allocated and pinned, their buffers are kept"
+            );
+            std::mem::forget(std::mem::take(&mut self.subs));
+            std::mem::forget(std::mem::take(&mut self.cmds));
         }
     }
 }

@@ -229,3 +229,29 @@ fn io_commands_map_to_io_plans() {
         Err(Status::INVALID_OPCODE)
     );
 }
+
+#[test]
+fn controller_ids_run_out_without_spinning() {
+    let sub = Subsystem::new(NQN, "s");
+    sub.set_hosts(true, Default::default());
+    let r = R(sub.clone());
+    let (c, d) = connect_cmd(0, 32, HOST, 0xffff);
+    let mut keep = Vec::new();
+    for _ in 0..MAX_CNTLID {
+        keep.push(connect(&r, Sqe(&c), &d, "t").expect("connect").ctrl);
+    }
+    let ids: BTreeSet<u16> = keep.iter().map(|c| c.cntlid).collect();
+    assert_eq!(ids.len(), MAX_CNTLID as usize);
+    assert_eq!((ids.first(), ids.last()), (Some(&1), Some(&MAX_CNTLID)));
+    // Every id in use: Connect Controller Busy, at once.
+    let t = std::time::Instant::now();
+    let e = connect(&r, Sqe(&c), &d, "t").err().expect("busy");
+    assert_eq!(e.status, sc::CONNECT_CTRL_BUSY);
+    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    // One goes away: its id is free again.
+    let gone = keep.swap_remove(1234);
+    let id = gone.cntlid;
+    drop(gone);
+    let c2 = connect(&r, Sqe(&c), &d, "t").expect("connect").ctrl;
+    assert_eq!(c2.cntlid, id);
+}

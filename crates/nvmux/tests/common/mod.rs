@@ -183,3 +183,5 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+pub mod hostile_fn;

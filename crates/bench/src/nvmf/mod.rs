@@ -8,6 +8,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+pub mod attack;
+pub mod auth;
+
+pub use auth::{DhchapHost, Negotiated};
+
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 /// In-capsule data the host sends at most (the target's IOCCSZ allows 8 KiB).
 pub const INLINE_MAX: usize = 8192;
@@ -27,10 +32,10 @@ fn crc32c(data: &[u8]) -> u32 {
     !c
 }
 
-fn le16(b: &[u8], o: usize) -> u16 {
+pub(crate) fn le16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }
-fn le32(b: &[u8], o: usize) -> u32 {
+pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
@@ -119,6 +124,8 @@ pub struct Queue {
     pending: Vec<(u16, Vec<u8>)>,
     /// Read data received so far, by command id.
     reads: Vec<(u16, Vec<u8>)>,
+    /// Next DH-HMAC-CHAP transaction id.
+    tid: u16,
 }
 
 impl Queue {
@@ -136,6 +143,7 @@ impl Queue {
             next_cid: 1,
             pending: Vec::new(),
             reads: Vec::new(),
+            tid: 1,
         };
         let mut ic = vec![0u8; 128];
         ic[0] = 0x00;
@@ -152,6 +160,11 @@ impl Queue {
             return Err(format!("digests not granted: {dg:#x}"));
         }
         Ok(q)
+    }
+
+    fn next_tid(&mut self) -> u16 {
+        self.tid = self.tid.wrapping_add(1);
+        self.tid
     }
 
     /// Send raw bytes (for protocol tests).
@@ -352,10 +365,25 @@ impl Queue {
         hostnqn: &str,
         cntlid: u16,
     ) -> Res<Completion> {
+        self.connect_kato(qid, entries, subnqn, hostnqn, cntlid, 0)
+    }
+
+    /// Fabrics Connect with a keep-alive timeout (ms). Dword 0 of a successful
+    /// completion holds the controller id, and bit 17 (AUTHREQ.ATR) asks for
+    /// authentication.
+    pub fn connect_kato(
+        &mut self,
+        qid: u16,
+        entries: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        cntlid: u16,
+        kato_ms: u32,
+    ) -> Res<Completion> {
         let sqe = Sqe::fabrics(0x01)
             .set(42, &qid.to_le_bytes())
             .set(44, &(entries - 1).to_le_bytes())
-            .set(48, &0u32.to_le_bytes());
+            .set(48, &kato_ms.to_le_bytes());
         let mut d = vec![0u8; 1024];
         d[..16].copy_from_slice(&hostid(hostnqn));
         d[16..18].copy_from_slice(&cntlid.to_le_bytes());
@@ -417,6 +445,60 @@ pub struct Host {
     pub admin: Queue,
     pub io: Vec<Queue>,
     pub cntlid: u16,
+    /// What DH-HMAC-CHAP settled on for the admin queue, if it ran.
+    pub auth: Option<Negotiated>,
+}
+
+/// How [`Host::connect_with`] connects.
+#[derive(Clone, Debug, Default)]
+pub struct HostOpts {
+    pub nr_io: u16,
+    pub entries: u16,
+    pub digests: bool,
+    /// Keep-alive timeout asked for at Connect (ms; 0: none).
+    pub kato_ms: u32,
+    /// Secrets to authenticate with when the controller asks (every queue).
+    pub auth: Option<DhchapHost>,
+}
+
+/// AUTHREQ.ATR in a Connect completion's dword 0.
+pub const AUTHREQ_ATR: u32 = 1 << 17;
+
+impl Queue {
+    /// Connect, then authenticate if the controller asks for it (and `auth` is given).
+    #[allow(clippy::too_many_arguments)]
+    fn connect_auth(
+        &mut self,
+        qid: u16,
+        entries: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        cntlid: u16,
+        kato_ms: u32,
+        auth: Option<&DhchapHost>,
+    ) -> Res<(Completion, Option<Negotiated>)> {
+        let c = self.connect_kato(qid, entries, subnqn, hostnqn, cntlid, kato_ms)?;
+        if !c.ok() {
+            let (sct, sc) = c.sct_sc();
+            return Err(format!(
+                "connect refused: sct {sct:#x} sc {sc:#x} dw0 {:#x}",
+                c.dw0
+            ));
+        }
+        let n = match (c.dw0 & AUTHREQ_ATR != 0, auth) {
+            (true, Some(a)) => Some(
+                self.authenticate(subnqn, hostnqn, a)
+                    .map_err(|e| format!("qid {qid}: authentication failed: {e}"))?,
+            ),
+            (true, None) => {
+                return Err(format!(
+                    "qid {qid}: the controller requires authentication and no secret was given"
+                ))
+            }
+            (false, _) => None,
+        };
+        Ok((c, n))
+    }
 }
 
 impl Host {
@@ -429,15 +511,25 @@ impl Host {
         entries: u16,
         digests: bool,
     ) -> Res<Host> {
+        Host::connect_with(
+            addr,
+            subnqn,
+            hostnqn,
+            &HostOpts {
+                nr_io,
+                entries,
+                digests,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Connect with keep-alive and DH-HMAC-CHAP options.
+    pub fn connect_with(addr: SocketAddr, subnqn: &str, hostnqn: &str, o: &HostOpts) -> Res<Host> {
+        let (nr_io, entries, digests) = (o.nr_io, o.entries, o.digests);
         let mut admin = Queue::open(addr, digests, digests)?;
-        let c = admin.connect(0, 32, subnqn, hostnqn, 0xffff)?;
-        if !c.ok() {
-            let (sct, sc) = c.sct_sc();
-            return Err(format!(
-                "connect refused: sct {sct:#x} sc {sc:#x} dw0 {:#x}",
-                c.dw0
-            ));
-        }
+        let (c, auth) =
+            admin.connect_auth(0, 32, subnqn, hostnqn, 0xffff, o.kato_ms, o.auth.as_ref())?;
         let cntlid = c.dw0 as u16;
         admin.prop_set(0x14, 1 | 6 << 16 | 4 << 20)?; // EN, IOSQES 64, IOCQES 16
         for _ in 0..100 {
@@ -460,14 +552,16 @@ impl Host {
             let granted = (c.dw0 & 0xffff) as u16 + 1;
             for qid in 1..=nr_io.min(granted) {
                 let mut q = Queue::open(addr, digests, digests)?;
-                let c = q.connect(qid, entries, subnqn, hostnqn, cntlid)?;
-                if !c.ok() {
-                    return Err(format!("I/O queue {qid} connect: status {:#x}", c.status));
-                }
+                q.connect_auth(qid, entries, subnqn, hostnqn, cntlid, 0, o.auth.as_ref())?;
                 io.push(q);
             }
         }
-        Ok(Host { admin, io, cntlid })
+        Ok(Host {
+            admin,
+            io,
+            cntlid,
+            auth,
+        })
     }
 
     pub fn identify(&mut self, cns: u8, nsid: u32) -> Res<Vec<u8>> {
