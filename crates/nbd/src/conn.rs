@@ -1072,6 +1072,8 @@ impl WorkSource for NbdConn {
         self.stats.set_in_flight(self.in_flight as u64);
         if n == 0 {
             self.empty_polls += 1;
+        } else {
+            self.idle_since = None; // busy: the idle clock starts again when it is quiet
         }
         if self.woke || self.empty_polls >= TIMER_POLLS {
             self.woke = false;

@@ -156,7 +156,7 @@ pub struct BenchArgs {
     pub(crate) out: PathBuf,
     /// Size of the test files.
     #[arg(long, default_value = "1G")]
-    file_size: String,
+    pub(crate) file_size: String,
     /// Skip qemu-storage-daemon and fio.
     #[arg(long)]
     pub(crate) no_baselines: bool,
@@ -187,6 +187,10 @@ pub struct BenchArgs {
     /// slow handshakes, half-open and non-reading peers).
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router"])]
     hostile: bool,
+    /// Run the NBD-over-TLS suite instead: nvmux and qemu-nbd, plaintext, TLS X.509 (fio)
+    /// and TLS-PSK (qemu-img bench), on one /dev/shm file.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile"])]
+    nbd_tls: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     #[arg(long)]
@@ -294,7 +298,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
         );
     }
     let suite = a.what.as_deref() == Some("suite");
-    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router || a.hostile {
+    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router || a.hostile || a.nbd_tls {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
@@ -313,6 +317,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.hostile {
             return crate::bench_hostile::run(&a, two.then_some(0));
+        }
+        if a.nbd_tls {
+            return crate::bench_nbd_tls::run(&a, secs, two.then_some(0), two.then_some(1));
         }
         if a.fair {
             return crate::bench_fair::run(&a, secs, two.then_some(0));

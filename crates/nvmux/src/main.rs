@@ -12,6 +12,7 @@ mod bench;
 mod bench_crypt;
 mod bench_fair;
 mod bench_hostile;
+mod bench_nbd_tls;
 mod bench_nvmf;
 mod bench_pool;
 mod bench_router;

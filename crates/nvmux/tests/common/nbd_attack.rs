@@ -1,7 +1,7 @@
 //! Attacks on an NBD endpoint, for `tests/nbd.rs` and the cross-endpoint attacker suite:
 //! connection floods, slow and silent handshakes, clients that stop reading, partial
-//! requests and 4 GiB requests; plus TLS fixtures (a PSK file, a CA with server and client
-//! certificates, made with the `openssl` command) and the daemon's RSS.
+//! requests and 4 GiB requests; plus TLS fixtures (from `nvmux_bench::tls`) and the
+//! daemon's RSS.
 //!
 //! Each function speaks raw NBD over a [`Target`] and reports what the server did; none
 //! asserts, so a suite decides what it expects.
@@ -10,7 +10,6 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -339,122 +338,15 @@ pub fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    let mut f = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
-    f.read_exact(&mut b).expect("random bytes");
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn chmod(p: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// A psktool-format key file with one random 32-byte key for `identity`, mode 0600, at
-/// `dir/keys.psk` (the name qemu's `tls-creds-psk,dir=DIR` reads).
+/// A psktool-format key file `dir/keys.psk` with a random key for `identity`, mode 0600
+/// (see `nvmux_bench::tls`).
 pub fn psk_file(dir: &Path, identity: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).expect("psk dir");
-    let p = dir.join("keys.psk");
-    std::fs::write(&p, format!("{identity}:{}\n", random_hex(32))).expect("psk file");
-    chmod(&p, 0o600);
-    p
+    nvmux_bench::tls::psk_file(dir, identity).expect("a PSK file")
 }
 
-/// Directories of X.509 credentials made by the `openssl` command: `server` holds
-/// `ca-cert.pem`, `server-cert.pem`, `server-key.pem` (for 127.0.0.1 and localhost);
-/// `client` holds `ca-cert.pem`, `client-cert.pem`, `client-key.pem`; `ca_only` holds the
-/// CA certificate alone (a client without a certificate).
-pub struct X509 {
-    pub server: PathBuf,
-    pub client: PathBuf,
-    pub ca_only: PathBuf,
-}
+pub use nvmux_bench::tls::X509;
 
-fn openssl(args: &[&str], cwd: &Path) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the openssl command (scripts/test.sh installs it)");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
+/// A CA with server and client certificates under `dir` (the `openssl` command).
 pub fn x509(dir: &Path) -> X509 {
-    let (server, client, ca_only) = (dir.join("server"), dir.join("client"), dir.join("ca"));
-    for d in [dir, &server, &client, &ca_only] {
-        std::fs::create_dir_all(d).expect("pki dir");
-    }
-    let days = ["-days", "2"];
-    openssl(
-        &[
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca-key.pem",
-            ],
-            &["-out", "ca-cert.pem", "-subj", "/CN=nvmux test CA"][..],
-            &days[..],
-        ]
-        .concat(),
-        dir,
-    );
-    for (who, sub, ext) in [
-        (
-            "server",
-            "/CN=localhost",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        ),
-        (
-            "client",
-            "/O=tenant/CN=client1",
-            "extendedKeyUsage=clientAuth\n",
-        ),
-    ] {
-        let key = format!("{who}/{who}-key.pem");
-        let csr = format!("{who}.csr");
-        openssl(
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", sub,
-            ],
-            dir,
-        );
-        std::fs::write(dir.join(format!("{who}.ext")), ext).expect("ext");
-        openssl(
-            &[
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca-cert.pem",
-                    "-CAkey",
-                    "ca-key.pem",
-                ][..],
-                &["-CAcreateserial", "-out", &format!("{who}/{who}-cert.pem")],
-                &["-extfile", &format!("{who}.ext")],
-                &days[..],
-            ]
-            .concat(),
-            dir,
-        );
-        chmod(&dir.join(&key), 0o600);
-    }
-    for d in [&server, &client, &ca_only] {
-        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).expect("ca copy");
-    }
-    X509 {
-        server,
-        client,
-        ca_only,
-    }
+    nvmux_bench::tls::x509(dir).expect("X.509 credentials (the openssl command)")
 }
