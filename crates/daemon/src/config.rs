@@ -143,7 +143,8 @@ pub struct NbdConfig {
     /// Connections one listener holds at once (negotiating or not). 0: no limit.
     #[serde(default = "nbd_max_connections")]
     pub max_connections: u32,
-    /// Connections one peer IP address holds at once on one TCP listener. 0: no limit.
+    /// Connections one peer holds at once on one listener: an IP address on TCP, a user id
+    /// on a Unix socket. 0: no limit.
     #[serde(default = "nbd_max_per_host")]
     pub max_connections_per_host: u32,
     /// Buffers one connection may hold (bytes); at least the largest request (32 MiB).

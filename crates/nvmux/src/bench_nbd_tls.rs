@@ -86,16 +86,20 @@ fn qemu_nbd(
 }
 
 /// One nbdcopy of the whole disk (`bytes`) in 4 KiB requests, `qd` at a time: to `null:`,
-/// or from `src` (writes). IOPS from its wall time (no latencies).
+/// or from `src` (writes). IOPS from its wall time (no latencies). A copy that takes
+/// longer than `limit` is stopped and reported as an error with the bound it shows.
 fn nbdcopy(
     uri: &str,
     src: Option<&Path>,
     bytes: u64,
     qd: usize,
     cpu: Option<usize>,
+    limit: Duration,
 ) -> Res<Measured> {
-    let mut c = Command::new("taskset");
-    c.arg("-c")
+    let mut c = Command::new("timeout");
+    c.arg(format!("{}s", limit.as_secs().max(1)))
+        .arg("taskset")
+        .arg("-c")
         .arg(cpu.map_or("0-1023".to_string(), |c| c.to_string()))
         .args([
             "nbdcopy",
@@ -111,10 +115,18 @@ fn nbdcopy(
     let t0 = Instant::now();
     let out = c.output().map_err(|e| format!("run nbdcopy: {e}"))?;
     let t = t0.elapsed().as_secs_f64().max(1e-3);
+    let ios = bytes / 4096;
+    if out.status.code() == Some(124) {
+        return Err(format!(
+            "nbdcopy did not finish {ios} requests in {} s (under {:.0} IOPS)",
+            limit.as_secs(),
+            ios as f64 / t
+        )
+        .into());
+    }
     if !out.status.success() {
         return Err(format!("nbdcopy failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
-    let ios = bytes / 4096;
     Ok(Measured {
         ios,
         seconds: t,
@@ -237,6 +249,8 @@ fn run_in(
         }
     }
     let mut rows: Vec<(String, String, Measured)> = Vec::new();
+    // A copy slower than this says so instead of holding the run up.
+    let limit = Duration::from_secs((4 * secs).max(20));
     for (rw, qd, w) in RUNS {
         if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
             continue;
@@ -245,7 +259,7 @@ fn run_in(
             let write = rw == "randwrite";
             let src = write.then_some(img);
             let (client, m) = if name.ends_with("PSK") {
-                ("nbdcopy", nbdcopy(&t.uri, src, size, qd, cli))
+                ("nbdcopy", nbdcopy(&t.uri, src, size, qd, cli, limit))
             } else {
                 let mut f = Fio::new(FioTarget::Nbd(t.uri.clone()), rw, 4096, qd, secs);
                 f.cpu = cli;
@@ -260,7 +274,7 @@ fn run_in(
             }
             // Plaintext through nbdcopy too, as the PSK rows' reference.
             if *name == "nvmux" || *name == "qemu-nbd" {
-                match nbdcopy(&t.uri, src, size, qd, cli) {
+                match nbdcopy(&t.uri, src, size, qd, cli, limit) {
                     Ok(m) => {
                         eprintln!("{w:<18} {name:<20} nbdcopy  {:>9.0} IOPS", m.iops);
                         rows.push((format!("{name} (nbdcopy)"), w.to_string(), m));
