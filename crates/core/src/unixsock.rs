@@ -143,41 +143,18 @@ pub fn user_id(name: &str) -> Result<u32> {
     if let Some(n) = numeric(name) {
         return Ok(n);
     }
-    let c = CString::new(name).map_err(|_| invalid(format!("user {name:?}: contains NUL")))?;
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: passwd is plain old data; zeroed is a valid value for it.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call: the name is NUL-terminated, `pw` and
-        // `out` are locals, and the buffer is `buf.len()` writable bytes.
-        let r = unsafe {
-            libc::getpwnam_r(
-                c.as_ptr(),
-                &mut pw,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut out,
-            )
-        };
-        if r == libc::ERANGE && buf.len() < MAX_PW_BUF {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        if r != 0 {
-            return Err(Error::io(
-                format!("look up user {name:?}"),
-                std::io::Error::from_raw_os_error(r),
-            ));
-        }
-        if out.is_null() {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("user {name:?} does not exist (give a known user name or a numeric uid)"),
-            ));
-        }
-        return Ok(pw.pw_uid);
-    }
+    // SAFETY: passwd is plain old data; zeroed is a valid value for it.
+    let pw: libc::passwd = unsafe { std::mem::zeroed() };
+    // SAFETY: every pointer is valid for the call: the name is NUL-terminated, the entry
+    // and `out` are the caller's locals, and the buffer is `len` writable bytes.
+    lookup_id(
+        "user",
+        "uid",
+        name,
+        pw,
+        |c, pw: &mut libc::passwd, buf, len, out| unsafe { libc::getpwnam_r(c, pw, buf, len, out) },
+    )
+    .map(|pw| pw.pw_uid)
 }
 
 /// A group's gid: a number as is, a name through getgrnam_r.
@@ -185,39 +162,64 @@ pub fn group_id(name: &str) -> Result<u32> {
     if let Some(n) = numeric(name) {
         return Ok(n);
     }
-    let c = CString::new(name).map_err(|_| invalid(format!("group {name:?}: contains NUL")))?;
+    // SAFETY: group is plain old data; zeroed is a valid value for it.
+    let gr: libc::group = unsafe { std::mem::zeroed() };
+    // SAFETY: as in user_id: a valid name, the caller's locals, `len` writable bytes.
+    lookup_id(
+        "group",
+        "gid",
+        name,
+        gr,
+        |c, gr: &mut libc::group, buf, len, out| unsafe { libc::getgrnam_r(c, gr, buf, len, out) },
+    )
+    .map(|gr| gr.gr_gid)
+}
+
+/// The entry for a name through a `get*nam_r` call (`entry` is its zeroed storage),
+/// growing the call's buffer on ERANGE.
+fn lookup_id<T: Copy>(
+    what: &str,
+    id: &str,
+    name: &str,
+    mut entry: T,
+    mut call: impl FnMut(
+        *const libc::c_char,
+        &mut T,
+        *mut libc::c_char,
+        usize,
+        &mut *mut T,
+    ) -> libc::c_int,
+) -> Result<T> {
+    let c = CString::new(name).map_err(|_| invalid(format!("{what} {name:?}: contains NUL")))?;
     let mut buf = vec![0u8; 1024];
     loop {
-        // SAFETY: group is plain old data; zeroed is a valid value for it.
-        let mut gr: libc::group = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in user_id: valid name, locals, and `buf.len()` writable bytes.
-        let r = unsafe {
-            libc::getgrnam_r(
-                c.as_ptr(),
-                &mut gr,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut out,
-            )
-        };
+        let mut out: *mut T = std::ptr::null_mut();
+        let r = call(
+            c.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        );
         if r == libc::ERANGE && buf.len() < MAX_PW_BUF {
             buf.resize(buf.len() * 4, 0);
             continue;
         }
         if r != 0 {
             return Err(Error::io(
-                format!("look up group {name:?}"),
+                format!("look up {what} {name:?}"),
                 std::io::Error::from_raw_os_error(r),
             ));
         }
         if out.is_null() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("group {name:?} does not exist (give a known group name or a numeric gid)"),
+                format!(
+                    "{what} {name:?} does not exist (give a known {what} name or a numeric {id})"
+                ),
             ));
         }
-        return Ok(gr.gr_gid);
+        return Ok(entry);
     }
 }
 

@@ -275,30 +275,16 @@ pub fn read_request<S: Read + Write>(s: &mut S) -> Result<Request, Option<Respon
             Err(e) => return Err(Some(Response::error(e.status, "invalid_argument", &e.msg))),
         }
         let room = buf.get_mut(have..).unwrap_or(&mut []);
-        match s.read(room) {
-            Ok(0) if have == 0 => return Err(None), // connected and left: nothing to answer
-            Ok(0) => {
+        match read_some(s, room, "a complete request head")? {
+            0 if have == 0 => return Err(None), // connected and left: nothing to answer
+            0 => {
                 return Err(Some(Response::error(
                     400,
                     "invalid_argument",
                     "the connection closed in the middle of the request head",
                 )))
             }
-            Ok(n) => have += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(Some(Response::error(
-                    408,
-                    "invalid_argument",
-                    &format!("no complete request within {} s", IO_TIMEOUT.as_secs()),
-                )))
-            }
-            Err(_) => return Err(None),
+            n => have += n,
         }
     };
     // content_length <= MAX_BODY (checked by parse_head), so this fits in memory.
@@ -314,8 +300,12 @@ pub fn read_request<S: Read + Write>(s: &mut S) -> Result<Request, Option<Respon
     let mut filled = body.len();
     body.resize(want, 0);
     while filled < want {
-        match s.read(body.get_mut(filled..).unwrap_or(&mut [])) {
-            Ok(0) => {
+        match read_some(
+            s,
+            body.get_mut(filled..).unwrap_or(&mut []),
+            "the request body",
+        )? {
+            0 => {
                 return Err(Some(Response::error(
                     400,
                     "invalid_argument",
@@ -324,7 +314,18 @@ pub fn read_request<S: Read + Write>(s: &mut S) -> Result<Request, Option<Respon
                     ),
                 )))
             }
-            Ok(n) => filled += n,
+            n => filled += n,
+        }
+    }
+    Ok(Request { head, body })
+}
+
+/// One read into `room` (0 at the end of the stream), retried when interrupted. A read
+/// timeout answers 408 naming what did not arrive; any other error closes silently.
+fn read_some<S: Read>(s: &mut S, room: &mut [u8], what: &str) -> Result<usize, Option<Response>> {
+    loop {
+        match s.read(room) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -335,16 +336,12 @@ pub fn read_request<S: Read + Write>(s: &mut S) -> Result<Request, Option<Respon
                 return Err(Some(Response::error(
                     408,
                     "invalid_argument",
-                    &format!(
-                        "the request body did not arrive within {} s",
-                        IO_TIMEOUT.as_secs()
-                    ),
+                    &format!("{what} did not arrive within {} s", IO_TIMEOUT.as_secs()),
                 )))
             }
             Err(_) => return Err(None),
         }
     }
-    Ok(Request { head, body })
 }
 
 /// Fuzz harness: the head parser and the request reader on arbitrary bytes.

@@ -64,30 +64,14 @@ fn check_secret(what: &str, host: &str, s: &str) -> Result<Secret> {
 fn check_policy(hashes: &[String], groups: &[String]) -> Result<Policy> {
     let mut p = Policy::default();
     if !hashes.is_empty() {
-        p.hashes = hashes
-            .iter()
-            .map(|h| {
-                HashFn::parse(h).ok_or_else(|| {
-                    err(
-                        ErrorKind::InvalidArgument,
-                        format!("DH-HMAC-CHAP hash {h:?} is not sha256, sha384 or sha512"),
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        p.hashes = parse_names(hashes, HashFn::parse, |h| {
+            format!("DH-HMAC-CHAP hash {h:?} is not sha256, sha384 or sha512")
+        })?;
     }
     if !groups.is_empty() {
-        p.dhgroups = groups
-            .iter()
-            .map(|g| {
-                DhGroup::parse(g).ok_or_else(|| {
-                    err(
-                        ErrorKind::InvalidArgument,
-                        format!("DH group {g:?} is not null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192"),
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        p.dhgroups = parse_names(groups, DhGroup::parse, |g| {
+            format!("DH group {g:?} is not null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192")
+        })?;
     }
     let dup_h = p.hashes.len() != p.hashes.iter().collect::<BTreeSet<_>>().len();
     let dup_g = p.dhgroups.len() != p.dhgroups.iter().collect::<BTreeSet<_>>().len();
@@ -98,6 +82,18 @@ fn check_policy(hashes: &[String], groups: &[String]) -> Result<Policy> {
         ));
     }
     Ok(p)
+}
+
+/// Every name parsed, or the first that does not parse, with its message.
+fn parse_names<T>(
+    names: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+    bad: impl Fn(&str) -> String,
+) -> Result<Vec<T>> {
+    names
+        .iter()
+        .map(|n| parse(n).ok_or_else(|| err(ErrorKind::InvalidArgument, bad(n))))
+        .collect()
 }
 
 /// The running subsystem's view of who may connect and how, from its spec. A host whose

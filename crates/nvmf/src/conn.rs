@@ -1194,15 +1194,14 @@ impl Conn {
         }
     }
 
-    /// `false`: still no memory.
-    fn start_data(&mut self, i: u16) -> bool {
-        let len = self.slots[i as usize].len;
+    /// Give slot `i` a buffer of at least `len` bytes (one too small, such as an in-capsule
+    /// buffer, is swapped for a fitting one); `false`: no memory for it now.
+    fn ensure_buf(&mut self, i: u16, len: usize) -> bool {
         if self.slots[i as usize]
             .buf
             .as_ref()
             .is_some_and(|b| b.len() < len)
         {
-            // Too small for the transfer (an in-capsule buffer): take a fitting one.
             self.release_buf(i);
         }
         if self.slots[i as usize].buf.is_none() {
@@ -1210,6 +1209,15 @@ impl Conn {
                 Some(b) => self.slots[i as usize].buf = Some(b),
                 None => return false,
             }
+        }
+        true
+    }
+
+    /// `false`: still no memory.
+    fn start_data(&mut self, i: u16) -> bool {
+        let len = self.slots[i as usize].len;
+        if !self.ensure_buf(i, len) {
+            return false;
         }
         let sqe = self.slots[i as usize].sqe;
         let s = Sqe(&sqe);
@@ -1431,24 +1439,12 @@ impl Conn {
                     if len > MAX_TRANSFER {
                         return self.finish_now(i, Cqe::err(Status::INVALID_FIELD));
                     }
-                    if self.slots[i as usize]
-                        .buf
-                        .as_ref()
-                        .is_some_and(|b| b.len() < len)
-                    {
-                        // In-capsule data came with it (and is ignored): too small a buffer.
-                        self.release_buf(i);
-                    }
-                    if self.slots[i as usize].buf.is_none() {
-                        match self.get_buf(len) {
-                            Some(b) => self.slots[i as usize].buf = Some(b),
-                            None => {
-                                // Wait for memory like a command with data.
-                                self.slots[i as usize].len = 0;
-                                self.slots[i as usize].stage = Stage::WaitMem;
-                                return self.park_zeroes(i);
-                            }
-                        }
+                    // In-capsule data that came with it is ignored.
+                    if !self.ensure_buf(i, len) {
+                        // Wait for memory like a command with data.
+                        self.slots[i as usize].len = 0;
+                        self.slots[i as usize].stage = Stage::WaitMem;
+                        return self.park_zeroes(i);
                     }
                     let Some(b) = self.slots[i as usize].buf.as_mut() else {
                         return self.finish_now(i, Cqe::err(Status::INTERNAL_ERROR));
