@@ -202,6 +202,8 @@ pub struct NbdConn {
     empty_polls: u32,
     /// The worker slept: run the time-based checks on the next poll.
     woke: bool,
+    /// Test fault `nbd-request:<export>` armed: panic once a request is in the kernel.
+    fault: bool,
 }
 
 // SAFETY: the SG lists in flight point into this connection's own slot buffers; the
@@ -219,6 +221,7 @@ impl NbdConn {
         let info = export.dev.info().clone();
         let stats = export.stats.new_queue();
         export.connections.fetch_add(1, Ordering::Relaxed);
+        let fault = nvmux_core::fault::armed("nbd-request", &export.name);
         Ok(NbdConn {
             wire,
             bq,
@@ -263,6 +266,7 @@ impl NbdConn {
             tx_mark: None,
             idle_since: None,
             empty_polls: 0,
+            fault,
             woke: false,
         })
     }
@@ -1061,6 +1065,11 @@ impl WorkSource for NbdConn {
             self.abandon_payload();
         }
         self.bq.kick();
+        if self.fault && self.bq.in_flight() > 0 {
+            // Injected by a test: unwinds with requests in the kernel, which the worker
+            // contains to this connection.
+            panic!("injected fault nbd-request:{}", self.export.name);
+        }
         let reaped = self.reap();
         n += reaped;
         let freed = self.direct.len();

@@ -46,7 +46,7 @@ impl TestDaemon {
         Self::start_with(dir, &[])
     }
 
-    /// Start with extra `nvmux serve` arguments.
+    /// Start with extra `nvmux serve` arguments (two workers unless they say otherwise).
     pub fn start_with(dir: PathBuf, extra: &[&str]) -> TestDaemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -57,8 +57,11 @@ impl TestDaemon {
             .arg("serve")
             .arg("--data-dir")
             .arg(&dir)
-            .arg("--workers")
-            .arg("2")
+            .args(if extra.contains(&"--workers") {
+                &[][..]
+            } else {
+                &["--workers", "2"][..]
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
