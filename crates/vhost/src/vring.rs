@@ -419,6 +419,10 @@ impl WorkSource for VringSource {
         n
     }
 
+    fn describe(&self) -> String {
+        format!("vhost-user queue {} of {}", self.index, self.name)
+    }
+
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.kick.as_raw_fd()];
         self.bq.wait_fds(&mut v);
