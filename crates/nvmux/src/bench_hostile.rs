@@ -214,6 +214,8 @@ fn run_in(a: &BenchArgs, ddir: &Path, d: &Daemon) -> Res<()> {
         nbd_unix: Target::Unix(nbd_sock),
         nbd_tcp: Target::Tcp(nbd_tcp),
     });
+    // The floods hold 1000 sockets at a time.
+    attack::raise_fd_limit();
     let victim = Victim::vhost(&vsock)?;
     let pid = d.pid();
     let window = Duration::from_secs(if a.quick { 2 } else { WINDOW_SECS });

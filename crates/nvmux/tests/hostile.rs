@@ -284,13 +284,15 @@ fn every_endpoint_withstands_hostile_peers() {
         .expect("exports")
         .as_array()
         .is_none_or(|a| {
+            // The attack has left by now, and with it its memory table: `device_failed`
+            // is cleared then, but the fault that failed the device stays counted.
             !a.iter()
-                .any(|e| e["name"] == "evil" && e["guest_memory"]["device_failed"] == true)
+                .any(|e| e["name"] == "evil" && e["guest_memory"]["faults"].as_u64() >= Some(1))
         })
     {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "the shrunk device is failed"
+            "the shrunk device is failed (a guest memory fault is counted)"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
