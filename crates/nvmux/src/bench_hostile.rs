@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmux_bench::attack::{self, NbdAddr, Victim};
+use nvmux_bench::attack::nbd::{self, Target};
+use nvmux_bench::attack::{self, local, nvmf, time_to_close, Victim};
 use serde_json::json;
 
 use crate::bench::{write_report, BenchArgs, Daemon, Res};
@@ -33,8 +34,8 @@ struct Targets {
     nvmf: SocketAddr,
     /// A vhost-user export for the front-end attacks.
     evil: std::path::PathBuf,
-    nbd_unix: NbdAddr,
-    nbd_tcp: NbdAddr,
+    nbd_unix: Target,
+    nbd_tcp: Target,
 }
 
 type Attack = Box<dyn Fn(&Targets, &AtomicBool) + Send + Sync>;
@@ -54,74 +55,89 @@ fn attacks() -> Vec<(&'static str, Attack)> {
         (
             "NVMe/TCP Get Log Page NUMD 0xffffffff (discovery), repeated",
             repeat(|t| {
-                let _ = attack::nvmf_log_page_numd_max(t.nvmf, DISCOVERY, MALLORY, 0x70);
+                if let Ok(mut q) = nvmf::enabled_admin(t.nvmf, DISCOVERY, MALLORY) {
+                    let _ = nvmf::huge_log_page(&mut q, 0x70, u32::MAX);
+                }
             }),
         ),
         (
             "NVMe/TCP Get Log Page NUMD 0xffffffff (admin), repeated",
             repeat(|t| {
-                let _ = attack::nvmf_log_page_numd_max(t.nvmf, NQN, MALLORY, 0x02);
+                if let Ok(mut q) = nvmf::enabled_admin(t.nvmf, NQN, MALLORY) {
+                    let _ = nvmf::huge_log_page(&mut q, 0x02, u32::MAX);
+                }
             }),
         ),
         (
             "NVMe/TCP Identify with a 4 GiB SGL, repeated",
             repeat(|t| {
-                let _ = attack::nvmf_identify_sgl_4g(t.nvmf, NQN, MALLORY);
+                if let Ok(mut q) = nvmf::enabled_admin(t.nvmf, NQN, MALLORY) {
+                    let _ = nvmf::huge_admin_sgl(&mut q);
+                }
             }),
         ),
         (
             "NVMe/TCP 4 GiB Connect data by R2T, repeated",
             repeat(|t| {
-                let _ = attack::nvmf_r2t_before_connect(t.nvmf);
+                let _ = nvmf::r2t_before_connect(t.nvmf, u32::MAX);
             }),
         ),
         (
             "NBD 4 GiB read and write, repeated (Unix socket)",
             repeat(|t| {
-                let _ = attack::nbd_huge_requests(&t.nbd_unix, "bait");
+                if let Ok(mut s) = nbd::connect_go(&t.nbd_unix, "bait") {
+                    let _ = nbd::huge_request(&mut s, nbd::CMD_READ, u32::MAX);
+                    let _ = nbd::huge_request(&mut s, nbd::CMD_WRITE, u32::MAX);
+                }
             }),
         ),
         (
             "1000 NVMe/TCP connections",
             repeat(move |t| {
-                attack::nvmf_flood(t.nvmf, 1000, w);
+                let f = nvmf::flood(t.nvmf, 1000, Duration::from_secs(5));
+                std::thread::sleep(w);
+                drop(f);
             }),
         ),
         (
             "1000 NBD connections (TCP)",
             repeat(move |t| {
-                attack::nbd_flood(&t.nbd_tcp, 1000, w);
+                let f = nbd::flood(&t.nbd_tcp, 1000, Duration::from_secs(5));
+                std::thread::sleep(w);
+                drop(f);
             }),
         ),
         (
             "64 NVMe/TCP handshakes at 1 byte/s",
             parallel(64, |t| {
-                let _ = attack::nvmf_slow_handshake(t.nvmf, Duration::from_secs(1), SLOW);
+                let _ = nvmf::slow_handshake(t.nvmf, NQN, MALLORY, Duration::from_secs(1), SLOW);
             }),
         ),
         (
             "64 NBD handshakes at 1 byte/s (TCP)",
             parallel(64, |t| {
-                let _ =
-                    attack::nbd_slow_handshake(&t.nbd_tcp, "bait", Duration::from_secs(1), SLOW);
+                let _ = nbd::slow_handshake(&t.nbd_tcp, "bait", Duration::from_secs(1), SLOW);
             }),
         ),
         (
             "200 half-open NVMe/TCP connections",
             repeat(|t| {
-                let _ = attack::half_open_tcp(t.nvmf, 200, Duration::from_secs(2));
+                let _ = attack::half_open(t.nvmf, 200, Duration::from_secs(2));
             }),
         ),
         (
             "vhost-user front-end truncating its guest memory, repeated",
             repeat(|t| {
-                let _ = attack::vhost_shrink_memory(&t.evil, Duration::from_millis(100));
+                let _ = local::vhost_shrink_memory(&t.evil, Duration::from_millis(100));
             }),
         ),
         (
             "NBD client that never reads 64 MiB of replies",
             parallel(4, |t| {
-                let _ = attack::nbd_not_reading(&t.nbd_tcp, "bait", 64, SLOW);
+                if let Ok(mut s) = nbd::unread_replies(&t.nbd_tcp, "bait", 64, 1 << 20) {
+                    std::thread::sleep(SLOW);
+                    let _ = time_to_close(&mut s, Duration::from_secs(5));
+                }
             }),
         ),
     ]
@@ -195,10 +211,12 @@ fn run_in(a: &BenchArgs, ddir: &Path, d: &Daemon) -> Res<()> {
     let t = Arc::new(Targets {
         nvmf,
         evil,
-        nbd_unix: NbdAddr::Unix(nbd_sock),
-        nbd_tcp: NbdAddr::Tcp(nbd_tcp),
+        nbd_unix: Target::Unix(nbd_sock),
+        nbd_tcp: Target::Tcp(nbd_tcp),
     });
-    let victim = Victim::start(&vsock)?;
+    // The floods hold 1000 sockets at a time.
+    attack::raise_fd_limit();
+    let victim = Victim::vhost(&vsock)?;
     let pid = d.pid();
     let window = Duration::from_secs(if a.quick { 2 } else { WINDOW_SECS });
     std::thread::sleep(Duration::from_millis(500));

@@ -30,7 +30,7 @@ fn a_function_cannot_resize_its_ring() {
     let mut d = TestDaemon::start("extfn-hostile");
     let (_img, sock) = d.disk_and_export("a", 16 << 20, 1, json!({}));
     let (_vimg, vsock) = d.disk_and_export("victim", 8 << 20, 1, json!({}));
-    let victim = Victim::start(&vsock).expect("victim I/O");
+    let victim = Victim::vhost(&vsock).expect("victim I/O");
     let fsock = d.dir.join("a-fn.sock");
     d.api
         .post(
@@ -38,7 +38,7 @@ fn a_function_cannot_resize_its_ring() {
             &json!({"socket": fsock, "on_failure": "chain", "owner": format!("{NOBODY}:{NOBODY}")}),
         )
         .expect("set external");
-    let obj = hostile_fn::compile_classifier(&d.dir, "all_external");
+    let obj = compile_classifier(&d.dir, "all_external");
     d.api
         .post("/v1/disks/a/classifier", &json!({"object": obj}))
         .expect("load all_external");

@@ -11,55 +11,23 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{pattern, read_file_at, watchdog, TestDaemon};
+use common::{ok, pattern, read_file_at, run, watchdog, TestDaemon};
 use serde_json::{json, Value};
 
 fn uri(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    let o = cmd
-        .output()
-        .expect("run a client tool (scripts/test.sh installs them)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), text)
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let (s, t) = run(cmd);
-    assert!(s, "{cmd:?} failed: {t}");
-    t
-}
-
-fn nbd_export(d: &TestDaemon, disk: &str, extra: Value) -> Value {
-    let mut b = json!({"disk": disk, "type": "nbd"});
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        b[k] = v;
-    }
-    d.api.post("/v1/exports", &b).expect("nbd export")
-}
-
 /// Two disks of different sizes on one NBD socket, plus a read-only export of the first.
 fn setup(tag: &str) -> (TestDaemon, PathBuf) {
     let d = TestDaemon::start(tag);
     for (n, size) in [("alpha", 32u64 << 20), ("beta", 48 << 20)] {
-        d.api
-            .post("/v1/disks", &json!({"name": n, "backend": "file", "path": d.dir.join(format!("{n}.img")), "size": size}))
-            .expect("disk");
+        d.file_disk(n, size);
     }
     let sock = d.dir.join("nbd.sock");
-    nbd_export(&d, "alpha", json!({"socket": sock}));
-    nbd_export(&d, "beta", json!({"socket": sock}));
-    nbd_export(
-        &d,
-        "alpha",
-        json!({"socket": sock, "name": "alpha-ro", "read_only": true}),
-    );
+    d.nbd_export(json!({"disk": "alpha", "socket": sock}));
+    d.nbd_export(json!({"disk": "beta", "socket": sock}));
+    d.nbd_export(json!({"disk": "alpha", "socket": sock, "name": "alpha-ro", "read_only": true}));
     (d, sock)
 }
 
@@ -106,11 +74,7 @@ fn nbdinfo_lists_the_exports_with_their_sizes() {
     assert_eq!(e["can_trim"], true);
     assert_eq!(v["protocol"], "newstyle-fixed");
     // The TCP listener: loopback only, port 0 becomes the bound port.
-    let v = nbd_export(
-        &d,
-        "beta",
-        json!({"listen": "127.0.0.1:0", "name": "beta-tcp"}),
-    );
+    let v = d.nbd_export(json!({"disk": "beta", "listen": "127.0.0.1:0", "name": "beta-tcp"}));
     let listen = v["listen"].as_str().expect("bound address").to_string();
     assert!(!listen.ends_with(":0"), "{v}");
     let out = ok(Command::new("nbdinfo")

@@ -3,7 +3,8 @@
 //! 1 byte/s and silent handshakes, clients that stop mid-request or stop reading replies,
 //! and 4 GiB requests. After each, the daemon is alive, its RSS stayed bounded, and
 //! another client's I/O (fio with verification, nbdinfo) went on. The attacks live in
-//! `common/nbd_attack.rs` for the cross-endpoint attacker suite.
+//! `nvmux_bench::attack::nbd`, shared with the attacker suite (`hostile.rs`) and
+//! `nvmux bench --hostile`.
 
 mod common;
 
@@ -11,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nbd_attack as atk;
-use common::{unique_dir, watchdog, TestDaemon};
+use common::{psk_file, unique_dir, watchdog, TestDaemon};
+use nvmux_bench::attack::nbd::{self, Reply, Target};
+use nvmux_bench::attack::{self, time_to_close};
 use serde_json::{json, Value};
 
 /// RSS growth allowed during an attack.
@@ -25,21 +27,8 @@ fn daemon(tag: &str, toml: &str) -> TestDaemon {
     TestDaemon::start_with(dir, &["--config", cfg.to_str().unwrap()])
 }
 
-fn disk(d: &TestDaemon, name: &str, size: u64) {
-    d.api
-        .post(
-            "/v1/disks",
-            &json!({"name": name, "backend": "file", "path": d.dir.join(format!("{name}.img")), "size": size}),
-        )
-        .expect("disk");
-}
-
-fn export(d: &TestDaemon, body: Value) -> Value {
-    let mut b = json!({"type": "nbd"});
-    for (k, v) in body.as_object().cloned().unwrap_or_default() {
-        b[k] = v;
-    }
-    d.api.post("/v1/exports", &b).expect("nbd export")
+fn rss(d: &TestDaemon) -> u64 {
+    attack::rss_bytes(d.pid()).expect("the daemon's RSS")
 }
 
 fn listener(d: &TestDaemon, address: &str) -> Value {
@@ -50,9 +39,9 @@ fn listener(d: &TestDaemon, address: &str) -> Value {
         .unwrap_or_else(|| panic!("no listener {address} in {v}"))
 }
 
-fn tcp_target(v: &Value) -> (atk::Target, String) {
+fn tcp_target(v: &Value) -> (Target, String) {
     let a = v["listen"].as_str().expect("bound address").to_string();
-    (atk::Target::Tcp(a.parse().unwrap()), a)
+    (Target::Tcp(a.parse().unwrap()), a)
 }
 
 /// fio with verification on an NBD URI, in the background.
@@ -104,34 +93,31 @@ fn wait_for(what: &str, max: Duration, mut f: impl FnMut() -> bool) {
 #[test]
 fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its_io() {
     watchdog(300);
-    atk::raise_fd_limit();
+    attack::raise_fd_limit();
     let mut d = daemon(
         "nbd-flood",
         "[nbd]\nmax_connections = 300\nmax_connections_per_host = 200\nhandshake_timeout_ms = 120000\n",
     );
-    disk(&d, "victim", 64 << 20);
-    disk(&d, "target", 64 << 20);
+    d.file_disk("victim", 64 << 20);
+    d.file_disk("target", 64 << 20);
     let vsock = d.dir.join("victim.sock");
-    export(&d, json!({"disk": "victim", "socket": vsock}));
-    let tv = export(&d, json!({"disk": "target", "listen": "127.0.0.1:0"}));
+    d.nbd_export(json!({"disk": "victim", "socket": vsock}));
+    let tv = d.nbd_export(json!({"disk": "target", "listen": "127.0.0.1:0"}));
     let (tcp, taddr) = tcp_target(&tv);
     let usock = d.dir.join("target.sock");
-    export(
-        &d,
-        json!({"disk": "target", "name": "target-unix", "socket": usock}),
-    );
-    let unix = atk::Target::Unix(usock.clone());
-    let base = atk::rss(d.pid());
+    d.nbd_export(json!({"disk": "target", "name": "target-unix", "socket": usock}));
+    let unix = Target::Unix(usock.clone());
+    let base = rss(&d);
     let fio = fio_verify(&unix_uri(&vsock, "victim"), 1);
     // 1000 connections from one address: the per-host limit admits 200.
-    let f = atk::flood(&tcp, 1000, Duration::from_secs(10));
+    let f = nbd::flood(&tcp, 1000, Duration::from_secs(10));
     assert_eq!(
         (f.held.len(), f.refused + f.failed),
         (200, 800),
         "per-host limit"
     );
     // 1000 on the Unix socket from one user: the per-peer limit counts user ids there.
-    let g = atk::flood(&unix, 1000, Duration::from_secs(10));
+    let g = nbd::flood(&unix, 1000, Duration::from_secs(10));
     assert_eq!(
         (g.held.len(), g.refused + g.failed),
         (200, 800),
@@ -140,7 +126,7 @@ fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its
     // Half of the held connections negotiate a real export (they then hold buffers) ...
     let mut held = f.held;
     for s in held.iter_mut().take(100) {
-        atk::go(s, "target").expect("an admitted connection negotiates");
+        nbd::go(s, "target").expect("an admitted connection negotiates");
     }
     let l = listener(&d, &taddr);
     assert_eq!(l["connections"], 200, "{l}");
@@ -157,7 +143,7 @@ fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its
         String::from_utf8_lossy(&out.stderr)
     );
     finish(fio);
-    let peak = atk::rss(d.pid());
+    let peak = rss(&d);
     assert!(
         peak < base + RSS_SLACK,
         "RSS grew from {base} to {peak} bytes"
@@ -192,10 +178,10 @@ fn a_thousand_connections_are_refused_beyond_the_limits_and_the_victim_keeps_its
         "nbd-flood-total",
         "[nbd]\nmax_connections = 100\nmax_connections_per_host = 0\nhandshake_timeout_ms = 120000\n",
     );
-    disk(&d, "target", 8 << 20);
-    let tv = export(&d, json!({"disk": "target", "listen": "127.0.0.1:0"}));
+    d.file_disk("target", 8 << 20);
+    let tv = d.nbd_export(json!({"disk": "target", "listen": "127.0.0.1:0"}));
     let (tcp, _) = tcp_target(&tv);
-    let f = atk::flood(&tcp, 1000, Duration::from_secs(10));
+    let f = nbd::flood(&tcp, 1000, Duration::from_secs(10));
     assert_eq!(
         (f.held.len(), f.refused + f.failed),
         (100, 900),
@@ -214,14 +200,14 @@ fn big_requests_wait_for_memory_within_the_budget() {
         "nbd-budget",
         "[network]\nmemory_budget = \"64M\"\n[nbd]\nmemory_per_connection = \"33M\"\nstall_timeout_ms = 2000\n",
     );
-    disk(&d, "target", 128 << 20);
-    let tv = export(&d, json!({"disk": "target", "listen": "127.0.0.1:0"}));
+    d.file_disk("target", 128 << 20);
+    let tv = d.nbd_export(json!({"disk": "target", "listen": "127.0.0.1:0"}));
     let (t, taddr) = tcp_target(&tv);
     assert_eq!(listener(&d, &taddr)["max_io"], 32 << 20);
-    let base = atk::rss(d.pid());
+    let base = rss(&d);
     // Eight clients each start a 32 MiB write and send 4 MiB of it.
-    let mut held: Vec<atk::Stream> = (0..8)
-        .map(|_| atk::partial_request(&t, "target", 32 << 20, 28 + (4 << 20)).expect("attack"))
+    let mut held: Vec<nbd::Stream> = (0..8)
+        .map(|_| nbd::partial_request(&t, "target", 32 << 20, 28 + (4 << 20)).expect("attack"))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let v = d.api.get("/v1/stats").unwrap();
@@ -231,12 +217,12 @@ fn big_requests_wait_for_memory_within_the_budget() {
         listener(&d, &taddr)["memory_waits"].as_u64() > Some(0),
         "{v}"
     );
-    assert!(atk::rss(d.pid()) < base + RSS_SLACK);
+    assert!(rss(&d) < base + RSS_SLACK);
     // The stall timeout ends them one after the other (each waited for memory, then for
     // the rest of its payload); the memory comes back whole.
     for s in held.iter_mut() {
         assert!(
-            atk::wait_closed(s, Duration::from_secs(60)).is_some(),
+            time_to_close(s, Duration::from_secs(60)).is_some(),
             "a stalled write was not cut"
         );
     }
@@ -272,18 +258,17 @@ fn slow_silent_and_stalled_clients_are_cut_by_the_timeouts() {
         "nbd-slow",
         "[nbd]\nhandshake_timeout_ms = 1500\nstall_timeout_ms = 1500\n",
     );
-    disk(&d, "target", 64 << 20);
-    let tv = export(&d, json!({"disk": "target", "listen": "127.0.0.1:0"}));
+    d.file_disk("target", 64 << 20);
+    let tv = d.nbd_export(json!({"disk": "target", "listen": "127.0.0.1:0"}));
     let (t, taddr) = tcp_target(&tv);
-    let psk = atk::psk_file(&d.dir.join("psk"), "alice");
-    let tlsv = export(
-        &d,
+    let psk = psk_file(&d.dir.join("psk"), "alice");
+    let tlsv = d.nbd_export(
         json!({"disk": "target", "name": "tls", "listen": "127.0.0.1:0", "tls": {"psk_file": psk}}),
     );
     let (tls, _) = tcp_target(&tlsv);
     // An idle, well-behaved connection is not cut.
-    let mut idle = atk::connect_go(&t, "target").unwrap();
-    let base = atk::rss(d.pid());
+    let mut idle = nbd::connect_go(&t, "target").unwrap();
+    let base = rss(&d);
     let cut = |what: &str, took: Option<Duration>| {
         let took = took.unwrap_or_else(|| panic!("{what}: still open"));
         assert!(
@@ -294,39 +279,44 @@ fn slow_silent_and_stalled_clients_are_cut_by_the_timeouts() {
     // 1 byte/s: cut at the handshake deadline however steadily bytes come.
     cut(
         "1 byte/s handshake",
-        atk::slow_handshake(
+        nbd::slow_handshake(
             &t,
             "target",
             Duration::from_secs(1),
             Duration::from_secs(20),
-        ),
+        )
+        .expect("slow handshake"),
     );
     // Connect and never speak.
-    cut("silent client", atk::silent(&t, Duration::from_secs(20)));
+    let mut s = t.connect().unwrap();
+    cut(
+        "silent client",
+        time_to_close(&mut s, Duration::from_secs(20)),
+    );
     // STARTTLS, then no TLS handshake: the deadline covers TLS too.
     let mut s = tls.connect().unwrap();
     let t0 = Instant::now();
-    assert!(atk::greeting(&mut s, Duration::from_secs(5)));
+    assert!(nbd::greeting(&mut s, Duration::from_secs(5)));
     let mut v = 1u32.to_be_bytes().to_vec();
-    v.extend(atk::option(atk::OPT_STARTTLS, &[]));
+    v.extend(nbd::option(nbd::OPT_STARTTLS, &[]));
     std::io::Write::write_all(&mut s, &v).unwrap();
-    assert_eq!(atk::option_reply(&mut s).unwrap().0, 1, "STARTTLS ACK");
-    atk::wait_closed(&mut s, Duration::from_secs(20)).expect("stuck TLS handshake cut");
+    assert_eq!(nbd::option_reply(&mut s).unwrap().0, 1, "STARTTLS ACK");
+    time_to_close(&mut s, Duration::from_secs(20)).expect("stuck TLS handshake cut");
     cut("stuck TLS handshake", Some(t0.elapsed()));
     // Half a request header, then nothing.
-    let mut s = atk::partial_request(&t, "target", 4096, 10).unwrap();
+    let mut s = nbd::partial_request(&t, "target", 4096, 10).unwrap();
     let t0 = Instant::now();
-    atk::wait_closed(&mut s, Duration::from_secs(20)).expect("partial header cut");
+    time_to_close(&mut s, Duration::from_secs(20)).expect("partial header cut");
     cut("partial header", Some(t0.elapsed()));
     // A write whose payload stops.
-    let mut s = atk::partial_request(&t, "target", 1 << 20, 28 + 1000).unwrap();
+    let mut s = nbd::partial_request(&t, "target", 1 << 20, 28 + 1000).unwrap();
     let t0 = Instant::now();
-    atk::wait_closed(&mut s, Duration::from_secs(20)).expect("partial payload cut");
+    time_to_close(&mut s, Duration::from_secs(20)).expect("partial payload cut");
     cut("partial payload", Some(t0.elapsed()));
     // Reads whose replies are never read: the server's output backs up; the stall timeout
     // ends that connection (the counters show it without reading a byte).
     let before = listener(&d, &taddr)["stalls"].as_u64().unwrap();
-    let s = atk::unread_replies(&t, "target", 256, 1 << 20).unwrap();
+    let s = nbd::unread_replies(&t, "target", 256, 1 << 20).unwrap();
     wait_for(
         "the unread connection to be cut",
         Duration::from_secs(20),
@@ -337,9 +327,15 @@ fn slow_silent_and_stalled_clients_are_cut_by_the_timeouts() {
     assert!(l["handshake_timeouts"].as_u64() >= Some(2), "{l}");
     assert!(l["stalls"].as_u64() >= Some(3), "{l}");
     // The idle connection still works.
-    std::io::Write::write_all(&mut idle, &atk::request(atk::CMD_READ, 5, 0, 4096)).unwrap();
-    assert_eq!(atk::simple_reply(&mut idle), Some((0, 5)));
-    assert!(atk::rss(d.pid()) < base + RSS_SLACK);
+    std::io::Write::write_all(&mut idle, &nbd::request(nbd::CMD_READ, 5, 0, 4096)).unwrap();
+    assert_eq!(
+        nbd::reply(&mut idle, Duration::from_secs(20)),
+        Reply::Simple {
+            error: 0,
+            cookie: 5
+        }
+    );
+    assert!(rss(&d) < base + RSS_SLACK);
     assert!(d.healthy());
     d.stop();
 }
@@ -348,27 +344,42 @@ fn slow_silent_and_stalled_clients_are_cut_by_the_timeouts() {
 fn four_gib_requests_are_refused_without_allocating() {
     watchdog(120);
     let mut d = TestDaemon::start("nbd-4g");
-    disk(&d, "target", 64 << 20);
+    d.file_disk("target", 64 << 20);
     let sock: PathBuf = d.dir.join("t.sock");
-    export(&d, json!({"disk": "target", "socket": sock}));
-    let t = atk::Target::Unix(sock.clone());
-    let base = atk::rss(d.pid());
+    d.nbd_export(json!({"disk": "target", "socket": sock}));
+    let t = Target::Unix(sock.clone());
+    let base = rss(&d);
     // A 4 GiB read: EOVERFLOW, and the connection goes on.
-    assert_eq!(
-        atk::huge_request(&t, "target", atk::CMD_READ, u32::MAX).unwrap(),
-        Some(atk::EOVERFLOW)
+    let mut s = nbd::connect_go(&t, "target").expect("negotiate");
+    let r = nbd::huge_request(&mut s, nbd::CMD_READ, u32::MAX);
+    assert!(
+        matches!(
+            r,
+            Reply::Simple {
+                error: nbd::EOVERFLOW,
+                ..
+            }
+        ),
+        "{r:?}"
     );
     // A 4 GiB write: the payload cannot be skipped safely; the connection ends without a
     // reply, and nothing was allocated for it.
+    let mut s = nbd::connect_go(&t, "target").expect("negotiate");
     assert_eq!(
-        atk::huge_request(&t, "target", atk::CMD_WRITE, u32::MAX).unwrap(),
-        None
+        nbd::huge_request(&mut s, nbd::CMD_WRITE, u32::MAX),
+        Reply::Closed
     );
-    for _ in 0..20 {
-        let _ = atk::huge_request(&t, "target", atk::CMD_WRITE, u32::MAX - 511);
-        let _ = atk::huge_request(&t, "target", atk::CMD_READ, (32 << 20) + 512);
+    for (kind, len) in [
+        (nbd::CMD_WRITE, u32::MAX - 511),
+        (nbd::CMD_READ, (32 << 20) + 512),
+    ]
+    .repeat(20)
+    {
+        if let Ok(mut s) = nbd::connect_go(&t, "target") {
+            let _ = nbd::huge_request(&mut s, kind, len);
+        }
     }
-    assert!(atk::rss(d.pid()) < base + (64 << 20));
+    assert!(rss(&d) < base + (64 << 20));
     let v = d.api.get("/v1/stats").unwrap();
     assert!(v["network"]["memory_used"].as_u64() < Some(2 << 20), "{v}");
     let out = Command::new("nbdinfo")

@@ -9,50 +9,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::nbd_attack as atk;
-use common::{pattern, read_file_at, watchdog, TestDaemon};
+use common::{fails, ok, pattern, psk_file, read_file_at, run, watchdog, x509, TestDaemon};
+use nvmux_bench::attack::{nbd, time_to_close};
 use serde_json::{json, Value};
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let o = cmd
-        .output()
-        .expect("run a client tool (scripts/test.sh installs them)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), text)
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let (s, t) = run(cmd);
-    assert!(s, "{cmd:?} failed: {t}");
-    t
-}
-
-fn fails(cmd: &mut Command) -> String {
-    let (s, t) = run(cmd);
-    assert!(!s, "{cmd:?} should have failed: {t}");
-    t
-}
-
-fn disk(d: &TestDaemon, name: &str, size: u64) {
-    d.api
-        .post(
-            "/v1/disks",
-            &json!({"name": name, "backend": "file", "path": d.dir.join(format!("{name}.img")), "size": size}),
-        )
-        .expect("disk");
-}
-
-fn nbd_export(d: &TestDaemon, body: Value) -> Value {
-    let mut b = json!({"type": "nbd"});
-    for (k, v) in body.as_object().cloned().unwrap_or_default() {
-        b[k] = v;
-    }
-    d.api.post("/v1/exports", &b).expect("nbd export")
-}
 
 fn port_of(v: &Value) -> u16 {
     v["listen"]
@@ -92,14 +51,11 @@ fn listener<'a>(v: &'a Value, address: &str) -> &'a Value {
 fn tls_psk_with_qemu_img_and_nbdinfo() {
     watchdog(240);
     let mut d = TestDaemon::start("nbd-tls-psk");
-    disk(&d, "alpha", 32 << 20);
+    d.file_disk("alpha", 32 << 20);
     let qdir = d.dir.join("qemu-psk");
-    let psk = atk::psk_file(&qdir, "alice");
+    let psk = psk_file(&qdir, "alice");
     // Any address is allowed with TLS: this one listens on every interface.
-    let v = nbd_export(
-        &d,
-        json!({"disk": "alpha", "listen": "0.0.0.0:0", "tls": {"psk_file": psk}}),
-    );
+    let v = d.nbd_export(json!({"disk": "alpha", "listen": "0.0.0.0:0", "tls": {"psk_file": psk}}));
     let port = port_of(&v);
     assert!(v["address"].as_str().unwrap().starts_with("nbds://"), "{v}");
     let uri = |user: &str, file: &Path| {
@@ -145,23 +101,23 @@ fn tls_psk_with_qemu_img_and_nbdinfo() {
             )),
     );
     assert!(out.contains("TLS"), "{out}");
-    let t = atk::Target::Tcp(format!("127.0.0.1:{port}").parse().unwrap());
+    let t = nbd::Target::Tcp(format!("127.0.0.1:{port}").parse().unwrap());
     let mut s = t.connect().unwrap();
-    assert!(atk::greeting(&mut s, std::time::Duration::from_secs(10)));
-    std::io::Write::write_all(&mut s, &atk::go_bytes("alpha")).unwrap();
-    let (kind, msg) = atk::option_reply(&mut s).unwrap();
+    assert!(nbd::greeting(&mut s, std::time::Duration::from_secs(10)));
+    std::io::Write::write_all(&mut s, &nbd::go_bytes("alpha")).unwrap();
+    let (kind, msg) = nbd::option_reply(&mut s).unwrap();
     assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
     assert!(String::from_utf8_lossy(&msg).contains("STARTTLS"));
     let mut s = t.connect().unwrap();
-    assert!(atk::greeting(&mut s, std::time::Duration::from_secs(10)));
+    assert!(nbd::greeting(&mut s, std::time::Duration::from_secs(10)));
     let mut v = 1u32.to_be_bytes().to_vec();
-    v.extend(atk::option(1, b"alpha"));
+    v.extend(nbd::option(nbd::OPT_EXPORT_NAME, b"alpha"));
     std::io::Write::write_all(&mut s, &v).unwrap();
-    assert!(atk::wait_closed(&mut s, std::time::Duration::from_secs(10)).is_some());
+    assert!(time_to_close(&mut s, std::time::Duration::from_secs(10)).is_some());
     // A wrong key, and an identity the server does not know, are refused.
-    let wrong = atk::psk_file(&d.dir.join("wrong"), "alice");
+    let wrong = psk_file(&d.dir.join("wrong"), "alice");
     fails(Command::new("nbdinfo").arg(uri("alice", &wrong)));
-    let bob = atk::psk_file(&d.dir.join("bob"), "bob");
+    let bob = psk_file(&d.dir.join("bob"), "bob");
     fails(Command::new("nbdinfo").arg(uri("bob", &bob)));
     let wdir = d.dir.join("wrong");
     fails(
@@ -186,13 +142,11 @@ fn tls_psk_with_qemu_img_and_nbdinfo() {
 fn tls_x509_with_and_without_client_certificates() {
     watchdog(240);
     let d = TestDaemon::start("nbd-tls-x509");
-    disk(&d, "beta", 16 << 20);
-    let pki = atk::x509(&d.dir.join("pki"));
+    d.file_disk("beta", 16 << 20);
+    let pki = x509(&d.dir.join("pki"));
     // A Unix socket that requires a client certificate.
     let sock = d.dir.join("x509.sock");
-    let v = nbd_export(
-        &d,
-        json!({"disk": "beta", "socket": sock, "tls": {"x509_dir": pki.server, "verify_peer": true}}),
+    let v = d.nbd_export(json!({"disk": "beta", "socket": sock, "tls": {"x509_dir": pki.server, "verify_peer": true}}),
     );
     assert!(
         v["address"].as_str().unwrap().starts_with("nbds+unix://"),
@@ -240,9 +194,7 @@ fn tls_x509_with_and_without_client_certificates() {
     fails(Command::new("nbdinfo").arg(format!("nbd+unix:///beta?socket={}", sock.display())));
     // On TCP without verify_peer, a client with the CA alone gets in (it checks the
     // server's certificate for 127.0.0.1).
-    let v = nbd_export(
-        &d,
-        json!({"disk": "beta", "name": "beta-tcp", "listen": "127.0.0.1:0", "tls": {"x509_dir": pki.server}}),
+    let v = d.nbd_export(json!({"disk": "beta", "name": "beta-tcp", "listen": "127.0.0.1:0", "tls": {"x509_dir": pki.server}}),
     );
     let port = port_of(&v);
     let out = ok(Command::new("nbdinfo").arg("--size").arg(format!(
@@ -259,8 +211,8 @@ fn tls_x509_with_and_without_client_certificates() {
 fn tls_settings_are_checked_shared_per_address_persisted_and_restored() {
     watchdog(240);
     let d = TestDaemon::start("nbd-tls-cfg");
-    disk(&d, "gamma", 8 << 20);
-    let psk = atk::psk_file(&d.dir.join("psk"), "alice");
+    d.file_disk("gamma", 8 << 20);
+    let psk = psk_file(&d.dir.join("psk"), "alice");
     let post = |b: Value| {
         let mut body = json!({"type": "nbd", "disk": "gamma"});
         for (k, v) in b.as_object().cloned().unwrap_or_default() {

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{watchdog, TestDaemon};
-use nvmux_bench::nvmf::attack;
+use nvmux_bench::attack::time_to_close;
 use nvmux_bench::nvmf::{DhchapHost, Host, HostOpts, Queue, Sqe};
 use serde_json::json;
 
@@ -31,20 +31,8 @@ fn gen_secret(d: &TestDaemon, hmac: &str) -> String {
 
 fn setup(tag: &str) -> (TestDaemon, SocketAddr, String, String) {
     let d = TestDaemon::start(tag);
-    d.api
-        .post(
-            "/v1/disks",
-            &json!({"name": "d1", "path": d.dir.join("d1.img"), "size": 64u64 << 20}),
-        )
-        .expect("disk");
-    let v = d
-        .api
-        .post(
-            "/v1/subsystems",
-            &json!({"nqn": NQN, "listen": "127.0.0.1:0"}),
-        )
-        .expect("subsystem");
-    let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    d.file_disk("d1", 64 << 20);
+    let addr = d.nvmf_subsystem(NQN, &[OPEN_HOST], &["d1"]);
     let host = gen_secret(&d, "sha256");
     let ctrl = gen_secret(&d, "none");
     d.api
@@ -53,18 +41,6 @@ fn setup(tag: &str) -> (TestDaemon, SocketAddr, String, String) {
             &json!({"host": HOST, "dhchap_secret": host, "dhchap_ctrl_secret": ctrl}),
         )
         .expect("allow host with secrets");
-    d.api
-        .post(
-            &format!("/v1/subsystems/{NQN}/hosts"),
-            &json!({"host": OPEN_HOST}),
-        )
-        .expect("allow host without secret");
-    d.api
-        .post(
-            &format!("/v1/subsystems/{NQN}/namespaces"),
-            &json!({"disk": "d1"}),
-        )
-        .expect("namespace");
     (d, addr, host, ctrl)
 }
 
@@ -178,7 +154,7 @@ fn wrong_or_missing_secrets_are_refused() {
     assert!(c.ok() && c.dw0 & (1 << 17) != 0, "ATR set: {:#x}", c.dw0);
     let (c, _) = q.cmd(Sqe::new(0x06, 0).cdw(10, 1), None, 4096).unwrap();
     assert_eq!(c.sct_sc(), (1, 0x91), "authentication required");
-    assert!(attack::time_to_close(q.stream(), Duration::from_secs(10)).is_some());
+    assert!(time_to_close(&mut q.stream(), Duration::from_secs(10)).is_some());
     // Nor can it bring up an I/O queue (the controller is never enabled).
     let mut q = Queue::open(addr, false, false).unwrap();
     let c = q.connect(0, 32, NQN, HOST, 0xffff).unwrap();

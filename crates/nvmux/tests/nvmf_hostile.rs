@@ -4,7 +4,8 @@
 //! handshakes, stalls, silent hosts (keep-alive timeout), the discovery policy and the
 //! memory budget. In each case another host's verified I/O goes on without an error and
 //! the daemon's resident memory stays bounded. The attacks live in
-//! `nvmux_bench::nvmf::attack`, for the attacker suite to reuse.
+//! `nvmux_bench::attack::nvmf`, shared with the attacker suite (`hostile.rs`) and
+//! `nvmux bench --hostile`.
 
 mod common;
 
@@ -12,9 +13,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{watchdog, TestDaemon};
-use nvmux_bench::nvmf::attack::{self, H2cGame, Verdict, Victim};
+use nvmux_bench::attack::nvmf::{self, H2cGame};
+use nvmux_bench::attack::{rss_bytes, time_to_close, Victim};
 use nvmux_bench::nvmf::{Host, HostOpts, Queue, Sqe, DISCOVERY_NQN};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const NQN: &str = "nqn.2026-11.io.nvmux:hostile";
 const VICTIM: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-0000000000a1";
@@ -30,50 +32,29 @@ fn setup(tag: &str, config: &str) -> (TestDaemon, SocketAddr) {
     let dir = common::unique_dir(tag);
     let cfg = dir.join("nvmux.toml");
     std::fs::write(&cfg, config).expect("config");
-    let d = TestDaemon::start_with(dir.clone(), &["--config", cfg.to_str().expect("path")]);
-    d.api
-        .post(
-            "/v1/disks",
-            &json!({"name": "d1", "path": dir.join("d1.img"), "size": 64u64 << 20}),
-        )
-        .expect("disk");
-    let v = d
-        .api
-        .post(
-            "/v1/subsystems",
-            &json!({"nqn": NQN, "listen": "127.0.0.1:0"}),
-        )
-        .expect("subsystem");
-    let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
-    for h in [VICTIM, ATTACKER] {
-        d.api
-            .post(&format!("/v1/subsystems/{NQN}/hosts"), &json!({"host": h}))
-            .expect("allow host");
-    }
-    d.api
-        .post(
-            &format!("/v1/subsystems/{NQN}/namespaces"),
-            &json!({"disk": "d1"}),
-        )
-        .expect("namespace");
+    let d = TestDaemon::start_with(dir, &["--config", cfg.to_str().expect("path")]);
+    d.file_disk("d1", 64 << 20);
+    let addr = d.nvmf_subsystem(NQN, &[VICTIM, ATTACKER], &["d1"]);
     (d, addr)
 }
 
+/// HostOpts with one I/O queue of 32 entries and a keep-alive timeout of `kato_ms`.
+fn opts(kato_ms: u32) -> HostOpts {
+    HostOpts {
+        nr_io: 1,
+        entries: 32,
+        kato_ms,
+        ..Default::default()
+    }
+}
+
+fn rss(d: &TestDaemon) -> u64 {
+    rss_bytes(d.pid()).expect("the daemon's RSS")
+}
+
 fn victim(addr: SocketAddr) -> Victim {
-    let v = Victim::start(
-        addr,
-        NQN,
-        VICTIM,
-        HostOpts {
-            nr_io: 1,
-            entries: 32,
-            kato_ms: 5000,
-            ..Default::default()
-        },
-        0,
-    )
-    .expect("victim connects");
-    assert!(v.progress(20, Duration::from_secs(20)), "victim I/O runs");
+    let v = Victim::nvmf(addr, NQN, VICTIM, opts(5000), 0).expect("victim connects");
+    assert!(v.progresses(20, Duration::from_secs(20)), "victim I/O runs");
     v
 }
 
@@ -85,10 +66,10 @@ fn stats(d: &TestDaemon) -> Value {
 fn after(what: &str, d: &mut TestDaemon, v: &Victim, base_rss: u64) {
     assert!(d.healthy(), "{what}: the daemon is alive");
     assert!(
-        v.progress(10, Duration::from_secs(20)),
+        v.progresses(10, Duration::from_secs(20)),
         "{what}: the victim's I/O goes on"
     );
-    let rss = attack::rss(d.pid()).expect("rss");
+    let rss = rss(d);
     assert!(
         rss < base_rss + RSS_BOUND,
         "{what}: RSS {} MiB, baseline {} MiB",
@@ -102,7 +83,7 @@ fn maximum_lengths_end_only_their_own_connection() {
     watchdog(300);
     let (mut d, addr) = setup("nvmf-hostile-len", "");
     let v = victim(addr);
-    let base = attack::rss(d.pid()).expect("rss");
+    let base = rss(&d);
 
     // NUMD = FFFFFFFFh on the discovery controller (an allowed host) and on the admin
     // queue, with a 4 GiB SGL and with a 128 KiB one: an error status, and the connection
@@ -114,8 +95,8 @@ fn maximum_lengths_end_only_their_own_connection() {
             (0x02, u32::MAX),
             (0x02, 128 << 10),
         ] {
-            let mut q = attack::enabled_admin(addr, sub, ATTACKER).expect("admin");
-            let r = attack::huge_log_page(&mut q, lid, sgl).expect("send");
+            let mut q = nvmf::enabled_admin(addr, sub, ATTACKER).expect("admin");
+            let r = nvmf::huge_log_page(&mut q, lid, sgl).expect("send");
             assert!(
                 r.error().is_some(),
                 "{sub}: NUMD FFFFFFFFh, log {lid:#x}, SGL {sgl}: {r:?}"
@@ -126,7 +107,7 @@ fn maximum_lengths_end_only_their_own_connection() {
         }
     }
     // A log page within MDTS but longer than the page: what the page has, zeros after.
-    let mut q = attack::enabled_admin(addr, DISCOVERY_NQN, ATTACKER).expect("admin");
+    let mut q = nvmf::enabled_admin(addr, DISCOVERY_NQN, ATTACKER).expect("admin");
     let page = q
         .admin_read(
             Sqe::new(0x02, 0).cdw(10, 0x70 | ((32768 / 4 - 1) << 16)),
@@ -137,20 +118,20 @@ fn maximum_lengths_end_only_their_own_connection() {
     assert!(page[2048..].iter().all(|&b| b == 0));
 
     // Identify with a 4 GiB SGL.
-    let mut q = attack::enabled_admin(addr, NQN, ATTACKER).expect("admin");
-    let r = attack::huge_admin_sgl(&mut q).expect("send");
+    let mut q = nvmf::enabled_admin(addr, NQN, ATTACKER).expect("admin");
+    let r = nvmf::huge_admin_sgl(&mut q).expect("send");
     assert_eq!(r.error(), Some((0, 0x0f)), "SGL length invalid: {r:?}");
     after("admin SGL 4 GiB", &mut d, &v, base);
 
     // Before Connect: no R2T, whatever the length; an I/O command too.
     for len in [u32::MAX, 1024, 4096] {
-        let r = attack::r2t_before_connect(addr, NQN, ATTACKER, len).expect("send");
+        let r = nvmf::r2t_before_connect(addr, len).expect("send");
         assert!(
-            !matches!(r, Verdict::R2t { .. }) && (r.error().is_some() || r.ended()),
+            !r.r2t() && (r.error().is_some() || r.ended()),
             "Connect by R2T ({len} bytes): {r:?}"
         );
     }
-    let r = attack::io_before_connect(addr).expect("send");
+    let r = nvmf::io_before_connect(addr).expect("send");
     assert!(
         r.error().is_some() || r.ended(),
         "I/O before Connect: {r:?}"
@@ -166,7 +147,7 @@ fn maximum_lengths_end_only_their_own_connection() {
         H2cGame::HugePlen,
         H2cGame::Duplicate,
     ] {
-        let r = attack::h2c_game(addr, NQN, ATTACKER, g).expect("game");
+        let r = nvmf::h2c_game(addr, NQN, ATTACKER, g).expect("game");
         assert!(r.ended(), "{g:?}: {r:?}");
         after(&format!("H2CData {g:?}"), &mut d, &v, base);
     }
@@ -183,14 +164,13 @@ fn a_thousand_connections_are_bounded() {
         "[nvmf]\nmax_connections = 400\nmax_connections_per_host = 200\nhandshake_timeout_ms = 60000\n",
     );
     let v = victim(addr); // 2 connections
-    let base = attack::rss(d.pid()).expect("rss");
-    let (alive, closed) = attack::connection_flood(addr, 1000, Duration::from_secs(3));
+    let base = rss(&d);
+    let f = nvmf::flood(addr, 1000, Duration::from_secs(5));
     assert_eq!(
-        alive.len(),
-        198,
-        "accepted up to the per-host limit ({closed} closed)"
+        (f.held.len(), f.refused, f.failed),
+        (198, 1000 - 198, 0),
+        "accepted up to the per-host limit"
     );
-    assert_eq!(closed, 1000 - 198);
     after("1000 connections", &mut d, &v, base);
     let s = stats(&d);
     let l = &s["nvmf"]["listeners"][0];
@@ -203,7 +183,7 @@ fn a_thousand_connections_are_bounded() {
         "{lines} refusal lines in the log"
     );
     // An accepted connection works: ICReq, Connect, I/O.
-    drop(alive);
+    drop(f);
     std::thread::sleep(Duration::from_millis(500));
     let mut h = Host::connect(addr, NQN, ATTACKER, 1, 32, false).expect("connect after the flood");
     let (c, _) = h.io[0].cmd(Sqe::read(1, 0, 8), None, 4096).unwrap();
@@ -219,12 +199,11 @@ fn slow_handshakes_and_stalls_are_cut() {
         "[nvmf]\nhandshake_timeout_ms = 1500\nstall_timeout_ms = 1500\n",
     );
     let v = victim(addr);
-    let base = attack::rss(d.pid()).expect("rss");
+    let base = rss(&d);
     // An ICReq and a Connect (1224 bytes) at 1 byte/s, and at 10 bytes/s: cut at the
     // handshake timeout, however steadily the bytes come.
-    let hs = attack::handshake_bytes(NQN, ATTACKER);
     for every in [Duration::from_secs(1), Duration::from_millis(100)] {
-        let t = attack::slow_bytes(addr, &hs, every, Duration::from_secs(20))
+        let t = nvmf::slow_handshake(addr, NQN, ATTACKER, every, Duration::from_secs(20))
             .expect("slow")
             .expect("closed");
         assert!(
@@ -233,8 +212,8 @@ fn slow_handshakes_and_stalls_are_cut() {
         );
     }
     // A TCP connection that says nothing.
-    let s = std::net::TcpStream::connect(addr).unwrap();
-    let t = attack::time_to_close(&s, Duration::from_secs(20)).expect("closed");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let t = time_to_close(&mut s, Duration::from_secs(20)).expect("closed");
     assert!(
         t < Duration::from_secs(5),
         "silent connection closed after {t:?}"
@@ -242,13 +221,13 @@ fn slow_handshakes_and_stalls_are_cut() {
     after("slow handshake", &mut d, &v, base);
 
     // Connected, then half a capsule: the stall timeout.
-    let mut q = attack::enabled_admin(addr, NQN, ATTACKER).expect("admin");
-    let cap = attack::capsule(Sqe::new(0x06, 0).cdw(10, 1), 9, 4096, 0x5a, &[]);
+    let mut q = nvmf::enabled_admin(addr, NQN, ATTACKER).expect("admin");
+    let cap = nvmf::capsule(Sqe::new(0x06, 0).cdw(10, 1), 9, 4096, 0x5a, &[]);
     q.raw(&cap[..40]).unwrap();
-    let t = attack::time_to_close(q.stream(), Duration::from_secs(20)).expect("closed");
+    let t = time_to_close(&mut q.stream(), Duration::from_secs(20)).expect("closed");
     assert!(t < Duration::from_secs(5), "half a PDU: closed after {t:?}");
     // An R2T whose data stops half-way.
-    let r = attack::h2c_game(addr, NQN, ATTACKER, H2cGame::Stall).expect("game");
+    let r = nvmf::h2c_game(addr, NQN, ATTACKER, H2cGame::Stall).expect("game");
     assert!(r.ended(), "R2T data stalled: {r:?}");
     // A host that does not read: 127 reads of 128 KiB pipelined (more than the socket
     // buffers hold), nothing read back.
@@ -258,11 +237,11 @@ fn slow_handshakes_and_stalls_are_cut() {
             .send_cmd(Sqe::read(1, 0, 256), None, 128 << 10)
             .expect("send read");
     }
-    let t = attack::time_to_close(h.admin.stream(), Duration::from_secs(1));
+    let t = time_to_close(&mut h.admin.stream(), Duration::from_secs(1));
     assert!(t.is_none(), "still open while the host reads nothing yet");
     std::thread::sleep(Duration::from_secs(4));
     // Reading now finds what the socket held, then the end.
-    let t = attack::time_to_close(h.io[0].stream(), Duration::from_secs(20));
+    let t = time_to_close(&mut h.io[0].stream(), Duration::from_secs(20));
     assert!(
         t.is_some(),
         "the connection whose host does not read was closed"
@@ -282,41 +261,18 @@ fn a_silent_host_is_torn_down_after_kato() {
     watchdog(300);
     let (mut d, addr) = setup("nvmf-hostile-kato", "");
     let v = victim(addr);
-    let base = attack::rss(d.pid()).expect("rss");
+    let base = rss(&d);
     // KATO 1 s, then silence on every queue: torn down at KATO + 1 s margin.
-    let h = Host::connect_with(
-        addr,
-        NQN,
-        ATTACKER,
-        &HostOpts {
-            nr_io: 1,
-            entries: 32,
-            kato_ms: 1000,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
+    let h = Host::connect_with(addr, NQN, ATTACKER, &opts(1000)).expect("connect");
     let t0 = Instant::now();
-    let ta =
-        attack::time_to_close(h.admin.stream(), Duration::from_secs(20)).expect("admin closed");
-    let ti = attack::time_to_close(h.io[0].stream(), Duration::from_secs(5)).expect("I/O closed");
+    let ta = time_to_close(&mut h.admin.stream(), Duration::from_secs(20)).expect("admin closed");
+    let ti = time_to_close(&mut h.io[0].stream(), Duration::from_secs(5)).expect("I/O closed");
     assert!(
         t0.elapsed() >= Duration::from_millis(1900) && ta < Duration::from_secs(6),
         "torn down after {ta:?} (I/O queue {ti:?})"
     );
     // Traffic on an I/O queue alone keeps the controller (traffic-based keep alive).
-    let mut h = Host::connect_with(
-        addr,
-        NQN,
-        ATTACKER,
-        &HostOpts {
-            nr_io: 1,
-            entries: 32,
-            kato_ms: 1000,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
+    let mut h = Host::connect_with(addr, NQN, ATTACKER, &opts(1000)).expect("connect");
     let id = h.identify(1, 0).unwrap();
     assert_ne!(
         u32::from_le_bytes(id[96..100].try_into().unwrap()) & 1 << 6,
@@ -385,7 +341,7 @@ fn memory_budget_makes_hosts_wait_not_fail() {
         "[network]\nmemory_budget = \"64M\"\n[nvmf]\nmemory_per_connection = \"1M\"\n",
     );
     let v = victim(addr);
-    let base = attack::rss(d.pid()).expect("rss");
+    let base = rss(&d);
     let mut h = Host::connect(addr, NQN, ATTACKER, 1, 128, false).expect("connect");
     let data = common::pattern(3, 128 << 10);
     let (c, _) = h.io[0]

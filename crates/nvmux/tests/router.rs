@@ -13,38 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
-use common::{pattern, read_file_at, watchdog, TestDaemon};
+use common::{compile_classifier, pattern, read_file_at, watchdog, TestDaemon};
 use nvmux_bench::client::{BlkioClient, Op};
 use nvmux_bench::nvmf::{Host, Sqe};
 use serde_json::{json, Value};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Compile a classifier (examples/classifiers/NAME.c or tests/classifiers/NAME.c).
-fn compile(d: &TestDaemon, name: &str) -> PathBuf {
-    let ex = repo().join("examples/classifiers");
-    let src = [
-        ex.join(format!("{name}.c")),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/classifiers/{name}.c")),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("no classifier {name}"));
-    let out = d.dir.join(format!("{name}.o"));
-    let st = Command::new("clang")
-        .args(["-O2", "-target", "bpf", "-I"])
-        .arg(&ex)
-        .arg("-c")
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .expect("run clang (install clang: scripts/test.sh does)");
-    assert!(st.success(), "clang failed on {}", src.display());
-    out
-}
 
 fn load(d: &TestDaemon, disk: &str, obj: &Path, maps: Value) -> Result<Value, String> {
     d.api
@@ -81,27 +53,8 @@ fn guard_refuses_writes_in_its_range_with_the_right_status() {
     watchdog(240);
     let d = TestDaemon::start("router-guard");
     let (img, sock) = d.disk_and_export("g", 64 << 20, 1, json!({}));
-    let v = d
-        .api
-        .post(
-            "/v1/subsystems",
-            &json!({"nqn": NQN, "listen": "127.0.0.1:0"}),
-        )
-        .expect("subsystem");
-    let addr = v["listen"].as_str().unwrap().parse().unwrap();
-    d.api
-        .post(
-            &format!("/v1/subsystems/{NQN}/hosts"),
-            &json!({"host": HOST}),
-        )
-        .expect("host");
-    d.api
-        .post(
-            &format!("/v1/subsystems/{NQN}/namespaces"),
-            &json!({"disk": "g"}),
-        )
-        .expect("ns");
-    let obj = compile(&d, "guard");
+    let addr = d.nvmf_subsystem(NQN, &[HOST], &["g"]);
+    let obj = compile_classifier(&d.dir, "guard");
     let v = load(
         &d,
         "g",
@@ -191,7 +144,7 @@ fn remap_moves_data_where_expected_and_bounds_it() {
     watchdog(120);
     let d = TestDaemon::start("router-remap");
     let (img, sock) = d.disk_and_export("r", 64 << 20, 1, json!({}));
-    let obj = compile(&d, "remap");
+    let obj = compile_classifier(&d.dir, "remap");
     load(
         &d,
         "r",
@@ -239,7 +192,7 @@ fn bad_programs_are_refused_with_a_reason_and_the_old_one_stays() {
     watchdog(120);
     let d = TestDaemon::start("router-bad");
     let (_img, sock) = d.disk_and_export("b", 16 << 20, 1, json!({}));
-    let guard = compile(&d, "guard");
+    let guard = compile_classifier(&d.dir, "guard");
     load(
         &d,
         "b",
@@ -251,13 +204,19 @@ fn bad_programs_are_refused_with_a_reason_and_the_old_one_stays() {
     std::fs::write(&not_elf, "this is not an eBPF object\n").unwrap();
     let cases: Vec<(PathBuf, &str)> = vec![
         (
-            compile(&d, "bad_ctx"),
+            compile_classifier(&d.dir, "bad_ctx"),
             "offset 64 of the context, which is 64 bytes",
         ),
-        (compile(&d, "bad_loop"), "loops are not allowed"),
-        (compile(&d, "bad_store"), "\"opcode\", which is read-only"),
         (
-            compile(&d, "bad_leak_pointer"),
+            compile_classifier(&d.dir, "bad_loop"),
+            "loops are not allowed",
+        ),
+        (
+            compile_classifier(&d.dir, "bad_store"),
+            "\"opcode\", which is read-only",
+        ),
+        (
+            compile_classifier(&d.dir, "bad_leak_pointer"),
             "pointers may not be copied into a map",
         ),
         (not_elf, "not an ELF object"),
@@ -341,7 +300,7 @@ fn hot_swap_under_a_verify_workload_loses_no_io() {
     let (_img, sock) = d.disk_and_export("s", 64 << 20, 2, json!({}));
     let progs: Vec<PathBuf> = ["passthrough", "fast_reads", "hook_chain", "guard"]
         .iter()
-        .map(|n| compile(&d, n))
+        .map(|n| compile_classifier(&d.dir, n))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU64::new(0));
@@ -525,7 +484,13 @@ fn external_audit_function_serves_io_and_its_death_fails_only_its_commands() {
         )
         .expect("set external");
     assert_eq!(v["external"]["status"], "waiting");
-    load(&d, "a", &compile(&d, "audit_writes"), json!([])).expect("load audit_writes");
+    load(
+        &d,
+        "a",
+        &compile_classifier(&d.dir, "audit_writes"),
+        json!([]),
+    )
+    .expect("load audit_writes");
     let mut c = blkio(&sock);
     let p = pattern(4, 8192);
     // No function attached yet: writes fail (on_failure = fail); reads take the chain.
@@ -691,7 +656,13 @@ fn fast_reads_skip_qos_but_never_crypt() {
     let mut c = blkio(&sock);
     let p = pattern(9, 65536);
     assert_eq!(write(&mut c, 0, &p), 0);
-    load(&d, "e", &compile(&d, "fast_reads"), json!([])).expect("load fast_reads");
+    load(
+        &d,
+        "e",
+        &compile_classifier(&d.dir, "fast_reads"),
+        json!([]),
+    )
+    .expect("load fast_reads");
     let started = |d: &TestDaemon| {
         d.api.get("/v1/stats").unwrap()["disks"]["e"]["fair"]["started"]
             .as_u64()

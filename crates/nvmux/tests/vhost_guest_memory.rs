@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use nvmux_bench::attack::Victim;
+use nvmux_bench::attack::{self, Victim};
 use nvmux_bench::vufront::*;
 use serde_json::{json, Value};
 use vhost::VhostBackend;
@@ -41,9 +41,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    attack::fd_count(pid).expect("the daemon's descriptors")
 }
 
 #[test]
@@ -99,7 +97,7 @@ fn a_shrinking_front_end_fails_only_its_own_device() {
     let mut d = TestDaemon::start("shm-shrink");
     let (_vimg, vsock) = d.disk_and_export("victim", 8 << 20, 1, json!({}));
     let (_img, sock) = d.disk_and_export("evil", 4 << 20, 1, json!({}));
-    let victim = Victim::start(&vsock).expect("victim I/O");
+    let victim = Victim::vhost(&vsock).expect("victim I/O");
 
     // 1. The rings themselves go away: truncate the memfd to 0 and kick. The daemon's
     // next look at the available ring (on the kick, or right away if its worker is busy
@@ -228,15 +226,19 @@ fn added_regions_are_checked_and_served() {
     let mut d = TestDaemon::start("shm-add");
     let (img, sock) = d.disk_and_export("r", 4 << 20, 1, json!({}));
     std::fs::write(&img, pattern(3, 4 << 20)).expect("fill image");
-    let mut g = Guest::setup_with(
-        &sock,
-        GuestOpts {
-            reply_ack: true,
-            mem_slots: true,
-            ..GuestOpts::default()
-        },
-    )
-    .expect("setup");
+    // A front-end with REPLY_ACK and memory slots (ADD/REM_MEM_REG).
+    let setup = || {
+        Guest::setup_with(
+            &sock,
+            GuestOpts {
+                reply_ack: true,
+                mem_slots: true,
+                ..GuestOpts::default()
+            },
+        )
+        .expect("setup")
+    };
+    let mut g = setup();
     const GPA: u64 = 0x1000_0000;
     const UA: u64 = 0x7e00_0000_0000; // front-end address (never dereferenced here)
     let region = |f: &std::fs::File, size: u64, gpa: u64, ua: u64| VhostUserMemoryRegionInfo {
@@ -254,15 +256,7 @@ fn added_regions_are_checked_and_served() {
         .is_err());
     assert_eq!(export_memory(&d, "r")["regions_refused"], 1);
     drop(g);
-    let mut g = Guest::setup_with(
-        &sock,
-        GuestOpts {
-            reply_ack: true,
-            mem_slots: true,
-            ..GuestOpts::default()
-        },
-    )
-    .expect("setup again");
+    let mut g = setup();
     // Overlapping the first region (guest addresses) is refused too.
     let extra = memfd(1 << 20);
     assert!(g
@@ -271,15 +265,7 @@ fn added_regions_are_checked_and_served() {
         .is_err());
     assert_eq!(export_memory(&d, "r")["regions_refused"], 2);
     drop(g);
-    let mut g = Guest::setup_with(
-        &sock,
-        GuestOpts {
-            reply_ack: true,
-            mem_slots: true,
-            ..GuestOpts::default()
-        },
-    )
-    .expect("setup again");
+    let mut g = setup();
     // A proper region is added, and a read lands in it.
     g.front
         .add_mem_region(&region(&extra, 1 << 20, GPA, UA))

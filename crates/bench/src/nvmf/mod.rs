@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-pub mod attack;
 pub mod auth;
 
 pub use auth::{DhchapHost, Negotiated};

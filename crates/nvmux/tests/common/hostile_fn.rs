@@ -17,10 +17,10 @@
 //! Used by `extfn_hostile.rs` and the attacker suite.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-pub use nvmux_bench::attack::{extfn_resize_ring, FnReport as Report};
+pub use nvmux_bench::attack::local::{extfn_resize_ring, FnReport as Report};
 
 /// The name of the ignored test that is the hostile function's entry point.
 pub const CHILD_TEST: &str = "hostile_function_process";
@@ -92,30 +92,4 @@ pub fn report(child: Child) -> Result<Report, String> {
         grow: field("grow")?,
         seal_write: field("seal_write")?,
     })
-}
-
-/// Compile a classifier (examples/classifiers/NAME.c or tests/classifiers/NAME.c) into
-/// `out_dir` with clang.
-pub fn compile_classifier(out_dir: &Path, name: &str) -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ex = manifest.join("../../examples/classifiers");
-    let src = [
-        ex.join(format!("{name}.c")),
-        manifest.join(format!("tests/classifiers/{name}.c")),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("no classifier {name}"));
-    let out = out_dir.join(format!("{name}.o"));
-    let st = Command::new("clang")
-        .args(["-O2", "-target", "bpf", "-I"])
-        .arg(&ex)
-        .arg("-c")
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .expect("run clang (install clang: scripts/test.sh does)");
-    assert!(st.success(), "clang failed on {}", src.display());
-    out
 }

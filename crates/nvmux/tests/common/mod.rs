@@ -4,8 +4,7 @@
 
 #![allow(dead_code)]
 
-pub mod nbd_attack;
-
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,6 +124,56 @@ impl TestDaemon {
         (img, sock)
     }
 
+    /// A file disk `name` of `size` bytes, its image in the data directory.
+    pub fn file_disk(&self, name: &str, size: u64) -> PathBuf {
+        let img = self.dir.join(format!("{name}.img"));
+        self.api
+            .post(
+                "/v1/disks",
+                &json!({"name": name, "backend": "file", "path": img, "size": size}),
+            )
+            .expect("create disk");
+        img
+    }
+
+    /// An NBD export with the fields of `body`; the API's answer.
+    pub fn nbd_export(&self, body: Value) -> Value {
+        let mut b = json!({"type": "nbd"});
+        for (k, v) in body.as_object().cloned().unwrap_or_default() {
+            b[k] = v;
+        }
+        self.api.post("/v1/exports", &b).expect("nbd export")
+    }
+
+    /// An NVMe/TCP subsystem `nqn` on an ephemeral loopback port, with `hosts` on its
+    /// allow-list and `disks` as its namespaces (1, 2, ...); the address it listens on.
+    pub fn nvmf_subsystem(&self, nqn: &str, hosts: &[&str], disks: &[&str]) -> SocketAddr {
+        let v = self
+            .api
+            .post(
+                "/v1/subsystems",
+                &json!({"nqn": nqn, "listen": "127.0.0.1:0"}),
+            )
+            .expect("subsystem");
+        for h in hosts {
+            self.api
+                .post(&format!("/v1/subsystems/{nqn}/hosts"), &json!({"host": h}))
+                .expect("allow host");
+        }
+        for d in disks {
+            self.api
+                .post(
+                    &format!("/v1/subsystems/{nqn}/namespaces"),
+                    &json!({"disk": d}),
+                )
+                .expect("namespace");
+        }
+        v["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no bound address in {v}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
@@ -185,6 +234,69 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A psktool-format key file `dir/keys.psk` with a random key for `identity`, mode 0600.
+pub fn psk_file(dir: &Path, identity: &str) -> PathBuf {
+    nvmux_bench::tls::psk_file(dir, identity).expect("a PSK file")
+}
+
+/// A CA with server and client certificates under `dir` (the `openssl` command).
+pub fn x509(dir: &Path) -> nvmux_bench::tls::X509 {
+    nvmux_bench::tls::x509(dir).expect("X.509 credentials (the openssl command)")
+}
+
+/// Run a client tool; (success, stdout and stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let o = cmd
+        .output()
+        .expect("run a client tool (scripts/test.sh installs them)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// Run a client tool that must succeed; its output.
+pub fn ok(cmd: &mut Command) -> String {
+    let (s, t) = run(cmd);
+    assert!(s, "{cmd:?} failed: {t}");
+    t
+}
+
+/// Run a client tool that must fail; its output.
+pub fn fails(cmd: &mut Command) -> String {
+    let (s, t) = run(cmd);
+    assert!(!s, "{cmd:?} should have failed: {t}");
+    t
+}
+
+/// Compile a classifier (examples/classifiers/NAME.c or tests/classifiers/NAME.c) into
+/// `out_dir` with clang.
+pub fn compile_classifier(out_dir: &Path, name: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ex = manifest.join("../../examples/classifiers");
+    let src = [
+        ex.join(format!("{name}.c")),
+        manifest.join(format!("tests/classifiers/{name}.c")),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| panic!("no classifier {name}"));
+    let out = out_dir.join(format!("{name}.o"));
+    let st = Command::new("clang")
+        .args(["-O2", "-target", "bpf", "-I"])
+        .arg(&ex)
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run clang (install clang: scripts/test.sh does)");
+    assert!(st.success(), "clang failed on {}", src.display());
+    out
 }
 
 pub mod hostile_fn;
