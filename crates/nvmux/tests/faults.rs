@@ -61,7 +61,7 @@ fn a_panic_serving_one_connection_closes_only_that_connection() {
             )
             .expect("nbd export");
     }
-    let victim = Victim::start(&vsock).expect("victim I/O");
+    let victim = Victim::vhost(&vsock).expect("victim I/O");
 
     let (ok, text) = qemu_io(&bait, "bait", &["read 0 64k"]);
     assert!(!ok, "the read on the faulty connection succeeded: {text}");
