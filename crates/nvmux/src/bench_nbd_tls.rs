@@ -292,54 +292,11 @@ fn run_in(
         nvmux_core::format_size(size)
     );
     println!("\nfio nbd engine (libnbd, GnuTLS), TLS with X.509 (IOPS)");
-    println!("| workload | nvmux | nvmux TLS | TLS/plain | qemu-nbd | qemu-nbd TLS | TLS/plain | nvmux TLS / qemu-nbd TLS |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (_, _, w) in RUNS {
-        let (np, nt, qp, qt) = (
-            find("nvmux (fio)", w),
-            find("nvmux TLS X.509 (fio)", w),
-            find("qemu-nbd (fio)", w),
-            find("qemu-nbd TLS X.509 (fio)", w),
-        );
-        if np.is_none() && nt.is_none() {
-            continue;
-        }
-        println!(
-            "| {w} | {} | {} | {} | {} | {} | {} | {} |",
-            cell_iops(np),
-            cell_iops(nt),
-            cell_ratio(nt, np),
-            cell_iops(qp),
-            cell_iops(qt),
-            cell_ratio(qt, qp),
-            cell_ratio(nt, qt)
-        );
-    }
+    print_table(&find, "fio", "TLS X.509", "TLS", |w| w.to_string());
     println!("\nnbdcopy (libnbd, GnuTLS), 4 KiB requests, sequential, TLS-PSK with the same keys.psk (IOPS)");
-    println!("| workload | nvmux | nvmux TLS-PSK | TLS/plain | qemu-nbd | qemu-nbd TLS-PSK | TLS/plain | nvmux TLS-PSK / qemu-nbd TLS-PSK |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (_, _, w) in RUNS {
-        let (np, nt, qp, qt) = (
-            find("nvmux (nbdcopy)", w),
-            find("nvmux TLS-PSK (nbdcopy)", w),
-            find("qemu-nbd (nbdcopy)", w),
-            find("qemu-nbd TLS-PSK (nbdcopy)", w),
-        );
-        if np.is_none() && nt.is_none() {
-            continue;
-        }
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            w.replace("rand", ""),
-            cell_iops(np),
-            cell_iops(nt),
-            cell_ratio(nt, np),
-            cell_iops(qp),
-            cell_iops(qt),
-            cell_ratio(qt, qp),
-            cell_ratio(nt, qt)
-        );
-    }
+    print_table(&find, "nbdcopy", "TLS-PSK", "TLS-PSK", |w| {
+        w.replace("rand", "")
+    });
     write_report(
         &a.out,
         "nbd-tls.json",
@@ -349,4 +306,39 @@ fn run_in(
     )?;
     println!("\nwrote {}", a.out.join("nbd-tls.json").display());
     Ok(())
+}
+
+/// One Markdown table of the run: per workload, nvmux and qemu-nbd in plaintext and with
+/// TLS (`tls` in the row labels, `head` in the column heads), with the ratios.
+fn print_table<'a>(
+    find: &dyn Fn(&str, &str) -> Option<&'a Measured>,
+    client: &str,
+    tls: &str,
+    head: &str,
+    label: impl Fn(&str) -> String,
+) {
+    println!("| workload | nvmux | nvmux {head} | TLS/plain | qemu-nbd | qemu-nbd {head} | TLS/plain | nvmux {head} / qemu-nbd {head} |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (_, _, w) in RUNS {
+        let (np, nt, qp, qt) = (
+            find(&format!("nvmux ({client})"), w),
+            find(&format!("nvmux {tls} ({client})"), w),
+            find(&format!("qemu-nbd ({client})"), w),
+            find(&format!("qemu-nbd {tls} ({client})"), w),
+        );
+        if np.is_none() && nt.is_none() {
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            label(w),
+            cell_iops(np),
+            cell_iops(nt),
+            cell_ratio(nt, np),
+            cell_iops(qp),
+            cell_iops(qt),
+            cell_ratio(qt, qp),
+            cell_ratio(nt, qt)
+        );
+    }
 }
