@@ -188,7 +188,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router"])]
     hostile: bool,
     /// Run the NBD-over-TLS suite instead: nvmux and qemu-nbd, plaintext, TLS X.509 (fio)
-    /// and TLS-PSK (qemu-img bench), on one /dev/shm file.
+    /// and TLS-PSK (nbdcopy), on one /dev/shm file.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile"])]
     nbd_tls: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
