@@ -304,6 +304,7 @@ impl Daemon {
             chain: req.chain.clone(),
             classifier: None,
             external: None,
+            allow_flush_complete: false,
         };
         spec.crypt = crypt;
         let qos = match self.new_qos(&g, &spec) {
