@@ -504,8 +504,7 @@ fn handle(d: &Daemon, req: &Request) -> Response {
             }
         }
         ("POST", ["v1", "disks", name, "flush-policy"]) => {
-            match body::<crate::routing::FlushPolicy>(req)
-                .and_then(|b| d.set_flush_policy(name, b))
+            match body::<crate::routing::FlushPolicy>(req).and_then(|b| d.set_flush_policy(name, b))
             {
                 Ok(v) => reply_json(200, &v),
                 Err(e) => reply_err(&e),

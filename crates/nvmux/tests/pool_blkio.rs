@@ -431,8 +431,7 @@ impl Loop4k {
             .expect("run losetup (util-linux)");
         if !o.status.success() {
             let why = String::from_utf8_lossy(&o.stderr).to_string();
-            if !Path::new("/dev/loop-control").exists() && !Path::new("/sys/module/loop").exists()
-            {
+            if !Path::new("/dev/loop-control").exists() && !Path::new("/sys/module/loop").exists() {
                 eprintln!("SKIP: this kernel has no loop devices (no /dev/loop-control): {why}");
                 return None;
             }
@@ -444,7 +443,12 @@ impl Loop4k {
             .output()
             .expect("blockdev");
         let l = Loop4k(dev);
-        assert_eq!(String::from_utf8_lossy(&ss.stdout).trim(), "4096", "{}", l.0);
+        assert_eq!(
+            String::from_utf8_lossy(&ss.stdout).trim(),
+            "4096",
+            "{}",
+            l.0
+        );
         Some(l)
     }
 }
@@ -514,7 +518,10 @@ fn a_pool_on_a_4kn_device_serves_4096_byte_blocks() {
     write(&mut c, 0, 5 * MIB + 16384, &pattern(99, 4096));
     let now = read(&mut c, 1, 5 * MIB, CL as usize);
     let old = pattern(42, 200 << 10);
-    assert!(now[12288..16384] == old[..4096], "copy-on-write kept the cluster");
+    assert!(
+        now[12288..16384] == old[..4096],
+        "copy-on-write kept the cluster"
+    );
     assert!(now[16384..20480] == pattern(99, 4096)[..]);
     drop(c);
 
@@ -556,7 +563,10 @@ fn a_pool_on_a_4kn_device_serves_4096_byte_blocks() {
         .expect("export snapshot");
     let mut s =
         BlkioClient::connect_opts(&ssock, 1, false, 2 << 20, true).expect("connect snapshot");
-    assert!(read(&mut s, 0, 5 * MIB + 12288, 200 << 10) == old, "snapshot content");
+    assert!(
+        read(&mut s, 0, 5 * MIB + 12288, 200 << 10) == old,
+        "snapshot content"
+    );
     drop(s);
     d.stop();
     drop(lo);

@@ -724,7 +724,10 @@ fn a_classifier_cannot_complete_flush_without_the_opt_in() {
         assert_eq!(flush(&mut c), 0);
     }
     let v = d.api.get("/v1/disks/f/classifier").unwrap();
-    assert_eq!(v["routes"]["complete"], 5, "the program completed them: {v}");
+    assert_eq!(
+        v["routes"]["complete"], 5,
+        "the program completed them: {v}"
+    );
     assert_eq!(
         v["routes"]["flushes_forced"], 5,
         "every FLUSH went to the device: {v}"
@@ -750,7 +753,11 @@ fn a_classifier_cannot_complete_flush_without_the_opt_in() {
     // The opt-in is kept across a restart; `deny` takes it back.
     d.stop();
     let state = std::fs::read_to_string(dir.join("state.json")).unwrap();
-    assert!(state.contains("\"allow_flush_complete\": true") || state.contains("\"allow_flush_complete\":true"), "{state}");
+    assert!(
+        state.contains("\"allow_flush_complete\": true")
+            || state.contains("\"allow_flush_complete\":true"),
+        "{state}"
+    );
     let d = TestDaemon::start_in(dir);
     let v = d.api.get("/v1/disks/f/classifier").unwrap();
     assert_eq!(v["allow_flush_complete"], true, "{v}");

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmux_core::{
-    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, SgList,
-    Status,
+    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result,
+    SgList, Status,
 };
 
 use crate::pool::{lock, Pool, State, VolHandle};
