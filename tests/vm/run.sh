@@ -492,6 +492,17 @@ else
                     { ok=no; echo "== host: could not read $name"; }
             done < "$snaps"
             [[ $ok == yes ]] && { crash_verify "$slots" "$end" "$snaps" "$work/crash" | tee "$work/crash/verify.txt"; vrc=${PIPESTATUS[0]}; }
+            # Negative control: the checker must see that the first snapshot lacks the
+            # rounds written after it (pretend it was taken after the last one).
+            if ((vrc == 0)); then
+                head -n1 "$snaps" | awk -v e="$end" '{ print $1, e }' > "$work/crash/control.txt"
+                if crash_verify "$slots" "$end" "$work/crash/control.txt" "$work/crash" > "$work/crash/control.out"; then
+                    echo "== host: the checker's negative control passed: it cannot detect lost rounds"
+                    vrc=1
+                else
+                    echo "== host: negative control: $(grep -m1 -A1 'LOST DATA' "$work/crash/control.out" | tr -s ' ' | paste -sd' ')"
+                fi
+            fi
         fi
         if ((rc == 0 && vrc == 0 && kills == 2 && k >= 10)); then
             pass crash-snapshots
