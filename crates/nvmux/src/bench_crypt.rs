@@ -38,12 +38,17 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let work = std::env::temp_dir().join(format!("nvmux-bench-crypt-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let kek = work.join("kek");
-    std::fs::write(
-        &kek,
-        nvmux_func::keys::new_data_key()?
-            .get(..32)
-            .unwrap_or(&[0; 32]),
-    )?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Mode 0600: the daemon refuses a KEK others may read.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&kek)?
+            .write_all(&nvmux_func::keys::new_data_key()?[..32])?;
+    }
     let (ddir, d) = Daemon::start_bench(&work, srv_cpu, &format!("[keys]\nkek_file = {kek:?}"))?;
     let mut socks = Vec::new();
     for (n, enc) in [("plain", false), ("enc", true)] {
