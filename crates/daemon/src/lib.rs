@@ -1120,7 +1120,7 @@ impl Daemon {
         let mut n = 0;
         for d in disks.iter_mut() {
             let Some(c) = &mut d.crypt else { continue };
-            let Some(hex) = c.wrapped_key.take() else {
+            let Some(hex) = c.wrapped_key.take().map(zeroize::Zeroizing::new) else {
                 continue;
             };
             let w =

@@ -154,8 +154,9 @@ pub fn random_bytes(k: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// A data key as stored: wrapped, with the check value of the KEK that wrapped it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A data key as stored: wrapped, with the check value of the KEK that wrapped it. Its
+/// `Debug` shows the check value only, so that no log or error message carries a key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WrappedKey {
     /// RFC 3394 output.
     pub wrapped: [u8; keywrap::WRAPPED_BYTES],
@@ -176,6 +177,15 @@ impl WrappedKey {
             wrapped: w,
             kek_check: c,
         })
+    }
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("wrapped", &"(72 bytes, not shown)")
+            .field("kek_check", &to_hex(&self.kek_check))
+            .finish()
     }
 }
 
@@ -250,6 +260,17 @@ mod tests {
         assert_eq!(*parse_kek(h.as_bytes()).unwrap(), [0xab; 32]);
         assert!(parse_kek(b"abcd").unwrap_err().contains("2 bytes"));
         assert!(parse_kek(b"xyz").is_err());
+    }
+
+    #[test]
+    fn debug_shows_no_key() {
+        let w = wrap_with(&[5; 32], &[0xee; KEY_BYTES]);
+        let d = format!("{w:?}");
+        assert!(
+            !d.contains(&format!("{:?}", &w.wrapped[..4])) && !d.contains(&to_hex(&w.wrapped[..4])),
+            "{d}"
+        );
+        assert!(d.contains(&to_hex(&w.kek_check)), "{d}");
     }
 
     #[test]
