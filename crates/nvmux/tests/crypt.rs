@@ -589,11 +589,14 @@ fn erase_leaves_no_wrapped_copy_anywhere() {
     let legacy = serde_json::to_vec_pretty(&st).expect("json");
     std::fs::write(dir.join("state.json"), &legacy).expect("write");
     std::fs::write(dir.join("state.json.tmp"), &legacy).expect("write");
+    // And a migration cut by a crash right after its first step: state.json.old is a
+    // second name of state.json itself (only the name may go, not the bytes).
+    std::fs::hard_link(dir.join("state.json"), dir.join("state.json.old")).expect("link");
     std::fs::remove_file(dir.join("keystore")).expect("rm keystore");
     assert_eq!(
         wrapped_keys_in(&dir, &kek, &|_| false).len(),
-        4,
-        "the legacy files hold both keys twice"
+        6,
+        "the legacy files hold both keys three times"
     );
 
     let d = TestDaemon::start_with(
@@ -676,6 +679,16 @@ fn erase_leaves_no_wrapped_copy_anywhere() {
     // The backup is a real one: with the old KEK (which the operator now destroys) it
     // still unwraps both keys. That is what the rotation protects against.
     assert_eq!(wrapped_keys_in(&saved, &kek, &|_| false).len(), 2);
+
+    // 4. Deleting an encrypted disk destroys its key the same way.
+    let new_m = data_key(&dir, "m", &new_kek);
+    d.api.delete("/v1/disks/m").expect("delete m");
+    let left = wrapped_keys_in(&dir, &new_kek, &|_| false);
+    assert!(
+        !left.iter().any(|(_, k)| *k == new_m),
+        "a deleted disk's key unwraps"
+    );
+    assert_eq!(left.len(), 1, "{left:?}");
     d.stop();
     let d = TestDaemon::start_with(dir, &["--kek-file", new_path.to_str().unwrap_or("")]);
     let mut c = BlkioClient::connect(&sock_e, 1, false, MIB as usize).expect("connect");
