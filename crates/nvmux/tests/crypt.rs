@@ -736,3 +736,59 @@ fn kek_file_readable_by_others_is_refused() {
     assert!(e.to_string().contains("mode 0640"), "{e}");
     d.stop();
 }
+
+/// A rotation cut by a crash (some slots re-wrapped, some not) completes when run again
+/// with the old KEK still configured: slots already under the new KEK are skipped.
+#[test]
+fn interrupted_rotation_completes_when_run_again() {
+    watchdog(120);
+    let (d, old) = start("crypt-rotate-crash", Some("default"));
+    for n in ["a", "b"] {
+        d.api
+            .post(
+                "/v1/disks",
+                &json!({"name": n, "backend": "memory", "size": MIB, "encrypt": true}),
+            )
+            .expect("create");
+    }
+    let ks = d.dir.join("keystore");
+    let before = std::fs::read(&ks).expect("keystore");
+    let new = kek_file(&d.dir, "new-kek", 0x77);
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new}))
+        .expect("rotate");
+    assert_eq!(v["rewrapped"], 2);
+    let dir = d.dir.clone();
+    d.stop();
+    // The crash: slot 0 re-wrapped, slot 1 still under the old KEK.
+    let mut after = std::fs::read(&ks).expect("keystore");
+    after[2 * 256..3 * 256].copy_from_slice(&before[2 * 256..3 * 256]);
+    std::fs::write(&ks, &after).expect("write keystore");
+
+    let d = TestDaemon::start_with(dir.clone(), &["--kek-file", old.to_str().unwrap_or("")]);
+    let status = |d: &TestDaemon, n: &str| {
+        d.api.get(&format!("/v1/disks/{n}")).expect("disk")["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let (sa, sb) = (status(&d, "a"), status(&d, "b"));
+    // Slot order follows creation: a is slot 0 (re-wrapped), b is slot 1 (not).
+    assert!(sa.contains("not the KEK"), "{sa}");
+    assert_eq!(sb, "ok");
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new}))
+        .expect("rotate again");
+    assert_eq!(v["rewrapped"], 1, "only the slot the crash left behind");
+    d.stop();
+    let d = TestDaemon::start_with(dir, &["--kek-file", new.to_str().unwrap_or("")]);
+    assert_eq!(status(&d, "a"), "ok");
+    assert_eq!(status(&d, "b"), "ok");
+    assert!(
+        wrapped_keys_in(&d.dir, &kek_bytes(0x5a), &|_| false).is_empty(),
+        "a key still unwraps with the old KEK"
+    );
+    d.stop();
+}
