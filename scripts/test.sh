@@ -23,7 +23,7 @@ run_stage() { # name command...  (a stage that is one check)
 }
 
 install_packages() {
-    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography fonts-dejavu-core libssl-dev pkg-config zstd)
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd)
     # libvirt for the VM stage's libvirt scenario, without its recommends (dnsmasq,
     # parted, mdevctl...: nothing the test uses).
     local norec=(libvirt-daemon-system libvirt-clients)

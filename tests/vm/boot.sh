@@ -5,6 +5,9 @@
 #   boot.sh --initrd BASE.cpio --script GUEST_TEST.sh --log LOG
 #           [--vhost-sock SOCK [--queues N]]...   (each --queues applies to the
 #                                                  preceding --vhost-sock; default 1)
+#           [--raw-disk FILE:SERIAL]...            (a virtio-blk disk on FILE, raw, O_DIRECT
+#                                                   (cache=none), no image locking; the
+#                                                   guest sees SERIAL in /sys/block/vdX/serial)
 #           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
 #           [--reconnect SECS]                     (vhost-user chardevs reconnect after
 #                                                   SECS when the backend goes away)
@@ -31,7 +34,7 @@ set -euo pipefail
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
 initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect=
-socks=() queues=() envs=()
+socks=() queues=() envs=() raws=()
 while (($#)); do
     case $1 in
         --initrd) initrd=$2; shift 2 ;;
@@ -47,6 +50,7 @@ while (($#)); do
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
             queues[${#queues[@]}-1]=$2; shift 2 ;;
         --env) [[ $2 == *=* ]] || die "--env wants KEY=VAL"; envs+=("$2"); shift 2 ;;
+        --raw-disk) [[ $2 == *:* ]] || die "--raw-disk wants FILE:SERIAL"; raws+=("$2"); shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
@@ -92,6 +96,11 @@ if ((${#socks[@]})); then
                -device "vhost-user-blk-pci,chardev=c$i,num-queues=${queues[$i]}")
     done
 fi
+
+for i in "${!raws[@]}"; do
+    qemu+=(-drive "file=${raws[$i]%:*},if=none,id=raw$i,format=raw,cache=none,file.locking=off"
+           -device "virtio-blk-pci,drive=raw$i,serial=${raws[$i]##*:}")
+done
 
 if [[ -n $net ]]; then
     qemu+=(-netdev user,id=n -device virtio-net-pci,netdev=n,romfile=)

@@ -4,6 +4,9 @@
 #   - kernel modules (virtio_pci, virtio_blk, virtio_net, nvme, nvme_tcp + deps)
 #     with depmod run for the guest kernel version,
 #   - fio and nvme (nvme-cli), every library `ldd` lists for them, and the dynamic loader,
+#   - for the dm-crypt scenario, when present: dm_crypt, xts, ecb, aesni_intel and
+#     algif_skcipher (+ deps), and cryptsetup (apt-get install cryptsetup-bin) with its
+#     libraries,
 #   - an /init that loads the modules, runs /test.sh (appended later as a
 #     second cpio by boot.sh) and prints a NVMUX-TEST-RESULT marker.
 #
@@ -65,7 +68,12 @@ for m in $mods; do
     # Lines look like "insmod /lib/modules/<ver>/kernel/.../x.ko [params]";
     # "builtin x" lines (module compiled in) need nothing.
     modprobe -d "${kroot:-/}" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
-done | sort -u | while read -r ko; do
+done > "$work/mods.list"
+# Optional: dm-crypt and its ciphers (a kernel without them just lacks the scenario).
+for m in dm_crypt xts ecb aesni_intel algif_skcipher; do
+    modprobe -d "${kroot:-/}" -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }' || true
+done >> "$work/mods.list"
+sort -u "$work/mods.list" | while read -r ko; do
     dst=$root${ko#"$kroot"}
     mkdir -p "$(dirname "$dst")"
     case $ko in
@@ -101,6 +109,11 @@ copy_with_libs "$(readlink -f "$(command -v fio)")"
 # nvme-cli for the NVMe/TCP scenarios (the scripts pass --hostnqn/--hostid themselves).
 copy_with_libs "$(readlink -f "$(command -v nvme)")"
 mkdir -p "$root/etc/nvme"
+# cryptsetup for the dm-crypt scenario (optional: the scenario fails, naming it, without).
+if command -v cryptsetup >/dev/null; then
+    copy_with_libs "$(readlink -f "$(command -v cryptsetup)")"
+    mkdir -p "$root/run/cryptsetup"
+fi
 
 echo "$KVER" > "$root/etc/nvmux-kver"
 

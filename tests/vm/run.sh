@@ -43,6 +43,14 @@
 #                        unsigned from bookworm-security, fetched with apt-get download
 #                        into target/vm/linux-6.12 once; VM_AUTH_KERNEL_DEB=FILE uses a
 #                        given package)
+#   dm-crypt             (nvmux only) three encrypted disks (sector_size 512; 4096 with
+#                        IVs in 512-byte units; 4096 with iv_large_sectors) served by a
+#                        second daemon with a KEK; the guest kernel's dm-crypt
+#                        (cryptsetup open --type plain --cipher aes-xts-plain64
+#                        --key-size 512 [--sector-size 4096 [--iv-large-sectors]]) on the
+#                        raw images reads what nvmux wrote and writes what nvmux reads
+#                        (tests/vm/guest-dm-crypt.sh); needs cryptsetup on the host
+#                        (apt-get install cryptsetup-bin) and python3-cryptography
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -697,6 +705,49 @@ else
             fail nvmf-auth "boot status $rc, host actions '$ACTIONS', log $work/nvmf-auth.log"
         fi
     fi
+fi
+
+# h. dm-crypt (nvmux only): nvmux's encrypted layouts against the guest kernel's dm-crypt.
+if ! want dm-crypt; then
+    echo "SKIP dm-crypt (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP dm-crypt (nvmux only)"
+elif ! command -v cryptsetup >/dev/null; then
+    fail dm-crypt "cryptsetup not found on the host, so not in the guest image (apt-get install cryptsetup-bin)"
+else
+    cdir=$sockdir/crypt-data
+    mkdir -p "$cdir"
+    (umask 077 && head -c 32 /dev/urandom > "$work/kek")
+    "$NVMUX_BIN" serve --data-dir "$cdir" --kek-file "$work/kek" >> "$work/crypt-server.log" 2>&1 &
+    cpid=$!
+    capi=$cdir/nvmux.sock
+    csetup() {
+        local i
+        for ((i = 0; i < 300; i++)); do [[ -S $capi ]] && break; sleep 0.1; done
+        # name MiB block-size extra-options...
+        while read -r n mib bs extra; do
+            rm -f "$work/crypt-$n.img"
+            # shellcheck disable=SC2086
+            "$NVMUX_BIN" --api "$capi" disk create "c$n" --backend file --path "$work/crypt-$n.img"                 --size "${mib}M" --block-size "$bs" --encrypt $extra &&
+            "$NVMUX_BIN" --api "$capi" export add "c$n" --socket "$sockdir/crypt-$n.sock" --queues 1 &&
+            python3 "$repo/tests/interop/xts_decrypt.py" "$cdir" "c$n" "$work/kek" "$work/crypt-$n.img"                 0 4096 /dev/null --key-out "$work/crypt-$n.key" || return 1
+        done <<< "512 16 512
+4k 20 4096 --sector-size 4096
+4kl 24 4096 --sector-size 4096 --iv-large-sectors"
+    }
+    if ! csetup > "$work/dm-crypt-setup.out" 2>&1; then
+        cat "$work/dm-crypt-setup.out"
+        fail dm-crypt "could not create the encrypted disks (log $work/crypt-server.log)"
+    else
+        rc=0
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-dm-crypt.sh" --log "$work/dm-crypt.log"             --vhost-sock "$sockdir/crypt-512.sock" --vhost-sock "$sockdir/crypt-4k.sock"             --vhost-sock "$sockdir/crypt-4kl.sock"             --raw-disk "$work/crypt-512.img:raw512" --raw-disk "$work/crypt-4k.img:raw4k"             --raw-disk "$work/crypt-4kl.img:raw4kl"             --env "KEY512=$(cat "$work/crypt-512.key")" --env "KEY4K=$(cat "$work/crypt-4k.key")"             --env "KEY4KL=$(cat "$work/crypt-4kl.key")"             --smp "$smp" --timeout "$boot_timeout" > "$work/dm-crypt.out" 2>&1 || rc=$?
+        cat "$work/dm-crypt.out"
+        grep '^test: ' "$work/dm-crypt.log" || true
+        if ((rc == 0)); then pass dm-crypt; else fail dm-crypt "boot status $rc, log $work/dm-crypt.log"; fi
+    fi
+    rm -f "$work"/crypt-*.key "$work/kek"
+    kill -TERM "$cpid" 2>/dev/null || true
+    wait "$cpid" 2>/dev/null || true
 fi
 
 stop_server

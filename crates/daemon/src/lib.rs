@@ -221,15 +221,66 @@ impl QosSpec {
     }
 }
 
-/// An encrypted disk's key: only the wrapped data key is stored.
+/// An encrypted disk's cipher and where its key is. The wrapped data key itself lives in
+/// the keystore (`<data_dir>/keystore`), never in `state.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CryptSpec {
-    /// Always `aes-xts-plain64` (AES-XTS-256, 512-byte sectors) today.
+    /// Always `aes-xts-plain64` (AES-XTS-256) today.
     pub cipher: String,
-    /// The 64-byte data key wrapped with the KEK (RFC 3394), hex.
-    pub wrapped_key: String,
-    /// The KEK's check value (first 8 bytes of AES-256(KEK, 0)), hex.
-    pub kek_check: String,
+    /// The keystore slot that holds the wrapped data key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// The slot's random id (32 hex digits): the slot must carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Encryption sector size in bytes: 512 (default, dm-crypt's) or 4096.
+    #[serde(default = "default_sector", skip_serializing_if = "is_default_sector")]
+    pub sector_size: u32,
+    /// With 4096-byte sectors: IVs count 4096-byte sectors (dm-crypt's
+    /// `iv_large_sectors`) instead of 512-byte units (dm-crypt's default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iv_large_sectors: bool,
+    /// The check value of the KEK that wraps the key (first 8 bytes of AES-256(KEK, 0)),
+    /// hex: shown by the API, read from the keystore, not stored in `state.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek_check: Option<String>,
+    /// The wrapped key of a `state.json` written before the keystore: read once, moved to
+    /// the keystore at start, never written or shown.
+    #[serde(default, skip_serializing)]
+    pub wrapped_key: Option<String>,
+}
+
+fn default_sector() -> u32 {
+    512
+}
+
+fn is_default_sector(s: &u32) -> bool {
+    *s == 512
+}
+
+impl CryptSpec {
+    fn layout(&self) -> nvmux_func::crypt::Layout {
+        nvmux_func::crypt::Layout {
+            sector: self.sector_size as usize,
+            iv_large_sectors: self.iv_large_sectors,
+        }
+    }
+
+    /// The keystore slot and id, or an error naming the disk.
+    fn slot_ref(&self, disk: &str) -> Result<(u32, nvmux_func::keystore::KeyId)> {
+        let id = self
+            .key_id
+            .as_deref()
+            .and_then(nvmux_func::keys::from_hex)
+            .and_then(|v| v.try_into().ok());
+        match (self.slot, id) {
+            (Some(s), Some(id)) => Ok((s, id)),
+            _ => Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disk {disk:?}: state.json names no keystore slot for its key (slot and key_id)"),
+            )),
+        }
+    }
 }
 
 /// The only cipher today.
@@ -337,6 +388,14 @@ pub struct DiskCreate {
     /// Encrypt the disk (AES-XTS-256) with a new random data key wrapped by the KEK.
     #[serde(default)]
     pub encrypt: bool,
+    /// With `encrypt`: the encryption sector size, 512 (default) or 4096 (needs a block
+    /// size of 4096), as dm-crypt's `sector_size`.
+    #[serde(default)]
+    pub sector_size: Option<u32>,
+    /// With `encrypt` and `sector_size` 4096: IVs count 4096-byte sectors, as dm-crypt's
+    /// `iv_large_sectors` (and LUKS2); default false, as dm-crypt's plain mode.
+    #[serde(default)]
+    pub iv_large_sectors: bool,
     /// Rate limits and weight from the start.
     #[serde(default)]
     pub qos: Option<QosSpec>,
@@ -449,6 +508,8 @@ pub struct Daemon {
     ops: ops::Ops,
     /// The key-encryption key's source.
     keys: Mutex<Arc<dyn KeyProvider>>,
+    /// The wrapped data keys (`<data_dir>/keystore`). Lock order: `inner`, then this.
+    keystore: Mutex<nvmux_func::keystore::Keystore>,
     /// The NVMe/TCP target (subsystems, listeners, connections).
     nvmf: nvmux_nvmf::Target,
     /// The one budget of network buffers (`network.memory_budget`), shared by every
@@ -547,6 +608,17 @@ fn export_socket_perms(
     Ok((req.owner.clone(), Some(format_mode(perms.mode))))
 }
 
+/// `sector_size` and `iv_large_sectors` belong to encrypted disks.
+pub(crate) fn check_crypt_options(req: &DiskCreate) -> Result<()> {
+    if !req.encrypt && (req.sector_size.is_some() || req.iv_large_sectors) {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "sector_size and iv_large_sectors are encryption options: add encrypt",
+        ));
+    }
+    Ok(())
+}
+
 /// Names: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 pub fn check_name(what: &str, n: &str) -> Result<()> {
     let ok = !n.is_empty()
@@ -589,7 +661,7 @@ fn not_exported(g: &Inner, name: &str) -> Result<()> {
 fn open_device(
     g: &Inner,
     spec: &DiskSpec,
-    keys: &dyn KeyProvider,
+    keys: &KeySource,
     qos: &Arc<nvmux_func::Qos>,
     router: &Arc<nvmux_router::Router>,
 ) -> Result<Arc<dyn BlockDevice>> {
@@ -632,10 +704,10 @@ fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
 /// pass-through while no limit is set and the host device is not saturated, so limits can
 /// be set on a disk in use. The router's fast path is the same stack without the optional
 /// functions (`qos`): it keeps `crypt`, which defines what the blocks hold.
-fn with_functions(
+pub(crate) fn with_functions(
     dev: Arc<dyn BlockDevice>,
     spec: &DiskSpec,
-    keys: &dyn KeyProvider,
+    keys: &KeySource,
     qos: &Arc<nvmux_func::Qos>,
     router: &Arc<nvmux_router::Router>,
 ) -> Result<Arc<dyn BlockDevice>> {
@@ -669,14 +741,65 @@ fn with_functions(
     )))
 }
 
+/// What opening or creating an encrypted disk needs: the KEK's source and the keystore.
+pub(crate) struct KeySource<'a> {
+    pub kek: Arc<dyn KeyProvider>,
+    pub store: &'a Mutex<nvmux_func::keystore::Keystore>,
+}
+
+impl KeySource<'_> {
+    fn store(&self) -> MutexGuard<'_, nvmux_func::keystore::Keystore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Destroy a key: overwrite its slot (a disk being deleted, or a create that failed).
+    fn destroy(&self, disk: &str, c: &CryptSpec) {
+        if let Some(s) = c.slot {
+            if let Err(e) = self.store().erase(s) {
+                tracing::error!(
+                    disk,
+                    slot = s,
+                    "could not erase the key's keystore slot: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// A key slot taken for a disk being created: erased on drop unless kept.
+pub(crate) struct NewKey<'a, 'b> {
+    keys: &'a KeySource<'b>,
+    disk: String,
+    spec: Option<CryptSpec>,
+}
+
+impl NewKey<'_, '_> {
+    pub fn spec(&self) -> Option<CryptSpec> {
+        self.spec.clone()
+    }
+    /// The disk exists now (persisted): keep its key.
+    pub fn keep(mut self) {
+        self.spec = None;
+    }
+}
+
+impl Drop for NewKey<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(c) = &self.spec {
+            self.keys.destroy(&self.disk, c);
+        }
+    }
+}
+
 fn with_crypt(
     dev: Arc<dyn BlockDevice>,
     spec: &DiskSpec,
-    keys: &dyn KeyProvider,
+    keys: &KeySource,
 ) -> Result<Arc<dyn BlockDevice>> {
     let Some(c) = &spec.crypt else {
         return Ok(dev);
     };
+    let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
     if c.cipher != CIPHER {
         return Err(err(
             ErrorKind::InvalidArgument,
@@ -686,19 +809,37 @@ fn with_crypt(
             ),
         ));
     }
-    let wrapped = nvmux_func::keys::WrappedKey {
-        wrapped: c.wrapped_key.clone(),
-        kek_check: c.kek_check.clone(),
-    };
-    let dek = nvmux_func::keys::unwrap(keys, &wrapped)
-        .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))?;
-    Ok(Arc::new(nvmux_func::CryptDevice::new(dev, &dek)))
+    let (slot, id) = c.slot_ref(&spec.name)?;
+    let wrapped = keys.store().get(slot, &id).map_err(named)?.key;
+    let dek = nvmux_func::keys::unwrap(&*keys.kek, &wrapped).map_err(named)?;
+    Ok(Arc::new(
+        nvmux_func::CryptDevice::with_layout(dev, &dek, c.layout()).map_err(named)?,
+    ))
 }
 
-/// A new random data key for `disk`, wrapped with the KEK.
-fn new_crypt_spec(disk: &str, keys: &dyn KeyProvider) -> Result<CryptSpec> {
+/// A new random data key for `disk`, wrapped with the KEK and stored (synced) in a new
+/// keystore slot; the slot is erased again unless the caller keeps it.
+pub(crate) fn new_crypt_spec<'a, 'b>(
+    disk: &str,
+    keys: &'a KeySource<'b>,
+    sector_size: Option<u32>,
+    iv_large_sectors: bool,
+) -> Result<NewKey<'a, 'b>> {
+    let sector_size = sector_size.unwrap_or(512);
+    if sector_size != 512 && sector_size != 4096 {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("encryption sector size {sector_size} is not supported (use 512 or 4096)"),
+        ));
+    }
+    if iv_large_sectors && sector_size == 512 {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "iv_large_sectors needs sector_size 4096 (with 512-byte sectors it changes nothing)",
+        ));
+    }
     let dek = nvmux_func::keys::new_data_key()?;
-    let w = nvmux_func::keys::wrap(keys, &dek).map_err(|e| {
+    let w = nvmux_func::keys::wrap(&*keys.kek, &dek).map_err(|e| {
         err(
             e.kind,
             format!(
@@ -707,11 +848,43 @@ fn new_crypt_spec(disk: &str, keys: &dyn KeyProvider) -> Result<CryptSpec> {
             ),
         )
     })?;
-    Ok(CryptSpec {
-        cipher: CIPHER.into(),
-        wrapped_key: w.wrapped,
-        kek_check: w.kek_check,
+    let (slot, id) = keys.store().add(disk, &w)?;
+    Ok(NewKey {
+        keys,
+        disk: disk.to_string(),
+        spec: Some(CryptSpec {
+            cipher: CIPHER.into(),
+            slot: Some(slot),
+            key_id: Some(nvmux_func::keys::to_hex(&id)),
+            sector_size,
+            iv_large_sectors,
+            kek_check: Some(nvmux_func::keys::to_hex(&w.kek_check)),
+            wrapped_key: None,
+        }),
     })
+}
+
+/// Overwrite a file's bytes with zeros, sync, and remove it: for copies of `state.json`
+/// that may hold wrapped keys of an older format (a replaced file's blocks would
+/// otherwise keep them).
+fn scrub_file(p: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(p)?;
+    let len = f.metadata()?.len();
+    let zeros = [0u8; 4096];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    drop(f);
+    std::fs::remove_file(p)?;
+    if let Some(d) = p.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
@@ -754,6 +927,7 @@ impl Daemon {
         })
         .map_err(|e| Error::io("start worker threads", e))?;
         let cfg_keys = cfg.keys.kek_file.clone();
+        let keystore = nvmux_func::keystore::Keystore::open(&cfg.data_dir.join("keystore"))?;
         let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
         let nvmf = nvmux_nvmf::Target::new(
             workers.workers().to_vec(),
@@ -770,6 +944,7 @@ impl Daemon {
                 Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
                 None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
             }),
+            keystore: Mutex::new(keystore),
             groups: Default::default(),
             nbd: Default::default(),
             nvmf,
@@ -794,7 +969,8 @@ impl Daemon {
 
     fn restore(&self) -> Result<()> {
         let p = self.state_path();
-        let text = match std::fs::read_to_string(&p) {
+        self.scrub_leftovers(&p);
+        let mut text = match std::fs::read_to_string(&p) {
             Ok(t) => {
                 // An older nvmux wrote it with the umask's mode: it may hold secrets now.
                 use std::os::unix::fs::PermissionsExt;
@@ -807,10 +983,13 @@ impl Daemon {
                 }
                 t
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.check_keystore(&[]);
+                return Ok(());
+            }
             Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
         };
-        let st: State = serde_json::from_str(&text).map_err(|e| {
+        let mut st: State = serde_json::from_str(&text).map_err(|e| {
             err(
                 ErrorKind::InvalidArgument,
                 format!(
@@ -829,6 +1008,9 @@ impl Daemon {
                 ),
             ));
         }
+        // It may hold wrapped keys (before the keystore): no copy stays in memory.
+        zeroize::Zeroize::zeroize(&mut text);
+        let migrated = self.migrate_keys(&mut st.disks)?;
         let mut g = self.lock();
         for spec in st.pools {
             let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
@@ -849,8 +1031,8 @@ impl Daemon {
                 self.new_qos(&g, &plain)
             })?;
             let router = nvmux_router::Router::new(&spec.name);
-            let dev =
-                open_device(&g, &spec, &*self.keys(), &qos, &router).map_err(|e| e.to_string());
+            let dev = open_device(&g, &spec, &self.key_source(), &qos, &router)
+                .map_err(|e| e.to_string());
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -899,6 +1081,141 @@ impl Daemon {
             g.subsystems
                 .insert(spec.nqn.clone(), nvmf::SubsystemEntry { spec, error });
         }
+        if migrated > 0 {
+            self.persist_replacing_secrets(&g)?;
+            tracing::info!(
+                keys = migrated,
+                "moved the wrapped data keys from state.json to the keystore; the old state.json was overwritten"
+            );
+        }
+        let disks: Vec<DiskSpec> = g.disks.values().map(|d| d.spec.clone()).collect();
+        drop(g);
+        self.check_keystore(&disks);
+        Ok(())
+    }
+
+    /// Copies of `state.json` left by a crash (`state.json.tmp`, `state.json.old`) may
+    /// hold wrapped keys of the format before the keystore: overwrite and remove them.
+    fn scrub_leftovers(&self, state: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        for ext in ["json.tmp", "json.old"] {
+            let q = state.with_extension(ext);
+            let Some(id) = ino(&q) else { continue };
+            // `state.json.old` is a second name of state.json itself after a crash in
+            // the middle of a migration: only the name goes.
+            let r = if Some(id) == ino(state) {
+                std::fs::remove_file(&q)
+            } else {
+                scrub_file(&q)
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(path = %q.display(), "leftover state copy overwritten and removed")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %q.display(), "could not scrub leftover state copy: {e}")
+                }
+            }
+        }
+    }
+
+    /// Move wrapped keys found in `state.json` (written before the keystore existed) into
+    /// keystore slots. Returns how many moved; `state.json` must then be rewritten.
+    fn migrate_keys(&self, disks: &mut [DiskSpec]) -> Result<usize> {
+        let mut n = 0;
+        for d in disks.iter_mut() {
+            let Some(c) = &mut d.crypt else { continue };
+            let Some(hex) = c.wrapped_key.take().map(zeroize::Zeroizing::new) else {
+                continue;
+            };
+            let w =
+                nvmux_func::keys::WrappedKey::from_hex(&hex, c.kek_check.as_deref().unwrap_or(""))
+                    .map_err(|e| {
+                        err(
+                            e.kind,
+                            format!("disk {:?} in state.json: {}", d.name, e.msg),
+                        )
+                    })?;
+            drop(hex);
+            let (slot, id) = self.keystore().add(&d.name, &w)?;
+            c.slot = Some(slot);
+            c.key_id = Some(nvmux_func::keys::to_hex(&id));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Fill in each encrypted disk's KEK check value from the keystore, erase slots that
+    /// an earlier attempt left for a disk that has another slot now (a crash between a
+    /// slot write and the state write), and warn about slots no disk uses.
+    fn check_keystore(&self, disks: &[DiskSpec]) {
+        let slots = match self.keystore().slots() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("keystore: {e}");
+                return;
+            }
+        };
+        let used = |s: &nvmux_func::keystore::Slot| {
+            disks.iter().any(|d| {
+                d.crypt
+                    .as_ref()
+                    .is_some_and(|c| c.slot_ref(&d.name).ok() == Some((s.index, s.id)))
+            })
+        };
+        for s in &slots {
+            if used(s) {
+                continue;
+            }
+            if disks.iter().any(|d| d.name == s.owner) {
+                match self.keystore().erase(s.index) {
+                    Ok(()) => {
+                        tracing::info!(slot = s.index, disk = %s.owner, "erased a stale keystore slot (the disk uses another)")
+                    }
+                    Err(e) => tracing::error!(
+                        slot = s.index,
+                        "could not erase a stale keystore slot: {e}"
+                    ),
+                }
+            } else {
+                tracing::warn!(slot = s.index, owner = %s.owner, "keystore slot holds the key of a disk that state.json does not have (a crash during create, or a state.json moved away); kept");
+            }
+        }
+        let mut g = self.lock();
+        for d in g.disks.values_mut() {
+            let Some(c) = &mut d.spec.crypt else { continue };
+            c.kek_check = slots
+                .iter()
+                .find(|s| c.slot_ref(&d.spec.name).ok() == Some((s.index, s.id)))
+                .map(|s| nvmux_func::keys::to_hex(&s.key.kek_check));
+        }
+    }
+
+    fn keystore(&self) -> MutexGuard<'_, nvmux_func::keystore::Keystore> {
+        self.keystore.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key_source(&self) -> KeySource<'_> {
+        KeySource {
+            kek: self.keys(),
+            store: &self.keystore,
+        }
+    }
+
+    /// Write `state.json` and overwrite the bytes of the one it replaces (which held
+    /// wrapped keys): the old file is kept under a second name across the rename, then
+    /// zeroed, synced and removed. A crash in between leaves `state.json.old`, scrubbed
+    /// at the next start.
+    fn persist_replacing_secrets(&self, g: &Inner) -> Result<()> {
+        let p = self.state_path();
+        let old = p.with_extension("json.old");
+        let _ = std::fs::remove_file(&old);
+        let linked = std::fs::hard_link(&p, &old).is_ok();
+        self.persist(g)?;
+        if linked {
+            scrub_file(&old).map_err(|e| Error::io(format!("overwrite {}", old.display()), e))?;
+        }
         Ok(())
     }
 
@@ -906,7 +1223,18 @@ impl Daemon {
         let st = State {
             version: STATE_VERSION,
             pools: g.pools.values().map(|p| p.spec.clone()).collect(),
-            disks: g.disks.values().map(|d| d.spec.clone()).collect(),
+            disks: g
+                .disks
+                .values()
+                .map(|d| {
+                    let mut s = d.spec.clone();
+                    if let Some(c) = &mut s.crypt {
+                        // Shown by the API, read from the keystore; not stored.
+                        c.kek_check = None;
+                    }
+                    s
+                })
+                .collect(),
             exports: g.exports.values().map(|e| e.spec.clone()).collect(),
             subsystems: g.subsystems.values().map(|e| e.spec.clone()).collect(),
         };
@@ -936,10 +1264,6 @@ impl Daemon {
 
     fn view(g: &Inner, d: &Disk) -> DiskView {
         let mut spec = d.spec.clone();
-        if let Some(c) = &mut spec.crypt {
-            // Wrapped, so harmless, but there is no reason to hand it out.
-            c.wrapped_key = "(stored in state.json)".into();
-        }
         if let Ok(dev) = &d.dev {
             // A thin volume's size changes with resize.
             spec.size = dev.capacity_bytes();
@@ -1053,12 +1377,20 @@ impl Daemon {
                 "a null or memory disk needs a size",
             ));
         }
+        check_crypt_options(&req)?;
         // A file disk without a size takes the existing file's size.
-        let crypt = if req.encrypt {
-            Some(new_crypt_spec(&req.name, &*self.keys())?)
+        let keys = self.key_source();
+        let new_key = if req.encrypt {
+            Some(new_crypt_spec(
+                &req.name,
+                &keys,
+                req.sector_size,
+                req.iv_large_sectors,
+            )?)
         } else {
             None
         };
+        let crypt = new_key.as_ref().and_then(NewKey::spec);
         let mut spec = DiskSpec {
             name: req.name.clone(),
             backend,
@@ -1089,7 +1421,7 @@ impl Daemon {
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
             _ => open_backend(&g, &spec),
         }
-        .and_then(|d| with_functions(d, &spec, &*self.keys(), &qos, &router));
+        .and_then(|d| with_functions(d, &spec, &keys, &qos, &router));
         let dev = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -1128,13 +1460,18 @@ impl Daemon {
             }
             return Err(e);
         }
+        if let Some(k) = new_key {
+            k.keep();
+        }
         let d = &g.disks[&req.name];
         Ok(Self::view(&g, d))
     }
 
     /// Crypto-erase: destroy an encrypted disk's data key and give the disk a new one.
-    /// The old contents can no longer be decrypted by anyone; the disk stays, reading as
-    /// noise until written. Returns the seconds it took.
+    /// The new key, wrapped, overwrites the old one in its keystore slot, in place, and is
+    /// synced before this returns: no file the daemon keeps holds the old key in any form
+    /// (docs/security.md says against whom that holds). The disk stays, reading as noise
+    /// until written. Returns the seconds it took.
     pub fn crypto_erase(&self, name: &str) -> Result<f64> {
         let t = Instant::now();
         let mut g = self.lock();
@@ -1144,37 +1481,50 @@ impl Daemon {
                 format!("disk {name:?} does not exist"),
             ));
         };
-        if d.spec.crypt.is_none() {
+        let Some(c) = d.spec.crypt.clone() else {
             return Err(err(
                 ErrorKind::InvalidArgument,
                 format!("disk {name:?} is not encrypted, so it has no key to destroy; `disk delete --erase` zeroes a disk"),
             ));
-        }
+        };
         not_exported(&g, name)?;
-        let mut spec = d.spec.clone();
-        spec.crypt = Some(new_crypt_spec(name, &*self.keys())?);
-        let dev = with_functions(
-            open_backend(&g, &spec)?,
-            &spec,
-            &*self.keys(),
-            &d.qos,
-            &d.router,
-        )?;
+        let named = |e: Error| err(e.kind, format!("disk {name:?}: {}", e.msg));
+        let keys = self.key_source();
+        let (slot, id) = c.slot_ref(name)?;
+        let dek = nvmux_func::keys::new_data_key()?;
+        let w = nvmux_func::keys::wrap(&*keys.kek, &dek).map_err(named)?;
+        drop(dek);
+        // The point of no return: the old key's only stored copy is overwritten.
+        keys.store().replace(slot, &id, &w).map_err(named)?;
+        let spec = {
+            let mut s = d.spec.clone();
+            if let Some(c) = &mut s.crypt {
+                c.kek_check = Some(nvmux_func::keys::to_hex(&w.kek_check));
+            }
+            s
+        };
+        let dev = open_backend(&g, &spec)
+            .and_then(|b| with_functions(b, &spec, &keys, &d.qos, &d.router));
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
-        let old_spec = std::mem::replace(&mut d.spec, spec);
-        let old_dev = std::mem::replace(&mut d.dev, Ok(dev));
-        if let Err(e) = self.persist(&g) {
-            if let Some(d) = g.disks.get_mut(name) {
-                d.spec = old_spec;
-                d.dev = old_dev;
-            }
-            return Err(e);
-        }
+        d.spec = spec;
         // The old key's last copy in memory goes with the old device (its key schedule is
-        // zeroed on drop).
-        drop(old_dev);
+        // in locked memory, wiped on drop).
+        let reopened = match dev {
+            Ok(dev) => {
+                d.dev = Ok(dev);
+                Ok(())
+            }
+            Err(e) => {
+                d.dev = Err(e.to_string());
+                Err(err(
+                    e.kind,
+                    format!("disk {name:?}: its old key is destroyed, but the disk could not be opened with the new one: {}", e.msg),
+                ))
+            }
+        };
+        reopened?;
         let secs = t.elapsed().as_secs_f64();
         tracing::info!(
             disk = name,
@@ -1228,46 +1578,50 @@ impl Daemon {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// KEK rotation: re-wrap every encrypted disk's data key under the KEK in `new_kek`,
-    /// and use that KEK from now on. Data is not touched. All keys are re-wrapped and
-    /// checked before anything is saved; then `state.json` is replaced in one step.
-    /// Returns how many keys were re-wrapped. The configuration must then name the new
-    /// KEK (`keys.kek_file`) before the next start.
+    /// KEK rotation: re-wrap every key in the keystore under the KEK in `new_kek`, in
+    /// place, and use that KEK from now on. Data is not touched. Every key is unwrapped
+    /// and re-wrapped in memory before the first slot is written, so a KEK that does not
+    /// unwrap them all changes nothing. A slot already wrapped by the new KEK is skipped,
+    /// so a rotation interrupted by a crash finishes when run again with the old KEK still
+    /// configured. Returns how many keys were re-wrapped. The configuration must then name
+    /// the new KEK (`keys.kek_file`) before the next start.
     pub fn rotate_kek(&self, new_kek: &Path) -> Result<usize> {
         let mut g = self.lock();
         let old = self.keys();
         let new: Arc<dyn KeyProvider> = Arc::new(nvmux_func::keys::KekFile(new_kek.to_path_buf()));
-        new.kek()?;
+        let new_k = new.kek()?;
+        let new_check = nvmux_func::keywrap::check_value(&new_k);
+        let mut store = self.keystore();
+        let slots = store.slots()?;
         let mut rewrapped = Vec::new();
-        for d in g.disks.values() {
-            let Some(c) = &d.spec.crypt else { continue };
-            let w = nvmux_func::keys::WrappedKey {
-                wrapped: c.wrapped_key.clone(),
-                kek_check: c.kek_check.clone(),
-            };
-            let dek = nvmux_func::keys::unwrap(&*old, &w)
-                .map_err(|e| err(e.kind, format!("disk {:?}: {}", d.spec.name, e.msg)))?;
-            let n = nvmux_func::keys::wrap(&*new, &dek)?;
-            rewrapped.push((d.spec.name.clone(), n));
-        }
-        let saved: Vec<(String, Option<CryptSpec>)> = g
-            .disks
-            .values()
-            .map(|d| (d.spec.name.clone(), d.spec.crypt.clone()))
-            .collect();
-        for (name, w) in &rewrapped {
-            if let Some(c) = g.disks.get_mut(name).and_then(|d| d.spec.crypt.as_mut()) {
-                c.wrapped_key = w.wrapped.clone();
-                c.kek_check = w.kek_check.clone();
+        let mut old_k = None;
+        for s in &slots {
+            if s.key.kek_check == new_check {
+                continue;
             }
+            if old_k.is_none() {
+                old_k = Some(old.kek()?);
+            }
+            let Some(ok) = &old_k else { continue };
+            let dek = nvmux_func::keys::unwrap_with(ok, &old.describe(), &s.key).map_err(|e| {
+                err(
+                    e.kind,
+                    format!("disk {:?} (keystore slot {}): {}", s.owner, s.index, e.msg),
+                )
+            })?;
+            rewrapped.push((s, nvmux_func::keys::wrap_with(&new_k, &dek)));
         }
-        if let Err(e) = self.persist(&g) {
-            for (name, c) in saved {
-                if let Some(d) = g.disks.get_mut(&name) {
-                    d.spec.crypt = c;
+        for (s, w) in &rewrapped {
+            store.replace(s.index, &s.id, w)?;
+        }
+        drop(store);
+        let check = nvmux_func::keys::to_hex(&new_check);
+        for d in g.disks.values_mut() {
+            if let Some(c) = &mut d.spec.crypt {
+                if c.kek_check.is_some() {
+                    c.kek_check = Some(check.clone());
                 }
             }
-            return Err(e);
         }
         *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = new;
         tracing::info!(keys = rewrapped.len(), kek = %new_kek.display(), "KEK rotated; set keys.kek_file to the new KEK before the next start");
@@ -1338,7 +1692,7 @@ impl Daemon {
         let dev = with_functions(
             open_backend(&g, &spec)?,
             &spec,
-            &*self.keys(),
+            &self.key_source(),
             &qos,
             &d.router,
         )?;
@@ -1425,6 +1779,11 @@ impl Daemon {
             _ => {}
         }
         let removed = g.disks.remove(name);
+        // An encrypted disk's key goes first (its slot overwritten), so that no crash or
+        // failed write below leaves the key behind for a disk that is gone.
+        if let Some(c) = removed.as_ref().and_then(|r| r.spec.crypt.as_ref()) {
+            self.key_source().destroy(name, c);
+        }
         if let Err(e) = self.persist(&g) {
             if let Some(r) = removed {
                 g.disks.insert(name.to_string(), r);

@@ -247,11 +247,19 @@ impl Daemon {
                 "an encrypted disk cannot be a clone or an attached volume yet: its data would need the origin's key",
             ));
         }
-        let crypt = if req.encrypt {
-            Some(crate::new_crypt_spec(&req.name, &*self.keys())?)
+        crate::check_crypt_options(&req)?;
+        let keys = self.key_source();
+        let new_key = if req.encrypt {
+            Some(crate::new_crypt_spec(
+                &req.name,
+                &keys,
+                req.sector_size,
+                req.iv_large_sectors,
+            )?)
         } else {
             None
         };
+        let crypt = new_key.as_ref().and_then(crate::NewKey::spec);
         let (volume, owned) = match &req.volume {
             Some(v) => {
                 if req.size.is_some() || req.from_snapshot.is_some() {
@@ -324,7 +332,7 @@ impl Daemon {
             }
         };
         let router = nvmux_router::Router::new(&spec.name);
-        let dev = match crate::with_functions(Arc::new(thin), &spec, &*self.keys(), &qos, &router) {
+        let dev = match crate::with_functions(Arc::new(thin), &spec, &keys, &qos, &router) {
             Ok(d) => d,
             Err(e) => {
                 undo(&pool);
@@ -345,6 +353,9 @@ impl Daemon {
             g.disks.remove(&req.name);
             undo(&pool);
             return Err(e);
+        }
+        if let Some(k) = new_key {
+            k.keep();
         }
         tracing::info!(disk = %req.name, volume = %volume, "pool disk created");
         Ok(Daemon::view(&g, &g.disks[&req.name]))
@@ -395,7 +406,7 @@ impl Daemon {
         let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = crate::with_functions(thin, &d.spec, &*self.keys(), &d.qos, &d.router)
+            d.dev = crate::with_functions(thin, &d.spec, &self.key_source(), &d.qos, &d.router)
                 .map_err(|e| e.to_string());
             if let Some(e) = d.router.external() {
                 e.set_num_blocks(size / 512);

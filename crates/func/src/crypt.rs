@@ -1,5 +1,6 @@
 //! The `crypt` function: a `BlockDevice` that stores AES-XTS-256 ciphertext on the device
-//! below it, in dm-crypt's `aes-xts-plain64` layout with 512-byte sectors.
+//! below it, in dm-crypt's `aes-xts-plain64` layout with 512-byte sectors, or 4096-byte
+//! sectors (dm-crypt's `sector_size:4096`, with or without `iv_large_sectors`).
 //!
 //! * Reads go to the device straight into the caller's buffers and are decrypted there
 //!   when they complete (the data is the caller's to see).
@@ -11,8 +12,12 @@
 //!   which blocks are in use. A command of either kind that arrives anyway passes through
 //!   and leaves that range reading as noise, as dm-crypt with `allow_discards` does.
 //!
-//! Sector numbers count 512-byte units from the start of the device below, so a tool
-//! with the key can decrypt its image with `aes-xts-plain64` and nothing else: no header.
+//! IV sector numbers count 512-byte units from the start of the device below (or, with
+//! `iv_large_sectors`, whole encryption sectors), so a tool with the key can decrypt its
+//! image with `aes-xts-plain64` and nothing else: no header.
+//!
+//! The XTS key schedule lives in [`Locked`] memory: out of core dumps, locked in RAM where
+//! allowed, wiped when the device goes.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -21,10 +26,53 @@ use nvmux_core::{
     AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Result, SgList, Status,
 };
 
+use crate::secret::Locked;
 use crate::xts::{Xts, KEY_BYTES};
 
-/// Encryption sector: 512 bytes, dm-crypt's default, so every disk block size works.
+/// The default encryption sector: 512 bytes, dm-crypt's default, so every disk block size
+/// works.
 pub const SECTOR: usize = 512;
+/// The largest encryption sector (dm-crypt's limit too).
+pub const MAX_SECTOR: usize = 4096;
+
+/// How sectors are numbered and sized: dm-crypt's `sector_size` and `iv_large_sectors`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Encryption sector in bytes: 512 or 4096. The disk's block size must be a multiple.
+    pub sector: usize,
+    /// IVs count whole sectors instead of 512-byte units.
+    pub iv_large_sectors: bool,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            sector: SECTOR,
+            iv_large_sectors: false,
+        }
+    }
+}
+
+impl Layout {
+    /// IV increment from one sector to the next.
+    fn iv_step(&self) -> u64 {
+        if self.iv_large_sectors {
+            1
+        } else {
+            (self.sector / 512) as u64
+        }
+    }
+    /// IV of the sector at byte `off` (a multiple of the sector size).
+    fn iv_at(&self, off: u64) -> u64 {
+        off / self.sector as u64 * self.iv_step()
+    }
+}
+
+/// XTS with its layout: what a queue needs to encrypt and decrypt.
+struct Cipher {
+    xts: Locked<Xts>,
+    layout: Layout,
+}
 /// Bounce-buffer bytes one queue may hold (in flight plus spare). A guest decides how
 /// many writes it has in flight and how large each is (up to the frontend's request
 /// limit, 32 MiB), so without a budget a full 1024-entry queue of large writes would ask
@@ -35,20 +83,53 @@ pub const BOUNCE_BUDGET: usize = 64 << 20;
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
     info: DeviceInfo,
-    xts: Arc<Xts>,
+    cipher: Arc<Cipher>,
 }
 
 impl CryptDevice {
-    /// Encrypt `inner` with the XTS key `key` (key1 || key2).
-    pub fn new(inner: Arc<dyn BlockDevice>, key: &[u8; KEY_BYTES]) -> Self {
+    /// Encrypt `inner` with the XTS key `key` (key1 || key2) in 512-byte sectors.
+    pub fn new(inner: Arc<dyn BlockDevice>, key: &[u8; KEY_BYTES]) -> Result<Self> {
+        Self::with_layout(inner, key, Layout::default())
+    }
+
+    /// Encrypt `inner` with `key` in the given layout. The device's block size must be a
+    /// multiple of the sector size.
+    pub fn with_layout(
+        inner: Arc<dyn BlockDevice>,
+        key: &[u8; KEY_BYTES],
+        layout: Layout,
+    ) -> Result<Self> {
         let mut info = inner.info().clone();
+        if !(layout.sector == SECTOR || layout.sector == MAX_SECTOR) {
+            return Err(nvmux_core::Error::new(
+                nvmux_core::ErrorKind::InvalidArgument,
+                format!(
+                    "encryption sector size {} is not supported (use 512 or 4096)",
+                    layout.sector
+                ),
+            ));
+        }
+        if !(info.block_size as usize).is_multiple_of(layout.sector) {
+            return Err(nvmux_core::Error::new(
+                nvmux_core::ErrorKind::InvalidArgument,
+                format!(
+                    "encryption sectors of {} bytes need a disk block size that is a multiple of it; {} has {}-byte blocks (create the disk with --block-size 4096)",
+                    layout.sector,
+                    inner.describe(),
+                    info.block_size
+                ),
+            ));
+        }
         info.discard = false;
         info.write_zeroes = false;
-        CryptDevice {
+        Ok(CryptDevice {
             inner,
             info,
-            xts: Arc::new(Xts::new(key)),
-        }
+            cipher: Arc::new(Cipher {
+                xts: Locked::new(Xts::new(key))?,
+                layout,
+            }),
+        })
     }
 }
 
@@ -59,7 +140,7 @@ impl BlockDevice for CryptDevice {
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         Ok(Box::new(CryptQueue {
             inner: self.inner.open_queue(depth)?,
-            xts: self.xts.clone(),
+            cipher: self.cipher.clone(),
             bs: self.info.block_size as u64,
             slots: Vec::with_capacity(depth as usize),
             free: Vec::new(),
@@ -69,7 +150,18 @@ impl BlockDevice for CryptDevice {
         }))
     }
     fn describe(&self) -> String {
-        format!("aes-xts-plain64 over {}", self.inner.describe())
+        let l = &self.cipher.layout;
+        match (l.sector, l.iv_large_sectors) {
+            (SECTOR, _) => format!("aes-xts-plain64 over {}", self.inner.describe()),
+            (s, false) => format!(
+                "aes-xts-plain64 sector_size={s} over {}",
+                self.inner.describe()
+            ),
+            (s, true) => format!(
+                "aes-xts-plain64 sector_size={s} iv_large_sectors over {}",
+                self.inner.describe()
+            ),
+        }
     }
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes()
@@ -85,7 +177,7 @@ enum Slot {
 
 struct CryptQueue {
     inner: Box<dyn BlockQueue>,
-    xts: Arc<Xts>,
+    cipher: Arc<Cipher>,
     bs: u64,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -140,7 +232,6 @@ impl CryptQueue {
     /// Encrypt a write into a bounce buffer and send it down; hands the command back if
     /// the budget has no room for it now.
     fn submit_write(&mut self, cmd: IoCommand) -> Result<(), IoCommand> {
-        let sectors_per_block = self.bs / SECTOR as u64;
         // The frontend validated the SG list against nlb; the block size is a multiple of
         // the sector, so this is whole sectors.
         let len = (cmd.nlb as u64 * self.bs) as usize;
@@ -150,7 +241,10 @@ impl CryptQueue {
         let buf = &mut b.as_mut_slice()[..len];
         // SAFETY: a write command's segments are readable for their length.
         unsafe { cmd.sg.copy_to(buf) };
-        self.xts.encrypt(buf, SECTOR, cmd.slba * sectors_per_block);
+        let l = self.cipher.layout;
+        self.cipher
+            .xts
+            .encrypt_iv(buf, l.sector, l.iv_at(cmd.slba * self.bs), l.iv_step());
         let sg = b.sg(0, len);
         let (slba, nlb, fua, nsid) = (cmd.slba, cmd.nlb, cmd.fua, cmd.nsid);
         let tag = self.slot(Slot::Bounced { cmd, bounce: b });
@@ -162,47 +256,49 @@ impl CryptQueue {
     }
 }
 
-/// Decrypt the sectors that `sg` holds, starting at 512-byte sector `first`, in place.
-/// A sector split across segments is gathered into a stack buffer and scattered back.
+/// Decrypt the sectors that `sg` holds, the first with IV `first`, in place. A sector
+/// split across segments is gathered into a stack buffer and scattered back.
 ///
 /// # Safety
 /// Every segment must point at writable memory of its length.
-unsafe fn decrypt_sg(xts: &Xts, sg: &SgList, first: u64) {
-    let mut sector = first;
-    let mut part = [0u8; SECTOR];
+unsafe fn decrypt_sg(xts: &Xts, layout: Layout, sg: &SgList, first: u64) {
+    let (sec, step) = (layout.sector, layout.iv_step());
+    let mut iv = first;
+    let mut buf = [0u8; MAX_SECTOR];
+    let part = &mut buf[..sec];
     let mut have = 0; // bytes of a split sector gathered in `part`
     let mut pending: Vec<(*mut u8, usize)> = Vec::new();
     for v in sg.segments() {
         let base = v.iov_base.cast::<u8>();
         let mut off = 0;
         while off < v.iov_len {
-            if have == 0 && v.iov_len - off >= SECTOR {
+            if have == 0 && v.iov_len - off >= sec {
                 // Whole sectors in this segment: in place.
-                let n = (v.iov_len - off) / SECTOR * SECTOR;
+                let n = (v.iov_len - off) / sec * sec;
                 // SAFETY: `off + n` <= the segment's length; the caller guarantees it is
                 // writable.
                 let s = unsafe { std::slice::from_raw_parts_mut(base.add(off), n) };
-                xts.decrypt(s, SECTOR, sector);
-                sector += (n / SECTOR) as u64;
+                xts.decrypt_iv(s, sec, iv, step);
+                iv += (n / sec) as u64 * step;
                 off += n;
                 continue;
             }
-            let n = (SECTOR - have).min(v.iov_len - off);
+            let n = (sec - have).min(v.iov_len - off);
             // SAFETY: as above, `off + n` is inside the segment.
             unsafe { std::ptr::copy_nonoverlapping(base.add(off), part[have..].as_mut_ptr(), n) };
             // SAFETY: as above.
             pending.push((unsafe { base.add(off) }, n));
             have += n;
             off += n;
-            if have == SECTOR {
-                xts.decrypt(&mut part, SECTOR, sector);
+            if have == sec {
+                xts.decrypt_iv(part, sec, iv, step);
                 let mut at = 0;
                 for (p, n) in pending.drain(..) {
                     // SAFETY: each (p, n) was a writable piece of a segment.
                     unsafe { std::ptr::copy_nonoverlapping(part[at..].as_ptr(), p, n) };
                     at += n;
                 }
-                sector += 1;
+                iv += step;
                 have = 0;
             }
         }
@@ -231,7 +327,7 @@ impl BlockQueue for CryptQueue {
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
         let CryptQueue {
             inner,
-            xts,
+            cipher,
             bs,
             slots,
             free,
@@ -239,7 +335,6 @@ impl BlockQueue for CryptQueue {
             bounce_in_flight,
             ..
         } = self;
-        let spb = *bs / SECTOR as u64;
         let n = inner.poll(&mut |mut c, st| {
             let i = c.tag as usize;
             let Some(slot) = slots.get_mut(i).and_then(|s| s.take()) else {
@@ -250,7 +345,14 @@ impl BlockQueue for CryptQueue {
                 Slot::Direct { tag } => {
                     if c.opcode == Opcode::Read && st.is_ok() {
                         // SAFETY: a read command's segments are writable for their length.
-                        unsafe { decrypt_sg(xts, &c.sg, c.slba * spb) };
+                        unsafe {
+                            decrypt_sg(
+                                &cipher.xts,
+                                cipher.layout,
+                                &c.sg,
+                                cipher.layout.iv_at(c.slba * *bs),
+                            )
+                        };
                     }
                     c.tag = tag;
                     done(c, st);
@@ -366,7 +468,8 @@ mod tests {
                 release: release.clone(),
             }),
             &[7u8; KEY_BYTES],
-        );
+        )
+        .unwrap();
         let mut q = dev.open_queue(64).unwrap();
         let mut data = vec![0u8; 32 << 20];
         for i in 0..64u64 {
@@ -420,7 +523,26 @@ mod tests {
             at += n;
         }
         // SAFETY: the segments cover `buf`, which is writable.
-        unsafe { decrypt_sg(&xts, &sg, 40) };
+        unsafe { decrypt_sg(&xts, Layout::default(), &sg, 40) };
         assert_eq!(buf, plain);
+        // 4096-byte sectors (IVs 8 apart) split across segments of 100, 5000, 1, 3091.
+        let plain: Vec<u8> = (0..8192).map(|i| (i * 5) as u8).collect();
+        let l = Layout {
+            sector: 4096,
+            iv_large_sectors: false,
+        };
+        let mut ct = plain.clone();
+        xts.encrypt_iv(&mut ct, 4096, 16, 8);
+        let mut sg = SgList::default();
+        let p = ct.as_mut_ptr();
+        let mut at = 0;
+        for n in [100usize, 5000, 1, 3091] {
+            // SAFETY: test: pieces of `ct`, in bounds.
+            sg.push(unsafe { p.add(at) }, n);
+            at += n;
+        }
+        // SAFETY: the segments cover `ct`, which is writable.
+        unsafe { decrypt_sg(&xts, l, &sg, 16) };
+        assert_eq!(ct, plain);
     }
 }

@@ -1,5 +1,8 @@
 //! AES-XTS-256 (IEEE 1619-2007, NIST SP 800-38E) over whole sectors, with the tweak of
-//! dm-crypt's `aes-xts-plain64`: the sector number as a 16-byte little-endian integer.
+//! dm-crypt's `aes-xts-plain64`: the IV sector number as a 16-byte little-endian integer.
+//! Sectors of 512 to 4096 bytes; the IV of consecutive sectors advances by `iv_step`
+//! (dm-crypt with `sector_size=4096` counts IVs in 512-byte units, so 8 per sector,
+//! unless `iv_large_sectors` is set, which counts whole sectors: 1).
 //!
 //! Built on the `aes` crate, which uses the CPU's AES instructions (AES-NI) when present
 //! and processes several blocks in parallel in `encrypt_blocks`. All tweaks of a sector
@@ -35,15 +38,25 @@ impl Xts {
     /// Encrypt `buf` (whole sectors of `sector` bytes) in place; the first sector is
     /// number `first`.
     pub fn encrypt(&self, buf: &mut [u8], sector: usize, first: u64) {
-        self.run(buf, sector, first, true)
+        self.run(buf, sector, first, 1, true)
     }
 
     /// Decrypt `buf` (whole sectors) in place.
     pub fn decrypt(&self, buf: &mut [u8], sector: usize, first: u64) {
-        self.run(buf, sector, first, false)
+        self.run(buf, sector, first, 1, false)
     }
 
-    fn run(&self, buf: &mut [u8], sector: usize, first: u64, enc: bool) {
+    /// Encrypt whole sectors whose IVs are `first`, `first + iv_step`, ...
+    pub fn encrypt_iv(&self, buf: &mut [u8], sector: usize, first: u64, iv_step: u64) {
+        self.run(buf, sector, first, iv_step, true)
+    }
+
+    /// Decrypt whole sectors whose IVs are `first`, `first + iv_step`, ...
+    pub fn decrypt_iv(&self, buf: &mut [u8], sector: usize, first: u64, iv_step: u64) {
+        self.run(buf, sector, first, iv_step, false)
+    }
+
+    fn run(&self, buf: &mut [u8], sector: usize, first: u64, iv_step: u64, enc: bool) {
         assert!(
             sector.is_power_of_two() && (512..=MAX_SECTOR).contains(&sector),
             "XTS sector size"
@@ -55,7 +68,7 @@ impl Xts {
             let ns = grp.len() / sector;
             let mut t0 = [Block::default(); 8];
             for (k, t) in t0.iter_mut().enumerate().take(ns) {
-                let n = first + (g * 8 + k) as u64;
+                let n = first.wrapping_add((g * 8 + k) as u64 * iv_step);
                 *t = Block::from((n as u128).to_le_bytes());
             }
             self.tweak.encrypt_blocks(&mut t0[..ns]);
@@ -198,5 +211,29 @@ mod tests {
             x.encrypt(s, 512, 1000 + i as u64);
         }
         assert_eq!(a, b);
+    }
+
+    /// 4096-byte sectors with IVs in 512-byte units (dm-crypt `sector_size:4096` without
+    /// `iv_large_sectors`): sector i of a 4096-byte area has IV first + 8i, and equals a
+    /// one-sector call with that IV; with step 1 (iv_large_sectors) IV first + i.
+    #[test]
+    fn large_sectors_step_their_ivs() {
+        let x = Xts::new(&[9u8; KEY_BYTES]);
+        let plain: Vec<u8> = (0..3 * 4096).map(|i| (i * 13) as u8).collect();
+        for step in [8u64, 1] {
+            let mut a = plain.clone();
+            x.encrypt_iv(&mut a, 4096, 80, step);
+            for (i, s) in a.chunks(4096).enumerate() {
+                let mut b = plain[i * 4096..(i + 1) * 4096].to_vec();
+                x.encrypt(&mut b, 4096, 80 + i as u64 * step);
+                assert_eq!(s, &b[..], "step {step} sector {i}");
+            }
+            // One 4096-byte sector is not eight 512-byte ones.
+            let mut c = plain[..4096].to_vec();
+            x.encrypt(&mut c, 512, 80);
+            assert_ne!(c, a[..4096]);
+            x.decrypt_iv(&mut a, 4096, 80, step);
+            assert_eq!(a, plain);
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! `nvmux bench --crypt`: an encrypted nvmux disk against the same disk unencrypted and
 //! against qemu-storage-daemon's `luks` driver (AES-256-XTS, plain64), all file-backed
 //! on the same filesystem, in one run; each workload runs on the three back to back.
+//!
+//! First, on the same run, the XTS kernels alone (CPU only): nvmux's `xts.rs` against
+//! RustCrypto's `xts-mode` crate over the same `aes` crate, after checking that both give
+//! the same ciphertext. `xts.rs` stays only while `xts-mode` is slower (docs/benchmarks.md).
+//! `--only xts` runs just this part.
 
 use nvmux_bench::client::Op;
 use nvmux_bench::procs::{self, QsdTarget};
@@ -34,16 +39,135 @@ fn name(bs: usize, op: Op, qd: usize) -> String {
     format!("{}K {op} QD{qd}", bs >> 10)
 }
 
+/// One XTS kernel measurement: MB/s of plaintext processed.
+struct Kernel {
+    what: String,
+    nvmux: f64,
+    xts_mode: f64,
+}
+
+/// Bytes/s of `f` over `buf`, the best of 5 rounds of about `round` each (the best
+/// filters out preemption on a shared machine).
+fn rate(buf: &mut [u8], round: std::time::Duration, f: &mut dyn FnMut(&mut [u8], u64)) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < round {
+            for _ in 0..64 {
+                f(buf, n);
+                n += 1;
+            }
+        }
+        best = best.max(n as f64 * buf.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// nvmux's XTS against `xts-mode` 0.5 (both on `aes` 0.8, AES-NI), same key, same
+/// buffers, alternating. Fails if they disagree on a single byte.
+fn xts_kernels() -> Res<Vec<Kernel>> {
+    use aes::cipher::KeyInit;
+    use xts_mode::{get_tweak_default, Xts128};
+    let key = nvmux_func::keys::new_data_key()?;
+    let ours = nvmux_func::xts::Xts::new(&key);
+    let theirs = Xts128::<aes::Aes256>::new(
+        aes::Aes256::new_from_slice(&key[..32]).map_err(|_| "AES key")?,
+        aes::Aes256::new_from_slice(&key[32..]).map_err(|_| "AES key")?,
+    );
+    // Same ciphertext first (IVs counting sectors: xts-mode's get_tweak_default).
+    for sector in [512usize, 4096] {
+        let plain: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (mut a, mut b) = (plain.clone(), plain.clone());
+        ours.encrypt_iv(&mut a, sector, 1000, 1);
+        theirs.encrypt_area(&mut b, sector, 1000, get_tweak_default);
+        if a != b {
+            return Err(format!("xts.rs and xts-mode disagree ({sector}-byte sectors)").into());
+        }
+        ours.decrypt_iv(&mut b, sector, 1000, 1);
+        if b != plain {
+            return Err("xts.rs does not decrypt xts-mode's ciphertext".into());
+        }
+    }
+    let round = std::time::Duration::from_millis(100);
+    let mut out = Vec::new();
+    for len in [4096usize, 65536] {
+        for sector in [512usize, 4096] {
+            for enc in [true, false] {
+                let mut buf = vec![0x5au8; len];
+                let ns = (len / sector) as u64;
+                let n = rate(&mut buf, round, &mut |b, i| {
+                    if enc {
+                        ours.encrypt_iv(b, sector, i * ns, 1)
+                    } else {
+                        ours.decrypt_iv(b, sector, i * ns, 1)
+                    }
+                });
+                let x = rate(&mut buf, round, &mut |b, i| {
+                    let first = (i * ns) as u128;
+                    if enc {
+                        theirs.encrypt_area(b, sector, first, get_tweak_default)
+                    } else {
+                        theirs.decrypt_area(b, sector, first, get_tweak_default)
+                    }
+                });
+                let k = Kernel {
+                    what: format!(
+                        "{} {} KiB in {sector}-byte sectors",
+                        if enc { "encrypt" } else { "decrypt" },
+                        len >> 10
+                    ),
+                    nvmux: n / 1e6,
+                    xts_mode: x / 1e6,
+                };
+                eprintln!(
+                    "xts {:<36} xts.rs {:>7.0} MB/s  xts-mode {:>7.0} MB/s",
+                    k.what, k.nvmux, k.xts_mode
+                );
+                out.push(k);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn print_kernels(ks: &[Kernel]) {
+    println!("\nXTS-AES-256 kernels alone, one thread, same key and buffers, best of 5 × 0.1 s (MB/s of data; 4 KiB = one block I/O):");
+    println!("| operation | nvmux xts.rs MB/s | µs per 4 KiB | xts-mode 0.5 MB/s | µs per 4 KiB | xts.rs / xts-mode |");
+    println!("|---|---|---|---|---|---|");
+    for k in ks {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2}x |",
+            k.what,
+            k.nvmux,
+            4096.0 / k.nvmux,
+            k.xts_mode,
+            4096.0 / k.xts_mode,
+            k.nvmux / k.xts_mode
+        );
+    }
+}
+
 pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
+    let kernels = xts_kernels()?;
+    if a.only.as_deref() == Some("xts") {
+        print_kernels(&kernels);
+        return Ok(());
+    }
     let work = std::env::temp_dir().join(format!("nvmux-bench-crypt-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let kek = work.join("kek");
-    std::fs::write(
-        &kek,
-        nvmux_func::keys::new_data_key()?
-            .get(..32)
-            .unwrap_or(&[0; 32]),
-    )?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Mode 0600: the daemon refuses a KEK others may read.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&kek)?
+            .write_all(&nvmux_func::keys::new_data_key()?[..32])?;
+    }
     let (ddir, d) = Daemon::start_bench(&work, srv_cpu, &format!("[keys]\nkek_file = {kek:?}"))?;
     let mut socks = Vec::new();
     for (n, enc) in [("plain", false), ("enc", true)] {
@@ -116,6 +240,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let _ = d.stop();
     let _ = std::fs::remove_dir_all(&work);
 
+    print_kernels(&kernels);
     println!(
         "\nEncrypted nvmux disk (aes-xts-plain64, AES-NI) vs the same disk unencrypted vs qemu-storage-daemon luks (aes-256-xts-plain64, cache.direct=on, aio=io_uring), 1 GiB files on {}; random I/O through libblkio, {secs} s per run, server on CPU 0",
         std::env::temp_dir().display()
@@ -144,12 +269,13 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             cell_ratio(c, l)
         );
     }
-    write_report(
-        &a.out,
-        "crypt-latest.json",
-        "crypt",
-        secs,
-        measured_rows(&rows),
-    )?;
+    let mut report = measured_rows(&rows);
+    if let Some(r) = report.as_array_mut() {
+        for k in &kernels {
+            r.push(json!({"server": "xts kernels", "workload": k.what,
+                          "xts_rs_mb_s": k.nvmux, "xts_mode_mb_s": k.xts_mode}));
+        }
+    }
+    write_report(&a.out, "crypt-latest.json", "crypt", secs, report)?;
     Ok(())
 }

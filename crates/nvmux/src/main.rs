@@ -153,6 +153,14 @@ enum DiskCmd {
         /// by the daemon's KEK (keys.kek_file in its config, or $NVMUX_KEK).
         #[arg(long)]
         encrypt: bool,
+        /// With --encrypt: the encryption sector size, 512 (default) or 4096 (needs
+        /// --block-size 4096), as dm-crypt's sector_size (cryptsetup --sector-size).
+        #[arg(long, requires = "encrypt")]
+        sector_size: Option<u32>,
+        /// With --sector-size 4096: IVs count 4096-byte sectors instead of 512-byte units,
+        /// as dm-crypt's iv_large_sectors (cryptsetup --iv-large-sectors, LUKS2).
+        #[arg(long, requires = "sector_size")]
+        iv_large_sectors: bool,
         /// The function chain, outermost first: a comma-separated list of qos and crypt,
         /// or `none` (default: qos, then crypt if encrypted). See docs/ARCHITECTURE.md.
         #[arg(long)]
@@ -589,6 +597,8 @@ fn run(cli: Cli) -> Res {
             from_snapshot,
             volume,
             encrypt,
+            sector_size,
+            iv_large_sectors,
             chain,
         }) => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
@@ -600,11 +610,13 @@ fn run(cli: Cli) -> Res {
             let body = if pool.is_some() {
                 json!({"name": name, "pool": pool, "size": size, "from_snapshot": from_snapshot,
                        "volume": volume, "block_size": block_size, "read_only": read_only,
-                       "encrypt": encrypt, "chain": chain})
+                       "encrypt": encrypt, "sector_size": sector_size,
+                       "iv_large_sectors": iv_large_sectors, "chain": chain})
             } else {
                 json!({"name": name, "backend": backend, "path": path, "size": size,
                        "block_size": block_size, "read_only": read_only, "direct": !buffered,
-                       "encrypt": encrypt, "chain": chain})
+                       "encrypt": encrypt, "sector_size": sector_size,
+                       "iv_large_sectors": iv_large_sectors, "chain": chain})
             };
             let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {

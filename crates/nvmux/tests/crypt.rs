@@ -1,5 +1,7 @@
 //! Encrypted disks through the real daemon and libblkio: standard ciphertext (checked by
-//! an independent implementation), crypto-erase, and clear errors for key problems.
+//! an independent implementation) in 512- and 4096-byte sectors, crypto-erase that
+//! leaves no usable wrapped copy of the key in any file, KEK rotation against backups,
+//! the migration of keys out of `state.json`, and clear errors for key problems.
 
 mod common;
 
@@ -13,12 +15,102 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
+fn kek_bytes(byte: u8) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = i as u8 ^ byte;
+    }
+    k
+}
+
 fn kek_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
-    // Hex form, as an operator would write it.
-    let hex: String = (0..32u8).map(|i| format!("{:02x}", i ^ byte)).collect();
+    // Hex form, as an operator would write it; mode 0600, as the daemon demands.
+    let hex: String = kek_bytes(byte).iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&p, hex + "\n").expect("write KEK");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod KEK");
     p
+}
+
+/// Every data key that any file under `dir` (recursively, every regular file) holds in a
+/// wrapped form that `kek` unwraps: each 72-byte window of the raw bytes, and of the
+/// bytes that every run of hex digits decodes to (both alignments). RFC 3394's integrity
+/// value makes a chance match impossible in practice (2^-64 per window).
+fn wrapped_keys_in(
+    dir: &Path,
+    kek: &[u8; 32],
+    skip: &dyn Fn(&Path) -> bool,
+) -> Vec<(PathBuf, [u8; 64])> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if !ft.is_file() || skip(&p) {
+                continue;
+            }
+            let raw = std::fs::read(&p).expect("read file");
+            let mut views = vec![raw.clone()];
+            let mut run = Vec::new();
+            for &b in raw.iter().chain(std::iter::once(&b' ')) {
+                if b.is_ascii_hexdigit() {
+                    run.push(b);
+                    continue;
+                }
+                if run.len() >= 144 {
+                    for start in [0, 1] {
+                        let h = std::str::from_utf8(&run[start..]).unwrap_or("");
+                        let even = &h[..h.len() / 2 * 2];
+                        if let Some(v) = nvmux_func::keys::from_hex(even) {
+                            views.push(v);
+                        }
+                    }
+                }
+                run.clear();
+            }
+            for v in &views {
+                for w in v.windows(72) {
+                    if let Some(k) = nvmux_func::keywrap::unwrap(kek, w) {
+                        found.push((p.clone(), *k));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A disk's data key, read from its keystore slot as format.md describes it.
+fn data_key(dir: &Path, disk: &str, kek: &[u8; 32]) -> [u8; 64] {
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state"))
+            .expect("json");
+    let c = st["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .find(|d| d["name"] == disk)
+        .expect("disk in state")["crypt"]
+        .clone();
+    assert!(
+        c.get("wrapped_key").is_none(),
+        "state.json holds a wrapped key: {c}"
+    );
+    let slot = c["slot"].as_u64().expect("slot") as usize;
+    let ks = std::fs::read(dir.join("keystore")).expect("keystore");
+    let s = &ks[256 * (1 + slot)..256 * (2 + slot)];
+    assert_eq!(&s[..4], b"NVKY");
+    assert_eq!(
+        nvmux_func::keys::to_hex(&s[8..24]),
+        c["key_id"].as_str().expect("key_id")
+    );
+    *nvmux_func::keywrap::unwrap(kek, &s[32..104]).expect("unwrap the slot")
 }
 
 fn start(tag: &str, kek: Option<&str>) -> (TestDaemon, PathBuf) {
@@ -52,50 +144,93 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn ciphertext_is_aes_xts_plain64_that_an_independent_tool_decrypts() {
-    watchdog(120);
+    watchdog(180);
     let (d, kek) = start("crypt-interop", Some("default"));
-    let (img, sock) = d.disk_and_export("c", 16 * MIB, 1, json!({"encrypt": true}));
-    let v = d.api.get("/v1/disks/c").expect("disk");
-    assert_eq!(v["crypt"]["cipher"], "aes-xts-plain64");
-    let mut c = BlkioClient::connect(&sock, 1, false, 2 * MIB as usize).expect("connect");
-    let off = 2 * MIB + 4096;
-    let plain = pattern(11, MIB as usize);
-    write(&mut c, off, &plain);
-    assert!(
-        read(&mut c, off, plain.len()) == plain,
-        "read back through nvmux"
-    );
-    drop(c);
-
-    // The image holds no plaintext: no 64-byte run of the pattern appears anywhere.
-    let raw = std::fs::read(&img).expect("image");
-    for at in [0usize, 4096, 500_000] {
+    // dm-crypt's three layouts: 512-byte sectors; 4096-byte sectors with IVs in 512-byte
+    // units (plain mode's default); 4096-byte sectors with iv_large_sectors (LUKS2's).
+    for (name, extra) in [
+        ("c", json!({"encrypt": true})),
+        (
+            "c4k",
+            json!({"encrypt": true, "block_size": 4096, "sector_size": 4096}),
+        ),
+        (
+            "c4kl",
+            json!({"encrypt": true, "block_size": 4096, "sector_size": 4096, "iv_large_sectors": true}),
+        ),
+    ] {
+        let (img, sock) = d.disk_and_export(name, 16 * MIB, 1, extra.clone());
+        let v = d.api.get(&format!("/v1/disks/{name}")).expect("disk");
+        assert_eq!(v["crypt"]["cipher"], "aes-xts-plain64");
+        assert_eq!(
+            v["crypt"]["sector_size"],
+            extra.get("sector_size").cloned().unwrap_or(json!(null))
+        );
+        assert!(v["crypt"].get("wrapped_key").is_none(), "{v}");
+        let mut c = BlkioClient::connect(&sock, 1, false, 2 * MIB as usize).expect("connect");
+        let off = 2 * MIB + 4096;
+        let plain = pattern(11, MIB as usize);
+        write(&mut c, off, &plain);
         assert!(
-            !contains(&raw, &plain[at..at + 64]),
-            "plaintext at pattern offset {at} found in the image"
+            read(&mut c, off, plain.len()) == plain,
+            "{name}: read back through nvmux"
+        );
+        drop(c);
+
+        // The image holds no plaintext: no 64-byte run of the pattern appears anywhere.
+        let raw = std::fs::read(&img).expect("image");
+        for at in [0usize, 4096, 500_000] {
+            assert!(
+                !contains(&raw, &plain[at..at + 64]),
+                "{name}: plaintext at pattern offset {at} found in the image"
+            );
+        }
+        // Python's `cryptography` (OpenSSL) unwraps the key from the keystore with the
+        // KEK and decrypts the sectors as aes-xts-plain64 in the disk's layout.
+        let out = d.dir.join("decrypted.bin");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/xts_decrypt.py");
+        let st = Command::new("python3")
+            .arg(&script)
+            .arg(&d.dir)
+            .arg(name)
+            .arg(&kek)
+            .arg(&img)
+            .arg(off.to_string())
+            .arg(plain.len().to_string())
+            .arg(&out)
+            .status()
+            .expect("run python3 (apt-get install python3-cryptography)");
+        assert!(st.success(), "{name}: xts_decrypt.py failed");
+        let dec = std::fs::read(&out).expect("decrypted");
+        assert!(
+            dec == plain,
+            "{name}: OpenSSL's XTS decryption of nvmux's ciphertext"
         );
     }
-    // Python's `cryptography` (OpenSSL) unwraps the key from state.json with the KEK
-    // and decrypts the sectors as aes-xts-plain64.
-    let out = d.dir.join("decrypted.bin");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/xts_decrypt.py");
-    let st = Command::new("python3")
-        .arg(&script)
-        .arg(d.dir.join("state.json"))
-        .arg("c")
-        .arg(&kek)
-        .arg(&img)
-        .arg(off.to_string())
-        .arg(plain.len().to_string())
-        .arg(&out)
-        .status()
-        .expect("run python3 (apt-get install python3-cryptography)");
-    assert!(st.success(), "xts_decrypt.py failed");
-    let dec = std::fs::read(&out).expect("decrypted");
-    assert!(
-        dec == plain,
-        "OpenSSL's XTS decryption of nvmux's ciphertext"
-    );
+    // Layout options are checked.
+    for (body, want) in [
+        (json!({"sector_size": 4096}), "encryption options"),
+        (
+            json!({"encrypt": true, "sector_size": 1024}),
+            "1024 is not supported",
+        ),
+        (
+            json!({"encrypt": true, "sector_size": 4096}),
+            "--block-size 4096",
+        ),
+        (
+            json!({"encrypt": true, "iv_large_sectors": true}),
+            "needs sector_size 4096",
+        ),
+    ] {
+        let mut b = json!({"name": "bad", "backend": "memory", "size": MIB});
+        if let (Some(o), Some(e)) = (b.as_object_mut(), body.as_object()) {
+            o.extend(e.clone());
+        }
+        let e = d.api.post("/v1/disks", &b).expect_err("bad layout");
+        assert!(e.to_string().contains(want), "{body}: {e}");
+    }
     d.stop();
 }
 
@@ -111,13 +246,10 @@ fn crypto_erase_destroys_the_key_and_the_old_data() {
         write(&mut c, off, &plain);
     }
     drop(c);
-    let state = || std::fs::read_to_string(d.dir.join("state.json")).expect("state");
-    let before: serde_json::Value = serde_json::from_str(&state()).expect("json");
-    let old_key = before["disks"][0]["crypt"]["wrapped_key"]
-        .as_str()
-        .expect("wrapped key")
-        .to_string();
-    assert_eq!(old_key.len(), 144);
+    let kek = kek_bytes(0x5a);
+    let old_key = data_key(&d.dir, "big", &kek);
+    let keystore = || std::fs::read(d.dir.join("keystore")).expect("keystore");
+    let wrapped_before = keystore();
 
     // Refused while exported; nothing changes.
     let e = d
@@ -125,7 +257,10 @@ fn crypto_erase_destroys_the_key_and_the_old_data() {
         .post("/v1/disks/big/crypto-erase", &json!({}))
         .expect_err("exported");
     assert_eq!(e.status, 409, "{e}");
-    assert!(state().contains(&old_key));
+    assert!(
+        keystore() == wrapped_before,
+        "a refused erase changed the keystore"
+    );
     d.api.delete("/v1/exports/big").expect("unexport");
 
     let o = Command::new(env!("CARGO_BIN_EXE_nvmux"))
@@ -144,20 +279,25 @@ fn crypto_erase_destroys_the_key_and_the_old_data() {
     println!("10 GiB disk: {msg}");
     assert!(msg.contains("data key destroyed"), "{msg}");
 
-    // The wrapped key is in no file of the data directory (images aside: they hold
-    // only ciphertext, which the key check below covers).
-    for f in std::fs::read_dir(&d.dir).expect("dir").flatten() {
-        let p = f.path();
-        if p.extension().is_some_and(|e| e == "img") || !p.is_file() {
-            continue;
-        }
-        let b = std::fs::read(&p).unwrap_or_default();
-        assert!(
-            !contains(&b, old_key.as_bytes()),
-            "old wrapped key still in {}",
-            p.display()
-        );
-    }
+    // The old key is in no file of the data directory in any wrapped form the KEK
+    // unwraps (the 10 GiB sparse image aside: erase_leaves_no_wrapped_copy_anywhere scans
+    // images too); the disk's new key is (a control that the scan finds keys).
+    let sparse_img = d.dir.join("big.img");
+    let found = wrapped_keys_in(&d.dir, &kek, &|p| p == sparse_img);
+    assert!(
+        !found.iter().any(|(_, k)| *k == old_key),
+        "old key still unwraps from {:?}",
+        found
+            .iter()
+            .filter(|(_, k)| *k == old_key)
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>()
+    );
+    let new_key = data_key(&d.dir, "big", &kek);
+    assert!(
+        found.iter().any(|(_, k)| *k == new_key),
+        "the scan found no key"
+    );
     // Through nvmux the old data is gone, also after a restart.
     let sock2 = d.dir.join("big2.sock");
     d.api
@@ -247,6 +387,8 @@ fn kek_rotation_rewraps_keys_without_touching_data() {
     // A KEK file that is not a KEK: refused, nothing changes.
     let junk = d.dir.join("junk");
     std::fs::write(&junk, "not a key").expect("write");
+    std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     let e = d
         .api
         .post("/v1/keys/rotate", &json!({"kek_file": junk}))
@@ -387,5 +529,266 @@ fn function_chain_order_rules_and_persistence() {
         "same key, same data"
     );
     drop(c);
+    d.stop();
+}
+
+/// Copy every regular file under `from` to `to` (a backup of the data directory).
+fn backup(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir backup");
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let ft = e.file_type().expect("file type");
+        if ft.is_dir() {
+            backup(&e.path(), &to.join(e.file_name()));
+        } else if ft.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+/// The forensic guarantees, every file of the data directory scanned (state, its old and
+/// temporary copies, the keystore, the images):
+/// 1. a `state.json` of the format before the keystore (wrapped keys inside), and a
+///    leftover `state.json.tmp` with the same, are migrated at start: afterwards the key
+///    unwraps from the keystore only;
+/// 2. after `disk erase --crypto`, no file holds the old key in any wrapped form;
+/// 3. after `keys rotate`, no file holds a key the old KEK unwraps, and a backup of the
+///    data directory taken before the rotation unwraps nothing with the new KEK.
+#[test]
+fn erase_leaves_no_wrapped_copy_anywhere() {
+    watchdog(300);
+    let (d, kek_path) = start("crypt-forensic", Some("default"));
+    let kek = kek_bytes(0x5a);
+    let (_, sock_m) = d.disk_and_export("m", MIB, 1, json!({"encrypt": true}));
+    let (_, sock_e) = d.disk_and_export("e", MIB, 1, json!({"encrypt": true}));
+    let plain = pattern(8, 65536);
+    for s in [&sock_m, &sock_e] {
+        let mut c = BlkioClient::connect(s, 1, false, MIB as usize).expect("connect");
+        write(&mut c, 4096, &plain);
+        drop(c);
+    }
+    let key_m = data_key(&d.dir, "m", &kek);
+    let key_e = data_key(&d.dir, "e", &kek);
+    let dir = d.dir.clone();
+    d.stop();
+
+    // 1. Rewrite the data directory as the nvmux before the keystore left it: the wrapped
+    //    keys in state.json (hex), no keystore, plus a leftover state.json.tmp.
+    let mut st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state"))
+            .expect("json");
+    let ks = std::fs::read(dir.join("keystore")).expect("keystore");
+    for disk in st["disks"].as_array_mut().expect("disks") {
+        let slot = disk["crypt"]["slot"].as_u64().expect("slot") as usize;
+        let s = &ks[256 * (1 + slot)..256 * (2 + slot)];
+        disk["crypt"] = json!({
+            "cipher": "aes-xts-plain64",
+            "wrapped_key": nvmux_func::keys::to_hex(&s[32..104]),
+            "kek_check": nvmux_func::keys::to_hex(&s[24..32]),
+        });
+    }
+    let legacy = serde_json::to_vec_pretty(&st).expect("json");
+    std::fs::write(dir.join("state.json"), &legacy).expect("write");
+    std::fs::write(dir.join("state.json.tmp"), &legacy).expect("write");
+    // And a migration cut by a crash right after its first step: state.json.old is a
+    // second name of state.json itself (only the name may go, not the bytes).
+    std::fs::hard_link(dir.join("state.json"), dir.join("state.json.old")).expect("link");
+    std::fs::remove_file(dir.join("keystore")).expect("rm keystore");
+    assert_eq!(
+        wrapped_keys_in(&dir, &kek, &|_| false).len(),
+        6,
+        "the legacy files hold both keys three times"
+    );
+
+    let d = TestDaemon::start_with(
+        dir.clone(),
+        &["--kek-file", kek_path.to_str().unwrap_or("")],
+    );
+    for (n, s) in [("m", &sock_m), ("e", &sock_e)] {
+        assert_eq!(
+            d.api.get(&format!("/v1/disks/{n}")).expect("disk")["status"],
+            "ok"
+        );
+        let mut c = BlkioClient::connect(s, 1, false, MIB as usize).expect("connect");
+        assert!(
+            read(&mut c, 4096, plain.len()) == plain,
+            "{n}: data after migration"
+        );
+        drop(c);
+    }
+    assert!(
+        !dir.join("state.json.tmp").exists(),
+        "leftover state copy kept"
+    );
+    assert!(!dir.join("state.json.old").exists(), "old state copy kept");
+    let found = wrapped_keys_in(&dir, &kek, &|_| false);
+    let mut files: Vec<_> = found.iter().map(|(p, _)| p.clone()).collect();
+    files.dedup();
+    assert_eq!(
+        files,
+        vec![dir.join("keystore")],
+        "keys outside the keystore: {found:?}"
+    );
+    assert_eq!(found.len(), 2);
+    assert_eq!(data_key(&dir, "m", &kek), key_m, "migrated, not replaced");
+    assert_eq!(data_key(&dir, "e", &kek), key_e);
+
+    // 2. Crypto-erase m: its old key unwraps from no file; e's key still does.
+    d.api.delete("/v1/exports/m").expect("unexport");
+    d.api
+        .post("/v1/disks/m/crypto-erase", &json!({}))
+        .expect("crypto-erase");
+    let found = wrapped_keys_in(&dir, &kek, &|_| false);
+    assert!(
+        !found.iter().any(|(_, k)| *k == key_m),
+        "the erased key unwraps from {:?}",
+        found
+            .iter()
+            .filter(|(_, k)| *k == key_m)
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>()
+    );
+    assert!(found.iter().any(|(_, k)| *k == key_e), "e's key is gone");
+    let new_m = data_key(&dir, "m", &kek);
+    assert!(
+        found.iter().any(|(_, k)| *k == new_m),
+        "m's new key is not stored"
+    );
+
+    // 3. A backup of the data directory, then a KEK rotation.
+    let saved = unique_dir("crypt-forensic-backup");
+    backup(&dir, &saved);
+    let new_path = kek_file(&dir, "new-kek", 0x77);
+    let new_kek = kek_bytes(0x77);
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new_path}))
+        .expect("rotate");
+    assert_eq!(v["rewrapped"], 2);
+    let live_old = wrapped_keys_in(&dir, &kek, &|_| false);
+    assert!(
+        live_old.is_empty(),
+        "the old KEK still unwraps {live_old:?}"
+    );
+    let live_new = wrapped_keys_in(&dir, &new_kek, &|_| false);
+    assert_eq!(live_new.len(), 2, "{live_new:?}");
+    let saved_new = wrapped_keys_in(&saved, &new_kek, &|_| false);
+    assert!(
+        saved_new.is_empty(),
+        "the backup unwraps with the new KEK: {saved_new:?}"
+    );
+    // The backup is a real one: with the old KEK (which the operator now destroys) it
+    // still unwraps both keys. That is what the rotation protects against.
+    assert_eq!(wrapped_keys_in(&saved, &kek, &|_| false).len(), 2);
+
+    // 4. Deleting an encrypted disk destroys its key the same way.
+    let new_m = data_key(&dir, "m", &new_kek);
+    d.api.delete("/v1/disks/m").expect("delete m");
+    let left = wrapped_keys_in(&dir, &new_kek, &|_| false);
+    assert!(
+        !left.iter().any(|(_, k)| *k == new_m),
+        "a deleted disk's key unwraps"
+    );
+    assert_eq!(left.len(), 1, "{left:?}");
+    d.stop();
+    let d = TestDaemon::start_with(dir, &["--kek-file", new_path.to_str().unwrap_or("")]);
+    let mut c = BlkioClient::connect(&sock_e, 1, false, MIB as usize).expect("connect");
+    assert!(read(&mut c, 4096, plain.len()) == plain, "e after rotation");
+    drop(c);
+    d.stop();
+    let _ = std::fs::remove_dir_all(saved);
+}
+
+/// A KEK file its group or others may read is refused, by name, with the fix.
+#[test]
+fn kek_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    watchdog(120);
+    let dir = unique_dir("crypt-kekperm");
+    let k = kek_file(&dir, "kek", 0x11);
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let d = TestDaemon::start_with(dir, &["--kek-file", k.to_str().unwrap_or("")]);
+    let e = d
+        .api
+        .post(
+            "/v1/disks",
+            &json!({"name": "x", "backend": "memory", "size": MIB, "encrypt": true}),
+        )
+        .expect_err("world-readable KEK");
+    assert!(
+        e.to_string()
+            .contains("accessible by group or others (mode 0644)")
+            && e.to_string().contains("chmod 600"),
+        "{e}"
+    );
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "x", "backend": "memory", "size": MIB, "encrypt": true}),
+        )
+        .expect("KEK with mode 0600");
+    let other = kek_file(&d.dir, "other", 0x22);
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let e = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": other}))
+        .expect_err("group-readable new KEK");
+    assert!(e.to_string().contains("mode 0640"), "{e}");
+    d.stop();
+}
+
+/// A rotation cut by a crash (some slots re-wrapped, some not) completes when run again
+/// with the old KEK still configured: slots already under the new KEK are skipped.
+#[test]
+fn interrupted_rotation_completes_when_run_again() {
+    watchdog(120);
+    let (d, old) = start("crypt-rotate-crash", Some("default"));
+    for n in ["a", "b"] {
+        d.api
+            .post(
+                "/v1/disks",
+                &json!({"name": n, "backend": "memory", "size": MIB, "encrypt": true}),
+            )
+            .expect("create");
+    }
+    let ks = d.dir.join("keystore");
+    let before = std::fs::read(&ks).expect("keystore");
+    let new = kek_file(&d.dir, "new-kek", 0x77);
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new}))
+        .expect("rotate");
+    assert_eq!(v["rewrapped"], 2);
+    let dir = d.dir.clone();
+    d.stop();
+    // The crash: slot 0 re-wrapped, slot 1 still under the old KEK.
+    let mut after = std::fs::read(&ks).expect("keystore");
+    after[2 * 256..3 * 256].copy_from_slice(&before[2 * 256..3 * 256]);
+    std::fs::write(&ks, &after).expect("write keystore");
+
+    let d = TestDaemon::start_with(dir.clone(), &["--kek-file", old.to_str().unwrap_or("")]);
+    let status = |d: &TestDaemon, n: &str| {
+        d.api.get(&format!("/v1/disks/{n}")).expect("disk")["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let (sa, sb) = (status(&d, "a"), status(&d, "b"));
+    // Slot order follows creation: a is slot 0 (re-wrapped), b is slot 1 (not).
+    assert!(sa.contains("not the KEK"), "{sa}");
+    assert_eq!(sb, "ok");
+    let v = d
+        .api
+        .post("/v1/keys/rotate", &json!({"kek_file": new}))
+        .expect("rotate again");
+    assert_eq!(v["rewrapped"], 1, "only the slot the crash left behind");
+    d.stop();
+    let d = TestDaemon::start_with(dir, &["--kek-file", new.to_str().unwrap_or("")]);
+    assert_eq!(status(&d, "a"), "ok");
+    assert_eq!(status(&d, "b"), "ok");
+    assert!(
+        wrapped_keys_in(&d.dir, &kek_bytes(0x5a), &|_| false).is_empty(),
+        "a key still unwraps with the old KEK"
+    );
     d.stop();
 }

@@ -648,6 +648,7 @@ fn fast_reads_skip_qos_but_never_crypt() {
     let dir = common::unique_dir("router-fast");
     let kek = dir.join("kek");
     std::fs::write(&kek, [0x42u8; 32]).unwrap();
+    std::fs::set_permissions(&kek, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let d = TestDaemon::start_with(dir, &["--kek-file", kek.to_str().unwrap()]);
     // An encrypted file disk: chain qos -> crypt, in the fair-share group of /tmp's device.
     let (img, sock) = d.disk_and_export("e", 16 << 20, 1, json!({"encrypt": true}));
