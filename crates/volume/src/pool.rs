@@ -230,6 +230,8 @@ pub(crate) struct State {
     pub(crate) allocating: HashMap<(u32, u64), Vec<crate::thin::Parked>>,
     /// Commands waiting for claimed clusters.
     pub(crate) claim_waiters: Vec<crate::thin::Parked>,
+    /// The most clusters one of `claim_waiters` needs at once.
+    pub(crate) claim_want: u64,
 }
 
 impl State {
@@ -656,6 +658,7 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         voltab_blocks,
         allocating: HashMap::new(),
         claim_waiters: Vec::new(),
+        claim_want: 0,
     };
     for (slot, e) in l.entries.iter().enumerate() {
         let Some(e) = e else { continue };
@@ -1180,13 +1183,15 @@ impl Pool {
 
     /// Claim up to `n` free clusters for allocation: they are marked dirty in a committed
     /// journal record before anyone writes to them.
-    pub(crate) fn claim(&self, n: u64) -> Result<()> {
+    /// At least `at_least` are claimed when that many are free, even past the half of the
+    /// free space a batch leaves unclaimed: a waiting command needs them.
+    pub(crate) fn claim(&self, n: u64, at_least: u64) -> Result<()> {
         let got = {
             let mut s = self.lock_state();
             let mut got = Vec::new();
             let total = self.n_clusters;
             // Leave some free space unclaimed in a nearly full pool.
-            let n = n.min(s.free.div_ceil(2));
+            let n = n.min(s.free.div_ceil(2)).max(at_least.min(s.free));
             let mut scanned = 0;
             while (got.len() as u64) < n && scanned < total && s.free > 0 {
                 let c = s.cursor;
@@ -1702,9 +1707,17 @@ fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
         for w in waiters {
             w.wake(status);
         }
-        if claim && p.lock_state().claimed.len() < 64 {
-            if let Err(e) = p.claim(p.claim_batch()) {
-                tracing::error!("{e}");
+        if claim {
+            // Claim when few are left, or fewer than a waiting command needs; either
+            // way the waiters run again (with enough, or to find there is no space).
+            let (have, want) = {
+                let s = p.lock_state();
+                (s.claimed.len() as u64, s.claim_want)
+            };
+            if have < 64 || have < want {
+                if let Err(e) = p.claim(p.claim_batch(), want.saturating_sub(have)) {
+                    tracing::error!("{e}");
+                }
             }
             crate::thin::wake_claim_waiters(&p);
         }

@@ -69,7 +69,12 @@ impl Parked {
 
 /// Retry every command waiting for claimed clusters.
 pub(crate) fn wake_claim_waiters(p: &Pool) {
-    let w = std::mem::take(&mut p.lock_state().claim_waiters);
+    let w = {
+        let mut s = p.lock_state();
+        // Each waiter states its need again when it runs.
+        s.claim_want = 0;
+        std::mem::take(&mut s.claim_waiters)
+    };
     for x in w {
         x.wake(Status::SUCCESS);
     }
@@ -418,9 +423,16 @@ impl ThinQueue {
                 pos += n;
             }
             if need > s.claimed.len() {
-                if s.free == 0 && s.claimed.is_empty() && s.claiming == 0 && !s.has_to_zero() {
+                // Everything it could ever get: claimed, free, being claimed, and
+                // released clusters about to be zeroed. Less than it needs: no space.
+                let obtainable =
+                    s.claimed.len() as u64 + s.free + s.claiming + s.to_zero.len() as u64;
+                if need as u64 > obtainable {
                     return Plan::Complete(Status::CAPACITY_EXCEEDED);
                 }
+                // The flusher claims at least this many (a command larger than a claim
+                // batch, or than the claimed clusters left, must not wait for ever).
+                s.claim_want = s.claim_want.max(need as u64);
                 s.claim_waiters.push(self.parked(idx, RETRY));
                 drop(guard);
                 pool.ensure_claimed();
