@@ -39,6 +39,27 @@ pub struct Config {
     pub nvmf: NvmfConfig,
     #[serde(default)]
     pub nbd: NbdConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// Thin pools (`[pool]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// A command parked in a pool (waiting for clusters, for an allocation of the same
+    /// cluster, for a snapshot's quiesce, for a journal commit) longer than this (ms) is
+    /// failed; a snapshot whose writes in flight do not drain within it is refused.
+    #[serde(default = "thirty_seconds_ms")]
+    pub command_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            command_timeout_ms: thirty_seconds_ms(),
+        }
+    }
 }
 
 /// A byte count in the file: an integer, or a string with a unit ("64M", "1GiB").
@@ -395,6 +416,7 @@ impl Config {
             ("nvmf.stall_timeout_ms", self.nvmf.stall_timeout_ms),
             ("nbd.handshake_timeout_ms", self.nbd.handshake_timeout_ms),
             ("nbd.stall_timeout_ms", self.nbd.stall_timeout_ms),
+            ("pool.command_timeout_ms", self.pool.command_timeout_ms),
         ];
         for (k, v) in timeouts {
             if !(100..=3_600_000).contains(&v) {

@@ -826,6 +826,9 @@ impl Daemon {
         let mut g = self.lock();
         for spec in st.pools {
             let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            if let Ok(p) = &pool {
+                p.set_command_timeout(self.cfg.pool.command_timeout_ms);
+            }
             match &pool {
                 Ok(_) => tracing::info!(pool = %spec.name, "pool opened"),
                 Err(e) => tracing::error!(pool = %spec.name, "pool could not be opened: {e}"),
@@ -938,11 +941,24 @@ impl Daemon {
             // A thin volume's size changes with resize.
             spec.size = dev.capacity_bytes();
         }
+        // A thin disk of a failed pool fails its writes and flushes until the pool is
+        // reopened: say so.
+        let failure = match &d.spec.backend {
+            BackendSpec::Thin { pool, .. } => g
+                .pools
+                .get(pool)
+                .and_then(|p| p.pool.as_ref().ok())
+                .and_then(|p| p.failure()),
+            _ => None,
+        };
         DiskView {
             spec,
-            status: match &d.dev {
-                Ok(_) => "ok".into(),
-                Err(e) => format!("error: {e}"),
+            status: match (&d.dev, failure) {
+                (Ok(_), Some(f)) => format!(
+                    "failed: {f} (writes and flushes fail until the pool is reopened: restart the daemon)"
+                ),
+                (Ok(_), None) => "ok".into(),
+                (Err(e), _) => format!("error: {e}"),
             },
             device: d.dev.as_ref().map(|d| d.describe()).unwrap_or_default(),
             functions: d.spec.functions(),

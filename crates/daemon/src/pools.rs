@@ -155,6 +155,7 @@ impl Daemon {
             Pool::create(&req.path, &opts)?;
         }
         let pool = Pool::open(&req.path)?;
+        pool.set_command_timeout(self.config().pool.command_timeout_ms);
         let spec = PoolSpec {
             name: req.name.clone(),
             path: req.path.clone(),

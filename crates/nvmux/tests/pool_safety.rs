@@ -16,24 +16,79 @@ fn uri(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
+/// Test faults every daemon of this binary starts with (`nvmux_core::fault`): they name
+/// a pool file and a volume no other test here uses.
+const FAULTS: &str = "pool-commit-error:sticky.pool,pool-write-delay:held";
+
+/// A daemon with [`FAULTS`] armed and `extra` arguments.
+fn daemon(tag: &str, extra: &[&str]) -> TestDaemon {
+    daemon_in(unique_dir(tag), extra)
+}
+
+fn daemon_in(dir: PathBuf, extra: &[&str]) -> TestDaemon {
+    TestDaemon::start_with_env(dir, extra, &[("NVMUX_TEST_FAULTS", FAULTS)])
+}
+
 /// A pool `p` of `size` bytes in the daemon's directory.
 fn pool(d: &TestDaemon, size: u64) -> PathBuf {
-    let path = d.dir.join("p.pool");
+    pool_named(d, "p", size)
+}
+
+fn pool_named(d: &TestDaemon, name: &str, size: u64) -> PathBuf {
+    let path = d.dir.join(format!("{name}.pool"));
     d.api
         .post(
             "/v1/pools",
-            &json!({"name": "p", "path": path, "size": size}),
+            &json!({"name": name, "path": path, "size": size}),
         )
         .expect("create pool");
     path
 }
 
+fn metrics(d: &TestDaemon) -> String {
+    d.api
+        .call_raw("GET", "/metrics", None)
+        .expect("metrics")
+        .1
+}
+
+/// The value of metric line `key` (name and labels).
+fn metric(d: &TestDaemon, key: &str) -> Option<f64> {
+    metrics(d)
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+}
+
+/// Wait until disk `disk` has a command in flight, and still has 300 ms later: the write
+/// held by `pool-write-delay` (1 s), not the client's first read.
+fn wait_held(d: &TestDaemon, disk: &str) {
+    let key = format!("nvmux_disk_in_flight{{disk=\"{disk}\"}}");
+    let t0 = std::time::Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "no write held in flight on {disk}"
+        );
+        if metric(d, &key).unwrap_or(0.0) >= 1.0 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if metric(d, &key).unwrap_or(0.0) >= 1.0 {
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A thin volume `name` of pool `p`, exported over NBD on `nbd.sock`.
 fn thin_nbd(d: &TestDaemon, name: &str, size: u64) -> PathBuf {
+    thin_nbd_in(d, "p", name, size)
+}
+
+fn thin_nbd_in(d: &TestDaemon, pool: &str, name: &str, size: u64) -> PathBuf {
     d.api
         .post(
             "/v1/disks",
-            &json!({"name": name, "pool": "p", "size": size}),
+            &json!({"name": name, "pool": pool, "size": size}),
         )
         .expect("create thin disk");
     let sock = d.dir.join("nbd.sock");
@@ -44,8 +99,13 @@ fn thin_nbd(d: &TestDaemon, name: &str, size: u64) -> PathBuf {
 /// qemu-io on export `name` with `cmds`, under `timeout 60` as a hang detector: (exited
 /// by itself, succeeded, output).
 fn qemu_io(sock: &Path, name: &str, cmds: &[String]) -> (bool, bool, String) {
+    qemu_io_with(sock, name, &[], cmds)
+}
+
+fn qemu_io_with(sock: &Path, name: &str, opts: &[&str], cmds: &[String]) -> (bool, bool, String) {
     let mut c = Command::new("timeout");
     c.args(["-s", "KILL", "60", "qemu-io", "-f", "raw"]);
+    c.args(opts);
     for x in cmds {
         c.arg("-c").arg(x);
     }
@@ -68,7 +128,7 @@ fn qemu_io(sock: &Path, name: &str, cmds: &[String]) -> (bool, bool, String) {
 #[test]
 fn large_allocating_writes_on_a_small_pool_complete_or_fail() {
     watchdog(600);
-    let d = TestDaemon::start("pool-small");
+    let d = daemon("pool-small", &[]);
     pool(&d, 256 * MIB);
     let sock = thin_nbd(&d, "t", 200 * MIB);
     let mut off = 0;
@@ -108,7 +168,7 @@ fn large_allocating_writes_on_a_small_pool_complete_or_fail() {
 #[test]
 fn writes_past_the_free_space_fail_instead_of_hanging() {
     watchdog(600);
-    let d = TestDaemon::start("pool-full");
+    let d = daemon("pool-full", &[]);
     pool(&d, 128 * MIB);
     let sock = thin_nbd(&d, "big", 256 * MIB);
     let mut failed = 0;
@@ -131,5 +191,151 @@ fn writes_past_the_free_space_fail_instead_of_hanging() {
         off += 32 * MIB;
     }
     assert!(failed > 0, "a 256 MiB volume cannot fit a 128 MiB pool");
+    d.stop();
+}
+
+/// qemu-io with `cmds` in the background; joined for its result.
+fn qemu_io_bg(
+    sock: &Path,
+    name: &str,
+    cmds: &[String],
+) -> std::thread::JoinHandle<(bool, bool, String)> {
+    let (sock, name, cmds) = (sock.to_path_buf(), name.to_string(), cmds.to_vec());
+    std::thread::spawn(move || qemu_io(&sock, &name, &cmds))
+}
+
+/// The issue's snapshot race, aimed at: an allocating write held in flight (test fault
+/// `pool-write-delay:held`: its data written, its mapping not yet installed, for 1 s)
+/// while the volume is snapshotted, then a second write to the same 64 KiB cluster.
+/// Before the fix the first write installed its cluster into the snapshot while the
+/// second allocated a fresh cluster for the live volume: the live volume lost the first,
+/// acknowledged, write.
+#[test]
+fn a_write_in_flight_across_a_snapshot_stays_in_the_live_volume() {
+    watchdog(300);
+    let d = daemon("pool-snap-race", &[]);
+    pool(&d, 256 * MIB);
+    let sock = thin_nbd(&d, "held", 64 * MIB);
+    let w1 = qemu_io_bg(&sock, "held", &["write -P 0xaa 0 4k".into()]);
+    wait_held(&d, "held");
+    d.api
+        .post("/v1/disks/held/snapshot", &json!({"snapshot": "s1"}))
+        .expect("snapshot");
+    let (finished, good, out) = qemu_io(&sock, "held", &["write -P 0xbb 8k 4k".into()]);
+    assert!(finished && good, "second write: {out}");
+    let (finished, good, out) = w1.join().expect("first write");
+    assert!(finished && good, "first write: {out}");
+    // Both writes read back from the live volume, the rest of the cluster is zero.
+    let (finished, good, out) = qemu_io(
+        &sock,
+        "held",
+        &[
+            "read -P 0xaa 0 4k".into(),
+            "read -P 0 4k 4k".into(),
+            "read -P 0xbb 8k 4k".into(),
+            "read -P 0 12k 52k".into(),
+        ],
+    );
+    assert!(finished && good, "the live volume lost a write: {out}");
+    // The snapshot holds what was acknowledged or in flight when it was taken, never
+    // the later write.
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "snapview", "pool": "p", "volume": "s1"}),
+        )
+        .expect("attach the snapshot");
+    d.nbd_export(json!({"disk": "snapview", "socket": sock, "read_only": true}));
+    let (finished, good, out) = qemu_io_with(
+        &sock,
+        "snapview",
+        &["-r"],
+        &["read -P 0 4k 60k".into(), "read -P 0xaa 0 4k".into()],
+    );
+    assert!(finished && good, "snapshot content: {out}");
+    d.stop();
+}
+
+/// A command parked longer than `[pool] command_timeout_ms` fails (EIO) and is counted:
+/// a write to a cluster another write allocates waits for it, and that one is held for
+/// 1 s by the test fault, past a 200 ms limit.
+#[test]
+fn a_command_waiting_longer_than_the_timeout_fails_and_is_counted() {
+    watchdog(300);
+    let dir = unique_dir("pool-timeout");
+    let cfg = dir.join("nvmux.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[pool]\ncommand_timeout_ms = 200\n",
+            dir.display().to_string()
+        ),
+    )
+    .expect("config");
+    let d = daemon_in(dir, &["--config", cfg.to_str().expect("utf-8")]);
+    pool(&d, 256 * MIB);
+    let sock = thin_nbd(&d, "held", 64 * MIB);
+    let w1 = qemu_io_bg(&sock, "held", &["write -P 0xaa 0 4k".into()]);
+    wait_held(&d, "held");
+    // Same cluster: parks until the first installs, 1 s later.
+    let (finished, good, out) = qemu_io(&sock, "held", &["write -P 0xbb 8k 4k".into()]);
+    assert!(finished, "the parked write hung: {out}");
+    assert!(!good, "the parked write should have failed after 200 ms: {out}");
+    let (finished, good, out) = w1.join().expect("first write");
+    assert!(finished && good, "the first write: {out}");
+    let n = metric(&d, "nvmux_pool_commands_timed_out_total{pool=\"p\"}");
+    assert!(n.unwrap_or(0.0) >= 1.0, "not counted: {}", metrics(&d));
+    // A write that does not wait is not affected.
+    let (finished, good, out) = qemu_io(&sock, "held", &["write -P 0xcc 1M 4k".into()]);
+    assert!(finished && good, "an unrelated write: {out}");
+    d.stop();
+}
+
+/// "fsyncgate": the first journal commit of pool `sticky` fails (test fault
+/// `pool-commit-error:sticky.pool`, a sync that returns EIO once). Every later flush
+/// fails too, on new connections as well, although the device's later syncs succeed;
+/// the failed state shows in the pool, the disk and the metrics. Before the fix a flush
+/// with nothing to commit synced the file and succeeded.
+#[test]
+fn after_a_failed_commit_every_flush_fails_until_the_pool_is_reopened() {
+    watchdog(300);
+    let d = daemon("pool-sticky", &[]);
+    pool_named(&d, "sticky", 256 * MIB);
+    let sock = thin_nbd_in(&d, "sticky", "s", 64 * MIB);
+    // The write's cluster claim commits first, and fails.
+    let (finished, good, out) = qemu_io(&sock, "s", &["write -P 1 0 64k".into(), "flush".into()]);
+    assert!(finished, "{out}");
+    assert!(!good, "the write or flush after a failed commit must fail: {out}");
+    for i in 0..3 {
+        let (finished, good, out) = qemu_io(&sock, "s", &["flush".into()]);
+        assert!(finished, "{out}");
+        assert!(!good, "flush {i} on a new connection succeeded after a failed commit: {out}");
+    }
+    let v = d.api.get("/v1/pools/sticky").expect("pool");
+    assert!(
+        v["usage"]["failed"].as_str().is_some_and(|f| f.contains("pool-commit-error")),
+        "pool show: {v}"
+    );
+    let disk = d.api.get("/v1/disks/s").expect("disk");
+    assert!(
+        disk["status"].as_str().is_some_and(|s| s.starts_with("failed")),
+        "disk show: {disk}"
+    );
+    assert_eq!(
+        metric(&d, "nvmux_pool_failed{pool=\"sticky\"}"),
+        Some(1.0),
+        "{}",
+        metrics(&d)
+    );
+    // Reopening (a daemon restart, the fault no longer armed) clears it.
+    let dir = d.dir.clone();
+    d.wait_killed();
+    let d = TestDaemon::start_with_env(dir, &[], &[("NVMUX_TEST_FAULTS", "")]);
+    assert!(
+        d.api.get("/v1/pools/sticky").expect("pool")["usage"]["failed"].is_null(),
+        "the reopened pool is not failed"
+    );
+    let (finished, good, out) = qemu_io(&sock, "s", &["write -P 2 0 64k".into(), "flush".into()]);
+    assert!(finished && good, "after a restart: {out}");
     d.stop();
 }

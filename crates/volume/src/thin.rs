@@ -59,11 +59,19 @@ impl Mailbox {
 pub(crate) struct Parked {
     mb: Arc<Mailbox>,
     token: u64,
+    /// When it parked: the pool's watchdog fails it after the command timeout.
+    pub(crate) since: std::time::Instant,
 }
 
 impl Parked {
     pub(crate) fn wake(self, st: Status) {
         self.mb.post(self.token, st);
+    }
+
+    /// It waited too long: complete the command with an error instead of what it waits
+    /// for (the caller has taken it out of the list it waited in, so it is woken once).
+    pub(crate) fn expire(self) {
+        self.mb.post((self.token & !KIND) | COMPLETE, Status::ABORTED);
     }
 }
 
@@ -80,9 +88,13 @@ pub(crate) fn wake_claim_waiters(p: &Pool) {
     }
 }
 
-/// Token kinds in a mailbox: run the command again, or complete it with the status.
+/// Token kinds in a mailbox (low two bits; the command's index above them): run the
+/// command again, complete it with the status, or resume its completion after a test
+/// delay.
 const RETRY: u64 = 0;
 const COMPLETE: u64 = 1;
+const RESUME: u64 = 2;
+const KIND: u64 = 3;
 
 /// A device over one thin volume of a pool.
 pub struct ThinDevice {
@@ -90,6 +102,9 @@ pub struct ThinDevice {
     handle: Arc<VolHandle>,
     info: DeviceInfo,
     name: String,
+    /// Test fault `pool-write-delay:<volume>`: every write is held 1 s after its data
+    /// reached the device, before its mapping is installed (in flight across a snapshot).
+    delay_writes: bool,
 }
 
 impl ThinDevice {
@@ -110,6 +125,7 @@ impl ThinDevice {
             },
             handle,
             name: name.to_string(),
+            delay_writes: nvmux_core::fault::armed("pool-write-delay", name),
         })
     }
 
@@ -180,6 +196,7 @@ impl ThinDevice {
             actions: Vec::new(),
             spare: Vec::new(),
             drain_wait: std::time::Duration::from_secs(10),
+            delay_writes: self.delay_writes,
         })
     }
 }
@@ -224,6 +241,10 @@ struct Cmd {
     /// Passed down whole: the inner command is the guest's own.
     whole: bool,
     pins: Vec<u64>,
+    /// Counted in the volume handle's `writes` (a write planned, not yet installed).
+    counted: bool,
+    /// Held once by the `pool-write-delay` test fault.
+    delayed: bool,
     /// (virtual cluster, new data cluster) to install on success.
     installs: Vec<(u64, u64)>,
     /// Virtual clusters to unmap on success.
@@ -275,6 +296,7 @@ pub struct ThinQueue {
     spare: Vec<Cmd>,
     /// How long `drop` waits for the device to hand back what it holds.
     pub(crate) drain_wait: std::time::Duration,
+    delay_writes: bool,
 }
 
 const WHOLE: u64 = 1 << 63;
@@ -283,7 +305,8 @@ impl ThinQueue {
     fn parked(&self, idx: usize, kind: u64) -> Parked {
         Parked {
             mb: self.mb.clone(),
-            token: ((idx as u64) << 1) | kind,
+            token: ((idx as u64) << 2) | kind,
+            since: std::time::Instant::now(),
         }
     }
 
@@ -400,6 +423,12 @@ impl ThinQueue {
         let vol = self.handle.id.load(Ordering::Acquire);
         c.vol = vol;
         if op.is_write() {
+            // A snapshot of this volume is being taken: wait until it is done (it waits
+            // for the writes already planned against the volume's current id).
+            if self.handle.quiesce.load(Ordering::Acquire) {
+                s.quiesce_waiters.push(self.parked(idx, RETRY));
+                return Plan::Wait;
+            }
             // A write where another command allocates: wait for it to install.
             let (x0, x1) = (off / cs, (end - 1) / cs);
             if let Some(x) = (x0..=x1).find(|x| s.allocating.contains_key(&(vol, *x))) {
@@ -509,6 +538,12 @@ impl ThinQueue {
             }
             pos += n;
         }
+        if op.is_write() {
+            // Under the pool lock, so a snapshot that set `quiesce` sees every write
+            // planned before it.
+            self.handle.writes.fetch_add(1, Ordering::AcqRel);
+            c.counted = true;
+        }
         Plan::Issue
     }
 
@@ -598,7 +633,31 @@ impl ThinQueue {
         if c.remaining > 0 {
             return;
         }
+        if self.delay_writes && c.counted && !c.delayed && c.status.is_ok() {
+            // Test fault: hold the write, its data written and its mapping not yet
+            // installed, so a snapshot can be taken while it is in flight.
+            c.delayed = true;
+            c.remaining = 1;
+            let p = self.parked(idx, RESUME);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                p.wake(Status::SUCCESS);
+            });
+            return;
+        }
         let st = c.status;
+        let is_data_write = c
+            .cmd
+            .as_ref()
+            .is_some_and(|m| matches!(m.opcode, Opcode::Write | Opcode::WriteZeroes));
+        if !st.is_ok() && (is_data_write || !c.installs.is_empty()) {
+            // A write the device failed (its data, or a copy-on-write): what it lost is
+            // unknown, so the pool fails until it is reopened ("fsyncgate").
+            self.pool.fail(&format!(
+                "a data write to volume id {} failed with status {st:?}",
+                c.vol
+            ));
+        }
         let vol = c.vol;
         let fua = c.fua && c.cmd.as_ref().is_some_and(|m| m.opcode.is_write());
         let mut woken = Vec::new();
@@ -626,6 +685,10 @@ impl ThinQueue {
         }
         for pc in c.pins.drain(..) {
             self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+        }
+        if std::mem::take(&mut c.counted) {
+            // After the installs above: a snapshot waiting for this sees them.
+            self.handle.writes.fetch_sub(1, Ordering::AcqRel);
         }
         if released {
             self.pool.kick();
@@ -721,6 +784,8 @@ impl BlockQueue for ThinQueue {
             status: Status::SUCCESS,
             vol: 0,
             whole: false,
+            counted: false,
+            delayed: false,
             pins: Vec::new(),
             installs: Vec::new(),
             unmaps: Vec::new(),
@@ -733,6 +798,8 @@ impl BlockQueue for ThinQueue {
         c.remaining = 0;
         c.status = Status::SUCCESS;
         c.whole = false;
+        c.counted = false;
+        c.delayed = false;
         c.pins.clear();
         c.installs.clear();
         c.unmaps.clear();
@@ -766,9 +833,11 @@ impl BlockQueue for ThinQueue {
             let mut mail = std::mem::take(&mut self.mail);
             mail.append(&mut lock(&self.mb.items));
             for (token, st) in mail.drain(..) {
-                let idx = (token >> 1) as usize;
-                if token & 1 == COMPLETE {
+                let idx = (token >> 2) as usize;
+                if token & KIND == COMPLETE {
                     self.complete_idx(idx, st);
+                } else if token & KIND == RESUME {
+                    self.put(idx, st);
                 } else if self.cmds.get(idx).is_some_and(|c| c.is_some()) {
                     self.start(idx);
                 }
@@ -836,6 +905,9 @@ impl Drop for ThinQueue {
             }
             for (_, nc) in c.installs.drain(..) {
                 s.release(nc);
+            }
+            if std::mem::take(&mut c.counted) {
+                self.handle.writes.fetch_sub(1, Ordering::AcqRel);
             }
         }
         drop(s);
