@@ -1115,7 +1115,8 @@ impl Pool {
         if out.is_empty() {
             return;
         }
-        self.timed_out.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.timed_out
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
         tracing::error!(
             pool = %self.path.display(),
             commands = out.len(),
@@ -1759,8 +1760,7 @@ impl Pool {
             // clusters are kept forever, see ThinQueue's drop): erase fails rather than
             // wait for ever.
             let limit = self.command_timeout_ms.load(Ordering::Relaxed);
-            let deadline =
-                std::time::Instant::now() + std::time::Duration::from_millis(limit);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit);
             for &c in &erased {
                 while self.pins[c as usize].load(Ordering::Acquire) != 0 {
                     if std::time::Instant::now() >= deadline {

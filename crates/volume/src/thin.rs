@@ -71,7 +71,8 @@ impl Parked {
     /// It waited too long: complete the command with an error instead of what it waits
     /// for (the caller has taken it out of the list it waited in, so it is woken once).
     pub(crate) fn expire(self) {
-        self.mb.post((self.token & !KIND) | COMPLETE, Status::ABORTED);
+        self.mb
+            .post((self.token & !KIND) | COMPLETE, Status::ABORTED);
     }
 }
 
