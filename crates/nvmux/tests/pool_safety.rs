@@ -441,7 +441,8 @@ fn snapshots_every_100_ms_during_verified_writes_lose_nothing() {
     let mut gens = vec![0u64; blocks as usize];
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     // (snapshot name, acknowledged generations before it, (block, generation) in flight)
-    let mut snaps: Vec<(String, Vec<u64>, Vec<(u64, u64)>)> = Vec::new();
+    type Snap = (String, Vec<u64>, Vec<(u64, u64)>);
+    let mut snaps: Vec<Snap> = Vec::new();
     let mut last = Instant::now();
     let mut rounds = 0u64;
     let mut out: Vec<MaybeUninit<blkio::Completion>> =
