@@ -931,6 +931,29 @@ impl Daemon {
         write().map_err(|e| Error::io(format!("write {}", p.display()), e))
     }
 
+    /// Why a disk's backing is failed after an I/O error (sticky until it is opened
+    /// again: see format.md, "Data safety"), if it is.
+    fn failure(g: &Inner, d: &Disk) -> Option<String> {
+        match &d.spec.backend {
+            BackendSpec::Thin { pool, .. } => g
+                .pools
+                .get(pool)
+                .and_then(|p| p.pool.as_ref().ok())
+                .and_then(|p| p.failure()),
+            BackendSpec::File { path, .. } => nvmux_backend::failure_of(path),
+            _ => None,
+        }
+    }
+
+    /// (disk, failed) for every disk, for metrics.
+    pub(crate) fn disk_failures(&self) -> Vec<(String, bool)> {
+        let g = self.lock();
+        g.disks
+            .values()
+            .map(|d| (d.spec.name.clone(), Self::failure(&g, d).is_some()))
+            .collect()
+    }
+
     fn view(g: &Inner, d: &Disk) -> DiskView {
         let mut spec = d.spec.clone();
         if let Some(c) = &mut spec.crypt {
@@ -941,21 +964,11 @@ impl Daemon {
             // A thin volume's size changes with resize.
             spec.size = dev.capacity_bytes();
         }
-        // A thin disk of a failed pool fails its writes and flushes until the pool is
-        // reopened: say so.
-        let failure = match &d.spec.backend {
-            BackendSpec::Thin { pool, .. } => g
-                .pools
-                .get(pool)
-                .and_then(|p| p.pool.as_ref().ok())
-                .and_then(|p| p.failure()),
-            _ => None,
-        };
         DiskView {
             spec,
-            status: match (&d.dev, failure) {
+            status: match (&d.dev, Self::failure(g, d)) {
                 (Ok(_), Some(f)) => format!(
-                    "failed: {f} (writes and flushes fail until the pool is reopened: restart the daemon)"
+                    "failed: {f} (writes and flushes fail until the disk is reopened: restart the daemon)"
                 ),
                 (Ok(_), None) => "ok".into(),
                 (Err(e), _) => format!("error: {e}"),

@@ -43,6 +43,13 @@ pub fn render(d: &Daemon) -> String {
             }
         }
     }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_disk_failed 1 while the disk's file or pool is failed after an I/O error (writes and flushes fail until the daemon restarts).\n# TYPE nvmux_disk_failed gauge"
+    );
+    for (name, failed) in d.disk_failures() {
+        let _ = writeln!(o, "nvmux_disk_failed{{disk=\"{name}\"}} {}", failed as u8);
+    }
     let pools: Vec<(String, nvmux_volume::PoolUsage)> = d
         .pools()
         .into_iter()

@@ -20,7 +20,7 @@ fn uri(sock: &Path, name: &str) -> String {
 
 /// Test faults every daemon of this binary starts with (`nvmux_core::fault`): they name
 /// a pool file and a volume no other test here uses.
-const FAULTS: &str = "pool-commit-error:sticky.pool,pool-write-delay:held";
+const FAULTS: &str = "pool-commit-error:sticky.pool,pool-write-delay:held,fsync-error:sticky.img";
 
 /// A daemon with [`FAULTS`] armed and `extra` arguments.
 fn daemon(tag: &str, extra: &[&str]) -> TestDaemon {
@@ -550,5 +550,65 @@ fn snapshots_every_100_ms_during_verified_writes_lose_nothing() {
             );
         }
     }
+    finish(d);
+}
+
+/// "fsyncgate" on a file disk: its first flush fails (test fault `fsync-error:sticky.img`
+/// completes it with EIO without syncing). Every later flush and write fails, on new
+/// connections too, until the daemon restarts; `disk show` and the metrics say so. Before
+/// (checked by disabling the sticky state), the next flush synced again and succeeded,
+/// as Linux's next fsync does after it dropped the pages.
+#[test]
+fn after_a_failed_fsync_every_flush_of_a_file_disk_fails() {
+    watchdog(300);
+    let d = daemon("file-sticky", &[]);
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "f", "path": d.dir.join("sticky.img"), "size": 16 * MIB}),
+        )
+        .expect("file disk");
+    let sock = d.dir.join("nbd.sock");
+    d.nbd_export(json!({"disk": "f", "socket": sock}));
+    // qemu-io flushes when it closes the image: the injected error hits that flush,
+    // which qemu-io does not report.
+    let (finished, good, out) = qemu_io(&sock, "f", &["write -P 3 0 64k".into()]);
+    assert!(finished && good, "a write before the failure: {out}");
+    let (finished, good, out) = qemu_io(&sock, "f", &["flush".into()]);
+    assert!(
+        finished && !good,
+        "a flush after the failed one succeeded: {out}"
+    );
+    for i in 0..3 {
+        let (finished, good, out) = qemu_io(&sock, "f", &["flush".into()]);
+        assert!(finished, "{out}");
+        assert!(
+            !good,
+            "flush {i} on a new connection succeeded after a failed fsync: {out}"
+        );
+    }
+    let (finished, good, out) = qemu_io(&sock, "f", &["write -P 4 0 4k".into()]);
+    assert!(finished && !good, "a write after the failure: {out}");
+    let (finished, good, out) = qemu_io(&sock, "f", &["read -P 3 0 64k".into()]);
+    assert!(finished && good, "reads still work: {out}");
+    let disk = d.api.get("/v1/disks/f").expect("disk");
+    assert!(
+        disk["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failed") && s.contains("fsync-error")),
+        "disk show: {disk}"
+    );
+    assert_eq!(
+        metric(&d, "nvmux_disk_failed{disk=\"f\"}"),
+        Some(1.0),
+        "{}",
+        metrics(&d)
+    );
+    let dir = d.dir.clone();
+    d.wait_killed();
+    let d = TestDaemon::start_with_env(dir, &[], &[("NVMUX_TEST_FAULTS", "")]);
+    let (finished, good, out) = qemu_io(&sock, "f", &["write -P 5 0 4k".into(), "flush".into()]);
+    assert!(finished && good, "after a restart: {out}");
+    assert_eq!(d.api.get("/v1/disks/f").expect("disk")["status"], "ok");
     finish(d);
 }
