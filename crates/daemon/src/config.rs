@@ -466,6 +466,18 @@ mod tests {
     #[test]
     fn rejects_unknown_and_bad() {
         assert!(Config::parse("bogus = 1").is_err());
+        assert!(Config::parse("[pool]\ncommand_timeout_ms = 99").is_err());
+        assert!(Config::parse("[pool]\ncommand_timeout_ms = 3600001").is_err());
+        assert!(Config::parse("[pool]\nbogus = 1").is_err());
+        let c = Config::parse("[pool]\ncommand_timeout_ms = 500").unwrap();
+        assert_eq!(c.pool.command_timeout_ms, 500);
+        assert_eq!(
+            Config::parse(EMBEDDED_DEFAULT)
+                .unwrap()
+                .pool
+                .command_timeout_ms,
+            30_000
+        );
         assert!(Config::parse("[workers]\nthreads = 0").is_err());
         assert!(Config::parse("[network]\nmemory_budget = \"1M\"").is_err());
         assert!(Config::parse("[nbd]\nmemory_per_connection = \"16M\"").is_err());

@@ -651,9 +651,10 @@ impl ThinQueue {
             .cmd
             .as_ref()
             .is_some_and(|m| matches!(m.opcode, Opcode::Write | Opcode::WriteZeroes));
-        if !st.is_ok() && (is_data_write || !c.installs.is_empty()) {
-            // A write the device failed (its data, or a copy-on-write): what it lost is
-            // unknown, so the pool fails until it is reopened ("fsyncgate").
+        if st == Status::WRITE_FAULT && (is_data_write || !c.installs.is_empty()) {
+            // A write the device failed with a media error (its data, or a copy-on-write):
+            // what it lost is unknown, so the pool fails until it is reopened
+            // ("fsyncgate"). Errors without I/O (no memory, cancelled) do not.
             self.pool.fail(&format!(
                 "a data write to volume id {} failed with status {st:?}",
                 c.vol
