@@ -19,11 +19,11 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nvmux_core::{
-    BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Result, Status,
+    BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, Status,
 };
 
 mod sync;
@@ -93,6 +93,154 @@ pub struct FileDevice {
     zero_range: Arc<AtomicBool>,
     /// On a memory filesystem (tmpfs, ramfs, memfd): the worker copies synchronously.
     memory_fs: bool,
+    /// Sticky error state, shared by every device open on the same file.
+    health: Arc<Health>,
+}
+
+/// The sticky error state of a file ("fsyncgate"): once a flush, or a write with a media
+/// error, fails, nobody knows which written pages reached the disk (Linux marks the
+/// pages of a failed writeback clean, so the next fsync succeeds). From then on every
+/// flush and write of the file fails (*write fault*) until the daemon opens it again
+/// (restart). Reads still work.
+#[derive(Default)]
+pub struct Health {
+    failed: AtomicBool,
+    why: std::sync::Mutex<Option<String>>,
+    /// Test fault `fsync-error:<file name>`: the next flush fails.
+    fault_flush: AtomicBool,
+}
+
+impl Health {
+    /// Why the file is failed, if it is.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.why
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        )
+    }
+
+    fn fail(&self, path: &Path, why: String) {
+        let mut w = self.why.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_none() {
+            *w = Some(why.clone());
+        }
+        drop(w);
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                path = %path.display(),
+                "{why}: every later write and flush of this file fails until the daemon is restarted"
+            );
+        }
+    }
+}
+
+/// Open files' health, by path: every device on one file shares it, and the daemon
+/// asks it by path ([`failure_of`]).
+fn health_registry(
+) -> &'static std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Health>>> {
+    static R: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Health>>>,
+    > = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn health_for(path: &Path) -> Arc<Health> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut r = health_registry().lock().unwrap_or_else(|e| e.into_inner());
+    r.retain(|_, w| w.strong_count() > 0);
+    if let Some(h) = r.get(&key).and_then(|w| w.upgrade()) {
+        return h;
+    }
+    let h = Arc::new(Health::default());
+    h.fault_flush.store(
+        path.file_name()
+            .is_some_and(|n| nvmux_core::fault::armed("fsync-error", &n.to_string_lossy())),
+        Ordering::Release,
+    );
+    r.insert(key, Arc::downgrade(&h));
+    h
+}
+
+/// Why the file at `path` is failed (see [`Health`]), if a device open on it is.
+pub fn failure_of(path: &Path) -> Option<String> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let r = health_registry().lock().unwrap_or_else(|e| e.into_inner());
+    r.get(&key)?.upgrade()?.failure()
+}
+
+/// A file queue that keeps its file's [`Health`]: it fails writes and flushes once the
+/// file is failed, and fails the file on a failed flush or a write's media error.
+struct StickyQueue {
+    inner: Box<dyn BlockQueue>,
+    health: Arc<Health>,
+    path: Arc<PathBuf>,
+    ready: VecDeque<(IoCommand, Status)>,
+}
+
+impl BlockQueue for StickyQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        let op = cmd.opcode;
+        if op == Opcode::Flush || op.is_write() {
+            if self.health.failed.load(Ordering::Acquire) {
+                self.ready.push_back((cmd, Status::WRITE_FAULT));
+                return;
+            }
+            if op == Opcode::Flush && self.health.fault_flush.swap(false, Ordering::AcqRel) {
+                self.health.fail(
+                    &self.path,
+                    "fdatasync failed: EIO (injected test fault fsync-error)".into(),
+                );
+                self.ready.push_back((cmd, Status::WRITE_FAULT));
+                return;
+            }
+        }
+        self.inner.submit(cmd);
+    }
+    fn kick(&mut self) {
+        self.inner.kick();
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let mut n = 0;
+        while let Some((c, s)) = self.ready.pop_front() {
+            done(c, s);
+            n += 1;
+        }
+        let (health, path) = (&self.health, &self.path);
+        n + self.inner.poll(&mut |c, mut s| {
+            let op = c.opcode;
+            if !s.is_ok() && (op == Opcode::Flush || (op.is_write() && s == Status::WRITE_FAULT)) {
+                health.fail(path, format!("a {op:?} failed: {s}"));
+            } else if s.is_ok() && op == Opcode::Flush && health.failed.load(Ordering::Acquire) {
+                // It may not cover what a failed write lost.
+                s = Status::WRITE_FAULT;
+            }
+            done(c, s);
+        })
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.ready.len()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.completion_fd()
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.inner.next_deadline()
+    }
+    fn wait_fds(&self, out: &mut Vec<std::os::fd::RawFd>) {
+        self.inner.wait_fds(out)
+    }
+    fn take_fds_changed(&mut self) -> bool {
+        self.inner.take_fds_changed()
+    }
+    fn may_sleep(&self) -> bool {
+        self.ready.is_empty() && self.inner.may_sleep()
+    }
 }
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -303,6 +451,7 @@ impl FileDevice {
             block_dev,
             zero_range: Arc::new(AtomicBool::new(true)),
             memory_fs,
+            health: health_for(path),
         })
     }
 }
@@ -312,20 +461,27 @@ impl BlockDevice for FileDevice {
         &self.info
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
-        if self.memory_fs {
-            return Ok(Box::new(sync::SyncQueue::new(
+        let inner: Box<dyn BlockQueue> = if self.memory_fs {
+            Box::new(sync::SyncQueue::new(
                 self.file.clone(),
                 self.info.block_size,
                 depth,
-            )));
-        }
-        Ok(Box::new(uring::UringQueue::new(
-            self.file.clone(),
-            self.info.block_size,
-            self.direct,
-            self.zero_range.clone(),
-            depth,
-        )?))
+            ))
+        } else {
+            Box::new(uring::UringQueue::new(
+                self.file.clone(),
+                self.info.block_size,
+                self.direct,
+                self.zero_range.clone(),
+                depth,
+            )?)
+        };
+        Ok(Box::new(StickyQueue {
+            inner,
+            health: self.health.clone(),
+            path: Arc::new(self.path.clone()),
+            ready: VecDeque::new(),
+        }))
     }
     fn describe(&self) -> String {
         format!(
@@ -446,6 +602,8 @@ impl MemoryDevice {
                 block_dev: false,
                 zero_range: Arc::new(AtomicBool::new(false)),
                 memory_fs: true,
+                // Its own: RAM has no fsync to fail, and no path to share it by.
+                health: Arc::new(Health::default()),
             },
         })
     }

@@ -39,6 +39,27 @@ pub struct Config {
     pub nvmf: NvmfConfig,
     #[serde(default)]
     pub nbd: NbdConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// Thin pools (`[pool]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// A command parked in a pool (waiting for clusters, for an allocation of the same
+    /// cluster, for a snapshot's quiesce, for a journal commit) longer than this (ms) is
+    /// failed; a snapshot whose writes in flight do not drain within it is refused.
+    #[serde(default = "thirty_seconds_ms")]
+    pub command_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            command_timeout_ms: thirty_seconds_ms(),
+        }
+    }
 }
 
 /// A byte count in the file: an integer, or a string with a unit ("64M", "1GiB").
@@ -395,6 +416,7 @@ impl Config {
             ("nvmf.stall_timeout_ms", self.nvmf.stall_timeout_ms),
             ("nbd.handshake_timeout_ms", self.nbd.handshake_timeout_ms),
             ("nbd.stall_timeout_ms", self.nbd.stall_timeout_ms),
+            ("pool.command_timeout_ms", self.pool.command_timeout_ms),
         ];
         for (k, v) in timeouts {
             if !(100..=3_600_000).contains(&v) {
@@ -444,6 +466,18 @@ mod tests {
     #[test]
     fn rejects_unknown_and_bad() {
         assert!(Config::parse("bogus = 1").is_err());
+        assert!(Config::parse("[pool]\ncommand_timeout_ms = 99").is_err());
+        assert!(Config::parse("[pool]\ncommand_timeout_ms = 3600001").is_err());
+        assert!(Config::parse("[pool]\nbogus = 1").is_err());
+        let c = Config::parse("[pool]\ncommand_timeout_ms = 500").unwrap();
+        assert_eq!(c.pool.command_timeout_ms, 500);
+        assert_eq!(
+            Config::parse(EMBEDDED_DEFAULT)
+                .unwrap()
+                .pool
+                .command_timeout_ms,
+            30_000
+        );
         assert!(Config::parse("[workers]\nthreads = 0").is_err());
         assert!(Config::parse("[network]\nmemory_budget = \"1M\"").is_err());
         assert!(Config::parse("[nbd]\nmemory_per_connection = \"16M\"").is_err());

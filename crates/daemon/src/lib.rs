@@ -1014,6 +1014,9 @@ impl Daemon {
         let mut g = self.lock();
         for spec in st.pools {
             let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            if let Ok(p) = &pool {
+                p.set_command_timeout(self.cfg.pool.command_timeout_ms);
+            }
             match &pool {
                 Ok(_) => tracing::info!(pool = %spec.name, "pool opened"),
                 Err(e) => tracing::error!(pool = %spec.name, "pool could not be opened: {e}"),
@@ -1262,6 +1265,29 @@ impl Daemon {
         write().map_err(|e| Error::io(format!("write {}", p.display()), e))
     }
 
+    /// Why a disk's backing is failed after an I/O error (sticky until it is opened
+    /// again: see format.md, "Data safety"), if it is.
+    fn failure(g: &Inner, d: &Disk) -> Option<String> {
+        match &d.spec.backend {
+            BackendSpec::Thin { pool, .. } => g
+                .pools
+                .get(pool)
+                .and_then(|p| p.pool.as_ref().ok())
+                .and_then(|p| p.failure()),
+            BackendSpec::File { path, .. } => nvmux_backend::failure_of(path),
+            _ => None,
+        }
+    }
+
+    /// (disk, failed) for every disk, for metrics.
+    pub(crate) fn disk_failures(&self) -> Vec<(String, bool)> {
+        let g = self.lock();
+        g.disks
+            .values()
+            .map(|d| (d.spec.name.clone(), Self::failure(&g, d).is_some()))
+            .collect()
+    }
+
     fn view(g: &Inner, d: &Disk) -> DiskView {
         let mut spec = d.spec.clone();
         if let Ok(dev) = &d.dev {
@@ -1270,9 +1296,12 @@ impl Daemon {
         }
         DiskView {
             spec,
-            status: match &d.dev {
-                Ok(_) => "ok".into(),
-                Err(e) => format!("error: {e}"),
+            status: match (&d.dev, Self::failure(g, d)) {
+                (Ok(_), Some(f)) => format!(
+                    "failed: {f} (writes and flushes fail until the disk is reopened: restart the daemon)"
+                ),
+                (Ok(_), None) => "ok".into(),
+                (Err(e), _) => format!("error: {e}"),
             },
             device: d.dev.as_ref().map(|d| d.describe()).unwrap_or_default(),
             functions: d.spec.functions(),

@@ -45,6 +45,40 @@ pub fn render(d: &Daemon) -> String {
     }
     let _ = writeln!(
         o,
+        "# HELP nvmux_disk_failed 1 while the disk's file or pool is failed after an I/O error (writes and flushes fail until the daemon restarts).\n# TYPE nvmux_disk_failed gauge"
+    );
+    for (name, failed) in d.disk_failures() {
+        let _ = writeln!(o, "nvmux_disk_failed{{disk=\"{name}\"}} {}", failed as u8);
+    }
+    let pools: Vec<(String, nvmux_volume::PoolUsage)> = d
+        .pools()
+        .into_iter()
+        .filter_map(|p| Some((p.name, p.usage?)))
+        .collect();
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_pool_failed 1 while the pool is failed after an I/O error (writes and flushes fail until it is reopened).\n# TYPE nvmux_pool_failed gauge"
+    );
+    for (name, u) in &pools {
+        let _ = writeln!(
+            o,
+            "nvmux_pool_failed{{pool=\"{name}\"}} {}",
+            u.failed.is_some() as u8
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_pool_commands_timed_out_total Commands failed because they waited in the pool longer than pool.command_timeout_ms.\n# TYPE nvmux_pool_commands_timed_out_total counter"
+    );
+    for (name, u) in &pools {
+        let _ = writeln!(
+            o,
+            "nvmux_pool_commands_timed_out_total{{pool=\"{name}\"}} {}",
+            u.commands_timed_out
+        );
+    }
+    let _ = writeln!(
+        o,
         "# HELP nvmux_disk_in_flight Commands in flight.\n# TYPE nvmux_disk_in_flight gauge"
     );
     for (name, s) in &disks {

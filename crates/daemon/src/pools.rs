@@ -155,6 +155,7 @@ impl Daemon {
             Pool::create(&req.path, &opts)?;
         }
         let pool = Pool::open(&req.path)?;
+        pool.set_command_timeout(self.config().pool.command_timeout_ms);
         let spec = PoolSpec {
             name: req.name.clone(),
             path: req.path.clone(),
@@ -389,9 +390,18 @@ impl Daemon {
                 format!("disk {disk:?} is encrypted: snapshots of encrypted disks are not supported yet (a clone would need the disk's key)"),
             ));
         }
+        // The snapshot waits for the volume's writes in flight (up to
+        // pool.command_timeout_ms): the rest of the API does not wait with it.
+        drop(g);
         pool.snapshot(&volume, snapshot)?;
         tracing::info!(disk, snapshot, "snapshot taken");
-        Ok(pool_view(&g.pools[&name]))
+        let g = self.lock();
+        g.pools.get(&name).map(pool_view).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("pool {name:?} was removed while the snapshot was taken"),
+            )
+        })
     }
 
     /// Resize a pool disk (see docs/api.md for what attached guests see).

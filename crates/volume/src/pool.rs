@@ -155,6 +155,22 @@ pub struct VolHandle {
     pub(crate) id: AtomicU32,
     pub(crate) size: AtomicU64,
     pub(crate) deleted: AtomicBool,
+    /// A snapshot is being taken: new writes park until it is done.
+    pub(crate) quiesce: AtomicBool,
+    /// Writes planned against the volume's current id and not yet installed.
+    pub(crate) writes: AtomicU32,
+}
+
+impl VolHandle {
+    fn new(id: u32, size: u64) -> Arc<VolHandle> {
+        Arc::new(VolHandle {
+            id: AtomicU32::new(id),
+            size: AtomicU64::new(size),
+            deleted: AtomicBool::new(false),
+            quiesce: AtomicBool::new(false),
+            writes: AtomicU32::new(0),
+        })
+    }
 }
 
 pub(crate) struct Vol {
@@ -230,6 +246,10 @@ pub(crate) struct State {
     pub(crate) allocating: HashMap<(u32, u64), Vec<crate::thin::Parked>>,
     /// Commands waiting for claimed clusters.
     pub(crate) claim_waiters: Vec<crate::thin::Parked>,
+    /// The most clusters one of `claim_waiters` needs at once.
+    pub(crate) claim_want: u64,
+    /// Writes parked while a snapshot of their volume is taken.
+    pub(crate) quiesce_waiters: Vec<crate::thin::Parked>,
 }
 
 impl State {
@@ -353,13 +373,7 @@ impl State {
     fn add_vol(&mut self, entry: VolumeEntry, handle: Option<Arc<VolHandle>>) -> Result<u32> {
         let slot = self.new_slot()?;
         let id = entry.id;
-        let handle = handle.unwrap_or_else(|| {
-            Arc::new(VolHandle {
-                id: AtomicU32::new(id),
-                size: AtomicU64::new(entry.size),
-                deleted: AtomicBool::new(false),
-            })
-        });
+        let handle = handle.unwrap_or_else(|| VolHandle::new(id, entry.size));
         handle.id.store(id, Ordering::Release);
         self.slots[slot] = Some(id);
         self.mark_slot(slot);
@@ -427,9 +441,24 @@ pub struct Pool {
     flush: Arc<FlushShared>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     block_dev: bool,
-    /// The first metadata error: the pool stops accepting writes after it.
+    /// Set by the first failed data write, metadata write or sync: from then on writes
+    /// and flushes fail until the pool is opened again (daemon restart). See
+    /// docs/format.md, "Data safety".
     pub(crate) failed: AtomicBool,
+    /// Why it failed (the first error).
+    failure: Mutex<Option<String>>,
+    /// Flush and FUA completions the flusher is committing for right now.
+    committing: Mutex<Vec<crate::thin::Parked>>,
+    /// A command parked longer than this (ms) is failed (see `expire_waiters`).
+    command_timeout_ms: AtomicU64,
+    /// Commands failed that way.
+    timed_out: AtomicU64,
+    /// Test fault `pool-commit-error:<file name>`: the next commit's sync fails.
+    fault_commit: AtomicBool,
 }
+
+/// Default for [`Pool::set_command_timeout`].
+pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 30_000;
 
 /// Figures for `pool show` and metrics.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -441,6 +470,10 @@ pub struct PoolUsage {
     pub free_clusters: u64,
     /// Claimed or awaiting zeroing.
     pub reserved_clusters: u64,
+    /// Why the pool is failed (writes and flushes fail until it is reopened), or None.
+    pub failed: Option<String>,
+    /// Commands failed because they waited longer than the command timeout.
+    pub commands_timed_out: u64,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub volumes: Vec<VolumeInfo>,
@@ -656,6 +689,8 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         voltab_blocks,
         allocating: HashMap::new(),
         claim_waiters: Vec::new(),
+        claim_want: 0,
+        quiesce_waiters: Vec::new(),
     };
     for (slot, e) in l.entries.iter().enumerate() {
         let Some(e) = e else { continue };
@@ -674,11 +709,7 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
                 entry: e.clone(),
                 slot,
                 map: SparseMap::default(),
-                handle: Arc::new(VolHandle {
-                    id: AtomicU32::new(e.id),
-                    size: AtomicU64::new(e.size),
-                    deleted: AtomicBool::new(false),
-                }),
+                handle: VolHandle::new(e.id, e.size),
             },
         );
     }
@@ -998,6 +1029,13 @@ impl Pool {
             flusher: Mutex::new(None),
             block_dev,
             failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            committing: Mutex::new(Vec::new()),
+            command_timeout_ms: AtomicU64::new(DEFAULT_COMMAND_TIMEOUT_MS),
+            timed_out: AtomicU64::new(0),
+            fault_commit: AtomicBool::new(path.file_name().is_some_and(|n| {
+                nvmux_core::fault::armed("pool-commit-error", &n.to_string_lossy())
+            })),
         });
         // Zero what a crash left dirty, then record a clean starting point.
         pool.zero_released(pool.take_to_zero())?;
@@ -1009,7 +1047,85 @@ impl Pool {
             .spawn(move || flusher(p, sh))
             .map_err(|e| io_err(path, "spawn flusher", e))?;
         *lock(&pool.flusher) = Some(h);
+        let p = Arc::downgrade(&pool);
+        std::thread::Builder::new()
+            .name("nvmux-pool-watch".into())
+            .spawn(move || watchdog(p))
+            .map_err(|e| io_err(path, "spawn watchdog", e))?;
         Ok(pool)
+    }
+
+    /// Fail commands parked (waiting for clusters, an allocation, a snapshot, a commit)
+    /// longer than `ms` milliseconds.
+    pub fn set_command_timeout(&self, ms: u64) {
+        self.command_timeout_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Why the pool is failed, if it is.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(lock(&self.failure).clone().unwrap_or_default())
+    }
+
+    /// Commands failed because they waited longer than the command timeout.
+    pub fn commands_timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    fn failed_err(&self) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "pool {} is failed after an I/O error ({}); its writes and flushes fail until it is reopened: restart the daemon once the device is healthy",
+                self.path.display(),
+                lock(&self.failure).clone().unwrap_or_default()
+            ),
+        )
+    }
+
+    /// Fail every parked command older than the command timeout, wherever it waits.
+    fn expire_waiters(&self) {
+        let limit =
+            std::time::Duration::from_millis(self.command_timeout_ms.load(Ordering::Relaxed));
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        let take = |v: &mut Vec<crate::thin::Parked>, out: &mut Vec<crate::thin::Parked>| {
+            let mut i = 0;
+            while i < v.len() {
+                if now.saturating_duration_since(v[i].since) >= limit {
+                    out.push(v.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        };
+        take(&mut lock(&self.flush.req).waiters, &mut out);
+        take(&mut lock(&self.committing), &mut out);
+        {
+            let mut s = self.lock_state();
+            let s = &mut *s;
+            take(&mut s.claim_waiters, &mut out);
+            take(&mut s.quiesce_waiters, &mut out);
+            for w in s.allocating.values_mut() {
+                take(w, &mut out);
+            }
+        }
+        if out.is_empty() {
+            return;
+        }
+        self.timed_out
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        tracing::error!(
+            pool = %self.path.display(),
+            commands = out.len(),
+            timeout_ms = limit.as_millis() as u64,
+            "commands waited longer than the pool command timeout and are failed"
+        );
+        for p in out {
+            p.expire();
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -1026,23 +1142,46 @@ impl Pool {
         lock(&self.state)
     }
 
-    fn fail(&self, e: &Error) {
+    /// Enter the failed state (sticky: a later sync that succeeds proves nothing about
+    /// what the failed write or sync lost).
+    pub(crate) fn fail(&self, e: &dyn std::fmt::Display) {
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+        drop(f);
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(
-                "pool {}: metadata write failed, writes are refused from now on: {e}",
+                "pool {}: I/O failed, writes and flushes fail from now on until the pool is reopened (restart the daemon): {e}",
                 self.path.display()
             );
         }
     }
 
     /// Append what changed to the journal and sync: everything acknowledged before this
-    /// call is durable when it returns.
+    /// call is durable when it returns. A failed pool fails every commit.
     pub fn commit(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(self.failed_err());
+        }
         let mut m = lock(&self.meta);
+        if self.fault_commit.swap(false, Ordering::AcqRel) {
+            let e = io_err(
+                &self.path,
+                "sync (injected test fault pool-commit-error)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            );
+            self.fail(&e);
+            return Err(e);
+        }
         let recs = std::mem::take(&mut self.lock_state().pending);
         if recs.is_empty() {
             // Nothing changed in the metadata, but the data must still be durable.
-            return MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e));
+            let r = MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e));
+            if let Err(e) = &r {
+                self.fail(e);
+            }
+            return r;
         }
         for r in recs {
             m.journal.push(r);
@@ -1061,6 +1200,9 @@ impl Pool {
 
     /// Write the changed table blocks to the inactive copy and flip the superblock to it.
     pub fn checkpoint(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(self.failed_err());
+        }
         let mut m = lock(&self.meta);
         let r = self.checkpoint_locked(&mut m);
         if let Err(e) = &r {
@@ -1170,23 +1312,32 @@ impl Pool {
                 j += 1;
             }
             let off = self.data_offset + v[i] * cs;
-            zero_pool(&self.file, self.block_dev, off, (j - i) as u64 * cs)
-                .map_err(|e| io_err(&self.path, "zero clusters", e))?;
+            if let Err(e) = zero_pool(&self.file, self.block_dev, off, (j - i) as u64 * cs) {
+                let e = io_err(&self.path, "zero clusters", e);
+                self.fail(&e);
+                return Err(e);
+            }
             i = j;
             progress(i as u64 * cs, total);
         }
-        MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e))
+        let r = MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e));
+        if let Err(e) = &r {
+            self.fail(e);
+        }
+        r
     }
 
     /// Claim up to `n` free clusters for allocation: they are marked dirty in a committed
     /// journal record before anyone writes to them.
-    pub(crate) fn claim(&self, n: u64) -> Result<()> {
+    /// At least `at_least` are claimed when that many are free, even past the half of the
+    /// free space a batch leaves unclaimed: a waiting command needs them.
+    pub(crate) fn claim(&self, n: u64, at_least: u64) -> Result<()> {
         let got = {
             let mut s = self.lock_state();
             let mut got = Vec::new();
             let total = self.n_clusters;
             // Leave some free space unclaimed in a nearly full pool.
-            let n = n.min(s.free.div_ceil(2));
+            let n = n.min(s.free.div_ceil(2)).max(at_least.min(s.free));
             let mut scanned = 0;
             while (got.len() as u64) < n && scanned < total && s.free > 0 {
                 let c = s.cursor;
@@ -1292,6 +1443,8 @@ impl Pool {
             used_clusters: used,
             free_clusters: s.free,
             reserved_clusters: self.n_clusters - used - s.free,
+            failed: self.failure(),
+            commands_timed_out: self.timed_out.load(Ordering::Relaxed),
             capacity_bytes: self.n_clusters * self.cluster_size,
             used_bytes: used * self.cluster_size,
             volumes,
@@ -1401,7 +1554,52 @@ impl Pool {
 
     /// Take a snapshot `snap` of volume `name`: instant, read-only, and `name` goes on
     /// (attached devices included) as a volume reading through to it.
+    ///
+    /// The volume is quiesced around it: new writes park, and the writes already planned
+    /// against its current id are waited for (up to the command timeout), so none
+    /// installs its cluster into the snapshot after the live volume moved on (which lost
+    /// it from the live volume: a later write to that cluster copied the old contents).
     pub fn snapshot(&self, name: &str, snap: &str) -> Result<()> {
+        let handle = {
+            let s = self.lock_state();
+            let id = s.id_of(name)?;
+            let h = s.vols[&id].handle.clone();
+            if h.quiesce.swap(true, Ordering::AcqRel) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("a snapshot of {name:?} is being taken; try again"),
+                ));
+            }
+            h
+        };
+        // Whatever happens below, writes resume.
+        struct Resume<'a>(&'a Pool, &'a VolHandle);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                let w = {
+                    let mut s = self.0.lock_state();
+                    self.1.quiesce.store(false, Ordering::Release);
+                    std::mem::take(&mut s.quiesce_waiters)
+                };
+                for p in w {
+                    p.wake(nvmux_core::Status::SUCCESS);
+                }
+            }
+        }
+        let _resume = Resume(self, &handle);
+        let limit = self.command_timeout_ms.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit);
+        while handle.writes.load(Ordering::Acquire) != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{name:?}: writes in flight did not finish within {limit} ms (pool.command_timeout_ms); no snapshot was taken"
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         {
             let mut s = self.lock_state();
             let id = s.id_of(name)?;
@@ -1433,11 +1631,7 @@ impl Pool {
             v.entry.flags |= VOLUME_SNAPSHOT;
             v.entry.name = snap.to_string();
             v.entry.uuid = random_bytes();
-            v.handle = Arc::new(VolHandle {
-                id: AtomicU32::new(id),
-                size: AtomicU64::new(v.entry.size),
-                deleted: AtomicBool::new(false),
-            });
+            v.handle = VolHandle::new(id, v.entry.size);
             let slot = v.slot;
             s.mark_slot(slot);
             s.add_vol(live, Some(live_handle))?;
@@ -1565,7 +1759,8 @@ impl Pool {
             // pin that stays up belongs to a queue whose device stopped answering (its
             // clusters are kept forever, see ThinQueue's drop): erase fails rather than
             // wait for ever.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let limit = self.command_timeout_ms.load(Ordering::Relaxed);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit);
             for &c in &erased {
                 while self.pins[c as usize].load(Ordering::Acquire) != 0 {
                     if std::time::Instant::now() >= deadline {
@@ -1573,7 +1768,7 @@ impl Pool {
                         self.lock_state().to_zero.extend(erased.iter().copied());
                         return Err(Error::new(
                             ErrorKind::Busy,
-                            format!("{name:?}: cluster {c} still has I/O in flight after 30 s; its data cannot be erased while the device holds it (the volume is deleted, the erase did not complete)"),
+                            format!("{name:?}: cluster {c} still has I/O in flight after {limit} ms (pool.command_timeout_ms); its data cannot be erased while the device holds it (the volume is deleted, the erase did not complete)"),
                         ));
                     }
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -1663,6 +1858,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Fails commands parked longer than the pool's command timeout; holds the pool only
+/// while it looks.
+fn watchdog(pool: std::sync::Weak<Pool>) {
+    loop {
+        let tick = match pool.upgrade() {
+            Some(p) => {
+                p.expire_waiters();
+                p.command_timeout_ms.load(Ordering::Relaxed) / 8
+            }
+            None => return,
+        };
+        std::thread::sleep(std::time::Duration::from_millis(tick.clamp(10, 1000)));
+    }
+}
+
 /// The flusher thread: group commits for flushes, claims, and background zeroing.
 /// It sleeps on a condition variable, holding no reference to the pool, when idle.
 fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
@@ -1693,18 +1903,30 @@ fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
         }
         let zero = p.take_to_zero();
         let mut status = nvmux_core::Status::SUCCESS;
-        if !waiters.is_empty() || !zero.is_empty() || kick {
+        let any = !waiters.is_empty();
+        // Where the watchdog can fail them if the commit never returns.
+        lock(&p.committing).extend(waiters);
+        if any || !zero.is_empty() || kick {
             if let Err(e) = p.commit() {
                 tracing::error!("{e}");
                 status = nvmux_core::Status::WRITE_FAULT;
             }
         }
+        let waiters = std::mem::take(&mut *lock(&p.committing));
         for w in waiters {
             w.wake(status);
         }
-        if claim && p.lock_state().claimed.len() < 64 {
-            if let Err(e) = p.claim(p.claim_batch()) {
-                tracing::error!("{e}");
+        if claim {
+            // Claim when few are left, or fewer than a waiting command needs; either
+            // way the waiters run again (with enough, or to find there is no space).
+            let (have, want) = {
+                let s = p.lock_state();
+                (s.claimed.len() as u64, s.claim_want)
+            };
+            if have < 64 || have < want {
+                if let Err(e) = p.claim(p.claim_batch(), want.saturating_sub(have)) {
+                    tracing::error!("{e}");
+                }
             }
             crate::thin::wake_claim_waiters(&p);
         }

@@ -59,25 +59,43 @@ impl Mailbox {
 pub(crate) struct Parked {
     mb: Arc<Mailbox>,
     token: u64,
+    /// When it parked: the pool's watchdog fails it after the command timeout.
+    pub(crate) since: std::time::Instant,
 }
 
 impl Parked {
     pub(crate) fn wake(self, st: Status) {
         self.mb.post(self.token, st);
     }
+
+    /// It waited too long: complete the command with an error instead of what it waits
+    /// for (the caller has taken it out of the list it waited in, so it is woken once).
+    pub(crate) fn expire(self) {
+        self.mb
+            .post((self.token & !KIND) | COMPLETE, Status::ABORTED);
+    }
 }
 
 /// Retry every command waiting for claimed clusters.
 pub(crate) fn wake_claim_waiters(p: &Pool) {
-    let w = std::mem::take(&mut p.lock_state().claim_waiters);
+    let w = {
+        let mut s = p.lock_state();
+        // Each waiter states its need again when it runs.
+        s.claim_want = 0;
+        std::mem::take(&mut s.claim_waiters)
+    };
     for x in w {
         x.wake(Status::SUCCESS);
     }
 }
 
-/// Token kinds in a mailbox: run the command again, or complete it with the status.
+/// Token kinds in a mailbox (low two bits; the command's index above them): run the
+/// command again, complete it with the status, or resume its completion after a test
+/// delay.
 const RETRY: u64 = 0;
 const COMPLETE: u64 = 1;
+const RESUME: u64 = 2;
+const KIND: u64 = 3;
 
 /// A device over one thin volume of a pool.
 pub struct ThinDevice {
@@ -85,6 +103,9 @@ pub struct ThinDevice {
     handle: Arc<VolHandle>,
     info: DeviceInfo,
     name: String,
+    /// Test fault `pool-write-delay:<volume>`: every write is held 1 s after its data
+    /// reached the device, before its mapping is installed (in flight across a snapshot).
+    delay_writes: bool,
 }
 
 impl ThinDevice {
@@ -117,6 +138,7 @@ impl ThinDevice {
             },
             handle,
             name: name.to_string(),
+            delay_writes: nvmux_core::fault::armed("pool-write-delay", name),
         })
     }
 
@@ -187,6 +209,7 @@ impl ThinDevice {
             actions: Vec::new(),
             spare: Vec::new(),
             drain_wait: std::time::Duration::from_secs(10),
+            delay_writes: self.delay_writes,
         })
     }
 }
@@ -231,6 +254,10 @@ struct Cmd {
     /// Passed down whole: the inner command is the guest's own.
     whole: bool,
     pins: Vec<u64>,
+    /// Counted in the volume handle's `writes` (a write planned, not yet installed).
+    counted: bool,
+    /// Held once by the `pool-write-delay` test fault.
+    delayed: bool,
     /// (virtual cluster, new data cluster) to install on success.
     installs: Vec<(u64, u64)>,
     /// Virtual clusters to unmap on success.
@@ -282,6 +309,7 @@ pub struct ThinQueue {
     spare: Vec<Cmd>,
     /// How long `drop` waits for the device to hand back what it holds.
     pub(crate) drain_wait: std::time::Duration,
+    delay_writes: bool,
 }
 
 const WHOLE: u64 = 1 << 63;
@@ -290,7 +318,8 @@ impl ThinQueue {
     fn parked(&self, idx: usize, kind: u64) -> Parked {
         Parked {
             mb: self.mb.clone(),
-            token: ((idx as u64) << 1) | kind,
+            token: ((idx as u64) << 2) | kind,
+            since: std::time::Instant::now(),
         }
     }
 
@@ -407,6 +436,12 @@ impl ThinQueue {
         let vol = self.handle.id.load(Ordering::Acquire);
         c.vol = vol;
         if op.is_write() {
+            // A snapshot of this volume is being taken: wait until it is done (it waits
+            // for the writes already planned against the volume's current id).
+            if self.handle.quiesce.load(Ordering::Acquire) {
+                s.quiesce_waiters.push(self.parked(idx, RETRY));
+                return Plan::Wait;
+            }
             // A write where another command allocates: wait for it to install.
             let (x0, x1) = (off / cs, (end - 1) / cs);
             if let Some(x) = (x0..=x1).find(|x| s.allocating.contains_key(&(vol, *x))) {
@@ -430,9 +465,16 @@ impl ThinQueue {
                 pos += n;
             }
             if need > s.claimed.len() {
-                if s.free == 0 && s.claimed.is_empty() && s.claiming == 0 && !s.has_to_zero() {
+                // Everything it could ever get: claimed, free, being claimed, and
+                // released clusters about to be zeroed. Less than it needs: no space.
+                let obtainable =
+                    s.claimed.len() as u64 + s.free + s.claiming + s.to_zero.len() as u64;
+                if need as u64 > obtainable {
                     return Plan::Complete(Status::CAPACITY_EXCEEDED);
                 }
+                // The flusher claims at least this many (a command larger than a claim
+                // batch, or than the claimed clusters left, must not wait for ever).
+                s.claim_want = s.claim_want.max(need as u64);
                 s.claim_waiters.push(self.parked(idx, RETRY));
                 drop(guard);
                 pool.ensure_claimed();
@@ -508,6 +550,12 @@ impl ThinQueue {
                 (_, None) => {} // already reads as zeroes
             }
             pos += n;
+        }
+        if op.is_write() {
+            // Under the pool lock, so a snapshot that set `quiesce` sees every write
+            // planned before it.
+            self.handle.writes.fetch_add(1, Ordering::AcqRel);
+            c.counted = true;
         }
         Plan::Issue
     }
@@ -598,7 +646,32 @@ impl ThinQueue {
         if c.remaining > 0 {
             return;
         }
+        if self.delay_writes && c.counted && !c.delayed && c.status.is_ok() {
+            // Test fault: hold the write, its data written and its mapping not yet
+            // installed, so a snapshot can be taken while it is in flight.
+            c.delayed = true;
+            c.remaining = 1;
+            let p = self.parked(idx, RESUME);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                p.wake(Status::SUCCESS);
+            });
+            return;
+        }
         let st = c.status;
+        let is_data_write = c
+            .cmd
+            .as_ref()
+            .is_some_and(|m| matches!(m.opcode, Opcode::Write | Opcode::WriteZeroes));
+        if st == Status::WRITE_FAULT && (is_data_write || !c.installs.is_empty()) {
+            // A write the device failed with a media error (its data, or a copy-on-write):
+            // what it lost is unknown, so the pool fails until it is reopened
+            // ("fsyncgate"). Errors without I/O (no memory, cancelled) do not.
+            self.pool.fail(&format!(
+                "a data write to volume id {} failed with status {st:?}",
+                c.vol
+            ));
+        }
         let vol = c.vol;
         let fua = c.fua && c.cmd.as_ref().is_some_and(|m| m.opcode.is_write());
         let mut woken = Vec::new();
@@ -626,6 +699,10 @@ impl ThinQueue {
         }
         for pc in c.pins.drain(..) {
             self.pool.pins[pc as usize].fetch_sub(1, Ordering::AcqRel);
+        }
+        if std::mem::take(&mut c.counted) {
+            // After the installs above: a snapshot waiting for this sees them.
+            self.handle.writes.fetch_sub(1, Ordering::AcqRel);
         }
         if released {
             self.pool.kick();
@@ -721,6 +798,8 @@ impl BlockQueue for ThinQueue {
             status: Status::SUCCESS,
             vol: 0,
             whole: false,
+            counted: false,
+            delayed: false,
             pins: Vec::new(),
             installs: Vec::new(),
             unmaps: Vec::new(),
@@ -733,6 +812,8 @@ impl BlockQueue for ThinQueue {
         c.remaining = 0;
         c.status = Status::SUCCESS;
         c.whole = false;
+        c.counted = false;
+        c.delayed = false;
         c.pins.clear();
         c.installs.clear();
         c.unmaps.clear();
@@ -766,9 +847,11 @@ impl BlockQueue for ThinQueue {
             let mut mail = std::mem::take(&mut self.mail);
             mail.append(&mut lock(&self.mb.items));
             for (token, st) in mail.drain(..) {
-                let idx = (token >> 1) as usize;
-                if token & 1 == COMPLETE {
+                let idx = (token >> 2) as usize;
+                if token & KIND == COMPLETE {
                     self.complete_idx(idx, st);
+                } else if token & KIND == RESUME {
+                    self.put(idx, st);
                 } else if self.cmds.get(idx).is_some_and(|c| c.is_some()) {
                     self.start(idx);
                 }
@@ -836,6 +919,9 @@ impl Drop for ThinQueue {
             }
             for (_, nc) in c.installs.drain(..) {
                 s.release(nc);
+            }
+            if std::mem::take(&mut c.counted) {
+                self.handle.writes.fetch_sub(1, Ordering::AcqRel);
             }
         }
         drop(s);

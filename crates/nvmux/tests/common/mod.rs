@@ -47,6 +47,11 @@ impl TestDaemon {
 
     /// Start with extra `nvmux serve` arguments (two workers unless they say otherwise).
     pub fn start_with(dir: PathBuf, extra: &[&str]) -> TestDaemon {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// As `start_with`, with `env` set (or overridden) in the daemon's environment.
+    pub fn start_with_env(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -62,6 +67,7 @@ impl TestDaemon {
                 &["--workers", "2"][..]
             })
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
