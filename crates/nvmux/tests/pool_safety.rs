@@ -612,3 +612,63 @@ fn after_a_failed_fsync_every_flush_of_a_file_disk_fails() {
     assert_eq!(d.api.get("/v1/disks/f").expect("disk")["status"], "ok");
     finish(d);
 }
+
+/// `kill -9` of the daemon loses no completed write, as with a file disk (the page cache
+/// outlives the process). Allocating writes (a copy-on-write from a snapshot, a new
+/// cluster, a whole new cluster) are sent as raw `NBD_CMD_WRITE`s and their replies
+/// read, with no flush; then the daemon is killed and restarted on the same pool. Before
+/// the fix the mappings lived only in memory until the next journal commit, and the
+/// restarted daemon read the snapshot's (or zero) data where the writes had completed
+/// (found by the VM scenario crash-snapshots).
+#[test]
+fn kill_9_loses_no_completed_allocating_write() {
+    use nvmux_bench::attack::nbd::{self, Reply, Target};
+    use std::io::Write;
+    watchdog(300);
+    let d = daemon("pool-kill9", &[]);
+    pool(&d, 64 * MIB);
+    let sock = thin_nbd(&d, "k", 8 * MIB);
+    // Cluster 0 mapped and durable, then a snapshot the live volume reads through to.
+    let (finished, good, out) = qemu_io(&sock, "k", &["write -P 1 0 64k".into(), "flush".into()]);
+    assert!(finished && good, "first write: {out}");
+    d.api
+        .post("/v1/disks/k/snapshot", &json!({"snapshot": "k1"}))
+        .expect("snapshot");
+    let writes: [(u64, u32, u8); 3] = [
+        (4096, 4096, 0x22),        // copy-on-write from the snapshot
+        (MIB, 4096, 0x33),         // a new cluster, partly written
+        (2 * MIB, 64 << 10, 0x44), // a whole new cluster
+    ];
+    let mut s = nbd::connect_go(&Target::Unix(sock.clone()), "k").expect("NBD connect");
+    for (i, &(off, len, pat)) in writes.iter().enumerate() {
+        let mut req = nbd::request(nbd::CMD_WRITE, i as u64 + 1, off, len).to_vec();
+        req.extend(std::iter::repeat_n(pat, len as usize));
+        s.write_all(&req).expect("send write");
+        match nbd::reply(&mut s, std::time::Duration::from_secs(30)) {
+            Reply::Simple { error: 0, cookie } => assert_eq!(cookie, i as u64 + 1),
+            r => panic!("write {i} at {off}: {r:?}"),
+        }
+    }
+    // Every write completed; no flush. The daemon dies now.
+    let dir = d.dir.clone();
+    d.wait_killed();
+    drop(s);
+    let d = daemon_in(dir, &[]);
+    let (finished, good, out) = qemu_io(
+        &sock,
+        "k",
+        &[
+            "read -P 1 0 4k".into(),
+            "read -P 0x22 4k 4k".into(),
+            "read -P 1 8k 56k".into(),
+            "read -P 0x33 1M 4k".into(),
+            "read -P 0 1028k 60k".into(),
+            "read -P 0x44 2M 64k".into(),
+        ],
+    );
+    assert!(
+        finished && good,
+        "a write completed before kill -9 is lost: {out}"
+    );
+    finish(d);
+}

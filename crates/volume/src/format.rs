@@ -442,6 +442,9 @@ pub struct JournalBlock {
     pub seq: u64,
     pub pool_uuid: [u8; 16],
     pub commit: bool,
+    /// Every block before this one was durable (synced) when it was written: a damaged
+    /// block before it is corruption, not an unsynced tail a power cut tore.
+    pub prior_durable: bool,
     pub records: Vec<Record>,
 }
 
@@ -461,7 +464,9 @@ impl JournalBlock {
         let mut b = [0u8; BLOCK];
         b[0..4].copy_from_slice(&JOURNAL_MAGIC);
         b[4..6].copy_from_slice(&(self.records.len() as u16).to_le_bytes());
-        b[6..8].copy_from_slice(&(self.commit as u16).to_le_bytes());
+        b[6..8].copy_from_slice(
+            &(self.commit as u16 | (self.prior_durable as u16) << 1).to_le_bytes(),
+        );
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..32].copy_from_slice(&self.pool_uuid);
         for (i, r) in self.records.iter().enumerate() {
@@ -495,7 +500,7 @@ impl JournalBlock {
             ));
         }
         let flags = u16_at(b, 6);
-        if flags & !1 != 0 {
+        if flags & !3 != 0 {
             return Err(field(
                 &name,
                 "flags",
@@ -549,6 +554,7 @@ impl JournalBlock {
             seq: u64_at(b, 8),
             pool_uuid: uuid,
             commit: flags & 1 != 0,
+            prior_durable: flags & 2 != 0,
             records,
         })
     }
@@ -910,6 +916,7 @@ mod tests {
             seq: 42,
             pool_uuid: [7; 16],
             commit: true,
+            prior_durable: false,
             records: vec![
                 Record {
                     cluster: 1000,

@@ -115,9 +115,9 @@ pub fn replay(
     Ok(out)
 }
 
-/// After a replay stopped at `(seq, pos)`: is the block there damaged while the next one
-/// continues the sequence? Then committed transactions were lost to corruption, not to a
-/// torn tail, and the message says where.
+/// After a replay stopped at `(seq, pos)`: is the block there damaged while a later one
+/// that continues the sequence was written after it was durable? Then committed
+/// transactions were lost to corruption, not to a torn tail, and the message says where.
 pub fn damage_after(io: &dyn MetaIo, ring: Ring, seq: u64, pos: u64) -> Option<String> {
     let mut buf = vec![0u8; BLOCK];
     let valid = |buf: &mut Vec<u8>, p: u64, s: u64| -> bool {
@@ -136,7 +136,23 @@ pub fn damage_after(io: &dyn MetaIo, ring: Ring, seq: u64, pos: u64) -> Option<S
         s += 1;
         p += 1;
     }
-    if valid(&mut buf, p + 1, s + 1) {
+    // Blocks that continue the sequence past the damaged one: corruption only if one
+    // of them was written after the damaged block was durable (`prior_durable`).
+    // Transactions written without a sync (see `write_unsynced`) reach the disk in any
+    // order: a later one kept and an earlier one lost is a torn tail.
+    let mut durable_after = false;
+    for k in 1..ring.blocks {
+        if !valid(&mut buf, p + k, s + k) {
+            break;
+        }
+        if JournalBlock::decode(&buf, ((p + k) % ring.blocks) * BLOCK as u64)
+            .is_ok_and(|b| b.prior_durable)
+        {
+            durable_after = true;
+            break;
+        }
+    }
+    if durable_after {
         io.read_at(ring.at(p), &mut buf).ok()?;
         let why = match JournalBlock::decode(&buf, (p % ring.blocks) * BLOCK as u64) {
             Err(e) => e.to_string(),
@@ -157,6 +173,8 @@ pub struct JournalWriter {
     next_seq: u64,
     next_pos: u64,
     pending: Vec<Record>,
+    /// Every block written so far is durable (nothing written since the last sync).
+    synced: bool,
 }
 
 impl JournalWriter {
@@ -168,6 +186,8 @@ impl JournalWriter {
             next_seq,
             next_pos: next_pos % ring.blocks,
             pending: Vec::new(),
+            // What replay read may be only in the page cache (after a kill -9).
+            synced: false,
         }
     }
 
@@ -191,6 +211,23 @@ impl JournalWriter {
 
     /// Write the pending records as one transaction and sync. Nothing pending: no-op.
     pub fn commit(&mut self, io: &dyn MetaIo) -> Result<(), JournalError> {
+        self.write(io, true)
+    }
+
+    /// Write the pending records as one transaction, without syncing: it survives the
+    /// process (the page cache holds it; replay applies it after a `kill -9`), and
+    /// reaches the device at the next sync, or earlier in any order with the other
+    /// unsynced blocks. Nothing pending: no-op.
+    pub fn write_unsynced(&mut self, io: &dyn MetaIo) -> Result<(), JournalError> {
+        self.write(io, false)
+    }
+
+    /// Everything written so far is durable (the caller synced the device).
+    pub fn mark_synced(&mut self) {
+        self.synced = true;
+    }
+
+    fn write(&mut self, io: &dyn MetaIo, sync: bool) -> Result<(), JournalError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -206,11 +243,16 @@ impl JournalWriter {
                 seq: self.next_seq + i as u64,
                 pool_uuid: self.ring.uuid,
                 commit: i == last,
+                prior_durable: i == 0 && self.synced,
                 records: c.to_vec(),
             };
             io.write_at(self.ring.at(self.next_pos + i as u64), &b.encode()?)?;
         }
-        io.sync()?;
+        self.synced = false;
+        if sync {
+            io.sync()?;
+            self.synced = true;
+        }
         self.next_seq += n;
         self.next_pos = (self.next_pos + n) % self.ring.blocks;
         self.pending.clear();
@@ -226,6 +268,7 @@ impl JournalWriter {
     /// the superblock now names `pos` as the head): those blocks may be overwritten.
     pub fn set_head(&mut self, pos: u64) {
         self.head_pos = pos % self.ring.blocks;
+        self.synced = true;
     }
 }
 
@@ -344,6 +387,7 @@ pub(crate) mod tests {
                 seq: 2 + i as u64,
                 pool_uuid: UUID,
                 commit: i == 2,
+                prior_durable: false,
                 records: c.to_vec(),
             };
             io.write_at(r.at(1 + i as u64), &b.encode().unwrap())
@@ -366,11 +410,52 @@ pub(crate) mod tests {
             seq: 2,
             pool_uuid: UUID,
             commit: true,
+            prior_durable: false,
             records: vec![map(7)],
         };
         io.write_at(r.at(1), &b.encode().unwrap()).unwrap();
         io.crash(|sector| sector % 2 == 0);
         assert_eq!(replay(&io, r, 1, 0).unwrap().records, vec![map(1)]);
+    }
+
+    /// Transactions written without a sync (allocating writes between flushes) reach the
+    /// disk in any order: a later one kept and an earlier one lost is a torn tail, not
+    /// corruption; after a sync, damage before a later block is corruption.
+    #[test]
+    fn unsynced_transactions_torn_out_of_order_are_a_torn_tail() {
+        let io = CrashIo::new(8192 + 16 * BLOCK);
+        let r = ring(16);
+        let mut w = JournalWriter::new(r, 0, 1, 0);
+        w.push(map(1));
+        w.commit(&io).unwrap();
+        w.push(map(2));
+        w.write_unsynced(&io).unwrap();
+        w.push(map(3));
+        w.write_unsynced(&io).unwrap();
+        // A kill -9: the page cache keeps both.
+        assert_eq!(
+            replay(&io, r, 1, 0).unwrap().records,
+            vec![map(1), map(2), map(3)]
+        );
+        // A power cut that kept only the second unsynced block (position 2).
+        io.crash(|sector| (16..24).contains(&sector));
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert_eq!(got.records, vec![map(1)]);
+        assert_eq!(damage_after(&io, r, got.next_seq, got.next_pos), None);
+        // Synced, then rot in the first: the block written after the sync proves it.
+        let mut w = JournalWriter::new(r, 0, got.next_seq, got.next_pos);
+        w.push(map(4));
+        w.commit(&io).unwrap();
+        w.push(map(5));
+        w.commit(&io).unwrap();
+        let mut z = vec![0u8; BLOCK];
+        io.read_at(r.at(1), &mut z).unwrap();
+        z[100] ^= 1;
+        io.write_at(r.at(1), &z).unwrap();
+        io.sync().unwrap();
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert!(damage_after(&io, r, got.next_seq, got.next_pos)
+            .is_some_and(|m| m.contains("damaged while later blocks are intact")));
     }
 
     #[test]

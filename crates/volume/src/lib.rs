@@ -65,6 +65,7 @@ mod tests {
             seq: 7,
             pool_uuid: [9; 16],
             commit: true,
+            prior_durable: false,
             records: vec![
                 Record {
                     cluster: 4,

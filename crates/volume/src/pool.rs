@@ -410,6 +410,9 @@ struct Meta {
 struct FlushReq {
     /// Flush or FUA completions waiting for the next commit.
     waiters: Vec<crate::thin::Parked>,
+    /// Completions of writes that changed a mapping, waiting for the journal write that
+    /// records it (not a sync): see [`Pool::write_journal`].
+    recorded: Vec<crate::thin::Parked>,
     /// More claimed clusters are wanted.
     claim: bool,
     /// Released clusters may be waiting for a commit and zeroing.
@@ -1176,20 +1179,48 @@ impl Pool {
         }
         let recs = std::mem::take(&mut self.lock_state().pending);
         if recs.is_empty() {
-            // Nothing changed in the metadata, but the data must still be durable.
+            // Nothing changed in the metadata, but the data (and journal blocks written
+            // unsynced) must still be durable.
             let r = MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e));
-            if let Err(e) = &r {
-                self.fail(e);
+            match &r {
+                Ok(()) => m.journal.mark_synced(),
+                Err(e) => self.fail(e),
             }
             return r;
         }
+        self.append(&mut m, recs, true)
+    }
+
+    /// Write the records changed since the last journal write as one transaction, without
+    /// a sync: called before the completion of a write that changed a mapping is handed
+    /// back, so a `kill -9` of the daemon loses no completed write (the page cache keeps
+    /// the block, replay applies it). The sync stays with the guest's flush or FUA.
+    /// Journal full (or ¾ full after the write): checkpoint, as a commit does.
+    pub(crate) fn write_journal(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(self.failed_err());
+        }
+        let mut m = lock(&self.meta);
+        let recs = std::mem::take(&mut self.lock_state().pending);
+        if recs.is_empty() {
+            return Ok(());
+        }
+        self.append(&mut m, recs, false)
+    }
+
+    fn append(&self, m: &mut Meta, recs: Vec<Record>, sync: bool) -> Result<()> {
         for r in recs {
             m.journal.push(r);
         }
         let ring_blocks = m.sb.journal_bytes / BLOCK as u64;
-        let r = match m.journal.commit(&self.file) {
+        let written = if sync {
+            m.journal.commit(&self.file)
+        } else {
+            m.journal.write_unsynced(&self.file)
+        };
+        let r = match written {
             Ok(()) if m.journal.used_blocks() * 4 < ring_blocks * 3 => Ok(()),
-            Ok(()) | Err(JournalError::Full) => self.checkpoint_locked(&mut m),
+            Ok(()) | Err(JournalError::Full) => self.checkpoint_locked(m),
             Err(e) => Err(jerr(&self.path, e)),
         };
         if let Err(e) = &r {
@@ -1389,6 +1420,12 @@ impl Pool {
     /// Complete `p` after the next journal commit (a flush or FUA write).
     pub(crate) fn flush_after_commit(&self, p: crate::thin::Parked) {
         self.request(|r| r.waiters.push(p));
+    }
+
+    /// Complete `p` (a write that changed a mapping) once the journal holds its record:
+    /// the flusher writes what is pending for a whole batch of them in one go.
+    pub(crate) fn complete_after_journal_write(&self, p: crate::thin::Parked) {
+        self.request(|r| r.recorded.push(p));
     }
 
     pub(crate) fn ensure_claimed(&self) {
@@ -1877,26 +1914,27 @@ fn watchdog(pool: std::sync::Weak<Pool>) {
 /// It sleeps on a condition variable, holding no reference to the pool, when idle.
 fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
     loop {
-        let (waiters, claim, kick, stop) = {
+        let (waiters, recorded, claim, kick, stop) = {
             let mut r = lock(&sh.req);
-            while r.waiters.is_empty() && !r.claim && !r.kick && !r.stop {
+            while r.waiters.is_empty() && r.recorded.is_empty() && !r.claim && !r.kick && !r.stop {
                 r = sh.cv.wait(r).unwrap_or_else(|e| e.into_inner());
             }
             (
                 std::mem::take(&mut r.waiters),
+                std::mem::take(&mut r.recorded),
                 std::mem::take(&mut r.claim),
                 std::mem::take(&mut r.kick),
                 r.stop,
             )
         };
         let Some(p) = pool.upgrade() else {
-            for w in waiters {
+            for w in waiters.into_iter().chain(recorded) {
                 w.wake(nvmux_core::Status::ABORTED);
             }
             return;
         };
         if stop {
-            for w in waiters {
+            for w in waiters.into_iter().chain(recorded) {
                 w.wake(nvmux_core::Status::ABORTED);
             }
             return;
@@ -1904,10 +1942,17 @@ fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
         let zero = p.take_to_zero();
         let mut status = nvmux_core::Status::SUCCESS;
         let any = !waiters.is_empty();
+        let any_recorded = !recorded.is_empty();
         // Where the watchdog can fail them if the commit never returns.
-        lock(&p.committing).extend(waiters);
+        lock(&p.committing).extend(waiters.into_iter().chain(recorded));
         if any || !zero.is_empty() || kick {
+            // A commit also writes the records the `recorded` completions wait for.
             if let Err(e) = p.commit() {
+                tracing::error!("{e}");
+                status = nvmux_core::Status::WRITE_FAULT;
+            }
+        } else if any_recorded {
+            if let Err(e) = p.write_journal() {
                 tracing::error!("{e}");
                 status = nvmux_core::Status::WRITE_FAULT;
             }

@@ -9,7 +9,8 @@
 //!   (zero) cluster, and when the volume reads that cluster through to a snapshot the
 //!   rest of it is copied (copy-on-write through a bounce buffer);
 //! * the new mapping is installed only when the data write has completed ("data before
-//!   metadata"), and reaches the journal at the next flush;
+//!   metadata"); its journal record is written (not synced) before the command completes,
+//!   so a `kill -9` of the daemon loses no completed write, and synced at the next flush;
 //! * a command whose single piece needs no copy is passed down whole, without copying its
 //!   scatter list (the common case: any I/O inside one cluster).
 //!
@@ -676,6 +677,10 @@ impl ThinQueue {
         let fua = c.fua && c.cmd.as_ref().is_some_and(|m| m.opcode.is_write());
         let mut woken = Vec::new();
         let released = st.is_ok() && !c.unmaps.is_empty();
+        // A mapping changed: its journal record is written before the completion goes
+        // back, so a kill -9 of the daemon cannot lose the write (docs/format.md, "Crash
+        // safety").
+        let recorded = st.is_ok() && (!c.installs.is_empty() || !c.unmaps.is_empty());
         if !c.installs.is_empty() || !c.unmaps.is_empty() || !c.allocs.is_empty() {
             let mut s = self.pool.lock_state();
             for (x, nc) in c.installs.drain(..) {
@@ -713,6 +718,11 @@ impl ThinQueue {
         if fua && st.is_ok() {
             let p = self.parked(idx, COMPLETE);
             self.pool.flush_after_commit(p);
+            return;
+        }
+        if recorded {
+            let p = self.parked(idx, COMPLETE);
+            self.pool.complete_after_journal_write(p);
             return;
         }
         self.complete_idx(idx, st);
