@@ -115,9 +115,12 @@ pub fn replay(
     Ok(out)
 }
 
-/// After a replay stopped at `(seq, pos)`: is the block there damaged while the next one
-/// continues the sequence? Then committed transactions were lost to corruption, not to a
-/// torn tail, and the message says where.
+/// After a replay stopped at `(seq, pos)`: is the block there damaged while later blocks
+/// continue the sequence up to a commit block? Then committed transactions were lost to
+/// corruption, not to a torn tail, and the message says where. (A commit block is
+/// written only after the blocks before it are durable, see `JournalWriter::commit`, so
+/// blocks of a transaction a power cut tore, whatever reached the disk, never end in
+/// one.)
 pub fn damage_after(io: &dyn MetaIo, ring: Ring, seq: u64, pos: u64) -> Option<String> {
     let mut buf = vec![0u8; BLOCK];
     let valid = |buf: &mut Vec<u8>, p: u64, s: u64| -> bool {
@@ -136,7 +139,21 @@ pub fn damage_after(io: &dyn MetaIo, ring: Ring, seq: u64, pos: u64) -> Option<S
         s += 1;
         p += 1;
     }
-    if valid(&mut buf, p + 1, s + 1) {
+    // The blocks that continue the sequence past the damaged one: corruption only if
+    // they complete a transaction.
+    let mut committed_after = false;
+    for k in 1..ring.blocks {
+        if !valid(&mut buf, p + k, s + k) {
+            break;
+        }
+        if JournalBlock::decode(&buf, ((p + k) % ring.blocks) * BLOCK as u64)
+            .is_ok_and(|b| b.commit)
+        {
+            committed_after = true;
+            break;
+        }
+    }
+    if committed_after {
         io.read_at(ring.at(p), &mut buf).ok()?;
         let why = match JournalBlock::decode(&buf, (p % ring.blocks) * BLOCK as u64) {
             Err(e) => e.to_string(),
@@ -208,6 +225,13 @@ impl JournalWriter {
                 commit: i == last,
                 records: c.to_vec(),
             };
+            if i == last && last > 0 {
+                // The blocks before the commit block are durable before it is written,
+                // as jbd2 does: a commit block on the disk then proves its transaction
+                // whole, and a damaged block before one is corruption (`damage_after`),
+                // never a transaction torn by a power cut.
+                io.sync()?;
+            }
             io.write_at(self.ring.at(self.next_pos + i as u64), &b.encode()?)?;
         }
         io.sync()?;
@@ -371,6 +395,59 @@ pub(crate) mod tests {
         io.write_at(r.at(1), &b.encode().unwrap()).unwrap();
         io.crash(|sector| sector % 2 == 0);
         assert_eq!(replay(&io, r, 1, 0).unwrap().records, vec![map(1)]);
+    }
+
+    /// Found by the power-cut simulator: a multi-block transaction whose blocks reached
+    /// the disk out of order (the first lost, a later one kept) was taken for corruption
+    /// and the pool refused to open. The commit block is now written only after the
+    /// blocks before it are durable, and only damage followed by a commit block is
+    /// corruption.
+    #[test]
+    fn a_transaction_torn_out_of_order_is_a_torn_tail_and_damage_before_a_commit_is_not() {
+        let io = CrashIo::new(8192 + 16 * BLOCK);
+        let r = ring(16);
+        let mut w = JournalWriter::new(r, 0, 1, 0);
+        w.push(map(1));
+        w.commit(&io).unwrap();
+        // A three-block transaction cut before its first sync: only its second block
+        // reached the disk.
+        for (i, c) in (0..(RECORDS_PER_BLOCK as u64 * 2 + 5))
+            .map(map)
+            .collect::<Vec<_>>()
+            .chunks(RECORDS_PER_BLOCK)
+            .enumerate()
+        {
+            let b = JournalBlock {
+                seq: 2 + i as u64,
+                pool_uuid: UUID,
+                commit: i == 2,
+                records: c.to_vec(),
+            };
+            io.write_at(r.at(1 + i as u64), &b.encode().unwrap())
+                .unwrap();
+        }
+        io.crash(|sector| (8..16).contains(&sector));
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert_eq!(got.records, vec![map(1)]);
+        assert_eq!(damage_after(&io, r, got.next_seq, got.next_pos), None);
+        // The writer syncs before the commit block: whole after a commit.
+        for i in 0..(RECORDS_PER_BLOCK as u64 * 2 + 5) {
+            w.push(map(i));
+        }
+        w.commit(&io).unwrap();
+        w.push(map(500));
+        w.commit(&io).unwrap();
+        assert_eq!(replay(&io, r, 1, 0).unwrap().transactions, 3);
+        // Rot in the first block of the committed three-block transaction: corruption.
+        let mut z = vec![0u8; BLOCK];
+        io.read_at(r.at(1), &mut z).unwrap();
+        z[100] ^= 1;
+        io.write_at(r.at(1), &z).unwrap();
+        io.sync().unwrap();
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert_eq!(got.transactions, 1);
+        assert!(damage_after(&io, r, got.next_seq, got.next_pos)
+            .is_some_and(|m| m.contains("damaged while later blocks are intact")));
     }
 
     #[test]

@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use nvmux_backend::record::{IoLog, RecordingDevice};
 use nvmux_backend::{zero_range, zero_range_allocated, FileDevice, FileOptions};
-use nvmux_core::{Error, ErrorKind, Result};
+use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
 
 use crate::format::{
     self, current_superblock, FormatError, Owner, OwnerBlock, Record, Superblock, VolumeEntry,
@@ -230,6 +231,9 @@ pub(crate) struct State {
     pub(crate) allocating: HashMap<(u32, u64), Vec<crate::thin::Parked>>,
     /// Commands waiting for claimed clusters.
     pub(crate) claim_waiters: Vec<crate::thin::Parked>,
+    /// Mappings installed over copied (or replaced) snapshot data since the last
+    /// commit: the next commit syncs the data before it writes the journal.
+    pub(crate) cow_unsynced: bool,
 }
 
 impl State {
@@ -414,8 +418,8 @@ struct FlushShared {
 /// A pool opened for serving.
 pub struct Pool {
     pub(crate) path: PathBuf,
-    file: File,
-    pub(crate) data: FileDevice,
+    file: PoolFile,
+    pub(crate) data: Arc<dyn BlockDevice>,
     pub(crate) cluster_size: u64,
     pub(crate) n_clusters: u64,
     pub(crate) data_offset: u64,
@@ -429,6 +433,48 @@ pub struct Pool {
     block_dev: bool,
     /// The first metadata error: the pool stops accepting writes after it.
     pub(crate) failed: AtomicBool,
+    /// Test-only (`NVMUX_TEST_FAULTS=pool-cow-unordered:*`, read at open): copied data
+    /// is not synced before the journal commit that maps it, the bug the power-cut
+    /// simulator's negative control must catch.
+    pub(crate) cow_unordered: bool,
+}
+
+/// The pool's device as its metadata code uses it (`pwrite`, `fallocate`, `fdatasync`
+/// on the file), logging every change to an [`IoLog`] when the pool is recorded.
+struct PoolFile {
+    file: File,
+    log: Option<Arc<IoLog>>,
+}
+
+impl PoolFile {
+    fn zero(&self, block_dev: bool, off: u64, len: u64) -> std::io::Result<()> {
+        zero_pool(&self.file, block_dev, off, len)?;
+        if let Some(l) = &self.log {
+            l.zero(off, len);
+        }
+        Ok(())
+    }
+}
+
+impl MetaIo for PoolFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        MetaIo::read_at(&self.file, off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        MetaIo::write_at(&self.file, off, buf)?;
+        if let Some(l) = &self.log {
+            l.write(off, buf, false);
+        }
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        let id = self.log.as_ref().map(|l| l.flush_start());
+        self.file.sync_data()?;
+        if let (Some(l), Some(id)) = (&self.log, id) {
+            l.flush_end(id);
+        }
+        Ok(())
+    }
 }
 
 /// Figures for `pool show` and metrics.
@@ -656,6 +702,7 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         voltab_blocks,
         allocating: HashMap::new(),
         claim_waiters: Vec::new(),
+        cow_unsynced: false,
     };
     for (slot, e) in l.entries.iter().enumerate() {
         let Some(e) = e else { continue };
@@ -942,6 +989,17 @@ impl Pool {
     /// Open a pool for serving: replay its journal, zero what was left dirty, and
     /// checkpoint. A damaged pool is refused with where it is damaged.
     pub fn open(path: &Path) -> Result<Arc<Pool>> {
+        Self::open_with(path, None)
+    }
+
+    /// Open a pool whose every change to its device is logged to `log` (the power-cut
+    /// simulator): the data path through a [`RecordingDevice`], the metadata writes,
+    /// zeroing and syncs as they return.
+    pub fn open_recorded(path: &Path, log: Arc<IoLog>) -> Result<Arc<Pool>> {
+        Self::open_with(path, Some(log))
+    }
+
+    fn open_with(path: &Path, log: Option<Arc<IoLog>>) -> Result<Arc<Pool>> {
         let (file, block_dev) = open_rw(path, false)?;
         flock(&file, path, libc::LOCK_EX)?;
         let l = load(&file, path)?;
@@ -964,13 +1022,17 @@ impl Pool {
             )
         })?;
         let sb = l.sb.clone();
-        let data = FileDevice::open(
+        let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(
             path,
             &FileOptions {
                 create: false,
                 ..Default::default()
             },
-        )?;
+        )?);
+        let data = match &log {
+            Some(l) => Arc::new(RecordingDevice::new(data, l.clone())),
+            None => data,
+        };
         let ring = Ring::of(&sb);
         let journal = JournalWriter::new(
             ring,
@@ -981,7 +1043,7 @@ impl Pool {
         let n = sb.n_clusters;
         let pool = Arc::new(Pool {
             path: path.to_path_buf(),
-            file,
+            file: PoolFile { file, log },
             data,
             cluster_size: sb.cluster_size as u64,
             n_clusters: n,
@@ -998,6 +1060,7 @@ impl Pool {
             flusher: Mutex::new(None),
             block_dev,
             failed: AtomicBool::new(false),
+            cow_unordered: nvmux_core::fault::armed("pool-cow-unordered", "*"),
         });
         // Zero what a crash left dirty, then record a clean starting point.
         pool.zero_released(pool.take_to_zero())?;
@@ -1039,10 +1102,27 @@ impl Pool {
     /// call is durable when it returns.
     pub fn commit(&self) -> Result<()> {
         let mut m = lock(&self.meta);
-        let recs = std::mem::take(&mut self.lock_state().pending);
+        let (recs, cow) = {
+            let mut s = self.lock_state();
+            (
+                std::mem::take(&mut s.pending),
+                std::mem::take(&mut s.cow_unsynced),
+            )
+        };
         if recs.is_empty() {
             // Nothing changed in the metadata, but the data must still be durable.
             return MetaIo::sync(&self.file).map_err(|e| io_err(&self.path, "sync", e));
+        }
+        if cow {
+            // Data before metadata: a record maps a cluster that holds data copied from
+            // (or replacing) a snapshot's. Without this sync the journal block could
+            // reach the disk before the copy, and after a power cut the volume would read
+            // zeros where it inherited data. Only commits that carry such a mapping pay.
+            if let Err(e) = MetaIo::sync(&self.file) {
+                let e = io_err(&self.path, "sync copied data", e);
+                self.fail(&e);
+                return Err(e);
+            }
         }
         for r in recs {
             m.journal.push(r);
@@ -1062,7 +1142,14 @@ impl Pool {
     /// Write the changed table blocks to the inactive copy and flip the superblock to it.
     pub fn checkpoint(&self) -> Result<()> {
         let mut m = lock(&self.meta);
-        let r = self.checkpoint_locked(&mut m);
+        self.checkpoint_held(&mut m)
+    }
+
+    /// A checkpoint by a caller that already holds the metadata lock: a control-plane
+    /// change made under it reaches the device whole (tables and volume entries flip
+    /// together with the superblock), never half through a journal commit in between.
+    fn checkpoint_held(&self, m: &mut Meta) -> Result<()> {
+        let r = self.checkpoint_locked(m);
         if let Err(e) = &r {
             self.fail(e);
         }
@@ -1074,7 +1161,9 @@ impl Pool {
         let (blocks, head) = {
             let mut s = self.lock_state();
             // The tables written below hold every change so far: the journal need not.
+            // (Copied data is synced before the superblock names them, below.)
             s.pending.clear();
+            s.cow_unsynced = false;
             m.journal.discard_pending();
             let head = m.journal.position();
             let idx = s.dirty[target as usize].take();
@@ -1170,7 +1259,8 @@ impl Pool {
                 j += 1;
             }
             let off = self.data_offset + v[i] * cs;
-            zero_pool(&self.file, self.block_dev, off, (j - i) as u64 * cs)
+            self.file
+                .zero(self.block_dev, off, (j - i) as u64 * cs)
                 .map_err(|e| io_err(&self.path, "zero clusters", e))?;
             i = j;
             progress(i as u64 * cs, total);
@@ -1449,6 +1539,10 @@ impl Pool {
     /// the new end hold data, also `discard_data`.
     pub fn resize(&self, name: &str, size: u64, force: bool, discard_data: bool) -> Result<()> {
         Self::check_size(size)?;
+        // Held until the checkpoint: no journal commit may make the released clusters
+        // durable before the new size is (a crash would leave the old size reading
+        // zeros past the new end).
+        let mut m = lock(&self.meta);
         {
             let mut s = self.lock_state();
             let id = s.id_of(name)?;
@@ -1495,7 +1589,8 @@ impl Pool {
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
                         let off = self.data_offset + c * cs + size % cs;
-                        zero_pool(&self.file, self.block_dev, off, cs - size % cs)
+                        self.file
+                            .zero(self.block_dev, off, cs - size % cs)
                             .map_err(|e| io_err(&self.path, "zero the tail", e))?;
                     }
                 }
@@ -1510,8 +1605,7 @@ impl Pool {
             let slot = v.slot;
             s.mark_slot(slot);
         }
-        self.commit()?;
-        self.checkpoint()
+        self.checkpoint_held(&mut m)
     }
 
     /// Delete a volume or snapshot. A snapshot that clones still read through is hidden
@@ -1523,6 +1617,10 @@ impl Pool {
         erase: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
+        // Held until the checkpoint: no journal commit may make the released clusters
+        // durable before the volume's removal is (a crash would leave the volume listed,
+        // reading zeros).
+        let mut m = lock(&self.meta);
         let erased = {
             let mut s = self.lock_state();
             let id = s.id_of(name)?;
@@ -1554,8 +1652,8 @@ impl Pool {
                 self.drop_volume(&mut s, id)
             }
         };
-        self.commit()?;
-        self.checkpoint()?;
+        self.checkpoint_held(&mut m)?;
+        drop(m);
         if erase {
             // The release is durable: zero now rather than in the background.
             let mut s = self.lock_state();
