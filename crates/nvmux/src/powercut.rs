@@ -29,7 +29,8 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvmux_backend::record::{Event, IoLog, RecordingDevice};
@@ -53,7 +54,7 @@ pub struct PowercutArgs {
     #[arg(long, value_parser = parse_seed)]
     pub seed: Option<u64>,
     /// Run only these workloads (repeat or separate with commas): random, snapshot,
-    /// resize, discard, reuse, crypt, small, file.
+    /// resize, discard, reuse, crypt, small, small-large, file.
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<String>,
     /// Where the recorded pools live while a workload runs.
@@ -72,6 +73,9 @@ pub struct PowercutArgs {
     /// and checks its share of the states (default: 1, or 20 with --long).
     #[arg(long)]
     pub rounds: Option<u64>,
+    /// Threads checking crash states (each on its own image).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
 }
 
 /// A seed in decimal or, with `0x`, in hex (as the summary prints it).
@@ -83,8 +87,16 @@ fn parse_seed(s: &str) -> Result<u64, String> {
     .map_err(|e| format!("seed {s:?}: {e}"))
 }
 
-const WORKLOADS: [&str; 8] = [
-    "random", "snapshot", "resize", "discard", "reuse", "crypt", "small", "file",
+const WORKLOADS: [&str; 9] = [
+    "random",
+    "snapshot",
+    "resize",
+    "discard",
+    "reuse",
+    "crypt",
+    "small",
+    "small-large",
+    "file",
 ];
 
 /// A failing crash state gives up after this many reported problems.
@@ -642,6 +654,10 @@ fn record(w: &'static str, dir: &Path, seed: u64) -> Res<Recording> {
     }
     let (pool_size, cluster) = match w {
         "small" => (8 * MIB, 64 << 10),
+        // 4 KiB clusters: ~1900 of them, so a 4 MiB write is 1024 owner records
+        // (multi-block transactions) in a 256 KiB journal (64 blocks), and needs more
+        // claimed clusters than a claim batch keeps ready.
+        "small-large" => (8 * MIB, 4 << 10),
         "random" => (24 * MIB, 64 << 10),
         _ => (24 * MIB, 16 << 10),
     };
@@ -706,13 +722,17 @@ fn run_pool_workload(w: &str, pool: &Arc<Pool>, d: &mut Driver, key: &[u8; 64]) 
             Ok(v)
         };
     match w {
-        "random" | "small" => {
+        "random" | "small" | "small-large" => {
             // The small pool's volume is larger than the pool: it fills up.
-            let size = if w == "small" { 10 * MIB } else { 8 * MIB };
+            let size = if w == "random" { 8 * MIB } else { 10 * MIB };
             let v = vol(d, "v", size, false, None)?;
-            let max = if w == "small" { 128 } else { 16 };
+            let (max, qd) = match w {
+                "small" => (128, 32),
+                "small-large" => (1024, 8),
+                _ => (16, 32),
+            };
             for _ in 0..600 {
-                if !d.step(&[v], 32, max, 0) {
+                if !d.step(&[v], qd, max, 0) {
                     break;
                 }
             }
@@ -921,7 +941,7 @@ fn check_states(
     n: u64,
     seed: u64,
     a: &PowercutArgs,
-    progress: &mut dyn FnMut(usize),
+    progress: &(dyn Fn(usize) + Sync),
     failures: &mut Vec<String>,
 ) -> Res<u64> {
     let ev = &rec.events;
@@ -957,14 +977,51 @@ fn check_states(
         })
         .collect();
     states.sort_by_key(|s| s.p);
+    // `--jobs` threads, each over a run of cuts in log order.
+    let per = states.len().div_ceil(a.jobs.max(1)).max(1);
+    let starts = &starts;
+    let results: Vec<Res<(u64, Vec<String>)>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = states
+            .chunks(per)
+            .enumerate()
+            .map(|(k, run)| sc.spawn(move || check_run(rec, run, starts, seed, k, a, progress)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a checking thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut done = 0;
+    for r in results {
+        let (n, f) = r?;
+        done += n;
+        failures.extend(f);
+    }
+    Ok(done)
+}
+
+/// Check the crash states `run` (sorted by cut) on image file number `k`.
+fn check_run(
+    rec: &Recording,
+    run: &[CrashState],
+    starts: &[usize],
+    seed: u64,
+    k: usize,
+    a: &PowercutArgs,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Res<(u64, Vec<String>)> {
+    let ev = &rec.events;
+    let mut failures = Vec::new();
     // The image at the durable point, advanced as the cuts move forward.
     let mut durable = rec.base.clone();
     let mut applied = 0;
-    let img_path = temp_path(&a.state_dir, rec.workload, seed);
+    let img_path = temp_path(&a.state_dir, &format!("{}-{k}", rec.workload), seed);
     let _rm = Removed(img_path.clone());
     let mut done = 0;
-    for st in &states {
-        let dp = durable_point(ev, &starts, st.p);
+    for st in run {
+        let dp = durable_point(ev, starts, st.p);
         while applied < dp {
             apply(&mut durable, &ev[applied], None);
             applied += 1;
@@ -1007,13 +1064,13 @@ fn check_states(
             }
             failures.push(format!("{what}:\n    {}", probs.join("\n    ")));
             if a.fail_fast {
-                return Ok(done + 1);
+                return Ok((done + 1, failures));
             }
         }
         done += 1;
         progress(failures.len());
     }
-    Ok(done)
+    Ok((done, failures))
 }
 
 /// Debugging aid (`NVMUX_POWERCUT_KEEP=DIR`): keep a failing crash image and a text
@@ -1276,9 +1333,9 @@ pub fn run(mut a: PowercutArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let mut failures: Vec<String> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
-    let mut checked = 0u64;
+    let checked = AtomicU64::new(0);
     let mut summary = String::new();
-    let mut last = Instant::now();
+    let last = Mutex::new(Instant::now());
     'outer: for round in 0..rounds {
         for (wi, w) in wls.iter().enumerate() {
             let s = mix(seed ^ ((round * 64 + wi as u64) << 8));
@@ -1288,17 +1345,20 @@ pub fn run(mut a: PowercutArgs) -> Result<(), Box<dyn std::error::Error>> {
             problems.extend(rec.problems.iter().cloned());
             let before = failures.len();
             let tc = Instant::now();
-            let mut progress = |failing: usize| {
-                checked += 1;
-                if last.elapsed() > Duration::from_secs(2) {
-                    last = Instant::now();
-                    eprint!(
-                        "\r  {w}: {checked}/{total} crash states, {failing} failing, {:.0} s   ",
+            let before_total = failures.len();
+            let progress = |failing: usize| {
+                let c = checked.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+                if l.elapsed() > Duration::from_secs(2) {
+                    *l = Instant::now();
+                    eprintln!(
+                        "  {w}: {c}/{total} crash states, {} failing, {:.0} s",
+                        before_total + failing,
                         t0.elapsed().as_secs_f64()
                     );
                 }
             };
-            let n = check_states(&rec, per, s ^ 0x5eed, &a, &mut progress, &mut failures)?;
+            let n = check_states(&rec, per, s ^ 0x5eed, &a, &progress, &mut failures)?;
             let bad = failures.len() - before;
             let _ = writeln!(
                 summary,
@@ -1313,8 +1373,8 @@ pub fn run(mut a: PowercutArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    eprintln!();
     print!("{summary}");
+    let checked = checked.load(Ordering::Relaxed);
     for f in failures.iter().take(20) {
         println!("FAIL {f}");
     }

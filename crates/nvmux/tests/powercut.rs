@@ -2,9 +2,11 @@
 //! workload on a real pool file, rebuilds crash states from the log, and checks each with
 //! the real `pool check`, journal replay and a read of every volume.
 //!
-//! * `at_least_1000_crash_states_lose_nothing`: every workload, 1000+ states, 0 lost
-//!   acknowledged writes, 0 `pool check` failures, no workload problem (a hang, a failed
-//!   command);
+//! * `at_least_1000_crash_states_lose_nothing`: every workload (but `small-large`),
+//!   1000+ states, 0 lost acknowledged writes, 0 `pool check` failures, no workload
+//!   problem (a hang, a failed command);
+//! * `a_small_pool_with_large_writes_never_hangs` (ignored until the claim fix of issue
+//!   16 is merged): 4 MiB writes on a small pool of 4 KiB clusters;
 //! * `the_copy_on_write_ordering_bug_is_caught`: the negative control. With the test-only
 //!   fault `pool-cow-unordered` (copied data no longer synced before the journal commit
 //!   that maps it, the bug the ordering fix removed) the simulator must report lost data.
@@ -43,9 +45,22 @@ fn summary(text: &str) -> (u64, u64, u64) {
     (nums[0], nums[1], nums[2])
 }
 
+/// Every workload but `small-large` (see `a_small_pool_with_large_writes_never_hangs`).
+const CI_WORKLOADS: &str = "random,snapshot,resize,discard,reuse,crypt,small,file";
+
 #[test]
 fn at_least_1000_crash_states_lose_nothing() {
-    let (ok, text) = powercut(&["--states", "1000", "--seed", "0x16"], None);
+    let (ok, text) = powercut(
+        &[
+            "--states",
+            "1000",
+            "--seed",
+            "0x16",
+            "--workload",
+            CI_WORKLOADS,
+        ],
+        None,
+    );
     let (states, failing, problems) = summary(&text);
     assert!(ok, "the simulator failed:\n{text}");
     assert!(states >= 1000, "only {states} crash states:\n{text}");
@@ -59,6 +74,30 @@ fn at_least_1000_crash_states_lose_nothing() {
             "workload {w} did not run:\n{text}"
         );
     }
+}
+
+/// Issue 16, "allocating writes hang forever on a small pool", as the simulator meets
+/// it: 4 MiB writes on a pool of 4 KiB clusters need more claimed clusters than a claim
+/// batch keeps ready, and wait for ever (the simulator reports commands still in flight
+/// after 20 s). The fix belongs to the pool16 branch; run this after it is merged.
+#[test]
+#[ignore = "hangs until the claim fix of issue 16 (pool16) is merged: run with --ignored"]
+fn a_small_pool_with_large_writes_never_hangs() {
+    let (ok, text) = powercut(
+        &[
+            "--workload",
+            "small-large",
+            "--states",
+            "200",
+            "--seed",
+            "0x16",
+        ],
+        None,
+    );
+    let (states, failing, problems) = summary(&text);
+    assert!(ok, "{text}");
+    assert!(states >= 200);
+    assert_eq!((failing, problems), (0, 0), "{text}");
 }
 
 #[test]
