@@ -6,6 +6,8 @@
 #           [--vhost-sock SOCK [--queues N]]...   (each --queues applies to the
 #                                                  preceding --vhost-sock; default 1)
 #           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
+#           [--reconnect SECS]                     (vhost-user chardevs reconnect after
+#                                                   SECS when the backend goes away)
 #           [--net]                                (virtio-net with QEMU user networking: the
 #                                                   guest is 10.0.2.15/24, the host's
 #                                                   127.0.0.1:PORT is 10.0.2.2:PORT)
@@ -28,7 +30,7 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
-initrd= script= log= kernel= timeout_s=300 smp=1 net=
+initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect=
 socks=() queues=() envs=()
 while (($#)); do
     case $1 in
@@ -39,6 +41,7 @@ while (($#)); do
         --timeout) timeout_s=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
         --net) net=1; shift ;;
+        --reconnect) reconnect=",reconnect=$2"; shift 2 ;;
         --vhost-sock) socks+=("$2"); queues+=(1); shift 2 ;;
         --queues)
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
@@ -85,7 +88,7 @@ if ((${#socks[@]})); then
     # device silently fails to start and the guest hangs).
     qemu+=(-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem)
     for i in "${!socks[@]}"; do
-        qemu+=(-chardev "socket,id=c$i,path=${socks[$i]}"
+        qemu+=(-chardev "socket,id=c$i,path=${socks[$i]}$reconnect"
                -device "vhost-user-blk-pci,chardev=c$i,num-queues=${queues[$i]}")
     done
 fi

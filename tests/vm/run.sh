@@ -24,6 +24,11 @@
 #   classifier           (nvmux only) examples/classifiers/guard.c guards the disk's
 #                        first MiB: the guest's writes there fail, fio verifies outside
 #                        it; the host removes the classifier live and the write succeeds
+#   crash-snapshots      (nvmux only) a thin disk on 2 queues: guest fio --verify and
+#                        numbered flushed rounds (guest-crash-snapshots.sh) while the
+#                        host snapshots every second and kills the daemon with SIGKILL
+#                        twice (QEMU reconnects); then the live volume and every
+#                        snapshot, read over NBD, must hold every round done before it
 #   nvmf, nvmf-restart   (nvmux only) NVMe/TCP with the guest kernel's initiator
 #   libvirt              (nvmux only) Debian's libvirtd (started here if not running)
 #                        runs QEMU as libvirt-qemu; a <disk type='vhostuser'> domain
@@ -323,6 +328,186 @@ else
             pass classifier
         else
             fail classifier "boot status $rc, swap $swapped, refused ${refused:-0}, log $work/classifier.log"
+        fi
+    fi
+fi
+
+# d3. crash-snapshots (nvmux only): a thin disk over vhost-user-blk (2 queues; QEMU's
+#     chardev has reconnect=1). The guest runs fio --verify (verify_backlog) and numbered,
+#     flushed rounds (tests/vm/guest-crash-snapshots.sh); the host takes a snapshot every
+#     second and kills the daemon with SIGKILL twice, restarting it at once. Afterwards the
+#     live volume and every snapshot are read over NBD and checked (crash_verify below).
+#
+#     The pool (1 GiB) holds what ~40 snapshots keep of the 8 MiB fio region and the 2 MiB
+#     of rounds; with 256 MiB it filled up after 17 and writes failed with EIO.
+#
+#     Why one request at a time per virtqueue: nvmux has no INFLIGHT_SHMFD, so when the
+#     backend dies QEMU rewinds each queue's avail index to its used index and the new
+#     backend redoes the requests past it. That is exact when at most one request per queue
+#     is in flight (a redone write or flush is harmless); with several, one completed out
+#     of order would make QEMU skip an unfinished one and the guest would wait for ever.
+#     So each guest writer is pinned to its own vCPU (= its own queue) at iodepth 1.
+crash_restart() {   # SIGKILL the daemon, start it again on the same data directory
+    local dir=$sockdir/nvmux-data pid=$SERVER_PID
+    kill -KILL "$pid" 2>/dev/null || return 1
+    wait "$pid" 2>/dev/null || true
+    "$NVMUX_BIN" serve --data-dir "$dir" >> "$work/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for_socket "$dir/nvmux.sock"
+}
+
+# crash_verify SLOTS END SNAPLIST RAWDIR: the live image (RAWDIR/live.raw) must hold, in
+# every slot, exactly the last round written there (END rounds completed in all); a
+# snapshot taken when round D was the last the host had seen done must hold, in every
+# slot, a round at least as new as the last one <= D written there (a newer one is fine:
+# it may have been in flight or done but not yet printed). Every 4 KiB block must be a
+# whole block of the round and slot it claims, or zero where no round ever wrote.
+crash_verify() {
+    python3 - "$@" <<'PY'
+import os, sys
+slots, end, snaplist, rawdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def blk(r, s, b):
+    h = b"NVMUX-ROUND %010d SLOT %04d BLOCK %04d" % (r, s, b)
+    return (h + b" " * 20 + b"\n") * 64
+
+def last_round(s, upto):   # the last round <= upto that writes slot s (rounds start at 1)
+    r = upto - ((upto - s) % slots)
+    return r if r >= 1 else 0
+
+def check(name, data, upto, exact):
+    errs = []
+    for s in range(slots):
+        want = last_round(s, upto)
+        for b in range(16):
+            off = (s * 16 + b) * 4096
+            got = data[off:off + 4096]
+            if got == bytes(4096):
+                if want:
+                    errs.append(f"slot {s} block {b}: zeros, wanted round >= {want}")
+                continue
+            try:
+                r = int(got[12:22])
+            except ValueError:
+                errs.append(f"slot {s} block {b}: not a round block: {got[:48]!r}")
+                continue
+            if got != blk(r, s, b):
+                errs.append(f"slot {s} block {b}: damaged block claiming round {r}: {got[:48]!r}")
+            elif r % slots != s or r > end:
+                errs.append(f"slot {s} block {b}: round {r} cannot be in slot {s} (rounds 1..{end})")
+            elif (exact and r != want) or r < want:
+                errs.append(f"slot {s} block {b}: round {r}, wanted {'' if exact else '>= '}{want}")
+    return errs
+
+bad = 0
+live = open(os.path.join(rawdir, "live.raw"), "rb").read()
+e = check("live", live, end, True)
+print(f"crash-verify: live volume, {end} rounds: {'ok' if not e else 'LOST DATA'}")
+for x in e[:10]: print("   ", x)
+bad += bool(e)
+n = 0
+for line in open(snaplist):
+    name, upto = line.split()
+    data = open(os.path.join(rawdir, name + ".raw"), "rb").read()
+    e = check(name, data, int(upto), False)
+    n += 1
+    print(f"crash-verify: {name} (taken after round {upto} was done): {'ok' if not e else 'LOST DATA'}")
+    for x in e[:10]: print("   ", x)
+    bad += bool(e)
+print(f"crash-verify: {n} snapshots, {bad} image(s) failed")
+sys.exit(1 if bad else 0)
+PY
+}
+
+if ! want crash-snapshots; then
+    echo "SKIP crash-snapshots (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP crash-snapshots (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail crash-snapshots "server is not running"
+else
+    api=$sockdir/nvmux-data/nvmux.sock csock=$sockdir/crash.sock nsock=$sockdir/crash-nbd.sock
+    slots=32
+    rm -rf "$work/crash.pool" "$work/crash"
+    mkdir -p "$work/crash"
+    if ! { "$NVMUX_BIN" --api "$api" pool create crashpool --path "$work/crash.pool" --size 1G &&
+           "$NVMUX_BIN" --api "$api" disk create crash1 --pool crashpool --size 48M &&
+           "$NVMUX_BIN" --api "$api" export add crash1 --socket "$csock" --queues 2; } > "$work/crash-setup.out" 2>&1; then
+        cat "$work/crash-setup.out"
+        fail crash-snapshots "could not create the pool disk"
+    else
+        rc=0
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-crash-snapshots.sh" \
+            --log "$work/crash-snapshots.log" --vhost-sock "$csock" --queues 2 --reconnect 1 \
+            --env "SLOTS=$slots" --env RUNTIME=40 \
+            --smp 2 --timeout "$boot_timeout" > "$work/crash-snapshots.out" 2>&1 &
+        bpid=$!
+        snaps=$work/crash/snapshots.txt
+        : > "$snaps"
+        crash_t0= kills=0 k=0 tries=0 crash_err=
+        while kill -0 "$bpid" 2>/dev/null; do
+            if [[ -z $crash_t0 ]]; then
+                grep -q '^NVMUX-READY-CRASH' "$work/crash-snapshots.log" 2>/dev/null && crash_t0=$(date +%s)
+                sleep 0.3
+                continue
+            fi
+            # The last round the guest reported done, read before the snapshot is asked
+            # for: the snapshot must hold at least that much.
+            upto=$(grep -ao '^NVMUX-ROUND-DONE [0-9]*' "$work/crash-snapshots.log" | tail -n1 | cut -d' ' -f2 || true)
+            tries=$((tries + 1))
+            if "$NVMUX_BIN" --api "$api" disk snapshot crash1 "crash-snap-$k" > /dev/null 2>> "$work/crash/snapshot-errors.txt"; then
+                echo "crash-snap-$k ${upto:-0}" >> "$snaps"
+                k=$((k + 1))
+            fi
+            el=$(($(date +%s) - crash_t0))
+            if { ((kills == 0 && el >= 8)) || ((kills == 1 && el >= 20)); }; then
+                if crash_restart; then
+                    kills=$((kills + 1))
+                    echo "== host: kill -9 and restart $kills at ${el}s (after round ${upto:-0}; new pid $SERVER_PID)"
+                else
+                    crash_err="restart $((kills + 1)) failed"
+                    break
+                fi
+            fi
+            sleep 1
+        done
+        wait "$bpid" || rc=$?
+        cat "$work/crash-snapshots.out"
+        grep -a '^test: \|^NVMUX-ROUNDS-END' "$work/crash-snapshots.log" || true
+        end=$(grep -ao '^NVMUX-ROUNDS-END [0-9]*' "$work/crash-snapshots.log" | cut -d' ' -f2 || true)
+        echo "== host: $k snapshots of $tries tries, $kills kills, ${end:-?} rounds"
+        # Every snapshot keeps the clusters overwritten after it: a full pool fails writes
+        # (Capacity Exceeded, EIO in the guest), which is not what this scenario tests.
+        "$NVMUX_BIN" --api "$api" pool show crashpool 2>&1 | head -n 3 || true
+        # Read the live volume and every snapshot back over NBD (snapshots read-only).
+        vrc=1
+        if ((rc == 0)) && [[ -n $end && -z $crash_err ]] &&
+           "$NVMUX_BIN" --api "$api" export add crash1 --type nbd --socket "$nsock" --name crash1-nbd --read-only > /dev/null &&
+           qemu-img dd -f raw -O raw "if=nbd+unix:///crash1-nbd?socket=$nsock" "of=$work/crash/live.raw" bs=64k "count=$slots"; then
+            ok=yes
+            while read -r name _; do
+                { "$NVMUX_BIN" --api "$api" disk create "$name-ro" --pool crashpool --volume "$name" &&
+                  "$NVMUX_BIN" --api "$api" export add "$name-ro" --type nbd --socket "$nsock" &&
+                  qemu-img dd -f raw -O raw "if=nbd+unix:///$name-ro?socket=$nsock" "of=$work/crash/$name.raw" bs=64k "count=$slots"; } > /dev/null ||
+                    { ok=no; echo "== host: could not read $name"; }
+            done < "$snaps"
+            [[ $ok == yes ]] && { crash_verify "$slots" "$end" "$snaps" "$work/crash" | tee "$work/crash/verify.txt"; vrc=${PIPESTATUS[0]}; }
+            # Negative control: the checker must see that the first snapshot lacks the
+            # rounds written after it (pretend it was taken after the last one).
+            if ((vrc == 0)); then
+                head -n1 "$snaps" | awk -v e="$end" '{ print $1, e }' > "$work/crash/control.txt"
+                if crash_verify "$slots" "$end" "$work/crash/control.txt" "$work/crash" > "$work/crash/control.out"; then
+                    echo "== host: the checker's negative control passed: it cannot detect lost rounds"
+                    vrc=1
+                else
+                    echo "== host: negative control: $(grep -m1 -A1 'LOST DATA' "$work/crash/control.out" | tr -s ' ' | paste -sd' ')"
+                fi
+            fi
+        fi
+        if ((rc == 0 && vrc == 0 && kills == 2 && k >= 10)); then
+            pass crash-snapshots
+        else
+            fail crash-snapshots "boot status $rc, kills $kills, snapshots $k, verify status $vrc${crash_err:+, $crash_err}, log $work/crash-snapshots.log"
         fi
     fi
 fi

@@ -503,6 +503,13 @@ fn handle(d: &Daemon, req: &Request) -> Response {
                 Err(e) => reply_err(&e),
             }
         }
+        ("POST", ["v1", "disks", name, "flush-policy"]) => {
+            match body::<crate::routing::FlushPolicy>(req).and_then(|b| d.set_flush_policy(name, b))
+            {
+                Ok(v) => reply_json(200, &v),
+                Err(e) => reply_err(&e),
+            }
+        }
         ("DELETE", ["v1", "disks", name, "classifier"]) => match d.clear_classifier(name) {
             Ok(v) => reply_json(200, &v),
             Err(e) => reply_err(&e),

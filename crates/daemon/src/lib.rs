@@ -90,6 +90,11 @@ pub struct DiskSpec {
     /// The disk's external function socket, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<routing::ExternalSpec>,
+    /// The operator's opt-in: a classifier (or external function) may complete a FLUSH
+    /// that the disk's device has not flushed (acknowledged flushes without durability).
+    /// Off by default: such a FLUSH goes down the chain anyway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_flush_complete: bool,
 }
 
 /// A storage function a disk's chain can hold.
@@ -635,6 +640,7 @@ fn with_functions(
     router: &Arc<nvmux_router::Router>,
 ) -> Result<Arc<dyn BlockDevice>> {
     spec.check_chain()?;
+    router.set_allow_flush_complete(spec.allow_flush_complete);
     let stack = |fs: &[Function]| -> Result<Arc<dyn BlockDevice>> {
         let mut d = dev.clone();
         for f in fs.iter().rev() {
@@ -1064,6 +1070,7 @@ impl Daemon {
             chain: req.chain.clone(),
             classifier: None,
             external: None,
+            allow_flush_complete: false,
         };
         spec.check_chain()?;
         let qos = self.new_qos(&g, &spec)?;

@@ -112,6 +112,11 @@ pub fn render(d: &Daemon) -> String {
             "Commands for an external function that failed or took the chain instead.",
             |t| t.fallbacks,
         ),
+        (
+            "nvmux_route_flushes_forced_total",
+            "FLUSHes a classifier or function tried to acknowledge without the device, sent to the device instead (the disk does not allow_flush_complete).",
+            |t| t.flushes_forced,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
         for (name, t) in &routes {

@@ -234,10 +234,10 @@ impl Daemon {
                 "a pool disk takes no --path or --backend",
             ));
         }
-        if req.block_size.is_some_and(|b| b != 512) {
+        if req.block_size.is_some_and(|b| b != 512 && b != 4096) {
             return Err(err(
                 ErrorKind::InvalidArgument,
-                "pool disks have 512-byte blocks",
+                "pool disks have 512-byte blocks (4096 on a pool whose device has 4096-byte logical blocks)",
             ));
         }
         let pool = get_pool(&g, &pool_name)?;
@@ -288,6 +288,15 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // A pool disk's block is its pool device's: 512, or 4096 on a 4Kn device.
+        let bs = nvmux_core::BlockDevice::info(&thin).block_size;
+        if req.block_size.is_some_and(|b| b != bs) {
+            undo(&pool);
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("disks of pool {pool_name:?} have {bs}-byte blocks (its device's logical block)"),
+            ));
+        }
         let (size, ro) = (thin.size(), nvmux_core::BlockDevice::info(&thin).read_only);
         let mut spec = DiskSpec {
             name: req.name.clone(),
@@ -297,13 +306,14 @@ impl Daemon {
                 owned,
             },
             size,
-            block_size: 512,
+            block_size: bs,
             read_only: req.read_only || ro,
             crypt: None,
             qos: req.qos,
             chain: req.chain.clone(),
             classifier: None,
             external: None,
+            allow_flush_complete: false,
         };
         spec.crypt = crypt;
         let qos = match self.new_qos(&g, &spec) {

@@ -150,6 +150,9 @@ pub struct RoutesView {
     pub rewrites: u64,
     pub errors: u64,
     pub fallbacks: u64,
+    /// FLUSHes a program completed (or a function acknowledged) before the device had
+    /// flushed, sent down the chain because the disk does not allow that.
+    pub flushes_forced: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,6 +176,15 @@ pub struct RoutingView {
     /// not counted: they all take the chain).
     pub routes: RoutesView,
     pub external: Option<ExternalView>,
+    /// The operator's opt-in: a FLUSH may be acknowledged without the device flushing.
+    pub allow_flush_complete: bool,
+}
+
+/// `POST /v1/disks/{name}/flush-policy` body.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FlushPolicy {
+    pub allow_flush_complete: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -367,8 +379,10 @@ impl Daemon {
                 rewrites: t.rewrites,
                 errors: t.errors,
                 fallbacks: t.fallbacks,
+                flushes_forced: t.flushes_forced,
             },
             external,
+            allow_flush_complete: d.spec.allow_flush_complete,
         }
     }
 
@@ -445,6 +459,31 @@ impl Daemon {
         let d = &g.disks[name];
         tracing::info!(disk = name, object = %req.object.display(), section = %prog.info.section, instructions = prog.info.instructions, jit = prog.info.jit, "classifier loaded");
         d.router.set_program(Some(Arc::new(prog)));
+        Ok(Self::routing_view(d))
+    }
+
+    /// Allow or forbid a disk's classifier (and external function) to complete a FLUSH
+    /// the device has not flushed. Persisted; takes effect at the next command.
+    pub fn set_flush_policy(&self, name: &str, p: FlushPolicy) -> Result<RoutingView> {
+        let mut g = self.lock();
+        let d = g
+            .disks
+            .get_mut(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("disk {name:?} does not exist")))?;
+        let old = std::mem::replace(&mut d.spec.allow_flush_complete, p.allow_flush_complete);
+        if let Err(e) = self.persist(&g) {
+            if let Some(d) = g.disks.get_mut(name) {
+                d.spec.allow_flush_complete = old;
+            }
+            return Err(e);
+        }
+        let d = &g.disks[name];
+        d.router.set_allow_flush_complete(p.allow_flush_complete);
+        if p.allow_flush_complete {
+            tracing::warn!(disk = name, "a classifier may now complete FLUSH without the device: acknowledged flushes are no longer durable on this disk");
+        } else {
+            tracing::info!(disk = name, "FLUSH always reaches the device again");
+        }
         Ok(Self::routing_view(d))
     }
 

@@ -261,6 +261,16 @@ enum DiskCmd {
     },
     /// Show a disk's classifier, its maps, route counters and external function.
     Classifier { name: String },
+    /// Whether a disk's classifier (or external function) may complete a FLUSH that the
+    /// device has not flushed. `deny` (the default for every disk): such a FLUSH is sent
+    /// to the device anyway, so an acknowledged flush is always durable. `allow`: the
+    /// guest's flushes are acknowledged as the program decides, without durability (only
+    /// for disks whose data may be lost, e.g. scratch or a cache). Kept across restarts.
+    FlushPolicy {
+        name: String,
+        #[arg(value_parser = ["allow", "deny"])]
+        policy: String,
+    },
     /// Set one value of a map of a disk's classifier, live (kept across restarts).
     MapSet {
         name: String,
@@ -669,6 +679,13 @@ fn run(cli: Cli) -> Res {
                     &json!({ "object": object, "section": section, "maps": maps }),
                 )?
             };
+            show(&v, &print_routing);
+        }
+        Cmd::Disk(DiskCmd::FlushPolicy { name, policy }) => {
+            let v = api.post(
+                &format!("/v1/disks/{name}/flush-policy"),
+                &json!({ "allow_flush_complete": policy == "allow" }),
+            )?;
             show(&v, &print_routing);
         }
         Cmd::Disk(DiskCmd::Classifier { name }) => {
@@ -1261,6 +1278,15 @@ fn print_routing(v: &Value) {
     println!(
         "  routes: chain {}, fast {}, external {}, complete {}; hooks {}, rewrites {}, errors {}, fallbacks {}",
         r["chain"], r["fast"], r["external"], r["complete"], r["hooks"], r["rewrites"], r["errors"], r["fallbacks"]
+    );
+    println!(
+        "  flush: {} ({} forced to the device)",
+        if v["allow_flush_complete"].as_bool() == Some(true) {
+            "a classifier may complete FLUSH without the device (not durable)"
+        } else {
+            "always reaches the device"
+        },
+        r["flushes_forced"]
     );
     if let Some(x) = v.get("external").filter(|x| !x.is_null()) {
         let who = match x["status"].as_str() {

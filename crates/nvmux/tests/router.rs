@@ -689,3 +689,92 @@ fn fast_reads_skip_qos_but_never_crypt() {
     drop(c);
     d.stop();
 }
+
+fn flush(c: &mut BlkioClient) -> i32 {
+    c.io(0, Op::Flush, 0, 0, 0, ReqFlags::empty())
+        .expect("flush completes")
+}
+
+fn cli(d: &TestDaemon, args: &[&str]) -> String {
+    common::ok(
+        Command::new(env!("CARGO_BIN_EXE_nvmux"))
+            .arg("--api")
+            .arg(d.dir.join("nvmux.sock"))
+            .args(args),
+    )
+}
+
+/// A classifier that completes every FLUSH gets its verdict only on a disk whose operator
+/// opted in: otherwise the FLUSH goes to the device (counted as forced), and the opt-in
+/// is a disk setting kept in state.json.
+#[test]
+fn a_classifier_cannot_complete_flush_without_the_opt_in() {
+    watchdog(240);
+    let dir = common::unique_dir("router-flush");
+    let d = TestDaemon::start_in(dir.clone());
+    let (_img, sock) = d.disk_and_export("f", 64 << 20, 1, json!({}));
+    let obj = compile_classifier(&d.dir, "complete_flush");
+    let v = load(&d, "f", &obj, json!([])).expect("load complete_flush");
+    assert_eq!(v["allow_flush_complete"], false, "{v}");
+
+    let mut c = blkio(&sock);
+    let p = pattern(7, 4096);
+    for i in 0..5u64 {
+        assert_eq!(write(&mut c, i * 4096, &p), 0);
+        assert_eq!(flush(&mut c), 0);
+    }
+    let v = d.api.get("/v1/disks/f/classifier").unwrap();
+    assert_eq!(
+        v["routes"]["complete"], 5,
+        "the program completed them: {v}"
+    );
+    assert_eq!(
+        v["routes"]["flushes_forced"], 5,
+        "every FLUSH went to the device: {v}"
+    );
+    let (_, m) = d.api.call_raw("GET", "/metrics", None).expect("metrics");
+    assert!(
+        m.contains("nvmux_route_flushes_forced_total{disk=\"f\"} 5"),
+        "{m}"
+    );
+
+    // Opt in (the CLI): the program's acknowledgement stands, nothing is forced.
+    let out = cli(&d, &["disk", "flush-policy", "f", "allow"]);
+    assert!(out.contains("without the device"), "{out}");
+    for _ in 0..3 {
+        assert_eq!(flush(&mut c), 0);
+    }
+    let v = d.api.get("/v1/disks/f/classifier").unwrap();
+    assert_eq!(v["routes"]["complete"], 8, "{v}");
+    assert_eq!(v["routes"]["flushes_forced"], 5, "{v}");
+    assert_eq!(v["allow_flush_complete"], true, "{v}");
+    drop(c);
+
+    // The opt-in is kept across a restart; `deny` takes it back.
+    d.stop();
+    let state = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    assert!(
+        state.contains("\"allow_flush_complete\": true")
+            || state.contains("\"allow_flush_complete\":true"),
+        "{state}"
+    );
+    let d = TestDaemon::start_in(dir);
+    let v = d.api.get("/v1/disks/f/classifier").unwrap();
+    assert_eq!(v["allow_flush_complete"], true, "{v}");
+    let v = d
+        .api
+        .post(
+            "/v1/disks/f/flush-policy",
+            &json!({"allow_flush_complete": false}),
+        )
+        .unwrap();
+    assert_eq!(v["allow_flush_complete"], false, "{v}");
+    let mut c = blkio(&d.dir.join("f.sock"));
+    assert_eq!(flush(&mut c), 0);
+    let v = d.api.get("/v1/disks/f/classifier").unwrap();
+    assert_eq!(v["routes"]["flushes_forced"], 1, "{v}");
+    let state = std::fs::read_to_string(d.dir.join("state.json")).unwrap();
+    assert!(!state.contains("allow_flush_complete"), "{state}");
+    drop(c);
+    d.stop();
+}

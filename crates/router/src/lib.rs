@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Status};
@@ -62,6 +62,9 @@ pub struct RouteCounters {
     pub errors: AtomicU64,
     /// Commands for the external function that failed or went to the chain instead.
     pub fallbacks: AtomicU64,
+    /// FLUSHes a program completed (or a function acknowledged) without the disk's device
+    /// having flushed, sent down the chain instead because the disk does not allow it.
+    pub flushes_forced: AtomicU64,
 }
 
 fn bump(a: &AtomicU64) {
@@ -77,6 +80,7 @@ pub struct RouteTotals {
     pub rewrites: u64,
     pub errors: u64,
     pub fallbacks: u64,
+    pub flushes_forced: u64,
 }
 
 impl RouteTotals {
@@ -88,6 +92,7 @@ impl RouteTotals {
         self.rewrites += c.rewrites.load(Ordering::Relaxed);
         self.errors += c.errors.load(Ordering::Relaxed);
         self.fallbacks += c.fallbacks.load(Ordering::Relaxed);
+        self.flushes_forced += c.flushes_forced.load(Ordering::Relaxed);
     }
 }
 
@@ -106,6 +111,8 @@ pub struct Router {
     external: Mutex<Option<Arc<External>>>,
     counters: Mutex<Counters>,
     next_queue: AtomicU32,
+    /// The operator's opt-in: a FLUSH may complete without reaching the device.
+    allow_flush_complete: AtomicBool,
 }
 
 impl Router {
@@ -117,7 +124,22 @@ impl Router {
             external: Mutex::new(None),
             counters: Mutex::new(Counters::default()),
             next_queue: AtomicU32::new(0),
+            allow_flush_complete: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a classifier (or an external function) may complete a FLUSH that the
+    /// disk's device has not completed. Off (the default), such a FLUSH is sent down the
+    /// chain instead, and a FLUSH the device failed never completes as a success: an
+    /// acknowledged flush always means a durable one. On, the acknowledgement means only
+    /// what the program decided (e.g. a cache that is lost with the host). Takes effect
+    /// at each command.
+    pub fn set_allow_flush_complete(&self, allow: bool) {
+        self.allow_flush_complete.store(allow, Ordering::Release);
+    }
+
+    pub fn allow_flush_complete(&self) -> bool {
+        self.allow_flush_complete.load(Ordering::Acquire)
     }
 
     /// Replace the program (`None`: every command takes the chain). Takes effect at each
@@ -263,6 +285,9 @@ struct Slot {
     used: bool,
     /// Where the program sent it (what its hook sees as `ctx.route`).
     route: Route,
+    /// The status of its last pass through the chain or the fast path (which both end at
+    /// the disk's device), if it made one.
+    dev_status: Option<Status>,
 }
 
 pub struct RouterQueue {
@@ -361,6 +386,7 @@ impl RouterQueue {
             cmd: None,
             used: true,
             route: Route::Chain,
+            dev_status: None,
         };
         match self.free.pop() {
             Some(i) => {
@@ -385,9 +411,42 @@ impl RouterQueue {
         }
     }
 
-    fn complete(&mut self, mut cmd: IoCommand, st: Status, slot: Option<u32>) {
+    fn complete(&mut self, mut cmd: IoCommand, mut st: Status, slot: Option<u32>) {
+        if cmd.opcode == Opcode::Flush && st.is_ok() && !self.router.allow_flush_complete() {
+            match slot.and_then(|i| self.slots.get(i as usize)?.dev_status) {
+                // The device flushed: the program may fail the FLUSH, never undo a
+                // failure of the device.
+                Some(dev) => {
+                    if !dev.is_ok() {
+                        st = dev;
+                    }
+                }
+                // Nothing below has flushed: the device does it now.
+                None => return self.force_flush(cmd, slot),
+            }
+        }
         self.release(&mut cmd, slot);
         self.ready.push((cmd, st));
+    }
+
+    /// Send a FLUSH that was about to be acknowledged without the device down the chain;
+    /// it completes with the chain's status (no hook runs again).
+    fn force_flush(&mut self, mut cmd: IoCommand, slot: Option<u32>) {
+        bump(&self.counters.flushes_forced);
+        let i = match slot {
+            Some(i) => i,
+            None => {
+                let i = self.alloc_slot(cmd.tag);
+                cmd.tag = IoCommand::ROUTER_TAG | i as u64;
+                i
+            }
+        };
+        let s = &mut self.slots[i as usize];
+        s.hook = false;
+        s.prog = None;
+        s.route = Route::Chain;
+        self.chain.submit(cmd);
+        self.kick = true;
     }
 
     fn validate(&mut self, cmd: &IoCommand) -> std::result::Result<(), Status> {
@@ -697,6 +756,10 @@ impl BlockQueue for RouterQueue {
             });
         }
         for (c, s) in scratch.drain(..) {
+            let i = (c.tag & !IoCommand::ROUTER_TAG) as usize;
+            if let Some(slot) = self.slots.get_mut(i).filter(|x| x.used) {
+                slot.dev_status = Some(s);
+            }
             self.hop_done(c, s);
         }
         self.scratch = scratch;

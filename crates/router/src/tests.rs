@@ -317,3 +317,137 @@ fn external_function_round_trip_and_detach() {
     assert!(r.router.totals().fallbacks >= 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A device over a memory device whose FLUSH fails (Write Fault) and is counted: shows
+/// whether a FLUSH reached the device and whether its failure reached the frontend.
+struct FailingFlush {
+    inner: Arc<MemoryDevice>,
+    flushes: Arc<AtomicU64>,
+}
+
+struct FailingFlushQueue {
+    inner: Box<dyn BlockQueue>,
+    flushes: Arc<AtomicU64>,
+    failed: Vec<IoCommand>,
+}
+
+impl BlockDevice for FailingFlush {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
+        Ok(Box::new(FailingFlushQueue {
+            inner: self.inner.open_queue(depth)?,
+            flushes: self.flushes.clone(),
+            failed: Vec::new(),
+        }))
+    }
+    fn describe(&self) -> String {
+        "failing-flush".into()
+    }
+}
+
+impl BlockQueue for FailingFlushQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        if cmd.opcode == Opcode::Flush {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.failed.push(cmd);
+        } else {
+            self.inner.submit(cmd);
+        }
+    }
+    fn kick(&mut self) {
+        self.inner.kick();
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let n = self.failed.len();
+        for c in self.failed.drain(..) {
+            done(c, Status::WRITE_FAULT);
+        }
+        n + self.inner.poll(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.failed.len() + self.inner.in_flight()
+    }
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+#[test]
+fn flush_reaches_the_device_unless_the_disk_allows_completing_it() {
+    let flushes = Arc::new(AtomicU64::new(0));
+    let dev = Arc::new(FailingFlush {
+        inner: Arc::new(MemoryDevice::new(1 << 20, 512, false).unwrap()),
+        flushes: flushes.clone(),
+    });
+    let router = Router::new("f");
+    let mut q = RouterDevice::new(router.clone(), dev, None)
+        .open_queue(16)
+        .unwrap();
+    let mut none: [u8; 0] = [];
+    let mut flush =
+        |q: &mut Box<dyn BlockQueue>, tag| io(&mut **q, Opcode::Flush, 0, &mut none, tag);
+
+    // Completes every FLUSH with success at submission; everything else takes the chain.
+    let complete_flush = prog(
+        "ldxb r2, [r1+8]
+         mov r0, 0
+         jne r2, 0, +3
+         mov r3, 0
+         stxh [r1+28], r3
+         mov r0, 3
+         exit",
+    );
+    router.set_program(Some(complete_flush.clone()));
+    assert_eq!(
+        flush(&mut q, 1),
+        (1, Status::WRITE_FAULT),
+        "the device's answer"
+    );
+    assert_eq!(
+        flushes.load(Ordering::Relaxed),
+        1,
+        "the FLUSH reached the device"
+    );
+    assert_eq!(router.totals().flushes_forced, 1);
+    let mut w = vec![5u8; 512];
+    assert_eq!(
+        io(&mut *q, Opcode::Write, 2, &mut w, 2),
+        (2, Status::SUCCESS)
+    );
+
+    // Through the chain with a hook that turns every status into success: the device's
+    // failure stands.
+    router.set_program(Some(prog(
+        "ldxw r2, [r1+4]
+         mov r0, 0x100
+         jeq r2, 0, +3
+         mov r3, 0
+         stxh [r1+28], r3
+         mov r0, 3
+         exit",
+    )));
+    assert_eq!(flush(&mut q, 3), (3, Status::WRITE_FAULT));
+    assert_eq!(flushes.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        router.totals().flushes_forced,
+        1,
+        "it went to the device itself"
+    );
+
+    // The operator's opt-in: the program's word is final, the device sees nothing more.
+    router.set_allow_flush_complete(true);
+    assert_eq!(flush(&mut q, 4), (4, Status::SUCCESS));
+    router.set_program(Some(complete_flush));
+    assert_eq!(flush(&mut q, 5), (5, Status::SUCCESS));
+    assert_eq!(
+        flushes.load(Ordering::Relaxed),
+        3,
+        "only the hooked one reached it"
+    );
+    assert_eq!(router.totals().flushes_forced, 1);
+    router.set_allow_flush_complete(false);
+    assert_eq!(flush(&mut q, 6), (6, Status::WRITE_FAULT));
+    assert_eq!(flushes.load(Ordering::Relaxed), 4);
+}

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmux_core::{
-    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, IoCommand, Opcode, Result, SgList,
-    Status,
+    AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result,
+    SgList, Status,
 };
 
 use crate::pool::{lock, Pool, State, VolHandle};
@@ -91,7 +91,19 @@ impl ThinDevice {
     pub fn open(pool: &Arc<Pool>, name: &str) -> Result<ThinDevice> {
         let (handle, snapshot) = pool.handle(name)?;
         let di = pool.data.info();
-        let bs = 512;
+        // A volume's logical block is the pool device's (512, or 4096 on a 4Kn device):
+        // every piece the queue sends down is then a whole number of device blocks
+        // (sizes, clusters and metadata blocks are multiples of 4096).
+        let bs = di.block_size.max(512);
+        if !bs.is_power_of_two() || bs as usize > crate::format::BLOCK {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "pool {}: its device has {bs}-byte logical blocks; pools need 512 or 4096",
+                    pool.path.display()
+                ),
+            ));
+        }
         Ok(ThinDevice {
             pool: pool.clone(),
             info: DeviceInfo {
