@@ -7,6 +7,8 @@
 //! * [`NullDevice`]: completes every command at once and moves no data. It measures the
 //!   software path, like QEMU's `null-co` and SPDK's null bdev: reads leave the buffer
 //!   untouched (the reader's own memory, so nothing leaks between tenants).
+//! * [`record::RecordingDevice`]: logs every change that reaches the device below it,
+//!   for the power-cut simulator (`nvmux powercut`).
 //! * [`MemoryDevice`]: RAM. A memfd served by the file path; its contents vanish with the
 //!   daemon.
 //!
@@ -26,6 +28,7 @@ use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, Status,
 };
 
+pub mod record;
 mod sync;
 mod uring;
 pub use uring::leaked_commands;

@@ -243,9 +243,18 @@ impl JournalWriter {
                 seq: self.next_seq + i as u64,
                 pool_uuid: self.ring.uuid,
                 commit: i == last,
-                prior_durable: i == 0 && self.synced,
+                // The first block after a sync, and the commit block of a multi-block
+                // transaction (synced before it, below), vouch for every block before.
+                prior_durable: (i == 0 && self.synced) || (i == last && last > 0),
                 records: c.to_vec(),
             };
+            if i == last && last > 0 {
+                // The blocks before the commit block are durable before it is written,
+                // as jbd2 does: a commit block on the disk then proves its transaction
+                // whole, and damage before it is corruption (`damage_after`), never a
+                // transaction torn by a power cut.
+                io.sync()?;
+            }
             io.write_at(self.ring.at(self.next_pos + i as u64), &b.encode()?)?;
         }
         self.synced = false;
@@ -454,6 +463,60 @@ pub(crate) mod tests {
         io.write_at(r.at(1), &z).unwrap();
         io.sync().unwrap();
         let got = replay(&io, r, 1, 0).unwrap();
+        assert!(damage_after(&io, r, got.next_seq, got.next_pos)
+            .is_some_and(|m| m.contains("damaged while later blocks are intact")));
+    }
+
+    /// Found by the power-cut simulator: a multi-block transaction whose blocks reached
+    /// the disk out of order (the first lost, a later one kept) was taken for corruption
+    /// and the pool refused to open. A torn transaction's blocks carry no
+    /// `prior_durable`, so that is a torn tail; the commit block of a multi-block
+    /// transaction is written after a sync and carries it, so damage before it is
+    /// corruption.
+    #[test]
+    fn a_transaction_torn_out_of_order_is_a_torn_tail_and_damage_before_a_commit_is_not() {
+        let io = CrashIo::new(8192 + 16 * BLOCK);
+        let r = ring(16);
+        let mut w = JournalWriter::new(r, 0, 1, 0);
+        w.push(map(1));
+        w.commit(&io).unwrap();
+        // A three-block transaction cut before its first sync: only its second block
+        // reached the disk.
+        for (i, c) in (0..(RECORDS_PER_BLOCK as u64 * 2 + 5))
+            .map(map)
+            .collect::<Vec<_>>()
+            .chunks(RECORDS_PER_BLOCK)
+            .enumerate()
+        {
+            let b = JournalBlock {
+                seq: 2 + i as u64,
+                pool_uuid: UUID,
+                commit: i == 2,
+                prior_durable: false,
+                records: c.to_vec(),
+            };
+            io.write_at(r.at(1 + i as u64), &b.encode().unwrap())
+                .unwrap();
+        }
+        io.crash(|sector| (8..16).contains(&sector));
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert_eq!(got.records, vec![map(1)]);
+        assert_eq!(damage_after(&io, r, got.next_seq, got.next_pos), None);
+        // The writer syncs before the commit block: whole after a commit.
+        for i in 0..(RECORDS_PER_BLOCK as u64 * 2 + 5) {
+            w.push(map(i));
+        }
+        w.commit(&io).unwrap();
+        assert_eq!(replay(&io, r, 1, 0).unwrap().transactions, 2);
+        // Rot in the first block of the committed three-block transaction: corruption
+        // (its commit block was written after that block was durable).
+        let mut z = vec![0u8; BLOCK];
+        io.read_at(r.at(1), &mut z).unwrap();
+        z[100] ^= 1;
+        io.write_at(r.at(1), &z).unwrap();
+        io.sync().unwrap();
+        let got = replay(&io, r, 1, 0).unwrap();
+        assert_eq!(got.transactions, 1);
         assert!(damage_after(&io, r, got.next_seq, got.next_pos)
             .is_some_and(|m| m.contains("damaged while later blocks are intact")));
     }

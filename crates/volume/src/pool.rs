@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use nvmux_backend::record::{IoLog, RecordingDevice};
 use nvmux_backend::{zero_range, zero_range_allocated, FileDevice, FileOptions};
-use nvmux_core::{Error, ErrorKind, Result};
+use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
 
 use crate::format::{
     self, current_superblock, FormatError, Owner, OwnerBlock, Record, Superblock, VolumeEntry,
@@ -250,6 +251,9 @@ pub(crate) struct State {
     pub(crate) claim_want: u64,
     /// Writes parked while a snapshot of their volume is taken.
     pub(crate) quiesce_waiters: Vec<crate::thin::Parked>,
+    /// Mappings installed over copied (or replaced) snapshot data since the last
+    /// commit: the next commit syncs the data before it writes the journal.
+    pub(crate) cow_unsynced: bool,
 }
 
 impl State {
@@ -431,8 +435,8 @@ struct FlushShared {
 /// A pool opened for serving.
 pub struct Pool {
     pub(crate) path: PathBuf,
-    file: File,
-    pub(crate) data: FileDevice,
+    file: PoolFile,
+    pub(crate) data: Arc<dyn BlockDevice>,
     pub(crate) cluster_size: u64,
     pub(crate) n_clusters: u64,
     pub(crate) data_offset: u64,
@@ -458,6 +462,48 @@ pub struct Pool {
     timed_out: AtomicU64,
     /// Test fault `pool-commit-error:<file name>`: the next commit's sync fails.
     fault_commit: AtomicBool,
+    /// Test-only (`NVMUX_TEST_FAULTS=pool-cow-unordered:*`, read at open): copied data
+    /// is not synced before the journal commit that maps it, the bug the power-cut
+    /// simulator's negative control must catch.
+    pub(crate) cow_unordered: bool,
+}
+
+/// The pool's device as its metadata code uses it (`pwrite`, `fallocate`, `fdatasync`
+/// on the file), logging every change to an [`IoLog`] when the pool is recorded.
+struct PoolFile {
+    file: File,
+    log: Option<Arc<IoLog>>,
+}
+
+impl PoolFile {
+    fn zero(&self, block_dev: bool, off: u64, len: u64) -> std::io::Result<()> {
+        zero_pool(&self.file, block_dev, off, len)?;
+        if let Some(l) = &self.log {
+            l.zero(off, len);
+        }
+        Ok(())
+    }
+}
+
+impl MetaIo for PoolFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        MetaIo::read_at(&self.file, off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        MetaIo::write_at(&self.file, off, buf)?;
+        if let Some(l) = &self.log {
+            l.write(off, buf, false);
+        }
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        let id = self.log.as_ref().map(|l| l.flush_start());
+        self.file.sync_data()?;
+        if let (Some(l), Some(id)) = (&self.log, id) {
+            l.flush_end(id);
+        }
+        Ok(())
+    }
 }
 
 /// Default for [`Pool::set_command_timeout`].
@@ -694,6 +740,7 @@ fn build_state(l: &Loaded) -> std::result::Result<State, Vec<String>> {
         claim_waiters: Vec::new(),
         claim_want: 0,
         quiesce_waiters: Vec::new(),
+        cow_unsynced: false,
     };
     for (slot, e) in l.entries.iter().enumerate() {
         let Some(e) = e else { continue };
@@ -976,6 +1023,17 @@ impl Pool {
     /// Open a pool for serving: replay its journal, zero what was left dirty, and
     /// checkpoint. A damaged pool is refused with where it is damaged.
     pub fn open(path: &Path) -> Result<Arc<Pool>> {
+        Self::open_with(path, None)
+    }
+
+    /// Open a pool whose every change to its device is logged to `log` (the power-cut
+    /// simulator): the data path through a [`RecordingDevice`], the metadata writes,
+    /// zeroing and syncs as they return.
+    pub fn open_recorded(path: &Path, log: Arc<IoLog>) -> Result<Arc<Pool>> {
+        Self::open_with(path, Some(log))
+    }
+
+    fn open_with(path: &Path, log: Option<Arc<IoLog>>) -> Result<Arc<Pool>> {
         let (file, block_dev) = open_rw(path, false)?;
         flock(&file, path, libc::LOCK_EX)?;
         let l = load(&file, path)?;
@@ -998,13 +1056,17 @@ impl Pool {
             )
         })?;
         let sb = l.sb.clone();
-        let data = FileDevice::open(
+        let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(
             path,
             &FileOptions {
                 create: false,
                 ..Default::default()
             },
-        )?;
+        )?);
+        let data = match &log {
+            Some(l) => Arc::new(RecordingDevice::new(data, l.clone())),
+            None => data,
+        };
         let ring = Ring::of(&sb);
         let journal = JournalWriter::new(
             ring,
@@ -1015,7 +1077,7 @@ impl Pool {
         let n = sb.n_clusters;
         let pool = Arc::new(Pool {
             path: path.to_path_buf(),
-            file,
+            file: PoolFile { file, log },
             data,
             cluster_size: sb.cluster_size as u64,
             n_clusters: n,
@@ -1039,6 +1101,7 @@ impl Pool {
             fault_commit: AtomicBool::new(path.file_name().is_some_and(|n| {
                 nvmux_core::fault::armed("pool-commit-error", &n.to_string_lossy())
             })),
+            cow_unordered: nvmux_core::fault::armed("pool-cow-unordered", "*"),
         });
         // Zero what a crash left dirty, then record a clean starting point.
         pool.zero_released(pool.take_to_zero())?;
@@ -1209,6 +1272,18 @@ impl Pool {
     }
 
     fn append(&self, m: &mut Meta, recs: Vec<Record>, sync: bool) -> Result<()> {
+        if std::mem::take(&mut self.lock_state().cow_unsynced) {
+            // Data before metadata: a record maps a cluster that holds data copied from
+            // (or replacing) a snapshot's. Without this sync the journal block could
+            // reach the disk before the copy, and after a power cut the volume would read
+            // zeros where it inherited data. Only transactions that carry such a mapping
+            // pay (synced or not: an unsynced journal write must not overtake it either).
+            if let Err(e) = MetaIo::sync(&self.file) {
+                let e = io_err(&self.path, "sync copied data", e);
+                self.fail(&e);
+                return Err(e);
+            }
+        }
         for r in recs {
             m.journal.push(r);
         }
@@ -1235,7 +1310,14 @@ impl Pool {
             return Err(self.failed_err());
         }
         let mut m = lock(&self.meta);
-        let r = self.checkpoint_locked(&mut m);
+        self.checkpoint_held(&mut m)
+    }
+
+    /// A checkpoint by a caller that already holds the metadata lock: a control-plane
+    /// change made under it reaches the device whole (tables and volume entries flip
+    /// together with the superblock), never half through a journal commit in between.
+    fn checkpoint_held(&self, m: &mut Meta) -> Result<()> {
+        let r = self.checkpoint_locked(m);
         if let Err(e) = &r {
             self.fail(e);
         }
@@ -1247,7 +1329,9 @@ impl Pool {
         let (blocks, head) = {
             let mut s = self.lock_state();
             // The tables written below hold every change so far: the journal need not.
+            // (Copied data is synced before the superblock names them, below.)
             s.pending.clear();
+            s.cow_unsynced = false;
             m.journal.discard_pending();
             let head = m.journal.position();
             let idx = s.dirty[target as usize].take();
@@ -1343,7 +1427,7 @@ impl Pool {
                 j += 1;
             }
             let off = self.data_offset + v[i] * cs;
-            if let Err(e) = zero_pool(&self.file, self.block_dev, off, (j - i) as u64 * cs) {
+            if let Err(e) = self.file.zero(self.block_dev, off, (j - i) as u64 * cs) {
                 let e = io_err(&self.path, "zero clusters", e);
                 self.fail(&e);
                 return Err(e);
@@ -1680,6 +1764,10 @@ impl Pool {
     /// the new end hold data, also `discard_data`.
     pub fn resize(&self, name: &str, size: u64, force: bool, discard_data: bool) -> Result<()> {
         Self::check_size(size)?;
+        // Held until the checkpoint: no journal commit may make the released clusters
+        // durable before the new size is (a crash would leave the old size reading
+        // zeros past the new end).
+        let mut m = lock(&self.meta);
         {
             let mut s = self.lock_state();
             let id = s.id_of(name)?;
@@ -1726,7 +1814,8 @@ impl Pool {
                 if let Some(x) = partial {
                     if let Some(c) = s.vols[&id].map.get(x) {
                         let off = self.data_offset + c * cs + size % cs;
-                        zero_pool(&self.file, self.block_dev, off, cs - size % cs)
+                        self.file
+                            .zero(self.block_dev, off, cs - size % cs)
                             .map_err(|e| io_err(&self.path, "zero the tail", e))?;
                     }
                 }
@@ -1741,8 +1830,7 @@ impl Pool {
             let slot = v.slot;
             s.mark_slot(slot);
         }
-        self.commit()?;
-        self.checkpoint()
+        self.checkpoint_held(&mut m)
     }
 
     /// Delete a volume or snapshot. A snapshot that clones still read through is hidden
@@ -1754,6 +1842,10 @@ impl Pool {
         erase: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
+        // Held until the checkpoint: no journal commit may make the released clusters
+        // durable before the volume's removal is (a crash would leave the volume listed,
+        // reading zeros).
+        let mut m = lock(&self.meta);
         let erased = {
             let mut s = self.lock_state();
             let id = s.id_of(name)?;
@@ -1785,8 +1877,8 @@ impl Pool {
                 self.drop_volume(&mut s, id)
             }
         };
-        self.commit()?;
-        self.checkpoint()?;
+        self.checkpoint_held(&mut m)?;
+        drop(m);
         if erase {
             // The release is durable: zero now rather than in the background.
             let mut s = self.lock_state();

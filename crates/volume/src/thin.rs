@@ -265,6 +265,9 @@ struct Cmd {
     unmaps: Vec<u64>,
     /// Virtual clusters registered as allocating by this command.
     allocs: Vec<u64>,
+    /// An install replaces data the volume read through to a snapshot: the commit that
+    /// maps it must sync the data first (see `Pool::commit`).
+    ordered: bool,
 }
 
 enum Phase {
@@ -514,6 +517,12 @@ impl ThinQueue {
                     c.installs.push((x, nc));
                     s.allocating.insert((vol, x), Vec::new());
                     c.allocs.push(x);
+                    // Over inherited data, the new cluster must never be mapped
+                    // durably before its contents are: a zero cluster in its place
+                    // would read as neither the old data nor the new.
+                    if found.is_some() && !(op != Opcode::Write && whole) {
+                        c.ordered = true;
+                    }
                     match found {
                         // Zeroes over a whole cluster read from a snapshot: the fresh
                         // (zero) cluster hides it, no I/O needed.
@@ -683,6 +692,9 @@ impl ThinQueue {
         let recorded = st.is_ok() && (!c.installs.is_empty() || !c.unmaps.is_empty());
         if !c.installs.is_empty() || !c.unmaps.is_empty() || !c.allocs.is_empty() {
             let mut s = self.pool.lock_state();
+            if st.is_ok() && c.ordered && !c.installs.is_empty() && !self.pool.cow_unordered {
+                s.cow_unsynced = true;
+            }
             for (x, nc) in c.installs.drain(..) {
                 if st.is_ok() {
                     s.install(vol, x, nc);
@@ -814,6 +826,7 @@ impl BlockQueue for ThinQueue {
             installs: Vec::new(),
             unmaps: Vec::new(),
             allocs: Vec::new(),
+            ordered: false,
         });
         c.slba = cmd.slba;
         c.tag = cmd.tag;
@@ -828,6 +841,7 @@ impl BlockQueue for ThinQueue {
         c.installs.clear();
         c.unmaps.clear();
         c.allocs.clear();
+        c.ordered = false;
         let idx = match self.free_cmds.pop() {
             Some(i) => {
                 self.cmds[i] = Some(c);
