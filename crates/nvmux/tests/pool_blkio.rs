@@ -13,17 +13,6 @@ use serde_json::json;
 const MIB: u64 = 1 << 20;
 const CL: u64 = 64 << 10;
 
-fn pool(d: &TestDaemon, name: &str, size: u64) -> PathBuf {
-    let path = d.dir.join(format!("{name}.pool"));
-    d.api
-        .post(
-            "/v1/pools",
-            &json!({"name": name, "path": path, "size": size}),
-        )
-        .expect("create pool");
-    path
-}
-
 fn thin(d: &TestDaemon, name: &str, body: serde_json::Value) -> PathBuf {
     let mut b = json!({"name": name, "pool": "p"});
     if let (Some(o), Some(e)) = (b.as_object_mut(), body.as_object()) {
@@ -48,6 +37,20 @@ fn write(c: &mut BlkioClient, q: usize, off: u64, data: &[u8]) {
         .expect("write");
 }
 
+/// Write `pattern(seed + i)` at each case (alternating queues), then read each back
+/// through the other queue.
+fn write_and_read_back(c: &mut BlkioClient, cases: &[(u64, usize)], seed: u64) {
+    for (i, &(off, len)) in cases.iter().enumerate() {
+        write(c, i % 2, off, &pattern(i as u64 + seed, len));
+    }
+    for (i, &(off, len)) in cases.iter().enumerate() {
+        assert!(
+            read(c, (i + 1) % 2, off, len) == pattern(i as u64 + seed, len),
+            "case {i}"
+        );
+    }
+}
+
 fn read(c: &mut BlkioClient, q: usize, off: u64, len: usize) -> Vec<u8> {
     c.buf()[..len].fill(0xee);
     c.io_ok(q, Op::Read, off, len, 0, ReqFlags::empty())
@@ -70,7 +73,7 @@ fn nvmux(args: &[&str]) -> (bool, String) {
 fn thin_disk_reads_back_and_unwritten_or_discarded_space_reads_zero() {
     watchdog(120);
     let d = TestDaemon::start("thin");
-    pool(&d, "p", 256 * MIB);
+    d.pool("p", 256 * MIB);
     let sock = thin(&d, "t", json!({"size": 64 * MIB}));
     let mut c = BlkioClient::connect(&sock, 2, false, 4 << 20).expect("connect");
     assert_eq!(c.capacity(), 64 * MIB);
@@ -80,15 +83,7 @@ fn thin_disk_reads_back_and_unwritten_or_discarded_space_reads_zero() {
         (5 * MIB + 512, 200 << 10),
         (64 * MIB - 4096, 4096),
     ];
-    for (i, &(off, len)) in cases.iter().enumerate() {
-        write(&mut c, i % 2, off, &pattern(i as u64 + 7, len));
-    }
-    for (i, &(off, len)) in cases.iter().enumerate() {
-        assert!(
-            read(&mut c, (i + 1) % 2, off, len) == pattern(i as u64 + 7, len),
-            "case {i}"
-        );
-    }
+    write_and_read_back(&mut c, &cases, 7);
     // Never written: zeros, both in an untouched cluster and around written bytes.
     assert!(read(&mut c, 0, 20 * MIB, 1 << 20).iter().all(|&b| b == 0));
     assert!(read(&mut c, 0, 4096, CL as usize - 8192)
@@ -120,7 +115,7 @@ fn thin_disk_reads_back_and_unwritten_or_discarded_space_reads_zero() {
 fn resize_grows_a_connected_disk_and_shrink_needs_force() {
     watchdog(120);
     let d = TestDaemon::start("resize");
-    pool(&d, "p", 256 * MIB);
+    d.pool("p", 256 * MIB);
     let sock = thin(&d, "r", json!({"size": 16 * MIB}));
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("connect");
     assert_eq!(c.capacity(), 16 * MIB);
@@ -176,7 +171,7 @@ fn resize_grows_a_connected_disk_and_shrink_needs_force() {
 fn snapshot_keeps_content_and_clone_diverges() {
     watchdog(120);
     let d = TestDaemon::start("snap");
-    pool(&d, "p", 256 * MIB);
+    d.pool("p", 256 * MIB);
     let sock = thin(&d, "vm", json!({"size": 16 * MIB}));
     let mut c = BlkioClient::connect(&sock, 2, false, 4 << 20).expect("connect");
     let old = pattern(1, 1 << 20);
@@ -233,7 +228,7 @@ fn a_new_disk_over_a_deleted_disks_clusters_reads_zeros() {
     watchdog(180);
     let d = TestDaemon::start("iso");
     // A small pool, so disk B must reuse the clusters disk A had.
-    pool(&d, "p", 40 * MIB);
+    d.pool("p", 40 * MIB);
     let free0 = d.api.get("/v1/pools/p").expect("pool")["usage"]["free_clusters"]
         .as_u64()
         .unwrap_or(0);
@@ -291,7 +286,7 @@ fn check_finds_a_flipped_byte_and_the_daemon_refuses_the_pool() {
     watchdog(120);
     let dir = unique_dir("corrupt");
     let d = TestDaemon::start_in(dir.clone());
-    let path = pool(&d, "p", 128 * MIB);
+    let path = d.pool("p", 128 * MIB);
     let sock = thin(&d, "t", json!({"size": 16 * MIB}));
     let mut c = BlkioClient::connect(&sock, 1, false, 2 << 20).expect("connect");
     write(&mut c, 0, 0, &pattern(1, 1 << 20));
@@ -341,7 +336,7 @@ fn kill_9_during_allocating_writes_loses_nothing_flushed() {
     watchdog(900);
     let dir = unique_dir("crash");
     let mut d = TestDaemon::start_in(dir.clone());
-    let path = pool(&d, "p", 1024 * MIB);
+    let path = d.pool("p", 1024 * MIB);
     let sock = thin(&d, "t", json!({"size": 512 * MIB}));
     // Every write gets its own cluster, so every write allocates.
     let slots = 512 * MIB / CL;
@@ -495,15 +490,7 @@ fn a_pool_on_a_4kn_device_serves_4096_byte_blocks() {
         (5 * MIB + 12288, 200 << 10),
         (64 * MIB - 4096, 4096),
     ];
-    for (i, &(off, len)) in cases.iter().enumerate() {
-        write(&mut c, i % 2, off, &pattern(i as u64 + 40, len));
-    }
-    for (i, &(off, len)) in cases.iter().enumerate() {
-        assert!(
-            read(&mut c, (i + 1) % 2, off, len) == pattern(i as u64 + 40, len),
-            "case {i}"
-        );
-    }
+    write_and_read_back(&mut c, &cases, 40);
     assert!(read(&mut c, 0, 0, 4096).iter().all(|&b| b == 0));
     assert!(read(&mut c, 0, 8192, CL as usize - 16384)
         .iter()

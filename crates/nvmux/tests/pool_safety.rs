@@ -31,22 +31,6 @@ fn daemon_in(dir: PathBuf, extra: &[&str]) -> TestDaemon {
     TestDaemon::start_with_env(dir, extra, &[("NVMUX_TEST_FAULTS", FAULTS)])
 }
 
-/// A pool `p` of `size` bytes in the daemon's directory.
-fn pool(d: &TestDaemon, size: u64) -> PathBuf {
-    pool_named(d, "p", size)
-}
-
-fn pool_named(d: &TestDaemon, name: &str, size: u64) -> PathBuf {
-    let path = d.dir.join(format!("{name}.pool"));
-    d.api
-        .post(
-            "/v1/pools",
-            &json!({"name": name, "path": path, "size": size}),
-        )
-        .expect("create pool");
-    path
-}
-
 /// Stop the daemon and remove its directory (pool files are fully allocated).
 fn finish(d: TestDaemon) {
     let dir = d.dir.clone();
@@ -135,7 +119,7 @@ fn qemu_io_with(sock: &Path, name: &str, opts: &[&str], cmds: &[String]) -> (boo
 fn large_allocating_writes_on_a_small_pool_complete_or_fail() {
     watchdog(600);
     let d = daemon("pool-small", &[]);
-    pool(&d, 256 * MIB);
+    d.pool("p", 256 * MIB);
     let sock = thin_nbd(&d, "t", 200 * MIB);
     let mut off = 0;
     while off < 200 * MIB {
@@ -175,7 +159,7 @@ fn large_allocating_writes_on_a_small_pool_complete_or_fail() {
 fn writes_past_the_free_space_fail_instead_of_hanging() {
     watchdog(600);
     let d = daemon("pool-full", &[]);
-    pool(&d, 128 * MIB);
+    d.pool("p", 128 * MIB);
     let sock = thin_nbd(&d, "big", 256 * MIB);
     let mut failed = 0;
     let mut off = 0;
@@ -220,7 +204,7 @@ fn qemu_io_bg(
 fn a_write_in_flight_across_a_snapshot_stays_in_the_live_volume() {
     watchdog(300);
     let d = daemon("pool-snap-race", &[]);
-    pool(&d, 64 * MIB);
+    d.pool("p", 64 * MIB);
     let sock = thin_nbd(&d, "held", 32 * MIB);
     let w1 = qemu_io_bg(&sock, "held", &["write -P 0xaa 0 4k".into()]);
     wait_held(&d, "held");
@@ -279,7 +263,7 @@ fn a_command_waiting_longer_than_the_timeout_fails_and_is_counted() {
     )
     .expect("config");
     let d = daemon_in(dir, &["--config", cfg.to_str().expect("utf-8")]);
-    pool(&d, 64 * MIB);
+    d.pool("p", 64 * MIB);
     let sock = thin_nbd(&d, "held", 32 * MIB);
     let w1 = qemu_io_bg(&sock, "held", &["write -P 0xaa 0 4k".into()]);
     wait_held(&d, "held");
@@ -309,7 +293,7 @@ fn a_command_waiting_longer_than_the_timeout_fails_and_is_counted() {
 fn after_a_failed_commit_every_flush_fails_until_the_pool_is_reopened() {
     watchdog(300);
     let d = daemon("pool-sticky", &[]);
-    pool_named(&d, "sticky", 64 * MIB);
+    d.pool("sticky", 64 * MIB);
     let sock = thin_nbd_in(&d, "sticky", "s", 32 * MIB);
     // The write's cluster claim commits first, and fails.
     let (finished, good, out) = qemu_io(&sock, "s", &["write -P 1 0 64k".into(), "flush".into()]);
@@ -432,7 +416,7 @@ fn snapshots_every_100_ms_during_verified_writes_lose_nothing() {
     watchdog(600);
     let d = daemon("pool-snap-load", &[]);
     // Each snapshot keeps what was written before it: 60 of a 2 MiB volume fit.
-    pool(&d, 192 * MIB);
+    d.pool("p", 192 * MIB);
     let size = 2 * MIB;
     let blocks = size / BLK as u64;
     let sock = vhost_disk(&d, "v", json!({"size": size}));
@@ -626,7 +610,7 @@ fn kill_9_loses_no_completed_allocating_write() {
     use std::io::Write;
     watchdog(300);
     let d = daemon("pool-kill9", &[]);
-    pool(&d, 64 * MIB);
+    d.pool("p", 64 * MIB);
     let sock = thin_nbd(&d, "k", 8 * MIB);
     // Cluster 0 mapped and durable, then a snapshot the live volume reads through to.
     let (finished, good, out) = qemu_io(&sock, "k", &["write -P 1 0 64k".into(), "flush".into()]);

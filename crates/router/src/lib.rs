@@ -433,20 +433,23 @@ impl RouterQueue {
     /// it completes with the chain's status (no hook runs again).
     fn force_flush(&mut self, mut cmd: IoCommand, slot: Option<u32>) {
         bump(&self.counters.flushes_forced);
-        let i = match slot {
-            Some(i) => i,
-            None => {
-                let i = self.alloc_slot(cmd.tag);
-                cmd.tag = IoCommand::ROUTER_TAG | i as u64;
-                i
-            }
-        };
+        let i = self.track(&mut cmd, slot);
         let s = &mut self.slots[i as usize];
         s.hook = false;
         s.prog = None;
         s.route = Route::Chain;
         self.chain.submit(cmd);
         self.kick = true;
+    }
+
+    /// The router's slot for `cmd`: `slot` if it already has one, else a new one (and
+    /// the command's tag points at it).
+    fn track(&mut self, cmd: &mut IoCommand, slot: Option<u32>) -> u32 {
+        slot.unwrap_or_else(|| {
+            let i = self.alloc_slot(cmd.tag);
+            cmd.tag = IoCommand::ROUTER_TAG | i as u64;
+            i
+        })
     }
 
     fn validate(&mut self, cmd: &IoCommand) -> std::result::Result<(), Status> {
@@ -489,14 +492,7 @@ impl RouterQueue {
         let cookie = self.ctx.cookie;
         // Track the command if it needs a hook or goes to the function.
         let slot = if hook || route == Route::External {
-            let i = match slot {
-                Some(i) => i,
-                None => {
-                    let i = self.alloc_slot(cmd.tag);
-                    cmd.tag = IoCommand::ROUTER_TAG | i as u64;
-                    i
-                }
-            };
+            let i = self.track(&mut cmd, slot);
             let s = &mut self.slots[i as usize];
             s.hook = hook;
             s.route = route;

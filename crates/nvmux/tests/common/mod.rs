@@ -104,6 +104,18 @@ impl TestDaemon {
         alive && self.api.get("/v1/health").is_ok()
     }
 
+    /// Create a pool `name` of `size` bytes in the daemon's directory; its file's path.
+    pub fn pool(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.dir.join(format!("{name}.pool"));
+        self.api
+            .post(
+                "/v1/pools",
+                &json!({"name": name, "path": path, "size": size}),
+            )
+            .expect("create pool");
+        path
+    }
+
     /// Create a file disk and export it; returns (image path, vhost socket path).
     pub fn disk_and_export(
         &self,
