@@ -1228,7 +1228,20 @@ fn check_pool_state(rec: &Recording, path: &Path, p: usize) -> Vec<String> {
         probs.push(format!("close after replay: {e}"));
     }
     drop(pool);
-    match nvmux_volume::check(path) {
+    // The pool's watchdog thread may hold the last reference for a moment after the drop
+    // (it looks at the pool every few milliseconds), and with it the file's lock: a
+    // check that finds the pool in use is tried again, for up to 2 s.
+    let mut checked = nvmux_volume::check(path);
+    let t0 = std::time::Instant::now();
+    while checked
+        .as_ref()
+        .is_err_and(|e| e.kind == nvmux_core::ErrorKind::Busy)
+        && t0.elapsed() < std::time::Duration::from_secs(2)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        checked = nvmux_volume::check(path);
+    }
+    match checked {
         Ok(r) if r.ok() => {}
         Ok(r) => probs.push(format!(
             "pool check after open and close: {}",

@@ -8,6 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::{fails, ok, pattern, psk_file, read_file_at, run, watchdog, x509, TestDaemon};
 use nvmux_bench::attack::{nbd, time_to_close};
@@ -130,8 +131,17 @@ fn tls_psk_with_qemu_img_and_nbdinfo() {
         )
         .arg(&opts),
     );
-    let nv = d.api.get("/v1/nbd").unwrap();
-    let l = listener(&nv, &format!("0.0.0.0:{port}"));
+    // The client may exit before the listener has finished with its connection: wait
+    // (up to 10 s) until the three refusals are counted.
+    let t0 = std::time::Instant::now();
+    let l = loop {
+        let nv = d.api.get("/v1/nbd").unwrap();
+        let l = listener(&nv, &format!("0.0.0.0:{port}")).clone();
+        if l["tls_failures"].as_u64() >= Some(3) || t0.elapsed() > Duration::from_secs(10) {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(l["tls_failures"].as_u64() >= Some(3), "{l}");
     assert_eq!(l["tls"]["psk_file"], json!(psk), "{l}");
     assert!(d.healthy());

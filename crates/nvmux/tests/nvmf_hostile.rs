@@ -67,7 +67,8 @@ fn after(what: &str, d: &mut TestDaemon, v: &Victim, base_rss: u64) {
     assert!(d.healthy(), "{what}: the daemon is alive");
     assert!(
         v.progresses(10, Duration::from_secs(20)),
-        "{what}: the victim's I/O goes on"
+        "{what}: the victim's I/O goes on (victim's first error: {:?})",
+        v.first_error()
     );
     let rss = rss(d);
     assert!(
