@@ -27,12 +27,68 @@ pub struct TestDaemon {
     pub api: ApiClient,
 }
 
+/// Test directories this process made; removed when it exits, except those of a test that
+/// failed (kept for their daemon.log; the next test process sweeps them once this one is
+/// gone). `NVMUX_KEEP_TEST_DIRS=1` keeps them all.
+static DIRS: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn remove_test_dirs() {
+    if std::env::var_os("NVMUX_KEEP_TEST_DIRS").is_some() {
+        return;
+    }
+    let dirs = DIRS.lock().map(|d| d.clone()).unwrap_or_default();
+    for (d, keep) in dirs {
+        if !keep {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Remove the `nvmux-it-*` directories of test processes that no longer run.
+fn sweep_dead_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("nvmux-it-") else {
+            continue;
+        };
+        // nvmux-it-{tag}-{pid}-{n}: the pid is the second field from the end.
+        let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Mark `dir` to be kept after this process exits (its test failed).
+fn keep_dir(dir: &Path) {
+    if let Ok(mut d) = DIRS.lock() {
+        for (p, keep) in d.iter_mut() {
+            if p == dir {
+                *keep = true;
+            }
+        }
+    }
+}
+
 pub fn unique_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static FIRST: std::sync::Once = std::sync::Once::new();
+    FIRST.call_once(|| {
+        sweep_dead_dirs();
+        // SAFETY: registers a plain extern "C" function with no arguments; it runs once at
+        // process exit and only touches the DIRS mutex and the file system.
+        unsafe { libc::atexit(remove_test_dirs) };
+    });
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let d = std::env::temp_dir().join(format!("nvmux-it-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create test dir");
+    if let Ok(mut dirs) = DIRS.lock() {
+        dirs.push((d.clone(), false));
+    }
     d
 }
 
@@ -226,6 +282,9 @@ impl TestDaemon {
 
 impl Drop for TestDaemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            keep_dir(&self.dir);
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
