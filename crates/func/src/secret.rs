@@ -8,7 +8,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nvmux_core::{Error, Result};
+use nvmux_core::anon::AnonMap;
+use nvmux_core::Result;
 
 static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
 
@@ -16,7 +17,7 @@ static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
 /// zeroed (after `T`'s own `Drop`) when dropped.
 pub struct Locked<T> {
     ptr: *mut T,
-    len: usize,
+    map: AnonMap,
     locked: bool,
 }
 
@@ -29,47 +30,25 @@ impl<T> Locked<T> {
     /// Move `v` into protected memory. (The caller's copy of `v` is moved from; types
     /// that hold keys should wipe themselves on drop, as the `aes` crate's do.)
     pub fn new(v: T) -> Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        assert!(std::mem::align_of::<T>() <= page, "Locked: alignment");
-        let len = std::mem::size_of::<T>().max(1).div_ceil(page) * page;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::io(
-                "map memory for key material",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `p` is our mapping of `len` bytes.
-        if unsafe { libc::madvise(p, len, libc::MADV_DONTDUMP) } != 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: unmapping the mapping made above, which nothing else uses.
-            unsafe { libc::munmap(p, len) };
-            return Err(Error::io("exclude key material from core dumps", e));
-        }
-        // SAFETY: as above.
-        let locked = unsafe { libc::mlock(p, len) } == 0;
+        let map = AnonMap::new(std::mem::size_of::<T>(), "key material")?;
+        assert!(
+            std::mem::align_of::<T>() <= nvmux_core::anon::page_size(),
+            "Locked: alignment"
+        );
+        map.advise(libc::MADV_DONTDUMP, "exclude key material from core dumps")?;
+        // SAFETY: our own mapping of `map.len()` bytes.
+        let locked = unsafe { libc::mlock(map.as_ptr().cast(), map.len()) } == 0;
         if !locked && !LOCK_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 error = %std::io::Error::last_os_error(),
                 "cannot lock key material in memory (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK= in the systemd unit, or grant CAP_IPC_LOCK): data keys may be written to swap; they stay out of core dumps"
             );
         }
-        let ptr = p.cast::<T>();
+        let ptr = map.as_ptr().cast::<T>();
         // SAFETY: the mapping is page-aligned (enough for `T`, checked above), writable
         // and at least `size_of::<T>()` bytes.
         unsafe { ptr.write(v) };
-        Ok(Locked { ptr, len, locked })
+        Ok(Locked { ptr, map, locked })
     }
 
     /// Whether the memory is locked (not swappable).
@@ -88,16 +67,15 @@ impl<T> std::ops::Deref for Locked<T> {
 
 impl<T> Drop for Locked<T> {
     fn drop(&mut self) {
-        let p = self.ptr.cast::<u8>();
+        let (p, len) = (self.map.as_ptr(), self.map.len());
         // SAFETY: `ptr` holds an initialised `T` that is dropped exactly once, here; then
-        // the whole mapping (ours, `len` bytes) is zeroed, unlocked and unmapped.
+        // the whole mapping (ours, `len` bytes) is zeroed and unlocked; `map` unmaps it.
         unsafe {
             std::ptr::drop_in_place(self.ptr);
-            zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(p, self.len));
+            zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(p, len));
             if self.locked {
-                libc::munlock(p.cast(), self.len);
+                libc::munlock(p.cast(), len);
             }
-            libc::munmap(p.cast(), self.len);
         }
     }
 }

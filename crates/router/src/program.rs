@@ -27,57 +27,16 @@ pub struct ProgramInfo {
 }
 
 /// Memory for JIT code: mapped read-write for the compiler, then read+execute.
-struct ExecMem {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: plain memory owned by this value; after `seal` nobody writes it.
-unsafe impl Send for ExecMem {}
-// SAFETY: as above; executing the code from several threads at once is fine (it keeps
-// its state in registers and on the calling thread's stack).
-unsafe impl Sync for ExecMem {}
+struct ExecMem(nvmux_core::anon::AnonMap);
 
 impl ExecMem {
     fn new(len: usize) -> Result<ExecMem> {
-        // SAFETY: an anonymous private mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(crate::Error::io(
-                "map JIT memory",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(ExecMem { ptr: p.cast(), len })
+        Ok(ExecMem(nvmux_core::anon::AnonMap::new(len, "JIT code")?))
     }
 
     fn seal(&self) -> Result<()> {
-        // SAFETY: our own mapping of `len` bytes.
-        if unsafe { libc::mprotect(self.ptr.cast(), self.len, libc::PROT_READ | libc::PROT_EXEC) }
-            != 0
-        {
-            return Err(crate::Error::io(
-                "protect JIT memory",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ExecMem {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; the VM that executes it is dropped before (field order).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        self.0
+            .protect(libc::PROT_READ | libc::PROT_EXEC, "JIT memory")
     }
 }
 
@@ -312,7 +271,7 @@ impl Program {
             // SAFETY: our fresh mapping of `len` bytes, which outlives the VM (field
             // order); the compiler is its only writer, before `seal`.
             let slice: &'static mut [u8] =
-                unsafe { std::slice::from_raw_parts_mut(mem.ptr, mem.len) };
+                unsafe { std::slice::from_raw_parts_mut(mem.0.as_ptr(), mem.0.len()) };
             vm.set_jit_exec_memory(slice)
                 .map_err(|e| vm_err("JIT memory", e))?;
             let compiled =
