@@ -206,6 +206,9 @@ pub struct Tracker {
     /// Heads at or above this are not tracked (the ring's size).
     size: u16,
     counter: u64,
+    /// `last_batch_head` as last stored (read from the region once, at start: the hot
+    /// path only writes the region).
+    last: u16,
     /// Heads of the batch being put on the used ring (capacity: the ring's size).
     batch: Vec<u16>,
     _keep: Option<Arc<Region>>,
@@ -218,6 +221,7 @@ impl Tracker {
             q,
             size: size.min(q.cap),
             counter,
+            last: ld16(q.h16(H_LAST_BATCH)),
             batch: Vec::with_capacity(size as usize),
             _keep: keep,
         }
@@ -242,9 +246,9 @@ impl Tracker {
         if head >= self.size || self.batch.len() >= self.batch.capacity() {
             return;
         }
-        let last = ld16(self.q.h16(H_LAST_BATCH));
-        st16(self.q.next(head), last, Ordering::Relaxed);
+        st16(self.q.next(head), self.last, Ordering::Relaxed);
         st16(self.q.h16(H_LAST_BATCH), head, Ordering::Release);
+        self.last = head;
         self.batch.push(head);
     }
 
