@@ -240,10 +240,20 @@ impl Tracker {
         st8(self.q.inflight(head), 1, Ordering::Release);
     }
 
+    /// The batch holds as many heads as the ring: publish before adding another (a
+    /// guest can complete more than a ring's worth of chains between two publishes, e.g.
+    /// malformed chains or GET_ID requests published while the queue pops).
+    #[inline]
+    pub fn batch_full(&self) -> bool {
+        self.batch.len() >= self.size as usize
+    }
+
     /// A head is being put on the used ring (before [`published`](Self::published)).
+    /// Check [`batch_full`](Self::batch_full) first: a head beyond a full batch is not
+    /// recorded (it would stay marked, and be resubmitted after a crash).
     #[inline]
     pub fn used(&mut self, head: u16) {
-        if head >= self.size || self.batch.len() >= self.batch.capacity() {
+        if head >= self.size || self.batch_full() {
             return;
         }
         st16(self.q.next(head), self.last, Ordering::Relaxed);
@@ -767,6 +777,46 @@ mod tests {
                 assert_eq!((seen.len(), r.resubmit.as_slice()), (5, &[2u16][..]));
             }
         }
+    }
+
+    /// A head completed in one batch and popped again must survive the repair of a later
+    /// batch whose list links to it.
+    #[test]
+    fn reused_head_in_an_older_batch() {
+        let cap = 4;
+        let mut buf = Buf::new(cap);
+        let q = buf.q(cap);
+        let _ = recover(&q, cap, 0, 0);
+        let mut t = Tracker::new(q, cap, 0, None);
+        t.popped(1);
+        t.used(1);
+        t.published(1);
+        t.popped(1); // the guest reused head 1
+        t.popped(2);
+        t.used(2); // 2.next = 1
+        // used->idx became 2, then the process died.
+        let r = recover(&buf.q(cap), cap, 2, 3);
+        assert_eq!(r.batch_fixed, 1);
+        assert_eq!(r.resubmit, [1]);
+        assert_eq!(r.next_avail, Some(3));
+    }
+
+    #[test]
+    fn batch_is_bounded_by_the_ring() {
+        let cap = 4;
+        let mut buf = Buf::new(cap);
+        let q = buf.q(cap);
+        let _ = recover(&q, cap, 0, 0);
+        let mut t = Tracker::new(q, cap, 0, None);
+        for h in 0..4 {
+            t.popped(h);
+            assert!(!t.batch_full());
+            t.used(h);
+        }
+        assert!(t.batch_full());
+        t.published(4);
+        assert!(!t.batch_full());
+        assert_eq!(recover(&buf.q(cap), cap, 4, 4), Recovered::default());
     }
 
     #[test]

@@ -284,6 +284,9 @@ impl VringSource {
 
     /// Put a head on the used ring (and in the inflight region's batch).
     fn put_used(&mut self, head: u16, len: u32) {
+        if self.inflight.as_ref().is_some_and(Tracker::batch_full) {
+            self.publish_and_notify();
+        }
         if let Some(t) = &mut self.inflight {
             t.used(head);
         }
