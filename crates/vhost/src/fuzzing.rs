@@ -186,7 +186,11 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         // Mostly small bytes, so flags of 0 and 1 and short lists occur.
-                        if x & 0x300 == 0 { x as u8 } else { (x as u8) & 1 }
+                        if x & 0x300 == 0 {
+                            x as u8
+                        } else {
+                            (x as u8) & 1
+                        }
                     })
                     .collect();
                 super::fuzz_inflight(&v);

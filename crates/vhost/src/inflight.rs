@@ -529,10 +529,7 @@ impl Region {
                 std::io::Error::last_os_error()
             ));
         }
-        let map = Mapping {
-            ptr: p.cast(),
-            len,
-        };
+        let map = Mapping { ptr: p.cast(), len };
         // SAFETY: our fresh page-aligned mapping of `len` bytes; the registration is
         // dropped before the mapping (field order of Region), and the region is accessed
         // only through atomics, which zero pages put in by the recovery do not disturb.
@@ -794,7 +791,7 @@ mod tests {
         t.popped(1); // the guest reused head 1
         t.popped(2);
         t.used(2); // 2.next = 1
-        // used->idx became 2, then the process died.
+                   // used->idx became 2, then the process died.
         let r = recover(&buf.q(cap), cap, 2, 3);
         assert_eq!(r.batch_fixed, 1);
         assert_eq!(r.resubmit, [1]);
@@ -910,7 +907,7 @@ mod tests {
         assert_eq!(r.counter, u64::MAX);
         assert_eq!(r.next_avail, Some(4));
         assert_eq!(r.ignored, 3); // bad last_batch_head, bad flag, head 12
-        // A list that loops is bounded by the queue size.
+                                  // A list that loops is bounded by the queue size.
         let mut buf = Buf::new(cap);
         let _ = recover(&buf.q(cap), cap, 0, 0);
         {
