@@ -51,6 +51,15 @@
 #                        raw images reads what nvmux wrote and writes what nvmux reads
 #                        (tests/vm/guest-dm-crypt.sh); needs cryptsetup on the host
 #                        (apt-get install cryptsetup-bin) and python3-cryptography
+#   kill9-inflight       (nvmux only) vhost-user inflight tracking: fio randwrite QD16
+#                        --verify for 60 s on a second daemon whose completions are
+#                        delayed 0-30 ms (test fault vhost-complete-delay); the daemon is
+#                        killed with SIGKILL 3 times and restarted (QEMU reconnect=1); fio
+#                        must pass with no I/O error in the guest's dmesg
+#                        (tests/vm/guest-kill9.sh)
+#   kill9-no-inflight    (nvmux only) negative control: the same with INFLIGHT_SHMFD
+#                        switched off (test fault vhost-no-inflight); passes when the
+#                        guest fails (fio hangs, or a verify or I/O error)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -752,6 +761,121 @@ else
     rm -f "$work"/crypt-*.key "$work/kek"
     kill -TERM "$cpid" 2>/dev/null || true
     wait "$cpid" 2>/dev/null || true
+fi
+
+# k. kill9-inflight / kill9-no-inflight (nvmux only): vhost-user inflight tracking
+#    (INFLIGHT_SHMFD). A second daemon (its own data directory) serves a 64 MiB file
+#    disk on 2 queues with the test fault vhost-complete-delay (every completion held
+#    0-30 ms, so requests complete out of order and are in flight whenever the daemon
+#    dies). The guest (QEMU 7.2, chardev reconnect=1) runs fio randwrite QD16
+#    --verify=crc32c for 60 s (tests/vm/guest-kill9.sh); the host kills the daemon with
+#    SIGKILL 3 times (10, 25 and 40 s in) and restarts it at once.
+#    kill9-inflight passes when fio reports no error, the verify passes, the guest's
+#    dmesg has no I/O error, and the daemon resubmitted in-flight requests after the
+#    restarts (its log says so).
+#    kill9-no-inflight is the negative control: the same load with the fault
+#    vhost-no-inflight (INFLIGHT_SHMFD not offered, so QEMU restarts each ring at its
+#    used index). It passes when the guest FAILS: fio hangs (a request is never
+#    completed; the guest gives up GRACE s after the runtime), or a verify or I/O error.
+kill9_wait_api() {   # API PID
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ -S $1 ]] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+# kill9_run NAME FAULTS: sets K9_RC (boot status), K9_KILLS, K9_ERR.
+kill9_run() {
+    local name=$1 faults=$2 dir=$sockdir/k9-$1 ksock=$sockdir/$1.sock
+    local api=$dir/nvmux.sock kpid bpid t0= el
+    K9_RC=2 K9_KILLS=0 K9_ERR=
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    : > "$work/$name-server.log"
+    dd if=/dev/zero of="$work/$name.img" bs=1M count=64 status=none
+    NVMUX_TEST_FAULTS=$faults "$NVMUX_BIN" serve --data-dir "$dir" >> "$work/$name-server.log" 2>&1 &
+    kpid=$!
+    if ! { kill9_wait_api "$api" "$kpid" &&
+           "$NVMUX_BIN" --api "$api" disk create "$name" --backend file --path "$work/$name.img" --size 64M &&
+           "$NVMUX_BIN" --api "$api" export add "$name" --socket "$ksock" --queues 2; } > "$work/$name-setup.out" 2>&1; then
+        cat "$work/$name-setup.out"
+        K9_ERR="daemon setup failed (log $work/$name-server.log)"
+        kill -KILL "$kpid" 2>/dev/null || true
+        wait "$kpid" 2>/dev/null || true
+        return
+    fi
+    "$here/boot.sh" --initrd "$initrd" --script "$here/guest-kill9.sh" --log "$work/$name.log" \
+        --vhost-sock "$ksock" --queues 2 --reconnect 1 --env RUNTIME=60 --env GRACE=60 \
+        --smp 2 --timeout "$boot_timeout" > "$work/$name.out" 2>&1 &
+    bpid=$!
+    while kill -0 "$bpid" 2>/dev/null; do
+        if [[ -z $t0 ]]; then
+            grep -q '^NVMUX-READY-KILL9' "$work/$name.log" 2>/dev/null && t0=$(date +%s)
+            sleep 0.2
+            continue
+        fi
+        el=$(($(date +%s) - t0))
+        if ((K9_KILLS < 3 && el >= 10 + 15 * K9_KILLS)); then
+            kill -KILL "$kpid" 2>/dev/null || true
+            wait "$kpid" 2>/dev/null || true
+            NVMUX_TEST_FAULTS=$faults "$NVMUX_BIN" serve --data-dir "$dir" >> "$work/$name-server.log" 2>&1 &
+            kpid=$!
+            if ! kill9_wait_api "$api" "$kpid"; then
+                K9_ERR="restart $((K9_KILLS + 1)) failed"
+                break
+            fi
+            K9_KILLS=$((K9_KILLS + 1))
+            echo "== host: $name: kill -9 and restart $K9_KILLS at ${el}s (new pid $kpid)"
+        fi
+        sleep 0.5
+    done
+    K9_RC=0
+    wait "$bpid" || K9_RC=$?
+    cat "$work/$name.out"
+    grep -a '^test: ' "$work/$name.log" || true
+    kill -TERM "$kpid" 2>/dev/null || true
+    wait "$kpid" 2>/dev/null || true
+    rm -f "$work/$name.img"
+}
+
+if ! want kill9-inflight; then
+    echo "SKIP kill9-inflight (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP kill9-inflight (nvmux only)"
+else
+    kill9_run kill9-inflight "vhost-complete-delay:kill9-inflight.sock"
+    # (tracing colours its fields: strip the escapes first)
+    sed 's/\x1b\[[0-9;]*m//g' "$work/kill9-inflight-server.log" > "$work/kill9-inflight-server.txt"
+    resub=$(grep -c 'resubmitting requests that were in flight' "$work/kill9-inflight-server.txt" || true)
+    nreq=$(grep -o 'resubmit=[0-9]*' "$work/kill9-inflight-server.txt" | awk -F= '{ s += $2 } END { print s + 0 }')
+    echo "== host: kill9-inflight: $K9_KILLS kills; $resub queue restarts resubmitted $nreq in-flight requests in all"
+    if ((K9_RC == 0 && K9_KILLS == 3 && resub >= 1)) && [[ -z $K9_ERR ]]; then
+        pass kill9-inflight
+    else
+        fail kill9-inflight "boot status $K9_RC, kills $K9_KILLS, resubmitting restarts $resub${K9_ERR:+, $K9_ERR}, log $work/kill9-inflight.log"
+    fi
+fi
+
+if ! want kill9-no-inflight; then
+    echo "SKIP kill9-no-inflight (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP kill9-no-inflight (nvmux only)"
+else
+    n=kill9-no-inflight
+    kill9_run "$n" "vhost-complete-delay:$n.sock,vhost-no-inflight:$n.sock"
+    how=$(grep -a -m1 -oE 'test: fio hung.*|verify: bad.*|test: I/O errors.*|test: fio failed.*' "$work/$n.log" || true)
+    [[ -z $how && $K9_RC == 2 ]] && how="boot timed out (guest hung)"
+    tracked=$(grep -c 'inflight region' "$work/$n-server.log" || true)
+    echo "== host: $n (negative control): $K9_KILLS kills, boot status $K9_RC: ${how:-no failure seen}"
+    if ((K9_KILLS == 3 && K9_RC != 0 && tracked == 0)) && [[ -n $how && -z $K9_ERR ]]; then
+        pass "$n"
+    elif ((K9_RC == 0)); then
+        fail "$n" "the guest passed without inflight tracking: the test cannot tell the difference"
+    else
+        fail "$n" "boot status $K9_RC, kills $K9_KILLS, inflight lines $tracked${K9_ERR:+, $K9_ERR}, log $work/$n.log"
+    fi
 fi
 
 stop_server

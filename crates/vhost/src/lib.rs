@@ -15,8 +15,9 @@
 //!   guest memory ◄── zero-copy I/O ── worker thread: VringSource ─► BlockQueue
 //! ```
 //!
-//! Vring processing is ours (not `vhost-user-backend`'s), so inflight tracking
-//! (INFLIGHT_SHMFD) can be added later without a rewrite.
+//! Vring processing is ours (not `vhost-user-backend`'s), which is what lets us offer
+//! inflight tracking (INFLIGHT_SHMFD, [`inflight`]): a daemon killed with requests in
+//! flight resubmits them when QEMU reconnects.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -44,6 +45,7 @@ mod backend_req;
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inflight;
 pub mod mem;
 pub mod split;
 mod vring;
@@ -113,6 +115,13 @@ pub struct BlkBackend {
     stats: Arc<DiskStats>,
     counters: Arc<ExportCounters>,
     name: String,
+    /// The inflight region the front-end set up (GET/SET_INFLIGHT_FD).
+    inflight: Option<Arc<inflight::Region>>,
+    /// Test-only faults (NVMUX_TEST_FAULTS), read once per connection; the name is the
+    /// export socket's file name: `vhost-no-inflight:<name>` (INFLIGHT_SHMFD not
+    /// offered), `vhost-complete-delay:<name>` (completions held 0..=30 ms).
+    no_inflight: bool,
+    complete_delay: bool,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -133,7 +142,20 @@ impl BlkBackend {
         let n = sb.len().min(blk::ID_BYTES);
         serial[..n].copy_from_slice(&sb[..n]);
         let num_queues = cfg.num_queues.max(1);
+        let file_name = cfg
+            .socket
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let no_inflight = nvmux_core::fault::armed("vhost-no-inflight", &file_name);
+        let complete_delay = nvmux_core::fault::armed("vhost-complete-delay", &file_name);
+        if no_inflight || complete_delay {
+            tracing::warn!(socket = %cfg.socket.display(), no_inflight, complete_delay, "test faults armed on this export (NVMUX_TEST_FAULTS)");
+        }
         BlkBackend {
+            inflight: None,
+            no_inflight,
+            complete_delay,
             // seg_max = 126 fits the smallest common queue (128 entries) without indirect
             // descriptors; guests with larger queues use indirect tables anyway.
             config: blk::config_space(&info, num_queues),
@@ -201,6 +223,11 @@ impl BlkBackend {
         q.set_next_avail(v.base);
         // The used index in guest memory is authoritative (a reconnect keeps it).
         q.sync_used_from_ring();
+        // Requests in flight when a previous daemon died are resubmitted first.
+        let tracked = self
+            .inflight
+            .as_ref()
+            .and_then(|r| inflight::start_queue(r, i, &mut q, &self.name));
         let kick = v
             .kick
             .as_ref()
@@ -232,6 +259,8 @@ impl BlkBackend {
             counters: self.counters.clone(),
             name: self.name.clone(),
             index: i,
+            inflight: tracked,
+            complete_delay: self.complete_delay,
         });
         let worker = self.workers[i % self.workers.len()].clone();
         worker.attach(Box::new(src));
@@ -270,6 +299,8 @@ impl BlkBackend {
         self.vrings = (0..self.num_queues).map(|_| VringCfg::default()).collect();
         self.acked_features = 0;
         self.acked_protocol = 0;
+        // A reset device starts over with a new region (QEMU frees its copy on reset).
+        self.inflight = None;
     }
 
     /// Map one region of the front-end's table, or refuse it (logged and counted).
@@ -487,12 +518,17 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         Ok(())
     }
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ)
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+        Ok(if self.no_inflight {
+            f
+        } else {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        })
     }
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
         self.acked_protocol = features;
@@ -545,11 +581,36 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
         Err(invalid("shared objects are not supported"))
     }
-    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(invalid("inflight tracking is not supported yet"))
+    fn get_inflight_fd(&mut self, i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        if self.no_inflight {
+            return Err(invalid("inflight tracking is switched off (test fault)"));
+        }
+        let (region, file) =
+            inflight::Region::create(i.num_queues, i.queue_size).map_err(|why| {
+                tracing::warn!(export = %self.name, "GET_INFLIGHT_FD refused: {why}");
+                VuError::ReqHandlerError(std::io::Error::other(why))
+            })?;
+        let size = inflight::region_bytes(i.num_queues, i.queue_size).unwrap_or(0) as u64;
+        tracing::info!(export = %self.name, queues = i.num_queues, queue_size = i.queue_size, size, "inflight region created");
+        self.inflight = Some(region);
+        Ok((
+            VhostUserInflight::new(size, 0, i.num_queues, i.queue_size),
+            file,
+        ))
     }
-    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _f: File) -> VuResult<()> {
-        Err(invalid("inflight tracking is not supported yet"))
+    fn set_inflight_fd(&mut self, i: &VhostUserInflight, f: File) -> VuResult<()> {
+        if self.no_inflight {
+            return Err(invalid("inflight tracking is switched off (test fault)"));
+        }
+        let region =
+            inflight::Region::open(i.num_queues, i.queue_size, i.mmap_size, i.mmap_offset, f)
+                .map_err(|why| {
+                    tracing::warn!(export = %self.name, "SET_INFLIGHT_FD refused: {why}");
+                    VuError::ReqHandlerError(std::io::Error::other(why))
+                })?;
+        tracing::info!(export = %self.name, queues = i.num_queues, queue_size = i.queue_size, "inflight region set");
+        self.inflight = Some(region);
+        Ok(())
     }
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
         Ok(MAX_MEM_SLOTS)

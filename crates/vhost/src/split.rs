@@ -101,6 +101,19 @@ impl SplitQueue {
         self.signalled_used = self.next_used;
     }
 
+    /// The guest's used index as it stands in the ring.
+    pub fn ring_used_idx(&self) -> u16 {
+        u16::from_le(self.used_idx().load(Ordering::Acquire))
+    }
+    /// The guest's available index as it stands in the ring.
+    pub fn ring_avail_idx(&self) -> u16 {
+        u16::from_le(self.avail_idx().load(Ordering::Acquire))
+    }
+    /// The used index after the elements added so far (published or not).
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
     fn avail_idx(&self) -> &AtomicU16 {
         // SAFETY: `avail` is 2-aligned and covers 6 + 2*size bytes (checked in `new`).
         unsafe { &*(self.avail.add(2) as *const AtomicU16) }
@@ -146,6 +159,18 @@ impl SplitQueue {
         self.next_avail = self.next_avail.wrapping_add(1);
         segs.clear();
         Ok(Some((head, self.walk(mem, head, segs))))
+    }
+
+    /// Walk the chain at `head` again (a request resubmitted after a restart, see
+    /// `inflight.rs`): the guest keeps an in-flight chain untouched.
+    pub fn rewalk(
+        &self,
+        mem: &dyn GuestMem,
+        head: u16,
+        segs: &mut Vec<Seg>,
+    ) -> Result<(), ChainError> {
+        segs.clear();
+        self.walk(mem, head, segs)
     }
 
     fn read_desc(table: *const u8, i: usize) -> (u64, u32, u16, u16) {

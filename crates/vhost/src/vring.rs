@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nvmux_core::stats::{DiskStats, OpClass, QueueStats};
 use nvmux_core::worker::WorkSource;
@@ -22,6 +22,7 @@ use vm_memory::{
 };
 
 use crate::blk::{self, GuestMem, Kind, Seg};
+use crate::inflight::Tracker;
 use crate::mem::{ExportCounters, MemSlot, Memory};
 use crate::split::SplitQueue;
 
@@ -98,6 +99,72 @@ pub(crate) struct VringSource {
     disk_stats: Arc<DiskStats>,
     in_flight: usize,
     finished: bool,
+    /// Inflight tracking (INFLIGHT_SHMFD), when the front-end set up a region.
+    inflight: Option<Tracker>,
+    /// Heads to resubmit before popping new ones (a restart found them in flight); the
+    /// oldest is last.
+    resubmit: Vec<u16>,
+    /// Test-only completion delay (see [`Delay`]).
+    delay: Option<Delay>,
+}
+
+/// Longest completion delay of the test-only fault `vhost-complete-delay` (ms).
+pub(crate) const MAX_COMPLETE_DELAY_MS: u64 = 30;
+
+/// Test-only fault `vhost-complete-delay:<socket file name>`: every completed request is
+/// held for a pseudo-random 0..=[`MAX_COMPLETE_DELAY_MS`] ms before it goes on the used
+/// ring, so requests stay in flight longer and complete out of order. One fixed entry per
+/// slot: no allocation per request.
+struct Delay {
+    due: Vec<Option<(Instant, Status)>>,
+    held: usize,
+    rng: u64,
+    ready: Vec<(u16, Status)>,
+}
+
+impl Delay {
+    fn new(slots: usize, seed: u64) -> Delay {
+        Delay {
+            due: vec![None; slots],
+            held: 0,
+            rng: seed | 1,
+            ready: Vec::with_capacity(slots),
+        }
+    }
+    fn hold(&mut self, slot: u16, st: Status, now: Instant) {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let ms = self.rng % (MAX_COMPLETE_DELAY_MS + 1);
+        if let Some(e) = self.due.get_mut(slot as usize) {
+            if e.is_none() {
+                self.held += 1;
+            }
+            *e = Some((now + Duration::from_millis(ms), st));
+        }
+    }
+    /// Move the entries due by `now` to `ready`.
+    fn take_ready(&mut self, now: Instant) {
+        self.ready.clear();
+        if self.held == 0 {
+            return;
+        }
+        for (i, e) in self.due.iter_mut().enumerate() {
+            if let Some((t, st)) = *e {
+                if t <= now {
+                    self.ready.push((i as u16, st));
+                    *e = None;
+                    self.held -= 1;
+                }
+            }
+        }
+    }
+    fn earliest(&self) -> Option<Instant> {
+        if self.held == 0 {
+            return None;
+        }
+        self.due.iter().flatten().map(|(t, _)| *t).min()
+    }
 }
 
 // SAFETY: the raw status pointers in `slots` point into guest memory kept mapped by the
@@ -119,6 +186,10 @@ pub(crate) struct VringParams {
     pub counters: Arc<ExportCounters>,
     pub name: String,
     pub index: usize,
+    /// Inflight tracker and the heads to resubmit (oldest first).
+    pub inflight: Option<(Tracker, Vec<u16>)>,
+    /// The test-only fault `vhost-complete-delay` is armed for this export.
+    pub complete_delay: bool,
 }
 
 impl VringSource {
@@ -140,7 +211,22 @@ impl VringSource {
             class: OpClass::Other,
             bytes: 0,
         };
+        let (inflight, mut resubmit) = match p.inflight {
+            Some((t, r)) => (Some(t), r),
+            None => (None, Vec::new()),
+        };
+        resubmit.reverse();
+        let delay = p.complete_delay.then(|| {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ ((p.index as u64) << 32);
+            Delay::new(n, seed)
+        });
         VringSource {
+            inflight,
+            resubmit,
+            delay,
             queue: p.queue,
             ring_mem: p.ring_mem,
             broken: false,
@@ -193,11 +279,25 @@ impl VringSource {
         let bytes = if status.is_ok() { s.bytes } else { 0 };
         let lat = now.saturating_duration_since(s.start);
         self.stats.record(s.class, bytes, lat, status.is_ok());
-        self.queue.add_used(s.head, used);
+        self.put_used(s.head, used);
+    }
+
+    /// Put a head on the used ring (and in the inflight region's batch).
+    fn put_used(&mut self, head: u16, len: u32) {
+        if self.inflight.as_ref().is_some_and(Tracker::batch_full) {
+            self.publish_and_notify();
+        }
+        if let Some(t) = &mut self.inflight {
+            t.used(head);
+        }
+        self.queue.add_used(head, len);
     }
 
     fn publish_and_notify(&mut self) {
         self.queue.publish();
+        if let Some(t) = &mut self.inflight {
+            t.published(self.queue.next_used());
+        }
         if self.queue.needs_notification() {
             self.signal();
         }
@@ -212,15 +312,39 @@ impl VringSource {
     fn reap(&mut self) -> usize {
         let mut done = std::mem::take(&mut self.done);
         let n = self.bq.poll(&mut |c, s| done.push((c, s)));
+        let mut finished = false;
+        let mut now = None;
         if !done.is_empty() {
             // One timestamp for the batch.
-            let now = Instant::now();
+            let t = *now.get_or_insert_with(Instant::now);
             for (cmd, status) in done.drain(..) {
                 // Move the SG list back into the pool (it keeps its capacity: no allocation).
                 let IoCommand { tag, sg, .. } = cmd;
                 self.recycle(sg);
-                self.finish(tag as u16, status, now);
+                match &mut self.delay {
+                    Some(d) => d.hold(tag as u16, status, t),
+                    None => {
+                        self.finish(tag as u16, status, t);
+                        finished = true;
+                    }
+                }
             }
+        }
+        if let Some(d) = &mut self.delay {
+            if d.held > 0 {
+                let t = *now.get_or_insert_with(Instant::now);
+                d.take_ready(t);
+                let ready = std::mem::take(&mut d.ready);
+                for &(slot, status) in &ready {
+                    self.finish(slot, status, t);
+                    finished = true;
+                }
+                if let Some(d) = &mut self.delay {
+                    d.ready = ready;
+                }
+            }
+        }
+        if finished {
             self.publish_and_notify();
         }
         self.done = done;
@@ -280,7 +404,17 @@ impl VringSource {
         let mut now: Option<Instant> = None;
         let view = MemView(&mem.map);
         while !self.free.is_empty() && !self.broken && !self.failed {
-            let (head, chain) = match self.queue.pop(&view, &mut self.segs) {
+            // Requests found in flight at start go first (their chains are still intact
+            // in guest memory, and they are still marked in the inflight region).
+            let popped = match self.resubmit.pop() {
+                Some(h) => Ok(Some((h, self.queue.rewalk(&view, h, &mut self.segs)))),
+                None => self.queue.pop(&view, &mut self.segs).inspect(|p| {
+                    if let (Some((h, _)), Some(t)) = (p, &mut self.inflight) {
+                        t.popped(*h);
+                    }
+                }),
+            };
+            let (head, chain) = match popped {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(_) => {
@@ -293,7 +427,7 @@ impl VringSource {
             if let Err(e) = chain {
                 // Malformed chain: hand it back with nothing written.
                 tracing::debug!(head, ?e, "virtio-blk: malformed descriptor chain");
-                self.queue.add_used(head, 0);
+                self.put_used(head, 0);
                 completed_now = true;
                 continue;
             }
@@ -306,7 +440,7 @@ impl VringSource {
                     tracing::debug!(head, "virtio-blk: chain without a usable status byte");
                     self.recycle(sg);
                     self.free.push(slot);
-                    self.queue.add_used(head, 0);
+                    self.put_used(head, 0);
                     completed_now = true;
                     continue;
                 }
@@ -457,7 +591,11 @@ impl WorkSource for VringSource {
         self.finished
     }
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        self.bq.next_deadline()
+        let held = self.delay.as_ref().and_then(Delay::earliest);
+        match (self.bq.next_deadline(), held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
     fn take_fds_changed(&mut self) -> bool {
         self.bq.take_fds_changed()

@@ -1,0 +1,63 @@
+#!/bin/sh
+# Guest side of the kill9-inflight and kill9-no-inflight scenarios: fio random writes at
+# queue depth 16 with --verify=crc32c (verify_backlog: it re-reads and checks what it wrote
+# as it goes) on /dev/vda for RUNTIME seconds, while the host kills the daemon with SIGKILL
+# and restarts it (QEMU's chardev reconnects) and the daemon holds every completion for a
+# random 0-30 ms (test fault vhost-complete-delay), so requests are in flight, completing
+# out of order, whenever it dies.
+#
+# Markers: NVMUX-READY-KILL9 (fio started). Results on the console:
+#   "test: fio hung" (a request never completed: fio still running GRACE s after its
+#   runtime), fio's own error and verify lines, and I/O errors from the kernel log.
+# Exit status: 0 (fio passed, no I/O error in dmesg), 70 (hung), 71 (I/O error in dmesg),
+# 60 (no disk), or fio's status.
+set -u
+dev=/dev/vda
+runtime=${RUNTIME:-60}
+grace=${GRACE:-60}
+
+i=0
+while [ ! -b "$dev" ]; do
+    i=$((i + 1))
+    [ "$i" -le 100 ] || { echo "test: $dev did not appear"; exit 60; }
+    sleep 0.1
+done
+echo "test: $dev $(($(cat /sys/block/vda/size) / 2048)) MiB, $(ls /sys/block/vda/mq | wc -l) queues"
+
+fio --name=kill9 --filename="$dev" --rw=randwrite --bs=4k --size=32M \
+    --ioengine=libaio --direct=1 --iodepth=16 --randrepeat=1 --verify=crc32c \
+    --verify_backlog=64 --verify_fatal=1 --time_based --runtime="$runtime" \
+    --eta=never > /tmp/fio.out 2>&1 &
+fpid=$!
+sleep 1
+echo NVMUX-READY-KILL9
+
+# fio must end within its runtime plus a grace period: a request the device never
+# completes leaves it waiting for ever.
+t=0
+while kill -0 "$fpid" 2>/dev/null; do
+    if [ "$t" -ge $((runtime + grace)) ]; then
+        echo "test: fio hung: still running ${t}s after it started (a request never completed)"
+        grep -E 'err=|verify' /tmp/fio.out || true
+        dmesg | grep -iE 'virtio|vda|I/O error|blk_update|hung' | tail -n 8 || true
+        exit 70
+    fi
+    sleep 1
+    t=$((t + 1))
+done
+rc=0
+wait "$fpid" || rc=$?
+grep -E 'err=|verify|IOPS|crc|bad' /tmp/fio.out || true
+ioerr=$(dmesg | grep -iE 'I/O error|blk_update_request|print_req_error|critical medium|virtio.*(error|broken)|id [0-9]+ is not a head' || true)
+if [ "$rc" -ne 0 ]; then
+    cat /tmp/fio.out
+    [ -z "$ioerr" ] || echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
+    echo "test: fio failed across the kills (rc $rc)"
+    exit "$rc"
+fi
+if [ -n "$ioerr" ]; then
+    echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
+    echo "test: I/O errors in the kernel log"
+    exit 71
+fi
+echo "test: fio randwrite QD16 + verify passed across the kills, no I/O error in dmesg"
