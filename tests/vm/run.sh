@@ -51,6 +51,14 @@
 #                        raw images reads what nvmux wrote and writes what nvmux reads
 #                        (tests/vm/guest-dm-crypt.sh); needs cryptsetup on the host
 #                        (apt-get install cryptsetup-bin) and python3-cryptography
+#   migrate              (nvmux only) live migration on one host: a disk with a migration
+#                        pair of exports (export add --migration-peer), a QEMU 7.2 guest
+#                        running fio --verify rounds migrates over a Unix socket (QMP
+#                        migrate, -incoming) back and forth twice; pass = every round
+#                        verified, no I/O error in dmesg, and the daemon shows overlaps 0
+#                        (rings never ran on both exports at once) (tests/vm/migrate.sh)
+#   migrate-qemu11       (nvmux only) the same with QEMU 11 from a Debian sid chroot
+#                        (scripts/sid-qemu.sh builds it once: ~1 min, ~350 MB)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -753,6 +761,38 @@ else
     kill -TERM "$cpid" 2>/dev/null || true
     wait "$cpid" 2>/dev/null || true
 fi
+
+# m. migrate, migrate-qemu11 (nvmux only): live migration on one host over a migration
+#    pair of exports of one disk, back and forth twice, while the guest runs fio --verify
+#    (tests/vm/migrate.sh). migrate-qemu11 runs QEMU 11 from the Debian sid chroot that
+#    scripts/sid-qemu.sh builds once (cached in $NVMUX_SID_ROOT, default
+#    /var/cache/nvmux/sid-qemu).
+for mscen in migrate migrate-qemu11; do
+    if ! want "$mscen"; then
+        echo "SKIP $mscen (--only)"
+    elif [[ $server != nvmux ]]; then
+        echo "SKIP $mscen (nvmux only)"
+    elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        fail "$mscen" "server is not running"
+    else
+        margs=()
+        if [[ $mscen == migrate-qemu11 ]]; then
+            sid_root=${NVMUX_SID_ROOT:-/var/cache/nvmux/sid-qemu}
+            if ! "$repo/scripts/sid-qemu.sh" "$sid_root" > "$work/sid-qemu.out" 2>&1; then
+                cat "$work/sid-qemu.out"
+                fail "$mscen" "no QEMU 11 chroot (scripts/sid-qemu.sh)"
+                continue
+            fi
+            margs=(--qemu-root "$sid_root")
+        fi
+        rc=0
+        "$here/migrate.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+            --initrd "$initrd" --work "$work" --sockdir "$sockdir" --name "${mscen//-/}" \
+            --smp "$smp" --timeout "$boot_timeout" "${margs[@]}" > "$work/$mscen.out" 2>&1 || rc=$?
+        cat "$work/$mscen.out"
+        if ((rc == 0)); then pass "$mscen"; else fail "$mscen" "see $work/$mscen.out"; fi
+    fi
+done
 
 stop_server
 echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"
