@@ -22,7 +22,7 @@ fn migration(d: &TestDaemon, name: &str) -> Value {
     let all = d.api.get("/v1/exports").expect("exports");
     all.as_array()
         .and_then(|a| a.iter().find(|e| e["name"] == name))
-        .map(|e| e.clone())
+        .cloned()
         .unwrap_or_else(|| panic!("no export {name}: {all}"))
 }
 

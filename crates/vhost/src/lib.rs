@@ -762,7 +762,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         })?;
         drop(file);
         self.log_counters.logs_set.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(export = %self.name, size, offset, "dirty log mapped (covers {} MiB of guest memory)", m.len() * 8 * log::LOG_PAGE >> 20);
+        tracing::info!(export = %self.name, size, offset, "dirty log mapped (covers {} MiB of guest memory)", (m.len() * 8 * log::LOG_PAGE) >> 20);
         self.log_map = Some(Arc::new(m));
         self.publish_log()
     }
