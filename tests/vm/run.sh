@@ -8,6 +8,8 @@
 #   --server qsd     qemu-storage-daemon, the reference (validates the harness)
 #   --only LIST      run only these scenarios (comma separated; the fio-verify group runs
 #                    whole when any of its three is named)
+#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11 as a
+#                    stage of its own, vm-qemu11)
 # Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
 #      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
 #      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
@@ -53,10 +55,12 @@
 #                        (apt-get install cryptsetup-bin) and python3-cryptography
 #   migrate              (nvmux only) live migration on one host: a disk with a migration
 #                        pair of exports (export add --migration-peer), a QEMU 7.2 guest
-#                        running fio --verify rounds migrates over a Unix socket (QMP
-#                        migrate, -incoming) back and forth twice; pass = every round
-#                        verified, no I/O error in dmesg, and the daemon shows overlaps 0
-#                        (rings never ran on both exports at once) (tests/vm/migrate.sh)
+#                        running fio --verify rounds and a --verify_only reader (whose
+#                        buffers only the device writes: it catches a broken dirty log)
+#                        migrates over a Unix socket (QMP migrate, -incoming) back and
+#                        forth twice; pass = every round and the reader verified, no I/O
+#                        error in dmesg, and the daemon shows overlaps 0 (rings never ran
+#                        on both exports at once) (tests/vm/migrate.sh)
 #   migrate-qemu11       (nvmux only) the same with QEMU 11 from a Debian sid chroot
 #                        (scripts/sid-qemu.sh builds it once: ~1 min, ~350 MB)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
@@ -67,10 +71,12 @@ repo=$(cd "$here/../.." && pwd)
 
 server=nvmux
 only=
+skip=
 while (($#)); do
     case $1 in
         --server) server=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
+        --skip) skip=$2; shift 2 ;;
         --nvmux-bin) NVMUX_BIN=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -86,7 +92,7 @@ initrd=$repo/target/vm/initramfs.cpio
 
 need() { command -v "$1" >/dev/null || { echo "run.sh: '$1' not found (${2:-})" >&2; exit 2; }; }
 # want NAME: the scenario is selected (no --only, or named in it).
-want() { [[ -z $only || ",$only," == *",$1,"* ]]; }
+want() { [[ ",$skip," != *",$1,"* ]] && [[ -z $only || ",$only," == *",$1,"* ]]; }
 need qemu-system-x86_64 "apt-get install qemu-system-x86"
 need fio "apt-get install fio"
 need busybox "apt-get install busybox-static"
