@@ -45,6 +45,8 @@ done
 [[ -x $bin && -S $api && -r $initrd && -d $work && -d $sockdir && -n $name ]] \
     || { echo "migrate.sh: --nvmux-bin, --api, --initrd, --work, --sockdir and --name are required" >&2; exit 2; }
 
+# Absolute paths: QEMU may run in a chroot, and the daemon resolves paths itself.
+work=$(readlink -f "$work") sockdir=$(readlink -f "$sockdir") initrd=$(readlink -f "$initrd")
 nv() { "$bin" --api "$api" "$@"; }
 result() { echo "migrate $name: $1"; [[ $1 == PASS ]]; }
 kernel=$(cat "$initrd.kernel")
