@@ -8,6 +8,8 @@
 #   --server qsd     qemu-storage-daemon, the reference (validates the harness)
 #   --only LIST      run only these scenarios (comma separated; the fio-verify group runs
 #                    whole when any of its three is named)
+#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11 as a
+#                    stage of its own, vm-qemu11)
 # Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
 #      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
 #      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
@@ -60,6 +62,16 @@
 #   kill9-no-inflight    (nvmux only) negative control: the same with INFLIGHT_SHMFD
 #                        switched off (test fault vhost-no-inflight); passes when the
 #                        guest fails (fio hangs, or a verify or I/O error)
+#   migrate              (nvmux only) live migration on one host: a disk with a migration
+#                        pair of exports (export add --migration-peer), a QEMU 7.2 guest
+#                        running fio --verify rounds and a --verify_only reader (whose
+#                        buffers only the device writes: it catches a broken dirty log)
+#                        migrates over a Unix socket (QMP migrate, -incoming) back and
+#                        forth twice; pass = every round and the reader verified, no I/O
+#                        error in dmesg, and the daemon shows overlaps 0 (rings never ran
+#                        on both exports at once) (tests/vm/migrate.sh)
+#   migrate-qemu11       (nvmux only) the same with QEMU 11 from a Debian sid chroot
+#                        (scripts/sid-qemu.sh builds it once: ~1 min, ~350 MB)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -68,10 +80,12 @@ repo=$(cd "$here/../.." && pwd)
 
 server=nvmux
 only=
+skip=
 while (($#)); do
     case $1 in
         --server) server=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
+        --skip) skip=$2; shift 2 ;;
         --nvmux-bin) NVMUX_BIN=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -87,7 +101,7 @@ initrd=$repo/target/vm/initramfs.cpio
 
 need() { command -v "$1" >/dev/null || { echo "run.sh: '$1' not found (${2:-})" >&2; exit 2; }; }
 # want NAME: the scenario is selected (no --only, or named in it).
-want() { [[ -z $only || ",$only," == *",$1,"* ]]; }
+want() { [[ ",$skip," != *",$1,"* ]] && [[ -z $only || ",$only," == *",$1,"* ]]; }
 need qemu-system-x86_64 "apt-get install qemu-system-x86"
 need fio "apt-get install fio"
 need busybox "apt-get install busybox-static"
@@ -877,6 +891,38 @@ else
         fail "$n" "boot status $K9_RC, kills $K9_KILLS, inflight lines $tracked${K9_ERR:+, $K9_ERR}, log $work/$n.log"
     fi
 fi
+
+# m. migrate, migrate-qemu11 (nvmux only): live migration on one host over a migration
+#    pair of exports of one disk, back and forth twice, while the guest runs fio --verify
+#    (tests/vm/migrate.sh). migrate-qemu11 runs QEMU 11 from the Debian sid chroot that
+#    scripts/sid-qemu.sh builds once (cached in $NVMUX_SID_ROOT, default
+#    /var/cache/nvmux/sid-qemu).
+for mscen in migrate migrate-qemu11; do
+    if ! want "$mscen"; then
+        echo "SKIP $mscen (--only)"
+    elif [[ $server != nvmux ]]; then
+        echo "SKIP $mscen (nvmux only)"
+    elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        fail "$mscen" "server is not running"
+    else
+        margs=()
+        if [[ $mscen == migrate-qemu11 ]]; then
+            sid_root=${NVMUX_SID_ROOT:-/var/cache/nvmux/sid-qemu}
+            if ! "$repo/scripts/sid-qemu.sh" "$sid_root" > "$work/sid-qemu.out" 2>&1; then
+                cat "$work/sid-qemu.out"
+                fail "$mscen" "no QEMU 11 chroot (scripts/sid-qemu.sh)"
+                continue
+            fi
+            margs=(--qemu-root "$sid_root")
+        fi
+        rc=0
+        "$here/migrate.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+            --initrd "$initrd" --work "$work" --sockdir "$sockdir" --name "${mscen//-/}" \
+            --smp "$smp" --timeout "$boot_timeout" "${margs[@]}" > "$work/$mscen.out" 2>&1 || rc=$?
+        cat "$work/$mscen.out"
+        if ((rc == 0)); then pass "$mscen"; else fail "$mscen" "see $work/$mscen.out"; fi
+    fi
+done
 
 stop_server
 echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"

@@ -293,6 +293,10 @@ pub enum ExportKind {
         socket: PathBuf,
         #[serde(default = "one_queue")]
         num_queues: u16,
+        /// The other vhost-user-blk export of the same disk this one pairs with for a live
+        /// migration on one host: the rings of only one of the two run at a time.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration_peer: Option<String>,
     },
     /// NBD, on a Unix socket or a TCP address (loopback, or any address with TLS);
     /// exports on the same address share one listener (and its TLS) and differ by export
@@ -420,6 +424,11 @@ pub struct ExportCreate {
     pub socket: Option<PathBuf>,
     #[serde(default)]
     pub num_queues: Option<u16>,
+    /// vhost-user-blk: pair with this export of the same disk for a live migration on one
+    /// host (the source QEMU on one, the destination on the other); the rings of only one
+    /// of the two run at a time.
+    #[serde(default)]
+    pub migration_peer: Option<String>,
     /// nbd: a TCP address, e.g. `127.0.0.1:10809` (port 0: any free port): loopback, or
     /// any address with `tls`.
     #[serde(default)]
@@ -634,6 +643,55 @@ pub fn check_name(what: &str, n: &str) -> Result<()> {
             format!("{what} name {n:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"),
         ))
     }
+}
+
+/// A migration peer must be a running vhost-user-blk export of the same disk, not already
+/// paired (one double export per disk).
+fn check_migration_peer(g: &Inner, peer: &str, disk: &str) -> Result<()> {
+    let Some(p) = g.exports.get(peer) else {
+        return Err(err(
+            ErrorKind::NotFound,
+            format!("migration peer export {peer:?} does not exist"),
+        ));
+    };
+    if !matches!(p.spec.kind, ExportKind::VhostUserBlk { .. }) || p.spec.disk != disk {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!(
+                "migration peer {peer:?} must be a vhost-user-blk export of disk {disk:?} (it serves {:?} over {})",
+                p.spec.disk,
+                match p.spec.kind {
+                    ExportKind::VhostUserBlk { .. } => "vhost-user-blk",
+                    ExportKind::Nbd { .. } => "nbd",
+                }
+            ),
+        ));
+    }
+    if let Some((n, _)) = g.exports.iter().find(|(_, x)| {
+        matches!(&x.spec.kind, ExportKind::VhostUserBlk { migration_peer: Some(m), .. } if m == peer)
+    }) {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!("export {peer:?} is already paired with {n:?} (one double export per disk)"),
+        ));
+    }
+    if let ExportKind::VhostUserBlk {
+        migration_peer: Some(m),
+        ..
+    } = &p.spec.kind
+    {
+        return Err(err(
+            ErrorKind::AlreadyExists,
+            format!("export {peer:?} is already paired with {m:?} (one double export per disk)"),
+        ));
+    }
+    if !matches!(p.handle, Ok(Handle::Vhost(_))) {
+        return Err(err(
+            ErrorKind::Io,
+            format!("migration peer {peer:?} is not running; fix or re-create it first"),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuse an operation that rebuilds a disk's device while an export serves it.
@@ -1062,7 +1120,18 @@ impl Daemon {
                 },
             );
         }
-        for mut spec in st.exports {
+        // Migration peers start after the exports whose ring gate they share.
+        let mut exports = st.exports;
+        exports.sort_by_key(|e| {
+            matches!(
+                &e.kind,
+                ExportKind::VhostUserBlk {
+                    migration_peer: Some(_),
+                    ..
+                }
+            )
+        });
+        for mut spec in exports {
             let handle = self.start_export(&g, &mut spec).map_err(|e| e.to_string());
             match &handle {
                 Ok(_) => tracing::info!(export = %spec.name, "export restored"),
@@ -1852,7 +1921,27 @@ impl Daemon {
         })?;
         let perms = spec.perms()?;
         match &spec.kind {
-            ExportKind::VhostUserBlk { socket, num_queues } => {
+            ExportKind::VhostUserBlk {
+                socket,
+                num_queues,
+                migration_peer,
+            } => {
+                // A migration peer shares its peer's ring gate (started first at a
+                // restore); a peer that is gone leaves this export a gate of its own.
+                let gate = match migration_peer.as_deref().map(|p| (p, g.exports.get(p))) {
+                    None => None,
+                    Some((
+                        _,
+                        Some(Export {
+                            handle: Ok(Handle::Vhost(h)),
+                            ..
+                        }),
+                    )) => Some(h.gate()),
+                    Some((p, _)) => {
+                        tracing::warn!(export = %spec.name, peer = p, "migration peer is not a running vhost-user-blk export; this export gets a gate of its own");
+                        None
+                    }
+                };
                 claim_socket(socket)?;
                 let mut workers = self.workers.workers().to_vec();
                 let first = self
@@ -1867,6 +1956,7 @@ impl Daemon {
                         num_queues: *num_queues,
                         serial: spec.disk.clone(),
                         perms,
+                        gate,
                     },
                     workers,
                     d.stats.clone(),
@@ -1940,10 +2030,20 @@ impl Daemon {
                     ));
                 }
                 self.check_new_socket(&g, &socket)?;
+                if let Some(p) = &req.migration_peer {
+                    check_migration_peer(&g, p, &req.disk)?;
+                }
                 ExportKind::VhostUserBlk {
                     socket,
                     num_queues: req.num_queues.unwrap_or(1),
+                    migration_peer: req.migration_peer.clone(),
                 }
+            }
+            "nbd" if req.migration_peer.is_some() => {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    "migration_peer is for vhost-user-blk exports",
+                ))
             }
             "nbd" => self.nbd_kind(&g, &req, &name)?,
             other => {
@@ -1986,7 +2086,25 @@ impl Daemon {
                 format!("export {name:?} does not exist"),
             )
         })?;
+        // The pairing ends with either export: an export naming this one as its migration
+        // peer forgets it (its running gate stays; a new peer may pair with it).
+        let mut unpaired = Vec::new();
+        for (n, x) in g.exports.iter_mut() {
+            if let ExportKind::VhostUserBlk { migration_peer, .. } = &mut x.spec.kind {
+                if migration_peer.as_deref() == Some(name) {
+                    *migration_peer = None;
+                    unpaired.push(n.clone());
+                }
+            }
+        }
         if let Err(er) = self.persist(&g) {
+            for n in &unpaired {
+                if let Some(ExportKind::VhostUserBlk { migration_peer, .. }) =
+                    g.exports.get_mut(n).map(|x| &mut x.spec.kind)
+                {
+                    *migration_peer = Some(name.to_string());
+                }
+            }
             g.exports.insert(name.to_string(), e);
             return Err(er);
         }
@@ -2098,6 +2216,56 @@ pub struct ExportView {
     /// vhost-user: the front-end's guest memory (faults, refused and sealed regions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_memory: Option<GuestMemoryView>,
+    /// vhost-user: live migration (the ring gate shared with a migration peer, and the
+    /// dirty log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationView>,
+}
+
+/// `migration` of a vhost-user export (see docs/api.md and docs/operations.md).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationView {
+    /// This export's side of its ring gate: 0, or 1 for the export created with
+    /// `migration_peer`.
+    pub side: u64,
+    /// Exports sharing the gate (2 while a migration pair exists).
+    pub paired_exports: u64,
+    /// Rings of this export running now.
+    pub rings_running: u64,
+    /// Times the right to run rings moved from one connection to another (one per
+    /// migration, and per reconnect).
+    pub handoffs: u64,
+    /// Ring starts that waited for the other export's rings to stop.
+    pub waits: u64,
+    /// Ring starts refused because the other export's rings did not stop in time.
+    pub refused: u64,
+    /// Rings started while a ring of the other export was still running: always 0.
+    pub overlaps: u64,
+    /// Dirty logging is on now (VHOST_F_LOG_ALL acked, a log set).
+    pub dirty_log_active: bool,
+    /// Dirty logs mapped (SET_LOG_BASE) and refused.
+    pub dirty_logs_set: u64,
+    pub dirty_logs_refused: u64,
+    /// Dirty logs whose file shrank under the device (that migration is void).
+    pub dirty_log_faults: u64,
+}
+
+fn migration_view(h: &VhostBlkExport) -> MigrationView {
+    let g = h.gate_status();
+    let l = h.log_status();
+    MigrationView {
+        side: g.side as u64,
+        paired_exports: g.sides as u64,
+        rings_running: g.rings_running as u64,
+        handoffs: g.handoffs,
+        waits: g.waits,
+        refused: g.refused,
+        overlaps: g.overlaps,
+        dirty_log_active: l.active,
+        dirty_logs_set: l.logs_set,
+        dirty_logs_refused: l.logs_refused,
+        dirty_log_faults: l.log_faults,
+    }
 }
 
 /// `guest_memory` of a vhost-user export (see docs/security.md).
@@ -2143,6 +2311,10 @@ fn export_view(e: &Export) -> ExportView {
         address: e.spec.kind.address(),
         guest_memory: match &e.handle {
             Ok(Handle::Vhost(h)) => Some(h.memory_status().into()),
+            _ => None,
+        },
+        migration: match &e.handle {
+            Ok(Handle::Vhost(h)) => Some(migration_view(h)),
             _ => None,
         },
     }

@@ -268,6 +268,48 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(m));
         }
     }
+    let migr: Vec<(String, String, crate::MigrationView)> = d
+        .exports()
+        .into_iter()
+        .filter_map(|e| Some((e.spec.name, e.spec.disk, e.migration?)))
+        .collect();
+    for (metric, kind, help, get) in [
+        (
+            "nvmux_export_ring_overlaps_total",
+            "counter",
+            "vhost-user rings started while a ring of the other export of the migration pair ran (always 0).",
+            (|m: &crate::MigrationView| m.overlaps) as fn(&crate::MigrationView) -> u64,
+        ),
+        (
+            "nvmux_export_ring_handoffs_total",
+            "counter",
+            "Times the right to run the disk's rings moved from one vhost-user connection to another.",
+            |m| m.handoffs,
+        ),
+        (
+            "nvmux_export_ring_start_refused_total",
+            "counter",
+            "Ring starts refused because the migration peer's rings did not stop in time.",
+            |m| m.refused,
+        ),
+        (
+            "nvmux_export_dirty_log_active",
+            "gauge",
+            "1 while the front-end has dirty logging on (a live migration runs).",
+            |m| m.dirty_log_active as u64,
+        ),
+        (
+            "nvmux_export_dirty_log_faults_total",
+            "counter",
+            "Dirty logs whose file shrank under the device.",
+            |m| m.dirty_log_faults,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, disk, m) in &migr {
+            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(m));
+        }
+    }
     nbd(&mut o, d);
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [

@@ -539,6 +539,13 @@ enum ExportCmd {
         /// a group).
         #[arg(long)]
         mode: Option<String>,
+        /// vhost-user-blk: pair with EXPORT, another vhost-user-blk export of the same
+        /// disk, for a live migration on this host (source QEMU on one socket, destination
+        /// QEMU on the other). The rings of only one of the two run at a time: the
+        /// destination's queues start once the source's stopped (waiting up to 5 s, then
+        /// failing). One pair per disk. See docs/operations.md, "Live migration".
+        #[arg(long, value_name = "EXPORT")]
+        migration_peer: Option<String>,
     },
     /// List exports.
     List,
@@ -981,6 +988,7 @@ fn run(cli: Cli) -> Res {
             kind,
             owner,
             mode,
+            migration_peer,
         }) => {
             let abs = |s: PathBuf| std::path::absolute(&s).unwrap_or(s);
             let socket = socket.map(abs);
@@ -998,7 +1006,7 @@ fn run(cli: Cli) -> Res {
                 "/v1/exports",
                 &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
                         "listen": listen, "export_name": export_name, "read_only": read_only,
-                        "owner": owner, "mode": mode, "tls": tls}),
+                        "owner": owner, "mode": mode, "tls": tls, "migration_peer": migration_peer}),
             )?;
             show(&v, &|v| {
                 let extra = match v["type"].as_str() {
@@ -1020,7 +1028,10 @@ fn run(cli: Cli) -> Res {
                             format!(" ({})", notes.join(", "))
                         }
                     }
-                    _ => format!(" ({} queues)", v["num_queues"]),
+                    _ => match v["migration_peer"].as_str() {
+                        Some(p) => format!(" ({} queues, migration peer of {p})", v["num_queues"]),
+                        None => format!(" ({} queues)", v["num_queues"]),
+                    },
                 };
                 let perms = match (v["owner"].as_str(), v["mode"].as_str()) {
                     (Some(o), Some(m)) => format!(", socket owner {o}, mode {m}"),

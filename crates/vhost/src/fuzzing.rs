@@ -4,7 +4,7 @@
 //! (descriptor table at 0x0, available ring at 0x1000, used ring at 0x2000, 16 entries)
 //! whose chains are walked by [`SplitQueue`] and parsed by [`blk::parse`]. Whatever the bytes,
 //! nothing may panic, and every accepted request must stay inside guest memory and match
-//! its block count.
+//! its block count; so must the ranges the dirty log would mark for it.
 
 use nvmux_core::{DeviceInfo, Opcode, SgList};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -50,6 +50,7 @@ pub fn fuzz_one(data: &[u8]) {
     let inside = |p: usize, len: usize| p >= base && p + len <= base + MEM;
     let mut sg = SgList::default();
     let mut segs = Vec::new();
+    let mut ranges = Vec::new();
     for _ in 0..32 {
         let Ok(Some((head, chain))) = q.pop(&view, &mut segs) else {
             break;
@@ -64,6 +65,16 @@ pub fn fuzz_one(data: &[u8]) {
                     assert!(
                         inside(v.iov_base as usize, v.iov_len),
                         "data segment outside guest memory"
+                    );
+                }
+                // What the dirty log would mark for this request: bounded, and inside
+                // guest memory (the payload and status byte parse checked).
+                crate::log::record_writes(&segs, r.used_len.saturating_sub(1) as u64, &mut ranges);
+                assert!(ranges.len() <= crate::log::MAX_WRITE_RANGES);
+                for &(gpa, len) in &ranges {
+                    assert!(
+                        len > 0 && gpa.checked_add(len).is_some_and(|e| e <= MEM as u64),
+                        "dirty-log range {gpa:#x}+{len:#x} outside guest memory"
                     );
                 }
                 if r.error.is_none() {

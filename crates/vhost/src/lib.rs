@@ -46,11 +46,15 @@ pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inflight;
+pub mod log;
 pub mod mem;
+pub mod migration;
 pub mod split;
 mod vring;
 
+use log::{LogCounters, LogMap, LogSlot};
 use mem::{ExportCounters, MemSlot, Memory, RegionDesc};
+use migration::RingGate;
 use split::{RingAddrs, SplitQueue};
 use vring::{MemView, QueueCtl, VringParams, VringSource};
 
@@ -68,6 +72,10 @@ pub struct ExportConfig {
     pub serial: String,
     /// The socket's owner and mode, set before it appears at `socket`.
     pub perms: nvmux_core::unixsock::SocketPerms,
+    /// Migration peer: share this gate (another export's, [`VhostBlkExport::gate`]) so that
+    /// the rings of only one of the two exports run at a time (see `migration.rs`). None:
+    /// a gate of its own.
+    pub gate: Option<Arc<RingGate>>,
 }
 
 #[derive(Default)]
@@ -83,6 +91,9 @@ struct VringCfg {
     /// closed once the worker acknowledged that epoch (see [`BlkBackend::set_vring_call`]).
     retired_calls: VecDeque<(u64, File)>,
     enabled: bool,
+    /// Guest address of the used ring for the dirty log (SET_VRING_ADDR with
+    /// VHOST_VRING_F_LOG), see `log.rs`.
+    log_addr: Option<u64>,
     running: Option<Running>,
 }
 
@@ -122,6 +133,16 @@ pub struct BlkBackend {
     /// offered), `vhost-complete-delay:<name>` (completions held 0..=30 ms).
     no_inflight: bool,
     complete_delay: bool,
+    /// Dirty logging: the mapped log (SET_LOG_BASE), what the workers see, counters.
+    log_map: Option<Arc<LogMap>>,
+    log_slot: Arc<LogSlot>,
+    log_counters: Arc<LogCounters>,
+    /// The migration gate, this export's side of it, this connection's id, and whether
+    /// it holds the gate's token (some queue runs).
+    gate: Arc<RingGate>,
+    side: usize,
+    conn_id: u64,
+    holds_token: bool,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -135,6 +156,8 @@ impl BlkBackend {
         workers: Vec<WorkerHandle>,
         stats: Arc<DiskStats>,
         counters: Arc<ExportCounters>,
+        log_counters: Arc<LogCounters>,
+        gate: (Arc<RingGate>, usize),
     ) -> Self {
         let info = dev.info().clone();
         let mut serial = [0u8; blk::ID_BYTES];
@@ -172,6 +195,13 @@ impl BlkBackend {
             stats,
             counters,
             name: cfg.socket.display().to_string(),
+            log_map: None,
+            log_slot: Arc::new(LogSlot::default()),
+            log_counters,
+            gate: gate.0,
+            side: gate.1,
+            conn_id: migration::next_conn_id(),
+            holds_token: false,
         }
     }
 
@@ -215,9 +245,24 @@ impl BlkBackend {
         if pf && !v.enabled {
             return Ok(());
         }
+        // Only one export of a migration pair runs rings at a time (migration.rs): take
+        // the token before reading anything of the rings (the other side may still move
+        // them).
+        if !self.holds_token {
+            if let Err(why) = self
+                .gate
+                .acquire(self.conn_id, self.side, migration::GATE_WAIT)
+            {
+                tracing::error!(export = %self.name, queue = i, "{why}");
+                return Err(invalid("the migration peer's rings still run"));
+            }
+            self.holds_token = true;
+        }
+        let v = &mut self.vrings[i];
         let addrs = RingAddrs { desc, avail, used };
         let Some(mut q) = SplitQueue::new(&MemView(&guard.map), v.size, addrs, event_idx) else {
             tracing::warn!(export = %self.name, queue = i, "virtqueue rings are misaligned or outside guest memory; queue not started");
+            self.release_if_idle();
             return Err(VuError::InvalidParam);
         };
         q.set_next_avail(v.base);
@@ -228,20 +273,28 @@ impl BlkBackend {
             .inflight
             .as_ref()
             .and_then(|r| inflight::start_queue(r, i, &mut q, &self.name));
-        let kick = v
-            .kick
-            .as_ref()
-            .and_then(|f| f.try_clone().ok())
-            .ok_or(invalid("kick fd"))?;
-        let bq = self
-            .dev
-            .open_queue(v.size as u32)
-            .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(e.to_string())))?;
+        let Some(kick) = v.kick.as_ref().and_then(|f| f.try_clone().ok()) else {
+            self.release_if_idle();
+            return Err(invalid("kick fd"));
+        };
+        let used_log = v.log_addr.unwrap_or(vring::NO_LOG);
+        let bq = match self.dev.open_queue(v.size as u32) {
+            Ok(bq) => bq,
+            Err(e) => {
+                self.release_if_idle();
+                return Err(VuError::ReqHandlerError(std::io::Error::other(
+                    e.to_string(),
+                )));
+            }
+        };
         let ctl = Arc::new(QueueCtl {
             stop: AtomicBool::new(false),
             call_fd: AtomicI32::new(v.call.as_ref().map_or(-1, |f| f.as_raw_fd())),
             call_epoch: AtomicU64::new(0),
             call_ack: AtomicU64::new(0),
+            log_epoch: AtomicU64::new(0),
+            log_ack: AtomicU64::new(0),
+            used_log: AtomicU64::new(used_log),
         });
         let (tx, rx) = sync_channel(1);
         let src = VringSource::new(VringParams {
@@ -261,7 +314,11 @@ impl BlkBackend {
             index: i,
             inflight: tracked,
             complete_delay: self.complete_delay,
+            log: self.log_slot.clone(),
+            log_counters: self.log_counters.clone(),
+            gate: (self.gate.clone(), self.side),
         });
+        self.gate.ring_started(self.side);
         let worker = self.workers[i % self.workers.len()].clone();
         worker.attach(Box::new(src));
         tracing::info!(export = %self.name, queue = i, size = v.size, worker = worker.index, event_idx, "virtqueue started");
@@ -286,6 +343,49 @@ impl BlkBackend {
             // The worker is done with the queue: replaced call fds may be closed.
             v.retired_calls.clear();
         }
+        self.release_if_idle();
+    }
+
+    /// Give the migration gate's token back once no queue of this connection runs.
+    fn release_if_idle(&mut self) {
+        if self.holds_token && self.vrings.iter().all(|v| v.running.is_none()) {
+            self.gate.release(self.conn_id);
+            self.holds_token = false;
+        }
+    }
+
+    /// Publish the dirty-log state (LOG_ALL acked, the log, each queue's used-ring log
+    /// address) to the running queues and wait until each worker took it: when this
+    /// returns, every later completion marks (or not) as the front-end asked.
+    fn publish_log(&mut self) -> VuResult<()> {
+        let on = self.acked_features & log::VHOST_F_LOG_ALL != 0;
+        let active = if on { self.log_map.clone() } else { None };
+        self.log_counters
+            .active
+            .store(active.is_some(), Ordering::Relaxed);
+        self.log_slot.store(active);
+        let mut waiting = Vec::new();
+        for v in &self.vrings {
+            if let Some(r) = &v.running {
+                r.ctl
+                    .used_log
+                    .store(v.log_addr.unwrap_or(vring::NO_LOG), Ordering::SeqCst);
+                let e = r.ctl.log_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                waiting.push((r.ctl.clone(), r.worker.clone(), e));
+            }
+        }
+        let t0 = Instant::now();
+        for (ctl, worker, e) in waiting {
+            while ctl.log_ack.load(Ordering::SeqCst) < e {
+                if t0.elapsed() > Duration::from_secs(5) {
+                    tracing::error!(export = %self.name, "a queue's worker did not take the new dirty-log state within 5 s; closing the connection");
+                    return Err(invalid("worker did not acknowledge the dirty log"));
+                }
+                worker.wake();
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
     }
 
     fn stop_all(&mut self) {
@@ -301,6 +401,9 @@ impl BlkBackend {
         self.acked_protocol = 0;
         // A reset device starts over with a new region (QEMU frees its copy on reset).
         self.inflight = None;
+        self.log_map = None;
+        self.log_slot.store(None);
+        self.log_counters.active.store(false, Ordering::Relaxed);
     }
 
     /// Map one region of the front-end's table, or refuse it (logged and counted).
@@ -373,13 +476,18 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         Ok(())
     }
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(blk::device_features(&self.info))
+        Ok(blk::device_features(&self.info) | log::VHOST_F_LOG_ALL)
     }
     fn set_features(&mut self, features: u64) -> VuResult<()> {
-        if features & !blk::device_features(&self.info) != 0 {
+        if features & !(blk::device_features(&self.info) | log::VHOST_F_LOG_ALL) != 0 {
             return Err(VuError::InvalidParam);
         }
+        let log_changed = (features ^ self.acked_features) & log::VHOST_F_LOG_ALL != 0;
         self.acked_features = features;
+        if log_changed {
+            tracing::info!(export = %self.name, on = features & log::VHOST_F_LOG_ALL != 0, "dirty logging (VHOST_F_LOG_ALL)");
+            self.publish_log()?;
+        }
         Ok(())
     }
     fn set_mem_table(
@@ -440,16 +548,33 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let desc = self.uaddr_to_gpa(descriptor).ok_or(VuError::InvalidParam)?;
         let used = self.uaddr_to_gpa(used).ok_or(VuError::InvalidParam)?;
         let avail = self.uaddr_to_gpa(available).ok_or(VuError::InvalidParam)?;
-        self.vring(index)?.addrs = Some((desc, avail, used));
+        // The used ring's log address is a guest address (QEMU gives the ring's own).
+        let log_addr = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
+        let name = self.name.clone();
+        let v = self.vring(index)?;
+        let running = v.running.is_some();
+        if running && v.addrs != Some((desc, avail, used)) {
+            // QEMU re-sends the same rings to switch the log flag; new rings take effect
+            // at the next start.
+            tracing::warn!(export = %name, queue = index, "SET_VRING_ADDR moved the rings of a running queue; the new addresses apply when it restarts");
+        }
+        v.addrs = Some((desc, avail, used));
+        let changed = v.log_addr != log_addr;
+        v.log_addr = log_addr;
+        if running && changed {
+            self.publish_log()?;
+        }
         Ok(())
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
@@ -523,7 +648,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ;
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         Ok(if self.no_inflight {
             f
         } else {
@@ -683,8 +809,23 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
         Err(invalid("no shared memory regions"))
     }
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(invalid("dirty logging is not supported"))
+    /// Map the front-end's dirty log (LOG_SHMFD). The vhost crate answers with the same
+    /// size and offset, which QEMU waits for (it only checks the request code). A refused
+    /// log costs the front-end its connection (and so its migration).
+    fn set_log_base(&mut self, l: &VhostUserLog, file: File) -> VuResult<()> {
+        let (size, offset) = (l.mmap_size, l.mmap_offset);
+        let m = LogMap::map(size, offset, &file).map_err(|why| {
+            self.log_counters
+                .logs_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(export = %self.name, "dirty log refused: {why}");
+            VuError::ReqHandlerError(std::io::Error::other(why))
+        })?;
+        drop(file);
+        self.log_counters.logs_set.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(export = %self.name, size, offset, "dirty log mapped (covers {} MiB of guest memory)", (m.len() * 8 * log::LOG_PAGE) >> 20);
+        self.log_map = Some(Arc::new(m));
+        self.publish_log()
     }
 }
 
@@ -698,7 +839,22 @@ pub struct VhostBlkExport {
     /// The back-end request channel of the current client, if it set one up.
     backend_req: Arc<Mutex<Option<UnixStream>>>,
     counters: Arc<ExportCounters>,
+    log_counters: Arc<LogCounters>,
+    gate: Arc<RingGate>,
+    side: usize,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the API shows of an export's dirty logging (live migration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStatus {
+    /// Logging is on now (VHOST_F_LOG_ALL acked and a log set).
+    pub active: bool,
+    /// Logs mapped (SET_LOG_BASE accepted) and refused.
+    pub logs_set: u64,
+    pub logs_refused: u64,
+    /// Logs whose file shrank under the device while it marked.
+    pub log_faults: u64,
 }
 
 /// What the API shows of a vhost-user export's guest memory.
@@ -726,6 +882,23 @@ impl VhostBlkExport {
         if workers.is_empty() {
             return Err(Error::new(ErrorKind::InvalidArgument, "no worker threads"));
         }
+        let gate = cfg.gate.clone().unwrap_or_else(RingGate::new);
+        let side = gate.join().ok_or_else(|| {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                "the migration peer already has a peer (one double export per disk)",
+            )
+        })?;
+        // Leave the gate again if anything below fails.
+        struct Joined(Option<(Arc<RingGate>, usize)>);
+        impl Drop for Joined {
+            fn drop(&mut self) {
+                if let Some((g, side)) = self.0.take() {
+                    g.leave(side);
+                }
+            }
+        }
+        let mut joined = Joined(Some((gate.clone(), side)));
         if cfg.num_queues == 0 || cfg.num_queues > 64 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -749,6 +922,9 @@ impl VhostBlkExport {
         let backend_req: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let counters = Arc::new(ExportCounters::default());
         let counters2 = counters.clone();
+        let log_counters = Arc::new(LogCounters::default());
+        let log_counters2 = log_counters.clone();
+        let gate2 = gate.clone();
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
         let req2 = backend_req.clone();
         let thread = std::thread::Builder::new()
@@ -761,6 +937,8 @@ impl VhostBlkExport {
                         workers.clone(),
                         stats.clone(),
                         counters2.clone(),
+                        log_counters2.clone(),
+                        (gate2.clone(), side),
                     )));
                     let accepted = BackendListener::new(&mut listener, backend.clone())
                         .and_then(|mut l| l.accept());
@@ -810,9 +988,11 @@ impl VhostBlkExport {
                     counters2.device_failed.store(false, Ordering::Relaxed);
                     counters2.regions.store(0, Ordering::Relaxed);
                     counters2.regions_sealed.store(0, Ordering::Relaxed);
+                    log_counters2.active.store(false, Ordering::Relaxed);
                 }
             })
             .map_err(|e| Error::io("spawn vhost thread", e))?;
+        joined.0 = None;
         Ok(VhostBlkExport {
             socket,
             listen_fd,
@@ -820,6 +1000,9 @@ impl VhostBlkExport {
             conn,
             backend_req,
             counters,
+            log_counters,
+            gate,
+            side,
             thread: Some(thread),
         })
     }
@@ -859,6 +1042,27 @@ impl VhostBlkExport {
         }
     }
 
+    /// The migration gate, for a peer export ([`ExportConfig::gate`]).
+    pub fn gate(&self) -> Arc<RingGate> {
+        self.gate.clone()
+    }
+
+    /// The migration gate as this export sees it (see `migration.rs`).
+    pub fn gate_status(&self) -> migration::GateStatus {
+        self.gate.status(self.side)
+    }
+
+    /// Dirty logging (see [`LogStatus`]).
+    pub fn log_status(&self) -> LogStatus {
+        let c = &self.log_counters;
+        LogStatus {
+            active: c.active.load(Ordering::Relaxed),
+            logs_set: c.logs_set.load(Ordering::Relaxed),
+            logs_refused: c.logs_refused.load(Ordering::Relaxed),
+            log_faults: c.log_faults.load(Ordering::Relaxed),
+        }
+    }
+
     /// True while a client is connected.
     pub fn connected(&self) -> bool {
         self.conn.lock().map(|c| c.is_some()).unwrap_or(false)
@@ -881,6 +1085,7 @@ impl VhostBlkExport {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.gate.leave(self.side);
         let _ = std::fs::remove_file(&self.socket);
     }
 }

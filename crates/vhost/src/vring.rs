@@ -23,8 +23,13 @@ use vm_memory::{
 
 use crate::blk::{self, GuestMem, Kind, Seg};
 use crate::inflight::Tracker;
+use crate::log::{self as dirty, LogCounters, LogMap, LogSlot};
 use crate::mem::{ExportCounters, MemSlot, Memory};
+use crate::migration::RingGate;
 use crate::split::SplitQueue;
+
+/// `QueueCtl::used_log` when the used ring is not logged.
+pub(crate) const NO_LOG: u64 = u64::MAX;
 
 /// Translate guest addresses through a vm-memory map.
 pub(crate) struct MemView<'a>(pub &'a GuestMemoryMmap);
@@ -50,6 +55,12 @@ pub(crate) struct QueueCtl {
     pub call_fd: AtomicI32,
     pub call_epoch: AtomicU64,
     pub call_ack: AtomicU64,
+    /// Dirty-log hand-over (see `log.rs`): the connection thread publishes the log in
+    /// `LogSlot` and the used ring's log address here, then bumps `log_epoch`; the worker
+    /// reloads both and copies the epoch to `log_ack` at the start of a poll.
+    pub log_epoch: AtomicU64,
+    pub log_ack: AtomicU64,
+    pub used_log: AtomicU64,
 }
 
 /// Per-request bookkeeping, indexed by the command's tag.
@@ -106,6 +117,17 @@ pub(crate) struct VringSource {
     resubmit: Vec<u16>,
     /// Test-only completion delay (see [`Delay`]).
     delay: Option<Delay>,
+    /// Dirty logging: the log to mark (None: off), the epoch it was loaded at, the used
+    /// ring's log address, and per slot the guest ranges its request may write.
+    log_slot: Arc<LogSlot>,
+    log: Option<Arc<LogMap>>,
+    log_epoch: u64,
+    used_log: Option<u64>,
+    writes: Vec<Vec<(u64, u64)>>,
+    log_counters: Arc<LogCounters>,
+    /// The migration gate and this export's side: told when the ring stopped for good.
+    gate: Arc<RingGate>,
+    side: usize,
 }
 
 /// Longest completion delay of the test-only fault `vhost-complete-delay` (ms).
@@ -190,6 +212,9 @@ pub(crate) struct VringParams {
     pub inflight: Option<(Tracker, Vec<u16>)>,
     /// The test-only fault `vhost-complete-delay` is armed for this export.
     pub complete_delay: bool,
+    pub log: Arc<LogSlot>,
+    pub log_counters: Arc<LogCounters>,
+    pub gate: (Arc<RingGate>, usize),
 }
 
 impl VringSource {
@@ -223,10 +248,19 @@ impl VringSource {
                 ^ ((p.index as u64) << 32);
             Delay::new(n, seed)
         });
+        let used_log = p.ctl.used_log.load(Ordering::SeqCst);
         VringSource {
             inflight,
             resubmit,
             delay,
+            log: p.log.load(),
+            log_slot: p.log,
+            log_epoch: 0,
+            used_log: (used_log != NO_LOG).then_some(used_log),
+            writes: (0..n).map(|_| Vec::with_capacity(4)).collect(),
+            log_counters: p.log_counters,
+            gate: p.gate.0,
+            side: p.gate.1,
             queue: p.queue,
             ring_mem: p.ring_mem,
             broken: false,
@@ -273,6 +307,11 @@ impl VringSource {
         // and the memory map it belongs to is still referenced (the command's keepalive or
         // the map the caller holds).
         unsafe { std::ptr::write_volatile(s.status, byte) };
+        // Data (written by the block queue, or GET_ID's copy) and the status byte are in
+        // guest memory now: mark them before the used entry is published.
+        if let Some(log) = &self.log {
+            log.mark_ranges(&self.writes[slot as usize]);
+        }
         let used = if status.is_ok() { s.used_len } else { 1 };
         self.free.push(slot);
         self.in_flight -= 1;
@@ -293,11 +332,38 @@ impl VringSource {
         self.queue.add_used(head, len);
     }
 
+    /// Mark the used ring (entries, index, flags, avail_event) after the device wrote it.
+    fn log_used(&self) {
+        if let (Some(log), Some(gpa)) = (&self.log, self.used_log) {
+            log.mark_used_ring(gpa, self.queue.size());
+        }
+    }
+
+    /// Take a new dirty-log state the connection thread published (one atomic load when
+    /// nothing changed), and report a log whose file shrank under us.
+    fn refresh_log(&mut self) {
+        let e = self.ctl.log_epoch.load(Ordering::SeqCst);
+        if e != self.log_epoch {
+            self.log = self.log_slot.load();
+            let u = self.ctl.used_log.load(Ordering::SeqCst);
+            self.used_log = (u != NO_LOG).then_some(u);
+            self.log_epoch = e;
+            self.ctl.log_ack.store(e, Ordering::SeqCst);
+        }
+        if let Some(log) = &self.log {
+            if log.take_report() {
+                self.log_counters.log_faults.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(export = %self.name, queue = self.index, "the dirty log's file shrank under the device (the front-end truncated it): pages written since are not marked, so this migration cannot be trusted");
+            }
+        }
+    }
+
     fn publish_and_notify(&mut self) {
         self.queue.publish();
         if let Some(t) = &mut self.inflight {
             t.published(self.queue.next_used());
         }
+        self.log_used();
         if self.queue.needs_notification() {
             self.signal();
         }
@@ -446,6 +512,13 @@ impl VringSource {
                 }
             };
             self.in_flight += 1;
+            // What the device may write for this request, marked when it completes (the
+            // log may be switched on while it is in flight).
+            dirty::record_writes(
+                &self.segs,
+                req.used_len.saturating_sub(1) as u64,
+                &mut self.writes[slot as usize],
+            );
             let class = match req.kind {
                 Kind::Io(Opcode::Read) => OpClass::Read,
                 Kind::Io(Opcode::Write) => OpClass::Write,
@@ -519,6 +592,16 @@ impl VringSource {
     }
 }
 
+impl Drop for VringSource {
+    fn drop(&mut self) {
+        // Dropped without its final drain (the worker gave it up after a panic): it runs
+        // no more either.
+        if self.final_tx.is_some() {
+            self.gate.ring_stopped(self.side);
+        }
+    }
+}
+
 impl WorkSource for VringSource {
     fn poll(&mut self) -> usize {
         if self.finished {
@@ -530,9 +613,15 @@ impl WorkSource for VringSource {
             self.call_epoch = epoch;
             self.ctl.call_ack.store(epoch, Ordering::SeqCst);
         }
+        self.refresh_log();
         let mut n = self.reap();
         if self.ctl.stop.load(Ordering::Acquire) {
             if self.in_flight == 0 && self.bq.in_flight() == 0 {
+                // The ring touches guest memory no more: the other export of a migration
+                // pair may start its rings (counted before the connection thread hears).
+                if self.final_tx.is_some() {
+                    self.gate.ring_stopped(self.side);
+                }
                 if let Some(tx) = self.final_tx.take() {
                     let _ = tx.send(self.queue.next_avail());
                 }
@@ -575,6 +664,7 @@ impl WorkSource for VringSource {
         }
         // Re-enabling reports whether chains arrived while notifications were off.
         let sleep = !self.queue.enable_notification();
+        self.log_used();
         if sleep {
             self.cur_mem = None;
         }
@@ -584,6 +674,7 @@ impl WorkSource for VringSource {
     fn after_sleep(&mut self) {
         if !self.broken && !self.failed {
             self.queue.disable_notification();
+            self.log_used();
         }
     }
 
