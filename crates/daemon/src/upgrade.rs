@@ -78,8 +78,71 @@ pub struct UpgradeView {
 struct Abort<'a> {
     d: &'a Daemon,
     child: Option<Child>,
-    log: PathBuf,
+    log: LogTail,
     frozen: Vec<String>,
+}
+
+/// Copies the new binary's output to this process's standard error and keeps its last
+/// [`LOG_EXCERPT`] bytes.
+struct LogTail {
+    tail: Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LogTail {
+    fn start(
+        out: Option<std::process::ChildStdout>,
+        err: Option<std::process::ChildStderr>,
+    ) -> LogTail {
+        let tail = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let mut threads = Vec::new();
+        let readers: Vec<Box<dyn Read + Send>> = [
+            out.map(|o| Box::new(o) as Box<dyn Read + Send>),
+            err.map(|e| Box::new(e) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for mut r in readers {
+            let t = tail.clone();
+            if let Ok(h) = std::thread::Builder::new()
+                .name("nvmux-upgrade-log".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = buf.get(..n).unwrap_or(&[]);
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), chunk);
+                        let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+                        g.extend(chunk.iter().copied());
+                        while g.len() as u64 > LOG_EXCERPT {
+                            g.pop_front();
+                        }
+                    }
+                })
+            {
+                threads.push(h);
+            }
+        }
+        LogTail { tail, threads }
+    }
+
+    /// The tail of the output once the new binary is gone (its pipes closed).
+    fn excerpt(self) -> String {
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let g = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let v: Vec<u8> = g.iter().copied().collect();
+        let s = String::from_utf8_lossy(&v).trim().to_string();
+        if s.is_empty() {
+            "(nothing)".into()
+        } else {
+            s
+        }
+    }
 }
 
 impl Abort<'_> {
@@ -101,32 +164,14 @@ impl Abort<'_> {
             }
         }
         drop(g);
-        let excerpt = log_excerpt(&self.log);
         tracing::error!("upgrade abandoned, this daemon serves on: {why}");
+        let excerpt = self.log.excerpt();
         err(
             ErrorKind::Io,
             format!(
-                "upgrade failed, the running daemon keeps serving: {why}. The new binary's log ({}) ends with:\n{excerpt}",
-                self.log.display()
+                "upgrade failed, the running daemon keeps serving: {why}. The new binary's output ends with:\n{excerpt}"
             ),
         )
-    }
-}
-
-fn log_excerpt(p: &Path) -> String {
-    use std::io::{Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(p) else {
-        return "(no log)".into();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_EXCERPT)));
-    let mut s = Vec::new();
-    let _ = f.take(LOG_EXCERPT).read_to_end(&mut s);
-    let s = String::from_utf8_lossy(&s).trim().to_string();
-    if s.is_empty() {
-        "(empty)".into()
-    } else {
-        s
     }
 }
 
@@ -223,7 +268,6 @@ impl Daemon {
         }
         let dir = &self.cfg.data_dir;
         let sock_path = dir.join("takeover.sock");
-        let log = dir.join("upgrade.log");
         let _ = std::fs::remove_file(&sock_path);
         let listener = unixsock::bind(
             &sock_path,
@@ -234,18 +278,19 @@ impl Daemon {
             },
         )?;
         let cleanup = scopeguard(&sock_path);
-        let logf = std::fs::File::create(&log)
-            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
-        let logf2 = logf.try_clone().map_err(|e| Error::io("upgrade log", e))?;
+        // The new binary's output goes through pipes into this daemon's standard error
+        // (its tail kept for a failure report) until it takes over this process's
+        // stdout and stderr (after GO).
         let mut child = Command::new(&binary)
             .args(serve_args())
             .arg("--takeover")
             .arg(&sock_path)
             .stdin(Stdio::null())
-            .stdout(logf)
-            .stderr(logf2)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| Error::io(format!("start {}", binary.display()), e))?;
+        let log = LogTail::start(child.stdout.take(), child.stderr.take());
         let pid = child.id();
         tracing::info!(binary = %binary.display(), pid, "upgrade: new binary started");
         let deadline = Instant::now() + timeout;
@@ -318,6 +363,13 @@ impl Daemon {
             key: lock_key(&lock_path),
             fd: self.lock_file.as_raw_fd(),
         });
+        for (key, fd) in [("stdout", 1), ("stderr", 2)] {
+            msgs.push(Msg::Listener {
+                kind: ListenerKind::Stdio,
+                key: key.into(),
+                fd,
+            });
+        }
         if let Some(api) = self.api.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let (p, fd) = api.listener();
             msgs.push(Msg::Listener {
@@ -490,8 +542,7 @@ impl Daemon {
                 Err(err(
                     ErrorKind::Io,
                     format!(
-                        "the new binary (pid {pid}) failed after taking over: {e}. This daemon had already released its sockets and exits; see {} and restart nvmux",
-                        abort.log.display()
+                        "the new binary (pid {pid}) failed after taking over: {e}. This daemon had already released its sockets and exits; see the daemon's log and restart nvmux"
                     ),
                 ))
             }
@@ -532,8 +583,21 @@ pub(crate) fn take_over(
     let step = Duration::from_secs(120);
     let mut listeners = 0u32;
     let mut sessions = 0u32;
+    let mut stdio: Vec<(RawFd, OwnedFd)> = Vec::new();
     let (want_l, want_s) = loop {
         match recv_within(&s, Instant::now() + step) {
+            Ok(Msg::Listener {
+                kind: ListenerKind::Stdio,
+                key,
+                fd,
+            }) => {
+                listeners += 1;
+                match key.as_str() {
+                    "stdout" => stdio.push((1, fd)),
+                    "stderr" => stdio.push((2, fd)),
+                    _ => {}
+                }
+            }
             Ok(Msg::Listener { key, fd, .. }) => {
                 listeners += 1;
                 unixsock::inherit(key, fd);
@@ -597,6 +661,12 @@ pub(crate) fn take_over(
             ))
         }
     }
+    // Log where the old daemon logged (its output pipe to the old process ends here).
+    for (target, fd) in &stdio {
+        // SAFETY: dup2 of a descriptor we own onto our own standard output or error.
+        unsafe { libc::dup2(fd.as_raw_fd(), *target) };
+    }
+    drop(stdio);
     match recv_within(&s, Instant::now() + step) {
         Ok(Msg::Released) => {}
         Ok(_) => return Err(err(ErrorKind::Io, "takeover: expected RELEASED")),

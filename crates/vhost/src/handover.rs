@@ -74,6 +74,9 @@ pub enum ListenerKind {
     /// The data directory's lock file (key: its path): flock belongs to the open file,
     /// so the new process holds the same lock.
     DataDirLock = 4,
+    /// The old process's standard output or error (key `stdout`, `stderr`): the new
+    /// process logs there once it serves, so the logs stay where the operator put them.
+    Stdio = 5,
 }
 
 impl ListenerKind {
@@ -83,6 +86,7 @@ impl ListenerKind {
             2 => ListenerKind::Unix,
             3 => ListenerKind::Tcp,
             4 => ListenerKind::DataDirLock,
+            5 => ListenerKind::Stdio,
             _ => return None,
         })
     }

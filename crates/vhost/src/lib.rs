@@ -934,6 +934,7 @@ impl VhostBlkExport {
             .name("nvmux-vhost".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
+                    let resumed = adopted.is_some();
                     let (mut handler, backend) = match adopted.take() {
                         Some(x) => x,
                         None => {
@@ -977,7 +978,11 @@ impl VhostBlkExport {
                     let peek = handler.try_clone_connection().ok();
                     *conn2.lock().unwrap_or_else(|e| e.into_inner()) =
                         handler.try_clone_connection().ok();
-                    tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
+                    if resumed {
+                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client resumed after a takeover");
+                    } else {
+                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
+                    }
                     let conn_fd = peek.as_ref().map_or(-1, |p| p.as_raw_fd());
                     // A panic while serving one client must not take the export down.
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
