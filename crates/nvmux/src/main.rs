@@ -15,6 +15,7 @@ mod bench_hostile;
 mod bench_nbd_tls;
 mod bench_nvmf;
 mod bench_pool;
+mod bench_restart;
 mod bench_router;
 mod bench_suite;
 mod demo;
