@@ -252,3 +252,45 @@ fn a_failing_new_binary_leaves_the_old_daemon_serving() {
     client.join().expect("client thread").expect("verified I/O");
     d.stop();
 }
+
+#[test]
+fn nbd_and_nvmf_listeners_move_and_their_clients_reconnect() {
+    use nvmux_bench::nvmf::Host;
+    const NQN: &str = "nqn.2026-12.io.nvmux:upgrade";
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
+    watchdog(240);
+    let d = TestDaemon::start("upgrade-net");
+    d.file_disk("n", 32 * MIB);
+    d.file_disk("m", 32 * MIB);
+    let nsock = d.dir.join("n.nbd");
+    d.nbd_export(json!({"disk": "n", "socket": nsock}));
+    let addr = d.nvmf_subsystem(NQN, &[HOST], &["m"]);
+    let nbd_size = || {
+        let out = ok(std::process::Command::new("nbdinfo")
+            .arg("--size")
+            .arg(format!("nbd+unix:///n?socket={}", nsock.display())));
+        out.trim().parse::<u64>().unwrap_or(0)
+    };
+    assert_eq!(nbd_size(), 32 * MIB);
+    let mut h = Host::connect(addr, NQN, HOST, 1, 32, false).expect("NVMe/TCP connect");
+    h.identify(0, 1).expect("identify before");
+    let bin = binary_copy(&d.dir, "nvmux-next");
+    let v = d
+        .api
+        .post("/v1/upgrade", &json!({"binary": bin}))
+        .unwrap_or_else(|e| panic!("upgrade: {e}\n{}", d.log()));
+    let pid = v["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(v["sessions"], 0, "{v}");
+    assert_eq!(v["closed_connections"], 1, "the NVMe/TCP connection: {v}");
+    // The connection that was open is closed (drained); the host connects again to the
+    // same address, which the new process listens on.
+    assert!(h.identify(0, 1).is_err(), "the old NVMe/TCP connection still answers");
+    let mut h = Host::connect(addr, NQN, HOST, 1, 32, false).expect("NVMe/TCP reconnect");
+    h.identify(0, 1).expect("identify after");
+    let subs = d.api.get("/v1/subsystems").expect("subsystems");
+    assert_eq!(subs[0]["listen"], addr.to_string(), "{subs}");
+    assert_eq!(nbd_size(), 32 * MIB);
+    drop(h);
+    stop_pid(pid);
+    d.wait_killed();
+}
