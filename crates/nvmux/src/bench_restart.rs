@@ -99,8 +99,13 @@ fn max_latency(log: &[(Duration, Duration)], a: Duration, b: Duration) -> Option
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -118,7 +123,8 @@ pub fn run(a: &BenchArgs, server_cpu: Option<usize>) -> Res<()> {
 
 fn run_in(a: &BenchArgs, work: &Path, server_cpu: Option<usize>) -> Res<()> {
     let (ddir, d) = Daemon::start_bench(work, server_cpu, "")?;
-    let img = PathBuf::from("/dev/shm").join(format!("nvmux-bench-restart-{}.img", std::process::id()));
+    let img =
+        PathBuf::from("/dev/shm").join(format!("nvmux-bench-restart-{}.img", std::process::id()));
     let _g = RemoveOnDrop(img.clone());
     let sock = ddir.join("r.sock");
     d.api().post(
@@ -212,15 +218,17 @@ fn run_in(a: &BenchArgs, work: &Path, server_cpu: Option<usize>) -> Res<()> {
     // The stranded client's requests never complete: its reap times out.
     let stranded = stranded.join().map_err(|_| "client thread panicked")?;
 
-    println!("\nI/O pause seen by a libblkio client (4 KiB random writes, QD{QD}, file on /dev/shm)\n");
+    println!(
+        "\nI/O pause seen by a libblkio client (4 KiB random writes, QD{QD}, file on /dev/shm)\n"
+    );
     println!("| event | longest completion latency | daemon's own pause |");
     println!("|---|---|---|");
-    println!("| no event (baseline, {writes} writes) | {:.2} ms | - |", ms(base));
+    println!(
+        "| no event (baseline, {writes} writes) | {:.2} ms | - |",
+        ms(base)
+    );
     for (i, (lat, p)) in up.iter().enumerate() {
-        println!(
-            "| `nvmux upgrade` #{} | {lat:.2} ms | {p:.2} ms |",
-            i + 1
-        );
+        println!("| `nvmux upgrade` #{} | {lat:.2} ms | {p:.2} ms |", i + 1);
     }
     println!(
         "| kill -9 + restart | ∞ for the {QD} requests in flight (libblkio does not reconnect: {}) | socket served again after {:.1} ms; a new client's first write done after {:.1} ms |",
