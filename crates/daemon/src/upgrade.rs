@@ -351,6 +351,9 @@ impl Daemon {
                         frozen_fds.push((v.socket().display().to_string(), f));
                     }
                     Err(e) => {
+                        // Its thread may still freeze, then wait for a verdict: thaw it
+                        // too.
+                        abort.frozen.push(name.clone());
                         drop(g);
                         return Err(abort.fail(e.msg));
                     }
@@ -504,7 +507,7 @@ impl Daemon {
         }
         for (name, p) in std::mem::take(&mut g.pools) {
             if let Ok(p) = p.pool {
-                if let Err(e) = p.close() {
+                if let Err(e) = p.close_and_unlock() {
                     tracing::error!(pool = %name, "close before the takeover: {e}");
                 }
             }

@@ -260,7 +260,14 @@ fn nbd_and_nvmf_listeners_move_and_their_clients_reconnect() {
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
     watchdog(240);
     let d = TestDaemon::start("upgrade-net");
-    d.file_disk("n", 32 * MIB);
+    // A thin disk in a pool: the old process closes the pool, the new one opens it.
+    d.pool("p", 256 * MIB);
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "n", "pool": "p", "size": 32 * MIB}),
+        )
+        .expect("pool disk");
     d.file_disk("m", 32 * MIB);
     let nsock = d.dir.join("n.nbd");
     d.nbd_export(json!({"disk": "n", "socket": nsock}));
@@ -294,6 +301,11 @@ fn nbd_and_nvmf_listeners_move_and_their_clients_reconnect() {
     let subs = d.api.get("/v1/subsystems").expect("subsystems");
     assert_eq!(subs[0]["listen"], addr.to_string(), "{subs}");
     assert_eq!(nbd_size(), 32 * MIB);
+    let disk = d.api.get("/v1/disks/n").expect("disk from the new daemon");
+    assert_eq!(
+        disk["status"], "ok",
+        "the pool disk in the new daemon: {disk}"
+    );
     drop(h);
     stop_pid(pid);
     d.wait_killed();
