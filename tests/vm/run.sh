@@ -72,6 +72,14 @@
 #                        on both exports at once) (tests/vm/migrate.sh)
 #   migrate-qemu11       (nvmux only) the same with QEMU 11 from a Debian sid chroot
 #                        (scripts/sid-qemu.sh builds it once: ~1 min, ~350 MB)
+#   upgrade              (nvmux only) the guest runs fio write+verify rounds (random
+#                        writes, QD16, crc32c) for UPGRADE_RUNTIME s (default 60) while
+#                        the host runs `nvmux upgrade --binary COPY` 3 times (copies of
+#                        the binary at other paths): 0 fio errors, no I/O error in the
+#                        guest's dmesg, QEMU logs no vhost-user disconnect or reconnect
+#                        (its chardev has reconnect=1 and never needs it), the daemon logs
+#                        no client (dis)connect after the first, and each upgrade changed
+#                        the daemon's pid (tests/vm/guest-upgrade.sh)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -923,6 +931,78 @@ for mscen in migrate migrate-qemu11; do
         if ((rc == 0)); then pass "$mscen"; else fail "$mscen" "see $work/$mscen.out"; fi
     fi
 done
+
+
+# upgrade: `nvmux upgrade` three times under a guest's fio write+verify.
+alive_pid() {   # PID: runs and is not a zombie
+    [[ -r /proc/$1/stat ]] && ! awk '{ sub(/.*\) /, ""); exit ($1 == "Z" ? 0 : 1) }' "/proc/$1/stat"
+}
+if ! want upgrade; then
+    echo "SKIP upgrade (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP upgrade (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail upgrade "server is not running"
+else
+    api=$sockdir/nvmux-data/nvmux.sock
+    bins=("$sockdir/nvmux-next-a" "$sockdir/nvmux-next-b" "$sockdir/nvmux-next-a")
+    cp "$NVMUX_BIN" "${bins[0]}"
+    cp "$NVMUX_BIN" "${bins[1]}"
+    log_lines_before=$(wc -l < "$work/server.log")
+    rc=0
+    "$here/boot.sh" --initrd "$initrd" --script "$here/guest-upgrade.sh" --log "$work/upgrade.log" \
+        --vhost-sock "$sock" --queues "$queues" --reconnect 1 \
+        --env "RUNTIME=${UPGRADE_RUNTIME:-60}" \
+        --smp "$smp" --timeout "$boot_timeout" > "$work/upgrade.out" 2>&1 &
+    bpid=$!
+    for ((i = 0; i < 1200; i++)); do
+        grep -q '^test: round 1 start' "$work/upgrade.log" 2>/dev/null && break
+        kill -0 "$bpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    why=
+    pids=("$SERVER_PID")
+    for n in 0 1 2; do
+        sleep 10
+        kill -0 "$bpid" 2>/dev/null || { why="the guest finished before upgrade $((n + 1))"; break; }
+        old=$SERVER_PID
+        if ! out=$("$NVMUX_BIN" --api "$api" --json upgrade --binary "${bins[$n]}" --timeout 30s 2>&1); then
+            why="upgrade $((n + 1)) failed: $out"
+            break
+        fi
+        new=$(printf '%s' "$out" | json_field pid)
+        pause=$(printf '%s' "$out" | json_field pause_ms)
+        sessions=$(printf '%s' "$out" | json_field sessions)
+        echo "== upgrade $((n + 1)): pid $old -> $new (${bins[$n]}), $sessions vhost-user session(s), pause ${pause} ms"
+        for ((i = 0; i < 100; i++)); do alive_pid "$old" || break; sleep 0.1; done
+        if alive_pid "$old"; then why="the old daemon (pid $old) still runs after upgrade $((n + 1))"; break; fi
+        wait "$old" 2>/dev/null || true
+        SERVER_PID=$new
+        pids+=("$new")
+        ((sessions == 1)) || { why="upgrade $((n + 1)) handed over $sessions sessions, not 1"; break; }
+    done
+    wait "$bpid" || rc=$?
+    cat "$work/upgrade.out"
+    grep '^test: ' "$work/upgrade.log" | tail -n 3 || true
+    qemu_vhost=$(grep -v '^# ' "$work/upgrade.log" | grep -iE 'vhost|disconnect|reconnect' || true)
+    # The daemons' view of the guest's connection, in order: connected once, resumed by
+    # each new process, and (at the guest's poweroff, after the last upgrade) closed.
+    seq=$(tail -n +"$((log_lines_before + 1))" "$work/server.log" |
+        grep -oE 'vhost-user client (connected|disconnected|resumed after a takeover)' |
+        awk '{ print $3 }' | tr '\n' ' ')
+    if [[ -n $why ]]; then
+        fail upgrade "$why"
+    elif ((rc != 0)); then
+        fail upgrade "boot status $rc, log $work/upgrade.log"
+    elif [[ -n $qemu_vhost ]]; then
+        fail upgrade "QEMU logged: $(printf '%s' "$qemu_vhost" | head -n 3 | tr '\n' ' ')"
+    elif [[ $seq != "connected resumed resumed resumed " && $seq != "connected resumed resumed resumed disconnected " ]]; then
+        fail upgrade "the daemons saw the guest's connection go: $seq(want connected, resumed x3, then at most the poweroff's disconnect)"
+    else
+        echo "== 3 upgrades (pids ${pids[*]}), the guest's vhost-user connection never closed"
+        pass upgrade
+    fi
+fi
 
 stop_server
 echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"

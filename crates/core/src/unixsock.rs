@@ -395,6 +395,10 @@ const INNER: &CStr = c"s";
 /// must not be replaced before calling this.
 pub fn bind(path: &Path, perms: &SocketPerms) -> Result<UnixListener> {
     let what = || format!("socket {}", path.display());
+    // After a takeover the old process's listening socket is already at `path`.
+    if let Some(fd) = take_inherited(&unix_key(path)) {
+        return Ok(UnixListener::from(fd));
+    }
     let name = path
         .file_name()
         .ok_or_else(|| invalid(format!("{}: the path names no file", what())))?;
@@ -578,6 +582,60 @@ pub fn peer_groups(fd: RawFd) -> std::io::Result<Vec<u32>> {
     }
 }
 
+/// Listening sockets handed over by the daemon process this one took over from (`nvmux
+/// upgrade`), until the code that would bind them takes them ([`bind`],
+/// [`tcp_listener`]). Keys are [`unix_key`] and [`tcp_key`].
+static INHERITED: std::sync::Mutex<Option<std::collections::HashMap<String, OwnedFd>>> =
+    std::sync::Mutex::new(None);
+
+/// The registry key of a Unix socket path.
+pub fn unix_key(path: &Path) -> String {
+    format!("unix:{}", path.display())
+}
+
+/// The registry key of a TCP listening address.
+pub fn tcp_key(addr: &std::net::SocketAddr) -> String {
+    format!("tcp:{addr}")
+}
+
+/// Keep a listening socket handed over by the old process under `key`.
+pub fn inherit(key: String, fd: OwnedFd) {
+    let mut g = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(Default::default).insert(key, fd);
+}
+
+/// Take the inherited socket under `key`, if there is one.
+pub fn take_inherited(key: &str) -> Option<OwnedFd> {
+    let mut g = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_mut()?.remove(key)
+}
+
+/// Is a socket inherited under `key` (not yet taken)?
+pub fn is_inherited(key: &str) -> bool {
+    let g = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref().is_some_and(|m| m.contains_key(key))
+}
+
+/// The inherited sockets no one took (their export or listener is gone from the state):
+/// closed by the caller.
+pub fn take_all_inherited() -> Vec<(String, OwnedFd)> {
+    let mut g = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    g.take()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// A TCP listener on `addr`: the one inherited from the old process if there is one,
+/// else a new one.
+pub fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    if addr.port() != 0 {
+        if let Some(fd) = take_inherited(&tcp_key(&addr)) {
+            return Ok(std::net::TcpListener::from(fd));
+        }
+    }
+    std::net::TcpListener::bind(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,5 +802,36 @@ mod tests {
         g.sort();
         mine.sort();
         assert_eq!(g, mine);
+    }
+
+    #[test]
+    fn inherited_sockets_are_handed_back_instead_of_bound() {
+        let dir = std::env::temp_dir().join(format!("nvmux-inherit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s");
+        let l = bind(&p, &SocketPerms::default()).unwrap();
+        let ino = std::fs::metadata(&p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        inherit(unix_key(&p), OwnedFd::from(l));
+        assert!(is_inherited(&unix_key(&p)));
+        // bind() takes the inherited socket: the file at the path is the same one.
+        let l2 = bind(&p, &SocketPerms::default()).unwrap();
+        assert!(!is_inherited(&unix_key(&p)));
+        assert_eq!(
+            std::fs::metadata(&p)
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .ok(),
+            ino.ok()
+        );
+        let _c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        assert!(l2.accept().is_ok());
+        // TCP: the inherited listener under its address.
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = t.local_addr().unwrap();
+        inherit(tcp_key(&a), OwnedFd::from(t));
+        let t2 = tcp_listener(a).unwrap();
+        assert_eq!(t2.local_addr().unwrap(), a);
+        assert!(take_all_inherited().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -181,6 +181,8 @@ impl Shared {
 
 pub struct ApiServer {
     listen_fd: RawFd,
+    /// Wakes the accept thread's poll (stop, or a takeover's release).
+    wake: std::os::fd::OwnedFd,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
     rejecter: Option<JoinHandle<()>>,
@@ -191,7 +193,10 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(daemon: Arc<Daemon>, path: &Path, access: &ApiAccess) -> Result<ApiServer> {
-        crate::claim_socket(path)?;
+        // A socket inherited from the process this one took over is ours already.
+        if !unixsock::is_inherited(&unixsock::unix_key(path)) {
+            crate::claim_socket(path)?;
+        }
         let listener = unixsock::bind(path, &access.perms)
             .map_err(|e| Error::new(e.kind, format!("API {}", e.msg)))?;
         let ino = {
@@ -201,6 +206,13 @@ impl ApiServer {
                 .map(|m| (m.dev(), m.ino()))
         };
         let listen_fd = listener.as_raw_fd();
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::io("API eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let wake = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
         let shared = Arc::new(Shared::default());
         let (tx, rx) = sync_channel::<(UnixStream, Response)>(REJECT_QUEUE);
         let sh = shared.clone();
@@ -211,10 +223,11 @@ impl ApiServer {
         let (sh, acc) = (shared.clone(), access.clone());
         let accept = std::thread::Builder::new()
             .name("nvmux-api".into())
-            .spawn(move || accept_loop(listener, daemon, acc, sh, tx))
+            .spawn(move || accept_loop(listener, efd, daemon, acc, sh, tx))
             .map_err(|e| Error::io("spawn API thread", e))?;
         Ok(ApiServer {
             listen_fd,
+            wake,
             shared,
             accept: Some(accept),
             rejecter: Some(rejecter),
@@ -223,8 +236,30 @@ impl ApiServer {
         })
     }
 
+    /// The listening socket's path and descriptor (valid while the server lives).
+    pub(crate) fn listener(&self) -> (&Path, RawFd) {
+        (&self.path, self.listen_fd)
+    }
+
+    fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// A takeover committed: stop accepting, without shutting down or unlinking the
+    /// listening socket (the new process shares it). Requests being handled finish.
+    pub(crate) fn release(mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.wake();
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+
     pub fn stop(mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.wake();
         // SAFETY: the listener is owned by the accept thread, joined below, so the
         // descriptor is still open; shutdown wakes its blocking accept.
         unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
@@ -261,6 +296,7 @@ impl ApiServer {
 
 fn accept_loop(
     listener: UnixListener,
+    wake: RawFd,
     daemon: Arc<Daemon>,
     access: ApiAccess,
     shared: Arc<Shared>,
@@ -274,6 +310,28 @@ fn accept_loop(
         suppressed: 0,
     };
     loop {
+        // Wait for a connection or a wake-up: a takeover stops this loop without shutting
+        // down the socket, which the new process goes on listening on.
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd for the call's duration.
+        let pr = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
+        if pr <= 0 || fds[0].revents == 0 {
+            continue;
+        }
         let r = listener.accept();
         if shared.stop.load(Ordering::Acquire) {
             break;
@@ -384,6 +442,12 @@ fn serve_conn(d: &Daemon, mut s: UnixStream) {
     };
     let _ = s.write_all(&resp.to_bytes());
     let _ = s.flush();
+    if d.exit_after_reply.load(Ordering::Acquire) {
+        // An upgrade handed everything to the new process: leave without cleaning up
+        // (no socket is shut down or unlinked; the new process serves them).
+        tracing::info!("handed over to the new process; exiting");
+        std::process::exit(0);
+    }
 }
 
 fn reply_json<T: Serialize>(code: u16, v: &T) -> Response {
@@ -444,6 +508,12 @@ fn handle(d: &Daemon, req: &Request) -> Response {
             &serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
         ),
         ("GET", ["v1", "disks"]) => reply_json(200, &d.disks()),
+        ("POST", ["v1", "upgrade"]) => {
+            match body::<crate::upgrade::UpgradeRequest>(req).and_then(|b| d.upgrade(b)) {
+                Ok(v) => reply_json(200, &v),
+                Err(e) => reply_err(&e),
+            }
+        }
         ("POST", ["v1", "disks"]) => match body::<DiskCreate>(req).and_then(|b| d.create_disk(b)) {
             Ok(v) => reply_json(201, &v),
             Err(e) => reply_err(&e),

@@ -28,6 +28,7 @@ pub mod nvmf;
 pub mod ops;
 pub mod pools;
 pub mod routing;
+pub mod upgrade;
 
 pub use config::Config;
 
@@ -529,13 +530,25 @@ pub struct Daemon {
     /// Fair-share groups by host device id; a group lives while a disk uses it.
     groups: Mutex<std::collections::HashMap<u64, std::sync::Weak<nvmux_func::ShareGroup>>>,
     /// Held for the daemon's lifetime: one daemon per data directory.
-    _lock: std::fs::File,
+    lock_file: std::fs::File,
+    /// The API server (`serve` sets it): a takeover hands its socket over.
+    api: Mutex<Option<api::ApiServer>>,
+    /// An upgrade is under way (one at a time).
+    upgrading: std::sync::atomic::AtomicBool,
+    /// The process exits once the reply to `POST /v1/upgrade` is written: the new
+    /// process serves.
+    pub(crate) exit_after_reply: std::sync::atomic::AtomicBool,
 }
 
 /// Take an exclusive lock on `<data_dir>/nvmux.lock`, or fail if another daemon holds it.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let p = dir.join("nvmux.lock");
+    // After a takeover: the old process's lock (flock belongs to the open file, which the
+    // two processes share).
+    if let Some(fd) = nvmux_core::unixsock::take_inherited(&upgrade::lock_key(&p)) {
+        return Ok(std::fs::File::from(fd));
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -1007,7 +1020,10 @@ impl Daemon {
             nbd: Default::default(),
             nvmf,
             net_mem,
-            _lock: lock,
+            lock_file: lock,
+            api: Mutex::new(None),
+            upgrading: Default::default(),
+            exit_after_reply: Default::default(),
         });
         d.restore()?;
         Ok(d)
@@ -1942,7 +1958,9 @@ impl Daemon {
                         None
                     }
                 };
-                claim_socket(socket)?;
+                if !nvmux_core::unixsock::is_inherited(&nvmux_core::unixsock::unix_key(socket)) {
+                    claim_socket(socket)?;
+                }
                 let mut workers = self.workers.workers().to_vec();
                 let first = self
                     .next_worker
@@ -2421,6 +2439,12 @@ pub struct NetworkView {
 
 /// Run the daemon until SIGINT or SIGTERM: restore state, serve the API, shut down.
 pub fn serve(cfg: Config) -> Result<()> {
+    serve_with(cfg, None)
+}
+
+/// [`serve`], or with `takeover`, take over from the daemon that started this process
+/// (`nvmux upgrade`; see [`upgrade`]).
+pub fn serve_with(cfg: Config, takeover: Option<PathBuf>) -> Result<()> {
     cfg.validate()
         .map_err(|e| err(ErrorKind::InvalidArgument, e))?;
     // Block the termination signals in every thread; one thread waits for them.
@@ -2439,14 +2463,23 @@ pub fn serve(cfg: Config) -> Result<()> {
         .api
         .access()
         .map_err(|e| err(ErrorKind::InvalidArgument, e))?;
-    let daemon = Daemon::start(cfg)?;
-    let server = api::ApiServer::start(daemon.clone(), &sock, &access)?;
+    let daemon = match takeover {
+        Some(t) => upgrade::take_over(cfg, &t, &sock, &access)?,
+        None => {
+            let daemon = Daemon::start(cfg)?;
+            let server = api::ApiServer::start(daemon.clone(), &sock, &access)?;
+            *daemon.api.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+            daemon
+        }
+    };
     tracing::info!(api = %sock.display(), access = %access.describe(), "nvmux is serving");
     let mut sig: libc::c_int = 0;
     // SAFETY: sigwait reads our initialised set and writes the signal number to `sig`.
     unsafe { libc::sigwait(&set, &mut sig) };
     tracing::info!(signal = sig, "shutting down");
-    server.stop();
+    if let Some(server) = daemon.api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        server.stop();
+    }
     daemon.shutdown();
     Ok(())
 }

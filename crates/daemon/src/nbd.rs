@@ -23,7 +23,7 @@ pub(crate) struct NbdHandle {
 
 /// One NBD listener and the TLS settings its exports share.
 pub(crate) struct NbdListener {
-    srv: NbdServer,
+    pub(crate) srv: NbdServer,
     tls: Option<NbdTls>,
 }
 
@@ -294,7 +294,9 @@ impl Daemon {
                 None => None,
             };
             if let Listen::Unix(p) = &l {
-                crate::claim_socket(p)?;
+                if !nvmux_core::unixsock::is_inherited(&nvmux_core::unixsock::unix_key(p)) {
+                    crate::claim_socket(p)?;
+                }
             }
             let summary = server_tls.as_ref().map(|t| t.summary().to_string());
             let srv = NbdServer::start(

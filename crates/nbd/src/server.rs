@@ -143,6 +143,8 @@ pub struct NbdServer {
     thread: Option<JoinHandle<()>>,
     tls: Option<Arc<TlsServer>>,
     max_io: u32,
+    /// The listening socket (owned by the listener thread), for a takeover.
+    listen_fd: RawFd,
 }
 
 fn read_exports(e: &Exports) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Export>>> {
@@ -189,7 +191,8 @@ impl NbdServer {
                     ));
                 }
                 ListenSock::Tcp(
-                    TcpListener::bind(a).map_err(|e| Error::io(format!("NBD listener {a}"), e))?,
+                    nvmux_core::unixsock::tcp_listener(*a)
+                        .map_err(|e| Error::io(format!("NBD listener {a}"), e))?,
                 )
             }
         };
@@ -219,6 +222,10 @@ impl NbdServer {
         });
         let stop_fd = eventfd().map_err(|e| Error::io("NBD listener eventfd", e))?;
         let stop_raw = stop_fd.as_raw_fd();
+        let listen_fd = match &sock {
+            ListenSock::Unix(l) => l.as_raw_fd(),
+            ListenSock::Tcp(l) => l.as_raw_fd(),
+        };
         let name = match &listen {
             Listen::Tcp(a) => format!("nbd-listen-{}", a.port()),
             Listen::Unix(_) => "nbd-listen".to_string(),
@@ -248,7 +255,35 @@ impl NbdServer {
             thread: Some(thread),
             tls: tls_server,
             max_io,
+            listen_fd,
         })
+    }
+
+    /// The listening socket's descriptor (valid while this server lives), for a takeover.
+    pub fn listen_fd(&self) -> RawFd {
+        self.listen_fd
+    }
+
+    /// A takeover committed: stop accepting (the listening socket, shared with the new
+    /// process, is neither shut down nor unlinked), stop every export, and wait up to
+    /// `timeout` for the connections to finish their commands and close. Returns the
+    /// connections still open then.
+    pub fn release(mut self, timeout: Duration) -> u64 {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.stop_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let names: Vec<String> = read_exports(&self.shared.exports).keys().cloned().collect();
+        for n in names {
+            self.remove(&n);
+        }
+        let deadline = Instant::now() + timeout;
+        while self.shared.limiter.open() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.shared.limiter.open() as u64
     }
 
     /// Where it listens (the bound port for a TCP address given with port 0).

@@ -189,6 +189,8 @@ fn auth_thread(rx: Arc<Mutex<Receiver<Job>>>) {
 
 struct Listener {
     addr: SocketAddr,
+    /// The listening socket (owned by the accept thread), for a takeover.
+    fd: std::os::fd::RawFd,
     stop: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
     limiter: Arc<ConnLimiter>,
@@ -352,10 +354,12 @@ impl Target {
         if addr.port() != 0 && ls.contains_key(&addr) {
             return Ok(addr);
         }
-        let l = TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+        let l = nvmux_core::unixsock::tcp_listener(addr)
+            .map_err(|e| format!("listen on {addr}: {e}"))?;
         let bound = l
             .local_addr()
             .map_err(|e| format!("listen on {addr}: {e}"))?;
+        let fd = l.as_raw_fd();
         let stop = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
         let limiter = ConnLimiter::new(self.cfg.max_connections, self.cfg.max_connections_per_host);
         let ctx = AcceptCtx {
@@ -382,6 +386,7 @@ impl Target {
             bound,
             Listener {
                 addr: bound,
+                fd,
                 stop,
                 thread: Some(thread),
                 limiter,
@@ -399,6 +404,33 @@ impl Target {
                 tracing::info!(addr = %l.addr, "nvme/tcp: listener closed");
                 l.stop();
             }
+        }
+    }
+
+    /// Every listener's address and descriptor (valid while the target listens there),
+    /// for a takeover.
+    pub fn listener_fds(&self) -> Vec<(SocketAddr, std::os::fd::RawFd)> {
+        self.listeners().values().map(|l| (l.addr, l.fd)).collect()
+    }
+
+    /// [`Target::shutdown`], then wait up to `timeout` for the connections to finish
+    /// their commands and go. The listening sockets are not shut down (a takeover's new
+    /// process shares them). Returns the connections still alive then.
+    pub fn shutdown_and_wait(&self, timeout: Duration) -> usize {
+        let conns: Vec<_> = self
+            .reg
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.shutdown();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let alive = conns.iter().filter(|w| w.strong_count() > 0).count();
+            if alive == 0 || std::time::Instant::now() >= deadline {
+                return alive;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -191,6 +191,10 @@ pub struct BenchArgs {
     /// and TLS-PSK (nbdcopy), on one /dev/shm file.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile"])]
     nbd_tls: bool,
+    /// Measure the I/O pause instead: the longest completion latency a libblkio client
+    /// sees during `nvmux upgrade` (5 times) and during SIGKILL plus a restart.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile", "nbd_tls"])]
+    restart: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     #[arg(long)]
@@ -298,7 +302,16 @@ pub fn run(a: BenchArgs) -> Res<()> {
         );
     }
     let suite = a.what.as_deref() == Some("suite");
-    if suite || a.pool || a.crypt || a.fair || a.nvmf || a.router || a.hostile || a.nbd_tls {
+    if suite
+        || a.pool
+        || a.crypt
+        || a.fair
+        || a.nvmf
+        || a.router
+        || a.hostile
+        || a.nbd_tls
+        || a.restart
+    {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
             procs::pin_current_thread(1);
@@ -317,6 +330,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.hostile {
             return crate::bench_hostile::run(&a, two.then_some(0));
+        }
+        if a.restart {
+            return crate::bench_restart::run(&a, two.then_some(0));
         }
         if a.nbd_tls {
             return crate::bench_nbd_tls::run(&a, secs, two.then_some(0), two.then_some(1));

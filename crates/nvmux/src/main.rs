@@ -15,6 +15,7 @@ mod bench_hostile;
 mod bench_nbd_tls;
 mod bench_nvmf;
 mod bench_pool;
+mod bench_restart;
 mod bench_router;
 mod bench_suite;
 mod demo;
@@ -75,6 +76,20 @@ enum Cmd {
         #[arg(long)]
         disassemble: bool,
     },
+    /// Replace the running daemon by a new binary without a reconnect: listening
+    /// sockets, vhost-user sessions (guest memory, rings) and the API socket move to
+    /// the new process; NBD and NVMe/TCP connections are drained and closed (clients
+    /// reconnect). If the new binary fails before it takes over, the running daemon
+    /// keeps serving. See docs/operations.md, "Upgrade".
+    Upgrade {
+        /// The new binary (default: the running daemon's own executable).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Time the new binary has for each step (start, health check, start-up), e.g.
+        /// 30s or 500ms.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
     /// Per-disk I/O statistics and per-worker load.
     Stats {
         /// Only this disk.
@@ -110,6 +125,10 @@ struct ServeArgs {
     /// disks (32 raw bytes or 64 hex digits).
     #[arg(long)]
     kek_file: Option<PathBuf>,
+    /// Take over from the running daemon that started this process through this
+    /// private socket (`nvmux upgrade` passes it; not for interactive use).
+    #[arg(long, hide = true)]
+    takeover: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -598,7 +617,23 @@ fn run(cli: Cli) -> Res {
             if let Some(k) = a.kek_file {
                 cfg.keys.kek_file = Some(std::path::absolute(&k).unwrap_or(k));
             }
-            nvmux_daemon::serve(cfg)?;
+            nvmux_daemon::serve_with(cfg, a.takeover)?;
+        }
+        Cmd::Upgrade { binary, timeout } => {
+            let ms = parse_duration_ms(&timeout)?;
+            let binary = binary.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let v = api.post("/v1/upgrade", &json!({"binary": binary, "timeout_ms": ms}))?;
+            show(&v, &|v| {
+                println!(
+                    "upgraded: pid {} serves now ({}); {} vhost-user sessions and {} sockets handed over, {} NBD/NVMe-TCP connections closed; longest vhost-user pause {:.1} ms",
+                    v["pid"],
+                    v["binary"].as_str().unwrap_or(""),
+                    v["sessions"],
+                    v["listeners"],
+                    v["closed_connections"],
+                    v["pause_ms"].as_f64().unwrap_or(0.0)
+                )
+            });
         }
         Cmd::Disk(DiskCmd::Create {
             name,
@@ -1685,4 +1720,23 @@ fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
         }
     }
     Ok(())
+}
+
+/// `30s`, `500ms`, `2m` or a plain number of seconds, in milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1000)
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("duration {s:?}: give e.g. 30s, 500ms or 2m"))
 }

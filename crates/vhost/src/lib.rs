@@ -45,8 +45,11 @@ mod backend_req;
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handover;
 pub mod inflight;
 pub mod log;
+mod takeover;
+pub use takeover::{drop_unclaimed_sessions, stash_session};
 pub mod mem;
 pub mod migration;
 pub mod split;
@@ -392,6 +395,11 @@ impl BlkBackend {
         for i in 0..self.vrings.len() {
             self.stop(i);
         }
+    }
+
+    /// Which rings run now (to thaw them after a takeover that did not happen).
+    fn running(&self) -> Vec<bool> {
+        self.vrings.iter().map(|v| v.running.is_some()).collect()
     }
 
     fn reset(&mut self) {
@@ -842,7 +850,199 @@ pub struct VhostBlkExport {
     log_counters: Arc<LogCounters>,
     gate: Arc<RingGate>,
     side: usize,
+    ctl: Arc<ThreadCtl>,
+    /// Released to a new process: dropping must not shut the shared sockets down.
+    handed_over: bool,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A frozen export: its listening socket and its session (if a client is connected).
+pub struct Frozen {
+    pub listener: std::os::fd::OwnedFd,
+    pub session: Option<handover::SessionState<std::os::fd::OwnedFd>>,
+}
+
+enum Ctl {
+    Freeze(std::sync::mpsc::SyncSender<std::io::Result<Frozen>>),
+    Thaw,
+    Release,
+}
+
+#[derive(PartialEq, Eq)]
+enum Outcome {
+    Thawed,
+    Released,
+}
+
+#[derive(PartialEq, Eq)]
+enum Woke {
+    Fd,
+    Ctl,
+}
+
+/// Wait until `fd` is readable (or hung up) or the control eventfd is signalled.
+fn wait2(fd: std::os::fd::RawFd, efd: std::os::fd::RawFd) -> Woke {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: efd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: fds is a valid array of two pollfd for the call's duration.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Let the caller's read report the error.
+            return Woke::Fd;
+        }
+        if fds[1].revents != 0 {
+            return Woke::Ctl;
+        }
+        return Woke::Fd;
+    }
+}
+
+/// Takeover requests to an export's connection thread: a channel, and an eventfd that
+/// wakes the thread's poll.
+struct ThreadCtl {
+    efd: std::os::fd::OwnedFd,
+    tx: Mutex<std::sync::mpsc::Sender<Ctl>>,
+    rx: Mutex<Receiver<Ctl>>,
+}
+
+impl ThreadCtl {
+    fn new() -> nvmux_core::Result<ThreadCtl> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::io(
+                "vhost export eventfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let efd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        Ok(ThreadCtl {
+            efd,
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+        })
+    }
+
+    fn send(&self, c: Ctl) {
+        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(c);
+        let one = 1u64;
+        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn next(&self, block: bool) -> Option<Ctl> {
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes into a live u64 from our own (non-blocking) eventfd.
+        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        if block {
+            rx.recv().ok()
+        } else {
+            rx.try_recv().ok()
+        }
+    }
+
+    /// After a freeze: wait for the verdict.
+    fn wait_verdict(&self) -> Outcome {
+        loop {
+            match self.next(true) {
+                Some(Ctl::Thaw) => return Outcome::Thawed,
+                Some(Ctl::Release) | None => return Outcome::Released,
+                Some(Ctl::Freeze(tx)) => {
+                    let _ = tx.send(Err(std::io::Error::other("already frozen")));
+                }
+            }
+        }
+    }
+
+    /// A takeover request while no client is connected.
+    fn serve_idle(&self, listen_fd: std::os::fd::RawFd) -> Outcome {
+        match self.next(false) {
+            Some(Ctl::Freeze(tx)) => {
+                let l = dup_fd(listen_fd).map(|listener| Frozen {
+                    listener,
+                    session: None,
+                });
+                let _ = tx.send(l);
+                self.wait_verdict()
+            }
+            Some(Ctl::Release) => Outcome::Released,
+            Some(Ctl::Thaw) | None => Outcome::Thawed,
+        }
+    }
+
+    /// A takeover request while a client is connected: stop its rings, hand its state
+    /// out, and wait for the verdict (thaw the rings, or let the thread end).
+    fn serve_session(
+        &self,
+        backend: &Arc<Mutex<BlkBackend>>,
+        socket: &Path,
+        conn_fd: std::os::fd::RawFd,
+        req: &Arc<Mutex<Option<UnixStream>>>,
+        listen_fd: std::os::fd::RawFd,
+    ) -> Outcome {
+        match self.next(false) {
+            Some(Ctl::Freeze(tx)) => {
+                let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
+                let running = b.running();
+                let t0 = Instant::now();
+                b.stop_all();
+                let chan = req
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|c| c.try_clone().map(std::os::fd::OwnedFd::from));
+                let r = (|| {
+                    let listener = dup_fd(listen_fd)?;
+                    let chan = chan.transpose()?;
+                    let session = b.snapshot(socket, dup_fd(conn_fd)?, chan, &running)?;
+                    Ok(Frozen {
+                        listener,
+                        session: Some(session),
+                    })
+                })();
+                tracing::info!(export = %b.name, drained_us = t0.elapsed().as_micros() as u64, "vhost-user session frozen for a takeover");
+                drop(b);
+                let _ = tx.send(r);
+                let o = self.wait_verdict();
+                if o == Outcome::Thawed {
+                    let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
+                    b.thaw(&running);
+                    tracing::info!(export = %b.name, "takeover abandoned: virtqueues restarted");
+                }
+                o
+            }
+            Some(Ctl::Release) => Outcome::Released,
+            Some(Ctl::Thaw) | None => Outcome::Thawed,
+        }
+    }
+}
+
+fn dup_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this thread keeps open; the result is a
+    // fresh descriptor we own.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) })
 }
 
 /// What the API shows of an export's dirty logging (live migration).
@@ -914,44 +1114,103 @@ impl VhostBlkExport {
             }
         }
         // Owner and mode are set before the socket appears at its path (no link is
-        // followed); a stale socket there is replaced.
+        // followed); a stale socket there is replaced. After a takeover the listening
+        // socket is the old process's (nvmux_core::unixsock::bind hands it back).
         let mut listener = Listener::from(nvmux_core::unixsock::bind(&cfg.socket, &cfg.perms)?);
         let listen_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let backend_req: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let counters = Arc::new(ExportCounters::default());
+        let ctl = Arc::new(ThreadCtl::new()?);
         let counters2 = counters.clone();
         let log_counters = Arc::new(LogCounters::default());
         let log_counters2 = log_counters.clone();
         let gate2 = gate.clone();
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
         let req2 = backend_req.clone();
+        let ctl2 = ctl.clone();
+        // A session handed over by the old process: adopted before anything is accepted.
+        let mut adopted = match takeover::take_session(&cfg.socket) {
+            Some(mut s) => {
+                let backend = Arc::new(Mutex::new(BlkBackend::new(
+                    dev.clone(),
+                    &cfg,
+                    workers.clone(),
+                    stats.clone(),
+                    counters.clone(),
+                    log_counters.clone(),
+                    (gate.clone(), side),
+                )));
+                let running: Vec<bool> = s.vrings.iter().map(|v| v.running).collect();
+                let r = backend
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .adopt(&mut s);
+                match r.and_then(|()| {
+                    takeover::prime_handler(s.conn, backend.clone(), s.features, s.protocol)
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok(h) => {
+                        *req2.lock().unwrap_or_else(|e| e.into_inner()) =
+                            s.backend_req.map(UnixStream::from);
+                        backend
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .start_adopted(&running);
+                        tracing::info!(socket = %cfg.socket.display(), "vhost-user session taken over");
+                        Some((h, backend))
+                    }
+                    Err(e) => {
+                        tracing::error!(socket = %cfg.socket.display(), "the handed-over vhost-user session could not be taken over: {e}; its connection is closed (the front-end reconnects if it was started with reconnect)");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let thread = std::thread::Builder::new()
             .name("nvmux-vhost".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
-                    let backend = Arc::new(Mutex::new(BlkBackend::new(
-                        dev.clone(),
-                        &cfg,
-                        workers.clone(),
-                        stats.clone(),
-                        counters2.clone(),
-                        log_counters2.clone(),
-                        (gate2.clone(), side),
-                    )));
-                    let accepted = BackendListener::new(&mut listener, backend.clone())
-                        .and_then(|mut l| l.accept());
-                    let mut handler = match accepted {
-                        Ok(Some(h)) => h,
-                        Ok(None) => continue,
-                        Err(e) => {
-                            if stop2.load(Ordering::Acquire) {
-                                break;
+                    let resumed = adopted.is_some();
+                    let (mut handler, backend) = match adopted.take() {
+                        Some(x) => x,
+                        None => {
+                            // Wait for a client or a takeover request.
+                            match wait2(listener.as_raw_fd(), ctl2.efd.as_raw_fd()) {
+                                Woke::Ctl => {
+                                    let frozen = ctl2.serve_idle(listener.as_raw_fd());
+                                    if frozen == Outcome::Released {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                                Woke::Fd => {}
                             }
-                            tracing::warn!(socket = %cfg.socket.display(), "accept: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
+                            let backend = Arc::new(Mutex::new(BlkBackend::new(
+                                dev.clone(),
+                                &cfg,
+                                workers.clone(),
+                                stats.clone(),
+                                counters2.clone(),
+                                log_counters2.clone(),
+                                (gate2.clone(), side),
+                            )));
+                            let accepted = BackendListener::new(&mut listener, backend.clone())
+                                .and_then(|mut l| l.accept());
+                            match accepted {
+                                Ok(Some(h)) => (h, backend),
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    if stop2.load(Ordering::Acquire) {
+                                        break;
+                                    }
+                                    tracing::warn!(socket = %cfg.socket.display(), "accept: {e}");
+                                    std::thread::sleep(Duration::from_millis(100));
+                                    continue;
+                                }
+                            }
                         }
                     };
                     if stop2.load(Ordering::Acquire) {
@@ -960,12 +1219,26 @@ impl VhostBlkExport {
                     let peek = handler.try_clone_connection().ok();
                     *conn2.lock().unwrap_or_else(|e| e.into_inner()) =
                         handler.try_clone_connection().ok();
-                    tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
+                    if resumed {
+                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client resumed after a takeover");
+                    } else {
+                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
+                    }
+                    let conn_fd = peek.as_ref().map_or(-1, |p| p.as_raw_fd());
                     // A panic while serving one client must not take the export down.
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                        // Messages are read whole, one at a time: a takeover freezes the
+                        // session between two messages.
+                        if wait2(conn_fd, ctl2.efd.as_raw_fd()) == Woke::Ctl {
+                            let o = ctl2.serve_session(&backend, &cfg.socket, conn_fd, &req2, listener.as_raw_fd());
+                            if o == Outcome::Released {
+                                return None;
+                            }
+                            continue;
+                        }
                         let chan = peek.as_ref().and_then(backend_req::peek_backend_req_fd);
                         if let Err(e) = handler.handle_request() {
-                            return e;
+                            return Some(e);
                         }
                         if chan.is_some() {
                             tracing::info!(socket = %cfg.socket.display(), "back-end request channel set up");
@@ -973,10 +1246,16 @@ impl VhostBlkExport {
                         }
                     }));
                     match r {
-                        Ok(VuError::Disconnected) | Ok(VuError::PartialMessage) => {
+                        Ok(None) => {
+                            // Handed over: the new process serves this client now. Our
+                            // copies of its descriptors close; the connection stays open.
+                            std::mem::forget(backend);
+                            return;
+                        }
+                        Ok(Some(VuError::Disconnected)) | Ok(Some(VuError::PartialMessage)) => {
                             tracing::info!(socket = %cfg.socket.display(), "vhost-user client disconnected")
                         }
-                        Ok(e) => tracing::warn!(socket = %cfg.socket.display(), "vhost-user connection closed: {e}"),
+                        Ok(Some(e)) => tracing::warn!(socket = %cfg.socket.display(), "vhost-user connection closed: {e}"),
                         Err(_) => tracing::error!(socket = %cfg.socket.display(), "vhost-user connection handler panicked; connection closed"),
                     }
                     *conn2.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1003,8 +1282,50 @@ impl VhostBlkExport {
             log_counters,
             gate,
             side,
+            ctl,
+            handed_over: false,
             thread: Some(thread),
         })
+    }
+
+    /// Takeover, step 1: stop accepting, stop every ring of the connected client
+    /// (draining its in-flight requests; each ring's next available index is recorded, as
+    /// GET_VRING_BASE does) and stop reading its connection. Returns the listening
+    /// socket and the session, with duplicates of every descriptor. Then either
+    /// [`VhostBlkExport::thaw`] or [`VhostBlkExport::release`].
+    pub fn freeze(&self, timeout: Duration) -> nvmux_core::Result<Frozen> {
+        let (tx, rx) = sync_channel(1);
+        self.ctl.send(Ctl::Freeze(tx));
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Io,
+                format!("export {}: freeze: {e}", self.socket.display()),
+            )),
+            Err(_) => Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "export {}: its connection thread did not freeze within {} ms (a control message in progress?)",
+                    self.socket.display(),
+                    timeout.as_millis()
+                ),
+            )),
+        }
+    }
+
+    /// The takeover was abandoned: restart the rings where they stopped and serve on.
+    pub fn thaw(&self) {
+        self.ctl.send(Ctl::Thaw);
+    }
+
+    /// The new process serves this export now: the thread ends without touching the
+    /// shared sockets (no shutdown, no unlink), and only this process's copies close.
+    pub fn release(mut self) {
+        self.handed_over = true;
+        self.ctl.send(Ctl::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// Tell the attached front-end that the disk's size changed
@@ -1092,7 +1413,7 @@ impl VhostBlkExport {
 
 impl Drop for VhostBlkExport {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if self.thread.is_some() && !self.handed_over {
             self.shutdown();
         }
     }

@@ -333,6 +333,21 @@ impl Memory {
         self.faulted() && !self.reported.swap(true, Ordering::AcqRel)
     }
 
+    /// Each region's guest address, size, offset in its file and a duplicate of the
+    /// file's descriptor (for a takeover: the new process maps the same memory).
+    pub fn region_files(&self) -> Vec<(u64, u64, u64, std::io::Result<File>)> {
+        self.regions
+            .iter()
+            .map(|r| {
+                let (file, offset) = match r.file_offset() {
+                    Some(fo) => (fo.file().try_clone(), fo.start()),
+                    None => (Err(std::io::Error::other("region has no file")), 0),
+                };
+                (r.start_addr().0, r.len(), offset, file)
+            })
+            .collect()
+    }
+
     /// Regions, and how many of them are sealed against shrinking.
     pub fn sealed_counts(&self) -> (usize, usize) {
         (

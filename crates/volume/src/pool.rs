@@ -1537,6 +1537,17 @@ impl Pool {
         self.checkpoint()
     }
 
+    /// [`Pool::close`], then release the pool file's lock, whatever close returned: a
+    /// takeover's new process (`nvmux upgrade`) opens the pool while this process, which
+    /// does no more I/O, is still on its way out (after a failed close the new process
+    /// recovers the pool as after a crash).
+    pub fn close_and_unlock(&self) -> Result<()> {
+        let r = self.close();
+        // SAFETY: flock on a descriptor this pool owns; no memory is involved.
+        unsafe { libc::flock(self.file.file.as_raw_fd(), libc::LOCK_UN) };
+        r
+    }
+
     // ---- control plane ----
 
     pub fn usage(&self) -> PoolUsage {
