@@ -410,12 +410,19 @@ impl Daemon {
                             call: v.call.as_ref().map(|f| f.as_raw_fd()),
                         })
                         .collect(),
-                    inflight: None,
+                    inflight: s.inflight.as_ref().map(|i| handover::InflightState {
+                        num_queues: i.num_queues,
+                        queue_size: i.queue_size,
+                        mmap_size: i.mmap_size,
+                        mmap_offset: i.mmap_offset,
+                        fd: i.fd.as_raw_fd(),
+                    }),
                 }));
                 // The descriptors stay open until they are sent.
                 owned.push(s.conn);
                 owned.extend(s.backend_req);
                 owned.extend(s.regions.into_iter().map(|(_, f)| f));
+                owned.extend(s.inflight.map(|i| i.fd));
                 for v in s.vrings {
                     owned.extend(v.kick);
                     owned.extend(v.call);

@@ -38,7 +38,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 /// Version of the takeover protocol; both binaries must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: a session carries its inflight region (descriptor and geometry).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Most descriptors one frame carries (the kernel's SCM_MAX_FD is 253).
@@ -127,10 +128,20 @@ pub struct SessionState<F> {
     pub backend_req: Option<F>,
     pub regions: Vec<(RegionState, F)>,
     pub vrings: Vec<VringState<F>>,
-    /// Hook for INFLIGHT_SHMFD (issue 17 part A): the inflight region's descriptor, once
-    /// the back-end keeps one. Always `None` today; a frame that carries one is refused
-    /// by this version, so an old binary never silently drops the region.
-    pub inflight: Option<F>,
+    /// The inflight region the front-end set up (INFLIGHT_SHMFD), if any: the new
+    /// process opens the same file range and keeps tracking.
+    pub inflight: Option<InflightState<F>>,
+}
+
+/// A session's inflight region: its descriptor and what `inflight::Region::open` needs
+/// (the fields of GET/SET_INFLIGHT_FD).
+#[derive(Debug, PartialEq, Eq)]
+pub struct InflightState<F> {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub fd: F,
 }
 
 /// A message of the takeover channel.
@@ -271,8 +282,17 @@ pub fn encode<F: Copy>(m: &Msg<F>) -> (u32, Vec<u8>, Vec<F>) {
             fds.push(s.conn);
             w.u8(s.backend_req.is_some() as u8);
             fds.extend(s.backend_req);
-            w.u8(s.inflight.is_some() as u8);
-            fds.extend(s.inflight);
+            match &s.inflight {
+                Some(i) => {
+                    w.u8(1);
+                    w.u16(i.num_queues);
+                    w.u16(i.queue_size);
+                    w.u64(i.mmap_size);
+                    w.u64(i.mmap_offset);
+                    fds.push(i.fd);
+                }
+                None => w.u8(0),
+            }
             w.u32(s.regions.len() as u32);
             for (r, f) in &s.regions {
                 w.u64(r.gpa);
@@ -373,7 +393,33 @@ pub fn decode<F>(t: u32, payload: &[u8], fds: Vec<F>) -> Result<Msg<F>, String> 
                 None
             };
             let inflight = if r.bool()? {
-                Some(fd("the inflight region")?)
+                let num_queues = r.u16()?;
+                let queue_size = r.u16()?;
+                let mmap_size = r.u64()?;
+                let mmap_offset = r.u64()?;
+                // The limits of SET_INFLIGHT_FD (Region::open checks the file too).
+                let len = crate::inflight::region_bytes(num_queues, queue_size)?;
+                let max = crate::inflight::region_bytes(
+                    crate::inflight::MAX_QUEUES,
+                    crate::MAX_QUEUE_SIZE,
+                )?;
+                if mmap_size < len as u64 || mmap_size > max as u64 {
+                    return Err(format!(
+                        "inflight region of {mmap_size} bytes for {num_queues} queues of {queue_size} (needs {len}, at most {max})"
+                    ));
+                }
+                if mmap_offset.checked_add(mmap_size).is_none() {
+                    return Err(format!(
+                        "inflight region offset {mmap_offset:#x} + size overflows"
+                    ));
+                }
+                Some(InflightState {
+                    num_queues,
+                    queue_size,
+                    mmap_size,
+                    mmap_offset,
+                    fd: fd("the inflight region")?,
+                })
             } else {
                 None
             };
@@ -470,13 +516,6 @@ pub fn decode<F>(t: u32, payload: &[u8], fds: Vec<F>) -> Result<Msg<F>, String> 
         return Err(format!(
             "the frame carries {nfds} descriptors, more than its message names"
         ));
-    }
-    if let Msg::Session(s) = &m {
-        if s.inflight.is_some() {
-            return Err(
-                "the session carries an inflight region, which this nvmux cannot take over".into(),
-            );
-        }
     }
     Ok(m)
 }
@@ -752,13 +791,53 @@ mod tests {
         assert!(decode(T_LISTENER, &w.b, vec![0u32])
             .unwrap_err()
             .contains("at most"));
-        // The inflight hook: refused until this version can take the region over.
+        // An inflight region's geometry is held to SET_INFLIGHT_FD's limits.
+        for (nq, qs, size, off) in [
+            (0u16, 256u16, 8192u64, 0u64),
+            (65, 256, 1 << 20, 0),
+            (1, 0, 4096, 0),
+            (1, 256, 64, 0),
+            (1, 256, 1 << 40, 0),
+            (1, 256, 8192, u64::MAX),
+        ] {
+            let Msg::Session(mut s) = session() else {
+                unreachable!()
+            };
+            s.inflight = Some(InflightState {
+                num_queues: nq,
+                queue_size: qs,
+                mmap_size: size,
+                mmap_offset: off,
+                fd: 9,
+            });
+            let (t, p, f) = encode(&Msg::Session(s));
+            assert!(
+                decode(t, &p, f).unwrap_err().contains("inflight region"),
+                "{nq} {qs} {size} {off}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_session_with_an_inflight_region_round_trips() {
         let Msg::Session(mut s) = session() else {
             unreachable!()
         };
-        s.inflight = Some(9);
-        let (t, p, f) = encode(&Msg::Session(s));
-        assert!(decode(t, &p, f).unwrap_err().contains("inflight"));
+        s.inflight = Some(InflightState {
+            num_queues: 2,
+            queue_size: 256,
+            mmap_size: 2 * crate::inflight::queue_bytes(256) as u64,
+            mmap_offset: 4096,
+            fd: 6,
+        });
+        let m = Msg::Session(s);
+        let (t, p, f) = encode(&m);
+        // The region's descriptor travels after the back-end channel's.
+        assert_eq!(f, vec![0, 1, 6, 2, 3, 4, 5]);
+        assert_eq!(decode(t, &p, f.clone()).unwrap(), m);
+        for n in 0..p.len() {
+            assert!(decode(t, &p[..n], f.clone()).is_err());
+        }
     }
 
     #[test]

@@ -400,6 +400,10 @@ pub struct Region {
     map: Mapping,
     num_queues: u16,
     queue_size: u16,
+    /// The file range the region was created or opened with (what a takeover hands on
+    /// with the descriptor, so the new process opens the same range).
+    mmap_size: u64,
+    mmap_offset: u64,
     /// Kept so the region can be handed on (a dup of the front-end's descriptor).
     file: File,
 }
@@ -450,7 +454,7 @@ impl Region {
         let send = file
             .try_clone()
             .map_err(|e| format!("inflight region: dup: {e}"))?;
-        let region = Self::map(file, 0, len, num_queues, queue_size)?;
+        let region = Self::map(file, 0, len as u64, len, num_queues, queue_size)?;
         Ok((region, send))
     }
 
@@ -501,12 +505,13 @@ impl Region {
                 "inflight region [{mmap_offset:#x}, {end:#x}) reaches past its file's end ({file_size:#x})"
             ));
         }
-        Self::map(file, mmap_offset, len, num_queues, queue_size)
+        Self::map(file, mmap_offset, mmap_size, len, num_queues, queue_size)
     }
 
     fn map(
         file: File,
         offset: u64,
+        mmap_size: u64,
         len: usize,
         num_queues: u16,
         queue_size: u16,
@@ -540,6 +545,8 @@ impl Region {
             map,
             num_queues,
             queue_size,
+            mmap_size,
+            mmap_offset: offset,
             file,
         }))
     }
@@ -549,6 +556,14 @@ impl Region {
     }
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+    /// Size of the file range the region lives in (as GET/SET_INFLIGHT_FD gave it).
+    pub fn mmap_size(&self) -> u64 {
+        self.mmap_size
+    }
+    /// Offset of that range in the region's file.
+    pub fn mmap_offset(&self) -> u64 {
+        self.mmap_offset
     }
     /// The front-end truncated the file under us (a SIGBUS was recovered).
     pub fn faulted(&self) -> bool {

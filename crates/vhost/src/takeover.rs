@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::BackendReqHandler;
 
-use crate::handover::{RegionState, SessionState, VringState};
+use crate::handover::{InflightState, RegionState, SessionState, VringState};
 use crate::mem::{self, Memory, RegionDesc};
 use crate::{BlkBackend, RegionInfo};
 
@@ -56,6 +56,15 @@ impl BlkBackend {
         backend_req: Option<OwnedFd>,
         running: &[bool],
     ) -> std::io::Result<SessionState<OwnedFd>> {
+        // The dirty log lives in the front-end's memory and the source QEMU reads it
+        // until the migration ends; a new process would have to map it anew mid-way.
+        // Not worth the risk of a missed page: the upgrade waits for the migration.
+        if self.acked_features & crate::log::VHOST_F_LOG_ALL != 0 && self.log_map.is_some() {
+            return Err(std::io::Error::other(format!(
+                "export {} is being live-migrated (dirty logging on); upgrade after the migration completes",
+                self.name
+            )));
+        }
         let m = self.mem.load();
         let mut regions = Vec::new();
         for (gpa, size, offset, file) in m.region_files() {
@@ -95,8 +104,19 @@ impl BlkBackend {
             backend_req,
             regions,
             vrings,
-            // Hook for INFLIGHT_SHMFD: the inflight region goes here once it exists.
-            inflight: None,
+            inflight: self
+                .inflight
+                .as_ref()
+                .map(|r| {
+                    Ok::<_, std::io::Error>(InflightState {
+                        num_queues: r.num_queues(),
+                        queue_size: r.queue_size(),
+                        mmap_size: r.mmap_size(),
+                        mmap_offset: r.mmap_offset(),
+                        fd: fd(r.file())?,
+                    })
+                })
+                .transpose()?,
         })
     }
 
@@ -150,7 +170,23 @@ impl BlkBackend {
             parts.push(mem::map_region(d, File::from(f), &flag)?);
         }
         let m = Memory::new(parts, flag)?;
+        // The inflight region: the same file range, so tracking goes on where the old
+        // process left it (the rings drained, so recovery finds nothing in flight).
+        let inflight = match s.inflight.take() {
+            Some(i) => Some(
+                crate::inflight::Region::open(
+                    i.num_queues,
+                    i.queue_size,
+                    i.mmap_size,
+                    i.mmap_offset,
+                    File::from(i.fd),
+                )
+                .map_err(|e| format!("the session's {e}"))?,
+            ),
+            None => None,
+        };
         self.install_memory(m, infos);
+        self.inflight = inflight;
         for (v, st) in self.vrings.iter_mut().zip(s.vrings.iter_mut()) {
             v.size = st.size;
             v.addrs = st.addrs;
