@@ -7,6 +7,7 @@
 //!   on the disk.
 //! * GET/SET_INFLIGHT_FD with hostile geometry, offsets or descriptors are refused before
 //!   anything is mapped, and the daemon keeps serving.
+//! * `nvmux upgrade` hands the region to the new process, which marks requests in it.
 
 mod common;
 
@@ -424,4 +425,91 @@ fn hostile_inflight_messages_are_refused() {
     let log = d.log();
     assert!(log.contains("SET_INFLIGHT_FD refused"), "{log}");
     d.stop();
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// `nvmux upgrade` hands the session's inflight region to the new process: requests
+/// made after the upgrade (held in flight by `vhost-complete-delay`) are marked in the
+/// region the front-end holds, so a later kill -9 could still resubmit them.
+#[test]
+fn inflight_tracking_survives_an_upgrade() {
+    watchdog(180);
+    let faults = [("NVMUX_TEST_FAULTS", "vhost-complete-delay:t.sock")];
+    let d = TestDaemon::start_with_env(unique_dir("inflight-upgrade"), &[], &faults);
+    let (img, sock) = d.disk_and_export("t", 4 << 20, 1, json!({}));
+    let m = Mem::new();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let mut f = connect(&sock);
+    let (info, region) = f
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .expect("get_inflight_fd");
+    let size = info.mmap_size as usize;
+    f.set_inflight_fd(&info, region.as_raw_fd())
+        .expect("set_inflight_fd");
+    start_queue(&mut f, &m, 0, &kick, &call);
+
+    let bin = d.dir.join("nvmux-b");
+    std::fs::copy(env!("CARGO_BIN_EXE_nvmux"), &bin).expect("copy the binary");
+    let v = d
+        .api
+        .post("/v1/upgrade", &json!({"binary": bin, "timeout_ms": 30000}))
+        .unwrap_or_else(|e| panic!("upgrade: {e}\n{}", d.log()));
+    assert_eq!(v["sessions"], 1, "{v}");
+    let pid = v["pid"].as_u64().expect("pid") as u32;
+
+    // The same connection, now served by the new process: requests are marked in
+    // flight while the completion delay holds them.
+    prepare(&m);
+    kick.write(1).unwrap();
+    let (t0, mut seen_marked) = (Instant::now(), false);
+    while m.used_idx() != REQUESTS {
+        seen_marked |= any_marked(&region, size);
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "used index {} of {REQUESTS} after the upgrade\n{}",
+            m.used_idx(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    assert!(
+        seen_marked,
+        "no request was marked in the inflight region after the upgrade: the new process serves the session without tracking"
+    );
+    let mut heads: Vec<u32> = (0..REQUESTS as u64)
+        .map(|i| m.r::<u32>(USED + 4 + 8 * i))
+        .collect();
+    heads.sort();
+    assert_eq!(heads, [0, 3, 6, 9, 12], "each request completes once");
+    for k in 0..REQUESTS {
+        assert_eq!(m.r::<u8>(STATUS + k as u64), 0, "status of request {k}");
+        assert_eq!(
+            read_file_at(&img, 4096 * k as u64, 4096),
+            pattern(k as u64 + 1, 4096),
+            "data of request {k}"
+        );
+    }
+    let t0 = Instant::now();
+    while any_marked(&region, size) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "marks left");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(f);
+    // SAFETY: signalling the upgraded daemon this test started (indirectly).
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "pid {pid} runs on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_killed();
 }
