@@ -427,6 +427,18 @@ fn hostile_inflight_messages_are_refused() {
     d.stop();
 }
 
+/// The upgraded daemon is not our child: SIGKILL it if the test fails (it would keep the
+/// build lock's descriptor open).
+struct KillOnDrop(u32);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: signalling the daemon this test started (indirectly).
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit(')')
@@ -465,6 +477,7 @@ fn inflight_tracking_survives_an_upgrade() {
         .unwrap_or_else(|e| panic!("upgrade: {e}\n{}", d.log()));
     assert_eq!(v["sessions"], 1, "{v}");
     let pid = v["pid"].as_u64().expect("pid") as u32;
+    let _guard = KillOnDrop(pid);
 
     // The same connection, now served by the new process: requests are marked in
     // flight while the completion delay holds them.
@@ -503,6 +516,99 @@ fn inflight_tracking_survives_an_upgrade() {
         assert!(t0.elapsed() < Duration::from_secs(5), "marks left");
         std::thread::sleep(Duration::from_millis(1));
     }
+    drop(f);
+    // SAFETY: signalling the upgraded daemon this test started (indirectly).
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "pid {pid} runs on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_killed();
+}
+
+/// A session with dirty logging on (a live migration runs) is not taken over: the
+/// upgrade fails with the reason and the old daemon keeps serving; once LOG_ALL is off
+/// the same upgrade goes through.
+#[test]
+fn an_upgrade_waits_for_a_live_migration() {
+    const LOG_ALL: u64 = 1 << 26;
+    watchdog(180);
+    let d = TestDaemon::start("inflight-upgrade-log");
+    let (img, sock) = d.disk_and_export("g", 4 << 20, 1, json!({}));
+    let m = Mem::new();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let mut f = Frontend::connect(&sock, 1).expect("connect");
+    f.set_owner().expect("set_owner");
+    let base = f.get_features().expect("get_features") & ((1 << 32) | (1 << 30));
+    f.set_features(base).expect("set_features");
+    f.get_protocol_features().expect("get_protocol_features");
+    f.set_protocol_features(
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD,
+    )
+    .expect("set_protocol_features");
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    start_queue(&mut f, &m, 0, &kick, &call);
+    // SAFETY: memfd_create with a valid C string; result checked.
+    let raw = unsafe { libc::memfd_create(c"dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: raw is a fresh fd we own.
+    let log = unsafe { File::from_raw_fd(raw) };
+    log.set_len(4096).expect("size the log");
+    f.set_log_base(
+        0,
+        Some(vhost::VhostUserDirtyLogRegion {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            mmap_handle: log.as_raw_fd(),
+        }),
+    )
+    .expect("set_log_base");
+    f.set_features(base | LOG_ALL).expect("LOG_ALL on");
+
+    let bin = d.dir.join("nvmux-b");
+    std::fs::copy(env!("CARGO_BIN_EXE_nvmux"), &bin).expect("copy the binary");
+    let e = d
+        .api
+        .post("/v1/upgrade", &json!({"binary": bin, "timeout_ms": 30000}))
+        .expect_err("an upgrade during a live migration must be refused");
+    assert!(
+        e.message
+            .contains("g.sock is being live-migrated (dirty logging on)"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("keeps serving"), "{}", e.message);
+    // The old daemon thawed the ring: requests complete on the same connection.
+    prepare(&m);
+    kick.write(1).unwrap();
+    let t0 = Instant::now();
+    while m.used_idx() != REQUESTS {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the ring did not run after the refused upgrade\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for k in 0..REQUESTS {
+        assert_eq!(
+            read_file_at(&img, 4096 * k as u64, 4096),
+            pattern(k as u64 + 1, 4096),
+            "data of request {k}"
+        );
+    }
+    // The migration is over (LOG_ALL off): the upgrade goes through.
+    f.set_features(base).expect("LOG_ALL off");
+    let v = d
+        .api
+        .post("/v1/upgrade", &json!({"binary": bin, "timeout_ms": 30000}))
+        .unwrap_or_else(|e| panic!("upgrade after the migration: {e}\n{}", d.log()));
+    assert_eq!(v["sessions"], 1, "{v}");
+    let pid = v["pid"].as_u64().expect("pid") as u32;
+    let _guard = KillOnDrop(pid);
     drop(f);
     // SAFETY: signalling the upgraded daemon this test started (indirectly).
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
