@@ -199,7 +199,8 @@ impl<P: Default> Engine<P> {
         }
         self.capacity = capacity;
         self.slots.reserve_exact(capacity - self.slots.len());
-        self.free.reserve_exact(capacity.saturating_sub(self.free.capacity()));
+        self.free
+            .reserve_exact(capacity.saturating_sub(self.free.capacity()));
         self.ready
             .reserve_exact(capacity.saturating_sub(self.ready.capacity()));
         self.done
@@ -457,7 +458,10 @@ impl<P: Default> Engine<P> {
     ) -> Result<(), Status> {
         self.check(d, op, slba, nlb)?;
         let bs = self.disk(d).map_or(0, |x| x.info.block_size as u64);
-        let s = self.slots.get_mut(i as usize).ok_or(Status::INTERNAL_ERROR)?;
+        let s = self
+            .slots
+            .get_mut(i as usize)
+            .ok_or(Status::INTERNAL_ERROR)?;
         s.disk = d;
         s.op = op;
         s.slba = slba;
@@ -498,7 +502,10 @@ impl<P: Default> Engine<P> {
     /// Send slot `i`'s prepared command (with its SG list) to its disk's block queue. The
     /// list must cover exactly the command's blocks (reads, writes).
     pub fn submit(&mut self, i: SlotId) -> Result<(), Status> {
-        let s = self.slots.get_mut(i as usize).ok_or(Status::INTERNAL_ERROR)?;
+        let s = self
+            .slots
+            .get_mut(i as usize)
+            .ok_or(Status::INTERNAL_ERROR)?;
         let d = s.disk;
         let Some(disk) = self.disks.get_mut(d as usize).and_then(|x| x.as_mut()) else {
             return Err(Status::INVALID_NAMESPACE);
@@ -538,7 +545,10 @@ impl<P: Default> Engine<P> {
                 self.check(d, op, slba, nlb)?;
             }
         }
-        let s = self.slots.get_mut(i as usize).ok_or(Status::INTERNAL_ERROR)?;
+        let s = self
+            .slots
+            .get_mut(i as usize)
+            .ok_or(Status::INTERNAL_ERROR)?;
         let Some(disk) = self.disks.get_mut(d as usize).and_then(|x| x.as_mut()) else {
             return Err(Status::INVALID_NAMESPACE);
         };

@@ -95,7 +95,10 @@ impl BlockDevice for Mock {
     fn open_queue(&self, depth: u32) -> crate::Result<Box<dyn BlockQueue>> {
         // The mock needs its Arc; tests open queues through `MockDev`.
         let _ = depth;
-        Err(crate::Error::new(crate::ErrorKind::Unsupported, "use MockDev"))
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "use MockDev",
+        ))
     }
     fn describe(&self) -> String {
         "mock".into()
@@ -178,12 +181,20 @@ fn engine(blocks: u64, ro: bool, cap: usize) -> (Engine<Req>, Arc<Mock>, Arc<Dis
     let m = Mock::new(blocks, ro);
     let stats = Arc::new(DiskStats::default());
     let mut e = Engine::new(cap);
-    let d = e.add_disk(Arc::new(MockDev(m.clone())), &stats, 1, cap as u32).unwrap();
+    let d = e
+        .add_disk(Arc::new(MockDev(m.clone())), &stats, 1, cap as u32)
+        .unwrap();
     (e, m, stats, d)
 }
 
 /// Allocate, prepare and submit a read of `nlb` blocks at `slba` into the slot's buffer.
-fn read(e: &mut Engine<Req>, d: DiskId, slba: u64, nlb: u32, cookie: u64) -> Result<SlotId, Status> {
+fn read(
+    e: &mut Engine<Req>,
+    d: DiskId,
+    slba: u64,
+    nlb: u32,
+    cookie: u64,
+) -> Result<SlotId, Status> {
     let i = e.alloc().ok_or(Status::INTERNAL_ERROR)?;
     if let Err(st) = e.prepare(i, d, Opcode::Read, slba, nlb, false) {
         e.release(i);
@@ -213,7 +224,11 @@ fn slots_are_bounded_reused_and_keep_their_state() {
     assert!(e.has_free());
     let b2 = e.alloc().unwrap();
     assert_eq!(b2, b);
-    assert_eq!(e.slot(b2).data.cookie, 7, "the codec's state is kept for reuse");
+    assert_eq!(
+        e.slot(b2).data.cookie,
+        7,
+        "the codec's state is kept for reuse"
+    );
     e.release(a);
     e.release(c);
     e.release(b2);
@@ -237,7 +252,11 @@ fn validation_uses_live_capacity_and_rereads_it_only_when_out_of_range() {
     let (mut e, m, _s, d) = engine(100, false, 8);
     let i = e.alloc().unwrap();
     assert_eq!(e.prepare(i, d, Opcode::Read, 98, 2, false), Ok(()));
-    assert_eq!(m.size_reads.load(Ordering::Relaxed), 0, "in range: no re-read");
+    assert_eq!(
+        m.size_reads.load(Ordering::Relaxed),
+        0,
+        "in range: no re-read"
+    );
     assert_eq!(
         e.prepare(i, d, Opcode::Read, 99, 2, false),
         Err(Status::LBA_OUT_OF_RANGE)
@@ -370,7 +389,12 @@ fn ranges_fan_out_and_complete_once_with_the_first_error() {
     assert_eq!(e.submit_ranges(i, d, Opcode::Deallocate, &[(0, 0)]), Ok(0));
     m.bad_lba.store(20, Ordering::Relaxed);
     assert_eq!(
-        e.submit_ranges(i, d, Opcode::Deallocate, &[(0, 8), (10, 0), (20, 4), (30, 1)]),
+        e.submit_ranges(
+            i,
+            d,
+            Opcode::Deallocate,
+            &[(0, 8), (10, 0), (20, 4), (30, 1)]
+        ),
         Ok(3)
     );
     assert_eq!(e.slot(i).pending(), 3);
@@ -414,13 +438,21 @@ fn a_retired_disk_goes_once_its_commands_are_done() {
     let s1 = Arc::new(DiskStats::default());
     let s2 = Arc::new(DiskStats::default());
     let mut e: Engine<Req> = Engine::new(8);
-    let d1 = e.add_disk(Arc::new(MockDev(m1.clone())), &s1, 1, 8).unwrap();
-    let d2 = e.add_disk(Arc::new(MockDev(m2.clone())), &s2, 2, 8).unwrap();
+    let d1 = e
+        .add_disk(Arc::new(MockDev(m1.clone())), &s1, 1, 8)
+        .unwrap();
+    let d2 = e
+        .add_disk(Arc::new(MockDev(m2.clone())), &s2, 2, 8)
+        .unwrap();
     assert!(e.take_fds_changed());
     assert!(!e.take_fds_changed());
     assert_eq!(e.disk_for(2), Some(d2));
     let a = read(&mut e, d2, 0, 1, 1).unwrap();
-    assert_eq!(m2.log.lock().unwrap()[0].3, 2, "the command carries the disk's nsid");
+    assert_eq!(
+        m2.log.lock().unwrap()[0].3,
+        2,
+        "the command carries the disk's nsid"
+    );
     e.retire_disk(d2);
     assert_eq!(e.disk_for(2), None);
     assert!(e.info(d2).is_some(), "kept while its command is out");

@@ -465,7 +465,12 @@ impl IoCommand {
     /// The part of [`IoCommand::validate`] that needs no data buffer: read-only, block
     /// count and range. A frontend engine runs it when a command is admitted (before its
     /// buffer is filled) and checks the data length when it is submitted.
-    pub fn validate_range(op: Opcode, slba: u64, nlb: u32, info: &DeviceInfo) -> Result<(), Status> {
+    pub fn validate_range(
+        op: Opcode,
+        slba: u64,
+        nlb: u32,
+        info: &DeviceInfo,
+    ) -> Result<(), Status> {
         if op.is_write() && info.read_only {
             return Err(Status::WRITE_PROTECTED);
         }
