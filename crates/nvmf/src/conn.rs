@@ -1450,8 +1450,11 @@ impl Conn {
                 self.entries = c.entries;
                 // The queue's slots: its entries, plus room for the AERs an admin queue
                 // holds. Fixed from here on.
-                self.eng
-                    .set_capacity(c.entries.max(1) as usize + ctrl::MAX_AERS);
+                let cap = c.entries.max(1) as usize + ctrl::MAX_AERS;
+                self.eng.set_capacity(cap);
+                // Every slot may be parked or sending at once: sized now, not per command.
+                self.direct.reserve(cap);
+                self.waitq.reserve(cap);
                 self.sqhd = 1 % c.entries;
                 c.ctrl.attach_queue(c.qid, &self.waker);
                 let now = self.now();
