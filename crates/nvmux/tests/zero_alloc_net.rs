@@ -109,7 +109,10 @@ fn nbd_run(d: &TestDaemon, sock: &std::path::Path, bs: &str, warm: u64, n: u64) 
     // The connection is gone before the next run starts.
     let t0 = Instant::now();
     while connections(d) > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the connection stays");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the connection stays"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
@@ -130,7 +133,11 @@ fn nbd_serves_100k_ios_without_allocating() {
     // Small reads are copied into the send buffer, 64 KiB ones sent from their slot's
     // buffer; 64 KiB and 1 MiB write payloads are received straight into it.
     let mut total = 0;
-    for (bs, warm, n) in [("4k", 5_000, 70_000), ("64k", 3_000, 20_000), ("1m", 3_000, 10_000)] {
+    for (bs, warm, n) in [
+        ("4k", 5_000, 70_000),
+        ("64k", 3_000, 20_000),
+        ("1m", 3_000, 10_000),
+    ] {
         let (ios, allocs) = nbd_run(&d, &sock, bs, warm, n);
         assert_eq!(
             allocs, 0,
