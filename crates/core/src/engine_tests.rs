@@ -48,6 +48,9 @@ fn allocs() -> u64 {
 
 // ---- the mock device --------------------------------------------------------------------
 
+/// A command the mock saw: (opcode, slba, nlb, nsid, sg length).
+type Submitted = (Opcode, u64, u32, u32, u64);
+
 struct Mock {
     info: DeviceInfo,
     /// Live size in bytes (grows under the engine).
@@ -56,8 +59,7 @@ struct Mock {
     size_reads: AtomicU64,
     /// Commands at this LBA fail with a write fault.
     bad_lba: AtomicU64,
-    /// Every command submitted: (opcode, slba, nlb, nsid, sg length).
-    log: Mutex<Vec<(Opcode, u64, u32, u32, u64)>>,
+    log: Mutex<Vec<Submitted>>,
     logging: std::sync::atomic::AtomicBool,
 }
 

@@ -202,13 +202,16 @@ mod tests {
     use std::os::fd::RawFd;
     use std::sync::{Arc, Mutex};
 
+    /// What reached the mock disk: opcode, slba, nlb, data.
+    type Log = Arc<Mutex<Vec<(Opcode, u64, u32, Vec<u8>)>>>;
+
     /// A mock disk that records what reaches it and completes it at the next poll.
     struct Dev {
         info: DeviceInfo,
-        log: Arc<Mutex<Vec<(Opcode, u64, u32, Vec<u8>)>>>,
+        log: Log,
     }
     struct Q {
-        log: Arc<Mutex<Vec<(Opcode, u64, u32, Vec<u8>)>>>,
+        log: Log,
         out: Vec<IoCommand>,
     }
     impl BlockDevice for Dev {
@@ -255,8 +258,6 @@ mod tests {
             None
         }
     }
-
-    type Log = Arc<Mutex<Vec<(Opcode, u64, u32, Vec<u8>)>>>;
 
     fn engine(zeroes: bool, discard: bool) -> (Engine<()>, DiskId, Log) {
         let log: Log = Arc::default();
