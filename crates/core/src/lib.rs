@@ -27,6 +27,7 @@ pub mod anon;
 pub mod budget;
 pub mod crc32c;
 pub mod engine;
+pub mod eventfd;
 pub mod fault;
 pub mod sigbus;
 pub mod stats;
