@@ -646,8 +646,8 @@ fn print_table(
                 (Some(a), Some(b)) if b.m.iops > 0.0 => format!("{:.2}x", a.m.iops / b.m.iops),
                 _ => "-".into(),
             };
-            let spread = round_ratios(rows, b, w)
-                .map_or("-".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}x"));
+            let spread =
+                round_ratios(rows, b, w).map_or("-".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}x"));
             println!(
                 "| {b} | {w} | {} | {} | {} | {} | {} | {} | {} | {spread} | {} | {} |",
                 iops(n),
