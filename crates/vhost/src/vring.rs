@@ -570,7 +570,7 @@ impl VringSource {
                             cmd.keepalive = Some(ka);
                             self.bq.submit(cmd);
                             submitted += 1;
-                            if submitted % EARLY_REAP == 0 {
+                            if submitted.is_multiple_of(EARLY_REAP) {
                                 // A synchronous backend (null, memory, tmpfs) has finished
                                 // these already: hand them back now, so that a driver
                                 // asleep waiting for them wakes while the rest of the
