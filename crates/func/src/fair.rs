@@ -145,6 +145,9 @@ struct Entry {
 
 struct MemberShared {
     weight: AtomicU32,
+    /// Counters of the disk's queues that have gone.
+    started: AtomicU64,
+    waited: AtomicU64,
 }
 
 /// What a queue publishes for the exchange, and its quota. Written by the queue's worker
@@ -202,6 +205,8 @@ impl ShareGroup {
         let mut reg = self.lock();
         let m = Arc::new(MemberShared {
             weight: AtomicU32::new(weight),
+            started: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
         });
         let id = match reg.members.iter().position(Option::is_none) {
             Some(i) => {
@@ -478,6 +483,8 @@ impl Share {
             group: self.group.name.clone(),
             depth: self.group.depth,
             weight: self.weight(),
+            started: self.member.started.load(Ordering::Relaxed),
+            waited: self.member.waited.load(Ordering::Relaxed),
             ..Default::default()
         };
         for e in &reg.queues {
@@ -689,10 +696,11 @@ impl FairQueue {
             self.since = 0;
             g.exchange();
         }
-        if self.hungry && self.credit + self.in_flight == 0 {
-            // Starved with nothing in flight: a slot that comes back wakes us. Look once
-            // more after saying so (SeqCst, see `give_back`), in case one came back
-            // meanwhile.
+        let held = self.credit + self.in_flight;
+        if self.hungry && (held == 0 || held < self.q.quota.load(Ordering::Relaxed)) {
+            // Waiting with room under the quota (or nothing in flight to wake us): a slot
+            // that comes back wakes us. Look once more after saying so (SeqCst, see
+            // `give_back`), in case one came back meanwhile.
             if !self.q.sleeping.swap(true, Ordering::SeqCst) {
                 g.sleepers.fetch_add(1, Ordering::SeqCst);
             }
@@ -713,10 +721,6 @@ impl FairQueue {
         q.waited.store(self.waited, Ordering::Relaxed);
     }
 
-    /// The queue waits for slots with nothing of its own in flight.
-    pub fn starved(&self) -> bool {
-        self.hungry && self.in_flight == 0
-    }
 }
 
 impl Drop for FairQueue {
@@ -724,6 +728,9 @@ impl Drop for FairQueue {
         let g = self.share.group.clone();
         // Slots of commands it will never see complete, its credit and its parked credit.
         let mut back = self.credit + self.in_flight;
+        let m = &self.share.member;
+        m.started.fetch_add(self.started, Ordering::Relaxed);
+        m.waited.fetch_add(self.waited, Ordering::Relaxed);
         {
             let mut reg = g.lock();
             back += self.q.parked.swap(0, Ordering::AcqRel);
