@@ -390,7 +390,10 @@ impl ShareGroup {
             let rate = if e.rate > 0.0 { e.rate } else { mean_rate };
             share.push(e.weight / rate * lag.exp2().clamp(0.25, 4.0));
         }
-        let (mut alloc, mut done) = (std::mem::take(&mut reg.alloc), std::mem::take(&mut reg.done));
+        let (mut alloc, mut done) = (
+            std::mem::take(&mut reg.alloc),
+            std::mem::take(&mut reg.done),
+        );
         water_fill(depth as f64, &share, &cap, &mut alloc, &mut done);
         for (e, &a) in reg.queues.iter_mut().zip(alloc.iter()) {
             let x = a + e.carry;
@@ -432,7 +435,10 @@ fn water_fill(total: f64, share: &[f64], cap: &[f64], out: &mut Vec<f64>, done: 
         }
     }
     for _ in 0..share.len() {
-        let sum: f64 = (0..share.len()).filter(|&i| !done[i]).map(|i| share[i]).sum();
+        let sum: f64 = (0..share.len())
+            .filter(|&i| !done[i])
+            .map(|i| share[i])
+            .sum();
         if sum <= 0.0 || left <= 0.0 {
             break;
         }
@@ -715,12 +721,12 @@ impl FairQueue {
         let q = &self.q;
         q.in_flight.store(self.in_flight, Ordering::Relaxed);
         q.waiting.store(waiting, Ordering::Relaxed);
-        q.held.store(self.in_flight + self.credit, Ordering::Relaxed);
+        q.held
+            .store(self.in_flight + self.credit, Ordering::Relaxed);
         q.served.store(self.served, Ordering::Relaxed);
         q.started.store(self.started, Ordering::Relaxed);
         q.waited.store(self.waited, Ordering::Relaxed);
     }
-
 }
 
 impl Drop for FairQueue {

@@ -295,7 +295,9 @@ impl QosQueue {
             self.inner.submit(cmd);
             return;
         };
-        if f.fq.try_start(cmd.nlb as u64 * self.bs, !f.queue.is_empty()) {
+        if f.fq
+            .try_start(cmd.nlb as u64 * self.bs, !f.queue.is_empty())
+        {
             self.inner.submit(cmd);
         } else {
             f.queue.push_back(cmd);
