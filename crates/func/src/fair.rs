@@ -754,6 +754,8 @@ impl Drop for FairQueue {
 }
 
 #[cfg(test)]
+// The simulation indexes several per-disk arrays by disk number.
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 
