@@ -289,9 +289,16 @@ impl SgList {
         }
     }
     /// The `len` bytes starting `off` bytes into this list, as a list of their own
-    /// (clamped to the end).
-    pub fn slice(&self, mut off: u64, mut len: u64) -> SgList {
+    /// (clamped to the end). Allocates; the I/O path uses [`SgList::slice_into`].
+    pub fn slice(&self, off: u64, len: u64) -> SgList {
         let mut out = SgList::with_capacity(2);
+        self.slice_into(off, len, &mut out);
+        out
+    }
+    /// Like [`SgList::slice`], into `out` (cleared first), which keeps its capacity: no
+    /// allocation once `out` has held as many segments.
+    pub fn slice_into(&self, mut off: u64, mut len: u64, out: &mut SgList) {
+        out.clear();
         for v in &self.iov {
             if len == 0 {
                 break;
@@ -310,7 +317,6 @@ impl SgList {
             len -= n;
             off = 0;
         }
-        out
     }
     /// Fill the segments with zeroes.
     ///

@@ -143,10 +143,12 @@ impl BlockDevice for CryptDevice {
             cipher: self.cipher.clone(),
             bs: self.info.block_size as u64,
             slots: Vec::with_capacity(depth as usize),
-            free: Vec::new(),
-            bounces: Vec::new(),
+            free: Vec::with_capacity(depth as usize),
+            bounces: Vec::with_capacity(depth as usize),
             bounce_in_flight: 0,
-            waiting: std::collections::VecDeque::new(),
+            waiting: std::collections::VecDeque::with_capacity(depth as usize),
+            sgs: (0..depth).map(|_| SgList::with_capacity(1)).collect(),
+            pending: Vec::with_capacity(16),
         }))
     }
     fn describe(&self) -> String {
@@ -188,7 +190,15 @@ struct CryptQueue {
     /// Writes waiting for bounce-buffer budget (at most the queue's depth: the frontend
     /// never has more commands than that).
     waiting: std::collections::VecDeque<IoCommand>,
+    /// SG lists for the bounced writes sent down, handed back with their completions.
+    sgs: Vec<SgList>,
+    /// Scratch for `decrypt_sg` (pieces of a sector split across segments).
+    pending: Vec<(*mut u8, usize)>,
 }
+
+// SAFETY: `pending` holds addresses only between the start and the end of one
+// `decrypt_sg` call on the queue's thread; it is empty whenever the queue moves.
+unsafe impl Send for CryptQueue {}
 
 impl CryptQueue {
     fn slot(&mut self, s: Slot) -> u64 {
@@ -210,7 +220,12 @@ impl CryptQueue {
         if self.bounce_in_flight > 0 && self.bounce_in_flight + size > BOUNCE_BUDGET {
             return None;
         }
-        let b = match self.bounces.iter().position(|b| b.len() >= len) {
+        // Best fit: the smallest spare that holds it, so that small writes do not take
+        // the buffers large ones need (a steady mix of sizes then never allocates).
+        let fit = (0..self.bounces.len())
+            .filter(|&i| self.bounces[i].len() >= len)
+            .min_by_key(|&i| self.bounces[i].len());
+        let b = match fit {
             Some(i) => self.bounces.swap_remove(i),
             None => {
                 // Make room among the spares first (largest first).
@@ -245,7 +260,9 @@ impl CryptQueue {
         self.cipher
             .xts
             .encrypt_iv(buf, l.sector, l.iv_at(cmd.slba * self.bs), l.iv_step());
-        let sg = b.sg(0, len);
+        let mut sg = self.sgs.pop().unwrap_or_default();
+        sg.clear();
+        sg.push(b.as_mut_ptr(), len);
         let (slba, nlb, fua, nsid) = (cmd.slba, cmd.nlb, cmd.fua, cmd.nsid);
         let tag = self.slot(Slot::Bounced { cmd, bounce: b });
         let mut w = IoCommand::new(Opcode::Write, slba, nlb, tag, sg);
@@ -261,13 +278,19 @@ impl CryptQueue {
 ///
 /// # Safety
 /// Every segment must point at writable memory of its length.
-unsafe fn decrypt_sg(xts: &Xts, layout: Layout, sg: &SgList, first: u64) {
+unsafe fn decrypt_sg(
+    xts: &Xts,
+    layout: Layout,
+    sg: &SgList,
+    first: u64,
+    pending: &mut Vec<(*mut u8, usize)>,
+) {
     let (sec, step) = (layout.sector, layout.iv_step());
     let mut iv = first;
     let mut buf = [0u8; MAX_SECTOR];
     let part = &mut buf[..sec];
     let mut have = 0; // bytes of a split sector gathered in `part`
-    let mut pending: Vec<(*mut u8, usize)> = Vec::new();
+    pending.clear();
     for v in sg.segments() {
         let base = v.iov_base.cast::<u8>();
         let mut off = 0;
@@ -333,6 +356,8 @@ impl BlockQueue for CryptQueue {
             free,
             bounces,
             bounce_in_flight,
+            sgs,
+            pending,
             ..
         } = self;
         let n = inner.poll(&mut |mut c, st| {
@@ -351,6 +376,7 @@ impl BlockQueue for CryptQueue {
                                 cipher.layout,
                                 &c.sg,
                                 cipher.layout.iv_at(c.slba * *bs),
+                                pending,
                             )
                         };
                     }
@@ -358,6 +384,7 @@ impl BlockQueue for CryptQueue {
                     done(c, st);
                 }
                 Slot::Bounced { cmd, bounce } => {
+                    sgs.push(std::mem::replace(&mut c.sg, SgList::with_capacity(0)));
                     *bounce_in_flight -= bounce.len();
                     bounces.push(bounce);
                     done(cmd, st);
@@ -523,7 +550,7 @@ mod tests {
             at += n;
         }
         // SAFETY: the segments cover `buf`, which is writable.
-        unsafe { decrypt_sg(&xts, Layout::default(), &sg, 40) };
+        unsafe { decrypt_sg(&xts, Layout::default(), &sg, 40, &mut Vec::new()) };
         assert_eq!(buf, plain);
         // 4096-byte sectors (IVs 8 apart) split across segments of 100, 5000, 1, 3091.
         let plain: Vec<u8> = (0..8192).map(|i| (i * 5) as u8).collect();
@@ -542,7 +569,7 @@ mod tests {
             at += n;
         }
         // SAFETY: the segments cover `ct`, which is writable.
-        unsafe { decrypt_sg(&xts, l, &sg, 16) };
+        unsafe { decrypt_sg(&xts, l, &sg, 16, &mut Vec::new()) };
         assert_eq!(ct, plain);
     }
 }

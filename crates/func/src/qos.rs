@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::fair::{cost, Share, Waiter};
+use crate::fair::{FairQueue, Share};
 use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, Status,
 };
@@ -242,10 +242,8 @@ impl BlockDevice for QosDevice {
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         let inner = self.inner.open_queue(depth)?;
         let fair = self.qos.share.clone().map(|share| Fair {
-            waiter: Waiter::new(inner.completion_fd()),
-            share,
+            fq: share.queue(inner.completion_fd()),
             queue: VecDeque::with_capacity(depth as usize),
-            in_flight: 0,
         });
         Ok(Box::new(QosQueue {
             inner,
@@ -253,6 +251,7 @@ impl BlockDevice for QosDevice {
             bs: self.inner.info().block_size as u64,
             backlog: VecDeque::with_capacity(depth as usize),
             wait_until: None,
+            now: None,
             fair,
         }))
     }
@@ -275,17 +274,17 @@ struct QosQueue {
     backlog: VecDeque<IoCommand>,
     /// When the first backlogged command may go.
     wait_until: Option<Instant>,
+    /// The batch's clock reading (one per batch: taken at the first need, dropped at
+    /// `kick` and at the end of `poll`).
+    now: Option<Instant>,
     fair: Option<Fair>,
 }
 
-/// A queue's side of fair sharing: commands the limits let through, waiting for a slot
-/// of the backend's group.
+/// A queue's side of fair sharing: its slot credit, and the commands the limits let
+/// through that wait for a slot of the backend's group.
 struct Fair {
-    share: Arc<Share>,
-    waiter: Arc<Waiter>,
+    fq: FairQueue,
     queue: VecDeque<IoCommand>,
-    /// Commands this queue started through the group and has not seen complete.
-    in_flight: u32,
 }
 
 impl QosQueue {
@@ -296,63 +295,61 @@ impl QosQueue {
             self.inner.submit(cmd);
             return;
         };
-        f.waiter.driven_here();
-        let cost = cost(cmd.nlb as u64 * self.bs);
-        if f.share.try_start(cost, &f.waiter, !f.queue.is_empty()) {
-            f.in_flight += 1;
+        if f.fq
+            .try_start(cmd.nlb as u64 * self.bs, !f.queue.is_empty())
+        {
             self.inner.submit(cmd);
         } else {
             f.queue.push_back(cmd);
         }
     }
 
-    /// Start the waiting commands the group has granted slots to. Returns how many.
+    /// The batch's fair-share exchange: start the waiting commands it allows. Returns how
+    /// many.
     fn granted(&mut self) -> usize {
-        let Some(f) = &mut self.fair else { return 0 };
-        let mut n = 0;
-        for _ in 0..f.waiter.take_grants() {
-            match f.queue.pop_front() {
-                Some(c) => {
-                    f.in_flight += 1;
-                    self.inner.submit(c);
-                    n += 1;
-                }
-                // Cannot happen (grants never exceed what waits); give the slot back.
-                None => f.share.complete(1),
+        let Some(Fair { fq, queue }) = &mut self.fair else {
+            return 0;
+        };
+        let bs = self.bs;
+        let go = fq.exchange(queue.len() as u32, &mut |i| {
+            queue.get(i).map_or(0, |c| c.nlb as u64 * bs)
+        });
+        for _ in 0..go {
+            if let Some(c) = queue.pop_front() {
+                self.inner.submit(c);
             }
         }
-        n
+        go as usize
     }
 
-    /// Send backlogged commands that the buckets now allow. Returns how many went.
+    /// Send backlogged commands that the buckets now allow, taking the buckets' lock
+    /// once for all of them. Returns how many went.
     fn release(&mut self) -> usize {
         if self.backlog.is_empty() {
             return 0;
         }
-        let now = Instant::now();
+        let now = *self.now.get_or_insert_with(Instant::now);
         let mut n = 0;
-        while let Some(c) = self.backlog.front() {
-            // The lock is not held while the command goes down (a crypt layer below
+        {
+            // The lock is not held while the commands go down (a crypt layer below
             // encrypts in `submit`).
-            let taken = self
-                .qos
-                .lock()
-                .1
-                .take(c.opcode, c.nlb as u64 * self.bs, now);
-            match taken {
-                Ok(()) => {
-                    if let Some(c) = self.backlog.pop_front() {
-                        self.dispatch(c);
-                        n += 1;
+            let mut g = self.qos.lock();
+            self.wait_until = None;
+            for c in self.backlog.iter() {
+                match g.1.take(c.opcode, c.nlb as u64 * self.bs, now) {
+                    Ok(()) => n += 1,
+                    Err(w) => {
+                        self.wait_until = Some(now + w);
+                        break;
                     }
-                }
-                Err(w) => {
-                    self.wait_until = Some(now + w);
-                    return n;
                 }
             }
         }
-        self.wait_until = None;
+        for _ in 0..n {
+            if let Some(c) = self.backlog.pop_front() {
+                self.dispatch(c);
+            }
+        }
         n
     }
 }
@@ -363,20 +360,25 @@ impl BlockQueue for QosQueue {
             self.dispatch(cmd);
             return;
         }
+        // Limited: the backlog goes at `kick`, the whole batch under one lock.
         self.backlog.push_back(cmd);
-        self.release();
     }
     fn kick(&mut self) {
+        self.release();
+        if self.fair.as_ref().is_some_and(|f| !f.queue.is_empty()) {
+            self.granted();
+        }
+        self.now = None;
         self.inner.kick();
     }
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
         let n = self.inner.poll(done);
         if let Some(f) = &mut self.fair {
-            let c = (n as u32).min(f.in_flight);
-            f.in_flight -= c;
-            f.share.complete(c);
+            f.fq.complete(n as u32);
         }
-        if self.granted() + self.release() > 0 {
+        let sent = self.release() + self.granted();
+        self.now = None;
+        if sent > 0 {
             self.inner.kick();
         }
         n
@@ -390,20 +392,9 @@ impl BlockQueue for QosQueue {
         self.inner.completion_fd()
     }
     fn next_deadline(&self) -> Option<Instant> {
-        if self.fair.as_ref().is_some_and(|f| f.waiter.has_grant()) {
-            return Some(Instant::now());
-        }
         match (self.wait_until, self.inner.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
-    }
-}
-
-impl Drop for QosQueue {
-    fn drop(&mut self) {
-        if let Some(f) = &self.fair {
-            f.share.leave_queue(&f.waiter, f.in_flight);
         }
     }
 }

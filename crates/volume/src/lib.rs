@@ -10,6 +10,7 @@
 
 pub mod format;
 pub mod journal;
+mod park;
 pub mod pool;
 pub mod thin;
 

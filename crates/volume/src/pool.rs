@@ -244,13 +244,13 @@ pub(crate) struct State {
     voltab_blocks: u64,
     /// Allocations in flight, by (volume, virtual cluster): later writes to the same
     /// cluster wait for them (see thin.rs).
-    pub(crate) allocating: HashMap<(u32, u64), Vec<crate::thin::Parked>>,
+    pub(crate) allocating: HashMap<(u32, u64), Vec<crate::park::Parked>>,
     /// Commands waiting for claimed clusters.
-    pub(crate) claim_waiters: Vec<crate::thin::Parked>,
+    pub(crate) claim_waiters: Vec<crate::park::Parked>,
     /// The most clusters one of `claim_waiters` needs at once.
     pub(crate) claim_want: u64,
     /// Writes parked while a snapshot of their volume is taken.
-    pub(crate) quiesce_waiters: Vec<crate::thin::Parked>,
+    pub(crate) quiesce_waiters: Vec<crate::park::Parked>,
     /// Mappings installed over copied (or replaced) snapshot data since the last
     /// commit: the next commit syncs the data before it writes the journal.
     pub(crate) cow_unsynced: bool,
@@ -413,10 +413,10 @@ struct Meta {
 #[derive(Default)]
 struct FlushReq {
     /// Flush or FUA completions waiting for the next commit.
-    waiters: Vec<crate::thin::Parked>,
+    waiters: Vec<crate::park::Parked>,
     /// Completions of writes that changed a mapping, waiting for the journal write that
     /// records it (not a sync): see [`Pool::write_journal`].
-    recorded: Vec<crate::thin::Parked>,
+    recorded: Vec<crate::park::Parked>,
     /// More claimed clusters are wanted.
     claim: bool,
     /// Released clusters may be waiting for a commit and zeroing.
@@ -455,7 +455,7 @@ pub struct Pool {
     /// Why it failed (the first error).
     failure: Mutex<Option<String>>,
     /// Flush and FUA completions the flusher is committing for right now.
-    committing: Mutex<Vec<crate::thin::Parked>>,
+    committing: Mutex<Vec<crate::park::Parked>>,
     /// A command parked longer than this (ms) is failed (see `expire_waiters`).
     command_timeout_ms: AtomicU64,
     /// Commands failed that way.
@@ -1157,7 +1157,7 @@ impl Pool {
             std::time::Duration::from_millis(self.command_timeout_ms.load(Ordering::Relaxed));
         let now = std::time::Instant::now();
         let mut out = Vec::new();
-        let take = |v: &mut Vec<crate::thin::Parked>, out: &mut Vec<crate::thin::Parked>| {
+        let take = |v: &mut Vec<crate::park::Parked>, out: &mut Vec<crate::park::Parked>| {
             let mut i = 0;
             while i < v.len() {
                 if now.saturating_duration_since(v[i].since) >= limit {
@@ -1501,14 +1501,27 @@ impl Pool {
         self.request(|r| r.kick = true);
     }
 
+    /// Retry every command waiting for claimed clusters.
+    pub(crate) fn wake_claim_waiters(&self) {
+        let w = {
+            let mut s = self.lock_state();
+            // Each waiter states its need again when it runs.
+            s.claim_want = 0;
+            std::mem::take(&mut s.claim_waiters)
+        };
+        for x in w {
+            x.wake(nvmux_core::Status::SUCCESS);
+        }
+    }
+
     /// Complete `p` after the next journal commit (a flush or FUA write).
-    pub(crate) fn flush_after_commit(&self, p: crate::thin::Parked) {
+    pub(crate) fn flush_after_commit(&self, p: crate::park::Parked) {
         self.request(|r| r.waiters.push(p));
     }
 
     /// Complete `p` (a write that changed a mapping) once the journal holds its record:
     /// the flusher writes what is pending for a whole batch of them in one go.
-    pub(crate) fn complete_after_journal_write(&self, p: crate::thin::Parked) {
+    pub(crate) fn complete_after_journal_write(&self, p: crate::park::Parked) {
         self.request(|r| r.recorded.push(p));
     }
 
@@ -2076,7 +2089,7 @@ fn flusher(pool: std::sync::Weak<Pool>, sh: Arc<FlushShared>) {
                     tracing::error!("{e}");
                 }
             }
-            crate::thin::wake_claim_waiters(&p);
+            p.wake_claim_waiters();
         }
         if status.is_ok() {
             if let Err(e) = p.zero_released(zero) {

@@ -31,72 +31,7 @@ use nvmux_core::{
 
 use crate::pool::{lock, Pool, State, VolHandle};
 
-/// Completions and retries posted to a queue from other threads.
-pub(crate) struct Mailbox {
-    items: Mutex<Vec<(u64, Status)>>,
-    /// Set after a post, so an empty mailbox costs the queue no lock.
-    posted: AtomicBool,
-    /// The queue's completion eventfd, or a duplicate of it: a late post after the queue
-    /// is gone still writes to a valid eventfd, never to a reused descriptor number.
-    fd: OwnedFd,
-}
-
-impl Mailbox {
-    fn post(&self, token: u64, st: Status) {
-        lock(&self.items).push((token, st));
-        self.posted.store(true, Ordering::Release);
-        self.signal();
-    }
-
-    fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a u64 to an eventfd this mailbox owns.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// A command waiting for something another thread does (an allocation, a claim, a
-/// journal commit). `wake` sends it back to its queue.
-pub(crate) struct Parked {
-    mb: Arc<Mailbox>,
-    token: u64,
-    /// When it parked: the pool's watchdog fails it after the command timeout.
-    pub(crate) since: std::time::Instant,
-}
-
-impl Parked {
-    pub(crate) fn wake(self, st: Status) {
-        self.mb.post(self.token, st);
-    }
-
-    /// It waited too long: complete the command with an error instead of what it waits
-    /// for (the caller has taken it out of the list it waited in, so it is woken once).
-    pub(crate) fn expire(self) {
-        self.mb
-            .post((self.token & !KIND) | COMPLETE, Status::ABORTED);
-    }
-}
-
-/// Retry every command waiting for claimed clusters.
-pub(crate) fn wake_claim_waiters(p: &Pool) {
-    let w = {
-        let mut s = p.lock_state();
-        // Each waiter states its need again when it runs.
-        s.claim_want = 0;
-        std::mem::take(&mut s.claim_waiters)
-    };
-    for x in w {
-        x.wake(Status::SUCCESS);
-    }
-}
-
-/// Token kinds in a mailbox (low two bits; the command's index above them): run the
-/// command again, complete it with the status, or resume its completion after a test
-/// delay.
-const RETRY: u64 = 0;
-const COMPLETE: u64 = 1;
-const RESUME: u64 = 2;
-const KIND: u64 = 3;
+use crate::park::{Mailbox, Parked, COMPLETE, KIND, RESUME, RETRY};
 
 /// A device over one thin volume of a pool.
 pub struct ThinDevice {
@@ -155,7 +90,9 @@ impl BlockDevice for ThinDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         let inner = self.pool.data.open_queue(depth.saturating_mul(2).max(8))?;
-        Ok(Box::new(self.queue_over(inner)?))
+        let mut q = self.queue_over(inner)?;
+        q.reserve(depth as usize);
+        Ok(Box::new(q))
     }
     fn capacity_bytes(&self) -> u64 {
         self.size()
@@ -205,6 +142,7 @@ impl ThinDevice {
             own,
             in_flight: 0,
             bounces: Vec::new(),
+            sgs: Vec::new(),
             mail: Vec::new(),
             got: Vec::new(),
             actions: Vec::new(),
@@ -305,6 +243,8 @@ pub struct ThinQueue {
     own: bool,
     in_flight: usize,
     bounces: Vec<AlignedBuf>,
+    /// SG lists of the pieces sent down, back from their completions for the next ones.
+    sgs: Vec<SgList>,
     // Buffers kept across calls, so the I/O path does not allocate.
     mail: Vec<(u64, Status)>,
     got: Vec<(IoCommand, Status)>,
@@ -319,6 +259,25 @@ pub struct ThinQueue {
 const WHOLE: u64 = 1 << 63;
 
 impl ThinQueue {
+    /// Size the queue's tables for `depth` guest commands (each up to two pieces in
+    /// flight below, the inner queue's depth), so that the I/O path does not grow them.
+    fn reserve(&mut self, depth: usize) {
+        let pieces = depth * 2;
+        self.cmds.reserve(depth);
+        self.free_cmds.reserve(depth);
+        self.spare.reserve(depth);
+        self.subs.reserve(pieces);
+        self.free_subs.reserve(pieces);
+        self.done.reserve(depth);
+        self.got.reserve(pieces);
+        self.mail.reserve(depth);
+        self.actions.reserve(8);
+        self.sgs.reserve(pieces);
+        for _ in 0..pieces {
+            self.sgs.push(SgList::with_capacity(4));
+        }
+    }
+
     fn parked(&self, idx: usize, kind: u64) -> Parked {
         Parked {
             mb: self.mb.clone(),
@@ -587,28 +546,47 @@ impl ThinQueue {
         ));
     }
 
+    /// An SG list from the queue's pool (empty).
+    fn take_sg(&mut self) -> SgList {
+        let mut sg = self.sgs.pop().unwrap_or_else(|| SgList::with_capacity(4));
+        sg.clear();
+        sg
+    }
+
+    /// Give a piece's SG list back to the pool.
+    fn put_sg(&mut self, cmd: &mut IoCommand) {
+        self.sgs
+            .push(std::mem::replace(&mut cmd.sg, SgList::with_capacity(0)));
+    }
+
     fn issue(&mut self, idx: usize, a: Action) {
         let ibs = self.ibs;
+        let mut sg = self.take_sg();
         let Some(c) = self.cmds[idx].as_mut() else {
+            self.sgs.push(sg);
             return;
         };
-        let Some(cmd) = c.cmd.as_ref() else { return };
+        let Some(cmd) = c.cmd.as_ref() else {
+            self.sgs.push(sg);
+            return;
+        };
         match a {
             Action::Fill { sg_off, len } => {
-                let sg = cmd.sg.slice(sg_off, len);
+                cmd.sg.slice_into(sg_off, len, &mut sg);
                 // SAFETY: a read command's buffers are writable guest memory of their
                 // length (the transport validated them).
                 unsafe { sg.zero() };
+                self.sgs.push(sg);
             }
             Action::Data { phys, sg_off, len } => {
-                let sg = cmd.sg.slice(sg_off, len);
+                cmd.sg.slice_into(sg_off, len, &mut sg);
                 let op = cmd.opcode;
                 c.remaining += 1;
                 self.submit_io(idx, op, phys, len, sg);
             }
             Action::Zero { phys, len } => {
                 c.remaining += 1;
-                self.submit_io(idx, Opcode::WriteZeroes, phys, len, SgList::default());
+                self.submit_io(idx, Opcode::WriteZeroes, phys, len, sg);
             }
             Action::Cow {
                 src,
@@ -621,7 +599,7 @@ impl ThinQueue {
                 c.remaining += 1;
                 let b = self.bounce();
                 let cs = self.pool.cluster_size;
-                let sg = b.sg(0, cs as usize);
+                sg.push(b.as_mut_ptr(), cs as usize);
                 let si = self.new_sub(Sub {
                     cmd: idx,
                     phase: Phase::CowRead {
@@ -751,6 +729,7 @@ impl ThinQueue {
             return;
         }
         let si = cmd.tag as usize;
+        self.put_sg(&mut cmd);
         let Some(sub) = self.subs.get_mut(si).and_then(|s| s.take()) else {
             return;
         };
@@ -764,6 +743,7 @@ impl ThinQueue {
                 zero,
             } if st.is_ok() => {
                 let Some(b) = sub.bounce else { return };
+                let mut sg = self.take_sg();
                 if let Some(src) = self.cmds[sub.cmd].as_ref().and_then(|c| c.cmd.as_ref()) {
                     // SAFETY: the bounce buffer is ours and `at + len` lies inside the
                     // cluster; the guest buffers are readable for their length.
@@ -776,13 +756,14 @@ impl ThinQueue {
                     if zero {
                         dst_slice.fill(0);
                     } else {
-                        let sg = src.sg.slice(sg_off, len);
+                        src.sg.slice_into(sg_off, len, &mut sg);
                         // SAFETY: as above.
                         unsafe { sg.copy_to(dst_slice) };
                     }
                 }
                 let cs = self.pool.cluster_size;
-                let sg = b.sg(0, cs as usize);
+                sg.clear();
+                sg.push(b.as_mut_ptr(), cs as usize);
                 let ni = self.new_sub(Sub {
                     cmd: sub.cmd,
                     phase: Phase::CowWrite,
