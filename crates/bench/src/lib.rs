@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod client;
+pub mod dbbench;
 pub mod nvmf;
 pub mod procs;
 pub mod tls;
