@@ -76,7 +76,7 @@ pub struct Sizes {
 
 impl Sizes {
     /// `--quick`: one round of a small database (15–25 s a path here, under 2 minutes in
-    /// all); else 3 rounds of a larger one with more reads (about 35 s a path, 7 minutes).
+    /// all); else 5 rounds of a larger one with more reads (about 20 s a path, 7 minutes).
     pub fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
@@ -92,7 +92,7 @@ impl Sizes {
                 reads: 10_000,
                 value_size: 400,
                 write_rate: 256 << 10,
-                rounds: 3,
+                rounds: 5,
             }
         }
     }

@@ -515,7 +515,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     let plans = if only_db { Vec::new() } else { plan(quick) };
     let max_jobs = plans.iter().map(|p| p.jobs).max().unwrap_or(1);
     let vms: &[usize] = if only_db { &[] } else { &[1, 2, 4, 8, 16, 32] };
-    eprintln!("starting nvmux, qemu-storage-daemon, qemu-nbd and nbdkit on one 1 GiB /dev/shm file, and 32 small disks");
+    eprintln!("starting nvmux, qemu-storage-daemon, qemu-nbd and nbdkit on one 1 GiB /dev/shm file, and {} small disks", vms.last().copied().unwrap_or(0));
     let mut s = Servers::start(&work, srv, max_jobs, vms.last().copied().unwrap_or(0))?;
     let mut missing: Vec<&str> = PATHS
         .iter()
