@@ -140,7 +140,7 @@ pub struct BenchArgs {
     /// `suite`: the evaluation suite (the ICPE'22 matrix on bare metal, nvmux vhost-user,
     /// NBD and NVMe/TCP, QSD, qemu-nbd and nbdkit; multi-VM scaling; JSON, markdown and
     /// PNG plots; last, db_bench in QEMU guests). With --quick, a slice of the matrix and
-    /// a short db_bench in under 8 minutes.
+    /// a short db_bench in under 5 minutes.
     #[arg(value_parser = ["suite"])]
     what: Option<String>,
     /// Seconds per measurement.
