@@ -34,6 +34,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::unixsock::{self, PeerCred, SocketPerms};
 use nvmux_core::{Error, ErrorKind, Result};
 use serde::Serialize;
@@ -182,7 +183,7 @@ impl Shared {
 pub struct ApiServer {
     listen_fd: RawFd,
     /// Wakes the accept thread's poll (stop, or a takeover's release).
-    wake: std::os::fd::OwnedFd,
+    wake: EventFd,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
     rejecter: Option<JoinHandle<()>>,
@@ -206,13 +207,8 @@ impl ApiServer {
                 .map(|m| (m.dev(), m.ino()))
         };
         let listen_fd = listener.as_raw_fd();
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(Error::io("API eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let wake = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+        let wake = EventFd::new().map_err(|e| Error::io("API eventfd", e))?;
+        let efd = wake.as_raw_fd();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = sync_channel::<(UnixStream, Response)>(REJECT_QUEUE);
         let sh = shared.clone();
@@ -242,9 +238,7 @@ impl ApiServer {
     }
 
     fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.wake.signal();
     }
 
     /// A takeover committed: stop accepting, without shutting down or unlinking the
