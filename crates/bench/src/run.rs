@@ -67,6 +67,12 @@ pub struct BenchArgs {
     pub fair_depth: u32,
     /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
     pub cluster_size: String,
+    /// Rounds of the nvmux/QSD rows: each round measures nvmux, then QSD, on every
+    /// workload (interleaved); the table shows the medians and the JSON every round.
+    pub rounds: usize,
+    /// Idle figure: this many null disks, each exported over vhost-user with a libblkio
+    /// client attached and idle, while the daemon's CPU is measured for 5 s (0: skip).
+    pub idle_clients: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +83,7 @@ struct Row {
     #[serde(flatten)]
     m: Measured,
     server_cpu_s: Option<f64>,
+    round: usize,
 }
 
 impl Row {
@@ -93,7 +100,12 @@ impl Row {
             server: server.into(),
             m,
             server_cpu_s,
+            round: 0,
         }
+    }
+    fn round(mut self, r: usize) -> Row {
+        self.round = r;
+        self
     }
 }
 
@@ -200,12 +212,13 @@ pub fn run(a: BenchArgs) -> Res<()> {
         ("null", None),
     ];
     let servers = if a.no_baselines { 1 } else { 2 };
-    let total = backings.len() * servers * WORKLOADS.len()
-        + if a.no_baselines {
-            0
-        } else {
-            2 * WORKLOADS.len()
-        };
+    let rounds = a.rounds.max(1);
+    let per_backing = WORKLOADS
+        .iter()
+        .filter(|(_, _, w)| a.only.as_deref().is_none_or(|o| w.contains(o)))
+        .count();
+    let total = backings.len() * servers * per_backing * rounds
+        + if a.no_baselines { 0 } else { 2 * per_backing };
     let mut done = 0usize;
     let mut rows: Vec<Row> = Vec::new();
     let mut progress = |rows: &mut Vec<Row>, r: Row| {
@@ -229,7 +242,8 @@ pub fn run(a: BenchArgs) -> Res<()> {
         procs::pin_current_thread(c);
     }
 
-    // nvmux: one daemon, three disks.
+    // nvmux: one daemon, three disks, alive for the whole run; QSD is started per backing
+    // and the two are measured in turns, round after round.
     let (ddir, d) = Daemon::start_bench(&work, srv_cpu, "")?;
     let mut idle_cpu_pct = None;
     for (name, file) in backings {
@@ -253,40 +267,59 @@ pub fn run(a: BenchArgs) -> Res<()> {
             idle_cpu_pct = Some((d.cpu_seconds() - c0) / 3.0 * 100.0);
             drop(c);
         }
-        let cpu = || d.cpu_seconds();
-        measure(
-            &sock,
-            a.client_poll,
-            secs,
-            a.only.as_deref(),
-            Some(&cpu),
-            |w, m, c| progress(&mut rows, Row::new(name, "nvmux", w, m, c)),
-        )?;
     }
-    let _ = d.stop();
-
-    if !a.no_baselines {
-        for (name, file) in backings {
-            let sock = work.join("qsd.sock");
+    let idle_many = if a.idle_clients > 0 {
+        Some(idle_with_clients(&d, &ddir, a.idle_clients, size)?)
+    } else {
+        None
+    };
+    let cpu = || d.cpu_seconds();
+    for (name, file) in backings {
+        let disk = name.trim_start_matches('/').replace([' ', '/'], "-");
+        let sock = ddir.join(format!("{disk}.sock"));
+        let qsd = if a.no_baselines {
+            None
+        } else {
+            let qsock = work.join("qsd.sock");
             let target = match file {
                 Some(f) => QsdTarget::File(f.to_path_buf()),
                 None => QsdTarget::Null { size },
             };
-            let q = procs::start_qsd(&target, &sock, 1, srv_cpu, &work.join("qsd.log"))?;
-            let cpu = || q.cpu_seconds();
+            let q = procs::start_qsd(&target, &qsock, 1, srv_cpu, &work.join("qsd.log"))?;
+            Some((q, qsock))
+        };
+        for r in 0..rounds {
             measure(
                 &sock,
                 a.client_poll,
                 secs,
                 a.only.as_deref(),
                 Some(&cpu),
-                |w, m, c| progress(&mut rows, Row::new(name, "qsd", w, m, c)),
+                |w, m, c| progress(&mut rows, Row::new(name, "nvmux", w, m, c).round(r)),
             )?;
-            drop(q);
+            if let Some((q, qsock)) = &qsd {
+                let qcpu = || q.cpu_seconds();
+                measure(
+                    qsock,
+                    a.client_poll,
+                    secs,
+                    a.only.as_deref(),
+                    Some(&qcpu),
+                    |w, m, c| progress(&mut rows, Row::new(name, "qsd", w, m, c).round(r)),
+                )?;
+            }
         }
+        drop(qsd);
+    }
+    let _ = d.stop();
+
+    if !a.no_baselines {
         for (name, file) in backings {
             let Some(f) = file else { continue };
             for (op, qd, w) in WORKLOADS {
+                if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
+                    continue;
+                }
                 let rw = if op == Op::Read {
                     "randread"
                 } else {
@@ -300,7 +333,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
     let _ = std::fs::remove_file(&shm_file);
     let _ = std::fs::remove_dir_all(&work);
 
-    print_table(&rows, idle_cpu_pct, secs, a.client_poll);
+    print_table(&rows, idle_cpu_pct, idle_many, secs, a.client_poll, rounds);
     std::fs::create_dir_all(&a.out)?;
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -313,6 +346,8 @@ pub fn run(a: BenchArgs) -> Res<()> {
         "cpus": ncpu,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "idle_cpu_pct": idle_cpu_pct,
+        "idle_clients": idle_many.map(|(n, pct)| json!({"clients": n, "cpu_pct": pct, "seconds": 5})),
+        "rounds": rounds,
         "rows": rows,
     });
     let text = serde_json::to_string_pretty(&report)?;
@@ -323,19 +358,104 @@ pub fn run(a: BenchArgs) -> Res<()> {
     Ok(())
 }
 
-fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
-    let find = |b: &str, w: &str, s: &str| {
-        rows.iter()
-            .find(|r| r.backing == b && r.workload == w && r.server == s)
-    };
+/// The daemon's CPU over 5 s with `n` null disks exported over vhost-user and a libblkio
+/// client attached to each, doing nothing. Returns `(n, percent of one core)`.
+fn idle_with_clients(d: &Daemon, ddir: &Path, n: usize, size: u64) -> Res<(usize, f64)> {
+    let size = size.min(64 << 20);
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let disk = format!("idle-{i}");
+        d.api().post(
+            "/v1/disks",
+            &json!({"name": disk, "backend": "null", "size": size}),
+        )?;
+        let sock = ddir.join(format!("{disk}.sock"));
+        d.api().post(
+            "/v1/exports",
+            &json!({"name": disk, "disk": disk, "socket": sock, "num_queues": 1}),
+        )?;
+        clients.push(BlkioClient::connect(&sock, 1, false, 4096)?);
+    }
+    // Let every queue start and the worker fall asleep.
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = d.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(5));
+    let pct = (d.cpu_seconds() - c0) / 5.0 * 100.0;
+    eprintln!("idle: {n} vhost-user clients attached, daemon CPU {pct:.2}% of one core over 5 s");
+    drop(clients);
+    for i in 0..n {
+        let disk = format!("idle-{i}");
+        d.api().delete(&format!("/v1/exports/{disk}"))?;
+        d.api().delete(&format!("/v1/disks/{disk}"))?;
+    }
+    Ok((n, pct))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let k = v.len();
+    Some(if k % 2 == 1 {
+        v[k / 2]
+    } else {
+        (v[k / 2 - 1] + v[k / 2]) / 2.0
+    })
+}
+
+/// The median row of a cell over its rounds (IOPS, p50, p99 and CPU each the median).
+fn median_row(rows: &[Row], b: &str, w: &str, s: &str) -> Option<Row> {
+    let cell: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.backing == b && r.workload == w && r.server == s)
+        .collect();
+    let first = *cell.first()?;
+    let m = |f: &dyn Fn(&Row) -> f64| median(cell.iter().map(|r| f(r)).collect());
+    let mut out = first.clone();
+    out.m.iops = m(&|r| r.m.iops)?;
+    out.m.p50_us = m(&|r| r.m.p50_us)?;
+    out.m.p99_us = m(&|r| r.m.p99_us)?;
+    out.server_cpu_s = median(cell.iter().filter_map(|r| r.server_cpu_s).collect());
+    Some(out)
+}
+
+/// The nvmux/QSD ratio of each round of a cell: (min, max).
+fn round_ratios(rows: &[Row], b: &str, w: &str) -> Option<(f64, f64)> {
+    let mut lo = f64::INFINITY;
+    let mut hi = 0f64;
+    for n in rows
+        .iter()
+        .filter(|r| r.backing == b && r.workload == w && r.server == "nvmux")
+    {
+        let q = rows.iter().find(|r| {
+            r.backing == b && r.workload == w && r.server == "qsd" && r.round == n.round
+        })?;
+        if q.m.iops > 0.0 {
+            let x = n.m.iops / q.m.iops;
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+    }
+    (hi > 0.0).then_some((lo, hi))
+}
+
+fn print_table(
+    rows: &[Row],
+    idle: Option<f64>,
+    idle_many: Option<(usize, f64)>,
+    secs: u64,
+    poll: bool,
+    rounds: usize,
+) {
     println!(
-        "\n4 KiB random I/O through libblkio virtio-blk-vhost-user ({} client), {secs} s per run; server on CPU 0, client on CPU 1",
+        "\n4 KiB random I/O through libblkio virtio-blk-vhost-user ({} client), {secs} s per run; server on CPU 0, client on CPU 1; nvmux and QSD interleaved, medians of {rounds} rounds",
         if poll { "polled" } else { "interrupt-driven" }
     );
     println!(
-        "| backing | workload | nvmux IOPS | p50/p99 µs | nvmux CPU s | QSD IOPS | p50/p99 µs | QSD CPU s | nvmux/QSD | fio IOPS | nvmux/fio |"
+        "| backing | workload | nvmux IOPS | p50/p99 µs | nvmux CPU s | QSD IOPS | p50/p99 µs | QSD CPU s | nvmux/QSD | rounds | fio IOPS | nvmux/fio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut backs: Vec<&str> = Vec::new();
     for r in rows {
         if !backs.contains(&r.backing.as_str()) {
@@ -344,9 +464,13 @@ fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
     }
     for b in backs {
         for (_, _, w) in WORKLOADS {
-            let n = find(b, w, "nvmux");
-            let q = find(b, w, "qsd");
-            let f = find(b, w, "fio");
+            let n = median_row(rows, b, w, "nvmux");
+            let q = median_row(rows, b, w, "qsd");
+            let f = median_row(rows, b, w, "fio");
+            if n.is_none() && q.is_none() && f.is_none() {
+                continue;
+            }
+            let (n, q, f) = (n.as_ref(), q.as_ref(), f.as_ref());
             let iops = |r: Option<&Row>| r.map_or("-".into(), |r| format!("{:.0}", r.m.iops));
             let lat = |r: Option<&Row>| {
                 r.map_or("-".into(), |r| {
@@ -361,8 +485,10 @@ fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
                 (Some(a), Some(b)) if b.m.iops > 0.0 => format!("{:.2}x", a.m.iops / b.m.iops),
                 _ => "-".into(),
             };
+            let spread =
+                round_ratios(rows, b, w).map_or("-".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}x"));
             println!(
-                "| {b} | {w} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {b} | {w} | {} | {} | {} | {} | {} | {} | {} | {spread} | {} | {} |",
                 iops(n),
                 lat(n),
                 cpu(n),
@@ -377,5 +503,10 @@ fn print_table(rows: &[Row], idle: Option<f64>, secs: u64, poll: bool) {
     }
     if let Some(i) = idle {
         println!("\nnvmux daemon CPU while idle with a client attached: {i:.2}% of one core");
+    }
+    if let Some((n, i)) = idle_many {
+        println!(
+            "nvmux daemon CPU over 5 s with {n} idle libblkio clients attached ({n} vhost-user exports): {i:.2}% of one core"
+        );
     }
 }

@@ -26,6 +26,7 @@ pub mod alloc_count;
 pub mod anon;
 pub mod budget;
 pub mod crc32c;
+pub mod engine;
 pub mod eventfd;
 pub mod fault;
 pub mod sigbus;
@@ -205,6 +206,18 @@ impl SgList {
             iov: Vec::with_capacity(n),
             len: 0,
         }
+    }
+    /// An empty list that has allocated nothing (for commands without data: it costs no
+    /// allocation to make or to drop).
+    pub const fn empty() -> Self {
+        SgList {
+            iov: Vec::new(),
+            len: 0,
+        }
+    }
+    /// Segments the list holds without allocating.
+    pub fn capacity(&self) -> usize {
+        self.iov.capacity()
     }
     pub fn clear(&mut self) {
         self.iov.clear();
@@ -444,23 +457,35 @@ impl IoCommand {
     /// Check the command against the device: range, data length, read-only. Every frontend
     /// calls this before `submit`, so no backend sees an out-of-range LBA.
     pub fn validate(&self, info: &DeviceInfo) -> Result<(), Status> {
-        if self.opcode.is_write() && info.read_only {
-            return Err(Status::WRITE_PROTECTED);
-        }
-        if self.opcode == Opcode::Flush {
-            return Ok(());
-        }
-        if self.nlb == 0 {
-            return Err(Status::INVALID_FIELD);
-        }
-        match self.slba.checked_add(self.nlb as u64) {
-            Some(end) if end <= info.num_blocks => {}
-            _ => return Err(Status::LBA_OUT_OF_RANGE),
-        }
+        Self::validate_range(self.opcode, self.slba, self.nlb, info)?;
         if self.opcode.has_data() && self.sg.len() != self.nlb as u64 * info.block_size as u64 {
             return Err(Status::DATA_TRANSFER_ERROR);
         }
         Ok(())
+    }
+
+    /// The part of [`IoCommand::validate`] that needs no data buffer: read-only, block
+    /// count and range. A frontend engine runs it when a command is admitted (before its
+    /// buffer is filled) and checks the data length when it is submitted.
+    pub fn validate_range(
+        op: Opcode,
+        slba: u64,
+        nlb: u32,
+        info: &DeviceInfo,
+    ) -> Result<(), Status> {
+        if op.is_write() && info.read_only {
+            return Err(Status::WRITE_PROTECTED);
+        }
+        if op == Opcode::Flush {
+            return Ok(());
+        }
+        if nlb == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        match slba.checked_add(nlb as u64) {
+            Some(end) if end <= info.num_blocks => Ok(()),
+            _ => Err(Status::LBA_OUT_OF_RANGE),
+        }
     }
 
     /// Byte offset of the first block.

@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnBudget, ConnPermit};
-use nvmux_core::stats::{OpClass, QueueStats};
+use nvmux_core::engine::{DiskId, Engine, SlotId};
 use nvmux_core::worker::{Readiness, WorkSource};
-use nvmux_core::{AlignedBuf, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status, Wire};
+use nvmux_core::{AlignedBuf, DeviceInfo, Opcode, Status, Wire};
 
 use crate::proto::*;
 use crate::{BurstLog, Export};
@@ -128,12 +128,11 @@ struct Direct {
     sent: usize,
 }
 
-struct Slot {
+/// A request's state in its engine slot (kept, buffer included, for the next request).
+#[derive(Default)]
+struct Req {
     req: Request,
     buf: Option<AlignedBuf>,
-    start: Instant,
-    class: OpClass,
-    used: bool,
     /// Send-buffer room promised to this command's reply.
     cost: usize,
 }
@@ -141,7 +140,10 @@ struct Slot {
 pub struct NbdConn {
     wire: Box<dyn Wire>,
     export: Arc<Export>,
-    bq: Box<dyn BlockQueue>,
+    /// Slots, the disk's queue, validation, stats, drain: the shared frontend engine.
+    eng: Engine<Req>,
+    disk: DiskId,
+    /// What the disk can do (its size lives in the engine).
     info: DeviceInfo,
     structured: bool,
     /// Empty until first needed (and again after an idle spell): reserved, then allocated.
@@ -155,9 +157,6 @@ pub struct NbdConn {
     payload: Option<(u32, usize)>,
     /// Bytes of a refused write's payload still to drop.
     skip: usize,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    in_flight: usize,
     tx: Vec<u8>,
     tx_off: usize,
     /// Bytes of send-buffer capacity reserved in the budget.
@@ -171,8 +170,8 @@ pub struct NbdConn {
     tx_blocked: bool,
     /// The socket reported a hang-up: read until the end of the stream shows.
     hup: bool,
-    done: Vec<(IoCommand, Status)>,
-    stats: Arc<QueueStats>,
+    /// Commands refused at submission, answered by the next `reap`.
+    refused: Vec<(SlotId, Status)>,
     eof: bool,
     /// NBD_CMD_DISC received: finish what is in flight, then close.
     disc: bool,
@@ -217,14 +216,15 @@ impl NbdConn {
         structured: bool,
         setup: ConnSetup,
     ) -> nvmux_core::Result<NbdConn> {
-        let bq = export.dev.open_queue(MAX_SLOTS as u32)?;
+        let mut eng = Engine::new(MAX_SLOTS);
+        let disk = eng.add_disk(export.dev.clone(), &export.stats, 1, MAX_SLOTS as u32)?;
         let info = export.dev.info().clone();
-        let stats = export.stats.new_queue();
         export.connections.fetch_add(1, Ordering::Relaxed);
         let fault = nvmux_core::fault::armed("nbd-request", &export.name);
         Ok(NbdConn {
             wire,
-            bq,
+            eng,
+            disk,
             info,
             structured,
             rx: Vec::new(),
@@ -233,19 +233,16 @@ impl NbdConn {
             rx_more: true,
             payload: None,
             skip: 0,
-            slots: Vec::with_capacity(32),
-            free: Vec::with_capacity(32),
-            in_flight: 0,
             tx: Vec::new(),
             tx_off: 0,
             tx_charged: 0,
             promised: 0,
-            direct: VecDeque::new(),
+            // Every slot may wait here at once: sized now, never grown per request.
+            direct: VecDeque::with_capacity(MAX_SLOTS),
             direct_bytes: 0,
             tx_blocked: false,
             hup: false,
-            done: Vec::with_capacity(MAX_SLOTS),
-            stats,
+            refused: Vec::with_capacity(MAX_SLOTS),
             export,
             eof: false,
             disc: false,
@@ -274,12 +271,18 @@ impl NbdConn {
     /// The state, for a failing test's message.
     pub fn debug_state(&self) -> String {
         format!(
-            "in_flight={} bq={} rx={}..{} payload={:?} skip={} mem_wait={} held={} tx={} off={} promised={} charged={} direct={} eof={} dead={} disc={} rx_more={} slots={} free={}",
-            self.in_flight, self.bq.in_flight(), self.rx_head, self.rx_tail, self.payload, self.skip,
+            "open={} bq={} rx={}..{} payload={:?} skip={} mem_wait={} held={} tx={} off={} promised={} charged={} direct={} eof={} dead={} disc={} rx_more={} busy={}",
+            self.open_cmds(), self.eng.in_flight(), self.rx_head, self.rx_tail, self.payload, self.skip,
             self.mem_wait, self.budget.held(), self.tx.len(), self.tx_off, self.promised,
             self.tx_charged, self.direct.len(), self.eof, self.dead, self.disc, self.rx_more,
-            self.slots.len(), self.free.len()
+            self.eng.busy()
         )
+    }
+
+    /// Requests admitted and not yet answered (slots in use, less those whose reply data
+    /// is being sent from their buffer).
+    fn open_cmds(&self) -> usize {
+        self.eng.busy() - self.direct.len()
     }
 
     /// Bytes of the connection's budget it holds now.
@@ -296,7 +299,7 @@ impl NbdConn {
             && !self.disc
             && !self.mem_wait
             && self.pending_tx() < TX_HIGH
-            && (self.free.len() + MAX_SLOTS > self.slots.len())
+            && self.eng.has_free()
     }
 
     /// Reserve `n` bytes; when the connection's own limit is in the way, first give back
@@ -314,8 +317,8 @@ impl NbdConn {
     /// Drop the buffers of free slots; returns the bytes given back.
     fn release_cached(&mut self) -> usize {
         let mut n = 0;
-        for &i in &self.free {
-            if let Some(b) = self.slots[i as usize].buf.take() {
+        for r in self.eng.free_data_mut() {
+            if let Some(b) = r.buf.take() {
                 n += b.len();
             }
         }
@@ -363,7 +366,7 @@ impl NbdConn {
             self.counters.memory_waits.fetch_add(1, Ordering::Relaxed);
         }
         self.mem_wait = true;
-        self.mem_retry = Some(Instant::now() + MEM_RETRY);
+        self.mem_retry = Some(self.eng.now() + MEM_RETRY);
     }
 
     /// Try the request that waits for memory again (at least 1: poll again, the receive
@@ -377,8 +380,8 @@ impl NbdConn {
     /// The write whose payload was arriving will never run: free its slot.
     fn abandon_payload(&mut self) {
         if let Some((i, _)) = self.payload.take() {
-            self.promised -= self.slots[i as usize].cost;
-            self.release(i);
+            self.promised -= self.eng.slot(i).data.cost;
+            self.eng.release(i);
         }
     }
 
@@ -398,90 +401,47 @@ impl NbdConn {
         }
     }
 
-    /// A slot with a buffer of at least `len` bytes, reserved in the budget; `None` when
-    /// the memory is not there now.
-    fn alloc_slot(&mut self, req: Request, len: usize, class: OpClass, cost: usize) -> Option<u32> {
+    /// Give slot `i` a buffer of at least `len` bytes, reserved in the budget; `false`
+    /// when the memory is not there now.
+    fn ensure_buf(&mut self, i: SlotId, len: usize) -> bool {
         let need = if len == 0 {
             0
         } else {
             len.next_power_of_two().max(4096)
         };
-        let fits = |s: &Slot| s.buf.as_ref().map_or(0, |b| b.len()) >= need;
-        let i = match self
-            .free
-            .iter()
-            .rposition(|&i| fits(&self.slots[i as usize]))
-        {
-            Some(p) => self.free.swap_remove(p),
-            None => match self.free.pop() {
-                Some(i) => i,
-                None if self.slots.len() < MAX_SLOTS => {
-                    self.slots.push(Slot {
-                        req,
-                        buf: None,
-                        start: Instant::now(),
-                        class,
-                        used: false,
-                        cost: 0,
-                    });
-                    (self.slots.len() - 1) as u32
-                }
-                None => return None,
-            },
-        };
-        if !fits(&self.slots[i as usize]) {
-            // Buffers are kept for reuse at the size of the largest request a slot has
-            // seen; a larger one replaces it.
-            if let Some(old) = self.slots[i as usize].buf.take() {
-                self.budget.give(old.len());
+        if self.eng.slot(i).data.buf.as_ref().map_or(0, |b| b.len()) >= need {
+            return true;
+        }
+        // Buffers are kept for reuse at the size of the largest request a slot has
+        // seen; a larger one replaces it.
+        if let Some(old) = self.eng.slot_mut(i).data.buf.take() {
+            self.budget.give(old.len());
+        }
+        if !self.take(need) {
+            return false;
+        }
+        match AlignedBuf::try_new(need) {
+            Some(b) => {
+                self.eng.slot_mut(i).data.buf = Some(b);
+                true
             }
-            let got = self.take(need)
-                && match AlignedBuf::try_new(need) {
-                    Some(b) => {
-                        self.slots[i as usize].buf = Some(b);
-                        true
-                    }
-                    None => {
-                        self.budget.give(need);
-                        false
-                    }
-                };
-            if !got {
-                self.free.push(i);
-                return None;
+            None => {
+                self.budget.give(need);
+                false
             }
         }
-        let s = &mut self.slots[i as usize];
-        s.req = req;
-        s.class = class;
-        s.used = true;
-        s.cost = cost;
-        s.start = Instant::now();
-        self.in_flight += 1;
-        Some(i)
     }
 
-    /// The command of slot `i` is over; its buffer stays untouched until `free.push(i)`.
-    fn retire(&mut self, i: u32) {
-        self.slots[i as usize].used = false;
-        self.in_flight -= 1;
-    }
-
-    fn release(&mut self, i: u32) {
-        self.retire(i);
-        self.free.push(i);
-    }
-
-    /// Check a request; `Err(errno)` for one the export refuses.
-    fn check(&mut self, r: &Request) -> Result<(), u32> {
+    /// The protocol's own checks of a request (the range and the disk's read-only flag
+    /// are the engine's); `Err(errno)` for one the export refuses.
+    fn check(&self, r: &Request) -> Result<(), u32> {
         if r.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_FAST_ZERO) != 0 {
             return Err(EINVAL);
         }
         if r.kind == CMD_FLUSH {
             return Ok(());
         }
-        let writes = r.kind != CMD_READ;
-        if writes && self.export.read_only() {
+        if r.kind != CMD_READ && self.export.read_only() {
             return Err(EPERM);
         }
         if r.kind == CMD_WRITE_ZEROES && r.flags & CMD_FLAG_FAST_ZERO != 0 {
@@ -499,17 +459,42 @@ impl NbdConn {
         if r.length == 0 || !r.offset.is_multiple_of(bs) || !(r.length as u64).is_multiple_of(bs) {
             return Err(EINVAL);
         }
-        let end = r.offset.checked_add(r.length as u64).ok_or(EINVAL)?;
-        let mut size = self.info.size_bytes();
-        if end > size {
-            // The disk may have grown (a thin volume); a shrink is the device's to enforce.
-            self.info.num_blocks = self.export.dev.capacity_bytes() / bs;
-            size = self.info.size_bytes();
-        }
-        if end > size {
-            return Err(if writes { ENOSPC } else { EINVAL });
-        }
         Ok(())
+    }
+
+    /// A slot for `r`, its command checked by the engine against the disk's live size.
+    fn start(&mut self, r: &Request) -> Result<Option<SlotId>, u32> {
+        let len = match r.kind {
+            CMD_READ | CMD_WRITE => r.length as usize,
+            _ => 0,
+        };
+        let need = len.next_power_of_two().max(4096);
+        let Some(i) = self
+            .eng
+            .alloc_where(|q| q.buf.as_ref().is_some_and(|b| b.len() >= need))
+        else {
+            return Ok(None);
+        };
+        let bs = self.info.block_size as u64;
+        let (op, slba, nlb) = match r.kind {
+            CMD_READ => (Opcode::Read, r.offset / bs, r.length as u64 / bs),
+            CMD_WRITE => (Opcode::Write, r.offset / bs, r.length as u64 / bs),
+            CMD_TRIM => (Opcode::Deallocate, r.offset / bs, r.length as u64 / bs),
+            CMD_WRITE_ZEROES => (Opcode::WriteZeroes, r.offset / bs, r.length as u64 / bs),
+            _ => (Opcode::Flush, 0, 0),
+        };
+        let fua = r.flags & CMD_FLAG_FUA != 0;
+        match self.eng.prepare(i, self.disk, op, slba, nlb as u32, fua) {
+            Ok(()) => Ok(Some(i)),
+            Err(st) => {
+                self.eng.release(i);
+                Err(match st {
+                    // Past the end: no room to write, nothing to read.
+                    Status::LBA_OUT_OF_RANGE if r.kind != CMD_READ => ENOSPC,
+                    st => errno(st),
+                })
+            }
+        }
     }
 
     /// Act on one request header (its write payload, if any, follows in the stream).
@@ -531,21 +516,29 @@ impl NbdConn {
             return true;
         }
         let verdict = if known { self.check(&r) } else { Err(EINVAL) };
-        if let Err(e) = verdict {
-            if !self.promise(REPLY_HDR) {
-                return false;
+        let slot = match verdict {
+            Ok(()) => self.start(&r),
+            Err(e) => Err(e),
+        };
+        let i = match slot {
+            Ok(Some(i)) => i,
+            Ok(None) => return false, // no slot: `can_take` said there was one
+            Err(e) => {
+                if !self.promise(REPLY_HDR) {
+                    return false;
+                }
+                if r.kind == CMD_WRITE {
+                    self.skip = r.length as usize;
+                }
+                if r.kind == CMD_READ {
+                    self.read_error(r.cookie, e);
+                } else {
+                    self.reply_error(r.cookie, e);
+                }
+                self.promised -= REPLY_HDR;
+                return true;
             }
-            if r.kind == CMD_WRITE {
-                self.skip = r.length as usize;
-            }
-            if r.kind == CMD_READ {
-                self.read_error(r.cookie, e);
-            } else {
-                self.reply_error(r.cookie, e);
-            }
-            self.promised -= REPLY_HDR;
-            return true;
-        }
+        };
         let len = if matches!(r.kind, CMD_READ | CMD_WRITE) {
             r.length as usize
         } else {
@@ -556,18 +549,18 @@ impl NbdConn {
         } else {
             REPLY_HDR
         };
-        let class = match r.kind {
-            CMD_READ => OpClass::Read,
-            CMD_WRITE => OpClass::Write,
-            _ => OpClass::Other,
-        };
         if !self.promise(cost) {
+            self.eng.release(i);
             return false;
         }
-        let Some(i) = self.alloc_slot(r, len, class, cost) else {
+        if !self.ensure_buf(i, len) {
             self.promised -= cost;
+            self.eng.release(i);
             return false;
-        };
+        }
+        let q = &mut self.eng.slot_mut(i).data;
+        q.req = r;
+        q.cost = cost;
         if r.kind == CMD_WRITE {
             self.payload = Some((i, 0));
         } else {
@@ -576,33 +569,16 @@ impl NbdConn {
         true
     }
 
-    fn submit(&mut self, i: u32) {
-        let s = &self.slots[i as usize];
-        let r = s.req;
-        let bs = self.info.block_size as u64;
-        let (op, has_data) = match r.kind {
-            CMD_READ => (Opcode::Read, true),
-            CMD_WRITE => (Opcode::Write, true),
-            CMD_FLUSH => (Opcode::Flush, false),
-            CMD_TRIM => (Opcode::Deallocate, false),
-            _ => (Opcode::WriteZeroes, false),
-        };
-        let mut sg = SgList::with_capacity(1);
-        if has_data {
-            if let Some(b) = &s.buf {
-                sg = b.sg(0, r.length as usize);
+    /// Point the slot's SG list at its buffer and hand the command to the engine.
+    fn submit(&mut self, i: SlotId) {
+        let (q, sg) = self.eng.slot_mut(i).parts();
+        if matches!(q.req.kind, CMD_READ | CMD_WRITE) {
+            if let Some(b) = &q.buf {
+                sg.push(b.as_mut_ptr(), q.req.length as usize);
             }
         }
-        let (slba, nlb) = if op == Opcode::Flush {
-            (0, 0)
-        } else {
-            (r.offset / bs, (r.length as u64 / bs) as u32)
-        };
-        let mut cmd = IoCommand::new(op, slba, nlb, i as u64, sg);
-        cmd.fua = r.flags & CMD_FLAG_FUA != 0;
-        match cmd.validate(&self.info) {
-            Ok(()) => self.bq.submit(cmd),
-            Err(st) => self.done.push((cmd, st)),
+        if let Err(st) = self.eng.submit(i) {
+            self.refused.push((i, st));
         }
     }
 
@@ -621,9 +597,9 @@ impl NbdConn {
                 continue;
             }
             if let Some((i, got)) = self.payload {
-                let len = self.slots[i as usize].req.length as usize;
+                let len = self.eng.slot(i).data.req.length as usize;
                 let k = (len - got).min(avail);
-                if let Some(b) = self.slots[i as usize].buf.as_mut() {
+                if let Some(b) = self.eng.slot_mut(i).data.buf.as_mut() {
                     b.as_mut_slice()[got..got + k]
                         .copy_from_slice(&self.rx[self.rx_head..self.rx_head + k]);
                 }
@@ -696,9 +672,9 @@ impl NbdConn {
             }
             // A large payload goes straight into its buffer.
             if let (Some((i, got)), true) = (self.payload, self.rx_head == self.rx_tail) {
-                let len = self.slots[i as usize].req.length as usize;
+                let len = self.eng.slot(i).data.req.length as usize;
                 if len - got >= DIRECT_PAYLOAD {
-                    let r = match self.slots[i as usize].buf.as_mut() {
+                    let r = match self.eng.slot_mut(i).data.buf.as_mut() {
                         Some(b) => self.wire.recv(&mut b.as_mut_slice()[got..len]),
                         None => Ok(0),
                     };
@@ -770,67 +746,65 @@ impl NbdConn {
     }
 
     fn reap(&mut self) -> usize {
-        let mut done = std::mem::take(&mut self.done);
-        self.bq.poll(&mut |c, s| done.push((c, s)));
-        let n = done.len();
-        if n > 0 {
-            let now = Instant::now();
-            for (cmd, st) in done.drain(..) {
-                let i = cmd.tag as u32;
-                let Some(s) = self.slots.get(i as usize).filter(|s| s.used) else {
-                    continue;
-                };
-                let (r, class, start, cost) = (s.req, s.class, s.start, s.cost);
-                self.promised -= cost;
-                let err = errno(st);
-                let bytes = if err == 0 && class != OpClass::Other {
-                    r.length as u64
-                } else {
-                    0
-                };
-                self.stats
-                    .record(class, bytes, now.saturating_duration_since(start), err == 0);
-                if r.kind == CMD_READ {
-                    if err != 0 {
-                        self.read_error(r.cookie, err);
-                    } else {
-                        if self.structured {
-                            chunk(
-                                &mut self.tx,
-                                REPLY_FLAG_DONE,
-                                REPLY_TYPE_OFFSET_DATA,
-                                r.cookie,
-                                8 + r.length,
-                            );
-                            self.tx.extend_from_slice(&r.offset.to_be_bytes());
-                        } else {
-                            simple_reply(&mut self.tx, 0, r.cookie);
-                        }
-                        let len = r.length as usize;
-                        if len >= DIRECT_REPLY {
-                            // Sent from the slot's buffer; the slot is freed once it is.
-                            self.retire(i);
-                            self.direct.push_back(Direct {
-                                at: self.tx.len(),
-                                slot: i,
-                                len,
-                                sent: 0,
-                            });
-                            self.direct_bytes += len;
-                            continue;
-                        }
-                        if let Some(b) = &self.slots[i as usize].buf {
-                            self.tx.extend_from_slice(&b.as_slice()[..len]);
-                        }
-                    }
-                } else {
-                    simple_reply(&mut self.tx, err, r.cookie);
-                }
-                self.release(i);
+        let mut n = self.eng.reap();
+        if !self.refused.is_empty() {
+            let mut refused = std::mem::take(&mut self.refused);
+            n += refused.len();
+            for (i, st) in refused.drain(..) {
+                self.complete(i, st);
             }
+            self.refused = refused;
         }
-        self.done = done;
+        while let Some((i, st)) = self.eng.next_completion() {
+            self.complete(i, st);
+        }
         n
+    }
+
+    /// Write slot `i`'s reply; free the slot unless its data goes out from its buffer.
+    fn complete(&mut self, i: SlotId, st: Status) {
+        let (r, cost) = {
+            let q = &self.eng.slot(i).data;
+            (q.req, q.cost)
+        };
+        self.promised -= cost;
+        let err = errno(st);
+        if r.kind == CMD_READ {
+            if err != 0 {
+                self.read_error(r.cookie, err);
+            } else {
+                if self.structured {
+                    chunk(
+                        &mut self.tx,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        r.cookie,
+                        8 + r.length,
+                    );
+                    self.tx.extend_from_slice(&r.offset.to_be_bytes());
+                } else {
+                    simple_reply(&mut self.tx, 0, r.cookie);
+                }
+                let len = r.length as usize;
+                if len >= DIRECT_REPLY {
+                    // Sent from the slot's buffer; the slot is released once it is.
+                    self.direct.push_back(Direct {
+                        at: self.tx.len(),
+                        slot: i,
+                        len,
+                        sent: 0,
+                    });
+                    self.direct_bytes += len;
+                    return;
+                }
+                if let Some(b) = &self.eng.slot(i).data.buf {
+                    self.tx.extend_from_slice(&b.as_slice()[..len]);
+                }
+            }
+        } else {
+            simple_reply(&mut self.tx, err, r.cookie);
+        }
+        self.eng.release(i);
     }
 
     fn flush(&mut self) -> usize {
@@ -853,7 +827,7 @@ impl NbdConn {
                         k += 1;
                     }
                     pos = d.at;
-                    if let Some(b) = &self.slots[d.slot as usize].buf {
+                    if let Some(b) = &self.eng.slot(d.slot).data.buf {
                         iov[k] = IoSlice::new(&b.as_slice()[d.sent..d.len]);
                         k += 1;
                     }
@@ -914,7 +888,7 @@ impl NbdConn {
             }
             let slot = d.slot;
             self.direct.pop_front();
-            self.free.push(slot);
+            self.eng.release(slot);
         }
         self.tx_off += k;
     }
@@ -924,7 +898,7 @@ impl NbdConn {
         self.tx.clear();
         self.tx_off = 0;
         for d in self.direct.drain(..) {
-            self.free.push(d.slot);
+            self.eng.release(d.slot);
         }
         self.direct_bytes = 0;
     }
@@ -940,12 +914,12 @@ impl NbdConn {
     }
 
     fn quiet(&self) -> bool {
-        self.in_flight == 0
+        self.open_cmds() == 0
             && self.pending_tx() == 0
             && !self.partial_request()
             && self.rx_head == self.rx_tail
             && !self.mem_wait
-            && self.done.is_empty()
+            && self.refused.is_empty()
     }
 
     /// The connection waited on its client too long: end it.
@@ -983,7 +957,7 @@ impl NbdConn {
     /// The checks that need the clock: stalls, the memory retry, idle release.
     fn timers(&mut self) -> usize {
         self.empty_polls = 0;
-        let now = Instant::now();
+        let now = self.eng.now();
         let stall = self.limits.stall_timeout;
         let mut n = 0;
         if self.partial_request() && !self.closing() {
@@ -1039,9 +1013,7 @@ impl NbdConn {
 
 impl Drop for NbdConn {
     fn drop(&mut self) {
-        if !self.finished {
-            self.export.stats.retire(&self.stats);
-        }
+        // The engine retires the queue's counters when it goes.
         self.export.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -1051,6 +1023,7 @@ impl WorkSource for NbdConn {
         if self.finished {
             return 0;
         }
+        self.eng.round();
         if self.export.stop.load(Ordering::Acquire) {
             self.dead = true;
         }
@@ -1064,8 +1037,8 @@ impl WorkSource for NbdConn {
             // neither run nor be answered.
             self.abandon_payload();
         }
-        self.bq.kick();
-        if self.fault && self.bq.in_flight() > 0 {
+        self.eng.kick();
+        if self.fault && self.eng.in_flight() > 0 {
             // Injected by a test: unwinds with requests in the kernel, which the worker
             // contains to this connection.
             panic!("injected fault nbd-request:{}", self.export.name);
@@ -1078,7 +1051,7 @@ impl WorkSource for NbdConn {
             // Commands completed, or read data went out: their buffers are free.
             n += self.retry_memory();
         }
-        self.stats.set_in_flight(self.in_flight as u64);
+        self.eng.publish();
         if n == 0 {
             self.empty_polls += 1;
         } else {
@@ -1088,13 +1061,18 @@ impl WorkSource for NbdConn {
             self.woke = false;
             n += self.timers();
         }
+        if (self.dead || self.disc) && !self.eng.stopping() && self.payload.is_none() {
+            // No new request: what is in flight finishes, then the queue retires. (At
+            // the end of the stream alone, requests that arrived before it are served.)
+            self.eng.stop();
+        }
         if self.closing()
-            && self.in_flight == 0
-            && self.bq.in_flight() == 0
+            && self.open_cmds() == 0
+            && self.eng.drained()
             && (self.pending_tx() == 0 || self.eof)
             && (!self.stranded() || self.disc)
         {
-            self.export.stats.retire(&self.stats);
+            self.eng.retire();
             self.finished = true;
             return n.max(1);
         }
@@ -1103,7 +1081,7 @@ impl WorkSource for NbdConn {
 
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = Vec::new();
-        self.bq.wait_fds(&mut v);
+        self.eng.wait_fds(&mut v);
         v
     }
 
@@ -1112,7 +1090,7 @@ impl WorkSource for NbdConn {
     }
 
     fn take_fds_changed(&mut self) -> bool {
-        self.bq.take_fds_changed()
+        self.eng.take_fds_changed()
     }
 
     fn prepare_sleep(&mut self) -> bool {
@@ -1123,7 +1101,7 @@ impl WorkSource for NbdConn {
         if self.timers() > 0 {
             return false;
         }
-        if self.closing() && self.in_flight == 0 {
+        if self.closing() && self.open_cmds() == 0 {
             return false; // finish on the next poll
         }
         if self.rx_more && !self.closing() && self.can_take() {
@@ -1132,10 +1110,10 @@ impl WorkSource for NbdConn {
         if self.pending_tx() > 0 && !self.tx_blocked {
             return false;
         }
-        if !self.done.is_empty() {
+        if !self.refused.is_empty() {
             return false;
         }
-        self.bq.may_sleep()
+        self.eng.may_sleep()
     }
 
     fn after_sleep(&mut self) {
@@ -1149,7 +1127,7 @@ impl WorkSource for NbdConn {
     fn next_deadline(&self) -> Option<Instant> {
         let stall = self.limits.stall_timeout;
         [
-            self.bq.next_deadline(),
+            self.eng.next_deadline(),
             self.rx_mark.map(|m| m.1 + stall),
             self.tx_mark.map(|m| m.1 + stall),
             self.mem_retry.filter(|_| self.mem_wait),

@@ -114,7 +114,7 @@ pub fn option_reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
 }
 
 /// A transmission request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub kind: u16,

@@ -39,16 +39,16 @@ use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnBudget, ConnPermit, MemBudget};
 use nvmux_core::crc32c::crc32c;
-use nvmux_core::stats::{OpClass, QueueStats};
+use nvmux_core::engine::{DiskId, Engine, SlotId};
 use nvmux_core::worker::{Readiness, WorkSource};
-use nvmux_core::{AlignedBuf, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status};
+use nvmux_core::{AlignedBuf, Opcode, Status};
 
 use crate::auth::{self, Dhchap, Sent};
 use crate::ctrl::{
-    self, connect, parse_io, sc, Controller, Cqe, IoPlan, Namespace, NsMap, Outcome, Resolver, Sqe,
-    Waker, Where, ADMIN_DATA, AUTHREQ_ATR, IN_CAPSULE_DATA, MAX_TRANSFER, SGL_IN_CAPSULE,
-    SGL_TRANSPORT,
+    self, connect, sc, Controller, Cqe, Namespace, NsMap, Outcome, Resolver, Sqe, Waker, Where,
+    ADMIN_DATA, AUTHREQ_ATR, IN_CAPSULE_DATA, MAX_TRANSFER, SGL_IN_CAPSULE, SGL_TRANSPORT,
 };
+use crate::nvm::{self, parse_io, IoPlan, Need};
 use crate::pdu::{self, Digests, Pdu, PduError};
 use crate::ratelog::RateLog;
 
@@ -62,7 +62,8 @@ const RX_MAX: usize = 64 << 10;
 const TX_START: usize = 4096;
 /// Stop reading PDUs while this much control output (responses, headers) waits.
 const TX_HIGH: usize = 16 << 10;
-/// Pooled command buffers per size class.
+/// Pooled command buffers per size class, at least (a queue keeps as many as it has
+/// slots, so a steady load finds every buffer it needs in the pool).
 const POOL_PER_CLASS: usize = 16;
 /// While waiting for memory, look again this often (other connections may free some).
 const MEM_RETRY: Duration = Duration::from_millis(2);
@@ -132,8 +133,9 @@ enum Phase {
     Dead,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 enum Stage {
+    #[default]
     Free,
     /// Needs a buffer: waits in `waitq` until memory is free.
     WaitMem,
@@ -147,7 +149,9 @@ enum Stage {
     Sending,
 }
 
-struct Slot {
+/// A command's transport state in its engine slot (the engine keeps its block commands,
+/// status and stats).
+struct Cmd {
     stage: Stage,
     cid: u16,
     sqe: [u8; 64],
@@ -159,29 +163,34 @@ struct Slot {
     buf: Option<AlignedBuf>,
     /// `buf` is the connection's inline reserve.
     reserve: bool,
-    /// Block commands still in flight (several for a multi-range deallocate).
-    pending: u32,
-    status: Status,
-    start: Instant,
     /// When the R2T went out (stall timer).
-    r2t_at: Instant,
-    class: OpClass,
-    /// Index into `queues` of the namespace the command runs on.
-    q: usize,
+    r2t_at: Option<Instant>,
+    /// An I/O command: its disk and plan, checked when the command arrived.
+    io: Option<(DiskId, IoPlan)>,
+    /// The memory the plan needs.
+    need: Need,
 }
 
-struct NsQueue {
-    ns: Arc<Namespace>,
-    info: DeviceInfo,
-    bq: Box<dyn BlockQueue>,
-    stats: Arc<QueueStats>,
-    /// The namespace left the subsystem: no new commands, drop when idle.
-    retired: bool,
+impl Default for Cmd {
+    fn default() -> Self {
+        Cmd {
+            stage: Stage::Free,
+            cid: 0,
+            sqe: [0; 64],
+            len: 0,
+            got: 0,
+            buf: None,
+            reserve: false,
+            r2t_at: None,
+            io: None,
+            need: Need::Nothing,
+        }
+    }
 }
 
 /// H2CData being received straight into a command's buffer.
 struct Sink {
-    slot: u16,
+    slot: SlotId,
     /// Where the next data byte goes in the buffer.
     off: usize,
     /// Data bytes still to come.
@@ -198,7 +207,7 @@ struct Sink {
 /// Read or admin data sent from a slot's buffer once `tx` has gone out up to `at`.
 struct Direct {
     at: usize,
-    slot: u16,
+    slot: SlotId,
     len: usize,
     sent: usize,
 }
@@ -259,26 +268,21 @@ pub struct Conn {
     qid: u16,
     sqhd: u16,
     entries: u16,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
+    /// Slots, the namespaces' queues, validation, stats, drain: the frontend engine.
+    eng: Engine<Cmd>,
     /// Commands waiting for memory, in arrival order.
-    waitq: VecDeque<u16>,
+    waitq: VecDeque<SlotId>,
     /// Held Asynchronous Event Requests (command ids).
     aers: Vec<u16>,
     ns: NsMap,
     ns_gen: u64,
-    queues: Vec<NsQueue>,
-    /// Queues dropped once the worker has re-read our fds.
-    graveyard: Vec<NsQueue>,
-    fds_changed: bool,
+    /// The namespaces this connection has a disk open on in the engine.
+    nsq: Vec<(DiskId, Arc<Namespace>)>,
     bufs: Vec<Vec<AlignedBuf>>,
     /// The inline reserve (taken at Connect), when no command holds it.
     reserve: Option<AlignedBuf>,
     out: Vec<u8>,
-    done: Vec<(IoCommand, Status)>,
     finished: bool,
-    /// This poll's clock, read at most once.
-    now: Option<Instant>,
     accepted: Instant,
     /// Connect (and authentication, where required) completed.
     handshake_done: bool,
@@ -286,7 +290,7 @@ pub struct Conn {
     needs_auth: bool,
     authenticated: bool,
     auth: Option<Box<Dhchap>>,
-    auth_job: Option<(u16, AuthJob)>,
+    auth_job: Option<(SlotId, AuthJob)>,
     /// First byte of an unfinished PDU (stall timer).
     pdu_started: Option<Instant>,
     /// Output waiting since (stall timer; reset whenever the socket takes some).
@@ -329,21 +333,16 @@ impl Conn {
             qid: 0,
             sqhd: 0,
             entries: 0,
-            slots: Vec::new(),
-            free: Vec::new(),
+            eng: Engine::new(0),
             waitq: VecDeque::new(),
             aers: Vec::new(),
             ns: Arc::default(),
             ns_gen: 0,
-            queues: Vec::new(),
-            graveyard: Vec::new(),
-            fds_changed: false,
+            nsq: Vec::new(),
             bufs: (0..=size_class(MAX_TRANSFER)).map(|_| Vec::new()).collect(),
             reserve: None,
             out: Vec::new(),
-            done: Vec::new(),
             finished: false,
-            now: None,
             accepted: Instant::now(),
             handshake_done: false,
             needs_auth: false,
@@ -367,12 +366,13 @@ impl Conn {
         self.budget.held()
     }
 
+    /// This poll round's clock (read at most once per round, by the engine).
     fn now(&mut self) -> Instant {
-        *self.now.get_or_insert_with(Instant::now)
+        self.eng.now()
     }
 
     fn in_flight(&self) -> bool {
-        self.slots.iter().any(|s| s.stage == Stage::InFlight)
+        self.eng.in_flight() > 0
     }
 
     fn log(&self) -> &RateLog {
@@ -408,6 +408,7 @@ impl Conn {
         // Held AERs end with the connection; commands in flight finish first.
         self.aers.clear();
         self.sink = None;
+        self.eng.stop();
     }
 
     // ---- memory ------------------------------------------------------------------------
@@ -454,7 +455,11 @@ impl Conn {
     fn put_buf(&mut self, b: AlignedBuf) {
         let c = size_class(b.len());
         match self.bufs.get_mut(c) {
-            Some(v) if v.len() < POOL_PER_CLASS && b.len() == 4096 << c => v.push(b),
+            Some(v)
+                if v.len() < POOL_PER_CLASS.max(self.eng.capacity()) && b.len() == 4096 << c =>
+            {
+                v.push(b)
+            }
             _ => self.budget.give(b.len()),
         }
     }
@@ -511,8 +516,8 @@ impl Conn {
     }
 
     /// Queue `len` bytes of slot `i`'s buffer as one C2HData PDU (sent from the buffer).
-    fn send_data(&mut self, i: u16, len: usize) {
-        let cid = self.slots[i as usize].cid;
+    fn send_data(&mut self, i: SlotId, len: usize) {
+        let cid = self.eng.slot(i).data.cid;
         pdu::c2h_data_header(&mut self.tx, cid, 0, len, true, self.dg, self.hpda);
         self.direct.push_back(Direct {
             at: self.tx.len(),
@@ -522,17 +527,17 @@ impl Conn {
         });
         self.direct_bytes += len;
         if self.dg.data {
-            if let Some(b) = &self.slots[i as usize].buf {
+            if let Some(b) = &self.eng.slot(i).data.buf {
                 pdu::data_digest(&mut self.tx, &[&b.as_slice()[..len]]);
             }
         }
         self.tx_account();
-        self.slots[i as usize].stage = Stage::Sending;
+        self.eng.slot_mut(i).data.stage = Stage::Sending;
     }
 
     /// Give slot `i`'s buffer back (to the inline reserve or the pool).
-    fn release_buf(&mut self, i: u16) {
-        let s = &mut self.slots[i as usize];
+    fn release_buf(&mut self, i: SlotId) {
+        let s = &mut self.eng.slot_mut(i).data;
         let b = s.buf.take();
         let reserve = std::mem::take(&mut s.reserve);
         if let Some(b) = b {
@@ -544,14 +549,14 @@ impl Conn {
         }
     }
 
-    fn free_slot(&mut self, i: u16) {
-        self.slots[i as usize].stage = Stage::Free;
+    fn free_slot(&mut self, i: SlotId) {
+        self.eng.slot_mut(i).data.stage = Stage::Free;
         self.release_buf(i);
-        self.free.push(i);
+        self.eng.release(i);
     }
 
-    fn finish_now(&mut self, i: u16, cqe: Cqe) {
-        let cid = self.slots[i as usize].cid;
+    fn finish_now(&mut self, i: SlotId, cqe: Cqe) {
+        let cid = self.eng.slot(i).data.cid;
         self.respond(cid, cqe);
         self.free_slot(i);
     }
@@ -639,8 +644,8 @@ impl Conn {
     fn recv_sink(&mut self) -> Option<usize> {
         let sk = self.sink.as_mut()?;
         let r = if sk.left > 0 {
-            let slot = self.slots.get_mut(sk.slot as usize)?;
-            let b = slot.buf.as_mut()?;
+            let slot = self.eng.get_mut(sk.slot)?;
+            let b = slot.data.buf.as_mut()?;
             let end = sk.off + sk.left;
             match b.as_mut_slice().get_mut(sk.off..end) {
                 Some(dst) => self.wire.recv(dst),
@@ -775,10 +780,11 @@ impl Conn {
 
     /// An H2CData header: check it against its R2T and start receiving its data.
     fn start_h2c(&mut self, h: pdu::H2CHeader, hdr: &[u8]) {
+        let ttag = h.ttag as SlotId;
         let ok = self
-            .slots
-            .get(h.ttag as usize)
-            .is_some_and(|s| s.stage == Stage::AwaitData && s.cid == h.cccid);
+            .eng
+            .get(ttag)
+            .is_some_and(|s| s.data.stage == Stage::AwaitData && s.data.cid == h.cccid);
         if !ok {
             return self.terminate(
                 PduError {
@@ -790,7 +796,7 @@ impl Conn {
             );
         }
         let (len, got) = {
-            let s = &self.slots[h.ttag as usize];
+            let s = &self.eng.slot(ttag).data;
             (s.len, s.got)
         };
         let off = h.datao as usize;
@@ -809,7 +815,7 @@ impl Conn {
             c.touch(now);
         }
         self.sink = Some(Sink {
-            slot: h.ttag,
+            slot: ttag,
             off,
             left: h.datal,
             start: off,
@@ -823,7 +829,10 @@ impl Conn {
         let avail = self.rx_tail - self.rx_head;
         let k = avail.min(sk.left);
         if k > 0 {
-            if let Some(dst) = self.slots[sk.slot as usize]
+            if let Some(dst) = self
+                .eng
+                .slot_mut(sk.slot)
+                .data
                 .buf
                 .as_mut()
                 .and_then(|b| b.as_mut_slice().get_mut(sk.off..sk.off + k))
@@ -853,7 +862,7 @@ impl Conn {
         let Some(sk) = self.sink.take() else { return };
         let i = sk.slot;
         if sk.dd_len == 4 {
-            let ok = self.slots[i as usize].buf.as_ref().is_some_and(|b| {
+            let ok = self.eng.slot(i).data.buf.as_ref().is_some_and(|b| {
                 crc32c(&b.as_slice()[sk.start..sk.start + sk.datal]) == u32::from_le_bytes(sk.dd)
             });
             if !ok {
@@ -867,7 +876,7 @@ impl Conn {
                 );
             }
         }
-        let s = &mut self.slots[i as usize];
+        let s = &mut self.eng.slot_mut(i).data;
         s.got += sk.datal;
         if s.got == s.len {
             self.data_complete(i);
@@ -875,17 +884,8 @@ impl Conn {
     }
 
     /// A command's host data is all in (in-capsule or H2CData).
-    fn data_complete(&mut self, i: u16) {
-        let sqe = self.slots[i as usize].sqe;
-        let s = Sqe(&sqe);
-        let io = if self.qid != 0 && !s.is_fabrics() {
-            match self.plan_io(s) {
-                Ok(x) => Some(x),
-                Err(st) => return self.finish_now(i, Cqe::err(st)),
-            }
-        } else {
-            None
-        };
+    fn data_complete(&mut self, i: SlotId) {
+        let io = self.eng.slot(i).data.io;
         self.execute(i, io);
     }
 
@@ -1001,15 +1001,14 @@ impl Conn {
             return true;
         };
         {
-            let sl = &mut self.slots[i as usize];
+            let sl = &mut self.eng.slot_mut(i).data;
             sl.cid = cid;
             sl.sqe = *sqe;
-            sl.start = now;
-            sl.status = Status::SUCCESS;
-            sl.pending = 0;
             sl.got = 0;
             sl.len = 0;
-            sl.class = OpClass::Other;
+            sl.io = None;
+            sl.need = Need::Nothing;
+            sl.r2t_at = None;
             if let Some((b, r)) = inbuf {
                 sl.buf = Some(b);
                 sl.reserve = r;
@@ -1085,23 +1084,27 @@ impl Conn {
                 0
             }
         } else {
-            match self.plan_io(s) {
-                Ok(x) => io = Some(x),
+            // Checked now (the engine's validation), before any data moves.
+            let need = match self.plan_io(s).and_then(|(d, plan)| {
+                io = Some((d, plan));
+                nvm::prepare(&mut self.eng, i, d, &plan)
+            }) {
+                Ok(n) => n,
                 Err(st) => {
                     self.finish_now(i, Cqe::err(st));
                     return true;
                 }
-            }
-            match &io {
+            };
+            let sl = &mut self.eng.slot_mut(i).data;
+            sl.io = io;
+            sl.need = need;
+            match need {
                 // Linux may describe a Dataset Management range list with a longer buffer
                 // (a whole page): take what the SGL says, up to a page.
-                Some((_, IoPlan::Dsm { ranges, .. }))
-                    if sgl_len >= ranges * 16 && sgl_len <= DSM_MAX =>
-                {
-                    sgl_len
-                }
-                Some((q, plan)) => plan.data_len(self.queues[*q].info.block_size),
-                None => 0,
+                Need::Ranges(l) if sgl_len >= l && sgl_len <= DSM_MAX => sgl_len,
+                Need::Ranges(l) | Need::Data(l) => l,
+                // Zeros are the controller's own scratch memory, not host data.
+                Need::Zeros(_) | Need::Nothing => 0,
             }
         };
         if want > 0 && want != sgl_len {
@@ -1112,7 +1115,7 @@ impl Conn {
             self.execute(i, io);
             return true;
         }
-        self.slots[i as usize].len = want;
+        self.eng.slot_mut(i).data.len = want;
         if dir & 1 != 0 {
             match s.sgl_type() {
                 SGL_IN_CAPSULE => {
@@ -1124,10 +1127,11 @@ impl Conn {
                         self.finish_now(i, Cqe::err(sc::SGL_LENGTH_INVALID));
                         return true;
                     }
-                    if let Some(b) = self.slots[i as usize].buf.as_mut() {
+                    let sl = &mut self.eng.slot_mut(i).data;
+                    if let Some(b) = sl.buf.as_mut() {
                         b.as_mut_slice()[..want].copy_from_slice(&data[..want]);
                     }
-                    self.slots[i as usize].got = want;
+                    sl.got = want;
                     self.execute(i, io);
                 }
                 SGL_TRANSPORT if data.is_empty() => self.wait_or_start(i),
@@ -1187,8 +1191,8 @@ impl Conn {
 
     /// Start a command's data transfer (R2T, or run it to produce its data) once it has
     /// a buffer; park it in arrival order until then.
-    fn wait_or_start(&mut self, i: u16) {
-        self.slots[i as usize].stage = Stage::WaitMem;
+    fn wait_or_start(&mut self, i: SlotId) {
+        self.eng.slot_mut(i).data.stage = Stage::WaitMem;
         if !self.waitq.is_empty() || !self.start_data(i) {
             self.waitq.push_back(i);
         }
@@ -1196,17 +1200,20 @@ impl Conn {
 
     /// Give slot `i` a buffer of at least `len` bytes (one too small, such as an in-capsule
     /// buffer, is swapped for a fitting one); `false`: no memory for it now.
-    fn ensure_buf(&mut self, i: u16, len: usize) -> bool {
-        if self.slots[i as usize]
+    fn ensure_buf(&mut self, i: SlotId, len: usize) -> bool {
+        if self
+            .eng
+            .slot(i)
+            .data
             .buf
             .as_ref()
             .is_some_and(|b| b.len() < len)
         {
             self.release_buf(i);
         }
-        if self.slots[i as usize].buf.is_none() {
+        if self.eng.slot(i).data.buf.is_none() {
             match self.get_buf(len) {
-                Some(b) => self.slots[i as usize].buf = Some(b),
+                Some(b) => self.eng.slot_mut(i).data.buf = Some(b),
                 None => return false,
             }
         }
@@ -1214,32 +1221,23 @@ impl Conn {
     }
 
     /// `false`: still no memory.
-    fn start_data(&mut self, i: u16) -> bool {
-        let len = self.slots[i as usize].len;
+    fn start_data(&mut self, i: SlotId) -> bool {
+        let len = self.eng.slot(i).data.len;
         if !self.ensure_buf(i, len) {
             return false;
         }
-        let sqe = self.slots[i as usize].sqe;
+        let sqe = self.eng.slot(i).data.sqe;
         let s = Sqe(&sqe);
         if s.direction() & 1 != 0 {
             let now = self.now();
-            let sl = &mut self.slots[i as usize];
+            let sl = &mut self.eng.slot_mut(i).data;
             sl.stage = Stage::AwaitData;
-            sl.r2t_at = now;
-            pdu::r2t(&mut self.tx, s.cid(), i, 0, len as u32, self.dg);
+            sl.r2t_at = Some(now);
+            // The transfer tag is the slot (slots are fewer than 2^16: entries + AERs).
+            pdu::r2t(&mut self.tx, s.cid(), i as u16, 0, len as u32, self.dg);
             self.tx_account();
         } else {
-            let io = if self.qid != 0 && !s.is_fabrics() {
-                match self.plan_io(s) {
-                    Ok(x) => Some(x),
-                    Err(st) => {
-                        self.finish_now(i, Cqe::err(st));
-                        return true;
-                    }
-                }
-            } else {
-                None
-            };
+            let io = self.eng.slot(i).data.io;
             self.execute(i, io);
         }
         true
@@ -1262,32 +1260,10 @@ impl Conn {
         n
     }
 
-    fn alloc_slot(&mut self) -> Option<u16> {
-        if let Some(i) = self.free.pop() {
-            return Some(i);
-        }
-        // The queue's entries, plus room for the AERs the admin queue holds.
-        let cap = self.entries.max(1) as usize + ctrl::MAX_AERS;
-        if self.slots.len() >= cap {
-            return None;
-        }
-        let now = self.now();
-        self.slots.push(Slot {
-            stage: Stage::Free,
-            cid: 0,
-            sqe: [0; 64],
-            len: 0,
-            got: 0,
-            buf: None,
-            reserve: false,
-            pending: 0,
-            status: Status::SUCCESS,
-            start: now,
-            r2t_at: now,
-            class: OpClass::Other,
-            q: 0,
-        });
-        Some((self.slots.len() - 1) as u16)
+    fn alloc_slot(&mut self) -> Option<SlotId> {
+        let i = self.eng.alloc()?;
+        self.eng.slot_mut(i).data.stage = Stage::Free;
+        Some(i)
     }
 
     // ---- executing -----------------------------------------------------------------------
@@ -1301,66 +1277,54 @@ impl Conn {
         }
         self.ns_gen = g;
         self.ns = c.subsys.namespaces();
-        for q in self.queues.iter_mut() {
-            let cur = self.ns.get(&q.ns.nsid);
-            if !cur.is_some_and(|n| Arc::ptr_eq(n, &q.ns)) {
-                q.retired = true;
+        // A namespace that left (or was replaced): its disk takes no new command and goes
+        // once its commands are done.
+        let mut k = 0;
+        while k < self.nsq.len() {
+            let (d, ns) = &self.nsq[k];
+            if self.ns.get(&ns.nsid).is_some_and(|n| Arc::ptr_eq(n, ns)) {
+                k += 1;
+            } else {
+                self.eng.retire_disk(*d);
+                self.nsq.swap_remove(k);
             }
         }
     }
 
-    /// The queue of namespace `nsid` on this connection, opened on first use.
-    fn queue_for(&mut self, nsid: u32) -> Result<usize, Status> {
-        if let Some(i) = self
-            .queues
-            .iter()
-            .position(|q| q.ns.nsid == nsid && !q.retired)
-        {
-            return Ok(i);
+    /// The engine's disk for namespace `nsid` on this connection, opened on first use.
+    fn queue_for(&mut self, nsid: u32) -> Result<DiskId, Status> {
+        if let Some(d) = self.eng.disk_for(nsid) {
+            return Ok(d);
         }
         let ns = self
             .ns
             .get(&nsid)
             .cloned()
             .ok_or(Status::INVALID_NAMESPACE)?;
-        let bq = ns.dev.open_queue(self.entries.max(1) as u32).map_err(|e| {
-            tracing::error!(disk = %ns.disk, "nvme/tcp: cannot open a queue: {e}");
-            Status::INTERNAL_ERROR
-        })?;
-        let mut info = ns.dev.info().clone();
-        info.num_blocks = ns.num_blocks();
-        let stats = ns.stats.new_queue();
-        self.queues.push(NsQueue {
-            ns,
-            info,
-            bq,
-            stats,
-            retired: false,
-        });
-        self.fds_changed = true;
-        Ok(self.queues.len() - 1)
+        let d = self
+            .eng
+            .add_disk(ns.dev.clone(), &ns.stats, nsid, self.entries.max(1) as u32)
+            .map_err(|e| {
+                tracing::error!(disk = %ns.disk, "nvme/tcp: cannot open a queue: {e}");
+                Status::INTERNAL_ERROR
+            })?;
+        self.nsq.push((d, ns));
+        Ok(d)
     }
 
-    fn plan_io(&mut self, s: Sqe) -> Result<(usize, IoPlan), Status> {
-        let q = self.queue_for(s.nsid())?;
-        let info = &self.queues[q].info;
-        match parse_io(s, info.block_size, info.num_blocks, info.read_only) {
-            Err(Status::LBA_OUT_OF_RANGE) => {
-                // The namespace may have grown since the queue opened.
-                let n = self.queues[q].ns.num_blocks();
-                let info = &mut self.queues[q].info;
-                info.num_blocks = n;
-                parse_io(s, info.block_size, n, info.read_only).map(|p| (q, p))
-            }
-            r => r.map(|p| (q, p)),
-        }
+    /// Decode an I/O command for its namespace's disk (checked against it by
+    /// `nvm::prepare`).
+    fn plan_io(&mut self, s: Sqe) -> Result<(DiskId, IoPlan), Status> {
+        let d = self.queue_for(s.nsid())?;
+        let info = self.eng.info(d).ok_or(Status::INVALID_NAMESPACE)?;
+        parse_io(s, info.block_size, info.read_only).map(|p| (d, p))
     }
 
     /// Copy `out` (what a command produced) into slot `i`'s buffer, zero the rest of
     /// its `len` bytes (a pooled buffer holds old data), and queue it for the host.
-    fn send_out(&mut self, i: u16, out: &[u8]) {
-        let len = self.slots[i as usize].len;
-        if let Some(b) = self.slots[i as usize].buf.as_mut() {
+    fn send_out(&mut self, i: SlotId, out: &[u8]) {
+        let len = self.eng.slot(i).data.len;
+        if let Some(b) = self.eng.slot_mut(i).data.buf.as_mut() {
             let dst = &mut b.as_mut_slice()[..len];
             let n = out.len().min(len);
             dst[..n].copy_from_slice(&out[..n]);
@@ -1369,8 +1333,8 @@ impl Conn {
         self.send_data(i, len);
     }
 
-    fn execute(&mut self, i: u16, io: Option<(usize, IoPlan)>) {
-        let sqe = self.slots[i as usize].sqe;
+    fn execute(&mut self, i: SlotId, io: Option<(DiskId, IoPlan)>) {
+        let sqe = self.eng.slot(i).data.sqe;
         let s = Sqe(&sqe);
         let cid = s.cid();
         let Some(c) = self.ctrl.clone() else {
@@ -1405,7 +1369,7 @@ impl Conn {
                     self.free_slot(i);
                 }
                 Outcome::Done(cqe) => {
-                    if self.slots[i as usize].len > 0 && cqe.status.is_ok() {
+                    if self.eng.slot(i).data.len > 0 && cqe.status.is_ok() {
                         self.send_out(i, &out);
                         self.respond(cid, cqe);
                     } else {
@@ -1420,110 +1384,53 @@ impl Conn {
             self.out = out;
             return;
         }
-        let Some((q, plan)) = io else {
+        let Some((d, plan)) = io else {
             return self.finish_now(i, Cqe::err(Status::INTERNAL_ERROR));
         };
-        self.slots[i as usize].q = q;
-        match plan {
-            IoPlan::One { op, slba, nlb, fua } => {
-                let sg = match &self.slots[i as usize].buf {
-                    Some(b) if op.has_data() => b.sg(0, self.slots[i as usize].len),
-                    _ => SgList::default(),
-                };
-                let mut cmd = IoCommand::new(op, slba, nlb, i as u64, sg);
-                cmd.nsid = self.queues[q].ns.nsid;
-                cmd.fua = fua;
-                if op == Opcode::WriteZeroes && !self.queues[q].info.write_zeroes {
-                    // Emulated with a write of zeros.
-                    let len = nlb as usize * self.queues[q].info.block_size as usize;
-                    if len > MAX_TRANSFER {
-                        return self.finish_now(i, Cqe::err(Status::INVALID_FIELD));
-                    }
-                    // In-capsule data that came with it is ignored.
-                    if !self.ensure_buf(i, len) {
-                        // Wait for memory like a command with data.
-                        self.slots[i as usize].len = 0;
-                        self.slots[i as usize].stage = Stage::WaitMem;
-                        return self.park_zeroes(i);
-                    }
-                    let Some(b) = self.slots[i as usize].buf.as_mut() else {
-                        return self.finish_now(i, Cqe::err(Status::INTERNAL_ERROR));
+        // The NVM semantics are `nvm`'s; this transport provides the memory.
+        let need = self.eng.slot(i).data.need;
+        let r = match need {
+            Need::Data(len) => {
+                let (c, sg) = self.eng.slot_mut(i).parts();
+                if let Some(b) = &c.buf {
+                    sg.push(b.as_mut_ptr(), len.min(b.len()));
+                }
+                nvm::submit(&mut self.eng, i, d, &plan, None)
+            }
+            Need::Nothing => nvm::submit(&mut self.eng, i, d, &plan, None),
+            Need::Zeros(len) | Need::Ranges(len) => {
+                if matches!(need, Need::Zeros(_)) && !self.ensure_buf(i, len) {
+                    // Wait for memory like a command with data (it moves no host data,
+                    // so `start_data` asks for nothing with R2T).
+                    let sl = &mut self.eng.slot_mut(i).data;
+                    sl.len = len;
+                    sl.stage = Stage::WaitMem;
+                    self.waitq.push_back(i);
+                    return;
+                }
+                // The buffer leaves the slot while the model writes or reads it (the SG
+                // list points at its heap memory, which does not move).
+                let mut b = self.eng.slot_mut(i).data.buf.take();
+                let got = self.eng.slot(i).data.got;
+                let mem = b.as_mut().map(|b| {
+                    let n = if matches!(need, Need::Zeros(_)) {
+                        len
+                    } else {
+                        len.min(got)
                     };
-                    b.as_mut_slice()[..len].fill(0);
-                    cmd = IoCommand::new(Opcode::Write, slba, nlb, i as u64, b.sg(0, len));
-                    cmd.nsid = self.queues[q].ns.nsid;
-                }
-                let sl = &mut self.slots[i as usize];
-                sl.class = match op {
-                    Opcode::Read => OpClass::Read,
-                    Opcode::Write => OpClass::Write,
-                    _ => OpClass::Other,
-                };
-                sl.stage = Stage::InFlight;
-                sl.pending = 1;
-                self.queues[q].bq.submit(cmd);
+                    let n = n.min(b.len());
+                    &mut b.as_mut_slice()[..n]
+                });
+                let r = nvm::submit(&mut self.eng, i, d, &plan, mem);
+                self.eng.slot_mut(i).data.buf = b;
+                r
             }
-            IoPlan::Dsm { deallocate, ranges } => {
-                let info = self.queues[q].info.clone();
-                let mut n = 0;
-                let mut bad = false;
-                let mut cmds = Vec::new();
-                if deallocate && info.discard {
-                    if let Some(b) = &self.slots[i as usize].buf {
-                        let data = &b.as_slice()[..(ranges * 16).min(self.slots[i as usize].len)];
-                        for (slba, nlb) in ctrl::dsm_ranges(data) {
-                            if nlb == 0 {
-                                continue;
-                            }
-                            let mut cmd = IoCommand::new(
-                                Opcode::Deallocate,
-                                slba,
-                                nlb,
-                                i as u64,
-                                SgList::default(),
-                            );
-                            cmd.nsid = self.queues[q].ns.nsid;
-                            if cmd.validate(&info).is_err() {
-                                bad = true;
-                                break;
-                            }
-                            cmds.push(cmd);
-                        }
-                    }
-                }
-                for cmd in cmds {
-                    self.queues[q].bq.submit(cmd);
-                    n += 1;
-                }
-                let sl = &mut self.slots[i as usize];
-                if bad {
-                    sl.status = Status::LBA_OUT_OF_RANGE;
-                }
-                if n == 0 {
-                    // Deallocate is advisory: nothing to do (or a bad range found first).
-                    let st = sl.status;
-                    return self.finish_now(i, Cqe::err(st));
-                }
-                sl.stage = Stage::InFlight;
-                sl.pending = n;
-            }
-        }
-    }
-
-    /// A Write Zeroes emulated with a write of zeros whose buffer must wait: it runs again
-    /// from `waitq` with the buffer's length as its data length, so `start_data` takes the
-    /// buffer (the command moves no host data, so nothing is asked for with R2T).
-    fn park_zeroes(&mut self, i: u16) {
-        // Re-planned when the buffer comes: execute() sees the buffer and proceeds.
-        let sqe = self.slots[i as usize].sqe;
-        let s = Sqe(&sqe);
-        let Ok((q, _)) = self.plan_io(s) else {
-            return self.finish_now(i, Cqe::err(Status::INTERNAL_ERROR));
         };
-        let nlb = (s.cdw(12) & 0xffff) as usize + 1;
-        let len = nlb * self.queues[q].info.block_size as usize;
-        self.slots[i as usize].len = len;
-        self.waitq.push_back(i);
+        match r {
+            Ok(0) => self.finish_now(i, Cqe::ok(0)),
+            Ok(_) => self.eng.slot_mut(i).data.stage = Stage::InFlight,
+            Err(st) => self.finish_now(i, Cqe::err(st)),
+        }
     }
 
     fn do_connect(&mut self, cid: u16, s: Sqe, data: &[u8]) {
@@ -1541,6 +1448,13 @@ impl Conn {
                 );
                 self.qid = c.qid;
                 self.entries = c.entries;
+                // The queue's slots: its entries, plus room for the AERs an admin queue
+                // holds. Fixed from here on.
+                let cap = c.entries.max(1) as usize + ctrl::MAX_AERS;
+                self.eng.set_capacity(cap);
+                // Every slot may be parked or sending at once: sized now, not per command.
+                self.direct.reserve(cap);
+                self.waitq.reserve(cap);
                 self.sqhd = 1 % c.entries;
                 c.ctrl.attach_queue(c.qid, &self.waker);
                 let now = self.now();
@@ -1571,13 +1485,14 @@ impl Conn {
 
     /// AUTH_Send: the DH-HMAC-CHAP step runs off the data path (its modular
     /// exponentiations may take milliseconds); the command completes when it is back.
-    fn auth_send(&mut self, i: u16) {
+    fn auth_send(&mut self, i: SlotId) {
         let Some(mut dh) = self.auth.take() else {
             return self.finish_now(i, Cqe::err(sc::CMD_SEQUENCE));
         };
-        let len = self.slots[i as usize].len;
-        let buf = self.slots[i as usize].buf.take();
-        self.slots[i as usize].stage = Stage::Auth;
+        let sl = &mut self.eng.slot_mut(i).data;
+        let len = sl.len;
+        let buf = sl.buf.take();
+        sl.stage = Stage::Auth;
         let job: AuthJob = Arc::new(Mutex::new(None));
         let (j2, waker) = (job.clone(), self.waker.clone());
         self.auth_job = Some((i, job));
@@ -1603,7 +1518,7 @@ impl Conn {
         };
         self.auth_job = None;
         self.auth = Some(done.dh);
-        self.slots[i as usize].buf = done.buf;
+        self.eng.slot_mut(i).data.buf = done.buf;
         if self.phase == Phase::Dead {
             self.free_slot(i);
             return 1;
@@ -1621,15 +1536,15 @@ impl Conn {
         1
     }
 
-    fn auth_receive(&mut self, i: u16) {
+    fn auth_receive(&mut self, i: SlotId) {
         let Some(mut dh) = self.auth.take() else {
             return self.finish_now(i, Cqe::err(sc::CMD_SEQUENCE));
         };
-        let len = self.slots[i as usize].len;
+        let len = self.eng.slot(i).data.len;
         let mut out = std::mem::take(&mut self.out);
         let end = dh.receive(len, &mut out);
         self.auth = Some(dh);
-        let cid = self.slots[i as usize].cid;
+        let cid = self.eng.slot(i).data.cid;
         self.send_out(i, &out);
         self.respond(cid, Cqe::ok(0));
         out.clear();
@@ -1692,48 +1607,28 @@ impl Conn {
     // ---- completing ----------------------------------------------------------------------
 
     fn reap(&mut self) -> usize {
-        let mut n = 0;
-        let mut done = std::mem::take(&mut self.done);
-        for qi in 0..self.queues.len() {
-            n += self.queues[qi].bq.poll(&mut |c, s| done.push((c, s)));
-            if done.is_empty() {
-                continue;
-            }
-            let now = self.now();
-            for (cmd, st) in done.drain(..) {
-                let i = cmd.tag as u16;
-                drop(cmd);
-                let sl = &mut self.slots[i as usize];
-                if !st.is_ok() && sl.status.is_ok() {
-                    sl.status = st;
-                }
-                sl.pending = sl.pending.saturating_sub(1);
-                if sl.pending > 0 {
-                    continue;
-                }
-                let (status, class, len, start, cid) =
-                    (sl.status, sl.class, sl.len, sl.start, sl.cid);
-                let bytes = if class == OpClass::Other {
-                    0
-                } else {
-                    len as u64
-                };
-                self.queues[qi].stats.record(
-                    class,
-                    if status.is_ok() { bytes } else { 0 },
-                    now.saturating_duration_since(start),
-                    status.is_ok(),
-                );
-                if class == OpClass::Read && status.is_ok() && self.phase != Phase::Dead {
-                    // Sent from the command's buffer; the slot is freed once it is.
-                    self.send_data(i, len);
-                    self.respond(cid, Cqe::err(status));
-                } else {
-                    self.finish_now(i, Cqe::err(status));
-                }
+        let n = self.eng.reap();
+        while let Some((i, status)) = self.eng.next_completion() {
+            let c = &self.eng.slot(i).data;
+            let read = matches!(
+                c.io,
+                Some((
+                    _,
+                    IoPlan::One {
+                        op: Opcode::Read,
+                        ..
+                    }
+                ))
+            );
+            let (len, cid) = (c.len, c.cid);
+            if read && status.is_ok() && self.phase != Phase::Dead {
+                // Sent from the command's buffer; the slot is freed once it is.
+                self.send_data(i, len);
+                self.respond(cid, Cqe::err(status));
+            } else {
+                self.finish_now(i, Cqe::err(status));
             }
         }
-        self.done = done;
         n
     }
 
@@ -1766,7 +1661,7 @@ impl Conn {
                         k += 1;
                     }
                     pos = d.at;
-                    if let Some(b) = &self.slots[d.slot as usize].buf {
+                    if let Some(b) = &self.eng.slot(d.slot).data.buf {
                         iov[k] = IoSlice::new(&b.as_slice()[d.sent..d.len]);
                         k += 1;
                     }
@@ -1852,9 +1747,8 @@ impl Conn {
     fn drop_output(&mut self) {
         self.tx.clear();
         self.tx_off = 0;
-        let slots: Vec<u16> = self.direct.drain(..).map(|d| d.slot).collect();
-        for s in slots {
-            self.free_slot(s);
+        while let Some(d) = self.direct.pop_front() {
+            self.free_slot(d.slot);
         }
         self.direct_bytes = 0;
     }
@@ -1874,6 +1768,15 @@ impl Conn {
 
     // ---- timers --------------------------------------------------------------------------
 
+    /// When the oldest R2T still waiting for its data went out.
+    fn r2t_oldest(&self) -> Option<Instant> {
+        self.eng
+            .iter()
+            .filter(|(_, s)| s.data.stage == Stage::AwaitData)
+            .filter_map(|(_, s)| s.data.r2t_at)
+            .min()
+    }
+
     /// The earliest of the connection's own timers (not the block queues').
     fn timer_deadline(&self) -> Option<Instant> {
         if self.phase == Phase::Dead {
@@ -1892,13 +1795,7 @@ impl Conn {
             add(t + l.stall);
         }
         if !self.rx_paused() {
-            if let Some(t) = self
-                .slots
-                .iter()
-                .filter(|s| s.stage == Stage::AwaitData)
-                .map(|s| s.r2t_at)
-                .min()
-            {
+            if let Some(t) = self.r2t_oldest() {
                 add(t + l.stall);
             }
         }
@@ -1942,11 +1839,7 @@ impl Conn {
         let r2t = if self.rx_paused() {
             None
         } else {
-            self.slots
-                .iter()
-                .filter(|s| s.stage == Stage::AwaitData)
-                .map(|s| s.r2t_at)
-                .min()
+            self.r2t_oldest()
         };
         let why = if stalled(self.pdu_started) {
             Some("a PDU was started but not finished")
@@ -2001,11 +1894,10 @@ impl WorkSource for Conn {
         if self.finished {
             return 0;
         }
-        if self.fds_changed {
+        if self.eng.fds_pending() {
             return 1; // the worker re-reads our fds first
         }
-        self.now = None;
-        self.graveyard.clear();
+        self.eng.round();
         if self.waker.stop.load(Ordering::Acquire) {
             self.die();
         }
@@ -2019,31 +1911,20 @@ impl WorkSource for Conn {
             n += self.process_rx();
         }
         n += self.recv();
-        for q in self.queues.iter_mut() {
-            q.bq.kick();
-        }
+        self.eng.kick();
         if self.qid == 0 && !self.aers.is_empty() {
             n += self.events();
         }
         n += self.reap();
         n += self.flush();
-        if n > 0 || self.now.is_some() || self.idle_polls >= TIMER_POLLS {
+        if n > 0 || self.eng.clock().is_some() || self.idle_polls >= TIMER_POLLS {
             self.idle_polls = 0;
             self.check_timers();
         } else {
             self.idle_polls += 1;
         }
-        // Namespaces that left: drop their queues once nothing is in flight (slots refer
-        // to queues by index, so indices only change while no command is out).
-        if self.queues.iter().any(|q| q.retired) && !self.in_flight() {
-            let (gone, keep): (Vec<_>, Vec<_>) = self.queues.drain(..).partition(|q| q.retired);
-            self.queues = keep;
-            for q in gone {
-                q.ns.stats.retire(&q.stats);
-                self.graveyard.push(q);
-            }
-            self.fds_changed = true;
-        }
+        // (Namespaces that left: the engine drops their disks once their commands are
+        // done.)
         if self.eof && self.phase != Phase::Dead {
             tracing::info!(peer = %self.p.peer, qid = self.qid, "nvme/tcp: connection closed by the host");
             self.die();
@@ -2053,23 +1934,17 @@ impl WorkSource for Conn {
             if let Some(c) = self.ctrl.take() {
                 c.detach_queue(self.qid);
             }
-            for q in self.queues.drain(..) {
-                q.ns.stats.retire(&q.stats);
-            }
+            self.eng.retire();
             self.finished = true;
             return n.max(1);
         }
-        for q in self.queues.iter() {
-            q.stats.set_in_flight(q.bq.in_flight() as u64);
-        }
+        self.eng.publish();
         n
     }
 
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.waker.fd()];
-        for q in &self.queues {
-            q.bq.wait_fds(&mut v);
-        }
+        self.eng.wait_fds(&mut v);
         v
     }
 
@@ -2078,15 +1953,11 @@ impl WorkSource for Conn {
     }
 
     fn take_fds_changed(&mut self) -> bool {
-        let mut changed = std::mem::take(&mut self.fds_changed);
-        for q in self.queues.iter_mut() {
-            changed |= q.bq.take_fds_changed();
-        }
-        changed
+        self.eng.take_fds_changed()
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        if self.finished || self.fds_changed {
+        if self.finished || self.eng.fds_pending() {
             return false;
         }
         // More bytes may sit in the socket (the buffer filled up) or in our buffer.
@@ -2106,7 +1977,7 @@ impl WorkSource for Conn {
         {
             return false;
         }
-        self.queues.iter().all(|q| q.bq.may_sleep())
+        self.eng.may_sleep()
     }
 
     fn after_sleep(&mut self) {
@@ -2119,11 +1990,7 @@ impl WorkSource for Conn {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let mut d = self
-            .queues
-            .iter()
-            .filter_map(|q| q.bq.next_deadline())
-            .min();
+        let mut d = self.eng.next_deadline();
         let mut add = |t: Instant| d = Some(d.map_or(t, |x| x.min(t)));
         if let Some(t) = self.timer_deadline() {
             add(t);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nvmux_core::stats::DiskStats;
-use nvmux_core::{BlockDevice, Opcode, Status};
+use nvmux_core::{BlockDevice, Status};
 
 use crate::auth::{Dhchap, HostKeys, Policy};
 
@@ -1196,84 +1196,9 @@ pub fn connect(r: &dyn Resolver, sqe: Sqe, data: &[u8], peer: &str) -> Result<Co
     })
 }
 
-/// What an NVM I/O command becomes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum IoPlan {
-    /// One command: read or write (data moves), flush, write zeroes.
-    One {
-        op: Opcode,
-        slba: u64,
-        nlb: u32,
-        fua: bool,
-    },
-    /// Dataset Management: the ranges follow in `ranges` bytes of host data; only
-    /// deallocate does anything.
-    Dsm { ranges: usize, deallocate: bool },
-}
-
-impl IoPlan {
-    /// Bytes of data the command moves between host and controller.
-    pub fn data_len(&self, block_size: u32) -> usize {
-        match self {
-            IoPlan::One { op, nlb, .. } if op.has_data() => *nlb as usize * block_size as usize,
-            IoPlan::Dsm { ranges, .. } => ranges * 16,
-            _ => 0,
-        }
-    }
-}
-
-/// Map an NVM command to what nvmux does with it. `block_size` and `num_blocks` are the
-/// namespace's.
-pub fn parse_io(
-    sqe: Sqe,
-    block_size: u32,
-    num_blocks: u64,
-    read_only: bool,
-) -> Result<IoPlan, Status> {
-    let slba = (sqe.cdw(11) as u64) << 32 | sqe.cdw(10) as u64;
-    let nlb = (sqe.cdw(12) & 0xffff) + 1;
-    let fua = sqe.cdw(12) & (1 << 30) != 0;
-    let op = match sqe.opcode() {
-        0x00 => {
-            return Ok(IoPlan::One {
-                op: Opcode::Flush,
-                slba: 0,
-                nlb: 0,
-                fua: false,
-            })
-        }
-        0x01 => Opcode::Write,
-        0x02 => Opcode::Read,
-        0x08 => Opcode::WriteZeroes,
-        0x09 => {
-            if read_only {
-                return Err(Status::WRITE_PROTECTED);
-            }
-            let ranges = (sqe.cdw(10) & 0xff) as usize + 1;
-            return Ok(IoPlan::Dsm {
-                ranges,
-                deallocate: sqe.cdw(11) & (1 << 2) != 0,
-            });
-        }
-        _ => return Err(Status::INVALID_OPCODE),
-    };
-    if op.is_write() && read_only {
-        return Err(Status::WRITE_PROTECTED);
-    }
-    match slba.checked_add(nlb as u64) {
-        Some(end) if end <= num_blocks => {}
-        _ => return Err(Status::LBA_OUT_OF_RANGE),
-    }
-    if op.has_data() && nlb as usize * block_size as usize > MAX_TRANSFER {
-        return Err(Status::INVALID_FIELD);
-    }
-    Ok(IoPlan::One { op, slba, nlb, fua })
-}
-
-/// The ranges of a Dataset Management command: (slba, nlb).
-pub fn dsm_ranges(data: &[u8]) -> impl Iterator<Item = (u64, u32)> + '_ {
-    data.chunks_exact(16).map(|r| (le64(r, 8), le32(r, 4)))
-}
+// The NVM I/O semantics (parse, Write Zeroes emulation, Dataset Management fan-out)
+// live in `crate::nvm`, shared by every transport.
+pub use crate::nvm::{dsm_ranges, parse_io, IoPlan};
 
 #[cfg(test)]
 mod tests;

@@ -77,6 +77,14 @@ pub struct BenchArgs {
     /// With --pool: the pool's cluster size, e.g. 256K (default 64K).
     #[arg(long, default_value = "64K")]
     cluster_size: String,
+    /// Rounds of the nvmux/QSD rows: each round measures nvmux, then QSD, on every
+    /// workload (interleaved); the table shows the medians and the JSON every round.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Idle figure: this many null disks, each exported over vhost-user with a libblkio
+    /// client attached and idle, while the daemon's CPU is measured for 5 s (0: skip).
+    #[arg(long, default_value_t = 100)]
+    idle_clients: usize,
 }
 
 impl From<BenchArgs> for nvmux_bench::run::BenchArgs {
@@ -102,6 +110,8 @@ impl From<BenchArgs> for nvmux_bench::run::BenchArgs {
             classifiers: a.classifiers,
             fair_depth: a.fair_depth,
             cluster_size: a.cluster_size,
+            rounds: a.rounds,
+            idle_clients: a.idle_clients,
         }
     }
 }
