@@ -2,7 +2,8 @@
 # Set up this machine and run the whole nvmux test suite:
 #   packages -> fmt -> clippy -> unit+integration tests -> fuzz build+corpus replay -> VM tests
 #   -> VM test with QEMU 11 (vm-qemu11: a Debian sid chroot, built once) -> demo
-#   -> bench (the quick evaluation suite: its outputs exist and hold every path; no timing asserts)
+#   -> bench (the quick evaluation suite: its outputs exist and hold every path, the db_bench
+#      stage included; no timing asserts)
 # Each stage prints one summary line ("<stage>: N passed, N failed"); the last line sums them.
 # .ci/run calls exactly this script. Runs as root on Debian 12 (see ../shared/TESTBED.md).
 set -uo pipefail
@@ -24,7 +25,7 @@ run_stage() { # name command...  (a stage that is one check)
 }
 
 install_packages() {
-    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd)
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd rocksdb-tools)
     # libvirt for the VM stage's libvirt scenario, without its recommends (dnsmasq,
     # parted, mdevctl...: nothing the test uses).
     local norec=(libvirt-daemon-system libvirt-clients)
@@ -124,12 +125,20 @@ want = {"bare", "nvmux-vhost", "qsd-vhost", "nvmux-nbd", "qemu-nbd", "nbdkit", "
 assert want <= paths, f"paths missing from the report: {sorted(want - paths)}"
 assert any(row["sweep"] == "multi-vm" and row["disks"] == 32 for row in r["rows"]), "no 32-disk row"
 assert all(row["iops"] > 0 for row in r["rows"]), "a run did no I/O"
+# The db_bench stage: RocksDB in a guest on all four paths, every benchmark measured.
+db = r.get("dbbench")
+assert db, "no db_bench stage in the report (see target/bench-output.txt)"
+dpaths = {(s["path"], s["bench"]) for s in db["summary"] if s["ops_per_s"] > 0}
+dwant = {(p, b) for p in ("nvmux-vhost", "qsd-vhost", "nvmux-nvmf", "virtio-blk")
+         for b in ("fillrandom", "readrandom", "readwhilewriting")}
+assert dwant <= dpaths, f"db_bench results missing: {sorted(dwant - dpaths)}; failures: {db['failures']}"
 pngs = [f for f in os.listdir(d) if f.endswith(".png")]
 assert len(pngs) >= 3, f"only {len(pngs)} plots"
 for f in pngs:
     assert open(os.path.join(d, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"{f} is not a PNG"
-assert "## Targets" in open(os.path.join(d, "report.md")).read()
-print(f"bench: {len(r['rows'])} rows, {len(pngs)} plots, {r['wall_seconds']:.0f} s")
+md = open(os.path.join(d, "report.md")).read()
+assert "## Targets" in md and "## db_bench" in md
+print(f"bench: {len(r['rows'])} rows, {len(pngs)} plots, db_bench {db['wall_seconds']:.0f} s, {r['wall_seconds']:.0f} s in all")
 PY
 }
 

@@ -8,6 +8,8 @@
 #           [--raw-disk FILE:SERIAL]...            (a virtio-blk disk on FILE, raw, O_DIRECT
 #                                                   (cache=none), no image locking; the
 #                                                   guest sees SERIAL in /sys/block/vdX/serial)
+#           [--raw-aio MODE]                       (QEMU's aio= for every --raw-disk, e.g.
+#                                                   io_uring; default: QEMU's, threads)
 #           [--env KEY=VAL]...                     (written to /test.env, sourced by /init)
 #           [--reconnect SECS]                     (vhost-user chardevs reconnect after
 #                                                   SECS when the backend goes away)
@@ -33,7 +35,7 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
-initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect=
+initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect= raw_aio=
 socks=() queues=() envs=() raws=()
 while (($#)); do
     case $1 in
@@ -50,6 +52,7 @@ while (($#)); do
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
             queues[${#queues[@]}-1]=$2; shift 2 ;;
         --env) [[ $2 == *=* ]] || die "--env wants KEY=VAL"; envs+=("$2"); shift 2 ;;
+        --raw-aio) raw_aio=",aio=$2"; shift 2 ;;
         --raw-disk) [[ $2 == *:* ]] || die "--raw-disk wants FILE:SERIAL"; raws+=("$2"); shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
@@ -98,7 +101,7 @@ if ((${#socks[@]})); then
 fi
 
 for i in "${!raws[@]}"; do
-    qemu+=(-drive "file=${raws[$i]%:*},if=none,id=raw$i,format=raw,cache=none,file.locking=off"
+    qemu+=(-drive "file=${raws[$i]%:*},if=none,id=raw$i,format=raw,cache=none$raw_aio,file.locking=off"
            -device "virtio-blk-pci,drive=raw$i,serial=${raws[$i]##*:}")
 done
 

@@ -7,6 +7,9 @@
 #   - for the dm-crypt scenario, when present: dm_crypt, xts, ecb, aesni_intel and
 #     algif_skcipher (+ deps), and cryptsetup (apt-get install cryptsetup-bin) with its
 #     libraries,
+#   - for `nvmux bench suite`'s db_bench stage: ext4 (+ deps), mke2fs with its libraries
+#     and /etc/mke2fs.conf, and, when present, RocksDB's db_bench (apt-get install
+#     rocksdb-tools) with librocksdb and its libraries,
 #   - an /init that loads the modules, runs /test.sh (appended later as a
 #     second cpio by boot.sh) and prints a NVMUX-TEST-RESULT marker.
 #
@@ -15,14 +18,25 @@
 #   KROOT=DIR takes the kernel and its modules from DIR/boot and DIR/lib/modules instead
 #   of / (a kernel package unpacked with dpkg-deb -x, as run.sh does for Linux 6.12).
 #   Compressed modules (.ko.xz) are stored decompressed (busybox insmod reads plain .ko).
-#   OUT is reused when it is newer than this script (FORCE=1 rebuilds).
+#   OUT is reused when it is newer than this script and was built with the same optional
+#   tools (OUT.tools lists those found on the host: cryptsetup, db_bench); installing one
+#   later rebuilds it. FORCE=1 rebuilds.
 #   OUT.kernel is written next to it with the matching vmlinuz path.
 set -euo pipefail
 
 out=${1:?usage: build-initramfs.sh OUT.cpio}
 self=$(readlink -f "$0")
 
-if [[ -z ${FORCE:-} && -s $out && -s $out.kernel && $out -nt $self ]] && [[ -r $(cat "$out.kernel") ]]; then
+# The optional tools this host has: an image built without one of them is stale once it
+# is installed (the cache key is this script's mtime plus this list).
+optional_tools() {
+    local t
+    for t in cryptsetup db_bench; do command -v "$t" >/dev/null && printf '%s\n' "$t"; done
+    return 0
+}
+tools=$(optional_tools)
+if [[ -z ${FORCE:-} && -s $out && -s $out.kernel && $out -nt $self ]] && [[ -r $(cat "$out.kernel") ]] &&
+    [[ -f $out.tools && $(cat "$out.tools") == "$tools" ]]; then
     echo "initramfs: $out is up to date (FORCE=1 to rebuild)"
     exit 0
 fi
@@ -64,6 +78,8 @@ done
 
 # --- kernel modules -------------------------------------------------------------
 mods="virtio_pci virtio_blk virtio_net nvme nvme_tcp"
+# ext4 for the db_bench stage (a file system on the disk under test).
+mods="$mods ext4"
 for m in $mods; do
     # Lines look like "insmod /lib/modules/<ver>/kernel/.../x.ko [params]";
     # "builtin x" lines (module compiled in) need nothing.
@@ -92,6 +108,9 @@ depmod -b "$root" "$KVER"
 copy_with_libs() {
     local bin=$1 lib
     mkdir -p "$root$(dirname "$bin")"
+    # A busybox applet of the same name is a symlink to /bin/busybox, which cp would follow
+    # (and overwrite the host's busybox): replace the link instead.
+    rm -f "$root$bin"
     cp -L "$bin" "$root$bin"
     # "libx.so => /path (addr)" and "/lib64/ld-linux-x86-64.so.2 (addr)"
     for lib in $(ldd "$bin" | awk '/=>/ { print $3; next } $1 ~ /^\// { print $1 }'); do
@@ -113,6 +132,15 @@ mkdir -p "$root/etc/nvme"
 if command -v cryptsetup >/dev/null; then
     copy_with_libs "$(readlink -f "$(command -v cryptsetup)")"
     mkdir -p "$root/run/cryptsetup"
+fi
+
+# mke2fs for the db_bench stage's ext4 (busybox's has no ext4; the guest runs it by its
+# full path, since busybox sh prefers its own applets).
+copy_with_libs "$(readlink -f "$(command -v mke2fs || echo /sbin/mke2fs)")"
+[[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$root/etc/"
+# RocksDB's db_bench for the db_bench stage (optional: the stage reports it missing).
+if command -v db_bench >/dev/null; then
+    copy_with_libs "$(readlink -f "$(command -v db_bench)")"
 fi
 
 echo "$KVER" > "$root/etc/nvmux-kver"
@@ -159,6 +187,7 @@ chmod 755 "$root/init"
 mkdir -p "$(dirname "$out")"
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/out.cpio"
 mv "$work/out.cpio" "$out"
+printf '%s\n' "$tools" | sed '/^$/d' > "$out.tools"
 
 # --- kernel to boot ---------------------------------------------------------------
 # Decompressing the xz bzImage takes ~6 s under TCG. With CONFIG_PVH, QEMU can

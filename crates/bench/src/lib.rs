@@ -8,6 +8,7 @@
 pub mod attack;
 pub mod client;
 pub mod daemon;
+pub mod dbbench;
 pub mod nvmf;
 pub mod plots;
 pub mod procs;

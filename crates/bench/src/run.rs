@@ -19,7 +19,8 @@ use crate::{Measured, Op, Workload};
 pub struct BenchArgs {
     /// The evaluation suite (the ICPE'22 matrix on bare metal, nvmux vhost-user,
     /// NBD and NVMe/TCP, QSD, qemu-nbd and nbdkit; multi-VM scaling; JSON, markdown and
-    /// PNG plots). With --quick, a slice of the matrix in under 5 minutes.
+    /// PNG plots; last, db_bench in QEMU guests). With --quick, a slice of the matrix and
+    /// a short db_bench in under 5 minutes.
     pub suite: bool,
     /// Seconds per measurement.
     pub seconds: u64,
@@ -35,7 +36,8 @@ pub struct BenchArgs {
     pub no_baselines: bool,
     /// Only drive this existing vhost-user-blk socket (any server) and print the results.
     pub socket: Option<PathBuf>,
-    /// Only run workloads whose name contains this, e.g. "randread QD32".
+    /// Only run workloads whose name contains this, e.g. "randread QD32". With `suite`,
+    /// `dbbench` runs only the db_bench stage (RocksDB in a QEMU guest on four paths).
     pub only: Option<String>,
     /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
     pub pool: bool,

@@ -18,11 +18,16 @@
 //! mix, jobs, and the multi-VM run (1 to 32 disks served at once, aggregate IOPS and
 //! min/max fairness). Output: `report.json`, `report.md` and PNG plots in the output
 //! directory.
+//!
+//! Last, the db_bench stage ([`crate::dbbench`]): RocksDB's db_bench in a QEMU/TCG
+//! guest on ext4, on the same file through nvmux vhost-user, QSD vhost-user, nvmux
+//! NVMe/TCP and QEMU's own virtio-blk. `--only dbbench` runs that stage alone.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::client::Op;
+use crate::dbbench::{self, DbPath};
 use crate::procs::{self, Fio, FioTarget, QsdTarget, ServerProc};
 use crate::workload::{run_on, run_on_each, Measured, Workload};
 use serde::Serialize;
@@ -122,6 +127,7 @@ struct Servers {
     qemu_nbd: Option<(ServerProc, String)>,
     nbdkit: Option<(ServerProc, String)>,
     host: Option<crate::nvmf::Host>,
+    nvmf_addr: std::net::SocketAddr,
     vm_socks: Vec<PathBuf>,
 }
 
@@ -239,6 +245,7 @@ impl Servers {
             qemu_nbd,
             nbdkit,
             host,
+            nvmf_addr: addr,
             vm_socks,
         })
     }
@@ -306,6 +313,19 @@ impl Servers {
                 crate::nvmf::run_workload(self.host.as_mut().ok_or("no NVMe/TCP host")?, 1, &w)?
             }
         })
+    }
+
+    /// The db_bench stage's paths to the file: vhost export d0, QSD, NVMe/TCP, QEMU.
+    fn dbbench_paths(&self) -> Vec<DbPath> {
+        let mut v = vec![DbPath::NvmuxVhost(self.vhost[0].clone())];
+        v.extend(self.qsd.as_ref().map(|q| DbPath::QsdVhost(q.1.clone())));
+        v.push(DbPath::NvmuxNvmf {
+            addr: self.nvmf_addr,
+            nqn: NQN.into(),
+            hostnqn: HOST.into(),
+        });
+        v.push(DbPath::Virtio(self.img.clone()));
+        v
     }
 
     fn stop(self) {
@@ -490,11 +510,13 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     let t0 = Instant::now();
     let work = std::env::temp_dir().join(format!("nvmux-bench-suite-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let plans = plan(quick);
+    // `--only dbbench`: the db_bench stage alone.
+    let only_db = a.only.as_deref() == Some("dbbench");
+    let plans = if only_db { Vec::new() } else { plan(quick) };
     let max_jobs = plans.iter().map(|p| p.jobs).max().unwrap_or(1);
-    let vms: &[usize] = &[1, 2, 4, 8, 16, 32];
-    eprintln!("starting nvmux, qemu-storage-daemon, qemu-nbd and nbdkit on one 1 GiB /dev/shm file, and 32 small disks");
-    let mut s = Servers::start(&work, srv, max_jobs, 32)?;
+    let vms: &[usize] = if only_db { &[] } else { &[1, 2, 4, 8, 16, 32] };
+    eprintln!("starting nvmux, qemu-storage-daemon, qemu-nbd and nbdkit on one 1 GiB /dev/shm file, and {} small disks", vms.last().copied().unwrap_or(0));
+    let mut s = Servers::start(&work, srv, max_jobs, vms.last().copied().unwrap_or(0))?;
     let mut missing: Vec<&str> = PATHS
         .iter()
         .filter(|p| !s.available(**p))
@@ -567,11 +589,46 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         progress(n, total, &r, t0);
         rows.push(r);
     }
+    let db = dbbench::run(
+        &dbbench::Vm::from_source_tree(),
+        &s.dbbench_paths(),
+        dbbench::Sizes::new(quick),
+        cli,
+        &work.join("dbbench"),
+    );
     s.stop();
-    let _ = std::fs::remove_dir_all(&work);
+    let db = db.map_err(|e| {
+        eprintln!(
+            "db_bench stage failed: {e} (logs kept in {})",
+            work.display()
+        );
+        e
+    });
+    if db.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let db = db.ok();
 
-    let out = a.out.join(if quick { "suite-quick" } else { "suite" });
+    let out = a.out.join(match (only_db, quick) {
+        (true, _) => "suite-dbbench",
+        (_, true) => "suite-quick",
+        _ => "suite",
+    });
     std::fs::create_dir_all(&out)?;
+    if only_db {
+        let md = db.as_ref().map_or(String::new(), |d| d.markdown());
+        let report =
+            json!({"kind": "suite-dbbench", "quick": quick, "machine": machine(), "dbbench": db});
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        std::fs::write(out.join("report.md"), &md)?;
+        println!("{md}");
+        return db
+            .map(|_| ())
+            .ok_or_else(|| "the db_bench stage failed".into());
+    }
     let machine = machine();
     let report = json!({
         "kind": "suite",
@@ -581,13 +638,14 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         "wall_seconds": t0.elapsed().as_secs_f64(),
         "not_measured": missing,
         "rows": rows,
+        "dbbench": db,
     });
     std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
     let plots = crate::plots::suite_plots(&rows, &out)?;
-    let md = crate::plots::suite_markdown(
+    let mut md = crate::plots::suite_markdown(
         &rows,
         &machine,
         secs,
@@ -595,6 +653,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         &plots,
         t0.elapsed().as_secs_f64(),
     );
+    md.push_str(&db.as_ref().map_or(String::new(), |d| d.markdown()));
     std::fs::write(out.join("report.md"), &md)?;
     println!("{md}");
     eprintln!(

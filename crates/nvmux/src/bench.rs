@@ -9,7 +9,8 @@ use clap::Args;
 pub struct BenchArgs {
     /// `suite`: the evaluation suite (the ICPE'22 matrix on bare metal, nvmux vhost-user,
     /// NBD and NVMe/TCP, QSD, qemu-nbd and nbdkit; multi-VM scaling; JSON, markdown and
-    /// PNG plots). With --quick, a slice of the matrix in under 5 minutes.
+    /// PNG plots; last, db_bench in QEMU guests). With --quick, a slice of the matrix and
+    /// a short db_bench in under 5 minutes.
     #[arg(value_parser = ["suite"])]
     what: Option<String>,
     /// Seconds per measurement.
@@ -33,7 +34,8 @@ pub struct BenchArgs {
     /// Only drive this existing vhost-user-blk socket (any server) and print the results.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Only run workloads whose name contains this, e.g. "randread QD32".
+    /// Only run workloads whose name contains this, e.g. "randread QD32". With `suite`,
+    /// `dbbench` runs only the db_bench stage (RocksDB in a QEMU guest on four paths).
     #[arg(long)]
     only: Option<String>,
     /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
