@@ -25,6 +25,7 @@ use std::sync::Arc;
 pub mod anon;
 pub mod budget;
 pub mod crc32c;
+pub mod ctlpoll;
 pub mod fault;
 pub mod sigbus;
 pub mod stats;
