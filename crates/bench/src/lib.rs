@@ -6,6 +6,7 @@ pub mod attack;
 pub mod client;
 pub mod nvmf;
 pub mod procs;
+pub mod scale;
 pub mod tls;
 pub mod vufront;
 pub mod workload;

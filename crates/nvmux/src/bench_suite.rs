@@ -490,6 +490,21 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     let t0 = Instant::now();
     let work = std::env::temp_dir().join(format!("nvmux-bench-suite-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
+    let out = a.out.join(if quick { "suite-quick" } else { "suite" });
+    // The scale stage (crates/bench/src/scale.rs); `--only scale` runs it alone.
+    let scale_stage = || -> Res<String> {
+        let exe = std::env::current_exe()?;
+        Ok(nvmux_bench::scale::suite_stage(
+            &exe, &work, &out, quick, srv,
+        )?)
+    };
+    if a.only.as_deref() == Some("scale") {
+        let md = scale_stage()?;
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::write(out.join("scale.md"), &md)?;
+        println!("{md}");
+        return Ok(());
+    }
     let plans = plan(quick);
     let max_jobs = plans.iter().map(|p| p.jobs).max().unwrap_or(1);
     let vms: &[usize] = &[1, 2, 4, 8, 16, 32];
@@ -568,9 +583,12 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         rows.push(r);
     }
     s.stop();
+    let scale_md = scale_stage().unwrap_or_else(|e| {
+        eprintln!("scale stage failed: {e}");
+        format!("## Scale\n\nfailed: {e}\n")
+    });
     let _ = std::fs::remove_dir_all(&work);
 
-    let out = a.out.join(if quick { "suite-quick" } else { "suite" });
     std::fs::create_dir_all(&out)?;
     let machine = machine();
     let report = json!({
@@ -595,6 +613,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         &plots,
         t0.elapsed().as_secs_f64(),
     );
+    let md = format!("{md}\n{scale_md}");
     std::fs::write(out.join("report.md"), &md)?;
     println!("{md}");
     eprintln!(
