@@ -86,6 +86,10 @@ pub struct ScaleReport {
     /// Daemon start (restoring every disk, export and namespace) until the last export's
     /// socket accepts.
     pub restore_seconds: f64,
+    /// Creating a disk and its export with two CLI processes, averaged over
+    /// `cli_sample` disks (added to the `disks` already there).
+    pub cli_ms_per_disk: f64,
+    pub cli_sample: usize,
     pub fairness: Vec<Fairness>,
     pub idle_window_s: f64,
 }
@@ -333,6 +337,35 @@ pub fn run(a: &ScaleArgs) -> Res<ScaleReport> {
     if restored < n {
         return Err(format!("restore brought back {restored} of {n} exports"));
     }
+    // The same through the CLI (one `nvmux disk create` and one `nvmux export add`
+    // process per disk), on a sample of disks.
+    let k = n.min(100);
+    let api = dir.join("nvmux.sock");
+    let t0 = Instant::now();
+    for i in 0..k {
+        let name = format!("c{i}");
+        let sock = dir.join(format!("c{i}.sock"));
+        for args in [
+            vec!["disk", "create", &name, "--backend", "null", "--size", "64M"],
+            vec!["export", "add", &name, "--socket", sock.to_str().unwrap_or("")],
+        ] {
+            let o = Command::new(&a.exe)
+                .args(&args)
+                .arg("--api")
+                .arg(&api)
+                .output()
+                .map_err(|e| format!("nvmux {}: {e}", args.join(" ")))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "nvmux {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+    }
+    let cli_ms_per_disk = t0.elapsed().as_secs_f64() * 1000.0 / k as f64;
+    eprintln!("scale: through the CLI: {cli_ms_per_disk:.1} ms per disk + export ({k} disks)");
     let _ = d.proc.stop();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ScaleReport {
@@ -346,6 +379,8 @@ pub fn run(a: &ScaleArgs) -> Res<ScaleReport> {
         fds_all,
         rss_all_mib,
         restore_seconds,
+        cli_ms_per_disk,
+        cli_sample: k,
         fairness,
         idle_window_s: idle.as_secs_f64(),
     })
@@ -461,6 +496,7 @@ pub fn markdown(r: &ScaleReport, plot: Option<&str>) -> String {
     s.push_str(&format!(
         "\n- memory per idle export: {:.1} KiB ({:.1} KiB with a client attached)\n\
          - create {} disks + vhost-user exports through the API: {:.2} s; {} NVMe/TCP namespaces: {:.2} s\n\
+         - through the CLI (`nvmux disk create` + `nvmux export add`, two processes a disk): {:.1} ms a disk (over {} disks), {:.1} s for {}\n\
          - restore at daemon start (until the last export accepts): {:.2} s\n\
          - with every client attached and every namespace added: {} threads, {} fds, {:.1} MiB\n",
         r.kib_per_export,
@@ -469,6 +505,10 @@ pub fn markdown(r: &ScaleReport, plot: Option<&str>) -> String {
         r.create_seconds,
         r.disks,
         r.nvmf_seconds,
+        r.cli_ms_per_disk,
+        r.cli_sample,
+        r.cli_ms_per_disk * r.disks as f64 / 1000.0,
+        r.disks,
         r.restore_seconds,
         r.threads_all,
         r.fds_all,
