@@ -22,6 +22,7 @@ use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+pub mod alloc_count;
 pub mod anon;
 pub mod budget;
 pub mod crc32c;

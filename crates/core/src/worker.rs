@@ -97,6 +97,9 @@ pub struct WorkerStats {
     pub sources: AtomicU64,
     /// Sources that panicked (each was dropped; the worker went on with the others).
     pub panics: AtomicU64,
+    /// Heap allocations this worker thread has made (0 unless the process counts them:
+    /// see [`crate::alloc_count`]). Serving I/O must not move it.
+    pub allocs: AtomicU64,
 }
 
 struct Shared {
@@ -360,6 +363,9 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     let mut busy_since: Option<Instant> = None;
     let mut idle_since: Option<Instant> = None;
     loop {
+        sh.stats
+            .allocs
+            .store(crate::alloc_count::thread_allocs(), Ordering::Relaxed);
         let mut changed = false;
         if sh.pending.swap(false, Ordering::Acquire) {
             let new: Vec<_> =
@@ -506,6 +512,9 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                     let us = d.saturating_duration_since(Instant::now()).as_micros();
                     us.div_ceil(1000).min(i32::MAX as u128) as i32
                 });
+            sh.stats
+                .allocs
+                .store(crate::alloc_count::thread_allocs(), Ordering::Relaxed);
             // SAFETY: events is a valid buffer of events.len() entries.
             let r =
                 unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };

@@ -2398,6 +2398,10 @@ pub struct WorkerView {
     /// Queues and connections dropped because serving them panicked.
     #[serde(default)]
     pub panics: u64,
+    /// Heap allocations made on this worker thread since it started (counted by the
+    /// `nvmux` binary's allocator; serving I/O must not move it).
+    #[serde(default)]
+    pub allocs: u64,
 }
 
 impl From<&nvmux_core::worker::WorkerHandle> for WorkerView {
@@ -2410,6 +2414,7 @@ impl From<&nvmux_core::worker::WorkerHandle> for WorkerView {
             sleeps: s.sleeps.load(Relaxed),
             sources: s.sources.load(Relaxed),
             panics: s.panics.load(Relaxed),
+            allocs: s.allocs.load(Relaxed),
         }
     }
 }

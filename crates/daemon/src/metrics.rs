@@ -343,6 +343,12 @@ pub fn render(d: &Daemon) -> String {
             "Queues and connections closed because serving them panicked.",
             |w| w.panics as f64,
         ),
+        (
+            "nvmux_worker_allocations_total",
+            "counter",
+            "Heap allocations made on the worker thread (serving I/O makes none).",
+            |w| w.allocs as f64,
+        ),
     ] {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
         for (i, w) in workers.iter().enumerate() {

@@ -572,6 +572,10 @@ enum ExportCmd {
     Remove { name: String },
 }
 
+/// Counts allocations per thread, so workers can show that serving I/O allocates nothing.
+#[global_allocator]
+static ALLOC: nvmux_core::alloc_count::CountingAlloc = nvmux_core::alloc_count::CountingAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The simulator opens thousands of pools: only errors, unless asked.
