@@ -26,6 +26,9 @@ use crate::Op;
 
 pub type Res<T> = std::result::Result<T, String>;
 
+/// A client's index and its results in the 100-client and the all-client run.
+type ClientRuns = (usize, Res<Measured>, Res<Measured>);
+
 /// How big a run is.
 #[derive(Clone, Debug)]
 pub struct ScaleArgs {
@@ -222,8 +225,7 @@ pub fn run(a: &ScaleArgs) -> Res<ScaleReport> {
     let socks: Vec<PathBuf> = (0..n).map(|i| sock_of(&dir, i)).collect();
     let few = n.min(100);
     let bar = Arc::new(Barrier::new(n + 1));
-    let results: Arc<Mutex<Vec<(usize, Res<Measured>, Res<Measured>)>>> =
-        Arc::new(Mutex::new(Vec::new()));
+    let results: Arc<Mutex<Vec<ClientRuns>>> = Arc::new(Mutex::new(Vec::new()));
     let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut hs = Vec::new();
     for (i, s) in socks.iter().enumerate() {
@@ -282,8 +284,7 @@ pub fn run(a: &ScaleArgs) -> Res<ScaleReport> {
     let (threads_all, fds_all, rss_all_mib) = (p.threads, p.fds, p.rss_mib);
     points.push(p);
     let res = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
-    let fair = |pick: &dyn Fn(&(usize, Res<Measured>, Res<Measured>)) -> Option<Res<Measured>>,
-                clients: usize| {
+    let fair = |pick: &dyn Fn(&ClientRuns) -> Option<Res<Measured>>, clients: usize| {
         let ms: Vec<Res<Measured>> = res.iter().filter_map(pick).collect();
         let ok: Vec<&Measured> = ms.iter().filter_map(|m| m.as_ref().ok()).collect();
         let min = ok.iter().map(|m| m.iops).fold(f64::INFINITY, f64::min);
@@ -346,8 +347,22 @@ pub fn run(a: &ScaleArgs) -> Res<ScaleReport> {
         let name = format!("c{i}");
         let sock = dir.join(format!("c{i}.sock"));
         for args in [
-            vec!["disk", "create", &name, "--backend", "null", "--size", "64M"],
-            vec!["export", "add", &name, "--socket", sock.to_str().unwrap_or("")],
+            vec![
+                "disk",
+                "create",
+                &name,
+                "--backend",
+                "null",
+                "--size",
+                "64M",
+            ],
+            vec![
+                "export",
+                "add",
+                &name,
+                "--socket",
+                sock.to_str().unwrap_or(""),
+            ],
         ] {
             let o = Command::new(&a.exe)
                 .args(&args)
@@ -398,12 +413,7 @@ pub fn plot(r: &ScaleReport, out: &Path) -> Res<String> {
     let attached: Vec<&Point> = r.points.iter().filter(|p| p.clients > 0).collect();
     let xmax = r.disks as f64 * 1.05;
     // Memory.
-    let ymax = r
-        .points
-        .iter()
-        .map(|p| p.rss_mib)
-        .fold(1.0, f64::max)
-        * 1.15;
+    let ymax = r.points.iter().map(|p| p.rss_mib).fold(1.0, f64::max) * 1.15;
     let mut c = ChartBuilder::on(&left)
         .caption("daemon RSS (MiB)", ("sans-serif", 18))
         .margin(10)
@@ -442,12 +452,7 @@ pub fn plot(r: &ScaleReport, out: &Path) -> Res<String> {
         .draw()
         .map_err(|e| pe(&e))?;
     // Idle CPU.
-    let cmax = r
-        .points
-        .iter()
-        .map(|p| p.idle_cpu_pct)
-        .fold(1.0, f64::max)
-        * 1.15;
+    let cmax = r.points.iter().map(|p| p.idle_cpu_pct).fold(1.0, f64::max) * 1.15;
     let mut c = ChartBuilder::on(&right)
         .caption("daemon CPU while idle (% of a core)", ("sans-serif", 18))
         .margin(10)
@@ -522,7 +527,9 @@ pub fn markdown(r: &ScaleReport, plot: Option<&str>) -> String {
         ));
     }
     if let Some(p) = plot {
-        s.push_str(&format!("\n![memory and idle CPU against disk count]({p})\n"));
+        s.push_str(&format!(
+            "\n![memory and idle CPU against disk count]({p})\n"
+        ));
     }
     s
 }

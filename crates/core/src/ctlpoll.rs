@@ -526,7 +526,8 @@ mod tests {
             .map(|c| poll.add(Box::new(Count(c.clone()))))
             .collect();
         let t0 = Instant::now();
-        while c.iter().any(|c| c.load(Ordering::SeqCst) == 0) && t0.elapsed() < Duration::from_secs(5)
+        while c.iter().any(|c| c.load(Ordering::SeqCst) == 0)
+            && t0.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(1));
         }

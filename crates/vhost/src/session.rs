@@ -236,7 +236,10 @@ impl ExportTask {
         c.device_failed.store(false, Ordering::Relaxed);
         c.regions.store(0, Ordering::Relaxed);
         c.regions_sealed.store(0, Ordering::Relaxed);
-        self.parts.log_counters.active.store(false, Ordering::Relaxed);
+        self.parts
+            .log_counters
+            .active
+            .store(false, Ordering::Relaxed);
     }
 
     /// Serve the whole requests waiting on the session's connection.
@@ -373,12 +376,7 @@ impl ExportTask {
         let r = (|| {
             let listener = dup_fd(self.listen_fd())?;
             let chan = chan.transpose()?;
-            let session = b.snapshot(
-                &self.socket,
-                dup_fd(s.peek.as_raw_fd())?,
-                chan,
-                &running,
-            )?;
+            let session = b.snapshot(&self.socket, dup_fd(s.peek.as_raw_fd())?, chan, &running)?;
             Ok(Frozen {
                 listener,
                 session: Some(session),
@@ -453,20 +451,20 @@ impl CtlTask for ExportTask {
                             let backend = self.parts.backend();
                             let h = BackendReqHandler::from_stream(stream, backend.clone());
                             match Session::new(h, backend) {
-                            Ok(s) => match self.attach(&s, cx) {
-                                Ok(()) => {
-                                    cx.unwatch(self.listen_fd());
-                                    tracing::info!(socket = %self.socket.display(), "vhost-user client connected");
-                                    self.state = State::Session(s);
-                                }
+                                Ok(s) => match self.attach(&s, cx) {
+                                    Ok(()) => {
+                                        cx.unwatch(self.listen_fd());
+                                        tracing::info!(socket = %self.socket.display(), "vhost-user client connected");
+                                        self.state = State::Session(s);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(socket = %self.socket.display(), "cannot serve the new connection: {e}");
+                                        self.detach(s, cx);
+                                    }
+                                },
                                 Err(e) => {
-                                    tracing::warn!(socket = %self.socket.display(), "cannot serve the new connection: {e}");
-                                    self.detach(s, cx);
+                                    tracing::warn!(socket = %self.socket.display(), "accept: {e}")
                                 }
-                            },
-                            Err(e) => {
-                                tracing::warn!(socket = %self.socket.display(), "accept: {e}")
-                            }
                             }
                         }
                         Ok(None) => return Next::Keep,
