@@ -564,8 +564,10 @@ pub fn suite_stage(
     quick: bool,
     cpu: Option<usize>,
 ) -> Res<String> {
+    // NVMUX_SCALE_BIN: measure another nvmux binary (a baseline) with this stage.
+    let exe = std::env::var_os("NVMUX_SCALE_BIN").map_or_else(|| exe.to_path_buf(), PathBuf::from);
     let a = ScaleArgs {
-        exe: exe.to_path_buf(),
+        exe,
         work: work.to_path_buf(),
         disks: if quick { 100 } else { 1000 },
         seconds: if quick { 2 } else { 5 },
