@@ -13,6 +13,7 @@ use nvmux_core::{Error, ErrorKind, Result};
 use nvmux_router::{External, ExternalConfig, OnFailure, Program, Route};
 use serde::{Deserialize, Serialize};
 
+use crate::state::write_atomic;
 use crate::{err, Daemon, Disk, Inner};
 
 /// A disk's classifier, as persisted.
@@ -282,23 +283,6 @@ pub(crate) fn start_external(
     })
 }
 
-/// Write `bytes` to `path` atomically (temporary file, fsync, rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("o.tmp");
-    let w = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(d) = path.parent() {
-            std::fs::File::open(d)?.sync_all()?;
-        }
-        Ok(())
-    };
-    w().map_err(|e| Error::io(format!("write {}", path.display()), e))
-}
-
 fn disk<'a>(g: &'a Inner, name: &str) -> Result<&'a Disk> {
     g.disks
         .get(name)
@@ -437,7 +421,7 @@ impl Daemon {
         };
         // Keep the old object until the new state is saved.
         let old_bytes = std::fs::read(&object).ok();
-        write_atomic(&object, &bytes)?;
+        write_atomic(&object, &bytes, 0o644)?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -445,7 +429,7 @@ impl Daemon {
         if let Err(e) = self.persist(&g) {
             match old_bytes {
                 Some(b) => {
-                    let _ = write_atomic(&object, &b);
+                    let _ = write_atomic(&object, &b, 0o644);
                 }
                 None => {
                     let _ = std::fs::remove_file(&object);

@@ -597,49 +597,107 @@ fn main() -> ExitCode {
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
-fn run(cli: Cli) -> Res {
-    let api = ApiClient::new(&cli.api);
-    let show = |v: &Value, table: &dyn Fn(&Value)| {
-        if cli.json {
+/// What every client command needs: the API client, and whether to print its JSON.
+struct Ctx {
+    api: ApiClient,
+    json: bool,
+}
+
+impl Ctx {
+    /// Print the API's JSON with `--json`, else `table` of it.
+    fn show(&self, v: &Value, table: &dyn Fn(&Value)) {
+        if self.json {
             println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
         } else {
             table(v);
         }
+    }
+}
+
+fn run(cli: Cli) -> Res {
+    let cx = Ctx {
+        api: ApiClient::new(&cli.api),
+        json: cli.json,
     };
     match cli.cmd {
-        Cmd::Serve(a) => {
-            let mut cfg = nvmux_daemon::Config::load(a.config.as_deref())?;
-            if let Some(d) = a.data_dir {
-                cfg.data_dir = d;
-            }
-            if let Some(s) = a.api_socket {
-                cfg.api_socket = Some(s);
-            }
-            if let Some(w) = a.workers {
-                cfg.workers.threads = w;
-            }
-            if let Some(k) = a.kek_file {
-                cfg.keys.kek_file = Some(std::path::absolute(&k).unwrap_or(k));
-            }
-            nvmux_daemon::serve_with(cfg, a.takeover)?;
+        Cmd::Serve(a) => serve(a),
+        Cmd::Upgrade { binary, timeout } => upgrade(&cx, binary, &timeout),
+        Cmd::Disk(c) => disk_cmd(&cx, c),
+        Cmd::Pool(c) => pool_cmd(&cx, c),
+        Cmd::Export(c) => export_cmd(&cx, c),
+        Cmd::Subsystem(c) => subsystem_cmd(&cx, c),
+        Cmd::Keys(c) => keys_cmd(&cx, c),
+        Cmd::CheckClassifier {
+            object,
+            section,
+            disassemble,
+        } => check_classifier(&object, section.as_deref(), disassemble),
+        Cmd::Stats { disk } => {
+            let v = cx.api.get("/v1/stats")?;
+            cx.show(&v, &|v| stats_table(v, disk.as_deref()));
+            Ok(())
         }
-        Cmd::Upgrade { binary, timeout } => {
-            let ms = parse_duration_ms(&timeout)?;
-            let binary = binary.map(|p| std::path::absolute(&p).unwrap_or(p));
-            let v = api.post("/v1/upgrade", &json!({"binary": binary, "timeout_ms": ms}))?;
-            show(&v, &|v| {
-                println!(
-                    "upgraded: pid {} serves now ({}); {} vhost-user sessions and {} sockets handed over, {} NBD/NVMe-TCP connections closed; longest vhost-user pause {:.1} ms",
-                    v["pid"],
-                    v["binary"].as_str().unwrap_or(""),
-                    v["sessions"],
-                    v["listeners"],
-                    v["closed_connections"],
-                    v["pause_ms"].as_f64().unwrap_or(0.0)
-                )
-            });
+        Cmd::Metrics => {
+            let (code, text) = cx.api.call_raw("GET", "/metrics", None)?;
+            if code != 200 {
+                return Err(format!("metrics: HTTP {code}").into());
+            }
+            print!("{text}");
+            Ok(())
         }
-        Cmd::Disk(DiskCmd::Create {
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Powercut(a) => powercut::run(a),
+    }
+}
+
+/// `nvmux serve`: the daemon, with the command line's settings over the config file's.
+fn serve(a: ServeArgs) -> Res {
+    let mut cfg = nvmux_daemon::Config::load(a.config.as_deref())?;
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(s) = a.api_socket {
+        cfg.api_socket = Some(s);
+    }
+    if let Some(w) = a.workers {
+        cfg.workers.threads = w;
+    }
+    if let Some(k) = a.kek_file {
+        cfg.keys.kek_file = Some(std::path::absolute(&k).unwrap_or(k));
+    }
+    nvmux_daemon::serve_with(cfg, a.takeover)?;
+    Ok(())
+}
+
+/// `nvmux upgrade`.
+fn upgrade(cx: &Ctx, binary: Option<PathBuf>, timeout: &str) -> Res {
+    let (api, show) = (&cx.api, |v: &Value, table: &dyn Fn(&Value)| {
+        cx.show(v, table)
+    });
+    let ms = parse_duration_ms(timeout)?;
+    let binary = binary.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let v = api.post("/v1/upgrade", &json!({"binary": binary, "timeout_ms": ms}))?;
+    show(&v, &|v| {
+        println!(
+            "upgraded: pid {} serves now ({}); {} vhost-user sessions and {} sockets handed over, {} NBD/NVMe-TCP connections closed; longest vhost-user pause {:.1} ms",
+            v["pid"],
+            v["binary"].as_str().unwrap_or(""),
+            v["sessions"],
+            v["listeners"],
+            v["closed_connections"],
+            v["pause_ms"].as_f64().unwrap_or(0.0)
+        )
+    });
+    Ok(())
+}
+
+/// `nvmux disk ...`.
+fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
+    let api = &cx.api;
+    let show = |v: &Value, table: &dyn Fn(&Value)| cx.show(v, table);
+    match c {
+        DiskCmd::Create {
             name,
             backend,
             path,
@@ -654,7 +712,7 @@ fn run(cli: Cli) -> Res {
             sector_size,
             iv_large_sectors,
             chain,
-        }) => {
+        } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             let chain = chain
                 .map(|c| nvmux_daemon::Function::parse_chain(&c))
@@ -663,14 +721,14 @@ fn run(cli: Cli) -> Res {
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
             let body = if pool.is_some() {
                 json!({"name": name, "pool": pool, "size": size, "from_snapshot": from_snapshot,
-                       "volume": volume, "block_size": block_size, "read_only": read_only,
-                       "encrypt": encrypt, "sector_size": sector_size,
-                       "iv_large_sectors": iv_large_sectors, "chain": chain})
+                   "volume": volume, "block_size": block_size, "read_only": read_only,
+                   "encrypt": encrypt, "sector_size": sector_size,
+                   "iv_large_sectors": iv_large_sectors, "chain": chain})
             } else {
                 json!({"name": name, "backend": backend, "path": path, "size": size,
-                       "block_size": block_size, "read_only": read_only, "direct": !buffered,
-                       "encrypt": encrypt, "sector_size": sector_size,
-                       "iv_large_sectors": iv_large_sectors, "chain": chain})
+                   "block_size": block_size, "read_only": read_only, "direct": !buffered,
+                   "encrypt": encrypt, "sector_size": sector_size,
+                   "iv_large_sectors": iv_large_sectors, "chain": chain})
             };
             let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {
@@ -681,7 +739,7 @@ fn run(cli: Cli) -> Res {
                 )
             });
         }
-        Cmd::Disk(DiskCmd::Qos {
+        DiskCmd::Qos {
             name,
             iops_read,
             iops_write,
@@ -691,7 +749,7 @@ fn run(cli: Cli) -> Res {
             bps,
             burst_ms,
             weight,
-        }) => {
+        } => {
             let size = |s: Option<String>| s.map(|s| nvmux_core::parse_size(&s)).transpose();
             let body = json!({
                 "iops_read": iops_read, "iops_write": iops_write, "iops_total": iops,
@@ -704,7 +762,7 @@ fn run(cli: Cli) -> Res {
                 None => println!("disk {name}: no limits"),
             });
         }
-        Cmd::Disk(DiskCmd::Chain { name, chain }) => {
+        DiskCmd::Chain { name, chain } => {
             let chain = match chain.trim() {
                 "default" => None,
                 c => Some(nvmux_daemon::Function::parse_chain(c)?),
@@ -717,13 +775,13 @@ fn run(cli: Cli) -> Res {
                 println!("disk {name}: chain {}", compact(&v["functions"]))
             });
         }
-        Cmd::Disk(DiskCmd::SetClassifier {
+        DiskCmd::SetClassifier {
             name,
             object,
             section,
             maps,
             none,
-        }) => {
+        } => {
             let v = if none {
                 api.delete(&format!("/v1/disks/{name}/classifier"))?
             } else {
@@ -739,23 +797,23 @@ fn run(cli: Cli) -> Res {
             };
             show(&v, &print_routing);
         }
-        Cmd::Disk(DiskCmd::FlushPolicy { name, policy }) => {
+        DiskCmd::FlushPolicy { name, policy } => {
             let v = api.post(
                 &format!("/v1/disks/{name}/flush-policy"),
                 &json!({ "allow_flush_complete": policy == "allow" }),
             )?;
             show(&v, &print_routing);
         }
-        Cmd::Disk(DiskCmd::Classifier { name }) => {
+        DiskCmd::Classifier { name } => {
             let v = api.get(&format!("/v1/disks/{name}/classifier"))?;
             show(&v, &print_routing);
         }
-        Cmd::Disk(DiskCmd::MapSet {
+        DiskCmd::MapSet {
             name,
             map,
             key,
             words,
-        }) => {
+        } => {
             let words = words
                 .iter()
                 .map(|w| parse_word(w))
@@ -766,7 +824,7 @@ fn run(cli: Cli) -> Res {
             )?;
             show(&v, &print_routing);
         }
-        Cmd::Disk(DiskCmd::SetExternal {
+        DiskCmd::SetExternal {
             name,
             socket,
             on_failure,
@@ -775,26 +833,26 @@ fn run(cli: Cli) -> Res {
             owner,
             mode,
             none,
-        }) => {
+        } => {
             let v = if none {
                 api.delete(&format!("/v1/disks/{name}/external"))?
             } else {
                 let socket = socket.map(|p| std::path::absolute(&p).unwrap_or(p));
                 let max_io = nvmux_core::parse_size(&max_io)?;
                 api.post(
-                    &format!("/v1/disks/{name}/external"),
-                    &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner, "mode": mode }),
-                )?
+                &format!("/v1/disks/{name}/external"),
+                &json!({ "socket": socket, "on_failure": on_failure, "depth": depth, "max_io": max_io, "owner": owner, "mode": mode }),
+            )?
             };
             show(&v, &print_routing);
         }
-        Cmd::Disk(DiskCmd::Import {
+        DiskCmd::Import {
             name,
             source,
             format,
             pool,
             size,
-        }) => {
+        } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             let local = std::path::Path::new(&source);
             let source = if source.contains("://") || local.is_absolute() {
@@ -805,7 +863,7 @@ fn run(cli: Cli) -> Res {
                     .unwrap_or(source)
             };
             let msg = image::import(
-                &api,
+                api,
                 &name,
                 &source,
                 format.as_deref(),
@@ -814,16 +872,16 @@ fn run(cli: Cli) -> Res {
             )?;
             println!("{msg}");
         }
-        Cmd::Disk(DiskCmd::Export {
+        DiskCmd::Export {
             name,
             dest,
             format,
             force,
-        }) => {
+        } => {
             let dest = std::path::absolute(&dest).unwrap_or(dest);
-            println!("{}", image::export(&api, &name, &dest, &format, force)?);
+            println!("{}", image::export(api, &name, &dest, &format, force)?);
         }
-        Cmd::Disk(DiskCmd::Erase { name, crypto: _ }) => {
+        DiskCmd::Erase { name, crypto: _ } => {
             let v = api.post(&format!("/v1/disks/{name}/crypto-erase"), &json!({}))?;
             show(&v, &|v| {
                 println!(
@@ -832,13 +890,13 @@ fn run(cli: Cli) -> Res {
                 )
             });
         }
-        Cmd::Disk(DiskCmd::List) => {
+        DiskCmd::List => {
             let v = api.get("/v1/disks")?;
             show(&v, &|v| {
                 disk_table(v.as_array().map(|a| a.as_slice()).unwrap_or(&[]))
             });
         }
-        Cmd::Disk(DiskCmd::Show { name }) => {
+        DiskCmd::Show { name } => {
             let v = api.get(&format!("/v1/disks/{name}"))?;
             show(&v, &|v| {
                 for (k, val) in v.as_object().into_iter().flatten() {
@@ -846,11 +904,11 @@ fn run(cli: Cli) -> Res {
                 }
             });
         }
-        Cmd::Disk(DiskCmd::Delete { name, erase }) => {
+        DiskCmd::Delete { name, erase } => {
             let v = if erase {
                 let route = format!("/v1/disks/{name}?erase=1");
                 with_progress(
-                    &api,
+                    api,
                     &format!("disk/{name}"),
                     &format!("erasing {name}"),
                     || api.delete(&route),
@@ -870,7 +928,7 @@ fn run(cli: Cli) -> Res {
                 }
             });
         }
-        Cmd::Disk(DiskCmd::Snapshot { disk, snapshot }) => {
+        DiskCmd::Snapshot { disk, snapshot } => {
             let v = api.post(
                 &format!("/v1/disks/{disk}/snapshot"),
                 &json!({ "snapshot": snapshot }),
@@ -879,12 +937,12 @@ fn run(cli: Cli) -> Res {
                 println!("snapshot {snapshot} of disk {disk} taken")
             });
         }
-        Cmd::Disk(DiskCmd::Clone {
+        DiskCmd::Clone {
             snapshot,
             disk,
             pool,
             size,
-        }) => {
+        } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             let v = api.post(
                 "/v1/disks",
@@ -897,12 +955,12 @@ fn run(cli: Cli) -> Res {
                 )
             });
         }
-        Cmd::Disk(DiskCmd::Resize {
+        DiskCmd::Resize {
             disk,
             size,
             force,
             discard_data,
-        }) => {
+        } => {
             let bytes = nvmux_core::parse_size(&size)?;
             let v = api.post(
                 &format!("/v1/disks/{disk}/resize"),
@@ -910,22 +968,31 @@ fn run(cli: Cli) -> Res {
             )?;
             show(&v, &|v| println!("disk {disk} is now {}", describe_disk(v)));
         }
-        Cmd::Pool(PoolCmd::Create {
+    }
+    Ok(())
+}
+
+/// `nvmux pool ...`.
+fn pool_cmd(cx: &Ctx, c: PoolCmd) -> Res {
+    let api = &cx.api;
+    let show = |v: &Value, table: &dyn Fn(&Value)| cx.show(v, table);
+    match c {
+        PoolCmd::Create {
             name,
             path,
             size,
             cluster_size,
             import,
-        }) => {
+        } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
             let cs = cluster_size
                 .map(|s| nvmux_core::parse_size(&s))
                 .transpose()?;
             let path = std::path::absolute(&path).unwrap_or(path);
             let v = api.post(
-                "/v1/pools",
-                &json!({"name": name, "path": path, "size": size, "cluster_size": cs, "import": import}),
-            )?;
+            "/v1/pools",
+            &json!({"name": name, "path": path, "size": size, "cluster_size": cs, "import": import}),
+        )?;
             show(&v, &|v| {
                 let u = &v["usage"];
                 println!(
@@ -937,7 +1004,7 @@ fn run(cli: Cli) -> Res {
                 )
             });
         }
-        Cmd::Pool(PoolCmd::List) => {
+        PoolCmd::List => {
             let v = api.get("/v1/pools")?;
             show(&v, &|v| {
                 println!(
@@ -964,24 +1031,24 @@ fn run(cli: Cli) -> Res {
                 }
             });
         }
-        Cmd::Pool(PoolCmd::Show { name }) => {
+        PoolCmd::Show { name } => {
             let v = api.get(&format!("/v1/pools/{name}"))?;
             show(&v, &pool_table);
         }
-        Cmd::Pool(PoolCmd::Check { path }) => {
+        PoolCmd::Check { path } => {
             let r = nvmux_daemon::pools::check_path(&path)?;
-            if cli.json {
+            if cx.json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
                 println!(
-                    "{}: {} volumes, {} clusters used, {} free, {} awaiting zeroing, {} journal transactions replayed",
-                    path.display(),
-                    r.volumes,
-                    r.used_clusters,
-                    r.free_clusters,
-                    r.dirty_clusters,
-                    r.journal_transactions
-                );
+                "{}: {} volumes, {} clusters used, {} free, {} awaiting zeroing, {} journal transactions replayed",
+                path.display(),
+                r.volumes,
+                r.used_clusters,
+                r.free_clusters,
+                r.dirty_clusters,
+                r.journal_transactions
+            );
                 for n in &r.notes {
                     println!("note: {n}");
                 }
@@ -1001,19 +1068,28 @@ fn run(cli: Cli) -> Res {
                 return Err(format!("pool {} failed the check", path.display()).into());
             }
         }
-        Cmd::Pool(PoolCmd::Remove { name }) => {
+        PoolCmd::Remove { name } => {
             let v = api.delete(&format!("/v1/pools/{name}"))?;
             show(&v, &|_| {
                 println!("removed pool {name} (its data is left as is)")
             });
         }
-        Cmd::Pool(PoolCmd::DeleteVolume { pool, volume }) => {
+        PoolCmd::DeleteVolume { pool, volume } => {
             let v = api.delete(&format!("/v1/pools/{pool}/volumes/{volume}"))?;
             show(&v, &|_| {
                 println!("deleted volume {volume} from pool {pool}")
             });
         }
-        Cmd::Export(ExportCmd::Add {
+    }
+    Ok(())
+}
+
+/// `nvmux export ...`.
+fn export_cmd(cx: &Ctx, c: ExportCmd) -> Res {
+    let api = &cx.api;
+    let show = |v: &Value, table: &dyn Fn(&Value)| cx.show(v, table);
+    match c {
+        ExportCmd::Add {
             disk,
             socket,
             listen,
@@ -1028,7 +1104,7 @@ fn run(cli: Cli) -> Res {
             owner,
             mode,
             migration_peer,
-        }) => {
+        } => {
             let abs = |s: PathBuf| std::path::absolute(&s).unwrap_or(s);
             let socket = socket.map(abs);
             let tls = match (tls_psk_file.map(abs), tls_x509_dir.map(abs)) {
@@ -1042,11 +1118,11 @@ fn run(cli: Cli) -> Res {
                 (_, q) => q,
             };
             let v = api.post(
-                "/v1/exports",
-                &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
-                        "listen": listen, "export_name": export_name, "read_only": read_only,
-                        "owner": owner, "mode": mode, "tls": tls, "migration_peer": migration_peer}),
-            )?;
+            "/v1/exports",
+            &json!({"name": name, "disk": disk, "type": kind, "socket": socket, "num_queues": queues,
+                    "listen": listen, "export_name": export_name, "read_only": read_only,
+                    "owner": owner, "mode": mode, "tls": tls, "migration_peer": migration_peer}),
+        )?;
             show(&v, &|v| {
                 let extra = match v["type"].as_str() {
                     Some("nbd") => {
@@ -1085,7 +1161,7 @@ fn run(cli: Cli) -> Res {
                 )
             });
         }
-        Cmd::Export(ExportCmd::List) => {
+        ExportCmd::List => {
             let v = api.get("/v1/exports")?;
             show(&v, &|v| {
                 println!(
@@ -1115,75 +1191,68 @@ fn run(cli: Cli) -> Res {
                 }
             });
         }
-        Cmd::Export(ExportCmd::Remove { name }) => {
+        ExportCmd::Remove { name } => {
             let v = api.delete(&format!("/v1/exports/{name}"))?;
             show(&v, &|_| println!("removed export {name}"));
         }
-        Cmd::Subsystem(c) => subsystem_cmd(&api, cli.json, c)?,
-        Cmd::Keys(KeysCmd::Rotate { kek_file }) => {
+    }
+    Ok(())
+}
+
+/// `nvmux keys ...`.
+fn keys_cmd(cx: &Ctx, c: KeysCmd) -> Res {
+    let api = &cx.api;
+    let show = |v: &Value, table: &dyn Fn(&Value)| cx.show(v, table);
+    match c {
+        KeysCmd::Rotate { kek_file } => {
             let kek_file = std::path::absolute(&kek_file).unwrap_or(kek_file);
             let v = api.post("/v1/keys/rotate", &json!({ "kek_file": kek_file }))?;
             show(&v, &|v| {
                 println!(
-                    "re-wrapped {} data key(s) under {}; set keys.kek_file to it before the next start",
-                    v["rewrapped"].as_u64().unwrap_or(0),
-                    kek_file.display()
-                )
+                "re-wrapped {} data key(s) under {}; set keys.kek_file to it before the next start",
+                v["rewrapped"].as_u64().unwrap_or(0),
+                kek_file.display()
+            )
             });
         }
-        Cmd::CheckClassifier {
-            object,
-            section,
-            disassemble,
-        } => {
-            let bytes = std::fs::read(&object).map_err(|e| format!("{}: {e}", object.display()))?;
-            let obj = nvmux_router::elf::load(&bytes, section.as_deref())
-                .map_err(|e| format!("{}: {}", object.display(), e.msg))?;
-            if disassemble {
-                let mut i = 0;
-                while i < obj.insns.len() {
-                    println!("{i:5}: {}", nvmux_router::verifier::describe(&obj.insns[i]));
-                    i += if obj.insns[i][0] == nvmux_router::elf::LD_DW_IMM {
-                        2
-                    } else {
-                        1
-                    };
-                }
-            }
-            let p = nvmux_router::Program::from_insns(obj.insns, obj.maps, obj.section)
-                .map_err(|e| format!("{}: refused: {}", object.display(), e.msg))?;
-            println!(
-                "{}: section {}, {} instructions, verified, {}",
-                object.display(),
-                p.info.section,
-                p.info.instructions,
-                if p.info.jit {
-                    "JIT-compiled"
-                } else {
-                    "interpreted"
-                }
-            );
-            for m in &p.info.maps {
-                println!(
-                    "  map {} (array, {} x {} bytes)",
-                    m.name, m.max_entries, m.value_size
-                );
-            }
+    }
+    Ok(())
+}
+
+/// `nvmux check-classifier`: load, verify and compile a classifier object offline.
+fn check_classifier(object: &std::path::Path, section: Option<&str>, disassemble: bool) -> Res {
+    let bytes = std::fs::read(object).map_err(|e| format!("{}: {e}", object.display()))?;
+    let obj = nvmux_router::elf::load(&bytes, section)
+        .map_err(|e| format!("{}: {}", object.display(), e.msg))?;
+    if disassemble {
+        let mut i = 0;
+        while i < obj.insns.len() {
+            println!("{i:5}: {}", nvmux_router::verifier::describe(&obj.insns[i]));
+            i += if obj.insns[i][0] == nvmux_router::elf::LD_DW_IMM {
+                2
+            } else {
+                1
+            };
         }
-        Cmd::Stats { disk } => {
-            let v = api.get("/v1/stats")?;
-            show(&v, &|v| stats_table(v, disk.as_deref()));
+    }
+    let p = nvmux_router::Program::from_insns(obj.insns, obj.maps, obj.section)
+        .map_err(|e| format!("{}: refused: {}", object.display(), e.msg))?;
+    println!(
+        "{}: section {}, {} instructions, verified, {}",
+        object.display(),
+        p.info.section,
+        p.info.instructions,
+        if p.info.jit {
+            "JIT-compiled"
+        } else {
+            "interpreted"
         }
-        Cmd::Metrics => {
-            let (code, text) = api.call_raw("GET", "/metrics", None)?;
-            if code != 200 {
-                return Err(format!("metrics: HTTP {code}").into());
-            }
-            print!("{text}");
-        }
-        Cmd::Bench(a) => bench::run(a)?,
-        Cmd::Demo(a) => demo::run(a)?,
-        Cmd::Powercut(a) => powercut::run(a)?,
+    );
+    for m in &p.info.maps {
+        println!(
+            "  map {} (array, {} x {} bytes)",
+            m.name, m.max_entries, m.value_size
+        );
     }
     Ok(())
 }
@@ -1542,14 +1611,10 @@ fn print_subsystem(v: &Value) {
     }
 }
 
-fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
-    let show = |v: &Value, table: &dyn Fn(&Value)| {
-        if json_out {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-        } else {
-            table(v);
-        }
-    };
+/// `nvmux subsystem ...`.
+fn subsystem_cmd(cx: &Ctx, c: SubsystemCmd) -> Res {
+    let api = &cx.api;
+    let show = |v: &Value, table: &dyn Fn(&Value)| cx.show(v, table);
     let base = "/v1/subsystems";
     match c {
         SubsystemCmd::Create {
@@ -1641,7 +1706,7 @@ fn subsystem_cmd(api: &ApiClient, json_out: bool, c: SubsystemCmd) -> Res {
                 &json!({"host": host, "dhchap_secret": secret, "dhchap_ctrl_secret": ctrl,
                         "remove_dhchap": no_dhchap}),
             )?;
-            if json_out {
+            if cx.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({"subsystem": v, "generated": generated}))

@@ -1,0 +1,569 @@
+//! Assembly: the only place the rooms are wired together. A disk's device is its
+//! backend with its functions and router stacked on top; an export is a frontend started
+//! on a disk's device and the workers; the daemon itself is the workers, the keys, the
+//! NVMe/TCP target and the state restored from `state.json`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use nvmux_backend::{FileDevice, FileOptions, MemoryDevice, NullDevice};
+use nvmux_core::stats::DiskStats;
+use nvmux_core::worker::{WorkerConfig, WorkerPool};
+use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
+use nvmux_func::keys::KeyProvider;
+use nvmux_vhost::{ExportConfig, VhostBlkExport};
+
+use crate::state::State;
+use crate::{
+    claim_socket, err, lock_data_dir, nvmf, ops, pools, routing, BackendSpec, Config, CryptSpec,
+    Daemon, Disk, DiskSpec, Export, ExportKind, ExportSpec, Function, Handle, Inner, CIPHER,
+    STATE_VERSION,
+};
+
+/// Open a disk's device: its backend, then its functions, then its router with the
+/// classifier (a disk whose classifier does not load is not served: it may be a guard).
+fn open_device(
+    g: &Inner,
+    spec: &DiskSpec,
+    keys: &KeySource,
+    qos: &Arc<nvmux_func::Qos>,
+    router: &Arc<nvmux_router::Router>,
+) -> Result<Arc<dyn BlockDevice>> {
+    let dev = with_functions(open_backend(g, spec)?, spec, keys, qos, router)?;
+    if let Some(c) = &spec.classifier {
+        let p = routing::load_program(c).map_err(|e| {
+            err(
+                e.kind,
+                format!("classifier {}: {}", c.object.display(), e.msg),
+            )
+        })?;
+        router.set_program(Some(p));
+    }
+    Ok(dev)
+}
+
+/// The host device that holds a disk's data (a file's filesystem, a block device
+/// itself, a pool's file), if it has one.
+fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let path = match &spec.backend {
+        BackendSpec::File { path, .. } => path.clone(),
+        BackendSpec::Thin { pool, .. } => g.pools.get(pool)?.spec.path.clone(),
+        BackendSpec::Null | BackendSpec::Memory => return None,
+    };
+    // A file that does not exist yet will live on its directory's filesystem.
+    let m = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(_) => std::fs::metadata(path.parent()?).ok()?,
+    };
+    Some(if m.file_type().is_block_device() {
+        m.rdev()
+    } else {
+        m.dev()
+    })
+}
+
+/// Stack a disk's functions on its backend device in the order of its chain, outermost
+/// first (default `qos → crypt → backend`), and the router on top. `qos` is a
+/// pass-through while no limit is set and the host device is not saturated, so limits can
+/// be set on a disk in use. The router's fast path is the same stack without the optional
+/// functions (`qos`): it keeps `crypt`, which defines what the blocks hold.
+pub(crate) fn with_functions(
+    dev: Arc<dyn BlockDevice>,
+    spec: &DiskSpec,
+    keys: &KeySource,
+    qos: &Arc<nvmux_func::Qos>,
+    router: &Arc<nvmux_router::Router>,
+) -> Result<Arc<dyn BlockDevice>> {
+    spec.check_chain()?;
+    router.set_allow_flush_complete(spec.allow_flush_complete);
+    let stack = |fs: &[Function]| -> Result<Arc<dyn BlockDevice>> {
+        let mut d = dev.clone();
+        for f in fs.iter().rev() {
+            d = match f {
+                Function::Crypt => with_crypt(d, spec, keys)?,
+                Function::Qos => Arc::new(nvmux_func::QosDevice::new(d, qos.clone())),
+            };
+        }
+        Ok(d)
+    };
+    let chain = spec.functions();
+    let fast = if chain.contains(&Function::Qos) {
+        let essential: Vec<Function> = chain
+            .iter()
+            .copied()
+            .filter(|f| *f != Function::Qos)
+            .collect();
+        Some(stack(&essential)?)
+    } else {
+        None
+    };
+    Ok(Arc::new(nvmux_router::RouterDevice::new(
+        router.clone(),
+        stack(&chain)?,
+        fast,
+    )))
+}
+
+/// What opening or creating an encrypted disk needs: the KEK's source and the keystore.
+pub(crate) struct KeySource<'a> {
+    pub kek: Arc<dyn KeyProvider>,
+    pub store: &'a Mutex<nvmux_func::keystore::Keystore>,
+}
+
+impl KeySource<'_> {
+    pub(crate) fn store(&self) -> MutexGuard<'_, nvmux_func::keystore::Keystore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Destroy a key: overwrite its slot (a disk being deleted, or a create that failed).
+    pub(crate) fn destroy(&self, disk: &str, c: &CryptSpec) {
+        if let Some(s) = c.slot {
+            if let Err(e) = self.store().erase(s) {
+                tracing::error!(
+                    disk,
+                    slot = s,
+                    "could not erase the key's keystore slot: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// A key slot taken for a disk being created: erased on drop unless kept.
+pub(crate) struct NewKey<'a, 'b> {
+    keys: &'a KeySource<'b>,
+    disk: String,
+    spec: Option<CryptSpec>,
+}
+
+impl NewKey<'_, '_> {
+    pub fn spec(&self) -> Option<CryptSpec> {
+        self.spec.clone()
+    }
+    /// The disk exists now (persisted): keep its key.
+    pub fn keep(mut self) {
+        self.spec = None;
+    }
+}
+
+impl Drop for NewKey<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(c) = &self.spec {
+            self.keys.destroy(&self.disk, c);
+        }
+    }
+}
+
+fn with_crypt(
+    dev: Arc<dyn BlockDevice>,
+    spec: &DiskSpec,
+    keys: &KeySource,
+) -> Result<Arc<dyn BlockDevice>> {
+    let Some(c) = &spec.crypt else {
+        return Ok(dev);
+    };
+    let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
+    if c.cipher != CIPHER {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!(
+                "disk {:?}: unknown cipher {:?} (nvmux knows {CIPHER})",
+                spec.name, c.cipher
+            ),
+        ));
+    }
+    let (slot, id) = c.slot_ref(&spec.name)?;
+    let wrapped = keys.store().get(slot, &id).map_err(named)?.key;
+    let dek = nvmux_func::keys::unwrap(&*keys.kek, &wrapped).map_err(named)?;
+    Ok(Arc::new(
+        nvmux_func::CryptDevice::with_layout(dev, &dek, c.layout()).map_err(named)?,
+    ))
+}
+
+/// A new random data key for `disk`, wrapped with the KEK and stored (synced) in a new
+/// keystore slot; the slot is erased again unless the caller keeps it.
+pub(crate) fn new_crypt_spec<'a, 'b>(
+    disk: &str,
+    keys: &'a KeySource<'b>,
+    sector_size: Option<u32>,
+    iv_large_sectors: bool,
+) -> Result<NewKey<'a, 'b>> {
+    let sector_size = sector_size.unwrap_or(512);
+    if sector_size != 512 && sector_size != 4096 {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("encryption sector size {sector_size} is not supported (use 512 or 4096)"),
+        ));
+    }
+    if iv_large_sectors && sector_size == 512 {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "iv_large_sectors needs sector_size 4096 (with 512-byte sectors it changes nothing)",
+        ));
+    }
+    let dek = nvmux_func::keys::new_data_key()?;
+    let w = nvmux_func::keys::wrap(&*keys.kek, &dek).map_err(|e| {
+        err(
+            e.kind,
+            format!(
+                "cannot encrypt disk {disk:?}: {} (set keys.kek_file in the config, or NVMUX_KEK)",
+                e.msg
+            ),
+        )
+    })?;
+    let (slot, id) = keys.store().add(disk, &w)?;
+    Ok(NewKey {
+        keys,
+        disk: disk.to_string(),
+        spec: Some(CryptSpec {
+            cipher: CIPHER.into(),
+            slot: Some(slot),
+            key_id: Some(nvmux_func::keys::to_hex(&id)),
+            sector_size,
+            iv_large_sectors,
+            kek_check: Some(nvmux_func::keys::to_hex(&w.kek_check)),
+            wrapped_key: None,
+        }),
+    })
+}
+
+pub(crate) fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
+    Ok(match &spec.backend {
+        BackendSpec::Thin { pool, volume, .. } => {
+            let p = pools::get_pool(g, pool)?;
+            Arc::new(nvmux_volume::ThinDevice::open(&p, volume)?)
+        }
+        BackendSpec::File { path, direct, .. } => Arc::new(FileDevice::open(
+            path,
+            &FileOptions {
+                block_size: Some(spec.block_size),
+                size: Some(spec.size),
+                read_only: spec.read_only,
+                direct: *direct,
+                create: false,
+            },
+        )?),
+        BackendSpec::Null => Arc::new(NullDevice::new(spec.size, spec.block_size, spec.read_only)?),
+        BackendSpec::Memory => Arc::new(MemoryDevice::new(
+            spec.size,
+            spec.block_size,
+            spec.read_only,
+        )?),
+    })
+}
+
+impl Daemon {
+    /// Start workers and restore the persisted state. Does not serve the API yet.
+    pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| Error::io(format!("data dir {}", cfg.data_dir.display()), e))?;
+        // Before anything touches sockets or state: one daemon per data directory.
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        nvmux_backend::probe_io_uring()?;
+        nvmux_core::ctlpoll::configure(cfg.workers.control_threads);
+        let workers = WorkerPool::new(&WorkerConfig {
+            threads: cfg.workers.threads,
+            poll_idle: std::time::Duration::from_micros(cfg.workers.poll_idle_us),
+            cpus: cfg.workers.cpus.clone(),
+        })
+        .map_err(|e| Error::io("start worker threads", e))?;
+        let cfg_keys = cfg.keys.kek_file.clone();
+        let keystore = nvmux_func::keystore::Keystore::open(&cfg.data_dir.join("keystore"))?;
+        let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
+        let nvmf = nvmux_nvmf::Target::new(
+            workers.workers().to_vec(),
+            nvmf::target_config(&cfg, &net_mem),
+        );
+        let d = Arc::new(Daemon {
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            workers,
+            started: Instant::now(),
+            next_worker: Default::default(),
+            ops: ops::Ops::default(),
+            keys: Mutex::new(match &cfg_keys {
+                Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
+                None => Arc::new(nvmux_func::keys::KekEnv("NVMUX_KEK".into())),
+            }),
+            keystore: Mutex::new(keystore),
+            groups: Default::default(),
+            nbd: Default::default(),
+            nvmf,
+            net_mem,
+            lock_file: lock,
+            api: Mutex::new(None),
+            upgrading: Default::default(),
+            exit_after_reply: Default::default(),
+        });
+        d.restore()?;
+        Ok(d)
+    }
+
+    fn restore(&self) -> Result<()> {
+        let p = self.state_path();
+        self.scrub_leftovers(&p);
+        let mut text = match std::fs::read_to_string(&p) {
+            Ok(t) => {
+                // An older nvmux wrote it with the umask's mode: it may hold secrets now.
+                use std::os::unix::fs::PermissionsExt;
+                if let Ok(m) = std::fs::metadata(&p) {
+                    if m.permissions().mode() & 0o077 != 0 {
+                        tracing::warn!(path = %p.display(), "state file readable by others: mode set to 0600");
+                        let _ =
+                            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+                    }
+                }
+                t
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.check_keystore(&[]);
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+        };
+        let mut st: State = serde_json::from_str(&text).map_err(|e| {
+            err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} is corrupt: {e}; move it away to start empty",
+                    p.display()
+                ),
+            )
+        })?;
+        if st.version != STATE_VERSION {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} has version {}, this nvmux reads version {STATE_VERSION}",
+                    p.display(),
+                    st.version
+                ),
+            ));
+        }
+        // It may hold wrapped keys (before the keystore): no copy stays in memory.
+        zeroize::Zeroize::zeroize(&mut text);
+        let migrated = self.migrate_keys(&mut st.disks)?;
+        let mut g = self.lock();
+        for spec in st.pools {
+            let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            if let Ok(p) = &pool {
+                p.set_command_timeout(self.cfg.pool.command_timeout_ms);
+            }
+            match &pool {
+                Ok(_) => tracing::info!(pool = %spec.name, "pool opened"),
+                Err(e) => tracing::error!(pool = %spec.name, "pool could not be opened: {e}"),
+            }
+            g.pools
+                .insert(spec.name.clone(), pools::PoolEntry { spec, pool });
+        }
+        for spec in st.disks {
+            // Limits that no longer validate are dropped with an error in the log, so the
+            // disk still comes up.
+            let qos = self.new_qos(&g, &spec).or_else(|e| {
+                tracing::error!(disk = %spec.name, "qos settings ignored: {e}");
+                let mut plain = spec.clone();
+                plain.qos = None;
+                self.new_qos(&g, &plain)
+            })?;
+            let router = nvmux_router::Router::new(&spec.name);
+            let dev = open_device(&g, &spec, &self.key_source(), &qos, &router)
+                .map_err(|e| e.to_string());
+            match &dev {
+                Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
+                Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
+            }
+            if let (Some(x), Ok(d)) = (&spec.external, &dev) {
+                let bs = d.info().block_size;
+                match routing::start_external(&spec.name, x, bs, d.capacity_bytes() / bs as u64) {
+                    Ok(e) => {
+                        router.set_external(Some(e));
+                    }
+                    Err(e) => {
+                        tracing::error!(disk = %spec.name, "external function socket not served: {e}")
+                    }
+                }
+            }
+            g.disks.insert(
+                spec.name.clone(),
+                Disk {
+                    qos,
+                    router,
+                    spec,
+                    dev,
+                    stats: Arc::new(DiskStats::default()),
+                },
+            );
+        }
+        // Migration peers start after the exports whose ring gate they share.
+        let mut exports = st.exports;
+        exports.sort_by_key(|e| {
+            matches!(
+                &e.kind,
+                ExportKind::VhostUserBlk {
+                    migration_peer: Some(_),
+                    ..
+                }
+            )
+        });
+        for mut spec in exports {
+            let handle = self.start_export(&g, &mut spec).map_err(|e| e.to_string());
+            match &handle {
+                Ok(_) => tracing::info!(export = %spec.name, "export restored"),
+                Err(e) => tracing::error!(export = %spec.name, "export could not be started: {e}"),
+            }
+            g.exports.insert(spec.name.clone(), Export { spec, handle });
+        }
+        for spec in st.subsystems {
+            let error = match self.start_subsystem(&g, &spec) {
+                Ok(a) => {
+                    tracing::info!(subsystem = %spec.nqn, listen = %a, "subsystem restored");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(subsystem = %spec.nqn, "subsystem could not be started: {e}");
+                    Some(e.to_string())
+                }
+            };
+            g.subsystems
+                .insert(spec.nqn.clone(), nvmf::SubsystemEntry { spec, error });
+        }
+        if migrated > 0 {
+            self.persist_replacing_secrets(&g)?;
+            tracing::info!(
+                keys = migrated,
+                "moved the wrapped data keys from state.json to the keystore; the old state.json was overwritten"
+            );
+        }
+        let disks: Vec<DiskSpec> = g.disks.values().map(|d| d.spec.clone()).collect();
+        drop(g);
+        self.check_keystore(&disks);
+        Ok(())
+    }
+
+    pub(crate) fn keystore(&self) -> MutexGuard<'_, nvmux_func::keystore::Keystore> {
+        self.keystore.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn key_source(&self) -> KeySource<'_> {
+        KeySource {
+            kek: self.keys(),
+            store: &self.keystore,
+        }
+    }
+
+    /// A disk's qos function from its spec: its limits, and its membership of the
+    /// fair-share group of the host device its data lives on.
+    pub(crate) fn new_qos(&self, g: &Inner, spec: &DiskSpec) -> Result<Arc<nvmux_func::Qos>> {
+        let q = spec.qos.unwrap_or_default();
+        let named = |e: Error| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg));
+        q.check().map_err(named)?;
+        let group = if spec.has(Function::Qos) {
+            self.share_group(g, spec)
+        } else {
+            None
+        };
+        let share = group
+            .map(|grp| grp.join(q.weight()))
+            .transpose()
+            .map_err(named)?;
+        nvmux_func::Qos::new(q.limits(), share).map_err(named)
+    }
+
+    /// The fair-share group of the host device under a disk; `None` for disks without
+    /// one (null, memory) or with fair sharing off (`qos.fair_depth = 0`).
+    fn share_group(&self, g: &Inner, spec: &DiskSpec) -> Option<Arc<nvmux_func::ShareGroup>> {
+        let depth = self.cfg.qos.fair_depth;
+        if depth == 0 {
+            return None;
+        }
+        let dev = backend_device(g, spec)?;
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, w| w.strong_count() > 0);
+        if let Some(grp) = groups.get(&dev).and_then(std::sync::Weak::upgrade) {
+            return Some(grp);
+        }
+        let grp = nvmux_func::ShareGroup::new(
+            format!("{}:{}", libc::major(dev), libc::minor(dev)),
+            depth,
+        );
+        groups.insert(dev, Arc::downgrade(&grp));
+        Some(grp)
+    }
+
+    /// The KEK's current source.
+    pub(crate) fn keys(&self) -> Arc<dyn KeyProvider> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn start_export(&self, g: &Inner, spec: &mut ExportSpec) -> Result<Handle> {
+        let d = g.disks.get(&spec.disk).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("disk {:?} does not exist", spec.disk),
+            )
+        })?;
+        let dev = d.dev.as_ref().map_err(|e| {
+            err(
+                ErrorKind::Io,
+                format!("disk {:?} is unavailable: {e}", spec.disk),
+            )
+        })?;
+        let perms = spec.perms()?;
+        match &spec.kind {
+            ExportKind::VhostUserBlk {
+                socket,
+                num_queues,
+                migration_peer,
+            } => {
+                // A migration peer shares its peer's ring gate (started first at a
+                // restore); a peer that is gone leaves this export a gate of its own.
+                let gate = match migration_peer.as_deref().map(|p| (p, g.exports.get(p))) {
+                    None => None,
+                    Some((
+                        _,
+                        Some(Export {
+                            handle: Ok(Handle::Vhost(h)),
+                            ..
+                        }),
+                    )) => Some(h.gate()),
+                    Some((p, _)) => {
+                        tracing::warn!(export = %spec.name, peer = p, "migration peer is not a running vhost-user-blk export; this export gets a gate of its own");
+                        None
+                    }
+                };
+                if !nvmux_core::unixsock::is_inherited(&nvmux_core::unixsock::unix_key(socket)) {
+                    claim_socket(socket)?;
+                }
+                let mut workers = self.workers.workers().to_vec();
+                let first = self
+                    .next_worker
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = workers.len();
+                workers.rotate_left(first % n);
+                VhostBlkExport::start(
+                    dev.clone(),
+                    ExportConfig {
+                        socket: socket.clone(),
+                        num_queues: *num_queues,
+                        serial: spec.disk.clone(),
+                        perms,
+                        gate,
+                    },
+                    workers,
+                    d.stats.clone(),
+                )
+                .map(Handle::Vhost)
+            }
+            ExportKind::Nbd { .. } => self
+                .start_nbd(
+                    &spec.disk,
+                    dev.clone(),
+                    d.stats.clone(),
+                    &mut spec.kind,
+                    &perms,
+                )
+                .map(Handle::Nbd),
+        }
+    }
+}
