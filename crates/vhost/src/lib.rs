@@ -1,14 +1,15 @@
 //! vhost-user-blk frontend.
 //!
-//! One [`VhostBlkExport`] serves one disk on one Unix socket. Its thread accepts a
-//! vhost-user connection and answers the control messages (the `vhost` crate parses
-//! them; [`BlkBackend`] implements the requests). When a virtqueue is ready it becomes a
+//! One [`VhostBlkExport`] serves one disk on one Unix socket. Its task on the process's
+//! control threads (`session.rs` on [`nvmux_core::ctlpoll`]: a few epoll threads for all
+//! exports) accepts a vhost-user connection and answers the control messages once each is
+//! whole (the `vhost` crate parses them; [`BlkBackend`] implements the requests). When a virtqueue is ready it becomes a
 //! [`vring::VringSource`] on a worker thread. When the client goes away every queue is
 //! stopped and the socket listens again, so a VM can reboot or be restarted and attach
 //! once more.
 //!
 //! ```text
-//!  QEMU / libblkio ──unix socket──► connection thread (BlkBackend: features, memory
+//!  QEMU / libblkio ──unix socket──► control thread (BlkBackend: features, memory
 //!        │                              table, vring setup, config space)
 //!        │ kick eventfd                      │ start / stop queue
 //!        ▼                                   ▼
