@@ -7,7 +7,7 @@ use nvmux_bench::client::BlkioClient;
 use nvmux_bench::{Op, Workload};
 use serde_json::json;
 
-use crate::bench::Daemon;
+use nvmux_bench::daemon::Daemon;
 
 #[derive(Args)]
 pub struct DemoArgs {

@@ -3,7 +3,7 @@
 //! private socket for the duration (read-only for an export to a file) and lets
 //! `qemu-img convert` do the conversion, drawing its progress as a bar on a terminal.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -61,21 +61,6 @@ fn info(src: &str) -> Res<(u64, String)> {
     Ok((size, fmt))
 }
 
-/// Draw `label [####....] 42% done / total` on stderr.
-pub(crate) fn draw_bar(label: &str, done: u64, total: u64) {
-    let frac = (done as f64 / total.max(1) as f64).clamp(0.0, 1.0);
-    let fill = (frac * 30.0) as usize;
-    eprint!(
-        "\r{label} [{}{}] {:3.0}% {} / {}\x1b[K",
-        "#".repeat(fill),
-        ".".repeat(30 - fill),
-        frac * 100.0,
-        nvmux_core::format_size(done),
-        nvmux_core::format_size(total)
-    );
-    let _ = std::io::stderr().flush();
-}
-
 /// Run `qemu-img convert -p ARGS`, drawing its progress against `total` bytes.
 fn convert(args: &[&str], total: u64, label: &str) -> Res<()> {
     let mut c = Command::new("qemu-img")
@@ -101,7 +86,11 @@ fn convert(args: &[&str], total: u64, label: &str) -> Res<()> {
                 let s = String::from_utf8_lossy(&field).to_string();
                 if let Some(p) = s.trim().strip_prefix('(').and_then(|r| r.split('/').next()) {
                     if let (Ok(pct), true) = (p.parse::<f64>(), tty) {
-                        draw_bar(label, (pct / 100.0 * total as f64) as u64, total);
+                        nvmux_bench::report::draw_bar(
+                            label,
+                            (pct / 100.0 * total as f64) as u64,
+                            total,
+                        );
                     }
                 }
                 field.clear();

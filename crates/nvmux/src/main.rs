@@ -9,18 +9,8 @@ use nvmux_daemon::client::ApiClient;
 use serde_json::{json, Value};
 
 mod bench;
-mod bench_crypt;
-mod bench_fair;
-mod bench_hostile;
-mod bench_nbd_tls;
-mod bench_nvmf;
-mod bench_pool;
-mod bench_restart;
-mod bench_router;
-mod bench_suite;
 mod demo;
 mod image;
-mod plots;
 mod powercut;
 
 #[derive(Parser)]
@@ -645,7 +635,7 @@ fn run(cli: Cli) -> Res {
             print!("{text}");
             Ok(())
         }
-        Cmd::Bench(a) => bench::run(a),
+        Cmd::Bench(a) => nvmux_bench::run::run(a.into()),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Powercut(a) => powercut::run(a),
     }
@@ -1287,7 +1277,7 @@ fn with_progress<T: Send>(
             };
             let done = op["done_bytes"].as_u64().unwrap_or(0);
             let total = op["total_bytes"].as_u64().unwrap_or(0).max(1);
-            image::draw_bar(label, done, total);
+            nvmux_bench::report::draw_bar(label, done, total);
             drawn = true;
         }
         if drawn {

@@ -13,14 +13,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nvmux_bench::client::Op;
-use nvmux_bench::procs::{self, ServerProc};
-use nvmux_bench::workload::Measured;
+use crate::client::Op;
+use crate::procs::{self, ServerProc};
+use crate::workload::Measured;
 use serde_json::{json, Value};
 
-use crate::bench::{
-    cell_lat, measured_rows, prepare_file, run_one, write_report, BenchArgs, Daemon, Res,
-};
+use crate::daemon::Daemon;
+use crate::report::{cell_lat, measured_rows, prepare_file, run_one, write_report, Res};
+use crate::run::BenchArgs;
 
 const SIZE: u64 = 1 << 30;
 

@@ -5,15 +5,16 @@
 //! The guest kernel initiator's figures come from the VM stage (TCG-bound); see
 //! docs/benchmarks.md.
 
-use nvmux_bench::client::Op;
-use nvmux_bench::nvmf::Host;
-use nvmux_bench::workload::{Measured, Workload};
+use crate::client::Op;
+use crate::nvmf::Host;
+use crate::workload::{Measured, Workload};
 use serde_json::json;
 
-use crate::bench::{
-    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, BenchArgs,
-    Daemon, Res,
+use crate::daemon::Daemon;
+use crate::report::{
+    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, Res,
 };
+use crate::run::BenchArgs;
 
 const SIZE: u64 = 1 << 30;
 const NQN: &str = "nqn.2026-11.io.nvmux:bench";
@@ -41,7 +42,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>, cli_cpu: Option<usi
         .post("/v1/exports", &json!({"disk": "d", "socket": sock}))?;
     let addr = d.nvmf_subsystem(NQN, HOST, "d")?;
     if let Some(c) = cli_cpu {
-        nvmux_bench::procs::pin_current_thread(c);
+        crate::procs::pin_current_thread(c);
     }
     let mut host = Host::connect(addr, NQN, HOST, 1, 128, false)?;
     let mut rows: Vec<(String, String, Measured)> = Vec::new();
@@ -49,8 +50,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>, cli_cpu: Option<usi
         if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
             continue;
         }
-        let m =
-            nvmux_bench::nvmf::run_workload(&mut host, 1, &Workload::random(op, 4096, qd, secs))?;
+        let m = crate::nvmf::run_workload(&mut host, 1, &Workload::random(op, 4096, qd, secs))?;
         report(&mut rows, "nvmux nvme/tcp", w, m);
         let m = run_one(&sock, 4096, op, qd, secs)?;
         report(&mut rows, "nvmux vhost-user", w, m);
@@ -60,7 +60,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>, cli_cpu: Option<usi
             } else {
                 "randwrite"
             };
-            let m = nvmux_bench::procs::run_fio(&img, rw, 4096, qd, secs, cli_cpu)?;
+            let m = crate::procs::run_fio(&img, rw, 4096, qd, secs, cli_cpu)?;
             report(&mut rows, "fio io_uring", w, m);
         }
     }

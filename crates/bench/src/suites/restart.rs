@@ -16,11 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::client::{BlkioClient, Op, Req};
 use blkio::{Completion, ReqFlags};
-use nvmux_bench::client::{BlkioClient, Op, Req};
 use serde_json::json;
 
-use crate::bench::{BenchArgs, Daemon, Res};
+use crate::daemon::Daemon;
+use crate::report::Res;
+use crate::run::BenchArgs;
 
 const QD: usize = 16;
 const BS: usize = 4096;
@@ -200,7 +202,7 @@ fn run_in(a: &BenchArgs, work: &Path, server_cpu: Option<usize>) -> Res<()> {
         .arg("--config")
         .arg(ddir.join("nvmux.toml"));
     let mut proc =
-        nvmux_bench::procs::spawn_pinned("nvmux serve", cmd, server_cpu, &ddir.join("daemon.log"))?;
+        crate::procs::spawn_pinned("nvmux serve", cmd, server_cpu, &ddir.join("daemon.log"))?;
     let mut c = loop {
         if let Ok(c) = BlkioClient::connect(&sock, 1, false, BS) {
             break c;

@@ -20,13 +20,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nvmux_bench::procs::{self, Fio, FioTarget, ServerProc};
-use nvmux_bench::workload::Measured;
+use crate::procs::{self, Fio, FioTarget, ServerProc};
+use crate::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{
-    cell_iops, cell_ratio, measured_rows, prepare_file, write_report, BenchArgs, Daemon, Res,
-};
+use crate::daemon::Daemon;
+use crate::report::{cell_iops, cell_ratio, measured_rows, prepare_file, write_report, Res};
+use crate::run::BenchArgs;
 
 const RUNS: [(&str, usize, &str); 4] = [
     ("randread", 1, "4K randread QD1"),
@@ -172,8 +172,8 @@ fn run_in(
     size: u64,
 ) -> Res<()> {
     let pskdir = work.join("psk");
-    let psk = nvmux_bench::tls::psk_file(&pskdir, "bench")?;
-    let pki = nvmux_bench::tls::x509(&work.join("pki"))?;
+    let psk = crate::tls::psk_file(&pskdir, "bench")?;
+    let pki = crate::tls::x509(&work.join("pki"))?;
     let (_, d) = Daemon::start_bench(work, srv, "")?;
     d.api().post(
         "/v1/disks",

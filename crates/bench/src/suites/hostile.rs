@@ -2,7 +2,7 @@
 //!
 //! One daemon (one worker, on CPU 0) serves a victim disk over vhost-user, driven by
 //! libblkio with verified 4 KiB writes and reads at queue depth 8 (the attacker suite's
-//! victim, `nvmux_bench::attack::Victim`, on CPU 1), and attackable endpoints: an
+//! victim, `crate::attack::Victim`, on CPU 1), and attackable endpoints: an
 //! NVMe/TCP subsystem that admits the attacker's host NQN, and NBD exports on a Unix
 //! socket and on loopback TCP. For each attack the victim's IOPS are measured at rest and
 //! then while the attack runs for the same time (repeated for as long as the window
@@ -19,11 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmux_bench::attack::nbd::{self, Target};
-use nvmux_bench::attack::{self, local, nvmf, time_to_close, Victim};
+use crate::attack::nbd::{self, Target};
+use crate::attack::{self, local, nvmf, time_to_close, Victim};
 use serde_json::json;
 
-use crate::bench::{write_report, BenchArgs, Daemon, Res};
+use crate::daemon::Daemon;
+use crate::report::{write_report, Res};
+use crate::run::BenchArgs;
 
 const NQN: &str = "nqn.2026-12.io.nvmux:bench-hostile";
 const MALLORY: &str = "nqn.2014-08.org.nvmexpress:uuid:6d616c6c-6f72-4079-8000-000000000666";

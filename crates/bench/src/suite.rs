@@ -22,13 +22,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use nvmux_bench::client::Op;
-use nvmux_bench::procs::{self, Fio, FioTarget, QsdTarget, ServerProc};
-use nvmux_bench::workload::{run_on, run_on_each, Measured, Workload};
+use crate::client::Op;
+use crate::procs::{self, Fio, FioTarget, QsdTarget, ServerProc};
+use crate::workload::{run_on, run_on_each, Measured, Workload};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::{prepare_file, BenchArgs, Daemon, Res};
+use crate::daemon::Daemon;
+use crate::report::{prepare_file, Res};
+use crate::run::BenchArgs;
 
 const SIZE: u64 = 1 << 30;
 /// Disks of the multi-VM run, each this large.
@@ -119,7 +121,7 @@ struct Servers {
     qsd: Option<(ServerProc, PathBuf)>,
     qemu_nbd: Option<(ServerProc, String)>,
     nbdkit: Option<(ServerProc, String)>,
-    host: Option<nvmux_bench::nvmf::Host>,
+    host: Option<crate::nvmf::Host>,
     vm_socks: Vec<PathBuf>,
 }
 
@@ -168,7 +170,7 @@ impl Servers {
         d.api().post("/v1/exports", &json!({"name": "nbd", "disk": "d", "type": "nbd", "socket": nsock, "export_name": "d"}))?;
         let nbd = format!("nbd+unix:///d?socket={}", nsock.display());
         let addr = d.nvmf_subsystem(NQN, HOST, "d")?;
-        let host = match nvmux_bench::nvmf::Host::connect(addr, NQN, HOST, 1, 128, false) {
+        let host = match crate::nvmf::Host::connect(addr, NQN, HOST, 1, 128, false) {
             Ok(h) => Some(h),
             Err(e) => {
                 eprintln!("NVMe/TCP: cannot connect: {e}");
@@ -300,11 +302,9 @@ impl Servers {
             P::QsdVhost => run_on(&self.qsd.as_ref().ok_or("no qsd")?.1, &w)?,
             P::NvmuxVhost if jobs <= 1 => run_on(&self.vhost[0], &w)?,
             P::NvmuxVhost => merge(&run_on_each(&self.vhost[..jobs], &w)?),
-            P::NvmuxNvmf => nvmux_bench::nvmf::run_workload(
-                self.host.as_mut().ok_or("no NVMe/TCP host")?,
-                1,
-                &w,
-            )?,
+            P::NvmuxNvmf => {
+                crate::nvmf::run_workload(self.host.as_mut().ok_or("no NVMe/TCP host")?, 1, &w)?
+            }
         })
     }
 
@@ -494,7 +494,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     // The scale stage (crates/bench/src/scale.rs); `--only scale` runs it alone.
     let scale_stage = || -> Res<String> {
         let exe = std::env::current_exe()?;
-        Ok(nvmux_bench::scale::suite_stage(
+        Ok(crate::scale::suite_stage(
             &exe, &work, &out, quick, srv,
         )?)
     };
@@ -646,7 +646,7 @@ fn progress(n: usize, total: usize, r: &Row, t0: Instant) {
     if std::io::stderr().is_terminal() {
         eprint!("\r\x1b[K");
         eprintln!("{line}");
-        crate::image::draw_bar(
+        crate::report::draw_bar(
             &format!("suite {:.0} s", t0.elapsed().as_secs_f64()),
             n as u64,
             total as u64,

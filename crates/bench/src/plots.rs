@@ -6,8 +6,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench::Res;
-use crate::bench_suite::Row;
+use crate::report::Res;
+use crate::suite::Row;
 
 const PATH_ORDER: [&str; 7] = [
     "bare",

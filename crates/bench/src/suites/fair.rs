@@ -8,12 +8,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use nvmux_bench::client::Op;
-use nvmux_bench::procs;
-use nvmux_bench::workload::{run_on_each, Measured, Workload};
+use crate::client::Op;
+use crate::procs;
+use crate::workload::{run_on_each, Measured, Workload};
 use serde_json::json;
 
-use crate::bench::{prepare_file, write_report, BenchArgs, Daemon, Res};
+use crate::daemon::Daemon;
+use crate::report::{prepare_file, write_report, Res};
+use crate::run::BenchArgs;
 
 const DISKS: usize = 4;
 const SIZE: u64 = 512 << 20;
@@ -90,7 +92,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         let sock = ddir.join(format!("{n}.sock"));
         d.api()
             .post("/v1/exports", &json!({"disk": n, "socket": sock}))?;
-        crate::bench_pool::fill(&sock)?;
+        crate::suites::pool::fill(&sock)?;
         socks.push(sock);
     }
     let _ = d.stop();

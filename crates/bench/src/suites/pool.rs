@@ -3,16 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::client::{BlkioClient, Op};
+use crate::procs::{self, QsdTarget};
+use crate::workload::Measured;
 use blkio::ReqFlags;
-use nvmux_bench::client::{BlkioClient, Op};
-use nvmux_bench::procs::{self, QsdTarget};
-use nvmux_bench::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{
-    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, BenchArgs,
-    Daemon, Res,
+use crate::daemon::Daemon;
+use crate::report::{
+    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, Res,
 };
+use crate::run::BenchArgs;
 
 const GIB: u64 = 1 << 30;
 /// Virtual size of a fresh volume: large enough that random 4 KiB writes for the whole
@@ -22,7 +23,7 @@ const FRESH: u64 = 16 * GIB;
 const FULL: u64 = GIB;
 
 /// Write every byte once (1 MiB sequential writes), then flush.
-pub(crate) fn fill(sock: &Path) -> Res<()> {
+pub fn fill(sock: &Path) -> Res<()> {
     let mut c = BlkioClient::connect(sock, 1, false, 2 << 20)?;
     for (i, b) in c.buf().iter_mut().enumerate() {
         *b = (i % 253) as u8;

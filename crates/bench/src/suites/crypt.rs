@@ -7,15 +7,16 @@
 //! the same ciphertext. `xts.rs` stays only while `xts-mode` is slower (docs/benchmarks.md).
 //! `--only xts` runs just this part.
 
-use nvmux_bench::client::Op;
-use nvmux_bench::procs::{self, QsdTarget};
-use nvmux_bench::workload::Measured;
+use crate::client::Op;
+use crate::procs::{self, QsdTarget};
+use crate::workload::Measured;
 use serde_json::json;
 
-use crate::bench::{
-    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, BenchArgs,
-    Daemon, Res,
+use crate::daemon::Daemon;
+use crate::report::{
+    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, Res,
 };
+use crate::run::BenchArgs;
 
 const SIZE: u64 = 1 << 30;
 
