@@ -494,9 +494,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     // The scale stage (crates/bench/src/scale.rs); `--only scale` runs it alone.
     let scale_stage = || -> Res<String> {
         let exe = std::env::current_exe()?;
-        Ok(crate::scale::suite_stage(
-            &exe, &work, &out, quick, srv,
-        )?)
+        Ok(crate::scale::suite_stage(&exe, &work, &out, quick, srv)?)
     };
     if a.only.as_deref() == Some("scale") {
         let md = scale_stage()?;
