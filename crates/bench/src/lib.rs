@@ -14,6 +14,7 @@ pub mod plots;
 pub mod procs;
 pub mod report;
 pub mod run;
+pub mod scale;
 pub mod suite;
 pub mod suites;
 pub mod tls;

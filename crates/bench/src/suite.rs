@@ -510,8 +510,22 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     let t0 = Instant::now();
     let work = std::env::temp_dir().join(format!("nvmux-bench-suite-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    // `--only dbbench`: the db_bench stage alone.
+    // `--only dbbench` / `--only scale`: one stage alone.
     let only_db = a.only.as_deref() == Some("dbbench");
+    // The scale stage (crates/bench/src/scale.rs).
+    let scale_stage = |out: &std::path::Path| -> Res<String> {
+        std::fs::create_dir_all(out)?;
+        let exe = std::env::current_exe()?;
+        Ok(crate::scale::suite_stage(&exe, &work, out, quick, srv)?)
+    };
+    if a.only.as_deref() == Some("scale") {
+        let out = a.out.join(if quick { "suite-quick" } else { "suite" });
+        let md = scale_stage(&out)?;
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::write(out.join("scale.md"), &md)?;
+        println!("{md}");
+        return Ok(());
+    }
     let plans = if only_db { Vec::new() } else { plan(quick) };
     let max_jobs = plans.iter().map(|p| p.jobs).max().unwrap_or(1);
     let vms: &[usize] = if only_db { &[] } else { &[1, 2, 4, 8, 16, 32] };
@@ -597,6 +611,19 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         &work.join("dbbench"),
     );
     s.stop();
+    let out = a.out.join(match (only_db, quick) {
+        (true, _) => "suite-dbbench",
+        (_, true) => "suite-quick",
+        _ => "suite",
+    });
+    let scale_md = if only_db {
+        String::new()
+    } else {
+        scale_stage(&out).unwrap_or_else(|e| {
+            eprintln!("scale stage failed: {e}");
+            format!("## Scale\n\nfailed: {e}\n")
+        })
+    };
     let db = db.map_err(|e| {
         eprintln!(
             "db_bench stage failed: {e} (logs kept in {})",
@@ -609,11 +636,6 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
     }
     let db = db.ok();
 
-    let out = a.out.join(match (only_db, quick) {
-        (true, _) => "suite-dbbench",
-        (_, true) => "suite-quick",
-        _ => "suite",
-    });
     std::fs::create_dir_all(&out)?;
     if only_db {
         let md = db.as_ref().map_or(String::new(), |d| d.markdown());
@@ -654,6 +676,7 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         t0.elapsed().as_secs_f64(),
     );
     md.push_str(&db.as_ref().map_or(String::new(), |d| d.markdown()));
+    let md = format!("{md}\n{scale_md}");
     std::fs::write(out.join("report.md"), &md)?;
     println!("{md}");
     eprintln!(

@@ -26,6 +26,7 @@ pub mod alloc_count;
 pub mod anon;
 pub mod budget;
 pub mod crc32c;
+pub mod ctlpoll;
 pub mod engine;
 pub mod eventfd;
 pub mod fault;

@@ -261,6 +261,7 @@ impl Daemon {
         // Before anything touches sockets or state: one daemon per data directory.
         let lock = lock_data_dir(&cfg.data_dir)?;
         nvmux_backend::probe_io_uring()?;
+        nvmux_core::ctlpoll::configure(cfg.workers.control_threads);
         let workers = WorkerPool::new(&WorkerConfig {
             threads: cfg.workers.threads,
             poll_idle: std::time::Duration::from_micros(cfg.workers.poll_idle_us),

@@ -347,6 +347,10 @@ pub struct WorkersConfig {
     /// CPUs to pin workers to (worker i → cpus[i % len]). Empty: no pinning.
     #[serde(default)]
     pub cpus: Vec<usize>,
+    /// Control-plane threads: vhost-user listening sockets and control connections are
+    /// served by this many epoll threads (see `nvmux_core::ctlpoll`).
+    #[serde(default = "two")]
+    pub control_threads: usize,
 }
 
 impl Default for WorkersConfig {
@@ -355,6 +359,7 @@ impl Default for WorkersConfig {
             threads: 1,
             poll_idle_us: 50,
             cpus: Vec::new(),
+            control_threads: 2,
         }
     }
 }
@@ -364,6 +369,9 @@ fn default_data_dir() -> PathBuf {
 }
 fn one() -> usize {
     1
+}
+fn two() -> usize {
+    2
 }
 fn fifty() -> u64 {
     50
@@ -386,6 +394,15 @@ impl Config {
         }
         if let Some(c) = self.workers.cpus.iter().find(|&&c| c >= 1024) {
             return Err(format!("workers.cpus: CPU {c} is out of range (0..1024)"));
+        }
+        if self.workers.control_threads == 0
+            || self.workers.control_threads > nvmux_core::ctlpoll::MAX_THREADS
+        {
+            return Err(format!(
+                "workers.control_threads = {} is out of range (1..={})",
+                self.workers.control_threads,
+                nvmux_core::ctlpoll::MAX_THREADS
+            ));
         }
         if self.workers.poll_idle_us > 1_000_000 {
             return Err(format!(

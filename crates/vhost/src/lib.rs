@@ -1,14 +1,15 @@
 //! vhost-user-blk frontend.
 //!
-//! One [`VhostBlkExport`] serves one disk on one Unix socket. Its thread accepts a
-//! vhost-user connection and answers the control messages (the `vhost` crate parses
-//! them; [`BlkBackend`] implements the requests). When a virtqueue is ready it becomes a
+//! One [`VhostBlkExport`] serves one disk on one Unix socket. Its task on the process's
+//! control threads (`session.rs` on [`nvmux_core::ctlpoll`]: a few epoll threads for all
+//! exports) accepts a vhost-user connection and answers the control messages once each is
+//! whole (the `vhost` crate parses them; [`BlkBackend`] implements the requests). When a virtqueue is ready it becomes a
 //! [`vring::VringSource`] on a worker thread. When the client goes away every queue is
 //! stopped and the socket listens again, so a VM can reboot or be restarted and attach
 //! once more.
 //!
 //! ```text
-//!  QEMU / libblkio ──unix socket──► connection thread (BlkBackend: features, memory
+//!  QEMU / libblkio ──unix socket──► control thread (BlkBackend: features, memory
 //!        │                              table, vring setup, config space)
 //!        │ kick eventfd                      │ start / stop queue
 //!        ▼                                   ▼
@@ -27,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvmux_core::stats::DiskStats;
@@ -38,8 +38,8 @@ use vhost::vhost_user::message::{
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{BackendListener, Listener, VhostUserBackendReqHandlerMut};
 use vhost::vhost_user::{Error as VuError, Result as VuResult};
+use vhost::vhost_user::{Listener, VhostUserBackendReqHandlerMut};
 
 mod backend_req;
 pub mod blk;
@@ -48,6 +48,7 @@ pub mod fuzzing;
 pub mod handover;
 pub mod inflight;
 pub mod log;
+mod session;
 mod takeover;
 pub use takeover::{drop_unclaimed_sessions, stash_session};
 pub mod mem;
@@ -840,8 +841,6 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 /// A disk served on a vhost-user socket.
 pub struct VhostBlkExport {
     socket: PathBuf,
-    /// The listening socket, shut down to wake a blocked accept.
-    listen_fd: std::os::fd::RawFd,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<UnixStream>>>,
     /// The back-end request channel of the current client, if it set one up.
@@ -850,10 +849,12 @@ pub struct VhostBlkExport {
     log_counters: Arc<LogCounters>,
     gate: Arc<RingGate>,
     side: usize,
-    ctl: Arc<ThreadCtl>,
+    /// Takeover requests to the export's task (see `session.rs`).
+    ctl: Mutex<std::sync::mpsc::Sender<session::Ctl>>,
     /// Released to a new process: dropping must not shut the shared sockets down.
     handed_over: bool,
-    thread: Option<JoinHandle<()>>,
+    /// The export's task on the control threads; None once it finished.
+    task: Option<nvmux_core::ctlpoll::CtlHandle>,
 }
 
 /// A frozen export: its listening socket and its session (if a client is connected).
@@ -862,179 +863,7 @@ pub struct Frozen {
     pub session: Option<handover::SessionState<std::os::fd::OwnedFd>>,
 }
 
-enum Ctl {
-    Freeze(std::sync::mpsc::SyncSender<std::io::Result<Frozen>>),
-    Thaw,
-    Release,
-}
-
-#[derive(PartialEq, Eq)]
-enum Outcome {
-    Thawed,
-    Released,
-}
-
-#[derive(PartialEq, Eq)]
-enum Woke {
-    Fd,
-    Ctl,
-}
-
-/// Wait until `fd` is readable (or hung up) or the control eventfd is signalled.
-fn wait2(fd: std::os::fd::RawFd, efd: std::os::fd::RawFd) -> Woke {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: efd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: fds is a valid array of two pollfd for the call's duration.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            // Let the caller's read report the error.
-            return Woke::Fd;
-        }
-        if fds[1].revents != 0 {
-            return Woke::Ctl;
-        }
-        return Woke::Fd;
-    }
-}
-
-/// Takeover requests to an export's connection thread: a channel, and an eventfd that
-/// wakes the thread's poll.
-struct ThreadCtl {
-    efd: std::os::fd::OwnedFd,
-    tx: Mutex<std::sync::mpsc::Sender<Ctl>>,
-    rx: Mutex<Receiver<Ctl>>,
-}
-
-impl ThreadCtl {
-    fn new() -> nvmux_core::Result<ThreadCtl> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::io(
-                "vhost export eventfd",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let efd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let (tx, rx) = std::sync::mpsc::channel();
-        Ok(ThreadCtl {
-            efd,
-            tx: Mutex::new(tx),
-            rx: Mutex::new(rx),
-        })
-    }
-
-    fn send(&self, c: Ctl) {
-        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(c);
-        let one = 1u64;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn next(&self, block: bool) -> Option<Ctl> {
-        let mut v = 0u64;
-        // SAFETY: reading 8 bytes into a live u64 from our own (non-blocking) eventfd.
-        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        if block {
-            rx.recv().ok()
-        } else {
-            rx.try_recv().ok()
-        }
-    }
-
-    /// After a freeze: wait for the verdict.
-    fn wait_verdict(&self) -> Outcome {
-        loop {
-            match self.next(true) {
-                Some(Ctl::Thaw) => return Outcome::Thawed,
-                Some(Ctl::Release) | None => return Outcome::Released,
-                Some(Ctl::Freeze(tx)) => {
-                    let _ = tx.send(Err(std::io::Error::other("already frozen")));
-                }
-            }
-        }
-    }
-
-    /// A takeover request while no client is connected.
-    fn serve_idle(&self, listen_fd: std::os::fd::RawFd) -> Outcome {
-        match self.next(false) {
-            Some(Ctl::Freeze(tx)) => {
-                let l = dup_fd(listen_fd).map(|listener| Frozen {
-                    listener,
-                    session: None,
-                });
-                let _ = tx.send(l);
-                self.wait_verdict()
-            }
-            Some(Ctl::Release) => Outcome::Released,
-            Some(Ctl::Thaw) | None => Outcome::Thawed,
-        }
-    }
-
-    /// A takeover request while a client is connected: stop its rings, hand its state
-    /// out, and wait for the verdict (thaw the rings, or let the thread end).
-    fn serve_session(
-        &self,
-        backend: &Arc<Mutex<BlkBackend>>,
-        socket: &Path,
-        conn_fd: std::os::fd::RawFd,
-        req: &Arc<Mutex<Option<UnixStream>>>,
-        listen_fd: std::os::fd::RawFd,
-    ) -> Outcome {
-        match self.next(false) {
-            Some(Ctl::Freeze(tx)) => {
-                let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
-                let running = b.running();
-                let t0 = Instant::now();
-                b.stop_all();
-                let chan = req
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .map(|c| c.try_clone().map(std::os::fd::OwnedFd::from));
-                let r = (|| {
-                    let listener = dup_fd(listen_fd)?;
-                    let chan = chan.transpose()?;
-                    let session = b.snapshot(socket, dup_fd(conn_fd)?, chan, &running)?;
-                    Ok(Frozen {
-                        listener,
-                        session: Some(session),
-                    })
-                })();
-                tracing::info!(export = %b.name, drained_us = t0.elapsed().as_micros() as u64, "vhost-user session frozen for a takeover");
-                drop(b);
-                let _ = tx.send(r);
-                let o = self.wait_verdict();
-                if o == Outcome::Thawed {
-                    let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
-                    b.thaw(&running);
-                    tracing::info!(export = %b.name, "takeover abandoned: virtqueues restarted");
-                }
-                o
-            }
-            Some(Ctl::Release) => Outcome::Released,
-            Some(Ctl::Thaw) | None => Outcome::Thawed,
-        }
-    }
-}
-
-fn dup_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn dup_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor this thread keeps open; the result is a
     // fresh descriptor we own.
     let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -1116,22 +945,19 @@ impl VhostBlkExport {
         // Owner and mode are set before the socket appears at its path (no link is
         // followed); a stale socket there is replaced. After a takeover the listening
         // socket is the old process's (nvmux_core::unixsock::bind hands it back).
-        let mut listener = Listener::from(nvmux_core::unixsock::bind(&cfg.socket, &cfg.perms)?);
-        let listen_fd = listener.as_raw_fd();
+        let listener = Listener::from(nvmux_core::unixsock::bind(&cfg.socket, &cfg.perms)?);
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let backend_req: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let counters = Arc::new(ExportCounters::default());
-        let ctl = Arc::new(ThreadCtl::new()?);
         let counters2 = counters.clone();
         let log_counters = Arc::new(LogCounters::default());
         let log_counters2 = log_counters.clone();
         let gate2 = gate.clone();
         let (stop2, conn2, socket) = (stop.clone(), conn.clone(), cfg.socket.clone());
         let req2 = backend_req.clone();
-        let ctl2 = ctl.clone();
         // A session handed over by the old process: adopted before anything is accepted.
-        let mut adopted = match takeover::take_session(&cfg.socket) {
+        let adopted = match takeover::take_session(&cfg.socket) {
             Some(mut s) => {
                 let backend = Arc::new(Mutex::new(BlkBackend::new(
                     dev.clone(),
@@ -1159,7 +985,13 @@ impl VhostBlkExport {
                             .unwrap_or_else(|e| e.into_inner())
                             .start_adopted(&running);
                         tracing::info!(socket = %cfg.socket.display(), "vhost-user session taken over");
-                        Some((h, backend))
+                        match session::Session::new(h, backend) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                tracing::error!(socket = %cfg.socket.display(), "the taken-over vhost-user connection cannot be served: {e}");
+                                None
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::error!(socket = %cfg.socket.display(), "the handed-over vhost-user session could not be taken over: {e}; its connection is closed (the front-end reconnects if it was started with reconnect)");
@@ -1169,112 +1001,22 @@ impl VhostBlkExport {
             }
             None => None,
         };
-        let thread = std::thread::Builder::new()
-            .name("nvmux-vhost".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Acquire) {
-                    let resumed = adopted.is_some();
-                    let (mut handler, backend) = match adopted.take() {
-                        Some(x) => x,
-                        None => {
-                            // Wait for a client or a takeover request.
-                            match wait2(listener.as_raw_fd(), ctl2.efd.as_raw_fd()) {
-                                Woke::Ctl => {
-                                    let frozen = ctl2.serve_idle(listener.as_raw_fd());
-                                    if frozen == Outcome::Released {
-                                        return;
-                                    }
-                                    continue;
-                                }
-                                Woke::Fd => {}
-                            }
-                            let backend = Arc::new(Mutex::new(BlkBackend::new(
-                                dev.clone(),
-                                &cfg,
-                                workers.clone(),
-                                stats.clone(),
-                                counters2.clone(),
-                                log_counters2.clone(),
-                                (gate2.clone(), side),
-                            )));
-                            let accepted = BackendListener::new(&mut listener, backend.clone())
-                                .and_then(|mut l| l.accept());
-                            match accepted {
-                                Ok(Some(h)) => (h, backend),
-                                Ok(None) => continue,
-                                Err(e) => {
-                                    if stop2.load(Ordering::Acquire) {
-                                        break;
-                                    }
-                                    tracing::warn!(socket = %cfg.socket.display(), "accept: {e}");
-                                    std::thread::sleep(Duration::from_millis(100));
-                                    continue;
-                                }
-                            }
-                        }
-                    };
-                    if stop2.load(Ordering::Acquire) {
-                        break;
-                    }
-                    let peek = handler.try_clone_connection().ok();
-                    *conn2.lock().unwrap_or_else(|e| e.into_inner()) =
-                        handler.try_clone_connection().ok();
-                    if resumed {
-                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client resumed after a takeover");
-                    } else {
-                        tracing::info!(socket = %cfg.socket.display(), "vhost-user client connected");
-                    }
-                    let conn_fd = peek.as_ref().map_or(-1, |p| p.as_raw_fd());
-                    // A panic while serving one client must not take the export down.
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
-                        // Messages are read whole, one at a time: a takeover freezes the
-                        // session between two messages.
-                        if wait2(conn_fd, ctl2.efd.as_raw_fd()) == Woke::Ctl {
-                            let o = ctl2.serve_session(&backend, &cfg.socket, conn_fd, &req2, listener.as_raw_fd());
-                            if o == Outcome::Released {
-                                return None;
-                            }
-                            continue;
-                        }
-                        let chan = peek.as_ref().and_then(backend_req::peek_backend_req_fd);
-                        if let Err(e) = handler.handle_request() {
-                            return Some(e);
-                        }
-                        if chan.is_some() {
-                            tracing::info!(socket = %cfg.socket.display(), "back-end request channel set up");
-                            *req2.lock().unwrap_or_else(|e| e.into_inner()) = chan;
-                        }
-                    }));
-                    match r {
-                        Ok(None) => {
-                            // Handed over: the new process serves this client now. Our
-                            // copies of its descriptors close; the connection stays open.
-                            std::mem::forget(backend);
-                            return;
-                        }
-                        Ok(Some(VuError::Disconnected)) | Ok(Some(VuError::PartialMessage)) => {
-                            tracing::info!(socket = %cfg.socket.display(), "vhost-user client disconnected")
-                        }
-                        Ok(Some(e)) => tracing::warn!(socket = %cfg.socket.display(), "vhost-user connection closed: {e}"),
-                        Err(_) => tracing::error!(socket = %cfg.socket.display(), "vhost-user connection handler panicked; connection closed"),
-                    }
-                    *conn2.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    *req2.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    drop(handler);
-                    // Stop every queue of this client before accepting the next one.
-                    backend.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
-                    // The client's memory table is gone with it (faults stay counted).
-                    counters2.device_failed.store(false, Ordering::Relaxed);
-                    counters2.regions.store(0, Ordering::Relaxed);
-                    counters2.regions_sealed.store(0, Ordering::Relaxed);
-                    log_counters2.active.store(false, Ordering::Relaxed);
-                }
-            })
-            .map_err(|e| Error::io("spawn vhost thread", e))?;
+        let parts = session::Parts {
+            dev,
+            cfg,
+            workers,
+            stats,
+            counters: counters2,
+            log_counters: log_counters2,
+            gate: gate2,
+            side,
+        };
+        let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+        let task = session::ExportTask::new(listener, parts, stop2, conn2, req2, ctl_rx, adopted);
+        let task = nvmux_core::ctlpoll::global()?.add(Box::new(task));
         joined.0 = None;
         Ok(VhostBlkExport {
             socket,
-            listen_fd,
             stop,
             conn,
             backend_req,
@@ -1282,9 +1024,9 @@ impl VhostBlkExport {
             log_counters,
             gate,
             side,
-            ctl,
+            ctl: Mutex::new(ctl_tx),
             handed_over: false,
-            thread: Some(thread),
+            task: Some(task),
         })
     }
 
@@ -1295,7 +1037,7 @@ impl VhostBlkExport {
     /// [`VhostBlkExport::thaw`] or [`VhostBlkExport::release`].
     pub fn freeze(&self, timeout: Duration) -> nvmux_core::Result<Frozen> {
         let (tx, rx) = sync_channel(1);
-        self.ctl.send(Ctl::Freeze(tx));
+        self.send(session::Ctl::Freeze(tx));
         match rx.recv_timeout(timeout) {
             Ok(Ok(f)) => Ok(f),
             Ok(Err(e)) => Err(Error::new(
@@ -1305,7 +1047,7 @@ impl VhostBlkExport {
             Err(_) => Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "export {}: its connection thread did not freeze within {} ms (a control message in progress?)",
+                    "export {}: its control task did not freeze within {} ms (a control message in progress?)",
                     self.socket.display(),
                     timeout.as_millis()
                 ),
@@ -1315,16 +1057,23 @@ impl VhostBlkExport {
 
     /// The takeover was abandoned: restart the rings where they stopped and serve on.
     pub fn thaw(&self) {
-        self.ctl.send(Ctl::Thaw);
+        self.send(session::Ctl::Thaw);
     }
 
-    /// The new process serves this export now: the thread ends without touching the
+    fn send(&self, c: session::Ctl) {
+        let _ = self.ctl.lock().unwrap_or_else(|e| e.into_inner()).send(c);
+        if let Some(t) = &self.task {
+            t.wake();
+        }
+    }
+
+    /// The new process serves this export now: the task ends without touching the
     /// shared sockets (no shutdown, no unlink), and only this process's copies close.
     pub fn release(mut self) {
         self.handed_over = true;
-        self.ctl.send(Ctl::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.send(session::Ctl::Release);
+        if let Some(t) = self.task.take() {
+            t.wait_done();
         }
     }
 
@@ -1399,12 +1148,10 @@ impl VhostBlkExport {
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        // Wake a blocking accept (works even if someone removed the socket file).
-        // SAFETY: the listener is owned by the thread we join below, so the descriptor is
-        // still open; shutdown only changes its state.
-        unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // The task disconnects the client, shuts the listening socket down and ends.
+        if let Some(t) = self.task.take() {
+            t.wake();
+            t.wait_done();
         }
         self.gate.leave(self.side);
         let _ = std::fs::remove_file(&self.socket);
@@ -1413,7 +1160,7 @@ impl VhostBlkExport {
 
 impl Drop for VhostBlkExport {
     fn drop(&mut self) {
-        if self.thread.is_some() && !self.handed_over {
+        if self.task.is_some() && !self.handed_over {
             self.shutdown();
         }
     }

@@ -1,0 +1,112 @@
+//! vhost-user exports share a few control threads (epoll), and a front-end that stalls
+//! in the middle of a request holds up no other export on the same thread.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use common::*;
+use nvmux_bench::client::{BlkioClient, Op};
+use serde_json::json;
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn read_one(sock: &std::path::Path) {
+    let mut c = BlkioClient::connect(sock, 1, false, 1 << 20).expect("connect");
+    c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty())
+        .expect("read");
+}
+
+#[test]
+fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
+    watchdog(120);
+    let dir = unique_dir("ctlthreads");
+    let cfg = dir.join("nvmux.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[workers]\nthreads = 1\ncontrol_threads = 1\n",
+            dir.display().to_string()
+        ),
+    )
+    .expect("config");
+    let d = TestDaemon::start_with(dir.clone(), &["--config", cfg.to_str().expect("path")]);
+    let base = threads_of(d.pid());
+    const N: usize = 40;
+    let mut socks = Vec::new();
+    for i in 0..N {
+        let name = format!("n{i}");
+        d.api
+            .post(
+                "/v1/disks",
+                &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
+            )
+            .expect("create disk");
+        let sock = dir.join(format!("{name}.sock"));
+        d.api
+            .post("/v1/exports", &json!({"disk": name, "socket": sock}))
+            .expect("export");
+        socks.push(sock);
+    }
+    let after = threads_of(d.pid());
+    assert!(
+        after <= base + 1,
+        "{N} exports took the daemon from {base} to {after} threads (one control thread serves them all)"
+    );
+
+    // Export 0: a front-end sends half a request header and stalls.
+    let mut stalled = UnixStream::connect(&socks[0]).expect("connect");
+    stalled.write_all(&[1, 0, 0, 0, 1]).expect("partial header");
+    // Export 1: a whole header announcing a body that never fully comes.
+    let mut short = UnixStream::connect(&socks[1]).expect("connect");
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&2u32.to_le_bytes()); // SET_FEATURES
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&[0, 0, 0]);
+    short.write_all(&msg).expect("partial body");
+
+    // Every other export, served by the same thread, works meanwhile.
+    let t0 = Instant::now();
+    for s in &socks[2..] {
+        read_one(s);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the other exports waited on the stalled ones ({:?})",
+        t0.elapsed()
+    );
+
+    // The stalled connections are closed after the message timeout (5 s)...
+    for s in [&mut stalled, &mut short] {
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let mut b = [0u8; 16];
+        // Closed with our bytes unread: a reset, or end of stream.
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the daemon should close the connection, got {other:?}"),
+        }
+    }
+    // ... and their exports take the next client.
+    read_one(&socks[0]);
+    read_one(&socks[1]);
+    assert!(d.log().contains("stayed incomplete"), "{}", d.log());
+
+    // Removing the exports ends their tasks; the thread count is back.
+    for i in 0..N {
+        d.api
+            .delete(&format!("/v1/exports/n{i}"))
+            .expect("delete export");
+    }
+    assert!(threads_of(d.pid()) <= base + 1);
+    d.stop();
+}
