@@ -18,6 +18,20 @@ fn threads_of(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Threads of `pid` whose name starts with `prefix`.
+fn named_threads(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| t.ok())
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with(prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn read_one(sock: &std::path::Path) {
     let mut c = BlkioClient::connect(sock, 1, false, 1 << 20).expect("connect");
     c.io_ok(0, Op::Read, 0, 4096, 0, ReqFlags::empty())
@@ -56,9 +70,17 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
         socks.push(sock);
     }
     let after = threads_of(d.pid());
+    // Short-lived threads (an API connection finishing, say) may come and go around
+    // the two samples, so the bound is "far fewer than one per export", and the control
+    // threads are counted by name.
     assert!(
-        after <= base + 1,
-        "{N} exports took the daemon from {base} to {after} threads (one control thread serves them all)"
+        after < base + N / 4,
+        "{N} exports took the daemon from {base} to {after} threads: a thread per export?"
+    );
+    assert_eq!(
+        named_threads(d.pid(), "nvmux-ctl"),
+        1,
+        "one control thread serves all {N} exports"
     );
 
     // Export 0: a front-end sends half a request header and stalls.
