@@ -53,7 +53,9 @@ fn rss(d: &TestDaemon) -> u64 {
 }
 
 fn victim(addr: SocketAddr) -> Victim {
-    let v = Victim::nvmf(addr, NQN, VICTIM, opts(5000), 0).expect("victim connects");
+    // LBAs 16384..: the attacks write (legitimately, as an allowed host) to LBAs 0..4352,
+    // and the victim's verified region must not overlap them.
+    let v = Victim::nvmf(addr, NQN, VICTIM, opts(5000), 16384).expect("victim connects");
     assert!(v.progresses(20, Duration::from_secs(20)), "victim I/O runs");
     v
 }
