@@ -32,8 +32,8 @@ const FONT_FILES: [&str; 2] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-/// Register a sans-serif font for the plots' text (once).
-fn font() -> Res<()> {
+/// Register a sans-serif font for the plots' text (once per process).
+pub(crate) fn font() -> Res<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = FONT_FILES

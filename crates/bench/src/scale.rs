@@ -534,27 +534,6 @@ pub fn markdown(r: &ScaleReport, plot: Option<&str>) -> String {
     s
 }
 
-const FONT_FILES: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
-
-/// Register a sans-serif font for the plot's text (once per process; a second
-/// registration of the same family is harmless).
-fn font() -> Res<()> {
-    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        let bytes = FONT_FILES
-            .iter()
-            .find_map(|p| std::fs::read(p).ok())
-            .ok_or("no DejaVu Sans font for the plots (install fonts-dejavu-core)")?;
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| "the DejaVu font does not load".to_string())
-    })
-    .clone()
-}
-
 /// The suite's hook: run the stage (1000 disks, or 100 with `quick`), write
 /// `scale.json` and `scale.png` into `out`, and return the markdown section.
 pub fn suite_stage(
@@ -581,7 +560,9 @@ pub fn suite_stage(
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let j = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
     std::fs::write(out.join("scale.json"), j).map_err(|e| format!("scale.json: {e}"))?;
-    let p = font().and_then(|()| plot(&r, out));
+    let p = crate::plots::font()
+        .map_err(|e| e.to_string())
+        .and_then(|()| plot(&r, out));
     if let Err(e) = &p {
         eprintln!("scale: no plot: {e}");
     }
