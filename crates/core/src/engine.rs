@@ -42,8 +42,12 @@
 //! connection's buffers, the negotiation, its memory budget, its timers), maps a
 //! [`Status`] to its wire's error, and writes replies. It never touches a block queue.
 //!
-//! **Slot life.** `alloc` → (`prepare` → `submit`)* → completion via `next_completion`
-//! → `release`. A slot is not in the free list between its completion and `release`, so
+//! **Slot life.** `alloc` → (`prepare` → [`set_keepalive`](Engine::set_keepalive)? →
+//! `submit`)* → completion via `next_completion` → `release`. A request that needs no
+//! block command (it failed to parse or to validate, or the codec answers it itself) goes
+//! `alloc` → [`complete_now`](Engine::complete_now) → `next_completion` → `release`: it is
+//! counted in the stats like any other. A keepalive (a guest memory mapping) travels with
+//! the slot's block commands and is dropped at `release`, after the reply was written. A slot is not in the free list between its completion and `release`, so
 //! a reply can still be sent from the slot's buffer. `submit_ranges` fans one slot out
 //! into several data-less block commands (NVMe Dataset Management); the slot completes
 //! when the last of them does, with the first error any of them met.
@@ -57,7 +61,7 @@ use std::time::Instant;
 
 use crate::stats::{DiskStats, OpClass, QueueStats};
 use crate::worker::{WorkerHandle, WorkerPool};
-use crate::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status};
+use crate::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status};
 
 /// A slot's index in the engine's table (also the block command's tag).
 pub type SlotId = u32;
@@ -93,6 +97,10 @@ pub struct Slot<P> {
     slba: u64,
     nlb: u32,
     fua: bool,
+    /// What keeps the slot's buffers valid while its commands run (guest memory, a ring
+    /// generation): travels with the block command and comes home with it; dropped at
+    /// `release`, after the codec wrote its reply.
+    keepalive: Option<KeepAlive>,
 }
 
 impl<P> Slot<P> {
@@ -354,6 +362,7 @@ impl<P: Default> Engine<P> {
                     slba: 0,
                     nlb: 0,
                     fua: false,
+                    keepalive: None,
                 });
                 (self.slots.len() - 1) as SlotId
             }
@@ -392,6 +401,7 @@ impl<P: Default> Engine<P> {
         if let Some(s) = self.slots.get_mut(i as usize) {
             if s.used && s.pending == 0 {
                 s.used = false;
+                s.keepalive = None;
                 self.busy -= 1;
                 self.free.push(i);
             }
@@ -491,6 +501,44 @@ impl<P: Default> Engine<P> {
         }
     }
 
+    /// Keep `ka` alive while slot `i` is in use: it goes into the slot's block commands
+    /// (so a device that holds a command holds it too) and is dropped at `release`, after
+    /// the codec wrote its reply into the buffers it keeps valid (a guest memory mapping,
+    /// a ring generation). Set after `prepare`, before `submit`.
+    pub fn set_keepalive(&mut self, i: SlotId, ka: KeepAlive) {
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            s.keepalive = Some(ka);
+        }
+    }
+
+    /// Complete slot `i` without a block command: a request that failed to parse or to
+    /// validate, or one the codec answers itself (virtio-blk GET_ID). It is counted in
+    /// disk `d`'s stats under `class` (with the bytes `prepare` set, on success) with this
+    /// round's clock, and queued for [`Engine::next_completion`] like any other. A slot
+    /// with block commands in flight is left alone.
+    pub fn complete_now(&mut self, i: SlotId, d: DiskId, class: OpClass, st: Status) {
+        let now = self.now();
+        let Some(s) = self.slots.get_mut(i as usize) else {
+            return;
+        };
+        if !s.used || s.pending > 0 {
+            return;
+        }
+        s.status = st;
+        s.class = class;
+        let ok = st.is_ok();
+        let bytes = if ok && class != OpClass::Other {
+            s.bytes
+        } else {
+            0
+        };
+        if let Some(disk) = self.disks.get(d as usize).and_then(|x| x.as_ref()) {
+            disk.stats
+                .record(class, bytes, now.saturating_duration_since(s.start), ok);
+        }
+        self.ready.push((i, st));
+    }
+
     /// Count slot `i` under another stats class than its opcode's (an emulated command:
     /// a Write Zeroes carried out as a write of zeros still counts as "other").
     pub fn set_class(&mut self, i: SlotId, class: OpClass) {
@@ -520,6 +568,7 @@ impl<P: Default> Engine<P> {
         let mut cmd = IoCommand::new(s.op, s.slba, s.nlb, i as u64, sg);
         cmd.nsid = disk.nsid;
         cmd.fua = s.fua;
+        cmd.keepalive = s.keepalive.take();
         s.pending += 1;
         self.in_flight += 1;
         disk.bq.submit(cmd);
@@ -560,6 +609,7 @@ impl<P: Default> Engine<P> {
         for &(slba, nlb) in ranges.iter().filter(|r| r.1 != 0) {
             let mut cmd = IoCommand::new(op, slba, nlb, i as u64, SgList::empty());
             cmd.nsid = disk.nsid;
+            cmd.keepalive = s.keepalive.clone();
             disk.bq.submit(cmd);
             n += 1;
         }
@@ -586,12 +636,15 @@ impl<P: Default> Engine<P> {
         }
         if !done.is_empty() {
             let now = self.now();
-            for (cmd, st) in done.drain(..) {
+            for (mut cmd, st) in done.drain(..) {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let i = (cmd.tag & !IoCommand::ROUTER_TAG) as SlotId;
                 let Some(s) = self.slots.get_mut(i as usize).filter(|s| s.pending > 0) else {
                     continue;
                 };
+                if s.keepalive.is_none() {
+                    s.keepalive = cmd.keepalive.take(); // kept until `release`
+                }
                 if cmd.sg.capacity() > s.sg.capacity() {
                     s.sg = cmd.sg; // the slot's list comes home
                 }

@@ -45,6 +45,19 @@ impl EventFd {
     pub fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+
+    /// Take over an eventfd made elsewhere (a peer's kick or call descriptor received
+    /// over a socket) and make it non-blocking, so that draining it never blocks.
+    pub fn adopt(fd: OwnedFd) -> io::Result<EventFd> {
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own; flags are plain integers.
+        let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(EventFd(fd))
+    }
 }
 
 /// Add 1 to the counter of the eventfd `fd` (one this process holds open, such as a
@@ -93,6 +106,18 @@ mod tests {
         signal_fd(e.as_raw_fd());
         assert_eq!(e.drain(), 3);
         assert_eq!(e.drain(), 0);
+    }
+
+    #[test]
+    fn an_adopted_descriptor_does_not_block() {
+        // SAFETY: eventfd takes no pointers; a blocking one, as a peer may send.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let e = EventFd::adopt(unsafe { OwnedFd::from_raw_fd(fd) }).unwrap();
+        assert_eq!(e.drain(), 0, "would have blocked without O_NONBLOCK");
+        signal_fd(e.as_raw_fd());
+        assert_eq!(e.drain(), 1);
     }
 
     #[test]
