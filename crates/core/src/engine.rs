@@ -782,7 +782,9 @@ impl<P> Drop for Engine<P> {
 // ---- placement ----------------------------------------------------------------------------
 
 /// Spreads queues over a set of workers: one shared turn counter, so connections and
-/// exports of every frontend take turns on the same workers.
+/// exports of every frontend take turns on the same workers. The one place placement
+/// lives: the NVMe/TCP and NBD listeners take [`Placement::next`] for each connection, a
+/// vhost-user export takes [`Placement::spread`] for its queues.
 #[derive(Clone)]
 pub struct Placement {
     workers: Arc<[WorkerHandle]>,
@@ -822,9 +824,13 @@ impl Placement {
 }
 
 impl WorkerPool {
-    /// The placement of queues over this pool's workers (round robin).
+    /// The placement of queues over this pool's workers (round robin). Every placement of
+    /// one pool shares the pool's turn.
     pub fn placement(&self) -> Placement {
-        Placement::new(self.workers().to_vec())
+        Placement {
+            workers: self.workers().to_vec().into(),
+            next: self.turn.clone(),
+        }
     }
 }
 

@@ -524,6 +524,8 @@ fn placement_takes_turns() {
     let s = p.spread();
     assert_eq!(s.iter().map(|w| w.index).collect::<Vec<_>>(), vec![2, 0, 1]);
     assert_eq!(p.next().unwrap().index, 0);
+    // Another placement of the same pool (another frontend) takes the next turn.
+    assert_eq!(pool.placement().next().unwrap().index, 1);
     assert!(Placement::new(Vec::new()).next().is_none());
 }
 

@@ -149,6 +149,9 @@ impl WorkerHandle {
 pub struct WorkerPool {
     handles: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
+    /// Whose turn it is: shared by every [`crate::engine::Placement`] of this pool, so
+    /// the queues of every frontend take turns on the same workers.
+    pub(crate) turn: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn eventfd() -> std::io::Result<OwnedFd> {
@@ -182,7 +185,11 @@ impl WorkerPool {
             handles.push(WorkerHandle { shared, index: i });
             threads.push(t);
         }
-        Ok(WorkerPool { handles, threads })
+        Ok(WorkerPool {
+            handles,
+            threads,
+            turn: Arc::default(),
+        })
     }
 
     /// The worker for queue number `i` (queues are spread round-robin).

@@ -272,7 +272,7 @@ impl Daemon {
         let keystore = nvmux_func::keystore::Keystore::open(&cfg.data_dir.join("keystore"))?;
         let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
         let nvmf = nvmux_nvmf::Target::new(
-            workers.workers().to_vec(),
+            workers.placement(),
             nvmf::target_config(&cfg, &net_mem),
         );
         let d = Arc::new(Daemon {
@@ -280,7 +280,6 @@ impl Daemon {
             inner: Mutex::new(Inner::default()),
             workers,
             started: Instant::now(),
-            next_worker: Default::default(),
             ops: ops::Ops::default(),
             keys: Mutex::new(match &cfg_keys {
                 Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
@@ -535,12 +534,9 @@ impl Daemon {
                 if !nvmux_core::unixsock::is_inherited(&nvmux_core::unixsock::unix_key(socket)) {
                     claim_socket(socket)?;
                 }
-                let mut workers = self.workers.workers().to_vec();
-                let first = self
-                    .next_worker
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let n = workers.len();
-                workers.rotate_left(first % n);
+                // Queue i of the export runs on workers[i % len], starting at the worker
+                // whose turn it is (the pool's one placement, shared by every frontend).
+                let workers = self.workers.placement().spread();
                 VhostBlkExport::start(
                     dev.clone(),
                     ExportConfig {

@@ -99,9 +99,6 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     workers: WorkerPool,
     started: Instant,
-    /// Exports spread their queues over the workers starting at a rotating offset, so
-    /// many single-queue VMs do not all land on worker 0.
-    next_worker: std::sync::atomic::AtomicUsize,
     /// Long-running operations, readable without the state lock.
     ops: ops::Ops,
     /// The key-encryption key's source.

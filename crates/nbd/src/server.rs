@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnBudget, ConnLimiter, ConnPermit, MemBudget, Peer};
-use nvmux_core::worker::WorkerHandle;
+use nvmux_core::engine::Placement;
 use nvmux_core::{Error, ErrorKind, Result, Wire};
 use openssl::ssl::{HandshakeError, MidHandshakeSslStream, SslStream};
 
@@ -137,7 +137,7 @@ impl ListenSock {
 pub struct NbdServer {
     listen: Listen,
     shared: Arc<Shared>,
-    workers: Vec<WorkerHandle>,
+    placement: Placement,
     /// Written to stop the listener thread.
     stop_fd: OwnedFd,
     thread: Option<JoinHandle<()>>,
@@ -162,12 +162,12 @@ fn eventfd() -> io::Result<OwnedFd> {
 }
 
 impl NbdServer {
-    /// Bind `listen` and serve connections on the `workers` in turn. A Unix socket gets
-    /// `perms` (owner and mode) before it appears at its path.
+    /// Bind `listen` and serve connections on the workers of `placement`, in turn. A Unix
+    /// socket gets `perms` (owner and mode) before it appears at its path.
     pub fn start(
         listen: Listen,
         perms: &nvmux_core::unixsock::SocketPerms,
-        workers: Vec<WorkerHandle>,
+        placement: Placement,
         cfg: ServerConfig,
     ) -> Result<NbdServer> {
         let tls = cfg.tls.is_some();
@@ -234,7 +234,7 @@ impl NbdServer {
         let ctx = Loop {
             sock,
             sh: shared.clone(),
-            workers: workers.clone(),
+            placement: placement.clone(),
             policy: Policy { tls, max_io },
             limits: ConnLimits {
                 max_io,
@@ -250,7 +250,7 @@ impl NbdServer {
         Ok(NbdServer {
             listen,
             shared,
-            workers,
+            placement,
             stop_fd,
             thread: Some(thread),
             tls: tls_server,
@@ -344,7 +344,7 @@ impl NbdServer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)?;
         e.stop.store(true, Ordering::Release);
-        for w in &self.workers {
+        for w in self.placement.workers() {
             w.wake();
         }
         Some(e)
@@ -620,7 +620,7 @@ impl Pending {
 struct Loop {
     sock: ListenSock,
     sh: Arc<Shared>,
-    workers: Vec<WorkerHandle>,
+    placement: Placement,
     policy: Policy,
     limits: ConnLimits,
     cfg: ServerConfig,
@@ -642,7 +642,6 @@ impl Loop {
         epoll_ctl(ep, libc::EPOLL_CTL_ADD, stop_fd, libc::EPOLLIN as u32);
         let mut pending: HashMap<RawFd, Pending> = HashMap::new();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-        let mut next_worker = 0usize;
         let mut accept_paused: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -705,7 +704,7 @@ impl Loop {
                         if let Some(p) = pending.remove(&fd) {
                             epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0);
                             self.sh.negotiating.fetch_sub(1, Ordering::Relaxed);
-                            self.hand_off(p, n, &mut next_worker);
+                            self.hand_off(p, n);
                         }
                     }
                     Outcome::Closed(why) => {
@@ -847,7 +846,7 @@ impl Loop {
         }
     }
 
-    fn hand_off(&self, p: Pending, n: Negotiated, next_worker: &mut usize) {
+    fn hand_off(&self, p: Pending, n: Negotiated) {
         let tls = matches!(p.io, Io::Tls(_));
         let identity = match (&p.io, &self.cfg.tls) {
             (Io::Tls(s), Some(t)) => t.peer_of(s.ssl()),
@@ -874,9 +873,7 @@ impl Loop {
             Ok(c) => {
                 tracing::info!(export = %name, peer = %peer, structured = n.structured, tls = %identity,
                     "nbd: client connected");
-                let n = self.workers.len().max(1);
-                if let Some(w) = self.workers.get(*next_worker % n) {
-                    *next_worker = next_worker.wrapping_add(1);
+                if let Some(w) = self.placement.next() {
                     w.attach(Box::new(c));
                 }
             }

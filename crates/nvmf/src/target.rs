@@ -10,14 +10,14 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nvmux_core::budget::{ConnLimiter, MemBudget};
-use nvmux_core::worker::WorkerHandle;
+use nvmux_core::engine::Placement;
 
 use crate::conn::{Conn, ConnParams, Counters, Limits};
 use crate::ctrl::{DiscoveryEntry, Resolver, Subsystem, Waker, Where, DISCOVERY_NQN};
@@ -230,14 +230,14 @@ pub struct TargetStats {
 pub struct Target {
     reg: Arc<Registry>,
     listeners: Mutex<BTreeMap<SocketAddr, Listener>>,
-    workers: Vec<WorkerHandle>,
-    next_worker: Arc<AtomicUsize>,
+    placement: Placement,
     cfg: TargetConfig,
     limits: Arc<Limits>,
 }
 
 impl Target {
-    pub fn new(workers: Vec<WorkerHandle>, cfg: TargetConfig) -> Target {
+    /// A target whose connections go to the workers of `placement`, in turn.
+    pub fn new(placement: Placement, cfg: TargetConfig) -> Target {
         let log = Arc::new(RateLog::default());
         let limits = Arc::new(Limits {
             mem: cfg.mem.clone(),
@@ -259,8 +259,7 @@ impl Target {
                 jobs: Mutex::new(None),
             }),
             listeners: Mutex::new(BTreeMap::new()),
-            workers,
-            next_worker: Arc::new(AtomicUsize::new(0)),
+            placement,
             cfg,
             limits,
         }
@@ -365,8 +364,7 @@ impl Target {
         let ctx = AcceptCtx {
             listen: bound,
             reg: self.reg.clone(),
-            workers: self.workers.clone(),
-            next: self.next_worker.clone(),
+            placement: self.placement.clone(),
             stop: stop.clone(),
             limiter: limiter.clone(),
             limits: self.limits.clone(),
@@ -460,8 +458,7 @@ impl Drop for Target {
 struct AcceptCtx {
     listen: SocketAddr,
     reg: Arc<Registry>,
-    workers: Vec<WorkerHandle>,
-    next: Arc<AtomicUsize>,
+    placement: Placement,
     stop: Arc<Waker>,
     limiter: Arc<ConnLimiter>,
     limits: Arc<Limits>,
@@ -501,7 +498,7 @@ fn keepalive(s: &TcpStream, user_timeout: Duration) -> std::io::Result<()> {
 }
 
 fn accept_loop(l: TcpListener, ctx: AcceptCtx) {
-    if ctx.workers.is_empty() {
+    if ctx.placement.workers().is_empty() {
         return;
     }
     let listen = ctx.listen;
@@ -577,7 +574,8 @@ fn accept_loop(l: TcpListener, ctx: AcceptCtx) {
             cs.push(Arc::downgrade(&conn.waker()));
         }
         tracing::debug!(%peer, addr = %listen, "nvme/tcp: connection accepted");
-        let w = ctx.next.fetch_add(1, Ordering::Relaxed) % ctx.workers.len();
-        ctx.workers[w].attach(Box::new(conn));
+        if let Some(w) = ctx.placement.next() {
+            w.attach(Box::new(conn));
+        }
     }
 }
