@@ -489,16 +489,7 @@ impl<P: Default> Engine<P> {
         if disk.retired {
             return Err(Status::INVALID_NAMESPACE);
         }
-        match IoCommand::validate_range(op, slba, nlb, &disk.info) {
-            Err(Status::LBA_OUT_OF_RANGE) => {
-                // The disk may have grown (a thin volume); a shrink is the device's to
-                // enforce.
-                let bs = disk.info.block_size.max(1) as u64;
-                disk.info.num_blocks = disk.dev.capacity_bytes() / bs;
-                IoCommand::validate_range(op, slba, nlb, &disk.info)
-            }
-            r => r,
-        }
+        validate_live(op, slba, nlb, &mut disk.info, disk.dev.as_ref())
     }
 
     /// Keep `ka` alive while slot `i` is in use: it goes into the slot's block commands
@@ -776,6 +767,29 @@ impl<P> Drop for Engine<P> {
                 d.fold();
             }
         }
+    }
+}
+
+/// [`IoCommand::validate_range`] against `info`, the disk's size as last seen; only when
+/// the command is out of range is the live size re-read from `dev`
+/// ([`BlockDevice::capacity_bytes`]: a thin volume may have grown) into `info` and the
+/// command checked again. A shrink is the device's to enforce. The one place this
+/// re-read lives: the engine's [`Engine::prepare`] and the router (for a command a
+/// classifier rewrote) both come here.
+pub fn validate_live(
+    op: Opcode,
+    slba: u64,
+    nlb: u32,
+    info: &mut DeviceInfo,
+    dev: &dyn BlockDevice,
+) -> Result<(), Status> {
+    match IoCommand::validate_range(op, slba, nlb, info) {
+        Err(Status::LBA_OUT_OF_RANGE) => {
+            let bs = info.block_size.max(1) as u64;
+            info.num_blocks = dev.capacity_bytes() / bs;
+            IoCommand::validate_range(op, slba, nlb, info)
+        }
+        r => r,
     }
 }
 

@@ -619,3 +619,24 @@ fn complete_now_counts_a_request_that_needs_no_block_command() {
     }
     assert_eq!(allocs() - before, 0);
 }
+
+#[test]
+fn validate_live_rereads_the_size_only_out_of_range() {
+    let m = Mock::new(100, false);
+    let mut info = m.info.clone();
+    assert_eq!(validate_live(Opcode::Read, 0, 100, &mut info, m.as_ref()), Ok(()));
+    assert_eq!(m.size_reads.load(Ordering::Relaxed), 0);
+    m.size.store(150 * 512, Ordering::Relaxed);
+    assert_eq!(validate_live(Opcode::Write, 120, 30, &mut info, m.as_ref()), Ok(()));
+    assert_eq!((m.size_reads.load(Ordering::Relaxed), info.num_blocks), (1, 150));
+    assert_eq!(
+        validate_live(Opcode::Write, 120, 31, &mut info, m.as_ref()),
+        Err(Status::LBA_OUT_OF_RANGE)
+    );
+    assert_eq!(
+        validate_live(Opcode::Read, 0, 0, &mut info, m.as_ref()),
+        Err(Status::INVALID_FIELD),
+        "a bad block count is not a reason to re-read"
+    );
+    assert_eq!(m.size_reads.load(Ordering::Relaxed), 2);
+}

@@ -452,13 +452,15 @@ impl RouterQueue {
         })
     }
 
+    /// Check a command a classifier rewrote, against the live size (re-read only when it
+    /// is out of range: [`nvmux_core::engine::validate_live`]).
     fn validate(&mut self, cmd: &IoCommand) -> std::result::Result<(), Status> {
-        let mut v = cmd.validate(&self.info);
-        if v == Err(Status::LBA_OUT_OF_RANGE) {
-            self.info.num_blocks = self.dev.capacity_bytes() / self.info.block_size as u64;
-            v = cmd.validate(&self.info);
+        let (op, slba, nlb) = (cmd.opcode, cmd.slba, cmd.nlb);
+        nvmux_core::engine::validate_live(op, slba, nlb, &mut self.info, self.dev.as_ref())?;
+        if op.has_data() && cmd.sg.len() != nlb as u64 * self.info.block_size as u64 {
+            return Err(Status::DATA_TRANSFER_ERROR);
         }
-        v
+        Ok(())
     }
 
     /// Act on a program's verdict for `cmd` (`slot`: the router already tracks it).
