@@ -538,7 +538,11 @@ fn a_keepalive_travels_with_the_commands_and_is_dropped_at_release() {
     e.set_keepalive(i, mem.clone());
     assert_eq!(Arc::strong_count(&mem), 2);
     e.submit(i).unwrap();
-    assert_eq!(Arc::strong_count(&mem), 2, "moved into the command, not cloned");
+    assert_eq!(
+        Arc::strong_count(&mem),
+        2,
+        "moved into the command, not cloned"
+    );
     e.kick();
     e.reap();
     assert_eq!(e.next_completion(), Some((i, Status::SUCCESS)));
@@ -582,7 +586,10 @@ fn complete_now_counts_a_request_that_needs_no_block_command() {
     // A slot with a command in flight is not completed twice.
     let r = read(&mut e, d, 0, 1, 9).unwrap();
     e.complete_now(r, d, OpClass::Other, Status::SUCCESS);
-    assert!(m.log.lock().unwrap().len() == 1, "only the read went to the device");
+    assert!(
+        m.log.lock().unwrap().len() == 1,
+        "only the read went to the device"
+    );
     e.kick();
     e.reap();
     let mut got = Vec::new();
@@ -624,11 +631,20 @@ fn complete_now_counts_a_request_that_needs_no_block_command() {
 fn validate_live_rereads_the_size_only_out_of_range() {
     let m = Mock::new(100, false);
     let mut info = m.info.clone();
-    assert_eq!(validate_live(Opcode::Read, 0, 100, &mut info, m.as_ref()), Ok(()));
+    assert_eq!(
+        validate_live(Opcode::Read, 0, 100, &mut info, m.as_ref()),
+        Ok(())
+    );
     assert_eq!(m.size_reads.load(Ordering::Relaxed), 0);
     m.size.store(150 * 512, Ordering::Relaxed);
-    assert_eq!(validate_live(Opcode::Write, 120, 30, &mut info, m.as_ref()), Ok(()));
-    assert_eq!((m.size_reads.load(Ordering::Relaxed), info.num_blocks), (1, 150));
+    assert_eq!(
+        validate_live(Opcode::Write, 120, 30, &mut info, m.as_ref()),
+        Ok(())
+    );
+    assert_eq!(
+        (m.size_reads.load(Ordering::Relaxed), info.num_blocks),
+        (1, 150)
+    );
     assert_eq!(
         validate_live(Opcode::Write, 120, 31, &mut info, m.as_ref()),
         Err(Status::LBA_OUT_OF_RANGE)

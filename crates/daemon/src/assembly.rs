@@ -271,10 +271,8 @@ impl Daemon {
         let cfg_keys = cfg.keys.kek_file.clone();
         let keystore = nvmux_func::keystore::Keystore::open(&cfg.data_dir.join("keystore"))?;
         let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
-        let nvmf = nvmux_nvmf::Target::new(
-            workers.placement(),
-            nvmf::target_config(&cfg, &net_mem),
-        );
+        let nvmf =
+            nvmux_nvmf::Target::new(workers.placement(), nvmf::target_config(&cfg, &net_mem));
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),

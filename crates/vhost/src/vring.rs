@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvmux_core::engine::{DiskId, Engine, SlotId};
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::stats::{DiskStats, OpClass};
 use nvmux_core::worker::WorkSource;
 use nvmux_core::{BlockDevice, KeepAlive, SgList, Status};
@@ -26,7 +27,6 @@ use crate::blk::{self, GuestMem, Kind, Seg};
 use crate::inflight::Tracker;
 use crate::log::{self as dirty, LogCounters, LogMap, LogSlot};
 use crate::mem::{ExportCounters, MemSlot, Memory};
-use nvmux_core::eventfd::EventFd;
 use crate::migration::RingGate;
 use crate::split::SplitQueue;
 
@@ -527,7 +527,10 @@ impl VringSource {
             };
             let st = match (req.kind, req.error) {
                 (Kind::Io(op), None) => {
-                    match self.eng.prepare(slot, self.disk, op, req.lba, req.blocks, false) {
+                    match self
+                        .eng
+                        .prepare(slot, self.disk, op, req.lba, req.blocks, false)
+                    {
                         Ok(()) => {
                             // The parsed list becomes the slot's; the slot's (empty) one is
                             // the next chain's scratch.
