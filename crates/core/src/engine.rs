@@ -70,6 +70,7 @@ pub type DiskId = u16;
 
 impl OpClass {
     /// The stats class of an opcode: the one place this mapping lives.
+    #[inline]
     pub fn of(op: Opcode) -> OpClass {
         match op {
             Opcode::Read => OpClass::Read,
@@ -138,6 +139,9 @@ struct Disk {
     bq: Box<dyn BlockQueue>,
     stats: Arc<QueueStats>,
     owner: Arc<DiskStats>,
+    /// Block commands sent to `bq` and not reaped yet (what `publish` reports, without a
+    /// call down the device chain every round).
+    sent: usize,
     /// No new commands; dropped once its block queue is empty.
     retired: bool,
     /// The counters were folded into `owner`.
@@ -239,6 +243,7 @@ impl<P: Default> Engine<P> {
             bq,
             stats: stats.new_queue(),
             owner: stats.clone(),
+            sent: 0,
             retired: false,
             folded: false,
         };
@@ -562,6 +567,7 @@ impl<P: Default> Engine<P> {
         cmd.keepalive = s.keepalive.take();
         s.pending += 1;
         self.in_flight += 1;
+        disk.sent += 1;
         disk.bq.submit(cmd);
         Ok(())
     }
@@ -606,6 +612,7 @@ impl<P: Default> Engine<P> {
         }
         s.pending += n;
         self.in_flight += n as usize;
+        disk.sent += n as usize;
         Ok(n)
     }
 
@@ -623,7 +630,9 @@ impl<P: Default> Engine<P> {
         let mut done = std::mem::take(&mut self.done);
         let mut n = 0;
         for d in self.disks.iter_mut().flatten() {
-            n += d.bq.poll(&mut |c, s| done.push((c, s)));
+            let k = d.bq.poll(&mut |c, s| done.push((c, s)));
+            d.sent = d.sent.saturating_sub(k);
+            n += k;
         }
         if !done.is_empty() {
             let now = self.now();
@@ -685,10 +694,11 @@ impl<P: Default> Engine<P> {
         self.in_flight
     }
 
-    /// Publish each disk's in-flight count (once per round, after `kick`).
+    /// Publish each disk's in-flight count (once per round, after `kick`): the engine's
+    /// own count, no call into the block queue.
     pub fn publish(&self) {
         for d in self.disks.iter().flatten() {
-            d.stats.set_in_flight(d.bq.in_flight() as u64);
+            d.stats.set_in_flight(d.sent as u64);
         }
     }
 
@@ -776,6 +786,7 @@ impl<P> Drop for Engine<P> {
 /// command checked again. A shrink is the device's to enforce. The one place this
 /// re-read lives: the engine's [`Engine::prepare`] and the router (for a command a
 /// classifier rewrote) both come here.
+#[inline]
 pub fn validate_live(
     op: Opcode,
     slba: u64,
