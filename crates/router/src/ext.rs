@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nvmux_core::eventfd::{signal_fd, EventFd};
 use nvmux_core::{IoCommand, Status};
 use nvmux_extfn::proto::{self, hdr, Cqe, Layout, RingView, Sqe};
 
@@ -97,27 +98,11 @@ pub struct External {
     /// Bumped at every attach and detach: a ring from an older generation is dead.
     gen: AtomicU64,
     conn: Mutex<Option<Arc<Conn>>>,
-    stop: OwnedFd,
+    stop: EventFd,
     stopping: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     attaches: AtomicU64,
     detaches: AtomicU64,
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub(crate) fn signal(fd: RawFd) {
-    let one = 1u64;
-    // SAFETY: writing 8 bytes from a u64 to an eventfd that is open.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
 impl External {
@@ -148,7 +133,7 @@ impl External {
             num_blocks: AtomicU64::new(num_blocks),
             gen: AtomicU64::new(0),
             conn: Mutex::new(None),
-            stop: eventfd()?,
+            stop: EventFd::new()?,
             stopping: AtomicBool::new(false),
             thread: Mutex::new(None),
             attaches: AtomicU64::new(0),
@@ -188,7 +173,7 @@ impl External {
     /// Stop listening and detach the process; rings fail over as for a dead process.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        signal(self.stop.as_raw_fd());
+        self.stop.signal();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
@@ -249,7 +234,7 @@ impl External {
         self.detaches.fetch_add(1, Ordering::Relaxed);
         c.shutdown();
         for (_, w) in c.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            signal(w.as_raw_fd());
+            signal_fd(w.as_raw_fd());
         }
         tracing::warn!(disk = %self.disk, function = %c.name, pid = c.pid, "external function detached: {why}");
     }
@@ -401,7 +386,7 @@ pub(crate) struct ExtRing {
     pub gen: u64,
     id: u32,
     map: proto::MappedRing,
-    sq_efd: OwnedFd,
+    sq_efd: EventFd,
     free: Vec<u16>,
     /// Ring entry id → the router slot it carries (`FREE` if none).
     owner: Vec<u32>,
@@ -437,7 +422,7 @@ impl ExtRing {
         let memfd = sealed_memfd(layout.size)?;
         let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
         map.view.init_header();
-        let sq_efd = eventfd()?;
+        let sq_efd = EventFd::new()?;
         // SAFETY: dup of a descriptor the caller keeps open for the ring's life; checked.
         let wake_dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
         if wake_dup < 0 {
@@ -530,7 +515,7 @@ impl ExtRing {
         self.map.view.store(hdr::SQ_TAIL, self.sq_tail);
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.map.view.load(hdr::FN_FLAGS) & proto::FN_NEED_WAKEUP != 0 {
-            signal(self.sq_efd.as_raw_fd());
+            self.sq_efd.signal();
         }
     }
 
