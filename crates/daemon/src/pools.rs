@@ -18,6 +18,19 @@ pub struct PoolSpec {
     pub path: PathBuf,
 }
 
+/// Open the pool at `path` for serving, its volumes' data going through the backend's
+/// io_uring file device on the same file (the only place a pool meets a backend).
+pub fn open_pool(path: &Path) -> Result<Arc<Pool>> {
+    let data = nvmux_backend::FileDevice::open(
+        path,
+        &nvmux_backend::FileOptions {
+            create: false,
+            ..Default::default()
+        },
+    )?;
+    Pool::open(path, Arc::new(data))
+}
+
 pub(crate) struct PoolEntry {
     pub(crate) spec: PoolSpec,
     pub(crate) pool: std::result::Result<Arc<Pool>, String>,
@@ -154,7 +167,7 @@ impl Daemon {
             }
             Pool::create(&req.path, &opts)?;
         }
-        let pool = Pool::open(&req.path)?;
+        let pool = open_pool(&req.path)?;
         pool.set_command_timeout(self.config().pool.command_timeout_ms);
         let spec = PoolSpec {
             name: req.name.clone(),
