@@ -38,10 +38,9 @@ fn read_one(sock: &std::path::Path) {
         .expect("read");
 }
 
-#[test]
-fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
-    watchdog(120);
-    let dir = unique_dir("ctlthreads");
+/// A daemon with one worker and one control thread, in a new directory.
+fn one_control_thread(tag: &str) -> (std::path::PathBuf, TestDaemon) {
+    let dir = unique_dir(tag);
     let cfg = dir.join("nvmux.toml");
     std::fs::write(
         &cfg,
@@ -52,6 +51,13 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
     )
     .expect("config");
     let d = TestDaemon::start_with(dir.clone(), &["--config", cfg.to_str().expect("path")]);
+    (dir, d)
+}
+
+#[test]
+fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
+    watchdog(120);
+    let (dir, d) = one_control_thread("ctlthreads");
     let base = threads_of(d.pid());
     const N: usize = 40;
     let mut socks = Vec::new();
@@ -141,17 +147,7 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
 fn listeners_and_function_sockets_take_no_thread_each() {
     use nvmux_extfn::proto;
     watchdog(120);
-    let dir = unique_dir("ctlthreads-net");
-    let cfg = dir.join("nvmux.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\n[workers]\nthreads = 1\ncontrol_threads = 1\n",
-            dir.display().to_string()
-        ),
-    )
-    .expect("config");
-    let d = TestDaemon::start_with(dir.clone(), &["--config", cfg.to_str().expect("path")]);
+    let (dir, d) = one_control_thread("ctlthreads-net");
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-0000000000c1";
     let base = threads_of(d.pid());
     const N: usize = 24;
