@@ -441,14 +441,18 @@ fn panel(
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..xmax, 0.0..ymax).map_err(|e| se(&e))?;
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+        .map_err(|e| se(&e))?;
     c.configure_mesh()
         .x_desc("disks (vhost-user exports)")
-        .draw().map_err(|e| se(&e))?;
-    let line = c.draw_series(LineSeries::new(
-        idle.iter().map(|p| (p.disks as f64, value(p))),
-        RED.stroke_width(2),
-    )).map_err(|e| se(&e))?;
+        .draw()
+        .map_err(|e| se(&e))?;
+    let line = c
+        .draw_series(LineSeries::new(
+            idle.iter().map(|p| (p.disks as f64, value(p))),
+            RED.stroke_width(2),
+        ))
+        .map_err(|e| se(&e))?;
     if legend {
         line.label("no client")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
@@ -456,12 +460,15 @@ fn panel(
     c.draw_series(
         idle.iter()
             .map(|p| Circle::new((p.disks as f64, value(p)), 3, RED.filled())),
-    ).map_err(|e| se(&e))?;
-    let dots = c.draw_series(
-        attached
-            .iter()
-            .map(|p| Circle::new((p.disks as f64, value(p)), 5, BLUE.filled())),
-    ).map_err(|e| se(&e))?;
+    )
+    .map_err(|e| se(&e))?;
+    let dots = c
+        .draw_series(
+            attached
+                .iter()
+                .map(|p| Circle::new((p.disks as f64, value(p)), 5, BLUE.filled())),
+        )
+        .map_err(|e| se(&e))?;
     if legend {
         dots.label("a libblkio client on each")
             .legend(|(x, y)| Circle::new((x + 7, y), 4, BLUE.filled()));
@@ -469,7 +476,8 @@ fn panel(
             .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .draw().map_err(|e| se(&e))?;
+            .draw()
+            .map_err(|e| se(&e))?;
     }
     Ok(())
 }

@@ -315,7 +315,10 @@ mod tests {
         let g = MemBudget::new(100);
         let mut a = ConnBudget::new(g.clone(), 90);
         assert!(a.try_take_spare(70));
-        assert!(!a.try_take_spare(6), "the daemon-wide budget's last quarter");
+        assert!(
+            !a.try_take_spare(6),
+            "the daemon-wide budget's last quarter"
+        );
         assert!(a.try_take_spare(5));
         assert!(a.try_take(15), "demand may use the last quarter");
         assert!(!a.try_take_spare(1), "the connection's limit");

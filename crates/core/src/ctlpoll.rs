@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result};
 use crate::eventfd::EventFd;
+use crate::{Error, Result};
 
 /// Control threads when nothing configured them.
 pub const DEFAULT_THREADS: usize = 2;

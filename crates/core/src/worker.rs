@@ -242,7 +242,6 @@ fn epoll_ctl_ev(ep: RawFd, op: i32, fd: RawFd, events: u32, token: u64) {
     }
 }
 
-
 fn epoll_create() -> Option<OwnedFd> {
     // SAFETY: epoll_create1 has no preconditions; checked below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };

@@ -192,7 +192,11 @@ impl External {
 
     /// Answer a function's hello (read whole by the listener task); the connection if
     /// it is now attached.
-    fn welcome(&self, mut s: UnixStream, b: &[u8; proto::MSG_SIZE]) -> io::Result<Option<Arc<Conn>>> {
+    fn welcome(
+        &self,
+        mut s: UnixStream,
+        b: &[u8; proto::MSG_SIZE],
+    ) -> io::Result<Option<Arc<Conn>>> {
         let Some(h) = proto::Hello::decode(b) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -319,10 +323,9 @@ impl ListenTask {
             return false;
         };
         let r = match Self::read_hello(h) {
-            HelloRead::More if Instant::now() >= h.deadline => HelloRead::Failed(format!(
-                "no hello within {} s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            )),
+            HelloRead::More if Instant::now() >= h.deadline => {
+                HelloRead::Failed(format!("no hello within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+            }
             r => r,
         };
         let disk = &self.ext.disk;
@@ -386,7 +389,10 @@ impl CtlTask for ListenTask {
         match self.listener.accept() {
             Ok((s, _)) => {
                 let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-                match s.set_nonblocking(true).and_then(|_| cx.watch(s.as_raw_fd())) {
+                match s
+                    .set_nonblocking(true)
+                    .and_then(|_| cx.watch(s.as_raw_fd()))
+                {
                     Ok(()) => {
                         self.hello = Some(Hello {
                             s,
