@@ -28,11 +28,13 @@ impl EventFd {
     /// Add 1 to the counter: pollers of the descriptor wake. Never blocks; a counter at
     /// its maximum (2^64 - 2, never reached by wake-ups) leaves it as it is, still
     /// readable, which is all a wake-up needs.
+    #[inline]
     pub fn signal(&self) {
         signal_fd(self.0.as_raw_fd());
     }
 
     /// Reset the counter to 0 and return what it held (0 if nothing was signalled).
+    #[inline]
     pub fn drain(&self) -> u64 {
         drain_fd(self.0.as_raw_fd())
     }
@@ -44,6 +46,7 @@ impl EventFd {
 
 /// Add 1 to the counter of the eventfd `fd` (one this process holds open, such as a
 /// peer's kick or call descriptor).
+#[inline]
 pub fn signal_fd(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a local u64; a descriptor that is not open fails with
@@ -53,6 +56,7 @@ pub fn signal_fd(fd: RawFd) {
 
 /// Reset the counter of the non-blocking eventfd `fd` (one this process holds open, such
 /// as a queue's completion descriptor a worker slept on) and return what it held.
+#[inline]
 pub fn drain_fd(fd: RawFd) -> u64 {
     let mut v: u64 = 0;
     // SAFETY: reads 8 bytes into a local u64; a non-blocking eventfd at 0 fails with
