@@ -38,6 +38,16 @@ fn read_one(sock: &std::path::Path) {
         .expect("read");
 }
 
+/// A 1 MiB null disk `name`.
+fn null_disk(d: &TestDaemon, name: &str) {
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
+        )
+        .expect("create disk");
+}
+
 /// A daemon with one worker and one control thread, in a new directory.
 fn one_control_thread(tag: &str) -> (std::path::PathBuf, TestDaemon) {
     let dir = unique_dir(tag);
@@ -63,12 +73,7 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
     let mut socks = Vec::new();
     for i in 0..N {
         let name = format!("n{i}");
-        d.api
-            .post(
-                "/v1/disks",
-                &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
-            )
-            .expect("create disk");
+        null_disk(&d, &name);
         let sock = dir.join(format!("{name}.sock"));
         d.api
             .post("/v1/exports", &json!({"disk": name, "socket": sock}))
@@ -155,12 +160,7 @@ fn listeners_and_function_sockets_take_no_thread_each() {
     let mut fsocks = Vec::new();
     for i in 0..N {
         let name = format!("n{i}");
-        d.api
-            .post(
-                "/v1/disks",
-                &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
-            )
-            .expect("create disk");
+        null_disk(&d, &name);
         let fsock = dir.join(format!("{name}-fn.sock"));
         d.api
             .post(
