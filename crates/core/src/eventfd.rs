@@ -1,7 +1,10 @@
 //! An eventfd: a counter in the kernel that threads and processes signal and poll.
 //!
 //! One type for the wake-ups of workers, listeners and queues, so that the raw
-//! `libc::eventfd` and `libc::write` calls (and their `SAFETY` arguments) live here once.
+//! `libc::eventfd`, `libc::write` and `libc::read` calls (and their `SAFETY` arguments)
+//! live here once. Signalling is one `write` system call and allocates nothing, so it is
+//! used on hot paths as it is. (`nvmux-extfn`, which depends on nothing of ours so that
+//! a third party's function links only it, keeps its own one-line signal.)
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -25,21 +28,15 @@ impl EventFd {
     /// Add 1 to the counter: pollers of the descriptor wake. Never blocks; a counter at
     /// its maximum (2^64 - 2, never reached by wake-ups) leaves it as it is, still
     /// readable, which is all a wake-up needs.
+    #[inline]
     pub fn signal(&self) {
         signal_fd(self.0.as_raw_fd());
     }
 
     /// Reset the counter to 0 and return what it held (0 if nothing was signalled).
+    #[inline]
     pub fn drain(&self) -> u64 {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a local u64 from a descriptor we own; a
-        // non-blocking eventfd at 0 fails with EAGAIN and leaves `v` at 0.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        if n == 8 {
-            v
-        } else {
-            0
-        }
+        drain_fd(self.0.as_raw_fd())
     }
 
     pub fn as_raw_fd(&self) -> RawFd {
@@ -62,11 +59,27 @@ impl EventFd {
 
 /// Add 1 to the counter of the eventfd `fd` (one this process holds open, such as a
 /// peer's kick or call descriptor).
+#[inline]
 pub fn signal_fd(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a local u64; a descriptor that is not open fails with
     // EBADF and nothing happens.
     let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Reset the counter of the non-blocking eventfd `fd` (one this process holds open, such
+/// as a queue's completion descriptor a worker slept on) and return what it held.
+#[inline]
+pub fn drain_fd(fd: RawFd) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a local u64; a non-blocking eventfd at 0 fails with
+    // EAGAIN (a descriptor that is not open, with EBADF) and leaves `v` at 0.
+    let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    if n == 8 {
+        v
+    } else {
+        0
+    }
 }
 
 impl AsRawFd for EventFd {

@@ -343,7 +343,7 @@ impl Daemon {
         let migrated = self.migrate_keys(&mut st.disks)?;
         let mut g = self.lock();
         for spec in st.pools {
-            let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            let pool = crate::pools::open_pool(&spec.path).map_err(|e| e.to_string());
             if let Ok(p) = &pool {
                 p.set_command_timeout(self.cfg.pool.command_timeout_ms);
             }

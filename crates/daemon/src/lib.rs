@@ -51,8 +51,7 @@ pub use views::{
     StatsView, WorkerView,
 };
 
-pub(crate) use assembly::{new_crypt_spec, with_functions, NewKey};
-pub(crate) use disks::check_crypt_options;
+pub(crate) use assembly::{with_functions, NewKey};
 pub(crate) use exports::check_export_socket;
 
 struct Disk {

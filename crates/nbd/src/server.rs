@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnBudget, ConnLimiter, ConnPermit, MemBudget, Peer};
 use nvmux_core::engine::Placement;
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::{Error, ErrorKind, Result, Wire};
 use openssl::ssl::{HandshakeError, MidHandshakeSslStream, SslStream};
 
@@ -139,7 +140,7 @@ pub struct NbdServer {
     shared: Arc<Shared>,
     placement: Placement,
     /// Written to stop the listener thread.
-    stop_fd: OwnedFd,
+    stop_fd: EventFd,
     thread: Option<JoinHandle<()>>,
     tls: Option<Arc<TlsServer>>,
     max_io: u32,
@@ -149,16 +150,6 @@ pub struct NbdServer {
 
 fn read_exports(e: &Exports) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Export>>> {
     e.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl NbdServer {
@@ -220,7 +211,7 @@ impl NbdServer {
             timeout_log: BurstLog::default(),
             fail_log: BurstLog::default(),
         });
-        let stop_fd = eventfd().map_err(|e| Error::io("NBD listener eventfd", e))?;
+        let stop_fd = EventFd::new().map_err(|e| Error::io("NBD listener eventfd", e))?;
         let stop_raw = stop_fd.as_raw_fd();
         let listen_fd = match &sock {
             ListenSock::Unix(l) => l.as_raw_fd(),
@@ -269,9 +260,7 @@ impl NbdServer {
     /// `timeout` for the connections to finish their commands and close. Returns the
     /// connections still open then.
     pub fn release(mut self, timeout: Duration) -> u64 {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.stop_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stop_fd.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -365,9 +354,7 @@ impl NbdServer {
 
     /// Stop listening and close every connection.
     pub fn stop(mut self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.stop_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stop_fd.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
