@@ -79,6 +79,13 @@ struct Cipher {
 /// for 32 GiB. Writes beyond the budget wait in the queue (back-pressure) until a bounce
 /// buffer comes back; one write always fits, so the queue always progresses.
 pub const BOUNCE_BUDGET: usize = 64 << 20;
+/// Encrypted write bytes after which the queue below is kicked in the middle of a batch.
+/// A frontend hands over a whole batch (up to the queue depth) before its one kick, and
+/// encryption makes submission slow (about 2 µs per 4 KiB), so without it the disk idles
+/// while the last writes of a batch are encrypted (at QD32, 32 × 2 µs). 32 KiB: the
+/// disk gets work after about 16 µs, for one extra `io_uring_enter` per 8 writes of
+/// 4 KiB.
+const KICK_BYTES: usize = 32 << 10;
 
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
@@ -149,6 +156,7 @@ impl BlockDevice for CryptDevice {
             waiting: std::collections::VecDeque::with_capacity(depth as usize),
             sgs: (0..depth).map(|_| SgList::with_capacity(1)).collect(),
             pending: Vec::with_capacity(16),
+            unkicked: 0,
         }))
     }
     fn describe(&self) -> String {
@@ -194,6 +202,8 @@ struct CryptQueue {
     sgs: Vec<SgList>,
     /// Scratch for `decrypt_sg` (pieces of a sector split across segments).
     pending: Vec<(*mut u8, usize)>,
+    /// Bytes encrypted and submitted below since the last kick.
+    unkicked: usize,
 }
 
 // SAFETY: `pending` holds addresses only between the start and the end of one
@@ -254,12 +264,36 @@ impl CryptQueue {
             return Err(cmd);
         };
         let buf = &mut b.as_mut_slice()[..len];
-        // SAFETY: a write command's segments are readable for their length.
-        unsafe { cmd.sg.copy_to(buf) };
         let l = self.cipher.layout;
-        self.cipher
-            .xts
-            .encrypt_iv(buf, l.sector, l.iv_at(cmd.slba * self.bs), l.iv_step());
+        let (sec, step) = (l.sector, l.iv_step());
+        let mut iv = l.iv_at(cmd.slba * self.bs);
+        if cmd.sg.len() == len as u64 && cmd.sg.segments().iter().all(|v| v.iov_len % sec == 0) {
+            // Whole sectors in every segment (the usual case: one segment): encrypt
+            // straight from guest memory into the bounce buffer, one pass over the data.
+            let mut at = 0;
+            for v in cmd.sg.segments() {
+                let n = v.iov_len;
+                // SAFETY: a write command's segments are readable for their length, and
+                // their lengths add up to `len` (checked above), so `at + n` <= `len`;
+                // guest memory never overlaps our own bounce buffer.
+                unsafe {
+                    self.cipher.xts.encrypt_iv_from(
+                        v.iov_base.cast::<u8>(),
+                        &mut buf[at..at + n],
+                        sec,
+                        iv,
+                        step,
+                    )
+                };
+                at += n;
+                iv += (n / sec) as u64 * step;
+            }
+        } else {
+            // A sector split across segments: gather, then encrypt in place.
+            // SAFETY: a write command's segments are readable for their length.
+            unsafe { cmd.sg.copy_to(buf) };
+            self.cipher.xts.encrypt_iv(buf, sec, iv, step);
+        }
         let mut sg = self.sgs.pop().unwrap_or_default();
         sg.clear();
         sg.push(b.as_mut_ptr(), len);
@@ -269,6 +303,11 @@ impl CryptQueue {
         w.fua = fua;
         w.nsid = nsid;
         self.inner.submit(w);
+        self.unkicked += len;
+        if self.unkicked >= KICK_BYTES {
+            self.unkicked = 0;
+            self.inner.kick();
+        }
         Ok(())
     }
 }
@@ -344,6 +383,7 @@ impl BlockQueue for CryptQueue {
     }
 
     fn kick(&mut self) {
+        self.unkicked = 0;
         self.inner.kick();
     }
 

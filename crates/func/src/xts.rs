@@ -88,22 +88,51 @@ impl Xts {
         self.run(buf, sector, first, iv_step, false)
     }
 
-    fn run(&self, buf: &mut [u8], sector: usize, first: u64, iv_step: u64, enc: bool) {
-        assert!(
-            sector.is_power_of_two() && (512..=MAX_SECTOR).contains(&sector),
-            "XTS sector size"
-        );
-        assert_eq!(buf.len() % sector, 0, "XTS on whole sectors only");
+    /// Encrypt `dst.len()` bytes (whole sectors) read from `src` into `dst`, IVs as in
+    /// [`Xts::encrypt_iv`]: one pass over the source, which is usually guest memory
+    /// another core has just written (a copy first and an in-place pass after would
+    /// read it twice).
+    ///
+    /// # Safety
+    /// `src` must be readable for `dst.len()` bytes. It may be memory another process
+    /// writes concurrently (the ciphertext is then of some mix of its contents) but must
+    /// not overlap `dst`.
+    pub unsafe fn encrypt_iv_from(
+        &self,
+        src: *const u8,
+        dst: &mut [u8],
+        sector: usize,
+        first: u64,
+        iv_step: u64,
+    ) {
+        check(dst, sector);
         #[cfg(target_arch = "x86_64")]
         if let Some(k) = &self.ni {
+            // SAFETY: `ni` is only set when the CPU has AES-NI (see `new`); `dst` is
+            // whole sectors of 512..=4096 bytes (checked above) and the caller
+            // guarantees `src` is readable for as many bytes.
+            unsafe { ni::xts::<true>(k, src, dst.as_mut_ptr(), dst.len(), sector, first, iv_step) };
+            return;
+        }
+        // SAFETY: the caller guarantees `src` is readable for `dst.len()` bytes and does
+        // not overlap `dst`.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        self.run(dst, sector, first, iv_step, true)
+    }
+
+    fn run(&self, buf: &mut [u8], sector: usize, first: u64, iv_step: u64, enc: bool) {
+        check(buf, sector);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = &self.ni {
+            let (p, n) = (buf.as_mut_ptr(), buf.len());
             // SAFETY: `ni` is only set when the CPU has AES-NI (see `new`); `buf` is
-            // whole sectors of 512..=4096 bytes (asserted above), which is what the
-            // kernel requires.
+            // whole sectors of 512..=4096 bytes (checked above), which is what the
+            // kernel requires; in place, source and destination are the same bytes.
             unsafe {
                 if enc {
-                    ni::xts::<true>(k, buf, sector, first, iv_step)
+                    ni::xts::<true>(k, p, p, n, sector, first, iv_step)
                 } else {
-                    ni::xts::<false>(k, buf, sector, first, iv_step)
+                    ni::xts::<false>(k, p, p, n, sector, first, iv_step)
                 }
             }
             return;
@@ -153,6 +182,16 @@ impl Xts {
             xor_tweaks(c, &tweaks[..n]);
         }
     }
+}
+
+/// The sector size is a power of two in 512..=4096 and `buf` whole sectors: the callers
+/// (crypt.rs) check their layout at creation, so a failure is a bug, not peer input.
+fn check(buf: &[u8], sector: usize) {
+    assert!(
+        sector.is_power_of_two() && (512..=MAX_SECTOR).contains(&sector),
+        "XTS sector size"
+    );
+    assert_eq!(buf.len() % sector, 0, "XTS on whole sectors only");
 }
 
 /// Multiply by alpha in GF(2^128), little-endian (IEEE 1619 5.2).
@@ -312,15 +351,19 @@ mod ni {
         _mm_xor_si128(_mm_slli_epi32::<1>(t), carry)
     }
 
-    /// Encrypt (ENC) or decrypt whole sectors of `buf` in place.
+    /// Encrypt (ENC) or decrypt `len` bytes of whole sectors from `src` to `dst` (the
+    /// same pointer: in place).
     ///
     /// # Safety
     /// The CPU must have AES-NI. `sector` must be a multiple of 128 bytes (eight blocks)
-    /// and `buf` whole sectors.
+    /// and `len` of `sector`; `src` readable and `dst` writable for `len` bytes, either
+    /// the same or not overlapping.
     #[target_feature(enable = "aes")]
     pub unsafe fn xts<const ENC: bool>(
         k: &Keys,
-        buf: &mut [u8],
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
         sector: usize,
         first: u64,
         iv_step: u64,
@@ -331,8 +374,7 @@ mod ni {
             rk[i] = load(if ENC { k.enc[i] } else { k.dec[i] });
             tk[i] = load(k.tweak[i]);
         }
-        let ns = buf.len() / sector;
-        let p = buf.as_mut_ptr();
+        let ns = len / sector;
         let mut s = 0;
         while s < ns {
             // The tweaks of up to eight sectors in one parallel AES pass: the IV as a
@@ -351,29 +393,32 @@ mod ni {
                 *t = _mm_aesenclast_si128(*t, tk[ROUNDS]);
             }
             for (j, t) in t.iter().enumerate().take(ns - s) {
-                // SAFETY: sector `s + j` < `ns` lies inside `buf`.
-                let sp = unsafe { p.add((s + j) * sector) };
-                // SAFETY: the caller's contract (AES-NI; `sp` is a whole sector inside
-                // `buf`, a multiple of eight blocks).
-                unsafe { blocks::<ENC>(&rk, sp, sector / 16, *t) };
+                let at = (s + j) * sector;
+                // SAFETY: the caller's contract (AES-NI; sector `s + j` < `ns` lies
+                // inside both ranges and is a multiple of eight blocks).
+                unsafe { blocks::<ENC>(&rk, src.add(at), dst.add(at), sector / 16, *t) };
             }
             s += 8;
         }
     }
 
-    /// Encrypt or decrypt `n` blocks (a multiple of 8) at `p` whose first tweak is `t`.
+    /// Encrypt or decrypt `n` blocks (a multiple of 8) from `src` to `dst` whose first
+    /// tweak is `t`.
     ///
     /// # Safety
-    /// The CPU must have AES-NI; `p` must be valid for reads and writes of `n * 16` bytes.
+    /// The CPU must have AES-NI; `src` must be readable and `dst` writable for `n * 16`
+    /// bytes, the same or not overlapping (each group of 8 blocks is loaded whole before
+    /// it is stored).
     #[inline]
     #[target_feature(enable = "aes")]
     unsafe fn blocks<const ENC: bool>(
         rk: &[__m128i; ROUNDS + 1],
-        p: *mut u8,
+        src: *const u8,
+        dst: *mut u8,
         n: usize,
         mut t: __m128i,
     ) {
-        let q = p.cast::<__m128i>();
+        let (q, o) = (src.cast::<__m128i>(), dst.cast::<__m128i>());
         let mut i = 0;
         while i < n {
             let mut tw = [t; 8];
@@ -408,7 +453,7 @@ mod ni {
                     _mm_aesdeclast_si128(x[j], last)
                 };
                 // SAFETY: as for the load above.
-                unsafe { _mm_storeu_si128(q.add(i + j), v) };
+                unsafe { _mm_storeu_si128(o.add(i + j), v) };
             }
             i += 8;
         }
@@ -559,6 +604,35 @@ mod tests {
                 u = mul_alpha(u);
             }
             assert_eq!(mul_alpha8(t), u, "{t:x}");
+        }
+    }
+
+    /// Encrypting from a source buffer equals copying and encrypting in place, on both
+    /// kernels, for unaligned buffers and every sector size.
+    #[test]
+    fn encrypt_from_equals_in_place() {
+        let mut rng = Rng(42);
+        for (round, sector) in [512usize, 1024, 2048, 4096]
+            .into_iter()
+            .cycle()
+            .take(16)
+            .enumerate()
+        {
+            let mut key = [0u8; KEY_BYTES];
+            rng.fill(&mut key);
+            let mut src = vec![0u8; 3 * sector + round];
+            rng.fill(&mut src);
+            let src = &src[round..];
+            for x in [Xts::new(&key), Xts::portable(&key)] {
+                let mut a = src.to_vec();
+                x.encrypt_iv(&mut a, sector, 77 + round as u64, 8);
+                let mut b = vec![0u8; src.len() + 3];
+                // SAFETY: `src` is readable for its length, which is `b[3..]`'s.
+                unsafe {
+                    x.encrypt_iv_from(src.as_ptr(), &mut b[3..], sector, 77 + round as u64, 8)
+                };
+                assert_eq!(a, b[3..], "{} sector {sector}", x.kernel());
+            }
         }
     }
 
