@@ -609,6 +609,77 @@ mod tests {
         assert_eq!(q.in_flight(), 0);
     }
 
+    /// Reads complete in steps of `DECRYPT_BYTES` per poll: the rest are held (counted in
+    /// flight, the worker told not to sleep) and each is decrypted and handed back once.
+    #[test]
+    fn reads_are_decrypted_in_steps_per_poll() {
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let info = DeviceInfo {
+            block_size: 512,
+            num_blocks: 1 << 20,
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+            volatile_cache: false,
+            max_transfer: 1 << 20,
+        };
+        let key = [5u8; KEY_BYTES];
+        let dev = CryptDevice::new(
+            Arc::new(Held {
+                info,
+                q: held.clone(),
+                release,
+            }),
+            &key,
+        )
+        .unwrap();
+        let mut q = dev.open_queue(32).unwrap();
+        // 32 reads of 4 KiB whose "disk" data is the ciphertext of a known pattern.
+        let xts = Xts::new(&key);
+        let plain: Vec<u8> = (0..4096).map(|i| (i * 3) as u8).collect();
+        let mut bufs: Vec<Vec<u8>> = (0..32u64)
+            .map(|i| {
+                let mut b = plain.clone();
+                xts.encrypt(&mut b, SECTOR, i * 8);
+                b
+            })
+            .collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let mut sg = SgList::default();
+            sg.push(b.as_mut_ptr(), b.len());
+            q.submit(IoCommand::new(Opcode::Read, i as u64 * 8, 8, i as u64, sg));
+        }
+        q.kick();
+        let per_poll = DECRYPT_BYTES / 4096;
+        let mut tags = Vec::new();
+        let mut polls = 0;
+        while tags.len() < 32 && polls < 100 {
+            let before = tags.len();
+            q.poll(&mut |c, s| {
+                assert!(s.is_ok());
+                tags.push(c.tag);
+            });
+            polls += 1;
+            assert!(
+                tags.len() - before <= per_poll,
+                "at most {per_poll} per poll"
+            );
+            assert_eq!(q.in_flight(), 32 - tags.len(), "held ones are in flight");
+            assert_eq!(
+                q.may_sleep(),
+                tags.len() == 32,
+                "no sleep while some are held"
+            );
+        }
+        assert_eq!(polls, 32usize.div_ceil(per_poll));
+        tags.sort();
+        assert_eq!(tags, (0..32).collect::<Vec<u64>>(), "every read once");
+        for b in &bufs {
+            assert_eq!(b, &plain, "decrypted once, in place");
+        }
+    }
+
     #[test]
     fn split_sectors_decrypt_like_whole_ones() {
         let xts = Xts::new(&[3u8; KEY_BYTES]);
