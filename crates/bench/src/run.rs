@@ -230,9 +230,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
     };
     let total = backings
         .iter()
-        .map(|(b, f)| {
-            count(b) * (servers * rounds + usize::from(f.is_some() && !a.no_baselines))
-        })
+        .map(|(b, f)| count(b) * (servers * rounds + usize::from(f.is_some() && !a.no_baselines)))
         .sum::<usize>();
     let mut done = 0usize;
     let mut rows: Vec<Row> = Vec::new();
