@@ -69,6 +69,8 @@ struct Intx {
 pub struct Irqs {
     msix: Mutex<Vec<Option<OwnedFd>>>,
     intx: Mutex<Intx>,
+    /// The ERR and REQ notifiers QEMU registers (kept; nvmux never signals them).
+    notifiers: Mutex<[Option<OwnedFd>; 2]>,
     nvectors: u32,
 }
 
@@ -81,6 +83,7 @@ impl Irqs {
         Irqs {
             msix: Mutex::new((0..nvectors).map(|_| None).collect()),
             intx: Mutex::new(Intx::default()),
+            notifiers: Mutex::new([None, None]),
             nvectors,
         }
     }
@@ -136,12 +139,13 @@ impl Irqs {
             *f = None;
         }
         *self.intx.lock().unwrap_or_else(|e| e.into_inner()) = Intx::default();
+        *self.notifiers.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
     }
 
     /// How many vectors index `index` has (0: not offered).
     pub fn count(&self, index: u32) -> u32 {
         match index {
-            IRQ_INTX => 1,
+            IRQ_INTX | IRQ_ERR | IRQ_REQ => 1,
             IRQ_MSIX => self.nvectors,
             _ => 0,
         }
@@ -171,6 +175,10 @@ impl Irqs {
                         {
                             *f = None;
                         }
+                    }
+                    IRQ_ERR | IRQ_REQ => {
+                        let mut g = self.notifiers.lock().unwrap_or_else(|e| e.into_inner());
+                        g[(req.index - IRQ_ERR) as usize] = None;
                     }
                     _ if req.index < NUM_IRQS => {}
                     _ => return Err(EINVAL),
@@ -249,6 +257,13 @@ impl Irqs {
                             }
                         }
                     }
+                }
+                Ok(())
+            }
+            (IRQ_ERR | IRQ_REQ, IRQ_SET_ACTION_TRIGGER) => {
+                if data == IRQ_SET_DATA_EVENTFD {
+                    let mut g = self.notifiers.lock().unwrap_or_else(|e| e.into_inner());
+                    g[(req.index - IRQ_ERR) as usize] = fds.pop();
                 }
                 Ok(())
             }

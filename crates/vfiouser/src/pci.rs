@@ -23,7 +23,9 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use crate::device::{IrqInfo, Irqs, RegionInfo, VfioDevice, IRQ_INTX, IRQ_MSIX, NUM_IRQS};
+use crate::device::{
+    IrqInfo, Irqs, RegionInfo, VfioDevice, IRQ_ERR, IRQ_INTX, IRQ_MSIX, IRQ_REQ, NUM_IRQS,
+};
 use crate::dma::DmaSpace;
 use crate::nvme::{NvmeRegs, PciNvmeDevice, BAR0_SIZE, MSIX_PBA, MSIX_TABLE};
 use crate::proto::{
@@ -278,6 +280,12 @@ impl<C: PciNvmeDevice> VfioDevice for NvmePci<C> {
             IRQ_MSIX => Some(IrqInfo {
                 count: self.nvectors(),
                 flags: IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+            }),
+            // Error and request notifiers: accepted, never signalled (QEMU warns
+            // without them).
+            IRQ_ERR | IRQ_REQ => Some(IrqInfo {
+                count: 1,
+                flags: IRQ_INFO_EVENTFD,
             }),
             i if i < NUM_IRQS => Some(IrqInfo { count: 0, flags: 0 }),
             _ => None,

@@ -461,6 +461,7 @@ impl<D: VfioDevice> Conn<D> {
                 Ok(())
             }
             Request::SetIrqs(s) => {
+                let nfds = fds.len();
                 self.dev.set_irqs(&s, fds).map_err(|e| {
                     Refused::soft(
                         e,
@@ -470,12 +471,13 @@ impl<D: VfioDevice> Conn<D> {
                         ),
                     )
                 })?;
-                tracing::debug!(
-                    "vfio-user: SET_IRQS index {} start {} count {} flags {:#x}",
+                tracing::info!(
+                    "vfio-user: SET_IRQS index {} start {} count {} flags {:#x} ({} eventfds)",
                     s.index,
                     s.start,
                     s.count,
-                    s.flags
+                    s.flags,
+                    nfds
                 );
                 Ok(())
             }
