@@ -340,7 +340,11 @@ impl DmaSpace {
         if flags & !(DMA_MAP_READ | DMA_MAP_WRITE) != 0 {
             return Err((EINVAL, format!("DMA_MAP flags {flags:#x}")));
         }
-        if size == 0 || iova % PGSIZE != 0 || size % PGSIZE != 0 || offset % PGSIZE != 0 {
+        if size == 0
+            || !iova.is_multiple_of(PGSIZE)
+            || !size.is_multiple_of(PGSIZE)
+            || !offset.is_multiple_of(PGSIZE)
+        {
             return Err((
                 EINVAL,
                 format!("DMA_MAP iova {iova:#x} size {size:#x} offset {offset:#x}: not 4 KiB aligned, or empty"),

@@ -217,11 +217,11 @@ impl NvmeRegs {
             return;
         }
         match data.len() {
-            4 if off % 4 == 0 => {
+            4 if off.is_multiple_of(4) => {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.write32(off, v, dev);
             }
-            8 if off % 8 == 0 => {
+            8 if off.is_multiple_of(8) => {
                 let v = u64::from_le_bytes([
                     data[0], data[1], data[2], data[3], data[4], data[5], data[6], data[7],
                 ]);
@@ -335,7 +335,7 @@ impl NvmeRegs {
             return;
         }
         let rel = off - DOORBELL_BASE;
-        if data.len() != 4 || rel % 4 != 0 || value > 0xffff {
+        if data.len() != 4 || !rel.is_multiple_of(4) || value > 0xffff {
             dev.doorbell(invalid);
             return;
         }
@@ -346,7 +346,7 @@ impl NvmeRegs {
             return;
         }
         let (qid, v) = (qid as u16, value as u16);
-        dev.doorbell(if slot % 2 == 0 {
+        dev.doorbell(if slot.is_multiple_of(2) {
             Doorbell::SqTail { qid, tail: v }
         } else {
             Doorbell::CqHead { qid, head: v }

@@ -522,8 +522,8 @@ pub fn decode<'a>(h: &Header, body: &'a [u8], nfds: usize) -> Result<Request<'a>
             }
             let data = &body[20..];
             match data_kind {
-                IRQ_SET_DATA_BOOL => {
-                    if data.len() != count as usize {
+                IRQ_SET_DATA_BOOL
+                    if data.len() != count as usize => {
                         return Err(Refused::fatal(
                             EINVAL,
                             format!(
@@ -532,17 +532,15 @@ pub fn decode<'a>(h: &Header, body: &'a [u8], nfds: usize) -> Result<Request<'a>
                             ),
                         ));
                     }
-                }
-                IRQ_SET_DATA_EVENTFD => {
+                IRQ_SET_DATA_EVENTFD
                     // QEMU sends the descriptors beside the message; none means "unset
                     // these vectors" (its -1 entries).
-                    if nfds != 0 && nfds != count as usize {
+                    if nfds != 0 && nfds != count as usize => {
                         return Err(Refused::fatal(
                             EINVAL,
                             format!("DEVICE_SET_IRQS with {nfds} eventfds for {count} vectors"),
                         ));
                     }
-                }
                 _ => {}
             }
             if data_kind != IRQ_SET_DATA_EVENTFD && nfds != 0 {

@@ -149,7 +149,7 @@ fn recv_whole(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), S
             while !c.is_null() {
                 if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                     let data = libc::CMSG_DATA(c) as *const RawFd;
-                    let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                    let len = ((*c).cmsg_len as usize).saturating_sub(data as usize - c as usize);
                     for i in 0..len / 4 {
                         let fd = std::ptr::read_unaligned(data.add(i));
                         fds.push(OwnedFd::from_raw_fd(fd));
@@ -383,7 +383,7 @@ impl<D: VfioDevice> Conn<D> {
                     }
                 );
                 proto::put_u16(out, proto::VERSION_MAJOR);
-                proto::put_u16(out, proto::VERSION_MINOR.min(minor));
+                proto::put_u16(out, proto::VERSION_MINOR);
                 out.extend_from_slice(proto::server_caps().as_bytes());
                 out.push(0);
                 Ok(())
@@ -542,8 +542,8 @@ impl<D: VfioDevice> Conn<D> {
     }
 }
 
-/// A listening socket and (at most) one client at a time, as a control-thread task.
-/// `make` builds a fresh device for each client.
+/// A listening socket and one client at a time, as a control-thread task (others wait
+/// in the backlog until it leaves). `make` builds a fresh device for each client.
 pub struct ServerTask<D: VfioDevice, F: FnMut() -> D + Send + 'static> {
     listener: UnixListener,
     socket: PathBuf,
@@ -605,52 +605,47 @@ impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> CtlTask for Serv
                 return Next::Done;
             }
         }
-        // Accept what waits: the first client while idle, refuse the others.
+        // Serve the client; when there is none (or it just left), take the next one
+        // from the backlog. Clients that connect meanwhile wait in the backlog.
         loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    if self.conn.is_some() {
-                        tracing::warn!(
-                            "vfio-user {}: a second client while one is connected: refused",
-                            self.socket.display()
-                        );
-                        continue;
+            if let Some(c) = self.conn.as_mut() {
+                match c.serve() {
+                    Step::Wait { deadline } => {
+                        cx.set_deadline(deadline);
+                        return Next::Keep;
                     }
-                    match Conn::new(s, (self.make)()) {
-                        Ok(c) => {
-                            if let Err(e) = cx.watch(c.fd()) {
-                                tracing::error!(
-                                    "vfio-user {}: cannot watch a client: {e}",
-                                    self.socket.display()
-                                );
-                                continue;
-                            }
-                            self.sessions.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!("vfio-user {}: client connected", self.socket.display());
-                            self.conn = Some(c);
-                        }
-                        Err(e) => {
-                            tracing::warn!("vfio-user {}: client setup: {e}", self.socket.display())
-                        }
+                    Step::Again => {
+                        cx.again();
+                        return Next::Keep;
                     }
+                    Step::Closed(why) => self.close(cx, why),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            }
+            match self.listener.accept() {
+                Ok((s, _)) => match Conn::new(s, (self.make)()) {
+                    Ok(c) => {
+                        if let Err(e) = cx.watch(c.fd()) {
+                            tracing::error!(
+                                "vfio-user {}: cannot watch a client: {e}",
+                                self.socket.display()
+                            );
+                            continue;
+                        }
+                        self.sessions.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("vfio-user {}: client connected", self.socket.display());
+                        self.conn = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!("vfio-user {}: client setup: {e}", self.socket.display())
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Next::Keep,
                 Err(e) => {
                     tracing::warn!("vfio-user {}: accept: {e}", self.socket.display());
-                    break;
+                    return Next::Keep;
                 }
             }
         }
-        let step = match self.conn.as_mut() {
-            Some(c) => c.serve(),
-            None => return Next::Keep,
-        };
-        match step {
-            Step::Wait { deadline } => cx.set_deadline(deadline),
-            Step::Again => cx.again(),
-            Step::Closed(why) => self.close(cx, why),
-        }
-        Next::Keep
     }
 }

@@ -768,3 +768,101 @@ fn seeds_replay_through_the_fuzz_entry() {
     // The eventfd of a set vector is an fd the session owns: nothing else leaks.
     let _ = EventFd::new().unwrap().as_fd();
 }
+
+/// A pipe's read end reads EOF only once every copy of its write end is closed: send
+/// the write end with messages the session refuses, drop ours, and the read end must see
+/// EOF (the session closed the received descriptor).
+#[test]
+fn refused_descriptors_are_closed() {
+    use std::os::fd::FromRawFd;
+    let refuse: [fn(&mut Client, RawFd); 3] = [
+        // a descriptor with a REGION_READ (malformed: the connection ends)
+        |c, fd| {
+            c.send(
+                cmd::REGION_READ,
+                0,
+                &rw_body(REGION_CONFIG, 0, 4, &[]),
+                &[fd],
+            )
+        },
+        // a DMA_MAP of a pipe (not a regular file: refused, the connection goes on)
+        |c, fd| c.send(cmd::DMA_MAP, 0, &dma_map_body(3, 0, 0, 0x1000), &[fd]),
+        // an MSI-X eventfd for a vector past the table (refused)
+        |c, fd| {
+            c.send(
+                cmd::DEVICE_SET_IRQS,
+                0,
+                &set_irqs_body(
+                    IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                    IRQ_MSIX,
+                    7,
+                    1,
+                ),
+                &[fd],
+            )
+        },
+    ];
+    for (i, f) in refuse.iter().enumerate() {
+        let mut p = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two descriptors into `p`.
+        assert_eq!(
+            unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: fresh descriptors owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let mut c = Client::negotiated();
+        f(&mut c, w.as_raw_fd());
+        drop(w);
+        c.serve();
+        let mut b = [0u8; 1];
+        // SAFETY: read into a live one-byte buffer.
+        let n = unsafe { libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        assert_eq!(
+            n, 0,
+            "case {i}: the session still holds the pipe's write end"
+        );
+    }
+}
+
+/// Through the control threads: a client that stalls mid-message is cut after
+/// MESSAGE_TIMEOUT (its socket reads EOF).
+#[test]
+fn stalled_client_is_cut() {
+    use crate::session::{ServerTask, MESSAGE_TIMEOUT};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("nvmux-vfiouser-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = ServerTask::new(l, path.clone(), crate::fuzzing::null_function, stop.clone());
+    let h = nvmux_core::ctlpoll::global().unwrap().add(Box::new(task));
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(&request(1, cmd::VERSION, 0, &version_body()))
+        .unwrap();
+    let mut hb = [0u8; HDR];
+    s.read_exact(&mut hb).unwrap();
+    let mut body = vec![0u8; Header::parse(&hb).unwrap().size as usize - HDR];
+    s.read_exact(&mut body).unwrap();
+    // Half a header, then nothing.
+    let t0 = Instant::now();
+    s.write_all(&request(2, cmd::DEVICE_GET_INFO, 0, &info_body(0, 16, 16))[..7])
+        .unwrap();
+    s.set_read_timeout(Some(MESSAGE_TIMEOUT + Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    // EOF, or a reset (the server closed with our half header unread).
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("the server did not cut the stalled client: {r:?}"),
+    }
+    assert!(t0.elapsed() >= MESSAGE_TIMEOUT - Duration::from_millis(100));
+    stop.store(true, Ordering::Release);
+    h.wake();
+    assert!(h.wait_done_for(Duration::from_secs(10)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
