@@ -29,7 +29,8 @@
 #                                                   an extracted PVH vmlinux; else
 #                                                   the newest /boot/vmlinuz-*-amd64)
 #
-# The script becomes /test.sh (mode 755) in a second cpio appended to a copy
+# The script becomes /test.sh (mode 755), with tests/vm/guest-lib.sh (helpers the
+# guest scripts share) as /guest-lib.sh, in a second cpio appended to a copy
 # of BASE (zero-padded to a multiple of 4 bytes first, or the kernel rejects
 # the second archive with "invalid magic").
 #
@@ -93,6 +94,7 @@ trap cleanup EXIT
 # --- initrd = BASE + zero padding to 4 bytes + cpio{test.sh, test.env} -----------
 mkdir -p "$tmp/extra"
 install -m 755 "$script" "$tmp/extra/test.sh"
+install -m 644 "$(dirname "$0")/guest-lib.sh" "$tmp/extra/guest-lib.sh"
 : > "$tmp/extra/test.env"
 for kv in "${envs[@]}"; do
     # Values are single-quoted so they reach the guest verbatim.
@@ -102,7 +104,7 @@ cp "$initrd" "$tmp/initrd.cpio"
 size=$(stat -c %s "$tmp/initrd.cpio")
 pad=$(( (4 - size % 4) % 4 ))
 ((pad == 0)) || head -c "$pad" /dev/zero >> "$tmp/initrd.cpio"
-(cd "$tmp/extra" && printf '%s\n' test.sh test.env | cpio --quiet -o -H newc -R 0:0) >> "$tmp/initrd.cpio"
+(cd "$tmp/extra" && printf '%s\n' test.sh test.env guest-lib.sh | cpio --quiet -o -H newc -R 0:0) >> "$tmp/initrd.cpio"
 
 # --- QEMU command line -----------------------------------------------------------------
 qemu=(qemu-system-x86_64)

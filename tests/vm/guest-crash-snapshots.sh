@@ -16,18 +16,13 @@
 # guest is off. Markers: NVMUX-READY-CRASH (writers started), NVMUX-ROUNDS-END n.
 # Exit status: 0, fio's status, or 60-62.
 set -eu
+. /guest-lib.sh
 dev=/dev/vda
 slots=${SLOTS:-32}
 runtime=${RUNTIME:-40}
 
-i=0
-while [ ! -b "$dev" ]; do
-    i=$((i + 1))
-    [ "$i" -le 100 ] || { echo "test: $dev did not appear"; exit 60; }
-    sleep 0.1
-done
-nq=$(ls /sys/block/vda/mq | wc -l)
-echo "test: $dev $(($(cat /sys/block/vda/size) / 2048)) MiB, $nq queues, $(grep -c ^processor /proc/cpuinfo) cpus"
+wait_disk "$dev" 60
+nq=$(disk_queues "$dev")
 [ "$nq" -ge 2 ] || { echo "test: need 2 queues (one per writer)"; exit 61; }
 
 # The rounds writer, as its own script so that taskset can pin it.

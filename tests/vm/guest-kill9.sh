@@ -12,17 +12,12 @@
 # Exit status: 0 (fio passed, no I/O error in dmesg), 70 (hung), 71 (I/O error in dmesg),
 # 60 (no disk), or fio's status.
 set -u
+. /guest-lib.sh
 dev=/dev/vda
 runtime=${RUNTIME:-60}
 grace=${GRACE:-60}
 
-i=0
-while [ ! -b "$dev" ]; do
-    i=$((i + 1))
-    [ "$i" -le 100 ] || { echo "test: $dev did not appear"; exit 60; }
-    sleep 0.1
-done
-echo "test: $dev $(($(cat /sys/block/vda/size) / 2048)) MiB, $(ls /sys/block/vda/mq | wc -l) queues"
+wait_disk "$dev" 60
 
 fio --name=kill9 --filename="$dev" --rw=randwrite --bs=4k --size=32M \
     --ioengine=libaio --direct=1 --iodepth=16 --randrepeat=1 --verify=crc32c \

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use nvmux_core::record::ChangeLog;
 use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Result, Status};
 
 /// One change that reached the device.
@@ -99,6 +100,21 @@ impl IoLog {
     /// A copy of the events logged so far.
     pub fn events(&self) -> Vec<Event> {
         self.lock().events.clone()
+    }
+}
+
+impl ChangeLog for IoLog {
+    fn write(&self, off: u64, data: &[u8], fua: bool) {
+        IoLog::write(self, off, data, fua)
+    }
+    fn zero(&self, off: u64, len: u64) {
+        IoLog::zero(self, off, len)
+    }
+    fn flush_start(&self) -> u64 {
+        IoLog::flush_start(self)
+    }
+    fn flush_end(&self, id: u64) {
+        IoLog::flush_end(self, id)
     }
 }
 

@@ -9,12 +9,13 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::{AlignedBuf, BlockQueue, Error, IoCommand, Opcode, Result, Status};
 
 /// Alignment O_DIRECT needs for buffers we cannot prove aligned (a bounce buffer is used).
@@ -53,7 +54,7 @@ pub(crate) struct UringQueue {
     bounce_wait: VecDeque<u32>,
     unsubmitted: u32,
     in_flight: usize,
-    efd: OwnedFd,
+    efd: EventFd,
     /// Reaped CQEs (user data, result), reused across polls.
     cqes: Vec<(u64, i32)>,
     /// How long `drop` waits for commands still in the kernel.
@@ -108,13 +109,7 @@ impl UringQueue {
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| Error::io("io_uring register file", e))?;
-        // SAFETY: eventfd has no preconditions; checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is fresh and ours.
-        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let efd = EventFd::new().map_err(|e| Error::io("io_uring completion eventfd", e))?;
         ring.submitter()
             .register_eventfd(efd.as_raw_fd())
             .map_err(|e| Error::io("io_uring register eventfd", e))?;
@@ -158,9 +153,7 @@ impl UringQueue {
         };
         // SAFETY: one valid pollfd on the stack; the eventfd is ours.
         unsafe { libc::poll(&mut p, 1, ms) };
-        let mut v = 0u64;
-        // SAFETY: reading 8 bytes into a u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        self.efd.drain();
     }
 
     /// Reap CQEs without acting on them: the commands of finished slots are dropped.

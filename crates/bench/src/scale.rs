@@ -409,79 +409,77 @@ pub fn plot(r: &ScaleReport, out: &Path) -> Res<String> {
     let pe = |e: &dyn std::fmt::Display| format!("plot {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| pe(&e))?;
     let (left, right) = root.split_horizontally(500);
-    let idle: Vec<&Point> = r.points.iter().filter(|p| p.clients == 0).collect();
-    let attached: Vec<&Point> = r.points.iter().filter(|p| p.clients > 0).collect();
-    let xmax = r.disks as f64 * 1.05;
-    // Memory.
-    let ymax = r.points.iter().map(|p| p.rss_mib).fold(1.0, f64::max) * 1.15;
-    let mut c = ChartBuilder::on(&left)
-        .caption("daemon RSS (MiB)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
-        .map_err(|e| pe(&e))?;
-    c.configure_mesh()
-        .x_desc("disks (vhost-user exports)")
-        .draw()
-        .map_err(|e| pe(&e))?;
-    c.draw_series(LineSeries::new(
-        idle.iter().map(|p| (p.disks as f64, p.rss_mib)),
-        RED.stroke_width(2),
-    ))
-    .map_err(|e| pe(&e))?
-    .label("no client")
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
-    c.draw_series(
-        idle.iter()
-            .map(|p| Circle::new((p.disks as f64, p.rss_mib), 3, RED.filled())),
-    )
-    .map_err(|e| pe(&e))?;
-    c.draw_series(
-        attached
-            .iter()
-            .map(|p| Circle::new((p.disks as f64, p.rss_mib), 5, BLUE.filled())),
-    )
-    .map_err(|e| pe(&e))?
-    .label("a libblkio client on each")
-    .legend(|(x, y)| Circle::new((x + 7, y), 4, BLUE.filled()));
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| pe(&e))?;
-    // Idle CPU.
-    let cmax = r.points.iter().map(|p| p.idle_cpu_pct).fold(1.0, f64::max) * 1.15;
-    let mut c = ChartBuilder::on(&right)
-        .caption("daemon CPU while idle (% of a core)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..xmax, 0.0..cmax)
-        .map_err(|e| pe(&e))?;
-    c.configure_mesh()
-        .x_desc("disks (vhost-user exports)")
-        .draw()
-        .map_err(|e| pe(&e))?;
-    c.draw_series(LineSeries::new(
-        idle.iter().map(|p| (p.disks as f64, p.idle_cpu_pct)),
-        RED.stroke_width(2),
-    ))
-    .map_err(|e| pe(&e))?;
-    c.draw_series(
-        idle.iter()
-            .map(|p| Circle::new((p.disks as f64, p.idle_cpu_pct), 3, RED.filled())),
-    )
-    .map_err(|e| pe(&e))?;
-    c.draw_series(
-        attached
-            .iter()
-            .map(|p| Circle::new((p.disks as f64, p.idle_cpu_pct), 5, BLUE.filled())),
+    panel(&left, "daemon RSS (MiB)", r, |p| p.rss_mib, true).map_err(|e| pe(&e))?;
+    panel(
+        &right,
+        "daemon CPU while idle (% of a core)",
+        r,
+        |p| p.idle_cpu_pct,
+        false,
     )
     .map_err(|e| pe(&e))?;
     root.present().map_err(|e| pe(&e))?;
     Ok(name.to_string())
+}
+
+/// One panel of the plot: `value` against disk count, the points without clients as a
+/// red line with dots, those with a client on each export as blue dots.
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    r: &ScaleReport,
+    value: fn(&Point) -> f64,
+    legend: bool,
+) -> Res<()> {
+    let se = |e: &dyn std::fmt::Display| e.to_string();
+    let idle: Vec<&Point> = r.points.iter().filter(|p| p.clients == 0).collect();
+    let attached: Vec<&Point> = r.points.iter().filter(|p| p.clients > 0).collect();
+    let xmax = r.disks as f64 * 1.05;
+    let ymax = r.points.iter().map(value).fold(1.0, f64::max) * 1.15;
+    let mut c = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+        .map_err(|e| se(&e))?;
+    c.configure_mesh()
+        .x_desc("disks (vhost-user exports)")
+        .draw()
+        .map_err(|e| se(&e))?;
+    let line = c
+        .draw_series(LineSeries::new(
+            idle.iter().map(|p| (p.disks as f64, value(p))),
+            RED.stroke_width(2),
+        ))
+        .map_err(|e| se(&e))?;
+    if legend {
+        line.label("no client")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
+    }
+    c.draw_series(
+        idle.iter()
+            .map(|p| Circle::new((p.disks as f64, value(p)), 3, RED.filled())),
+    )
+    .map_err(|e| se(&e))?;
+    let dots = c
+        .draw_series(
+            attached
+                .iter()
+                .map(|p| Circle::new((p.disks as f64, value(p)), 5, BLUE.filled())),
+        )
+        .map_err(|e| se(&e))?;
+    if legend {
+        dots.label("a libblkio client on each")
+            .legend(|(x, y)| Circle::new((x + 7, y), 4, BLUE.filled()));
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| se(&e))?;
+    }
+    Ok(())
 }
 
 /// The stage's part of the suite's markdown report.
@@ -567,4 +565,50 @@ pub fn suite_stage(
         eprintln!("scale: no plot: {e}");
     }
     Ok(markdown(&r, p.ok().as_deref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plots_both_panels() {
+        crate::plots::font().unwrap();
+        let point = |disks, clients, rss_mib, idle_cpu_pct| Point {
+            disks,
+            clients,
+            rss_mib,
+            threads: 6,
+            fds: 2 * disks,
+            idle_cpu_pct,
+        };
+        let r = ScaleReport {
+            disks: 100,
+            points: vec![
+                point(0, 0, 6.0, 0.0),
+                point(50, 0, 9.0, 0.0),
+                point(100, 0, 12.0, 0.01),
+                point(100, 100, 30.0, 0.02),
+            ],
+            create_seconds: 1.0,
+            nvmf_seconds: 0.5,
+            kib_per_export: 60.0,
+            kib_per_attached_export: 180.0,
+            threads_all: 6,
+            fds_all: 400,
+            rss_all_mib: 30.0,
+            restore_seconds: 1.0,
+            cli_ms_per_disk: 20.0,
+            cli_sample: 10,
+            fairness: Vec::new(),
+            idle_window_s: 5.0,
+        };
+        let dir = std::env::temp_dir().join(format!("nvmux-scale-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = plot(&r, &dir).unwrap();
+        let png = std::fs::read(dir.join(&name)).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(&png[1..4], b"PNG");
+        assert!(png.len() > 10_000, "{} bytes", png.len());
+    }
 }

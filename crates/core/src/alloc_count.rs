@@ -5,6 +5,12 @@
 //! daemon can show — and the zero-allocation tests can assert — that serving I/O
 //! allocates nothing. The cost is one thread-local increment per allocation; frees are not
 //! counted.
+//!
+//! **Finding an allocation.** A thread that calls [`trace_this_thread`] (every worker does
+//! when `NVMUX_ALLOC_TRACE` is set in the daemon's environment) prints a backtrace to
+//! stderr for each allocation it makes, numbered by its count, so that an allocation a
+//! zero-allocation test reports can be traced to its source. Off, it costs one
+//! thread-local load per allocation (nothing per I/O: the hot path does not allocate).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -16,13 +22,45 @@ pub struct CountingAlloc;
 thread_local! {
     // Const-initialised and without a destructor: usable from inside the allocator.
     static COUNT: Cell<u64> = const { Cell::new(0) };
+    // 0: not traced; 1: traced; 2: traced, and inside the tracer (its own allocations are
+    // not traced).
+    static TRACE: Cell<u8> = const { Cell::new(0) };
 }
+
+/// The environment variable that makes worker threads trace their allocations.
+pub const TRACE_ENV: &str = "NVMUX_ALLOC_TRACE";
 
 #[inline]
 fn bump() {
     // `try_with` fails only while the thread is being torn down; such allocations are not
     // counted (no worker serves I/O then).
     let _ = COUNT.try_with(|c| c.set(c.get().wrapping_add(1)));
+    if TRACE.try_with(|t| t.get() == 1).unwrap_or(false) {
+        trace();
+    }
+}
+
+/// Print where the calling thread's allocation comes from (see the module's doc).
+#[cold]
+#[inline(never)]
+fn trace() {
+    TRACE.with(|t| t.set(2));
+    let n = thread_allocs();
+    let bt = std::backtrace::Backtrace::force_capture();
+    let th = std::thread::current();
+    eprintln!(
+        "alloc_count: allocation {n} on thread {}:\n{bt}",
+        th.name().unwrap_or("?")
+    );
+    TRACE.with(|t| t.set(1));
+}
+
+/// Trace the calling thread's allocations from now on if [`TRACE_ENV`] is set (a debug
+/// aid: a backtrace per allocation on stderr).
+pub fn trace_this_thread() {
+    if std::env::var_os(TRACE_ENV).is_some() {
+        TRACE.with(|t| t.set(1));
+    }
 }
 
 // SAFETY: every method forwards to the system allocator with the caller's arguments

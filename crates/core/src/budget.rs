@@ -59,10 +59,18 @@ impl MemBudget {
     }
 
     fn try_reserve(&self, n: usize) -> bool {
+        self.reserve_below(n, self.limit, true)
+    }
+
+    /// Reserve `n` bytes if `used` stays at most `cap` (a refusal counts as a wait when
+    /// `count` says so).
+    fn reserve_below(&self, n: usize, cap: usize, count: bool) -> bool {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            let Some(next) = cur.checked_add(n).filter(|&v| v <= self.limit) else {
-                self.waits.fetch_add(1, Ordering::Relaxed);
+            let Some(next) = cur.checked_add(n).filter(|&v| v <= cap) else {
+                if count {
+                    self.waits.fetch_add(1, Ordering::Relaxed);
+                }
                 return false;
             };
             match self
@@ -108,6 +116,20 @@ impl ConnBudget {
         let fits = self.held.checked_add(n).is_some_and(|v| v <= self.limit);
         if !fits || !self.global.try_reserve(n) {
             self.waits += 1;
+            return false;
+        }
+        self.held += n;
+        true
+    }
+
+    /// Reserve `n` bytes for something not needed yet (buffers provisioned ahead of
+    /// demand): only if the connection's limit allows it and the daemon-wide budget stays
+    /// at most three quarters full, so that spare buffers never take the memory other
+    /// connections need. A refusal is not a wait and is not counted.
+    pub fn try_take_spare(&mut self, n: usize) -> bool {
+        let fits = self.held.checked_add(n).is_some_and(|v| v <= self.limit);
+        let cap = self.global.limit - self.global.limit / 4;
+        if !fits || !self.global.reserve_below(n, cap, false) {
             return false;
         }
         self.held += n;
@@ -286,6 +308,21 @@ mod tests {
         assert!(!a.can_ever_fit(61));
         assert!(a.can_ever_fit(60));
         assert!(!a.try_take(usize::MAX));
+    }
+
+    #[test]
+    fn spare_reservations_leave_a_quarter_and_count_no_wait() {
+        let g = MemBudget::new(100);
+        let mut a = ConnBudget::new(g.clone(), 90);
+        assert!(a.try_take_spare(70));
+        assert!(
+            !a.try_take_spare(6),
+            "the daemon-wide budget's last quarter"
+        );
+        assert!(a.try_take_spare(5));
+        assert!(a.try_take(15), "demand may use the last quarter");
+        assert!(!a.try_take_spare(1), "the connection's limit");
+        assert_eq!((g.used(), a.held(), g.waits(), a.waits()), (90, 90, 0, 0));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::eventfd::EventFd;
 use crate::{Error, Result};
 
 /// Control threads when nothing configured them.
@@ -116,7 +117,7 @@ enum Msg {
 }
 
 struct Shared {
-    efd: OwnedFd,
+    efd: EventFd,
     inbox: Mutex<Vec<Msg>>,
     tasks: AtomicUsize,
     thread: OnceLock<std::thread::ThreadId>,
@@ -125,9 +126,7 @@ struct Shared {
 impl Shared {
     fn post(&self, m: Msg) {
         self.inbox.lock().unwrap_or_else(|e| e.into_inner()).push(m);
-        let one = 1u64;
-        // SAFETY: writing 8 bytes from a live u64 to the thread's own eventfd.
-        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.efd.signal();
     }
 }
 
@@ -209,15 +208,9 @@ impl CtlPoll {
     fn start(n: usize) -> std::io::Result<CtlPoll> {
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
-            // SAFETY: eventfd and epoll_create1 have no memory-safety preconditions; the
-            // results are checked and owned below.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if efd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor nothing else owns.
-            let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-            // SAFETY: as above.
+            let efd = EventFd::new()?;
+            // SAFETY: epoll_create1 has no memory-safety preconditions; the result is
+            // checked and owned below.
             let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
             if epfd < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -340,9 +333,7 @@ fn thread_main(epfd: OwnedFd, shared: Arc<Shared>) {
             }
         }
         if woke {
-            let mut v = 0u64;
-            // SAFETY: reading 8 bytes into a live u64 from our own non-blocking eventfd.
-            unsafe { libc::read(shared.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            shared.efd.drain();
             let msgs = std::mem::take(&mut *shared.inbox.lock().unwrap_or_else(|e| e.into_inner()));
             for m in msgs {
                 match m {

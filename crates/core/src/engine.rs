@@ -42,8 +42,12 @@
 //! connection's buffers, the negotiation, its memory budget, its timers), maps a
 //! [`Status`] to its wire's error, and writes replies. It never touches a block queue.
 //!
-//! **Slot life.** `alloc` → (`prepare` → `submit`)* → completion via `next_completion`
-//! → `release`. A slot is not in the free list between its completion and `release`, so
+//! **Slot life.** `alloc` → (`prepare` → [`set_keepalive`](Engine::set_keepalive)? →
+//! `submit`)* → completion via `next_completion` → `release`. A request that needs no
+//! block command (it failed to parse or to validate, or the codec answers it itself) goes
+//! `alloc` → [`complete_now`](Engine::complete_now) → `next_completion` → `release`: it is
+//! counted in the stats like any other. A keepalive (a guest memory mapping) travels with
+//! the slot's block commands and is dropped at `release`, after the reply was written. A slot is not in the free list between its completion and `release`, so
 //! a reply can still be sent from the slot's buffer. `submit_ranges` fans one slot out
 //! into several data-less block commands (NVMe Dataset Management); the slot completes
 //! when the last of them does, with the first error any of them met.
@@ -57,7 +61,7 @@ use std::time::Instant;
 
 use crate::stats::{DiskStats, OpClass, QueueStats};
 use crate::worker::{WorkerHandle, WorkerPool};
-use crate::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, SgList, Status};
+use crate::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status};
 
 /// A slot's index in the engine's table (also the block command's tag).
 pub type SlotId = u32;
@@ -66,6 +70,7 @@ pub type DiskId = u16;
 
 impl OpClass {
     /// The stats class of an opcode: the one place this mapping lives.
+    #[inline]
     pub fn of(op: Opcode) -> OpClass {
         match op {
             Opcode::Read => OpClass::Read,
@@ -93,6 +98,10 @@ pub struct Slot<P> {
     slba: u64,
     nlb: u32,
     fua: bool,
+    /// What keeps the slot's buffers valid while its commands run (guest memory, a ring
+    /// generation): travels with the block command and comes home with it; dropped at
+    /// `release`, after the codec wrote its reply.
+    keepalive: Option<KeepAlive>,
 }
 
 impl<P> Slot<P> {
@@ -130,6 +139,9 @@ struct Disk {
     bq: Box<dyn BlockQueue>,
     stats: Arc<QueueStats>,
     owner: Arc<DiskStats>,
+    /// Block commands sent to `bq` and not reaped yet (what `publish` reports, without a
+    /// call down the device chain every round).
+    sent: usize,
     /// No new commands; dropped once its block queue is empty.
     retired: bool,
     /// The counters were folded into `owner`.
@@ -231,6 +243,7 @@ impl<P: Default> Engine<P> {
             bq,
             stats: stats.new_queue(),
             owner: stats.clone(),
+            sent: 0,
             retired: false,
             folded: false,
         };
@@ -354,6 +367,7 @@ impl<P: Default> Engine<P> {
                     slba: 0,
                     nlb: 0,
                     fua: false,
+                    keepalive: None,
                 });
                 (self.slots.len() - 1) as SlotId
             }
@@ -392,6 +406,7 @@ impl<P: Default> Engine<P> {
         if let Some(s) = self.slots.get_mut(i as usize) {
             if s.used && s.pending == 0 {
                 s.used = false;
+                s.keepalive = None;
                 self.busy -= 1;
                 self.free.push(i);
             }
@@ -479,16 +494,45 @@ impl<P: Default> Engine<P> {
         if disk.retired {
             return Err(Status::INVALID_NAMESPACE);
         }
-        match IoCommand::validate_range(op, slba, nlb, &disk.info) {
-            Err(Status::LBA_OUT_OF_RANGE) => {
-                // The disk may have grown (a thin volume); a shrink is the device's to
-                // enforce.
-                let bs = disk.info.block_size.max(1) as u64;
-                disk.info.num_blocks = disk.dev.capacity_bytes() / bs;
-                IoCommand::validate_range(op, slba, nlb, &disk.info)
-            }
-            r => r,
+        validate_live(op, slba, nlb, &mut disk.info, disk.dev.as_ref())
+    }
+
+    /// Keep `ka` alive while slot `i` is in use: it goes into the slot's block commands
+    /// (so a device that holds a command holds it too) and is dropped at `release`, after
+    /// the codec wrote its reply into the buffers it keeps valid (a guest memory mapping,
+    /// a ring generation). Set after `prepare`, before `submit`.
+    pub fn set_keepalive(&mut self, i: SlotId, ka: KeepAlive) {
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            s.keepalive = Some(ka);
         }
+    }
+
+    /// Complete slot `i` without a block command: a request that failed to parse or to
+    /// validate, or one the codec answers itself (virtio-blk GET_ID). It is counted in
+    /// disk `d`'s stats under `class` (with the bytes `prepare` set, on success) with this
+    /// round's clock, and queued for [`Engine::next_completion`] like any other. A slot
+    /// with block commands in flight is left alone.
+    pub fn complete_now(&mut self, i: SlotId, d: DiskId, class: OpClass, st: Status) {
+        let now = self.now();
+        let Some(s) = self.slots.get_mut(i as usize) else {
+            return;
+        };
+        if !s.used || s.pending > 0 {
+            return;
+        }
+        s.status = st;
+        s.class = class;
+        let ok = st.is_ok();
+        let bytes = if ok && class != OpClass::Other {
+            s.bytes
+        } else {
+            0
+        };
+        if let Some(disk) = self.disks.get(d as usize).and_then(|x| x.as_ref()) {
+            disk.stats
+                .record(class, bytes, now.saturating_duration_since(s.start), ok);
+        }
+        self.ready.push((i, st));
     }
 
     /// Count slot `i` under another stats class than its opcode's (an emulated command:
@@ -520,8 +564,10 @@ impl<P: Default> Engine<P> {
         let mut cmd = IoCommand::new(s.op, s.slba, s.nlb, i as u64, sg);
         cmd.nsid = disk.nsid;
         cmd.fua = s.fua;
+        cmd.keepalive = s.keepalive.take();
         s.pending += 1;
         self.in_flight += 1;
+        disk.sent += 1;
         disk.bq.submit(cmd);
         Ok(())
     }
@@ -560,11 +606,13 @@ impl<P: Default> Engine<P> {
         for &(slba, nlb) in ranges.iter().filter(|r| r.1 != 0) {
             let mut cmd = IoCommand::new(op, slba, nlb, i as u64, SgList::empty());
             cmd.nsid = disk.nsid;
+            cmd.keepalive = s.keepalive.clone();
             disk.bq.submit(cmd);
             n += 1;
         }
         s.pending += n;
         self.in_flight += n as usize;
+        disk.sent += n as usize;
         Ok(n)
     }
 
@@ -582,16 +630,21 @@ impl<P: Default> Engine<P> {
         let mut done = std::mem::take(&mut self.done);
         let mut n = 0;
         for d in self.disks.iter_mut().flatten() {
-            n += d.bq.poll(&mut |c, s| done.push((c, s)));
+            let k = d.bq.poll(&mut |c, s| done.push((c, s)));
+            d.sent = d.sent.saturating_sub(k);
+            n += k;
         }
         if !done.is_empty() {
             let now = self.now();
-            for (cmd, st) in done.drain(..) {
+            for (mut cmd, st) in done.drain(..) {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let i = (cmd.tag & !IoCommand::ROUTER_TAG) as SlotId;
                 let Some(s) = self.slots.get_mut(i as usize).filter(|s| s.pending > 0) else {
                     continue;
                 };
+                if s.keepalive.is_none() {
+                    s.keepalive = cmd.keepalive.take(); // kept until `release`
+                }
                 if cmd.sg.capacity() > s.sg.capacity() {
                     s.sg = cmd.sg; // the slot's list comes home
                 }
@@ -641,10 +694,11 @@ impl<P: Default> Engine<P> {
         self.in_flight
     }
 
-    /// Publish each disk's in-flight count (once per round, after `kick`).
+    /// Publish each disk's in-flight count (once per round, after `kick`): the engine's
+    /// own count, no call into the block queue.
     pub fn publish(&self) {
         for d in self.disks.iter().flatten() {
-            d.stats.set_in_flight(d.bq.in_flight() as u64);
+            d.stats.set_in_flight(d.sent as u64);
         }
     }
 
@@ -726,10 +780,36 @@ impl<P> Drop for Engine<P> {
     }
 }
 
+/// [`IoCommand::validate_range`] against `info`, the disk's size as last seen; only when
+/// the command is out of range is the live size re-read from `dev`
+/// ([`BlockDevice::capacity_bytes`]: a thin volume may have grown) into `info` and the
+/// command checked again. A shrink is the device's to enforce. The one place this
+/// re-read lives: the engine's [`Engine::prepare`] and the router (for a command a
+/// classifier rewrote) both come here.
+#[inline]
+pub fn validate_live(
+    op: Opcode,
+    slba: u64,
+    nlb: u32,
+    info: &mut DeviceInfo,
+    dev: &dyn BlockDevice,
+) -> Result<(), Status> {
+    match IoCommand::validate_range(op, slba, nlb, info) {
+        Err(Status::LBA_OUT_OF_RANGE) => {
+            let bs = info.block_size.max(1) as u64;
+            info.num_blocks = dev.capacity_bytes() / bs;
+            IoCommand::validate_range(op, slba, nlb, info)
+        }
+        r => r,
+    }
+}
+
 // ---- placement ----------------------------------------------------------------------------
 
 /// Spreads queues over a set of workers: one shared turn counter, so connections and
-/// exports of every frontend take turns on the same workers.
+/// exports of every frontend take turns on the same workers. The one place placement
+/// lives: the NVMe/TCP and NBD listeners take [`Placement::next`] for each connection, a
+/// vhost-user export takes [`Placement::spread`] for its queues.
 #[derive(Clone)]
 pub struct Placement {
     workers: Arc<[WorkerHandle]>,
@@ -769,9 +849,13 @@ impl Placement {
 }
 
 impl WorkerPool {
-    /// The placement of queues over this pool's workers (round robin).
+    /// The placement of queues over this pool's workers (round robin). Every placement of
+    /// one pool shares the pool's turn.
     pub fn placement(&self) -> Placement {
-        Placement::new(self.workers().to_vec())
+        Placement {
+            workers: self.workers().to_vec().into(),
+            next: self.turn.clone(),
+        }
     }
 }
 

@@ -524,5 +524,135 @@ fn placement_takes_turns() {
     let s = p.spread();
     assert_eq!(s.iter().map(|w| w.index).collect::<Vec<_>>(), vec![2, 0, 1]);
     assert_eq!(p.next().unwrap().index, 0);
+    // Another placement of the same pool (another frontend) takes the next turn.
+    assert_eq!(pool.placement().next().unwrap().index, 1);
     assert!(Placement::new(Vec::new()).next().is_none());
+}
+
+#[test]
+fn a_keepalive_travels_with_the_commands_and_is_dropped_at_release() {
+    let (mut e, _m, _s, d) = engine(100, false, 4);
+    let mem: Arc<Vec<u8>> = Arc::new(vec![0; 16]);
+    let i = e.alloc().unwrap();
+    e.prepare(i, d, Opcode::Flush, 0, 0, false).unwrap();
+    e.set_keepalive(i, mem.clone());
+    assert_eq!(Arc::strong_count(&mem), 2);
+    e.submit(i).unwrap();
+    assert_eq!(
+        Arc::strong_count(&mem),
+        2,
+        "moved into the command, not cloned"
+    );
+    e.kick();
+    e.reap();
+    assert_eq!(e.next_completion(), Some((i, Status::SUCCESS)));
+    assert_eq!(
+        Arc::strong_count(&mem),
+        2,
+        "still held after the completion: the reply is written into what it keeps"
+    );
+    e.release(i);
+    assert_eq!(Arc::strong_count(&mem), 1, "dropped at release");
+    // A fan-out: every range holds it; the slot keeps one until release.
+    let i = e.alloc().unwrap();
+    e.set_keepalive(i, mem.clone());
+    assert_eq!(
+        e.submit_ranges(i, d, Opcode::Deallocate, &[(0, 1), (4, 1), (8, 1)]),
+        Ok(3)
+    );
+    assert_eq!(Arc::strong_count(&mem), 5);
+    e.kick();
+    e.reap();
+    assert_eq!(e.next_completion(), Some((i, Status::SUCCESS)));
+    assert_eq!(Arc::strong_count(&mem), 2);
+    e.release(i);
+    assert_eq!(Arc::strong_count(&mem), 1);
+}
+
+#[test]
+fn complete_now_counts_a_request_that_needs_no_block_command() {
+    let (mut e, m, stats, d) = engine(100, false, 4);
+    e.round();
+    // A request that failed to parse: counted as an error, no command sent.
+    let bad = e.alloc().unwrap();
+    e.complete_now(bad, d, OpClass::Read, Status::INVALID_FIELD);
+    // One that failed validation after prepare.
+    let oor = e.alloc().unwrap();
+    let st = e.prepare(oor, d, Opcode::Read, 200, 1, false).unwrap_err();
+    e.complete_now(oor, d, OpClass::of(Opcode::Read), st);
+    // One the codec answers itself (virtio-blk GET_ID).
+    let id = e.alloc().unwrap();
+    e.complete_now(id, d, OpClass::Other, Status::SUCCESS);
+    // A slot with a command in flight is not completed twice.
+    let r = read(&mut e, d, 0, 1, 9).unwrap();
+    e.complete_now(r, d, OpClass::Other, Status::SUCCESS);
+    assert!(
+        m.log.lock().unwrap().len() == 1,
+        "only the read went to the device"
+    );
+    e.kick();
+    e.reap();
+    let mut got = Vec::new();
+    while let Some(c) = e.next_completion() {
+        got.push(c);
+    }
+    assert_eq!(
+        got,
+        vec![
+            (bad, Status::INVALID_FIELD),
+            (oor, Status::LBA_OUT_OF_RANGE),
+            (id, Status::SUCCESS),
+            (r, Status::SUCCESS)
+        ]
+    );
+    for (i, _) in got {
+        e.release(i);
+    }
+    assert_eq!(e.busy(), 0);
+    let s = stats.snapshot();
+    assert_eq!((s.read.ops, s.read.errors, s.read.bytes), (3, 2, 512));
+    assert_eq!((s.other.ops, s.other.errors), (1, 0));
+    // Steady state: immediate completions allocate nothing either.
+    let before = allocs();
+    for _ in 0..1000 {
+        e.round();
+        for _ in 0..4 {
+            let i = e.alloc().unwrap();
+            e.complete_now(i, d, OpClass::Other, Status::INVALID_OPCODE);
+        }
+        while let Some((i, _)) = e.next_completion() {
+            e.release(i);
+        }
+    }
+    assert_eq!(allocs() - before, 0);
+}
+
+#[test]
+fn validate_live_rereads_the_size_only_out_of_range() {
+    let m = Mock::new(100, false);
+    let mut info = m.info.clone();
+    assert_eq!(
+        validate_live(Opcode::Read, 0, 100, &mut info, m.as_ref()),
+        Ok(())
+    );
+    assert_eq!(m.size_reads.load(Ordering::Relaxed), 0);
+    m.size.store(150 * 512, Ordering::Relaxed);
+    assert_eq!(
+        validate_live(Opcode::Write, 120, 30, &mut info, m.as_ref()),
+        Ok(())
+    );
+    assert_eq!(
+        (m.size_reads.load(Ordering::Relaxed), info.num_blocks),
+        (1, 150)
+    );
+    assert_eq!(
+        validate_live(Opcode::Write, 120, 31, &mut info, m.as_ref()),
+        Err(Status::LBA_OUT_OF_RANGE)
+    );
+    assert_eq!(
+        validate_live(Opcode::Read, 0, 0, &mut info, m.as_ref()),
+        Err(Status::INVALID_FIELD),
+        "a bad block count is not a reason to re-read"
+    );
+    assert_eq!(m.size_reads.load(Ordering::Relaxed), 2);
 }

@@ -30,6 +30,8 @@ pub mod ctlpoll;
 pub mod engine;
 pub mod eventfd;
 pub mod fault;
+pub mod fileops;
+pub mod record;
 pub mod sigbus;
 pub mod stats;
 pub mod unixsock;

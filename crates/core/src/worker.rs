@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::eventfd::{drain_fd, EventFd};
+
 /// Something a worker drives.
 pub trait WorkSource: Send {
     /// Process whatever is ready. Returns how many events were handled; 0 means idle.
@@ -103,7 +105,7 @@ pub struct WorkerStats {
 }
 
 struct Shared {
-    wake: OwnedFd,
+    wake: EventFd,
     incoming: Mutex<Vec<Box<dyn WorkSource>>>,
     pending: AtomicBool,
     stop: AtomicBool,
@@ -112,9 +114,7 @@ struct Shared {
 
 impl Shared {
     fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to our own eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.wake.signal();
     }
 }
 
@@ -149,16 +149,9 @@ impl WorkerHandle {
 pub struct WorkerPool {
     handles: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
-}
-
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; we check the result.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a freshly created descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    /// Whose turn it is: shared by every [`crate::engine::Placement`] of this pool, so
+    /// the queues of every frontend take turns on the same workers.
+    pub(crate) turn: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl WorkerPool {
@@ -167,7 +160,7 @@ impl WorkerPool {
         let mut threads = Vec::new();
         for i in 0..cfg.threads.max(1) {
             let shared = Arc::new(Shared {
-                wake: eventfd()?,
+                wake: EventFd::new()?,
                 incoming: Mutex::new(Vec::new()),
                 pending: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
@@ -182,7 +175,11 @@ impl WorkerPool {
             handles.push(WorkerHandle { shared, index: i });
             threads.push(t);
         }
-        Ok(WorkerPool { handles, threads })
+        Ok(WorkerPool {
+            handles,
+            threads,
+            turn: Arc::default(),
+        })
     }
 
     /// The worker for queue number `i` (queues are spread round-robin).
@@ -250,12 +247,6 @@ fn epoll_ctl_ev(ep: RawFd, op: i32, fd: RawFd, events: u32, token: u64) {
             std::io::Error::last_os_error()
         );
     }
-}
-
-fn drain(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reading 8 bytes into a valid u64; the fd is non-blocking.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 fn epoll_create() -> Option<OwnedFd> {
@@ -333,6 +324,7 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     if let Some(c) = cpu {
         pin_to(c);
     }
+    crate::alloc_count::trace_this_thread();
     let (Some(ep_owned), Some(sock_ep_owned)) = (epoll_create(), epoll_create()) else {
         return;
     };
@@ -535,8 +527,12 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 match ev.u64 {
                     // Socket edges are collected at the top of the next pass.
                     SOCKETS_TOKEN => {}
-                    WAKE_TOKEN => drain(wake_fd),
-                    fd => drain(fd as RawFd),
+                    WAKE_TOKEN => {
+                        sh.wake.drain();
+                    }
+                    fd => {
+                        drain_fd(fd as RawFd);
+                    }
                 }
             }
         }
@@ -559,6 +555,7 @@ fn guarded_finished(a: &Attached) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eventfd::signal_fd;
     use std::sync::atomic::AtomicUsize;
 
     /// Work lives in shared state (as a virtqueue's does); the eventfd only wakes.
@@ -589,7 +586,7 @@ mod tests {
     #[test]
     fn sleeps_and_wakes() {
         let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
-        let fd = eventfd().unwrap();
+        let fd: OwnedFd = EventFd::new().unwrap().into();
         let raw = fd.as_raw_fd();
         let seen = Arc::new(AtomicUsize::new(0));
         let sent = Arc::new(AtomicUsize::new(0));
@@ -601,9 +598,7 @@ mod tests {
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(20));
             sent.fetch_add(1, Ordering::SeqCst);
-            let one: u64 = 1;
-            // SAFETY: the fd stays open until the source sees all 3 events.
-            unsafe { libc::write(raw, (&one as *const u64).cast(), 8) };
+            signal_fd(raw);
         }
         let t0 = Instant::now();
         while seen.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(10) {
@@ -644,7 +639,7 @@ mod tests {
         pool.worker(0).attach(Box::new(Bomb {
             polls: polls.clone(),
         }));
-        let fd = eventfd().unwrap();
+        let fd: OwnedFd = EventFd::new().unwrap().into();
         let raw = fd.as_raw_fd();
         let seen = Arc::new(AtomicUsize::new(0));
         let sent = Arc::new(AtomicUsize::new(0));
@@ -663,9 +658,7 @@ mod tests {
         // The bomb is gone (never polled again); the counter still gets its events.
         for _ in 0..3 {
             sent.fetch_add(1, Ordering::SeqCst);
-            let one: u64 = 1;
-            // SAFETY: the fd stays open until the source sees all 3 events.
-            unsafe { libc::write(raw, (&one as *const u64).cast(), 8) };
+            signal_fd(raw);
             std::thread::sleep(Duration::from_millis(10));
         }
         while seen.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(10) {

@@ -271,16 +271,13 @@ impl Daemon {
         let cfg_keys = cfg.keys.kek_file.clone();
         let keystore = nvmux_func::keystore::Keystore::open(&cfg.data_dir.join("keystore"))?;
         let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
-        let nvmf = nvmux_nvmf::Target::new(
-            workers.workers().to_vec(),
-            nvmf::target_config(&cfg, &net_mem),
-        );
+        let nvmf =
+            nvmux_nvmf::Target::new(workers.placement(), nvmf::target_config(&cfg, &net_mem));
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner::default()),
             workers,
             started: Instant::now(),
-            next_worker: Default::default(),
             ops: ops::Ops::default(),
             keys: Mutex::new(match &cfg_keys {
                 Some(p) => Arc::new(nvmux_func::keys::KekFile(p.clone())),
@@ -346,7 +343,7 @@ impl Daemon {
         let migrated = self.migrate_keys(&mut st.disks)?;
         let mut g = self.lock();
         for spec in st.pools {
-            let pool = nvmux_volume::Pool::open(&spec.path).map_err(|e| e.to_string());
+            let pool = crate::pools::open_pool(&spec.path).map_err(|e| e.to_string());
             if let Ok(p) = &pool {
                 p.set_command_timeout(self.cfg.pool.command_timeout_ms);
             }
@@ -535,12 +532,9 @@ impl Daemon {
                 if !nvmux_core::unixsock::is_inherited(&nvmux_core::unixsock::unix_key(socket)) {
                     claim_socket(socket)?;
                 }
-                let mut workers = self.workers.workers().to_vec();
-                let first = self
-                    .next_worker
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let n = workers.len();
-                workers.rotate_left(first % n);
+                // Queue i of the export runs on workers[i % len], starting at the worker
+                // whose turn it is (the pool's one placement, shared by every frontend).
+                let workers = self.workers.placement().spread();
                 VhostBlkExport::start(
                     dev.clone(),
                     ExportConfig {

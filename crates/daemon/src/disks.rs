@@ -11,7 +11,7 @@ use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
 use nvmux_func::keys::KeyProvider;
 use serde::{Deserialize, Serialize};
 
-use crate::assembly::{new_crypt_spec, open_backend, with_functions, NewKey};
+use crate::assembly::{new_crypt_spec, open_backend, with_functions, KeySource, NewKey};
 use crate::{
     check_name, err, ops, pools, BackendSpec, Daemon, Disk, DiskSpec, DiskView, Function, Inner,
     QosSpec,
@@ -66,8 +66,16 @@ pub struct DiskCreate {
     pub chain: Option<Vec<Function>>,
 }
 
-/// `sector_size` and `iv_large_sectors` belong to encrypted disks.
-pub(crate) fn check_crypt_options(req: &DiskCreate) -> Result<()> {
+/// The checks of a create request that hold for every backend (file, null, memory,
+/// pool): a block size of 512 or 4096, and `sector_size` and `iv_large_sectors` only on
+/// an encrypted disk.
+fn check_request(req: &DiskCreate) -> Result<()> {
+    if let Some(b) = req.block_size.filter(|&b| b != 512 && b != 4096) {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("block size {b} is not supported (use 512 or 4096)"),
+        ));
+    }
     if !req.encrypt && (req.sector_size.is_some() || req.iv_large_sectors) {
         return Err(err(
             ErrorKind::InvalidArgument,
@@ -75,6 +83,18 @@ pub(crate) fn check_crypt_options(req: &DiskCreate) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The new disk's data key, when it is to be encrypted (its keystore slot is erased
+/// again unless the disk is kept).
+pub(crate) fn new_key_for<'a, 'b>(
+    req: &DiskCreate,
+    keys: &'a KeySource<'b>,
+) -> Result<Option<NewKey<'a, 'b>>> {
+    if !req.encrypt {
+        return Ok(None);
+    }
+    new_crypt_spec(&req.name, keys, req.sector_size, req.iv_large_sectors).map(Some)
 }
 
 /// Refuse an operation that rebuilds a disk's device while an export serves it.
@@ -168,6 +188,7 @@ impl Daemon {
 
     pub fn create_disk(&self, req: DiskCreate) -> Result<DiskView> {
         check_name("disk", &req.name)?;
+        check_request(&req)?;
         let mut g = self.lock();
         if g.disks.contains_key(&req.name) {
             return Err(err(
@@ -185,14 +206,6 @@ impl Daemon {
             ));
         }
         let bs = req.block_size.unwrap_or(512);
-        if let Some(b) = req.block_size {
-            if b != 512 && b != 4096 {
-                return Err(err(
-                    ErrorKind::InvalidArgument,
-                    format!("block size {b} is not supported (use 512 or 4096)"),
-                ));
-            }
-        }
         let backend = match req.backend.as_deref().unwrap_or("file") {
             "file" => {
                 let (path, owned) = match &req.path {
@@ -239,69 +252,85 @@ impl Daemon {
                 "a null or memory disk needs a size",
             ));
         }
-        check_crypt_options(&req)?;
         // A file disk without a size takes the existing file's size.
         let keys = self.key_source();
-        let new_key = if req.encrypt {
-            Some(new_crypt_spec(
-                &req.name,
-                &keys,
-                req.sector_size,
-                req.iv_large_sectors,
-            )?)
-        } else {
-            None
-        };
-        let crypt = new_key.as_ref().and_then(NewKey::spec);
-        let mut spec = DiskSpec {
+        let new_key = new_key_for(&req, &keys)?;
+        let spec = DiskSpec {
             name: req.name.clone(),
             backend,
             size: req.size.unwrap_or(0),
             block_size: bs,
             read_only: req.read_only,
-            crypt,
+            crypt: new_key.as_ref().and_then(NewKey::spec),
             qos: req.qos,
             chain: req.chain.clone(),
             classifier: None,
             external: None,
             allow_flush_complete: false,
         };
-        spec.check_chain()?;
-        let qos = self.new_qos(&g, &spec)?;
-        let router = nvmux_router::Router::new(&spec.name);
-        let opened: Result<Arc<dyn BlockDevice>> = match &spec.backend {
+        // Leave nothing behind: an image we were creating ourselves goes on a failure.
+        let made_image = match &spec.backend {
+            BackendSpec::File {
+                path, owned: true, ..
+            } => Some(path.clone()),
+            _ => None,
+        };
+        let undo = || {
+            if let Some(p) = &made_image {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        let (block_size, size, read_only) = (req.block_size, req.size, req.read_only);
+        let open = |g: &Inner, spec: &DiskSpec| match &spec.backend {
             BackendSpec::File { path, direct, .. } => FileDevice::open(
                 path,
                 &FileOptions {
-                    block_size: req.block_size,
-                    size: req.size,
-                    read_only: req.read_only,
+                    block_size,
+                    size,
+                    read_only,
                     direct: *direct,
                     create: true,
                 },
             )
             .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
-            _ => open_backend(&g, &spec),
-        }
-        .and_then(|d| with_functions(d, &spec, &keys, &qos, &router));
-        let dev = match opened {
-            Ok(d) => d,
+            _ => open_backend(g, spec),
+        };
+        self.install_disk(&mut g, spec, &keys, new_key, open, &undo)
+    }
+
+    /// Create a disk whose spec is settled, whatever its backend: check its chain, build
+    /// its qos and router, open its device (`open`) and stack its functions, then record
+    /// and persist it. On a failure `undo` takes back what the caller made for it (an
+    /// image file, a volume), the new data key is erased (dropped unkept), and nothing is
+    /// left behind.
+    pub(crate) fn install_disk(
+        &self,
+        g: &mut Inner,
+        mut spec: DiskSpec,
+        keys: &KeySource,
+        new_key: Option<NewKey>,
+        open: impl FnOnce(&Inner, &DiskSpec) -> Result<Arc<dyn BlockDevice>>,
+        undo: &dyn Fn(),
+    ) -> Result<DiskView> {
+        let built = spec.check_chain().and_then(|()| {
+            let qos = self.new_qos(g, &spec)?;
+            let router = nvmux_router::Router::new(&spec.name);
+            let dev = with_functions(open(g, &spec)?, &spec, keys, &qos, &router)?;
+            Ok((qos, router, dev))
+        });
+        let (qos, router, dev) = match built {
+            Ok(x) => x,
             Err(e) => {
-                // Leave nothing behind: remove an image we were creating ourselves.
-                if let BackendSpec::File {
-                    path, owned: true, ..
-                } = &spec.backend
-                {
-                    let _ = std::fs::remove_file(path);
-                }
+                undo();
                 return Err(e);
             }
         };
         spec.block_size = dev.info().block_size;
         spec.size = dev.info().size_bytes();
         tracing::info!(disk = %spec.name, device = %dev.describe(), size = spec.size, "disk created");
+        let name = spec.name.clone();
         g.disks.insert(
-            spec.name.clone(),
+            name.clone(),
             Disk {
                 qos,
                 router,
@@ -310,23 +339,15 @@ impl Daemon {
                 stats: Arc::new(DiskStats::default()),
             },
         );
-        if let Err(e) = self.persist(&g) {
-            // Leave nothing behind: drop the disk and an image we created.
-            if let Some(d) = g.disks.remove(&req.name) {
-                if let BackendSpec::File {
-                    path, owned: true, ..
-                } = d.spec.backend
-                {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
+        if let Err(e) = self.persist(g) {
+            g.disks.remove(&name);
+            undo();
             return Err(e);
         }
         if let Some(k) = new_key {
             k.keep();
         }
-        let d = &g.disks[&req.name];
-        Ok(Self::view(&g, d))
+        Ok(Self::view(g, &g.disks[&name]))
     }
 
     /// Crypto-erase: destroy an encrypted disk's data key and give the disk a new one.

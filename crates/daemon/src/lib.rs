@@ -51,8 +51,7 @@ pub use views::{
     StatsView, WorkerView,
 };
 
-pub(crate) use assembly::{new_crypt_spec, with_functions, NewKey};
-pub(crate) use disks::check_crypt_options;
+pub(crate) use assembly::{with_functions, NewKey};
 pub(crate) use exports::check_export_socket;
 
 struct Disk {
@@ -99,9 +98,6 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     workers: WorkerPool,
     started: Instant,
-    /// Exports spread their queues over the workers starting at a rotating offset, so
-    /// many single-queue VMs do not all land on worker 0.
-    next_worker: std::sync::atomic::AtomicUsize,
     /// Long-running operations, readable without the state lock.
     ops: ops::Ops,
     /// The key-encryption key's source.

@@ -302,7 +302,7 @@ impl Daemon {
             let srv = NbdServer::start(
                 l,
                 perms,
-                self.workers.workers().to_vec(),
+                self.workers.placement(),
                 self.nbd_server_config(server_tls),
             )?;
             key = key_of(srv.listen());

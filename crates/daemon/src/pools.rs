@@ -4,18 +4,30 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
-use nvmux_core::stats::DiskStats;
 use nvmux_core::{parse_size, Error, ErrorKind, Result};
 use nvmux_volume::{CheckReport, Pool, PoolOptions, PoolUsage, ThinDevice};
 use serde::{Deserialize, Serialize};
 
-use crate::{check_name, err, BackendSpec, Daemon, Disk, DiskCreate, DiskSpec, DiskView, Inner};
+use crate::{check_name, err, BackendSpec, Daemon, DiskCreate, DiskSpec, DiskView, Inner};
 
 /// A pool as `state.json` keeps it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PoolSpec {
     pub name: String,
     pub path: PathBuf,
+}
+
+/// Open the pool at `path` for serving, its volumes' data going through the backend's
+/// io_uring file device on the same file (the only place a pool meets a backend).
+pub fn open_pool(path: &Path) -> Result<Arc<Pool>> {
+    let data = nvmux_backend::FileDevice::open(
+        path,
+        &nvmux_backend::FileOptions {
+            create: false,
+            ..Default::default()
+        },
+    )?;
+    Pool::open(path, Arc::new(data))
 }
 
 pub(crate) struct PoolEntry {
@@ -154,7 +166,7 @@ impl Daemon {
             }
             Pool::create(&req.path, &opts)?;
         }
-        let pool = Pool::open(&req.path)?;
+        let pool = open_pool(&req.path)?;
         pool.set_command_timeout(self.config().pool.command_timeout_ms);
         let spec = PoolSpec {
             name: req.name.clone(),
@@ -235,12 +247,6 @@ impl Daemon {
                 "a pool disk takes no --path or --backend",
             ));
         }
-        if req.block_size.is_some_and(|b| b != 512 && b != 4096) {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                "pool disks have 512-byte blocks (4096 on a pool whose device has 4096-byte logical blocks)",
-            ));
-        }
         let pool = get_pool(&g, &pool_name)?;
         if req.encrypt && (req.volume.is_some() || req.from_snapshot.is_some()) {
             return Err(err(
@@ -248,18 +254,8 @@ impl Daemon {
                 "an encrypted disk cannot be a clone or an attached volume yet: its data would need the origin's key",
             ));
         }
-        crate::check_crypt_options(&req)?;
         let keys = self.key_source();
-        let new_key = if req.encrypt {
-            Some(crate::new_crypt_spec(
-                &req.name,
-                &keys,
-                req.sector_size,
-                req.iv_large_sectors,
-            )?)
-        } else {
-            None
-        };
+        let new_key = crate::disks::new_key_for(&req, &keys)?;
         let crypt = new_key.as_ref().and_then(crate::NewKey::spec);
         let (volume, owned) = match &req.volume {
             Some(v) => {
@@ -307,7 +303,7 @@ impl Daemon {
             ));
         }
         let (size, ro) = (thin.size(), nvmux_core::BlockDevice::info(&thin).read_only);
-        let mut spec = DiskSpec {
+        let spec = DiskSpec {
             name: req.name.clone(),
             backend: BackendSpec::Thin {
                 pool: pool_name,
@@ -317,52 +313,17 @@ impl Daemon {
             size,
             block_size: bs,
             read_only: req.read_only || ro,
-            crypt: None,
+            crypt,
             qos: req.qos,
             chain: req.chain.clone(),
             classifier: None,
             external: None,
             allow_flush_complete: false,
         };
-        spec.crypt = crypt;
-        let qos = match self.new_qos(&g, &spec) {
-            Ok(q) => q,
-            Err(e) => {
-                undo(&pool);
-                return Err(e);
-            }
-        };
-        let router = nvmux_router::Router::new(&spec.name);
-        let dev = match crate::with_functions(Arc::new(thin), &spec, &keys, &qos, &router) {
-            Ok(d) => d,
-            Err(e) => {
-                undo(&pool);
-                return Err(e);
-            }
-        };
-        g.disks.insert(
-            spec.name.clone(),
-            Disk {
-                qos,
-                router,
-                spec,
-                dev: Ok(dev),
-                stats: Arc::new(DiskStats::default()),
-            },
-        );
-        if let Err(e) = self.persist(&g) {
-            g.disks.remove(&req.name);
-            undo(&pool);
-            return Err(e);
-        }
-        if let Some(k) = new_key {
-            k.keep();
-        }
-        tracing::info!(disk = %req.name, volume = %volume, "pool disk created");
-        Ok(Daemon::view(&g, &g.disks[&req.name]))
+        let open = |_: &Inner, _: &DiskSpec| Ok(Arc::new(thin) as Arc<dyn nvmux_core::BlockDevice>);
+        self.install_disk(&mut g, spec, &keys, new_key, open, &|| undo(&pool))
     }
 
-    /// A pool disk's pool name, pool and volume.
     fn thin_of(&self, g: &Inner, disk: &str) -> Result<(String, Arc<Pool>, String)> {
         let d = g
             .disks

@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnBudget, ConnLimiter, ConnPermit, MemBudget, Peer};
-use nvmux_core::worker::WorkerHandle;
+use nvmux_core::engine::Placement;
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::{Error, ErrorKind, Result, Wire};
 use openssl::ssl::{HandshakeError, MidHandshakeSslStream, SslStream};
 
@@ -137,9 +138,9 @@ impl ListenSock {
 pub struct NbdServer {
     listen: Listen,
     shared: Arc<Shared>,
-    workers: Vec<WorkerHandle>,
+    placement: Placement,
     /// Written to stop the listener thread.
-    stop_fd: OwnedFd,
+    stop_fd: EventFd,
     thread: Option<JoinHandle<()>>,
     tls: Option<Arc<TlsServer>>,
     max_io: u32,
@@ -151,23 +152,13 @@ fn read_exports(e: &Exports) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, 
     e.read().unwrap_or_else(|p| p.into_inner())
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl NbdServer {
-    /// Bind `listen` and serve connections on the `workers` in turn. A Unix socket gets
-    /// `perms` (owner and mode) before it appears at its path.
+    /// Bind `listen` and serve connections on the workers of `placement`, in turn. A Unix
+    /// socket gets `perms` (owner and mode) before it appears at its path.
     pub fn start(
         listen: Listen,
         perms: &nvmux_core::unixsock::SocketPerms,
-        workers: Vec<WorkerHandle>,
+        placement: Placement,
         cfg: ServerConfig,
     ) -> Result<NbdServer> {
         let tls = cfg.tls.is_some();
@@ -220,7 +211,7 @@ impl NbdServer {
             timeout_log: BurstLog::default(),
             fail_log: BurstLog::default(),
         });
-        let stop_fd = eventfd().map_err(|e| Error::io("NBD listener eventfd", e))?;
+        let stop_fd = EventFd::new().map_err(|e| Error::io("NBD listener eventfd", e))?;
         let stop_raw = stop_fd.as_raw_fd();
         let listen_fd = match &sock {
             ListenSock::Unix(l) => l.as_raw_fd(),
@@ -234,7 +225,7 @@ impl NbdServer {
         let ctx = Loop {
             sock,
             sh: shared.clone(),
-            workers: workers.clone(),
+            placement: placement.clone(),
             policy: Policy { tls, max_io },
             limits: ConnLimits {
                 max_io,
@@ -250,7 +241,7 @@ impl NbdServer {
         Ok(NbdServer {
             listen,
             shared,
-            workers,
+            placement,
             stop_fd,
             thread: Some(thread),
             tls: tls_server,
@@ -269,9 +260,7 @@ impl NbdServer {
     /// `timeout` for the connections to finish their commands and close. Returns the
     /// connections still open then.
     pub fn release(mut self, timeout: Duration) -> u64 {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.stop_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stop_fd.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -344,7 +333,7 @@ impl NbdServer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)?;
         e.stop.store(true, Ordering::Release);
-        for w in &self.workers {
+        for w in self.placement.workers() {
             w.wake();
         }
         Some(e)
@@ -365,9 +354,7 @@ impl NbdServer {
 
     /// Stop listening and close every connection.
     pub fn stop(mut self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.stop_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stop_fd.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -620,7 +607,7 @@ impl Pending {
 struct Loop {
     sock: ListenSock,
     sh: Arc<Shared>,
-    workers: Vec<WorkerHandle>,
+    placement: Placement,
     policy: Policy,
     limits: ConnLimits,
     cfg: ServerConfig,
@@ -642,7 +629,6 @@ impl Loop {
         epoll_ctl(ep, libc::EPOLL_CTL_ADD, stop_fd, libc::EPOLLIN as u32);
         let mut pending: HashMap<RawFd, Pending> = HashMap::new();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-        let mut next_worker = 0usize;
         let mut accept_paused: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -705,7 +691,7 @@ impl Loop {
                         if let Some(p) = pending.remove(&fd) {
                             epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0);
                             self.sh.negotiating.fetch_sub(1, Ordering::Relaxed);
-                            self.hand_off(p, n, &mut next_worker);
+                            self.hand_off(p, n);
                         }
                     }
                     Outcome::Closed(why) => {
@@ -847,7 +833,7 @@ impl Loop {
         }
     }
 
-    fn hand_off(&self, p: Pending, n: Negotiated, next_worker: &mut usize) {
+    fn hand_off(&self, p: Pending, n: Negotiated) {
         let tls = matches!(p.io, Io::Tls(_));
         let identity = match (&p.io, &self.cfg.tls) {
             (Io::Tls(s), Some(t)) => t.peer_of(s.ssl()),
@@ -874,9 +860,7 @@ impl Loop {
             Ok(c) => {
                 tracing::info!(export = %name, peer = %peer, structured = n.structured, tls = %identity,
                     "nbd: client connected");
-                let n = self.workers.len().max(1);
-                if let Some(w) = self.workers.get(*next_worker % n) {
-                    *next_worker = next_worker.wrapping_add(1);
+                if let Some(w) = self.placement.next() {
                     w.attach(Box::new(c));
                 }
             }

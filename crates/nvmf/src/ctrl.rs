@@ -4,11 +4,12 @@
 //! sends back what [`Controller::admin`] and [`parse_io`] produce.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::stats::DiskStats;
 use nvmux_core::{BlockDevice, Status};
 
@@ -222,20 +223,14 @@ pub type NsMap = Arc<BTreeMap<u32, Arc<Namespace>>>;
 
 /// Wakes one connection from another thread: a flag plus an eventfd its worker waits on.
 pub struct Waker {
-    fd: OwnedFd,
+    fd: EventFd,
     pub stop: AtomicBool,
 }
 
 impl Waker {
     pub fn new() -> std::io::Result<Arc<Waker>> {
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(Arc::new(Waker {
-            // SAFETY: fd is a fresh descriptor we own.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: EventFd::new()?,
             stop: AtomicBool::new(false),
         }))
     }
@@ -243,9 +238,7 @@ impl Waker {
         self.fd.as_raw_fd()
     }
     pub fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a u64 to our own eventfd.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.fd.signal();
     }
     /// Ask the connection to close.
     pub fn stop(&self) {

@@ -1,7 +1,8 @@
-//! The NVMe/TCP target: subsystems by NQN, one listener thread per address, and the
-//! discovery controller on every listener.
+//! The NVMe/TCP target: subsystems by NQN, a listener per address, and the discovery
+//! controller on every listener.
 //!
-//! A listener thread only accepts. It admits a connection within the listener's limits
+//! A listener is a task on the process's control threads ([`nvmux_core::ctlpoll`]), not
+//! a thread of its own: 1000 listening addresses cost no thread each. It only accepts. It admits a connection within the listener's limits
 //! (in total and per peer address; refused ones are closed at once and logged at most a
 //! few times per burst), turns on TCP keep-alive, and makes the connection a [`Conn`] on a
 //! worker (round robin), so the queues of one controller spread over the workers.
@@ -10,14 +11,14 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nvmux_core::budget::{ConnLimiter, MemBudget};
-use nvmux_core::worker::WorkerHandle;
+use nvmux_core::ctlpoll::{CtlCx, CtlHandle, CtlTask, Next};
+use nvmux_core::engine::Placement;
 
 use crate::conn::{Conn, ConnParams, Counters, Limits};
 use crate::ctrl::{DiscoveryEntry, Resolver, Subsystem, Waker, Where, DISCOVERY_NQN};
@@ -189,19 +190,21 @@ fn auth_thread(rx: Arc<Mutex<Receiver<Job>>>) {
 
 struct Listener {
     addr: SocketAddr,
-    /// The listening socket (owned by the accept thread), for a takeover.
+    /// The listening socket (owned by the accept task), for a takeover.
     fd: std::os::fd::RawFd,
-    stop: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    /// The accept task on a control thread.
+    task: CtlHandle,
     limiter: Arc<ConnLimiter>,
 }
 
 impl Listener {
-    fn stop(mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Stop accepting and wait until the accept task has closed its socket (a copy a
+    /// takeover's new process holds stays open and listening).
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.task.wake();
+        self.task.wait_done();
     }
 }
 
@@ -230,14 +233,14 @@ pub struct TargetStats {
 pub struct Target {
     reg: Arc<Registry>,
     listeners: Mutex<BTreeMap<SocketAddr, Listener>>,
-    workers: Vec<WorkerHandle>,
-    next_worker: Arc<AtomicUsize>,
+    placement: Placement,
     cfg: TargetConfig,
     limits: Arc<Limits>,
 }
 
 impl Target {
-    pub fn new(workers: Vec<WorkerHandle>, cfg: TargetConfig) -> Target {
+    /// A target whose connections go to the workers of `placement`, in turn.
+    pub fn new(placement: Placement, cfg: TargetConfig) -> Target {
         let log = Arc::new(RateLog::default());
         let limits = Arc::new(Limits {
             mem: cfg.mem.clone(),
@@ -259,8 +262,7 @@ impl Target {
                 jobs: Mutex::new(None),
             }),
             listeners: Mutex::new(BTreeMap::new()),
-            workers,
-            next_worker: Arc::new(AtomicUsize::new(0)),
+            placement,
             cfg,
             limits,
         }
@@ -360,22 +362,24 @@ impl Target {
             .local_addr()
             .map_err(|e| format!("listen on {addr}: {e}"))?;
         let fd = l.as_raw_fd();
-        let stop = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
+        l.set_nonblocking(true)
+            .map_err(|e| format!("listen on {addr}: non-blocking: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
         let limiter = ConnLimiter::new(self.cfg.max_connections, self.cfg.max_connections_per_host);
-        let ctx = AcceptCtx {
+        let task = AcceptTask {
+            l,
             listen: bound,
             reg: self.reg.clone(),
-            workers: self.workers.clone(),
-            next: self.next_worker.clone(),
+            placement: self.placement.clone(),
             stop: stop.clone(),
             limiter: limiter.clone(),
             limits: self.limits.clone(),
             refusals: RateLog::default(),
+            watching: false,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("nvmf-listen-{}", bound.port()))
-            .spawn(move || accept_loop(l, ctx))
-            .map_err(|e| format!("listener thread: {e}"))?;
+        let task = nvmux_core::ctlpoll::global()
+            .map_err(|e| format!("listen on {addr}: {e}"))?
+            .add(Box::new(task));
         {
             let mut ids = self.reg.port_ids.lock().unwrap_or_else(|e| e.into_inner());
             let id = ids.len() as u16 + 1;
@@ -388,7 +392,7 @@ impl Target {
                 addr: bound,
                 fd,
                 stop,
-                thread: Some(thread),
+                task,
                 limiter,
             },
         );
@@ -457,16 +461,23 @@ impl Drop for Target {
     }
 }
 
-struct AcceptCtx {
+/// A listener's accept loop as a task on the control threads: it accepts what is
+/// pending when its socket is readable, at most [`ACCEPT_BATCH`] per turn.
+struct AcceptTask {
+    l: TcpListener,
     listen: SocketAddr,
     reg: Arc<Registry>,
-    workers: Vec<WorkerHandle>,
-    next: Arc<AtomicUsize>,
-    stop: Arc<Waker>,
+    placement: Placement,
+    stop: Arc<AtomicBool>,
     limiter: Arc<ConnLimiter>,
     limits: Arc<Limits>,
     refusals: RateLog,
+    watching: bool,
 }
+
+/// Connections one turn of an accept task takes at most before it lets the other
+/// control tasks run (it runs again on the next turn).
+const ACCEPT_BATCH: usize = 64;
 
 /// TCP keep-alive: a peer that vanished without closing (power loss, a cut link) is
 /// noticed after about 10 + 3 × 5 s of silence, and unacknowledged output gives up after
@@ -500,84 +511,93 @@ fn keepalive(s: &TcpStream, user_timeout: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-fn accept_loop(l: TcpListener, ctx: AcceptCtx) {
-    if ctx.workers.is_empty() {
-        return;
-    }
-    let listen = ctx.listen;
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: ctx.stop.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of two pollfd for the call's duration.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ctx.stop.stop.load(Ordering::Acquire) {
-            return;
+impl CtlTask for AcceptTask {
+    fn run(&mut self, cx: &mut CtlCx<'_>) -> Next {
+        if self.stop.load(Ordering::Acquire) {
+            cx.unwatch(self.l.as_raw_fd());
+            return Next::Done; // dropping the task closes our copy of the socket
         }
-        if r <= 0 || fds[0].revents == 0 {
-            continue;
+        if self.placement.workers().is_empty() {
+            return Next::Keep;
         }
-        let (s, peer) = match l.accept() {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(addr = %listen, "nvme/tcp: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+        if !self.watching {
+            if let Err(e) = cx.watch(self.l.as_raw_fd()) {
+                tracing::error!(addr = %self.listen, "nvme/tcp: cannot watch the listening socket: {e}");
+                cx.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+                return Next::Keep;
             }
-        };
-        let permit = match ctx.limiter.admit(Some(peer.ip())) {
+            self.watching = true;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            match self.l.accept() {
+                Ok((s, peer)) => self.admit(s, peer),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Next::Keep,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors, say: try again shortly rather than spin (the
+                    // pending connection keeps the socket readable, but no new edge
+                    // would come).
+                    tracing::warn!(addr = %self.listen, "nvme/tcp: accept: {e}");
+                    cx.set_deadline(Some(Instant::now() + Duration::from_millis(10)));
+                    return Next::Keep;
+                }
+            }
+        }
+        cx.again(); // more may be pending: after the other tasks
+        Next::Keep
+    }
+}
+
+impl AcceptTask {
+    /// Admit one accepted connection within the listener's limits and hand it to a
+    /// worker.
+    fn admit(&mut self, s: TcpStream, peer: SocketAddr) {
+        let listen = self.listen;
+        let permit = match self.limiter.admit(Some(peer.ip())) {
             Ok(p) => p,
             Err(why) => {
                 // Closed at once (dropping the socket); logged a few times per burst.
                 drop(s);
-                let total = ctx.limiter.refused();
-                ctx.refusals.warn(|| {
+                let total = self.limiter.refused();
+                self.refusals.warn(|| {
                     format!(
                         "{listen}: connection from {peer} refused: {why} ({total} refused on this listener so far)"
                     )
                 });
-                continue;
+                return;
             }
         };
         let local = s.local_addr().unwrap_or(listen);
         if let Err(e) = s
             .set_nonblocking(true)
             .and_then(|_| s.set_nodelay(true))
-            .and_then(|_| keepalive(&s, ctx.limits.stall * 2))
+            .and_then(|_| keepalive(&s, self.limits.stall * 2))
         {
             tracing::warn!(%peer, "nvme/tcp: socket setup: {e}");
-            continue;
+            return;
         }
         let params = ConnParams {
-            resolver: ctx.reg.clone(),
+            resolver: self.reg.clone(),
             at: Where { listen, local },
             peer: peer.to_string(),
-            limits: ctx.limits.clone(),
+            limits: self.limits.clone(),
             permit: Some(permit),
         };
         let conn = match Conn::new(Box::new(s), params) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%peer, "nvme/tcp: connection setup: {e}");
-                continue;
+                return;
             }
         };
         {
-            let mut cs = ctx.reg.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cs = self.reg.conns.lock().unwrap_or_else(|e| e.into_inner());
             cs.retain(|w| w.strong_count() > 0);
             cs.push(Arc::downgrade(&conn.waker()));
         }
         tracing::debug!(%peer, addr = %listen, "nvme/tcp: connection accepted");
-        let w = ctx.next.fetch_add(1, Ordering::Relaxed) % ctx.workers.len();
-        ctx.workers[w].attach(Box::new(conn));
+        if let Some(w) = self.placement.next() {
+            w.attach(Box::new(conn));
+        }
     }
 }

@@ -671,7 +671,16 @@ fn record(w: &'static str, dir: &Path, seed: u64) -> Res<Recording> {
     )
     .map_err(|e| e.to_string())?;
     let base = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
-    let pool = Pool::open_recorded(&path, log.clone()).map_err(|e| e.to_string())?;
+    let data = FileDevice::open(
+        &path,
+        &FileOptions {
+            create: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let data = Arc::new(RecordingDevice::new(Arc::new(data), log.clone()));
+    let pool = Pool::open_recorded(&path, data, log.clone()).map_err(|e| e.to_string())?;
     let r = run_pool_workload(w, &pool, &mut d, &key);
     d.drain_to(0, "end of the workload");
     d.devs.clear();
@@ -1180,7 +1189,7 @@ fn check_pool_state(rec: &Recording, path: &Path, p: usize) -> Vec<String> {
         Ok(r) => probs.push(format!("pool check: {}", r.errors.join("; "))),
         Err(e) => probs.push(format!("pool check: {e}")),
     }
-    let pool = match Pool::open(path) {
+    let pool = match nvmux_daemon::pools::open_pool(path) {
         Ok(p) => p,
         Err(e) => {
             probs.push(format!("pool open (journal replay): {e}"));

@@ -38,10 +38,19 @@ fn read_one(sock: &std::path::Path) {
         .expect("read");
 }
 
-#[test]
-fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
-    watchdog(120);
-    let dir = unique_dir("ctlthreads");
+/// A 1 MiB null disk `name`.
+fn null_disk(d: &TestDaemon, name: &str) {
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
+        )
+        .expect("create disk");
+}
+
+/// A daemon with one worker and one control thread, in a new directory.
+fn one_control_thread(tag: &str) -> (std::path::PathBuf, TestDaemon) {
+    let dir = unique_dir(tag);
     let cfg = dir.join("nvmux.toml");
     std::fs::write(
         &cfg,
@@ -52,17 +61,19 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
     )
     .expect("config");
     let d = TestDaemon::start_with(dir.clone(), &["--config", cfg.to_str().expect("path")]);
+    (dir, d)
+}
+
+#[test]
+fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
+    watchdog(120);
+    let (dir, d) = one_control_thread("ctlthreads");
     let base = threads_of(d.pid());
     const N: usize = 40;
     let mut socks = Vec::new();
     for i in 0..N {
         let name = format!("n{i}");
-        d.api
-            .post(
-                "/v1/disks",
-                &json!({"name": name, "backend": "null", "size": 1u64 << 20}),
-            )
-            .expect("create disk");
+        null_disk(&d, &name);
         let sock = dir.join(format!("{name}.sock"));
         d.api
             .post("/v1/exports", &json!({"disk": name, "socket": sock}))
@@ -131,4 +142,133 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
     }
     assert!(threads_of(d.pid()) <= base + 1);
     d.stop();
+}
+
+/// NVMe/TCP listeners and external-function sockets are control tasks too: N of each add
+/// no thread, and a function process that stalls in the middle of its hello holds up
+/// neither another disk's function nor an NVMe/TCP connect; it is cut after the
+/// handshake timeout (5 s).
+#[test]
+fn listeners_and_function_sockets_take_no_thread_each() {
+    use nvmux_extfn::proto;
+    watchdog(120);
+    let (dir, d) = one_control_thread("ctlthreads-net");
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-0000000000c1";
+    let base = threads_of(d.pid());
+    const N: usize = 24;
+    let mut addrs = Vec::new();
+    let mut fsocks = Vec::new();
+    for i in 0..N {
+        let name = format!("n{i}");
+        null_disk(&d, &name);
+        let fsock = dir.join(format!("{name}-fn.sock"));
+        d.api
+            .post(
+                &format!("/v1/disks/{name}/external"),
+                &json!({"socket": fsock, "on_failure": "chain"}),
+            )
+            .expect("set external");
+        fsocks.push(fsock);
+        // Each subsystem on its own port: a listener each.
+        let nqn = format!("nqn.2026-12.io.nvmux:ctl{i}");
+        addrs.push((nqn.clone(), d.nvmf_subsystem(&nqn, &[HOST], &[&name])));
+    }
+    let after = threads_of(d.pid());
+    assert!(
+        after < base + N / 4,
+        "{N} listeners and {N} function sockets took the daemon from {base} to {after} threads"
+    );
+    assert_eq!(named_threads(d.pid(), "nvmf-listen"), 0);
+    assert_eq!(named_threads(d.pid(), "nvmux-extfn"), 0);
+    assert_eq!(named_threads(d.pid(), "nvmux-ctl"), 1);
+
+    // Disk 0: a process connects and sends half its hello.
+    let mut stalled = UnixStream::connect(&fsocks[0]).expect("connect");
+    let hello = proto::Hello {
+        version: proto::VERSION,
+        name: "stalled".into(),
+    }
+    .encode();
+    stalled.write_all(&hello[..10]).expect("half a hello");
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Meanwhile disk 1's function shakes hands and is attached, and an NVMe/TCP host
+    // connects to the last subsystem.
+    let t0 = Instant::now();
+    let mut f = UnixStream::connect(&fsocks[1]).expect("connect");
+    f.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let hello = proto::Hello {
+        version: proto::VERSION,
+        name: "prompt".into(),
+    }
+    .encode();
+    f.write_all(&hello).expect("hello");
+    let mut b = [0u8; proto::MSG_SIZE];
+    f.read_exact(&mut b).expect("welcome");
+    let w = proto::Welcome::decode(&b).expect("a welcome");
+    assert_eq!(w.status, proto::WELCOME_OK);
+    assert_eq!(w.disk, "n1");
+    let v = d.api.get("/v1/disks/n1/classifier").expect("disk");
+    assert_eq!(v["external"]["status"], "attached", "{v}");
+    assert_eq!(v["external"]["function"], "prompt", "{v}");
+    let (nqn, addr) = &addrs[N - 1];
+    let h = nvmux_bench::nvmf::Host::connect(*addr, nqn, HOST, 1, 32, false).expect("nvmf");
+    h.shutdown().expect("disconnect");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the stalled hello held up the others ({:?})",
+        t0.elapsed()
+    );
+
+    // The stalled process is cut after the handshake timeout, unanswered.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    match stalled.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the daemon should close the stalled handshake, got {other:?}"),
+    }
+    assert!(d.log().contains("no hello within 5 s"), "{}", d.log());
+    // Disk 1's function leaving is seen (its socket ends).
+    drop(f);
+    let t0 = Instant::now();
+    while d.api.get("/v1/disks/n1/classifier").expect("disk")["external"]["status"] == "attached" {
+        assert!(t0.elapsed() < Duration::from_secs(10), "detach not seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Removing subsystems and functions ends their tasks.
+    for (i, (nqn, _)) in addrs.iter().enumerate() {
+        d.api
+            .delete(&format!("/v1/subsystems/{nqn}"))
+            .expect("delete subsystem");
+        d.api
+            .delete(&format!("/v1/disks/n{i}/external"))
+            .expect("delete external");
+    }
+    // The control thread stays; a short-lived API connection thread may still be ending.
+    let t0 = Instant::now();
+    while threads_of(d.pid()) > base + 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} threads after the removals ({base} before anything): {:?}",
+            threads_of(d.pid()),
+            thread_names(d.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.stop();
+}
+
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }

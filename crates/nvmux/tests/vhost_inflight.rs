@@ -185,6 +185,57 @@ fn prepare(m: &Mem) {
     fence(Ordering::SeqCst);
 }
 
+/// Wait (10 s at most) until all REQUESTS are on the used ring, calling `each` at every
+/// look (to watch the inflight region); `what` and the daemon's log explain a timeout.
+fn wait_used(m: &Mem, d: &TestDaemon, what: &str, mut each: impl FnMut()) {
+    let t0 = Instant::now();
+    while m.used_idx() != REQUESTS {
+        each();
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "used index {} of {REQUESTS}: {what}\n{}",
+            m.used_idx(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Every request completed exactly once, with status 0 and its data on the disk `img`;
+/// then the inflight region's marks are cleared (right after the used index went out).
+fn check_done_once(m: &Mem, img: &Path, region: &File, size: usize) {
+    let mut heads: Vec<u32> = (0..REQUESTS as u64)
+        .map(|i| m.r::<u32>(USED + 4 + 8 * i))
+        .collect();
+    heads.sort();
+    assert_eq!(
+        heads,
+        [0, 3, 6, 9, 12],
+        "each request completes exactly once"
+    );
+    check_data(m, img);
+    let t0 = Instant::now();
+    while any_marked(region, size) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "marks left after completion"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Request k's status is 0 and its pattern is on the disk `img`.
+fn check_data(m: &Mem, img: &Path) {
+    for k in 0..REQUESTS {
+        assert_eq!(m.r::<u8>(STATUS + k as u64), 0, "status of request {k}");
+        assert_eq!(
+            read_file_at(img, 4096 * k as u64, 4096),
+            pattern(k as u64 + 1, 4096),
+            "data of request {k}"
+        );
+    }
+}
+
 /// Is any descriptor of the (one-queue) region marked in flight?
 fn any_marked(region: &File, size: usize) -> bool {
     // SAFETY: a read-only shared mapping of the region file, unmapped below; reads only.
@@ -278,42 +329,10 @@ fn kill_9_attempt(n: usize) -> bool {
         .expect("set_inflight_fd after the restart");
     start_queue(&mut f, &m, before, &kick, &call);
     kick.write(1).unwrap();
-    let t0 = Instant::now();
-    while m.used_idx() != REQUESTS {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "used index {} of {REQUESTS} after the restart ({before} before the kill): a request in flight was lost\n{}",
-            m.used_idx(),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut heads: Vec<u32> = (0..REQUESTS as u64)
-        .map(|i| m.r::<u32>(USED + 4 + 8 * i))
-        .collect();
-    heads.sort();
-    assert_eq!(
-        heads,
-        [0, 3, 6, 9, 12],
-        "each request completes exactly once"
-    );
-    for k in 0..REQUESTS {
-        assert_eq!(m.r::<u8>(STATUS + k as u64), 0, "status of request {k}");
-        assert_eq!(
-            read_file_at(&img, 4096 * k as u64, 4096),
-            pattern(k as u64 + 1, 4096),
-            "data of request {k}"
-        );
-    }
-    // The marks are cleared right after the used index is published.
-    let t0 = Instant::now();
-    while any_marked(&region, size as usize) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "marks left after completion"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let what =
+        format!("after the restart ({before} before the kill): a request in flight was lost");
+    wait_used(&m, &d, &what, || {});
+    check_done_once(&m, &img, &region, size as usize);
     let log = d.log();
     assert!(
         log.contains("resubmitting requests that were in flight"),
@@ -407,15 +426,12 @@ fn hostile_inflight_messages_are_refused() {
     start_queue(&mut f, &m, 0, &kick, &call);
     prepare(&m);
     kick.write(1).unwrap();
-    let t0 = Instant::now();
-    while m.used_idx() != REQUESTS {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "requests on a garbage region did not complete: {}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_used(
+        &m,
+        &d,
+        "requests on a garbage region did not complete",
+        || {},
+    );
     for k in 0..REQUESTS {
         assert_eq!(m.r::<u8>(STATUS + k as u64), 0, "status of request {k}");
     }
@@ -483,48 +499,17 @@ fn inflight_tracking_survives_an_upgrade() {
     // flight while the completion delay holds them.
     prepare(&m);
     kick.write(1).unwrap();
-    let (t0, mut seen_marked) = (Instant::now(), false);
-    while m.used_idx() != REQUESTS {
-        seen_marked |= any_marked(&region, size);
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "used index {} of {REQUESTS} after the upgrade\n{}",
-            m.used_idx(),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    let mut seen_marked = false;
+    wait_used(&m, &d, "after the upgrade", || {
+        seen_marked |= any_marked(&region, size)
+    });
     assert!(
         seen_marked,
         "no request was marked in the inflight region after the upgrade: the new process serves the session without tracking"
     );
-    let mut heads: Vec<u32> = (0..REQUESTS as u64)
-        .map(|i| m.r::<u32>(USED + 4 + 8 * i))
-        .collect();
-    heads.sort();
-    assert_eq!(heads, [0, 3, 6, 9, 12], "each request completes once");
-    for k in 0..REQUESTS {
-        assert_eq!(m.r::<u8>(STATUS + k as u64), 0, "status of request {k}");
-        assert_eq!(
-            read_file_at(&img, 4096 * k as u64, 4096),
-            pattern(k as u64 + 1, 4096),
-            "data of request {k}"
-        );
-    }
-    let t0 = Instant::now();
-    while any_marked(&region, size) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "marks left");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    check_done_once(&m, &img, &region, size);
     drop(f);
-    // SAFETY: signalling the upgraded daemon this test started (indirectly).
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let t0 = Instant::now();
-    while alive(pid) {
-        assert!(t0.elapsed() < Duration::from_secs(15), "pid {pid} runs on");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    d.wait_killed();
+    stop_upgraded(pid, d);
 }
 
 /// A session with dirty logging on (a live migration runs) is not taken over: the
@@ -584,22 +569,13 @@ fn an_upgrade_waits_for_a_live_migration() {
     // The old daemon thawed the ring: requests complete on the same connection.
     prepare(&m);
     kick.write(1).unwrap();
-    let t0 = Instant::now();
-    while m.used_idx() != REQUESTS {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the ring did not run after the refused upgrade\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    for k in 0..REQUESTS {
-        assert_eq!(
-            read_file_at(&img, 4096 * k as u64, 4096),
-            pattern(k as u64 + 1, 4096),
-            "data of request {k}"
-        );
-    }
+    wait_used(
+        &m,
+        &d,
+        "the ring did not run after the refused upgrade",
+        || {},
+    );
+    check_data(&m, &img);
     // The migration is over (LOG_ALL off): the upgrade goes through.
     f.set_features(base).expect("LOG_ALL off");
     let v = d
@@ -610,6 +586,12 @@ fn an_upgrade_waits_for_a_live_migration() {
     let pid = v["pid"].as_u64().expect("pid") as u32;
     let _guard = KillOnDrop(pid);
     drop(f);
+    stop_upgraded(pid, d);
+}
+
+/// Stop the process an upgrade started (`pid`) and wait until it and the old daemon `d`
+/// are gone.
+fn stop_upgraded(pid: u32, d: TestDaemon) {
     // SAFETY: signalling the upgraded daemon this test started (indirectly).
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let t0 = Instant::now();

@@ -124,9 +124,6 @@ fn nbd_run(d: &TestDaemon, sock: &std::path::Path, bs: &str, warm: u64, n: u64) 
 }
 
 #[test]
-#[ignore = "open: 4 KiB requests allocate nothing (0 over 70k), but 64 KiB and 1 MiB runs \
-            still show a rare late growth (0 to 2 allocations per 10-20k requests); run with \
-            --ignored while it is tracked down"]
 fn nbd_serves_100k_ios_without_allocating() {
     watchdog(600);
     let d = TestDaemon::start("zero-alloc-nbd");
@@ -134,7 +131,10 @@ fn nbd_serves_100k_ios_without_allocating() {
     let sock = d.dir.join("nbd.sock");
     d.nbd_export(json!({"disk": "n", "socket": sock}));
     // Small reads are copied into the send buffer, 64 KiB ones sent from their slot's
-    // buffer; 64 KiB and 1 MiB write payloads are received straight into it.
+    // buffer; 64 KiB and 1 MiB write payloads are received straight into it. fio's depth
+    // seen by the server wanders (up to 32 and beyond): the connection's slots all exist
+    // from the start and its buffers grow by powers of two, so a late new peak allocates
+    // nothing.
     let mut total = 0;
     for (bs, warm, n) in [
         ("4k", 5_000, 70_000),

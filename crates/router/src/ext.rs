@@ -1,10 +1,12 @@
 //! The daemon's end of a disk's external function (protocol: `nvmux_extfn::proto`).
 //!
-//! [`External`] owns the listening socket and a thread that accepts one function process
-//! at a time, shakes hands and then watches the connection: when the process exits or
-//! dies, the socket reaches EOF, the connection's generation ends, and every disk queue
-//! with a ring to it is woken to fail or re-route what it had in flight. A new process can
-//! attach at any time.
+//! [`External`] owns the listening socket and a task on the process's control threads
+//! ([`nvmux_core::ctlpoll`], not a thread per disk) that accepts one function process at
+//! a time, shakes hands (one handshake at a time, at most [`HANDSHAKE_TIMEOUT`] long,
+//! without blocking the control thread) and then watches the connection: when the process
+//! exits or dies, the socket reaches EOF, the connection's generation ends, and every
+//! disk queue with a ring to it is woken to fail or re-route what it had in flight. A new
+//! process can attach at any time.
 //!
 //! [`ExtRing`] is one disk queue's ring: created by the queue's worker the first time it
 //! routes a command to the function, single producer, single consumer, no locks. Everything
@@ -18,8 +20,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nvmux_core::ctlpoll::{CtlCx, CtlHandle, CtlTask, Next};
+use nvmux_core::eventfd::{signal_fd, EventFd};
 use nvmux_core::{IoCommand, Status};
 use nvmux_extfn::proto::{self, hdr, Cqe, Layout, RingView, Sqe};
 
@@ -73,7 +77,7 @@ impl Conn {
         nvmux_extfn::sock::send_with_fds(self.sock.as_raw_fd(), msg, fds)
     }
 
-    /// End the connection (the listener thread then detaches it).
+    /// End the connection (the listener task then detaches it).
     pub fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
@@ -97,27 +101,11 @@ pub struct External {
     /// Bumped at every attach and detach: a ring from an older generation is dead.
     gen: AtomicU64,
     conn: Mutex<Option<Arc<Conn>>>,
-    stop: OwnedFd,
     stopping: AtomicBool,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The listener task on a control thread.
+    task: Mutex<Option<CtlHandle>>,
     attaches: AtomicU64,
     detaches: AtomicU64,
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub(crate) fn signal(fd: RawFd) {
-    let one = 1u64;
-    // SAFETY: writing 8 bytes from a u64 to an eventfd that is open.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
 impl External {
@@ -148,17 +136,23 @@ impl External {
             num_blocks: AtomicU64::new(num_blocks),
             gen: AtomicU64::new(0),
             conn: Mutex::new(None),
-            stop: eventfd()?,
             stopping: AtomicBool::new(false),
-            thread: Mutex::new(None),
+            task: Mutex::new(None),
             attaches: AtomicU64::new(0),
             detaches: AtomicU64::new(0),
         });
-        let e = ext.clone();
-        let t = std::thread::Builder::new()
-            .name("nvmux-extfn".into())
-            .spawn(move || e.run(listener))?;
-        *ext.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        listener.set_nonblocking(true)?;
+        let task = ListenTask {
+            ext: ext.clone(),
+            listener,
+            started: false,
+            hello: None,
+            watched: None,
+        };
+        let h = nvmux_core::ctlpoll::global()
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .add(Box::new(task));
+        *ext.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         Ok(ext)
     }
 
@@ -188,18 +182,22 @@ impl External {
     /// Stop listening and detach the process; rings fail over as for a dead process.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        signal(self.stop.as_raw_fd());
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = t.join();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            t.wake();
+            t.wait_done();
         }
         let _ = std::fs::remove_file(&self.cfg.socket);
     }
 
-    fn attach(&self, mut s: UnixStream) -> io::Result<()> {
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut b = [0u8; proto::MSG_SIZE];
-        s.read_exact(&mut b)?;
-        let Some(h) = proto::Hello::decode(&b) else {
+    /// Answer a function's hello (read whole by the listener task); the connection if
+    /// it is now attached.
+    fn welcome(
+        &self,
+        mut s: UnixStream,
+        b: &[u8; proto::MSG_SIZE],
+    ) -> io::Result<Option<Arc<Conn>>> {
+        let Some(h) = proto::Hello::decode(b) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "not an nvmux function (bad hello)",
@@ -219,12 +217,13 @@ impl External {
         } else if self.conn().is_some() {
             w.status = proto::WELCOME_BUSY;
         }
+        // The first bytes on a fresh socket: its buffer has room (a would-block fails the
+        // handshake rather than wait).
         s.write_all(&w.encode())?;
         if w.status != proto::WELCOME_OK {
             tracing::warn!(disk = %self.disk, function = %h.name, status = w.status, "external function refused");
-            return Ok(());
+            return Ok(None);
         }
-        s.set_read_timeout(None)?;
         let pid = peer_pid(&s);
         let conn = Arc::new(Conn {
             gen: self.gen.fetch_add(1, Ordering::AcqRel) + 1,
@@ -237,8 +236,8 @@ impl External {
         });
         tracing::info!(disk = %self.disk, function = %conn.name, pid, "external function attached");
         self.attaches.fetch_add(1, Ordering::Relaxed);
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
-        Ok(())
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(Some(conn))
     }
 
     fn detach(&self, why: &str) {
@@ -249,76 +248,174 @@ impl External {
         self.detaches.fetch_add(1, Ordering::Relaxed);
         c.shutdown();
         for (_, w) in c.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            signal(w.as_raw_fd());
+            signal_fd(w.as_raw_fd());
         }
         tracing::warn!(disk = %self.disk, function = %c.name, pid = c.pid, "external function detached: {why}");
     }
+}
 
-    fn run(&self, listener: UnixListener) {
-        let _ = listener.set_nonblocking(true);
-        loop {
-            let conn = self.conn();
-            let mut fds = vec![
-                libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            if let Some(c) = &conn {
-                fds.push(libc::pollfd {
-                    fd: c.sock.as_raw_fd(),
-                    events: libc::POLLIN | libc::POLLRDHUP,
-                    revents: 0,
-                });
+/// How long a connecting process has to send its whole hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A hello being read (one at a time: others wait in the listen backlog).
+struct Hello {
+    s: UnixStream,
+    buf: [u8; proto::MSG_SIZE],
+    got: usize,
+    deadline: Instant,
+}
+
+/// An external function's listening socket and connection, as a task on the control
+/// threads.
+struct ListenTask {
+    ext: Arc<External>,
+    listener: UnixListener,
+    started: bool,
+    hello: Option<Hello>,
+    /// The attached connection whose socket the task watches for its end.
+    watched: Option<Arc<Conn>>,
+}
+
+/// What a read of a hello came to.
+enum HelloRead {
+    Whole,
+    More,
+    Failed(String),
+}
+
+impl ListenTask {
+    /// Read what the attached process sent: any byte, or the end, detaches it.
+    fn check_conn(&mut self, cx: &mut CtlCx<'_>) {
+        let Some(c) = self.watched.clone() else {
+            return;
+        };
+        let why = loop {
+            let mut b = [0u8; 64];
+            match (&c.sock).read(&mut b) {
+                Ok(0) => break "the process closed its connection".to_string(),
+                Ok(_) => break "unexpected message from the function".to_string(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break format!("connection error: {e}"),
             }
-            // SAFETY: `fds` is a valid array of pollfd for the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if r < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::error!(disk = %self.disk, "external function listener: poll failed: {}", io::Error::last_os_error());
-                break;
-            }
-            if self.stopping.load(Ordering::Acquire) {
-                break;
-            }
-            if let (Some(c), Some(p)) = (&conn, fds.get(2)) {
-                if p.revents != 0 {
-                    let mut b = [0u8; 64];
-                    match (&c.sock).read(&mut b) {
-                        Ok(0) => self.detach("the process closed its connection"),
-                        Ok(_) => self.detach("unexpected message from the function"),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => self.detach(&format!("connection error: {e}")),
-                    }
-                }
-            }
-            if fds[0].revents != 0 {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        if let Err(e) = self.attach(s) {
-                            tracing::warn!(disk = %self.disk, "external function handshake failed: {e}");
-                        }
-                        if let Some(c) = self.conn() {
-                            let _ = c.sock.set_nonblocking(true);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        tracing::warn!(disk = %self.disk, "external function accept failed: {e}")
-                    }
-                }
+        };
+        cx.unwatch(c.sock.as_raw_fd());
+        self.watched = None;
+        self.ext.detach(&why);
+    }
+
+    fn read_hello(h: &mut Hello) -> HelloRead {
+        while h.got < h.buf.len() {
+            match (&h.s).read(&mut h.buf[h.got..]) {
+                Ok(0) => return HelloRead::Failed("closed before its hello".into()),
+                Ok(k) => h.got += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HelloRead::More,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return HelloRead::Failed(e.to_string()),
             }
         }
-        self.detach("the disk's external function was removed");
+        HelloRead::Whole
+    }
+
+    /// Go on with the handshake in progress; true while it still waits on the process.
+    fn handshake(&mut self, cx: &mut CtlCx<'_>) -> bool {
+        let Some(h) = self.hello.as_mut() else {
+            return false;
+        };
+        let r = match Self::read_hello(h) {
+            HelloRead::More if Instant::now() >= h.deadline => {
+                HelloRead::Failed(format!("no hello within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+            }
+            r => r,
+        };
+        let disk = &self.ext.disk;
+        match r {
+            HelloRead::More => {
+                cx.set_deadline(Some(h.deadline));
+                return true;
+            }
+            HelloRead::Failed(e) => {
+                tracing::warn!(%disk, "external function handshake failed: {e}");
+            }
+            HelloRead::Whole => {}
+        }
+        let Some(h) = self.hello.take() else {
+            return false;
+        };
+        cx.unwatch(h.s.as_raw_fd());
+        cx.set_deadline(None);
+        if h.got < h.buf.len() {
+            return false; // failed above
+        }
+        match self.ext.welcome(h.s, &h.buf) {
+            Ok(Some(c)) => {
+                if let Err(e) = cx.watch(c.sock.as_raw_fd()) {
+                    tracing::warn!(%disk, "cannot watch the function's connection: {e}");
+                }
+                self.watched = Some(c);
+                // It may have gone already (before the watch).
+                self.check_conn(cx);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%disk, "external function handshake failed: {e}"),
+        }
+        false
+    }
+}
+
+impl CtlTask for ListenTask {
+    fn run(&mut self, cx: &mut CtlCx<'_>) -> Next {
+        if self.ext.stopping.load(Ordering::Acquire) {
+            cx.unwatch(self.listener.as_raw_fd());
+            if let Some(h) = self.hello.take() {
+                cx.unwatch(h.s.as_raw_fd());
+            }
+            if let Some(c) = self.watched.take() {
+                cx.unwatch(c.sock.as_raw_fd());
+            }
+            self.ext.detach("the disk's external function was removed");
+            return Next::Done;
+        }
+        if !self.started {
+            self.started = true;
+            if let Err(e) = cx.watch(self.listener.as_raw_fd()) {
+                tracing::error!(disk = %self.ext.disk, "external function listener: cannot watch the socket: {e}");
+            }
+        }
+        self.check_conn(cx);
+        if self.handshake(cx) {
+            return Next::Keep; // one handshake at a time
+        }
+        match self.listener.accept() {
+            Ok((s, _)) => {
+                let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+                match s
+                    .set_nonblocking(true)
+                    .and_then(|_| cx.watch(s.as_raw_fd()))
+                {
+                    Ok(()) => {
+                        self.hello = Some(Hello {
+                            s,
+                            buf: [0; proto::MSG_SIZE],
+                            got: 0,
+                            deadline,
+                        });
+                        cx.set_deadline(Some(deadline));
+                    }
+                    Err(e) => {
+                        tracing::warn!(disk = %self.ext.disk, "external function accept: {e}")
+                    }
+                }
+                // Read what came with it, and then the next connection, on the next turn.
+                cx.again();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!(disk = %self.ext.disk, "external function accept failed: {e}");
+                cx.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+            }
+        }
+        Next::Keep
     }
 }
 
@@ -401,7 +498,7 @@ pub(crate) struct ExtRing {
     pub gen: u64,
     id: u32,
     map: proto::MappedRing,
-    sq_efd: OwnedFd,
+    sq_efd: EventFd,
     free: Vec<u16>,
     /// Ring entry id → the router slot it carries (`FREE` if none).
     owner: Vec<u32>,
@@ -437,7 +534,7 @@ impl ExtRing {
         let memfd = sealed_memfd(layout.size)?;
         let map = proto::MappedRing::map(memfd.as_raw_fd(), layout)?;
         map.view.init_header();
-        let sq_efd = eventfd()?;
+        let sq_efd = EventFd::new()?;
         // SAFETY: dup of a descriptor the caller keeps open for the ring's life; checked.
         let wake_dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
         if wake_dup < 0 {
@@ -530,7 +627,7 @@ impl ExtRing {
         self.map.view.store(hdr::SQ_TAIL, self.sq_tail);
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.map.view.load(hdr::FN_FLAGS) & proto::FN_NEED_WAKEUP != 0 {
-            signal(self.sq_efd.as_raw_fd());
+            self.sq_efd.signal();
         }
     }
 

@@ -21,10 +21,11 @@
 //!   of a disk's chain. With no program loaded a command costs one atomic load more.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, IoCommand, Opcode, Status};
 
 pub mod ctx;
@@ -227,13 +228,7 @@ impl BlockDevice for RouterDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>> {
         let chain = self.chain.open_queue(depth)?;
-        // SAFETY: eventfd has no memory-safety preconditions; checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let efd = EventFd::new().map_err(|e| Error::io("router queue wake eventfd", e))?;
         let q = self.router.next_queue.fetch_add(1, Ordering::Relaxed) as u16;
         let d = depth.max(1) as usize;
         Ok(Box::new(RouterQueue {
@@ -321,7 +316,7 @@ pub struct RouterQueue {
     /// Slots waiting for a free ring entry.
     ext_wait: VecDeque<u32>,
     /// Readable when the external function completed something (or detached).
-    efd: OwnedFd,
+    efd: EventFd,
     /// A sub-queue got commands since the last kick.
     kick: bool,
 }
@@ -452,13 +447,15 @@ impl RouterQueue {
         })
     }
 
+    /// Check a command a classifier rewrote, against the live size (re-read only when it
+    /// is out of range: [`nvmux_core::engine::validate_live`]).
     fn validate(&mut self, cmd: &IoCommand) -> std::result::Result<(), Status> {
-        let mut v = cmd.validate(&self.info);
-        if v == Err(Status::LBA_OUT_OF_RANGE) {
-            self.info.num_blocks = self.dev.capacity_bytes() / self.info.block_size as u64;
-            v = cmd.validate(&self.info);
+        let (op, slba, nlb) = (cmd.opcode, cmd.slba, cmd.nlb);
+        nvmux_core::engine::validate_live(op, slba, nlb, &mut self.info, self.dev.as_ref())?;
+        if op.has_data() && cmd.sg.len() != nlb as u64 * self.info.block_size as u64 {
+            return Err(Status::DATA_TRANSFER_ERROR);
         }
-        v
+        Ok(())
     }
 
     /// Act on a program's verdict for `cmd` (`slot`: the router already tracks it).

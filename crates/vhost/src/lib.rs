@@ -277,13 +277,16 @@ impl BlkBackend {
             .inflight
             .as_ref()
             .and_then(|r| inflight::start_queue(r, i, &mut q, &self.name));
-        let Some(kick) = v.kick.as_ref().and_then(|f| f.try_clone().ok()) else {
+        // The worker drains the kick eventfd, so it must not block.
+        let kick = v.kick.as_ref().and_then(|f| f.try_clone().ok());
+        let Some(kick) = kick.and_then(|f| nvmux_core::eventfd::EventFd::adopt(f.into()).ok())
+        else {
             self.release_if_idle();
             return Err(invalid("kick fd"));
         };
         let used_log = v.log_addr.unwrap_or(vring::NO_LOG);
-        let bq = match self.dev.open_queue(v.size as u32) {
-            Ok(bq) => bq,
+        let eng = match vring::engine(self.dev.clone(), &self.stats, v.size) {
+            Ok(e) => e,
             Err(e) => {
                 self.release_if_idle();
                 return Err(VuError::ReqHandlerError(std::io::Error::other(
@@ -306,13 +309,10 @@ impl BlkBackend {
             ring_mem: guard,
             mem,
             kick,
-            info: self.info.clone(),
-            dev: self.dev.clone(),
-            bq,
+            eng,
             serial: self.serial,
             ctl: ctl.clone(),
             final_tx: tx,
-            disk_stats: self.stats.clone(),
             counters: self.counters.clone(),
             name: self.name.clone(),
             index: i,

@@ -1,22 +1,24 @@
 //! A running virtqueue: a [`WorkSource`] that a worker thread polls.
 //!
-//! It pops descriptor chains, parses them into [`IoCommand`]s whose SG lists point
-//! straight into guest memory (zero copy), submits them to this worker's
-//! [`BlockQueue`], and on completion writes the status byte, fills the used ring and
-//! signals the guest when the event index says so.
+//! It is the virtio-blk codec on the shared frontend engine ([`nvmux_core::engine`]): it
+//! pops descriptor chains, parses them into commands whose SG lists point straight into
+//! guest memory (zero copy) and hands them to the engine (slots, validation against the
+//! live capacity, stats, the block queue, stop → drain → retire); on completion it writes
+//! the status byte, fills the used ring and signals the guest when the event index says
+//! so. What stays here is virtio's own: the split ring, EVENT_IDX and the early reap,
+//! inflight tracking, the dirty log, the call-fd hand-over and the guest-memory checks.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmux_core::stats::{DiskStats, OpClass, QueueStats};
+use nvmux_core::engine::{DiskId, Engine, SlotId};
+use nvmux_core::eventfd::EventFd;
+use nvmux_core::stats::{DiskStats, OpClass};
 use nvmux_core::worker::WorkSource;
-use nvmux_core::{
-    BlockDevice, BlockQueue, DeviceInfo, IoCommand, KeepAlive, Opcode, SgList, Status,
-};
+use nvmux_core::{BlockDevice, KeepAlive, SgList, Status};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -63,16 +65,41 @@ pub(crate) struct QueueCtl {
     pub used_log: AtomicU64,
 }
 
-/// Per-request bookkeeping, indexed by the command's tag.
-#[derive(Clone, Copy)]
-struct Slot {
+/// A request's virtio state in its engine slot (kept for the next request).
+pub(crate) struct Req {
     head: u16,
+    /// Host address of the status byte (in guest memory kept mapped by the slot's
+    /// keepalive, or by the table the worker holds).
     status: *mut u8,
     used_len: u32,
-    start: Instant,
-    class: OpClass,
-    /// Data bytes moved on success (reads and writes).
-    bytes: u64,
+    /// The guest ranges the request may write, marked in the dirty log at completion
+    /// (the log may be switched on while it is in flight).
+    writes: Vec<(u64, u64)>,
+}
+
+impl Default for Req {
+    fn default() -> Req {
+        Req {
+            head: 0,
+            status: std::ptr::null_mut(),
+            used_len: 0,
+            writes: Vec::with_capacity(4),
+        }
+    }
+}
+
+/// The engine of one virtqueue: one disk, one slot per ring entry.
+pub(crate) type VringEngine = Engine<Req>;
+
+/// Set up the engine for a queue of `size` entries on `dev` (opens its block queue).
+pub(crate) fn engine(
+    dev: Arc<dyn BlockDevice>,
+    stats: &Arc<DiskStats>,
+    size: u16,
+) -> nvmux_core::Result<(VringEngine, DiskId)> {
+    let mut eng = Engine::new(size as usize);
+    let disk = eng.add_disk(dev, stats, 1, size as u32)?;
+    Ok((eng, disk))
 }
 
 pub(crate) struct VringSource {
@@ -93,23 +120,19 @@ pub(crate) struct VringSource {
     counters: Arc<ExportCounters>,
     name: String,
     index: usize,
-    kick: File,
-    info: DeviceInfo,
-    /// For the live capacity: a thin volume can grow while the queue runs.
-    dev: Arc<dyn BlockDevice>,
-    bq: Box<dyn BlockQueue>,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-    sg_pool: Vec<SgList>,
+    kick: EventFd,
+    /// Slots, validation, stats, the block queue, drain: the shared frontend engine.
+    eng: VringEngine,
+    disk: DiskId,
+    /// The chain being parsed (then swapped into its slot: no list is allocated).
+    scratch: SgList,
     segs: Vec<Seg>,
-    done: Vec<(IoCommand, Status)>,
     serial: [u8; blk::ID_BYTES],
     ctl: Arc<QueueCtl>,
     final_tx: Option<SyncSender<u16>>,
-    stats: Arc<QueueStats>,
-    disk_stats: Arc<DiskStats>,
-    in_flight: usize,
     finished: bool,
+    /// Entries were put on the used ring since the last publication.
+    unpublished: bool,
     /// Inflight tracking (INFLIGHT_SHMFD), when the front-end set up a region.
     inflight: Option<Tracker>,
     /// Heads to resubmit before popping new ones (a restart found them in flight); the
@@ -117,13 +140,12 @@ pub(crate) struct VringSource {
     resubmit: Vec<u16>,
     /// Test-only completion delay (see [`Delay`]).
     delay: Option<Delay>,
-    /// Dirty logging: the log to mark (None: off), the epoch it was loaded at, the used
-    /// ring's log address, and per slot the guest ranges its request may write.
+    /// Dirty logging: the log to mark (None: off), the epoch it was loaded at, and the
+    /// used ring's log address (each slot holds the ranges its request may write).
     log_slot: Arc<LogSlot>,
     log: Option<Arc<LogMap>>,
     log_epoch: u64,
     used_log: Option<u64>,
-    writes: Vec<Vec<(u64, u64)>>,
     log_counters: Arc<LogCounters>,
     /// The migration gate and this export's side: told when the ring stopped for good.
     gate: Arc<RingGate>,
@@ -145,7 +167,7 @@ struct Delay {
     due: Vec<Option<(Instant, Status)>>,
     held: usize,
     rng: u64,
-    ready: Vec<(u16, Status)>,
+    ready: Vec<(SlotId, Status)>,
 }
 
 impl Delay {
@@ -157,7 +179,7 @@ impl Delay {
             ready: Vec::with_capacity(slots),
         }
     }
-    fn hold(&mut self, slot: u16, st: Status, now: Instant) {
+    fn hold(&mut self, slot: SlotId, st: Status, now: Instant) {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -178,7 +200,7 @@ impl Delay {
         for (i, e) in self.due.iter_mut().enumerate() {
             if let Some((t, st)) = *e {
                 if t <= now {
-                    self.ready.push((i as u16, st));
+                    self.ready.push((i as SlotId, st));
                     *e = None;
                     self.held -= 1;
                 }
@@ -193,22 +215,21 @@ impl Delay {
     }
 }
 
-// SAFETY: the raw status pointers in `slots` point into guest memory kept mapped by the
-// commands' keepalive; the source is used by one worker thread at a time.
+// SAFETY: the raw status pointers in the engine's slots point into guest memory kept
+// mapped by the slots' keepalive; the source is used by one worker thread at a time.
 unsafe impl Send for VringSource {}
 
 pub(crate) struct VringParams {
     pub queue: SplitQueue,
     pub ring_mem: Arc<Memory>,
     pub mem: Arc<MemSlot>,
-    pub kick: File,
-    pub info: DeviceInfo,
-    pub dev: Arc<dyn BlockDevice>,
-    pub bq: Box<dyn BlockQueue>,
+    /// The kick eventfd, non-blocking (the worker drains it).
+    pub kick: EventFd,
+    /// The queue's engine and its disk (see [`engine`]).
+    pub eng: (VringEngine, DiskId),
     pub serial: [u8; blk::ID_BYTES],
     pub ctl: Arc<QueueCtl>,
     pub final_tx: SyncSender<u16>,
-    pub disk_stats: Arc<DiskStats>,
     pub counters: Arc<ExportCounters>,
     pub name: String,
     pub index: usize,
@@ -224,22 +245,6 @@ pub(crate) struct VringParams {
 impl VringSource {
     pub(crate) fn new(p: VringParams) -> Self {
         let n = p.queue.size() as usize;
-        // Kick eventfd: the worker reads it to reset it, so it must not block.
-        // SAFETY: fcntl on a descriptor we hold; flags are plain integers.
-        unsafe {
-            let fd = p.kick.as_raw_fd();
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
-        let stats = p.disk_stats.new_queue();
-        let empty = Slot {
-            head: 0,
-            status: std::ptr::null_mut(),
-            used_len: 0,
-            start: Instant::now(),
-            class: OpClass::Other,
-            bytes: 0,
-        };
         let (inflight, mut resubmit) = match p.inflight {
             Some((t, r)) => (Some(t), r),
             None => (None, Vec::new()),
@@ -261,7 +266,6 @@ impl VringSource {
             log_slot: p.log,
             log_epoch: 0,
             used_log: (used_log != NO_LOG).then_some(used_log),
-            writes: (0..n).map(|_| Vec::with_capacity(4)).collect(),
             log_counters: p.log_counters,
             gate: p.gate.0,
             side: p.gate.1,
@@ -276,57 +280,52 @@ impl VringSource {
             name: p.name,
             index: p.index,
             kick: p.kick,
-            info: p.info,
-            dev: p.dev,
-            bq: p.bq,
-            slots: vec![empty; n],
-            free: (0..n as u16).rev().collect(),
-            sg_pool: (0..n).map(|_| SgList::with_capacity(8)).collect(),
+            eng: p.eng.0,
+            disk: p.eng.1,
+            scratch: SgList::with_capacity(8),
             segs: Vec::with_capacity(64),
-            done: Vec::with_capacity(n),
             serial: p.serial,
             ctl: p.ctl,
             final_tx: Some(p.final_tx),
-            stats,
-            disk_stats: p.disk_stats,
-            in_flight: 0,
             finished: false,
+            unpublished: false,
         }
     }
 
     fn signal(&mut self) {
         let fd = self.ctl.call_fd.load(Ordering::Acquire);
         if fd >= 0 {
-            let one = 1u64;
-            // SAFETY: writing 8 bytes from a u64 to an eventfd the connection keeps open.
-            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+            // The connection keeps the descriptor open until we acknowledged its
+            // replacement (set_vring_call).
+            nvmux_core::eventfd::signal_fd(fd);
         }
     }
 
-    /// Write the status byte and put the request on the used ring (published later).
-    fn finish(&mut self, slot: u16, status: Status, now: Instant) {
-        let s = self.slots[slot as usize];
+    /// Write the status byte, put the request on the used ring (published later) and give
+    /// its slot back (its stats were recorded when it completed).
+    fn finish(&mut self, slot: SlotId, status: Status) {
+        let Some(s) = self.eng.get(slot) else { return };
+        let r = &s.data;
         let byte = blk::virtio_status(status);
         // SAFETY: `status` was checked to lie in guest memory when the request was parsed,
-        // and the memory map it belongs to is still referenced (the command's keepalive or
-        // the map the caller holds).
-        unsafe { std::ptr::write_volatile(s.status, byte) };
+        // and the memory map it belongs to is still referenced (the slot's keepalive,
+        // dropped only at `release` below, or the map the worker holds).
+        unsafe { std::ptr::write_volatile(r.status, byte) };
         // Data (written by the block queue, or GET_ID's copy) and the status byte are in
         // guest memory now: mark them before the used entry is published.
         if let Some(log) = &self.log {
-            log.mark_ranges(&self.writes[slot as usize]);
+            log.mark_ranges(&r.writes);
         }
-        let used = if status.is_ok() { s.used_len } else { 1 };
-        self.free.push(slot);
-        self.in_flight -= 1;
-        let bytes = if status.is_ok() { s.bytes } else { 0 };
-        let lat = now.saturating_duration_since(s.start);
-        self.stats.record(s.class, bytes, lat, status.is_ok());
-        self.put_used(s.head, used);
+        let used = if status.is_ok() { r.used_len } else { 1 };
+        let head = r.head;
+        self.eng.release(slot);
+        self.put_used(head, used);
     }
 
-    /// Put a head on the used ring (and in the inflight region's batch).
+    /// Put a head on the used ring (and in the inflight region's batch); published by the
+    /// next [`reap`](Self::reap).
     fn put_used(&mut self, head: u16, len: u32) {
+        self.unpublished = true;
         if self.inflight.as_ref().is_some_and(Tracker::batch_full) {
             self.publish_and_notify();
         }
@@ -363,6 +362,7 @@ impl VringSource {
     }
 
     fn publish_and_notify(&mut self) {
+        self.unpublished = false;
         self.queue.publish();
         if let Some(t) = &mut self.inflight {
             t.published(self.queue.next_used());
@@ -373,56 +373,42 @@ impl VringSource {
         }
     }
 
-    fn recycle(&mut self, mut sg: SgList) {
-        sg.clear();
-        self.sg_pool.push(sg);
-    }
-
-    /// Complete what the block queue finished.
+    /// Reap the block queue and complete every slot that is done (the engine's, and the
+    /// ones completed without a block command), then publish the used ring once. Returns
+    /// the number of block commands reaped.
     fn reap(&mut self) -> usize {
-        self.reap_at(None)
-    }
-
-    /// [`reap`](Self::reap) with the batch's timestamp when the caller has one (one clock
-    /// read per batch).
-    fn reap_at(&mut self, mut now: Option<Instant>) -> usize {
-        let mut done = std::mem::take(&mut self.done);
-        let n = self.bq.poll(&mut |c, s| done.push((c, s)));
+        let n = self.eng.reap();
         let mut finished = false;
-        if !done.is_empty() {
-            // One timestamp for the batch.
-            let t = *now.get_or_insert_with(Instant::now);
-            for (cmd, status) in done.drain(..) {
-                // Move the SG list back into the pool (it keeps its capacity: no allocation).
-                let IoCommand { tag, sg, .. } = cmd;
-                self.recycle(sg);
-                match &mut self.delay {
-                    Some(d) => d.hold(tag as u16, status, t),
-                    None => {
-                        self.finish(tag as u16, status, t);
-                        finished = true;
-                    }
-                }
-            }
-        }
-        if let Some(d) = &mut self.delay {
-            if d.held > 0 {
-                let t = *now.get_or_insert_with(Instant::now);
-                d.take_ready(t);
-                let ready = std::mem::take(&mut d.ready);
-                for &(slot, status) in &ready {
-                    self.finish(slot, status, t);
+        while let Some((slot, status)) = self.eng.next_completion() {
+            match &mut self.delay {
+                Some(d) => d.hold(slot, status, self.eng.now()),
+                None => {
+                    self.finish(slot, status);
                     finished = true;
                 }
-                if let Some(d) = &mut self.delay {
-                    d.ready = ready;
-                }
             }
         }
-        if finished {
+        if self.delay.as_ref().is_some_and(|d| d.held > 0) {
+            let t = self.eng.now();
+            if let Some(d) = &mut self.delay {
+                d.take_ready(t);
+            }
+            let ready = self
+                .delay
+                .as_mut()
+                .map(|d| std::mem::take(&mut d.ready))
+                .unwrap_or_default();
+            for &(slot, status) in &ready {
+                self.finish(slot, status);
+                finished = true;
+            }
+            if let Some(d) = &mut self.delay {
+                d.ready = ready;
+            }
+        }
+        if finished || self.unpublished {
             self.publish_and_notify();
         }
-        self.done = done;
         n
     }
 
@@ -475,16 +461,12 @@ impl VringSource {
         true
     }
 
-    /// Pop and start every available request. Returns how many, and the batch's timestamp
-    /// if the clock was read.
-    fn start_requests(&mut self, mem: &Arc<Memory>) -> (usize, Option<Instant>) {
+    /// Pop and start every available request. Returns how many.
+    fn start_requests(&mut self, mem: &Arc<Memory>) -> usize {
         let mut n = 0;
         let mut submitted = 0usize;
-        let mut completed_now = false;
-        // One timestamp for the whole batch: requests popped together arrived together.
-        let mut now: Option<Instant> = None;
         let view = MemView(&mem.map);
-        while !self.free.is_empty() && !self.broken && !self.failed {
+        while self.eng.has_free() && !self.broken && !self.failed {
             // Requests found in flight at start go first (their chains are still intact
             // in guest memory, and they are still marked in the inflight region).
             let popped = match self.resubmit.pop() {
@@ -509,110 +491,86 @@ impl VringSource {
                 // Malformed chain: hand it back with nothing written.
                 tracing::debug!(head, ?e, "virtio-blk: malformed descriptor chain");
                 self.put_used(head, 0);
-                completed_now = true;
                 continue;
             }
-            let Some(slot) = self.free.pop() else { break };
-            let mut sg = self.sg_pool.pop().unwrap_or_default(); // the pool holds one per slot
-            let req = match blk::parse(&self.segs, &view, &self.info, &mut sg) {
+            let Some(info) = self.eng.info(self.disk) else {
+                break;
+            };
+            let req = match blk::parse(&self.segs, &view, info, &mut self.scratch) {
                 Ok(r) => r,
                 Err(blk::ParseError::NoStatus) => {
                     // Nowhere to put a status: hand the chain back with nothing written.
                     tracing::debug!(head, "virtio-blk: chain without a usable status byte");
-                    self.recycle(sg);
-                    self.free.push(slot);
                     self.put_used(head, 0);
-                    completed_now = true;
                     continue;
                 }
             };
-            self.in_flight += 1;
-            // What the device may write for this request, marked when it completes (the
-            // log may be switched on while it is in flight).
-            dirty::record_writes(
-                &self.segs,
-                req.used_len.saturating_sub(1) as u64,
-                &mut self.writes[slot as usize],
-            );
+            let Some(slot) = self.eng.alloc() else {
+                break; // has_free said yes: not reached
+            };
+            {
+                let r = &mut self.eng.slot_mut(slot).data;
+                r.head = head;
+                r.status = req.status;
+                r.used_len = req.used_len;
+                // What the device may write for this request, marked when it completes
+                // (the log may be switched on while it is in flight).
+                dirty::record_writes(
+                    &self.segs,
+                    req.used_len.saturating_sub(1) as u64,
+                    &mut r.writes,
+                );
+            }
             let class = match req.kind {
-                Kind::Io(Opcode::Read) => OpClass::Read,
-                Kind::Io(Opcode::Write) => OpClass::Write,
+                Kind::Io(op) => OpClass::of(op),
                 _ => OpClass::Other,
             };
-            self.slots[slot as usize] = Slot {
-                head,
-                status: req.status,
-                used_len: req.used_len,
-                start: *now.get_or_insert_with(Instant::now),
-                class,
-                bytes: if class == OpClass::Other {
-                    0
-                } else {
-                    req.blocks as u64 * self.info.block_size as u64
-                },
-            };
-            // Every arm either hands `sg` to the block queue inside a command or returns it
-            // to the pool, so no request allocates.
-            let immediate = match (req.kind, req.error) {
+            let st = match (req.kind, req.error) {
                 (Kind::Io(op), None) => {
-                    let mut cmd = IoCommand::new(op, req.lba, req.blocks, slot as u64, sg);
-                    let mut valid = cmd.validate(&self.info);
-                    if valid == Err(Status::LBA_OUT_OF_RANGE) {
-                        // The disk may have grown since the queue started (a shrink is
-                        // enforced by the device itself).
-                        self.info.num_blocks =
-                            self.dev.capacity_bytes() / self.info.block_size as u64;
-                        valid = cmd.validate(&self.info);
-                    }
-                    match valid {
+                    match self
+                        .eng
+                        .prepare(slot, self.disk, op, req.lba, req.blocks, false)
+                    {
                         Ok(()) => {
+                            // The parsed list becomes the slot's; the slot's (empty) one is
+                            // the next chain's scratch.
+                            std::mem::swap(&mut self.scratch, self.eng.slot_mut(slot).sg_mut());
                             let ka: KeepAlive = mem.clone();
-                            cmd.keepalive = Some(ka);
-                            self.bq.submit(cmd);
-                            submitted += 1;
-                            if submitted.is_multiple_of(EARLY_REAP) {
-                                // A synchronous backend (null, memory, tmpfs) has finished
-                                // these already: hand them back now, so that a driver
-                                // asleep waiting for them wakes while the rest of the
-                                // batch is parsed (with EVENT_IDX the later publications
-                                // of this batch do not signal it again).
-                                self.reap_at(now);
+                            self.eng.set_keepalive(slot, ka);
+                            match self.eng.submit(slot) {
+                                Ok(()) => {
+                                    submitted += 1;
+                                    if submitted.is_multiple_of(EARLY_REAP) {
+                                        // A synchronous backend (null, memory, tmpfs) has
+                                        // finished these already: hand them back now, so
+                                        // that a driver asleep waiting for them wakes
+                                        // while the rest of the batch is parsed (with
+                                        // EVENT_IDX the later publications of this batch
+                                        // do not signal it again).
+                                        self.reap();
+                                    }
+                                    continue;
+                                }
+                                Err(e) => e,
                             }
-                            None
                         }
-                        Err(e) => {
-                            self.recycle(cmd.sg);
-                            Some(e)
-                        }
+                        Err(e) => e,
                     }
                 }
-                (kind, err) => {
-                    let st = match (kind, err) {
-                        (_, Some(e)) => e,
-                        (Kind::GetId, None) => {
-                            // SAFETY: the SG list holds validated, writable guest ranges.
-                            unsafe { sg.copy_from(&self.serial) };
-                            Status::SUCCESS
-                        }
-                        _ => Status::INVALID_OPCODE,
-                    };
-                    self.recycle(sg);
-                    Some(st)
+                (_, Some(e)) => e,
+                (Kind::GetId, None) => {
+                    // SAFETY: the SG list holds validated, writable guest ranges.
+                    unsafe { self.scratch.copy_from(&self.serial) };
+                    Status::SUCCESS
                 }
+                _ => Status::INVALID_OPCODE,
             };
-            if let Some(st) = immediate {
-                let t = *now.get_or_insert_with(Instant::now);
-                self.finish(slot, st, t);
-                completed_now = true;
-            }
+            self.eng.complete_now(slot, self.disk, class, st);
         }
         if n > 0 {
-            self.bq.kick();
+            self.eng.kick();
         }
-        if completed_now {
-            self.publish_and_notify();
-        }
-        (n, now)
+        n
     }
 }
 
@@ -638,9 +596,13 @@ impl WorkSource for VringSource {
             self.ctl.call_ack.store(epoch, Ordering::SeqCst);
         }
         self.refresh_log();
+        self.eng.round();
         let mut n = self.reap();
         if self.ctl.stop.load(Ordering::Acquire) {
-            if self.in_flight == 0 && self.bq.in_flight() == 0 {
+            self.eng.stop();
+            // Drained: nothing in the block queue, and every slot handed back (a held
+            // completion of the test-only delay still owns its slot).
+            if self.eng.drained() && self.eng.busy() == 0 {
                 // The ring touches guest memory no more: the other export of a migration
                 // pair may start its rings (counted before the connection thread hears).
                 if self.final_tx.is_some() {
@@ -649,7 +611,7 @@ impl WorkSource for VringSource {
                 if let Some(tx) = self.final_tx.take() {
                     let _ = tx.send(self.queue.next_avail());
                 }
-                self.disk_stats.retire(&self.stats);
+                self.eng.retire();
                 self.finished = true;
             }
             return n.max(1);
@@ -657,12 +619,12 @@ impl WorkSource for VringSource {
         // Data buffers are translated with the newest memory map (regions may be added).
         let mem = self.current_mem();
         if !self.check_memory() {
-            let (started, now) = self.start_requests(&mem);
-            n += started + self.reap_at(now);
+            n += self.start_requests(&mem);
+            n += self.reap();
         }
         // A fault during this poll (the ring or a data buffer was truncated): stop here.
         self.check_memory();
-        self.stats.set_in_flight(self.in_flight as u64);
+        self.eng.publish();
         n
     }
 
@@ -672,13 +634,13 @@ impl WorkSource for VringSource {
 
     fn wait_fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.kick.as_raw_fd()];
-        self.bq.wait_fds(&mut v);
+        self.eng.wait_fds(&mut v);
         v
     }
 
     fn prepare_sleep(&mut self) -> bool {
         // Commands complete but not yet handed back, with nothing to wake the worker.
-        if !self.bq.may_sleep() {
+        if !self.eng.may_sleep() {
             return false;
         }
         if self.broken || self.failed {
@@ -707,12 +669,12 @@ impl WorkSource for VringSource {
     }
     fn next_deadline(&self) -> Option<std::time::Instant> {
         let held = self.delay.as_ref().and_then(Delay::earliest);
-        match (self.bq.next_deadline(), held) {
+        match (self.eng.next_deadline(), held) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
     fn take_fds_changed(&mut self) -> bool {
-        self.bq.take_fds_changed()
+        self.eng.take_fds_changed()
     }
 }

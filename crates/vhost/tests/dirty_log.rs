@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,12 +144,13 @@ fn take_dirty(log: &File) -> Vec<u64> {
     pages
 }
 
-#[test]
-fn read_marks_data_status_and_used_ring_pages_only_while_log_all() {
-    let dir = std::env::temp_dir().join(format!("nvmux-dirty-log-{}", std::process::id()));
+/// A 1 MiB memory disk exported over vhost-user on one worker: (its directory, the
+/// socket, the workers, the export).
+fn export(tag: &str) -> (PathBuf, PathBuf, WorkerPool, VhostBlkExport) {
+    let dir = std::env::temp_dir().join(format!("nvmux-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("blk.sock");
-    let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
+    let pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
     let dev: Arc<dyn BlockDevice> =
         Arc::new(nvmux_backend::MemoryDevice::new(1 << 20, 512, false).unwrap());
     let export = VhostBlkExport::start(
@@ -164,6 +166,12 @@ fn read_marks_data_status_and_used_ring_pages_only_while_log_all() {
         Arc::new(Default::default()),
     )
     .unwrap();
+    (dir, sock, pool, export)
+}
+
+#[test]
+fn read_marks_data_status_and_used_ring_pages_only_while_log_all() {
+    let (dir, sock, mut pool, export) = export("dirty-log");
 
     let g = Guest::new();
     let log = memfd(c"dirty-log", 4096);
@@ -274,25 +282,7 @@ fn read_marks_data_status_and_used_ring_pages_only_while_log_all() {
 
 #[test]
 fn a_bad_log_costs_the_front_end_its_connection_only() {
-    let dir = std::env::temp_dir().join(format!("nvmux-dirty-log-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("blk.sock");
-    let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(nvmux_backend::MemoryDevice::new(1 << 20, 512, false).unwrap());
-    let export = VhostBlkExport::start(
-        dev,
-        ExportConfig {
-            socket: sock.clone(),
-            num_queues: 1,
-            serial: "dirty".into(),
-            perms: Default::default(),
-            gate: None,
-        },
-        pool.workers().to_vec(),
-        Arc::new(Default::default()),
-    )
-    .unwrap();
+    let (dir, sock, mut pool, export) = export("dirty-log-bad");
     // Past the file's end (twice), and past the bound. (A log of size 0 is refused by the
     // vhost crate's message check before it reaches the device.)
     let too_big = nvmux_vhost::log::MAX_LOG_BYTES + 8;

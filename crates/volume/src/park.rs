@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nvmux_core::eventfd::signal_fd;
 use nvmux_core::Status;
 
 /// Completions and retries posted to a queue from other threads.
@@ -30,9 +31,7 @@ impl Mailbox {
     }
 
     pub(crate) fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a u64 to an eventfd this mailbox owns.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        signal_fd(self.fd.as_raw_fd());
     }
 }
 

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use nvmux_backend::record::{IoLog, RecordingDevice};
-use nvmux_backend::{zero_range, zero_range_allocated, FileDevice, FileOptions};
+use nvmux_core::fileops::{device_bytes, zero_range, zero_range_allocated};
+use nvmux_core::record::ChangeLog;
 use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
 
 use crate::format::{
@@ -469,10 +469,10 @@ pub struct Pool {
 }
 
 /// The pool's device as its metadata code uses it (`pwrite`, `fallocate`, `fdatasync`
-/// on the file), logging every change to an [`IoLog`] when the pool is recorded.
+/// on the file), logging every change to a [`ChangeLog`] when the pool is recorded.
 struct PoolFile {
     file: File,
-    log: Option<Arc<IoLog>>,
+    log: Option<Arc<dyn ChangeLog>>,
 }
 
 impl PoolFile {
@@ -583,7 +583,7 @@ fn open_rw(path: &Path, create: bool) -> Result<(File, bool)> {
 }
 
 fn device_size(f: &File, path: &Path) -> Result<u64> {
-    nvmux_backend::device_bytes(f).map_err(|e| io_err(path, "size", e))
+    device_bytes(f).map_err(|e| io_err(path, "size", e))
 }
 
 /// Decoded metadata of a pool, as read from the device (for open and check).
@@ -1022,18 +1022,31 @@ impl Pool {
 
     /// Open a pool for serving: replay its journal, zero what was left dirty, and
     /// checkpoint. A damaged pool is refused with where it is damaged.
-    pub fn open(path: &Path) -> Result<Arc<Pool>> {
-        Self::open_with(path, None)
+    ///
+    /// `data` is the block device the volumes' data goes through: the same file or
+    /// block device as `path`, opened by the caller (the daemon opens the backend's
+    /// io_uring `FileDevice` on it), so that this room needs no backend. The pool reads
+    /// and writes its metadata through `path` itself, synchronously.
+    pub fn open(path: &Path, data: Arc<dyn BlockDevice>) -> Result<Arc<Pool>> {
+        Self::open_with(path, data, None)
     }
 
     /// Open a pool whose every change to its device is logged to `log` (the power-cut
-    /// simulator): the data path through a [`RecordingDevice`], the metadata writes,
-    /// zeroing and syncs as they return.
-    pub fn open_recorded(path: &Path, log: Arc<IoLog>) -> Result<Arc<Pool>> {
-        Self::open_with(path, Some(log))
+    /// simulator): the metadata writes, zeroing and syncs as they return. `data` is
+    /// expected to log the data path to the same log (the backend's `RecordingDevice`).
+    pub fn open_recorded(
+        path: &Path,
+        data: Arc<dyn BlockDevice>,
+        log: Arc<dyn ChangeLog>,
+    ) -> Result<Arc<Pool>> {
+        Self::open_with(path, data, Some(log))
     }
 
-    fn open_with(path: &Path, log: Option<Arc<IoLog>>) -> Result<Arc<Pool>> {
+    fn open_with(
+        path: &Path,
+        data: Arc<dyn BlockDevice>,
+        log: Option<Arc<dyn ChangeLog>>,
+    ) -> Result<Arc<Pool>> {
         let (file, block_dev) = open_rw(path, false)?;
         flock(&file, path, libc::LOCK_EX)?;
         let l = load(&file, path)?;
@@ -1056,17 +1069,17 @@ impl Pool {
             )
         })?;
         let sb = l.sb.clone();
-        let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(
-            path,
-            &FileOptions {
-                create: false,
-                ..Default::default()
-            },
-        )?);
-        let data = match &log {
-            Some(l) => Arc::new(RecordingDevice::new(data, l.clone())),
-            None => data,
-        };
+        let end = sb.data_offset + sb.n_clusters * sb.cluster_size as u64;
+        if data.capacity_bytes() < end {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "pool {}: its data device holds {} bytes, less than the pool's {end}: pass the pool's own file or block device",
+                    path.display(),
+                    data.capacity_bytes()
+                ),
+            ));
+        }
         let ring = Ring::of(&sb);
         let journal = JournalWriter::new(
             ring,

@@ -9,6 +9,20 @@ use nvmux_core::{BlockDevice, BlockQueue, IoCommand, Opcode, SgList, Status};
 use crate::pool::{check, Pool, PoolOptions};
 use crate::thin::ThinDevice;
 
+/// Open the pool at `p` with its data device as the daemon does: the backend's
+/// io_uring file device on the same file (a dev-dependency: the room itself takes any
+/// `BlockDevice`).
+fn open(p: &std::path::Path) -> nvmux_core::Result<Arc<Pool>> {
+    let data = nvmux_backend::FileDevice::open(
+        p,
+        &nvmux_backend::FileOptions {
+            create: false,
+            ..Default::default()
+        },
+    )?;
+    Pool::open(p, Arc::new(data))
+}
+
 struct Dir(PathBuf);
 impl Drop for Dir {
     fn drop(&mut self) {
@@ -37,7 +51,7 @@ fn new_pool(name: &str, size: u64) -> (Dir, PathBuf, Arc<Pool>) {
         },
     )
     .unwrap();
-    let pool = Pool::open(&p).unwrap();
+    let pool = open(&p).unwrap();
     (d, p, pool)
 }
 
@@ -159,7 +173,7 @@ fn data_survives_close_and_reopen_and_check_is_clean() {
     let r = check_when_free(&p);
     assert!(r.ok(), "{r:?}");
     assert_eq!(r.volumes, 1);
-    let pool = Pool::open(&p).unwrap();
+    let pool = open(&p).unwrap();
     let dev = ThinDevice::open(&pool, "a").unwrap();
     let mut q = dev.open_queue(8).unwrap();
     for i in 0..20u64 {
@@ -187,7 +201,7 @@ fn flushed_writes_survive_without_close() {
     drop(pool);
     let r = check_when_free(&p);
     assert!(r.ok(), "{r:?}");
-    let pool = Pool::open(&p).unwrap();
+    let pool = open(&p).unwrap();
     let dev = ThinDevice::open(&pool, "a").unwrap();
     let mut q = dev.open_queue(8).unwrap();
     for i in 0..50u64 {
@@ -362,7 +376,7 @@ fn check_finds_a_flipped_byte_and_open_refuses() {
         msg.contains("volume table block 0") && msg.contains("checksum"),
         "{msg}"
     );
-    let e = Pool::open(&p)
+    let e = open(&p)
         .err()
         .expect("a damaged pool is refused")
         .to_string();
@@ -477,4 +491,25 @@ fn a_dropped_queue_never_releases_a_cluster_with_a_write_in_flight() {
         drop(s);
         std::mem::forget(buf); // the stuck write's buffer stays the kernel's, as the queue left it
     }
+}
+
+#[test]
+fn a_data_device_smaller_than_the_pool_is_refused() {
+    let (_d, p) = tmp("small-data");
+    Pool::create(
+        &p,
+        &PoolOptions {
+            size: Some(64 << 20),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let small = nvmux_backend::NullDevice::new(1 << 20, 4096, false).unwrap();
+    let e = Pool::open(&p, Arc::new(small))
+        .err()
+        .expect("a device smaller than the pool is refused")
+        .to_string();
+    assert!(e.contains("data device holds 1048576 bytes"), "{e}");
+    // The refused open left the pool as it was: it opens with its own file.
+    open(&p).unwrap();
 }

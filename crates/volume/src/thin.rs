@@ -24,6 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nvmux_core::eventfd::EventFd;
 use nvmux_core::{
     AlignedBuf, BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result,
     SgList, Status,
@@ -111,17 +112,21 @@ impl ThinDevice {
     /// A queue of this volume over `inner`, a queue of the pool's data device.
     pub(crate) fn queue_over(&self, inner: Box<dyn BlockQueue>) -> Result<ThinQueue> {
         let own = inner.completion_fd().is_none();
-        let fd = match inner.completion_fd() {
-            // SAFETY: dup of a descriptor the inner queue holds open; checked below.
-            Some(f) => unsafe { libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 0) },
-            // SAFETY: eventfd has no memory-safety preconditions; checked below.
-            None => unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
+        let fd: OwnedFd = match inner.completion_fd() {
+            Some(f) => {
+                // SAFETY: dup of a descriptor the inner queue holds open; checked below.
+                let d = unsafe { libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 0) };
+                if d < 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(Error::io("thin queue: dup of the completion eventfd", e));
+                }
+                // SAFETY: `d` is a new descriptor we own.
+                unsafe { OwnedFd::from_raw_fd(d) }
+            }
+            None => EventFd::new()
+                .map_err(|e| Error::io("thin queue: mailbox eventfd", e))?
+                .into(),
         };
-        if fd < 0 {
-            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(ThinQueue {
             pool: self.pool.clone(),
             handle: self.handle.clone(),
