@@ -18,6 +18,13 @@
 #                                                   127.0.0.1:PORT is 10.0.2.2:PORT)
 #           [--timeout SECS]                       (default 300)
 #           [--smp N]                              (guest vCPUs, default 1)
+#           [--vfio-user SOCK]...                  (a vfio-user-pci device on SOCK: QEMU 10.1+,
+#                                                   see --qemu-root; guest RAM in a shared memfd)
+#           [--qemu-root ROOT]                     (run QEMU as `chroot ROOT
+#                                                   /usr/bin/qemu-system-x86_64`, the Debian sid
+#                                                   chroot of scripts/sid-qemu.sh; the kernel's,
+#                                                   the sockets' and the temporary directories
+#                                                   are bind-mounted at the same paths inside)
 #           [--kernel KERNEL]                      (default: the image named in BASE.cpio.kernel,
 #                                                   an extracted PVH vmlinux; else
 #                                                   the newest /boot/vmlinuz-*-amd64)
@@ -36,8 +43,8 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
-initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect= raw_aio=
-socks=() queues=() envs=() raws=()
+initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect= raw_aio= qroot=
+socks=() queues=() envs=() raws=() vfus=()
 while (($#)); do
     case $1 in
         --initrd) initrd=$2; shift 2 ;;
@@ -52,6 +59,8 @@ while (($#)); do
         --queues)
             ((${#socks[@]})) || die "--queues must follow --vhost-sock"
             queues[${#queues[@]}-1]=$2; shift 2 ;;
+        --vfio-user) vfus+=("$(readlink -f "$2")"); shift 2 ;;
+        --qemu-root) qroot=$2; shift 2 ;;
         --env) [[ $2 == *=* ]] || die "--env wants KEY=VAL"; envs+=("$2"); shift 2 ;;
         --raw-aio) raw_aio=",aio=$2"; shift 2 ;;
         --raw-disk) [[ $2 == *:* ]] || die "--raw-disk wants FILE:SERIAL"; raws+=("$2"); shift 2 ;;
@@ -69,8 +78,18 @@ fi
 [[ -r $kernel ]] || die "no kernel ($kernel)"
 for s in "${socks[@]}"; do [[ -S $s ]] || die "vhost socket $s does not exist"; done
 
+for s in "${vfus[@]}"; do [[ -S $s ]] || die "vfio-user socket $s does not exist"; done
+
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/nvmux-boot.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+mounts=()
+cleanup() {
+    local m
+    for ((m = ${#mounts[@]} - 1; m >= 0; m--)); do
+        umount "${mounts[$m]}" 2>/dev/null || umount -l "${mounts[$m]}" 2>/dev/null || true
+    done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
 
 # --- initrd = BASE + zero padding to 4 bytes + cpio{test.sh, test.env} -----------
 mkdir -p "$tmp/extra"
@@ -88,19 +107,38 @@ pad=$(( (4 - size % 4) % 4 ))
 (cd "$tmp/extra" && printf '%s\n' test.sh test.env guest-lib.sh | cpio --quiet -o -H newc -R 0:0) >> "$tmp/initrd.cpio"
 
 # --- QEMU command line -----------------------------------------------------------------
-qemu=(qemu-system-x86_64 -accel tcg -cpu max -m 512M -smp "$smp"
+qemu=(qemu-system-x86_64)
+if [[ -n $qroot ]]; then
+    [[ -x $qroot/usr/bin/qemu-system-x86_64 ]] || die "no QEMU in $qroot (run scripts/sid-qemu.sh)"
+    kernel=$(readlink -f "$kernel") tmp=$(readlink -f "$tmp")
+    dirs=("$tmp" "$(dirname "$kernel")")
+    for s in "${socks[@]}" "${vfus[@]}"; do dirs+=("$(dirname "$(readlink -f "$s")")"); done
+    for d in "${dirs[@]}"; do
+        mountpoint -q "$qroot$d" && continue
+        mkdir -p "$qroot$d"
+        mount --bind "$d" "$qroot$d"
+        mounts+=("$qroot$d")
+    done
+    qemu=(chroot "$qroot" /usr/bin/qemu-system-x86_64)
+fi
+qemu+=(-accel tcg -cpu max -m 512M -smp "$smp"
       -nographic -no-reboot -nodefaults -serial stdio
       -kernel "$kernel" -initrd "$tmp/initrd.cpio"
       -append "console=ttyS0 panic=-1 quiet")
-if ((${#socks[@]})); then
-    # vhost-user needs guest RAM in a shared memfd (without share=on the
-    # device silently fails to start and the guest hangs).
+if ((${#socks[@]} + ${#vfus[@]})); then
+    # vhost-user and vfio-user need guest RAM in a shared memfd (without share=on a
+    # vhost-user device silently fails to start and the guest hangs; vfio-user sends
+    # DMA_MAP without a descriptor and the server cannot reach guest memory).
     qemu+=(-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem)
     for i in "${!socks[@]}"; do
         qemu+=(-chardev "socket,id=c$i,path=${socks[$i]}$reconnect"
                -device "vhost-user-blk-pci,chardev=c$i,num-queues=${queues[$i]}")
     done
 fi
+
+for i in "${!vfus[@]}"; do
+    qemu+=(-device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"${vfus[$i]}\"}}")
+done
 
 for i in "${!raws[@]}"; do
     qemu+=(-drive "file=${raws[$i]%:*},if=none,id=raw$i,format=raw,cache=none$raw_aio,file.locking=off"

@@ -8,8 +8,8 @@
 #   --server qsd     qemu-storage-daemon, the reference (validates the harness)
 #   --only LIST      run only these scenarios (comma separated; the fio-verify group runs
 #                    whole when any of its three is named)
-#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11 as a
-#                    stage of its own, vm-qemu11)
+#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11 and
+#                    vfio-user as a stage of its own, vm-qemu11)
 # Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
 #      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
 #      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
@@ -72,6 +72,12 @@
 #                        on both exports at once) (tests/vm/migrate.sh)
 #   migrate-qemu11       (nvmux only) the same with QEMU 11 from a Debian sid chroot
 #                        (scripts/sid-qemu.sh builds it once: ~1 min, ~350 MB)
+#   vfio-user            (nvmux only) QEMU 11 from the sid chroot attaches the vfio-user
+#                        PCI NVMe function of nvmux-vfiouser-probe (next to the nvmux
+#                        binary, or $NVMUX_VFIOUSER_PROBE); two VMs, one after the other:
+#                        negotiation, guest RAM mapped, MSI-X eventfds, CC.EN -> CSTS.RDY,
+#                        Identify read from guest memory; the guest sees class 0x010802
+#                        (tests/vm/vfio-user.sh)
 #   upgrade              (nvmux only) the guest runs fio write+verify rounds (random
 #                        writes, QD16, crc32c) for UPGRADE_RUNTIME s (default 60) while
 #                        the host runs `nvmux upgrade --binary COPY` 3 times (copies of
@@ -932,6 +938,30 @@ for mscen in migrate migrate-qemu11; do
     fi
 done
 
+
+# v. vfio-user (nvmux only): QEMU 11 from the sid chroot with -device vfio-user-pci on
+#    the socket of nvmux-vfiouser-probe (tests/vm/vfio-user.sh). No daemon export yet: the
+#    probe is the crate's test server.
+if ! want vfio-user; then
+    echo "SKIP vfio-user (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP vfio-user (nvmux only)"
+else
+    probe=${NVMUX_VFIOUSER_PROBE:-$(dirname "$NVMUX_BIN")/nvmux-vfiouser-probe}
+    sid_root=${NVMUX_SID_ROOT:-/var/cache/nvmux/sid-qemu}
+    if [[ ! -x $probe ]]; then
+        fail vfio-user "no $probe (cargo build --release -p nvmux-vfiouser)"
+    elif ! "$repo/scripts/sid-qemu.sh" "$sid_root" > "$work/sid-qemu.out" 2>&1; then
+        cat "$work/sid-qemu.out"
+        fail vfio-user "no QEMU 11 chroot (scripts/sid-qemu.sh)"
+    else
+        rc=0
+        "$here/vfio-user.sh" --probe-bin "$probe" --initrd "$initrd" --work "$work/vfio-user" \
+            --qemu-root "$sid_root" --timeout "$boot_timeout" > "$work/vfio-user.out" 2>&1 || rc=$?
+        cat "$work/vfio-user.out"
+        if ((rc == 0)); then pass vfio-user; else fail vfio-user "see $work/vfio-user.out"; fi
+    fi
+fi
 
 # upgrade: `nvmux upgrade` three times under a guest's fio write+verify.
 alive_pid() {   # PID: runs and is not a zombie
