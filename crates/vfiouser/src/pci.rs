@@ -224,6 +224,9 @@ impl<C: PciNvmeDevice> NvmePci<C> {
             // Doorbells go through even without bus mastering: the controller checks
             // [`PciConfig::bus_master`] itself before any DMA.
             self.regs.write(off, data, &mut self.ctrl);
+            if self.ctrl.fatal() {
+                self.regs.set_fatal();
+            }
         } else if off < MSIX_PBA {
             let o = (off - MSIX_TABLE) as usize;
             for (i, &v) in data.iter().enumerate() {
@@ -324,6 +327,17 @@ impl<C: PciNvmeDevice> VfioDevice for NvmePci<C> {
 
     fn dma(&self) -> &Arc<DmaSpace> {
         &self.dma
+    }
+
+    fn tick(&mut self) {
+        self.ctrl.tick();
+        if self.ctrl.fatal() {
+            self.regs.set_fatal();
+        }
+    }
+
+    fn before_unmap(&mut self, iova: u64, size: u64, all: bool) {
+        self.ctrl.before_unmap(iova, size, all);
     }
 }
 
