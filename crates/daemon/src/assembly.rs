@@ -549,6 +549,23 @@ impl Daemon {
                 )
                 .map(Handle::Vhost)
             }
+            ExportKind::VfioUser { socket, num_queues } => {
+                claim_socket(socket)?;
+                let workers = self.workers.placement().spread();
+                nvmux_vfiouser::VfioUserExport::start(
+                    dev.clone(),
+                    nvmux_vfiouser::ExportConfig {
+                        socket: socket.clone(),
+                        perms,
+                        num_queues: *num_queues,
+                        serial: nvme_serial(&spec.name),
+                        read_only: dev.info().read_only,
+                    },
+                    workers,
+                    d.stats.clone(),
+                )
+                .map(Handle::VfioUser)
+            }
             ExportKind::Nbd { .. } => self
                 .start_nbd(
                     &spec.disk,
@@ -560,4 +577,10 @@ impl Daemon {
                 .map(Handle::Nbd),
         }
     }
+}
+
+/// An NVMe serial number (20 bytes of ASCII at most) from an export's name (names are
+/// ASCII, `check_name`): its first 20 characters.
+pub(crate) fn nvme_serial(name: &str) -> String {
+    name.chars().take(20).collect()
 }

@@ -19,12 +19,14 @@ pub struct ExportCreate {
     #[serde(default)]
     pub name: Option<String>,
     pub disk: String,
-    /// `vhost-user-blk` (default) or `nbd`.
+    /// `vhost-user-blk` (default), `nbd` or `vfio-user`.
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
-    /// The Unix socket (vhost-user-blk: required; nbd: this or `listen`).
+    /// The Unix socket (vhost-user-blk, vfio-user: required; nbd: this or `listen`).
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// vhost-user-blk: virtqueues (default 1); vfio-user: NVMe I/O queue pairs offered to
+    /// the guest (default 4); 1..=64.
     #[serde(default)]
     pub num_queues: Option<u16>,
     /// vhost-user-blk: pair with this export of the same disk for a live migration on one
@@ -135,6 +137,7 @@ fn check_migration_peer(g: &Inner, peer: &str, disk: &str) -> Result<()> {
                 match p.spec.kind {
                     ExportKind::VhostUserBlk { .. } => "vhost-user-blk",
                     ExportKind::Nbd { .. } => "nbd",
+                    ExportKind::VfioUser { .. } => "vfio-user",
                 }
             ),
         ));
@@ -167,6 +170,40 @@ fn check_migration_peer(g: &Inner, peer: &str, disk: &str) -> Result<()> {
 }
 
 impl Daemon {
+    /// A new vfio-user export's kind: a socket checked as vhost-user's, and 1..=64 I/O
+    /// queue pairs (default 4).
+    fn vfio_user_kind(&self, g: &Inner, req: &ExportCreate) -> Result<ExportKind> {
+        use nvmux_vfiouser::export::{DEFAULT_QUEUES, MAX_EXPORT_QUEUES};
+        let Some(socket) = req.socket.clone() else {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a vfio-user export needs a socket (QEMU's -device vfio-user-pci,socket=PATH)",
+            ));
+        };
+        if req.listen.is_some()
+            || req.export_name.is_some()
+            || req.read_only
+            || req.tls.is_some()
+            || req.migration_peer.is_some()
+        {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "listen, export_name, read_only and tls are for nbd exports, migration_peer for vhost-user-blk (a vfio-user export is read-only when its disk is)",
+            ));
+        }
+        let num_queues = req.num_queues.unwrap_or(DEFAULT_QUEUES);
+        if num_queues == 0 || num_queues > MAX_EXPORT_QUEUES {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "num_queues {num_queues} is out of range: a vfio-user export offers 1 to {MAX_EXPORT_QUEUES} NVMe I/O queue pairs (default {DEFAULT_QUEUES})"
+                ),
+            ));
+        }
+        self.check_new_socket(g, &socket)?;
+        Ok(ExportKind::VfioUser { socket, num_queues })
+    }
+
     pub fn exports(&self) -> Vec<ExportView> {
         let g = self.lock();
         g.exports.values().map(export_view).collect()
@@ -238,10 +275,13 @@ impl Daemon {
                 ))
             }
             "nbd" => self.nbd_kind(&g, &req, &name)?,
+            "vfio-user" => self.vfio_user_kind(&g, &req)?,
             other => {
                 return Err(err(
                     ErrorKind::InvalidArgument,
-                    format!("export type {other:?} is unknown (use vhost-user-blk or nbd)"),
+                    format!(
+                        "export type {other:?} is unknown (use vhost-user-blk, nbd or vfio-user)"
+                    ),
                 ))
             }
         };

@@ -48,7 +48,7 @@ pub use state::{
 };
 pub use views::{
     ClassView, DiskStatsView, DiskView, ExportView, GuestMemoryView, MigrationView, NetworkView,
-    StatsView, WorkerView,
+    StatsView, VfioUserView, WorkerView,
 };
 
 pub(crate) use assembly::{with_functions, NewKey};
@@ -73,6 +73,7 @@ struct Export {
 enum Handle {
     Vhost(VhostBlkExport),
     Nbd(nbd::NbdHandle),
+    VfioUser(nvmux_vfiouser::VfioUserExport),
 }
 
 impl Handle {
@@ -80,6 +81,7 @@ impl Handle {
         match self {
             Handle::Vhost(h) => h.connected(),
             Handle::Nbd(h) => h.export.connections() > 0,
+            Handle::VfioUser(h) => h.connected(),
         }
     }
 }

@@ -311,6 +311,7 @@ pub fn render(d: &Daemon) -> String {
         }
     }
     nbd(&mut o, d);
+    vfio_user(&mut o, d);
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (
@@ -425,6 +426,98 @@ fn nbd(o: &mut String, d: &Daemon) {
                 "{metric}{{listener=\"{}\"}} {}",
                 l.address.replace('\\', "\\\\").replace('"', "\\\""),
                 get(l)
+            );
+        }
+    }
+}
+
+/// The vfio-user exports' controller counters (the disks' I/O is in `nvmux_disk_*`).
+fn vfio_user(o: &mut String, d: &Daemon) {
+    let exports: Vec<(String, String, crate::VfioUserView)> = d
+        .exports()
+        .into_iter()
+        .filter_map(|e| Some((e.spec.name, e.spec.disk, e.vfio_user?)))
+        .collect();
+    type Get = fn(&crate::VfioUserView) -> u64;
+    let rows: [(&str, &str, &str, Get); 10] = [
+        (
+            "nvmux_vfio_user_sessions_total",
+            "counter",
+            "vfio-user clients (QEMU) served.",
+            |v| v.sessions_total,
+        ),
+        (
+            "nvmux_vfio_user_sessions_failed_total",
+            "counter",
+            "vfio-user connections ended on a protocol error (malformed message, stalled client).",
+            |v| v.sessions_failed,
+        ),
+        (
+            "nvmux_vfio_user_io_queues",
+            "gauge",
+            "NVMe I/O queue pairs the guest created.",
+            |v| v.io_queues,
+        ),
+        (
+            "nvmux_vfio_user_bad_prps_total",
+            "counter",
+            "NVMe commands failed because a PRP lay outside the guest's DMA mappings.",
+            |v| v.bad_prps,
+        ),
+        (
+            "nvmux_vfio_user_bad_doorbells_total",
+            "counter",
+            "Doorbell writes refused (no such queue, past the queue size).",
+            |v| v.bad_doorbells,
+        ),
+        (
+            "nvmux_vfio_user_admin_commands_total",
+            "counter",
+            "NVMe admin commands completed.",
+            |v| v.admin_commands,
+        ),
+        (
+            "nvmux_vfio_user_io_commands_total",
+            "counter",
+            "NVMe I/O commands completed.",
+            |v| v.io_commands,
+        ),
+        (
+            "nvmux_vfio_user_interrupts_total",
+            "counter",
+            "Interrupts signalled to the guest (MSI-X or INTx).",
+            |v| v.interrupts,
+        ),
+        (
+            "nvmux_vfio_user_async_events_total",
+            "counter",
+            "NVMe asynchronous events delivered (namespace attribute changed).",
+            |v| v.async_events,
+        ),
+        (
+            "nvmux_vfio_user_fatal_errors_total",
+            "counter",
+            "Times the guest's controller entered the fatal status (CSTS.CFS).",
+            |v| v.fatal_errors,
+        ),
+    ];
+    for (metric, kind, help, get) in rows {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, disk, v) in &exports {
+            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(v));
+        }
+    }
+    let m = "nvmux_vfio_user_connected";
+    let _ = writeln!(
+        o,
+        "# HELP {m} 1 while a vfio-user client is connected.\n# TYPE {m} gauge"
+    );
+    for e in d.exports() {
+        if e.vfio_user.is_some() {
+            let _ = writeln!(
+                o,
+                "{m}{{export=\"{}\",disk=\"{}\"}} {}",
+                e.spec.name, e.spec.disk, e.connected as u8
             );
         }
     }

@@ -108,7 +108,9 @@ impl ExportKind {
     /// The Unix socket the export listens on, if it has one.
     pub fn socket(&self) -> Option<&PathBuf> {
         match self {
-            ExportKind::VhostUserBlk { socket, .. } => Some(socket),
+            ExportKind::VhostUserBlk { socket, .. } | ExportKind::VfioUser { socket, .. } => {
+                Some(socket)
+            }
             ExportKind::Nbd { socket, .. } => socket.as_ref(),
         }
     }
@@ -116,7 +118,9 @@ impl ExportKind {
     /// Where clients connect, for logs and the CLI.
     pub fn address(&self) -> String {
         match self {
-            ExportKind::VhostUserBlk { socket, .. } => socket.display().to_string(),
+            ExportKind::VhostUserBlk { socket, .. } | ExportKind::VfioUser { socket, .. } => {
+                socket.display().to_string()
+            }
             ExportKind::Nbd {
                 socket: Some(s),
                 export_name,
@@ -343,6 +347,7 @@ impl Daemon {
     pub(crate) fn stop_handle(&self, h: Handle) {
         match h {
             Handle::Vhost(v) => v.stop(),
+            Handle::VfioUser(v) => v.stop(),
             Handle::Nbd(n) => {
                 let mut servers = self.nbd.lock().unwrap_or_else(|e| e.into_inner());
                 let empty = servers.get(&n.key).map(|s| {

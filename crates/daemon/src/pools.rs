@@ -388,6 +388,12 @@ impl Daemon {
         self.notify_namespaces(&g, disk);
         // Attached VMs learn the new size through the config-change message.
         for e in g.exports.values().filter(|e| e.spec.disk == disk) {
+            if let Ok(crate::Handle::VfioUser(h)) = &e.handle {
+                // The controller re-reads the capacity and raises a Namespace Attribute
+                // Changed event (now if the guest has an AER outstanding, else at its next).
+                h.capacity_changed();
+                tracing::info!(disk, export = %e.spec.name, "vfio-user controller told of the new size");
+            }
             if let Ok(crate::Handle::Vhost(h)) = &e.handle {
                 match h.notify_config_change() {
                     Ok(true) => {

@@ -291,10 +291,22 @@ pub enum ExportKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls: Option<nbd::NbdTls>,
     },
+    /// A PCI NVMe controller on a vfio-user socket (QEMU 10.1+ `-device vfio-user-pci`):
+    /// one namespace, the disk; read-only when the disk is.
+    VfioUser {
+        socket: PathBuf,
+        /// I/O queue pairs offered to the guest, 1..=64.
+        #[serde(default = "four_queues")]
+        num_queues: u16,
+    },
 }
 
 fn one_queue() -> u16 {
     1
+}
+
+fn four_queues() -> u16 {
+    nvmux_vfiouser::export::DEFAULT_QUEUES
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

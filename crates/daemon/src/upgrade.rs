@@ -66,7 +66,8 @@ pub struct UpgradeView {
     pub sessions: usize,
     /// Listening sockets handed over (API, exports, NVMe/TCP, data-dir lock).
     pub listeners: usize,
-    /// NBD and NVMe/TCP connections that were drained and closed (clients reconnect).
+    /// NBD and NVMe/TCP connections that were drained and closed, and vfio-user clients
+    /// disconnected (clients reconnect).
     pub closed_connections: u64,
     /// From the first ring stopped to the new process's STARTED: the longest I/O pause a
     /// vhost-user guest saw.
@@ -507,6 +508,16 @@ impl Daemon {
         for (_, e) in std::mem::take(&mut g.exports) {
             match e.handle {
                 Ok(Handle::Vhost(v)) => v.release(),
+                // No vfio-user takeover: the export stops (its client is disconnected,
+                // the socket removed) and the new process re-creates it from state.json;
+                // QEMU must attach again (docs/vfio-user.md, "Using it").
+                Ok(Handle::VfioUser(v)) => {
+                    if v.connected() {
+                        closed += 1;
+                        tracing::warn!(socket = %v.socket().display(), "upgrade: vfio-user client disconnected (a vfio-user session is not handed over)");
+                    }
+                    v.stop();
+                }
                 // NBD exports went with their listeners above.
                 Ok(Handle::Nbd(h)) => std::mem::forget(h),
                 Err(_) => {}

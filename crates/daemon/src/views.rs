@@ -39,6 +39,57 @@ pub struct ExportView {
     /// dirty log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationView>,
+    /// vfio-user: the NVMe controller the guest sees (its sessions, queues and refusals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_user: Option<VfioUserView>,
+}
+
+/// `vfio_user` of a vfio-user export (see docs/api.md and docs/vfio-user.md).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VfioUserView {
+    /// Clients (QEMU) served since the export started, and of those the connections that
+    /// ended on a protocol error (malformed message, stalled client).
+    pub sessions_total: u64,
+    pub sessions_failed: u64,
+    /// The guest's driver enabled the controller (CSTS.RDY).
+    pub enabled: bool,
+    /// I/O queue pairs the guest created, and the most it may create (`num_queues`).
+    pub io_queues: u64,
+    pub io_queues_max: u64,
+    /// DMA mappings of the connected client.
+    pub dma_regions: u64,
+    /// Commands failed because a PRP lay outside the mapped DMA.
+    pub bad_prps: u64,
+    /// Doorbell writes refused (no such queue, past the queue size): each fails that
+    /// guest's controller (CSTS.CFS), nobody else's.
+    pub bad_doorbells: u64,
+    pub admin_commands: u64,
+    pub io_commands: u64,
+    pub interrupts: u64,
+    /// Asynchronous events delivered (namespace attribute changed, after a resize).
+    pub async_events: u64,
+    /// Times the controller entered the fatal status (CSTS.CFS).
+    pub fatal_errors: u64,
+}
+
+impl From<nvmux_vfiouser::ExportStatus> for VfioUserView {
+    fn from(s: nvmux_vfiouser::ExportStatus) -> Self {
+        VfioUserView {
+            sessions_total: s.sessions_total,
+            sessions_failed: s.sessions_failed,
+            enabled: s.enabled,
+            io_queues: s.io_queues as u64,
+            io_queues_max: s.io_queues_max as u64,
+            dma_regions: s.dma_regions,
+            bad_prps: s.bad_prps,
+            bad_doorbells: s.bad_doorbells,
+            admin_commands: s.admin_commands,
+            io_commands: s.io_commands,
+            interrupts: s.interrupts,
+            async_events: s.async_events,
+            fatal_errors: s.fatal_errors,
+        }
+    }
 }
 
 /// `migration` of a vhost-user export (see docs/api.md and docs/operations.md).
@@ -134,6 +185,10 @@ pub(crate) fn export_view(e: &Export) -> ExportView {
         },
         migration: match &e.handle {
             Ok(Handle::Vhost(h)) => Some(migration_view(h)),
+            _ => None,
+        },
+        vfio_user: match &e.handle {
+            Ok(Handle::VfioUser(h)) => Some(h.status().into()),
             _ => None,
         },
     }

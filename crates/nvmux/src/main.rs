@@ -500,14 +500,16 @@ enum SubsystemCmd {
 // Parsed once per command line: the size of its largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 enum ExportCmd {
-    /// Export a disk: over vhost-user-blk on a Unix socket (VMs, libblkio), or over NBD
-    /// on a Unix socket or a TCP address (`--type nbd`: qemu-img, nbdcopy, fio, nbdinfo,
-    /// the Linux nbd client), with TLS if asked (required then). NBD exports on one socket
-    /// or address share it (and its TLS) and differ by export name.
+    /// Export a disk: over vhost-user-blk on a Unix socket (VMs, libblkio), as a PCI NVMe
+    /// controller on a vfio-user socket (`--type vfio-user`: QEMU 10.1+ `-device
+    /// vfio-user-pci,socket=PATH`, the guest's own nvme driver), or over NBD on a Unix
+    /// socket or a TCP address (`--type nbd`: qemu-img, nbdcopy, fio, nbdinfo, the Linux
+    /// nbd client), with TLS if asked (required then). NBD exports on one socket or
+    /// address share it (and its TLS) and differ by export name.
     Add {
         disk: String,
-        /// Unix socket path (vhost-user-blk: QEMU, Cloud Hypervisor, libblkio; nbd:
-        /// `nbd+unix:///NAME?socket=PATH`).
+        /// Unix socket path (vhost-user-blk: QEMU, Cloud Hypervisor, libblkio; vfio-user:
+        /// QEMU's `-device vfio-user-pci,socket=PATH`; nbd: `nbd+unix:///NAME?socket=PATH`).
         #[arg(long, required_unless_present = "listen")]
         socket: Option<PathBuf>,
         /// nbd: listen on this TCP address instead, e.g. 127.0.0.1:10809 (port 0 picks a
@@ -525,7 +527,8 @@ enum ExportCmd {
         /// nbd with --tls-x509-dir: require a client certificate signed by DIR/ca-cert.pem.
         #[arg(long, requires = "tls_x509_dir")]
         tls_verify_peer: bool,
-        /// Number of virtqueues (vhost-user-blk).
+        /// Number of queues, 1-64: virtqueues (vhost-user-blk, default 1), or NVMe I/O
+        /// queue pairs offered to the guest (vfio-user, default 4).
         #[arg(long)]
         queues: Option<u16>,
         /// Export name (default: the disk's name).
@@ -537,7 +540,7 @@ enum ExportCmd {
         /// nbd: refuse writes (EPERM), even on a writable disk.
         #[arg(long)]
         read_only: bool,
-        /// Export type: vhost-user-blk or nbd.
+        /// Export type: vhost-user-blk, vfio-user or nbd.
         #[arg(long = "type", default_value = "vhost-user-blk")]
         kind: String,
         /// Give the socket to USER[:GROUP] (names or numbers), e.g. libvirt-qemu, so that
