@@ -504,7 +504,11 @@ fn vfio_user(o: &mut String, d: &Daemon) {
     for (metric, kind, help, get) in rows {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
         for (name, disk, v) in &exports {
-            let _ = writeln!(o, "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}", get(v));
+            let _ = writeln!(
+                o,
+                "{metric}{{export=\"{name}\",disk=\"{disk}\"}} {}",
+                get(v)
+            );
         }
     }
     let m = "nvmux_vfio_user_connected";
