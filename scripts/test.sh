@@ -86,7 +86,7 @@ fuzz_stage() {
 
 vm_stage() {
     local log=target/vm-output.txt
-    NVMUX_BIN=target/release/nvmux tests/vm/run.sh --server nvmux --skip migrate-qemu11,vfio-user 2>&1 | tee "$log"
+    NVMUX_BIN=target/release/nvmux tests/vm/run.sh --server nvmux --skip migrate-qemu11,vfio-user,vfio-user-nvme 2>&1 | tee "$log"
     local line
     line=$(grep -E '^vm: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
     if [ -z "$line" ]; then record vm 0 1; return; fi
@@ -94,17 +94,17 @@ vm_stage() {
 }
 
 # Live migration and vfio-user with QEMU 11 from a Debian sid chroot (tests/vm/run.sh
-# --only migrate-qemu11,vfio-user). scripts/sid-qemu.sh builds the chroot once (debootstrap + qemu-system-x86:
+# --only migrate-qemu11,vfio-user,vfio-user-nvme). scripts/sid-qemu.sh builds the chroot once (debootstrap + qemu-system-x86:
 # about 1 min and 350 MB, cached in /var/cache/nvmux/sid-qemu) and then only checks it.
 vm_qemu11_stage() {
     local log=target/vm-qemu11-output.txt
     if ! scripts/sid-qemu.sh >"$log" 2>&1; then
         tail -20 "$log"; record vm-qemu11 0 1; return
     fi
-    # vfio-user's test server (the daemon has no vfio-user export yet).
+    # vfio-user's test server (the protocol-level scenario; vfio-user-nvme uses the daemon).
     cargo build --release -p nvmux-vfiouser >>"$log" 2>&1 || { tail -20 "$log"; record vm-qemu11 0 1; return; }
     NVMUX_BIN=target/release/nvmux NVMUX_VM_WORKDIR=target/vm/run-qemu11 \
-        tests/vm/run.sh --server nvmux --only migrate-qemu11,vfio-user 2>&1 | tee -a "$log"
+        tests/vm/run.sh --server nvmux --only migrate-qemu11,vfio-user,vfio-user-nvme 2>&1 | tee -a "$log"
     local line
     line=$(grep -E '^vm: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
     if [ -z "$line" ]; then record vm-qemu11 0 1; return; fi

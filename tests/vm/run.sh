@@ -8,8 +8,8 @@
 #   --server qsd     qemu-storage-daemon, the reference (validates the harness)
 #   --only LIST      run only these scenarios (comma separated; the fio-verify group runs
 #                    whole when any of its three is named)
-#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11 and
-#                    vfio-user as a stage of its own, vm-qemu11)
+#   --skip LIST      do not run these scenarios (scripts/test.sh runs migrate-qemu11,
+#                    vfio-user and vfio-user-nvme as a stage of its own, vm-qemu11)
 # Env: NVMUX_VM_WORKDIR (default target/vm/run-<server>: image, logs),
 #      VM_SMP (guest vCPUs, default 2: blk-mq uses one queue per CPU, so a
 #      1-vCPU guest would only ever see/use one queue), VM_TIMEOUT (per boot, 300 s).
@@ -78,6 +78,10 @@
 #                        negotiation, guest RAM mapped, MSI-X eventfds, CC.EN -> CSTS.RDY,
 #                        Identify read from guest memory; the guest sees class 0x010802
 #                        (tests/vm/vfio-user.sh)
+#   vfio-user-nvme       (nvmux only) the daemon's vfio-user export with QEMU 11 from the
+#                        sid chroot: the guest's nvme driver on nvmux's PCI NVMe
+#                        controller (identity, queues, fio --verify, discard, resize, a
+#                        second VM on the socket) (tests/vm/vfio-user-nvme.sh)
 #   upgrade              (nvmux only) the guest runs fio write+verify rounds (random
 #                        writes, QD16, crc32c) for UPGRADE_RUNTIME s (default 60) while
 #                        the host runs `nvmux upgrade --binary COPY` 3 times (copies of
@@ -960,6 +964,33 @@ else
             --qemu-root "$sid_root" --timeout "$boot_timeout" > "$work/vfio-user.out" 2>&1 || rc=$?
         cat "$work/vfio-user.out"
         if ((rc == 0)); then pass vfio-user; else fail vfio-user "see $work/vfio-user.out"; fi
+    fi
+fi
+
+# w. vfio-user-nvme (nvmux only): the daemon's vfio-user export (a PCI NVMe controller)
+#    attached by QEMU 11 from the sid chroot to the Debian 12 guest's nvme driver: nvme-cli
+#    identity, >= 2 I/O queues, fio --verify QD32 x 2 jobs, blkdiscard, a resize through the
+#    CLI seen by the guest, poweroff and a second VM on the same socket reading the first
+#    one's data (tests/vm/vfio-user-nvme.sh).
+if ! want vfio-user-nvme; then
+    echo "SKIP vfio-user-nvme (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP vfio-user-nvme (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail vfio-user-nvme "server is not running"
+else
+    sid_root=${NVMUX_SID_ROOT:-/var/cache/nvmux/sid-qemu}
+    if ! "$repo/scripts/sid-qemu.sh" "$sid_root" > "$work/sid-qemu.out" 2>&1; then
+        cat "$work/sid-qemu.out"
+        fail vfio-user-nvme "no QEMU 11 chroot (scripts/sid-qemu.sh)"
+    else
+        rc=0
+        "$here/vfio-user-nvme.sh" --nvmux-bin "$NVMUX_BIN" --api "$sockdir/nvmux-data/nvmux.sock" \
+            --server-pid "$SERVER_PID" --server-log "$work/server.log" --initrd "$initrd" \
+            --work "$work" --sockdir "$sockdir" --qemu-root "$sid_root" --smp "$smp" \
+            --timeout "$boot_timeout" > "$work/vfio-user-nvme.out" 2>&1 || rc=$?
+        cat "$work/vfio-user-nvme.out"
+        if ((rc == 0)); then pass vfio-user-nvme; else fail vfio-user-nvme "see $work/vfio-user-nvme.out"; fi
     fi
 fi
 
