@@ -4,6 +4,7 @@
 #   DEV_KIND=virtio   the one virtio-blk disk, /dev/vda (vhost-user-blk or QEMU's own)
 #   DEV_KIND=nvmf     the kernel's NVMe/TCP initiator: connect to NQN on TARGET_IP:PORT as
 #                     HOSTNQN/HOSTID, then /dev/nvme0n1
+#   DEV_KIND=nvme     a PCI NVMe controller (nvmux's vfio-user export): /dev/nvme0n1
 # Then: mke2fs -t ext4 (inode tables and journal written now, not lazily during the run,
 # no discard), mount, and db_bench's fillrandom, then readrandom and readwhilewriting on
 # the same database, with NUM keys of VALUE_SIZE bytes, READS reads, direct reads and
@@ -44,7 +45,12 @@ case $DEV_KIND in
         dev=/dev/nvme0n1
         wait_for '[ -b /dev/nvme0n1 ]' 10 || { echo "test: /dev/nvme0n1 did not appear"; exit 54; }
         ;;
-    *) echo "test: DEV_KIND must be virtio or nvmf"; exit 55 ;;
+    nvme)
+        modprobe nvme 2>/dev/null || true
+        dev=/dev/nvme0n1
+        wait_for '[ -b /dev/nvme0n1 ]' 90 || { echo "test: /dev/nvme0n1 did not appear"; exit 54; }
+        ;;
+    *) echo "test: DEV_KIND must be virtio, nvmf or nvme"; exit 55 ;;
 esac
 
 # By its path: busybox sh would run its own mke2fs applet, which has no ext4.

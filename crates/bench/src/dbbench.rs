@@ -47,6 +47,9 @@ pub enum DbPath {
     },
     /// QEMU's own virtio-blk on the file (`aio=io_uring,cache=none`): the baseline.
     Virtio(PathBuf),
+    /// An nvmux vfio-user socket: the guest's nvme driver on nvmux's PCI NVMe controller
+    /// (QEMU 10.1+: the VM's `qemu_root`).
+    NvmuxVfioUser(PathBuf),
 }
 
 impl DbPath {
@@ -56,6 +59,7 @@ impl DbPath {
             DbPath::QsdVhost(_) => "qsd-vhost",
             DbPath::NvmuxNvmf { .. } => "nvmux-nvmf",
             DbPath::Virtio(_) => "virtio-blk",
+            DbPath::NvmuxVfioUser(_) => "nvmux-vfio-user",
         }
     }
 }
@@ -106,6 +110,9 @@ pub struct Vm {
     /// The base image, built (or found up to date) by build-initramfs.sh; shared with
     /// `tests/vm/run.sh`.
     pub image: PathBuf,
+    /// Run QEMU from this root (`boot.sh --qemu-root`: the Debian sid chroot of
+    /// `scripts/sid-qemu.sh`, QEMU 11); `None`: the host's QEMU.
+    pub qemu_root: Option<PathBuf>,
 }
 
 impl Vm {
@@ -119,15 +126,34 @@ impl Vm {
         let image = std::env::var_os("NVMUX_VM_IMAGE")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo.join("target/vm/initramfs.cpio"));
-        Vm { scripts, image }
+        Vm {
+            scripts,
+            image,
+            qemu_root: None,
+        }
     }
 
     /// Build the image unless it is up to date, and check that it carries db_bench.
     pub fn prepare(&self, log: &Path) -> Result<()> {
+        self.build(log)?;
+        let tools_file = PathBuf::from(format!("{}.tools", self.image.display()));
+        let tools = std::fs::read_to_string(&tools_file).unwrap_or_default();
+        if !tools.lines().any(|l| l == "db_bench") {
+            return Err(
+                "db_bench stage: the guest image has no db_bench; apt-get install rocksdb-tools \
+                 (the image is rebuilt on the next run)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Build the image unless it is up to date (`tests/vm/build-initramfs.sh`).
+    pub fn build(&self, log: &Path) -> Result<()> {
         let script = self.scripts.join("build-initramfs.sh");
         if !script.exists() {
             return Err(format!(
-                "db_bench stage: {} is missing; it needs the source tree's tests/vm (set NVMUX_VM_SCRIPTS=DIR)",
+                "guest image: {} is missing; it needs the source tree's tests/vm (set NVMUX_VM_SCRIPTS=DIR)",
                 script.display()
             ));
         }
@@ -141,21 +167,72 @@ impl Vm {
         let _ = std::fs::write(log, [&out.stdout[..], &out.stderr[..]].concat());
         if !out.status.success() {
             return Err(format!(
-                "db_bench stage: building the guest image failed ({}); see {}",
+                "guest image: building it failed ({}); see {}",
                 out.status,
                 log.display()
             ));
         }
-        let tools_file = PathBuf::from(format!("{}.tools", self.image.display()));
-        let tools = std::fs::read_to_string(&tools_file).unwrap_or_default();
-        if !tools.lines().any(|l| l == "db_bench") {
-            return Err(
-                "db_bench stage: the guest image has no db_bench; apt-get install rocksdb-tools \
-                 (the image is rebuilt on the next run)"
-                    .into(),
-            );
-        }
         Ok(())
+    }
+
+    /// `boot.sh` for one guest running `script` (a file of `tests/vm`) on path `p`, its
+    /// console in `log`: the disk's device and the guest's `DEV_KIND` (virtio, nvmf,
+    /// nvme) with what it needs to reach the disk; QEMU from `qemu_root` if set.
+    pub fn boot_command(
+        &self,
+        script: &str,
+        p: &DbPath,
+        log: &Path,
+        timeout_s: u64,
+    ) -> Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(self.scripts.join("boot.sh"));
+        cmd.arg("--initrd")
+            .arg(&self.image)
+            .arg("--script")
+            .arg(self.scripts.join(script))
+            .arg("--log")
+            .arg(log)
+            .args(["--smp", "1", "--timeout", &timeout_s.to_string()]);
+        if let Some(r) = &self.qemu_root {
+            cmd.arg("--qemu-root").arg(r);
+        }
+        match p {
+            DbPath::NvmuxVhost(sock) | DbPath::QsdVhost(sock) => {
+                cmd.arg("--vhost-sock")
+                    .arg(sock)
+                    .arg("--env")
+                    .arg("DEV_KIND=virtio");
+            }
+            DbPath::Virtio(file) => {
+                cmd.arg("--raw-disk")
+                    .arg(format!("{}:dbbench", file.display()))
+                    .args(["--raw-aio", "io_uring", "--env", "DEV_KIND=virtio"]);
+            }
+            DbPath::NvmuxVfioUser(sock) => {
+                cmd.arg("--vfio-user")
+                    .arg(sock)
+                    .arg("--env")
+                    .arg("DEV_KIND=nvme");
+            }
+            DbPath::NvmuxNvmf { addr, nqn, hostnqn } => {
+                let hostid = hostnqn
+                    .rsplit_once(":uuid:")
+                    .map(|(_, u)| u.to_string())
+                    .ok_or_else(|| format!("host NQN {hostnqn} is not a UUID NQN"))?;
+                cmd.arg("--net");
+                for kv in [
+                    "DEV_KIND=nvmf".to_string(),
+                    "TARGET_IP=10.0.2.2".to_string(),
+                    format!("PORT={}", addr.port()),
+                    format!("NQN={nqn}"),
+                    format!("HOSTNQN={hostnqn}"),
+                    format!("HOSTID={hostid}"),
+                ] {
+                    cmd.arg("--env").arg(kv);
+                }
+            }
+        }
+        Ok(cmd)
     }
 }
 
@@ -254,14 +331,7 @@ pub fn run(
 
 /// Boot one guest on path `p` and parse its db_bench report.
 fn boot(vm: &Vm, p: &DbPath, s: Sizes, cpu: Option<usize>, log: &Path) -> Result<Vec<DbRow>> {
-    let mut cmd = std::process::Command::new(vm.scripts.join("boot.sh"));
-    cmd.arg("--initrd")
-        .arg(&vm.image)
-        .arg("--script")
-        .arg(vm.scripts.join("guest-dbbench.sh"))
-        .arg("--log")
-        .arg(log)
-        .args(["--smp", "1", "--timeout", "600"]);
+    let mut cmd = vm.boot_command("guest-dbbench.sh", p, log, 600)?;
     for (k, v) in [
         ("NUM", s.num.to_string()),
         ("READS", s.reads.to_string()),
@@ -269,36 +339,6 @@ fn boot(vm: &Vm, p: &DbPath, s: Sizes, cpu: Option<usize>, log: &Path) -> Result
         ("WRITE_RATE", s.write_rate.to_string()),
     ] {
         cmd.arg("--env").arg(format!("{k}={v}"));
-    }
-    match p {
-        DbPath::NvmuxVhost(sock) | DbPath::QsdVhost(sock) => {
-            cmd.arg("--vhost-sock")
-                .arg(sock)
-                .arg("--env")
-                .arg("DEV_KIND=virtio");
-        }
-        DbPath::Virtio(file) => {
-            cmd.arg("--raw-disk")
-                .arg(format!("{}:dbbench", file.display()))
-                .args(["--raw-aio", "io_uring", "--env", "DEV_KIND=virtio"]);
-        }
-        DbPath::NvmuxNvmf { addr, nqn, hostnqn } => {
-            let hostid = hostnqn
-                .rsplit_once(":uuid:")
-                .map(|(_, u)| u.to_string())
-                .ok_or_else(|| format!("host NQN {hostnqn} is not a UUID NQN"))?;
-            cmd.arg("--net");
-            for kv in [
-                "DEV_KIND=nvmf".to_string(),
-                "TARGET_IP=10.0.2.2".to_string(),
-                format!("PORT={}", addr.port()),
-                format!("NQN={nqn}"),
-                format!("HOSTNQN={hostnqn}"),
-                format!("HOSTID={hostid}"),
-            ] {
-                cmd.arg("--env").arg(kv);
-            }
-        }
     }
     let out = PathBuf::from(format!("{}.boot", log.display()));
     let mut proc = procs::spawn_pinned("boot.sh", cmd, cpu, &out)?;

@@ -9,6 +9,7 @@ pub mod attack;
 pub mod client;
 pub mod daemon;
 pub mod dbbench;
+pub mod guestio;
 pub mod nvmf;
 pub mod plots;
 pub mod procs;

@@ -22,6 +22,10 @@
 //! Last, the db_bench stage ([`crate::dbbench`]): RocksDB's db_bench in a QEMU/TCG
 //! guest on ext4, on the same file through nvmux vhost-user, QSD vhost-user, nvmux
 //! NVMe/TCP and QEMU's own virtio-blk. `--only dbbench` runs that stage alone.
+//!
+//! `--only vfio-user` runs the guest-path stage ([`crate::guestio`]) alone: one TCG
+//! guest's 4 KiB random reads through vfio-user NVMe, vhost-user-blk and NVMe/TCP with
+//! QEMU 11, and the host CPU per I/O of each.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -518,6 +522,21 @@ pub fn run(a: &BenchArgs, srv: Option<usize>, cli: Option<usize>) -> Res<()> {
         let exe = std::env::current_exe()?;
         Ok(crate::scale::suite_stage(&exe, &work, out, quick, srv)?)
     };
+    // `--only vfio-user`: one TCG guest's 4 KiB random reads through vfio-user NVMe,
+    // vhost-user-blk and NVMe/TCP (crates/bench/src/guestio.rs). Not part of the whole
+    // suite: it needs the sid chroot's QEMU 11 and several minutes of guest boots.
+    if a.only.as_deref() == Some("vfio-user") {
+        let out = a.out.join("suite-vfio-user");
+        let r = crate::guestio::run(quick, &out, srv, cli)?;
+        let _ = std::fs::remove_dir_all(&work);
+        println!("{}", r.markdown());
+        eprintln!("report: {}", out.join("report.md").display());
+        return if r.rows.is_empty() {
+            Err("the vfio-user stage measured nothing".into())
+        } else {
+            Ok(())
+        };
+    }
     if a.only.as_deref() == Some("scale") {
         let out = a.out.join(if quick { "suite-quick" } else { "suite" });
         let md = scale_stage(&out)?;

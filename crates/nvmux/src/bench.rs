@@ -36,7 +36,9 @@ pub struct BenchArgs {
     socket: Option<PathBuf>,
     /// Only run workloads whose name contains this, e.g. "randread QD32", or whose
     /// "backing workload" does, e.g. "null" or "null randread QD32". With `suite`,
-    /// `dbbench` runs only the db_bench stage (RocksDB in a QEMU guest on four paths).
+    /// `dbbench` runs only the db_bench stage (RocksDB in a QEMU guest on four paths),
+    /// `vfio-user` only the guest-path stage (4 KiB random reads of one QEMU 11 guest
+    /// through vfio-user NVMe, vhost-user-blk and NVMe/TCP, with host CPU per I/O).
     #[arg(long)]
     only: Option<String>,
     /// Run the pool suite instead: thin volumes vs QSD qcow2 vs a raw-file disk.
