@@ -45,7 +45,9 @@ nonzero() { dd if=/dev/nvme0n1 bs=1M skip="$1" count="$2" iflag=direct 2>/dev/nu
 
 modprobe nvme 2>/dev/null || true
 # TCG: the driver's probe (reset, Identify, queue creation) takes a few seconds.
-if ! wait_for '[ -b /dev/nvme0n1 ]' 90; then
+# Stop waiting early once the driver gave up on the controller.
+if ! wait_for '[ -b /dev/nvme0n1 ] || dmesg | grep -q "Removing after probe failure"' 90 ||
+    [ ! -b /dev/nvme0n1 ]; then
     bad "/dev/nvme0n1 appeared (nvme driver bound to the vfio-user controller)"
     dmesg | grep -i nvme | tail -n 20 | sed 's/^/test: dmesg: /'
     exit 90
