@@ -27,7 +27,8 @@ case $DEV_KIND in
     nvme)
         modprobe nvme 2>/dev/null || true
         dev=/dev/nvme0n1
-        wait_for '[ -b /dev/nvme0n1 ]' 90 || { echo "test: /dev/nvme0n1 did not appear"; exit 54; }
+        wait_for '[ -b /dev/nvme0n1 ] || dmesg | grep -q "Removing after probe failure"' 90
+        [ -b /dev/nvme0n1 ] || { dmesg | grep -i nvme | tail -n 5; echo "test: /dev/nvme0n1 did not appear"; exit 54; }
         ;;
     nvmf)
         : "${TARGET_IP:?}" "${PORT:?}" "${NQN:?}" "${HOSTNQN:?}" "${HOSTID:?}"
