@@ -127,6 +127,13 @@ impl Sqe<'_> {
     pub fn sgl_addr(&self) -> u64 {
         le64(self.0, 24)
     }
+    /// PRP entry 1 and 2 (PCIe transports: the same bytes as the SGL descriptor).
+    pub fn prp1(&self) -> u64 {
+        le64(self.0, 24)
+    }
+    pub fn prp2(&self) -> u64 {
+        le64(self.0, 32)
+    }
     pub fn sgl_len(&self) -> u32 {
         le32(self.0, 32)
     }

@@ -50,6 +50,8 @@ pub trait VfioDevice: Send {
     /// Before a DMA_UNMAP of `[iova, iova+size)` (`all`: every mapping) is carried out:
     /// the device stops using that memory (quiesces the queues that live there).
     fn before_unmap(&mut self, _iova: u64, _size: u64, _all: bool) {}
+    /// The DMA_UNMAP was carried out (the device may resume).
+    fn after_unmap(&mut self) {}
 }
 
 /// VFIO PCI interrupt indexes.

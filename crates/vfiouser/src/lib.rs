@@ -23,6 +23,8 @@ mod json;
 pub mod nvme;
 pub mod pci;
 pub mod proto;
+pub mod prp;
+pub mod queue;
 pub mod session;
 
 pub use export::{ExportConfig, ExportStatus, VfioUserExport};

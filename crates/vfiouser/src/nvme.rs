@@ -111,6 +111,8 @@ pub trait PciNvmeDevice: Send {
     /// A DMA_UNMAP of `[iova, iova+size)` (`all`: everything) is about to happen: stop
     /// touching that memory first (quiesce the queues that live there).
     fn before_unmap(&mut self, _iova: u64, _size: u64, _all: bool) {}
+    /// The DMA_UNMAP was carried out: resume.
+    fn after_unmap(&mut self) {}
     /// The controller met a fatal error (a doorbell past a queue's size, a queue in
     /// memory that went away): the register file shows CSTS.CFS until the next reset.
     fn fatal(&self) -> bool {

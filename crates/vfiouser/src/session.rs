@@ -420,11 +420,12 @@ impl<D: VfioDevice> Conn<D> {
                 }
                 self.dev
                     .before_unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
-                let n = self
+                let r = self
                     .dev
                     .dma()
-                    .unmap(iova, size, flags & DMA_UNMAP_ALL != 0)
-                    .map_err(|(e, m)| Refused::soft(e, m))?;
+                    .unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
+                self.dev.after_unmap();
+                let n = r.map_err(|(e, m)| Refused::soft(e, m))?;
                 self.stats.dma_unmaps.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("vfio-user: DMA_UNMAP iova {iova:#x} size {size:#x}: {n:#x} bytes");
                 put_u32(out, 24);
