@@ -130,7 +130,14 @@ fn qemu_below(root: u32) -> Option<u32> {
 }
 
 /// Boot one guest on `p`; sample CPU at its markers.
-fn boot_one(vm: &Vm, p: &DbPath, d: &Daemon, runtime: u64, cpu: Option<usize>, log: &Path) -> Res<IoRow> {
+fn boot_one(
+    vm: &Vm,
+    p: &DbPath,
+    d: &Daemon,
+    runtime: u64,
+    cpu: Option<usize>,
+    log: &Path,
+) -> Res<IoRow> {
     let mut cmd = vm.boot_command("guest-randread.sh", p, log, 600)?;
     cmd.arg("--env").arg(format!("RUNTIME={runtime}"));
     let out = PathBuf::from(format!("{}.boot", log.display()));
@@ -169,13 +176,20 @@ fn boot_one(vm: &Vm, p: &DbPath, d: &Daemon, runtime: u64, cpu: Option<usize>, l
     if !status.success() {
         let why = std::fs::read_to_string(&out).unwrap_or_default();
         let first = why.lines().next().unwrap_or("").to_string();
-        return Err(format!("guest failed ({status}): {first} (console: {})", log.display()).into());
+        return Err(format!(
+            "guest failed ({status}): {first} (console: {})",
+            log.display()
+        )
+        .into());
     }
     let (kib, iops, ms) =
         parse_terse(&console).ok_or_else(|| format!("no fio result in {}", log.display()))?;
-    let ((t0, d0, q0), (t1, d1, q1)) = begin
-        .zip(end)
-        .ok_or_else(|| format!("the host missed the guest's fio markers ({})", log.display()))?;
+    let ((t0, d0, q0), (t1, d1, q1)) = begin.zip(end).ok_or_else(|| {
+        format!(
+            "the host missed the guest's fio markers ({})",
+            log.display()
+        )
+    })?;
     Ok(IoRow {
         path: p.name(),
         round: 0,
@@ -224,7 +238,9 @@ pub fn summarize(rows: &[IoRow], paths: &[&'static str]) -> Vec<IoSummary> {
                 rounds: mine.len(),
                 iops: median(mine.iter().map(|r| r.iops).collect()),
                 iops_vs_vhost: None,
-                daemon_us_per_io: median(mine.iter().map(|r| per_io(r.daemon_cpu_s, r.ios)).collect()),
+                daemon_us_per_io: median(
+                    mine.iter().map(|r| per_io(r.daemon_cpu_s, r.ios)).collect(),
+                ),
                 qemu_us_per_io: median(mine.iter().map(|r| per_io(r.qemu_cpu_s, r.ios)).collect()),
                 host_us_per_io: median(
                     mine.iter()
@@ -236,7 +252,9 @@ pub fn summarize(rows: &[IoRow], paths: &[&'static str]) -> Vec<IoSummary> {
         .collect();
     let base = out.iter().find(|s| s.path == "nvmux-vhost").map(|s| s.iops);
     for s in &mut out {
-        s.iops_vs_vhost = base.filter(|b| *b > 0.0 && s.iops.is_finite()).map(|b| s.iops / b);
+        s.iops_vs_vhost = base
+            .filter(|b| *b > 0.0 && s.iops.is_finite())
+            .map(|b| s.iops / b);
     }
     out
 }
@@ -299,7 +317,12 @@ pub fn run(quick: bool, out: &Path, srv: Option<usize>, cli: Option<usize>) -> R
         .args(["/usr/bin/qemu-system-x86_64", "--version"])
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "QEMU from the sid chroot".into());
     let mut vm = Vm::from_source_tree();
     vm.qemu_root = Some(root);
@@ -378,7 +401,9 @@ pub fn run(quick: bool, out: &Path, srv: Option<usize>, cli: Option<usize>) -> R
     std::fs::create_dir_all(out)?;
     std::fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&json!({"kind": "suite-vfio-user", "quick": quick, "guestio": report}))?,
+        serde_json::to_string_pretty(
+            &json!({"kind": "suite-vfio-user", "quick": quick, "guestio": report}),
+        )?,
     )?;
     std::fs::write(out.join("report.md"), report.markdown())?;
     if report.failures.is_empty() {

@@ -365,3 +365,78 @@ fn hostile_clients_lose_their_connection_only() {
     drop(keep);
     d.stop();
 }
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn resize_reaches_the_export_and_upgrade_recreates_it() {
+    watchdog(240);
+    let d = TestDaemon::start("vfu-upgrade");
+    d.pool("p", 256 << 20);
+    d.api
+        .post(
+            "/v1/disks",
+            &json!({"name": "t", "pool": "p", "size": 32 << 20}),
+        )
+        .expect("pool disk");
+    let sock = d.dir.join("t.vfu");
+    vfio_export(&d, json!({"disk": "t", "socket": sock, "mode": "0660"})).expect("export");
+    // A resize tells the controller (the guest side is the VM test's).
+    let v = d
+        .api
+        .post("/v1/disks/t/resize", &json!({"size": 48 << 20}))
+        .expect("resize");
+    assert_eq!(v["size"], 48 << 20, "{v}");
+    wait_until(5, "the resize is logged for the export", || {
+        d.log()
+            .contains("vfio-user controller told of the new size")
+    });
+
+    // Upgrade with a client connected: its connection is closed (no session takeover),
+    // the new process serves the export again on the same path with the same mode.
+    let (mut conn, ..) = handshake(&sock);
+    let bin = d.dir.join("nvmux-next");
+    std::fs::copy(env!("CARGO_BIN_EXE_nvmux"), &bin).expect("copy the binary");
+    let v = d
+        .api
+        .post("/v1/upgrade", &json!({"binary": bin}))
+        .unwrap_or_else(|e| panic!("upgrade: {e}\n{}", d.log()));
+    let pid = v["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(v["sessions"], 0, "{v}");
+    assert_eq!(v["closed_connections"], 1, "the vfio-user client: {v}");
+    assert!(
+        closed_by_server(&mut conn, 10),
+        "the old connection is still open"
+    );
+    assert!(
+        d.log().contains("a vfio-user session is not handed over"),
+        "{}",
+        d.log()
+    );
+    let e = export_named(&d, "t");
+    assert_eq!(e["status"], "ok", "{e}");
+    assert_eq!(e["vfio_user"]["sessions_total"], 0, "a new export: {e}");
+    assert_eq!(mode(&sock), 0o660);
+    let (c, _, _, flags) = handshake(&sock);
+    assert_eq!(flags & proto::FLAG_ERROR, 0);
+    drop(c);
+    // SAFETY: signalling the upgraded daemon this test started (indirectly).
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "pid {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_killed();
+}
