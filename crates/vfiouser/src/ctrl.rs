@@ -272,7 +272,10 @@ impl Controller {
         if let Some(Some(c)) = self.cqs.get_mut(q.cqid as usize) {
             c.sq = None;
         }
-        self.shared.counters.io_queues.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .io_queues
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Serve the admin commands between the head and the tail (while the ACQ has room).
@@ -476,7 +479,7 @@ impl Controller {
         model::put16(b, 0, crate::pci::VENDOR_ID); // VID
         model::put16(b, 2, crate::pci::VENDOR_ID); // SSVID
         model::put16(b, 256, 1 << 8); // OACS: Doorbell Buffer Config
-        // SUBNQN: one per export (the serial is the export's name).
+                                      // SUBNQN: one per export (the serial is the export's name).
         let nqn = format!("nqn.2024-01.io.nvmux:vfio-user:{}", self.shared.serial);
         let n = nqn.len().min(255);
         b[768..768 + n].copy_from_slice(&nqn.as_bytes()[..n]);
@@ -498,7 +501,8 @@ impl Controller {
         let size = match lid {
             0x01 => 64,
             0x02 => {
-                page[..512].copy_from_slice(&model::smart_log(std::iter::once(&*self.shared.stats)));
+                page[..512]
+                    .copy_from_slice(&model::smart_log(std::iter::once(&*self.shared.stats)));
                 512
             }
             0x03 => {
@@ -536,8 +540,7 @@ impl Controller {
                 if nsq == 0xffff || ncq == 0xffff {
                     return Some((0, Status::INVALID_FIELD));
                 }
-                if self.sqs.iter().any(|q| q.is_some()) || self.cqs.iter().any(|q| q.is_some())
-                {
+                if self.sqs.iter().any(|q| q.is_some()) || self.cqs.iter().any(|q| q.is_some()) {
                     return Some((0, sc::CMD_SEQUENCE));
                 }
                 self.granted = (nsq.max(ncq) + 1).min(self.shared.num_queues);
@@ -573,7 +576,11 @@ impl Controller {
         let current = sel == 0;
         let v = match fid {
             0x07 => {
-                let n = (if current { self.granted() } else { self.shared.num_queues } - 1) as u32;
+                let n = (if current {
+                    self.granted()
+                } else {
+                    self.shared.num_queues
+                } - 1) as u32;
                 n | n << 16
             }
             0x0b => {
@@ -714,7 +721,10 @@ impl Controller {
             size: size as u16,
             worker: w,
         });
-        self.shared.counters.io_queues.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .io_queues
+            .fetch_add(1, Ordering::Relaxed);
         Status::SUCCESS
     }
 
@@ -916,9 +926,8 @@ impl PciNvmeDevice for Controller {
                 };
                 if tail >= q.size {
                     let size = q.size;
-                    return self.bad_doorbell(&format!(
-                        "SQ {qid} tail {tail} past its {size} entries"
-                    ));
+                    return self
+                        .bad_doorbell(&format!("SQ {qid} tail {tail} past its {size} entries"));
                 }
                 q.ctl.sq_tail.store(tail as u32, Ordering::SeqCst);
                 q.ctl.notify();
@@ -948,7 +957,12 @@ impl PciNvmeDevice for Controller {
         if !self.enabled {
             return;
         }
-        if !self.fatal && self.sqs.iter().flatten().any(|q| q.ctl.fatal.load(Ordering::Acquire))
+        if !self.fatal
+            && self
+                .sqs
+                .iter()
+                .flatten()
+                .any(|q| q.ctl.fatal.load(Ordering::Acquire))
         {
             self.go_fatal("an I/O queue failed");
         }

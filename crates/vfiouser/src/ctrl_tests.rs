@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use nvmux_core::BlockDevice;
 
+use crate::device::VfioDevice;
 use crate::nvme::{CSTS_CFS, CSTS_RDY};
 use crate::testkit::*;
 
@@ -34,12 +35,23 @@ fn identify_features_logs() {
     ok(c);
     assert_eq!(&b[24..29], b"nvmux", "model");
     assert_eq!(&b[4..15], b"test-serial");
-    assert_eq!(u16::from_le_bytes([b[256], b[257]]) & (1 << 8), 1 << 8, "OACS DBBC");
+    assert_eq!(
+        u16::from_le_bytes([b[256], b[257]]) & (1 << 8),
+        1 << 8,
+        "OACS DBBC"
+    );
     assert_eq!(b[77], 5, "MDTS");
-    assert_eq!(u32::from_le_bytes([b[516], b[517], b[518], b[519]]), 1, "NN");
+    assert_eq!(
+        u32::from_le_bytes([b[516], b[517], b[518], b[519]]),
+        1,
+        "NN"
+    );
     let (c, b) = identify(&mut g, 0, 1);
     ok(c);
-    assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), (8 << 20) / 512);
+    assert_eq!(
+        u64::from_le_bytes(b[0..8].try_into().unwrap()),
+        (8 << 20) / 512
+    );
     let (c, b) = identify(&mut g, 2, 0);
     ok(c);
     assert_eq!(&b[0..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
@@ -59,10 +71,20 @@ fn identify_features_logs() {
         ok(c);
         assert_eq!(c.dw0, v, "feature {fid:#x}");
     }
-    assert_eq!(g.admin(&sqe(0x09, 2, 0, 0, 0, [0x7e, 0, 0, 0, 0, 0])).sc, 0x02);
+    assert_eq!(
+        g.admin(&sqe(0x09, 2, 0, 0, 0, [0x7e, 0, 0, 0, 0, 0])).sc,
+        0x02
+    );
     // Log pages: SMART, firmware, error, changed namespaces; an unknown one.
     for lid in [1u32, 2, 3, 4] {
-        ok(g.admin(&sqe(0x02, 4, 0xffff_ffff, DATA, 0, [lid | 127 << 16, 0, 0, 0, 0, 0])));
+        ok(g.admin(&sqe(
+            0x02,
+            4,
+            0xffff_ffff,
+            DATA,
+            0,
+            [lid | 127 << 16, 0, 0, 0, 0, 0],
+        )));
     }
     let c = g.admin(&sqe(0x02, 4, 0, DATA, 0, [0x42 | 127 << 16, 0, 0, 0, 0, 0]));
     assert_eq!((c.sct, c.sc), (1, 0x09));
@@ -87,14 +109,27 @@ fn queue_creation_bounds() {
     assert_eq!(g.create_cq(1, 1, 1).sc, 0x02);
     assert_eq!(g.create_cq(1, 2048, 1).sc, 0x02);
     // A vector the function does not have.
-    assert_eq!((g.create_cq(1, 16, 9).sct, g.create_cq(1, 16, 9).sc), (1, 0x08));
+    assert_eq!(
+        (g.create_cq(1, 16, 9).sct, g.create_cq(1, 16, 9).sc),
+        (1, 0x08)
+    );
     // CQ memory outside the DMA.
-    let c = g.admin(&sqe(0x05, 3, 0, MEM - 0x1000, 0, [1023 << 16 | 1, 1 << 16 | 3, 0, 0, 0, 0]));
+    let c = g.admin(&sqe(
+        0x05,
+        3,
+        0,
+        MEM - 0x1000,
+        0,
+        [1023 << 16 | 1, 1 << 16 | 3, 0, 0, 0, 0],
+    ));
     assert_eq!(c.sc, 0x04);
     ok(g.create_cq(1, 16, 1));
     assert_eq!(g.create_cq(1, 16, 1).sc, 0x01, "exists");
     // SQ on a CQ that does not exist, then twice on the same CQ.
-    assert_eq!((g.create_sq(1, 16, 2).sct, g.create_sq(1, 16, 2).sc), (1, 0x00));
+    assert_eq!(
+        (g.create_sq(1, 16, 2).sct, g.create_sq(1, 16, 2).sc),
+        (1, 0x00)
+    );
     ok(g.create_sq(1, 16, 1));
     ok(g.create_cq(2, 16, 2));
     assert_eq!(g.create_sq(2, 16, 1).sct, 1, "CQ 1 already has an SQ");
@@ -119,7 +154,9 @@ fn data_path(shadow: bool) {
         let slba = i as u64 * 512;
         // An odd offset in the first page (dword aligned) for some of them.
         let buf = DATA + 0x10_0000 + if i % 3 == 1 { 0x200 } else { 0 };
-        let pattern: Vec<u8> = (0..*nlb as usize * 512).map(|k| (k * 7 + i) as u8).collect();
+        let pattern: Vec<u8> = (0..*nlb as usize * 512)
+            .map(|k| (k * 7 + i) as u8)
+            .collect();
         g.write_mem(buf, &pattern);
         let (e, pages) = Guest::rw_sqe(10 + i as u16, true, slba, *nlb, buf, list);
         g.write_list(list, &pages);
@@ -198,7 +235,11 @@ fn shadow_doorbells_set_after_queues_exist() {
     // The controller copied its view of the doorbells into the shadow buffer.
     let mut b = [0u8; 8];
     g.read_mem(SHADOW_DB + 8, &mut b);
-    assert_eq!(u32::from_le_bytes(b[0..4].try_into().unwrap()), 1, "SQ1 tail");
+    assert_eq!(
+        u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        1,
+        "SQ1 tail"
+    );
     g.shadow = true;
     for k in 0..50 {
         let (e, _) = Guest::rw_sqe(2 + k, false, k as u64, 1, DATA, 0);
@@ -246,12 +287,14 @@ fn bad_doorbells_are_fatal_for_the_controller_only() {
         g.enable();
         g.setup_io(1, 16);
         match case {
-            0 => g.w32(0x1000 + 2 * 8, 1),      // SQ 2 does not exist
-            1 => g.w32(0x1000 + 8, 16),         // SQ 1 tail past its 16 entries
-            2 => g.w32(0x1004 + 8, 99),         // CQ 1 head past its size
+            0 => g.w32(0x1000 + 2 * 8, 1),            // SQ 2 does not exist
+            1 => g.w32(0x1000 + 8, 16),               // SQ 1 tail past its 16 entries
+            2 => g.w32(0x1004 + 8, 99),               // CQ 1 head past its size
             3 => g.w32(0x1000, ADMIN_ENTRIES as u32), // admin SQ tail past its size
             _ => {
-                let _ = g.pci.region_write(crate::pci::REGION_BAR0, 0x1000 + 8, &[1, 0]);
+                let _ = g
+                    .pci
+                    .region_write(crate::pci::REGION_BAR0, 0x1000 + 8, &[1, 0]);
             }
         }
         assert_eq!(g.csts() & CSTS_CFS, CSTS_CFS, "case {case}");
@@ -295,7 +338,14 @@ fn async_event_on_resize() {
     assert_eq!(c.cid, 77);
     assert_eq!(c.dw0, nvmux_nvmf::model::AEN_NS_CHANGED);
     // The changed namespace list names namespace 1.
-    ok(g.admin(&sqe(0x02, 5, 0, DATA, 0, [0x04 | 1023 << 16, 0, 0, 0, 0, 0])));
+    ok(g.admin(&sqe(
+        0x02,
+        5,
+        0,
+        DATA,
+        0,
+        [0x04 | 1023 << 16, 0, 0, 0, 0, 0],
+    )));
     let mut b = [0u8; 8];
     g.read_mem(DATA, &mut b);
     assert_eq!(&b, &[1, 0, 0, 0, 0, 0, 0, 0]);
@@ -311,7 +361,6 @@ fn async_event_on_resize() {
 /// controller fails (CSTS.CFS) instead of touching the memory; the process lives on.
 #[test]
 fn unmap_under_the_queues() {
-    use crate::device::VfioDevice;
     let mut g = Guest::new(disk(8), 1, 1);
     g.enable();
     g.setup_io(1, 16);
@@ -343,10 +392,18 @@ fn shutdown_and_reset() {
     g.disable();
     // The workers dropped the queues.
     let t = std::time::Instant::now();
-    while g.pool.workers().iter().any(|w| w.stats().sources.load(Ordering::Relaxed) > 0)
+    while g
+        .pool
+        .workers()
+        .iter()
+        .any(|w| w.stats().sources.load(Ordering::Relaxed) > 0)
         && t.elapsed().as_secs() < 5
     {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    assert!(g.pool.workers().iter().all(|w| w.stats().sources.load(Ordering::Relaxed) == 0));
+    assert!(g
+        .pool
+        .workers()
+        .iter()
+        .all(|w| w.stats().sources.load(Ordering::Relaxed) == 0));
 }

@@ -134,12 +134,7 @@ pub fn write_all(
 
 /// Copy the first `out.len()` bytes of a transfer from guest memory (a Dataset
 /// Management range list).
-pub fn read_all(
-    t: &DmaTable,
-    prp1: u64,
-    prp2: u64,
-    out: &mut [u8],
-) -> Result<(), PrpError> {
+pub fn read_all(t: &DmaTable, prp1: u64, prp2: u64, out: &mut [u8]) -> Result<(), PrpError> {
     let mut off = 0usize;
     let len = out.len();
     walk(t, prp1, prp2, len, false, |g| {

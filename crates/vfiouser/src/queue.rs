@@ -301,7 +301,10 @@ impl IoQueue {
             None => self.ctl.sq_tail.load(Ordering::Acquire),
         };
         if v >= self.sq_size as u32 {
-            self.shared.counters.bad_doorbells.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .bad_doorbells
+                .fetch_add(1, Ordering::Relaxed);
             self.fatal(&format!(
                 "SQ tail {v} past the queue's {} entries",
                 self.sq_size
@@ -317,7 +320,10 @@ impl IoQueue {
             None => self.ctl.cq_head.load(Ordering::Acquire),
         };
         if v >= self.cq.size as u32 {
-            self.shared.counters.bad_doorbells.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .bad_doorbells
+                .fetch_add(1, Ordering::Relaxed);
             self.fatal(&format!(
                 "CQ head {v} past the queue's {} entries",
                 self.cq.size
@@ -484,14 +490,18 @@ impl IoQueue {
         let mem: Option<Vec<u8>> = match need {
             Need::Nothing => None,
             Need::Data(len) => {
-                let write = matches!(plan, IoPlan::One { op, .. } if *op == nvmux_core::Opcode::Read);
+                let write =
+                    matches!(plan, IoPlan::One { op, .. } if *op == nvmux_core::Opcode::Read);
                 let table = self.table.clone();
                 let sg = self.eng.slot_mut(slot).sg_mut();
                 if let Err(e) = prp::walk(&table, prp1, prp2, len, write, |g| {
                     sg.push(g.as_ptr(), g.len())
                 }) {
                     if matches!(e, prp::PrpError::Fault(_)) {
-                        self.shared.counters.bad_prps.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .bad_prps
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     return Err(e.status());
                 }
@@ -510,7 +520,10 @@ impl IoQueue {
                 if let Err(e) = prp::read_all(&self.table, prp1, prp2, &mut b) {
                     self.eng.slot_mut(slot).data.buf = b;
                     if matches!(e, prp::PrpError::Fault(_)) {
-                        self.shared.counters.bad_prps.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .bad_prps
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     return Err(e.status());
                 }

@@ -420,10 +420,7 @@ impl<D: VfioDevice> Conn<D> {
                 }
                 self.dev
                     .before_unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
-                let r = self
-                    .dev
-                    .dma()
-                    .unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
+                let r = self.dev.dma().unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
                 self.dev.after_unmap();
                 let n = r.map_err(|(e, m)| Refused::soft(e, m))?;
                 self.stats.dma_unmaps.fetch_add(1, Ordering::Relaxed);

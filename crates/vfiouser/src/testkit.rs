@@ -283,7 +283,14 @@ impl Guest {
     /// Set Features Number of Queues, Doorbell Buffer Config (when `shadow`), and `n`
     /// I/O queue pairs of `size` entries (CQ vector = qid).
     pub fn setup_io(&mut self, n: u16, size: u16) {
-        let c = self.admin(&sqe(0x09, 1, 0, 0, 0, [0x07, ((n as u32 - 1) << 16) | (n as u32 - 1), 0, 0, 0, 0]));
+        let c = self.admin(&sqe(
+            0x09,
+            1,
+            0,
+            0,
+            0,
+            [0x07, ((n as u32 - 1) << 16) | (n as u32 - 1), 0, 0, 0, 0],
+        ));
         assert_eq!((c.sct, c.sc), (0, 0), "set features number of queues");
         if self.shadow {
             self.write_mem(SHADOW_DB, &[0u8; 4096]);
@@ -307,7 +314,14 @@ impl Guest {
             0,
             cq_base(qid),
             0,
-            [(size as u32 - 1) << 16 | qid as u32, (vector as u32) << 16 | 0b11, 0, 0, 0, 0],
+            [
+                (size as u32 - 1) << 16 | qid as u32,
+                (vector as u32) << 16 | 0b11,
+                0,
+                0,
+                0,
+                0,
+            ],
         ));
         if c.sc == 0 && c.sct == 0 {
             self.queues[qid as usize] = Some(GuestQueue {
@@ -330,7 +344,14 @@ impl Guest {
             0,
             sq_base(qid),
             0,
-            [(size as u32 - 1) << 16 | qid as u32, (cqid as u32) << 16 | 1, 0, 0, 0, 0],
+            [
+                (size as u32 - 1) << 16 | qid as u32,
+                (cqid as u32) << 16 | 1,
+                0,
+                0,
+                0,
+                0,
+            ],
         ));
         if c.sc == 0 && c.sct == 0 {
             if let Some(Some(q)) = self.queues.get_mut(qid as usize) {
@@ -342,7 +363,14 @@ impl Guest {
 
     /// Read (`write` false) or write `nlb` blocks at `slba` with data at `buf`
     /// (PRPs built for it, a list at `list` when it spans more than two pages).
-    pub fn rw_sqe(cid: u16, write: bool, slba: u64, nlb: u32, buf: u64, list: u64) -> ([u8; 64], Vec<u64>) {
+    pub fn rw_sqe(
+        cid: u16,
+        write: bool,
+        slba: u64,
+        nlb: u32,
+        buf: u64,
+        list: u64,
+    ) -> ([u8; 64], Vec<u64>) {
         let len = nlb as u64 * 512;
         let first = 4096 - (buf % 4096);
         let mut pages = Vec::new();

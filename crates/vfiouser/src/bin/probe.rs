@@ -54,10 +54,15 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let (mut socket, mut mem, mut grow, mut queues, mut workers) = (None, 64u64, 0u64, 4u16, 2usize);
+    let (mut socket, mut mem, mut grow, mut queues, mut workers) =
+        (None, 64u64, 0u64, 4u16, 2usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = || args.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| usage());
+        let mut num = || {
+            args.next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| usage())
+        };
         match a.as_str() {
             "--socket" => {}
             "--mem" => mem = num(),
