@@ -116,17 +116,26 @@ const WORKLOADS: [(Op, usize, &str); 4] = [
     (Op::Write, 32, "randwrite QD32"),
 ];
 
+/// Whether `--only` selects `workload` on `backing`: the filter is a part of the workload's
+/// name ("randread QD32": every backing) or of "backing workload" ("null": every null
+/// row; "null randread QD32": one row). `backing` is empty when there is none (`--socket`).
+fn selected(only: Option<&str>, backing: &str, workload: &str) -> bool {
+    only.is_none_or(|o| {
+        workload.contains(o) || (!backing.is_empty() && format!("{backing} {workload}").contains(o))
+    })
+}
+
 fn measure(
     sock: &Path,
     poll: bool,
     secs: u64,
-    only: Option<&str>,
+    only: (Option<&str>, &str),
     server: Option<&dyn Fn() -> f64>,
     mut each: impl FnMut(&str, Measured, Option<f64>),
 ) -> Res<()> {
     let mut c = BlkioClient::connect(sock, 1, poll, 32 * 4096)?;
     for (op, qd, name) in WORKLOADS {
-        if only.is_some_and(|o| !name.contains(o)) {
+        if !selected(only.0, only.1, name) {
             continue;
         }
         let cpu0 = server.map(|f| f());
@@ -144,7 +153,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
             sock,
             a.client_poll,
             secs,
-            a.only.as_deref(),
+            (a.only.as_deref(), ""),
             None,
             |w, m, _| {
                 println!(
@@ -213,12 +222,16 @@ pub fn run(a: BenchArgs) -> Res<()> {
     ];
     let servers = if a.no_baselines { 1 } else { 2 };
     let rounds = a.rounds.max(1);
-    let per_backing = WORKLOADS
+    let count = |b: &str| {
+        WORKLOADS
+            .iter()
+            .filter(|(_, _, w)| selected(a.only.as_deref(), b, w))
+            .count()
+    };
+    let total = backings
         .iter()
-        .filter(|(_, _, w)| a.only.as_deref().is_none_or(|o| w.contains(o)))
-        .count();
-    let total = backings.len() * servers * per_backing * rounds
-        + if a.no_baselines { 0 } else { 2 * per_backing };
+        .map(|(b, f)| count(b) * (servers * rounds + usize::from(f.is_some() && !a.no_baselines)))
+        .sum::<usize>();
     let mut done = 0usize;
     let mut rows: Vec<Row> = Vec::new();
     let mut progress = |rows: &mut Vec<Row>, r: Row| {
@@ -275,6 +288,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
     };
     let cpu = || d.cpu_seconds();
     for (name, file) in backings {
+        if count(name) == 0 {
+            continue;
+        }
         let disk = name.trim_start_matches('/').replace([' ', '/'], "-");
         let sock = ddir.join(format!("{disk}.sock"));
         let qsd = if a.no_baselines {
@@ -293,7 +309,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
                 &sock,
                 a.client_poll,
                 secs,
-                a.only.as_deref(),
+                (a.only.as_deref(), name),
                 Some(&cpu),
                 |w, m, c| progress(&mut rows, Row::new(name, "nvmux", w, m, c).round(r)),
             )?;
@@ -303,7 +319,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
                     qsock,
                     a.client_poll,
                     secs,
-                    a.only.as_deref(),
+                    (a.only.as_deref(), name),
                     Some(&qcpu),
                     |w, m, c| progress(&mut rows, Row::new(name, "qsd", w, m, c).round(r)),
                 )?;
@@ -317,7 +333,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
         for (name, file) in backings {
             let Some(f) = file else { continue };
             for (op, qd, w) in WORKLOADS {
-                if a.only.as_deref().is_some_and(|o| !w.contains(o)) {
+                if !selected(a.only.as_deref(), name, w) {
                     continue;
                 }
                 let rw = if op == Op::Read {

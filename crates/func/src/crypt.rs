@@ -79,6 +79,19 @@ struct Cipher {
 /// for 32 GiB. Writes beyond the budget wait in the queue (back-pressure) until a bounce
 /// buffer comes back; one write always fits, so the queue always progresses.
 pub const BOUNCE_BUDGET: usize = 64 << 20;
+/// Encrypted write bytes after which the queue below is kicked in the middle of a batch.
+/// A frontend hands over a whole batch (up to the queue depth) before its one kick, and
+/// encryption makes submission slow (about 2 µs per 4 KiB), so without it the disk idles
+/// while the last writes of a batch are encrypted (at QD32, 32 × 2 µs). 32 KiB: the
+/// disk gets work after about 16 µs, for one extra `io_uring_enter` per 8 writes of
+/// 4 KiB.
+const KICK_BYTES: usize = 32 << 10;
+/// Read bytes one `poll` decrypts before it returns (the rest wait for the next poll).
+/// The frontend publishes and signals a poll's completions together, so decrypting a
+/// whole QD32 batch first (32 × 1-2 µs) would delay the first read's completion by the
+/// last one's decryption; in steps of 32 KiB the guest gets its first reads after about
+/// 16 µs, for one more signal per step.
+const DECRYPT_BYTES: usize = 32 << 10;
 
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
@@ -149,6 +162,8 @@ impl BlockDevice for CryptDevice {
             waiting: std::collections::VecDeque::with_capacity(depth as usize),
             sgs: (0..depth).map(|_| SgList::with_capacity(1)).collect(),
             pending: Vec::with_capacity(16),
+            unkicked: 0,
+            held: std::collections::VecDeque::with_capacity(depth as usize),
         }))
     }
     fn describe(&self) -> String {
@@ -194,6 +209,11 @@ struct CryptQueue {
     sgs: Vec<SgList>,
     /// Scratch for `decrypt_sg` (pieces of a sector split across segments).
     pending: Vec<(*mut u8, usize)>,
+    /// Bytes encrypted and submitted below since the last kick.
+    unkicked: usize,
+    /// Completions taken from the queue below but not yet handed back: a poll decrypts
+    /// at most `DECRYPT_BYTES` (at most the queue's depth of them).
+    held: std::collections::VecDeque<(IoCommand, Status)>,
 }
 
 // SAFETY: `pending` holds addresses only between the start and the end of one
@@ -254,12 +274,36 @@ impl CryptQueue {
             return Err(cmd);
         };
         let buf = &mut b.as_mut_slice()[..len];
-        // SAFETY: a write command's segments are readable for their length.
-        unsafe { cmd.sg.copy_to(buf) };
         let l = self.cipher.layout;
-        self.cipher
-            .xts
-            .encrypt_iv(buf, l.sector, l.iv_at(cmd.slba * self.bs), l.iv_step());
+        let (sec, step) = (l.sector, l.iv_step());
+        let mut iv = l.iv_at(cmd.slba * self.bs);
+        if cmd.sg.len() == len as u64 && cmd.sg.segments().iter().all(|v| v.iov_len % sec == 0) {
+            // Whole sectors in every segment (the usual case: one segment): encrypt
+            // straight from guest memory into the bounce buffer, one pass over the data.
+            let mut at = 0;
+            for v in cmd.sg.segments() {
+                let n = v.iov_len;
+                // SAFETY: a write command's segments are readable for their length, and
+                // their lengths add up to `len` (checked above), so `at + n` <= `len`;
+                // guest memory never overlaps our own bounce buffer.
+                unsafe {
+                    self.cipher.xts.encrypt_iv_from(
+                        v.iov_base.cast::<u8>(),
+                        &mut buf[at..at + n],
+                        sec,
+                        iv,
+                        step,
+                    )
+                };
+                at += n;
+                iv += (n / sec) as u64 * step;
+            }
+        } else {
+            // A sector split across segments: gather, then encrypt in place.
+            // SAFETY: a write command's segments are readable for their length.
+            unsafe { cmd.sg.copy_to(buf) };
+            self.cipher.xts.encrypt_iv(buf, sec, iv, step);
+        }
         let mut sg = self.sgs.pop().unwrap_or_default();
         sg.clear();
         sg.push(b.as_mut_ptr(), len);
@@ -269,6 +313,11 @@ impl CryptQueue {
         w.fua = fua;
         w.nsid = nsid;
         self.inner.submit(w);
+        self.unkicked += len;
+        if self.unkicked >= KICK_BYTES {
+            self.unkicked = 0;
+            self.inner.kick();
+        }
         Ok(())
     }
 }
@@ -344,6 +393,7 @@ impl BlockQueue for CryptQueue {
     }
 
     fn kick(&mut self) {
+        self.unkicked = 0;
         self.inner.kick();
     }
 
@@ -358,9 +408,11 @@ impl BlockQueue for CryptQueue {
             bounce_in_flight,
             sgs,
             pending,
+            held,
             ..
         } = self;
-        let n = inner.poll(&mut |mut c, st| {
+        let mut budget = DECRYPT_BYTES as u64;
+        let mut one = |mut c: IoCommand, st: Status, budget: &mut u64| {
             let i = c.tag as usize;
             let Some(slot) = slots.get_mut(i).and_then(|s| s.take()) else {
                 return;
@@ -369,6 +421,7 @@ impl BlockQueue for CryptQueue {
             match slot {
                 Slot::Direct { tag } => {
                     if c.opcode == Opcode::Read && st.is_ok() {
+                        *budget = budget.saturating_sub(c.sg.len());
                         // SAFETY: a read command's segments are writable for their length.
                         unsafe {
                             decrypt_sg(
@@ -390,7 +443,25 @@ impl BlockQueue for CryptQueue {
                     done(cmd, st);
                 }
             }
-        });
+        };
+        let mut n = 0;
+        // Completions held back by the previous poll first.
+        while budget > 0 {
+            let Some((c, st)) = held.pop_front() else {
+                break;
+            };
+            one(c, st, &mut budget);
+            n += 1;
+        }
+        if held.is_empty() {
+            n += inner.poll(&mut |c, st| {
+                if budget > 0 {
+                    one(c, st, &mut budget);
+                } else {
+                    held.push_back((c, st));
+                }
+            });
+        }
         // Writes that waited for budget go now, in order, as far as it allows.
         let mut sent = false;
         while let Some(cmd) = self.waiting.pop_front() {
@@ -409,7 +480,12 @@ impl BlockQueue for CryptQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.waiting.len()
+        self.inner.in_flight() + self.waiting.len() + self.held.len()
+    }
+
+    fn may_sleep(&self) -> bool {
+        // Held completions come back only by another poll: nothing wakes a sleeper.
+        self.held.is_empty() && self.inner.may_sleep()
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -531,6 +607,77 @@ mod tests {
             "every write completed, once"
         );
         assert_eq!(q.in_flight(), 0);
+    }
+
+    /// Reads complete in steps of `DECRYPT_BYTES` per poll: the rest are held (counted in
+    /// flight, the worker told not to sleep) and each is decrypted and handed back once.
+    #[test]
+    fn reads_are_decrypted_in_steps_per_poll() {
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let info = DeviceInfo {
+            block_size: 512,
+            num_blocks: 1 << 20,
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+            volatile_cache: false,
+            max_transfer: 1 << 20,
+        };
+        let key = [5u8; KEY_BYTES];
+        let dev = CryptDevice::new(
+            Arc::new(Held {
+                info,
+                q: held.clone(),
+                release,
+            }),
+            &key,
+        )
+        .unwrap();
+        let mut q = dev.open_queue(32).unwrap();
+        // 32 reads of 4 KiB whose "disk" data is the ciphertext of a known pattern.
+        let xts = Xts::new(&key);
+        let plain: Vec<u8> = (0..4096).map(|i| (i * 3) as u8).collect();
+        let mut bufs: Vec<Vec<u8>> = (0..32u64)
+            .map(|i| {
+                let mut b = plain.clone();
+                xts.encrypt(&mut b, SECTOR, i * 8);
+                b
+            })
+            .collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let mut sg = SgList::default();
+            sg.push(b.as_mut_ptr(), b.len());
+            q.submit(IoCommand::new(Opcode::Read, i as u64 * 8, 8, i as u64, sg));
+        }
+        q.kick();
+        let per_poll = DECRYPT_BYTES / 4096;
+        let mut tags = Vec::new();
+        let mut polls = 0;
+        while tags.len() < 32 && polls < 100 {
+            let before = tags.len();
+            q.poll(&mut |c, s| {
+                assert!(s.is_ok());
+                tags.push(c.tag);
+            });
+            polls += 1;
+            assert!(
+                tags.len() - before <= per_poll,
+                "at most {per_poll} per poll"
+            );
+            assert_eq!(q.in_flight(), 32 - tags.len(), "held ones are in flight");
+            assert_eq!(
+                q.may_sleep(),
+                tags.len() == 32,
+                "no sleep while some are held"
+            );
+        }
+        assert_eq!(polls, 32usize.div_ceil(per_poll));
+        tags.sort();
+        assert_eq!(tags, (0..32).collect::<Vec<u64>>(), "every read once");
+        for b in &bufs {
+            assert_eq!(b, &plain, "decrypted once, in place");
+        }
     }
 
     #[test]

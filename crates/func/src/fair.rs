@@ -465,12 +465,10 @@ fn water_fill(total: f64, share: &[f64], cap: &[f64], out: &mut Vec<f64>, done: 
 
 impl QueueShared {
     fn signal(&self) {
+        // The fd belongs to the queue, which removes itself from the registry (under its
+        // lock, which the caller holds) before the fd is closed.
         if let Some(fd) = self.wake {
-            let one = 1u64;
-            // SAFETY: an 8-byte write from a live u64 to an eventfd; the fd belongs to the
-            // queue, which removes itself from the registry (under its lock, which the
-            // caller holds) before the fd is closed.
-            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+            nvmux_core::eventfd::signal_fd(fd);
         }
     }
 }

@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// Only drive this existing vhost-user-blk socket (any server) and print the results.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Only run workloads whose name contains this, e.g. "randread QD32". With `suite`,
+    /// Only run workloads whose name contains this, e.g. "randread QD32", or whose
+    /// "backing workload" does, e.g. "null" or "null randread QD32". With `suite`,
     /// `dbbench` runs only the db_bench stage (RocksDB in a QEMU guest on four paths).
     #[arg(long)]
     only: Option<String>,
