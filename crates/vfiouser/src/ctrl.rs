@@ -307,6 +307,12 @@ impl Controller {
             let Some((dw0, status)) = self.admin(&sqe, &table) else {
                 continue; // held (AER)
             };
+            tracing::debug!(
+                "vfio-user nvme: admin opcode {:#04x} cid {cid} cdw10 {:#x}: status {:#x}",
+                sqe[0],
+                u32::from_le_bytes([sqe[40], sqe[41], sqe[42], sqe[43]]),
+                status.to_cqe_bits()
+            );
             if self
                 .acq
                 .post(&table, dw0, self.asq_head, 0, cid, status)
@@ -675,6 +681,10 @@ impl Controller {
                 return Status::INTERNAL_ERROR;
             }
         };
+        if let Some((db, ei)) = self.shadow {
+            ctl.shadow_ei.store(ei, Ordering::Release);
+            ctl.shadow_db.store(db, Ordering::Release);
+        }
         let params = IoQueueParams {
             qid,
             sq_base: base,
@@ -746,14 +756,27 @@ impl Controller {
         if db % prp::PAGE != 0 || ei % prp::PAGE != 0 || db == 0 || ei == 0 {
             return Status::INVALID_FIELD;
         }
-        if table.translate(db, prp::PAGE as usize, false).is_err()
+        if table.translate(db, prp::PAGE as usize, true).is_err()
             || table.translate(ei, prp::PAGE as usize, true).is_err()
         {
             return Status::INVALID_FIELD;
         }
-        // Applies to the I/O queues created from now on (Linux sets it before it creates
-        // them).
+        // Applies to the I/O queues created from now on and to those that exist: their
+        // shadow doorbells start from the values of the last BAR0 doorbell writes (what
+        // the controller has seen), and their workers switch over.
         self.shadow = Some((db, ei));
+        for q in self.sqs.iter().flatten() {
+            let qid = q.ctl.qid as u64;
+            let tail = q.ctl.sq_tail.load(Ordering::Acquire);
+            let head = q.ctl.cq_head.load(Ordering::Acquire);
+            if let Ok(g) = table.translate(db + qid * 8, 8, true) {
+                g.write_at(0, &tail.to_le_bytes());
+                g.write_at(4, &head.to_le_bytes());
+            }
+            q.ctl.shadow_ei.store(ei, Ordering::Release);
+            q.ctl.shadow_db.store(db, Ordering::Release);
+            q.ctl.kick.signal();
+        }
         Status::SUCCESS
     }
 

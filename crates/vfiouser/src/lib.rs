@@ -26,8 +26,12 @@ pub mod proto;
 pub mod prp;
 pub mod queue;
 pub mod session;
+#[doc(hidden)]
+pub mod testkit;
 
 pub use export::{ExportConfig, ExportStatus, VfioUserExport};
 
+#[cfg(test)]
+mod ctrl_tests;
 #[cfg(test)]
 mod tests;

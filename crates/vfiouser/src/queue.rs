@@ -142,6 +142,10 @@ pub struct QueueCtl {
     pub fatal: AtomicBool,
     /// Commands in flight (for the status view).
     pub in_flight: AtomicU64,
+    /// The shadow doorbell and event index buffers (0: none), set by Doorbell Buffer
+    /// Config, which may come after the queue was created: the worker adopts them.
+    pub shadow_db: AtomicU64,
+    pub shadow_ei: AtomicU64,
 }
 
 impl QueueCtl {
@@ -159,6 +163,8 @@ impl QueueCtl {
             finished: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            shadow_db: AtomicU64::new(0),
+            shadow_ei: AtomicU64::new(0),
         })
     }
 
@@ -543,6 +549,13 @@ impl WorkSource for IoQueue {
             return 0;
         }
         self.eng.round();
+        let db = self.ctl.shadow_db.load(Ordering::Acquire);
+        if db != self.shadow.map_or(0, |s| s.db) {
+            let ei = self.ctl.shadow_ei.load(Ordering::Acquire);
+            self.shadow = (db != 0).then_some(Shadow { db, ei });
+            self.ei_sq = None;
+            self.ei_cq = None;
+        }
         let gen = self.dma.generation();
         if gen != self.gen {
             self.gen = gen;
