@@ -46,6 +46,10 @@ pub struct IoRow {
     /// CPU seconds between the guest's markers: the daemon's, QEMU's.
     pub daemon_cpu_s: f64,
     pub qemu_cpu_s: f64,
+    /// Of the daemon's, the workers' time in loop iterations that found work
+    /// (`busy_s` of `GET /v1/stats`): the rest is polling before sleeping, and the
+    /// control threads.
+    pub worker_busy_s: f64,
     /// Wall seconds between the markers as the host saw them.
     pub window_s: f64,
 }
@@ -57,8 +61,10 @@ pub struct IoSummary {
     pub rounds: usize,
     pub iops: f64,
     pub iops_vs_vhost: Option<f64>,
-    /// Host CPU per I/O, µs: the daemon's, QEMU's, and their sum.
+    /// Host CPU per I/O, µs: the daemon's, QEMU's, and their sum; and the workers' busy
+    /// time per I/O (the daemon's work without its idle polling).
     pub daemon_us_per_io: f64,
+    pub worker_busy_us_per_io: f64,
     pub qemu_us_per_io: f64,
     pub host_us_per_io: f64,
 }
@@ -145,13 +151,27 @@ fn boot_one(
     let mut proc = procs::spawn_pinned("boot.sh", cmd, cpu, &out)?;
     let root = proc.pid();
     let mut qemu: Option<u32> = None;
-    let mut begin: Option<(Instant, f64, f64)> = None;
-    let mut end: Option<(Instant, f64, f64)> = None;
+    let mut begin: Option<(Instant, f64, f64, f64)> = None;
+    let mut end: Option<(Instant, f64, f64, f64)> = None;
+    let busy = || -> f64 {
+        d.api()
+            .get("/v1/stats")
+            .ok()
+            .and_then(|v| {
+                v["workers"].as_array().map(|w| {
+                    w.iter()
+                        .map(|x| x["busy_s"].as_f64().unwrap_or(0.0))
+                        .sum::<f64>()
+                })
+            })
+            .unwrap_or(f64::NAN)
+    };
     let sample = |q: Option<u32>| {
         (
             Instant::now(),
             d.cpu_seconds(),
             q.and_then(procs::cpu_seconds).unwrap_or(f64::NAN),
+            busy(),
         )
     };
     let status = loop {
@@ -184,7 +204,7 @@ fn boot_one(
     }
     let (kib, iops, ms) =
         parse_terse(&console).ok_or_else(|| format!("no fio result in {}", log.display()))?;
-    let ((t0, d0, q0), (t1, d1, q1)) = begin.zip(end).ok_or_else(|| {
+    let ((t0, d0, q0, b0), (t1, d1, q1, b1)) = begin.zip(end).ok_or_else(|| {
         format!(
             "the host missed the guest's fio markers ({})",
             log.display()
@@ -198,6 +218,7 @@ fn boot_one(
         seconds: ms / 1000.0,
         daemon_cpu_s: d1 - d0,
         qemu_cpu_s: q1 - q0,
+        worker_busy_s: b1 - b0,
         window_s: (t1 - t0).as_secs_f64(),
     })
 }
@@ -241,6 +262,11 @@ pub fn summarize(rows: &[IoRow], paths: &[&'static str]) -> Vec<IoSummary> {
                 daemon_us_per_io: median(
                     mine.iter().map(|r| per_io(r.daemon_cpu_s, r.ios)).collect(),
                 ),
+                worker_busy_us_per_io: median(
+                    mine.iter()
+                        .map(|r| per_io(r.worker_busy_s, r.ios))
+                        .collect(),
+                ),
                 qemu_us_per_io: median(mine.iter().map(|r| per_io(r.qemu_cpu_s, r.ios)).collect()),
                 host_us_per_io: median(
                     mine.iter()
@@ -266,22 +292,23 @@ impl IoReport {
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "\n## vfio-user NVMe (one QEMU/TCG guest, 4 KiB random read QD32)\n\n{} round(s), medians, {} s of fio per guest; {}; one nvmux worker thread; the same /dev/shm file disk on every path. TCG bounds every figure: the guest's CPU (emulated) is the bottleneck, so compare the ratios between paths measured in this one run, not the absolute IOPS. Host CPU per I/O is the daemon's plus QEMU's CPU time during fio over the I/Os done; QEMU's part is mostly the emulated guest itself.\n",
+            "\n## vfio-user NVMe (one QEMU/TCG guest, 4 KiB random read QD32)\n\n{} round(s), medians, {} s of fio per guest; {}; one nvmux worker thread; the same /dev/shm file disk on every path. TCG bounds every figure: the guest's CPU (emulated) is the bottleneck, so compare the ratios between paths measured in this one run, not the absolute IOPS. Host CPU per I/O is the daemon's plus QEMU's CPU time (`/proc/PID/stat`) during fio over the I/Os done; QEMU's part is mostly the emulated guest itself. The daemon's includes its worker's polling before it sleeps (`workers.poll_idle_us` = 50 here), which at a few thousand IOPS is most of it: *worker busy* is the worker's time in loop iterations that found work, per I/O.\n",
             self.rounds, self.runtime_s, self.qemu
         );
         let _ = writeln!(
             md,
-            "| path | IOPS | vs vhost-user-blk | daemon µs/IO | QEMU µs/IO | host µs/IO |\n|---|---|---|---|---|---|"
+            "| path | IOPS | vs vhost-user-blk | daemon CPU µs/IO | worker busy µs/IO | QEMU CPU µs/IO | host CPU µs/IO |\n|---|---|---|---|---|---|---|"
         );
         let f = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.2}"));
         for s in &self.summary {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 s.path,
                 s.iops,
                 f(s.iops_vs_vhost),
                 s.daemon_us_per_io,
+                s.worker_busy_us_per_io,
                 s.qemu_us_per_io,
                 s.host_us_per_io
             );
@@ -367,11 +394,12 @@ pub fn run(quick: bool, out: &Path, srv: Option<usize>, cli: Option<usize>) -> R
                     Ok(mut r) => {
                         r.round = round;
                         eprintln!(
-                            "vfio-user stage {:<16} round {}: {:.0} IOPS, daemon {:.1} µs/IO, QEMU {:.1} µs/IO ({:.0} s)",
+                            "vfio-user stage {:<16} round {}: {:.0} IOPS, daemon {:.1} µs/IO (worker busy {:.1}), QEMU {:.1} µs/IO ({:.0} s)",
                             p.name(),
                             round + 1,
                             r.iops,
                             r.daemon_cpu_s * 1e6 / r.ios.max(1) as f64,
+                            r.worker_busy_s * 1e6 / r.ios.max(1) as f64,
                             r.qemu_cpu_s * 1e6 / r.ios.max(1) as f64,
                             b0.elapsed().as_secs_f64()
                         );
@@ -436,6 +464,7 @@ mod tests {
             seconds: 1.0,
             daemon_cpu_s: dcpu,
             qemu_cpu_s: 1.0,
+            worker_busy_s: 0.0005,
             window_s: 1.0,
         };
         let rows = vec![
@@ -451,5 +480,6 @@ mod tests {
         assert_eq!(s[0].daemon_us_per_io, 2.0);
         assert_eq!(s[1].daemon_us_per_io, 1.0);
         assert_eq!(s[1].qemu_us_per_io, 1000.0);
+        assert_eq!(s[1].worker_busy_us_per_io, 0.5);
     }
 }
