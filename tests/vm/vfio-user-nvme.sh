@@ -107,6 +107,8 @@ if [[ -n $v1 ]]; then
     check "a namespace-changed event was delivered" [ "$(vfield "$v1" 'v["vfio_user"]["async_events"]')" -ge 1 ]
     check "no PRP outside the guest's DMA, no bad doorbell, no fatal status" \
         [ "$(vfield "$v1" 'v["vfio_user"]["bad_prps"] + v["vfio_user"]["bad_doorbells"] + v["vfio_user"]["fatal_errors"]')" = 0 ]
+    ops=$(nvmux --json stats | python3 -c 'import json, sys; d = json.load(sys.stdin)["disks"][sys.argv[1]]; print(min(d["read"]["ops"], d["write"]["ops"]))' "$disk")
+    check "the disk's stats count the guest's reads and writes ($ops of the rarer kind, 2048 at least)" [ "${ops:-0}" -ge 2048 ]
     check "the export's size is the new one" [ "$(nvmux --json disk show "$disk" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')" = "$new" ]
 fi
 
