@@ -829,6 +829,11 @@ impl Controller {
         }
     }
 
+    /// I/O submission queues running now.
+    pub fn queue_count(&self) -> usize {
+        self.sqs.iter().flatten().count()
+    }
+
     /// Test view: the I/O queues and the sizes they were created with.
     #[cfg(test)]
     pub(crate) fn io_sqs(&self) -> Vec<(u16, u16)> {
