@@ -130,6 +130,9 @@ struct IoCq {
     ring: CqRing,
     /// The submission queue bound to it (nvmux binds one SQ per CQ).
     sq: Option<u16>,
+    /// An SQ was bound to it before: its tail and phase live on with that SQ's worker,
+    /// so a CQ takes one SQ in its life (Linux deletes and creates them in pairs).
+    used: bool,
 }
 
 /// A running I/O submission queue.
@@ -609,7 +612,7 @@ impl Controller {
 
     fn create_cq(&mut self, s: Sqe<'_>, table: &crate::dma::DmaTable) -> Status {
         let qid = (s.cdw(10) & 0xffff) as u16;
-        let size = (s.cdw(10) >> 16) as u32 + 1;
+        let size = (s.cdw(10) >> 16) + 1;
         let flags = s.cdw(11);
         let (pc, ien, iv) = (flags & 1 != 0, flags & 2 != 0, (flags >> 16) as u16);
         if !self.qid_ok(qid) || self.cqs.get(qid as usize).is_none_or(|c| c.is_some()) {
@@ -625,7 +628,7 @@ impl Controller {
             return st::INVALID_VECTOR;
         }
         let base = s.prp1();
-        if base % prp::PAGE != 0 {
+        if !base.is_multiple_of(prp::PAGE) {
             return prp::PrpError::Offset.status();
         }
         if table.translate(base, size as usize * 16, true).is_err() {
@@ -638,13 +641,14 @@ impl Controller {
         self.cqs[qid as usize] = Some(IoCq {
             ring: CqRing::new(base, size as u16, iv, ien),
             sq: None,
+            used: false,
         });
         Status::SUCCESS
     }
 
     fn create_sq(&mut self, s: Sqe<'_>, table: &crate::dma::DmaTable) -> Status {
         let qid = (s.cdw(10) & 0xffff) as u16;
-        let size = (s.cdw(10) >> 16) as u32 + 1;
+        let size = (s.cdw(10) >> 16) + 1;
         let flags = s.cdw(11);
         let (pc, cqid) = (flags & 1 != 0, (flags >> 16) as u16);
         if !self.qid_ok(qid) || self.sqs.get(qid as usize).is_none_or(|q| q.is_some()) {
@@ -653,8 +657,9 @@ impl Controller {
         let Some(Some(cq)) = self.cqs.get(cqid as usize).copied() else {
             return st::CQ_INVALID;
         };
-        if cqid == 0 || cq.sq.is_some() {
-            // nvmux binds one submission queue per completion queue (as Linux uses them).
+        if cqid == 0 || cq.sq.is_some() || cq.used {
+            // nvmux binds one submission queue per completion queue, once (as Linux uses
+            // them).
             return st::CQ_INVALID;
         }
         if size < 2 || size > MQES as u32 + 1 {
@@ -664,7 +669,7 @@ impl Controller {
             return Status::INVALID_FIELD;
         }
         let base = s.prp1();
-        if base % prp::PAGE != 0 {
+        if !base.is_multiple_of(prp::PAGE) {
             return prp::PrpError::Offset.status();
         }
         if table.translate(base, size as usize * 64, false).is_err() {
@@ -714,6 +719,7 @@ impl Controller {
         worker.attach(Box::new(q));
         if let Some(Some(c)) = self.cqs.get_mut(cqid as usize) {
             c.sq = Some(qid);
+            c.used = true;
         }
         self.sqs[qid as usize] = Some(IoSq {
             ctl,
@@ -753,7 +759,7 @@ impl Controller {
 
     fn doorbell_buffer_config(&mut self, s: Sqe<'_>, table: &crate::dma::DmaTable) -> Status {
         let (db, ei) = (s.prp1(), s.prp2());
-        if db % prp::PAGE != 0 || ei % prp::PAGE != 0 || db == 0 || ei == 0 {
+        if !db.is_multiple_of(prp::PAGE) || !ei.is_multiple_of(prp::PAGE) || db == 0 || ei == 0 {
             return Status::INVALID_FIELD;
         }
         if table.translate(db, prp::PAGE as usize, true).is_err()

@@ -136,6 +136,8 @@ fn queue_creation_bounds() {
     // A CQ with an SQ cannot go; the SQ first.
     assert_eq!(g.admin(&sqe(0x04, 7, 0, 0, 0, [1, 0, 0, 0, 0, 0])).sc, 0x0c);
     ok(g.admin(&sqe(0x00, 7, 0, 0, 0, [1, 0, 0, 0, 0, 0])));
+    // A CQ serves one SQ in its life.
+    assert_eq!(g.create_sq(1, 16, 1).sct, 1, "CQ 1 served an SQ already");
     ok(g.admin(&sqe(0x04, 7, 0, 0, 0, [1, 0, 0, 0, 0, 0])));
     assert_eq!(g.admin(&sqe(0x00, 7, 0, 0, 0, [1, 0, 0, 0, 0, 0])).sc, 0x01);
     assert_eq!(g.csts() & CSTS_CFS, 0);

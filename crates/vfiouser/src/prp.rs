@@ -73,7 +73,7 @@ pub fn walk<'t>(
         return Ok(());
     }
     if left <= PAGE as usize {
-        if prp2 % PAGE != 0 {
+        if !prp2.is_multiple_of(PAGE) {
             return Err(PrpError::Offset);
         }
         f(t.translate(prp2, left, write)?);
@@ -98,7 +98,7 @@ pub fn walk<'t>(
                 list = e;
                 break;
             }
-            if e % PAGE != 0 {
+            if !e.is_multiple_of(PAGE) {
                 return Err(PrpError::Offset);
             }
             let piece = left.min(PAGE as usize);

@@ -543,6 +543,14 @@ impl IoQueue {
     }
 }
 
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // Dropped without finishing (the worker gave it up after a panic, or the pool
+        // shut down): whoever waits for it must not wait any longer.
+        self.ctl.finished.store(true, Ordering::Release);
+    }
+}
+
 impl WorkSource for IoQueue {
     fn poll(&mut self) -> usize {
         if self.finished {

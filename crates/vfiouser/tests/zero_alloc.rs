@@ -34,11 +34,15 @@ fn drive(g: &mut Guest, n: u32) {
     let list = DATA + 0x30_0000;
     let mut issued = 0u32;
     let mut done = 0u32;
-    let mut issue = |g: &mut Guest, issued: &mut u32| {
+    let issue = |g: &mut Guest, issued: &mut u32| {
         let k = *issued;
         let slot = (k % QD as u32) as u64;
         let buf = DATA + slot * 0x4000;
-        let (write, nlb) = if k % 2 == 0 { (false, 8) } else { (true, 24) };
+        let (write, nlb) = if k.is_multiple_of(2) {
+            (false, 8)
+        } else {
+            (true, 24)
+        };
         let slba = (k as u64 * 97) % 4096 * 8;
         let my_list = list + slot * 64;
         let (e, pages) = Guest::rw_sqe(k as u16, write, slba, nlb, buf, my_list);
