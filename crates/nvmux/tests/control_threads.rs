@@ -18,6 +18,21 @@ fn threads_of(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// After the removals the thread count returns to `base` (+1: the control thread stays);
+/// a short-lived API connection thread may still be ending, so wait for it a little.
+fn threads_back_to(d: &TestDaemon, base: usize) {
+    let t0 = Instant::now();
+    while threads_of(d.pid()) > base + 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} threads after the removals ({base} before anything): {:?}",
+            threads_of(d.pid()),
+            thread_names(d.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Threads of `pid` whose name starts with `prefix`.
 fn named_threads(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -140,7 +155,7 @@ fn many_exports_few_threads_and_a_stalled_front_end_holds_up_nobody() {
             .delete(&format!("/v1/exports/n{i}"))
             .expect("delete export");
     }
-    assert!(threads_of(d.pid()) <= base + 1);
+    threads_back_to(&d, base);
     d.stop();
 }
 
@@ -248,17 +263,7 @@ fn listeners_and_function_sockets_take_no_thread_each() {
             .delete(&format!("/v1/disks/n{i}/external"))
             .expect("delete external");
     }
-    // The control thread stays; a short-lived API connection thread may still be ending.
-    let t0 = Instant::now();
-    while threads_of(d.pid()) > base + 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "{} threads after the removals ({base} before anything): {:?}",
-            threads_of(d.pid()),
-            thread_names(d.pid())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    threads_back_to(&d, base);
     d.stop();
 }
 

@@ -307,6 +307,9 @@ impl VringSource {
         let Some(s) = self.eng.get(slot) else { return };
         let r = &s.data;
         let byte = blk::virtio_status(status);
+        if !status.is_ok() {
+            tracing::debug!(head = r.head, ?status, "vhost-user-blk: request failed");
+        }
         // SAFETY: `status` was checked to lie in guest memory when the request was parsed,
         // and the memory map it belongs to is still referenced (the slot's keepalive,
         // dropped only at `release` below, or the map the worker holds).
