@@ -18,7 +18,8 @@ use crate::auth::{Dhchap, HostKeys, Policy};
 /// The well-known discovery subsystem NQN.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 /// Model number reported by every controller.
-pub const MODEL: &str = "nvmux";
+pub use crate::model::MODEL;
+use crate::model::{put16, put32, put64};
 /// Largest I/O queue: CAP.MQES + 1 entries.
 pub const IO_QUEUE_ENTRIES: u16 = 128;
 /// Largest admin queue.
@@ -86,22 +87,6 @@ fn le32(b: &[u8], o: usize) -> u32 {
 fn le64(b: &[u8], o: usize) -> u64 {
     (le32(b, o) as u64) | (le32(b, o + 4) as u64) << 32
 }
-fn put16(b: &mut [u8], o: usize, v: u16) {
-    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], o: usize, v: u32) {
-    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put64(b: &mut [u8], o: usize, v: u64) {
-    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
-}
-/// An ASCII field padded with spaces (serial, model, firmware revision).
-fn put_ascii(b: &mut [u8], o: usize, len: usize, s: &str) {
-    let f = &mut b[o..o + len];
-    f.fill(b' ');
-    let n = s.len().min(len);
-    f[..n].copy_from_slice(&s.as_bytes()[..n]);
-}
 /// A NUL-terminated string field (NQNs, addresses).
 fn put_str(b: &mut [u8], o: usize, len: usize, s: &str) {
     let n = s.len().min(len - 1);
@@ -141,6 +126,13 @@ impl Sqe<'_> {
     }
     pub fn sgl_addr(&self) -> u64 {
         le64(self.0, 24)
+    }
+    /// PRP entry 1 and 2 (PCIe transports: the same bytes as the SGL descriptor).
+    pub fn prp1(&self) -> u64 {
+        le64(self.0, 24)
+    }
+    pub fn prp2(&self) -> u64 {
+        le64(self.0, 32)
     }
     pub fn sgl_len(&self) -> u32 {
         le32(self.0, 32)
@@ -533,11 +525,7 @@ pub struct Controller {
     auth: Option<(Arc<HostKeys>, Arc<Policy>)>,
 }
 
-/// Asynchronous event: notice, namespace attribute changed, log page 0x04.
-/// (Event type 2 = notice, information 0 = namespace attribute changed, log page 0x04.)
-const AEN_NS_CHANGED: u32 = 0x02 | (0x04 << 16);
-/// OAES / AEC bit for namespace attribute notices.
-const AEC_NS_ATTR: u32 = 1 << 8;
+use crate::model::{AEC_NS_ATTR, AEN_NS_CHANGED};
 
 /// What an admin command asks of the transport.
 #[derive(Debug, PartialEq, Eq)]
@@ -787,16 +775,7 @@ impl Controller {
                 let Some(n) = ns.get(&nsid) else {
                     return Cqe::err(Status::INVALID_NAMESPACE);
                 };
-                // NGUID, UUID, command set identifier (NVM).
-                out[0] = 2;
-                out[1] = 16;
-                out[4..20].copy_from_slice(&n.nguid);
-                out[20] = 3;
-                out[21] = 16;
-                out[24..40].copy_from_slice(&n.nguid);
-                out[40] = 4;
-                out[41] = 1;
-                out[44] = 0;
+                crate::model::ns_descriptors(&n.nguid, out);
             }
             // I/O command set specific controller / namespace for the NVM set: no limits.
             0x06 if !disc && (sqe.cdw(11) >> 24) == 0 => {}
@@ -815,34 +794,31 @@ impl Controller {
 
     fn identify_ctrl(&self, b: &mut [u8]) {
         let disc = self.is_discovery();
-        put_ascii(b, 4, 20, &self.subsys.serial);
-        put_ascii(b, 24, 40, MODEL);
-        put_ascii(b, 64, 8, env!("CARGO_PKG_VERSION"));
-        b[72] = 0; // RAB
+        crate::model::identify_ctrl_common(
+            &crate::model::CtrlIdent {
+                serial: &self.subsys.serial,
+                cntlid: self.cntlid,
+                mdts: MDTS,
+                aerl: (MAX_AERS - 1) as u8,
+                maxcmd: IO_QUEUE_ENTRIES,
+                nn: MAX_NSID,
+                ns_notices: !disc,
+            },
+            b,
+        );
         b[76] = 0x02; // CMIC: may have more than one controller
-        b[77] = MDTS;
-        put16(b, 78, self.cntlid);
-        put32(b, 80, 0x0001_0400);
-        put32(b, 92, if disc { 0 } else { AEC_NS_ATTR }); // OAES
-                                                          // CTRATT: traffic-based keep alive (every command counts as keep-alive traffic).
+                      // CTRATT: traffic-based keep alive (every command counts as keep-alive traffic).
         put32(b, 96, 1 << 6);
-        b[111] = if disc { 2 } else { 1 }; // CNTRLTYPE
-        b[258] = 3; // ACL
-        b[259] = (MAX_AERS - 1) as u8; // AERL
-        b[260] = 0x03; // FRMW: slot 1 read-only, one slot
-        b[261] = 0x04; // LPA: extended data for Get Log Page
-        b[262] = 0; // ELPE: one error log entry
         put16(b, 320, KAS);
-        if !disc {
-            b[512] = 0x66; // SQES
-            b[513] = 0x44; // CQES
-            put16(b, 514, IO_QUEUE_ENTRIES); // MAXCMD
-            put32(b, 516, MAX_NSID); // NN
-            put16(b, 520, 1 << 2 | 1 << 3); // ONCS: dataset management, write zeroes
-            b[525] = 0x01 | 0x02 << 1; // VWC present, flush of all namespaces not supported
-            put32(b, 540, MAX_NSID); // MNAN
-        } else {
+        if disc {
+            b[111] = 2; // CNTRLTYPE: discovery
+            b[512] = 0;
+            b[513] = 0;
             put16(b, 514, ADMIN_QUEUE_ENTRIES);
+            put32(b, 516, 0);
+            put16(b, 520, 0);
+            b[525] = 0;
+            put32(b, 540, 0);
         }
         put32(b, 536, 1 | 1 << 20); // SGLS: SGLs supported, offsets in data block descriptors
         put_str(b, 768, 256, &self.subsys.nqn);
@@ -851,8 +827,6 @@ impl Controller {
         put32(b, 1792, ((64 + IN_CAPSULE_DATA) / 16) as u32);
         put32(b, 1796, 1);
         b[1803] = 1;
-        // Power state 0: 9 W (centiwatts), as a placeholder nobody acts on.
-        put16(b, 2048, 900);
     }
 
     fn get_log_page(&self, r: &dyn Resolver, at: Where, sqe: Sqe, out: &mut Vec<u8>) -> Cqe {
@@ -883,12 +857,7 @@ impl Controller {
             }
             0x01 => vec![0u8; 64],
             0x02 if !disc => self.smart_log(),
-            0x03 if !disc => {
-                let mut p = vec![0u8; 512];
-                p[0] = 1; // AFI: slot 1 active
-                put_ascii(&mut p, 8, 8, env!("CARGO_PKG_VERSION"));
-                p
-            }
+            0x03 if !disc => crate::model::firmware_log().to_vec(),
             0x04 if !disc => {
                 let mut g = self.lock();
                 let mut p = vec![0u8; 4096];
@@ -920,25 +889,8 @@ impl Controller {
     }
 
     fn smart_log(&self) -> Vec<u8> {
-        let mut p = vec![0u8; 512];
-        put16(&mut p, 1, 273 + 35); // composite temperature 35 °C, in kelvin
-        p[3] = 100; // available spare
-        p[4] = 10; // threshold
-        let (mut rd, mut wr, mut rops, mut wops) = (0u64, 0u64, 0u64, 0u64);
-        for n in self.subsys.namespaces().values() {
-            let s = n.stats.snapshot();
-            rd += s.read.bytes;
-            wr += s.write.bytes;
-            rops += s.read.ops;
-            wops += s.write.ops;
-        }
-        // Data units are thousands of 512-byte units, rounded up.
-        let units = |b: u64| (b / 512).div_ceil(1000);
-        put64(&mut p, 32, units(rd));
-        put64(&mut p, 48, units(wr));
-        put64(&mut p, 64, rops);
-        put64(&mut p, 80, wops);
-        p
+        let ns = self.subsys.namespaces();
+        crate::model::smart_log(ns.values().map(|n| &*n.stats)).to_vec()
     }
 
     fn set_features(&self, sqe: Sqe) -> Cqe {
@@ -990,11 +942,7 @@ impl Controller {
         }
         let current = sel == 0;
         let v = match fid {
-            0x01 => 0,
-            0x02 => 0,
-            0x04 => 273 + 70, // temperature threshold: 70 °C
-            0x05 => 0,
-            0x06 => 1, // volatile write cache enabled
+            0x01 | 0x02 | 0x04 | 0x05 | 0x06 => crate::model::common_feature(fid).unwrap_or(0),
             0x07 => {
                 let n = if current && g.io_queues > 0 {
                     g.io_queues
@@ -1026,24 +974,7 @@ impl Controller {
 }
 
 fn identify_ns(n: &Namespace, b: &mut [u8]) {
-    let info = n.dev.info();
-    let blocks = n.num_blocks();
-    put64(b, 0, blocks); // NSZE
-    put64(b, 8, blocks); // NCAP
-    put64(b, 16, blocks); // NUSE
-    b[24] = 0x01 | 0x08; // NSFEAT: thin provisioning, NGUID/EUI64 never reused
-    b[25] = 0; // NLBAF: one format
-    b[26] = 0; // FLBAS: format 0
-    b[30] = 0x01; // NMIC: may be shared
-    if info.discard {
-        b[33] = 0x01 | 0x08; // DLFEAT: deallocated blocks read zeros; WZ may deallocate
-    }
-    if info.read_only {
-        b[99] = 0x01; // NSATTR: write protected
-    }
-    b[104..120].copy_from_slice(&n.nguid);
-    // LBA format 0: no metadata, block size, best relative performance.
-    b[128 + 2] = info.block_size.trailing_zeros() as u8;
+    crate::model::identify_ns(n.dev.info(), n.num_blocks(), &n.nguid, true, b);
 }
 
 /// The discovery log page (header and entries).

@@ -4,6 +4,8 @@
 //!   namespaces (nvmux disks) and host allow-lists, controllers, admin commands (Identify,
 //!   Get Log Page, Get/Set Features, Keep Alive, Asynchronous Events), Fabrics Connect and
 //!   Property Get/Set.
+//! * [`model`]: Identify data, log pages and feature values every nvmux controller
+//!   shares (NVMe/TCP and the vfio-user PCIe controller).
 //! * [`nvm`]: the NVM command set's I/O semantics on the frontend engine
 //!   ([`nvmux_core::engine`]): decoding, Write Zeroes emulation, the Dataset Management
 //!   fan-out. Transport-independent: the vfio-user PCIe controller reuses it with
@@ -28,6 +30,7 @@ pub mod ctrl;
 mod ffdhe;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod model;
 pub mod nvm;
 pub mod pdu;
 pub mod ratelog;

@@ -44,6 +44,14 @@ pub trait VfioDevice: Send {
     fn reset(&mut self);
     /// The client's DMA space (the session maps and unmaps into it).
     fn dma(&self) -> &Arc<DmaSpace>;
+    /// Called on the control thread each time the session's task runs (a message came,
+    /// or the owner woke the task): work the device owes outside any message.
+    fn tick(&mut self) {}
+    /// Before a DMA_UNMAP of `[iova, iova+size)` (`all`: every mapping) is carried out:
+    /// the device stops using that memory (quiesces the queues that live there).
+    fn before_unmap(&mut self, _iova: u64, _size: u64, _all: bool) {}
+    /// The DMA_UNMAP was carried out (the device may resume).
+    fn after_unmap(&mut self) {}
 }
 
 /// VFIO PCI interrupt indexes.

@@ -188,6 +188,44 @@ impl GuestSlice<'_> {
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), buf.as_mut_ptr(), n) };
         n
     }
+    /// Copy `buf.len()` bytes (at most what is left) from offset `off` of the range.
+    pub fn read_at(&self, off: usize, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.len.saturating_sub(off));
+        // SAFETY: off + n <= len, so [ptr+off, ptr+off+n) is inside the mapped range.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), n) };
+        n
+    }
+    /// Copy `data` (at most what is left) to offset `off` of the range.
+    pub fn write_at(&self, off: usize, data: &[u8]) -> usize {
+        let n = data.len().min(self.len.saturating_sub(off));
+        // SAFETY: off + n <= len, inside the mapped range; translate checked the mapping
+        // is writable when the slice was asked for with `write`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), n) };
+        n
+    }
+    /// Zero the range from offset `off` to its end.
+    pub fn zero_from(&self, off: usize) {
+        if off < self.len {
+            // SAFETY: [ptr+off, ptr+len) is inside the mapped range.
+            unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), 0, self.len - off) };
+        }
+    }
+    /// The 32-bit word at `off` as an atomic (a doorbell, an event index, a completion
+    /// entry's last dword), if it lies inside the range and is 4-byte aligned.
+    pub fn atomic_u32(&self, off: usize) -> Option<&std::sync::atomic::AtomicU32> {
+        if off.checked_add(4)? > self.len {
+            return None;
+        }
+        // SAFETY: in range (checked above); the pointer is checked for alignment below.
+        let p = unsafe { self.ptr.as_ptr().add(off) };
+        if !(p as usize).is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: 4 aligned bytes of shared memory mapped while the table is borrowed
+        // (the lifetime ties the reference to this slice); other agents (the guest) access
+        // it concurrently, which is what atomics are for.
+        Some(unsafe { std::sync::atomic::AtomicU32::from_ptr(p.cast()) })
+    }
     /// Copy `data` into the range (its first `min(len)` bytes).
     pub fn write_from(&self, data: &[u8]) -> usize {
         let n = data.len().min(self.len);

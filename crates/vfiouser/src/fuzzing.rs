@@ -1,6 +1,8 @@
 //! Entry points of the fuzz targets `vfiouser_msg` (a client's byte stream with
-//! descriptors, through a real session over a socketpair) and `vfiouser_regs` (register
-//! file and configuration space accesses), shared with the `replay_corpus` unit test.
+//! descriptors, through a real session over a socketpair), `vfiouser_regs` (register
+//! file and configuration space accesses) and `vfiouser_nvme` (the NVMe controller:
+//! admin and I/O submission queue entries, doorbells, guest memory the controller reads
+//! such as PRP lists and shadow doorbells), shared with the `replay_corpus` unit test.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -156,6 +158,104 @@ pub fn fuzz_regs(data: &[u8]) {
     assert_eq!(f.regs.csts(), 0);
 }
 
+/// The NVMe controller under a hostile guest: a 1 MiB memory disk, 2 I/O queue pairs of
+/// 16 entries created (with shadow doorbells when the first byte is odd), then records
+/// `[kind]...`: kind % 5 = 0: an admin command (64 bytes) on the admin queue and its
+/// doorbell; 1: `[qid][64 bytes]` an I/O command on queue 1 + qid % 2 and its doorbell;
+/// 2: `[offset: u16 LE][value: u32 LE]` a BAR0 write (registers, doorbells, anything);
+/// 3: `[offset: u16 LE][16 bytes]` guest memory written (PRP lists and data live at
+/// `testkit::DATA`, the shadow doorbells at `SHADOW_DB`/`SHADOW_EI`; the offset is in
+/// 16-byte units from 0); 4: the session's turn (`tick`). Ends with a controller reset:
+/// nothing may panic, hang or leak a queue.
+pub fn fuzz_nvme(data: &[u8]) {
+    use crate::testkit::{Guest, ADMIN_ENTRIES, ASQ};
+    let Some((&first, mut rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(dev) = nvmux_backend::MemoryDevice::new(1 << 20, 512, false) else {
+        return;
+    };
+    let mut g = Guest::new(Arc::new(dev), 2, 1);
+    g.shadow = first & 1 == 1;
+    g.enable();
+    g.setup_io(2, 16);
+    let mut atail = 0u16;
+    let mut tails = [0u16; 3];
+    while let Some((&kind, r)) = rest.split_first() {
+        rest = r;
+        match kind % 5 {
+            0 => {
+                let Some(e) = rest.get(..64) else { break };
+                rest = &rest[64..];
+                g.write_mem(ASQ + atail as u64 * 64, e);
+                atail = (atail + 1) % ADMIN_ENTRIES;
+                g.w32(0x1000, atail as u32);
+            }
+            1 => {
+                let Some(e) = rest.get(..65) else { break };
+                rest = &rest[65..];
+                let qid = 1 + (e[0] % 2) as u16;
+                let t = &mut tails[qid as usize];
+                g.write_mem(crate::testkit::sq_base(qid) + *t as u64 * 64, &e[1..]);
+                *t = (*t + 1) % 16;
+                let v = *t;
+                g.w32(0x1000 + qid as u64 * 8, v as u32);
+            }
+            2 => {
+                let Some(e) = rest.get(..6) else { break };
+                rest = &rest[6..];
+                let off = u16::from_le_bytes([e[0], e[1]]) as u64 % crate::nvme::BAR0_SIZE;
+                let v = u32::from_le_bytes([e[2], e[3], e[4], e[5]]);
+                let _ = g.pci.region_write(REGION_BAR0, off & !3, &v.to_le_bytes());
+            }
+            3 => {
+                let Some(e) = rest.get(..18) else { break };
+                rest = &rest[18..];
+                let off = u16::from_le_bytes([e[0], e[1]]) as u64 * 16;
+                g.write_mem(off, &e[2..]);
+            }
+            _ => g.pci.tick(),
+        }
+    }
+    g.pci.tick();
+    g.disable();
+    assert!(g.pci.ctrl.queue_count() == 0, "queues left after a reset");
+}
+
+/// A seed for `vfiouser_nvme`: reads and writes on both queues, an Identify, a Get Log
+/// Page, a bad doorbell.
+pub fn seed_nvme() -> Vec<u8> {
+    use crate::testkit::{sqe, Guest, DATA};
+    let mut v = vec![1u8];
+    v.push(0);
+    v.extend_from_slice(&sqe(0x06, 1, 0, DATA, 0, [1, 0, 0, 0, 0, 0]));
+    v.push(0);
+    v.extend_from_slice(&sqe(0x02, 2, 0, DATA, 0, [2 | 127 << 16, 0, 0, 0, 0, 0]));
+    for k in 0..4u16 {
+        let (e, _) = Guest::rw_sqe(k, k % 2 == 1, k as u64 * 8, 8, DATA + 0x1000, 0);
+        v.push(1);
+        v.push(k as u8);
+        v.extend_from_slice(&e);
+        v.push(4);
+    }
+    // A PRP list in guest memory, then a 12 KiB write through it.
+    v.push(3);
+    v.extend_from_slice(&(((DATA + 0x8000) / 16) as u16).to_le_bytes());
+    v.extend_from_slice(&(DATA + 0x2000).to_le_bytes());
+    v.extend_from_slice(&(DATA + 0x3000).to_le_bytes());
+    let (e, _) = Guest::rw_sqe(9, true, 0, 24, DATA + 0x1000, DATA + 0x8000);
+    v.push(1);
+    v.push(0);
+    v.extend_from_slice(&e);
+    v.push(4);
+    // A doorbell for a queue that does not exist.
+    v.push(2);
+    v.extend_from_slice(&(0x1000u16 + 3 * 8).to_le_bytes());
+    v.extend_from_slice(&1u32.to_le_bytes());
+    v.push(4);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +278,7 @@ mod tests {
     fn replay_corpus() {
         assert!(replay("vfiouser_msg", fuzz_msg) >= 3);
         assert!(replay("vfiouser_regs", fuzz_regs) >= 1);
+        assert!(replay("vfiouser_nvme", fuzz_nvme) >= 1);
     }
 
     /// Writes the seeds (run once with NVMUX_WRITE_SEEDS=1).
@@ -198,5 +299,7 @@ mod tests {
             crate::tests::seed_regs(),
         )
         .unwrap();
+        std::fs::create_dir_all(base.join("vfiouser_nvme")).unwrap();
+        std::fs::write(base.join("vfiouser_nvme").join("seed-io"), seed_nvme()).unwrap();
     }
 }

@@ -14,14 +14,24 @@
 //!
 //! The rust-vmm `vfio-user` crate is not used: see docs/ARCHITECTURE.md.
 
+pub mod ctrl;
 pub mod device;
 pub mod dma;
+pub mod export;
 pub mod fuzzing;
 mod json;
 pub mod nvme;
 pub mod pci;
 pub mod proto;
+pub mod prp;
+pub mod queue;
 pub mod session;
+#[doc(hidden)]
+pub mod testkit;
 
+pub use export::{ExportConfig, ExportStatus, VfioUserExport};
+
+#[cfg(test)]
+mod ctrl_tests;
 #[cfg(test)]
 mod tests;

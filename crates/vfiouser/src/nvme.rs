@@ -106,6 +106,18 @@ pub trait PciNvmeDevice: Send {
     fn shutdown(&mut self, kind: Shutdown);
     /// A doorbell was written while enabled (ignored otherwise).
     fn doorbell(&mut self, db: Doorbell);
+    /// Work owed outside any register access (an asynchronous event to deliver).
+    fn tick(&mut self) {}
+    /// A DMA_UNMAP of `[iova, iova+size)` (`all`: everything) is about to happen: stop
+    /// touching that memory first (quiesce the queues that live there).
+    fn before_unmap(&mut self, _iova: u64, _size: u64, _all: bool) {}
+    /// The DMA_UNMAP was carried out: resume.
+    fn after_unmap(&mut self) {}
+    /// The controller met a fatal error (a doorbell past a queue's size, a queue in
+    /// memory that went away): the register file shows CSTS.CFS until the next reset.
+    fn fatal(&self) -> bool {
+        false
+    }
 }
 
 /// The register file's state.
@@ -158,6 +170,10 @@ impl NvmeRegs {
     }
     pub fn enabled(&self) -> bool {
         self.cc & CC_EN != 0
+    }
+    /// Set CSTS.CFS (the controller met a fatal error; cleared by CC.EN 1→0).
+    pub fn set_fatal(&mut self) {
+        self.csts |= CSTS_CFS;
     }
     /// INTMS: the vectors masked for INTx/MSI (not used with MSI-X).
     pub fn intms(&self) -> u32 {

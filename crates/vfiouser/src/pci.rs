@@ -224,6 +224,9 @@ impl<C: PciNvmeDevice> NvmePci<C> {
             // Doorbells go through even without bus mastering: the controller checks
             // [`PciConfig::bus_master`] itself before any DMA.
             self.regs.write(off, data, &mut self.ctrl);
+            if self.ctrl.fatal() {
+                self.regs.set_fatal();
+            }
         } else if off < MSIX_PBA {
             let o = (off - MSIX_TABLE) as usize;
             for (i, &v) in data.iter().enumerate() {
@@ -293,6 +296,10 @@ impl<C: PciNvmeDevice> VfioDevice for NvmePci<C> {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        // A queue may have failed on its worker since the last message (CSTS.CFS).
+        if index == REGION_BAR0 && self.ctrl.fatal() {
+            self.regs.set_fatal();
+        }
         match index {
             REGION_BAR0 => self.bar0_read(offset, buf),
             REGION_CONFIG => self.config.read(offset as usize, buf),
@@ -324,6 +331,21 @@ impl<C: PciNvmeDevice> VfioDevice for NvmePci<C> {
 
     fn dma(&self) -> &Arc<DmaSpace> {
         &self.dma
+    }
+
+    fn tick(&mut self) {
+        self.ctrl.tick();
+        if self.ctrl.fatal() {
+            self.regs.set_fatal();
+        }
+    }
+
+    fn before_unmap(&mut self, iova: u64, size: u64, all: bool) {
+        self.ctrl.before_unmap(iova, size, all);
+    }
+
+    fn after_unmap(&mut self) {
+        self.ctrl.after_unmap();
     }
 }
 

@@ -38,6 +38,8 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests one connection serves before the other tasks of its thread get a turn.
 pub const MESSAGES_PER_TURN: usize = 32;
 
+const STOPPING: &str = "the server stops";
+
 /// What a connection did, for logs, tests and metrics.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -416,11 +418,11 @@ impl<D: VfioDevice> Conn<D> {
                         format!("DMA_UNMAP flags {flags:#x}"),
                     ));
                 }
-                let n = self
-                    .dev
-                    .dma()
-                    .unmap(iova, size, flags & DMA_UNMAP_ALL != 0)
-                    .map_err(|(e, m)| Refused::soft(e, m))?;
+                self.dev
+                    .before_unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
+                let r = self.dev.dma().unmap(iova, size, flags & DMA_UNMAP_ALL != 0);
+                self.dev.after_unmap();
+                let n = r.map_err(|(e, m)| Refused::soft(e, m))?;
                 self.stats.dma_unmaps.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("vfio-user: DMA_UNMAP iova {iova:#x} size {size:#x}: {n:#x} bytes");
                 put_u32(out, 24);
@@ -553,6 +555,8 @@ pub struct ServerTask<D: VfioDevice, F: FnMut() -> D + Send + 'static> {
     started: bool,
     /// Clients served so far.
     pub sessions: Arc<AtomicU64>,
+    /// Connections that ended on an error (not by the client hanging up or a stop).
+    pub failed: Arc<AtomicU64>,
 }
 
 impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> ServerTask<D, F> {
@@ -565,6 +569,7 @@ impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> ServerTask<D, F>
             stop,
             started: false,
             sessions: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -573,10 +578,16 @@ impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> ServerTask<D, F>
             cx.unwatch(c.fd());
             match why {
                 None => tracing::info!("vfio-user {}: client disconnected", self.socket.display()),
-                Some(w) => tracing::warn!(
-                    "vfio-user {}: connection closed: {w}",
-                    self.socket.display()
-                ),
+                Some(w) if w == STOPPING => {
+                    tracing::info!("vfio-user {}: {w}", self.socket.display())
+                }
+                Some(w) => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "vfio-user {}: connection closed: {w}",
+                        self.socket.display()
+                    )
+                }
             }
             drop(c.finish());
         }
@@ -587,7 +598,7 @@ impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> ServerTask<D, F>
 impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> CtlTask for ServerTask<D, F> {
     fn run(&mut self, cx: &mut CtlCx<'_>) -> Next {
         if self.stop.load(Ordering::Acquire) {
-            self.close(cx, Some("the server stops".into()));
+            self.close(cx, Some(STOPPING.into()));
             cx.unwatch(self.listener.as_raw_fd());
             return Next::Done;
         }
@@ -609,6 +620,8 @@ impl<D: VfioDevice + 'static, F: FnMut() -> D + Send + 'static> CtlTask for Serv
         // from the backlog. Clients that connect meanwhile wait in the backlog.
         loop {
             if let Some(c) = self.conn.as_mut() {
+                // Work the device owes outside any message (an asynchronous event).
+                c.device_mut().tick();
                 match c.serve() {
                     Step::Wait { deadline } => {
                         cx.set_deadline(deadline);

@@ -1,82 +1,48 @@
-//! `nvmux-vfiouser-probe --socket PATH`: serve one PCI NVMe function over vfio-user whose
-//! controller only logs what the guest does (enable, shutdown, doorbells, and the first
-//! admin commands it reads from the guest's submission queue through the DMA mappings).
-//! For the VM scenario `tests/vm/run.sh --only vfio-user`: it shows QEMU negotiating,
-//! mapping guest memory and the guest's nvme driver enabling the controller. The NVMe
-//! controller proper (completions, I/O) comes next.
+//! `nvmux-vfiouser-probe --socket PATH [--mem MIB] [--grow-to MIB] [--queues N] [--workers N]`:
+//! a test server for the VM scenario (`tests/vm/run.sh --only vfio-user`) that serves a
+//! memory disk over vfio-user as a PCI NVMe controller, with the crate's export
+//! ([`nvmux_vfiouser::VfioUserExport`]: the same controller the daemon's
+//! `export add --type vfio-user` serves), outside the daemon. `--grow-to`: the disk
+//! shows `--mem` MiB at first and grows to `--grow-to` MiB on SIGUSR1 (a namespace
+//! resize: the controller raises a Namespace Attribute Changed event). Status counters
+//! are printed on SIGUSR2 and at exit (SIGTERM/SIGINT).
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nvmux_vfiouser::device::Irqs;
-use nvmux_vfiouser::dma::DmaSpace;
-use nvmux_vfiouser::nvme::{Doorbell, EnableParams, PciNvmeDevice, Shutdown};
-use nvmux_vfiouser::pci::NvmePci;
-use nvmux_vfiouser::session::ServerTask;
+use nvmux_core::stats::DiskStats;
+use nvmux_core::worker::{WorkerConfig, WorkerPool};
+use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo};
+use nvmux_vfiouser::{ExportConfig, VfioUserExport};
 
-struct Probe {
-    dma: Arc<DmaSpace>,
-    /// Admin SQ base and entries while enabled; the tail seen last.
-    asq: Option<(u64, u16)>,
-    tail: u16,
-    logged: usize,
+/// A memory disk whose visible capacity grows on demand (its backing is the larger size).
+struct Growable {
+    inner: nvmux_backend::MemoryDevice,
+    info: DeviceInfo,
+    bytes: AtomicU64,
 }
 
-impl PciNvmeDevice for Probe {
-    fn enable(&mut self, p: &EnableParams) -> Result<(), String> {
-        tracing::info!(
-            "nvme: CC.EN=1: admin SQ {:#x} ({} entries), CQ {:#x} ({} entries), IOSQES {} IOCQES {}",
-            p.asq,
-            p.asq_entries,
-            p.acq,
-            p.acq_entries,
-            p.iosqes,
-            p.iocqes
-        );
-        self.asq = Some((p.asq, p.asq_entries));
-        self.tail = 0;
-        Ok(())
+impl BlockDevice for Growable {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
     }
-    fn disable(&mut self) {
-        tracing::info!("nvme: controller disabled");
-        self.asq = None;
+    fn open_queue(&self, depth: u32) -> nvmux_core::Result<Box<dyn BlockQueue>> {
+        self.inner.open_queue(depth)
     }
-    fn shutdown(&mut self, kind: Shutdown) {
-        tracing::info!("nvme: shutdown ({kind:?})");
+    fn describe(&self) -> String {
+        format!("growable {}", self.inner.describe())
     }
-    fn doorbell(&mut self, db: Doorbell) {
-        tracing::info!("nvme: doorbell {db:?}");
-        let (Doorbell::SqTail { qid: 0, tail }, Some((asq, n))) = (db, self.asq) else {
-            return;
-        };
-        // Read the new admin commands through the DMA table (bounded by the queue size).
-        let t = self.dma.load();
-        let mut i = self.tail;
-        while i != tail && self.logged < 8 && i < n {
-            let mut sqe = [0u8; 64];
-            match t.translate(asq + i as u64 * 64, 64, false) {
-                Ok(g) => {
-                    g.read_to(&mut sqe);
-                    tracing::info!(
-                        "nvme: admin SQ entry {i}: opcode {:#04x} cid {} nsid {} cdw10 {:#x} prp1 {:#x}",
-                        sqe[0],
-                        u16::from_le_bytes([sqe[2], sqe[3]]),
-                        u32::from_le_bytes([sqe[4], sqe[5], sqe[6], sqe[7]]),
-                        u32::from_le_bytes([sqe[40], sqe[41], sqe[42], sqe[43]]),
-                        u64::from_le_bytes(sqe[24..32].try_into().unwrap_or([0; 8])),
-                    );
-                }
-                Err(e) => tracing::warn!(
-                    "nvme: admin SQ entry {i} at {:#x}: {e:?}",
-                    asq + i as u64 * 64
-                ),
-            }
-            self.logged += 1;
-            i = (i + 1) % n;
-        }
-        self.tail = tail;
+    fn capacity_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
     }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: nvmux-vfiouser-probe --socket PATH [--mem MIB] [--grow-to MIB] [--queues N] [--workers N]"
+    );
+    std::process::exit(2);
 }
 
 fn main() {
@@ -88,51 +54,108 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let mut socket = None;
-    let mut vectors = 8u32;
+    let (mut socket, mut mem, mut grow, mut queues, mut workers) =
+        (None, 64u64, 0u64, 4u16, 2usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut num = || {
+            args.next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| usage())
+        };
         match a.as_str() {
-            "--socket" => socket = args.next().map(PathBuf::from),
-            "--vectors" => vectors = args.next().and_then(|v| v.parse().ok()).unwrap_or(8),
-            _ => {
-                eprintln!("usage: nvmux-vfiouser-probe --socket PATH [--vectors N]");
-                std::process::exit(2);
+            "--socket" => {}
+            "--mem" => mem = num(),
+            "--grow-to" => grow = num(),
+            "--queues" => queues = num() as u16,
+            "--workers" => workers = num() as usize,
+            // Accepted for the older command line (the vectors follow the queues now).
+            "--vectors" => {
+                num();
             }
+            _ => usage(),
+        }
+        if a == "--socket" {
+            socket = args.next().map(PathBuf::from);
         }
     }
-    let Some(socket) = socket else {
-        eprintln!("usage: nvmux-vfiouser-probe --socket PATH [--vectors N]");
-        std::process::exit(2);
+    let Some(socket) = socket.filter(|s| !s.as_os_str().is_empty()) else {
+        usage()
     };
-    let _ = std::fs::remove_file(&socket);
-    let l = match std::os::unix::net::UnixListener::bind(&socket) {
-        Ok(l) => l,
+    // SIGUSR1 (grow), SIGUSR2 (status), SIGTERM/SIGINT (stop) are taken by sigwait below:
+    // block them before any thread starts, so every thread inherits the mask.
+    // SAFETY: plain libc signal-set calls on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let big = (grow.max(mem)) << 20;
+    let inner = match nvmux_backend::MemoryDevice::new(big, 512, false) {
+        Ok(d) => d,
         Err(e) => {
-            eprintln!("nvmux-vfiouser-probe: bind {}: {e}", socket.display());
+            eprintln!("nvmux-vfiouser-probe: memory disk: {e}");
             std::process::exit(1);
         }
     };
-    let make = move || {
-        let dma = Arc::new(DmaSpace::new());
-        let irqs = Arc::new(Irqs::new(vectors));
-        let probe = Probe {
-            dma: dma.clone(),
-            asq: None,
-            tail: 0,
-            logged: 0,
-        };
-        NvmePci::new(probe, irqs, dma, 8, 1023)
-    };
-    let task = ServerTask::new(l, socket.clone(), make, Arc::new(AtomicBool::new(false)));
-    let poll = match nvmux_core::ctlpoll::global() {
+    let mut info = inner.info().clone();
+    info.num_blocks = (mem << 20) / 512;
+    let dev = Arc::new(Growable {
+        inner,
+        info,
+        bytes: AtomicU64::new(mem << 20),
+    });
+    let pool = match WorkerPool::new(&WorkerConfig {
+        threads: workers.max(1),
+        ..WorkerConfig::default()
+    }) {
         Ok(p) => p,
+        Err(e) => {
+            eprintln!("nvmux-vfiouser-probe: workers: {e}");
+            std::process::exit(1);
+        }
+    };
+    let cfg = ExportConfig {
+        socket: socket.clone(),
+        perms: nvmux_core::unixsock::SocketPerms::default(),
+        num_queues: queues,
+        serial: "probe0".into(),
+        read_only: false,
+    };
+    let exp = match VfioUserExport::start(
+        dev.clone(),
+        cfg,
+        pool.workers().to_vec(),
+        Arc::new(DiskStats::default()),
+    ) {
+        Ok(e) => e,
         Err(e) => {
             eprintln!("nvmux-vfiouser-probe: {e}");
             std::process::exit(1);
         }
     };
-    let h = poll.add(Box::new(task));
     tracing::info!("vfio-user: serving {}", socket.display());
-    h.wait_done();
+    loop {
+        let mut sig = 0;
+        // SAFETY: sigwait on the set blocked above, writing one int.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        match sig {
+            libc::SIGUSR1 if grow > mem => {
+                dev.bytes.store(grow << 20, Ordering::Release);
+                tracing::info!("probe: disk grown to {grow} MiB");
+                exp.capacity_changed();
+            }
+            libc::SIGUSR2 => tracing::info!("probe: status {:?}", exp.status()),
+            libc::SIGTERM | libc::SIGINT => break,
+            _ => {}
+        }
+    }
+    tracing::info!("probe: status {:?}", exp.status());
+    exp.stop();
 }
