@@ -14,19 +14,11 @@
 # NVMUX-DBBENCH-BEGIN and NVMUX-DBBENCH-END for the host to parse.
 # Exit status: 0, db_bench's status, or 50-59 (see the messages).
 set -eu
+. /guest-lib.sh
 : "${DEV_KIND:?}" "${NUM:?}" "${READS:?}" "${VALUE_SIZE:?}" "${WRITE_RATE:?}"
 
 command -v db_bench >/dev/null || { echo "test: no db_bench in the image (apt-get install rocksdb-tools on the host, then rebuild it)"; exit 50; }
 modprobe ext4 || { echo "test: modprobe ext4 failed"; exit 51; }
-
-wait_for() {
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 5)) ] || return 1
-        sleep 0.2
-    done
-}
 
 case $DEV_KIND in
     virtio)

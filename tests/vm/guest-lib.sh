@@ -20,3 +20,46 @@ wait_disk() {
 disk_queues() {
     ls "/sys/block/${1#/dev/}/mq" | wc -l
 }
+
+# wait_for COND_CMD SECONDS: poll the shell condition every 0.2 s; fails after SECONDS.
+wait_for() {
+    _w=0
+    while ! eval "$1"; do
+        _w=$((_w + 1))
+        [ "$_w" -le $(($2 * 5)) ] || return 1
+        sleep 0.2
+    done
+}
+
+# bytes DEV: the size of /sys/block/DEV in bytes.
+bytes() { echo $(($(cat "/sys/block/$1/size") * 512)); }
+
+# nonzero SKIP_MIB COUNT_MIB: how many non-zero bytes /dev/nvme0n1 holds there.
+nonzero() { dd if=/dev/nvme0n1 bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | tr -d '\000' | wc -c; }
+
+# field NAME: the value of "NAME : value" in nvme-cli's id-ctrl / id-ns output (stdin).
+field() { sed -n "s/^$1 *: *//p" | sed 's/ *$//' | head -n1; }
+
+# nvme_data_checks QD LABEL: on /dev/nvme0n1 (at least 25 MiB), fio random write with
+# crc32c verify on 2 jobs pinned to 2 CPUs (so 2 queues) at queue depth QD, 4 KiB and
+# 64 KiB; a TCG-bound 4 KiB QD32 random-read figure labelled LABEL; 1 MiB written,
+# blkdiscard, reads zeros. Exit status: fio's, or 41/42.
+nvme_data_checks() {
+    fio --name=small --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --size=8M --offset_increment=8M \
+        --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split --iodepth="$1" --ioengine=libaio \
+        --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --minimal > /tmp/fio1.out 2>&1 ||
+        { rc=$?; cat /tmp/fio1.out; exit "$rc"; }
+    fio --name=big --filename=/dev/nvme0n1 --rw=randwrite --bs=64k --size=8M --offset=16M --iodepth=8 \
+        --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
+        --minimal > /tmp/fio2.out 2>&1 || { rc=$?; cat /tmp/fio2.out; exit "$rc"; }
+    echo "test: fio crc32c verify passed (2 jobs x 8 MiB of 4 KiB at QD$1, 8 MiB of 64 KiB)"
+    _iops=$(fio --name=perf --filename=/dev/nvme0n1 --rw=randread --bs=4k --size=32M --ioengine=libaio \
+        --direct=1 --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+        --time_based --runtime=3 --group_reporting --minimal | awk -F';' '{ print $8 }')
+    echo "test: TCG guest $2 4K randread QD32 x 2 jobs: $_iops IOPS"
+    dd if=/dev/urandom of=/dev/nvme0n1 bs=1M seek=24 count=1 oflag=direct 2>/dev/null
+    [ "$(nonzero 24 1)" -gt 0 ] || { echo "test: written MiB reads as zeros"; exit 41; }
+    blkdiscard -o $((24 << 20)) -l $((1 << 20)) /dev/nvme0n1
+    [ "$(nonzero 24 1)" -eq 0 ] || { echo "test: discarded MiB does not read as zeros"; exit 42; }
+    echo "test: blkdiscard then read returns zeros"
+}

@@ -13,6 +13,7 @@
 #      nvme discover as HOSTNQN now fails too.
 # Exit status: 0, fio's status, or 60-79 (see the messages).
 set -eu
+. /guest-lib.sh
 : "${TARGET_IP:?}" "${PORT:?}" "${NQN:?}" "${HOSTNQN:?}" "${HOSTID:?}" "${STRANGER:?}" "${STRANGER_ID:?}"
 : "${SECRET:?}" "${CTRL_SECRET:?}" "${WRONG_SECRET:?}"
 
@@ -23,14 +24,6 @@ ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 echo "test: kernel $(uname -r)"
 
-wait_for() {
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 5)) ] || return 1
-        sleep 0.2
-    done
-}
 conn() { # extra nvme connect options...
     nvme connect -t tcp -a "$TARGET_IP" -s "$PORT" -n "$NQN" --hostnqn="$HOSTNQN" --hostid="$HOSTID" \
         -i 2 --ctrl-loss-tmo=1 --reconnect-delay=1 "$@"

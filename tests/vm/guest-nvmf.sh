@@ -15,6 +15,7 @@
 #   8. nvme disconnect is clean.
 # Exit status: 0, fio's status, or 30-49 (see the messages).
 set -eu
+. /guest-lib.sh
 : "${TARGET_IP:?}" "${PORT:?}" "${NQN:?}" "${HOSTNQN:?}" "${HOSTID:?}" "${DENIED_HOSTNQN:?}"
 : "${SIZE_BYTES:?}" "${NGUID:?}" "${SERIAL:?}" "${MODEL:?}" "${NS2_SIZE_BYTES:?}" "${NS2_NEW_SIZE_BYTES:?}"
 
@@ -23,19 +24,6 @@ modprobe nvme_tcp
 ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
-
-# wait_for COND_CMD SECONDS: poll every 0.2 s.
-wait_for() {
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 5)) ] || return 1
-        sleep 0.2
-    done
-}
-bytes() { echo $(($(cat "/sys/block/$1/size") * 512)); }
-nonzero() { dd if=/dev/nvme0n1 bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | tr -d '\000' | wc -c; }
-field() { sed -n "s/^$1 *: *//p" | sed 's/ *$//' | head -n1; }
 
 # 1. discovery
 nvme discover -t tcp -a "$TARGET_IP" -s "$PORT" --hostnqn="$HOSTNQN" --hostid="$HOSTID" > /tmp/disc.out 2>&1 ||
@@ -72,27 +60,8 @@ nq=$(($(cat /sys/class/nvme/nvme0/queue_count) - 1))
 [ "$nq" -ge 2 ] || { echo "test: $nq I/O queues, expected 2"; exit 40; }
 echo "test: /dev/nvme0n1 $((SIZE_BYTES >> 20)) MiB, nguid $nguid, sn $SERIAL, $nq I/O queues"
 
-# 4. data
-fio --name=small --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --size=8M --offset_increment=8M \
-    --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split --iodepth=16 --ioengine=libaio \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --minimal > /tmp/fio1.out 2>&1 ||
-    { rc=$?; cat /tmp/fio1.out; exit "$rc"; }
-fio --name=big --filename=/dev/nvme0n1 --rw=randwrite --bs=64k --size=8M --offset=16M --iodepth=8 \
-    --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
-    --minimal > /tmp/fio2.out 2>&1 || { rc=$?; cat /tmp/fio2.out; exit "$rc"; }
-echo "test: fio crc32c verify passed (2 jobs x 8 MiB of 4 KiB, 8 MiB of 64 KiB)"
-# A TCG-bound throughput figure (compare with the virtio-blk scenario's).
-iops=$(fio --name=perf --filename=/dev/nvme0n1 --rw=randread --bs=4k --size=32M --ioengine=libaio \
-    --direct=1 --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
-    --time_based --runtime=3 --group_reporting --minimal | awk -F';' '{ print $8 }')
-echo "test: TCG guest nvme-tcp 4K randread QD32 x 2 jobs: $iops IOPS"
-
-# 5. discard
-dd if=/dev/urandom of=/dev/nvme0n1 bs=1M seek=24 count=1 oflag=direct 2>/dev/null
-[ "$(nonzero 24 1)" -gt 0 ] || { echo "test: written MiB reads as zeros"; exit 41; }
-blkdiscard -o $((24 << 20)) -l $((1 << 20)) /dev/nvme0n1
-[ "$(nonzero 24 1)" -eq 0 ] || { echo "test: discarded MiB does not read as zeros"; exit 42; }
-echo "test: blkdiscard then read returns zeros"
+# 4-5. data and discard
+nvme_data_checks 16 "nvme-tcp"
 
 # 6. hot-add
 echo NVMUX-READY-ADD

@@ -14,20 +14,9 @@
 #   6. the nvme driver is unbound (a clean controller shutdown: CC.SHN, queues deleted).
 # Exit status: 0, fio's status, or 30-49 (see the messages).
 set -eu
+. /guest-lib.sh
 : "${SIZE_BYTES:?}" "${RESIZE_BYTES:?}"
 modprobe nvme 2>/dev/null || true
-
-wait_for() {
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 5)) ] || return 1
-        sleep 0.2
-    done
-}
-bytes() { echo $(($(cat "/sys/block/$1/size") * 512)); }
-nonzero() { dd if=/dev/nvme0n1 bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | tr -d '\000' | wc -c; }
-field() { sed -n "s/^$1 *: *//p" | sed 's/ *$//' | head -n1; }
 
 # 1. the function and the driver
 found=
@@ -59,26 +48,8 @@ nq=$(($(cat /sys/class/nvme/nvme0/queue_count) - 1))
 [ "$nq" -ge 2 ] || { echo "test: $nq I/O queues, expected 2"; exit 38; }
 echo "test: $nq I/O queues"
 
-# 3. data
-fio --name=small --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --size=8M --offset_increment=8M \
-    --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split --iodepth=32 --ioengine=libaio \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --minimal > /tmp/fio1.out 2>&1 ||
-    { rc=$?; cat /tmp/fio1.out; exit "$rc"; }
-fio --name=big --filename=/dev/nvme0n1 --rw=randwrite --bs=64k --size=8M --offset=16M --iodepth=8 \
-    --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
-    --minimal > /tmp/fio2.out 2>&1 || { rc=$?; cat /tmp/fio2.out; exit "$rc"; }
-echo "test: fio crc32c verify passed (2 jobs x 8 MiB of 4 KiB at QD32, 8 MiB of 64 KiB)"
-iops=$(fio --name=perf --filename=/dev/nvme0n1 --rw=randread --bs=4k --size=32M --ioengine=libaio \
-    --direct=1 --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
-    --time_based --runtime=3 --group_reporting --minimal | awk -F';' '{ print $8 }')
-echo "test: TCG guest vfio-user nvme 4K randread QD32 x 2 jobs: $iops IOPS"
-
-# 4. discard
-dd if=/dev/urandom of=/dev/nvme0n1 bs=1M seek=24 count=1 oflag=direct 2>/dev/null
-[ "$(nonzero 24 1)" -gt 0 ] || { echo "test: written MiB reads as zeros"; exit 41; }
-blkdiscard -o $((24 << 20)) -l $((1 << 20)) /dev/nvme0n1
-[ "$(nonzero 24 1)" -eq 0 ] || { echo "test: discarded MiB does not read as zeros"; exit 42; }
-echo "test: blkdiscard then read returns zeros"
+# 3-4. data and discard
+nvme_data_checks 32 "vfio-user nvme"
 
 # 5. resize
 if [ "$RESIZE_BYTES" -gt 0 ]; then

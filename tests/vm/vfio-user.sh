@@ -67,6 +67,9 @@ for vm in 1 2; do
         sleep 0.1
     done
 done
+# The last client's guest memory is unmapped after its disconnect is logged: let the
+# status settle before asking for it.
+sleep 0.5
 kill -USR2 "$pid" 2>/dev/null || true
 sleep 0.3
 kill -0 "$pid" 2>/dev/null || why=${why:-"the server died"}

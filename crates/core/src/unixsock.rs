@@ -514,6 +514,56 @@ fn bind_inside(
     Ok(listener)
 }
 
+/// What waits on a non-blocking stream socket, looked at without taking it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Nothing.
+    Empty,
+    /// End of stream, or a socket error.
+    Closed,
+    /// The first `copied` queued bytes are in the caller's buffer (a message header, say);
+    /// `total` bytes wait in all.
+    Bytes { copied: usize, total: usize },
+}
+
+/// Peek at what waits on the stream socket `fd`: copy up to `head.len()` bytes into `head`
+/// and count what is queued, leaving everything (descriptors included) in the socket. A
+/// session on the control threads uses it to take a request only once it is whole.
+pub fn peek_queued(fd: RawFd, head: &mut [u8]) -> Queued {
+    let copied = loop {
+        // SAFETY: `head` is writable for its length; without a control buffer a peek
+        // installs no descriptors (they stay queued with the bytes).
+        let n = unsafe {
+            libc::recv(
+                fd,
+                head.as_mut_ptr().cast(),
+                head.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            break n as usize;
+        }
+        if n == 0 {
+            return Queued::Closed;
+        }
+        match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Queued::Empty,
+            _ => return Queued::Closed,
+        }
+    };
+    let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the live `avail`.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } < 0 {
+        return Queued::Closed;
+    }
+    Queued::Bytes {
+        copied,
+        total: (avail.max(0) as usize).max(copied),
+    }
+}
+
 /// The credentials of a connected Unix socket's peer (as of its `connect`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCred {

@@ -409,3 +409,74 @@ fn shutdown_and_reset() {
         .iter()
         .all(|w| w.stats().sources.load(Ordering::Relaxed) == 0));
 }
+
+/// The export: a client connects (VERSION), leaves; `connected` and the session count
+/// follow, and the socket goes at `stop`.
+#[test]
+fn export_connected_follows_the_client() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("nvmux-vfu-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("vfu.sock");
+    let pool = nvmux_core::worker::WorkerPool::new(&Default::default()).unwrap();
+    let exp = crate::VfioUserExport::start(
+        disk(4),
+        crate::ExportConfig {
+            socket: sock.clone(),
+            perms: Default::default(),
+            num_queues: 2,
+            serial: "exp".into(),
+            read_only: false,
+        },
+        pool.workers().to_vec(),
+        Arc::new(nvmux_core::stats::DiskStats::default()),
+    )
+    .unwrap();
+    let wait = |f: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        while !f() && t.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        f()
+    };
+    for round in 1..=2u64 {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        c.write_all(&crate::tests::version_msg(1)).unwrap();
+        assert!(wait(&|| exp.connected()), "round {round}: connected");
+        drop(c);
+        assert!(wait(&|| !exp.connected()), "round {round}: disconnected");
+        assert_eq!(exp.status().sessions_total, round);
+    }
+    exp.stop();
+    assert!(!sock.exists());
+}
+
+/// An idle queue sleeps (no CPU): the worker's sleep count stops moving, and with shadow
+/// doorbells the event index asks the guest to trap on its next submission, which wakes
+/// the worker.
+#[test]
+fn idle_queues_sleep_and_wake_on_the_doorbell() {
+    let mut g = Guest::new(disk(8), 1, 1);
+    g.shadow = true;
+    g.enable();
+    g.setup_io(1, 16);
+    for round in 0..3u16 {
+        let (e, _) = Guest::rw_sqe(round, false, 0, 1, DATA, 0);
+        ok(g.io(1, &e));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let w = &g.pool.workers()[0];
+        let sleeps = w.stats().sleeps.load(Ordering::Relaxed);
+        let busy = w.stats().busy_ns.load(Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            w.stats().sleeps.load(Ordering::Relaxed),
+            sleeps,
+            "the worker woke while idle"
+        );
+        assert_eq!(w.stats().busy_ns.load(Ordering::Relaxed), busy);
+        // Asleep: the SQ event index equals the tail it has seen (the guest will trap).
+        let mut b = [0u8; 4];
+        g.read_mem(SHADOW_EI + 8, &mut b);
+        assert_eq!(u32::from_le_bytes(b), (round as u32 + 1) % 16);
+    }
+}

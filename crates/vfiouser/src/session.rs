@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvmux_core::ctlpoll::{CtlCx, CtlTask, Next};
+use nvmux_core::unixsock::{peek_queued, Queued};
 
 use crate::device::VfioDevice;
 use crate::proto::{
@@ -74,45 +75,18 @@ enum Peek {
 
 fn peek(fd: RawFd) -> Peek {
     let mut hdr = [0u8; HDR];
-    let n = loop {
-        // SAFETY: `hdr` is writable for HDR bytes; without a control buffer a peek
-        // installs no descriptors.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                hdr.as_mut_ptr().cast(),
-                HDR,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        match std::io::Error::last_os_error().kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Peek::Empty,
-            _ => return Peek::Closed,
-        }
+    let (n, total) = match peek_queued(fd, &mut hdr) {
+        Queued::Empty => return Peek::Empty,
+        Queued::Closed => return Peek::Closed,
+        Queued::Bytes { copied, total } => (copied, total),
     };
-    if n == 0 {
-        return Peek::Closed;
-    }
     let Some(h) = Header::parse(&hdr[..n]) else {
         return Peek::Partial;
     };
-    let size = match h.check_size() {
-        Ok(s) => s,
-        Err(e) => return Peek::BadSize(h, e),
-    };
-    let mut avail: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the live `avail`.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } < 0 {
-        return Peek::Closed;
-    }
-    if avail.max(0) as usize >= size {
-        Peek::Whole(h)
-    } else {
-        Peek::Partial
+    match h.check_size() {
+        Err(e) => Peek::BadSize(h, e),
+        Ok(size) if total >= size => Peek::Whole(h),
+        Ok(_) => Peek::Partial,
     }
 }
 

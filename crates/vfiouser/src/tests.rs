@@ -19,6 +19,11 @@ use crate::session::{Conn, Step};
 
 const QEMU_CAPS: &[u8] = br#"{"capabilities": {"migration": {"pgsize": 4096, "max_bitmap_size": 268435456}, "max_msg_fds": 16, "max_data_xfer_size": 1048576, "pgsizes": 4096, "max_dma_maps": 65535, "write_multiple": true}}"#;
 
+/// A VERSION request as QEMU sends it, with id `id`.
+pub(crate) fn version_msg(id: u16) -> Vec<u8> {
+    request(id, cmd::VERSION, 0, &version_body())
+}
+
 fn version_body() -> Vec<u8> {
     let mut b = vec![0, 0, 0, 0];
     b.extend_from_slice(QEMU_CAPS);

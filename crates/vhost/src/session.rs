@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use nvmux_core::ctlpoll::{CtlCx, CtlTask, Next};
 use nvmux_core::stats::DiskStats;
+use nvmux_core::unixsock::{peek_queued, Queued};
 use nvmux_core::worker::WorkerHandle;
 use nvmux_core::BlockDevice;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
@@ -132,43 +133,15 @@ enum Peek {
 /// Look at what waits on `fd` without taking it.
 fn peek(fd: RawFd) -> Peek {
     let mut hdr = [0u8; HEADER];
-    let n = loop {
-        // SAFETY: `hdr` is a writable buffer of the length passed; without a control
-        // buffer a peek installs no descriptors (they stay queued with the bytes).
-        let n = unsafe {
-            libc::recv(
-                fd,
-                hdr.as_mut_ptr().cast(),
-                HEADER,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        match std::io::Error::last_os_error().kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Peek::Empty,
-            _ => return Peek::Closed,
-        }
+    let total = match peek_queued(fd, &mut hdr) {
+        Queued::Empty => return Peek::Empty,
+        Queued::Closed => return Peek::Closed,
+        Queued::Bytes { copied, .. } if copied < HEADER => return Peek::Partial,
+        Queued::Bytes { total, .. } => total,
     };
-    if n == 0 {
-        return Peek::Closed;
-    }
-    if n < HEADER {
-        return Peek::Partial;
-    }
     let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
-    if size > MAX_MSG_SIZE {
-        // The handler refuses the header without reading further.
-        return Peek::Complete;
-    }
-    let mut avail: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the live `avail`.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } < 0 {
-        return Peek::Closed;
-    }
-    if avail.max(0) as usize >= HEADER + size {
+    if size > MAX_MSG_SIZE || total >= HEADER + size {
+        // A whole request, or a header the handler refuses without reading further.
         Peek::Complete
     } else {
         Peek::Partial
