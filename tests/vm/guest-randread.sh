@@ -10,15 +10,8 @@
 # follows as "NVMUX-FIO: ..." (field 6: KiB read, 8: IOPS, 9: runtime in ms).
 # Exit status: 0, fio's status, or 50-59 (see the messages).
 set -eu
+. /guest-lib.sh
 : "${DEV_KIND:?}" "${RUNTIME:?}"
-wait_for() {
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 5)) ] || return 1
-        sleep 0.2
-    done
-}
 case $DEV_KIND in
     virtio)
         dev=/dev/vda

@@ -21,6 +21,7 @@
 # can, so one run tells which assertions hold; the exit status is 0 only if all did
 # (else the number of failed checks, or 90 if no NVMe namespace appeared at all).
 set -u
+. /guest-lib.sh
 : "${PHASE:?}" "${SERIAL:?}" "${SIZE_BYTES:?}" "${NEW_SIZE_BYTES:?}" "${DATA_MIB:?}"
 failed=0
 ok() { echo "test: ok $*"; }
@@ -29,19 +30,11 @@ check() { # WHAT CONDITION...
     _what=$1; shift
     if "$@"; then ok "$_what"; else bad "$_what"; fi
 }
-wait_for() { # COND SECONDS
-    _i=0
-    while ! eval "$1"; do
-        _i=$((_i + 1))
-        [ "$_i" -le $(($2 * 10)) ] || return 1
-        sleep 0.1
-    done
-}
+# field NAME: an id-ctrl/id-ns value, NAME compared with spaces removed (overrides
+# guest-lib.sh's).
 field() { awk -F: -v k="$1" '{ g = $1; gsub(/ /, "", g) } g == k { v = $2; sub(/^ */, "", v); sub(/ *$/, "", v); print v; exit }'; }
 # A decimal or 0x number as decimal; -1 for anything else (empty, garbage).
 num() { case ${1:-} in '' | *[!0-9a-fA-Fx]*) echo -1 ;; *) echo $(($1)) ;; esac; }
-bytes() { echo $(($(cat "/sys/block/$1/size") * 512)); }
-nonzero() { dd if=/dev/nvme0n1 bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | tr -d '\000' | wc -c; }
 
 modprobe nvme 2>/dev/null || true
 # TCG: the driver's probe (reset, Identify, queue creation) takes a few seconds.
