@@ -855,6 +855,8 @@ impl Drop for Controller {
     fn drop(&mut self) {
         self.stop_queues(false);
         self.shared.counters.enabled.store(false, Ordering::Relaxed);
+        // The client's mappings go with it: the view shows none until the next one maps.
+        self.shared.counters.dma_regions.store(0, Ordering::Relaxed);
         self.shared.connected.store(false, Ordering::Relaxed);
     }
 }

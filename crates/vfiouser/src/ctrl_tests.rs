@@ -99,6 +99,19 @@ fn identify_features_logs() {
     assert_eq!(g.csts() & CSTS_CFS, 0);
 }
 
+/// The view's DMA region count follows the client: the regions an enabled controller sees,
+/// none once the client (its controller) is gone.
+#[test]
+fn dma_region_count_ends_with_the_client() {
+    let mut g = Guest::new(disk(1), 1, 1);
+    g.enable();
+    let shared = g.shared.clone();
+    assert_eq!(shared.counters.dma_regions.load(Ordering::Relaxed), 1);
+    drop(g);
+    assert_eq!(shared.counters.dma_regions.load(Ordering::Relaxed), 0);
+    assert!(!shared.connected());
+}
+
 #[test]
 fn queue_creation_bounds() {
     let mut g = Guest::new(disk(8), 2, 1);
