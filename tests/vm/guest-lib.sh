@@ -63,3 +63,18 @@ nvme_data_checks() {
     [ "$(nonzero 24 1)" -eq 0 ] || { echo "test: discarded MiB does not read as zeros"; exit 42; }
     echo "test: blkdiscard then read returns zeros"
 }
+
+# nvmf_attach_one_queue: bring up the user-mode network (QEMU slirp, guest 10.0.2.15) and
+# connect to NQN on TARGET_IP:PORT as HOSTNQN/HOSTID with one I/O queue; /dev/nvme0n1
+# appears within 10 s, else exit 53 (connect) or 54 (no device).
+nvmf_attach_one_queue() {
+    : "${TARGET_IP:?}" "${PORT:?}" "${NQN:?}" "${HOSTNQN:?}" "${HOSTID:?}"
+    modprobe virtio_net
+    modprobe nvme_tcp
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    nvme connect -t tcp -a "$TARGET_IP" -s "$PORT" -n "$NQN" --hostnqn="$HOSTNQN" \
+        --hostid="$HOSTID" -i 1 || { echo "test: nvme connect failed"; exit 53; }
+    wait_for '[ -b /dev/nvme0n1 ]' 10 || { echo "test: /dev/nvme0n1 did not appear"; exit 54; }
+}

@@ -24,16 +24,8 @@ case $DEV_KIND in
         [ -b /dev/nvme0n1 ] || { dmesg | grep -i nvme | tail -n 5; echo "test: /dev/nvme0n1 did not appear"; exit 54; }
         ;;
     nvmf)
-        : "${TARGET_IP:?}" "${PORT:?}" "${NQN:?}" "${HOSTNQN:?}" "${HOSTID:?}"
-        modprobe virtio_net
-        modprobe nvme_tcp
-        ip link set lo up
-        ip link set eth0 up
-        ip addr add 10.0.2.15/24 dev eth0
-        nvme connect -t tcp -a "$TARGET_IP" -s "$PORT" -n "$NQN" --hostnqn="$HOSTNQN" \
-            --hostid="$HOSTID" -i 1 || { echo "test: nvme connect failed"; exit 53; }
+        nvmf_attach_one_queue
         dev=/dev/nvme0n1
-        wait_for '[ -b /dev/nvme0n1 ]' 10 || { echo "test: /dev/nvme0n1 did not appear"; exit 54; }
         ;;
     *) echo "test: DEV_KIND must be virtio, nvme or nvmf"; exit 55 ;;
 esac

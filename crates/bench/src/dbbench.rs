@@ -429,7 +429,8 @@ pub fn parse(console: &str) -> Vec<DbRow> {
     rows
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of the finite values (NaN when there is none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return f64::NAN;

@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::daemon::Daemon;
-use crate::dbbench::{DbPath, Vm};
+use crate::dbbench::{median, DbPath, Vm};
 use crate::procs;
 use crate::report::{prepare_file, Res};
 
@@ -221,20 +221,6 @@ fn boot_one(
         worker_busy_s: b1 - b0,
         window_s: (t1 - t0).as_secs_f64(),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Medians per path (CPU per I/O is each round's ratio, then the median), and IOPS
