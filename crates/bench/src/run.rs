@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Measure the I/O pause instead: the longest completion latency a libblkio client
     /// sees during `nvmux upgrade` (5 times) and during SIGKILL plus a restart.
     pub restart: bool,
+    /// Run the mirror suite instead: one /dev/shm file vs a mirror of two, and a remote
+    /// NVMe/TCP backend vs the same disk served locally.
+    pub mirror: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     pub classifiers: Option<PathBuf>,
@@ -175,6 +178,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
         || a.hostile
         || a.nbd_tls
         || a.restart
+        || a.mirror
     {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
@@ -197,6 +201,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.restart {
             return crate::suites::restart::run(&a, two.then_some(0));
+        }
+        if a.mirror {
+            return crate::suites::mirror::run(&a, secs, two.then_some(0));
         }
         if a.nbd_tls {
             return crate::suites::nbd_tls::run(&a, secs, two.then_some(0), two.then_some(1));

@@ -539,6 +539,20 @@ fn handle(d: &Daemon, req: &Request) -> Response {
                 Err(e) => reply_err(&e),
             }
         }
+        ("GET", ["v1", "disks", name, "mirror"]) => match d.mirror_status(name) {
+            Ok(v) => reply_json(200, &v),
+            Err(e) => reply_err(&e),
+        },
+        ("POST", ["v1", "disks", name, "mirror"]) => {
+            match body::<crate::LegAdd>(req).and_then(|b| d.add_mirror_leg(name, b)) {
+                Ok(v) => reply_json(201, &v),
+                Err(e) => reply_err(&e),
+            }
+        }
+        ("DELETE", ["v1", "disks", name, "mirror", leg]) => match d.remove_mirror_leg(name, leg) {
+            Ok(v) => reply_json(200, &v),
+            Err(e) => reply_err(&e),
+        },
         ("POST", ["v1", "disks", name, "chain"]) => {
             match body::<ChainBody>(req).and_then(|b| d.set_chain(name, b.chain)) {
                 Ok(v) => reply_json(200, &v),

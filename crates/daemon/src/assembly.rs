@@ -28,8 +28,10 @@ fn open_device(
     keys: &KeySource,
     qos: &Arc<nvmux_func::Qos>,
     router: &Arc<nvmux_router::Router>,
-) -> Result<Arc<dyn BlockDevice>> {
-    let dev = with_functions(open_backend(g, spec)?, spec, keys, qos, router)?;
+    data_dir: &std::path::Path,
+) -> Result<(Arc<dyn BlockDevice>, Base)> {
+    let base = open_base(g, spec, open_backend(g, spec)?, data_dir)?;
+    let dev = with_functions(base.dev.clone(), spec, keys, qos, router)?;
     if let Some(c) = &spec.classifier {
         let p = routing::load_program(c).map_err(|e| {
             err(
@@ -39,7 +41,7 @@ fn open_device(
         })?;
         router.set_program(Some(p));
     }
-    Ok(dev)
+    Ok((dev, base))
 }
 
 /// The host device that holds a disk's data (a file's filesystem, a block device
@@ -49,7 +51,7 @@ fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
     let path = match &spec.backend {
         BackendSpec::File { path, .. } => path.clone(),
         BackendSpec::Thin { pool, .. } => g.pools.get(pool)?.spec.path.clone(),
-        BackendSpec::Null | BackendSpec::Memory => return None,
+        BackendSpec::Null | BackendSpec::Memory | BackendSpec::Nvmf { .. } => return None,
     };
     // A file that does not exist yet will live on its directory's filesystem.
     let m = match std::fs::metadata(&path) {
@@ -83,6 +85,8 @@ pub(crate) fn with_functions(
             d = match f {
                 Function::Crypt => with_crypt(d, spec, keys)?,
                 Function::Qos => Arc::new(nvmux_func::QosDevice::new(d, qos.clone())),
+                // `dev` is the mirror already (see `open_base`): one for both stacks.
+                Function::Mirror => d,
             };
         }
         Ok(d)
@@ -228,8 +232,88 @@ pub(crate) fn new_crypt_spec<'a, 'b>(
     })
 }
 
-pub(crate) fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
-    Ok(match &spec.backend {
+/// Open a disk's backend: its one leg, or the first of its mirror's legs.
+pub(crate) fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Leg> {
+    open_leg(g, spec, &spec.backend, false)
+}
+
+/// An opened leg: the device, and the initiator's handle when it is remote (for its
+/// paths' status).
+pub(crate) struct Leg {
+    pub dev: Arc<dyn BlockDevice>,
+    pub remote: Option<Arc<nvmux_nvmf::host::RemoteDevice>>,
+}
+
+/// What a disk's functions stand on (see [`open_base`]).
+pub(crate) struct Base {
+    pub dev: Arc<dyn BlockDevice>,
+    pub mirror: Option<Arc<nvmux_mirror::MirrorDevice>>,
+    /// The remote legs' initiators, by leg name.
+    pub remotes: Vec<(String, Arc<nvmux_nvmf::host::RemoteDevice>)>,
+}
+
+/// The remote side of an `nvmf` backend, as the initiator takes it.
+pub(crate) fn remote_spec(
+    g: &Inner,
+    b: &BackendSpec,
+    mirror_leg: bool,
+) -> Result<Option<nvmux_nvmf::host::RemoteSpec>> {
+    let BackendSpec::Nvmf {
+        subnqn,
+        paths,
+        nsid,
+        loss_timeout_ms,
+        dhchap_secret,
+        dhchap_ctrl_secret,
+    } = b
+    else {
+        return Ok(None);
+    };
+    let addrs = paths
+        .iter()
+        .map(|p| {
+            p.parse().map_err(|_| {
+                err(
+                    ErrorKind::InvalidArgument,
+                    format!("path {p:?} of {subnqn} is not an address such as 127.0.0.1:4420"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut r = nvmux_nvmf::host::RemoteSpec::new(subnqn, addrs, &g.hostnqn);
+    r.nsid = *nsid;
+    r.dhchap_secret = dhchap_secret.clone();
+    r.dhchap_ctrl_secret = dhchap_ctrl_secret.clone();
+    r.loss_timeout = std::time::Duration::from_millis(loss_timeout_ms.unwrap_or(if mirror_leg {
+        MIRROR_LEG_LOSS_TIMEOUT_MS
+    } else {
+        DISK_LOSS_TIMEOUT_MS
+    }));
+    Ok(Some(r))
+}
+
+/// How long a remote disk's commands wait for a path before they fail.
+pub(crate) const DISK_LOSS_TIMEOUT_MS: u64 = 30_000;
+/// The same for a mirror leg: short, so that the mirror faults the leg and guest I/O
+/// goes on with the others instead of stalling.
+pub(crate) const MIRROR_LEG_LOSS_TIMEOUT_MS: u64 = 2_000;
+
+/// Open one leg of a disk: its backend, or one of its mirror's other legs.
+pub(crate) fn open_leg(
+    g: &Inner,
+    spec: &DiskSpec,
+    backend: &BackendSpec,
+    mirror_leg: bool,
+) -> Result<Leg> {
+    if let Some(r) = remote_spec(g, backend, mirror_leg)? {
+        let dev = nvmux_nvmf::host::RemoteDevice::connect(r)
+            .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))?;
+        return Ok(Leg {
+            dev: dev.clone(),
+            remote: Some(dev),
+        });
+    }
+    let dev: Arc<dyn BlockDevice> = match backend {
         BackendSpec::Thin { pool, volume, .. } => {
             let p = pools::get_pool(g, pool)?;
             Arc::new(nvmux_volume::ThinDevice::open(&p, volume)?)
@@ -250,7 +334,68 @@ pub(crate) fn open_backend(g: &Inner, spec: &DiskSpec) -> Result<Arc<dyn BlockDe
             spec.block_size,
             spec.read_only,
         )?),
+        BackendSpec::Nvmf { .. } => unreachable!("remote_spec handles nvmf"),
+    };
+    Ok(Leg { dev, remote: None })
+}
+
+/// The device the disk's functions stand on: its backend, or with `mirror` in its chain
+/// the mirror over the backend and the other legs (pass-through while there is one).
+/// A leg that cannot be opened (a remote target that is down) is left out with an error
+/// in the log: the mirror serves from the others and the leg is added back by
+/// `disk mirror add` or the next start.
+pub(crate) fn open_base(
+    g: &Inner,
+    spec: &DiskSpec,
+    backend: Leg,
+    data_dir: &std::path::Path,
+) -> Result<Base> {
+    let primary = spec
+        .mirror
+        .as_ref()
+        .map_or_else(crate::state::primary_leg, |m| m.primary.clone());
+    let mut remotes: Vec<_> = backend.remote.map(|r| (primary.clone(), r)).into_iter().collect();
+    if !spec.has(Function::Mirror) {
+        return Ok(Base {
+            dev: backend.dev,
+            mirror: None,
+            remotes,
+        });
+    }
+    let mut legs = vec![nvmux_mirror::Leg {
+        name: primary,
+        dev: backend.dev,
+    }];
+    for l in spec.legs() {
+        match open_leg(g, spec, &l.backend, true) {
+            Ok(leg) => {
+                remotes.extend(leg.remote.map(|r| (l.name.clone(), r)));
+                legs.push(nvmux_mirror::Leg {
+                    name: l.name.clone(),
+                    dev: leg.dev,
+                })
+            }
+            Err(e) => {
+                tracing::error!(disk = %spec.name, leg = %l.name, "mirror leg could not be opened, serving without it: {e}")
+            }
+        }
+    }
+    let mut cfg = nvmux_mirror::MirrorConfig::default();
+    if let Some(r) = spec.mirror.as_ref().and_then(|m| m.sync_rate) {
+        cfg.sync_rate = r;
+    }
+    let m = nvmux_mirror::MirrorDevice::open(legs, &bitmap_path(data_dir, &spec.name), cfg)
+        .map_err(|e| err(e.kind, format!("disk {:?}: mirror: {}", spec.name, e.msg)))?;
+    Ok(Base {
+        dev: m.clone(),
+        mirror: Some(m),
+        remotes,
     })
+}
+
+/// Where a disk's mirror keeps its write-intent bitmap.
+pub(crate) fn bitmap_path(data_dir: &std::path::Path, disk: &str) -> std::path::PathBuf {
+    data_dir.join("mirror").join(format!("{disk}.bitmap"))
 }
 
 impl Daemon {
@@ -273,9 +418,13 @@ impl Daemon {
         let net_mem = nvmux_core::budget::MemBudget::new(cfg.network.memory_budget as usize);
         let nvmf =
             nvmux_nvmf::Target::new(workers.placement(), nvmf::target_config(&cfg, &net_mem));
+        let hostnqn = cfg.nvmf.hostnqn();
         let d = Arc::new(Daemon {
             cfg,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                hostnqn,
+                ..Default::default()
+            }),
             workers,
             started: Instant::now(),
             ops: ops::Ops::default(),
@@ -364,8 +513,11 @@ impl Daemon {
                 self.new_qos(&g, &plain)
             })?;
             let router = nvmux_router::Router::new(&spec.name);
-            let dev = open_device(&g, &spec, &self.key_source(), &qos, &router)
-                .map_err(|e| e.to_string());
+            let (dev, mirror, remotes) =
+                match open_device(&g, &spec, &self.key_source(), &qos, &router, &self.cfg.data_dir) {
+                    Ok((d, b)) => (Ok(d), b.mirror, b.remotes),
+                    Err(e) => (Err(e.to_string()), None, Vec::new()),
+                };
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),
@@ -388,6 +540,8 @@ impl Daemon {
                     router,
                     spec,
                     dev,
+                    mirror,
+                    remotes,
                     stats: Arc::new(DiskStats::default()),
                 },
             );

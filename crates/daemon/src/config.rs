@@ -122,6 +122,24 @@ pub struct NvmfConfig {
     /// some subsystem's allow-list) or "closed" (nobody).
     #[serde(default = "nvmf_discovery")]
     pub discovery: String,
+    /// The host NQN nvmux's initiator presents to remote targets (remote disks and
+    /// mirror legs). Default `nqn.2026-12.io.nvmux:host:<hostname>`.
+    #[serde(default)]
+    pub hostnqn: Option<String>,
+}
+
+impl NvmfConfig {
+    /// The initiator's host NQN, defaulted.
+    pub fn hostnqn(&self) -> String {
+        self.hostnqn.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            format!("nqn.2026-12.io.nvmux:host:{host}")
+        })
+    }
 }
 
 impl Default for NvmfConfig {
@@ -133,6 +151,7 @@ impl Default for NvmfConfig {
             handshake_timeout_ms: ten_seconds_ms(),
             stall_timeout_ms: thirty_seconds_ms(),
             discovery: nvmf_discovery(),
+            hostnqn: None,
         }
     }
 }

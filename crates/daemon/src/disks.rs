@@ -11,7 +11,9 @@ use nvmux_core::{BlockDevice, Error, ErrorKind, Result};
 use nvmux_func::keys::KeyProvider;
 use serde::{Deserialize, Serialize};
 
-use crate::assembly::{new_crypt_spec, open_backend, with_functions, KeySource, NewKey};
+use crate::assembly::{
+    bitmap_path, new_crypt_spec, open_backend, open_base, with_functions, KeySource, Leg, NewKey,
+};
 use crate::{
     check_name, err, ops, pools, BackendSpec, Daemon, Disk, DiskSpec, DiskView, Function, Inner,
     QosSpec,
@@ -61,9 +63,50 @@ pub struct DiskCreate {
     /// Rate limits and weight from the start.
     #[serde(default)]
     pub qos: Option<QosSpec>,
-    /// The function chain, outermost first (default: qos, then crypt if encrypted).
+    /// The function chain, outermost first (default: qos, then crypt if encrypted, then
+    /// mirror).
     #[serde(default)]
     pub chain: Option<Vec<Function>>,
+    /// `nvmf` backend: the remote namespace, `NQN@HOST:PORT[,HOST:PORT...]`.
+    #[serde(default)]
+    pub remote: Option<String>,
+    /// `nvmf` backend: the namespace id (default 1).
+    #[serde(default)]
+    pub nsid: Option<u32>,
+    /// `nvmf` backend: how long commands wait for a path once every path is lost (ms,
+    /// default 30000).
+    #[serde(default)]
+    pub loss_timeout_ms: Option<u64>,
+    /// `nvmf` backend: DH-HMAC-CHAP host secret, and the controller's (bidirectional).
+    #[serde(default)]
+    pub dhchap_secret: Option<String>,
+    #[serde(default)]
+    pub dhchap_ctrl_secret: Option<String>,
+}
+
+/// The `nvmf` backend a request names: `remote` parsed into the subsystem and its paths.
+pub(crate) fn nvmf_backend(
+    remote: &str,
+    nsid: Option<u32>,
+    loss_timeout_ms: Option<u64>,
+    dhchap_secret: Option<String>,
+    dhchap_ctrl_secret: Option<String>,
+) -> Result<BackendSpec> {
+    let (subnqn, paths) = nvmux_nvmf::host::parse_remote(remote)?;
+    if nsid == Some(0) || nsid == Some(u32::MAX) {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "nsid must be a namespace id from 1 (0 and 0xffffffff are not)",
+        ));
+    }
+    Ok(BackendSpec::Nvmf {
+        subnqn,
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+        nsid: nsid.unwrap_or(1),
+        loss_timeout_ms,
+        dhchap_secret,
+        dhchap_ctrl_secret,
+    })
 }
 
 /// The checks of a create request that hold for every backend (file, null, memory,
@@ -169,6 +212,8 @@ impl Daemon {
                         .map(|(nqn, nsid)| format!("{nqn}/ns{nsid}")),
                 )
                 .collect(),
+            remote: Self::remote_of(d),
+            mirror_status: Self::mirror_view(d).filter(|m| m.legs.len() > 1),
         }
     }
 
@@ -239,14 +284,46 @@ impl Daemon {
             }
             "null" => BackendSpec::Null,
             "memory" => BackendSpec::Memory,
+            "nvmf" => {
+                let Some(remote) = &req.remote else {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "an nvmf disk needs remote: NQN@HOST:PORT[,HOST:PORT...]",
+                    ));
+                };
+                if req.size.is_some() || req.block_size.is_some() {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "an nvmf disk takes its size and block size from the remote namespace",
+                    ));
+                }
+                nvmf_backend(
+                    remote,
+                    req.nsid,
+                    req.loss_timeout_ms,
+                    req.dhchap_secret.clone(),
+                    req.dhchap_ctrl_secret.clone(),
+                )?
+            }
             other => {
                 return Err(err(
                     ErrorKind::InvalidArgument,
-                    format!("backend {other:?} is unknown (use file, null or memory)"),
+                    format!("backend {other:?} is unknown (use file, null, memory or nvmf)"),
                 ))
             }
         };
-        if !matches!(backend, BackendSpec::File { .. }) && req.size.is_none() {
+        let remote_opts = req.remote.is_some()
+            || req.nsid.is_some()
+            || req.loss_timeout_ms.is_some()
+            || req.dhchap_secret.is_some()
+            || req.dhchap_ctrl_secret.is_some();
+        if remote_opts && !matches!(backend, BackendSpec::Nvmf { .. }) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "remote, nsid, loss_timeout_ms and the dhchap secrets are options of the nvmf backend",
+            ));
+        }
+        if matches!(backend, BackendSpec::Null | BackendSpec::Memory) && req.size.is_none() {
             return Err(err(
                 ErrorKind::InvalidArgument,
                 "a null or memory disk needs a size",
@@ -267,6 +344,7 @@ impl Daemon {
             classifier: None,
             external: None,
             allow_flush_complete: false,
+            mirror: None,
         };
         // Leave nothing behind: an image we were creating ourselves goes on a failure.
         let made_image = match &spec.backend {
@@ -292,7 +370,10 @@ impl Daemon {
                     create: true,
                 },
             )
-            .map(|d| Arc::new(d) as Arc<dyn BlockDevice>),
+            .map(|d| Leg {
+                dev: Arc::new(d),
+                remote: None,
+            }),
             _ => open_backend(g, spec),
         };
         self.install_disk(&mut g, spec, &keys, new_key, open, &undo)
@@ -309,16 +390,25 @@ impl Daemon {
         mut spec: DiskSpec,
         keys: &KeySource,
         new_key: Option<NewKey>,
-        open: impl FnOnce(&Inner, &DiskSpec) -> Result<Arc<dyn BlockDevice>>,
+        open: impl FnOnce(&Inner, &DiskSpec) -> Result<Leg>,
         undo: &dyn Fn(),
     ) -> Result<DiskView> {
+        // A new disk has no mirror history: a bitmap left by a deleted namesake goes.
+        let bitmap = bitmap_path(&self.cfg.data_dir, &spec.name);
+        if let Err(e) = std::fs::remove_file(&bitmap) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                undo();
+                return Err(Error::io(format!("remove stale {}", bitmap.display()), e));
+            }
+        }
         let built = spec.check_chain().and_then(|()| {
             let qos = self.new_qos(g, &spec)?;
             let router = nvmux_router::Router::new(&spec.name);
-            let dev = with_functions(open(g, &spec)?, &spec, keys, &qos, &router)?;
-            Ok((qos, router, dev))
+            let base = open_base(g, &spec, open(g, &spec)?, &self.cfg.data_dir)?;
+            let dev = with_functions(base.dev.clone(), &spec, keys, &qos, &router)?;
+            Ok((qos, router, dev, base))
         });
-        let (qos, router, dev) = match built {
+        let (qos, router, dev, base) = match built {
             Ok(x) => x,
             Err(e) => {
                 undo();
@@ -336,6 +426,8 @@ impl Daemon {
                 router,
                 spec,
                 dev: Ok(dev),
+                mirror: base.mirror,
+                remotes: base.remotes,
                 stats: Arc::new(DiskStats::default()),
             },
         );
@@ -348,6 +440,19 @@ impl Daemon {
             k.keep();
         }
         Ok(Self::view(g, &g.disks[&name]))
+    }
+
+    /// What a disk's functions are stacked on again when its chain is rebuilt: its mirror
+    /// or its remote initiator (the same objects: exports and connections stay), else its
+    /// backend opened again.
+    fn base_of(&self, g: &Inner, d: &Disk, spec: &DiskSpec) -> Result<Arc<dyn BlockDevice>> {
+        if let Some(m) = &d.mirror {
+            return Ok(m.clone());
+        }
+        if let Some((_, r)) = d.remotes.first() {
+            return Ok(r.clone());
+        }
+        Ok(open_backend(g, spec)?.dev)
     }
 
     /// Crypto-erase: destroy an encrypted disk's data key and give the disk a new one.
@@ -386,7 +491,8 @@ impl Daemon {
             }
             s
         };
-        let dev = open_backend(&g, &spec)
+        let dev = self
+            .base_of(&g, d, &spec)
             .and_then(|b| with_functions(b, &spec, &keys, &d.qos, &d.router));
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
@@ -528,13 +634,15 @@ impl Daemon {
             ));
         }
         let qos = self.new_qos(&g, &spec)?;
-        let dev = with_functions(
-            open_backend(&g, &spec)?,
-            &spec,
-            &self.key_source(),
-            &qos,
-            &d.router,
-        )?;
+        // The mirror stays the same object while the chain keeps it.
+        let (base, mirror, remotes) = match (&d.mirror, spec.has(Function::Mirror)) {
+            (Some(m), true) => (m.clone() as Arc<dyn BlockDevice>, Some(m.clone()), d.remotes.clone()),
+            _ => {
+                let b = open_base(&g, &spec, open_backend(&g, &spec)?, &self.cfg.data_dir)?;
+                (b.dev, b.mirror, b.remotes)
+            }
+        };
+        let dev = with_functions(base, &spec, &self.key_source(), &qos, &d.router)?;
         let Some(d) = g.disks.get_mut(name) else {
             return Err(err(ErrorKind::NotFound, format!("disk {name:?} vanished")));
         };
@@ -542,10 +650,12 @@ impl Daemon {
             std::mem::replace(&mut d.spec, spec),
             std::mem::replace(&mut d.dev, Ok(dev)),
             std::mem::replace(&mut d.qos, qos),
+            std::mem::replace(&mut d.mirror, mirror),
+            std::mem::replace(&mut d.remotes, remotes),
         );
         if let Err(e) = self.persist(&g) {
             if let Some(d) = g.disks.get_mut(name) {
-                (d.spec, d.dev, d.qos) = old;
+                (d.spec, d.dev, d.qos, d.mirror, d.remotes) = old;
             }
             return Err(e);
         }
@@ -638,6 +748,12 @@ impl Daemon {
             }
         }
         drop(removed);
+        let bitmap = bitmap_path(&self.cfg.data_dir, name);
+        if let Err(e) = std::fs::remove_file(&bitmap) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(disk = name, "could not remove {}: {e}", bitmap.display());
+            }
+        }
         if let Some(p) = owned_path {
             if let Err(e) = std::fs::remove_file(&p) {
                 tracing::warn!(disk = name, "could not remove {}: {e}", p.display());

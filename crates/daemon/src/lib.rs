@@ -30,6 +30,7 @@ mod disks;
 mod exports;
 pub mod http;
 pub mod metrics;
+mod mirrors;
 pub mod nbd;
 pub mod nvmf;
 pub mod ops;
@@ -42,9 +43,10 @@ mod views;
 pub use config::Config;
 pub use disks::DiskCreate;
 pub use exports::ExportCreate;
+pub use mirrors::{LegAdd, LegView, MirrorView, PathView, RemoteView};
 pub use state::{
-    BackendSpec, CryptSpec, DiskSpec, ExportKind, ExportSpec, Function, QosSpec, CIPHER,
-    STATE_VERSION,
+    BackendSpec, CryptSpec, DiskSpec, ExportKind, ExportSpec, Function, LegSpec, MirrorSpec,
+    QosSpec, CIPHER, STATE_VERSION,
 };
 pub use views::{
     ClassView, DiskStatsView, DiskView, ExportView, GuestMemoryView, MigrationView, NetworkView,
@@ -61,6 +63,11 @@ struct Disk {
     /// The disk's router (classifier, external function), shared likewise.
     router: Arc<nvmux_router::Router>,
     dev: std::result::Result<Arc<dyn BlockDevice>, String>,
+    /// The mirror at the bottom of the chain (when the chain has `mirror`): its legs
+    /// change live (`disk mirror add|remove`, `disk move`).
+    mirror: Option<Arc<nvmux_mirror::MirrorDevice>>,
+    /// The initiators of its remote legs (backend or mirror legs), by leg name.
+    remotes: Vec<(String, Arc<nvmux_nvmf::host::RemoteDevice>)>,
     stats: Arc<DiskStats>,
 }
 
@@ -92,6 +99,8 @@ struct Inner {
     disks: BTreeMap<String, Disk>,
     exports: BTreeMap<String, Export>,
     subsystems: BTreeMap<String, nvmf::SubsystemEntry>,
+    /// The host NQN nvmux's NVMe/TCP initiator connects with (remote disks and legs).
+    hostnqn: String,
 }
 
 /// The running daemon.

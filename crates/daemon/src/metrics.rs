@@ -312,6 +312,7 @@ pub fn render(d: &Daemon) -> String {
     }
     nbd(&mut o, d);
     vfio_user(&mut o, d);
+    mirrors(&mut o, d);
     let workers: Vec<WorkerView> = d.worker_handles().iter().map(WorkerView::from).collect();
     for (metric, kind, help, get) in [
         (
@@ -522,6 +523,117 @@ fn vfio_user(o: &mut String, d: &Daemon) {
                 o,
                 "{m}{{export=\"{}\",disk=\"{}\"}} {}",
                 e.spec.name, e.spec.disk, e.connected as u8
+            );
+        }
+    }
+}
+
+/// Mirrors (per disk and leg) and remote initiators (per disk, leg and path).
+fn mirrors(o: &mut String, d: &Daemon) {
+    let views: Vec<crate::DiskView> = d.disks();
+    let mirrors: Vec<&crate::MirrorView> =
+        views.iter().filter_map(|v| v.mirror_status.as_ref()).collect();
+    type Get = fn(&crate::MirrorView) -> u64;
+    let rows: [(&str, &str, &str, Get); 5] = [
+        (
+            "nvmux_mirror_dirty_regions",
+            "gauge",
+            "Regions set in the write-intent bitmap (the legs may differ there).",
+            |m| m.dirty_regions,
+        ),
+        (
+            "nvmux_mirror_resynced_regions_total",
+            "counter",
+            "Regions copied by resyncs of returning legs (dirty regions only).",
+            |m| m.resynced_regions,
+        ),
+        (
+            "nvmux_mirror_full_copies_total",
+            "counter",
+            "Full copies finished (new legs).",
+            |m| m.full_copies,
+        ),
+        (
+            "nvmux_mirror_read_repairs_total",
+            "counter",
+            "Reads that failed on one leg, were served by another and written back.",
+            |m| m.read_repairs,
+        ),
+        (
+            "nvmux_mirror_bitmap_writes_total",
+            "counter",
+            "Write-intent bitmap writes (each synced before the writes it covers).",
+            |m| m.bitmap_writes,
+        ),
+    ];
+    for (metric, kind, help, get) in rows {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for m in &mirrors {
+            let _ = writeln!(o, "{metric}{{disk=\"{}\"}} {}", m.disk, get(m));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_mirror_leg_state The leg's state: 0 healthy, 1 syncing, 2 faulted.\n# TYPE nvmux_mirror_leg_state gauge"
+    );
+    for m in &mirrors {
+        for l in &m.legs {
+            let s = match l.state.as_str() {
+                "healthy" => 0,
+                "syncing" => 1,
+                _ => 2,
+            };
+            let _ = writeln!(o, "nvmux_mirror_leg_state{{disk=\"{}\",leg=\"{}\"}} {s}", m.disk, l.name);
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_mirror_leg_sync_bytes Bytes copied and to copy by the leg's running copy.\n# TYPE nvmux_mirror_leg_sync_bytes gauge"
+    );
+    for m in &mirrors {
+        for l in &m.legs {
+            let _ = writeln!(o, "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"done\"}} {}", m.disk, l.name, l.sync_done);
+            let _ = writeln!(o, "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"total\"}} {}", m.disk, l.name, l.sync_total);
+        }
+    }
+    // Remote initiators: the backend's and the remote legs'.
+    let mut remotes: Vec<(&str, &str, &crate::RemoteView)> = Vec::new();
+    for v in &views {
+        // A mirrored disk shows its backend's initiator as one of its legs.
+        if let (Some(r), None) = (&v.remote, &v.mirror_status) {
+            remotes.push((&v.spec.name, "backend", r));
+        }
+        for l in v.mirror_status.iter().flat_map(|m| &m.legs) {
+            if let Some(r) = &l.remote {
+                remotes.push((&v.spec.name, &l.name, r));
+            }
+        }
+    }
+    type RGet = fn(&crate::RemoteView) -> u64;
+    let rows: [(&str, &str, &str, RGet); 4] = [
+        ("nvmux_remote_failovers_total", "counter", "Times the active path to the remote namespace changed.", |r| r.failovers),
+        ("nvmux_remote_reconnects_total", "counter", "Reconnections to the remote controller.", |r| r.reconnects),
+        ("nvmux_remote_commands_failed_total", "counter", "Commands failed because no path came back within the loss timeout.", |r| r.commands_failed),
+        ("nvmux_remote_commands_retried_total", "counter", "Commands sent again after a connection was lost.", |r| r.commands_retried),
+    ];
+    for (metric, kind, help, get) in rows {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (disk, leg, r) in &remotes {
+            let _ = writeln!(o, "{metric}{{disk=\"{disk}\",leg=\"{leg}\"}} {}", get(r));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP nvmux_remote_path_up 1 while the path's connection is live.\n# TYPE nvmux_remote_path_up gauge"
+    );
+    for (disk, leg, r) in &remotes {
+        for p in &r.paths {
+            let _ = writeln!(
+                o,
+                "nvmux_remote_path_up{{disk=\"{disk}\",leg=\"{leg}\",path=\"{}\",active=\"{}\"}} {}",
+                p.addr,
+                p.active,
+                (p.state == "live") as u8
             );
         }
     }

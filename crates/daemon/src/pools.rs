@@ -319,8 +319,14 @@ impl Daemon {
             classifier: None,
             external: None,
             allow_flush_complete: false,
+            mirror: None,
         };
-        let open = |_: &Inner, _: &DiskSpec| Ok(Arc::new(thin) as Arc<dyn nvmux_core::BlockDevice>);
+        let open = |_: &Inner, _: &DiskSpec| {
+            Ok(crate::assembly::Leg {
+                dev: Arc::new(thin),
+                remote: None,
+            })
+        };
         self.install_disk(&mut g, spec, &keys, new_key, open, &|| undo(&pool))
     }
 
@@ -370,14 +376,29 @@ impl Daemon {
         let size = req.size.bytes()?;
         let mut g = self.lock();
         let (_, pool, volume) = self.thin_of(&g, disk)?;
+        if let Some(d) = g.disks.get(disk).filter(|d| !d.spec.legs().is_empty()) {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!(
+                    "disk {disk:?} is mirrored (legs {}): a mirror does not change size; remove its other legs first",
+                    d.spec.legs().iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
         pool.resize(&volume, size, req.force, req.discard_data)?;
         // Running exports keep the device they started with: it shares the volume's live
         // size, which their queues and config space read. The new handle gives `info()`
         // the new size for exports added from now on.
+        // A disk with the mirror pass-through keeps its mirror (the one its exports use,
+        // which `disk mirror add` changes); its leg is the volume, whose size is live.
         let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
         if let Some(d) = g.disks.get_mut(disk) {
             d.spec.size = size;
-            d.dev = crate::with_functions(thin, &d.spec, &self.key_source(), &d.qos, &d.router)
+            let base = match &d.mirror {
+                Some(m) => m.clone(),
+                None => thin,
+            };
+            d.dev = crate::with_functions(base, &d.spec, &self.key_source(), &d.qos, &d.router)
                 .map_err(|e| e.to_string());
             if let Some(e) = d.router.external() {
                 e.set_num_blocks(size / 512);

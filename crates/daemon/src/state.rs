@@ -38,6 +38,55 @@ pub enum BackendSpec {
         #[serde(default)]
         owned: bool,
     },
+    /// A namespace of a remote NVMe/TCP subsystem (nvmux's own initiator).
+    Nvmf {
+        subnqn: String,
+        /// `HOST:PORT` of each path, in order of preference (ANA states override it).
+        paths: Vec<String>,
+        #[serde(default = "nsid_one")]
+        nsid: u32,
+        /// After the last path is lost, commands wait this long for one, then fail
+        /// (default 30 s for a disk's backend, 2 s for a mirror leg).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss_timeout_ms: Option<u64>,
+        /// DH-HMAC-CHAP host secret (`DHHC-1:…`), and the controller's for
+        /// bidirectional authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_secret: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_ctrl_secret: Option<String>,
+    },
+}
+
+fn nsid_one() -> u32 {
+    1
+}
+
+/// A disk's mirror legs besides its backend (`docs/replication.md`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorSpec {
+    /// The name of the leg that is the disk's `backend` (default `primary`).
+    #[serde(default = "primary_leg")]
+    pub primary: String,
+    /// The other legs, in order of preference as a copy source.
+    #[serde(default)]
+    pub legs: Vec<LegSpec>,
+    /// Bytes per second for full copies and resyncs; 0 is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_rate: Option<u64>,
+}
+
+pub(crate) fn primary_leg() -> String {
+    "primary".into()
+}
+
+/// One mirror leg.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LegSpec {
+    pub name: String,
+    pub backend: BackendSpec,
 }
 
 fn yes() -> bool {
@@ -73,6 +122,9 @@ pub struct DiskSpec {
     /// Off by default: such a FLUSH goes down the chain anyway.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_flush_complete: bool,
+    /// Mirror legs besides the backend (the `mirror` function), if any were added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSpec>,
 }
 
 /// A storage function a disk's chain can hold.
@@ -83,6 +135,8 @@ pub enum Function {
     Qos,
     /// AES-XTS-256 encryption.
     Crypt,
+    /// Synchronous mirroring to the disk's legs, with a write-intent bitmap.
+    Mirror,
 }
 
 impl Function {
@@ -90,6 +144,7 @@ impl Function {
         match self {
             Function::Qos => "qos",
             Function::Crypt => "crypt",
+            Function::Mirror => "mirror",
         }
     }
 
@@ -102,9 +157,10 @@ impl Function {
             .map(|f| match f.trim() {
                 "qos" => Ok(Function::Qos),
                 "crypt" => Ok(Function::Crypt),
+                "mirror" => Ok(Function::Mirror),
                 other => Err(err(
                     ErrorKind::InvalidArgument,
-                    format!("unknown function {other:?} in chain {s:?}: the functions are qos and crypt (or `none`)"),
+                    format!("unknown function {other:?} in chain {s:?}: the functions are qos, crypt and mirror (or `none`)"),
                 )),
             })
             .collect()
@@ -112,13 +168,20 @@ impl Function {
 }
 
 impl DiskSpec {
-    /// The disk's chain, outermost first, as it is built.
+    /// The disk's chain, outermost first, as it is built. The default ends in `mirror`,
+    /// a pass-through while the disk has one leg, so that a live disk can gain legs
+    /// (`disk mirror add`, `disk move`) as it can gain limits.
     pub fn functions(&self) -> Vec<Function> {
         match &self.chain {
             Some(c) => c.clone(),
-            None if self.crypt.is_some() => vec![Function::Qos, Function::Crypt],
-            None => vec![Function::Qos],
+            None if self.crypt.is_some() => vec![Function::Qos, Function::Crypt, Function::Mirror],
+            None => vec![Function::Qos, Function::Mirror],
         }
+    }
+
+    /// The mirror's legs besides the backend (none without a mirror).
+    pub(crate) fn legs(&self) -> &[LegSpec] {
+        self.mirror.as_ref().map_or(&[], |m| &m.legs)
     }
 
     pub(crate) fn has(&self, f: Function) -> bool {
@@ -139,6 +202,12 @@ impl DiskSpec {
             if fs[..i].contains(f) {
                 return bad(format!("the chain names {} twice", f.name()));
             }
+        }
+        if fs.iter().position(|f| *f == Function::Mirror).is_some_and(|i| i + 1 != fs.len()) {
+            return bad("mirror must be the last (innermost) function of the chain: it stands on the legs".into());
+        }
+        if !self.legs().is_empty() && !fs.contains(&Function::Mirror) {
+            return bad("the disk has mirror legs, so its chain must end in mirror".into());
         }
         match (self.crypt.is_some(), fs.contains(&Function::Crypt)) {
             (true, false) => bad("an encrypted disk's chain must hold crypt".into()),

@@ -18,6 +18,12 @@ pub struct DiskView {
     /// The function chain as built, outermost first.
     pub functions: Vec<Function>,
     pub exports: Vec<String>,
+    /// A remote backend's initiator: its paths and failovers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::RemoteView>,
+    /// The mirror's legs and bitmap, once the disk has more than one leg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_status: Option<crate::MirrorView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// sees during `nvmux upgrade` (5 times) and during SIGKILL plus a restart.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile", "nbd_tls"])]
     restart: bool,
+    /// Run the mirror suite instead: a disk on one /dev/shm file vs mirrored to a second
+    /// one (the mirror's write cost), and a remote NVMe/TCP backend (a second nvmux
+    /// daemon) vs the same disk served locally.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile", "nbd_tls", "restart"])]
+    mirror: bool,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     #[arg(long)]
@@ -110,6 +115,7 @@ impl From<BenchArgs> for nvmux_bench::run::BenchArgs {
             hostile: a.hostile,
             nbd_tls: a.nbd_tls,
             restart: a.restart,
+            mirror: a.mirror,
             classifiers: a.classifiers,
             fair_depth: a.fair_depth,
             cluster_size: a.cluster_size,

@@ -137,9 +137,27 @@ enum DiskCmd {
     /// Create a disk.
     Create {
         name: String,
-        /// file, null or memory.
+        /// file, null, memory or nvmf (a remote NVMe/TCP namespace: give --remote).
         #[arg(long, default_value = "file")]
         backend: String,
+        /// nvmf backend: the remote namespace, NQN@HOST:PORT[,HOST:PORT...] (paths in order
+        /// of preference; the target's ANA states override it). Size and block size come
+        /// from the namespace.
+        #[arg(long)]
+        remote: Option<String>,
+        /// nvmf backend: the namespace id (default 1).
+        #[arg(long)]
+        nsid: Option<u32>,
+        /// nvmf backend: once every path is lost, commands wait this long for one and then
+        /// fail, e.g. 30s (the default) or 500ms.
+        #[arg(long)]
+        loss_timeout: Option<String>,
+        /// nvmf backend: DH-HMAC-CHAP host secret (DHHC-1:...).
+        #[arg(long, env = "NVMUX_DHCHAP_SECRET", hide_env_values = true)]
+        dhchap_secret: Option<String>,
+        /// nvmf backend: the controller's DH-HMAC-CHAP secret (bidirectional authentication).
+        #[arg(long, env = "NVMUX_DHCHAP_CTRL_SECRET", hide_env_values = true)]
+        dhchap_ctrl_secret: Option<String>,
         /// File or block device (file backend). Default: <data-dir>/disks/<name>.img.
         #[arg(long)]
         path: Option<PathBuf>,
@@ -179,6 +197,29 @@ enum DiskCmd {
         /// or `none` (default: qos, then crypt if encrypted). See docs/ARCHITECTURE.md.
         #[arg(long)]
         chain: Option<String>,
+    },
+    /// Mirror legs: add one to a live disk (a background full copy), remove one, show them.
+    /// See docs/replication.md.
+    #[command(subcommand)]
+    Mirror(MirrorCmd),
+    /// Move a live disk to a remote NVMe/TCP namespace: add it as a mirror leg, wait for
+    /// the copy (with a progress bar), then remove the disk's other legs. Guests keep
+    /// running; the old data stays where it was.
+    Move {
+        /// The disk.
+        name: String,
+        /// The destination namespace: NQN@HOST:PORT[,HOST:PORT...].
+        #[arg(long)]
+        to: String,
+        /// The destination's namespace id (default 1).
+        #[arg(long)]
+        nsid: Option<u32>,
+        /// Copy rate, e.g. 100M (bytes per second; default 256M; 0 is unlimited).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Give up (and take the new leg out again) after this long, e.g. 30m (default: never).
+        #[arg(long)]
+        timeout: Option<String>,
     },
     /// Set a disk's function chain, outermost first, e.g. `qos,crypt` or `crypt,qos`;
     /// `default` for the default, `none` for no functions. The disk must not be exported.
@@ -367,6 +408,50 @@ enum DiskCmd {
         /// When shrinking, drop data stored past the new end.
         #[arg(long, requires = "force")]
         discard_data: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MirrorCmd {
+    /// Add a leg to a disk. It gets every write at once and a background full copy
+    /// (rate-limited); it serves reads once the copy is done.
+    Add {
+        /// The disk.
+        disk: String,
+        /// A local file or block device (created with the disk's size if missing).
+        #[arg(long, conflicts_with = "remote", required_unless_present = "remote")]
+        file: Option<PathBuf>,
+        /// A remote namespace: NQN@HOST:PORT[,HOST:PORT...].
+        #[arg(long)]
+        remote: Option<String>,
+        /// Remote leg: the namespace id (default 1).
+        #[arg(long, requires = "remote")]
+        nsid: Option<u32>,
+        /// Remote leg: how long its commands wait for a lost target before the leg is
+        /// faulted, e.g. 2s (the default).
+        #[arg(long, requires = "remote")]
+        loss_timeout: Option<String>,
+        /// The leg's name (default leg1, leg2, ...).
+        #[arg(long)]
+        name: Option<String>,
+        /// Copy rate, e.g. 100M (bytes per second; default 256M; 0 is unlimited).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait until the copy is done, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a leg (not the last healthy one). Its data stays where it is.
+    Remove {
+        /// The disk.
+        disk: String,
+        /// The leg (`nvmux disk mirror status` lists them).
+        leg: String,
+    },
+    /// Show a disk's legs, their state and copy progress, and its write-intent bitmap.
+    Status {
+        /// The disk.
+        disk: String,
     },
 }
 
@@ -705,8 +790,14 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
             sector_size,
             iv_large_sectors,
             chain,
+            remote,
+            nsid,
+            loss_timeout,
+            dhchap_secret,
+            dhchap_ctrl_secret,
         } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            let loss_timeout_ms = loss_timeout.map(|t| parse_duration_ms(&t)).transpose()?;
             let chain = chain
                 .map(|c| nvmux_daemon::Function::parse_chain(&c))
                 .transpose()?;
@@ -717,7 +808,17 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
                    "volume": volume, "block_size": block_size, "read_only": read_only,
                    "encrypt": encrypt, "sector_size": sector_size,
                    "iv_large_sectors": iv_large_sectors, "chain": chain})
+            } else if backend == "nvmf" {
+                json!({"name": name, "backend": backend, "remote": remote, "nsid": nsid,
+                   "loss_timeout_ms": loss_timeout_ms, "dhchap_secret": dhchap_secret,
+                   "dhchap_ctrl_secret": dhchap_ctrl_secret, "read_only": read_only,
+                   "encrypt": encrypt, "sector_size": sector_size,
+                   "iv_large_sectors": iv_large_sectors, "chain": chain, "size": size,
+                   "block_size": block_size})
             } else {
+                if remote.is_some() || nsid.is_some() || loss_timeout_ms.is_some() {
+                    return Err("--remote, --nsid and --loss-timeout need --backend nvmf".into());
+                }
                 json!({"name": name, "backend": backend, "path": path, "size": size,
                    "block_size": block_size, "read_only": read_only, "direct": !buffered,
                    "encrypt": encrypt, "sector_size": sector_size,
@@ -755,6 +856,14 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
                 None => println!("disk {name}: no limits"),
             });
         }
+        DiskCmd::Mirror(c) => mirror_cmd(cx, c)?,
+        DiskCmd::Move {
+            name,
+            to,
+            nsid,
+            rate,
+            timeout,
+        } => disk_move(cx, &name, &to, nsid, rate, timeout)?,
         DiskCmd::Chain { name, chain } => {
             let chain = match chain.trim() {
                 "default" => None,
@@ -1801,4 +1910,232 @@ fn parse_duration_ms(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("duration {s:?}: give e.g. 30s, 500ms or 2m"))
+}
+
+/// `nvmux disk mirror ...`.
+fn mirror_cmd(cx: &Ctx, c: MirrorCmd) -> Res {
+    let api = &cx.api;
+    match c {
+        MirrorCmd::Add {
+            disk,
+            file,
+            remote,
+            nsid,
+            loss_timeout,
+            name,
+            rate,
+            wait,
+        } => {
+            let file = file.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let loss_timeout_ms = loss_timeout.map(|t| parse_duration_ms(&t)).transpose()?;
+            let rate = rate.map(|r| nvmux_core::parse_size(&r)).transpose()?;
+            let v = api.post(
+                &format!("/v1/disks/{disk}/mirror"),
+                &json!({"name": name, "file": file, "remote": remote, "nsid": nsid,
+                        "loss_timeout_ms": loss_timeout_ms, "sync_rate": rate}),
+            )?;
+            // The new leg is the last one.
+            let leg = v["legs"]
+                .as_array()
+                .and_then(|l| l.last())
+                .and_then(|l| l["name"].as_str())
+                .unwrap_or("")
+                .to_string();
+            if wait {
+                let t = std::time::Instant::now();
+                let done = wait_synced(api, &disk, &leg, None)?;
+                cx.show(&done, &|_| {
+                    println!(
+                        "disk {disk}: leg {leg} added and in sync ({:.1} s)",
+                        t.elapsed().as_secs_f64()
+                    )
+                });
+            } else {
+                cx.show(&v, &|_| {
+                    println!("disk {disk}: leg {leg} added; copying (`nvmux disk mirror status {disk}`)")
+                });
+            }
+        }
+        MirrorCmd::Remove { disk, leg } => {
+            let v = api.delete(&format!("/v1/disks/{disk}/mirror/{leg}"))?;
+            cx.show(&v, &|_| println!("disk {disk}: leg {leg} removed"));
+        }
+        MirrorCmd::Status { disk } => {
+            let v = api.get(&format!("/v1/disks/{disk}/mirror"))?;
+            cx.show(&v, &mirror_table);
+        }
+    }
+    Ok(())
+}
+
+fn mirror_table(v: &Value) {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    println!(
+        "disk {}: {} regions of {}, {} dirty; resynced {} regions, {} full copies, {} bitmap writes, {} read retries, {} read repairs",
+        v["disk"].as_str().unwrap_or(""),
+        n("regions"),
+        nvmux_core::format_size(n("region_size")),
+        n("dirty_regions"),
+        n("resynced_regions"),
+        n("full_copies"),
+        n("bitmap_writes"),
+        n("read_retries"),
+        n("read_repairs"),
+    );
+    println!(
+        "  {:<12} {:<8} {:>16} {:>8} {:>7} DEVICE",
+        "LEG", "STATE", "SYNC", "INFLIGHT", "ERRORS"
+    );
+    for l in v["legs"].as_array().into_iter().flatten() {
+        let (done, total) = (
+            l["sync_done"].as_u64().unwrap_or(0),
+            l["sync_total"].as_u64().unwrap_or(0),
+        );
+        let sync = if total > 0 {
+            format!("{:.0}% of {}", done as f64 * 100.0 / total as f64, nvmux_core::format_size(total))
+        } else {
+            "-".into()
+        };
+        let paths = l["remote"]["paths"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}{}",
+                            p["addr"].as_str().unwrap_or(""),
+                            p["state"].as_str().unwrap_or(""),
+                            if p["active"].as_bool() == Some(true) { " (active)" } else { "" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .map(|p| format!(" [{p}]"))
+            .unwrap_or_default();
+        println!(
+            "  {:<12} {:<8} {:>16} {:>8} {:>7} {}{paths}",
+            l["name"].as_str().unwrap_or(""),
+            l["state"].as_str().unwrap_or(""),
+            sync,
+            l["in_flight"].as_u64().unwrap_or(0),
+            l["errors"].as_u64().unwrap_or(0),
+            l["device"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+/// Wait until `leg` of `disk` is healthy, drawing its copy progress (a bar on a terminal,
+/// a line per 10% otherwise). Fails if the leg is faulted or leaves, or at `deadline`.
+fn wait_synced(
+    api: &ApiClient,
+    disk: &str,
+    leg: &str,
+    deadline: Option<std::time::Instant>,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_tenth = None;
+    loop {
+        let v = api.get(&format!("/v1/disks/{disk}/mirror"))?;
+        let Some(l) = v["legs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["name"] == leg)
+        else {
+            return Err(format!("disk {disk}: leg {leg} is gone").into());
+        };
+        let (done, total) = (
+            l["sync_done"].as_u64().unwrap_or(0),
+            l["sync_total"].as_u64().unwrap_or(0),
+        );
+        match l["state"].as_str() {
+            Some("healthy") => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                return Ok(v);
+            }
+            Some("faulted") => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(format!(
+                    "disk {disk}: leg {leg} failed during its copy (`nvmux disk mirror status {disk}`)"
+                )
+                .into());
+            }
+            _ => {}
+        }
+        if tty {
+            nvmux_bench::report::draw_bar(&format!("copying {disk} to {leg}"), done, total);
+        } else if total > 0 {
+            let tenth = done * 10 / total;
+            if last_tenth != Some(tenth) {
+                eprintln!(
+                    "copying {disk} to {leg}: {}% ({} of {})",
+                    tenth * 10,
+                    nvmux_core::format_size(done),
+                    nvmux_core::format_size(total)
+                );
+                last_tenth = Some(tenth);
+            }
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(format!("disk {disk}: leg {leg} not in sync before the timeout").into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// `nvmux disk move`: mirror add of the destination, wait for its copy, remove the rest.
+fn disk_move(
+    cx: &Ctx,
+    disk: &str,
+    to: &str,
+    nsid: Option<u32>,
+    rate: Option<String>,
+    timeout: Option<String>,
+) -> Res {
+    let api = &cx.api;
+    let t = std::time::Instant::now();
+    let rate = rate.map(|r| nvmux_core::parse_size(&r)).transpose()?;
+    let deadline = timeout
+        .map(|s| parse_duration_ms(&s))
+        .transpose()?
+        .map(|ms| t + std::time::Duration::from_millis(ms));
+    let before = api.get(&format!("/v1/disks/{disk}"))?;
+    let v = api.post(
+        &format!("/v1/disks/{disk}/mirror"),
+        &json!({"remote": to, "nsid": nsid, "sync_rate": rate}),
+    )?;
+    let legs: Vec<String> = v["legs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["name"].as_str().map(str::to_string))
+        .collect();
+    let Some(new) = legs.last().cloned() else {
+        return Err(format!("disk {disk}: the daemon shows no legs").into());
+    };
+    eprintln!("disk {disk}: destination {to} added as leg {new}; copying");
+    if let Err(e) = wait_synced(api, disk, &new, deadline) {
+        // Take the unfinished leg out again: the disk stays where it was.
+        let _ = api.delete(&format!("/v1/disks/{disk}/mirror/{new}"));
+        return Err(format!("{e}; the move was abandoned and leg {new} removed").into());
+    }
+    for old in legs.iter().filter(|l| **l != new) {
+        api.delete(&format!("/v1/disks/{disk}/mirror/{old}"))?;
+    }
+    let after = api.get(&format!("/v1/disks/{disk}"))?;
+    cx.show(&after, &|v| {
+        println!(
+            "moved disk {disk} to {to} in {:.1} s ({}); the old data stays on {}",
+            t.elapsed().as_secs_f64(),
+            nvmux_core::format_size(v["size"].as_u64().unwrap_or(0)),
+            before["device"].as_str().unwrap_or("its old backend")
+        )
+    });
+    Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod crypt;
 pub mod fair;
 pub mod hostile;
+pub mod mirror;
 pub mod nbd_tls;
 pub mod nvmf;
 pub mod pool;
