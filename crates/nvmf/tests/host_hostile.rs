@@ -124,7 +124,7 @@ fn serve(mut s: TcpStream, io_conns: Arc<AtomicUsize>) -> std::io::Result<()> {
                 resp(&mut s, cid, 0, 0)?
             }
             0x09 => resp(&mut s, cid, 0x0003_0003, 0)?,
-            0x02 if le32(sqe, 4) == 0 || sqe[40] & 0xff == 0x0c => {
+            0x02 if le32(sqe, 4) == 0 => {
                 let numd = (le32(sqe, 40) >> 16) as usize + 1;
                 c2h(&mut s, cid, 0, &vec![0u8; numd * 4])?;
                 resp(&mut s, cid, 0, 0)?
@@ -156,7 +156,9 @@ fn serve(mut s: TcpStream, io_conns: Arc<AtomicUsize>) -> std::io::Result<()> {
                             while got.len() < len {
                                 let b = recv_pdu(&mut s)?;
                                 match pdu::parse(&b, Digests::default(), 256 << 10) {
-                                    Ok(Pdu::H2CData { data, datao, .. }) if datao as usize == got.len() => {
+                                    Ok(Pdu::H2CData { data, datao, .. })
+                                        if datao as usize == got.len() =>
+                                    {
                                         got.extend_from_slice(data)
                                     }
                                     _ => return Ok(()),

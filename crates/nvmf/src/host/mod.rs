@@ -127,7 +127,9 @@ pub fn parse_remote(s: &str) -> nvmux_core::Result<(String, Vec<SocketAddr>)> {
         return Err(invalid(format!("remote {s:?}: the subsystem NQN is empty")));
     }
     if nqn.len() > 223 {
-        return Err(invalid(format!("remote {s:?}: the NQN is longer than 223 bytes")));
+        return Err(invalid(format!(
+            "remote {s:?}: the NQN is longer than 223 bytes"
+        )));
     }
     let mut paths = Vec::new();
     for a in addrs.split(',') {
@@ -144,7 +146,9 @@ pub fn parse_remote(s: &str) -> nvmux_core::Result<(String, Vec<SocketAddr>)> {
                 a.to_socket_addrs()
                     .map_err(|e| invalid(format!("remote {s:?}: address {a:?}: {e}")))?
                     .next()
-                    .ok_or_else(|| invalid(format!("remote {s:?}: address {a:?} resolves to nothing")))?
+                    .ok_or_else(|| {
+                        invalid(format!("remote {s:?}: address {a:?} resolves to nothing"))
+                    })?
             }
         };
         if addr.port() == 0 {
@@ -244,10 +248,17 @@ impl Shared {
     /// A command completed: the first one after a failover sets `last_failover_ms`.
     #[inline]
     pub(crate) fn first_completion(&self) {
-        if self.failover_pending.load(Ordering::Relaxed) && self.failover_pending.swap(false, Ordering::AcqRel) {
-            let since = self.failover_since.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if self.failover_pending.load(Ordering::Relaxed)
+            && self.failover_pending.swap(false, Ordering::AcqRel)
+        {
+            let since = self
+                .failover_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if let Some(t) = since {
-                self.last_failover_ms.store(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.last_failover_ms
+                    .store(t.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -307,7 +318,16 @@ fn le32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]])
+    u64::from_le_bytes([
+        b[o],
+        b[o + 1],
+        b[o + 2],
+        b[o + 3],
+        b[o + 4],
+        b[o + 5],
+        b[o + 6],
+        b[o + 7],
+    ])
 }
 
 /// The namespace's ANA state in an ANA log page (`None` if not listed). Every count is
@@ -338,7 +358,13 @@ pub fn ana_state(page: &[u8], anagrpid: u32, nsid: u32) -> Option<u8> {
 }
 
 impl Shared {
-    fn set_path(&self, i: usize, state: PathState, active: bool, ana: Option<Option<&'static str>>) {
+    fn set_path(
+        &self,
+        i: usize,
+        state: PathState,
+        active: bool,
+        ana: Option<Option<&'static str>>,
+    ) {
         let mut c = self.ctl();
         if let Some(p) = c.paths.get_mut(i) {
             p.state = state;
@@ -358,13 +384,20 @@ impl Shared {
     }
 
     fn digests(&self) -> Digests {
-        Digests { header: self.spec.hdgst, data: self.spec.ddgst }
+        Digests {
+            header: self.spec.hdgst,
+            data: self.spec.ddgst,
+        }
     }
 }
 
 /// Connect the admin queue on `addr` and identify. Returns the association and what
 /// Identify says.
-fn associate(spec: &RemoteSpec, dg: Digests, path: usize) -> Result<(Assoc, Ident, u16, u16), String> {
+fn associate(
+    spec: &RemoteSpec,
+    dg: Digests,
+    path: usize,
+) -> Result<(Assoc, Ident, u16, u16), String> {
     let addr = spec.paths[path];
     let mut a = SyncConn::open(addr, dg, CONNECT_TIMEOUT)?;
     let kato_ms = spec.kato.as_millis().min(u32::MAX as u128) as u32;
@@ -376,7 +409,7 @@ fn associate(spec: &RemoteSpec, dg: Digests, path: usize) -> Result<(Assoc, Iden
     }
     let cap = a.prop_get(0, true)?;
     let mqes = (cap & 0xffff) as u16;
-    let to = ((cap >> 24) & 0xff) as u64;
+    let to = (cap >> 24) & 0xff;
     let mpsmin = ((cap >> 48) & 0xf) as u32;
     a.prop_set(0x14, 1 | 6 << 16 | 4 << 20)?;
     let deadline = Instant::now() + Duration::from_millis((to * 500).clamp(500, 15_000));
@@ -406,16 +439,24 @@ fn associate(spec: &RemoteSpec, dg: Digests, path: usize) -> Result<(Assoc, Iden
     }
     let lbaf = &idn[128 + 4 * fmt..132 + 4 * fmt];
     if lbaf[0] != 0 || lbaf[1] != 0 {
-        return Err(format!("{addr}: namespaces with metadata are not supported"));
+        return Err(format!(
+            "{addr}: namespaces with metadata are not supported"
+        ));
     }
     let lbads = lbaf[2];
     if lbads != 9 && lbads != 12 {
-        return Err(format!("{addr}: block size 2^{lbads} not supported (512 or 4096 only)"));
+        return Err(format!(
+            "{addr}: block size 2^{lbads} not supported (512 or 4096 only)"
+        ));
     }
     let block_size = 1u32 << lbads;
     let page = 4096u64 << mpsmin;
     let mdts = idc[77];
-    let max_transfer = if mdts == 0 || mdts > 20 { 1 << 20 } else { (page << mdts).min(1 << 20) } as u32;
+    let max_transfer = if mdts == 0 || mdts > 20 {
+        1 << 20
+    } else {
+        (page << mdts).min(1 << 20)
+    } as u32;
     let oncs = u16::from_le_bytes([idc[520], idc[521]]);
     let ioccsz = le32(&idc, 1792) as usize;
     let inline_max = (ioccsz * 16).saturating_sub(64).min(64 << 10);
@@ -437,7 +478,10 @@ fn associate(spec: &RemoteSpec, dg: Digests, path: usize) -> Result<(Assoc, Iden
     sync::set32(&mut s, 11, w | w << 16);
     let (c, _) = a.cmd(s, &[], 0)?;
     if !c.ok() {
-        return Err(format!("{addr}: set features number of queues: status {:#x}", c.status));
+        return Err(format!(
+            "{addr}: set features number of queues: status {:#x}",
+            c.status
+        ));
     }
     let granted = ((c.dw0 & 0xffff).min(c.dw0 >> 16) as u16).saturating_add(1);
     let t = spec.kato.min(spec.io_timeout).max(Duration::from_secs(1));
@@ -465,9 +509,19 @@ impl Shared {
     fn connect_io(&self, a: &Assoc, q: &QueueShared) -> Result<(), String> {
         let addr = self.spec.paths[a.path];
         let mut c = SyncConn::open(addr, self.digests(), CONNECT_TIMEOUT)?;
-        let (_, atr) = c.connect(q.qid, q.entries, &self.spec.subnqn, &self.spec.hostnqn, a.cntlid, 0)?;
+        let (_, atr) = c.connect(
+            q.qid,
+            q.entries,
+            &self.spec.subnqn,
+            &self.spec.hostnqn,
+            a.cntlid,
+            0,
+        )?;
         if atr {
-            return Err(format!("{addr}: I/O queue {}: authentication required", q.qid));
+            return Err(format!(
+                "{addr}: I/O queue {}: authentication required",
+                q.qid
+            ));
         }
         c.s.set_read_timeout(None).ok();
         c.s.set_write_timeout(None).ok();
@@ -511,13 +565,19 @@ impl Shared {
                     let bad = matches!(ana, Some("inaccessible") | Some("persistent-loss"));
                     let others = {
                         let c = self.ctl();
-                        c.paths.iter().enumerate().any(|(j, p)| j != i && ana_rank(p.ana) < 2)
+                        c.paths
+                            .iter()
+                            .enumerate()
+                            .any(|(j, p)| j != i && ana_rank(p.ana) < 2)
                     };
                     if bad && others {
                         self.set_path(i, PathState::Down, false, Some(ana));
                         continue;
                     }
-                    self.capacity.store(id.info.num_blocks * self.block_size as u64, Ordering::Relaxed);
+                    self.capacity.store(
+                        id.info.num_blocks * self.block_size as u64,
+                        Ordering::Relaxed,
+                    );
                     self.set_path(i, PathState::Live, true, Some(ana));
                     {
                         let mut c = self.ctl();
@@ -534,11 +594,20 @@ impl Shared {
                             self.counters.failovers.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    tracing::info!("NVMe/TCP {}: associated on {} (cntlid {})", self.spec.subnqn, self.spec.paths[i], a.cntlid);
+                    tracing::info!(
+                        "NVMe/TCP {}: associated on {} (cntlid {})",
+                        self.spec.subnqn,
+                        self.spec.paths[i],
+                        a.cntlid
+                    );
                     return Some(a);
                 }
                 Err(e) => {
-                    tracing::warn!("NVMe/TCP {}: path {}: {e}", self.spec.subnqn, self.spec.paths[i]);
+                    tracing::warn!(
+                        "NVMe/TCP {}: path {}: {e}",
+                        self.spec.subnqn,
+                        self.spec.paths[i]
+                    );
                     self.set_path(i, PathState::Down, false, None);
                 }
             }
@@ -547,11 +616,18 @@ impl Shared {
     }
 
     fn lost(&self, a: &Assoc, why: &str) {
-        tracing::warn!("NVMe/TCP {}: path {} lost: {why}", self.spec.subnqn, self.spec.paths[a.path]);
+        tracing::warn!(
+            "NVMe/TCP {}: path {} lost: {why}",
+            self.spec.subnqn,
+            self.spec.paths[a.path]
+        );
         let _ = a.admin.s.shutdown(std::net::Shutdown::Both);
         self.set_path(a.path, PathState::Down, false, None);
         self.ctl().connected = false;
-        *self.failover_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self
+            .failover_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.failover_pending.store(true, Ordering::Release);
     }
 
@@ -570,13 +646,19 @@ impl Shared {
             a.next_poll = now + POLL_EVERY;
             let idn = a.admin.identify(0, self.nsid)?;
             let nsze = le64(&idn, 0);
-            self.capacity.store(nsze * self.block_size as u64, Ordering::Relaxed);
+            self.capacity
+                .store(nsze * self.block_size as u64, Ordering::Relaxed);
             if a.ana {
                 let p = a.admin.get_log(0x0c, 0, 4096)?;
                 let st = ana_state(&p, a.anagrpid, self.nsid).and_then(ana_name);
                 self.set_path(a.path, PathState::Live, true, Some(st));
                 if matches!(st, Some("inaccessible") | Some("persistent-loss")) {
-                    let others = self.ctl().paths.iter().enumerate().any(|(j, p)| j != a.path && ana_rank(p.ana) < 2);
+                    let others = self
+                        .ctl()
+                        .paths
+                        .iter()
+                        .enumerate()
+                        .any(|(j, p)| j != a.path && ana_rank(p.ana) < 2);
                     if others {
                         return Err(format!("ANA state {}", st.unwrap_or("?")));
                     }
@@ -586,7 +668,11 @@ impl Shared {
         let qs: Vec<Arc<QueueShared>> = {
             let mut c = self.ctl();
             c.queues.retain(|q| !q.closed.load(Ordering::Acquire));
-            c.queues.iter().filter(|q| q.want.load(Ordering::Acquire)).cloned().collect()
+            c.queues
+                .iter()
+                .filter(|q| q.want.load(Ordering::Acquire))
+                .cloned()
+                .collect()
         };
         for q in qs {
             if self.stop.load(Ordering::Relaxed) {
@@ -633,8 +719,16 @@ impl Shared {
             }
             let mut c = self.ctl();
             if !c.poked {
-                let wait = if cur.is_some() { Duration::from_millis(50) } else { Duration::from_millis(100) };
-                c = self.cv.wait_timeout(c, wait).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+                let wait = if cur.is_some() {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_millis(100)
+                };
+                c = self
+                    .cv
+                    .wait_timeout(c, wait)
+                    .map(|r| r.0)
+                    .unwrap_or_else(|e| e.into_inner().0);
             }
             c.poked = false;
         }
@@ -659,7 +753,10 @@ impl RemoteDevice {
         if spec.subnqn.len() > 223 || spec.hostnqn.len() > 223 || spec.hostnqn.is_empty() {
             return Err(invalid("NQNs must be 1 to 223 bytes"));
         }
-        let dg = Digests { header: spec.hdgst, data: spec.ddgst };
+        let dg = Digests {
+            header: spec.hdgst,
+            data: spec.ddgst,
+        };
         let mut errs = Vec::new();
         for i in 0..spec.paths.len() {
             match associate(&spec, dg, i) {
@@ -670,7 +767,11 @@ impl RemoteDevice {
                         .enumerate()
                         .map(|(j, &addr)| PathStatus {
                             addr,
-                            state: if j == i { PathState::Live } else { PathState::Down },
+                            state: if j == i {
+                                PathState::Live
+                            } else {
+                                PathState::Down
+                            },
                             active: j == i,
                             ana: None,
                         })
@@ -717,7 +818,11 @@ impl RemoteDevice {
         }
         Err(Error::new(
             ErrorKind::Io,
-            format!("NVMe/TCP {}: no path works: {}", spec.subnqn, errs.join("; ")),
+            format!(
+                "NVMe/TCP {}: no path works: {}",
+                spec.subnqn,
+                errs.join("; ")
+            ),
         ))
     }
 
@@ -791,7 +896,11 @@ impl BlockDevice for RemoteDevice {
 
     fn describe(&self) -> String {
         let st = self.status();
-        let active = st.paths.iter().find(|p| p.active).map(|p| p.addr.to_string());
+        let active = st
+            .paths
+            .iter()
+            .find(|p| p.active)
+            .map(|p| p.addr.to_string());
         format!(
             "nvmf {} nsid {} via {}",
             self.sh.spec.subnqn,
@@ -815,7 +924,15 @@ mod tests {
         assert_eq!(n, "nqn.2014-08.org.x:a@b");
         assert_eq!(p.len(), 2);
         assert_eq!(p[1].port(), 4421);
-        for bad in ["nqn", "@1.2.3.4:1", "n@", "n@1.2.3.4", "n@1.2.3.4:1,", "n@1.2.3.4:0", "n@1.2.3.4:1,1.2.3.4:1"] {
+        for bad in [
+            "nqn",
+            "@1.2.3.4:1",
+            "n@",
+            "n@1.2.3.4",
+            "n@1.2.3.4:1,",
+            "n@1.2.3.4:0",
+            "n@1.2.3.4:1,1.2.3.4:1",
+        ] {
             assert!(parse_remote(bad).is_err(), "{bad}");
         }
     }

@@ -96,7 +96,10 @@ pub struct RemoteQueue {
 }
 
 fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32) {
-    let mut ev = libc::epoll_event { events, u64: fd as u64 };
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
     // SAFETY: `ev` is a valid epoll_event for the duration of the call; errors (a closed
     // descriptor) are harmless here.
     unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
@@ -138,7 +141,10 @@ unsafe fn sg_append(sg: &SgList, mut off: usize, mut len: usize, out: &mut Vec<u
         }
         let n = (seg.iov_len - off).min(len);
         // SAFETY: within the segment, per the caller's contract.
-        out.extend_from_slice(std::slice::from_raw_parts((seg.iov_base as *const u8).add(off), n));
+        out.extend_from_slice(std::slice::from_raw_parts(
+            (seg.iov_base as *const u8).add(off),
+            n,
+        ));
         len -= n;
         off = 0;
     }
@@ -153,11 +159,23 @@ impl RemoteQueue {
         }
         // SAFETY: a fresh descriptor nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, sh.evt.as_raw_fd(), libc::EPOLLIN as u32);
+        epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            sh.evt.as_raw_fd(),
+            libc::EPOLLIN as u32,
+        );
         let n = sh.entries as usize - 1;
         let now = Instant::now();
         Ok(RemoteQueue {
-            slots: (0..n).map(|_| Slot { cmd: None, bytes: 0, recvd: 0, started: now }).collect(),
+            slots: (0..n)
+                .map(|_| Slot {
+                    cmd: None,
+                    bytes: 0,
+                    recvd: 0,
+                    started: now,
+                })
+                .collect(),
             free: (0..n as u16).rev().collect(),
             pending: VecDeque::with_capacity(4 * n + 64),
             failed: VecDeque::with_capacity(4 * n + 64),
@@ -185,7 +203,12 @@ impl RemoteQueue {
             return;
         }
         self.sh.evt.drain();
-        let c = self.sh.handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let c = self
+            .sh
+            .handover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let Some(c) = c else { return };
         if self.conn.is_some() {
             self.lose("replaced by a new association", false);
@@ -195,7 +218,12 @@ impl RemoteQueue {
             self.dev.poke();
             return;
         }
-        epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_ADD, c.stream.as_raw_fd(), libc::EPOLLIN as u32);
+        epoll_ctl(
+            self.ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            c.stream.as_raw_fd(),
+            libc::EPOLLIN as u32,
+        );
         self.want_out = false;
         self.conn = Some(c);
         self.lost_at = None;
@@ -207,8 +235,16 @@ impl RemoteQueue {
     /// list, to be resent on the next connection.
     fn lose(&mut self, why: &str, ask: bool) {
         if let Some(c) = self.conn.take() {
-            tracing::warn!(qid = self.sh.qid, "NVMe/TCP I/O queue connection lost: {why}");
-            epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0);
+            tracing::warn!(
+                qid = self.sh.qid,
+                "NVMe/TCP I/O queue connection lost: {why}"
+            );
+            epoll_ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                c.stream.as_raw_fd(),
+                0,
+            );
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         let mut n = 0;
@@ -240,10 +276,18 @@ impl RemoteQueue {
         let Some(c) = &self.conn else { return };
         let (dg, inline_max, nsid, bs) = (c.dg, c.inline_max, c.nsid, c.block_size);
         while self.tx.len() - self.tx_off < TX_HIGH {
-            let Some(cid) = self.free.last().copied() else { break };
-            let Some(cmd) = self.pending.pop_front() else { break };
+            let Some(cid) = self.free.last().copied() else {
+                break;
+            };
+            let Some(cmd) = self.pending.pop_front() else {
+                break;
+            };
             self.free.pop();
-            let bytes = if cmd.opcode.has_data() { cmd.sg.len() as u32 } else { 0 };
+            let bytes = if cmd.opcode.has_data() {
+                cmd.sg.len() as u32
+            } else {
+                0
+            };
             let mut s = super::sync::sqe(cmd.opcode as u8, nsid);
             s[2..4].copy_from_slice(&cid.to_le_bytes());
             let nlb0 = cmd.nlb.saturating_sub(1);
@@ -253,7 +297,11 @@ impl RemoteQueue {
                 Opcode::Read | Opcode::Write | Opcode::WriteZeroes => {
                     super::sync::set32(&mut s, 10, cmd.slba as u32);
                     super::sync::set32(&mut s, 11, (cmd.slba >> 32) as u32);
-                    let fua = if cmd.fua && cmd.opcode != Opcode::Read { 1 << 30 } else { 0 };
+                    let fua = if cmd.fua && cmd.opcode != Opcode::Read {
+                        1 << 30
+                    } else {
+                        0
+                    };
                     super::sync::set32(&mut s, 12, (nlb0 & 0xffff) | fua);
                 }
                 Opcode::Deallocate => {
@@ -267,7 +315,11 @@ impl RemoteQueue {
             }
             let _ = bs;
             let write_inline = cmd.opcode == Opcode::Write && (bytes as usize) <= inline_max;
-            let inl = if write_inline { bytes as usize } else { inline.len() };
+            let inl = if write_inline {
+                bytes as usize
+            } else {
+                inline.len()
+            };
             let mut h = [0u8; 80];
             let n = wire::cmd_header(&mut h, &s, inl, bytes, dg);
             self.tx.extend_from_slice(&h[..n]);
@@ -300,7 +352,14 @@ impl RemoteQueue {
         while self.tx_off < self.tx.len() {
             let b = &self.tx[self.tx_off..];
             // SAFETY: `b` is valid for its length; MSG_DONTWAIT never blocks.
-            let n = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    b.as_ptr().cast(),
+                    b.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
             if n > 0 {
                 self.tx_off += n as usize;
                 continue;
@@ -331,7 +390,9 @@ impl RemoteQueue {
     }
 
     fn complete(&mut self, cid: u16, st: Status, done: &mut dyn FnMut(IoCommand, Status)) -> bool {
-        let Some(cmd) = self.slots[cid as usize].cmd.take() else { return false };
+        let Some(cmd) = self.slots[cid as usize].cmd.take() else {
+            return false;
+        };
         self.free.push(cid);
         self.in_flight -= 1;
         if st.is_ok() {
@@ -358,7 +419,8 @@ impl RemoteQueue {
             }
             let room = &mut self.rx[self.r1..];
             // SAFETY: `room` is valid writable memory of its length.
-            let got = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
+            let got =
+                unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
             if got == 0 {
                 return Err("connection closed by the controller");
             }
@@ -382,7 +444,15 @@ impl RemoteQueue {
         loop {
             let avail = self.r1 - self.r0;
             match &mut self.rx_state {
-                Rx::Data { cid, off, left, len, ddgst, success, crc } => {
+                Rx::Data {
+                    cid,
+                    off,
+                    left,
+                    len,
+                    ddgst,
+                    success,
+                    crc,
+                } => {
                     if *left > 0 {
                         if avail == 0 {
                             return Ok(n);
@@ -427,7 +497,9 @@ impl RemoteQueue {
                     }
                 }
                 Rx::Ch => {
-                    let Some(ch) = self.rx[self.r0..self.r1].first_chunk::<CH>() else { return Ok(n) };
+                    let Some(ch) = self.rx[self.r0..self.r1].first_chunk::<CH>() else {
+                        return Ok(n);
+                    };
                     let f: Frame = wire::frame(ch, dg, max_data)?;
                     if avail < f.head {
                         return Ok(n);
@@ -436,23 +508,42 @@ impl RemoteQueue {
                     self.r0 += f.head;
                     match p {
                         HostPdu::Rsp { cid, status, .. } => {
-                            let slot = self.slots.get(cid as usize).ok_or("completion for an unknown command")?;
-                            let Some(cmd) = &slot.cmd else { return Err("completion for an idle command") };
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("completion for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("completion for an idle command");
+                            };
                             let mut st = Status::new((status >> 8) as u8 & 7, status as u8);
-                            if st.is_ok() && cmd.opcode == Opcode::Read && slot.recvd != slot.bytes {
+                            if st.is_ok() && cmd.opcode == Opcode::Read && slot.recvd != slot.bytes
+                            {
                                 st = Status::DATA_TRANSFER_ERROR;
                             }
                             if self.complete(cid, st, done) {
                                 n += 1;
                             }
                         }
-                        HostPdu::C2HData { cid, datao, datal, success, .. } => {
-                            let slot = self.slots.get(cid as usize).ok_or("C2HData for an unknown command")?;
-                            let Some(cmd) = &slot.cmd else { return Err("C2HData for an idle command") };
+                        HostPdu::C2HData {
+                            cid,
+                            datao,
+                            datal,
+                            success,
+                            ..
+                        } => {
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("C2HData for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("C2HData for an idle command");
+                            };
                             if cmd.opcode != Opcode::Read {
                                 return Err("C2HData for a command without read data");
                             }
-                            if datao != slot.recvd || datao.checked_add(datal).is_none_or(|e| e > slot.bytes) {
+                            if datao != slot.recvd
+                                || datao.checked_add(datal).is_none_or(|e| e > slot.bytes)
+                            {
                                 return Err("C2HData outside the command's data");
                             }
                             self.rx_state = Rx::Data {
@@ -465,21 +556,44 @@ impl RemoteQueue {
                                 crc: Crc32c::new(),
                             };
                         }
-                        HostPdu::R2T { cid, ttag, off, len } => {
-                            let slot = self.slots.get(cid as usize).ok_or("R2T for an unknown command")?;
-                            let Some(cmd) = &slot.cmd else { return Err("R2T for an idle command") };
-                            if cmd.opcode != Opcode::Write || off.checked_add(len).is_none_or(|e| e > slot.bytes) {
+                        HostPdu::R2T {
+                            cid,
+                            ttag,
+                            off,
+                            len,
+                        } => {
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("R2T for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("R2T for an idle command");
+                            };
+                            if cmd.opcode != Opcode::Write
+                                || off.checked_add(len).is_none_or(|e| e > slot.bytes)
+                            {
                                 return Err("R2T outside the command's data");
                             }
                             let mut o = 0u32;
                             while o < len {
                                 let k = (len - o).min(maxh2c as u32);
                                 let mut h = [0u8; 128];
-                                let pdo = wire::h2c_header(&mut h, cid, ttag, off + o, k, o + k == len, dg, cpda);
+                                let pdo = wire::h2c_header(
+                                    &mut h,
+                                    cid,
+                                    ttag,
+                                    off + o,
+                                    k,
+                                    o + k == len,
+                                    dg,
+                                    cpda,
+                                );
                                 self.tx.extend_from_slice(&h[..pdo]);
                                 let start = self.tx.len();
                                 // SAFETY: off + len is within the command's SG list.
-                                unsafe { sg_append(&cmd.sg, (off + o) as usize, k as usize, &mut self.tx) };
+                                unsafe {
+                                    sg_append(&cmd.sg, (off + o) as usize, k as usize, &mut self.tx)
+                                };
                                 if dg.data {
                                     let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
                                     self.tx.extend_from_slice(&crc.to_le_bytes());
@@ -487,7 +601,9 @@ impl RemoteQueue {
                                 o += k;
                             }
                         }
-                        HostPdu::Term { .. } => return Err("the controller terminated the connection"),
+                        HostPdu::Term { .. } => {
+                            return Err("the controller terminated the connection")
+                        }
                     }
                 }
             }
@@ -547,7 +663,11 @@ impl BlockQueue for RemoteQueue {
         if self.conn.is_some() && self.in_flight > 0 && now >= self.last_scan + SCAN {
             self.last_scan = now;
             let t = self.dev.spec.io_timeout;
-            if self.slots.iter().any(|s| s.cmd.is_some() && now >= s.started + t) {
+            if self
+                .slots
+                .iter()
+                .any(|s| s.cmd.is_some() && now >= s.started + t)
+            {
                 self.lose("a command timed out", true);
             }
         }

@@ -69,22 +69,33 @@ impl SyncConn {
     /// TCP connect (bounded by `timeout`) and ICReq/ICResp; the digests asked for must
     /// be granted.
     pub fn open(addr: SocketAddr, dg: Digests, timeout: Duration) -> Res<SyncConn> {
-        let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
         let mut c = SyncConn {
             s,
-            ic: IcResp { digests: dg, cpda: 4, maxh2cdata: 4096 },
+            ic: IcResp {
+                digests: dg,
+                cpda: 4,
+                maxh2cdata: 4096,
+            },
             addr,
             next_cid: 1,
         };
-        c.s.write_all(&wire::icreq(dg)).map_err(|e| format!("{addr}: send ICReq: {e}"))?;
+        c.s.write_all(&wire::icreq(dg))
+            .map_err(|e| format!("{addr}: send ICReq: {e}"))?;
         let mut r = [0u8; 128];
-        c.s.read_exact(&mut r).map_err(|e| format!("{addr}: receive ICResp: {e}"))?;
+        c.s.read_exact(&mut r)
+            .map_err(|e| format!("{addr}: receive ICResp: {e}"))?;
         let ic = wire::icresp(&r).map_err(|e| format!("{addr}: {e}"))?;
         if ic.digests != dg {
-            return Err(format!("{addr}: the controller did not grant the digests asked for"));
+            return Err(format!(
+                "{addr}: the controller did not grant the digests asked for"
+            ));
         }
         c.ic = ic;
         Ok(c)
@@ -117,28 +128,53 @@ impl SyncConn {
         let mut data = vec![0u8; read_len];
         loop {
             let mut ch = [0u8; CH];
-            self.s.read_exact(&mut ch).map_err(|e| format!("receive: {e}"))?;
+            self.s
+                .read_exact(&mut ch)
+                .map_err(|e| format!("receive: {e}"))?;
             let f = wire::frame(&ch, dg, MAX_READ)?;
             let mut head = [0u8; 256];
             head[..CH].copy_from_slice(&ch);
-            self.s.read_exact(&mut head[CH..f.head]).map_err(|e| format!("receive: {e}"))?;
+            self.s
+                .read_exact(&mut head[CH..f.head])
+                .map_err(|e| format!("receive: {e}"))?;
             let p = wire::parse(&head[..f.head], &f, dg)?;
             match (f.ty, p) {
-                (RSP, HostPdu::Rsp { cid: c, dw0, dw1, status }) => {
+                (
+                    RSP,
+                    HostPdu::Rsp {
+                        cid: c,
+                        dw0,
+                        dw1,
+                        status,
+                    },
+                ) => {
                     if c != cid {
                         return Err(format!("completion for unknown command {c}"));
                     }
                     return Ok((Done { dw0, dw1, status }, data));
                 }
-                (C2H_DATA, HostPdu::C2HData { cid: c, datao, datal, success, .. }) => {
+                (
+                    C2H_DATA,
+                    HostPdu::C2HData {
+                        cid: c,
+                        datao,
+                        datal,
+                        success,
+                        ..
+                    },
+                ) => {
                     let (o, l) = (datao as usize, datal as usize);
                     if c != cid || o.checked_add(l).is_none_or(|e| e > read_len) {
                         return Err("C2HData outside the command".into());
                     }
-                    self.s.read_exact(&mut data[o..o + l]).map_err(|e| format!("receive: {e}"))?;
+                    self.s
+                        .read_exact(&mut data[o..o + l])
+                        .map_err(|e| format!("receive: {e}"))?;
                     if f.ddgst {
                         let mut d = [0u8; 4];
-                        self.s.read_exact(&mut d).map_err(|e| format!("receive: {e}"))?;
+                        self.s
+                            .read_exact(&mut d)
+                            .map_err(|e| format!("receive: {e}"))?;
                         let mut c = Crc32c::new();
                         c.update(&data[o..o + l]);
                         if c.finish() != u32::from_le_bytes(d) {
@@ -146,12 +182,21 @@ impl SyncConn {
                         }
                     }
                     if success {
-                        return Ok((Done { dw0: 0, dw1: 0, status: 0 }, data));
+                        return Ok((
+                            Done {
+                                dw0: 0,
+                                dw1: 0,
+                                status: 0,
+                            },
+                            data,
+                        ));
                     }
                 }
                 (R2T, _) => return Err("R2T on the control queue".into()),
                 (C2H_TERM, HostPdu::Term { fes }) => {
-                    return Err(format!("controller terminated the connection (FES {fes:#x})"))
+                    return Err(format!(
+                        "controller terminated the connection (FES {fes:#x})"
+                    ))
                 }
                 _ => return Err("unexpected PDU".into()),
             }

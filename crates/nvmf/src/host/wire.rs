@@ -3,9 +3,8 @@
 //! against the negotiated limits before the caller uses it.
 
 use crate::pdu::{
-    Digests, C2H_DATA, C2H_TERM, CH, CMD, CMD_HLEN, DATA_HLEN, FLAG_DDGST, FLAG_HDGST,
-    FLAG_LAST, FLAG_SUCCESS, H2C_DATA, ICREQ, ICREQ_LEN, ICRESP, R2T, RSP, RSP_HLEN,
-    TERM_HLEN, TERM_MAX_DATA,
+    Digests, C2H_DATA, C2H_TERM, CH, CMD, CMD_HLEN, DATA_HLEN, FLAG_DDGST, FLAG_HDGST, FLAG_LAST,
+    FLAG_SUCCESS, H2C_DATA, ICREQ, ICREQ_LEN, ICRESP, R2T, RSP, RSP_HLEN, TERM_HLEN, TERM_MAX_DATA,
 };
 use nvmux_core::crc32c::crc32c;
 
@@ -59,7 +58,13 @@ pub enum HostPdu {
 /// Check a common header: which PDU, how much of it is header and how much data.
 /// `max_data` bounds the data of one C2HData PDU.
 pub fn frame(ch: &[u8; CH], dg: Digests, max_data: usize) -> Result<Frame, &'static str> {
-    let (ty, flags, hlen, pdo, plen) = (ch[0], ch[1], ch[2] as usize, ch[3] as usize, le32(ch, 4) as usize);
+    let (ty, flags, hlen, pdo, plen) = (
+        ch[0],
+        ch[1],
+        ch[2] as usize,
+        ch[3] as usize,
+        le32(ch, 4) as usize,
+    );
     let hd = if dg.header { 4 } else { 0 };
     let flag_hd = flags & FLAG_HDGST != 0;
     match ty {
@@ -74,13 +79,23 @@ pub fn frame(ch: &[u8; CH], dg: Digests, max_data: usize) -> Result<Frame, &'sta
             if plen != want + hd {
                 return Err("wrong PDU length");
             }
-            Ok(Frame { ty, head: plen, data: 0, ddgst: false })
+            Ok(Frame {
+                ty,
+                head: plen,
+                data: 0,
+                ddgst: false,
+            })
         }
         C2H_TERM => {
-            if hlen != TERM_HLEN || plen < TERM_HLEN || plen > TERM_HLEN + TERM_MAX_DATA {
+            if hlen != TERM_HLEN || !(TERM_HLEN..=TERM_HLEN + TERM_MAX_DATA).contains(&plen) {
                 return Err("bad termination request length");
             }
-            Ok(Frame { ty, head: plen, data: 0, ddgst: false })
+            Ok(Frame {
+                ty,
+                head: plen,
+                data: 0,
+                ddgst: false,
+            })
         }
         C2H_DATA => {
             if hlen != DATA_HLEN {
@@ -100,7 +115,12 @@ pub fn frame(ch: &[u8; CH], dg: Digests, max_data: usize) -> Result<Frame, &'sta
             if data > max_data {
                 return Err("C2HData longer than allowed");
             }
-            Ok(Frame { ty, head: pdo, data, ddgst: dg.data })
+            Ok(Frame {
+                ty,
+                head: pdo,
+                data,
+                ddgst: dg.data,
+            })
         }
         _ => Err("unexpected PDU type"),
     }
@@ -214,7 +234,10 @@ pub fn icresp(b: &[u8]) -> Result<IcResp, &'static str> {
         return Err("CPDA out of range");
     }
     Ok(IcResp {
-        digests: Digests { header: b[11] & 1 != 0, data: b[11] & 2 != 0 },
+        digests: Digests {
+            header: b[11] & 1 != 0,
+            data: b[11] & 2 != 0,
+        },
         cpda: (cpda + 1) * 4,
         maxh2cdata,
     })
@@ -224,7 +247,13 @@ pub fn icresp(b: &[u8]) -> Result<IcResp, &'static str> {
 /// in-capsule data following (0: none, the SGL then describes a transport data block of
 /// `xfer` bytes). Returns the header length written into `out` (72 or 76 bytes). The
 /// caller sends the data and, if `data_digest` is Some, its CRC after it.
-pub fn cmd_header(out: &mut [u8; 80], sqe: &[u8; 64], inline: usize, xfer: u32, dg: Digests) -> usize {
+pub fn cmd_header(
+    out: &mut [u8; 80],
+    sqe: &[u8; 64],
+    inline: usize,
+    xfer: u32,
+    dg: Digests,
+) -> usize {
     let hd = if dg.header { 4 } else { 0 };
     let dd = if dg.data && inline > 0 { 4 } else { 0 };
     let pdo = if inline > 0 { CMD_HLEN + hd } else { 0 };
@@ -235,7 +264,8 @@ pub fn cmd_header(out: &mut [u8; 80], sqe: &[u8; 64], inline: usize, xfer: u32, 
     out[8..72].copy_from_slice(sqe);
     // SGL descriptor: in-capsule data block (offset 0) or a transport SGL data block.
     out[8 + 24..8 + 32].fill(0);
-    out[8 + 32..8 + 36].copy_from_slice(&(if inline > 0 { inline as u32 } else { xfer }).to_le_bytes());
+    out[8 + 32..8 + 36]
+        .copy_from_slice(&(if inline > 0 { inline as u32 } else { xfer }).to_le_bytes());
     out[8 + 36..8 + 39].fill(0);
     out[8 + 39] = if inline > 0 { 0x01 } else { 0x5a };
     if dg.header {
@@ -286,7 +316,9 @@ pub fn h2c_header(
 pub fn parse_stream(mut b: &[u8], dg: Digests, max_data: usize) -> usize {
     let mut n = 0;
     while let Some(ch) = b.first_chunk::<CH>() {
-        let Ok(f) = frame(ch, dg, max_data) else { break };
+        let Ok(f) = frame(ch, dg, max_data) else {
+            break;
+        };
         if b.len() < f.head {
             break;
         }
@@ -314,12 +346,16 @@ mod tests {
         for (h, d) in [(false, false), (true, true), (true, false), (false, true)] {
             let dg = Digests { header: h, data: d };
             let mut v = Vec::new();
-            pdu::capsule_resp(&mut v, &{
-                let mut c = [0u8; 16];
-                c[12..14].copy_from_slice(&7u16.to_le_bytes());
-                c[14..16].copy_from_slice(&(0x0281u16 << 1).to_le_bytes());
-                c
-            }, dg);
+            pdu::capsule_resp(
+                &mut v,
+                &{
+                    let mut c = [0u8; 16];
+                    c[12..14].copy_from_slice(&7u16.to_le_bytes());
+                    c[14..16].copy_from_slice(&(0x0281u16 << 1).to_le_bytes());
+                    c
+                },
+                dg,
+            );
             let f = frame(v.first_chunk().unwrap(), dg, 4096).unwrap();
             assert_eq!(f.head, v.len());
             match parse(&v, &f, dg).unwrap() {
@@ -330,16 +366,35 @@ mod tests {
             pdu::c2h_data_header(&mut v, 3, 512, 100, true, dg, 0);
             let f = frame(v.first_chunk().unwrap(), dg, 4096).unwrap();
             assert_eq!((f.head, f.data), (v.len(), 100));
-            assert!(matches!(parse(&v, &f, dg).unwrap(), HostPdu::C2HData { cid: 3, datao: 512, datal: 100, .. }));
+            assert!(matches!(
+                parse(&v, &f, dg).unwrap(),
+                HostPdu::C2HData {
+                    cid: 3,
+                    datao: 512,
+                    datal: 100,
+                    ..
+                }
+            ));
             let mut v = Vec::new();
             pdu::r2t(&mut v, 9, 1, 0, 8192, dg);
             let f = frame(v.first_chunk().unwrap(), dg, 4096).unwrap();
-            assert_eq!(parse(&v, &f, dg).unwrap(), HostPdu::R2T { cid: 9, ttag: 1, off: 0, len: 8192 });
+            assert_eq!(
+                parse(&v, &f, dg).unwrap(),
+                HostPdu::R2T {
+                    cid: 9,
+                    ttag: 1,
+                    off: 0,
+                    len: 8192
+                }
+            );
             // The target's own parser accepts what the host encodes.
             let mut out = [0u8; 80];
             let sqe = [1u8; 64];
             let n = cmd_header(&mut out, &sqe, 0, 4096, dg);
-            assert!(matches!(pdu::parse(&out[..n], dg, 8192).unwrap(), pdu::Pdu::Cmd { .. }));
+            assert!(matches!(
+                pdu::parse(&out[..n], dg, 8192).unwrap(),
+                pdu::Pdu::Cmd { .. }
+            ));
             let mut hh = [0u8; 128];
             let pdo = h2c_header(&mut hh, 1, 2, 0, 4, true, dg, 4);
             let mut w = hh[..pdo].to_vec();
@@ -347,7 +402,14 @@ mod tests {
             if d {
                 pdu::data_digest(&mut w, &[b"abcd"]);
             }
-            assert!(matches!(pdu::parse(&w, dg, 8192).unwrap(), pdu::Pdu::H2CData { cccid: 1, ttag: 2, .. }));
+            assert!(matches!(
+                pdu::parse(&w, dg, 8192).unwrap(),
+                pdu::Pdu::H2CData {
+                    cccid: 1,
+                    ttag: 2,
+                    ..
+                }
+            ));
         }
     }
 
@@ -367,7 +429,10 @@ mod tests {
         r[0] = 0x42;
         assert!(frame(r.first_chunk().unwrap(), dg, 4096).is_err());
         // Header digest corrupted.
-        let hd = Digests { header: true, data: false };
+        let hd = Digests {
+            header: true,
+            data: false,
+        };
         let mut r = Vec::new();
         pdu::capsule_resp(&mut r, &[0; 16], hd);
         r[25] ^= 1;
@@ -395,10 +460,16 @@ mod tests {
             // Bias towards plausible headers so the deeper checks run.
             if n >= 8 && i % 2 == 0 {
                 buf[0] = [RSP, R2T, C2H_DATA, C2H_TERM][(i as usize / 2) % 4];
-                buf[2] = if buf[0] == RSP { 24 } else { 24 };
+                buf[2] = 24;
                 buf[4..8].copy_from_slice(&((x as u32) % 300).to_le_bytes());
             }
-            for dg in [Digests::default(), Digests { header: true, data: true }] {
+            for dg in [
+                Digests::default(),
+                Digests {
+                    header: true,
+                    data: true,
+                },
+            ] {
                 parse_stream(&buf[..n], dg, 256);
             }
         }

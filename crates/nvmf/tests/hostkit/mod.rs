@@ -36,7 +36,8 @@ pub fn target() -> TestTarget {
     let target = Target::new(pool.placement(), TargetConfig::default());
     let sub = Subsystem::new(NQN, "hosttest");
     sub.set_hosts(true, BTreeSet::new());
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(DEV_SIZE, 4096, false).expect("memory device"));
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(MemoryDevice::new(DEV_SIZE, 4096, false).expect("memory device"));
     sub.add_namespace(Namespace {
         nsid: 1,
         disk: "m".into(),
@@ -45,7 +46,9 @@ pub fn target() -> TestTarget {
         nguid: [7; 16],
     })
     .expect("namespace");
-    let addr = target.add(sub.clone(), "127.0.0.1:0".parse().unwrap()).expect("listen");
+    let addr = target
+        .add(sub.clone(), "127.0.0.1:0".parse().unwrap())
+        .expect("listen");
     TestTarget {
         target,
         addr,
@@ -75,7 +78,8 @@ impl Proxy {
                 match l.accept() {
                     Ok((down, _)) => {
                         down.set_nonblocking(false).ok();
-                        let Ok(up) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2)) else {
+                        let Ok(up) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                        else {
                             continue;
                         };
                         up.set_nodelay(true).ok();
@@ -161,7 +165,10 @@ pub fn run_one(q: &mut dyn BlockQueue, cmd: IoCommand, limit: Duration) -> Statu
     let t = Instant::now();
     let mut st = None;
     while st.is_none() {
-        assert!(t.elapsed() < limit, "command did not complete within {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "command did not complete within {limit:?}"
+        );
         wait_poll(q, &mut |_, s| st = Some(s));
     }
     st.unwrap()
@@ -204,7 +211,10 @@ pub fn verify_workload(
     let t0 = Instant::now();
     let mut results: Vec<(u64, Status)> = Vec::with_capacity(qd);
     while completed < count {
-        assert!(t0.elapsed() < limit, "workload did not finish within {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "workload did not finish within {limit:?}"
+        );
         while issued < count && inflight.iter().any(|s| s.is_none()) {
             let tag = inflight.iter().position(|s| s.is_none()).unwrap();
             let mut chunk = rng.next() % chunks;
@@ -216,7 +226,7 @@ pub fn verify_workload(
             let first = rng.next() % (32 - blocks + 1);
             let off = chunk * CHUNK + first * 4096;
             let len = (blocks * 4096) as usize;
-            let write = rng.next() % 2 == 0;
+            let write = rng.next().is_multiple_of(2);
             let mut buf = AlignedBuf::new(len);
             if write {
                 let v = rng.next();
@@ -241,7 +251,10 @@ pub fn verify_workload(
             } else if write {
                 shadow[o..o + l].copy_from_slice(buf.as_slice());
             } else {
-                assert!(buf.as_slice() == &shadow[o..o + l], "read at {off} returned wrong data");
+                assert!(
+                    buf.as_slice() == &shadow[o..o + l],
+                    "read at {off} returned wrong data"
+                );
             }
             between(completed);
         }
