@@ -194,7 +194,10 @@ pub fn load(file: &File, path: &Path) -> Result<(Header, Vec<u64>)> {
         .map_err(|e| Error::io(format!("mirror bitmap {}", path.display()), e))?
         .len();
     if len < BITMAP_OFF {
-        return Err(bad(path, format!("file is {len} bytes, too short for a header")));
+        return Err(bad(
+            path,
+            format!("file is {len} bytes, too short for a header"),
+        ));
     }
     let mut results = Vec::with_capacity(2);
     for (i, p) in pages.iter_mut().enumerate() {
@@ -213,7 +216,10 @@ pub fn load(file: &File, path: &Path) -> Result<(Header, Vec<u64>)> {
         (Ok(a), Err(_)) => a.clone(),
         (Err(_), Ok(b)) => b.clone(),
         (Err(a), Err(b)) => {
-            return Err(bad(path, format!("no valid header (page 0: {a}; page 1: {b})")));
+            return Err(bad(
+                path,
+                format!("no valid header (page 0: {a}; page 1: {b})"),
+            ));
         }
     };
     let npages = bitmap_pages(h.regions);
@@ -256,7 +262,8 @@ pub fn create(file: &File, path: &Path, h: &Header) -> Result<()> {
     for i in 0..2u64 {
         h0.generation = h.generation + i;
         h0.encode(&mut page);
-        file.write_all_at(&page, (h0.generation % 2) * PAGE).map_err(ctx)?;
+        file.write_all_at(&page, (h0.generation % 2) * PAGE)
+            .map_err(ctx)?;
     }
     file.sync_all().map_err(ctx)?;
     Ok(())
@@ -264,8 +271,8 @@ pub fn create(file: &File, path: &Path, h: &Header) -> Result<()> {
 
 /// Read a bitmap file without opening a mirror (for tests and tools).
 pub fn read_bitmap(path: &Path) -> Result<BitmapInfo> {
-    let file = File::open(path)
-        .map_err(|e| Error::io(format!("mirror bitmap {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("mirror bitmap {}", path.display()), e))?;
     let (h, words) = load(&file, path)?;
     let mut dirty = Vec::new();
     for (w, &word) in words.iter().enumerate() {

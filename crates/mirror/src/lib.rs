@@ -34,8 +34,9 @@
 //!   guest data: it reads the region's write generation and waits for no write in flight,
 //!   copies, and is done only if the generation did not move (else it copies again). Copies
 //!   are rate-limited by `sync_rate`. A leg whose copy is done becomes Healthy, durably.
-//!   After an open with dirty bits and every leg Healthy (a crash while mirrored), the
-//!   dirty regions are copied from the first Healthy leg to the others.
+//!   After an open with dirty bits and two or more Healthy legs (a crash while mirrored),
+//!   the dirty regions are copied from the first Healthy leg to the other Healthy legs.
+//! * After `shutdown` (or drop), queues still open fail writes that need a new bit.
 //! * **Faulted legs** are probed every `probe_interval` (a one-block read); on success the
 //!   leg goes Syncing (new writes first, then the dirty regions), then Healthy.
 //! * **Size**: the minimum of the legs' capacities at the first open; the bitmap covers
@@ -377,7 +378,10 @@ impl Inner {
     pub fn wait_table(&self, v: u64, max: Duration) -> bool {
         let end = Instant::now() + max;
         while self.table_durable.load(SeqCst) < v {
-            if Instant::now() >= end || self.bitmap_failed.load(SeqCst) {
+            if Instant::now() >= end
+                || self.bitmap_failed.load(SeqCst)
+                || self.shutdown.load(SeqCst)
+            {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -590,9 +594,14 @@ fn check_leg(leg: &Leg, bs: u32, size: u64, want: Option<&DeviceInfo>) -> Result
         )));
     }
     if let Some(w) = want {
-        if (w.discard && !i.discard) || (w.write_zeroes && !i.write_zeroes) {
+        if (w.discard && !i.discard)
+            || (w.write_zeroes && !i.write_zeroes)
+            || i.max_transfer < w.max_transfer
+            || (i.volatile_cache && !w.volatile_cache)
+        {
             return Err(invalid(format!(
-                "mirror leg {}: lacks discard or write zeroes, which the mirror offers",
+                "mirror leg {}: lacks discard, write zeroes or the transfer size the mirror \
+                 offers, or has a volatile cache the mirror does not announce",
                 leg.name
             )));
         }
@@ -740,10 +749,11 @@ impl MirrorDevice {
             bitmap::create(&file, bitmap, &header)?;
         }
         let any_dirty = words.iter().any(|&w| w != 0);
-        let all_healthy = slots
+        let healthy = slots
             .iter()
             .flatten()
-            .all(|l| l.state() == LegState::Healthy);
+            .filter(|l| l.state() == LegState::Healthy)
+            .count();
         let n = regions as usize;
         let nwords = words.len();
         let inner = Arc::new(Inner {
@@ -761,7 +771,7 @@ impl MirrorDevice {
             legs_version: AtomicU64::new(1),
             table_version: AtomicU64::new(1),
             table_durable: AtomicU64::new(0),
-            crash_resync: AtomicBool::new(any_dirty && all_healthy),
+            crash_resync: AtomicBool::new(any_dirty && healthy >= 2),
             bitmap_failed: AtomicBool::new(false),
             writer_wake: Mutex::new(false),
             writer_cv: Condvar::new(),
@@ -815,7 +825,12 @@ impl MirrorDevice {
     /// copy (rate-limited); Healthy when the copy is done. Size must be >= the mirror's.
     pub fn add_leg(&self, leg: Leg) -> Result<()> {
         let inner = &self.inner;
-        check_leg(&leg, inner.info.block_size, inner.info.size_bytes(), Some(&inner.info))?;
+        check_leg(
+            &leg,
+            inner.info.block_size,
+            inner.info.size_bytes(),
+            Some(&inner.info),
+        )?;
         {
             let mut legs = inner.legs.write().unwrap_or_else(|e| e.into_inner());
             if legs.iter().flatten().any(|l| l.name == leg.name) {
@@ -959,6 +974,8 @@ impl MirrorDevice {
         for t in threads {
             let _ = t.join();
         }
+        // Queues still open fail the writes that would need a new bit.
+        inner.signal_queues();
         if let Err(e) = inner.write_pass(true) {
             tracing::error!(path = %inner.path.display(), "mirror bitmap: final write failed: {e}");
         }

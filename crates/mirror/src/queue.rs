@@ -222,6 +222,9 @@ impl MirrorQueue {
                 self.slots[s as usize].tracked = Some((a, b));
                 if all {
                     self.issue_write(s);
+                } else if inner.shutdown.load(SeqCst) {
+                    self.untrack(s);
+                    self.finish(s, Status::WRITE_FAULT);
                 } else {
                     self.parked.push_back(s);
                     inner.wake_writer();
@@ -348,9 +351,7 @@ impl MirrorQueue {
         slot.pending = 0;
         for (i, ql) in self.legs.iter_mut().enumerate() {
             let Some(ql) = ql else { continue };
-            if slot.failed & (1 << i) == 0
-                || ql.leg.state() != LegState::Healthy
-                || !ql.leg.enter()
+            if slot.failed & (1 << i) == 0 || ql.leg.state() != LegState::Healthy || !ql.leg.enter()
             {
                 continue;
             }
@@ -404,7 +405,8 @@ impl MirrorQueue {
         };
         sub.sg.clear();
         if slot.spare.len() < slot.spare.capacity() {
-            slot.spare.push(std::mem::replace(&mut sub.sg, SgList::empty()));
+            slot.spare
+                .push(std::mem::replace(&mut sub.sg, SgList::empty()));
         }
         let inner = self.inner.clone();
         match slot.phase {
@@ -480,9 +482,11 @@ impl MirrorQueue {
 
     /// Parked writes whose bits are durable now go; with the bitmap failing they fail.
     fn release_parked(&mut self) {
-        let failed = self.inner.bitmap_failed.load(SeqCst);
+        let failed = self.inner.bitmap_failed.load(SeqCst) || self.inner.shutdown.load(SeqCst);
         for _ in 0..self.parked.len() {
-            let Some(s) = self.parked.pop_front() else { break };
+            let Some(s) = self.parked.pop_front() else {
+                break;
+            };
             let ready = match self.slots[s as usize].tracked {
                 Some((a, b)) => (a..=b).all(|r| self.inner.is_durable(r)),
                 None => true,
@@ -498,7 +502,9 @@ impl MirrorQueue {
         }
         let td = self.inner.table_durable.load(SeqCst);
         for _ in 0..self.table_wait.len() {
-            let Some(s) = self.table_wait.pop_front() else { break };
+            let Some(s) = self.table_wait.pop_front() else {
+                break;
+            };
             if self.slots[s as usize].table_need <= td {
                 self.finished.push_back(s);
             } else if failed {

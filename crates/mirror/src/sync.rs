@@ -24,9 +24,12 @@ enum Copy {
     Later,
 }
 
+/// The sync thread's own queue on a leg.
+type LegQueue = (Arc<LegShared>, Box<dyn BlockQueue>);
+
 struct Syncer {
     inner: Arc<Inner>,
-    qs: Vec<Option<(Arc<LegShared>, Box<dyn BlockQueue>)>>,
+    qs: Vec<Option<LegQueue>>,
     buf: AlignedBuf,
     chunk: u64,
     next_probe: [Option<Instant>; MAX_LEGS],
@@ -113,7 +116,14 @@ impl Syncer {
     /// One command on leg `i`'s sync queue over `self.buf[..nlb blocks]`. `None`: the
     /// queue could not be opened or the command timed out (its buffer is then leaked, as
     /// the leg may still write into it).
-    fn io(&mut self, i: usize, leg: &Arc<LegShared>, op: Opcode, slba: u64, nlb: u32) -> Option<Status> {
+    fn io(
+        &mut self,
+        i: usize,
+        leg: &Arc<LegShared>,
+        op: Opcode,
+        slba: u64,
+        nlb: u32,
+    ) -> Option<Status> {
         if self.qs[i].is_none() {
             match leg.dev.open_queue(4) {
                 Ok(q) => self.qs[i] = Some((leg.clone(), q)),
@@ -257,7 +267,11 @@ impl Syncer {
         Copy::Later
     }
 
-    fn source(&self, legs: &[(usize, Arc<LegShared>)], not: usize) -> Option<(usize, Arc<LegShared>)> {
+    fn source(
+        &self,
+        legs: &[(usize, Arc<LegShared>)],
+        not: usize,
+    ) -> Option<(usize, Arc<LegShared>)> {
         legs.iter()
             .find(|(i, l)| *i != not && l.state() == LegState::Healthy && !l.removing.load(SeqCst))
             .cloned()
@@ -286,8 +300,10 @@ impl Syncer {
         let cursor = leg.cursor.load(SeqCst).min(regions);
         let full = cursor < regions;
         let dirty = self.dirty_list();
-        leg.sync_total
-            .store((regions - cursor + dirty.len() as u64) * inner.region_size, SeqCst);
+        leg.sync_total.store(
+            (regions - cursor + dirty.len() as u64) * inner.region_size,
+            SeqCst,
+        );
         leg.sync_done.store(0, SeqCst);
         let mut persisted = Instant::now();
         for r in cursor..regions {
