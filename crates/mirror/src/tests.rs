@@ -38,12 +38,23 @@ struct Flaky {
     fail_writes: Arc<AtomicBool>,
     /// Reads to fail (counted down).
     fail_reads: Arc<AtomicU32>,
+    spy: Option<Arc<Spy>>,
+}
+
+/// Checks, for every write that reaches the leg, that the bitmap file already has the
+/// bits of its regions set.
+struct Spy {
+    bitmap: PathBuf,
+    region_blocks: u64,
+    checked: AtomicU32,
+    violations: AtomicU32,
 }
 
 struct FlakyQueue {
     inner: Box<dyn BlockQueue>,
     fail_writes: Arc<AtomicBool>,
     fail_reads: Arc<AtomicU32>,
+    spy: Option<Arc<Spy>>,
     ready: VecDeque<(IoCommand, Status)>,
 }
 
@@ -56,6 +67,7 @@ impl BlockDevice for Flaky {
             inner: self.inner.open_queue(depth)?,
             fail_writes: self.fail_writes.clone(),
             fail_reads: self.fail_reads.clone(),
+            spy: self.spy.clone(),
             ready: VecDeque::with_capacity(depth as usize * 2),
         }))
     }
@@ -66,6 +78,15 @@ impl BlockDevice for Flaky {
 
 impl BlockQueue for FlakyQueue {
     fn submit(&mut self, cmd: IoCommand) {
+        if let Some(spy) = self.spy.as_ref().filter(|_| cmd.opcode.is_write()) {
+            let info = read_bitmap(&spy.bitmap).unwrap();
+            let a = cmd.slba / spy.region_blocks;
+            let b = (cmd.slba + cmd.nlb as u64 - 1) / spy.region_blocks;
+            spy.checked.fetch_add(1, SeqCst);
+            if !(a..=b).all(|r| info.dirty.contains(&r)) {
+                spy.violations.fetch_add(1, SeqCst);
+            }
+        }
         if cmd.opcode.is_write() && self.fail_writes.load(SeqCst) {
             self.ready.push_back((cmd, Status::WRITE_FAULT));
         } else if cmd.opcode == Opcode::Read
@@ -116,6 +137,7 @@ fn flaky(inner: Arc<dyn BlockDevice>) -> (Arc<dyn BlockDevice>, Flags) {
             inner,
             fail_writes: f.fail_writes.clone(),
             fail_reads: f.fail_reads.clone(),
+            spy: None,
         }),
         f,
     )
@@ -368,7 +390,9 @@ fn a_leg_that_fails_writes_is_faulted_durably_and_reads_go_elsewhere() {
     m.shutdown();
     drop(m);
     // Reopen: b is still faulted.
-    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), cfg()).unwrap();
+    let mut c = cfg();
+    c.probe_interval = Duration::from_secs(3600);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
     assert_eq!(state(&m, "b"), LegState::Faulted);
     m.shutdown();
 }
@@ -438,7 +462,9 @@ fn a_crash_during_a_full_copy_resumes_and_converges() {
     c.sync_rate = 2 << 20;
     let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &bm, c).unwrap();
     assert_eq!(state(&m, "b"), LegState::Syncing);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for("a persisted cursor", Duration::from_secs(20), || {
+        read_bitmap(&bm).unwrap().legs[1].cursor > 0
+    });
     let done = m.status().legs[1].sync_done;
     assert!(done > 0 && done < SIZE, "copied {done}");
     // Writes during the copy, some of them in flight... then the crash.
@@ -625,4 +651,73 @@ fn bad_bitmap_files_are_refused_and_a_torn_header_falls_back() {
     // A truncated file.
     f.set_len(100).unwrap();
     assert!(read_bitmap(&bm).is_err());
+}
+
+#[test]
+fn a_write_reaches_a_leg_only_after_its_bits_are_durable() {
+    let d = tmpdir("durable");
+    let bm = d.join("bitmap");
+    let spy = Arc::new(Spy {
+        bitmap: bm.clone(),
+        region_blocks: (64 << 10) / BS as u64,
+        checked: AtomicU32::new(0),
+        violations: AtomicU32::new(0),
+    });
+    let mk = |n: &str| -> Arc<dyn BlockDevice> {
+        Arc::new(Flaky {
+            inner: file_dev(&d.join(n)),
+            fail_writes: Arc::new(AtomicBool::new(false)),
+            fail_reads: Arc::new(AtomicU32::new(0)),
+            spy: Some(spy.clone()),
+        })
+    };
+    let (a, b) = (mk("a"), mk("b"));
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.clear_delay = Duration::from_millis(1);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &bm, c).unwrap();
+    let mut shadow = vec![0u8; SIZE as usize];
+    for round in 0..4 {
+        random_io(&*m, 200, 20 + round, &mut shadow);
+        // Let bits clear, so the next round sets them again.
+        wait_for("bits to clear", Duration::from_secs(10), || {
+            m.status().dirty_regions == 0
+        });
+    }
+    assert!(spy.checked.load(SeqCst) > 300);
+    assert_eq!(spy.violations.load(SeqCst), 0);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
+}
+
+#[test]
+fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
+    let d = tmpdir("allfail");
+    let (a, fa) = flaky(file_dev(&d.join("a")));
+    let (b, fb) = flaky(file_dev(&d.join("b")));
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.probe_interval = Duration::from_secs(3600);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
+    let mut dr = Drv::new(&*m, 4);
+    let mut buf = vec![1u8; 4 * BS];
+    assert!(dr.write(8, &mut buf).is_ok());
+    fb.fail_writes.store(true, SeqCst);
+    assert!(dr.write(8, &mut buf).is_ok(), "a still has it");
+    fa.fail_writes.store(true, SeqCst);
+    assert_eq!(dr.write(8, &mut buf), Status::WRITE_FAULT);
+    assert_eq!(state(&m, "a"), LegState::Faulted);
+    assert!(
+        !dr.write(16, &mut buf).is_ok(),
+        "no healthy leg: writes fail"
+    );
+    let (_, st) = dr.read(8, 4);
+    assert!(!st.is_ok(), "no healthy leg: reads fail");
+    drop(dr);
+    m.shutdown();
+    drop(m);
+    let e = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), cfg())
+        .err()
+        .unwrap();
+    assert!(e.msg.contains("no leg is healthy"), "{e}");
 }
