@@ -34,6 +34,20 @@ pub fn fuzz_pdu(data: &[u8]) {
     check(pdu::parse(rest, dg, max), max);
 }
 
+/// The host side's PDU framing and header parsing ([`crate::host::wire`]) on a stream of
+/// controller-to-host PDUs: the first byte picks the digests and the data limit.
+pub fn fuzz_host_pdu(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let dg = Digests {
+        header: sel & 1 != 0,
+        data: sel & 2 != 0,
+    };
+    let max = if sel & 4 != 0 { 4096 } else { 128 << 10 };
+    crate::host::wire::parse_stream(rest, dg, max);
+}
+
 /// DH-HMAC-CHAP: the controller's state machine driven by a host the input scripts. The
 /// first byte picks the policy (hashes, null and/or ffdhe2048) and whether a controller
 /// secret exists; then records `[op, a, b, len, bytes...]`:

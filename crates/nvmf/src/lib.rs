@@ -30,6 +30,7 @@ pub mod ctrl;
 mod ffdhe;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host;
 pub mod model;
 pub mod nvm;
 pub mod pdu;

@@ -1,0 +1,714 @@
+//! One I/O queue of a [`super::RemoteDevice`]: a [`BlockQueue`] driven by one worker
+//! thread over a non-blocking TCP connection the controller thread connected for it.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nvmux_core::crc32c::Crc32c;
+use nvmux_core::eventfd::EventFd;
+use nvmux_core::{BlockQueue, IoCommand, Opcode, SgList, Status};
+
+use super::wire::{self, Frame, HostPdu};
+use super::Shared;
+use crate::pdu::{Digests, CH};
+
+/// Path-related status: transient transport error (SCT 3, SC 0x71).
+pub const PATH_ERROR: Status = Status::new(3, 0x71);
+/// Receive staging buffer.
+const RX_BUF: usize = 64 << 10;
+/// New commands wait while this much is queued for sending.
+const TX_HIGH: usize = 1 << 20;
+/// How often in-flight commands are checked against the I/O timeout.
+const SCAN: Duration = Duration::from_millis(250);
+
+/// A connected I/O queue socket, handed from the controller thread to the worker.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub dg: Digests,
+    /// In-capsule data limit (IOCCSZ).
+    pub inline_max: usize,
+    pub maxh2c: usize,
+    pub cpda: usize,
+    pub nsid: u32,
+    pub block_size: u32,
+    /// Largest C2HData payload accepted (the device's largest transfer).
+    pub max_data: usize,
+}
+
+/// What a queue and the controller thread share.
+pub struct QueueShared {
+    pub qid: u16,
+    pub entries: u16,
+    pub handover: Mutex<Option<Conn>>,
+    pub ready: AtomicBool,
+    pub evt: EventFd,
+    /// The queue needs a connection (new, or its connection was lost).
+    pub want: AtomicBool,
+    pub closed: AtomicBool,
+}
+
+struct Slot {
+    cmd: Option<IoCommand>,
+    bytes: u32,
+    recvd: u32,
+    started: Instant,
+}
+
+enum Rx {
+    /// Waiting for a common header.
+    Ch,
+    /// Receiving C2HData payload for `cid`.
+    Data {
+        cid: u16,
+        off: u32,
+        left: u32,
+        len: u32,
+        ddgst: bool,
+        success: bool,
+        crc: Crc32c,
+    },
+}
+
+pub struct RemoteQueue {
+    sh: Arc<QueueShared>,
+    dev: Arc<Shared>,
+    ep: OwnedFd,
+    conn: Option<Conn>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    pending: VecDeque<IoCommand>,
+    failed: VecDeque<IoCommand>,
+    tx: Vec<u8>,
+    tx_off: usize,
+    want_out: bool,
+    rx: Box<[u8]>,
+    r0: usize,
+    r1: usize,
+    rx_state: Rx,
+    lost_at: Option<Instant>,
+    failing: bool,
+    last_scan: Instant,
+    in_flight: usize,
+}
+
+fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32) {
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
+    // SAFETY: `ev` is a valid epoll_event for the duration of the call; errors (a closed
+    // descriptor) are harmless here.
+    unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
+}
+
+/// Copy `src` into `sg` at byte offset `off`.
+///
+/// # Safety
+/// `sg`'s segments must be valid writable memory (the command's buffers).
+unsafe fn sg_write(sg: &SgList, mut off: usize, mut src: &[u8]) {
+    for seg in sg.segments() {
+        if src.is_empty() {
+            break;
+        }
+        if off >= seg.iov_len {
+            off -= seg.iov_len;
+            continue;
+        }
+        let n = (seg.iov_len - off).min(src.len());
+        // SAFETY: within the segment (off + n <= iov_len), per the caller's contract.
+        std::ptr::copy_nonoverlapping(src.as_ptr(), (seg.iov_base as *mut u8).add(off), n);
+        src = &src[n..];
+        off = 0;
+    }
+}
+
+/// Append `len` bytes of `sg` from byte offset `off` to `out`.
+///
+/// # Safety
+/// `sg`'s segments must be valid readable memory.
+unsafe fn sg_append(sg: &SgList, mut off: usize, mut len: usize, out: &mut Vec<u8>) {
+    for seg in sg.segments() {
+        if len == 0 {
+            break;
+        }
+        if off >= seg.iov_len {
+            off -= seg.iov_len;
+            continue;
+        }
+        let n = (seg.iov_len - off).min(len);
+        // SAFETY: within the segment, per the caller's contract.
+        out.extend_from_slice(std::slice::from_raw_parts(
+            (seg.iov_base as *const u8).add(off),
+            n,
+        ));
+        len -= n;
+        off = 0;
+    }
+}
+
+impl RemoteQueue {
+    pub fn new(dev: Arc<Shared>, sh: Arc<QueueShared>) -> std::io::Result<RemoteQueue> {
+        // SAFETY: no pointers; the result is checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            sh.evt.as_raw_fd(),
+            libc::EPOLLIN as u32,
+        );
+        let n = sh.entries as usize - 1;
+        let now = Instant::now();
+        Ok(RemoteQueue {
+            slots: (0..n)
+                .map(|_| Slot {
+                    cmd: None,
+                    bytes: 0,
+                    recvd: 0,
+                    started: now,
+                })
+                .collect(),
+            free: (0..n as u16).rev().collect(),
+            pending: VecDeque::with_capacity(4 * n + 64),
+            failed: VecDeque::with_capacity(4 * n + 64),
+            tx: Vec::with_capacity(TX_HIGH + (256 << 10)),
+            tx_off: 0,
+            want_out: false,
+            rx: vec![0u8; RX_BUF].into_boxed_slice(),
+            r0: 0,
+            r1: 0,
+            rx_state: Rx::Ch,
+            lost_at: Some(now),
+            failing: false,
+            last_scan: now,
+            in_flight: 0,
+            conn: None,
+            ep,
+            sh,
+            dev,
+        })
+    }
+
+    /// Take a connection the controller thread handed over.
+    fn adopt(&mut self) {
+        if !self.sh.ready.swap(false, Ordering::Acquire) {
+            return;
+        }
+        self.sh.evt.drain();
+        let c = self
+            .sh
+            .handover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(c) = c else { return };
+        if self.conn.is_some() {
+            self.lose("replaced by a new association", false);
+        }
+        if c.stream.set_nonblocking(true).is_err() {
+            self.sh.want.store(true, Ordering::Release);
+            self.dev.poke();
+            return;
+        }
+        epoll_ctl(
+            self.ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            c.stream.as_raw_fd(),
+            libc::EPOLLIN as u32,
+        );
+        self.want_out = false;
+        self.conn = Some(c);
+        self.lost_at = None;
+        self.failing = false;
+        self.last_scan = Instant::now();
+    }
+
+    /// The connection is gone: in-flight commands go back to the front of the pending
+    /// list, to be resent on the next connection.
+    fn lose(&mut self, why: &str, ask: bool) {
+        if let Some(c) = self.conn.take() {
+            tracing::warn!(
+                qid = self.sh.qid,
+                "NVMe/TCP I/O queue connection lost: {why}"
+            );
+            epoll_ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                c.stream.as_raw_fd(),
+                0,
+            );
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let mut n = 0;
+        for i in (0..self.slots.len()).rev() {
+            if let Some(cmd) = self.slots[i].cmd.take() {
+                self.pending.push_front(cmd);
+                self.free.push(i as u16);
+                n += 1;
+            }
+        }
+        self.in_flight = 0;
+        self.dev.counters.retried.fetch_add(n, Ordering::Relaxed);
+        self.tx.clear();
+        self.tx_off = 0;
+        self.r0 = 0;
+        self.r1 = 0;
+        self.rx_state = Rx::Ch;
+        if self.lost_at.is_none() {
+            self.lost_at = Some(Instant::now());
+        }
+        if ask {
+            self.sh.want.store(true, Ordering::Release);
+            self.dev.poke();
+        }
+    }
+
+    /// Start pending commands in free slots (encode them into the send buffer).
+    fn start(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let (dg, inline_max, nsid, bs) = (c.dg, c.inline_max, c.nsid, c.block_size);
+        while self.tx.len() - self.tx_off < TX_HIGH {
+            let Some(cid) = self.free.last().copied() else {
+                break;
+            };
+            let Some(cmd) = self.pending.pop_front() else {
+                break;
+            };
+            self.free.pop();
+            let bytes = if cmd.opcode.has_data() {
+                cmd.sg.len() as u32
+            } else {
+                0
+            };
+            let mut s = super::sync::sqe(cmd.opcode as u8, nsid);
+            s[2..4].copy_from_slice(&cid.to_le_bytes());
+            let nlb0 = cmd.nlb.saturating_sub(1);
+            let mut range = [0u8; 16];
+            let mut inline: &[u8] = &[];
+            match cmd.opcode {
+                Opcode::Read | Opcode::Write | Opcode::WriteZeroes => {
+                    super::sync::set32(&mut s, 10, cmd.slba as u32);
+                    super::sync::set32(&mut s, 11, (cmd.slba >> 32) as u32);
+                    let fua = if cmd.fua && cmd.opcode != Opcode::Read {
+                        1 << 30
+                    } else {
+                        0
+                    };
+                    super::sync::set32(&mut s, 12, (nlb0 & 0xffff) | fua);
+                }
+                Opcode::Deallocate => {
+                    super::sync::set32(&mut s, 10, 0); // one range
+                    super::sync::set32(&mut s, 11, 1 << 2); // AD
+                    range[4..8].copy_from_slice(&cmd.nlb.to_le_bytes());
+                    range[8..16].copy_from_slice(&cmd.slba.to_le_bytes());
+                    inline = &range;
+                }
+                Opcode::Flush => {}
+            }
+            let _ = bs;
+            let write_inline = cmd.opcode == Opcode::Write && (bytes as usize) <= inline_max;
+            let inl = if write_inline {
+                bytes as usize
+            } else {
+                inline.len()
+            };
+            let mut h = [0u8; 80];
+            let n = wire::cmd_header(&mut h, &s, inl, bytes, dg);
+            self.tx.extend_from_slice(&h[..n]);
+            if inl > 0 {
+                let start = self.tx.len();
+                if write_inline {
+                    // SAFETY: the command's buffers are valid until it completes.
+                    unsafe { sg_append(&cmd.sg, 0, bytes as usize, &mut self.tx) };
+                } else {
+                    self.tx.extend_from_slice(inline);
+                }
+                if dg.data {
+                    let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
+                    self.tx.extend_from_slice(&crc.to_le_bytes());
+                }
+            }
+            let slot = &mut self.slots[cid as usize];
+            slot.cmd = Some(cmd);
+            slot.bytes = bytes;
+            slot.recvd = 0;
+            slot.started = Instant::now();
+            self.in_flight += 1;
+        }
+    }
+
+    /// Send what the send buffer holds, without blocking.
+    fn flush(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let fd = c.stream.as_raw_fd();
+        while self.tx_off < self.tx.len() {
+            let b = &self.tx[self.tx_off..];
+            // SAFETY: `b` is valid for its length; MSG_DONTWAIT never blocks.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    b.as_ptr().cast(),
+                    b.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n > 0 {
+                self.tx_off += n as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => break,
+                _ => {
+                    self.lose("send failed", true);
+                    return;
+                }
+            }
+        }
+        if self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        } else if self.tx_off > self.tx.len() / 2 {
+            self.tx.drain(..self.tx_off);
+            self.tx_off = 0;
+        }
+        let out = !self.tx.is_empty();
+        if out != self.want_out {
+            self.want_out = out;
+            let ev = libc::EPOLLIN as u32 | if out { libc::EPOLLOUT as u32 } else { 0 };
+            epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, ev);
+        }
+    }
+
+    fn complete(&mut self, cid: u16, st: Status, done: &mut dyn FnMut(IoCommand, Status)) -> bool {
+        let Some(cmd) = self.slots[cid as usize].cmd.take() else {
+            return false;
+        };
+        self.free.push(cid);
+        self.in_flight -= 1;
+        if st.is_ok() {
+            self.dev.first_completion();
+        }
+        done(cmd, st);
+        true
+    }
+
+    /// Receive and handle PDUs. Returns completions, or Err on a protocol violation or
+    /// a lost connection.
+    fn receive(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> Result<usize, &'static str> {
+        let mut n = 0;
+        loop {
+            let Some(c) = &self.conn else { return Ok(n) };
+            let fd = c.stream.as_raw_fd();
+            if self.r0 == self.r1 {
+                self.r0 = 0;
+                self.r1 = 0;
+            } else if self.r1 == self.rx.len() {
+                self.rx.copy_within(self.r0..self.r1, 0);
+                self.r1 -= self.r0;
+                self.r0 = 0;
+            }
+            let room = &mut self.rx[self.r1..];
+            // SAFETY: `room` is valid writable memory of its length.
+            let got =
+                unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
+            if got == 0 {
+                return Err("connection closed by the controller");
+            }
+            if got < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return Ok(n),
+                    _ => return Err("receive failed"),
+                }
+            }
+            self.r1 += got as usize;
+            n += self.process(done)?;
+        }
+    }
+
+    /// Handle every whole PDU (and payload piece) in the receive buffer.
+    fn process(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> Result<usize, &'static str> {
+        let Some(c) = &self.conn else { return Ok(0) };
+        let (dg, maxh2c, cpda, max_data) = (c.dg, c.maxh2c, c.cpda, c.max_data);
+        let mut n = 0;
+        loop {
+            let avail = self.r1 - self.r0;
+            match &mut self.rx_state {
+                Rx::Data {
+                    cid,
+                    off,
+                    left,
+                    len,
+                    ddgst,
+                    success,
+                    crc,
+                } => {
+                    if *left > 0 {
+                        if avail == 0 {
+                            return Ok(n);
+                        }
+                        let k = avail.min(*left as usize);
+                        let src = &self.rx[self.r0..self.r0 + k];
+                        let slot = &self.slots[*cid as usize];
+                        if let Some(cmd) = &slot.cmd {
+                            // SAFETY: off + len was checked against the command's length,
+                            // which is its SG list's length.
+                            unsafe { sg_write(&cmd.sg, (*off + (*len - *left)) as usize, src) };
+                        }
+                        if *ddgst {
+                            crc.update(src);
+                        }
+                        *left -= k as u32;
+                        self.r0 += k;
+                        continue;
+                    }
+                    if *ddgst {
+                        if avail < 4 {
+                            return Ok(n);
+                        }
+                        let d = &self.rx[self.r0..self.r0 + 4];
+                        let want = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+                        if std::mem::take(crc).finish() != want {
+                            return Err("C2HData digest mismatch");
+                        }
+                        self.r0 += 4;
+                    }
+                    let (cid, len, success) = (*cid, *len, *success);
+                    self.rx_state = Rx::Ch;
+                    let slot = &mut self.slots[cid as usize];
+                    slot.recvd += len;
+                    if success {
+                        if slot.recvd != slot.bytes {
+                            return Err("C2HData SUCCESS before all data");
+                        }
+                        if self.complete(cid, Status::SUCCESS, done) {
+                            n += 1;
+                        }
+                    }
+                }
+                Rx::Ch => {
+                    let Some(ch) = self.rx[self.r0..self.r1].first_chunk::<CH>() else {
+                        return Ok(n);
+                    };
+                    let f: Frame = wire::frame(ch, dg, max_data)?;
+                    if avail < f.head {
+                        return Ok(n);
+                    }
+                    let p = wire::parse(&self.rx[self.r0..self.r0 + f.head], &f, dg)?;
+                    self.r0 += f.head;
+                    match p {
+                        HostPdu::Rsp { cid, status, .. } => {
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("completion for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("completion for an idle command");
+                            };
+                            let mut st = Status::new((status >> 8) as u8 & 7, status as u8);
+                            if st.is_ok() && cmd.opcode == Opcode::Read && slot.recvd != slot.bytes
+                            {
+                                st = Status::DATA_TRANSFER_ERROR;
+                            }
+                            if self.complete(cid, st, done) {
+                                n += 1;
+                            }
+                        }
+                        HostPdu::C2HData {
+                            cid,
+                            datao,
+                            datal,
+                            success,
+                            ..
+                        } => {
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("C2HData for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("C2HData for an idle command");
+                            };
+                            if cmd.opcode != Opcode::Read {
+                                return Err("C2HData for a command without read data");
+                            }
+                            if datao != slot.recvd
+                                || datao.checked_add(datal).is_none_or(|e| e > slot.bytes)
+                            {
+                                return Err("C2HData outside the command's data");
+                            }
+                            self.rx_state = Rx::Data {
+                                cid,
+                                off: datao,
+                                left: datal,
+                                len: datal,
+                                ddgst: f.ddgst,
+                                success,
+                                crc: Crc32c::new(),
+                            };
+                        }
+                        HostPdu::R2T {
+                            cid,
+                            ttag,
+                            off,
+                            len,
+                        } => {
+                            let slot = self
+                                .slots
+                                .get(cid as usize)
+                                .ok_or("R2T for an unknown command")?;
+                            let Some(cmd) = &slot.cmd else {
+                                return Err("R2T for an idle command");
+                            };
+                            if cmd.opcode != Opcode::Write
+                                || off.checked_add(len).is_none_or(|e| e > slot.bytes)
+                            {
+                                return Err("R2T outside the command's data");
+                            }
+                            let mut o = 0u32;
+                            while o < len {
+                                let k = (len - o).min(maxh2c as u32);
+                                let mut h = [0u8; 128];
+                                let pdo = wire::h2c_header(
+                                    &mut h,
+                                    cid,
+                                    ttag,
+                                    off + o,
+                                    k,
+                                    o + k == len,
+                                    dg,
+                                    cpda,
+                                );
+                                self.tx.extend_from_slice(&h[..pdo]);
+                                let start = self.tx.len();
+                                // SAFETY: off + len is within the command's SG list.
+                                unsafe {
+                                    sg_append(&cmd.sg, (off + o) as usize, k as usize, &mut self.tx)
+                                };
+                                if dg.data {
+                                    let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
+                                    self.tx.extend_from_slice(&crc.to_le_bytes());
+                                }
+                                o += k;
+                            }
+                        }
+                        HostPdu::Term { .. } => {
+                            return Err("the controller terminated the connection")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fail every waiting command once the loss timeout has passed without a connection.
+    fn expire(&mut self, now: Instant, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let mut n = 0;
+        if self.conn.is_none() {
+            if let Some(t) = self.lost_at {
+                if now >= t + self.dev.spec.loss_timeout {
+                    self.failing = true;
+                }
+            }
+        }
+        if self.failing {
+            while let Some(c) = self.pending.pop_front() {
+                self.failed.push_back(c);
+            }
+        }
+        let k = self.failed.len() as u64;
+        if k > 0 {
+            self.dev.counters.failed.fetch_add(k, Ordering::Relaxed);
+        }
+        while let Some(c) = self.failed.pop_front() {
+            done(c, PATH_ERROR);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl BlockQueue for RemoteQueue {
+    fn submit(&mut self, cmd: IoCommand) {
+        if self.failing && self.conn.is_none() {
+            self.failed.push_back(cmd);
+        } else {
+            self.pending.push_back(cmd);
+        }
+    }
+
+    fn kick(&mut self) {
+        self.adopt();
+        self.start();
+        self.flush();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        self.adopt();
+        let mut n = 0;
+        match self.receive(done) {
+            Ok(k) => n += k,
+            Err(why) => self.lose(why, true),
+        }
+        let now = Instant::now();
+        if self.conn.is_some() && self.in_flight > 0 && now >= self.last_scan + SCAN {
+            self.last_scan = now;
+            let t = self.dev.spec.io_timeout;
+            if self
+                .slots
+                .iter()
+                .any(|s| s.cmd.is_some() && now >= s.started + t)
+            {
+                self.lose("a command timed out", true);
+            }
+        }
+        n += self.expire(now, done);
+        self.start();
+        self.flush();
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.pending.len() + self.failed.len()
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.ep.as_raw_fd())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if !self.failed.is_empty() {
+            return Some(Instant::now());
+        }
+        if self.conn.is_none() {
+            if !self.failing && !self.pending.is_empty() {
+                return self.lost_at.map(|t| t + self.dev.spec.loss_timeout);
+            }
+            return None;
+        }
+        if self.in_flight > 0 {
+            return Some(self.last_scan + SCAN);
+        }
+        None
+    }
+
+    fn may_sleep(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+impl Drop for RemoteQueue {
+    fn drop(&mut self) {
+        self.sh.closed.store(true, Ordering::Release);
+        self.dev.poke();
+    }
+}
