@@ -380,11 +380,21 @@ pub(crate) fn open_base(
             }
         }
     }
+    let bitmap = bitmap_path(data_dir, &spec.name);
+    if spec.legs().is_empty() {
+        // One leg is the only copy: no history to keep, and the mirror is a pass-through
+        // without a file (a bitmap left by a removed leg or an unfinished add goes).
+        if let Err(e) = std::fs::remove_file(&bitmap) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(Error::io(format!("remove {}", bitmap.display()), e));
+            }
+        }
+    }
     let mut cfg = nvmux_mirror::MirrorConfig::default();
     if let Some(r) = spec.mirror.as_ref().and_then(|m| m.sync_rate) {
         cfg.sync_rate = r;
     }
-    let m = nvmux_mirror::MirrorDevice::open(legs, &bitmap_path(data_dir, &spec.name), cfg)
+    let m = nvmux_mirror::MirrorDevice::open(legs, &bitmap, cfg)
         .map_err(|e| err(e.kind, format!("disk {:?}: mirror: {}", spec.name, e.msg)))?;
     Ok(Base {
         dev: m.clone(),

@@ -42,6 +42,11 @@
 //! * **Size**: the minimum of the legs' capacities at the first open; the bitmap covers
 //!   that size. Growing a mirror is not supported (a leg larger than the mirror is fine;
 //!   a mirror whose legs shrank below the file's size is refused).
+//! * **Solo**: a mirror opened with one leg and no bitmap file (every disk of the daemon's
+//!   default chain) is a pass-through: no file, no thread, no per-region array; writes
+//!   only count themselves. `add_leg` turns it into a mirror: it allocates the arrays,
+//!   creates the bitmap file, stops untracked writes (it waits until every write issued
+//!   in solo mode has completed, so the full copy cannot miss one), starts the threads.
 //! * Legs live in fixed slots (0..8); the preferred source is the Healthy leg in the
 //!   lowest slot, which is `legs[0]` of `open` unless legs were removed and added since.
 //!
@@ -85,7 +90,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -245,6 +250,29 @@ struct WriterState {
     snap: Vec<u64>,
 }
 
+/// A per-region array allocated when the mirror first has two legs (empty while solo).
+pub(crate) struct LazyVec<T>(OnceLock<Vec<T>>);
+
+impl<T> LazyVec<T> {
+    fn new(v: Option<Vec<T>>) -> Self {
+        let l = OnceLock::new();
+        if let Some(v) = v {
+            let _ = l.set(v);
+        }
+        LazyVec(l)
+    }
+    fn init(&self, v: Vec<T>) {
+        let _ = self.0.set(v);
+    }
+}
+
+impl<T> std::ops::Deref for LazyVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.get().map_or(&[], |v| v.as_slice())
+    }
+}
+
 pub(crate) struct Inner {
     pub info: DeviceInfo,
     pub bs: u64,
@@ -252,13 +280,17 @@ pub(crate) struct Inner {
     pub region_size: u64,
     pub regions: u64,
     /// Dirty bits in memory.
-    pub bits: Vec<AtomicU64>,
+    pub bits: LazyVec<AtomicU64>,
     /// Bits known set in the file (durable).
-    pub durable: Vec<AtomicU64>,
-    pub inflight: Vec<AtomicU32>,
-    pub gen: Vec<AtomicU32>,
+    pub durable: LazyVec<AtomicU64>,
+    pub inflight: LazyVec<AtomicU32>,
+    pub gen: LazyVec<AtomicU32>,
     /// Milliseconds since `epoch` of each region's last write completion.
-    pub last_write: Vec<AtomicU32>,
+    pub last_write: LazyVec<AtomicU32>,
+    /// One leg, no bitmap file, no threads: a pass-through (see the crate docs).
+    pub solo: AtomicBool,
+    /// Writes issued in solo mode and not completed.
+    pub solo_writes: AtomicU64,
     pub epoch: Instant,
     pub legs: RwLock<Vec<Option<Arc<LegShared>>>>,
     pub legs_version: AtomicU64,
@@ -278,7 +310,8 @@ pub(crate) struct Inner {
     pub clear_delay: Duration,
     pub probe_interval: Duration,
     pub counters: Counters,
-    writer: Mutex<WriterState>,
+    /// `None` while solo.
+    writer: Mutex<Option<WriterState>>,
     path: PathBuf,
 }
 
@@ -470,7 +503,10 @@ impl Inner {
     /// One writer pass: clear idle bits, write changed bitmap pages and the header when
     /// the leg table changed, sync when a bit was set or the header changed, publish.
     fn write_pass(&self, final_pass: bool) -> std::io::Result<()> {
-        let mut ws = lock(&self.writer);
+        let mut guard = lock(&self.writer);
+        let Some(ws) = guard.as_mut() else {
+            return Ok(()); // solo: no file
+        };
         if !final_pass {
             self.clear_idle();
         }
@@ -481,7 +517,7 @@ impl Inner {
             table_written,
             page,
             snap,
-        } = &mut *ws;
+        } = ws;
         for (s, b) in snap.iter_mut().zip(self.bits.iter()) {
             *s = b.load(SeqCst);
         }
@@ -526,7 +562,7 @@ impl Inner {
             d.store(*s, SeqCst);
         }
         self.table_durable.store(tv, SeqCst);
-        drop(ws);
+        drop(guard);
         if writes > 0 {
             self.signal_queues();
         }
@@ -636,20 +672,27 @@ impl MirrorDevice {
         }
         let ctx = |e| Error::io(format!("mirror bitmap {}", bitmap.display()), e);
         let exists = bitmap.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(bitmap)
-            .map_err(ctx)?;
+        let solo = legs.len() == 1 && !exists;
+        let file = if solo {
+            None
+        } else {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(bitmap)
+                    .map_err(ctx)?,
+            )
+        };
         let min_cap = legs
             .iter()
             .map(|l| l.dev.capacity_bytes())
             .min()
             .unwrap_or(0);
-        let (header, words, created) = if exists {
-            let (h, w) = bitmap::load(&file, bitmap)?;
+        let (header, words, created) = if let (true, Some(file)) = (exists, &file) {
+            let (h, w) = bitmap::load(file, bitmap)?;
             if h.region_size != cfg.region_size {
                 return Err(invalid(format!(
                     "mirror bitmap {}: region size {} differs from the configured {}",
@@ -745,8 +788,8 @@ impl MirrorDevice {
                 ),
             ));
         }
-        if created {
-            bitmap::create(&file, bitmap, &header)?;
+        if let (true, Some(file)) = (created, &file) {
+            bitmap::create(file, bitmap, &header)?;
         }
         let any_dirty = words.iter().any(|&w| w != 0);
         let healthy = slots
@@ -761,11 +804,13 @@ impl MirrorDevice {
             region_shift: cfg.region_size.trailing_zeros(),
             region_size: cfg.region_size,
             regions,
-            bits: words.iter().map(|&w| AtomicU64::new(w)).collect(),
-            durable: words.iter().map(|&w| AtomicU64::new(w)).collect(),
-            inflight: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            gen: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            last_write: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            bits: LazyVec::new((!solo).then(|| words.iter().map(|&w| AtomicU64::new(w)).collect())),
+            durable: LazyVec::new((!solo).then(|| words.iter().map(|&w| AtomicU64::new(w)).collect())),
+            inflight: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
+            gen: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
+            last_write: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
+            solo: AtomicBool::new(solo),
+            solo_writes: AtomicU64::new(0),
             epoch: Instant::now(),
             legs: RwLock::new(slots),
             legs_version: AtomicU64::new(1),
@@ -783,42 +828,101 @@ impl MirrorDevice {
             clear_delay: cfg.clear_delay,
             probe_interval: cfg.probe_interval,
             counters: Counters::default(),
-            writer: Mutex::new(WriterState {
+            writer: Mutex::new(file.map(|file| WriterState {
                 file,
                 disk: words.clone(),
                 generation: header.generation.max(1),
                 table_written: 0,
                 page: vec![0u8; bitmap::PAGE as usize],
                 snap: vec![0u64; nwords],
-            }),
+            })),
             path: bitmap.to_path_buf(),
             info,
         });
-        // The leg table as opened (new legs, states) is durable before any I/O.
-        inner
-            .write_pass(true)
-            .map_err(|e| Error::io(format!("mirror bitmap {}", bitmap.display()), e))?;
-        let mut threads = Vec::with_capacity(2);
-        let w = inner.clone();
+        let dev = Arc::new(MirrorDevice {
+            inner: inner.clone(),
+            threads: Mutex::new(Vec::new()),
+        });
+        if !solo {
+            // The leg table as opened (new legs, states) is durable before any I/O.
+            inner
+                .write_pass(true)
+                .map_err(|e| Error::io(format!("mirror bitmap {}", bitmap.display()), e))?;
+            dev.start_threads()?;
+        }
+        Ok(dev)
+    }
+
+    /// Start the bitmap writer and the sync thread.
+    fn start_threads(&self) -> Result<()> {
+        let mut threads = lock(&self.threads);
+        let w = self.inner.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("mirror-bitmap".into())
                 .spawn(move || writer_main(w))
                 .map_err(|e| Error::io("mirror: spawn the bitmap writer", e))?,
         );
-        let s = inner.clone();
-        let sync = std::thread::Builder::new()
-            .name("mirror-sync".into())
-            .spawn(move || sync::sync_main(s));
-        let dev = Arc::new(MirrorDevice {
-            inner: inner.clone(),
-            threads: Mutex::new(threads),
-        });
-        match sync {
-            Ok(h) => lock(&dev.threads).push(h),
-            Err(e) => return Err(Error::io("mirror: spawn the sync thread", e)),
+        let s = self.inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("mirror-sync".into())
+                .spawn(move || sync::sync_main(s))
+                .map_err(|e| Error::io("mirror: spawn the sync thread", e))?,
+        );
+        Ok(())
+    }
+
+    /// Leave solo mode: per-region arrays, the bitmap file (leg 0 healthy), no more
+    /// untracked writes, the threads. Called with the first `add_leg`.
+    fn unsolo(&self) -> Result<()> {
+        let inner = &self.inner;
+        let n = inner.regions as usize;
+        let nwords = inner.regions.div_ceil(64) as usize;
+        let ctx = |e| Error::io(format!("mirror bitmap {}", inner.path.display()), e);
+        if let Some(dir) = inner.path.parent() {
+            std::fs::create_dir_all(dir).map_err(ctx)?;
         }
-        Ok(dev)
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&inner.path)
+            .map_err(ctx)?;
+        let header = inner.header(0);
+        bitmap::create(&file, &inner.path, &header)?;
+        inner.bits.init((0..nwords).map(|_| AtomicU64::new(0)).collect());
+        inner.durable.init((0..nwords).map(|_| AtomicU64::new(0)).collect());
+        inner.inflight.init((0..n).map(|_| AtomicU32::new(0)).collect());
+        inner.gen.init((0..n).map(|_| AtomicU32::new(0)).collect());
+        inner.last_write.init((0..n).map(|_| AtomicU32::new(0)).collect());
+        *lock(&inner.writer) = Some(WriterState {
+            file,
+            disk: vec![0u64; nwords],
+            generation: 1,
+            table_written: 0,
+            page: vec![0u8; bitmap::PAGE as usize],
+            snap: vec![0u64; nwords],
+        });
+        // Queues count a solo write before they look at `solo` again (see
+        // `MirrorQueue::start`): once this store is seen no write goes untracked, and
+        // every write that went so is counted in `solo_writes`.
+        inner.solo.store(false, SeqCst);
+        let end = Instant::now() + Duration::from_secs(30);
+        while inner.solo_writes.load(SeqCst) != 0 {
+            if Instant::now() >= end {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    "mirror: writes issued before the mirror started are still in flight after 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        inner
+            .write_pass(true)
+            .map_err(|e| Error::io(format!("mirror bitmap {}", inner.path.display()), e))?;
+        self.start_threads()
     }
 
     /// A live disk gains a leg: it gets every new write at once and a background full
@@ -831,6 +935,9 @@ impl MirrorDevice {
             inner.info.size_bytes(),
             Some(&inner.info),
         )?;
+        if inner.solo.load(SeqCst) {
+            self.unsolo()?;
+        }
         {
             let mut legs = inner.legs.write().unwrap_or_else(|e| e.into_inner());
             if legs.iter().flatten().any(|l| l.name == leg.name) {

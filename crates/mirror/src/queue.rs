@@ -40,6 +40,8 @@ struct Slot {
     table_need: u64,
     /// Regions whose in-flight counts this command holds.
     tracked: Option<(u64, u64)>,
+    /// A write issued in solo mode (counted in `solo_writes` until it completes).
+    solo: bool,
     tried: u8,
     failed: u8,
     status: Status,
@@ -61,6 +63,7 @@ impl Slot {
             err: Status::SUCCESS,
             table_need: 0,
             tracked: None,
+            solo: false,
             tried: 0,
             failed: 0,
             status: Status::SUCCESS,
@@ -209,6 +212,17 @@ impl MirrorQueue {
             Opcode::Flush => self.issue_write(s),
             _ => {
                 let inner = &*self.inner;
+                if inner.solo.load(SeqCst) {
+                    // Counted first, then `solo` looked at again: `unsolo` either sees
+                    // this write in `solo_writes` or this queue sees `solo` cleared.
+                    inner.solo_writes.fetch_add(1, SeqCst);
+                    if inner.solo.load(SeqCst) {
+                        self.slots[s as usize].solo = true;
+                        self.issue_write(s);
+                        return;
+                    }
+                    inner.solo_writes.fetch_sub(1, SeqCst);
+                }
                 let (a, b) = inner.regions_of(slba, nlb);
                 let mut all = true;
                 for r in a..=b {
@@ -369,6 +383,9 @@ impl MirrorQueue {
     }
 
     fn untrack(&mut self, s: u32) {
+        if std::mem::take(&mut self.slots[s as usize].solo) {
+            self.inner.solo_writes.fetch_sub(1, SeqCst);
+        }
         if let Some((a, b)) = self.slots[s as usize].tracked.take() {
             let inner = &*self.inner;
             let now = inner.now_ms();

@@ -605,7 +605,9 @@ fn bad_bitmap_files_are_refused_and_a_torn_header_falls_back() {
     let d = tmpdir("bitmap");
     let a = file_dev(&d.join("a"));
     let bm = d.join("bitmap");
-    let m = MirrorDevice::open(vec![leg("a", &a)], &bm, cfg()).unwrap();
+    // Two legs: one alone would be a solo pass-through without a file.
+    let b = file_dev(&d.join("b"));
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &bm, cfg()).unwrap();
     m.shutdown();
     drop(m);
     let good = read_bitmap(&bm).unwrap();
@@ -720,4 +722,32 @@ fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
         .err()
         .unwrap();
     assert!(e.msg.contains("no leg is healthy"), "{e}");
+}
+
+#[test]
+fn solo_mirror_has_no_file_until_a_leg_is_added_and_misses_no_write() {
+    let d = tmpdir("solo");
+    let a = file_dev(&d.join("a"));
+    let bm = d.join("sub").join("bitmap");
+    let m = MirrorDevice::open(vec![leg("a", &a)], &bm, cfg()).unwrap();
+    assert!(!bm.exists(), "a solo mirror writes no bitmap");
+    assert!(m.threads.lock().unwrap().is_empty(), "a solo mirror runs no thread");
+    let mut dr = Drv::new(&*m, 8);
+    let mut buf: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    assert!(dr.write(8, &mut buf).is_ok());
+    assert_eq!(m.status().dirty_regions, 0);
+    // A second leg: the file appears, the copy carries what was written solo.
+    let b = file_dev(&d.join("b"));
+    m.add_leg(leg("b", &b)).unwrap();
+    assert!(bm.exists());
+    let t0 = std::time::Instant::now();
+    while state(&m, "b") != LegState::Healthy {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "copy did not finish");
+        // Writes during the copy reach both legs.
+        assert!(dr.write(16, &mut buf).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(dr);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
 }

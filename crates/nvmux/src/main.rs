@@ -2070,8 +2070,7 @@ fn wait_synced(
         }
         if tty {
             nvmux_bench::report::draw_bar(&format!("copying {disk} to {leg}"), done, total);
-        } else if total > 0 {
-            let tenth = done * 10 / total;
+        } else if let Some(tenth) = (done * 10).checked_div(total) {
             if last_tenth != Some(tenth) {
                 eprintln!(
                     "copying {disk} to {leg}: {}% ({} of {})",

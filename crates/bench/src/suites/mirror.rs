@@ -81,11 +81,11 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         &json!({"name": "remote", "backend": "file", "path": shm.join("remote.img")}),
     )?;
     let addr = db.nvmf_subsystem(NQN, HOST, "remote")?;
+    add(&da, &adir, "remote backend", json!({"name": "r", "backend": "nvmf", "remote": format!("{NQN}@{addr}")}))?;
     let bsock = bdir.join("local.sock");
     db.api()
         .post("/v1/exports", &json!({"disk": "remote", "socket": bsock}))?;
     socks.push(("served locally", bsock));
-    add(&da, &adir, "remote backend", json!({"name": "r", "backend": "nvmf", "remote": format!("{NQN}@{addr}")}))?;
 
     let rounds = a.rounds.max(1);
     let mut rows: Vec<(String, String, Measured)> = Vec::new();
