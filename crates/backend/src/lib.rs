@@ -29,6 +29,7 @@ use nvmux_core::{
 };
 
 pub mod record;
+pub mod split;
 mod sync;
 mod uring;
 pub use nvmux_core::fileops::{device_bytes, zero_range, zero_range_allocated};

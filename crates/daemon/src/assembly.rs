@@ -244,6 +244,15 @@ pub(crate) struct Leg {
     pub remote: Option<Arc<nvmux_nvmf::host::RemoteDevice>>,
 }
 
+/// A remote namespace as a leg: behind the layer that splits commands larger than its
+/// controller's MDTS (a guest's requests go up to 1280 KiB).
+pub(crate) fn remote_leg(dev: Arc<nvmux_nvmf::host::RemoteDevice>) -> Leg {
+    Leg {
+        dev: Arc::new(nvmux_backend::split::SplitDevice::new(dev.clone())),
+        remote: Some(dev),
+    }
+}
+
 /// What a disk's functions stand on (see [`open_base`]).
 pub(crate) struct Base {
     pub dev: Arc<dyn BlockDevice>,
@@ -308,10 +317,7 @@ pub(crate) fn open_leg(
     if let Some(r) = remote_spec(g, backend, mirror_leg)? {
         let dev = nvmux_nvmf::host::RemoteDevice::connect(r)
             .map_err(|e| err(e.kind, format!("disk {:?}: {}", spec.name, e.msg)))?;
-        return Ok(Leg {
-            dev: dev.clone(),
-            remote: Some(dev),
-        });
+        return Ok(remote_leg(dev));
     }
     let dev: Arc<dyn BlockDevice> = match backend {
         BackendSpec::Thin { pool, volume, .. } => {

@@ -450,7 +450,7 @@ impl Daemon {
             return Ok(m.clone());
         }
         if let Some((_, r)) = d.remotes.first() {
-            return Ok(r.clone());
+            return Ok(crate::assembly::remote_leg(r.clone()).dev);
         }
         Ok(open_backend(g, spec)?.dev)
     }

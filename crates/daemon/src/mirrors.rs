@@ -310,10 +310,7 @@ impl Daemon {
             Some(r) => {
                 let dev = nvmux_nvmf::host::RemoteDevice::connect(r)
                     .map_err(|e| err(e.kind, format!("mirror leg {leg_name:?}: {}", e.msg)))?;
-                Leg {
-                    dev: dev.clone(),
-                    remote: Some(dev),
-                }
+                crate::assembly::remote_leg(dev)
             }
             None => {
                 let BackendSpec::File { path, .. } = &backend else {

@@ -492,6 +492,14 @@ impl BlockQueue for CryptQueue {
         self.inner.completion_fd()
     }
 
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.inner.wait_fds(out)
+    }
+
+    fn take_fds_changed(&mut self) -> bool {
+        self.inner.take_fds_changed()
+    }
+
     fn next_deadline(&self) -> Option<std::time::Instant> {
         self.inner.next_deadline()
     }

@@ -391,6 +391,17 @@ impl BlockQueue for QosQueue {
     fn completion_fd(&self) -> Option<RawFd> {
         self.inner.completion_fd()
     }
+    // A device below with several descriptors (a mirror's legs, a remote queue's
+    // hand-over) wakes the worker through all of them.
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        self.inner.wait_fds(out)
+    }
+    fn take_fds_changed(&mut self) -> bool {
+        self.inner.take_fds_changed()
+    }
+    fn may_sleep(&self) -> bool {
+        self.inner.may_sleep()
+    }
     fn next_deadline(&self) -> Option<Instant> {
         match (self.wait_until, self.inner.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
