@@ -161,7 +161,8 @@ impl SplitQueue {
             // The command went whole: its SG list comes back to it.
             p.cmd.sg = std::mem::replace(&mut sub.sg, SgList::empty());
         } else if sub.sg.capacity() > 0 && self.spare.len() < MAX_SPARE {
-            self.spare.push(std::mem::replace(&mut sub.sg, SgList::empty()));
+            self.spare
+                .push(std::mem::replace(&mut sub.sg, SgList::empty()));
         }
         if p.pending == 0 {
             self.done.push_back(s as u32);
@@ -319,7 +320,10 @@ mod tests {
         let (c, st) = run(&mut *q, IoCommand::new(Opcode::Read, 3, 8, 1 << 63, sg));
         assert!(st.is_ok() && c.tag == 1 << 63 && c.sg.len() == 4096);
         // Write zeroes over more blocks than one NVMe command holds.
-        let (c, st) = run(&mut *q, IoCommand::new(Opcode::WriteZeroes, 0, 2048, 5, SgList::empty()));
+        let (c, st) = run(
+            &mut *q,
+            IoCommand::new(Opcode::WriteZeroes, 0, 2048, 5, SgList::empty()),
+        );
         assert!(st.is_ok() && c.tag == 5 && c.nlb == 2048);
         assert_eq!(q.in_flight(), 0);
     }

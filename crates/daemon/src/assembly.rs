@@ -360,7 +360,11 @@ pub(crate) fn open_base(
         .mirror
         .as_ref()
         .map_or_else(crate::state::primary_leg, |m| m.primary.clone());
-    let mut remotes: Vec<_> = backend.remote.map(|r| (primary.clone(), r)).into_iter().collect();
+    let mut remotes: Vec<_> = backend
+        .remote
+        .map(|r| (primary.clone(), r))
+        .into_iter()
+        .collect();
     if !spec.has(Function::Mirror) {
         return Ok(Base {
             dev: backend.dev,
@@ -529,11 +533,17 @@ impl Daemon {
                 self.new_qos(&g, &plain)
             })?;
             let router = nvmux_router::Router::new(&spec.name);
-            let (dev, mirror, remotes) =
-                match open_device(&g, &spec, &self.key_source(), &qos, &router, &self.cfg.data_dir) {
-                    Ok((d, b)) => (Ok(d), b.mirror, b.remotes),
-                    Err(e) => (Err(e.to_string()), None, Vec::new()),
-                };
+            let (dev, mirror, remotes) = match open_device(
+                &g,
+                &spec,
+                &self.key_source(),
+                &qos,
+                &router,
+                &self.cfg.data_dir,
+            ) {
+                Ok((d, b)) => (Ok(d), b.mirror, b.remotes),
+                Err(e) => (Err(e.to_string()), None, Vec::new()),
+            };
             match &dev {
                 Ok(_) => tracing::info!(disk = %spec.name, "disk restored"),
                 Err(e) => tracing::error!(disk = %spec.name, "disk could not be opened: {e}"),

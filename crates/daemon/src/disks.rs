@@ -636,7 +636,11 @@ impl Daemon {
         let qos = self.new_qos(&g, &spec)?;
         // The mirror stays the same object while the chain keeps it.
         let (base, mirror, remotes) = match (&d.mirror, spec.has(Function::Mirror)) {
-            (Some(m), true) => (m.clone() as Arc<dyn BlockDevice>, Some(m.clone()), d.remotes.clone()),
+            (Some(m), true) => (
+                m.clone() as Arc<dyn BlockDevice>,
+                Some(m.clone()),
+                d.remotes.clone(),
+            ),
             _ => {
                 let b = open_base(&g, &spec, open_backend(&g, &spec)?, &self.cfg.data_dir)?;
                 (b.dev, b.mirror, b.remotes)

@@ -531,8 +531,10 @@ fn vfio_user(o: &mut String, d: &Daemon) {
 /// Mirrors (per disk and leg) and remote initiators (per disk, leg and path).
 fn mirrors(o: &mut String, d: &Daemon) {
     let views: Vec<crate::DiskView> = d.disks();
-    let mirrors: Vec<&crate::MirrorView> =
-        views.iter().filter_map(|v| v.mirror_status.as_ref()).collect();
+    let mirrors: Vec<&crate::MirrorView> = views
+        .iter()
+        .filter_map(|v| v.mirror_status.as_ref())
+        .collect();
     type Get = fn(&crate::MirrorView) -> u64;
     let rows: [(&str, &str, &str, Get); 5] = [
         (
@@ -583,7 +585,11 @@ fn mirrors(o: &mut String, d: &Daemon) {
                 "syncing" => 1,
                 _ => 2,
             };
-            let _ = writeln!(o, "nvmux_mirror_leg_state{{disk=\"{}\",leg=\"{}\"}} {s}", m.disk, l.name);
+            let _ = writeln!(
+                o,
+                "nvmux_mirror_leg_state{{disk=\"{}\",leg=\"{}\"}} {s}",
+                m.disk, l.name
+            );
         }
     }
     let _ = writeln!(
@@ -592,8 +598,16 @@ fn mirrors(o: &mut String, d: &Daemon) {
     );
     for m in &mirrors {
         for l in &m.legs {
-            let _ = writeln!(o, "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"done\"}} {}", m.disk, l.name, l.sync_done);
-            let _ = writeln!(o, "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"total\"}} {}", m.disk, l.name, l.sync_total);
+            let _ = writeln!(
+                o,
+                "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"done\"}} {}",
+                m.disk, l.name, l.sync_done
+            );
+            let _ = writeln!(
+                o,
+                "nvmux_mirror_leg_sync_bytes{{disk=\"{}\",leg=\"{}\",kind=\"total\"}} {}",
+                m.disk, l.name, l.sync_total
+            );
         }
     }
     // Remote initiators: the backend's and the remote legs'.
@@ -611,10 +625,30 @@ fn mirrors(o: &mut String, d: &Daemon) {
     }
     type RGet = fn(&crate::RemoteView) -> u64;
     let rows: [(&str, &str, &str, RGet); 4] = [
-        ("nvmux_remote_failovers_total", "counter", "Times the active path to the remote namespace changed.", |r| r.failovers),
-        ("nvmux_remote_reconnects_total", "counter", "Reconnections to the remote controller.", |r| r.reconnects),
-        ("nvmux_remote_commands_failed_total", "counter", "Commands failed because no path came back within the loss timeout.", |r| r.commands_failed),
-        ("nvmux_remote_commands_retried_total", "counter", "Commands sent again after a connection was lost.", |r| r.commands_retried),
+        (
+            "nvmux_remote_failovers_total",
+            "counter",
+            "Times the active path to the remote namespace changed.",
+            |r| r.failovers,
+        ),
+        (
+            "nvmux_remote_reconnects_total",
+            "counter",
+            "Reconnections to the remote controller.",
+            |r| r.reconnects,
+        ),
+        (
+            "nvmux_remote_commands_failed_total",
+            "counter",
+            "Commands failed because no path came back within the loss timeout.",
+            |r| r.commands_failed,
+        ),
+        (
+            "nvmux_remote_commands_retried_total",
+            "counter",
+            "Commands sent again after a connection was lost.",
+            |r| r.commands_retried,
+        ),
     ];
     for (metric, kind, help, get) in rows {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");

@@ -411,12 +411,21 @@ impl Daemon {
         } else {
             ms.legs.retain(|l| l.name != leg);
         }
-        let removed: Vec<_> = d.remotes.iter().filter(|(n, _)| n == leg).cloned().collect();
+        let removed: Vec<_> = d
+            .remotes
+            .iter()
+            .filter(|(n, _)| n == leg)
+            .cloned()
+            .collect();
         d.remotes.retain(|(n, _)| n != leg);
         if let Err(e) = self.persist(&g) {
             // The leg is out of the mirror already; the state file still names it, so the
             // next start opens it again (and copies it in full).
-            tracing::error!(disk = name, leg, "mirror leg removed, but the state was not saved: {e}");
+            tracing::error!(
+                disk = name,
+                leg,
+                "mirror leg removed, but the state was not saved: {e}"
+            );
             return Err(e);
         }
         for (_, r) in removed {
@@ -448,7 +457,10 @@ pub(crate) fn describe_backend(b: &BackendSpec) -> String {
         BackendSpec::Memory => "memory".into(),
         BackendSpec::Thin { pool, volume, .. } => format!("thin {pool}/{volume}"),
         BackendSpec::Nvmf {
-            subnqn, paths, nsid, ..
+            subnqn,
+            paths,
+            nsid,
+            ..
         } => format!("nvmf {subnqn}@{} ns {nsid}", paths.join(",")),
     }
 }

@@ -376,14 +376,22 @@ impl Daemon {
         let size = req.size.bytes()?;
         let mut g = self.lock();
         let (_, pool, volume) = self.thin_of(&g, disk)?;
-        if let Some(d) = g.disks.get(disk).filter(|d| !d.spec.legs().is_empty()) {
-            return Err(err(
-                ErrorKind::Unsupported,
-                format!(
-                    "disk {disk:?} is mirrored (legs {}): a mirror does not change size; remove its other legs first",
-                    d.spec.legs().iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            ));
+        if let Some(d) = g.disks.get(disk) {
+            if !d.spec.legs().is_empty() {
+                return Err(err(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "disk {disk:?} is mirrored (legs {}): a mirror does not change size; remove its other legs first",
+                        d.spec.legs().iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if d.mirror.as_ref().is_some_and(|m| !m.is_solo()) {
+                return Err(err(
+                    ErrorKind::Busy,
+                    format!("disk {disk:?} was mirrored since the daemon started, and its mirror keeps a fixed size until the daemon restarts"),
+                ));
+            }
         }
         pool.resize(&volume, size, req.force, req.discard_data)?;
         // Running exports keep the device they started with: it shares the volume's live

@@ -203,8 +203,15 @@ impl DiskSpec {
                 return bad(format!("the chain names {} twice", f.name()));
             }
         }
-        if fs.iter().position(|f| *f == Function::Mirror).is_some_and(|i| i + 1 != fs.len()) {
-            return bad("mirror must be the last (innermost) function of the chain: it stands on the legs".into());
+        if fs
+            .iter()
+            .position(|f| *f == Function::Mirror)
+            .is_some_and(|i| i + 1 != fs.len())
+        {
+            return bad(
+                "mirror must be the last (innermost) function of the chain: it stands on the legs"
+                    .into(),
+            );
         }
         if !self.legs().is_empty() && !fs.contains(&Function::Mirror) {
             return bad("the disk has mirror legs, so its chain must end in mirror".into());

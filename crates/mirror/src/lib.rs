@@ -291,6 +291,8 @@ pub(crate) struct Inner {
     pub solo: AtomicBool,
     /// Writes issued in solo mode and not completed.
     pub solo_writes: AtomicU64,
+    /// The one leg of a mirror opened solo (its live size is the mirror's while solo).
+    solo_leg: Option<Arc<dyn BlockDevice>>,
     pub epoch: Instant,
     pub legs: RwLock<Vec<Option<Arc<LegShared>>>>,
     pub legs_version: AtomicU64,
@@ -611,6 +613,18 @@ fn invalid(msg: String) -> Error {
 
 /// Check that a leg can join a mirror of block size `bs` and size `size`.
 fn check_leg(leg: &Leg, bs: u32, size: u64, want: Option<&DeviceInfo>) -> Result<()> {
+    check_leg_ro(leg, bs, size, want, false)
+}
+
+/// [`check_leg`]; `allow_ro`: a solo mirror may stand on a read-only device (a
+/// snapshot): it will never get a second leg.
+fn check_leg_ro(
+    leg: &Leg,
+    bs: u32,
+    size: u64,
+    want: Option<&DeviceInfo>,
+    allow_ro: bool,
+) -> Result<()> {
     bitmap::check_name(&leg.name)?;
     let i = leg.dev.info();
     if i.block_size != bs {
@@ -619,7 +633,7 @@ fn check_leg(leg: &Leg, bs: u32, size: u64, want: Option<&DeviceInfo>) -> Result
             leg.name, i.block_size
         )));
     }
-    if i.read_only {
+    if i.read_only && !allow_ro {
         return Err(invalid(format!("mirror leg {}: read-only", leg.name)));
     }
     if leg.dev.capacity_bytes() < size {
@@ -741,13 +755,21 @@ impl MirrorDevice {
             max_transfer: u32::MAX,
         };
         for l in &legs {
-            check_leg(l, bs, size, None)?;
+            check_leg_ro(l, bs, size, None, solo)?;
             let i = l.dev.info();
             info.discard &= i.discard;
             info.write_zeroes &= i.write_zeroes;
             info.volatile_cache |= i.volatile_cache;
             info.max_transfer = info.max_transfer.min(i.max_transfer);
+            info.read_only |= i.read_only;
         }
+        // Solo: flushes are asked for whatever the leg, so that any leg can join later.
+        info.volatile_cache |= solo;
+        let solo_leg = if solo {
+            Some(legs[0].dev.clone())
+        } else {
+            None
+        };
         let mut slots: Vec<Option<Arc<LegShared>>> = vec![None; MAX_LEGS];
         for (i, l) in legs.into_iter().enumerate() {
             let rec = header.legs.iter().find(|r| r.name == l.name);
@@ -805,12 +827,15 @@ impl MirrorDevice {
             region_size: cfg.region_size,
             regions,
             bits: LazyVec::new((!solo).then(|| words.iter().map(|&w| AtomicU64::new(w)).collect())),
-            durable: LazyVec::new((!solo).then(|| words.iter().map(|&w| AtomicU64::new(w)).collect())),
+            durable: LazyVec::new(
+                (!solo).then(|| words.iter().map(|&w| AtomicU64::new(w)).collect()),
+            ),
             inflight: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
             gen: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
             last_write: LazyVec::new((!solo).then(|| (0..n).map(|_| AtomicU32::new(0)).collect())),
             solo: AtomicBool::new(solo),
             solo_writes: AtomicU64::new(0),
+            solo_leg,
             epoch: Instant::now(),
             legs: RwLock::new(slots),
             legs_version: AtomicU64::new(1),
@@ -892,11 +917,19 @@ impl MirrorDevice {
             .map_err(ctx)?;
         let header = inner.header(0);
         bitmap::create(&file, &inner.path, &header)?;
-        inner.bits.init((0..nwords).map(|_| AtomicU64::new(0)).collect());
-        inner.durable.init((0..nwords).map(|_| AtomicU64::new(0)).collect());
-        inner.inflight.init((0..n).map(|_| AtomicU32::new(0)).collect());
+        inner
+            .bits
+            .init((0..nwords).map(|_| AtomicU64::new(0)).collect());
+        inner
+            .durable
+            .init((0..nwords).map(|_| AtomicU64::new(0)).collect());
+        inner
+            .inflight
+            .init((0..n).map(|_| AtomicU32::new(0)).collect());
         inner.gen.init((0..n).map(|_| AtomicU32::new(0)).collect());
-        inner.last_write.init((0..n).map(|_| AtomicU32::new(0)).collect());
+        inner
+            .last_write
+            .init((0..n).map(|_| AtomicU32::new(0)).collect());
         *lock(&inner.writer) = Some(WriterState {
             file,
             disk: vec![0u64; nwords],
@@ -936,6 +969,18 @@ impl MirrorDevice {
             Some(&inner.info),
         )?;
         if inner.solo.load(SeqCst) {
+            if inner.info.read_only {
+                return Err(invalid("a read-only disk cannot be mirrored".into()));
+            }
+            if let Some(l) = &inner.solo_leg {
+                if l.capacity_bytes() != inner.info.size_bytes() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        "the disk changed size since it was opened, and a mirror covers a fixed size: \
+                         restart the daemon before adding a leg",
+                    ));
+                }
+            }
             self.unsolo()?;
         }
         {
@@ -1071,6 +1116,11 @@ impl MirrorDevice {
         self.inner.wake_sync();
     }
 
+    /// True while the mirror is a pass-through over one leg with no bitmap file.
+    pub fn is_solo(&self) -> bool {
+        self.inner.solo.load(SeqCst)
+    }
+
     /// Stop the sync thread, flush the bitmap (also on Drop).
     pub fn shutdown(&self) {
         let inner = &self.inner;
@@ -1109,6 +1159,13 @@ impl BlockDevice for MirrorDevice {
             depth.max(1),
             efd,
         )?))
+    }
+    fn capacity_bytes(&self) -> u64 {
+        match (&self.inner.solo_leg, self.inner.solo.load(SeqCst)) {
+            // Solo: the leg's live size (a thin volume that was resized).
+            (Some(l), true) => l.capacity_bytes(),
+            _ => self.inner.info.size_bytes(),
+        }
     }
     fn describe(&self) -> String {
         let names: Vec<String> = self

@@ -187,7 +187,9 @@ impl MirrorQueue {
         slot.pending = 0;
         slot.healthy_mask = 0;
         let op = cmd.opcode;
-        let bad = if op == Opcode::Flush {
+        // Solo: the frontend checked the range against the live size and the leg checks
+        // again; the mirror's own size is fixed only once it has a bitmap.
+        let bad = if op == Opcode::Flush || self.inner.solo.load(SeqCst) {
             None
         } else if cmd.nlb == 0
             || cmd
@@ -435,7 +437,12 @@ impl MirrorQueue {
                 } else {
                     leg.errors.fetch_add(1, SeqCst);
                     slot.err = st;
-                    slot.table_need = slot.table_need.max(inner.fault_leg(&leg));
+                    // Solo, the one leg is all there is: its error goes to the guest as
+                    // it is, and the leg stays (a file's or pool's own failed state
+                    // decides what comes next).
+                    if !slot.solo && !inner.solo.load(SeqCst) {
+                        slot.table_need = slot.table_need.max(inner.fault_leg(&leg));
+                    }
                 }
                 slot.pending = slot.pending.saturating_sub(1);
                 if slot.pending == 0 {

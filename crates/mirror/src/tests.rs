@@ -731,7 +731,10 @@ fn solo_mirror_has_no_file_until_a_leg_is_added_and_misses_no_write() {
     let bm = d.join("sub").join("bitmap");
     let m = MirrorDevice::open(vec![leg("a", &a)], &bm, cfg()).unwrap();
     assert!(!bm.exists(), "a solo mirror writes no bitmap");
-    assert!(m.threads.lock().unwrap().is_empty(), "a solo mirror runs no thread");
+    assert!(
+        m.threads.lock().unwrap().is_empty(),
+        "a solo mirror runs no thread"
+    );
     let mut dr = Drv::new(&*m, 8);
     let mut buf: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
     assert!(dr.write(8, &mut buf).is_ok());
@@ -742,7 +745,10 @@ fn solo_mirror_has_no_file_until_a_leg_is_added_and_misses_no_write() {
     assert!(bm.exists());
     let t0 = std::time::Instant::now();
     while state(&m, "b") != LegState::Healthy {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "copy did not finish");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "copy did not finish"
+        );
         // Writes during the copy reach both legs.
         assert!(dr.write(16, &mut buf).is_ok());
         std::thread::sleep(std::time::Duration::from_millis(5));

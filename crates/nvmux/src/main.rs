@@ -1952,7 +1952,9 @@ fn mirror_cmd(cx: &Ctx, c: MirrorCmd) -> Res {
                 });
             } else {
                 cx.show(&v, &|_| {
-                    println!("disk {disk}: leg {leg} added; copying (`nvmux disk mirror status {disk}`)")
+                    println!(
+                        "disk {disk}: leg {leg} added; copying (`nvmux disk mirror status {disk}`)"
+                    )
                 });
             }
         }
@@ -1992,7 +1994,11 @@ fn mirror_table(v: &Value) {
             l["sync_total"].as_u64().unwrap_or(0),
         );
         let sync = if total > 0 {
-            format!("{:.0}% of {}", done as f64 * 100.0 / total as f64, nvmux_core::format_size(total))
+            format!(
+                "{:.0}% of {}",
+                done as f64 * 100.0 / total as f64,
+                nvmux_core::format_size(total)
+            )
         } else {
             "-".into()
         };
@@ -2005,7 +2011,11 @@ fn mirror_table(v: &Value) {
                             "{} {}{}",
                             p["addr"].as_str().unwrap_or(""),
                             p["state"].as_str().unwrap_or(""),
-                            if p["active"].as_bool() == Some(true) { " (active)" } else { "" }
+                            if p["active"].as_bool() == Some(true) {
+                                " (active)"
+                            } else {
+                                ""
+                            }
                         )
                     })
                     .collect::<Vec<_>>()

@@ -505,7 +505,7 @@ fn function_chain_order_rules_and_persistence() {
         .api
         .post("/v1/disks/c/chain", &json!({"chain": null}))
         .expect("back to the default");
-    assert_eq!(v["functions"], json!(["qos", "crypt"]));
+    assert_eq!(v["functions"], json!(["qos", "crypt", "mirror"]));
 
     // Restart: chains are part of the persisted disk.
     let dir = d.dir.clone();
@@ -516,7 +516,7 @@ fn function_chain_order_rules_and_persistence() {
     );
     assert_eq!(
         d.api.get("/v1/disks/c").expect("c")["functions"],
-        json!(["qos", "crypt"])
+        json!(["qos", "crypt", "mirror"])
     );
     assert_eq!(d.api.get("/v1/disks/p").expect("p")["functions"], json!([]));
     let sock = d.dir.join("c2.sock");

@@ -102,10 +102,16 @@ fn wait_state(d: &TestDaemon, disk: &str, leg: &str, want: &str, secs: u64) {
 }
 
 fn same_files(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
+    let (x, y) = (
+        std::fs::read(a).expect("read a"),
+        std::fs::read(b).expect("read b"),
+    );
     assert!(x.len() as u64 >= SIZE && y.len() as u64 >= SIZE);
     let n = SIZE as usize;
-    if let Some(i) = (0..n).step_by(512).find(|&i| x[i..i + 512] != y[i..i + 512]) {
+    if let Some(i) = (0..n)
+        .step_by(512)
+        .find(|&i| x[i..i + 512] != y[i..i + 512])
+    {
         panic!(
             "{} and {} differ at byte {i} (region {})",
             a.display(),
@@ -154,12 +160,17 @@ fn remote_disk_passes_write_verify_through_vhost_user() {
             .find(|(_, &(o, l))| o < off + len as u64 && off < o + l as u64)
             .map(|(j, _)| j);
         if last == Some(i) {
-            assert!(read(&mut c, (i + 1) % 2, off, len) == pattern(i as u64, len), "case {i}");
+            assert!(
+                read(&mut c, (i + 1) % 2, off, len) == pattern(i as u64, len),
+                "case {i}"
+            );
         }
     }
     // What the client wrote is in the target's file.
     let (off, len) = cases[cases.len() - 1];
-    assert!(read_file_at(&t.dir.join("remote.img"), off, len) == pattern(cases.len() as u64 - 1, len));
+    assert!(
+        read_file_at(&t.dir.join("remote.img"), off, len) == pattern(cases.len() as u64 - 1, len)
+    );
     drop(c);
     d.stop();
     t.stop();
@@ -218,7 +229,12 @@ fn remote_leg_killed_faults_then_resyncs_only_dirty_regions() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     t.wait_killed();
     for r in [3u64, 17, 40] {
-        write(&mut c, (r % 2) as usize, r * MIB + 4096, &pattern(200 + r, 128 << 10));
+        write(
+            &mut c,
+            (r % 2) as usize,
+            r * MIB + 4096,
+            &pattern(200 + r, 128 << 10),
+        );
     }
     wait_state(&d, "m", "far", "faulted", 30);
     for r in [5u64, 41] {
@@ -261,7 +277,12 @@ fn sigkill_during_resync_keeps_the_bitmap_and_the_legs_converge() {
     t.wait_killed();
     // 24 regions written while the leg is away.
     for r in 0..24u64 {
-        write(&mut c, (r % 2) as usize, (r * 2 + 1) * MIB, &pattern(400 + r, 64 << 10));
+        write(
+            &mut c,
+            (r % 2) as usize,
+            (r * 2 + 1) * MIB,
+            &pattern(400 + r, 64 << 10),
+        );
     }
     wait_state(&d, "m", "far", "faulted", 30);
     let dirty = mirror(&d, "m")["dirty_regions"].as_u64().unwrap_or(0);
@@ -278,13 +299,20 @@ fn sigkill_during_resync_keeps_the_bitmap_and_the_legs_converge() {
     let bm = nvmux_mirror::read_bitmap(&ddir.join("mirror").join("m.bitmap")).expect("bitmap");
     eprintln!(
         "before the kill: {}; bitmap after: {} dirty regions",
-        before, bm.dirty.len()
+        before,
+        bm.dirty.len()
     );
-    assert!(!bm.dirty.is_empty(), "the resync had not finished: dirty regions must remain");
+    assert!(
+        !bm.dirty.is_empty(),
+        "the resync had not finished: dirty regions must remain"
+    );
     // Every region written while the leg was away and not yet copied is still dirty.
     let d = TestDaemon::start_in(ddir);
     wait_state(&d, "m", "far", "healthy", 90);
-    assert_eq!(mirror(&d, "m")["dirty_regions"].as_u64().map(|n| n <= 24), Some(true));
+    assert_eq!(
+        mirror(&d, "m")["dirty_regions"].as_u64().map(|n| n <= 24),
+        Some(true)
+    );
     d.stop();
     t.stop();
     same_files(&img, &tdir.join("remote.img"));

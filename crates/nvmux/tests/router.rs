@@ -653,7 +653,7 @@ fn fast_reads_skip_qos_but_never_crypt() {
     // An encrypted file disk: chain qos -> crypt, in the fair-share group of /tmp's device.
     let (img, sock) = d.disk_and_export("e", 16 << 20, 1, json!({"encrypt": true}));
     let v = d.api.get("/v1/disks/e").unwrap();
-    assert_eq!(v["functions"], json!(["qos", "crypt"]));
+    assert_eq!(v["functions"], json!(["qos", "crypt", "mirror"]));
     let mut c = blkio(&sock);
     let p = pattern(9, 65536);
     assert_eq!(write(&mut c, 0, &p), 0);

@@ -47,7 +47,10 @@ fn wait_healthy(d: &Daemon, disk: &str) -> Res<()> {
 
 pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let work = std::env::temp_dir().join(format!("nvmux-bench-mirror-{}", std::process::id()));
-    let shm = std::path::PathBuf::from(format!("/dev/shm/nvmux-bench-mirror-{}", std::process::id()));
+    let shm = std::path::PathBuf::from(format!(
+        "/dev/shm/nvmux-bench-mirror-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&work)?;
     std::fs::create_dir_all(&shm)?;
     let cleanup = || {
@@ -58,19 +61,35 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let (adir, da) = Daemon::start_bench(&work.join("a"), srv_cpu, &cfg)?;
     let (bdir, db) = Daemon::start_bench(&work.join("b"), srv_cpu, "")?;
     let mut socks: Vec<(&str, std::path::PathBuf)> = Vec::new();
-    let mut add = |d: &Daemon, dir: &std::path::Path, name: &'static str, body: serde_json::Value| -> Res<()> {
+    let mut add = |d: &Daemon,
+                   dir: &std::path::Path,
+                   name: &'static str,
+                   body: serde_json::Value|
+     -> Res<()> {
         d.api().post("/v1/disks", &body)?;
         let sock = dir.join(format!("{name}.sock"));
-        d.api()
-            .post("/v1/exports", &json!({"disk": body["name"], "socket": sock}))?;
+        d.api().post(
+            "/v1/exports",
+            &json!({"disk": body["name"], "socket": sock}),
+        )?;
         socks.push((name, sock));
         Ok(())
     };
     for f in ["one", "m0", "m1", "remote"] {
         prepare_file(&shm.join(format!("{f}.img")), SIZE)?;
     }
-    add(&da, &adir, "1 leg", json!({"name": "one", "backend": "file", "path": shm.join("one.img")}))?;
-    add(&da, &adir, "mirror 2 legs", json!({"name": "m", "backend": "file", "path": shm.join("m0.img")}))?;
+    add(
+        &da,
+        &adir,
+        "1 leg",
+        json!({"name": "one", "backend": "file", "path": shm.join("one.img")}),
+    )?;
+    add(
+        &da,
+        &adir,
+        "mirror 2 legs",
+        json!({"name": "m", "backend": "file", "path": shm.join("m0.img")}),
+    )?;
     da.api().post(
         "/v1/disks/m/mirror",
         &json!({"file": shm.join("m1.img"), "sync_rate": 0}),
@@ -81,7 +100,12 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
         &json!({"name": "remote", "backend": "file", "path": shm.join("remote.img")}),
     )?;
     let addr = db.nvmf_subsystem(NQN, HOST, "remote")?;
-    add(&da, &adir, "remote backend", json!({"name": "r", "backend": "nvmf", "remote": format!("{NQN}@{addr}")}))?;
+    add(
+        &da,
+        &adir,
+        "remote backend",
+        json!({"name": "r", "backend": "nvmf", "remote": format!("{NQN}@{addr}")}),
+    )?;
     let bsock = bdir.join("local.sock");
     db.api()
         .post("/v1/exports", &json!({"disk": "remote", "socket": bsock}))?;
@@ -148,6 +172,12 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
             cell_ratio(remote, local)
         );
     }
-    write_report(&a.out, "mirror-latest.json", "mirror", secs, measured_rows(&rows))?;
+    write_report(
+        &a.out,
+        "mirror-latest.json",
+        "mirror",
+        secs,
+        measured_rows(&rows),
+    )?;
     Ok(())
 }
