@@ -211,3 +211,58 @@ fn connect_errors_are_clear() {
         .to_string();
     assert!(e.contains("no path works"), "{e}");
 }
+
+#[test]
+fn dhchap_against_a_target_that_requires_it() {
+    use nvmux_nvmf::auth::{HostKeys, Policy, Secret};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let t = target();
+    let host = Secret::generate(1, 32).unwrap();
+    let ctrl = Secret::generate(0, 48).unwrap();
+    let mut keys = BTreeMap::new();
+    keys.insert(
+        HOSTNQN.to_string(),
+        Arc::new(HostKeys {
+            host: Secret::parse(&host.encode()).unwrap(),
+            ctrl: Some(Secret::parse(&ctrl.encode()).unwrap()),
+        }),
+    );
+    t.sub.set_host_keys(keys);
+    t.sub.set_auth(true, Policy::default());
+    // No secret: refused with a clear error.
+    let e = RemoteDevice::connect(RemoteSpec::new(NQN, vec![t.addr], HOSTNQN))
+        .err()
+        .expect("no secret")
+        .to_string();
+    assert!(e.contains("no host secret"), "{e}");
+    // A wrong host secret.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(Secret::generate(1, 32).unwrap().encode());
+    let e = RemoteDevice::connect(spec)
+        .err()
+        .expect("wrong secret")
+        .to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+    // The right host secret with a wrong controller secret: the host refuses the controller.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(host.encode());
+    spec.dhchap_ctrl_secret = Some(Secret::generate(0, 48).unwrap().encode());
+    let e = RemoteDevice::connect(spec)
+        .err()
+        .expect("wrong controller secret")
+        .to_string();
+    assert!(e.contains("does not match"), "{e}");
+    // Both right: bidirectional authentication on the admin and the I/O queues.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(host.encode());
+    spec.dhchap_ctrl_secret = Some(ctrl.encode());
+    let dev = RemoteDevice::connect(spec).expect("authenticated connect");
+    let mut q = dev.open_queue(8).expect("queue");
+    let mut shadow = vec![0u8; DEV_SIZE as usize];
+    assert_eq!(
+        verify_workload(&mut *q, &mut shadow, 200, 8, 3, LIMIT, &mut |_| {}),
+        0
+    );
+    assert!(t.target.stats().auth_ok >= 2);
+}
