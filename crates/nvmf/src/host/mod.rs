@@ -18,11 +18,14 @@
 //!   controller thread connects its TCP connection (ICReq/ICResp, Fabrics Connect with
 //!   qid = the queue's index and the association's CNTLID) on its own thread, then puts
 //!   the socket in the slot and signals the slot's eventfd: a worker never blocks on a
-//!   connect. The queue's `completion_fd` is an epoll descriptor over its socket and that
-//!   eventfd. Sends are non-blocking `send` calls from one preallocated buffer (command
-//!   capsules with in-capsule data up to the controller's IOCCSZ, otherwise the data
-//!   follows an R2T in H2CData PDUs of at most MAXH2CDATA); receives go into a 64 KiB
-//!   staging buffer and C2HData payload is copied straight into the command's SG list.
+//!   connect. Each queue runs its socket on its own io_uring (`completion_fd` is the
+//!   ring's eventfd; `wait_fds` adds the hand-over eventfd): one `Recv` preposted into a
+//!   64 KiB receive buffer, PDUs parsed incrementally from it and C2HData payload copied
+//!   straight into the command's SG list; one `Send` at a time of a preallocated send
+//!   buffer holding command capsules (in-capsule data up to the controller's IOCCSZ,
+//!   otherwise the data follows an R2T in H2CData PDUs of at most MAXH2CDATA), with a
+//!   second buffer filling meanwhile. The kernel never sees a buffer move: a lost
+//!   connection's socket is shut down and kept until its operations completed.
 //!   CID = slot index (a slot table of `depth` entries and a free list, allocated at open;
 //!   commands past the depth wait in a backlog with room reserved up front): no heap
 //!   allocation per I/O once the buffers reached their high-water mark.
