@@ -65,7 +65,12 @@ struct Slot {
     bytes: u32,
     recvd: u32,
     started: Instant,
+    /// An R2T being answered: (transfer tag, offset, length, bytes sent so far).
+    r2t: Option<(u16, u32, u32, u32)>,
 }
+
+/// Largest H2CData PDU payload this host sends (smaller than MAXH2CDATA is allowed).
+const H2C_CHUNK: u32 = 64 << 10;
 
 enum Rx {
     /// Waiting for a common header.
@@ -105,8 +110,10 @@ pub struct RemoteQueue {
     free: Vec<u16>,
     pending: VecDeque<IoCommand>,
     failed: VecDeque<IoCommand>,
-    /// Filled while `sending` is in flight.
+    /// Filled while `sending` is in flight; never beyond its capacity (no reallocation).
     tx: Vec<u8>,
+    /// Commands with an R2T still to answer, in arrival order.
+    r2t_wait: VecDeque<u16>,
     rx: Box<[u8]>,
     r0: usize,
     r1: usize,
@@ -176,11 +183,13 @@ impl RemoteQueue {
                     bytes: 0,
                     recvd: 0,
                     started: now,
+                    r2t: None,
                 })
                 .collect(),
             free: (0..n as u16).rev().collect(),
             pending: VecDeque::with_capacity(4 * n + 64),
             failed: VecDeque::with_capacity(4 * n + 64),
+            r2t_wait: VecDeque::with_capacity(n),
             tx: Vec::with_capacity(TX_HIGH + (256 << 10)),
             sending: Vec::with_capacity(TX_HIGH + (256 << 10)),
             send_off: 0,
@@ -268,6 +277,10 @@ impl RemoteQueue {
         self.in_flight = 0;
         self.dev.counters.retried.fetch_add(n, Ordering::Relaxed);
         self.tx.clear();
+        self.r2t_wait.clear();
+        for s in self.slots.iter_mut() {
+            s.r2t = None;
+        }
         self.rx_state = Rx::Ch;
         if self.lost_at.is_none() {
             self.lost_at = Some(Instant::now());
@@ -282,7 +295,11 @@ impl RemoteQueue {
     fn start(&mut self) {
         let Some(c) = &self.conn else { return };
         let (dg, inline_max, nsid, bs) = (c.dg, c.inline_max, c.nsid, c.block_size);
-        while self.tx.len() + (self.sending.len() - self.send_off) < TX_HIGH {
+        // Room for the largest capsule (header, in-capsule data, digest).
+        let need = 80 + inline_max.max(16) + 4;
+        while self.tx.len() + (self.sending.len() - self.send_off) < TX_HIGH
+            && self.tx.len() + need <= self.tx.capacity()
+        {
             let Some(cid) = self.free.last().copied() else {
                 break;
             };
@@ -347,6 +364,7 @@ impl RemoteQueue {
             slot.cmd = Some(cmd);
             slot.bytes = bytes;
             slot.recvd = 0;
+            slot.r2t = None;
             slot.started = Instant::now();
             self.in_flight += 1;
         }
@@ -362,8 +380,45 @@ impl RemoteQueue {
         self.unsubmitted = true;
     }
 
+    /// Answer waiting R2Ts with H2CData PDUs while the send buffer has room.
+    fn fill_h2c(&mut self, dg: Digests, cpda: usize) {
+        let maxh2c = self.conn.as_ref().map_or(4096, |c| c.maxh2c) as u32;
+        while let Some(&cid) = self.r2t_wait.front() {
+            let slot = &mut self.slots[cid as usize];
+            let (Some(cmd), Some((ttag, off, len, sent))) = (&slot.cmd, slot.r2t) else {
+                self.r2t_wait.pop_front();
+                continue;
+            };
+            let k = (len - sent).min(maxh2c).min(H2C_CHUNK);
+            if self.tx.len() + 128 + k as usize + 4 > self.tx.capacity() {
+                return;
+            }
+            let mut h = [0u8; 128];
+            let last = sent + k == len;
+            let pdo = wire::h2c_header(&mut h, cid, ttag, off + sent, k, last, dg, cpda);
+            self.tx.extend_from_slice(&h[..pdo]);
+            let start = self.tx.len();
+            // SAFETY: off + len was checked to be within the command's SG list.
+            unsafe { sg_append(&cmd.sg, (off + sent) as usize, k as usize, &mut self.tx) };
+            if dg.data {
+                let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
+                self.tx.extend_from_slice(&crc.to_le_bytes());
+            }
+            if last {
+                slot.r2t = None;
+                self.r2t_wait.pop_front();
+            } else {
+                slot.r2t = Some((ttag, off, len, sent + k));
+            }
+        }
+    }
+
     /// Post the receive and the send the connection needs.
     fn arm(&mut self) {
+        if let Some(c) = &self.conn {
+            let (dg, cpda) = (c.dg, c.cpda);
+            self.fill_h2c(dg, cpda);
+        }
         let Some(c) = &self.conn else { return };
         let fd = types::Fd(c.stream.as_raw_fd());
         let g = self.generation << 2;
@@ -470,6 +525,7 @@ impl RemoteQueue {
     }
 
     fn complete(&mut self, cid: u16, st: Status, done: &mut dyn FnMut(IoCommand, Status)) -> bool {
+        self.slots[cid as usize].r2t = None;
         let Some(cmd) = self.slots[cid as usize].cmd.take() else {
             return false;
         };
@@ -485,7 +541,7 @@ impl RemoteQueue {
     /// Handle every whole PDU (and payload piece) in the receive buffer.
     fn process(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> Result<usize, &'static str> {
         let Some(c) = &self.conn else { return Ok(0) };
-        let (dg, maxh2c, cpda, max_data) = (c.dg, c.maxh2c, c.cpda, c.max_data);
+        let (dg, cpda, max_data) = (c.dg, c.cpda, c.max_data);
         let mut n = 0;
         loop {
             let avail = self.r1 - self.r0;
@@ -620,32 +676,15 @@ impl RemoteQueue {
                             {
                                 return Err("R2T outside the command's data");
                             }
-                            let mut o = 0u32;
-                            while o < len {
-                                let k = (len - o).min(maxh2c as u32);
-                                let mut h = [0u8; 128];
-                                let pdo = wire::h2c_header(
-                                    &mut h,
-                                    cid,
-                                    ttag,
-                                    off + o,
-                                    k,
-                                    o + k == len,
-                                    dg,
-                                    cpda,
+                            let slot = &mut self.slots[cid as usize];
+                            if slot.r2t.is_some() {
+                                return Err(
+                                    "a second R2T for a command before the first was answered",
                                 );
-                                self.tx.extend_from_slice(&h[..pdo]);
-                                let start = self.tx.len();
-                                // SAFETY: off + len is within the command's SG list.
-                                unsafe {
-                                    sg_append(&cmd.sg, (off + o) as usize, k as usize, &mut self.tx)
-                                };
-                                if dg.data {
-                                    let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
-                                    self.tx.extend_from_slice(&crc.to_le_bytes());
-                                }
-                                o += k;
                             }
+                            slot.r2t = Some((ttag, off, len, 0));
+                            self.r2t_wait.push_back(cid);
+                            self.fill_h2c(dg, cpda);
                         }
                         HostPdu::Term { .. } => {
                             return Err("the controller terminated the connection")
