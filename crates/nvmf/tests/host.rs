@@ -266,3 +266,57 @@ fn dhchap_against_a_target_that_requires_it() {
     );
     assert!(t.target.stats().auth_ok >= 2);
 }
+
+/// A RemoteDevice served again by a second nvmux target: its queues run on the target's
+/// worker threads (the worker sleeps on the queue's wait_fds), and a host reads and
+/// writes through both hops.
+#[test]
+fn remote_device_as_a_target_namespace() {
+    use nvmux_core::stats::DiskStats;
+    use nvmux_core::worker::{WorkerConfig, WorkerPool};
+    use nvmux_nvmf::{Namespace, Subsystem, Target, TargetConfig};
+    use std::sync::Arc;
+    let a = target();
+    let remote =
+        RemoteDevice::connect(RemoteSpec::new(NQN, vec![a.addr], HOSTNQN)).expect("connect");
+    let pool = WorkerPool::new(&WorkerConfig {
+        threads: 2,
+        ..WorkerConfig::default()
+    })
+    .unwrap();
+    let b = Target::new(pool.placement(), TargetConfig::default());
+    let nqn_b = "nqn.2026-12.io.nvmux:second-hop";
+    let sub = Subsystem::new(nqn_b, "hop");
+    sub.set_hosts(true, Default::default());
+    sub.add_namespace(Namespace {
+        nsid: 1,
+        disk: "remote".into(),
+        dev: remote.clone() as Arc<dyn BlockDevice>,
+        stats: Arc::new(DiskStats::default()),
+        nguid: [9; 16],
+    })
+    .unwrap();
+    let addr_b = b.add(sub, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let dev = RemoteDevice::connect(RemoteSpec::new(nqn_b, vec![addr_b], HOSTNQN))
+        .expect("connect to the second hop");
+    assert_eq!(dev.info().num_blocks, remote.info().num_blocks);
+    let mut q = dev.open_queue(16).expect("queue");
+    let mut shadow = vec![0u8; DEV_SIZE as usize];
+    assert_eq!(
+        verify_workload(&mut *q, &mut shadow, 1000, 16, 11, LIMIT, &mut |_| {}),
+        0
+    );
+    // What went through the second hop is in the first target's memory device.
+    let mut q1 = remote.open_queue(4).expect("direct queue");
+    let buf = AlignedBuf::new(128 << 10);
+    for chunk in [0u64, 17, 300] {
+        let slba = chunk * 32;
+        assert!(run_one(&mut *q1, io(Opcode::Read, slba, &buf, 1), LIMIT).is_ok());
+        let o = (slba * 4096) as usize;
+        assert!(buf.as_slice() == &shadow[o..o + buf.len()]);
+    }
+    drop(q);
+    drop(q1);
+    dev.shutdown();
+    b.shutdown();
+}
