@@ -211,3 +211,112 @@ fn connect_errors_are_clear() {
         .to_string();
     assert!(e.contains("no path works"), "{e}");
 }
+
+#[test]
+fn dhchap_against_a_target_that_requires_it() {
+    use nvmux_nvmf::auth::{HostKeys, Policy, Secret};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let t = target();
+    let host = Secret::generate(1, 32).unwrap();
+    let ctrl = Secret::generate(0, 48).unwrap();
+    let mut keys = BTreeMap::new();
+    keys.insert(
+        HOSTNQN.to_string(),
+        Arc::new(HostKeys {
+            host: Secret::parse(&host.encode()).unwrap(),
+            ctrl: Some(Secret::parse(&ctrl.encode()).unwrap()),
+        }),
+    );
+    t.sub.set_host_keys(keys);
+    t.sub.set_auth(true, Policy::default());
+    // No secret: refused with a clear error.
+    let e = RemoteDevice::connect(RemoteSpec::new(NQN, vec![t.addr], HOSTNQN))
+        .err()
+        .expect("no secret")
+        .to_string();
+    assert!(e.contains("no host secret"), "{e}");
+    // A wrong host secret.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(Secret::generate(1, 32).unwrap().encode());
+    let e = RemoteDevice::connect(spec)
+        .err()
+        .expect("wrong secret")
+        .to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+    // The right host secret with a wrong controller secret: the host refuses the controller.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(host.encode());
+    spec.dhchap_ctrl_secret = Some(Secret::generate(0, 48).unwrap().encode());
+    let e = RemoteDevice::connect(spec)
+        .err()
+        .expect("wrong controller secret")
+        .to_string();
+    assert!(e.contains("does not match"), "{e}");
+    // Both right: bidirectional authentication on the admin and the I/O queues.
+    let mut spec = RemoteSpec::new(NQN, vec![t.addr], HOSTNQN);
+    spec.dhchap_secret = Some(host.encode());
+    spec.dhchap_ctrl_secret = Some(ctrl.encode());
+    let dev = RemoteDevice::connect(spec).expect("authenticated connect");
+    let mut q = dev.open_queue(8).expect("queue");
+    let mut shadow = vec![0u8; DEV_SIZE as usize];
+    assert_eq!(
+        verify_workload(&mut *q, &mut shadow, 200, 8, 3, LIMIT, &mut |_| {}),
+        0
+    );
+    assert!(t.target.stats().auth_ok >= 2);
+}
+
+/// A RemoteDevice served again by a second nvmux target: its queues run on the target's
+/// worker threads (the worker sleeps on the queue's wait_fds), and a host reads and
+/// writes through both hops.
+#[test]
+fn remote_device_as_a_target_namespace() {
+    use nvmux_core::stats::DiskStats;
+    use nvmux_core::worker::{WorkerConfig, WorkerPool};
+    use nvmux_nvmf::{Namespace, Subsystem, Target, TargetConfig};
+    use std::sync::Arc;
+    let a = target();
+    let remote =
+        RemoteDevice::connect(RemoteSpec::new(NQN, vec![a.addr], HOSTNQN)).expect("connect");
+    let pool = WorkerPool::new(&WorkerConfig {
+        threads: 2,
+        ..WorkerConfig::default()
+    })
+    .unwrap();
+    let b = Target::new(pool.placement(), TargetConfig::default());
+    let nqn_b = "nqn.2026-12.io.nvmux:second-hop";
+    let sub = Subsystem::new(nqn_b, "hop");
+    sub.set_hosts(true, Default::default());
+    sub.add_namespace(Namespace {
+        nsid: 1,
+        disk: "remote".into(),
+        dev: remote.clone() as Arc<dyn BlockDevice>,
+        stats: Arc::new(DiskStats::default()),
+        nguid: [9; 16],
+    })
+    .unwrap();
+    let addr_b = b.add(sub, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let dev = RemoteDevice::connect(RemoteSpec::new(nqn_b, vec![addr_b], HOSTNQN))
+        .expect("connect to the second hop");
+    assert_eq!(dev.info().num_blocks, remote.info().num_blocks);
+    let mut q = dev.open_queue(16).expect("queue");
+    let mut shadow = vec![0u8; DEV_SIZE as usize];
+    assert_eq!(
+        verify_workload(&mut *q, &mut shadow, 1000, 16, 11, LIMIT, &mut |_| {}),
+        0
+    );
+    // What went through the second hop is in the first target's memory device.
+    let mut q1 = remote.open_queue(4).expect("direct queue");
+    let buf = AlignedBuf::new(128 << 10);
+    for chunk in [0u64, 17, 300] {
+        let slba = chunk * 32;
+        assert!(run_one(&mut *q1, io(Opcode::Read, slba, &buf, 1), LIMIT).is_ok());
+        let o = (slba * 4096) as usize;
+        assert!(buf.as_slice() == &shadow[o..o + buf.len()]);
+    }
+    drop(q);
+    drop(q1);
+    dev.shutdown();
+    b.shutdown();
+}

@@ -1,6 +1,7 @@
 //! A hostile NVMe/TCP controller: a fake controller thread that passes the admin queue
 //! bring-up, then answers I/O commands with garbage (bad PLEN, an unknown CID, C2HData
-//! past the command's data, an R2T past it, random bytes) on successive I/O connections.
+//! past the command's data, an R2T past it, random bytes, silence past the I/O timeout)
+//! on successive I/O connections.
 //! The host must not panic: each violation takes the connection down, the command is
 //! resent on the next connection, and the last (well-behaved) connection completes it.
 
@@ -27,14 +28,17 @@ enum Mode {
     C2HPast,
     R2TPast,
     Garbage,
+    /// Never answers: the host's I/O timeout declares the connection dead.
+    Silent,
     Good,
 }
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     Mode::BadPlen,
     Mode::UnknownCid,
     Mode::C2HPast,
     Mode::R2TPast,
     Mode::Garbage,
+    Mode::Silent,
     Mode::Good,
 ];
 
@@ -143,6 +147,7 @@ fn serve(mut s: TcpStream, io_conns: Arc<AtomicUsize>) -> std::io::Result<()> {
                         s.write_all(&v)?
                     }
                     Mode::Garbage => s.write_all(&[0x5a; 300])?,
+                    Mode::Silent => {}
                     Mode::Good if op == 0x02 => {
                         c2h(&mut s, cid, 0, &pattern(len))?;
                         resp(&mut s, cid, 0, 0)?
@@ -209,7 +214,9 @@ fn hostile_controller_costs_connections_not_the_process() {
     let stop = Arc::new(AtomicBool::new(false));
     let io_conns = Arc::new(AtomicUsize::new(0));
     let addr = fake_controller(stop.clone(), io_conns.clone());
-    let dev = RemoteDevice::connect(RemoteSpec::new(NQN, vec![addr], HOSTNQN)).expect("connect");
+    let mut spec = RemoteSpec::new(NQN, vec![addr], HOSTNQN);
+    spec.io_timeout = Duration::from_secs(1);
+    let dev = RemoteDevice::connect(spec).expect("connect");
     assert_eq!(dev.info().num_blocks, NSZE);
     assert!(dev.info().discard && dev.info().write_zeroes);
     let mut q = dev.open_queue(4).expect("queue");

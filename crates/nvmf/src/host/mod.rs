@@ -18,11 +18,14 @@
 //!   controller thread connects its TCP connection (ICReq/ICResp, Fabrics Connect with
 //!   qid = the queue's index and the association's CNTLID) on its own thread, then puts
 //!   the socket in the slot and signals the slot's eventfd: a worker never blocks on a
-//!   connect. The queue's `completion_fd` is an epoll descriptor over its socket and that
-//!   eventfd. Sends are non-blocking `send` calls from one preallocated buffer (command
-//!   capsules with in-capsule data up to the controller's IOCCSZ, otherwise the data
-//!   follows an R2T in H2CData PDUs of at most MAXH2CDATA); receives go into a 64 KiB
-//!   staging buffer and C2HData payload is copied straight into the command's SG list.
+//!   connect. Each queue runs its socket on its own io_uring (`completion_fd` is the
+//!   ring's eventfd; `wait_fds` adds the hand-over eventfd): one `Recv` preposted into a
+//!   64 KiB receive buffer, PDUs parsed incrementally from it and C2HData payload copied
+//!   straight into the command's SG list; one `Send` at a time of a preallocated send
+//!   buffer holding command capsules (in-capsule data up to the controller's IOCCSZ,
+//!   otherwise the data follows an R2T in H2CData PDUs of at most MAXH2CDATA), with a
+//!   second buffer filling meanwhile. The kernel never sees a buffer move: a lost
+//!   connection's socket is shut down and kept until its operations completed.
 //!   CID = slot index (a slot table of `depth` entries and a free list, allocated at open;
 //!   commands past the depth wait in a backlog with room reserved up front): no heap
 //!   allocation per I/O once the buffers reached their high-water mark.
@@ -46,8 +49,9 @@
 //! stay within a write's data. A violation closes the connection (the path goes through a
 //! reconnect), never a panic. Admin data is bounded to 64 KiB per command.
 //!
-//! DH-HMAC-CHAP is not implemented on this side yet: a controller that requires it is
-//! refused with a clear error.
+//! DH-HMAC-CHAP (host secret, optionally the controller's for bidirectional
+//! authentication) runs on every queue whose Connect asks for it, on the controller
+//! thread, before the queue is handed over.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +64,7 @@ use nvmux_core::{BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind};
 
 use crate::pdu::Digests;
 
+mod auth;
 mod queue;
 pub mod sync;
 pub mod wire;
@@ -391,6 +396,28 @@ impl Shared {
     }
 }
 
+/// DH-HMAC-CHAP on a queue whose Connect asked for it (`atr`).
+fn maybe_auth(q: &mut SyncConn, spec: &RemoteSpec, qid: u16, atr: bool) -> Result<(), String> {
+    if !atr {
+        return Ok(());
+    }
+    let Some(secret) = &spec.dhchap_secret else {
+        return Err(format!(
+            "{}: the controller requires DH-HMAC-CHAP authentication and no host secret is configured",
+            q.addr
+        ));
+    };
+    auth::authenticate(
+        q,
+        qid.wrapping_add(1),
+        &spec.subnqn,
+        &spec.hostnqn,
+        secret,
+        spec.dhchap_ctrl_secret.as_deref(),
+    )
+    .map_err(|e| format!("{}: queue {qid}: authentication failed: {e}", q.addr))
+}
+
 /// Connect the admin queue on `addr` and identify. Returns the association and what
 /// Identify says.
 fn associate(
@@ -402,11 +429,7 @@ fn associate(
     let mut a = SyncConn::open(addr, dg, CONNECT_TIMEOUT)?;
     let kato_ms = spec.kato.as_millis().min(u32::MAX as u128) as u32;
     let (cntlid, atr) = a.connect(0, 32, &spec.subnqn, &spec.hostnqn, 0xffff, kato_ms)?;
-    if atr {
-        return Err(format!(
-            "{addr}: the controller requires DH-HMAC-CHAP authentication, which this host does not implement yet"
-        ));
-    }
+    maybe_auth(&mut a, spec, 0, atr)?;
     let cap = a.prop_get(0, true)?;
     let mqes = (cap & 0xffff) as u16;
     let to = (cap >> 24) & 0xff;
@@ -517,12 +540,7 @@ impl Shared {
             a.cntlid,
             0,
         )?;
-        if atr {
-            return Err(format!(
-                "{addr}: I/O queue {}: authentication required",
-                q.qid
-            ));
-        }
+        maybe_auth(&mut c, &self.spec, q.qid, atr)?;
         c.s.set_read_timeout(None).ok();
         c.s.set_write_timeout(None).ok();
         let conn = Conn {

@@ -1,13 +1,17 @@
 //! One I/O queue of a [`super::RemoteDevice`]: a [`BlockQueue`] driven by one worker
-//! thread over a non-blocking TCP connection the controller thread connected for it.
+//! thread over a TCP connection the controller thread connected for it, on the queue's
+//! own io_uring: one `Recv` preposted into the receive buffer, at most one `Send` of the
+//! send buffer in flight (commands queued meanwhile go to a second buffer, swapped in
+//! when the send completes), so the kernel never sees a buffer that moves.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use io_uring::{opcode, types, IoUring};
 use nvmux_core::crc32c::Crc32c;
 use nvmux_core::eventfd::EventFd;
 use nvmux_core::{BlockQueue, IoCommand, Opcode, SgList, Status};
@@ -24,6 +28,11 @@ const RX_BUF: usize = 64 << 10;
 const TX_HIGH: usize = 1 << 20;
 /// How often in-flight commands are checked against the I/O timeout.
 const SCAN: Duration = Duration::from_millis(250);
+/// How long a dropped queue waits for the kernel to finish its socket operations.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// user_data: generation << 2 | kind.
+const K_RECV: u64 = 1;
+const K_SEND: u64 = 2;
 
 /// A connected I/O queue socket, handed from the controller thread to the worker.
 pub struct Conn {
@@ -56,7 +65,12 @@ struct Slot {
     bytes: u32,
     recvd: u32,
     started: Instant,
+    /// An R2T being answered: (transfer tag, offset, length, bytes sent so far).
+    r2t: Option<(u16, u32, u32, u32)>,
 }
+
+/// Largest H2CData PDU payload this host sends (smaller than MAXH2CDATA is allowed).
+const H2C_CHUNK: u32 = 64 << 10;
 
 enum Rx {
     /// Waiting for a common header.
@@ -76,15 +90,30 @@ enum Rx {
 pub struct RemoteQueue {
     sh: Arc<QueueShared>,
     dev: Arc<Shared>,
-    ep: OwnedFd,
+    ring: IoUring,
+    ring_efd: EventFd,
+    cqes: Vec<(u64, i32)>,
+    /// Connection generation (stale completions of an older connection are ignored).
+    generation: u64,
+    /// Socket operations in the kernel (of any generation).
+    ops: u32,
+    recv_busy: bool,
+    send_busy: bool,
+    unsubmitted: bool,
+    /// A lost connection's socket, kept open until its operations completed.
+    dead: Option<TcpStream>,
+    /// The buffer being sent (the kernel reads it while `send_busy`).
+    sending: Vec<u8>,
+    send_off: usize,
     conn: Option<Conn>,
     slots: Vec<Slot>,
     free: Vec<u16>,
     pending: VecDeque<IoCommand>,
     failed: VecDeque<IoCommand>,
+    /// Filled while `sending` is in flight; never beyond its capacity (no reallocation).
     tx: Vec<u8>,
-    tx_off: usize,
-    want_out: bool,
+    /// Commands with an R2T still to answer, in arrival order.
+    r2t_wait: VecDeque<u16>,
     rx: Box<[u8]>,
     r0: usize,
     r1: usize,
@@ -93,16 +122,6 @@ pub struct RemoteQueue {
     failing: bool,
     last_scan: Instant,
     in_flight: usize,
-}
-
-fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32) {
-    let mut ev = libc::epoll_event {
-        events,
-        u64: fd as u64,
-    };
-    // SAFETY: `ev` is a valid epoll_event for the duration of the call; errors (a closed
-    // descriptor) are harmless here.
-    unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
 }
 
 /// Copy `src` into `sg` at byte offset `off`.
@@ -152,19 +171,9 @@ unsafe fn sg_append(sg: &SgList, mut off: usize, mut len: usize, out: &mut Vec<u
 
 impl RemoteQueue {
     pub fn new(dev: Arc<Shared>, sh: Arc<QueueShared>) -> std::io::Result<RemoteQueue> {
-        // SAFETY: no pointers; the result is checked.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(
-            ep.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            sh.evt.as_raw_fd(),
-            libc::EPOLLIN as u32,
-        );
+        let ring = IoUring::new(8)?;
+        let ring_efd = EventFd::new()?;
+        ring.submitter().register_eventfd(ring_efd.as_raw_fd())?;
         let n = sh.entries as usize - 1;
         let now = Instant::now();
         Ok(RemoteQueue {
@@ -174,14 +183,25 @@ impl RemoteQueue {
                     bytes: 0,
                     recvd: 0,
                     started: now,
+                    r2t: None,
                 })
                 .collect(),
             free: (0..n as u16).rev().collect(),
             pending: VecDeque::with_capacity(4 * n + 64),
             failed: VecDeque::with_capacity(4 * n + 64),
+            r2t_wait: VecDeque::with_capacity(n),
             tx: Vec::with_capacity(TX_HIGH + (256 << 10)),
-            tx_off: 0,
-            want_out: false,
+            sending: Vec::with_capacity(TX_HIGH + (256 << 10)),
+            send_off: 0,
+            ring,
+            ring_efd,
+            cqes: Vec::with_capacity(16),
+            generation: 0,
+            ops: 0,
+            recv_busy: false,
+            send_busy: false,
+            unsubmitted: false,
+            dead: None,
             rx: vec![0u8; RX_BUF].into_boxed_slice(),
             r0: 0,
             r1: 0,
@@ -191,17 +211,18 @@ impl RemoteQueue {
             last_scan: now,
             in_flight: 0,
             conn: None,
-            ep,
             sh,
             dev,
         })
     }
 
-    /// Take a connection the controller thread handed over.
+    /// Take a connection the controller thread handed over (once the kernel is done
+    /// with the previous one's buffers).
     fn adopt(&mut self) {
-        if !self.sh.ready.swap(false, Ordering::Acquire) {
+        if self.ops > 0 || !self.sh.ready.load(Ordering::Acquire) {
             return;
         }
+        self.sh.ready.store(false, Ordering::Release);
         self.sh.evt.drain();
         let c = self
             .sh
@@ -212,19 +233,21 @@ impl RemoteQueue {
         let Some(c) = c else { return };
         if self.conn.is_some() {
             self.lose("replaced by a new association", false);
+            if self.ops > 0 {
+                // Put it back until the old connection's operations are done.
+                *self.sh.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                self.sh.ready.store(true, Ordering::Release);
+                return;
+            }
         }
-        if c.stream.set_nonblocking(true).is_err() {
-            self.sh.want.store(true, Ordering::Release);
-            self.dev.poke();
-            return;
-        }
-        epoll_ctl(
-            self.ep.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            c.stream.as_raw_fd(),
-            libc::EPOLLIN as u32,
-        );
-        self.want_out = false;
+        self.dead = None;
+        self.generation += 1;
+        self.sending.clear();
+        self.send_off = 0;
+        self.tx.clear();
+        self.r0 = 0;
+        self.r1 = 0;
+        self.rx_state = Rx::Ch;
         self.conn = Some(c);
         self.lost_at = None;
         self.failing = false;
@@ -239,13 +262,9 @@ impl RemoteQueue {
                 qid = self.sh.qid,
                 "NVMe/TCP I/O queue connection lost: {why}"
             );
-            epoll_ctl(
-                self.ep.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                c.stream.as_raw_fd(),
-                0,
-            );
+            // Pending socket operations complete at once; the socket stays open until then.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            self.dead = Some(c.stream);
         }
         let mut n = 0;
         for i in (0..self.slots.len()).rev() {
@@ -258,9 +277,10 @@ impl RemoteQueue {
         self.in_flight = 0;
         self.dev.counters.retried.fetch_add(n, Ordering::Relaxed);
         self.tx.clear();
-        self.tx_off = 0;
-        self.r0 = 0;
-        self.r1 = 0;
+        self.r2t_wait.clear();
+        for s in self.slots.iter_mut() {
+            s.r2t = None;
+        }
         self.rx_state = Rx::Ch;
         if self.lost_at.is_none() {
             self.lost_at = Some(Instant::now());
@@ -275,7 +295,11 @@ impl RemoteQueue {
     fn start(&mut self) {
         let Some(c) = &self.conn else { return };
         let (dg, inline_max, nsid, bs) = (c.dg, c.inline_max, c.nsid, c.block_size);
-        while self.tx.len() - self.tx_off < TX_HIGH {
+        // Room for the largest capsule (header, in-capsule data, digest).
+        let need = 80 + inline_max.max(16) + 4;
+        while self.tx.len() + (self.sending.len() - self.send_off) < TX_HIGH
+            && self.tx.len() + need <= self.tx.capacity()
+        {
             let Some(cid) = self.free.last().copied() else {
                 break;
             };
@@ -340,56 +364,168 @@ impl RemoteQueue {
             slot.cmd = Some(cmd);
             slot.bytes = bytes;
             slot.recvd = 0;
+            slot.r2t = None;
             slot.started = Instant::now();
             self.in_flight += 1;
         }
     }
 
-    /// Send what the send buffer holds, without blocking.
-    fn flush(&mut self) {
-        let Some(c) = &self.conn else { return };
-        let fd = c.stream.as_raw_fd();
-        while self.tx_off < self.tx.len() {
-            let b = &self.tx[self.tx_off..];
-            // SAFETY: `b` is valid for its length; MSG_DONTWAIT never blocks.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    b.as_ptr().cast(),
-                    b.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n > 0 {
-                self.tx_off += n as usize;
+    fn push(&mut self, e: io_uring::squeue::Entry) {
+        // SAFETY: the entry points at memory that stays valid and unmoved until its
+        // completion is reaped (the receive buffer, the `sending` buffer), see the callers.
+        while unsafe { self.ring.submission().push(&e) }.is_err() {
+            let _ = self.ring.submit();
+        }
+        self.ops += 1;
+        self.unsubmitted = true;
+    }
+
+    /// Answer waiting R2Ts with H2CData PDUs while the send buffer has room.
+    fn fill_h2c(&mut self, dg: Digests, cpda: usize) {
+        let maxh2c = self.conn.as_ref().map_or(4096, |c| c.maxh2c) as u32;
+        while let Some(&cid) = self.r2t_wait.front() {
+            let slot = &mut self.slots[cid as usize];
+            let (Some(cmd), Some((ttag, off, len, sent))) = (&slot.cmd, slot.r2t) else {
+                self.r2t_wait.pop_front();
                 continue;
+            };
+            let k = (len - sent).min(maxh2c).min(H2C_CHUNK);
+            if self.tx.len() + 128 + k as usize + 4 > self.tx.capacity() {
+                return;
             }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => break,
-                _ => {
-                    self.lose("send failed", true);
-                    return;
-                }
+            let mut h = [0u8; 128];
+            let last = sent + k == len;
+            let pdo = wire::h2c_header(&mut h, cid, ttag, off + sent, k, last, dg, cpda);
+            self.tx.extend_from_slice(&h[..pdo]);
+            let start = self.tx.len();
+            // SAFETY: off + len was checked to be within the command's SG list.
+            unsafe { sg_append(&cmd.sg, (off + sent) as usize, k as usize, &mut self.tx) };
+            if dg.data {
+                let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
+                self.tx.extend_from_slice(&crc.to_le_bytes());
             }
-        }
-        if self.tx_off == self.tx.len() {
-            self.tx.clear();
-            self.tx_off = 0;
-        } else if self.tx_off > self.tx.len() / 2 {
-            self.tx.drain(..self.tx_off);
-            self.tx_off = 0;
-        }
-        let out = !self.tx.is_empty();
-        if out != self.want_out {
-            self.want_out = out;
-            let ev = libc::EPOLLIN as u32 | if out { libc::EPOLLOUT as u32 } else { 0 };
-            epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, ev);
+            if last {
+                slot.r2t = None;
+                self.r2t_wait.pop_front();
+            } else {
+                slot.r2t = Some((ttag, off, len, sent + k));
+            }
         }
     }
 
+    /// Post the receive and the send the connection needs.
+    fn arm(&mut self) {
+        if let Some(c) = &self.conn {
+            let (dg, cpda) = (c.dg, c.cpda);
+            self.fill_h2c(dg, cpda);
+        }
+        let Some(c) = &self.conn else { return };
+        let fd = types::Fd(c.stream.as_raw_fd());
+        let g = self.generation << 2;
+        if !self.recv_busy {
+            // No receive in flight: the buffer may move.
+            if self.r0 > 0 {
+                self.rx.copy_within(self.r0..self.r1, 0);
+                self.r1 -= self.r0;
+                self.r0 = 0;
+            }
+            let room = self.rx.len() - self.r1;
+            if room > 0 {
+                // SAFETY: r1 < rx.len(): a pointer into the receive buffer, which is not
+                // touched until this receive completes (recv_busy).
+                let p = unsafe { self.rx.as_mut_ptr().add(self.r1) };
+                let e = opcode::Recv::new(fd, p, room as u32)
+                    .build()
+                    .user_data(g | K_RECV);
+                self.push(e);
+                self.recv_busy = true;
+            }
+        }
+        if !self.send_busy {
+            if self.send_off == self.sending.len() {
+                self.sending.clear();
+                self.send_off = 0;
+                std::mem::swap(&mut self.sending, &mut self.tx);
+            }
+            let left = self.sending.len() - self.send_off;
+            if left > 0 {
+                // SAFETY: `sending` is neither written nor dropped while the send is in
+                // flight (send_busy); new data goes to `tx`.
+                let p = unsafe { self.sending.as_ptr().add(self.send_off) };
+                let e = opcode::Send::new(fd, p, left as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(g | K_SEND);
+                self.push(e);
+                self.send_busy = true;
+            }
+        }
+    }
+
+    fn submit_ring(&mut self) {
+        if self.unsubmitted {
+            self.unsubmitted = false;
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    /// Reap socket completions; received data is parsed at once.
+    fn reap(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        let mut n = 0;
+        let mut cqes = std::mem::take(&mut self.cqes);
+        loop {
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if cqes.is_empty() {
+                break;
+            }
+            for &(ud, res) in &cqes {
+                self.ops = self.ops.saturating_sub(1);
+                let current = ud >> 2 == self.generation && self.conn.is_some();
+                match ud & 3 {
+                    K_RECV => {
+                        self.recv_busy = false;
+                        if !current {
+                            continue;
+                        }
+                        if res > 0 {
+                            self.r1 += (res as usize).min(self.rx.len() - self.r1);
+                            match self.process(done) {
+                                Ok(k) => n += k,
+                                Err(why) => self.lose(why, true),
+                            }
+                        } else if res == 0 {
+                            self.lose("connection closed by the controller", true);
+                        } else if res != -libc::EINTR && res != -libc::EAGAIN {
+                            self.lose("receive failed", true);
+                        }
+                    }
+                    K_SEND => {
+                        self.send_busy = false;
+                        if !current {
+                            continue;
+                        }
+                        if res > 0 {
+                            self.send_off = (self.send_off + res as usize).min(self.sending.len());
+                        } else if res != -libc::EINTR && res != -libc::EAGAIN {
+                            self.lose("send failed", true);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.cqes = cqes;
+        if self.ops == 0 {
+            self.dead = None;
+        }
+        n
+    }
+
     fn complete(&mut self, cid: u16, st: Status, done: &mut dyn FnMut(IoCommand, Status)) -> bool {
+        self.slots[cid as usize].r2t = None;
         let Some(cmd) = self.slots[cid as usize].cmd.take() else {
             return false;
         };
@@ -402,44 +538,10 @@ impl RemoteQueue {
         true
     }
 
-    /// Receive and handle PDUs. Returns completions, or Err on a protocol violation or
-    /// a lost connection.
-    fn receive(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> Result<usize, &'static str> {
-        let mut n = 0;
-        loop {
-            let Some(c) = &self.conn else { return Ok(n) };
-            let fd = c.stream.as_raw_fd();
-            if self.r0 == self.r1 {
-                self.r0 = 0;
-                self.r1 = 0;
-            } else if self.r1 == self.rx.len() {
-                self.rx.copy_within(self.r0..self.r1, 0);
-                self.r1 -= self.r0;
-                self.r0 = 0;
-            }
-            let room = &mut self.rx[self.r1..];
-            // SAFETY: `room` is valid writable memory of its length.
-            let got =
-                unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
-            if got == 0 {
-                return Err("connection closed by the controller");
-            }
-            if got < 0 {
-                match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => return Ok(n),
-                    _ => return Err("receive failed"),
-                }
-            }
-            self.r1 += got as usize;
-            n += self.process(done)?;
-        }
-    }
-
     /// Handle every whole PDU (and payload piece) in the receive buffer.
     fn process(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> Result<usize, &'static str> {
         let Some(c) = &self.conn else { return Ok(0) };
-        let (dg, maxh2c, cpda, max_data) = (c.dg, c.maxh2c, c.cpda, c.max_data);
+        let (dg, cpda, max_data) = (c.dg, c.cpda, c.max_data);
         let mut n = 0;
         loop {
             let avail = self.r1 - self.r0;
@@ -574,32 +676,15 @@ impl RemoteQueue {
                             {
                                 return Err("R2T outside the command's data");
                             }
-                            let mut o = 0u32;
-                            while o < len {
-                                let k = (len - o).min(maxh2c as u32);
-                                let mut h = [0u8; 128];
-                                let pdo = wire::h2c_header(
-                                    &mut h,
-                                    cid,
-                                    ttag,
-                                    off + o,
-                                    k,
-                                    o + k == len,
-                                    dg,
-                                    cpda,
+                            let slot = &mut self.slots[cid as usize];
+                            if slot.r2t.is_some() {
+                                return Err(
+                                    "a second R2T for a command before the first was answered",
                                 );
-                                self.tx.extend_from_slice(&h[..pdo]);
-                                let start = self.tx.len();
-                                // SAFETY: off + len is within the command's SG list.
-                                unsafe {
-                                    sg_append(&cmd.sg, (off + o) as usize, k as usize, &mut self.tx)
-                                };
-                                if dg.data {
-                                    let crc = nvmux_core::crc32c::crc32c(&self.tx[start..]);
-                                    self.tx.extend_from_slice(&crc.to_le_bytes());
-                                }
-                                o += k;
                             }
+                            slot.r2t = Some((ttag, off, len, 0));
+                            self.r2t_wait.push_back(cid);
+                            self.fill_h2c(dg, cpda);
                         }
                         HostPdu::Term { .. } => {
                             return Err("the controller terminated the connection")
@@ -649,16 +734,14 @@ impl BlockQueue for RemoteQueue {
     fn kick(&mut self) {
         self.adopt();
         self.start();
-        self.flush();
+        self.arm();
+        self.submit_ring();
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
+        self.ring_efd.drain();
+        let mut n = self.reap(done);
         self.adopt();
-        let mut n = 0;
-        match self.receive(done) {
-            Ok(k) => n += k,
-            Err(why) => self.lose(why, true),
-        }
         let now = Instant::now();
         if self.conn.is_some() && self.in_flight > 0 && now >= self.last_scan + SCAN {
             self.last_scan = now;
@@ -673,7 +756,8 @@ impl BlockQueue for RemoteQueue {
         }
         n += self.expire(now, done);
         self.start();
-        self.flush();
+        self.arm();
+        self.submit_ring();
         n
     }
 
@@ -682,7 +766,12 @@ impl BlockQueue for RemoteQueue {
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.ep.as_raw_fd())
+        Some(self.ring_efd.as_raw_fd())
+    }
+
+    fn wait_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.ring_efd.as_raw_fd());
+        out.push(self.sh.evt.as_raw_fd());
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -710,5 +799,31 @@ impl Drop for RemoteQueue {
     fn drop(&mut self) {
         self.sh.closed.store(true, Ordering::Release);
         self.dev.poke();
+        if let Some(c) = self.conn.take() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            self.dead = Some(c.stream);
+        }
+        let deadline = Instant::now() + DRAIN_WAIT;
+        let _ = self.ring.submit();
+        while self.ops > 0 && Instant::now() < deadline {
+            for _ in self.ring.completion() {
+                self.ops = self.ops.saturating_sub(1);
+            }
+            if self.ops > 0 {
+                let ts = types::Timespec::new().nsec(10_000_000);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                let _ = self.ring.submitter().submit_with_args(1, &args);
+            }
+        }
+        if self.ops > 0 {
+            // The kernel still owns the buffers: leak them rather than let it write into
+            // freed memory.
+            tracing::error!(
+                qid = self.sh.qid,
+                "NVMe/TCP queue dropped with socket operations still in the kernel; buffers leaked"
+            );
+            std::mem::forget(std::mem::take(&mut self.rx));
+            std::mem::forget(std::mem::take(&mut self.sending));
+        }
     }
 }

@@ -144,18 +144,31 @@ pub fn wait_poll(q: &mut dyn BlockQueue, done: &mut dyn FnMut(IoCommand, Status)
     if n > 0 {
         return n;
     }
-    let fd = q.completion_fd().expect("completion fd");
+    // A reused vector: waiting allocates nothing (the zero-allocation test runs this).
+    thread_local!(static FDS: std::cell::RefCell<Vec<i32>> = std::cell::RefCell::new(Vec::with_capacity(8)));
+    let mut fds = [-1; 4];
+    FDS.with(|v| {
+        let mut v = v.borrow_mut();
+        v.clear();
+        q.wait_fds(&mut v);
+        for (d, s) in fds.iter_mut().zip(v.iter()) {
+            *d = *s;
+        }
+    });
     let mut ms = 100;
     if let Some(d) = q.next_deadline() {
         ms = ms.min(d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1);
     }
-    let mut p = libc::pollfd {
-        fd,
+    let mut p = [libc::pollfd {
+        fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) };
+    }; 4];
+    for (p, fd) in p.iter_mut().zip(fds) {
+        p.fd = fd;
+    }
+    // SAFETY: a valid array of pollfds (unused ones have fd -1).
+    unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
     q.poll(done)
 }
 
