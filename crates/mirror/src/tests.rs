@@ -39,6 +39,9 @@ struct Flaky {
     /// Reads to fail (counted down).
     fail_reads: Arc<AtomicU32>,
     spy: Option<Arc<Spy>>,
+    /// Microseconds each write of 64 KiB or more (a region copy's) waits in `submit`
+    /// (widens race windows).
+    write_delay_us: u64,
 }
 
 /// Checks, for every write that reaches the leg, that the bitmap file already has the
@@ -55,6 +58,7 @@ struct FlakyQueue {
     fail_writes: Arc<AtomicBool>,
     fail_reads: Arc<AtomicU32>,
     spy: Option<Arc<Spy>>,
+    write_delay_us: u64,
     ready: VecDeque<(IoCommand, Status)>,
 }
 
@@ -68,6 +72,7 @@ impl BlockDevice for Flaky {
             fail_writes: self.fail_writes.clone(),
             fail_reads: self.fail_reads.clone(),
             spy: self.spy.clone(),
+            write_delay_us: self.write_delay_us,
             ready: VecDeque::with_capacity(depth as usize * 2),
         }))
     }
@@ -78,6 +83,9 @@ impl BlockDevice for Flaky {
 
 impl BlockQueue for FlakyQueue {
     fn submit(&mut self, cmd: IoCommand) {
+        if cmd.opcode.is_write() && self.write_delay_us > 0 && cmd.nlb >= 128 {
+            std::thread::sleep(Duration::from_micros(self.write_delay_us));
+        }
         if let Some(spy) = self.spy.as_ref().filter(|_| cmd.opcode.is_write()) {
             let info = read_bitmap(&spy.bitmap).unwrap();
             let a = cmd.slba / spy.region_blocks;
@@ -138,6 +146,7 @@ fn flaky(inner: Arc<dyn BlockDevice>) -> (Arc<dyn BlockDevice>, Flags) {
             fail_writes: f.fail_writes.clone(),
             fail_reads: f.fail_reads.clone(),
             spy: None,
+            write_delay_us: 0,
         }),
         f,
     )
@@ -669,6 +678,7 @@ fn a_write_reaches_a_leg_only_after_its_bits_are_durable() {
             fail_writes: Arc::new(AtomicBool::new(false)),
             fail_reads: Arc::new(AtomicU32::new(0)),
             spy: Some(spy.clone()),
+            write_delay_us: 0,
         })
     };
     let (a, b) = (mk("a"), mk("b"));
@@ -720,4 +730,65 @@ fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
         .err()
         .unwrap();
     assert!(e.msg.contains("no leg is healthy"), "{e}");
+}
+
+/// Guest writes land in the region a resync is copying (each on a block of its own, so
+/// no later write hides a stale copy), with the copy's writes slowed down: the copy must
+/// never leave older data on the returning leg.
+#[test]
+fn a_resync_never_overwrites_newer_guest_data() {
+    let d = tmpdir("race");
+    let a = file_dev(&d.join("a"));
+    let fail = Arc::new(AtomicBool::new(false));
+    let b: Arc<dyn BlockDevice> = Arc::new(Flaky {
+        inner: file_dev(&d.join("b")),
+        fail_writes: fail.clone(),
+        fail_reads: Arc::new(AtomicU32::new(0)),
+        spy: None,
+        write_delay_us: 3000,
+    });
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.probe_interval = Duration::from_millis(200);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
+    let region = 64u64 << 10;
+    let rb = region / BS as u64;
+    let regions = (SIZE / region) as usize;
+    // b goes away; every region is written (so the resync copies them all, in order).
+    fail.store(true, SeqCst);
+    let mut dr = Drv::new(&*m, 4);
+    for r in 0..regions as u64 {
+        let mut buf = vec![0xeeu8; BS];
+        assert!(dr.write(r * rb, &mut buf).is_ok());
+    }
+    assert_eq!(state(&m, "b"), LegState::Faulted);
+    fail.store(false, SeqCst);
+    let mut next = vec![1u64; regions];
+    let mut writes = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while state(&m, "b") != LegState::Healthy {
+        assert!(Instant::now() < end, "the resync did not finish");
+        let l = &m.status().legs[1];
+        if l.state != LegState::Syncing {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        // The region being copied: the write lands on both legs between the copy's read
+        // and its (slow) write.
+        let r = (l.sync_done / region) as usize;
+        if r >= regions || next[r] >= rb {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let lba = r as u64 * rb + next[r];
+        next[r] += 1;
+        let mut buf = vec![(lba % 251) as u8 + 1; BS];
+        assert!(dr.write(lba, &mut buf).is_ok());
+        writes += 1;
+    }
+    assert!(writes > 20, "{writes} writes during the resync");
+    assert_eq!(m.status().resynced_regions, regions as u64);
+    drop(dr);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
 }
