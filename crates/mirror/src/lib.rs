@@ -44,12 +44,9 @@
 //!   a mirror whose legs shrank below the file's size is refused).
 //! * Legs live in fixed slots (0..8); the preferred source is the Healthy leg in the
 //!   lowest slot, which is `legs[0]` of `open` unless legs were removed and added since.
-//!
-//! # Known limitation
-//! A read repair races with a guest write of the same blocks issued while the repair write
-//! is in flight: the failing leg may then keep the older data on those blocks until the
-//! next resync of that region. (A guest that reads and writes the same blocks at once gets
-//! no defined result anyway; the legs may differ there.)
+//! * A read repair that may have raced a guest write of the same regions (a write was in
+//!   flight or issued between the retry read and the end of the repair) faults the
+//!   repaired leg, so it resyncs those regions instead of keeping older data (rare).
 //!
 //! # Bitmap file format (version 1, all integers little-endian)
 //! ```text

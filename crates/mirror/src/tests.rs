@@ -493,7 +493,9 @@ fn a_crash_during_a_full_copy_resumes_and_converges() {
     wait_for("b to be healthy", Duration::from_secs(30), || {
         state(&m, "b") == LegState::Healthy
     });
-    assert_eq!(m.status().full_copies, 1);
+    wait_for("the full copy to count", Duration::from_secs(5), || {
+        m.status().full_copies == 1
+    });
     m.shutdown();
     assert_files_equal(&d.join("a"), &d.join("b"));
     assert!(std::fs::read(d.join("a")).unwrap() == shadow);
@@ -789,6 +791,56 @@ fn a_resync_never_overwrites_newer_guest_data() {
     assert!(writes > 20, "{writes} writes during the resync");
     assert_eq!(m.status().resynced_regions, regions as u64);
     drop(dr);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
+}
+
+/// A read repair racing a guest write of the same region faults the repaired leg (which
+/// then resyncs), instead of leaving it with older data.
+#[test]
+fn a_read_repair_that_races_a_write_resyncs_the_leg() {
+    let d = tmpdir("repairrace");
+    let (a, flags) = flaky(file_dev(&d.join("a")));
+    let b = file_dev(&d.join("b"));
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.probe_interval = Duration::from_secs(3600);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
+    let mut dr = Drv::new(&*m, 4);
+    let mut rbuf = vec![0u8; 8 * BS];
+    let mut wbuf = vec![0x77u8; 8 * BS];
+    flags.fail_reads.store(1, SeqCst);
+    // The read (fails on a, retried on b, repaired) and a write to blocks next to it, in
+    // the same region, in flight together.
+    let mut sg = SgList::default();
+    sg.push(rbuf.as_mut_ptr(), rbuf.len());
+    dr.q.submit(IoCommand::new(Opcode::Read, 0, 8, 1, sg));
+    let mut sg = SgList::default();
+    sg.push(wbuf.as_mut_ptr(), wbuf.len());
+    dr.q.submit(IoCommand::new(Opcode::Write, 8, 8, 2, sg));
+    dr.q.kick();
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        dr.reap(&mut out);
+    }
+    assert!(out.iter().all(|(_, st)| st.is_ok()));
+    assert_eq!(state(&m, "a"), LegState::Faulted);
+    let info = read_bitmap(&d.join("bitmap")).unwrap();
+    assert_eq!(
+        info.legs[0].state,
+        LegState::Faulted,
+        "durable before the ack"
+    );
+    assert!(info.dirty.contains(&0));
+    drop(dr);
+    m.shutdown();
+    drop(m);
+    // It comes back and resyncs.
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), cfg()).unwrap();
+    wait_for("a to be healthy", Duration::from_secs(30), || {
+        state(&m, "a") == LegState::Healthy
+    });
+    assert!(m.status().resynced_regions >= 1);
     m.shutdown();
     assert_files_equal(&d.join("a"), &d.join("b"));
 }
