@@ -519,12 +519,15 @@ impl Inner {
             writes += 1;
         }
         self.counters.bitmap_writes.fetch_add(writes, SeqCst);
+        // A bit set again after a lazy clear that never reached the file needs no write,
+        // but its parked command still needs the wake-up.
+        let mut changed = false;
         for (d, s) in self.durable.iter().zip(snap.iter()) {
-            d.store(*s, SeqCst);
+            changed |= d.swap(*s, SeqCst) != *s;
         }
         self.table_durable.store(tv, SeqCst);
         drop(ws);
-        if writes > 0 {
+        if writes > 0 || changed {
             self.signal_queues();
         }
         Ok(())
@@ -610,8 +613,9 @@ impl MirrorDevice {
     /// Open (or create, when the file is missing) the bitmap file at `bitmap`, with the
     /// legs in order (legs[0] is the preferred source). Leg states come from the file's
     /// leg table, matched by name; a leg new to the file starts Syncing with a full copy
-    /// unless it is in `cfg.assume_clean` (or is legs[0] of a new file). Starts the bitmap
-    /// writer and the sync thread.
+    /// unless it is in `cfg.assume_clean` (or is legs[0] of a new file). Legs of the file
+    /// that are not given are forgotten (given again later, they get a full copy). Fails
+    /// when no leg is Healthy. Starts the bitmap writer and the sync thread.
     pub fn open(legs: Vec<Leg>, bitmap: &Path, cfg: MirrorConfig) -> Result<Arc<MirrorDevice>> {
         if legs.is_empty() || legs.len() > MAX_LEGS {
             return Err(invalid(format!(
@@ -701,6 +705,11 @@ impl MirrorDevice {
             info.write_zeroes &= i.write_zeroes;
             info.volatile_cache |= i.volatile_cache;
             info.max_transfer = info.max_transfer.min(i.max_transfer);
+        }
+        for r in &header.legs {
+            if !legs.iter().any(|l| l.name == r.name) {
+                tracing::warn!(leg = %r.name, "mirror bitmap: a leg of the file is not given; forgetting it");
+            }
         }
         let mut slots: Vec<Option<Arc<LegShared>>> = vec![None; MAX_LEGS];
         for (i, l) in legs.into_iter().enumerate() {
