@@ -705,8 +705,13 @@ fn a_write_reaches_a_leg_only_after_its_bits_are_durable() {
 #[test]
 fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
     let d = tmpdir("allfail");
-    let (a, fa) = flaky(file_dev(&d.join("a")));
-    let (b, fb) = flaky(file_dev(&d.join("b")));
+    // Memory legs complete at once: an acknowledgement that did not wait for the bitmap
+    // writer would beat it.
+    let mem = || -> Arc<dyn BlockDevice> {
+        Arc::new(nvmux_backend::MemoryDevice::new(SIZE, BS as u32, false).unwrap())
+    };
+    let (a, fa) = flaky(mem());
+    let (b, fb) = flaky(mem());
     let mut c = cfg();
     c.assume_clean = vec!["b".into()];
     c.probe_interval = Duration::from_secs(3600);
@@ -716,6 +721,9 @@ fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
     assert!(dr.write(8, &mut buf).is_ok());
     fb.fail_writes.store(true, SeqCst);
     assert!(dr.write(8, &mut buf).is_ok(), "a still has it");
+    // Acknowledged only once the fault is durable.
+    let info = read_bitmap(&d.join("bitmap")).unwrap();
+    assert_eq!(info.legs[1].state, LegState::Faulted);
     fa.fail_writes.store(true, SeqCst);
     assert_eq!(dr.write(8, &mut buf), Status::WRITE_FAULT);
     assert_eq!(state(&m, "a"), LegState::Faulted);
