@@ -49,12 +49,9 @@
 //!   in solo mode has completed, so the full copy cannot miss one), starts the threads.
 //! * Legs live in fixed slots (0..8); the preferred source is the Healthy leg in the
 //!   lowest slot, which is `legs[0]` of `open` unless legs were removed and added since.
-//!
-//! # Known limitation
-//! A read repair races with a guest write of the same blocks issued while the repair write
-//! is in flight: the failing leg may then keep the older data on those blocks until the
-//! next resync of that region. (A guest that reads and writes the same blocks at once gets
-//! no defined result anyway; the legs may differ there.)
+//! * A read repair that may have raced a guest write of the same regions (a write was in
+//!   flight or issued between the retry read and the end of the repair) faults the
+//!   repaired leg, so it resyncs those regions instead of keeping older data (rare).
 //!
 //! # Bitmap file format (version 1, all integers little-endian)
 //! ```text
@@ -560,12 +557,15 @@ impl Inner {
             writes += 1;
         }
         self.counters.bitmap_writes.fetch_add(writes, SeqCst);
+        // A bit set again after a lazy clear that never reached the file needs no write,
+        // but its parked command still needs the wake-up.
+        let mut changed = false;
         for (d, s) in self.durable.iter().zip(snap.iter()) {
-            d.store(*s, SeqCst);
+            changed |= d.swap(*s, SeqCst) != *s;
         }
         self.table_durable.store(tv, SeqCst);
         drop(guard);
-        if writes > 0 {
+        if writes > 0 || changed {
             self.signal_queues();
         }
         Ok(())
@@ -663,8 +663,9 @@ impl MirrorDevice {
     /// Open (or create, when the file is missing) the bitmap file at `bitmap`, with the
     /// legs in order (legs[0] is the preferred source). Leg states come from the file's
     /// leg table, matched by name; a leg new to the file starts Syncing with a full copy
-    /// unless it is in `cfg.assume_clean` (or is legs[0] of a new file). Starts the bitmap
-    /// writer and the sync thread.
+    /// unless it is in `cfg.assume_clean` (or is legs[0] of a new file). Legs of the file
+    /// that are not given are forgotten (given again later, they get a full copy). Fails
+    /// when no leg is Healthy. Starts the bitmap writer and the sync thread.
     pub fn open(legs: Vec<Leg>, bitmap: &Path, cfg: MirrorConfig) -> Result<Arc<MirrorDevice>> {
         if legs.is_empty() || legs.len() > MAX_LEGS {
             return Err(invalid(format!(
@@ -770,6 +771,11 @@ impl MirrorDevice {
         } else {
             None
         };
+        for r in &header.legs {
+            if !legs.iter().any(|l| l.name == r.name) {
+                tracing::warn!(leg = %r.name, "mirror bitmap: a leg of the file is not given; forgetting it");
+            }
+        }
         let mut slots: Vec<Option<Arc<LegShared>>> = vec![None; MAX_LEGS];
         for (i, l) in legs.into_iter().enumerate() {
             let rec = header.legs.iter().find(|r| r.name == l.name);

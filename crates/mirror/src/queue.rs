@@ -44,6 +44,12 @@ struct Slot {
     solo: bool,
     tried: u8,
     failed: u8,
+    /// Read retry: the regions' summed write generations when the retry was issued, and
+    /// whether a write was in flight on them then (a repair may then race a guest write).
+    gen0: u32,
+    raced: bool,
+    /// Legs a repair write went to.
+    repaired: u8,
     status: Status,
 }
 
@@ -66,6 +72,9 @@ impl Slot {
             solo: false,
             tried: 0,
             failed: 0,
+            gen0: 0,
+            raced: false,
+            repaired: 0,
             status: Status::SUCCESS,
         }
     }
@@ -184,6 +193,8 @@ impl MirrorQueue {
         slot.tracked = None;
         slot.tried = 0;
         slot.failed = 0;
+        slot.raced = false;
+        slot.repaired = 0;
         slot.pending = 0;
         slot.healthy_mask = 0;
         let op = cmd.opcode;
@@ -376,6 +387,7 @@ impl MirrorQueue {
             let sub = IoCommand::new(Opcode::Write, cmd.slba, cmd.nlb, s as u64, sg);
             ql.q.submit(sub);
             ql.outstanding += 1;
+            slot.repaired |= 1 << i;
             slot.pending += 1;
             self.kick_mask |= 1 << i;
         }
@@ -462,6 +474,12 @@ impl MirrorQueue {
                     inner.counters.read_retries.fetch_add(1, SeqCst);
                     slot.failed |= 1 << i;
                     slot.err = st;
+                    // What the retry reads is what a repair writes back: note the writes
+                    // that could race with it (see `repair_done`).
+                    let (g, busy) = self.region_gens(s);
+                    let slot = &mut self.slots[s as usize];
+                    slot.gen0 = g;
+                    slot.raced |= busy;
                     self.issue_read(s);
                 }
             }
@@ -474,11 +492,50 @@ impl MirrorQueue {
                 }
                 slot.pending = slot.pending.saturating_sub(1);
                 if slot.pending == 0 {
-                    self.finish(s, Status::SUCCESS);
+                    self.repair_done(s);
                 }
             }
             Phase::Idle => {}
         }
+    }
+
+    /// The summed write generations of a command's regions, and whether a write is in
+    /// flight on them.
+    fn region_gens(&self, s: u32) -> (u32, bool) {
+        let inner = &*self.inner;
+        let Some(cmd) = self.slots[s as usize].cmd.as_ref() else {
+            return (0, false);
+        };
+        let (a, b) = inner.regions_of(cmd.slba, cmd.nlb);
+        let mut g = 0u32;
+        let mut busy = false;
+        for r in a..=b {
+            g = g.wrapping_add(inner.gen[r as usize].load(SeqCst));
+            busy |= inner.inflight[r as usize].load(SeqCst) != 0;
+        }
+        (g, busy)
+    }
+
+    /// A repair write that may have raced a guest write of the same regions (one was in
+    /// flight, or issued, since the retry read) may have left older data on the repaired
+    /// leg: fault that leg, so that it resyncs those regions (their bits stay set: no bit
+    /// clears while a leg is faulted). Rare: a guest reading and writing the same blocks
+    /// at once while a leg fails reads.
+    fn repair_done(&mut self, s: u32) {
+        let (g, busy) = self.region_gens(s);
+        let slot = &self.slots[s as usize];
+        if slot.raced || busy || g != slot.gen0 {
+            let mask = slot.repaired;
+            let mut need = slot.table_need;
+            for (i, ql) in self.legs.iter().enumerate() {
+                if let Some(ql) = ql.as_ref().filter(|_| mask & (1 << i) != 0) {
+                    tracing::warn!(leg = %ql.leg.name, "mirror: a read repair raced a write; resyncing the leg");
+                    need = need.max(self.inner.fault_leg(&ql.leg));
+                }
+            }
+            self.slots[s as usize].table_need = need;
+        }
+        self.finish(s, Status::SUCCESS);
     }
 
     fn kick_legs(&mut self) {

@@ -348,14 +348,14 @@ impl Syncer {
             )
             .is_ok()
         {
+            if full {
+                inner.counters.full_copies.fetch_add(1, SeqCst);
+            }
             leg.cursor.store(regions, SeqCst);
             leg.sync_done.store(0, SeqCst);
             leg.sync_total.store(0, SeqCst);
             let v = inner.table_changed();
             inner.wait_table(v, Duration::from_secs(10));
-            if full {
-                inner.counters.full_copies.fetch_add(1, SeqCst);
-            }
             tracing::info!(leg = %leg.name, full, "mirror leg in sync: healthy");
         }
     }

@@ -39,6 +39,9 @@ struct Flaky {
     /// Reads to fail (counted down).
     fail_reads: Arc<AtomicU32>,
     spy: Option<Arc<Spy>>,
+    /// Microseconds each write of 64 KiB or more (a region copy's) waits in `submit`
+    /// (widens race windows).
+    write_delay_us: u64,
 }
 
 /// Checks, for every write that reaches the leg, that the bitmap file already has the
@@ -55,6 +58,7 @@ struct FlakyQueue {
     fail_writes: Arc<AtomicBool>,
     fail_reads: Arc<AtomicU32>,
     spy: Option<Arc<Spy>>,
+    write_delay_us: u64,
     ready: VecDeque<(IoCommand, Status)>,
 }
 
@@ -68,6 +72,7 @@ impl BlockDevice for Flaky {
             fail_writes: self.fail_writes.clone(),
             fail_reads: self.fail_reads.clone(),
             spy: self.spy.clone(),
+            write_delay_us: self.write_delay_us,
             ready: VecDeque::with_capacity(depth as usize * 2),
         }))
     }
@@ -78,6 +83,9 @@ impl BlockDevice for Flaky {
 
 impl BlockQueue for FlakyQueue {
     fn submit(&mut self, cmd: IoCommand) {
+        if cmd.opcode.is_write() && self.write_delay_us > 0 && cmd.nlb >= 128 {
+            std::thread::sleep(Duration::from_micros(self.write_delay_us));
+        }
         if let Some(spy) = self.spy.as_ref().filter(|_| cmd.opcode.is_write()) {
             let info = read_bitmap(&spy.bitmap).unwrap();
             let a = cmd.slba / spy.region_blocks;
@@ -138,6 +146,7 @@ fn flaky(inner: Arc<dyn BlockDevice>) -> (Arc<dyn BlockDevice>, Flags) {
             fail_writes: f.fail_writes.clone(),
             fail_reads: f.fail_reads.clone(),
             spy: None,
+            write_delay_us: 0,
         }),
         f,
     )
@@ -484,7 +493,9 @@ fn a_crash_during_a_full_copy_resumes_and_converges() {
     wait_for("b to be healthy", Duration::from_secs(30), || {
         state(&m, "b") == LegState::Healthy
     });
-    assert_eq!(m.status().full_copies, 1);
+    wait_for("the full copy to count", Duration::from_secs(5), || {
+        m.status().full_copies == 1
+    });
     m.shutdown();
     assert_files_equal(&d.join("a"), &d.join("b"));
     assert!(std::fs::read(d.join("a")).unwrap() == shadow);
@@ -671,6 +682,7 @@ fn a_write_reaches_a_leg_only_after_its_bits_are_durable() {
             fail_writes: Arc::new(AtomicBool::new(false)),
             fail_reads: Arc::new(AtomicU32::new(0)),
             spy: Some(spy.clone()),
+            write_delay_us: 0,
         })
     };
     let (a, b) = (mk("a"), mk("b"));
@@ -695,8 +707,13 @@ fn a_write_reaches_a_leg_only_after_its_bits_are_durable() {
 #[test]
 fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
     let d = tmpdir("allfail");
-    let (a, fa) = flaky(file_dev(&d.join("a")));
-    let (b, fb) = flaky(file_dev(&d.join("b")));
+    // Memory legs complete at once: an acknowledgement that did not wait for the bitmap
+    // writer would beat it.
+    let mem = || -> Arc<dyn BlockDevice> {
+        Arc::new(nvmux_backend::MemoryDevice::new(SIZE, BS as u32, false).unwrap())
+    };
+    let (a, fa) = flaky(mem());
+    let (b, fb) = flaky(mem());
     let mut c = cfg();
     c.assume_clean = vec!["b".into()];
     c.probe_interval = Duration::from_secs(3600);
@@ -706,6 +723,9 @@ fn a_write_that_fails_on_every_leg_fails_and_then_nothing_is_healthy() {
     assert!(dr.write(8, &mut buf).is_ok());
     fb.fail_writes.store(true, SeqCst);
     assert!(dr.write(8, &mut buf).is_ok(), "a still has it");
+    // Acknowledged only once the fault is durable.
+    let info = read_bitmap(&d.join("bitmap")).unwrap();
+    assert_eq!(info.legs[1].state, LegState::Faulted);
     fa.fail_writes.store(true, SeqCst);
     assert_eq!(dr.write(8, &mut buf), Status::WRITE_FAULT);
     assert_eq!(state(&m, "a"), LegState::Faulted);
@@ -754,6 +774,117 @@ fn solo_mirror_has_no_file_until_a_leg_is_added_and_misses_no_write() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     drop(dr);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
+}
+
+/// Guest writes land in the region a resync is copying (each on a block of its own, so
+/// no later write hides a stale copy), with the copy's writes slowed down: the copy must
+/// never leave older data on the returning leg.
+#[test]
+fn a_resync_never_overwrites_newer_guest_data() {
+    let d = tmpdir("race");
+    let a = file_dev(&d.join("a"));
+    let fail = Arc::new(AtomicBool::new(false));
+    let b: Arc<dyn BlockDevice> = Arc::new(Flaky {
+        inner: file_dev(&d.join("b")),
+        fail_writes: fail.clone(),
+        fail_reads: Arc::new(AtomicU32::new(0)),
+        spy: None,
+        write_delay_us: 3000,
+    });
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.probe_interval = Duration::from_millis(200);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
+    let region = 64u64 << 10;
+    let rb = region / BS as u64;
+    let regions = (SIZE / region) as usize;
+    // b goes away; every region is written (so the resync copies them all, in order).
+    fail.store(true, SeqCst);
+    let mut dr = Drv::new(&*m, 4);
+    for r in 0..regions as u64 {
+        let mut buf = vec![0xeeu8; BS];
+        assert!(dr.write(r * rb, &mut buf).is_ok());
+    }
+    assert_eq!(state(&m, "b"), LegState::Faulted);
+    fail.store(false, SeqCst);
+    let mut next = vec![1u64; regions];
+    let mut writes = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while state(&m, "b") != LegState::Healthy {
+        assert!(Instant::now() < end, "the resync did not finish");
+        let l = &m.status().legs[1];
+        if l.state != LegState::Syncing {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        // The region being copied: the write lands on both legs between the copy's read
+        // and its (slow) write.
+        let r = (l.sync_done / region) as usize;
+        if r >= regions || next[r] >= rb {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let lba = r as u64 * rb + next[r];
+        next[r] += 1;
+        let mut buf = vec![(lba % 251) as u8 + 1; BS];
+        assert!(dr.write(lba, &mut buf).is_ok());
+        writes += 1;
+    }
+    assert!(writes > 20, "{writes} writes during the resync");
+    assert_eq!(m.status().resynced_regions, regions as u64);
+    drop(dr);
+    m.shutdown();
+    assert_files_equal(&d.join("a"), &d.join("b"));
+}
+
+/// A read repair racing a guest write of the same region faults the repaired leg (which
+/// then resyncs), instead of leaving it with older data.
+#[test]
+fn a_read_repair_that_races_a_write_resyncs_the_leg() {
+    let d = tmpdir("repairrace");
+    let (a, flags) = flaky(file_dev(&d.join("a")));
+    let b = file_dev(&d.join("b"));
+    let mut c = cfg();
+    c.assume_clean = vec!["b".into()];
+    c.probe_interval = Duration::from_secs(3600);
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), c).unwrap();
+    let mut dr = Drv::new(&*m, 4);
+    let mut rbuf = vec![0u8; 8 * BS];
+    let mut wbuf = vec![0x77u8; 8 * BS];
+    flags.fail_reads.store(1, SeqCst);
+    // The read (fails on a, retried on b, repaired) and a write to blocks next to it, in
+    // the same region, in flight together.
+    let mut sg = SgList::default();
+    sg.push(rbuf.as_mut_ptr(), rbuf.len());
+    dr.q.submit(IoCommand::new(Opcode::Read, 0, 8, 1, sg));
+    let mut sg = SgList::default();
+    sg.push(wbuf.as_mut_ptr(), wbuf.len());
+    dr.q.submit(IoCommand::new(Opcode::Write, 8, 8, 2, sg));
+    dr.q.kick();
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        dr.reap(&mut out);
+    }
+    assert!(out.iter().all(|(_, st)| st.is_ok()));
+    assert_eq!(state(&m, "a"), LegState::Faulted);
+    let info = read_bitmap(&d.join("bitmap")).unwrap();
+    assert_eq!(
+        info.legs[0].state,
+        LegState::Faulted,
+        "durable before the ack"
+    );
+    assert!(info.dirty.contains(&0));
+    drop(dr);
+    m.shutdown();
+    drop(m);
+    // It comes back and resyncs.
+    let m = MirrorDevice::open(vec![leg("a", &a), leg("b", &b)], &d.join("bitmap"), cfg()).unwrap();
+    wait_for("a to be healthy", Duration::from_secs(30), || {
+        state(&m, "a") == LegState::Healthy
+    });
+    assert!(m.status().resynced_regions >= 1);
     m.shutdown();
     assert_files_equal(&d.join("a"), &d.join("b"));
 }
