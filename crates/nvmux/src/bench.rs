@@ -260,7 +260,7 @@ fn nvmf_probe(a: &BenchArgs) -> Res {
             let grp = u32::from_le_bytes(page[off..off + 4].try_into().map_err(|_| "ana")?);
             let nns =
                 u32::from_le_bytes(page[off + 4..off + 8].try_into().map_err(|_| "ana")?) as usize;
-            let state = match page[off + 24] & 0x0f {
+            let state = match page[off + 16] & 0x0f {
                 1 => "optimized",
                 2 => "non-optimized",
                 3 => "inaccessible",
