@@ -90,6 +90,20 @@
 #                        (its chardev has reconnect=1 and never needs it), the daemon logs
 #                        no client (dis)connect after the first, and each upgrade changed
 #                        the daemon's pid (tests/vm/guest-upgrade.sh)
+#   nvmf-backend         (nvmux only) a disk on a remote NVMe/TCP namespace (--backend
+#                        nvmf, two paths) served by the guest kernel's nvmet-tcp in a
+#                        target VM (tests/vm/guest-nvmet-target.sh, ports forwarded with
+#                        boot.sh --hostfwd); nvmux bench verify over vhost-user, then a
+#                        20 s verify run while port 1 is unlinked in the target 5 s in:
+#                        0 errors, prints the failover time (disk show's last_failover_ms
+#                        and the client's longest stall), failovers >= 1, active path P2
+#   mirror-net           (nvmux only) a mirror leg on a second daemon over NVMe/TCP; the
+#                        guest's fio --verify runs on while that daemon is killed -9 and
+#                        restarted; the leg faults, resyncs only dirty regions
+#                        (0 < resynced_regions < regions); cmp of the two files at the end
+#   disk-move            (nvmux only) nvmux disk move to a second daemon's namespace under
+#                        the guest's fio --verify; then a second boot's --verify_only
+#                        reads the data back from the remote
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -1068,10 +1082,22 @@ fi
 # --- remote backends and mirrors (issue 20) ---------------------------------------------
 # Helpers shared by nvmf-backend, mirror-net and disk-move.
 
-# json_path FILE EXPR: a value from a JSON file; EXPR is Python on the parsed document d
-# (prints nothing when it fails).
+# json_path FILE EXPR: a value from a JSON file; EXPR is Python on the parsed document d,
+# where find(x, KEY) is the first value of KEY anywhere in x (depth first), so that the
+# checks do not depend on where the API nests "remote" (prints nothing when it fails).
 json_path() {
     python3 -c 'import json, sys
+def find(x, key):
+    if isinstance(x, dict):
+        if key in x:
+            return x[key]
+        x = list(x.values())
+    if isinstance(x, list):
+        for v in x:
+            r = find(v, key)
+            if r is not None:
+                return r
+    return None
 try:
     d = json.load(open(sys.argv[1]))
     print(eval(sys.argv[2]))
@@ -1218,7 +1244,7 @@ else
         vline=$(grep '^verify: [0-9]' "$work/nvmf-backend-verify2.out" | tail -n1)
         echo "   $vline"
         "$NVMUX_BIN" --api "$api" --json disk show r > "$work/nvmf-backend-show.json" 2> "$work/nvmf-backend-show.err" || true
-        rem='(d.get("remote") or d.get("disk", {}).get("remote"))'
+        rem='find(d, "remote")'
         failovers=$(json_path "$work/nvmf-backend-show.json" "$rem[\"failovers\"]")
         fo_ms=$(json_path "$work/nvmf-backend-show.json" "$rem[\"last_failover_ms\"]")
         active=$(json_path "$work/nvmf-backend-show.json" "[p[\"addr\"] for p in $rem[\"paths\"] if p.get(\"active\")][0]")
@@ -1430,8 +1456,8 @@ else
         cat "$work/disk-move.out"
         grep -a '^test: ' "$work/disk-move.log" || true
         "$NVMUX_BIN" --api "$lapi" --json disk show mv > "$work/move-show.json" 2>&1 || true
-        backend=$(json_path "$work/move-show.json" '(d.get("disk", d))["backend"]')
-        echo "== disk show mv: backend ${backend:-?}; remote paths $(json_path "$work/move-show.json" '[p["addr"] for p in (d.get("disk", d))["remote"]["paths"]]')"
+        backend=$(json_path "$work/move-show.json" '(lambda b: b.get("type") if isinstance(b, dict) else b)(find(d, "backend"))')
+        echo "== disk show mv: backend ${backend:-?}; remote paths $(json_path "$work/move-show.json" '[p["addr"] for p in find(d, "remote")["paths"]]')"
         if [[ -z $why ]] && ((rc != 0)); then
             why="the guest failed during the move (boot status $rc, log $work/disk-move.log)"
         elif [[ -z $why ]] && ! grep -q "127.0.0.1:$vport" "$work/move-show.json"; then
