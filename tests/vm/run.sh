@@ -1127,12 +1127,13 @@ stop_pid() {
 
 # remote_target API NAME IMG NQN PORT: a 64 MiB file disk NAME on IMG served as namespace
 # 1 of subsystem NQN on 127.0.0.1:PORT to any host (the remote end of a mirror leg or a
-# move).
+# move), checked with the bench crate's initiator (nvmf-probe, read-only).
 remote_target() {
     rm -f "$3"
     "$NVMUX_BIN" --api "$1" disk create "$2" --backend file --path "$3" --size 64M &&
     "$NVMUX_BIN" --api "$1" subsystem create "$4" --listen "127.0.0.1:$5" --allow-any-host &&
-    "$NVMUX_BIN" --api "$1" subsystem add-ns "$4" "$2" --nsid 1
+    "$NVMUX_BIN" --api "$1" subsystem add-ns "$4" "$2" --nsid 1 &&
+    timeout 30 "$NVMUX_BIN" bench nvmf-probe --remote "$4@127.0.0.1:$5" --read-only
 }
 
 # target_cmd CTLPORT LOG COMMAND...: send one command to guest-nvmet-target.sh and wait
