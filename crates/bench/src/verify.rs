@@ -363,6 +363,7 @@ impl Run {
         if got == 0 && self.inflight > 0 {
             let waited = self.last_progress.elapsed();
             if waited > self.io_timeout {
+                self.s.longest_stall = self.s.longest_stall.max(waited);
                 return Err(format!(
                     "{} requests in flight and none completed for {} s: giving up",
                     self.inflight,
@@ -460,9 +461,10 @@ fn load_map(path: &Path, seed: u64, units: usize) -> Result<Vec<u64>> {
     Ok(b[24..].chunks_exact(8).map(|w| u64_at(w, 0)).collect())
 }
 
-/// Run the load (or, with `verify_only`, the read-back) and return what it saw. Errors are
-/// failures of the tool or the connection (including no progress for `io_timeout`), not
-/// I/O errors or mismatches, which the summary counts.
+/// Run the load (or, with `verify_only`, the read-back) and return what it saw. I/O errors
+/// and mismatches are counted in the summary, and so are the requests still in flight
+/// when the run gives up (no completion for `io_timeout`, or a failed connection). Errors
+/// are bad arguments, a failed connect, or an unreadable or unwritable map.
 pub fn run_verify(a: &VerifyArgs) -> Result<VerifySummary> {
     let mut sizes = a.block_sizes.clone();
     sizes.retain(|&b| b > 0);
@@ -509,26 +511,42 @@ pub fn run_verify(a: &VerifyArgs) -> Result<VerifySummary> {
         written_bytes: 0,
         completions: (0..a.qd.max(1)).map(|_| MaybeUninit::uninit()).collect(),
     };
-    if a.verify_only {
-        r.read_all(false)?;
-        return Ok(r.s);
-    }
-    let result = match a.passes {
-        Some(p) => {
-            let target = p.saturating_mul(capacity);
-            r.mixed(&|r: &Run| r.written_bytes >= target)
-        }
-        None => {
-            let end = Instant::now() + Duration::from_secs(a.seconds);
-            r.mixed(&|_: &Run| Instant::now() >= end)
-        }
+    let result = if a.verify_only {
+        r.read_all(false)
+    } else {
+        r.write_run(a).and_then(|()| r.read_all(true))
     };
-    result?;
-    r.read_all(true)?;
-    if let Some(p) = &a.map {
+    if let Err(e) = result {
+        // No progress for io_timeout, or the connection failed: what is still in flight
+        // counts as failed, and the summary says what was seen until then.
+        eprintln!("verify: {e}");
+        r.s.errors += r.inflight.max(1) as u64;
+        let s = r.s.clone();
+        // Tearing the libblkio instance down talks to the server, which may be the one
+        // that stopped answering: leave it to the process's exit instead.
+        std::mem::forget(r);
+        return Ok(s);
+    }
+    if let (Some(p), false) = (&a.map, a.verify_only) {
         save_map(p, a.seed, &r.map)?;
     }
     Ok(r.s)
+}
+
+impl Run {
+    fn write_run(&mut self, a: &VerifyArgs) -> Result<()> {
+        let capacity = self.capacity;
+        match a.passes {
+            Some(p) => {
+                let target = p.saturating_mul(capacity);
+                self.mixed(&|r: &Run| r.written_bytes >= target)
+            }
+            None => {
+                let end = Instant::now() + Duration::from_secs(a.seconds);
+                self.mixed(&|_: &Run| Instant::now() >= end)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

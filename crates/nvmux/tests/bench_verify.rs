@@ -154,3 +154,37 @@ fn passes_write_the_disk_size_and_bad_options_are_refused() {
     assert!(out.contains("/nonexistent/map"), "{out}");
     d.stop();
 }
+
+#[test]
+fn a_server_that_stops_answering_fails_the_run_instead_of_hanging_it() {
+    watchdog(120);
+    let d = TestDaemon::start("bench-verify-stall");
+    let (_img, sock) = d.disk_and_export("s", 8 * MIB, 1, json!({}));
+    let child = verify(&sock, &["--seconds", "60", "--io-timeout", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start bench verify");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let pid = d.pid().to_string();
+    ok(Command::new("kill").args(["-STOP", &pid]));
+    let out = child.wait_with_output().expect("bench verify");
+    ok(Command::new("kill").args(["-CONT", &pid]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("none completed for 2 s: giving up"), "{text}");
+    let (_, _, e, m) = summary(&text);
+    assert!(e >= 1 && m == 0, "{text}");
+    let stall: u64 = text
+        .split("longest stall ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stall in {text}"));
+    assert!(stall >= 2000, "the give-up stall is in the summary: {text}");
+    d.stop();
+}
