@@ -1317,7 +1317,7 @@ else
            remote_target "$rapi" leg "$work/mirror-leg.img" "$mnqn" "$mport" &&
            side_daemon "$ldir" "$work/mirror-local.log" && lpid=$SIDE_PID &&
            "$NVMUX_BIN" --api "$lapi" disk create mir --backend file --path "$work/mirror-primary.img" --size 64M &&
-           timeout 300 "$NVMUX_BIN" --api "$lapi" disk mirror add mir --remote "$mnqn@127.0.0.1:$mport" --name leg1 --wait &&
+           timeout 120 "$NVMUX_BIN" --api "$lapi" disk mirror add mir --remote "$mnqn@127.0.0.1:$mport" --name leg1 --wait &&
            "$NVMUX_BIN" --api "$lapi" export add mir --socket "$msock" --queues 2; } > "$work/mirror-setup.out" 2>&1; then
         cat "$work/mirror-setup.out"
         why="setup failed (remote pid ${rpid:-none}, local pid ${lpid:-none}; logs $work/mirror-*.log)"
