@@ -62,6 +62,8 @@ echo "test: nvmet-tcp target $NQN: namespace 1 = /dev/ram0 ($size_mib MiB); port
 echo NVMUX-READY-TARGET
 
 teardown() {
+    # What the target saw (connects, errors), for the host's post-mortem.
+    dmesg | grep -iE 'nvmet' | tail -n 30 | sed 's/^/test: dmesg: /'
     for p in 1 2; do
         rm -f "$cfg/ports/$p/subsystems/$NQN"
         rmdir "$cfg/ports/$p" 2>/dev/null
