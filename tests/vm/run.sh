@@ -1231,9 +1231,10 @@ else
             tail -n1 "$work/nvmf-backend-verify1.out"
         fi
     fi
-    # 3. Port 1 goes away 5 s into a 20 s verify run.
+    # 3. Port 1 goes away 5 s into a 20 s verify run. (The same seed as the first run: a
+    #    block only that run wrote is then still a well-formed block for the re-read.)
     if [[ -z $why ]]; then
-        timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --seconds 20 --seed 12 \
+        timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --seconds 20 --seed 11 \
             --map "$work/nvmf-backend.map" > "$work/nvmf-backend-verify2.out" 2>&1 &
         vpid=$!
         sleep 5
@@ -1257,7 +1258,7 @@ else
         elif ((vrc != 0)) || [[ $vline != *" 0 errors, 0 mismatches,"* ]]; then
             cat "$work/nvmf-backend-verify2.out"
             why="the verify run across the path failure failed (status $vrc)"
-        elif [[ -z $failovers ]] || ((failovers < 1)); then
+        elif ! [[ $failovers =~ ^[0-9]+$ ]] || ((failovers < 1)); then
             cat "$work/nvmf-backend-show.json" "$work/nvmf-backend-show.err"
             why="disk show reports failovers '${failovers:-none}', want >= 1"
         elif [[ $active != "127.0.0.1:$p2" ]]; then
@@ -1265,7 +1266,7 @@ else
         elif timeout 30 "$NVMUX_BIN" bench nvmf-probe --remote "$tnqn@127.0.0.1:$p1" --read-only \
                  > "$work/nvmf-backend-probe-after.out" 2>&1; then
             why="port 1 still serves the subsystem after the unlink (the fault was not injected)"
-        elif ! timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --verify-only --seed 12 \
+        elif ! timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --verify-only --seed 11 \
                    --map "$work/nvmf-backend.map" > "$work/nvmf-backend-verify3.out" 2>&1; then
             cat "$work/nvmf-backend-verify3.out"
             why="the re-read after the failover failed"
@@ -1382,7 +1383,7 @@ else
             why="kill '${killed}', faulted '${faulted}', restarted '${restarted}': the sequence did not complete"
         elif [[ -z $healthy ]]; then
             why="leg1 did not become healthy again after the restart ($(leg_field state))"
-        elif [[ -z $regions || -z $resynced ]] || ((resynced <= 0 || resynced >= regions)); then
+        elif ! [[ $regions =~ ^[0-9]+$ && $resynced =~ ^[0-9]+$ ]] || ((resynced <= 0 || resynced >= regions)); then
             why="resynced_regions ${resynced:-?} of ${regions:-?}: want 0 < resynced < regions (a dirty-region resync, not a full copy)"
         fi
         # Stop the local daemon first (it flushes both legs), then the remote one.
