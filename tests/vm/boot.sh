@@ -16,6 +16,8 @@
 #           [--net]                                (virtio-net with QEMU user networking: the
 #                                                   guest is 10.0.2.15/24, the host's
 #                                                   127.0.0.1:PORT is 10.0.2.2:PORT)
+#           [--hostfwd HOSTPORT:GUESTPORT]...      (implies --net: the host's 127.0.0.1:HOSTPORT
+#                                                   is forwarded to the guest's TCP GUESTPORT)
 #           [--timeout SECS]                       (default 300)
 #           [--smp N]                              (guest vCPUs, default 1)
 #           [--vfio-user SOCK]...                  (a vfio-user-pci device on SOCK: QEMU 10.1+,
@@ -44,7 +46,7 @@ set -euo pipefail
 die() { echo "boot.sh: $*" >&2; exit 2; }
 
 initrd= script= log= kernel= timeout_s=300 smp=1 net= reconnect= raw_aio= qroot=
-socks=() queues=() envs=() raws=() vfus=()
+socks=() queues=() envs=() raws=() vfus=() fwds=()
 while (($#)); do
     case $1 in
         --initrd) initrd=$2; shift 2 ;;
@@ -54,6 +56,9 @@ while (($#)); do
         --timeout) timeout_s=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
         --net) net=1; shift ;;
+        --hostfwd)
+            [[ $2 =~ ^[0-9]+:[0-9]+$ ]] || die "--hostfwd wants HOSTPORT:GUESTPORT"
+            net=1; fwds+=(",hostfwd=tcp:127.0.0.1:${2%%:*}-:${2##*:}"); shift 2 ;;
         --reconnect) reconnect=",reconnect=$2"; shift 2 ;;
         --vhost-sock) socks+=("$2"); queues+=(1); shift 2 ;;
         --queues)
@@ -146,7 +151,8 @@ for i in "${!raws[@]}"; do
 done
 
 if [[ -n $net ]]; then
-    qemu+=(-netdev user,id=n -device virtio-net-pci,netdev=n,romfile=)
+    fwd=$(printf %s "${fwds[@]}")
+    qemu+=(-netdev "user,id=n$fwd" -device virtio-net-pci,netdev=n,romfile=)
 fi
 
 mkdir -p "$(dirname "$log")"

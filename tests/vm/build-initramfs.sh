@@ -7,6 +7,8 @@
 #   - for the dm-crypt scenario, when present: dm_crypt, xts, ecb, aesni_intel and
 #     algif_skcipher (+ deps), and cryptsetup (apt-get install cryptsetup-bin) with its
 #     libraries,
+#   - for the nvmf-backend scenario's target guest (tests/vm/guest-nvmet-target.sh), when
+#     the kernel has them: configfs, nvmet, nvmet_tcp and brd (+ deps),
 #   - for `nvmux bench suite`'s db_bench stage: ext4 (+ deps), mke2fs with its libraries
 #     and /etc/mke2fs.conf, and, when present, RocksDB's db_bench (apt-get install
 #     rocksdb-tools) with librocksdb and its libraries,
@@ -87,6 +89,11 @@ for m in $mods; do
 done > "$work/mods.list"
 # Optional: dm-crypt and its ciphers (a kernel without them just lacks the scenario).
 for m in dm_crypt xts ecb aesni_intel algif_skcipher; do
+    modprobe -d "${kroot:-/}" -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }' || true
+done >> "$work/mods.list"
+# Optional: the kernel's NVMe/TCP target (nvmet-tcp over configfs) with a RAM disk (brd)
+# as its namespace, for the guest-as-target scenarios.
+for m in configfs nvmet nvmet_tcp brd; do
     modprobe -d "${kroot:-/}" -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }' || true
 done >> "$work/mods.list"
 sort -u "$work/mods.list" | while read -r ko; do

@@ -90,6 +90,20 @@
 #                        (its chardev has reconnect=1 and never needs it), the daemon logs
 #                        no client (dis)connect after the first, and each upgrade changed
 #                        the daemon's pid (tests/vm/guest-upgrade.sh)
+#   nvmf-backend         (nvmux only) a disk on a remote NVMe/TCP namespace (--backend
+#                        nvmf, two paths) served by the guest kernel's nvmet-tcp in a
+#                        target VM (tests/vm/guest-nvmet-target.sh, ports forwarded with
+#                        boot.sh --hostfwd); nvmux bench verify over vhost-user, then a
+#                        20 s verify run while port 1 is unlinked in the target 5 s in:
+#                        0 errors, prints the failover time (disk show's last_failover_ms
+#                        and the client's longest stall), failovers >= 1, active path P2
+#   mirror-net           (nvmux only) a mirror leg on a second daemon over NVMe/TCP; the
+#                        guest's fio --verify runs on while that daemon is killed -9 and
+#                        restarted; the leg faults, resyncs only dirty regions
+#                        (0 < resynced_regions < regions); cmp of the two files at the end
+#   disk-move            (nvmux only) nvmux disk move to a second daemon's namespace under
+#                        the guest's fio --verify; then a second boot's --verify_only
+#                        reads the data back from the remote
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -1064,6 +1078,411 @@ else
         pass upgrade
     fi
 fi
+
+# --- remote backends and mirrors (issue 20) ---------------------------------------------
+# Helpers shared by nvmf-backend, mirror-net and disk-move.
+
+# json_path FILE EXPR: a value from a JSON file; EXPR is Python on the parsed document d,
+# where find(x, KEY) is the first value of KEY anywhere in x (depth first), so that the
+# checks do not depend on where the API nests "remote" (prints nothing when it fails).
+json_path() {
+    python3 -c 'import json, sys
+def find(x, key):
+    if isinstance(x, dict):
+        if key in x:
+            return x[key]
+        x = list(x.values())
+    if isinstance(x, list):
+        for v in x:
+            r = find(v, key)
+            if r is not None:
+                return r
+    return None
+try:
+    d = json.load(open(sys.argv[1]))
+    print(eval(sys.argv[2]))
+except Exception:
+    pass' "$1" "$2"
+}
+
+# side_daemon DIR LOG: start a daemon of its own on DIR (its API socket DIR/nvmux.sock);
+# sets SIDE_PID.
+side_daemon() {
+    mkdir -p "$1"
+    "$NVMUX_BIN" serve --data-dir "$1" >> "$2" 2>&1 &
+    SIDE_PID=$!
+    kill9_wait_api "$1/nvmux.sock" "$SIDE_PID"
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL after 10 s; returns the exit status.
+stop_pid() {
+    local i rc=0
+    [[ -n $1 ]] || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || rc=$?
+    return "$rc"
+}
+
+# remote_target API NAME IMG NQN PORT: a 64 MiB file disk NAME on IMG served as namespace
+# 1 of subsystem NQN on 127.0.0.1:PORT to any host (the remote end of a mirror leg or a
+# move), checked with the bench crate's initiator (nvmf-probe, read-only).
+remote_target() {
+    rm -f "$3"
+    "$NVMUX_BIN" --api "$1" disk create "$2" --backend file --path "$3" --size 64M &&
+    "$NVMUX_BIN" --api "$1" subsystem create "$4" --listen "127.0.0.1:$5" --allow-any-host &&
+    "$NVMUX_BIN" --api "$1" subsystem add-ns "$4" "$2" --nsid 1 &&
+    timeout 30 "$NVMUX_BIN" bench nvmf-probe --remote "$4@127.0.0.1:$5" --read-only
+}
+
+# target_cmd CTLPORT LOG COMMAND...: send one command to guest-nvmet-target.sh and wait
+# (up to 20 s, resending every 3 s while the guest's listener is not up) for its
+# acknowledgement on the console.
+target_cmd() {
+    local port=$1 log=$2; shift 2
+    local cmd="$*" before failed n i try
+    # (QEMU's console lines end in CR until boot.sh cleans the log up)
+    acks() { tr -d '\r' < "$log" | grep -c -x -F "NVMUX-CMD-$1 $cmd" || true; }
+    before=$(acks DONE) failed=$(acks FAILED)
+    for ((try = 0; try < 7; try++)); do
+        (printf '%s\n' "$cmd" > "/dev/tcp/127.0.0.1/$port") 2>/dev/null || true
+        for ((i = 0; i < 30; i++)); do
+            n=$(acks DONE)
+            ((n > before)) && return 0
+            (($(acks FAILED) > failed)) && return 1
+            sleep 0.1
+        done
+    done
+    return 1
+}
+
+# wait_marker LOG MARKER PID SECS: wait for a console line while the boot PID runs.
+wait_marker() {
+    local i
+    for ((i = 0; i < $4 * 5; i++)); do
+        grep -q "^$2" "$1" 2>/dev/null && return 0
+        kill -0 "$3" 2>/dev/null || return 1
+        sleep 0.2
+    done
+    return 1
+}
+
+# n. nvmf-backend (nvmux only): a disk whose backend is a remote NVMe/TCP namespace,
+#    served by an independent target: the guest kernel's nvmet-tcp (tests/vm/guest-nvmet-
+#    target.sh: a 64 MiB RAM-disk namespace behind two ports, port 2 ANA non-optimized),
+#    reached through QEMU hostfwd ports P1 (-> 4420) and P2 (-> 4421); a third forwarded
+#    port carries the host's commands to the target guest.
+#    1. `nvmux bench nvmf-probe` checks the target on both ports (identify, ANA log, one
+#       block written and read back on P1) with the bench crate's own initiator;
+#    2. `nvmux disk create r --backend nvmf --remote NQN@127.0.0.1:P1,127.0.0.1:P2`, exported
+#       over vhost-user; `nvmux bench verify` (5 s) passes;
+#    3. `nvmux bench verify` for 20 s while, 5 s in, the target guest unlinks the
+#       subsystem from port 1: the run must see 0 errors and 0 mismatches; prints
+#       `disk show --json`'s failovers, last_failover_ms and the active path, and the
+#       verify tool's longest stall (the failover as the client sees it); asserts
+#       failovers >= 1, the active path is P2 and nvmf-probe on P1 now fails (the fault
+#       really happened); a --verify-only re-read against the run's map passes.
+if ! want nvmf-backend; then
+    echo "SKIP nvmf-backend (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP nvmf-backend (nvmux only)"
+elif [[ -z $SERVER_PID ]] || ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail nvmf-backend "server is not running"
+else
+    api=$sockdir/nvmux-data/nvmux.sock rsock=$sockdir/nvmf-backend.sock
+    tnqn=nqn.2026-12.io.nvmux:guest-target
+    p1=$(free_port) p2=$(free_port) pc=$(free_port)
+    tlog=$work/nvmf-backend-target.log
+    "$here/boot.sh" --initrd "$initrd" --script "$here/guest-nvmet-target.sh" --log "$tlog" \
+        --hostfwd "$p1:4420" --hostfwd "$p2:4421" --hostfwd "$pc:5000" \
+        --env "NQN=$tnqn" --env SIZE_MIB=64 --env SERIAL=NVMUXGUESTTGT \
+        --smp 1 --timeout "$boot_timeout" > "$work/nvmf-backend-target.out" 2>&1 &
+    tpid=$!
+    why=
+    if ! wait_marker "$tlog" NVMUX-READY-TARGET "$tpid" 120; then
+        why="the target guest did not come up (log $tlog)"
+    fi
+    grep '^test: ' "$tlog" || true
+    # 1. The target, seen by the bench crate's initiator on both ports.
+    if [[ -z $why ]]; then
+        for p in "$p1" "$p2"; do
+            ro=; [[ $p == "$p2" ]] && ro=--read-only
+            if ! timeout 60 "$NVMUX_BIN" bench nvmf-probe --remote "$tnqn@127.0.0.1:$p" $ro > "$work/nvmf-backend-probe-$p.out" 2>&1; then
+                cat "$work/nvmf-backend-probe-$p.out"
+                why="nvmf-probe of the target on port $p failed"
+                break
+            fi
+            sed "s/^/   [port $p] /" "$work/nvmf-backend-probe-$p.out"
+        done
+    fi
+    # 2. The disk on the remote namespace, and a first verify run.
+    if [[ -z $why ]]; then
+        if ! { "$NVMUX_BIN" --api "$api" disk create r --backend nvmf \
+                   --remote "$tnqn@127.0.0.1:$p1,127.0.0.1:$p2" &&
+               "$NVMUX_BIN" --api "$api" export add r --socket "$rsock" --queues 1; } > "$work/nvmf-backend-setup.out" 2>&1; then
+            cat "$work/nvmf-backend-setup.out"
+            why="could not create the nvmf disk (nvmux disk create --backend nvmf)"
+        elif ! timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --seconds 5 --seed 11 \
+                   > "$work/nvmf-backend-verify1.out" 2>&1; then
+            cat "$work/nvmf-backend-verify1.out"
+            why="the first verify run failed"
+        else
+            tail -n1 "$work/nvmf-backend-verify1.out"
+        fi
+    fi
+    # 3. Port 1 goes away 5 s into a 20 s verify run. (The same seed as the first run: a
+    #    block only that run wrote is then still a well-formed block for the re-read.)
+    if [[ -z $why ]]; then
+        timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --seconds 20 --seed 11 \
+            --map "$work/nvmf-backend.map" > "$work/nvmf-backend-verify2.out" 2>&1 &
+        vpid=$!
+        sleep 5
+        unlinked=yes
+        target_cmd "$pc" "$tlog" unlink 1 || unlinked=no
+        echo "== host: target guest: unlink port 1: $unlinked"
+        vrc=0
+        wait "$vpid" || vrc=$?
+        vline=$(grep '^verify: [0-9]' "$work/nvmf-backend-verify2.out" | tail -n1)
+        echo "   $vline"
+        "$NVMUX_BIN" --api "$api" --json disk show r > "$work/nvmf-backend-show.json" 2> "$work/nvmf-backend-show.err" || true
+        rem='find(d, "remote")'
+        failovers=$(json_path "$work/nvmf-backend-show.json" "$rem[\"failovers\"]")
+        fo_ms=$(json_path "$work/nvmf-backend-show.json" "$rem[\"last_failover_ms\"]")
+        active=$(json_path "$work/nvmf-backend-show.json" "[p[\"addr\"] for p in $rem[\"paths\"] if p.get(\"active\")][0]")
+        paths=$(json_path "$work/nvmf-backend-show.json" "\"; \".join(f'{p[\"addr\"]} {p.get(\"state\")} ana={p.get(\"ana\")}{\" active\" if p.get(\"active\") else \"\"}' for p in $rem[\"paths\"])")
+        stall=$(sed -n 's/.*longest stall \([0-9]*\) ms.*/\1/p' <<< "$vline")
+        echo "== failover: disk show: failovers ${failovers:-?}, last_failover_ms ${fo_ms:-?}, active path ${active:-?} (paths: ${paths:-?}); the client's longest stall ${stall:-?} ms"
+        if [[ $unlinked != yes ]]; then
+            why="the target guest did not unlink port 1"
+        elif ((vrc != 0)) || [[ $vline != *" 0 errors, 0 mismatches,"* ]]; then
+            cat "$work/nvmf-backend-verify2.out"
+            why="the verify run across the path failure failed (status $vrc)"
+        elif ! [[ $failovers =~ ^[0-9]+$ ]] || ((failovers < 1)); then
+            cat "$work/nvmf-backend-show.json" "$work/nvmf-backend-show.err"
+            why="disk show reports failovers '${failovers:-none}', want >= 1"
+        elif [[ $active != "127.0.0.1:$p2" ]]; then
+            why="the active path is '${active:-none}', want 127.0.0.1:$p2"
+        elif timeout 30 "$NVMUX_BIN" bench nvmf-probe --remote "$tnqn@127.0.0.1:$p1" --read-only \
+                 > "$work/nvmf-backend-probe-after.out" 2>&1; then
+            why="port 1 still serves the subsystem after the unlink (the fault was not injected)"
+        elif ! timeout 120 "$NVMUX_BIN" bench verify --socket "$rsock" --verify-only --seed 11 \
+                   --map "$work/nvmf-backend.map" > "$work/nvmf-backend-verify3.out" 2>&1; then
+            cat "$work/nvmf-backend-verify3.out"
+            why="the re-read after the failover failed"
+        else
+            echo "   re-read: $(tail -n1 "$work/nvmf-backend-verify3.out")"
+        fi
+    fi
+    "$NVMUX_BIN" --api "$api" export remove r > /dev/null 2>&1 || true
+    "$NVMUX_BIN" --api "$api" disk delete r > /dev/null 2>&1 || true
+    if kill -0 "$tpid" 2>/dev/null; then
+        target_cmd "$pc" "$tlog" stop || kill -TERM "$tpid" 2>/dev/null || true
+    fi
+    trc=0
+    wait "$tpid" || trc=$?
+    if [[ -z $why ]] && ((trc != 0)); then
+        cat "$work/nvmf-backend-target.out"
+        why="the target guest failed (boot status $trc, log $tlog)"
+    fi
+    if [[ -z $why ]]; then pass nvmf-backend; else fail nvmf-backend "$why"; fi
+fi
+
+# o. mirror-net (nvmux only): a mirror leg on a remote nvmux over NVMe/TCP that dies and
+#    comes back under load. A remote daemon (its own data directory) serves a 64 MiB file
+#    disk as namespace 1 of a subsystem; a local daemon (its own data directory) has a
+#    64 MiB file disk, `disk mirror add D --remote NQN@127.0.0.1:P --wait`, exported over
+#    vhost-user (2 queues) to a guest running fio randwrite QD16 --verify=crc32c for 60 s
+#    (tests/vm/guest-kill9.sh). 15 s in, the remote daemon is killed with SIGKILL; the leg
+#    must become faulted (mirror status) while the guest sees no error; 5 s later the
+#    remote daemon restarts on the same data directory (its state brings the subsystem
+#    back); the leg must resync and be healthy again with 0 < resynced_regions < regions
+#    (printed). fio must pass; then both daemons stop (SIGTERM, the local one first) and
+#    the two disk files must be equal byte for byte (cmp).
+if ! want mirror-net; then
+    echo "SKIP mirror-net (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP mirror-net (nvmux only)"
+else
+    ldir=$sockdir/mirror-local rdir=$sockdir/mirror-remote
+    lapi=$ldir/nvmux.sock rapi=$rdir/nvmux.sock msock=$sockdir/mirror.sock
+    mnqn=nqn.2026-12.io.nvmux:mirror-leg
+    mport=$(free_port)
+    rm -rf "$ldir" "$rdir"
+    : > "$work/mirror-local.log"; : > "$work/mirror-remote.log"
+    rm -f "$work/mirror-primary.img"
+    lpid= rpid= why=
+    status_json() { "$NVMUX_BIN" --api "$lapi" --json disk mirror status mir > "$work/mirror-status.json" 2>/dev/null; }
+    leg_field() { json_path "$work/mirror-status.json" "[l for l in d[\"legs\"] if l[\"name\"] == \"leg1\"][0][\"$1\"]"; }
+    if ! { side_daemon "$rdir" "$work/mirror-remote.log" && rpid=$SIDE_PID &&
+           remote_target "$rapi" leg "$work/mirror-leg.img" "$mnqn" "$mport" &&
+           side_daemon "$ldir" "$work/mirror-local.log" && lpid=$SIDE_PID &&
+           "$NVMUX_BIN" --api "$lapi" disk create mir --backend file --path "$work/mirror-primary.img" --size 64M &&
+           timeout 120 "$NVMUX_BIN" --api "$lapi" disk mirror add mir --remote "$mnqn@127.0.0.1:$mport" --name leg1 --wait &&
+           "$NVMUX_BIN" --api "$lapi" export add mir --socket "$msock" --queues 2; } > "$work/mirror-setup.out" 2>&1; then
+        cat "$work/mirror-setup.out"
+        why="setup failed (remote pid ${rpid:-none}, local pid ${lpid:-none}; logs $work/mirror-*.log)"
+    else
+        status_json && echo "== mirror added: legs $(json_path "$work/mirror-status.json" "[(l[\"name\"], l[\"state\"]) for l in d[\"legs\"]]")"
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-kill9.sh" --log "$work/mirror-net.log" \
+            --vhost-sock "$msock" --queues 2 --env RUNTIME=60 --env GRACE=60 \
+            --smp 2 --timeout "$boot_timeout" > "$work/mirror-net.out" 2>&1 &
+        bpid=$!
+        t0= killed= faulted= restarted= healthy=
+        while kill -0 "$bpid" 2>/dev/null; do
+            if [[ -z $t0 ]]; then
+                grep -q '^NVMUX-READY-KILL9' "$work/mirror-net.log" 2>/dev/null && t0=$(date +%s)
+                sleep 0.2
+                continue
+            fi
+            el=$(($(date +%s) - t0))
+            if [[ -z $killed ]] && ((el >= 15)); then
+                kill -KILL "$rpid" 2>/dev/null || true
+                wait "$rpid" 2>/dev/null || true
+                killed=$el
+                echo "== host: kill -9 of the remote daemon at ${el}s"
+            elif [[ -n $killed && -z $faulted ]]; then
+                status_json && [[ $(leg_field state) == faulted ]] && { faulted=$el; echo "== host: leg1 faulted at ${el}s: $(leg_field errors) errors"; }
+                ((el - killed > 20)) && [[ -z $faulted ]] && { why="leg1 not faulted 20 s after the kill ($(leg_field state))"; break; }
+            elif [[ -n $faulted && -z $restarted ]] && ((el >= faulted + 5)); then
+                if side_daemon "$rdir" "$work/mirror-remote.log"; then
+                    rpid=$SIDE_PID restarted=$el
+                    echo "== host: remote daemon restarted at ${el}s (pid $rpid)"
+                else
+                    why="the remote daemon did not restart"; break
+                fi
+            elif [[ -n $restarted && -z $healthy ]]; then
+                if status_json && [[ $(leg_field state) == healthy ]]; then
+                    healthy=$el
+                    echo "== host: leg1 healthy again at ${el}s"
+                fi
+            fi
+            sleep 0.5
+        done
+        rc=0
+        wait "$bpid" || rc=$?
+        cat "$work/mirror-net.out"
+        grep -a '^test: ' "$work/mirror-net.log" || true
+        # The resync may end after the guest: give it up to 60 s more.
+        if [[ -z $why && -n $restarted && -z $healthy ]]; then
+            for ((i = 0; i < 120; i++)); do
+                status_json && [[ $(leg_field state) == healthy ]] && { healthy=late; break; }
+                sleep 0.5
+            done
+        fi
+        status_json || true
+        regions=$(json_path "$work/mirror-status.json" 'd["regions"]')
+        resynced=$(json_path "$work/mirror-status.json" 'd["resynced_regions"]')
+        full=$(json_path "$work/mirror-status.json" 'd["full_copies"]')
+        echo "== mirror status: regions ${regions:-?} of $(json_path "$work/mirror-status.json" 'd["region_size"]') bytes, resynced_regions ${resynced:-?}, dirty_regions $(json_path "$work/mirror-status.json" 'd["dirty_regions"]'), full_copies ${full:-?}; leg1 $(leg_field state)"
+        if [[ -n $why ]]; then
+            :
+        elif ((rc != 0)); then
+            why="the guest failed (boot status $rc, log $work/mirror-net.log)"
+        elif [[ -z $killed || -z $faulted || -z $restarted ]]; then
+            why="kill '${killed}', faulted '${faulted}', restarted '${restarted}': the sequence did not complete"
+        elif [[ -z $healthy ]]; then
+            why="leg1 did not become healthy again after the restart ($(leg_field state))"
+        elif ! [[ $regions =~ ^[0-9]+$ && $resynced =~ ^[0-9]+$ ]] || ((resynced <= 0 || resynced >= regions)); then
+            why="resynced_regions ${resynced:-?} of ${regions:-?}: want 0 < resynced < regions (a dirty-region resync, not a full copy)"
+        fi
+        # Stop the local daemon first (it flushes both legs), then the remote one.
+        stop_pid "$lpid" || echo "== host: the local daemon exited with status $?"
+        lpid=
+        stop_pid "$rpid" || echo "== host: the remote daemon exited with status $?"
+        rpid=
+        if [[ -z $why ]]; then
+            if cmp "$work/mirror-primary.img" "$work/mirror-leg.img"; then
+                echo "== cmp: the primary and the remote leg are identical ($(stat -c %s "$work/mirror-primary.img") bytes)"
+            else
+                why="the primary and the remote leg differ"
+            fi
+        fi
+    fi
+    stop_pid "$lpid" || true
+    stop_pid "$rpid" || true
+    if [[ -z $why ]]; then pass mirror-net; else fail mirror-net "$why"; fi
+fi
+
+# p. disk-move (nvmux only): a live move of a disk's data to a remote nvmux namespace.
+#    A local daemon (its own data directory) exports a 64 MiB file disk over vhost-user (2
+#    queues); a remote daemon serves a 64 MiB file disk as namespace 1 of a subsystem. The
+#    guest (tests/vm/guest-disk-move.sh) runs fio: random writes with crc32c verify on the
+#    first 32 MiB for 40 s, and a rate-limited sequential write + verify of the second
+#    32 MiB; 8 s in, `nvmux disk move D --to NQN@127.0.0.1:P` must complete (exit 0), and
+#    `disk show` must then name the remote as the disk's backend; fio must pass. A second
+#    boot reads the second 32 MiB back with fio --verify_only, now from the remote
+#    namespace.
+if ! want disk-move; then
+    echo "SKIP disk-move (--only)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP disk-move (nvmux only)"
+else
+    ldir=$sockdir/move-local rdir=$sockdir/move-remote
+    lapi=$ldir/nvmux.sock rapi=$rdir/nvmux.sock vsock2=$sockdir/move.sock
+    vnqn=nqn.2026-12.io.nvmux:move-target
+    vport=$(free_port)
+    rm -rf "$ldir" "$rdir"
+    : > "$work/move-local.log"; : > "$work/move-remote.log"
+    rm -f "$work/move-src.img"
+    lpid= rpid= why=
+    if ! { side_daemon "$rdir" "$work/move-remote.log" && rpid=$SIDE_PID &&
+           remote_target "$rapi" dst "$work/move-dst.img" "$vnqn" "$vport" &&
+           side_daemon "$ldir" "$work/move-local.log" && lpid=$SIDE_PID &&
+           "$NVMUX_BIN" --api "$lapi" disk create mv --backend file --path "$work/move-src.img" --size 64M &&
+           "$NVMUX_BIN" --api "$lapi" export add mv --socket "$vsock2" --queues 2; } > "$work/move-setup.out" 2>&1; then
+        cat "$work/move-setup.out"
+        why="setup failed (logs $work/move-*.log)"
+    else
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-disk-move.sh" --log "$work/disk-move.log" \
+            --vhost-sock "$vsock2" --queues 2 --env RUNTIME=40 --env RATE=1m \
+            --smp 2 --timeout "$boot_timeout" > "$work/disk-move.out" 2>&1 &
+        bpid=$!
+        moved=
+        if wait_marker "$work/disk-move.log" NVMUX-READY-MOVE "$bpid" 120; then
+            sleep 8
+            mt0=$(date +%s.%N)
+            mrc=0
+            timeout 600 "$NVMUX_BIN" --api "$lapi" disk move mv --to "$vnqn@127.0.0.1:$vport" \
+                > "$work/move-cmd.out" 2>&1 || mrc=$?
+            mel=$(awk -v a="$mt0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+            # (the progress bar redraws with \r: show the last state)
+            tr '\r' '\n' < "$work/move-cmd.out" | grep -v '^$' | tail -n 3 | sed 's/^/   move: /'
+            echo "== host: nvmux disk move: exit status $mrc after ${mel}s"
+            ((mrc == 0)) && moved=yes || why="disk move failed (exit status $mrc)"
+        else
+            why="the guest did not start fio (log $work/disk-move.log)"
+        fi
+        rc=0
+        wait "$bpid" || rc=$?
+        cat "$work/disk-move.out"
+        grep -a '^test: ' "$work/disk-move.log" || true
+        "$NVMUX_BIN" --api "$lapi" --json disk show mv > "$work/move-show.json" 2>&1 || true
+        backend=$(json_path "$work/move-show.json" '(lambda b: b.get("type") if isinstance(b, dict) else b)(find(d, "backend"))')
+        echo "== disk show mv: backend ${backend:-?}; remote paths $(json_path "$work/move-show.json" '[p["addr"] for p in find(d, "remote")["paths"]]')"
+        if [[ -z $why ]] && ((rc != 0)); then
+            why="the guest failed during the move (boot status $rc, log $work/disk-move.log)"
+        elif [[ -z $why ]] && ! grep -q "127.0.0.1:$vport" "$work/move-show.json"; then
+            cat "$work/move-show.json"
+            why="disk show does not name the remote (127.0.0.1:$vport) after the move"
+        elif [[ -z $why && $backend != *nvmf* ]]; then
+            why="disk show: backend '${backend:-?}', want nvmf"
+        fi
+        if [[ -z $why ]]; then
+            rc=0
+            "$here/boot.sh" --initrd "$initrd" --script "$here/guest-disk-move.sh" --log "$work/disk-move-verify.log" \
+                --vhost-sock "$vsock2" --queues 2 --env VERIFY_ONLY=1 --env RATE=1m \
+                --smp 2 --timeout "$boot_timeout" > "$work/disk-move-verify.out" 2>&1 || rc=$?
+            cat "$work/disk-move-verify.out"
+            grep -a '^test: ' "$work/disk-move-verify.log" || true
+            ((rc == 0)) || why="the verify_only boot after the move failed (boot status $rc, log $work/disk-move-verify.log)"
+        fi
+    fi
+    stop_pid "$lpid" || true
+    stop_pid "$rpid" || true
+    if [[ -z $why ]]; then pass disk-move; else fail disk-move "$why"; fi
+fi
+
 
 stop_server
 echo "== vm stage took $(($(date +%s) - t0)) s; logs in $work"

@@ -115,6 +115,45 @@ impl BlkioClient {
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
     }
 
+    /// `len` bytes of the buffer region at `off`, or `None` when that is out of range.
+    ///
+    /// # Safety
+    /// No request whose buffer overlaps `off..off + len` may be in flight while the slice
+    /// lives (the server writes those bytes behind Rust's back). Requests on other parts of
+    /// the region may be.
+    pub unsafe fn buf_at(&mut self, off: usize, len: usize) -> Option<&mut [u8]> {
+        if off.checked_add(len)? > self.region.len {
+            return None;
+        }
+        // SAFETY: off + len is within the live mapping of region.len bytes owned by this
+        // client; the caller guarantees no in-flight request uses this range.
+        Some(unsafe { std::slice::from_raw_parts_mut((self.region.addr + off) as *mut u8, len) })
+    }
+
+    /// Submit what is queued on `q` and collect completions into `out`: with `wait`, wait
+    /// up to that long for at least one (`Ok(0)` when none came in time); without, only
+    /// take what has already completed. Interrupt-driven queues only (polled ones never
+    /// wait).
+    pub fn complete(
+        &mut self,
+        q: usize,
+        out: &mut [MaybeUninit<Completion>],
+        wait: Option<Duration>,
+    ) -> Result<usize> {
+        let queue = &mut self.queues[q];
+        match wait {
+            None => queue.do_io(out, 0, None, None).map_err(e("do_io")),
+            Some(t) => {
+                let mut t = t;
+                match queue.do_io(out, 1, Some(&mut t), None) {
+                    Ok(n) => Ok(n),
+                    Err(er) if er.errno() == blkio::Errno::TIME => Ok(0),
+                    Err(er) => Err(format!("do_io: {er}")),
+                }
+            }
+        }
+    }
+
     /// Queue one request on queue `q` without waiting.
     pub fn enqueue(&mut self, q: usize, r: Req, tag: usize, flags: ReqFlags) {
         let p = self.region.addr + r.buf_off;

@@ -19,6 +19,7 @@ pub mod scale;
 pub mod suite;
 pub mod suites;
 pub mod tls;
+pub mod verify;
 pub mod vufront;
 pub mod workload;
 

@@ -723,7 +723,7 @@ fn run(cli: Cli) -> Res {
             print!("{text}");
             Ok(())
         }
-        Cmd::Bench(a) => nvmux_bench::run::run(a.into()),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Powercut(a) => powercut::run(a),
     }
