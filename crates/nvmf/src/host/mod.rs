@@ -750,7 +750,12 @@ impl Shared {
             }
             c.poked = false;
         }
-        if let Some(a) = cur {
+        if let Some(mut a) = cur {
+            // Orderly shutdown (CC.SHN normal), briefly: a dead controller costs 500 ms.
+            a.admin.set_timeout(Duration::from_millis(500));
+            if !a.admin.peer_gone() {
+                let _ = a.admin.prop_set(0x14, 1 | 6 << 16 | 4 << 20 | 1 << 14);
+            }
             let _ = a.admin.s.shutdown(std::net::Shutdown::Both);
         }
         self.ctl().connected = false;
