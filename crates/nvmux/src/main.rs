@@ -2138,12 +2138,21 @@ fn disk_move(
         api.delete(&format!("/v1/disks/{disk}/mirror/{old}"))?;
     }
     let after = api.get(&format!("/v1/disks/{disk}"))?;
+    let old_backend = {
+        let b = &before["backend"];
+        match (b["type"].as_str(), b["path"].as_str(), b["volume"].as_str()) {
+            (Some(t), Some(p), _) => format!("{t} {p}"),
+            (Some(t), _, Some(v)) => format!("{t} {}/{v}", b["pool"].as_str().unwrap_or("")),
+            (Some(t), _, _) => t.to_string(),
+            _ => "its old backend".into(),
+        }
+    };
     cx.show(&after, &|v| {
         println!(
-            "moved disk {disk} to {to} in {:.1} s ({}); the old data stays on {}",
+            "moved disk {disk} to {to} in {:.1} s ({}); the old data stays where it was ({})",
             t.elapsed().as_secs_f64(),
             nvmux_core::format_size(v["size"].as_u64().unwrap_or(0)),
-            before["device"].as_str().unwrap_or("its old backend")
+            old_backend
         )
     });
     Ok(())
