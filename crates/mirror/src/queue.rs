@@ -206,6 +206,11 @@ impl MirrorQueue {
             Some(Status::LBA_OUT_OF_RANGE)
         } else if op.has_data() && cmd.sg.len() != cmd.nlb as u64 * info.block_size as u64 {
             Some(Status::DATA_TRANSFER_ERROR)
+        } else if (op == Opcode::Deallocate && !info.discard)
+            || (op == Opcode::WriteZeroes && !info.write_zeroes)
+        {
+            // Not offered: refused here, so that no leg is faulted for refusing it.
+            Some(Status::INVALID_OPCODE)
         } else {
             None
         };
