@@ -17,11 +17,27 @@ use crate::*;
 const SIZE: u64 = 8 << 20;
 const BS: usize = 512;
 
-pub(crate) fn tmpdir(name: &str) -> PathBuf {
+/// A test's own directory, removed when the test ends.
+pub(crate) struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("nvmux-mirror-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn file_dev(path: &Path) -> Arc<dyn BlockDevice> {
