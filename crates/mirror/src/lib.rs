@@ -32,8 +32,10 @@
 //!   full copy with a persistent cursor in the leg table (a crash resumes from the cursor;
 //!   the regions dirty meanwhile are copied after it). A region copy never overwrites newer
 //!   guest data: it reads the region's write generation and waits for no write in flight,
-//!   copies, and is done only if the generation did not move (else it copies again). Copies
-//!   are rate-limited by `sync_rate`. A leg whose copy is done becomes Healthy, durably.
+//!   copies, and is done only if the generation did not move (else it copies again). When
+//!   guest writes keep a region from a clean pass, the sync thread sets a barrier on it:
+//!   queues hold new writes to that region (not yet counted in flight) until the copy is
+//!   done, so a resync always makes progress. Copies are rate-limited by `sync_rate`. A leg whose copy is done becomes Healthy, durably.
 //!   After an open with dirty bits and two or more Healthy legs (a crash while mirrored),
 //!   the dirty regions are copied from the first Healthy leg to the other Healthy legs.
 //! * After `shutdown` (or drop), queues still open fail writes that need a new bit.
@@ -297,6 +299,9 @@ pub(crate) struct Inner {
     pub table_durable: AtomicU64,
     /// Dirty regions found at open with every leg Healthy still need copying.
     pub crash_resync: AtomicBool,
+    /// A region whose new writes queues hold back (`u64::MAX`: none): the sync thread
+    /// sets it when guest writes keep a region copy from finishing.
+    pub barrier: AtomicU64,
     /// The bitmap file cannot be written: parked commands fail.
     pub bitmap_failed: AtomicBool,
     writer_wake: Mutex<bool>,
@@ -440,7 +445,7 @@ impl Inner {
         q.push(Arc::downgrade(efd));
     }
 
-    fn signal_queues(&self) {
+    pub fn signal_queues(&self) {
         for w in lock(&self.queues).iter() {
             if let Some(e) = w.upgrade() {
                 e.signal();
@@ -848,6 +853,7 @@ impl MirrorDevice {
             table_version: AtomicU64::new(1),
             table_durable: AtomicU64::new(0),
             crash_resync: AtomicBool::new(any_dirty && healthy >= 2),
+            barrier: AtomicU64::new(u64::MAX),
             bitmap_failed: AtomicBool::new(false),
             writer_wake: Mutex::new(false),
             writer_cv: Condvar::new(),

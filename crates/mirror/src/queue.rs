@@ -92,6 +92,8 @@ pub(crate) struct MirrorQueue {
     backlog: VecDeque<IoCommand>,
     parked: VecDeque<u32>,
     table_wait: VecDeque<u32>,
+    /// Writes held back by the sync thread's barrier (not counted in flight yet).
+    held: VecDeque<u32>,
     finished: VecDeque<u32>,
     comps: Vec<(u8, IoCommand, Status)>,
     efd: Arc<EventFd>,
@@ -120,6 +122,7 @@ impl MirrorQueue {
             backlog: VecDeque::with_capacity(d * 2),
             parked: VecDeque::with_capacity(d),
             table_wait: VecDeque::with_capacity(d),
+            held: VecDeque::with_capacity(d),
             finished: VecDeque::with_capacity(d),
             comps: Vec::with_capacity(d * MAX_LEGS + 16),
             solo_fds: inner_solo,
@@ -217,6 +220,11 @@ impl MirrorQueue {
             Some(Status::LBA_OUT_OF_RANGE)
         } else if op.has_data() && cmd.sg.len() != cmd.nlb as u64 * info.block_size as u64 {
             Some(Status::DATA_TRANSFER_ERROR)
+        } else if (op == Opcode::Deallocate && !info.discard)
+            || (op == Opcode::WriteZeroes && !info.write_zeroes)
+        {
+            // Not offered: refused here, so that no leg is faulted for refusing it.
+            Some(Status::INVALID_OPCODE)
         } else {
             None
         };
@@ -229,7 +237,22 @@ impl MirrorQueue {
         match op {
             Opcode::Read => self.issue_read(s),
             Opcode::Flush => self.issue_write(s),
-            _ => {
+            _ => self.begin_write(s, slba, nlb),
+        }
+    }
+
+    /// True while the sync thread holds back new writes to one of regions `a..=b` (a copy
+    /// that guest writes kept from finishing).
+    fn barred(&self, a: u64, b: u64) -> bool {
+        let br = self.inner.barrier.load(SeqCst);
+        br != u64::MAX && a <= br && br <= b
+    }
+
+    /// A write-like command: held while its region is barred; else its regions counted in
+    /// flight, and issued once their bits are durable.
+    fn begin_write(&mut self, s: u32, slba: u64, nlb: u32) {
+        {
+            {
                 let inner = &*self.inner;
                 if inner.solo.load(SeqCst) {
                     // Counted first, then `solo` looked at again: `unsolo` either sees
@@ -243,6 +266,10 @@ impl MirrorQueue {
                     inner.solo_writes.fetch_sub(1, SeqCst);
                 }
                 let (a, b) = inner.regions_of(slba, nlb);
+                if self.barred(a, b) {
+                    self.held.push_back(s);
+                    return;
+                }
                 let mut all = true;
                 for r in a..=b {
                     inner.inflight[r as usize].fetch_add(1, SeqCst);
@@ -569,6 +596,16 @@ impl MirrorQueue {
 
     /// Parked writes whose bits are durable now go; with the bitmap failing they fail.
     fn release_parked(&mut self) {
+        for _ in 0..self.held.len() {
+            let Some(s) = self.held.pop_front() else {
+                break;
+            };
+            let Some((slba, nlb)) = self.slots[s as usize].cmd.as_ref().map(|c| (c.slba, c.nlb))
+            else {
+                continue;
+            };
+            self.begin_write(s, slba, nlb);
+        }
         let failed = self.inner.bitmap_failed.load(SeqCst) || self.inner.shutdown.load(SeqCst);
         for _ in 0..self.parked.len() {
             let Some(s) = self.parked.pop_front() else {
@@ -637,7 +674,7 @@ impl BlockQueue for MirrorQueue {
             self.handle(i as usize, c, st);
         }
         self.comps = comps;
-        if !self.parked.is_empty() || !self.table_wait.is_empty() {
+        if !self.parked.is_empty() || !self.table_wait.is_empty() || !self.held.is_empty() {
             self.release_parked();
         }
         let mut n = 0;

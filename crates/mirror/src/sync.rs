@@ -16,6 +16,24 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copies of one region retried because guest writes kept moving it.
 const MAX_ATTEMPTS: u32 = 200;
 
+/// Attempts at a region copy before new guest writes to it are held back.
+const BARRIER_AFTER: u32 = 10;
+
+/// Lifts the write barrier on a region when the copy is over, however it ends.
+struct Barrier<'a> {
+    inner: &'a Inner,
+    set: bool,
+}
+
+impl Drop for Barrier<'_> {
+    fn drop(&mut self) {
+        if self.set {
+            self.inner.barrier.store(u64::MAX, SeqCst);
+            self.inner.signal_queues();
+        }
+    }
+}
+
 enum Copy {
     Done,
     SrcFail,
@@ -227,9 +245,18 @@ impl Syncer {
         let end = ((r + 1) * inner.region_size / bs).min(inner.info.num_blocks);
         let step = self.chunk / bs;
         let ri = r as usize;
+        let mut bar = Barrier {
+            inner: &inner,
+            set: false,
+        };
         for attempt in 0..MAX_ATTEMPTS {
             if self.stopping() || dst.state() == LegState::Faulted || dst.removing.load(SeqCst) {
                 return Copy::Later;
+            }
+            if attempt >= BARRIER_AFTER && !bar.set {
+                // Guest writes keep the region busy: hold new ones back until it is copied.
+                inner.barrier.store(r, SeqCst);
+                bar.set = true;
             }
             let g0 = inner.gen[ri].load(SeqCst);
             if inner.inflight[ri].load(SeqCst) != 0 {

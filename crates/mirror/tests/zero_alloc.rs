@@ -173,4 +173,5 @@ fn a_two_leg_mirror_allocates_nothing_per_io() {
     );
     drop(load);
     m.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }
