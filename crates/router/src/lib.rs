@@ -812,7 +812,14 @@ impl BlockQueue for RouterQueue {
     }
 
     fn take_fds_changed(&mut self) -> bool {
-        std::mem::take(&mut self.fds_changed)
+        // Also the queues below: a mirror that gains a leg, a remote queue's new
+        // connection (their descriptors change under the router).
+        let mut c = std::mem::take(&mut self.fds_changed);
+        c |= self.chain.take_fds_changed();
+        if let Some(f) = &mut self.fast {
+            c |= f.take_fds_changed();
+        }
+        c
     }
 
     fn may_sleep(&self) -> bool {
