@@ -98,10 +98,6 @@ pub(crate) struct MirrorQueue {
     comps: Vec<(u8, IoCommand, Status)>,
     efd: Arc<EventFd>,
     fds_changed: bool,
-    /// The mirror was solo when `wait_fds` last answered (without the queue's eventfd:
-    /// nothing signals it while solo, and a worker asked again mid-run must not have to
-    /// grow its list for it).
-    solo_fds: bool,
     kick_mask: u8,
     in_flight: usize,
 }
@@ -109,7 +105,6 @@ pub(crate) struct MirrorQueue {
 impl MirrorQueue {
     pub(crate) fn new(inner: Arc<Inner>, depth: u32, efd: Arc<EventFd>) -> Result<MirrorQueue> {
         let d = depth as usize;
-        let inner_solo = inner.solo.load(SeqCst);
         let mut legs = Vec::with_capacity(MAX_LEGS);
         legs.resize_with(MAX_LEGS, || None);
         let mut q = MirrorQueue {
@@ -125,7 +120,6 @@ impl MirrorQueue {
             held: VecDeque::with_capacity(d),
             finished: VecDeque::with_capacity(d),
             comps: Vec::with_capacity(d * MAX_LEGS + 16),
-            solo_fds: inner_solo,
             efd,
             fds_changed: false,
             kick_mask: 0,
@@ -715,9 +709,9 @@ impl BlockQueue for MirrorQueue {
     }
 
     fn wait_fds(&self, out: &mut Vec<Fd>) {
-        if !self.solo_fds {
-            out.push(self.efd.as_raw_fd());
-        }
+        // Always, also while solo: a layer above may wake this queue through it (the
+        // fair-share group signals `completion_fd`).
+        out.push(self.efd.as_raw_fd());
         for q in self.legs.iter().flatten() {
             q.q.wait_fds(out);
         }
@@ -725,11 +719,6 @@ impl BlockQueue for MirrorQueue {
 
     fn take_fds_changed(&mut self) -> bool {
         let mut c = std::mem::take(&mut self.fds_changed);
-        if self.solo_fds && !self.inner.solo.load(SeqCst) {
-            // A leg was added: the queue's eventfd (bitmap writes) is watched from now on.
-            self.solo_fds = false;
-            c = true;
-        }
         for q in self.legs.iter_mut().flatten() {
             c |= q.q.take_fds_changed();
         }

@@ -39,8 +39,9 @@ use crate::{BurstLog, Export};
 
 /// Receive buffer for request headers and small payloads.
 const RX_CAP: usize = 256 << 10;
-/// The send buffer's first allocation.
-const TX_MIN: usize = 64 << 10;
+/// The send buffer's first allocation: the replies of 32 small reads in flight (a
+/// typical client depth) fit, so a late peak of them does not grow it mid-run.
+const TX_MIN: usize = 256 << 10;
 /// Payloads at least this long are received straight into their command's buffer.
 const DIRECT_PAYLOAD: usize = 64 << 10;
 /// Reads at least this long are sent from their command's buffer rather than copied.
@@ -454,7 +455,10 @@ impl NbdConn {
             .iter()
             .filter(|(_, s)| s.data.buf.as_ref().is_some_and(|b| b.len() >= need))
             .count();
-        let mut more = have.next_power_of_two() - have;
+        // At least 32 at once (a typical client's queue depth, within the connection's
+        // budget): a client whose depth peaks late then finds its buffers there instead of
+        // doubling them mid-run.
+        let mut more = have.next_power_of_two().max(32) - have;
         let budget = &mut self.budget;
         for r in self.eng.free_data_mut() {
             if more == 0 {
