@@ -28,6 +28,21 @@ pub fn measured_rows(rows: &[(String, String, Measured)]) -> serde_json::Value {
         .collect::<Vec<_>>())
 }
 
+/// The median round (by IOPS) of `server` on `workload` among a suite's rows.
+pub fn median_round<'a>(
+    rows: &'a [(String, String, Measured)],
+    server: &str,
+    workload: &str,
+) -> Option<&'a Measured> {
+    let mut m: Vec<&Measured> = rows
+        .iter()
+        .filter(|r| r.0 == server && r.1 == workload)
+        .map(|r| &r.2)
+        .collect();
+    m.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    m.get(m.len() / 2).copied()
+}
+
 /// Table cells of the suites' markdown tables; "-" where a server was not run.
 pub fn cell_iops(m: Option<&Measured>) -> String {
     m.map_or("-".into(), |m| format!("{:.0}", m.iops))

@@ -340,7 +340,13 @@ pub(crate) fn open_leg(
             spec.block_size,
             spec.read_only,
         )?),
-        BackendSpec::Nvmf { .. } => unreachable!("remote_spec handles nvmf"),
+        // `remote_spec` answered above for every nvmf backend.
+        BackendSpec::Nvmf { .. } => {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "nvmf backend without a remote",
+            ))
+        }
     };
     Ok(Leg { dev, remote: None })
 }
@@ -356,10 +362,7 @@ pub(crate) fn open_base(
     backend: Leg,
     data_dir: &std::path::Path,
 ) -> Result<Base> {
-    let primary = spec
-        .mirror
-        .as_ref()
-        .map_or_else(crate::state::primary_leg, |m| m.primary.clone());
+    let primary = spec.primary_name();
     let mut remotes: Vec<_> = backend
         .remote
         .map(|r| (primary.clone(), r))

@@ -161,11 +161,7 @@ impl Daemon {
         let m = d.mirror.as_ref()?;
         let s = m.status();
         let describe = |name: &str| -> String {
-            let primary = d
-                .spec
-                .mirror
-                .as_ref()
-                .map_or_else(primary_leg, |m| m.primary.clone());
+            let primary = d.spec.primary_name();
             let b = if name == primary {
                 Some(&d.spec.backend)
             } else {
@@ -210,11 +206,7 @@ impl Daemon {
 
     /// The disk's primary leg's initiator, when its backend is remote.
     pub(crate) fn remote_of(d: &Disk) -> Option<RemoteView> {
-        let primary = d
-            .spec
-            .mirror
-            .as_ref()
-            .map_or_else(primary_leg, |m| m.primary.clone());
+        let primary = d.spec.primary_name();
         d.remotes
             .iter()
             .find(|(n, _)| *n == primary)
@@ -241,14 +233,9 @@ impl Daemon {
                     format!("disk {name:?} is read-only: a mirror leg would never be written"),
                 ));
             }
-            let taken: Vec<String> = std::iter::once(
-                d.spec
-                    .mirror
-                    .as_ref()
-                    .map_or_else(primary_leg, |m| m.primary.clone()),
-            )
-            .chain(d.spec.legs().iter().map(|l| l.name.clone()))
-            .collect();
+            let taken: Vec<String> = std::iter::once(d.spec.primary_name())
+                .chain(d.spec.legs().iter().map(|l| l.name.clone()))
+                .collect();
             let leg_name = match req.name.clone() {
                 Some(n) => {
                     check_name("mirror leg", &n)?;
@@ -391,10 +378,7 @@ impl Daemon {
         let d = g.disks.get_mut(name).ok_or_else(|| no_disk(name))?;
         let m = mirror_of(d, name)?.clone();
         let old = d.spec.clone();
-        let primary = old
-            .mirror
-            .as_ref()
-            .map_or_else(primary_leg, |m| m.primary.clone());
+        let primary = old.primary_name();
         if leg != primary && !old.legs().iter().any(|l| l.name == leg) {
             return Err(err(
                 ErrorKind::NotFound,

@@ -179,6 +179,13 @@ impl DiskSpec {
         }
     }
 
+    /// The name of the leg that is the disk's backend.
+    pub(crate) fn primary_name(&self) -> String {
+        self.mirror
+            .as_ref()
+            .map_or_else(primary_leg, |m| m.primary.clone())
+    }
+
     /// The mirror's legs besides the backend (none without a mirror).
     pub(crate) fn legs(&self) -> &[LegSpec] {
         self.mirror.as_ref().map_or(&[], |m| &m.legs)

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use crate::daemon::Daemon;
 use crate::report::{
-    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, Res,
+    cell_iops, cell_lat, cell_ratio, measured_rows, median_round, prepare_file, run_one,
+    write_report, Res,
 };
 use crate::run::BenchArgs;
 
@@ -272,15 +273,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     println!("| workload | nvmux plain IOPS | nvmux crypt IOPS | p50/p99 µs | crypt/plain | QSD luks IOPS | p50/p99 µs | crypt/luks |");
     println!("|---|---|---|---|---|---|---|---|");
     // The median round of each server and workload (by IOPS).
-    let find = |s: &str, w: &str| {
-        let mut m: Vec<&Measured> = rows
-            .iter()
-            .filter(|r| r.0 == s && r.1 == w)
-            .map(|r| &r.2)
-            .collect();
-        m.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-        m.get(m.len() / 2).copied()
-    };
+    let find = |s: &str, w: &str| median_round(&rows, s, w);
     for &(bs, op, qd) in &RUNS {
         let w = name(bs, op, qd);
         let (p, c, l) = (

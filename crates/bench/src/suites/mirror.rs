@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::client::Op;
 use crate::daemon::Daemon;
 use crate::report::{
-    cell_iops, cell_lat, cell_ratio, measured_rows, prepare_file, run_one, write_report, Res,
+    cell_iops, cell_lat, cell_ratio, measured_rows, median_round, prepare_file, run_one,
+    write_report, Res,
 };
 use crate::run::BenchArgs;
 use crate::workload::Measured;
@@ -137,15 +138,7 @@ pub fn run(a: &BenchArgs, secs: u64, srv_cpu: Option<usize>) -> Res<()> {
     let _ = da.stop();
     let _ = db.stop();
     cleanup();
-    let find = |s: &str, w: &str| {
-        let mut m: Vec<&Measured> = rows
-            .iter()
-            .filter(|r| r.0 == s && r.1 == w)
-            .map(|r| &r.2)
-            .collect();
-        m.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-        m.get(m.len() / 2).copied()
-    };
+    let find = |s: &str, w: &str| median_round(&rows, s, w);
     println!(
         "\nMirror and remote backend, 256 MiB files on /dev/shm, 4 KiB random I/O through libblkio (vhost-user), {secs} s per run, medians of {rounds} rounds, the initiator daemon on CPU 0, the target daemon and the client on CPU 1"
     );
