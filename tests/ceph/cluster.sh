@@ -163,6 +163,8 @@ osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
+# a one-mon test cluster: commit map changes (pool create, OSD boot) without the 1 s batching
+paxos propose interval = 0.1
 
 [mon]
 log file = $DIR/log/\$cluster-\$name.log
