@@ -221,7 +221,7 @@ cmd_up() {
     local t0 t
     t0=$(now)
     if healthy; then
-        echo "ceph: already up in $DIR (mon 127.0.0.1:$PORT)"
+        echo "ceph: already up in $DIR ($(grep -m1 '^mon host' "$CONF"))"
         echo "ceph: ready in 0 s"
         return 0
     fi
