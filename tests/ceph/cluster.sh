@@ -96,7 +96,7 @@ stop_pids() {
 start_daemon() {
     local d=$1 id
     case $d in mon) id=mon0 ;; mgr) id=x ;; osd) id=0 ;; esac
-    setsid "ceph-$d" -f -c "$CONF" -i "$id" >>"$DIR/log/$d.out" 2>&1 </dev/null &
+    setsid "ceph-$d" -f -c "$CONF" -i "$id" >>"$DIR/log/$d.out" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/run/$d.pid"
 }
 
@@ -282,7 +282,7 @@ cmd_up() {
     # The OSD's mkfs (bluestore on a sparse file) runs while the mon is made and started.
     t=$(now)
     timeout 60 ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" --monmap "$DIR/monmap" \
-        --no-mon-config >"$DIR/log/osd-mkfs.out" 2>&1 &
+        --no-mon-config >"$DIR/log/osd-mkfs.out" 2>&1 9>&- &
     local mkfs_pid=$!
     timeout 30 ceph-mon -c "$CONF" --mkfs -i mon0 --monmap "$DIR/monmap" --keyring "$K" \
         >>"$DIR/log/mkfs.out" 2>&1 || { cat "$DIR/log/mkfs.out" >&2; die "ceph-mon --mkfs failed"; }
@@ -356,6 +356,15 @@ cmd_down() {
     rm -rf "$DIR"
     echo "ceph: down ($DIR removed)"
 }
+
+# One command at a time per DIR (two users of a shared cluster may call 'up' together). The
+# lock file lives beside DIR: DIR itself is removed and rebuilt.
+case $CMD in
+    up|down|osd-stop|osd-start)
+        exec 9>"$DIR.lock" || die "cannot open $DIR.lock"
+        flock -w 300 9 || die "$DIR.lock: another cluster.sh holds it for 300 s"
+        ;;
+esac
 
 case $CMD in
     up) cmd_up ;;
