@@ -100,6 +100,26 @@ start_daemon() {
     echo $! >"$DIR/run/$d.pid"
 }
 
+# run_watched "DAEMON..." CMD...: runs CMD while watching the daemons; returns CMD's status,
+# or 99 at once (CMD killed) when one of the daemons exits, so a crashed daemon fails fast
+# instead of at the timeout.
+run_watched() {
+    local watch=$1; shift
+    "$@" &
+    local cpid=$! d
+    while kill -0 "$cpid" 2>/dev/null; do
+        for d in $watch; do
+            if ! pid_of "$d" >/dev/null; then
+                kill "$cpid" 2>/dev/null; wait "$cpid" 2>/dev/null
+                echo "cluster.sh: ceph-$d exited" >&2
+                return 99
+            fi
+        done
+        sleep 0.2
+    done
+    wait "$cpid"
+}
+
 log_tail() {
     local d
     for d in "${DAEMONS[@]}"; do
@@ -298,8 +318,12 @@ cmd_up() {
     t=$(now)
     local left
     left=$(awk -v a="$t0" -v b="$(now)" -v T="$UP_TIMEOUT" 'BEGIN { x = T - (b - a); print (x < 5 ? 5 : int(x)) }')
-    timeout $((left + 5)) $PY "$HERE/ceph_util.py" setup "$CONF" "$osd_uuid" 16 "$left" \
-        || fail_up "the cluster did not become ready within $UP_TIMEOUT s"
+    run_watched "${DAEMONS[*]}" timeout $((left + 5)) $PY "$HERE/ceph_util.py" setup "$CONF" "$osd_uuid" 16 "$left"
+    case $? in
+        0) ;;
+        99) fail_up "a daemon exited while the cluster was starting" ;;
+        *) fail_up "the cluster did not become ready within $UP_TIMEOUT s" ;;
+    esac
     local d
     for d in "${DAEMONS[@]}"; do pid_of "$d" >/dev/null || fail_up "ceph-$d exited"; done
 
@@ -328,12 +352,12 @@ cmd_osd_stop() {
 
 cmd_osd_start() {
     [ -f "$CONF" ] || die "no cluster in $DIR"
-    local t s
+    local t
     if pid_of osd >/dev/null; then echo "ceph: osd already running"; return 0; fi
     t=$(now)
     start_daemon osd
-    s=$(timeout 70 $PY "$HERE/ceph_util.py" wait-osd-up "$CONF" 60) || {
-        log_tail; die "osd not up after 60 s"; }
+    run_watched osd timeout 70 $PY "$HERE/ceph_util.py" wait-osd-up "$CONF" 60 >/dev/null || {
+        log_tail; die "osd not up after 60 s (or it exited)"; }
     echo "ceph: osd up in $(since "$t") s"
 }
 
