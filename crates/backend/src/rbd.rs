@@ -18,8 +18,10 @@
 //!
 //! **I/O mapping.** Read → `rbd_aio_readv`, Write → `rbd_aio_writev` (the command's own
 //! iovec array, which stays in its slot until completion), Flush → `rbd_aio_flush`,
-//! FUA write → write, then flush, then complete; Deallocate → `rbd_aio_discard`, Write
-//! Zeroes → `rbd_aio_write_zeroes`. A negative return value maps to a status:
+//! FUA write → write, then flush, then complete; Deallocate and Write Zeroes →
+//! `rbd_aio_write_zeroes` (it discards whole objects and zeroes the rest; `rbd_aio_discard`
+//! silently skips pieces smaller than `rbd_discard_granularity_bytes`, so a deallocated
+//! range would not read back as zeros). A negative return value maps to a status:
 //! ETIMEDOUT, EAGAIN, ESHUTDOWN (= Ceph's EBLOCKLISTED), ENOTCONN, ECONNRESET, ECANCELED
 //! → [`RETRYABLE`] (a path error without DNR: the host retries); EROFS → write protected;
 //! EINVAL → invalid field; others as [`Status::from_errno`]. A read shorter than asked is
@@ -163,7 +165,6 @@ struct Lib {
     rbd_aio_create_completion: unsafe extern "C" fn(*mut c_void, RbdCallback, *mut CompT) -> c_int,
     rbd_aio_readv: unsafe extern "C" fn(ImageT, *const libc::iovec, c_int, u64, CompT) -> c_int,
     rbd_aio_writev: unsafe extern "C" fn(ImageT, *const libc::iovec, c_int, u64, CompT) -> c_int,
-    rbd_aio_discard: unsafe extern "C" fn(ImageT, u64, u64, CompT) -> c_int,
     rbd_aio_write_zeroes: unsafe extern "C" fn(ImageT, u64, usize, CompT, c_int, c_int) -> c_int,
     rbd_aio_flush: unsafe extern "C" fn(ImageT, CompT) -> c_int,
     rbd_aio_get_return_value: unsafe extern "C" fn(CompT) -> isize,
@@ -265,7 +266,6 @@ impl Lib {
             rbd_aio_create_completion: s!(rbd, rbd_aio_create_completion),
             rbd_aio_readv: s!(rbd, rbd_aio_readv),
             rbd_aio_writev: s!(rbd, rbd_aio_writev),
-            rbd_aio_discard: s!(rbd, rbd_aio_discard),
             rbd_aio_write_zeroes: s!(rbd, rbd_aio_write_zeroes),
             rbd_aio_flush: s!(rbd, rbd_aio_flush),
             rbd_aio_get_return_value: s!(rbd, rbd_aio_get_return_value),
@@ -1248,8 +1248,12 @@ impl RbdQueue {
                     (lib.rbd_aio_writev)(h, segs.as_ptr(), segs.len() as c_int, off, c)
                 }
                 Opcode::Flush => (lib.rbd_aio_flush)(h, c),
-                Opcode::Deallocate => (lib.rbd_aio_discard)(h, off, len, c),
-                Opcode::WriteZeroes => (lib.rbd_aio_write_zeroes)(h, off, len as usize, c, 0, 0),
+                // Both must read back as zeros: rbd_aio_discard skips the parts of a range
+                // smaller than rbd_discard_granularity_bytes (64 KiB), so deallocate is a
+                // write zeroes too, which discards whole objects and zeroes the rest.
+                Opcode::Deallocate | Opcode::WriteZeroes => {
+                    (lib.rbd_aio_write_zeroes)(h, off, len as usize, c, 0, 0)
+                }
             }
         };
         if r < 0 {
