@@ -1412,3 +1412,60 @@ impl Drop for RbdQueue {
             .retain(|(q, _)| *q != self.qid);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn librbd_errors_map_to_statuses() {
+        for e in [
+            libc::ETIMEDOUT,
+            libc::EAGAIN,
+            libc::ESHUTDOWN,
+            libc::ENOTCONN,
+            libc::ECONNRESET,
+            libc::ECANCELED,
+        ] {
+            assert_eq!(status_of(e, Opcode::Write), RETRYABLE, "errno {e}");
+            assert_eq!(status_of(e, Opcode::Read), RETRYABLE, "errno {e}");
+        }
+        // No DNR bit is ever set by a Status; a path error is what hosts retry.
+        assert_eq!(RETRYABLE.sct, 3);
+        assert_eq!(
+            status_of(libc::EROFS, Opcode::Write),
+            Status::WRITE_PROTECTED
+        );
+        assert_eq!(status_of(libc::EINVAL, Opcode::Read), Status::INVALID_FIELD);
+        assert_eq!(status_of(libc::EIO, Opcode::Read), Status::UNRECOVERED_READ);
+        assert_eq!(status_of(libc::EIO, Opcode::Write), Status::WRITE_FAULT);
+        assert_eq!(status_of(libc::EIO, Opcode::Flush), Status::INTERNAL_ERROR);
+        assert_eq!(
+            status_of(libc::ENOSPC, Opcode::Write),
+            Status::CAPACITY_EXCEEDED
+        );
+    }
+
+    #[test]
+    fn admin_errors_map_to_kinds() {
+        let img = ImageRef {
+            pool: "rbd".into(),
+            namespace: String::new(),
+            image: "x1".into(),
+        };
+        for (r, k) in [
+            (-libc::ENOENT, ErrorKind::NotFound),
+            (-libc::EEXIST, ErrorKind::AlreadyExists),
+            (-libc::EBUSY, ErrorKind::Busy),
+            (-libc::ENOTEMPTY, ErrorKind::Busy),
+            (-libc::EINVAL, ErrorKind::InvalidArgument),
+            (-libc::EIO, ErrorKind::Io),
+            (i32::MIN, ErrorKind::Io),
+        ] {
+            let e = check(r, format_args!("creating rbd image {img}")).unwrap_err();
+            assert_eq!(e.kind, k, "{r}");
+            assert!(e.msg.contains("rbd/x1"), "{e}");
+        }
+        assert!(check(0, "x").is_ok());
+    }
+}

@@ -7,7 +7,9 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmux_backend::rbd::{ImageRef, RbdCluster, RbdConfig, RbdDevice, RbdOptions, RETRYABLE};
+use nvmux_backend::rbd::{
+    librbd_version, ImageRef, RbdCluster, RbdConfig, RbdDevice, RbdOptions, RETRYABLE,
+};
 use nvmux_core::alloc_count::{thread_allocs, CountingAlloc};
 use nvmux_core::{BlockDevice, BlockQueue, ErrorKind, IoCommand, Opcode, SgList, Status};
 
@@ -628,7 +630,7 @@ impl Load {
             sg.push(self.bufs[slot].as_mut_ptr(), nlb as usize * 512);
         }
         let mut cmd = IoCommand::new(op, slba, nlb, slot as u64, sg);
-        cmd.fua = op == Opcode::Write && k % 5 == 0;
+        cmd.fua = op == Opcode::Write && k.is_multiple_of(5);
         self.q.submit(cmd);
     }
 
@@ -701,4 +703,111 @@ fn zero_allocations_per_io() {
     l.run(3000);
     let after = thread_allocs();
     assert_eq!(after - before, 0, "allocations on the I/O thread");
+}
+
+/// A queue dropped with writes in flight waits for them (librbd must not touch freed
+/// buffers); the device and the cluster connection outlive the caller's handles.
+#[test]
+fn queue_drop_waits_for_commands_in_flight() {
+    let Some(c) = cluster() else { return };
+    let img = image("dropq");
+    let mut cl = Cleanup::new(&c);
+    cl.image(&img);
+    c.create_image(&img, 16 * MIB).unwrap();
+    let dev = open(&c, &img);
+    let bs = 512u32;
+    let mut bufs: Vec<Vec<u8>> = (0..32u8).map(|k| vec![k + 1; 256 << 10]).collect();
+    let mut q = dev.open_queue(16).unwrap();
+    for (k, b) in bufs.iter_mut().enumerate() {
+        let sg = sg_of(b, 4);
+        // 32 commands at depth 16: half wait in the backlog and are never started.
+        let mut cmd = IoCommand::new(
+            Opcode::Write,
+            (k as u64 * (256 << 10)) / bs as u64,
+            512,
+            k as u64,
+            sg,
+        );
+        cmd.fua = k % 2 == 0;
+        q.submit(cmd);
+    }
+    q.kick();
+    assert_eq!(q.in_flight(), 32);
+    drop(q);
+    // The buffers may go now; the first 16 (started) writes are on the image.
+    drop(bufs);
+    let mut q = dev.open_queue(4).unwrap();
+    for k in 0..16u64 {
+        let b = read(q.as_mut(), k * (256 << 10), 256 << 10, bs);
+        assert!(
+            b.iter().all(|&x| x == k as u8 + 1),
+            "write {k} not on the image"
+        );
+    }
+    drop(q);
+    // The device holds the connection: dropping the test's handle first is fine.
+    drop(cl);
+    let weak = Arc::downgrade(&c);
+    drop(c);
+    assert!(
+        weak.upgrade().is_some(),
+        "the open image keeps the connection"
+    );
+    let mut q = dev.open_queue(4).unwrap();
+    let mut d = vec![7u8; 4096];
+    assert_eq!(write(q.as_mut(), 0, &mut d, bs), Status::SUCCESS);
+    drop(q);
+    drop(dev);
+    assert!(
+        weak.upgrade().is_none(),
+        "the connection is shut down with the last image"
+    );
+    // The image itself (held open until now) is removed through a fresh connection.
+    if let Some(c) = cluster() {
+        c.remove_image(&img).unwrap();
+    }
+}
+
+/// A cluster that is not there: connect fails within its mount timeout, with an error.
+#[test]
+fn connect_to_nothing_fails_in_bounded_time() {
+    if let Err(e) = librbd_version() {
+        // A host without Ceph: the clear error is the behaviour under test.
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+        assert!(e.msg.contains("librbd not found"), "{e}");
+        return;
+    }
+    if std::env::var_os("NVMUX_CEPH_CONF").is_none() {
+        eprintln!("skipped: NVMUX_CEPH_CONF not set");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nvmux-rbd-noconf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("ceph.conf");
+    std::fs::write(
+        &conf,
+        "[global]\nmon host = 127.0.0.1:1\nauth client required = none\n",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let e = RbdCluster::connect(&RbdConfig {
+        conf: Some(conf),
+        ..RbdConfig::default()
+    })
+    .err()
+    .expect("nothing listens there");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "connect took {:?}",
+        t0.elapsed()
+    );
+    assert!(e.msg.contains("connecting"), "{e}");
+    let e = RbdCluster::connect(&RbdConfig {
+        conf: Some(dir.join("missing.conf")),
+        ..RbdConfig::default()
+    })
+    .err()
+    .expect("no such config");
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
