@@ -794,8 +794,7 @@ fn connect_to_nothing_fails_in_bounded_time() {
         conf: Some(conf),
         ..RbdConfig::default()
     })
-    .err()
-    .expect("nothing listens there");
+    .expect_err("nothing listens there");
     assert!(
         t0.elapsed() < Duration::from_secs(60),
         "connect took {:?}",
@@ -806,8 +805,7 @@ fn connect_to_nothing_fails_in_bounded_time() {
         conf: Some(dir.join("missing.conf")),
         ..RbdConfig::default()
     })
-    .err()
-    .expect("no such config");
+    .expect_err("no such config");
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
