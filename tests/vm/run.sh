@@ -117,7 +117,8 @@
 #                        and 2 over NBD, a negative control (verify_only of an unwritten
 #                        region must fail), `rbd info` shows the 256 MiB image; the image is
 #                        removed with `rbd rm` at the end (nvmux never removes one)
-#   rbd-outage           (nvmux only; skipped without CEPH_CONF like rbd) a cluster of its
+#   rbd-outage           (skipped without CEPH_CONF like rbd; with --server qsd the disk is
+#                        QEMU's own librbd driver in qemu-storage-daemon) a cluster of its
 #                        own (cluster.sh up --dir /tmp/nvmux-ceph-vm --port 6889, or
 #                        $NVMUX_VM_CEPH_DIR / $NVMUX_VM_CEPH_PORT; torn down at the end), so
 #                        the shared cluster's OSD is never touched. The guest
@@ -1515,7 +1516,8 @@ fi
 rbd_fio() {
     local name=$1 uri=$2 off=$3; shift 3
     fio --name="$name" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --offset="$off" \
-        --size=32M --iodepth=16 --randrepeat=1 --verify=crc32c --verify_fatal=1 --eta=never "$@"
+        --size=32M --iodepth=16 --randrepeat=1 --verify=crc32c --verify_fatal=1 --eta=never \
+        --verify_state_save=0 "$@"
 }
 if ! want rbd; then
     echo "SKIP rbd (--only)"
@@ -1600,8 +1602,6 @@ if ! want rbd-outage; then
     echo "SKIP rbd-outage (--only)"
 elif [[ -z ${CEPH_CONF:-} ]]; then
     echo "SKIP rbd-outage (no Ceph: CEPH_CONF unset)"
-elif [[ $server != nvmux ]]; then
-    echo "SKIP rbd-outage (nvmux only)"
 else
     cdir=${NVMUX_VM_CEPH_DIR:-/tmp/nvmux-ceph-vm} cport=${NVMUX_VM_CEPH_PORT:-6889}
     cluster() { "$repo/tests/ceph/cluster.sh" "$@" --dir "$cdir"; }
@@ -1613,7 +1613,19 @@ else
     if ! cluster up --port "$cport" > "$work/rbd-outage-cluster.out" 2>&1; then
         cat "$work/rbd-outage-cluster.out"
         why="cluster.sh up --dir $cdir --port $cport failed"
-    elif ! { CEPH_CONF=$cdir/ceph.conf side_daemon "$odir" "$work/rbd-outage-server.log" && opid=$SIDE_PID &&
+    elif [[ $server == qsd ]] && ! {
+             # the reference: QEMU's own librbd driver behind qemu-storage-daemon
+             CEPH_CONF=$cdir/ceph.conf rbd create --size 256M "$oimg" &&
+             qemu-storage-daemon \
+                 --blockdev "driver=rbd,node-name=r,pool=${oimg%%/*},image=${oimg#*/},conf=$cdir/ceph.conf,cache.direct=on" \
+                 --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$osock,writable=on,num-queues=2" \
+                 >> "$work/rbd-outage-server.log" 2>&1 &
+             opid=$!
+             SERVER_PID=$opid wait_for_socket "$osock"; } > "$work/rbd-outage-setup.out" 2>&1; then
+        cat "$work/rbd-outage-setup.out"
+        why="setup failed (log $work/rbd-outage-server.log)"
+    elif [[ $server == nvmux ]] && ! {
+             CEPH_CONF=$cdir/ceph.conf side_daemon "$odir" "$work/rbd-outage-server.log" && opid=$SIDE_PID &&
              "$NVMUX_BIN" --api "$oapi" disk create o --backend rbd --image "$oimg" --size 256M &&
              "$NVMUX_BIN" --api "$oapi" export add o --socket "$osock" --queues 2; } > "$work/rbd-outage-setup.out" 2>&1; then
         cat "$work/rbd-outage-setup.out"
