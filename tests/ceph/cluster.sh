@@ -96,8 +96,28 @@ stop_pids() {
 start_daemon() {
     local d=$1 id
     case $d in mon) id=mon0 ;; mgr) id=x ;; osd) id=0 ;; esac
-    setsid "ceph-$d" -f -c "$CONF" -i "$id" >>"$DIR/log/$d.out" 2>&1 </dev/null &
+    setsid "ceph-$d" -f -c "$CONF" -i "$id" >>"$DIR/log/$d.out" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/run/$d.pid"
+}
+
+# run_watched "DAEMON..." CMD...: runs CMD while watching the daemons; returns CMD's status,
+# or 99 at once (CMD killed) when one of the daemons exits, so a crashed daemon fails fast
+# instead of at the timeout.
+run_watched() {
+    local watch=$1; shift
+    "$@" &
+    local cpid=$! d
+    while kill -0 "$cpid" 2>/dev/null; do
+        for d in $watch; do
+            if ! pid_of "$d" >/dev/null; then
+                kill "$cpid" 2>/dev/null; wait "$cpid" 2>/dev/null
+                echo "cluster.sh: ceph-$d exited" >&2
+                return 99
+            fi
+        done
+        sleep 0.2
+    done
+    wait "$cpid"
 }
 
 log_tail() {
@@ -163,6 +183,8 @@ osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
+# a one-mon test cluster: commit map changes (pool create, OSD boot) without the 1 s batching
+paxos propose interval = 0.1
 
 [mon]
 log file = $DIR/log/\$cluster-\$name.log
@@ -219,7 +241,7 @@ cmd_up() {
     local t0 t
     t0=$(now)
     if healthy; then
-        echo "ceph: already up in $DIR (mon 127.0.0.1:$PORT)"
+        echo "ceph: already up in $DIR ($(grep -m1 '^mon host' "$CONF"))"
         echo "ceph: ready in 0 s"
         return 0
     fi
@@ -280,7 +302,7 @@ cmd_up() {
     # The OSD's mkfs (bluestore on a sparse file) runs while the mon is made and started.
     t=$(now)
     timeout 60 ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" --monmap "$DIR/monmap" \
-        --no-mon-config >"$DIR/log/osd-mkfs.out" 2>&1 &
+        --no-mon-config >"$DIR/log/osd-mkfs.out" 2>&1 9>&- &
     local mkfs_pid=$!
     timeout 30 ceph-mon -c "$CONF" --mkfs -i mon0 --monmap "$DIR/monmap" --keyring "$K" \
         >>"$DIR/log/mkfs.out" 2>&1 || { cat "$DIR/log/mkfs.out" >&2; die "ceph-mon --mkfs failed"; }
@@ -296,8 +318,12 @@ cmd_up() {
     t=$(now)
     local left
     left=$(awk -v a="$t0" -v b="$(now)" -v T="$UP_TIMEOUT" 'BEGIN { x = T - (b - a); print (x < 5 ? 5 : int(x)) }')
-    timeout $((left + 5)) $PY "$HERE/ceph_util.py" setup "$CONF" "$osd_uuid" 16 "$left" \
-        || fail_up "the cluster did not become ready within $UP_TIMEOUT s"
+    run_watched "${DAEMONS[*]}" timeout $((left + 5)) $PY "$HERE/ceph_util.py" setup "$CONF" "$osd_uuid" 16 "$left"
+    case $? in
+        0) ;;
+        99) fail_up "a daemon exited while the cluster was starting" ;;
+        *) fail_up "the cluster did not become ready within $UP_TIMEOUT s" ;;
+    esac
     local d
     for d in "${DAEMONS[@]}"; do pid_of "$d" >/dev/null || fail_up "ceph-$d exited"; done
 
@@ -326,12 +352,12 @@ cmd_osd_stop() {
 
 cmd_osd_start() {
     [ -f "$CONF" ] || die "no cluster in $DIR"
-    local t s
+    local t
     if pid_of osd >/dev/null; then echo "ceph: osd already running"; return 0; fi
     t=$(now)
     start_daemon osd
-    s=$(timeout 70 $PY "$HERE/ceph_util.py" wait-osd-up "$CONF" 60) || {
-        log_tail; die "osd not up after 60 s"; }
+    run_watched osd timeout 70 $PY "$HERE/ceph_util.py" wait-osd-up "$CONF" 60 >/dev/null || {
+        log_tail; die "osd not up after 60 s (or it exited)"; }
     echo "ceph: osd up in $(since "$t") s"
 }
 
@@ -354,6 +380,15 @@ cmd_down() {
     rm -rf "$DIR"
     echo "ceph: down ($DIR removed)"
 }
+
+# One command at a time per DIR (two users of a shared cluster may call 'up' together). The
+# lock file lives beside DIR: DIR itself is removed and rebuilt.
+case $CMD in
+    up|down|osd-stop|osd-start)
+        exec 9>"$DIR.lock" || die "cannot open $DIR.lock"
+        flock -w 300 9 || die "$DIR.lock: another cluster.sh holds it for 300 s"
+        ;;
+esac
 
 case $CMD in
     up) cmd_up ;;
