@@ -53,6 +53,8 @@ else
     [ "$rc" -ne 0 ] || rc=72
 fi
 ioerr=$(dmesg | grep -iE 'I/O error|blk_update_request|print_req_error|critical medium|virtio.*(error|broken)|id [0-9]+ is not a head' || true)
+# fio's err= is the errno of its first error (0: none); the kernel logs each failed request.
+echo "test: errors: fio err=$(grep -m1 -o 'err= *[0-9]*' /tmp/fio.out | tr -dc '0-9'), kernel I/O error lines $(printf '%s' "$ioerr" | grep -c .)"
 if [ "$rc" -ne 0 ]; then
     cat /tmp/fio.out
     [ -z "$ioerr" ] || echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8

@@ -128,7 +128,10 @@
 #                        `osd-start`. Passes when fio reports 0 errors and the guest's dmesg
 #                        has no I/O error; prints "rbd-outage: OSD down D s, longest guest
 #                        stall S s, E errors" (the stall: the longest gap between two
-#                        completions in fio's --write_lat_log, reads and writes)
+#                        completions in fio's --write_lat_log, reads and writes).
+#                        RBD_OUTAGE_OP_TIMEOUT_MS=N gives the daemon [rbd] op_timeout_ms = N:
+#                        below the outage, librbd fails the stalled requests (ETIMEDOUT)
+#                        and the scenario must FAIL (a negative control, run by hand)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -1130,13 +1133,14 @@ except Exception:
     pass' "$1" "$2"
 }
 
-# side_daemon DIR LOG: start a daemon of its own on DIR (its API socket DIR/nvmux.sock);
-# sets SIDE_PID.
+# side_daemon DIR LOG [SERVE OPTION...]: start a daemon of its own on DIR (its API socket
+# DIR/nvmux.sock); sets SIDE_PID.
 side_daemon() {
-    mkdir -p "$1"
-    "$NVMUX_BIN" serve --data-dir "$1" >> "$2" 2>&1 &
+    local dir=$1 log=$2; shift 2
+    mkdir -p "$dir"
+    "$NVMUX_BIN" serve --data-dir "$dir" "$@" >> "$log" 2>&1 &
     SIDE_PID=$!
-    kill9_wait_api "$1/nvmux.sock" "$SIDE_PID"
+    kill9_wait_api "$dir/nvmux.sock" "$SIDE_PID"
 }
 
 # stop_pid PID: SIGTERM, then SIGKILL after 10 s; returns the exit status.
@@ -1625,7 +1629,13 @@ else
         cat "$work/rbd-outage-setup.out"
         why="setup failed (log $work/rbd-outage-server.log)"
     elif [[ $server == nvmux ]] && ! {
-             CEPH_CONF=$cdir/ceph.conf side_daemon "$odir" "$work/rbd-outage-server.log" && opid=$SIDE_PID &&
+             oconf=()
+             if [[ -n ${RBD_OUTAGE_OP_TIMEOUT_MS:-} ]]; then
+                 printf '[rbd]\nop_timeout_ms = %s\n' "$RBD_OUTAGE_OP_TIMEOUT_MS" > "$work/rbd-outage.toml"
+                 oconf=(--config "$work/rbd-outage.toml")
+                 echo "== rbd-outage: the daemon's [rbd] op_timeout_ms = $RBD_OUTAGE_OP_TIMEOUT_MS"
+             fi
+             CEPH_CONF=$cdir/ceph.conf side_daemon "$odir" "$work/rbd-outage-server.log" "${oconf[@]}" && opid=$SIDE_PID &&
              "$NVMUX_BIN" --api "$oapi" disk create o --backend rbd --image "$oimg" --size 256M &&
              "$NVMUX_BIN" --api "$oapi" export add o --socket "$osock" --queues 2; } > "$work/rbd-outage-setup.out" 2>&1; then
         cat "$work/rbd-outage-setup.out"
@@ -1655,8 +1665,9 @@ else
         grep -a '^test: ' "$work/rbd-outage.log" || true
         down=$(awk -v a="$t_stop1" -v b="$t_start1" 'BEGIN { if (a != "" && b != "") printf "%.1f", b - a; else print "?" }')
         stall=$(grep -a -m1 -o 'longest completion gap [0-9.]*' "$work/rbd-outage.log" | awk '{ print $4 }')
-        errs=$(grep -a -m1 -o 'err= *[0-9]*' "$work/rbd-outage.log" | tr -dc '0-9')
-        echo "rbd-outage: OSD down $down s (osd-stop returned to osd-start returned; stop took $(awk -v a="$t_stop0" -v b="$t_stop1" 'BEGIN { printf "%.1f", b - a }') s), longest guest stall ${stall:-?} s, ${errs:-?} errors"
+        ferr=$(grep -a -m1 -o 'test: errors: fio err=[0-9]*' "$work/rbd-outage.log" | tr -dc '0-9')
+        kerr=$(grep -a -m1 -o 'kernel I/O error lines [0-9]*' "$work/rbd-outage.log" | tr -dc '0-9')
+        echo "rbd-outage: OSD down $down s (osd-stop returned to osd-start returned; stop took $(awk -v a="$t_stop0" -v b="$t_stop1" 'BEGIN { printf "%.1f", b - a }') s), longest guest stall ${stall:-?} s, ${kerr:-?} errors (guest kernel I/O error lines; fio err=${ferr:-?})"
         if [[ -z $why ]] && ((rc != 0)); then
             why="the guest failed across the outage (boot status $rc, log $work/rbd-outage.log)"
         elif [[ -z $why && -z $stall ]]; then
