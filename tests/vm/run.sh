@@ -246,8 +246,10 @@ stop_server() {
     echo "run.sh: server stopped (exit status $rc; log: $work/server.log)"
 }
 
+OUTAGE_CLUSTER=   # rbd-outage's Ceph cluster directory while it is up
 cleanup() {
     stop_server
+    [[ -z $OUTAGE_CLUSTER ]] || "$repo/tests/ceph/cluster.sh" down --dir "$OUTAGE_CLUSTER" > /dev/null 2>&1 || true
     rm -rf "$sockdir"
 }
 trap cleanup EXIT
@@ -1614,6 +1616,7 @@ else
     rm -rf "$odir"
     : > "$work/rbd-outage-server.log"
     opid= why= stopped= started= t_stop0= t_stop1= t_start1=
+    OUTAGE_CLUSTER=$cdir
     if ! cluster up --port "$cport" > "$work/rbd-outage-cluster.out" 2>&1; then
         cat "$work/rbd-outage-cluster.out"
         why="cluster.sh up --dir $cdir --port $cport failed"
@@ -1677,6 +1680,7 @@ else
     fi
     stop_pid "$opid" || echo "== host: the outage daemon exited with status $?"
     cluster down > /dev/null 2>&1 || echo "== host: cluster.sh down --dir $cdir failed"
+    OUTAGE_CLUSTER=
     if [[ -z $why ]]; then pass rbd-outage; else fail rbd-outage "$why"; fi
 fi
 
