@@ -1622,13 +1622,15 @@ else
         why="cluster.sh up --dir $cdir --port $cport failed"
     elif [[ $server == qsd ]] && ! {
              # the reference: QEMU's own librbd driver behind qemu-storage-daemon
-             CEPH_CONF=$cdir/ceph.conf rbd create --size 256M "$oimg" &&
-             qemu-storage-daemon \
-                 --blockdev "driver=rbd,node-name=r,pool=${oimg%%/*},image=${oimg#*/},conf=$cdir/ceph.conf,cache.direct=on" \
-                 --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$osock,writable=on,num-queues=2" \
-                 >> "$work/rbd-outage-server.log" 2>&1 &
-             opid=$!
-             SERVER_PID=$opid wait_for_socket "$osock"; } > "$work/rbd-outage-setup.out" 2>&1; then
+             # (QSD in braces of its own: `A && B &` would background the whole list, and
+             # $! would be a subshell whose death leaves qemu-storage-daemon running)
+             CEPH_CONF=$cdir/ceph.conf rbd create --size 256M "$oimg" && {
+                 qemu-storage-daemon \
+                     --blockdev "driver=rbd,node-name=r,pool=${oimg%%/*},image=${oimg#*/},conf=$cdir/ceph.conf,cache.direct=on" \
+                     --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$osock,writable=on,num-queues=2" \
+                     >> "$work/rbd-outage-server.log" 2>&1 &
+                 opid=$!
+             } && SERVER_PID=$opid wait_for_socket "$osock"; } > "$work/rbd-outage-setup.out" 2>&1; then
         cat "$work/rbd-outage-setup.out"
         why="setup failed (log $work/rbd-outage-server.log)"
     elif [[ $server == nvmux ]] && ! {
