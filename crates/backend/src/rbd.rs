@@ -938,6 +938,12 @@ pub struct RbdDevice {
     read_only: bool,
 }
 
+impl fmt::Debug for RbdDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RbdDevice({})", self.img.name)
+    }
+}
+
 impl RbdDevice {
     /// Open `img` (its snapshot `opts.snapshot`, read-only, if given).
     pub fn open(cluster: &Arc<RbdCluster>, img: &ImageRef, opts: &RbdOptions) -> Result<RbdDevice> {

@@ -263,18 +263,14 @@ fn admin_create_info_resize_snapshot_clone_remove() {
 fn missing_image_is_not_found() {
     let Some(c) = cluster() else { return };
     let img = image("missing");
-    let e = RbdDevice::open(&c, &img, &RbdOptions::default())
-        .err()
-        .expect("no such image");
+    let e = RbdDevice::open(&c, &img, &RbdOptions::default()).expect_err("no such image");
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(e.msg.contains(&img.image), "{e}");
     let bad_pool = ImageRef {
         pool: "no-such-pool".into(),
         ..img
     };
-    let e = RbdDevice::open(&c, &bad_pool, &RbdOptions::default())
-        .err()
-        .expect("no such pool");
+    let e = RbdDevice::open(&c, &bad_pool, &RbdOptions::default()).expect_err("no such pool");
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
 }
 
