@@ -837,10 +837,22 @@ impl Inbox {
     }
 }
 
-struct CompBuf(Vec<CompT>);
+/// The collector's state (under `ImageState::reap`): the batch buffer, and when the image's
+/// eventfd was last drained.
+struct CompBuf {
+    buf: Vec<CompT>,
+    /// Completions were collected since the last drain of the eventfd.
+    collected: bool,
+    /// Passes that found nothing since the last drain.
+    empty: u32,
+}
 // SAFETY: completion pointers are handed between threads only as opaque values; librbd
 // completions may be reaped and released on any thread.
 unsafe impl Send for CompBuf {}
+
+/// Drain the image's eventfd at least every this many passes that collect nothing (see
+/// `ImageState::reap`).
+const DRAIN_EVERY: u32 = 16;
 
 /// Collect completions this many at a time.
 const REAP_BATCH: usize = 64;
@@ -873,23 +885,51 @@ impl ImageState {
     /// Collect librbd's finished completions and deliver them to their queues' inboxes.
     /// Only one thread at a time collects; the others return at once. `me` is the calling
     /// queue (its inbox is not woken: it reads it right after).
+    ///
+    /// A worker calls this on every pass of its polling spell, so a pass that finds
+    /// nothing must not cost a system call: `rbd_poll_io_events` is a locked queue pop in
+    /// librbd, while draining the eventfd is a `read`. librbd queues a completion, then
+    /// signals the eventfd (one write per completion), so the eventfd is drained on the
+    /// first empty pass after collecting (and collected again, for what came in between),
+    /// and at least every `DRAIN_EVERY` empty passes: a signal that lands after that
+    /// drain (with its completion collected already) wakes a sleeping worker for at most
+    /// that many passes.
     fn reap(&self, me: u32) {
-        let Ok(mut buf) = self.reap.try_lock() else {
+        let Ok(mut st) = self.reap.try_lock() else {
             return;
         };
-        // Re-arm first: anything queued after this read signals the eventfd again.
-        self.efd.drain();
+        if self.collect(&mut st.buf, me) > 0 {
+            st.collected = true;
+            st.empty = 0;
+            return;
+        }
+        st.empty += 1;
+        if st.collected || st.empty >= DRAIN_EVERY {
+            self.efd.drain();
+            st.collected = false;
+            st.empty = 0;
+            // Anything queued before its signal was drained.
+            if self.collect(&mut st.buf, me) > 0 {
+                st.collected = true;
+            }
+        }
+    }
+
+    /// Pop every finished completion librbd has queued and deliver it; how many.
+    fn collect(&self, buf: &mut [CompT], me: u32) -> usize {
+        let mut total = 0;
         loop {
             // SAFETY: an open image and a buffer of `len` completion slots.
             let n = unsafe {
-                (self.lib.rbd_poll_io_events)(self.h, buf.0.as_mut_ptr(), buf.0.len() as c_int)
+                (self.lib.rbd_poll_io_events)(self.h, buf.as_mut_ptr(), buf.len() as c_int)
             };
             if n <= 0 {
-                break;
+                return total;
             }
-            let n = (n as usize).min(buf.0.len());
+            let n = (n as usize).min(buf.len());
+            total += n;
             let boxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
-            for &c in &buf.0[..n] {
+            for &c in &buf[..n] {
                 // SAFETY: a completion librbd handed back finished; released once, here.
                 let (arg, ret) = unsafe {
                     let a = (self.lib.rbd_aio_get_arg)(c) as usize as u64;
@@ -988,7 +1028,11 @@ impl RbdDevice {
             lib,
             h,
             efd,
-            reap: Mutex::new(CompBuf(buf)),
+            reap: Mutex::new(CompBuf {
+                buf,
+                collected: false,
+                empty: 0,
+            }),
             inboxes: Mutex::new(Vec::with_capacity(8)),
             next_qid: AtomicU32::new(0),
             size: AtomicU64::new(0),
