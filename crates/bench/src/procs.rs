@@ -84,23 +84,114 @@ pub fn spawn_pinned(
         .stderr(Stdio::from(err))
         .stdin(Stdio::null());
     if let Some(c) = cpu {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls the
-        // async-signal-safe sched_setaffinity on a stack-local set.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(c, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                Ok(())
-            });
-        }
+        pin_command(&mut cmd, c);
     }
     let child = cmd.spawn().map_err(|e| format!("start {name}: {e}"))?;
     Ok(ServerProc {
         name: name.to_string(),
         child,
     })
+}
+
+/// Pin the process `cmd` starts (and every thread and child it makes) to `cpu`.
+pub fn pin_command(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls the
+    // async-signal-safe sched_setaffinity on a stack-local set.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+}
+
+/// What [`output_timeout`] collected.
+#[derive(Debug)]
+pub struct Finished {
+    /// How the command exited; `None` when it ran past the deadline and was killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+    /// The last `n` lines of stderr (for error messages).
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let t = String::from_utf8_lossy(&self.stderr);
+        let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Run `cmd` to its end with stdout and stderr captured; past `timeout` it is killed
+/// (with its process group: it runs in a group of its own).
+pub fn output_timeout(mut cmd: Command, timeout: Duration, what: &str) -> Result<Finished> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| format!("start {what}: {e}"))?;
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                // SAFETY: signalling the process group of our own child, which has not
+                // been reaped yet (so its id, the group's, is not reused).
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    Ok(Finished {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a plain struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Wait until `path` exists (a server's socket), or the process dies, or 20 s pass.
@@ -253,29 +344,38 @@ impl Fio {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find('{').ok_or("fio printed no JSON")?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
-        let j = &v["jobs"][0];
-        let (r, w) = (&j["read"], &j["write"]);
-        let iops = r["iops"].as_f64().unwrap_or(0.0) + w["iops"].as_f64().unwrap_or(0.0);
-        let ios = r["total_ios"].as_u64().unwrap_or(0) + w["total_ios"].as_u64().unwrap_or(0);
-        let lat = if r["total_ios"].as_u64().unwrap_or(0) > 0 {
-            r
-        } else {
-            w
-        };
-        let pct = |k: &str| lat["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-        Ok(crate::workload::Measured {
-            ios,
-            seconds: j["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0 / self.jobs.max(1) as f64,
-            iops,
-            p50_us: pct("50.000000"),
-            p95_us: pct("95.000000"),
-            p99_us: pct("99.000000"),
-        })
+        parse_fio_json(&String::from_utf8_lossy(&out.stdout), self.jobs)
     }
+}
+
+/// What fio's `--output-format=json` output (`--group_reporting`, `jobs` jobs) measured:
+/// reads and writes summed (IOPS); the latencies of the read side when there are reads,
+/// else of the write side. Text before the JSON (fio's warnings) is skipped.
+pub fn parse_fio_json(text: &str, jobs: usize) -> Result<crate::workload::Measured> {
+    let start = text.find('{').ok_or("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let j = &v["jobs"][0];
+    if j.is_null() {
+        return Err("fio JSON: no job".into());
+    }
+    let (r, w) = (&j["read"], &j["write"]);
+    let iops = r["iops"].as_f64().unwrap_or(0.0) + w["iops"].as_f64().unwrap_or(0.0);
+    let ios = r["total_ios"].as_u64().unwrap_or(0) + w["total_ios"].as_u64().unwrap_or(0);
+    let lat = if r["total_ios"].as_u64().unwrap_or(0) > 0 {
+        r
+    } else {
+        w
+    };
+    let pct = |k: &str| lat["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(crate::workload::Measured {
+        ios,
+        seconds: j["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0 / jobs.max(1) as f64,
+        iops,
+        p50_us: pct("50.000000"),
+        p95_us: pct("95.000000"),
+        p99_us: pct("99.000000"),
+    })
 }
 
 /// Bare-metal bound: fio with io_uring and O_DIRECT on the file itself.
