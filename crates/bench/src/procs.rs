@@ -129,15 +129,29 @@ impl Finished {
     }
 }
 
+/// Have the process `cmd` starts get `sig` when the thread that starts it ends (the
+/// bench killed by a signal leaves no baseline server or fio behind).
+pub fn die_with_parent(cmd: &mut Command, sig: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls the
+    // async-signal-safe prctl with integer arguments.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
+            Ok(())
+        });
+    }
+}
+
 /// Run `cmd` to its end with stdout and stderr captured; past `timeout` it is killed
-/// (with its process group: it runs in a group of its own).
+/// (single-process commands: a child it forks is not waited for). It also dies with the
+/// calling thread.
 pub fn output_timeout(mut cmd: Command, timeout: Duration, what: &str) -> Result<Finished> {
     use std::io::Read;
-    use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = cmd.spawn().map_err(|e| format!("start {what}: {e}"))?;
     let drain = |p: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
@@ -166,9 +180,6 @@ pub fn output_timeout(mut cmd: Command, timeout: Duration, what: &str) -> Result
             Ok(Some(s)) => break Some(s),
             Ok(None) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
             _ => {
-                // SAFETY: signalling the process group of our own child, which has not
-                // been reaped yet (so its id, the group's, is not reused).
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;

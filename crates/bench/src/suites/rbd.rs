@@ -214,7 +214,7 @@ pub fn prepare_image(conf: &Path, pool: &str, image: &str, size: Option<u64>) ->
         have
     } else if String::from_utf8_lossy(&info.stderr).contains("No such file") {
         let s = size.unwrap_or(DEFAULT_SIZE);
-        if s < (1 << 20) || s % 4096 != 0 {
+        if s < (1 << 20) || !s.is_multiple_of(4096) {
             return Err(format!("--size {s}: want a multiple of 4 KiB, at least 1 MiB").into());
         }
         eprintln!("creating {spec} ({})", nvmux_core::format_size(s));
@@ -391,6 +391,7 @@ fn start_qsd(
             "type=vhost-user-blk,id=e0,node-name=r,addr.type=unix,addr.path={},writable=on,num-queues=1",
             sock.display()
         ));
+    procs::die_with_parent(&mut cmd, libc::SIGTERM);
     let mut p = procs::spawn_pinned("qemu-storage-daemon", cmd, cpu, log)?;
     procs::wait_for_socket(&mut p, sock, log)?;
     Ok(p)
