@@ -402,3 +402,40 @@ pub fn run_fio(
     f.cpu = cpu;
     f.run()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_json_after_warnings() {
+        let text = r#"fio: a warning first
+{"fio version": "fio-3.33", "jobs": [{"jobname": "j", "job_runtime": 3000,
+  "read": {"iops": 0.0, "total_ios": 0, "clat_ns": {}},
+  "write": {"iops": 812.5, "total_ios": 2437,
+    "clat_ns": {"percentile": {"50.000000": 1171456, "95.000000": 1500000, "99.000000": 1777664}}}}]}"#;
+        let m = parse_fio_json(text, 1).unwrap();
+        assert_eq!(m.ios, 2437);
+        assert_eq!(m.iops, 812.5);
+        assert_eq!(m.seconds, 3.0);
+        assert!((m.p50_us - 1171.456).abs() < 1e-9, "{m:?}");
+        assert!((m.p99_us - 1777.664).abs() < 1e-9, "{m:?}");
+        assert!(parse_fio_json("no json here", 1).is_err());
+        assert!(parse_fio_json(r#"{"jobs": []}"#, 1).is_err());
+    }
+
+    #[test]
+    fn commands_past_their_deadline_are_killed() {
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let f = output_timeout(c, Duration::from_millis(200), "sleep").unwrap();
+        assert!(f.status.is_none());
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo out; echo err1 >&2; echo err2 >&2; exit 3"]);
+        let f = output_timeout(c, Duration::from_secs(20), "sh").unwrap();
+        assert_eq!(f.status.and_then(|s| s.code()), Some(3));
+        assert_eq!(f.stdout, b"out\n");
+        assert_eq!(f.stderr_tail(1), "err2");
+        assert!(!f.success());
+    }
+}
