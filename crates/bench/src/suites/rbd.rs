@@ -279,6 +279,32 @@ struct Sample {
     client_pct: f64,
     /// The cluster's OSDs; none when none was found.
     osd_pct: Option<f64>,
+    /// Every CPU of the machine busy (any process), in percent of one core (2 CPUs:
+    /// up to 200%): near the maximum, the machine's CPUs are what limits the run.
+    machine_pct: Option<f64>,
+}
+
+/// (busy, total) jiffies of all CPUs, from /proc/stat's first line.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user already)
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// Busy percent (of one core) between two [`machine_jiffies`] readings.
+fn machine_busy(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
+    let ((b0, t0), (b1, t1)) = (a?, b?);
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    (t1 > t0).then(|| b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * 100.0 * ncpu)
 }
 
 /// The cluster's OSD processes: every `ceph-osd` whose command line names `conf`.
@@ -320,6 +346,7 @@ fn measure_vhost(
         procs::cpu_seconds(me).unwrap_or(0.0),
         osd_cpu(osds),
     );
+    let j0 = machine_jiffies();
     let t0 = Instant::now();
     let m = run_one(sock, 4096, op, qd, secs)?;
     let wall = t0.elapsed().as_secs_f64();
@@ -328,6 +355,7 @@ fn measure_vhost(
         server_pct: Some(pct(server() - s0, wall)),
         client_pct: pct(procs::cpu_seconds(me).unwrap_or(0.0) - c0, wall),
         osd_pct: o0.zip(osd_cpu(osds)).map(|(a, b)| pct(b - a, wall)),
+        machine_pct: machine_busy(j0, machine_jiffies()),
     })
 }
 
@@ -354,6 +382,7 @@ fn measure_fio(
         procs::pin_command(&mut c, cpu);
     }
     let (f0, o0) = (procs::children_cpu_seconds(), osd_cpu(osds));
+    let j0 = machine_jiffies();
     let t0 = Instant::now();
     let out = output_timeout(c, Duration::from_secs(secs + 60), "fio")?;
     let wall = t0.elapsed().as_secs_f64();
@@ -366,6 +395,7 @@ fn measure_fio(
         server_pct: None,
         client_pct: pct(procs::children_cpu_seconds() - f0, wall),
         osd_pct: o0.zip(osd_cpu(osds)).map(|(a, b)| pct(b - a, wall)),
+        machine_pct: machine_busy(j0, machine_jiffies()),
     })
 }
 
@@ -482,20 +512,22 @@ fn tables(rows: &[(String, String, Sample)], title: &str) -> String {
             p50(f)
         ));
     }
-    s.push_str("\nCPU over each median run, percent of one core (server: the daemon with its librbd threads; client: the libblkio client, or fio with its librbd threads; OSD: the cluster's ceph-osd):\n\n| workload | path | IOPS | p50/p99 µs | server CPU | client CPU | OSD CPU |\n|---|---|---|---|---|---|---|\n");
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    s.push_str(&format!("\nCPU over each median run, percent of one core (server: the daemon with its librbd threads; client: the libblkio client, or fio with its librbd threads; OSD: the cluster's ceph-osd; machine: all {ncpu} CPUs, any process, at most {}%):\n\n| workload | path | IOPS | p50/p99 µs | server CPU | client CPU | OSD CPU | machine CPU |\n|---|---|---|---|---|---|---|---|\n", 100 * ncpu));
     for &(_, _, w) in &RUNS {
         for srv in [NVMUX, QSD, FIO] {
             let Some(m) = median_of(rows, srv, w) else {
                 continue;
             };
             s.push_str(&format!(
-                "| {w} | {srv} | {:.0} | {:.0}/{:.0} | {} | {:.0}% | {} |\n",
+                "| {w} | {srv} | {:.0} | {:.0}/{:.0} | {} | {:.0}% | {} | {} |\n",
                 m.m.iops,
                 m.m.p50_us,
                 m.m.p99_us,
                 cell_pct(m.server_pct),
                 m.client_pct,
-                cell_pct(m.osd_pct)
+                cell_pct(m.osd_pct),
+                cell_pct(m.machine_pct)
             ));
         }
     }
@@ -549,6 +581,7 @@ fn run_in(
     let nvmux_err = nvmux.is_none();
     let qsock = work.join("qsd.sock");
     let qsd = start_qsd(&conf, pool, image, &qsock, srv_cpu, &work.join("qsd.log"))?;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let rounds = a.rounds.max(1);
     let runs: Vec<(Op, usize, &str)> = RUNS
         .iter()
@@ -575,18 +608,19 @@ fn run_in(
                     _ => measure_fio(&conf, pool, image, op, qd, secs, srv_cpu, &osds)?,
                 };
                 eprintln!(
-                    "[{:>2}/{total}] {srv:<8} {w:<15} {:>8.0} IOPS  p50 {:>7.1} µs  p99 {:>8.1} µs  CPU server {} client {:.0}% OSD {}",
+                    "[{:>2}/{total}] {srv:<8} {w:<15} {:>8.0} IOPS  p50 {:>7.1} µs  p99 {:>8.1} µs  CPU server {} client {:.0}% OSD {} machine {}",
                     rows.len() + 1,
                     s.m.iops,
                     s.m.p50_us,
                     s.m.p99_us,
                     cell_pct(s.server_pct),
                     s.client_pct,
-                    cell_pct(s.osd_pct)
+                    cell_pct(s.osd_pct),
+                    cell_pct(s.machine_pct)
                 );
                 json_rows.push(json!({
                     "server": srv, "workload": w, "round": round, "m": s.m,
-                    "cpu_pct": {"server": s.server_pct, "client": s.client_pct, "osd": s.osd_pct},
+                    "cpu_pct": {"server": s.server_pct, "client": s.client_pct, "osd": s.osd_pct, "machine": s.machine_pct},
                 }));
                 rows.push((srv.to_string(), w.to_string(), s));
             }
@@ -599,6 +633,14 @@ fn run_in(
     let title = format!(
         "One RBD image ({spec}, {}, written once before the runs), 4 KiB random I/O, {secs} s per run, medians of {rounds} rounds (each round runs every workload on nvmux, QSD and fio-rbd in turn); librbd cache off for all three; nvmux and QSD (vhost-user, libblkio client on CPU 1) on CPU 0, fio's rbd engine on CPU 0; the cluster's daemons unpinned",
         nvmux_core::format_size(size)
+    );
+    let title = format!(
+        "{title}; load average before the runs: {}",
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let md = tables(&rows, &title);
     println!("\n{md}");
