@@ -25,7 +25,8 @@ run_stage() { # name command...  (a stage that is one check)
 }
 
 install_packages() {
-    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd rocksdb-tools)
+    local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd rocksdb-tools
+        ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev qemu-block-extra)
     # libvirt for the VM stage's libvirt scenario, without its recommends (dnsmasq,
     # parted, mdevctl...: nothing the test uses).
     local norec=(libvirt-daemon-system libvirt-clients)
@@ -109,6 +110,30 @@ vm_qemu11_stage() {
     line=$(grep -E '^vm: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
     if [ -z "$line" ]; then record vm-qemu11 0 1; return; fi
     record vm-qemu11 "$(echo "$line" | awk '{print $2}')" "$(echo "$line" | awk '{print $4}')"
+}
+
+# The Ceph RBD tests (tests/ceph/run-tests.sh) against a throw-away single-host cluster
+# (tests/ceph/cluster.sh: one mon, mgr and OSD; about 5-10 s to start, about 400 MB RSS).
+# Its own DIR and ports (7089/7090, 7100-7149), so a development cluster on the default
+# 6789 or the OSD-outage cluster on 6889 can run beside it. Torn down on any exit.
+ceph_stage() {
+    local log=target/ceph-output.txt dir=/tmp/nvmux-ceph-ci port=7089 t0=$SECONDS
+    mkdir -p target
+    (
+        trap 'tests/ceph/cluster.sh down --dir "$dir" >/dev/null 2>&1' EXIT
+        trap 'exit 130' INT TERM
+        tests/ceph/cluster.sh up --dir "$dir" --port "$port" || exit 1
+        eval "$(tests/ceph/cluster.sh env --dir "$dir")"
+        CEPH_TEST_LOGDIR=target/ceph-tests tests/ceph/run-tests.sh
+    ) 2>&1 | tee "$log"
+    local line
+    line=$(grep -E '^ceph-tests: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+    if [ -z "$line" ]; then
+        record ceph 0 1   # the cluster did not come up (see target/ceph-output.txt)
+    else
+        record ceph "$(echo "$line" | awk '{print $2}')" "$(echo "$line" | awk '{print $4}')"
+    fi
+    echo "   (ceph took $((SECONDS - t0)) s)"
 }
 
 bench_stage() {

@@ -28,6 +28,7 @@ use nvmux_core::{
     BlockDevice, BlockQueue, DeviceInfo, Error, ErrorKind, IoCommand, Opcode, Result, Status,
 };
 
+pub mod rbd;
 pub mod record;
 pub mod split;
 mod sync;

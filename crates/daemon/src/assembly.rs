@@ -51,7 +51,10 @@ fn backend_device(g: &Inner, spec: &DiskSpec) -> Option<u64> {
     let path = match &spec.backend {
         BackendSpec::File { path, .. } => path.clone(),
         BackendSpec::Thin { pool, .. } => g.pools.get(pool)?.spec.path.clone(),
-        BackendSpec::Null | BackendSpec::Memory | BackendSpec::Nvmf { .. } => return None,
+        BackendSpec::Null
+        | BackendSpec::Memory
+        | BackendSpec::Nvmf { .. }
+        | BackendSpec::Rbd { .. } => return None,
     };
     // A file that does not exist yet will live on its directory's filesystem.
     let m = match std::fs::metadata(&path) {
@@ -340,6 +343,23 @@ pub(crate) fn open_leg(
             spec.block_size,
             spec.read_only,
         )?),
+        BackendSpec::Rbd { .. } => {
+            let Some((img, snap)) = backend.rbd_image() else {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    "rbd backend without an image",
+                ));
+            };
+            g.rbd.open(
+                &img,
+                snap,
+                &nvmux_backend::rbd::RbdOptions {
+                    read_only: spec.read_only || snap.is_some(),
+                    snapshot: snap.map(str::to_string),
+                    block_size: spec.block_size,
+                },
+            )?
+        }
         // `remote_spec` answered above for every nvmf backend.
         BackendSpec::Nvmf { .. } => {
             return Err(err(
@@ -442,10 +462,12 @@ impl Daemon {
         let nvmf =
             nvmux_nvmf::Target::new(workers.placement(), nvmf::target_config(&cfg, &net_mem));
         let hostnqn = cfg.nvmf.hostnqn();
+        let rbd = crate::rbd::RbdConn::new(cfg.rbd.backend());
         let d = Arc::new(Daemon {
             cfg,
             inner: Mutex::new(Inner {
                 hostnqn,
+                rbd,
                 ..Default::default()
             }),
             workers,

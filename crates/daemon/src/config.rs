@@ -41,6 +41,52 @@ pub struct Config {
     pub nbd: NbdConfig,
     #[serde(default)]
     pub pool: PoolConfig,
+    /// The Ceph cluster RBD disks live in (`[rbd]`).
+    #[serde(default)]
+    pub rbd: RbdConfig,
+}
+
+/// How nvmux reaches the Ceph cluster of its RBD disks (`[rbd]`). Every field is
+/// optional: without them librados' own defaults apply (`$CEPH_CONF`, then
+/// `/etc/ceph/ceph.conf`, the keyring that file names, client `admin`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdConfig {
+    /// The cluster's ceph.conf.
+    #[serde(default)]
+    pub conf: Option<PathBuf>,
+    /// The cephx client id (without `client.`); default `admin`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The client's keyring file.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// Monitor addresses, overriding the conf file's.
+    #[serde(default)]
+    pub mon_host: Option<String>,
+    /// An OSD or monitor operation that takes longer than this (ms) fails with a
+    /// retryable error instead of waiting; 0 waits as long as librbd does (for ever).
+    #[serde(default)]
+    pub op_timeout_ms: Option<u64>,
+}
+
+/// Default of `rbd.op_timeout_ms`: an OSD outage shorter than this stalls I/O and then
+/// completes; a longer one fails commands with a retryable status.
+pub const RBD_OP_TIMEOUT_MS: u64 = 60_000;
+
+impl RbdConfig {
+    /// The backend's connection settings.
+    pub fn backend(&self) -> nvmux_backend::rbd::RbdConfig {
+        nvmux_backend::rbd::RbdConfig {
+            conf: self.conf.clone(),
+            client_id: self.client_id.clone().unwrap_or_else(|| "admin".into()),
+            keyring: self.keyring.clone(),
+            mon_host: self.mon_host.clone(),
+            op_timeout: std::time::Duration::from_millis(
+                self.op_timeout_ms.unwrap_or(RBD_OP_TIMEOUT_MS),
+            ),
+        }
+    }
 }
 
 /// Thin pools (`[pool]`).

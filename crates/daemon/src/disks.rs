@@ -24,7 +24,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct DiskCreate {
     pub name: String,
-    /// `file` (default), `null` or `memory`.
+    /// `file` (default), `null`, `memory`, `nvmf` or `rbd`.
     #[serde(default)]
     pub backend: Option<String>,
     /// File or block device; default `<data_dir>/disks/<name>.img`.
@@ -82,6 +82,11 @@ pub struct DiskCreate {
     pub dhchap_secret: Option<String>,
     #[serde(default)]
     pub dhchap_ctrl_secret: Option<String>,
+    /// `rbd` backend: the image, `POOL[/NAMESPACE]/IMAGE`, or `…@SNAPSHOT` for a
+    /// snapshot (read-only). A missing image is created with `size`, or cloned from
+    /// `from_snapshot` (`POOL[/NAMESPACE]/IMAGE@SNAPSHOT`).
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// The `nvmf` backend a request names: `remote` parsed into the subsystem and its paths.
@@ -244,12 +249,20 @@ impl Daemon {
         if req.pool.is_some() {
             return self.create_thin_disk(g, req);
         }
-        if req.from_snapshot.is_some() || req.volume.is_some() {
+        let rbd = req.backend.as_deref() == Some("rbd");
+        if (req.from_snapshot.is_some() && !rbd) || req.volume.is_some() {
             return Err(err(
                 ErrorKind::InvalidArgument,
-                "--from-snapshot and --volume need --pool",
+                "--from-snapshot needs --pool or --backend rbd, and --volume needs --pool",
             ));
         }
+        if req.image.is_some() && !rbd {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "image is an option of the rbd backend",
+            ));
+        }
+        let mut made_rbd = None;
         let bs = req.block_size.unwrap_or(512);
         let backend = match req.backend.as_deref().unwrap_or("file") {
             "file" => {
@@ -305,10 +318,22 @@ impl Daemon {
                     req.dhchap_ctrl_secret.clone(),
                 )?
             }
+            "rbd" => {
+                let Some(image) = &req.image else {
+                    return Err(err(
+                        ErrorKind::InvalidArgument,
+                        "an rbd disk needs image: POOL[/NAMESPACE]/IMAGE[@SNAPSHOT]",
+                    ));
+                };
+                let (b, made) =
+                    crate::rbd::create_backend(&g, image, req.size, req.from_snapshot.as_deref())?;
+                made_rbd = made;
+                b
+            }
             other => {
                 return Err(err(
                     ErrorKind::InvalidArgument,
-                    format!("backend {other:?} is unknown (use file, null, memory or nvmf)"),
+                    format!("backend {other:?} is unknown (use file, null, memory, nvmf or rbd)"),
                 ))
             }
         };
@@ -334,10 +359,18 @@ impl Daemon {
         let new_key = new_key_for(&req, &keys)?;
         let spec = DiskSpec {
             name: req.name.clone(),
-            backend,
+            backend: backend.clone(),
             size: req.size.unwrap_or(0),
             block_size: bs,
-            read_only: req.read_only,
+            // A snapshot is read-only.
+            read_only: req.read_only
+                || matches!(
+                    &backend,
+                    BackendSpec::Rbd {
+                        snapshot: Some(_),
+                        ..
+                    }
+                ),
             crypt: new_key.as_ref().and_then(NewKey::spec),
             qos: req.qos,
             chain: req.chain.clone(),
@@ -356,6 +389,11 @@ impl Daemon {
         let undo = || {
             if let Some(p) = &made_image {
                 let _ = std::fs::remove_file(p);
+            }
+            if let Some((cluster, img)) = &made_rbd {
+                if let Err(e) = cluster.remove_image(img) {
+                    tracing::warn!(image = %img, "the rbd image made for the disk could not be removed: {e}");
+                }
             }
         };
         let (block_size, size, read_only) = (req.block_size, req.size, req.read_only);
@@ -726,7 +764,7 @@ impl Daemon {
             _ if erase => {
                 return Err(err(
                     ErrorKind::InvalidArgument,
-                    "only file and pool disks can be erased",
+                    "only file and pool disks can be erased (an rbd image stays with its cluster: remove it with `rbd rm`)",
                 ))
             }
             _ => {}

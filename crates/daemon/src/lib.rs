@@ -35,6 +35,7 @@ pub mod nbd;
 pub mod nvmf;
 pub mod ops;
 pub mod pools;
+mod rbd;
 pub mod routing;
 mod state;
 pub mod upgrade;
@@ -101,6 +102,8 @@ struct Inner {
     subsystems: BTreeMap<String, nvmf::SubsystemEntry>,
     /// The host NQN nvmux's NVMe/TCP initiator connects with (remote disks and legs).
     hostnqn: String,
+    /// The Ceph cluster connection and open images of RBD disks.
+    rbd: rbd::RbdConn,
 }
 
 /// The running daemon.

@@ -440,6 +440,11 @@ pub(crate) fn describe_backend(b: &BackendSpec) -> String {
         BackendSpec::Null => "null".into(),
         BackendSpec::Memory => "memory".into(),
         BackendSpec::Thin { pool, volume, .. } => format!("thin {pool}/{volume}"),
+        BackendSpec::Rbd { .. } => match b.rbd_image() {
+            Some((img, Some(s))) => format!("rbd {img}@{s}"),
+            Some((img, None)) => format!("rbd {img}"),
+            None => "rbd".into(),
+        },
         BackendSpec::Nvmf {
             subnqn,
             paths,

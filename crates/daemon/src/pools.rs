@@ -88,6 +88,19 @@ pub struct SnapshotCreate {
     pub snapshot: String,
 }
 
+/// What `POST /v1/disks/{name}/snapshot` answers: the pool with its new snapshot
+/// volume, or the RBD snapshot's full name.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum SnapshotTaken {
+    Pool(PoolView),
+    Rbd {
+        disk: String,
+        /// `POOL[/NAMESPACE]/IMAGE@SNAPSHOT`: what a clone names.
+        snapshot: String,
+    },
+}
+
 /// `POST /v1/disks/{name}/resize` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -341,41 +354,71 @@ impl Daemon {
             }
             _ => Err(err(
                 ErrorKind::Unsupported,
-                format!("disk {disk:?} is not in a pool: snapshots and resize need a pool disk"),
+                format!("disk {disk:?} is neither in a pool nor on rbd: snapshots and resize need one of those"),
             )),
         }
     }
 
-    /// Snapshot a pool disk: `snapshot` becomes a read-only volume in the pool.
-    pub fn snapshot_disk(&self, disk: &str, snapshot: &str) -> Result<PoolView> {
+    /// Snapshot a pool disk (`snapshot` becomes a read-only volume in the pool) or an RBD
+    /// disk (an RBD snapshot `IMAGE@snapshot`, protected, so it can be cloned).
+    pub fn snapshot_disk(&self, disk: &str, snapshot: &str) -> Result<SnapshotTaken> {
         check_name("snapshot", snapshot)?;
         let g = self.lock();
-        let (name, pool, volume) = self.thin_of(&g, disk)?;
         if g.disks.get(disk).is_some_and(|d| d.spec.crypt.is_some()) {
             return Err(err(
                 ErrorKind::Unsupported,
                 format!("disk {disk:?} is encrypted: snapshots of encrypted disks are not supported yet (a clone would need the disk's key)"),
             ));
         }
+        if let Some((img, snap)) = g.disks.get(disk).and_then(|d| d.spec.backend.rbd_image()) {
+            if snap.is_some() {
+                return Err(err(
+                    ErrorKind::Unsupported,
+                    format!("disk {disk:?} is an rbd snapshot already; snapshot its image"),
+                ));
+            }
+            let cluster = g.rbd.cluster()?;
+            // librbd quiesces the image's writes (ours included: the request goes to the
+            // holder of its exclusive lock) for the snapshot; the API does not wait with it.
+            drop(g);
+            cluster.create_snapshot(&img, snapshot)?;
+            tracing::info!(disk, snapshot, image = %img, "rbd snapshot taken");
+            return Ok(SnapshotTaken::Rbd {
+                disk: disk.to_string(),
+                snapshot: format!("{img}@{snapshot}"),
+            });
+        }
+        let (name, pool, volume) = self.thin_of(&g, disk)?;
         // The snapshot waits for the volume's writes in flight (up to
         // pool.command_timeout_ms): the rest of the API does not wait with it.
         drop(g);
         pool.snapshot(&volume, snapshot)?;
         tracing::info!(disk, snapshot, "snapshot taken");
         let g = self.lock();
-        g.pools.get(&name).map(pool_view).ok_or_else(|| {
-            err(
-                ErrorKind::NotFound,
-                format!("pool {name:?} was removed while the snapshot was taken"),
-            )
-        })
+        g.pools
+            .get(&name)
+            .map(|p| SnapshotTaken::Pool(pool_view(p)))
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::NotFound,
+                    format!("pool {name:?} was removed while the snapshot was taken"),
+                )
+            })
     }
 
     /// Resize a pool disk (see docs/api.md for what attached guests see).
     pub fn resize_disk(&self, disk: &str, req: Resize) -> Result<DiskView> {
         let size = req.size.bytes()?;
         let mut g = self.lock();
-        let (_, pool, volume) = self.thin_of(&g, disk)?;
+        let rbd = g
+            .disks
+            .get(disk)
+            .and_then(|d| d.spec.backend.rbd_image())
+            .map(|(img, snap)| (img, snap.map(str::to_string)));
+        let thin = match rbd {
+            Some(_) => None,
+            None => Some(self.thin_of(&g, disk)?),
+        };
         if let Some(d) = g.disks.get(disk) {
             if !d.spec.legs().is_empty() {
                 return Err(err(
@@ -393,24 +436,49 @@ impl Daemon {
                 ));
             }
         }
-        pool.resize(&volume, size, req.force, req.discard_data)?;
-        // Running exports keep the device they started with: it shares the volume's live
-        // size, which their queues and config space read. The new handle gives `info()`
-        // the new size for exports added from now on.
-        // A disk with the mirror pass-through keeps its mirror (the one its exports use,
-        // which `disk mirror add` changes); its leg is the volume, whose size is live.
-        let thin: Arc<dyn nvmux_core::BlockDevice> = Arc::new(ThinDevice::open(&pool, &volume)?);
-        if let Some(d) = g.disks.get_mut(disk) {
-            d.spec.size = size;
-            let base = match &d.mirror {
-                Some(m) => m.clone(),
-                None => thin,
-            };
-            d.dev = crate::with_functions(base, &d.spec, &self.key_source(), &d.qos, &d.router)
-                .map_err(|e| e.to_string());
-            if let Some(e) = d.router.external() {
-                e.set_num_blocks(size / 512);
+        if let Some((img, snap)) = &rbd {
+            // The open image's size is live, as a thin volume's: exports and the devices
+            // above it follow without a rebuild.
+            if let Some(s) = snap {
+                return Err(err(
+                    ErrorKind::Unsupported,
+                    format!("disk {disk:?} is snapshot {img}@{s}, which is read-only"),
+                ));
             }
+            let now = g.disks.get(disk).map_or(0, |d| d.spec.size);
+            if size < now && !req.force {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    format!("shrinking disk {disk:?} from {now} to {size} bytes drops the data past the new end; add --force"),
+                ));
+            }
+            crate::rbd::resize(&g, img, size)?;
+            if let Some(d) = g.disks.get_mut(disk) {
+                d.spec.size = size;
+            }
+        }
+        if let Some((_, pool, volume)) = thin {
+            pool.resize(&volume, size, req.force, req.discard_data)?;
+            // Running exports keep the device they started with: it shares the volume's
+            // live size, which their queues and config space read. The new handle gives
+            // `info()` the new size for exports added from now on.
+            // A disk with the mirror pass-through keeps its mirror (the one its exports
+            // use, which `disk mirror add` changes); its leg is the volume, whose size is
+            // live.
+            let thin: Arc<dyn nvmux_core::BlockDevice> =
+                Arc::new(ThinDevice::open(&pool, &volume)?);
+            if let Some(d) = g.disks.get_mut(disk) {
+                d.spec.size = size;
+                let base = match &d.mirror {
+                    Some(m) => m.clone(),
+                    None => thin,
+                };
+                d.dev = crate::with_functions(base, &d.spec, &self.key_source(), &d.qos, &d.router)
+                    .map_err(|e| e.to_string());
+            }
+        }
+        if let Some(e) = g.disks.get(disk).and_then(|d| d.router.external()) {
+            e.set_num_blocks(size / 512);
         }
         self.persist(&g)?;
         tracing::info!(disk, size, "disk resized");

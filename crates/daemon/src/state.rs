@@ -56,6 +56,38 @@ pub enum BackendSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dhchap_ctrl_secret: Option<String>,
     },
+    /// An image in a Ceph cluster (librbd), or one of its snapshots (read-only).
+    Rbd {
+        pool: String,
+        /// The RADOS namespace; empty for the pool's default one.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        namespace: String,
+        image: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+    },
+}
+
+impl BackendSpec {
+    /// An `rbd` backend's image and snapshot.
+    pub(crate) fn rbd_image(&self) -> Option<(nvmux_backend::rbd::ImageRef, Option<&str>)> {
+        match self {
+            BackendSpec::Rbd {
+                pool,
+                namespace,
+                image,
+                snapshot,
+            } => Some((
+                nvmux_backend::rbd::ImageRef {
+                    pool: pool.clone(),
+                    namespace: namespace.clone(),
+                    image: image.clone(),
+                },
+                snapshot.as_deref(),
+            )),
+            _ => None,
+        }
+    }
 }
 
 fn nsid_one() -> u32 {

@@ -137,9 +137,16 @@ enum DiskCmd {
     /// Create a disk.
     Create {
         name: String,
-        /// file, null, memory or nvmf (a remote NVMe/TCP namespace: give --remote).
+        /// file, null, memory, nvmf (a remote NVMe/TCP namespace: give --remote) or rbd (a
+        /// Ceph RBD image: give --image).
         #[arg(long, default_value = "file")]
         backend: String,
+        /// rbd backend: the image, POOL[/NAMESPACE]/IMAGE, created with --size when it does
+        /// not exist (or cloned, with --from-snapshot); POOL[/NAMESPACE]/IMAGE@SNAP serves a
+        /// snapshot, read-only. The cluster is the daemon's `[rbd]` config (default:
+        /// $CEPH_CONF or /etc/ceph/ceph.conf, client admin).
+        #[arg(long)]
+        image: Option<String>,
         /// nvmf backend: the remote namespace, NQN@HOST:PORT[,HOST:PORT...] (paths in order
         /// of preference; the target's ANA states override it). Size and block size come
         /// from the namespace.
@@ -175,8 +182,9 @@ enum DiskCmd {
         /// Make the disk a thin volume in this pool.
         #[arg(long)]
         pool: Option<String>,
-        /// With --pool: clone this snapshot (size defaults to the snapshot's).
-        #[arg(long, requires = "pool")]
+        /// With --pool: clone this snapshot (size defaults to the snapshot's). With
+        /// --backend rbd: clone this RBD snapshot, POOL[/NAMESPACE]/IMAGE@SNAP, into --image.
+        #[arg(long)]
         from_snapshot: Option<String>,
         /// With --pool: attach this existing volume or snapshot (a snapshot is read-only).
         #[arg(long, requires = "pool", conflicts_with_all = ["size", "from_snapshot"])]
@@ -284,14 +292,21 @@ enum DiskCmd {
         #[arg(long)]
         erase: bool,
     },
-    /// Take an instant read-only snapshot of a pool disk.
+    /// Take an instant read-only snapshot of a pool disk, or an RBD snapshot
+    /// (IMAGE@SNAPSHOT, protected) of an rbd disk.
     Snapshot { disk: String, snapshot: String },
-    /// Create a writable disk from a snapshot (copy-on-write).
+    /// Create a writable disk from a snapshot (copy-on-write): a pool snapshot with
+    /// --pool, or an RBD snapshot (POOL[/NAMESPACE]/IMAGE@SNAP) cloned into a new image
+    /// with --image.
+    #[command(group(clap::ArgGroup::new("into").required(true).args(["pool", "image"])))]
     Clone {
         snapshot: String,
         disk: String,
         #[arg(long)]
-        pool: String,
+        pool: Option<String>,
+        /// The new RBD image, POOL[/NAMESPACE]/IMAGE.
+        #[arg(long)]
+        image: Option<String>,
         /// Size (default: the snapshot's).
         #[arg(long)]
         size: Option<String>,
@@ -398,7 +413,7 @@ enum DiskCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Grow a pool disk (online), or shrink it with --force.
+    /// Grow a pool or rbd disk (online: attached guests are told), or shrink it with --force.
     Resize {
         disk: String,
         size: String,
@@ -795,8 +810,15 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
             loss_timeout,
             dhchap_secret,
             dhchap_ctrl_secret,
+            image,
         } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
+            if image.is_some() != (backend == "rbd") {
+                return Err("--backend rbd needs --image, and --image needs --backend rbd".into());
+            }
+            if from_snapshot.is_some() && pool.is_none() && backend != "rbd" {
+                return Err("--from-snapshot needs --pool or --backend rbd".into());
+            }
             let loss_timeout_ms = loss_timeout.map(|t| parse_duration_ms(&t)).transpose()?;
             let chain = chain
                 .map(|c| nvmux_daemon::Function::parse_chain(&c))
@@ -815,6 +837,11 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
                    "encrypt": encrypt, "sector_size": sector_size,
                    "iv_large_sectors": iv_large_sectors, "chain": chain, "size": size,
                    "block_size": block_size})
+            } else if backend == "rbd" {
+                json!({"name": name, "backend": backend, "image": image, "size": size,
+                   "from_snapshot": from_snapshot, "block_size": block_size,
+                   "read_only": read_only, "encrypt": encrypt, "sector_size": sector_size,
+                   "iv_large_sectors": iv_large_sectors, "chain": chain})
             } else {
                 if remote.is_some() || nsid.is_some() || loss_timeout_ms.is_some() {
                     return Err("--remote, --nsid and --loss-timeout need --backend nvmf".into());
@@ -1035,21 +1062,27 @@ fn disk_cmd(cx: &Ctx, c: DiskCmd) -> Res {
                 &format!("/v1/disks/{disk}/snapshot"),
                 &json!({ "snapshot": snapshot }),
             )?;
-            show(&v, &|_| {
-                println!("snapshot {snapshot} of disk {disk} taken")
+            show(&v, &|v| match v["snapshot"].as_str() {
+                Some(full) => println!("snapshot {full} of disk {disk} taken"),
+                None => println!("snapshot {snapshot} of disk {disk} taken"),
             });
         }
         DiskCmd::Clone {
             snapshot,
             disk,
             pool,
+            image,
             size,
         } => {
             let size = size.map(|s| nvmux_core::parse_size(&s)).transpose()?;
-            let v = api.post(
-                "/v1/disks",
-                &json!({"name": disk, "pool": pool, "from_snapshot": snapshot, "size": size}),
-            )?;
+            let body = match image {
+                Some(image) => json!({"name": disk, "backend": "rbd", "image": image,
+                    "from_snapshot": snapshot, "size": size}),
+                None => {
+                    json!({"name": disk, "pool": pool, "from_snapshot": snapshot, "size": size})
+                }
+            };
+            let v = api.post("/v1/disks", &body)?;
             show(&v, &|v| {
                 println!(
                     "created disk {disk} from snapshot {snapshot} ({})",
