@@ -300,10 +300,24 @@ fn machine_jiffies() -> Option<(u64, u64)> {
     Some((total.saturating_sub(idle), total))
 }
 
+/// The machine's CPUs (not this thread's affinity, which is one CPU).
+fn machine_cpus() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| {
+            s.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+        .max(1)
+}
+
 /// Busy percent (of one core) between two [`machine_jiffies`] readings.
 fn machine_busy(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
     let ((b0, t0), (b1, t1)) = (a?, b?);
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let ncpu = machine_cpus() as f64;
     (t1 > t0).then(|| b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * 100.0 * ncpu)
 }
 
@@ -512,7 +526,7 @@ fn tables(rows: &[(String, String, Sample)], title: &str) -> String {
             p50(f)
         ));
     }
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ncpu = machine_cpus();
     s.push_str(&format!("\nCPU over each median run, percent of one core (server: the daemon with its librbd threads; client: the libblkio client, or fio with its librbd threads; OSD: the cluster's ceph-osd; machine: all {ncpu} CPUs, any process, at most {}%):\n\n| workload | path | IOPS | p50/p99 µs | server CPU | client CPU | OSD CPU | machine CPU |\n|---|---|---|---|---|---|---|---|\n", 100 * ncpu));
     for &(_, _, w) in &RUNS {
         for srv in [NVMUX, QSD, FIO] {
