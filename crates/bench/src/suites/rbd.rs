@@ -492,6 +492,18 @@ pub fn ratio_cell(a: Option<f64>, b: Option<f64>, target: f64) -> String {
     }
 }
 
+/// The libblkio client's latency histogram ends at 20 ms: anything slower is in its last
+/// bucket, shown as "≥20000".
+const LAT_CAP_US: f64 = 20_000.0;
+
+fn lat(us: f64) -> String {
+    if us >= LAT_CAP_US {
+        format!("≥{LAT_CAP_US:.0}")
+    } else {
+        format!("{us:.0}")
+    }
+}
+
 fn cell_pct(p: Option<f64>) -> String {
     p.map_or("-".into(), |p| format!("{p:.0}%"))
 }
@@ -503,7 +515,7 @@ fn tables(rows: &[(String, String, Sample)], title: &str) -> String {
         "| workload | nvmux IOPS | QSD IOPS | fio-rbd IOPS | nvmux/QSD (target ≥ {TARGET_QSD:.1}x) | nvmux/fio-rbd (target ≥ {TARGET_FIO:.1}x) | p50 µs nvmux / QSD / fio-rbd |\n|---|---|---|---|---|---|---|\n"
     ));
     let iops = |m: Option<&Sample>| m.map_or("-".into(), |m| format!("{:.0}", m.m.iops));
-    let p50 = |m: Option<&Sample>| m.map_or("-".into(), |m| format!("{:.0}", m.m.p50_us));
+    let p50 = |m: Option<&Sample>| m.map_or("-".into(), |m| lat(m.m.p50_us));
     for &(_, _, w) in &RUNS {
         let (n, q, f) = (
             median_of(rows, NVMUX, w),
@@ -534,10 +546,10 @@ fn tables(rows: &[(String, String, Sample)], title: &str) -> String {
                 continue;
             };
             s.push_str(&format!(
-                "| {w} | {srv} | {:.0} | {:.0}/{:.0} | {} | {:.0}% | {} | {} |\n",
+                "| {w} | {srv} | {:.0} | {}/{} | {} | {:.0}% | {} | {} |\n",
                 m.m.iops,
-                m.m.p50_us,
-                m.m.p99_us,
+                lat(m.m.p50_us),
+                lat(m.m.p99_us),
                 cell_pct(m.server_pct),
                 m.client_pct,
                 cell_pct(m.osd_pct),
