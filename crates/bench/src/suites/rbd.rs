@@ -466,7 +466,7 @@ fn start_nvmux(work: &Path, cpu: Option<usize>, conf: &Path, spec: &str) -> Res<
     }
 }
 
-/// The index of the median round (by IOPS) of `server` on `workload`.
+/// The median round (by IOPS) of `server` on `workload`.
 fn median_of<'a>(
     rows: &'a [(String, String, Sample)],
     server: &str,
