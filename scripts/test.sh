@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up this machine and run the whole nvmux test suite:
 #   packages -> fmt -> clippy -> unit+integration tests -> fuzz build+corpus replay -> VM tests
-#   -> VM test with QEMU 11 (vm-qemu11: a Debian sid chroot, built once) -> demo
+#   -> VM test with QEMU 11 (vm-qemu11: a Debian sid chroot, built once)
+#   -> ceph (a single-host Ceph 16 cluster from tests/ceph/cluster.sh, up in ~5 s: the RBD
+#      backend's Rust tests, the rbd and rbd-outage VM scenarios, a short bench --rbd) -> demo
 #   -> bench (the quick evaluation suite: its outputs exist and hold every path, the db_bench
 #      stage included; no timing asserts)
 # Each stage prints one summary line ("<stage>: N passed, N failed"); the last line sums them.
@@ -26,7 +28,7 @@ run_stage() { # name command...  (a stage that is one check)
 
 install_packages() {
     local pkgs=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 nbdkit libnbd-bin nvme-cli clang llvm python3-cryptography cryptsetup-bin fonts-dejavu-core libssl-dev pkg-config zstd rocksdb-tools
-        ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev qemu-block-extra)
+        ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra)
     # libvirt for the VM stage's libvirt scenario, without its recommends (dnsmasq,
     # parted, mdevctl...: nothing the test uses).
     local norec=(libvirt-daemon-system libvirt-clients)
@@ -177,6 +179,7 @@ cargo_tests
 fuzz_stage
 vm_stage
 vm_qemu11_stage
+ceph_stage
 run_stage demo cargo run --release -- demo --seconds 1
 run_stage bench bench_stage
 echo "suite took $((SECONDS - t_all)) s"

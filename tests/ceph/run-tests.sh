@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-TESTS=(rbd-cli fio-rbd-verify)
+TESTS=(rbd-cli fio-rbd-verify rust-rbd vm-rbd bench-rbd)
 
 : "${CEPH_CONF:?CEPH_CONF is not set (eval \"\$(tests/ceph/cluster.sh env)\")}"
 [ -r "$CEPH_CONF" ] || { echo "run-tests.sh: cannot read CEPH_CONF=$CEPH_CONF" >&2; exit 1; }
@@ -61,6 +61,34 @@ assert j["error"] == 0, j["error"]
 assert j["write"]["io_bytes"] > 0, "nothing written"
 assert j["read"]["io_bytes"] == j["write"]["io_bytes"] == 32 << 20, "not every block written and read back" 
 PY
+}
+
+# The Rust tests that need a cluster: the backend's (crates/backend/tests/rbd.rs) and the
+# daemon's through the CLI (crates/nvmux/tests/rbd.rs). They skip themselves without
+# NVMUX_CEPH_CONF: here every one of them must have run.
+test_rust-rbd() {
+    local out=$LOGDIR/rust-rbd.out
+    NVMUX_CEPH_CONF=$CEPH_CONF timeout 900 cargo test --release -p nvmux-backend -p nvmux --test rbd \
+        -- --nocapture 2>&1 | tee "$out"
+    [ "${PIPESTATUS[0]}" = 0 ] || return 1
+    if grep -q 'skipped: NVMUX_CEPH_CONF' "$out"; then echo "a test skipped itself"; return 1; fi
+    grep -E '^test result: ok\. [1-9]' "$out" | wc -l | grep -qx 2 || { echo "not both test binaries ran"; return 1; }
+}
+
+# The VM scenarios on RBD disks (tests/vm/run.sh): rbd (guest fio over vhost-user and the
+# kernel's nvme-tcp, host fio over NBD) and rbd-outage (an OSD stopped for 10 s under the
+# guest's fio --verify, on a cluster of its own).
+test_vm-rbd() {
+    timeout 1200 tests/vm/run.sh --only rbd,rbd-outage || return 1
+}
+
+# nvmux bench --rbd, short: it must produce its table (figures are not judged here).
+test_bench-rbd() {
+    local out=$LOGDIR/bench-rbd
+    rm -rf "$out"
+    timeout 900 target/release/nvmux bench --rbd --seconds 2 --rounds 1 --out "$out" || return 1
+    ls "$out"/*.md >/dev/null 2>&1 || { echo "no report in $out"; return 1; }
+    cat "$out"/*.md
 }
 
 # --- runner ------------------------------------------------------------------------------

@@ -104,6 +104,34 @@
 #   disk-move            (nvmux only) nvmux disk move to a second daemon's namespace under
 #                        the guest's fio --verify; then a second boot's --verify_only
 #                        reads the data back from the remote
+#   rbd                  (nvmux only; "SKIP rbd (no Ceph: CEPH_CONF unset)" without a
+#                        cluster: the Ceph CI stage exports CEPH_CONF, see
+#                        tests/ceph/cluster.sh) a daemon of its own with `disk create r
+#                        --backend rbd --image rbd/vm-PID --size 256M`, exported over
+#                        vhost-user (2 queues), as namespace 1 of an NVMe/TCP subsystem and
+#                        over NBD. The guest (tests/vm/guest-rbd.sh): fio write + crc32c
+#                        verify of region 1 (32 MiB at 0) on /dev/vda; the kernel's nvme-tcp
+#                        connects and fio writes + verifies region 2 (at 64 MiB), then
+#                        re-verifies region 1 through NVMe/TCP. The host: fio's nbd engine
+#                        writes + verifies region 3 (at 128 MiB), --verify_only of regions 1
+#                        and 2 over NBD, a negative control (verify_only of an unwritten
+#                        region must fail), `rbd info` shows the 256 MiB image; the image is
+#                        removed with `rbd rm` at the end (nvmux never removes one)
+#   rbd-outage           (skipped without CEPH_CONF like rbd; with --server qsd the disk is
+#                        QEMU's own librbd driver in qemu-storage-daemon) a cluster of its
+#                        own (cluster.sh up --dir /tmp/nvmux-ceph-vm --port 6889, or
+#                        $NVMUX_VM_CEPH_DIR / $NVMUX_VM_CEPH_PORT; torn down at the end), so
+#                        the shared cluster's OSD is never touched. The guest
+#                        (tests/vm/guest-rbd-outage.sh) runs fio randwrite QD16
+#                        --verify=crc32c for 40 s on a vhost-user export of an RBD disk;
+#                        10 s in the host runs `cluster.sh osd-stop`, 10 s after that
+#                        `osd-start`. Passes when fio reports 0 errors and the guest's dmesg
+#                        has no I/O error; prints "rbd-outage: OSD down D s, longest guest
+#                        stall S s, E errors" (the stall: the longest gap between two
+#                        completions in fio's --write_lat_log, reads and writes).
+#                        RBD_OUTAGE_OP_TIMEOUT_MS=N gives the daemon [rbd] op_timeout_ms = N:
+#                        below the outage, librbd fails the stalled requests (ETIMEDOUT)
+#                        and the scenario must FAIL (a negative control, run by hand)
 # Last line: "vm: N passed, N failed"; the exit status is nonzero on any failure.
 set -euo pipefail
 
@@ -218,8 +246,10 @@ stop_server() {
     echo "run.sh: server stopped (exit status $rc; log: $work/server.log)"
 }
 
+OUTAGE_CLUSTER=   # rbd-outage's Ceph cluster directory while it is up
 cleanup() {
     stop_server
+    [[ -z $OUTAGE_CLUSTER ]] || "$repo/tests/ceph/cluster.sh" down --dir "$OUTAGE_CLUSTER" > /dev/null 2>&1 || true
     rm -rf "$sockdir"
 }
 trap cleanup EXIT
@@ -1105,13 +1135,14 @@ except Exception:
     pass' "$1" "$2"
 }
 
-# side_daemon DIR LOG: start a daemon of its own on DIR (its API socket DIR/nvmux.sock);
-# sets SIDE_PID.
+# side_daemon DIR LOG [SERVE OPTION...]: start a daemon of its own on DIR (its API socket
+# DIR/nvmux.sock); sets SIDE_PID.
 side_daemon() {
-    mkdir -p "$1"
-    "$NVMUX_BIN" serve --data-dir "$1" >> "$2" 2>&1 &
+    local dir=$1 log=$2; shift 2
+    mkdir -p "$dir"
+    "$NVMUX_BIN" serve --data-dir "$dir" "$@" >> "$log" 2>&1 &
     SIDE_PID=$!
-    kill9_wait_api "$1/nvmux.sock" "$SIDE_PID"
+    kill9_wait_api "$dir/nvmux.sock" "$SIDE_PID"
 }
 
 # stop_pid PID: SIGTERM, then SIGKILL after 10 s; returns the exit status.
@@ -1481,6 +1512,178 @@ else
     stop_pid "$lpid" || true
     stop_pid "$rpid" || true
     if [[ -z $why ]]; then pass disk-move; else fail disk-move "$why"; fi
+fi
+
+# q. rbd, rbd-outage (nvmux only; skipped without Ceph: $CEPH_CONF unset). A Ceph RBD image
+#    as a disk (tests/ceph/cluster.sh makes the test cluster; the Ceph CI stage exports
+#    CEPH_CONF).
+# rbd_fio NAME URI OFFSET [FIO OPTION...]: host-side fio over NBD (fio's nbd engine) with the
+#    job parameters of guest-rbd.sh's region_fio (they must match for --verify_only).
+rbd_fio() {
+    local name=$1 uri=$2 off=$3; shift 3
+    fio --name="$name" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --offset="$off" \
+        --size=32M --iodepth=16 --randrepeat=1 --verify=crc32c --verify_fatal=1 --eta=never \
+        --verify_state_save=0 "$@"
+}
+if ! want rbd; then
+    echo "SKIP rbd (--only)"
+elif [[ -z ${CEPH_CONF:-} ]]; then
+    echo "SKIP rbd (no Ceph: CEPH_CONF unset)"
+elif [[ $server != nvmux ]]; then
+    echo "SKIP rbd (nvmux only)"
+else
+    rdir=$sockdir/rbd-d rapi=$sockdir/rbd-d/nvmux.sock rsock=$sockdir/rbd.sock
+    rimg=rbd/vm-$$ rnqn=nqn.2026-12.io.nvmux:rbd-vm
+    rport=$(free_port) nport=$(free_port)
+    nuri=nbd://127.0.0.1:$nport/r-nbd
+    rm -rf "$rdir"
+    : > "$work/rbd-server.log"
+    rpid= why=
+    if ! { side_daemon "$rdir" "$work/rbd-server.log" && rpid=$SIDE_PID &&
+           "$NVMUX_BIN" --api "$rapi" disk create r --backend rbd --image "$rimg" --size 256M &&
+           "$NVMUX_BIN" --api "$rapi" export add r --socket "$rsock" --queues 2 &&
+           "$NVMUX_BIN" --api "$rapi" subsystem create "$rnqn" --listen "127.0.0.1:$rport" --allow-any-host &&
+           "$NVMUX_BIN" --api "$rapi" subsystem add-ns "$rnqn" r --nsid 1 &&
+           "$NVMUX_BIN" --api "$rapi" export add r --name r-nbd --type nbd --listen "127.0.0.1:$nport"; } > "$work/rbd-setup.out" 2>&1; then
+        cat "$work/rbd-setup.out"
+        why="setup failed (CEPH_CONF=$CEPH_CONF, log $work/rbd-server.log)"
+    else
+        "$NVMUX_BIN" --api "$rapi" --json disk show r > "$work/rbd-show.json" 2>&1 || true
+        echo "== disk r: backend $(json_path "$work/rbd-show.json" 'find(d, "backend")')"
+        # 1-2. the guest: region 1 over vhost-user, region 2 over NVMe/TCP
+        rc=0
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-rbd.sh" --log "$work/rbd.log" \
+            --vhost-sock "$rsock" --queues 2 --net --env TARGET_IP=10.0.2.2 --env "PORT=$rport" \
+            --env "NQN=$rnqn" --env "HOSTNQN=$hostnqn" --env "HOSTID=$hostid" \
+            --smp 2 --timeout "$boot_timeout" > "$work/rbd.out" 2>&1 || rc=$?
+        cat "$work/rbd.out"
+        grep -a '^test: ' "$work/rbd.log" || true
+        ((rc == 0)) || why="the guest failed (boot status $rc, log $work/rbd.log)"
+        # 3. region 3 over NBD from the host; then regions 1 and 2 read back over NBD
+        if [[ -z $why ]]; then
+            if rbd_fio region3 "$nuri" 128M --do_verify=1 > "$work/rbd-nbd3.out" 2>&1; then
+                echo "== host: region 3: fio nbd engine randwrite 32 MiB QD16 + crc32c verify passed: $(grep -m1 -o 'write: IOPS=[^,]*' "$work/rbd-nbd3.out")"
+            else
+                cat "$work/rbd-nbd3.out"
+                why="fio over NBD (region 3) failed"
+            fi
+        fi
+        if [[ -z $why ]]; then
+            for r in region1:0 region2:64M; do
+                if rbd_fio "${r%%:*}" "$nuri" "${r#*:}" --verify_only > "$work/rbd-nbd-${r%%:*}.out" 2>&1; then
+                    echo "== host: ${r%%:*} (written by the guest) verified over NBD: $(grep -m1 -o 'read: IOPS=[^,]*' "$work/rbd-nbd-${r%%:*}.out")"
+                else
+                    cat "$work/rbd-nbd-${r%%:*}.out"
+                    why="${r%%:*}, written by the guest, fails verify over NBD"
+                    break
+                fi
+            done
+        fi
+        # Negative control: verify_only where nothing was written must fail.
+        if [[ -z $why ]]; then
+            if rbd_fio region1 "$nuri" 192M --verify_only > "$work/rbd-nbd-control.out" 2>&1; then
+                why="negative control: verify_only of a never written region passed"
+            else
+                echo "== host: negative control: $(grep -a -m1 -o 'verify: bad.*' "$work/rbd-nbd-control.out" | cut -c1-100)"
+            fi
+        fi
+        # 4. the image, seen by Ceph's own tools
+        if [[ -z $why ]]; then
+            if rbd info "$rimg" > "$work/rbd-info.out" 2>&1 && grep -q 'size 256 MiB' "$work/rbd-info.out"; then
+                echo "== host: rbd info $rimg: $(grep -m1 'size' "$work/rbd-info.out" | sed 's/^[[:space:]]*//')"
+            else
+                cat "$work/rbd-info.out"
+                why="rbd info $rimg does not show a 256 MiB image"
+            fi
+        fi
+    fi
+    stop_pid "$rpid" || echo "== host: the rbd daemon exited with status $?"
+    # nvmux never removes an RBD image: the test does.
+    rbd rm --no-progress "$rimg" > /dev/null 2>&1 || true
+    if [[ -z $why ]]; then pass rbd; else fail rbd "$why"; fi
+fi
+
+# rbd-outage: its own cluster (never the shared one's OSD).
+if ! want rbd-outage; then
+    echo "SKIP rbd-outage (--only)"
+elif [[ -z ${CEPH_CONF:-} ]]; then
+    echo "SKIP rbd-outage (no Ceph: CEPH_CONF unset)"
+else
+    cdir=${NVMUX_VM_CEPH_DIR:-/tmp/nvmux-ceph-vm} cport=${NVMUX_VM_CEPH_PORT:-6889}
+    cluster() { "$repo/tests/ceph/cluster.sh" "$@" --dir "$cdir"; }
+    odir=$sockdir/outage-d oapi=$sockdir/outage-d/nvmux.sock osock=$sockdir/outage.sock
+    oimg=rbd/outage-$$
+    rm -rf "$odir"
+    : > "$work/rbd-outage-server.log"
+    opid= why= stopped= started= t_stop0= t_stop1= t_start1=
+    OUTAGE_CLUSTER=$cdir
+    if ! cluster up --port "$cport" > "$work/rbd-outage-cluster.out" 2>&1; then
+        cat "$work/rbd-outage-cluster.out"
+        why="cluster.sh up --dir $cdir --port $cport failed"
+    elif [[ $server == qsd ]] && ! {
+             # the reference: QEMU's own librbd driver behind qemu-storage-daemon
+             # (QSD in braces of its own: `A && B &` would background the whole list, and
+             # $! would be a subshell whose death leaves qemu-storage-daemon running)
+             CEPH_CONF=$cdir/ceph.conf rbd create --size 256M "$oimg" && {
+                 qemu-storage-daemon \
+                     --blockdev "driver=rbd,node-name=r,pool=${oimg%%/*},image=${oimg#*/},conf=$cdir/ceph.conf,cache.direct=on" \
+                     --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$osock,writable=on,num-queues=2" \
+                     >> "$work/rbd-outage-server.log" 2>&1 &
+                 opid=$!
+             } && SERVER_PID=$opid wait_for_socket "$osock"; } > "$work/rbd-outage-setup.out" 2>&1; then
+        cat "$work/rbd-outage-setup.out"
+        why="setup failed (log $work/rbd-outage-server.log)"
+    elif [[ $server == nvmux ]] && ! {
+             oconf=()
+             if [[ -n ${RBD_OUTAGE_OP_TIMEOUT_MS:-} ]]; then
+                 printf '[rbd]\nop_timeout_ms = %s\n' "$RBD_OUTAGE_OP_TIMEOUT_MS" > "$work/rbd-outage.toml"
+                 oconf=(--config "$work/rbd-outage.toml")
+                 echo "== rbd-outage: the daemon's [rbd] op_timeout_ms = $RBD_OUTAGE_OP_TIMEOUT_MS"
+             fi
+             CEPH_CONF=$cdir/ceph.conf side_daemon "$odir" "$work/rbd-outage-server.log" "${oconf[@]}" && opid=$SIDE_PID &&
+             "$NVMUX_BIN" --api "$oapi" disk create o --backend rbd --image "$oimg" --size 256M &&
+             "$NVMUX_BIN" --api "$oapi" export add o --socket "$osock" --queues 2; } > "$work/rbd-outage-setup.out" 2>&1; then
+        cat "$work/rbd-outage-setup.out"
+        why="setup failed (log $work/rbd-outage-server.log)"
+    else
+        echo "== $(tail -n1 "$work/rbd-outage-cluster.out")"
+        "$here/boot.sh" --initrd "$initrd" --script "$here/guest-rbd-outage.sh" --log "$work/rbd-outage.log" \
+            --vhost-sock "$osock" --queues 2 --env RUNTIME=40 --env GRACE=90 \
+            --smp 2 --timeout "$boot_timeout" > "$work/rbd-outage.out" 2>&1 &
+        bpid=$!
+        if wait_marker "$work/rbd-outage.log" NVMUX-READY-OUTAGE "$bpid" 120; then
+            sleep 10
+            t_stop0=$(date +%s.%N)
+            cluster osd-stop > "$work/rbd-outage-osd.out" 2>&1 && stopped=yes || why="cluster.sh osd-stop failed"
+            t_stop1=$(date +%s.%N)
+            echo "== host: OSD stopped ($(tail -n1 "$work/rbd-outage-osd.out"))"
+            sleep 10
+            cluster osd-start >> "$work/rbd-outage-osd.out" 2>&1 && started=yes || why=${why:-"cluster.sh osd-start failed"}
+            t_start1=$(date +%s.%N)
+            echo "== host: OSD started ($(tail -n1 "$work/rbd-outage-osd.out"))"
+        else
+            why="the guest did not start fio (log $work/rbd-outage.log)"
+        fi
+        rc=0
+        wait "$bpid" || rc=$?
+        cat "$work/rbd-outage.out"
+        grep -a '^test: ' "$work/rbd-outage.log" || true
+        down=$(awk -v a="$t_stop1" -v b="$t_start1" 'BEGIN { if (a != "" && b != "") printf "%.1f", b - a; else print "?" }')
+        stall=$(grep -a -m1 -o 'longest completion gap [0-9.]*' "$work/rbd-outage.log" | awk '{ print $4 }')
+        ferr=$(grep -a -m1 -o 'test: errors: fio err=[0-9]*' "$work/rbd-outage.log" | tr -dc '0-9')
+        kerr=$(grep -a -m1 -o 'kernel I/O error lines [0-9]*' "$work/rbd-outage.log" | tr -dc '0-9')
+        echo "rbd-outage: OSD down $down s (osd-stop returned to osd-start returned; stop took $(awk -v a="$t_stop0" -v b="$t_stop1" 'BEGIN { printf "%.1f", b - a }') s), longest guest stall ${stall:-?} s, ${kerr:-?} errors (guest kernel I/O error lines; fio err=${ferr:-?})"
+        if [[ -z $why ]] && ((rc != 0)); then
+            why="the guest failed across the outage (boot status $rc, log $work/rbd-outage.log)"
+        elif [[ -z $why && -z $stall ]]; then
+            why="no stall figure from the guest"
+        fi
+        grep -a -iE 'rbd|rados|error' "$work/rbd-outage-server.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 5 | sed 's/^/   daemon: /' || true
+    fi
+    stop_pid "$opid" || echo "== host: the outage daemon exited with status $?"
+    cluster down > /dev/null 2>&1 || echo "== host: cluster.sh down --dir $cdir failed"
+    OUTAGE_CLUSTER=
+    if [[ -z $why ]]; then pass rbd-outage; else fail rbd-outage "$why"; fi
 fi
 
 

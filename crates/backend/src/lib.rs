@@ -9,6 +9,8 @@
 //!   untouched (the reader's own memory, so nothing leaks between tenants).
 //! * [`record::RecordingDevice`]: logs every change that reaches the device below it,
 //!   for the power-cut simulator (`nvmux powercut`).
+//! * [`rbd::RbdDevice`]: a Ceph RBD image through librbd, loaded at run time (see
+//!   [`rbd`] for the command mapping and the threading rule).
 //! * [`MemoryDevice`]: RAM. A memfd served by the file path; its contents vanish with the
 //!   daemon.
 //!

@@ -856,8 +856,6 @@ struct ImageState {
     /// Inboxes of the open queues, by queue id.
     inboxes: Mutex<Vec<(u32, Arc<Inbox>)>>,
     next_qid: AtomicU32,
-    /// Requests of all queues in librbd: while there are any, every queue's poll collects.
-    busy: std::sync::atomic::AtomicUsize,
     /// Live size in bytes.
     size: AtomicU64,
     name: String,
@@ -899,7 +897,6 @@ impl ImageState {
                     (self.lib.rbd_aio_release)(c);
                     (a, r)
                 };
-                self.busy.fetch_sub(1, Ordering::AcqRel);
                 let (qid, slot) = ((arg >> 32) as u32, arg as u32);
                 match boxes.iter().find(|(q, _)| *q == qid) {
                     Some((_, ib)) => {
@@ -936,6 +933,12 @@ pub struct RbdDevice {
     img: Arc<ImageState>,
     info: DeviceInfo,
     read_only: bool,
+}
+
+impl fmt::Debug for RbdDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RbdDevice({})", self.img.name)
+    }
 }
 
 impl RbdDevice {
@@ -988,7 +991,6 @@ impl RbdDevice {
             reap: Mutex::new(CompBuf(buf)),
             inboxes: Mutex::new(Vec::with_capacity(8)),
             next_qid: AtomicU32::new(0),
-            busy: Default::default(),
             size: AtomicU64::new(0),
             name: display.clone(),
             _cluster: cluster.clone(),
@@ -1235,8 +1237,6 @@ impl RbdQueue {
         let off = cmd.byte_offset(self.bs);
         let len = cmd.byte_len(self.bs);
         let segs = cmd.sg.segments();
-        // Counted before librbd can complete it (the reaper counts it down).
-        self.img.busy.fetch_add(1, Ordering::AcqRel);
         // SAFETY: an open image and a fresh completion. For reads and writes the iovec
         // array belongs to the command in slot `i` and the buffers to its owner (kept
         // alive by its keepalive); both stay in place until the completion is reaped.
@@ -1259,7 +1259,6 @@ impl RbdQueue {
         if r < 0 {
             // SAFETY: librbd did not take the completion; released once.
             unsafe { (lib.rbd_aio_release)(c) };
-            self.img.busy.fetch_sub(1, Ordering::AcqRel);
             return Err(status_of(-r, cmd.opcode));
         }
         Ok(())
@@ -1302,9 +1301,10 @@ impl RbdQueue {
 
     /// Collect completions (ours, and others' for their inboxes) and hand ours to `done`.
     fn pump(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
-        if self.img.busy.load(Ordering::Acquire) > 0 {
-            self.img.reap(self.qid);
-        }
+        // Always, even with nothing of ours in flight: librbd may signal the image's
+        // eventfd for a completion already collected (it queues, then signals), and a
+        // worker watching the eventfd (level-triggered) would spin until someone drains it.
+        self.img.reap(self.qid);
         if self.inbox.signalled.load(Ordering::Acquire) {
             self.inbox.efd.drain();
             self.inbox.signalled.swap(false, Ordering::AcqRel);

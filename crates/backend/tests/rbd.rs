@@ -263,18 +263,14 @@ fn admin_create_info_resize_snapshot_clone_remove() {
 fn missing_image_is_not_found() {
     let Some(c) = cluster() else { return };
     let img = image("missing");
-    let e = RbdDevice::open(&c, &img, &RbdOptions::default())
-        .err()
-        .expect("no such image");
+    let e = RbdDevice::open(&c, &img, &RbdOptions::default()).expect_err("no such image");
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(e.msg.contains(&img.image), "{e}");
     let bad_pool = ImageRef {
         pool: "no-such-pool".into(),
         ..img
     };
-    let e = RbdDevice::open(&c, &bad_pool, &RbdOptions::default())
-        .err()
-        .expect("no such pool");
+    let e = RbdDevice::open(&c, &bad_pool, &RbdOptions::default()).expect_err("no such pool");
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
 }
 
@@ -597,6 +593,31 @@ fn resize_grows_capacity() {
         write(q.as_mut(), 12 * MIB, &mut d, bs),
         Status::LBA_OUT_OF_RANGE
     );
+    idle_queue_settles(q.as_mut());
+}
+
+/// With nothing in flight, a poll leaves the queue's descriptors quiet (a worker sleeping
+/// on them does not spin), once librbd's last signals are in.
+fn idle_queue_settles(q: &mut dyn BlockQueue) {
+    assert_eq!(q.in_flight(), 0);
+    let mut fds = Vec::new();
+    q.wait_fds(&mut fds);
+    for _ in 0..50 {
+        assert_eq!(q.poll(&mut |_, _| panic!("nothing was submitted")), 0);
+        let mut p: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: valid pollfds for the call.
+        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as _, 200) } == 0 {
+            return;
+        }
+    }
+    panic!("an idle queue's descriptor stays readable");
 }
 
 struct Load {
@@ -703,6 +724,7 @@ fn zero_allocations_per_io() {
     l.run(3000);
     let after = thread_allocs();
     assert_eq!(after - before, 0, "allocations on the I/O thread");
+    idle_queue_settles(l.q.as_mut());
 }
 
 /// A queue dropped with writes in flight waits for them (librbd must not touch freed
