@@ -19,11 +19,24 @@ pub struct Daemon {
 impl Daemon {
     /// Start `nvmux serve --data-dir DIR [--config CFG]`, pinned to `cpu`.
     pub fn start(dir: &Path, config: Option<&str>, cpu: Option<usize>) -> Res<Daemon> {
+        Daemon::start_env(dir, config, cpu, &[])
+    }
+    /// [`start`](Self::start) with these environment variables set for the child (e.g.
+    /// `CEPH_CONF`, which librados reads when the config names no cluster).
+    pub fn start_env(
+        dir: &Path,
+        config: Option<&str>,
+        cpu: Option<usize>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Res<Daemon> {
         let exe = std::env::current_exe()?;
         let sock = dir.join("nvmux.sock");
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(exe);
         cmd.arg("serve").arg("--data-dir").arg(dir);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         if let Some(c) = config {
             let p = dir.join("nvmux.toml");
             std::fs::write(&p, c)?;
@@ -38,6 +51,15 @@ impl Daemon {
     }
     /// The daemon every bench run uses: `<work>/nvmux`, one worker thread on `cpu`.
     pub fn start_bench(work: &Path, cpu: Option<usize>, extra_cfg: &str) -> Res<(PathBuf, Daemon)> {
+        Daemon::start_bench_env(work, cpu, extra_cfg, &[])
+    }
+    /// [`start_bench`](Self::start_bench) with environment variables for the child.
+    pub fn start_bench_env(
+        work: &Path,
+        cpu: Option<usize>,
+        extra_cfg: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Res<(PathBuf, Daemon)> {
         let ddir = work.join("nvmux");
         std::fs::create_dir_all(&ddir)?;
         let cfg = format!(
@@ -45,7 +67,7 @@ impl Daemon {
             ddir,
             cpu.unwrap_or(0)
         );
-        let d = Daemon::start(&ddir, Some(&cfg), cpu)?;
+        let d = Daemon::start_env(&ddir, Some(&cfg), cpu, env)?;
         Ok((ddir, d))
     }
     pub fn api(&self) -> &ApiClient {

@@ -84,23 +84,125 @@ pub fn spawn_pinned(
         .stderr(Stdio::from(err))
         .stdin(Stdio::null());
     if let Some(c) = cpu {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls the
-        // async-signal-safe sched_setaffinity on a stack-local set.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(c, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                Ok(())
-            });
-        }
+        pin_command(&mut cmd, c);
     }
     let child = cmd.spawn().map_err(|e| format!("start {name}: {e}"))?;
     Ok(ServerProc {
         name: name.to_string(),
         child,
     })
+}
+
+/// Pin the process `cmd` starts (and every thread and child it makes) to `cpu`.
+pub fn pin_command(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls the
+    // async-signal-safe sched_setaffinity on a stack-local set.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+}
+
+/// What [`output_timeout`] collected.
+#[derive(Debug)]
+pub struct Finished {
+    /// How the command exited; `None` when it ran past the deadline and was killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+    /// The last `n` lines of stderr (for error messages).
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let t = String::from_utf8_lossy(&self.stderr);
+        let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Have the process `cmd` starts get `sig` when the thread that starts it ends (the
+/// bench killed by a signal leaves no baseline server or fio behind).
+pub fn die_with_parent(cmd: &mut Command, sig: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls the
+    // async-signal-safe prctl with integer arguments.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
+            Ok(())
+        });
+    }
+}
+
+/// Run `cmd` to its end with stdout and stderr captured; past `timeout` it is killed
+/// (single-process commands: a child it forks is not waited for). It also dies with the
+/// calling thread.
+pub fn output_timeout(mut cmd: Command, timeout: Duration, what: &str) -> Result<Finished> {
+    use std::io::Read;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    let mut child = cmd.spawn().map_err(|e| format!("start {what}: {e}"))?;
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    Ok(Finished {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a plain struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Wait until `path` exists (a server's socket), or the process dies, or 20 s pass.
@@ -253,29 +355,38 @@ impl Fio {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find('{').ok_or("fio printed no JSON")?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
-        let j = &v["jobs"][0];
-        let (r, w) = (&j["read"], &j["write"]);
-        let iops = r["iops"].as_f64().unwrap_or(0.0) + w["iops"].as_f64().unwrap_or(0.0);
-        let ios = r["total_ios"].as_u64().unwrap_or(0) + w["total_ios"].as_u64().unwrap_or(0);
-        let lat = if r["total_ios"].as_u64().unwrap_or(0) > 0 {
-            r
-        } else {
-            w
-        };
-        let pct = |k: &str| lat["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-        Ok(crate::workload::Measured {
-            ios,
-            seconds: j["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0 / self.jobs.max(1) as f64,
-            iops,
-            p50_us: pct("50.000000"),
-            p95_us: pct("95.000000"),
-            p99_us: pct("99.000000"),
-        })
+        parse_fio_json(&String::from_utf8_lossy(&out.stdout), self.jobs)
     }
+}
+
+/// What fio's `--output-format=json` output (`--group_reporting`, `jobs` jobs) measured:
+/// reads and writes summed (IOPS); the latencies of the read side when there are reads,
+/// else of the write side. Text before the JSON (fio's warnings) is skipped.
+pub fn parse_fio_json(text: &str, jobs: usize) -> Result<crate::workload::Measured> {
+    let start = text.find('{').ok_or("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let j = &v["jobs"][0];
+    if j.is_null() {
+        return Err("fio JSON: no job".into());
+    }
+    let (r, w) = (&j["read"], &j["write"]);
+    let iops = r["iops"].as_f64().unwrap_or(0.0) + w["iops"].as_f64().unwrap_or(0.0);
+    let ios = r["total_ios"].as_u64().unwrap_or(0) + w["total_ios"].as_u64().unwrap_or(0);
+    let lat = if r["total_ios"].as_u64().unwrap_or(0) > 0 {
+        r
+    } else {
+        w
+    };
+    let pct = |k: &str| lat["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(crate::workload::Measured {
+        ios,
+        seconds: j["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0 / jobs.max(1) as f64,
+        iops,
+        p50_us: pct("50.000000"),
+        p95_us: pct("95.000000"),
+        p99_us: pct("99.000000"),
+    })
 }
 
 /// Bare-metal bound: fio with io_uring and O_DIRECT on the file itself.
@@ -290,4 +401,41 @@ pub fn run_fio(
     let mut f = Fio::new(FioTarget::File(file.to_path_buf()), rw, bs, qd, seconds);
     f.cpu = cpu;
     f.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_json_after_warnings() {
+        let text = r#"fio: a warning first
+{"fio version": "fio-3.33", "jobs": [{"jobname": "j", "job_runtime": 3000,
+  "read": {"iops": 0.0, "total_ios": 0, "clat_ns": {}},
+  "write": {"iops": 812.5, "total_ios": 2437,
+    "clat_ns": {"percentile": {"50.000000": 1171456, "95.000000": 1500000, "99.000000": 1777664}}}}]}"#;
+        let m = parse_fio_json(text, 1).unwrap();
+        assert_eq!(m.ios, 2437);
+        assert_eq!(m.iops, 812.5);
+        assert_eq!(m.seconds, 3.0);
+        assert!((m.p50_us - 1171.456).abs() < 1e-9, "{m:?}");
+        assert!((m.p99_us - 1777.664).abs() < 1e-9, "{m:?}");
+        assert!(parse_fio_json("no json here", 1).is_err());
+        assert!(parse_fio_json(r#"{"jobs": []}"#, 1).is_err());
+    }
+
+    #[test]
+    fn commands_past_their_deadline_are_killed() {
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let f = output_timeout(c, Duration::from_millis(200), "sleep").unwrap();
+        assert!(f.status.is_none());
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo out; echo err1 >&2; echo err2 >&2; exit 3"]);
+        let f = output_timeout(c, Duration::from_secs(20), "sh").unwrap();
+        assert_eq!(f.status.and_then(|s| s.code()), Some(3));
+        assert_eq!(f.stdout, b"out\n");
+        assert_eq!(f.stderr_tail(1), "err2");
+        assert!(!f.success());
+    }
 }

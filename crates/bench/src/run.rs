@@ -65,6 +65,14 @@ pub struct BenchArgs {
     /// Run the mirror suite instead: one /dev/shm file vs a mirror of two, and a remote
     /// NVMe/TCP backend vs the same disk served locally.
     pub mirror: bool,
+    /// Run the RBD suite instead: one Ceph RBD image ($CEPH_CONF's cluster) served by
+    /// nvmux, by qemu-storage-daemon's rbd driver (both over vhost-user) and driven by
+    /// fio's rbd engine directly.
+    pub rbd: bool,
+    /// With --rbd: the image, POOL/IMAGE (default rbd/nvmux-bench).
+    pub image: Option<String>,
+    /// With --rbd: the image's size when the bench creates it (default 1G).
+    pub size: Option<String>,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     pub classifiers: Option<PathBuf>,
@@ -179,6 +187,7 @@ pub fn run(a: BenchArgs) -> Res<()> {
         || a.nbd_tls
         || a.restart
         || a.mirror
+        || a.rbd
     {
         let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         if two {
@@ -204,6 +213,9 @@ pub fn run(a: BenchArgs) -> Res<()> {
         }
         if a.mirror {
             return crate::suites::mirror::run(&a, secs, two.then_some(0));
+        }
+        if a.rbd {
+            return crate::suites::rbd::run(&a, secs, two.then_some(0));
         }
         if a.nbd_tls {
             return crate::suites::nbd_tls::run(&a, secs, two.then_some(0), two.then_some(1));

@@ -119,6 +119,20 @@ pub struct BenchArgs {
     /// daemon) vs the same disk served locally.
     #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile", "nbd_tls", "restart"])]
     mirror: bool,
+    /// Run the RBD suite instead: one Ceph RBD image (the cluster of $CEPH_CONF) served
+    /// by nvmux and by qemu-storage-daemon's rbd driver (both over vhost-user, libblkio
+    /// client) and driven by fio's rbd engine (the bound); 4 KiB random read and write at
+    /// QD1 and QD32, the librbd cache off for all three.
+    #[arg(long, conflicts_with_all = ["pool", "crypt", "fair", "nvmf", "router", "hostile", "nbd_tls", "restart", "mirror"])]
+    rbd: bool,
+    /// With --rbd: the image, POOL/IMAGE (default rbd/nvmux-bench). Created when missing
+    /// and marked as the bench's (image-meta key nvmux-bench); an existing image without
+    /// that mark is refused, since the bench overwrites it.
+    #[arg(long, requires = "rbd")]
+    image: Option<String>,
+    /// With --rbd: the image's size when the bench creates it (default 1G).
+    #[arg(long, requires = "rbd")]
+    size: Option<String>,
     /// With --router: the directory of the example classifiers' sources (default: the
     /// source tree's examples/classifiers).
     #[arg(long)]
@@ -326,6 +340,9 @@ impl From<BenchArgs> for nvmux_bench::run::BenchArgs {
             nbd_tls: a.nbd_tls,
             restart: a.restart,
             mirror: a.mirror,
+            rbd: a.rbd,
+            image: a.image,
+            size: a.size,
             classifiers: a.classifiers,
             fair_depth: a.fair_depth,
             cluster_size: a.cluster_size,

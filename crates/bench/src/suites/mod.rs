@@ -8,5 +8,6 @@ pub mod mirror;
 pub mod nbd_tls;
 pub mod nvmf;
 pub mod pool;
+pub mod rbd;
 pub mod restart;
 pub mod router;
