@@ -1309,11 +1309,16 @@ impl RbdQueue {
         Ok(())
     }
 
-    fn finish_failed(&mut self, i: u32, s: Status) {
+    /// Free slot `i`; the command it held.
+    fn release(&mut self, i: u32) -> Option<IoCommand> {
         let slot = std::mem::take(&mut self.slots[i as usize]);
         self.free.push(i);
         self.in_flight -= 1;
-        if let Some(c) = slot.cmd {
+        slot.cmd
+    }
+
+    fn finish_failed(&mut self, i: u32, s: Status) {
+        if let Some(c) = self.release(i) {
             self.fail(c, s);
         }
     }
@@ -1338,17 +1343,15 @@ impl RbdQueue {
         } else {
             Status::SUCCESS
         };
-        let slot = std::mem::take(&mut self.slots[i as usize]);
-        self.free.push(i);
-        self.in_flight -= 1;
-        Some((slot.cmd?, status))
+        Some((self.release(i)?, status))
     }
 
     /// Collect completions (ours, and others' for their inboxes) and hand ours to `done`.
     fn pump(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
         // Always, even with nothing of ours in flight: librbd may signal the image's
-        // eventfd for a completion already collected (it queues, then signals), and a
-        // worker watching the eventfd (level-triggered) would spin until someone drains it.
+        // eventfd for a completion already collected (it queues, then signals), and
+        // `reap`'s periodic drain keeps a worker watching it (level-triggered) from
+        // spinning on that signal.
         self.img.reap(self.qid);
         if self.inbox.signalled.load(Ordering::Acquire) {
             self.inbox.efd.drain();

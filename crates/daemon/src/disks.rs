@@ -357,20 +357,21 @@ impl Daemon {
         // A file disk without a size takes the existing file's size.
         let keys = self.key_source();
         let new_key = new_key_for(&req, &keys)?;
+        // A snapshot is read-only.
+        let read_only = req.read_only
+            || matches!(
+                &backend,
+                BackendSpec::Rbd {
+                    snapshot: Some(_),
+                    ..
+                }
+            );
         let spec = DiskSpec {
             name: req.name.clone(),
-            backend: backend.clone(),
+            backend,
             size: req.size.unwrap_or(0),
             block_size: bs,
-            // A snapshot is read-only.
-            read_only: req.read_only
-                || matches!(
-                    &backend,
-                    BackendSpec::Rbd {
-                        snapshot: Some(_),
-                        ..
-                    }
-                ),
+            read_only,
             crypt: new_key.as_ref().and_then(NewKey::spec),
             qos: req.qos,
             chain: req.chain.clone(),

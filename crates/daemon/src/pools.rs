@@ -410,14 +410,16 @@ impl Daemon {
     pub fn resize_disk(&self, disk: &str, req: Resize) -> Result<DiskView> {
         let size = req.size.bytes()?;
         let mut g = self.lock();
-        let rbd = g
-            .disks
-            .get(disk)
-            .and_then(|d| d.spec.backend.rbd_image())
-            .map(|(img, snap)| (img, snap.map(str::to_string)));
-        let thin = match rbd {
-            Some(_) => None,
-            None => Some(self.thin_of(&g, disk)?),
+        // What is resized: an RBD image, or a thin volume.
+        let (rbd, thin) = match g.disks.get(disk).and_then(|d| d.spec.backend.rbd_image()) {
+            Some((img, Some(s))) => {
+                return Err(err(
+                    ErrorKind::Unsupported,
+                    format!("disk {disk:?} is snapshot {img}@{s}, which is read-only"),
+                ))
+            }
+            Some((img, None)) => (Some(img), None),
+            None => (None, Some(self.thin_of(&g, disk)?)),
         };
         if let Some(d) = g.disks.get(disk) {
             if !d.spec.legs().is_empty() {
@@ -436,15 +438,9 @@ impl Daemon {
                 ));
             }
         }
-        if let Some((img, snap)) = &rbd {
+        if let Some(img) = &rbd {
             // The open image's size is live, as a thin volume's: exports and the devices
             // above it follow without a rebuild.
-            if let Some(s) = snap {
-                return Err(err(
-                    ErrorKind::Unsupported,
-                    format!("disk {disk:?} is snapshot {img}@{s}, which is read-only"),
-                ));
-            }
             let now = g.disks.get(disk).map_or(0, |d| d.spec.size);
             if size < now && !req.force {
                 return Err(err(

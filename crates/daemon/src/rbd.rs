@@ -129,16 +129,11 @@ pub(crate) fn create_backend(
         }
         cluster.clone_image(&pimg, &psnap, &img)?;
         made = Some((cluster.clone(), img.clone()));
-        if let Some(size) = size {
-            // A clone starts with its parent's size; a different one is a resize.
-            let resized = cluster.image_info(&img).and_then(|i| match i {
-                Some(i) if i.size == size => Ok(()),
-                _ => cluster.resize_image(&img, size),
-            });
-            if let Err(e) = resized {
-                let _ = cluster.remove_image(&img);
-                return Err(e);
-            }
+        // A clone starts with its parent's size; another one is a resize (to the same
+        // size, a no-op in librbd).
+        if let Some(Err(e)) = size.map(|s| cluster.resize_image(&img, s)) {
+            let _ = cluster.remove_image(&img);
+            return Err(e);
         }
     } else {
         match (info, snap.as_deref()) {
