@@ -246,6 +246,9 @@ impl BlockQueue for StickyQueue {
     fn take_fds_changed(&mut self) -> bool {
         self.inner.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.inner.busy_poll()
+    }
     fn may_sleep(&self) -> bool {
         self.ready.is_empty() && self.inner.may_sleep()
     }

@@ -1412,6 +1412,12 @@ impl BlockQueue for RbdQueue {
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.epfd.as_raw_fd())
     }
+
+    /// No: a command takes an OSD round trip, and its completion comes from librbd's
+    /// threads, which a spinning worker would keep from the CPU.
+    fn busy_poll(&self) -> bool {
+        false
+    }
 }
 
 impl Drop for RbdQueue {

@@ -222,6 +222,9 @@ impl BlockQueue for RecordingQueue {
     fn take_fds_changed(&mut self) -> bool {
         self.inner.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.inner.busy_poll()
+    }
     fn may_sleep(&self) -> bool {
         self.inner.may_sleep()
     }

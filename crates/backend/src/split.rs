@@ -234,6 +234,9 @@ impl BlockQueue for SplitQueue {
     fn take_fds_changed(&mut self) -> bool {
         self.q.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.q.busy_poll()
+    }
     fn may_sleep(&self) -> bool {
         self.done.is_empty() && self.q.may_sleep()
     }

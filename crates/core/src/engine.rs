@@ -755,6 +755,13 @@ impl<P: Default> Engine<P> {
         self.fds_changed
     }
 
+    /// Busy-polling pays for one of the block queues ([`BlockQueue::busy_poll`]), or the
+    /// engine has none yet.
+    pub fn busy_poll(&self) -> bool {
+        let mut disks = self.disks.iter().flatten().peekable();
+        disks.peek().is_none() || disks.any(|d| d.bq.busy_poll())
+    }
+
     /// The block queues allow the worker to sleep, and no completion waits to be taken.
     pub fn may_sleep(&self) -> bool {
         self.ready_at >= self.ready.len() && self.disks.iter().flatten().all(|d| d.bq.may_sleep())

@@ -617,6 +617,15 @@ pub trait BlockQueue: Send {
     fn take_fds_changed(&mut self) -> bool {
         false
     }
+    /// Whether a worker should busy-poll this queue after its last piece of work (the
+    /// `poll_idle` spell) rather than sleep at once. True for devices whose completions
+    /// come within microseconds. False for a backend whose commands take a network round
+    /// trip (hundreds of microseconds) and whose completions come from its own library's
+    /// threads (librbd): there the spell never finds a completion, and the CPU it burns
+    /// is the CPU those threads (and, on a small host, the cluster) need.
+    fn busy_poll(&self) -> bool {
+        true
+    }
     /// False while commands are complete but handed back only by a later `poll`, with no
     /// descriptor or deadline to wake a sleeping worker for them (null and synchronous
     /// backends): the worker must poll again instead of sleeping.

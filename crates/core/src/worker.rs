@@ -5,7 +5,10 @@
 //! no notification. After `poll_idle` without work it asks every source to re-enable its
 //! notifications, then sleeps in `epoll_wait` on the sources' file descriptors (kick
 //! eventfds, io_uring completion eventfds) and its own wake eventfd. An idle worker
-//! therefore costs no CPU, and a loaded one costs no system call per request.
+//! therefore costs no CPU, and a loaded one costs no system call per request. The
+//! spell is skipped when no source's backend gains from it ([`WorkSource::busy_poll`]:
+//! an RBD disk's completions are an OSD round trip away and come from librbd's threads,
+//! which need the CPU the spell would burn).
 //!
 //! A source stays on one worker for its whole life, so its state needs no lock.
 
@@ -49,6 +52,12 @@ pub trait WorkSource: Send {
     /// A source with a socket reads it only after such an edge, or while its last read
     /// filled its buffer: an idle connection costs no system call per loop.
     fn socket_ready(&mut self, _ready: Readiness) {}
+    /// Whether the worker should keep polling after this source's last piece of work
+    /// (see [`BlockQueue::busy_poll`](crate::BlockQueue::busy_poll)). Asked when a busy
+    /// period ends; the worker skips its idle spell when no source wants it.
+    fn busy_poll(&self) -> bool {
+        true
+    }
     /// What the source serves, for log lines ("nbd connection 127.0.0.1:40000 to vm1").
     fn describe(&self) -> String {
         "work source".into()
@@ -358,6 +367,8 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
     let mut busy_since: Option<Instant> = None;
     let mut idle_since: Option<Instant> = None;
     let mut empty_passes: u32 = 0;
+    // Whether this idle spell polls (asked of the sources when it starts).
+    let mut spin = true;
     loop {
         sh.stats
             .allocs
@@ -490,8 +501,17 @@ fn run(sh: Arc<Shared>, poll_idle: Duration, cpu: Option<usize>) {
                 .busy_ns
                 .fetch_add(now.duration_since(b).as_nanos() as u64, Ordering::Relaxed);
         }
-        let since = *idle_since.get_or_insert(now);
-        if now.duration_since(since) < poll_idle {
+        let since = match idle_since {
+            Some(s) => s,
+            None => {
+                // A busy period ended: spin only if some source's backend pays for it.
+                spin = sources
+                    .iter_mut()
+                    .any(|a| guarded(a, &sh.stats, "busy_poll", |s| s.busy_poll()));
+                *idle_since.insert(now)
+            }
+        };
+        if spin && now.duration_since(since) < poll_idle {
             std::hint::spin_loop();
             continue;
         }
@@ -563,8 +583,12 @@ mod tests {
         fd: OwnedFd,
         sent: Arc<AtomicUsize>,
         seen: Arc<AtomicUsize>,
+        busy_poll: bool,
     }
     impl WorkSource for Counter {
+        fn busy_poll(&self) -> bool {
+            self.busy_poll
+        }
         fn poll(&mut self) -> usize {
             let sent = self.sent.load(Ordering::SeqCst);
             let seen = self.seen.load(Ordering::SeqCst);
@@ -594,6 +618,7 @@ mod tests {
             fd,
             sent: sent.clone(),
             seen: seen.clone(),
+            busy_poll: true,
         }));
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(20));
@@ -607,6 +632,51 @@ mod tests {
         assert_eq!(seen.load(Ordering::SeqCst), 3);
         assert!(pool.worker(0).stats().sleeps.load(Ordering::Relaxed) >= 2);
         pool.shutdown();
+    }
+
+    /// With an idle spell of an hour, a worker whose only source wants busy-polling never
+    /// sleeps while it has the source; one whose source does not (an RBD disk's) sleeps
+    /// after every piece of work.
+    #[test]
+    fn the_idle_spell_is_skipped_when_no_source_wants_it() {
+        for busy_poll in [true, false] {
+            let cfg = WorkerConfig {
+                poll_idle: Duration::from_secs(3600),
+                ..WorkerConfig::default()
+            };
+            let mut pool = WorkerPool::new(&cfg).unwrap();
+            let fd: OwnedFd = EventFd::new().unwrap().into();
+            let raw = fd.as_raw_fd();
+            let seen = Arc::new(AtomicUsize::new(0));
+            let sent = Arc::new(AtomicUsize::new(0));
+            pool.worker(0).attach(Box::new(Counter {
+                fd,
+                sent: sent.clone(),
+                seen: seen.clone(),
+                busy_poll,
+            }));
+            let sleeps = || pool.worker(0).stats().sleeps.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            for i in 1..=2 {
+                sent.fetch_add(1, Ordering::SeqCst);
+                signal_fd(raw);
+                while seen.load(Ordering::SeqCst) < i && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                assert_eq!(seen.load(Ordering::SeqCst), i);
+            }
+            if busy_poll {
+                // At most the one sleep before the source was attached (no sources: no spell).
+                assert!(sleeps() <= 1, "slept {} times while spinning", sleeps());
+            } else {
+                // Asleep after attaching and after each of the two events.
+                while sleeps() < 3 && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                assert!(sleeps() >= 3, "slept {} times", sleeps());
+            }
+            pool.shutdown();
+        }
     }
 
     /// Panics on its third poll; counts its polls.
@@ -647,6 +717,7 @@ mod tests {
             fd,
             sent: sent.clone(),
             seen: seen.clone(),
+            busy_poll: true,
         }));
         let t0 = Instant::now();
         while pool.worker(0).stats().panics.load(Ordering::Relaxed) == 0

@@ -499,6 +499,9 @@ impl BlockQueue for CryptQueue {
     fn take_fds_changed(&mut self) -> bool {
         self.inner.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.inner.busy_poll()
+    }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
         self.inner.next_deadline()

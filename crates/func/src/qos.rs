@@ -399,6 +399,9 @@ impl BlockQueue for QosQueue {
     fn take_fds_changed(&mut self) -> bool {
         self.inner.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.inner.busy_poll()
+    }
     fn may_sleep(&self) -> bool {
         self.inner.may_sleep()
     }

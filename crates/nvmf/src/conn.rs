@@ -1955,6 +1955,9 @@ impl WorkSource for Conn {
     fn take_fds_changed(&mut self) -> bool {
         self.eng.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.eng.busy_poll()
+    }
 
     fn prepare_sleep(&mut self) -> bool {
         if self.finished || self.eng.fds_pending() {

@@ -170,6 +170,17 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
     let sock = export(&d, "r");
     let out = verify(&d, &sock, "7");
     assert!(out.contains(" 0 errors, 0 mismatches"), "{out}");
+    // The workers serve only this RBD disk, so they never busy-poll: an idle spell would
+    // find nothing for hundreds of microseconds and take the CPU librbd's threads need.
+    let (_, m) = d.api.call_raw("GET", "/metrics", None).expect("metrics");
+    let spun: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("nvmux_worker_idle_poll_seconds_total"))
+        .collect();
+    assert!(!spun.is_empty(), "{m}");
+    for l in &spun {
+        assert!(l.ends_with(" 0"), "a worker busy-polled: {l}");
+    }
 
     // Known data before the snapshot, other data after it.
     let before = pattern(1, 64 << 10);

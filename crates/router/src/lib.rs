@@ -822,6 +822,10 @@ impl BlockQueue for RouterQueue {
         c
     }
 
+    fn busy_poll(&self) -> bool {
+        self.chain.busy_poll() || self.fast.as_ref().is_some_and(|f| f.busy_poll())
+    }
+
     fn may_sleep(&self) -> bool {
         self.ready.is_empty()
             && self.chain.may_sleep()

@@ -680,4 +680,7 @@ impl WorkSource for VringSource {
     fn take_fds_changed(&mut self) -> bool {
         self.eng.take_fds_changed()
     }
+    fn busy_poll(&self) -> bool {
+        self.eng.busy_poll()
+    }
 }
