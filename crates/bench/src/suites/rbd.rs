@@ -8,7 +8,8 @@
 //!   fio's own thread submits to librbd.
 //!
 //! Workloads: 4 KiB random read and write at QD1 and QD32. Each round runs every workload
-//! on the three in turn (never two at once); the tables show the median round of each.
+//! on the three in turn (never two at once), round r starting with the (r mod 3)-th of
+//! nvmux, QSD, fio-rbd; the tables show the median round of each.
 //!
 //! **The image.** `--image POOL/IMAGE` (default `rbd/nvmux-bench`), `--size` (default
 //! 1 GiB). When it is missing the bench creates it (`rbd create`) and marks it with the
@@ -620,7 +621,11 @@ fn run_in(
     let mut json_rows = Vec::new();
     for round in 0..rounds {
         for &(op, qd, w) in &runs {
-            for srv in [NVMUX, QSD, FIO] {
+            // Each round starts with another of the three: what one run leaves behind in
+            // the OSD (deferred writes, compaction) slows the next, whoever that is.
+            let mut order = [NVMUX, QSD, FIO];
+            order.rotate_left(round % 3);
+            for srv in order {
                 let s = match srv {
                     NVMUX => {
                         let Some((d, sock)) = &nvmux else { continue };
@@ -657,7 +662,7 @@ fn run_in(
     }
     let _ = qsd.stop();
     let title = format!(
-        "One RBD image ({spec}, {}, written once before the runs), 4 KiB random I/O, {secs} s per run, medians of {rounds} rounds (each round runs every workload on nvmux, QSD and fio-rbd in turn); librbd cache off for all three; nvmux and QSD (vhost-user, libblkio client on CPU 1) on CPU 0, fio's rbd engine on CPU 0; the cluster's daemons unpinned",
+        "One RBD image ({spec}, {}, written once before the runs), 4 KiB random I/O, {secs} s per run, medians of {rounds} rounds (each round runs every workload on nvmux, QSD and fio-rbd in turn, each round starting with the next of the three); librbd cache off for all three; nvmux and QSD (vhost-user, libblkio client on CPU 1) on CPU 0, fio's rbd engine on CPU 0; the cluster's daemons unpinned",
         nvmux_core::format_size(size)
     );
     let title = format!(
