@@ -1101,6 +1101,19 @@ impl RbdDevice {
         self.img.size.store(size, Ordering::Release);
         Ok(())
     }
+
+    /// Take the image's size as librbd knows it now (`rbd_get_size`, which re-reads the
+    /// image header when another client changed it) as the live size. Returns the new
+    /// size when it changed: a resize made outside nvmux (`rbd resize`). It may wait for
+    /// the cluster, up to the op timeout: not for a worker thread, nor under a lock.
+    pub fn refresh_size(&self) -> Result<Option<u64>> {
+        let mut size = 0u64;
+        // SAFETY: an open image and a valid out pointer.
+        let r = unsafe { (self.img.lib.rbd_get_size)(self.img.h, &mut size) };
+        check(r, format_args!("size of rbd image {}", self.img.name))?;
+        let old = self.img.size.swap(size, Ordering::AcqRel);
+        Ok((old != size).then_some(size))
+    }
 }
 
 impl BlockDevice for RbdDevice {

@@ -488,6 +488,17 @@ impl Daemon {
             exit_after_reply: Default::default(),
         });
         d.restore()?;
+        // Follows resizes of open RBD images made outside nvmux; it holds the daemon only
+        // while it looks (a daemon without RBD disks costs one state-lock take a second).
+        let w = Arc::downgrade(&d);
+        std::thread::Builder::new()
+            .name("nvmux-rbd-size".into())
+            .spawn(move || loop {
+                std::thread::sleep(crate::rbd::SIZE_CHECK_EVERY);
+                let Some(d) = w.upgrade() else { return };
+                d.follow_rbd_sizes();
+            })
+            .map_err(|e| Error::io("start the rbd size thread", e))?;
         Ok(d)
     }
 

@@ -473,12 +473,20 @@ impl Daemon {
                     .map_err(|e| e.to_string());
             }
         }
+        self.persist(&g)?;
+        tracing::info!(disk, size, "disk resized");
+        self.announce_size(&g, disk, size);
+        Ok(Daemon::view(&g, &g.disks[disk]))
+    }
+
+    /// Tell whatever serves `disk` that its size is now `size`: external functions, NVMe
+    /// hosts (a namespace-changed event), vfio-user and vhost-user clients (a
+    /// config-change message).
+    pub(crate) fn announce_size(&self, g: &Inner, disk: &str, size: u64) {
         if let Some(e) = g.disks.get(disk).and_then(|d| d.router.external()) {
             e.set_num_blocks(size / 512);
         }
-        self.persist(&g)?;
-        tracing::info!(disk, size, "disk resized");
-        self.notify_namespaces(&g, disk);
+        self.notify_namespaces(g, disk);
         // Attached VMs learn the new size through the config-change message.
         for e in g.exports.values().filter(|e| e.spec.disk == disk) {
             if let Ok(crate::Handle::VfioUser(h)) = &e.handle {
@@ -499,7 +507,6 @@ impl Daemon {
                 }
             }
         }
-        Ok(Daemon::view(&g, &g.disks[disk]))
     }
 
     /// Delete a volume or snapshot that no disk attaches.

@@ -80,6 +80,63 @@ impl RbdConn {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.get(&(img.clone(), None)).and_then(Weak::upgrade)
     }
+
+    /// Every open image (snapshots left out: their size does not change).
+    fn open_images(&self) -> Vec<(ImageRef, Arc<RbdDevice>)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter()
+            .filter(|((_, snap), _)| snap.is_none())
+            .filter_map(|((img, _), w)| Some((img.clone(), w.upgrade()?)))
+            .collect()
+    }
+}
+
+/// How often the daemon asks librbd for the size of its open images.
+pub(crate) const SIZE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl crate::Daemon {
+    /// Follow resizes made outside nvmux (`rbd resize`, OpenStack, another tool): ask
+    /// librbd for each open image's size, outside the state lock (it may wait for the
+    /// cluster), and announce a change as `disk resize` does. A mirrored disk keeps its
+    /// size (a mirror does not change size): the change is logged and left alone.
+    pub(crate) fn follow_rbd_sizes(&self) {
+        let images = self.lock().rbd.open_images();
+        for (img, dev) in images {
+            let size = match dev.refresh_size() {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(image = %img, "rbd size check: {}", e.msg);
+                    continue;
+                }
+            };
+            let mut g = self.lock();
+            let disks: Vec<String> = g
+                .disks
+                .values()
+                .filter(|d| matches!(d.spec.backend.rbd_image(), Some((i, None)) if i == img))
+                .map(|d| d.spec.name.clone())
+                .collect();
+            for disk in disks {
+                let Some(d) = g.disks.get_mut(&disk) else {
+                    continue;
+                };
+                if d.spec.size == size {
+                    continue;
+                }
+                if !d.spec.legs().is_empty() || d.mirror.as_ref().is_some_and(|m| !m.is_solo()) {
+                    tracing::warn!(disk, image = %img, size, "rbd image resized outside nvmux; the disk is mirrored and keeps its size of {} bytes", d.spec.size);
+                    continue;
+                }
+                let old = std::mem::replace(&mut d.spec.size, size);
+                tracing::info!(disk, image = %img, old, size, "rbd image resized outside nvmux: the disk follows");
+                if let Err(e) = self.persist(&g) {
+                    tracing::error!(disk, "saving the new size: {e}");
+                }
+                self.announce_size(&g, &disk, size);
+            }
+        }
+    }
 }
 
 /// The `rbd` backend of `disk create`: the image named by `image` (`POOL[/NS]/IMAGE`, or

@@ -211,6 +211,25 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
     assert!(out.contains("--force"), "{out}");
     drop(c);
 
+    // A resize made outside nvmux (`rbd resize`): the disk follows within seconds, and a
+    // client reaches the new end.
+    let r = rbd(&conf, &["resize", "--no-progress", "--size", "160M", &img])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let t0 = std::time::Instant::now();
+    while d.api.get("/v1/disks/r").unwrap()["size"] != 160 * MIB
+        && t0.elapsed() < std::time::Duration::from_secs(20)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(d.api.get("/v1/disks/r").unwrap()["size"], 160 * MIB);
+    let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("libblkio");
+    assert_eq!(c.capacity(), 160 * MIB);
+    write(&mut c, 150 * MIB, &after);
+    assert_eq!(read(&mut c, 150 * MIB, after.len()), after);
+    drop(c);
+
     // Clone: a new image whose parent is the snapshot, holding the snapshot's data.
     ok(&mut cli(
         &d,
@@ -272,7 +291,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
         ok(&mut cli(&d, &["export", "remove", disk]));
         ok(&mut cli(&d, &["disk", "delete", disk]));
     }
-    assert_eq!(rbd_info(&conf, &img)["size"], 128 * MIB);
+    assert_eq!(rbd_info(&conf, &img)["size"], 160 * MIB);
     d.stop();
 }
 
