@@ -607,9 +607,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sleeps_and_wakes() {
-        let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
+    /// A [`Counter`] on worker 0: its eventfd, and its `sent` and `seen` counts.
+    fn attach_counter(
+        pool: &WorkerPool,
+        busy_poll: bool,
+    ) -> (RawFd, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let fd: OwnedFd = EventFd::new().unwrap().into();
         let raw = fd.as_raw_fd();
         let seen = Arc::new(AtomicUsize::new(0));
@@ -618,8 +620,15 @@ mod tests {
             fd,
             sent: sent.clone(),
             seen: seen.clone(),
-            busy_poll: true,
+            busy_poll,
         }));
+        (raw, sent, seen)
+    }
+
+    #[test]
+    fn sleeps_and_wakes() {
+        let mut pool = WorkerPool::new(&WorkerConfig::default()).unwrap();
+        let (raw, sent, seen) = attach_counter(&pool, true);
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(20));
             sent.fetch_add(1, Ordering::SeqCst);
@@ -645,16 +654,7 @@ mod tests {
                 ..WorkerConfig::default()
             };
             let mut pool = WorkerPool::new(&cfg).unwrap();
-            let fd: OwnedFd = EventFd::new().unwrap().into();
-            let raw = fd.as_raw_fd();
-            let seen = Arc::new(AtomicUsize::new(0));
-            let sent = Arc::new(AtomicUsize::new(0));
-            pool.worker(0).attach(Box::new(Counter {
-                fd,
-                sent: sent.clone(),
-                seen: seen.clone(),
-                busy_poll,
-            }));
+            let (raw, sent, seen) = attach_counter(&pool, busy_poll);
             let sleeps = || pool.worker(0).stats().sleeps.load(Ordering::Relaxed);
             let t0 = Instant::now();
             for i in 1..=2 {
@@ -709,16 +709,7 @@ mod tests {
         pool.worker(0).attach(Box::new(Bomb {
             polls: polls.clone(),
         }));
-        let fd: OwnedFd = EventFd::new().unwrap().into();
-        let raw = fd.as_raw_fd();
-        let seen = Arc::new(AtomicUsize::new(0));
-        let sent = Arc::new(AtomicUsize::new(0));
-        pool.worker(0).attach(Box::new(Counter {
-            fd,
-            sent: sent.clone(),
-            seen: seen.clone(),
-            busy_poll: true,
-        }));
+        let (raw, sent, seen) = attach_counter(&pool, true);
         let t0 = Instant::now();
         while pool.worker(0).stats().panics.load(Ordering::Relaxed) == 0
             && t0.elapsed() < Duration::from_secs(10)
