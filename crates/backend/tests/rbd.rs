@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nvmux_backend::rbd::{
     librbd_version, ImageRef, RbdCluster, RbdConfig, RbdDevice, RbdOptions, RETRYABLE,
 };
-use nvmux_core::alloc_count::{thread_allocs, CountingAlloc};
+use nvmux_core::alloc_count::{thread_allocs, CountingAlloc, MixedLoad};
 use nvmux_core::{BlockDevice, BlockQueue, ErrorKind, IoCommand, Opcode, SgList, Status};
 
 #[global_allocator]
@@ -29,6 +29,17 @@ fn cluster() -> Option<Arc<RbdCluster>> {
         ..RbdConfig::default()
     };
     Some(RbdCluster::connect(&cfg).expect("connect to the test cluster"))
+}
+
+/// A test's own image of `size` bytes, created now and removed (with the snapshots the
+/// test registers) when the returned [`Cleanup`] goes; `None` without a cluster.
+fn new_image(test: &str, size: u64) -> Option<(Arc<RbdCluster>, ImageRef, Cleanup)> {
+    let c = cluster()?;
+    let img = image(test);
+    let mut cl = Cleanup::new(&c);
+    cl.image(&img);
+    c.create_image(&img, size).unwrap();
+    Some((c, img, cl))
 }
 
 fn image(test: &str) -> ImageRef {
@@ -278,11 +289,9 @@ fn missing_image_is_not_found() {
 /// them; read back (also at QD 32) equal to a model.
 #[test]
 fn qd32_write_read_back() {
-    let Some(c) = cluster() else { return };
-    let img = image("qd32");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 64 * MIB).unwrap();
+    let Some((c, img, _cl)) = new_image("qd32", 64 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     let bs = 512u32;
     assert_eq!(dev.info().block_size, bs);
@@ -383,11 +392,9 @@ fn qd32_write_read_back() {
 
 #[test]
 fn write_zeroes_and_deallocate_read_back_zeros() {
-    let Some(c) = cluster() else { return };
-    let img = image("zeroes");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 16 * MIB).unwrap();
+    let Some((c, img, _cl)) = new_image("zeroes", 16 * MIB) else {
+        return;
+    };
     let dev = RbdDevice::open(
         &c,
         &img,
@@ -443,11 +450,9 @@ fn write_zeroes_and_deallocate_read_back_zeros() {
 /// And a completion of one queue collected by the other reaches its owner.
 #[test]
 fn two_queues_cross_delivery() {
-    let Some(c) = cluster() else { return };
-    let img = image("twoq");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 32 * MIB).unwrap();
+    let Some((c, img, _cl)) = new_image("twoq", 32 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     let bs = 512u32;
 
@@ -522,11 +527,9 @@ fn two_queues_cross_delivery() {
 
 #[test]
 fn snapshot_opens_read_only_with_old_data() {
-    let Some(c) = cluster() else { return };
-    let img = image("snap");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 8 * MIB).unwrap();
+    let Some((c, img, mut cl)) = new_image("snap", 8 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     let mut q = dev.open_queue(4).unwrap();
     let bs = 512;
@@ -563,11 +566,9 @@ fn snapshot_opens_read_only_with_old_data() {
 
 #[test]
 fn resize_grows_capacity() {
-    let Some(c) = cluster() else { return };
-    let img = image("resize");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 8 * MIB).unwrap();
+    let Some((c, img, _cl)) = new_image("resize", 8 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     let mut q = dev.open_queue(4).unwrap();
     assert_eq!(dev.capacity_bytes(), 8 * MIB);
@@ -620,122 +621,34 @@ fn idle_queue_settles(q: &mut dyn BlockQueue) {
     panic!("an idle queue's descriptor stays readable");
 }
 
-struct Load {
-    q: Box<dyn BlockQueue>,
-    bufs: Vec<Vec<u8>>,
-    sgs: Vec<Option<SgList>>,
-    fd: RawFd,
-    done: Vec<(usize, Status)>,
-    k: u64,
-}
-
-impl Load {
-    fn submit(&mut self, slot: usize) {
-        let k = self.k;
-        self.k += 1;
-        let mut sg = self.sgs[slot].take().unwrap_or_default();
-        sg.clear();
-        let op = match k % 16 {
-            0 => Opcode::Flush,
-            1 => Opcode::WriteZeroes,
-            n if n % 2 == 0 => Opcode::Write,
-            _ => Opcode::Read,
-        };
-        let nlb = 8 + (k % 4) as u32 * 8;
-        let (slba, nlb) = if op == Opcode::Flush {
-            (0, 0)
-        } else {
-            ((k * 97) % 2000 * 8, nlb)
-        };
-        if op.has_data() {
-            sg.push(self.bufs[slot].as_mut_ptr(), nlb as usize * 512);
-        }
-        let mut cmd = IoCommand::new(op, slba, nlb, slot as u64, sg);
-        cmd.fua = op == Opcode::Write && k.is_multiple_of(5);
-        self.q.submit(cmd);
-    }
-
-    fn run(&mut self, n: u64) {
-        let qd = self.bufs.len();
-        let (mut issued, mut completed) = (0u64, 0u64);
-        for s in 0..qd {
-            self.submit(s);
-            issued += 1;
-        }
-        self.q.kick();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while completed < issued {
-            self.done.clear();
-            let (sgs, done) = (&mut self.sgs, &mut self.done);
-            self.q.poll(&mut |c, s| {
-                let slot = c.tag as usize;
-                sgs[slot] = Some(c.sg);
-                done.push((slot, s));
-            });
-            for j in 0..self.done.len() {
-                let (slot, s) = self.done[j];
-                assert_eq!(s, Status::SUCCESS);
-                completed += 1;
-                if issued < n {
-                    self.submit(slot);
-                    issued += 1;
-                }
-            }
-            self.q.kick();
-            if self.done.is_empty() {
-                assert!(Instant::now() < deadline, "I/O stalled");
-                let mut p = libc::pollfd {
-                    fd: self.fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut p, 1, 100) };
-            }
-        }
-    }
-}
-
 /// After a warm-up, thousands of reads, writes (some FUA), write zeroes and flushes at
 /// QD 16 make no allocation on the submitting and polling thread (Rust heap; librbd's own
 /// C++ allocations are not ours to count).
 #[test]
 fn zero_allocations_per_io() {
-    let Some(c) = cluster() else { return };
-    let img = image("zalloc");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 16 * MIB).unwrap();
+    let Some((c, img, _cl)) = new_image("zalloc", 16 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     const QD: usize = 16;
     let q = dev.open_queue(QD as u32).unwrap();
-    let mut fds = Vec::with_capacity(4);
-    q.wait_fds(&mut fds);
-    let mut l = Load {
-        q,
-        bufs: (0..QD).map(|_| vec![0x33u8; 16384]).collect(),
-        sgs: (0..QD).map(|_| Some(SgList::with_capacity(4))).collect(),
-        fd: fds[0],
-        done: Vec::with_capacity(QD),
-        k: 0,
-    };
-    l.run(500);
+    // Commands of 8 to 32 blocks; every fifth command a FUA write if it is a write.
+    let mut l = MixedLoad::new(q, QD, 512, 4, Some(5));
+    l.run(500, Duration::from_secs(120)).unwrap();
     let before = thread_allocs();
-    l.run(3000);
+    l.run(3000, Duration::from_secs(120)).unwrap();
     let after = thread_allocs();
     assert_eq!(after - before, 0, "allocations on the I/O thread");
-    idle_queue_settles(l.q.as_mut());
+    idle_queue_settles(l.queue());
 }
 
 /// A queue dropped with writes in flight waits for them (librbd must not touch freed
 /// buffers); the device and the cluster connection outlive the caller's handles.
 #[test]
 fn queue_drop_waits_for_commands_in_flight() {
-    let Some(c) = cluster() else { return };
-    let img = image("dropq");
-    let mut cl = Cleanup::new(&c);
-    cl.image(&img);
-    c.create_image(&img, 16 * MIB).unwrap();
+    let Some((c, img, cl)) = new_image("dropq", 16 * MIB) else {
+        return;
+    };
     let dev = open(&c, &img);
     let bs = 512u32;
     let mut bufs: Vec<Vec<u8>> = (0..32u8).map(|k| vec![k + 1; 256 << 10]).collect();

@@ -95,6 +95,150 @@ pub fn thread_allocs() -> u64 {
     COUNT.try_with(|c| c.get()).unwrap_or(0)
 }
 
+/// A mixed I/O load for zero-allocation tests: reads, writes (every `fua_every`-th command
+/// a FUA write, if asked), write zeroes and flushes on one queue at a fixed depth, each
+/// command's buffer and scatter list reused, so that the test's own side allocates
+/// nothing once running and whatever [`thread_allocs`] counts comes from the queue.
+/// Command `k` is a flush if `k % 16 == 0`, write zeroes if 1, else a write (even) or a
+/// read (odd), of `8 + (k % sizes) * 8` blocks at block `(k * 97) % 2000 * 8`.
+pub struct MixedLoad {
+    q: Box<dyn crate::BlockQueue>,
+    bufs: Vec<Vec<u8>>,
+    sgs: Vec<Option<crate::SgList>>,
+    fds: Vec<std::os::fd::RawFd>,
+    pfds: Vec<libc::pollfd>,
+    done: Vec<(usize, crate::Status)>,
+    k: u64,
+    block_size: u32,
+    sizes: u64,
+    fua_every: Option<u64>,
+}
+
+impl MixedLoad {
+    /// `depth` commands in flight on `q`, of 8, 16, ... (`sizes` of them) blocks of
+    /// `block_size` bytes.
+    pub fn new(
+        q: Box<dyn crate::BlockQueue>,
+        depth: usize,
+        block_size: u32,
+        sizes: u64,
+        fua_every: Option<u64>,
+    ) -> MixedLoad {
+        let sizes = sizes.max(1);
+        let largest = (8 + (sizes - 1) as usize * 8) * block_size as usize;
+        let mut l = MixedLoad {
+            q,
+            bufs: (0..depth).map(|_| vec![0x5a; largest]).collect(),
+            sgs: (0..depth)
+                .map(|_| Some(crate::SgList::with_capacity(4)))
+                .collect(),
+            fds: Vec::with_capacity(16),
+            pfds: Vec::with_capacity(16),
+            done: Vec::with_capacity(depth * 2),
+            k: 0,
+            block_size,
+            sizes,
+            fua_every,
+        };
+        l.refresh_fds();
+        l
+    }
+
+    /// The queue, for what a test checks after the load.
+    pub fn queue(&mut self) -> &mut dyn crate::BlockQueue {
+        self.q.as_mut()
+    }
+
+    fn refresh_fds(&mut self) {
+        self.fds.clear();
+        self.q.wait_fds(&mut self.fds);
+        self.pfds.clear();
+        for &fd in &self.fds {
+            self.pfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+    }
+
+    fn submit(&mut self, slot: usize) {
+        use crate::Opcode;
+        let k = self.k;
+        self.k += 1;
+        let mut sg = self.sgs[slot].take().unwrap_or_default();
+        sg.clear();
+        let op = match k % 16 {
+            0 => Opcode::Flush,
+            1 => Opcode::WriteZeroes,
+            n if n % 2 == 0 => Opcode::Write,
+            _ => Opcode::Read,
+        };
+        let (slba, nlb) = if op == Opcode::Flush {
+            (0, 0)
+        } else {
+            ((k * 97) % 2000 * 8, 8 + (k % self.sizes) as u32 * 8)
+        };
+        if op.has_data() {
+            sg.push(
+                self.bufs[slot].as_mut_ptr(),
+                nlb as usize * self.block_size as usize,
+            );
+        }
+        let mut cmd = crate::IoCommand::new(op, slba, nlb, slot as u64, sg);
+        cmd.fua = op == Opcode::Write && self.fua_every.is_some_and(|f| k.is_multiple_of(f));
+        self.q.submit(cmd);
+    }
+
+    /// Run `n` commands (at least the depth) to completion: each that completes is
+    /// replaced by the next. Fails on a command that does not succeed, or when they
+    /// are not all done within `timeout`.
+    pub fn run(&mut self, n: u64, timeout: std::time::Duration) -> Result<(), String> {
+        let end = std::time::Instant::now() + timeout;
+        let mut issued = 0u64;
+        let mut completed = 0u64;
+        for s in 0..self.bufs.len() {
+            self.submit(s);
+            issued += 1;
+        }
+        self.q.kick();
+        while completed < issued {
+            if std::time::Instant::now() >= end {
+                return Err(format!(
+                    "{completed} of {issued} commands done within {timeout:?}"
+                ));
+            }
+            let (sgs, done) = (&mut self.sgs, &mut self.done);
+            let got = self.q.poll(&mut |c, st| {
+                sgs[c.tag as usize] = Some(c.sg);
+                done.push((c.tag as usize, st));
+            });
+            if got == 0 && self.q.may_sleep() {
+                if self.q.take_fds_changed() {
+                    self.refresh_fds();
+                }
+                // SAFETY: a valid pollfd array; bounded timeout.
+                unsafe { libc::poll(self.pfds.as_mut_ptr(), self.pfds.len() as _, 10) };
+                for &fd in &self.fds {
+                    crate::eventfd::drain_fd(fd);
+                }
+            }
+            while let Some((slot, st)) = self.done.pop() {
+                if !st.is_ok() {
+                    return Err(format!("command {slot} failed: {st:?}"));
+                }
+                completed += 1;
+                if issued < n {
+                    self.submit(slot);
+                    issued += 1;
+                }
+            }
+            self.q.kick();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,103 +3,18 @@
 //! allocation count (the counting allocator the daemon installs).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvmux_backend::MemoryDevice;
-use nvmux_core::alloc_count::{thread_allocs, CountingAlloc};
-use nvmux_core::{BlockDevice, BlockQueue, IoCommand, Opcode, SgList, Status};
+use nvmux_core::alloc_count::{thread_allocs, CountingAlloc, MixedLoad};
+use nvmux_core::BlockDevice;
 use nvmux_mirror::{Leg, LegState, MirrorConfig, MirrorDevice};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
 const QD: usize = 16;
-const BS: usize = 512;
-
-struct Load {
-    q: Box<dyn BlockQueue>,
-    bufs: Vec<Vec<u8>>,
-    sgs: Vec<Option<SgList>>,
-    fds: Vec<i32>,
-    pfds: Vec<libc::pollfd>,
-    done: Vec<(usize, Status)>,
-    k: u64,
-}
-
-impl Load {
-    fn submit(&mut self, slot: usize) {
-        let k = self.k;
-        self.k += 1;
-        let mut sg = self.sgs[slot].take().unwrap_or_default();
-        sg.clear();
-        let nlb = 8 + (k % 3) as u32 * 8;
-        let slba = (k * 97) % 2000 * 8;
-        let op = match k % 16 {
-            0 => Opcode::Flush,
-            1 => Opcode::WriteZeroes,
-            n if n % 2 == 0 => Opcode::Write,
-            _ => Opcode::Read,
-        };
-        let (slba, nlb) = if op == Opcode::Flush {
-            (0, 0)
-        } else {
-            (slba, nlb)
-        };
-        if op.has_data() {
-            sg.push(self.bufs[slot].as_mut_ptr(), nlb as usize * BS);
-        }
-        self.q
-            .submit(IoCommand::new(op, slba, nlb, slot as u64, sg));
-    }
-
-    fn run(&mut self, n: u64) {
-        let mut issued = 0u64;
-        let mut completed = 0u64;
-        for s in 0..QD {
-            self.submit(s);
-            issued += 1;
-        }
-        self.q.kick();
-        let end = Instant::now() + Duration::from_secs(60);
-        while completed < n {
-            assert!(Instant::now() < end, "stuck");
-            let done = &mut self.done;
-            let sgs = &mut self.sgs;
-            let got = self.q.poll(&mut |c, st| {
-                sgs[c.tag as usize] = Some(c.sg);
-                done.push((c.tag as usize, st));
-            });
-            if got == 0 && self.q.may_sleep() {
-                if self.q.take_fds_changed() {
-                    self.fds.clear();
-                    self.q.wait_fds(&mut self.fds);
-                    self.pfds.clear();
-                    for &fd in &self.fds {
-                        self.pfds.push(libc::pollfd {
-                            fd,
-                            events: libc::POLLIN,
-                            revents: 0,
-                        });
-                    }
-                }
-                // SAFETY: a valid pollfd array; bounded timeout.
-                unsafe { libc::poll(self.pfds.as_mut_ptr(), self.pfds.len() as _, 10) };
-                for &fd in &self.fds {
-                    nvmux_core::eventfd::drain_fd(fd);
-                }
-            }
-            while let Some((slot, st)) = self.done.pop() {
-                assert!(st.is_ok(), "{st:?}");
-                completed += 1;
-                if issued < n {
-                    self.submit(slot);
-                    issued += 1;
-                }
-            }
-            self.q.kick();
-        }
-    }
-}
+const BS: u32 = 512;
 
 #[test]
 fn a_two_leg_mirror_allocates_nothing_per_io() {
@@ -130,25 +45,9 @@ fn a_two_leg_mirror_allocates_nothing_per_io() {
     )
     .unwrap();
     let q = m.open_queue(QD as u32).unwrap();
-    let mut fds = Vec::new();
-    q.wait_fds(&mut fds);
-    let mut load = Load {
-        q,
-        bufs: (0..QD).map(|_| vec![0x5a; 24 * BS]).collect(),
-        sgs: (0..QD).map(|_| Some(SgList::with_capacity(4))).collect(),
-        pfds: fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect(),
-        fds,
-        done: Vec::with_capacity(QD * 2),
-        k: 0,
-    };
-    load.run(2000);
+    // Commands of 8, 16 and 24 blocks; no FUA.
+    let mut load = MixedLoad::new(q, QD, BS, 3, None);
+    load.run(2000, Duration::from_secs(60)).unwrap();
     // Regions clear and get set again during the measured run (clear_delay 20 ms): the
     // parked path is measured too.
     std::thread::sleep(Duration::from_millis(100));
@@ -162,7 +61,7 @@ fn a_two_leg_mirror_allocates_nothing_per_io() {
     let writes0 = m.status().bitmap_writes;
     assert_eq!(m.status().dirty_regions, 0, "idle regions cleared");
     let before = thread_allocs();
-    load.run(20_000);
+    load.run(20_000, Duration::from_secs(60)).unwrap();
     let after = thread_allocs();
     assert_eq!(after - before, 0, "allocations on the I/O path");
     let st = m.status();
