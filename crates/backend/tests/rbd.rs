@@ -129,17 +129,23 @@ fn collect(q: &mut dyn BlockQueue, want: usize, out: &mut Vec<(u64, Status)>) {
             Instant::now() < deadline,
             "only {got} of {want} completions within 60 s"
         );
-        let mut p: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: valid pollfds on the heap for the call.
-        unsafe { libc::poll(p.as_mut_ptr(), p.len() as _, 100) };
+        poll_in(&fds, 100);
     }
+}
+
+/// `poll` for `fds` to be readable, at most `ms` milliseconds: how many are (0: none
+/// within the time, -1: the call failed).
+fn poll_in(fds: &[RawFd], ms: i32) -> i32 {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: valid pollfds on the heap for the call.
+    unsafe { libc::poll(p.as_mut_ptr(), p.len() as _, ms) }
 }
 
 /// Run one command to completion.
@@ -605,16 +611,7 @@ fn idle_queue_settles(q: &mut dyn BlockQueue) {
     q.wait_fds(&mut fds);
     for _ in 0..50 {
         assert_eq!(q.poll(&mut |_, _| panic!("nothing was submitted")), 0);
-        let mut p: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: valid pollfds for the call.
-        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as _, 200) } == 0 {
+        if poll_in(&fds, 200) == 0 {
             return;
         }
     }
