@@ -124,14 +124,6 @@ fn start(tag: &str, kek: Option<&str>) -> (TestDaemon, PathBuf) {
     (d, k)
 }
 
-fn write(c: &mut BlkioClient, off: u64, data: &[u8]) {
-    c.buf()[..data.len()].copy_from_slice(data);
-    c.io_ok(0, Op::Write, off, data.len(), 0, ReqFlags::empty())
-        .expect("write");
-    c.io_ok(0, Op::Flush, 0, 0, 0, ReqFlags::empty())
-        .expect("flush");
-}
-
 fn read(c: &mut BlkioClient, off: u64, len: usize) -> Vec<u8> {
     c.io_ok(0, Op::Read, off, len, 0, ReqFlags::empty())
         .expect("read");
@@ -170,7 +162,7 @@ fn ciphertext_is_aes_xts_plain64_that_an_independent_tool_decrypts() {
         let mut c = BlkioClient::connect(&sock, 1, false, 2 * MIB as usize).expect("connect");
         let off = 2 * MIB + 4096;
         let plain = pattern(11, MIB as usize);
-        write(&mut c, off, &plain);
+        write_flushed(&mut c, off, &plain);
         assert!(
             read(&mut c, off, plain.len()) == plain,
             "{name}: read back through nvmux"
@@ -243,7 +235,7 @@ fn crypto_erase_destroys_the_key_and_the_old_data() {
     let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
     let plain = pattern(3, MIB as usize);
     for off in [0, 5 << 30, size - MIB] {
-        write(&mut c, off, &plain);
+        write_flushed(&mut c, off, &plain);
     }
     drop(c);
     let kek = kek_bytes(0x5a);
@@ -310,7 +302,7 @@ fn crypto_erase_destroys_the_key_and_the_old_data() {
         assert!(!contains(&r, &plain[..64]));
     }
     // The disk is usable again with its new key.
-    write(&mut c, 4096, &plain[..8192]);
+    write_flushed(&mut c, 4096, &plain[..8192]);
     assert!(read(&mut c, 4096, 8192) == plain[..8192]);
     drop(c);
     d.stop();
@@ -347,7 +339,7 @@ fn key_problems_give_clear_errors_and_touch_nothing() {
     let (d, _) = start("crypt-wrongkek", Some("default"));
     let (img, sock) = d.disk_and_export("w", 4 * MIB, 1, json!({"encrypt": true}));
     let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
-    write(&mut c, 0, &pattern(5, 65536));
+    write_flushed(&mut c, 0, &pattern(5, 65536));
     drop(c);
     let dir = d.dir.clone();
     d.stop();
@@ -379,7 +371,7 @@ fn kek_rotation_rewraps_keys_without_touching_data() {
     let (img, sock) = d.disk_and_export("r", 4 * MIB, 1, json!({"encrypt": true}));
     let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
     let plain = pattern(21, 65536);
-    write(&mut c, 8192, &plain);
+    write_flushed(&mut c, 8192, &plain);
     drop(c);
     let image = std::fs::read(&img).expect("image");
     let check_before = d.api.get("/v1/disks/r").expect("disk")["crypt"]["kek_check"].clone();
@@ -449,7 +441,7 @@ fn function_chain_order_rules_and_persistence() {
     assert_eq!(v["functions"], json!(["crypt", "qos"]));
     let mut c = BlkioClient::connect(&sock, 1, false, MIB as usize).expect("connect");
     let plain = pattern(5, 256 * 1024);
-    write(&mut c, 4096, &plain);
+    write_flushed(&mut c, 4096, &plain);
     assert!(read(&mut c, 4096, plain.len()) == plain);
     drop(c);
     let raw = std::fs::read(&img).expect("image");
@@ -563,7 +555,7 @@ fn erase_leaves_no_wrapped_copy_anywhere() {
     let plain = pattern(8, 65536);
     for s in [&sock_m, &sock_e] {
         let mut c = BlkioClient::connect(s, 1, false, MIB as usize).expect("connect");
-        write(&mut c, 4096, &plain);
+        write_flushed(&mut c, 4096, &plain);
         drop(c);
     }
     let key_m = data_key(&d.dir, "m", &kek);

@@ -99,14 +99,6 @@ fn verify(d: &TestDaemon, sock: &Path, seed: &str) -> String {
     ))
 }
 
-fn write(c: &mut BlkioClient, off: u64, data: &[u8]) {
-    c.buf()[..data.len()].copy_from_slice(data);
-    c.io_ok(0, Op::Write, off, data.len(), 0, ReqFlags::empty())
-        .expect("write");
-    c.io_ok(0, Op::Flush, 0, 0, 0, ReqFlags::empty())
-        .expect("flush");
-}
-
 fn read(c: &mut BlkioClient, off: u64, len: usize) -> Vec<u8> {
     c.buf()[..len].fill(0xee);
     c.io_ok(0, Op::Read, off, len, 0, ReqFlags::empty())
@@ -186,7 +178,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
     let before = pattern(1, 64 << 10);
     let after = pattern(2, 64 << 10);
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("libblkio");
-    write(&mut c, 8 * MIB, &before);
+    write_flushed(&mut c, 8 * MIB, &before);
     ok(&mut cli(&d, &["disk", "snapshot", "r", "s1"]));
     let snaps = ok(&mut rbd(&conf, &["snap", "ls", "--format", "json", &img]));
     assert!(snaps.contains("\"s1\""), "rbd snap ls: {snaps}");
@@ -195,7 +187,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
         "true",
         "the snapshot is protected, so it can be cloned"
     );
-    write(&mut c, 8 * MIB, &after);
+    write_flushed(&mut c, 8 * MIB, &after);
     assert_eq!(read(&mut c, 8 * MIB, after.len()), after);
 
     // Resize: `rbd info` and the disk follow, and the client reaches the new end.
@@ -204,7 +196,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
     assert_eq!(d.api.get("/v1/disks/r").unwrap()["size"], 128 * MIB);
     drop(c);
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("libblkio after resize");
-    write(&mut c, 120 * MIB, &after);
+    write_flushed(&mut c, 120 * MIB, &after);
     assert_eq!(read(&mut c, 120 * MIB, after.len()), after);
     // Shrinking needs --force.
     let out = fails(&mut cli(&d, &["disk", "resize", "r", "32M"]));
@@ -226,7 +218,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
     assert_eq!(d.api.get("/v1/disks/r").unwrap()["size"], 160 * MIB);
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("libblkio");
     assert_eq!(c.capacity(), 160 * MIB);
-    write(&mut c, 150 * MIB, &after);
+    write_flushed(&mut c, 150 * MIB, &after);
     assert_eq!(read(&mut c, 150 * MIB, after.len()), after);
     drop(c);
 
@@ -256,7 +248,7 @@ fn rbd_disk_create_verify_resize_snapshot_clone_through_the_cli() {
         before,
         "the clone reads the snapshot"
     );
-    write(&mut cc, 8 * MIB, &after);
+    write_flushed(&mut cc, 8 * MIB, &after);
     assert_eq!(
         read(&mut cc, 8 * MIB, after.len()),
         after,
@@ -345,7 +337,7 @@ fn storage_functions_work_on_an_rbd_disk() {
     // What reaches the cluster is ciphertext: the pattern is not in the image.
     let plain = pattern(5, 64 << 10);
     let mut c = BlkioClient::connect(&sock, 1, false, 1 << 20).expect("libblkio");
-    write(&mut c, 4 * MIB, &plain);
+    write_flushed(&mut c, 4 * MIB, &plain);
     let raw = d.dir.join("raw");
     ok(&mut rbd(
         &conf,

@@ -293,6 +293,17 @@ impl Drop for TestDaemon {
 }
 
 /// Read `len` bytes at `off` straight from a backing file.
+/// Write `data` at `off` through queue 0 of a libblkio client, then flush: the data is on
+/// the disk when this returns.
+pub fn write_flushed(c: &mut nvmux_bench::client::BlkioClient, off: u64, data: &[u8]) {
+    use nvmux_bench::client::Op;
+    c.buf()[..data.len()].copy_from_slice(data);
+    c.io_ok(0, Op::Write, off, data.len(), 0, blkio::ReqFlags::empty())
+        .expect("write");
+    c.io_ok(0, Op::Flush, 0, 0, 0, blkio::ReqFlags::empty())
+        .expect("flush");
+}
+
 pub fn read_file_at(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(p).expect("open image");
