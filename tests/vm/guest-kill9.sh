@@ -29,30 +29,10 @@ echo NVMUX-READY-KILL9
 
 # fio must end within its runtime plus a grace period: a request the device never
 # completes leaves it waiting for ever.
-t=0
-while kill -0 "$fpid" 2>/dev/null; do
-    if [ "$t" -ge $((runtime + grace)) ]; then
-        echo "test: fio hung: still running ${t}s after it started (a request never completed)"
-        grep -E 'err=|verify' /tmp/fio.out || true
-        dmesg | grep -iE 'virtio|vda|I/O error|blk_update|hung' | tail -n 8 || true
-        exit 70
-    fi
-    sleep 1
-    t=$((t + 1))
-done
+fio_wait "$fpid" $((runtime + grace))
 rc=0
 wait "$fpid" || rc=$?
 grep -E 'err=|verify|IOPS|crc|bad' /tmp/fio.out || true
-ioerr=$(dmesg | grep -iE 'I/O error|blk_update_request|print_req_error|critical medium|virtio.*(error|broken)|id [0-9]+ is not a head' || true)
-if [ "$rc" -ne 0 ]; then
-    cat /tmp/fio.out
-    [ -z "$ioerr" ] || echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
-    echo "test: fio failed across the kills (rc $rc)"
-    exit "$rc"
-fi
-if [ -n "$ioerr" ]; then
-    echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
-    echo "test: I/O errors in the kernel log"
-    exit 71
-fi
+ioerr=$(io_errors)
+fio_verdict "$rc" "$ioerr" "the kills"
 echo "test: fio randwrite QD16 + verify passed across the kills, no I/O error in dmesg"

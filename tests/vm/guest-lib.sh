@@ -16,6 +16,45 @@ wait_disk() {
     echo "test: $1 $(($(cat "$_b/size") / 2048)) MiB, $(ls "$_b/mq" | wc -l) queues, $(grep -c ^processor /proc/cpuinfo) cpus"
 }
 
+# fio_wait PID LIMIT: wait for the fio run PID (its output in /tmp/fio.out); if it still
+# runs LIMIT s after this call (a request the device never completes leaves it waiting
+# for ever), print "test: fio hung", its error lines and the kernel's, and exit 70.
+fio_wait() {
+    _t=0
+    while kill -0 "$1" 2>/dev/null; do
+        if [ "$_t" -ge "$2" ]; then
+            echo "test: fio hung: still running ${_t}s after it started (a request never completed)"
+            grep -E 'err=|verify' /tmp/fio.out || true
+            dmesg | grep -iE 'virtio|vda|I/O error|blk_update|hung' | tail -n 8 || true
+            exit 70
+        fi
+        sleep 1
+        _t=$((_t + 1))
+    done
+}
+
+# io_errors: the kernel log's lines about failed block requests (none: empty).
+io_errors() {
+    dmesg | grep -iE 'I/O error|blk_update_request|print_req_error|critical medium|virtio.*(error|broken)|id [0-9]+ is not a head' || true
+}
+
+# fio_verdict RC IOERR WHAT: exit RC (printing /tmp/fio.out) if fio failed, 71 if the
+# kernel logged I/O errors (IOERR, from io_errors); return if neither. WHAT names what
+# the run went through ("the kills").
+fio_verdict() {
+    if [ "$1" -ne 0 ]; then
+        cat /tmp/fio.out
+        [ -z "$2" ] || echo "$2" | sed 's/^/test: dmesg: /' | tail -n 8
+        echo "test: fio failed across $3 (rc $1)"
+        exit "$1"
+    fi
+    if [ -n "$2" ]; then
+        echo "$2" | sed 's/^/test: dmesg: /' | tail -n 8
+        echo "test: I/O errors in the kernel log"
+        exit 71
+    fi
+}
+
 # disk_queues DEV: how many queues (blk-mq hardware contexts) DEV has.
 disk_queues() {
     ls "/sys/block/${1#/dev/}/mq" | wc -l

@@ -27,17 +27,7 @@ fpid=$!
 sleep 1
 echo NVMUX-READY-OUTAGE
 
-t=0
-while kill -0 "$fpid" 2>/dev/null; do
-    if [ "$t" -ge $((runtime + grace)) ]; then
-        echo "test: fio hung: still running ${t}s after it started (a request never completed)"
-        grep -E 'err=|verify' /tmp/fio.out || true
-        dmesg | grep -iE 'virtio|vda|I/O error|blk_update|hung' | tail -n 8 || true
-        exit 70
-    fi
-    sleep 1
-    t=$((t + 1))
-done
+fio_wait "$fpid" $((runtime + grace))
 rc=0
 wait "$fpid" || rc=$?
 grep -E 'err=|verify|IOPS|crc|bad|clat \(' /tmp/fio.out || true
@@ -52,18 +42,8 @@ else
     echo "test: no completion latency log"
     [ "$rc" -ne 0 ] || rc=72
 fi
-ioerr=$(dmesg | grep -iE 'I/O error|blk_update_request|print_req_error|critical medium|virtio.*(error|broken)|id [0-9]+ is not a head' || true)
+ioerr=$(io_errors)
 # fio's err= is the errno of its first error (0: none); the kernel logs each failed request.
 echo "test: errors: fio err=$(grep -m1 -o 'err= *[0-9]*' /tmp/fio.out | tr -dc '0-9'), kernel I/O error lines $(printf '%s' "$ioerr" | grep -c .)"
-if [ "$rc" -ne 0 ]; then
-    cat /tmp/fio.out
-    [ -z "$ioerr" ] || echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
-    echo "test: fio failed across the OSD outage (rc $rc)"
-    exit "$rc"
-fi
-if [ -n "$ioerr" ]; then
-    echo "$ioerr" | sed 's/^/test: dmesg: /' | tail -n 8
-    echo "test: I/O errors in the kernel log"
-    exit 71
-fi
+fio_verdict "$rc" "$ioerr" "the OSD outage"
 echo "test: fio randwrite QD16 + verify passed across the OSD outage, 0 errors, no I/O error in dmesg"
