@@ -654,11 +654,7 @@ impl BlockQueue for MirrorQueue {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCommand, Status)) -> usize {
-        // `efd` is not drained here: that would be a `read` on every pass of a polling
-        // worker, for every disk. What a signal announces (a new table, parked writes
-        // that may go, a fair-share turn) is read from memory below; a signal that comes
-        // while the worker is busy leaves the eventfd readable, and the worker drains it
-        // when it next tries to sleep (one extra pass).
+        self.efd.drain();
         self.refresh();
         let mut comps = std::mem::take(&mut self.comps);
         for (i, ql) in self.legs.iter_mut().enumerate() {
